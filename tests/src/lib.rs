@@ -1,0 +1,1 @@
+//! Shared helpers for Hive's end-to-end tests (real processes, real servers).

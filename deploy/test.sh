@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# THE test command of the repository (README): builds everything, prepares the images, runs
+# every test, the lints, and the guest image boot check under QEMU.
+#
+# Order, chosen so the slow artefacts overlap with compilation:
+#   1. guest kernel build starts in the background (cached by config hash; minutes when cold)
+#   2. cargo build --workspace --all-targets
+#   3. images: deploy/images/build-images.sh --disk (cached by content hash)
+#   4. tests: cargo nextest run --workspace (or cargo test --workspace)
+#   5. cargo clippy --workspace --all-targets -- -D warnings; cargo fmt --check
+#   6. guest boot check (deploy/guest/boot-check.sh) once the kernel is there
+# Every step runs even when an earlier one failed (except where it needs that step's output);
+# the summary at the end names each failure, and the exit status is 1 when any step failed.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+logdir="${HIVE_TEST_LOGDIR:-$repo/target/hive-test-logs}"
+run_kernel=1
+run_lint=1
+test_args=()
+
+usage() {
+  cat <<USAGE
+Usage: $(basename "$0") [--no-kernel] [--no-lint] [-- TEST-FILTER-ARGS...]
+
+Build everything and run every Hive test:
+  cargo build, images (deploy/images/build-images.sh --disk), cargo nextest run --workspace
+  (cargo test --workspace when cargo-nextest is absent), clippy -D warnings, fmt --check, and
+  the guest boot check under QEMU microvm (deploy/guest/boot-check.sh).
+
+Options:
+  --no-kernel   skip the guest kernel build and the QEMU boot check
+  --no-lint     skip clippy and rustfmt
+  -- ARGS       passed to the test runner (e.g. -- -E 'test(e2e)' for nextest)
+  -h, --help    this text
+
+Environment:
+  HIVE_CACHE               cache for kernel and images (default /var/cache/hive)
+  HIVE_TEST_POSTGRES_URL   PostgreSQL for the store tests (.ci/run sets it up; see
+                           deploy/postgres/setup-test-db.sh); passed through to the tests
+  CI=true                  missing prerequisites (kernel source, QEMU, root) are errors
+                           instead of loudly skipped steps
+Exported to the tests: HIVE_BUILD_IMAGE, HIVE_CELL_ROOTFS (+ _DISK), HIVE_GUEST_KERNEL.
+Logs of every step: $logdir/
+Needs root (debootstrap, namespaces).
+USAGE
+}
+
+die() { echo "test.sh: error: $*" >&2; exit 2; }
+say() { printf '\n=== %s\n' "$*" >&2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --no-kernel) run_kernel=0 ;;
+    --no-lint) run_lint=0 ;;
+    --) shift; test_args=("$@"); break ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+  shift
+done
+
+ci="${CI:-false}"
+[ "$(id -u)" = 0 ] || die "run as root: the images (debootstrap) and the sandbox tests need it"
+command -v cargo >/dev/null || die "cargo not found in PATH"
+mkdir -p "$logdir"
+cd "$repo"
+
+declare -a results=()
+failed=0
+# step NAME CMD...: runs CMD, tees its output to $logdir/NAME.log, records pass/fail and time.
+step() {
+  local name="$1" start rc
+  shift
+  say "$name: $*"
+  start=$(date +%s)
+  set +e
+  "$@" 2>&1 | tee "$logdir/$name.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  local took=$(( $(date +%s) - start ))
+  if [ "$rc" = 0 ]; then
+    results+=("PASS  $name (${took}s)")
+  else
+    results+=("FAIL  $name (${took}s, exit $rc, log $logdir/$name.log)")
+    failed=1
+  fi
+  return "$rc"
+}
+skip() {
+  results+=("SKIP  $1: $2")
+  echo "test.sh: SKIPPING $1: $2" >&2
+  if [ "$ci" = true ]; then
+    results+=("FAIL  $1 must not be skipped in CI")
+    failed=1
+  fi
+}
+
+# 1. Guest kernel in the background: it is the longest single artefact when the cache is cold.
+kernel_pid=""
+if [ "$run_kernel" = 1 ]; then
+  if dpkg-query -W -f='${Status}' linux-source-6.1 2>/dev/null | grep -q "ok installed"; then
+    say "guest kernel: building in the background (log $logdir/kernel.log)"
+    "$here/guest/build-kernel.sh" >"$logdir/kernel.env" 2>"$logdir/kernel.log" &
+    kernel_pid=$!
+  else
+    skip "guest-kernel" "linux-source-6.1 is not installed"
+  fi
+fi
+
+# 2. Build.
+build_ok=0
+step build cargo build --workspace --all-targets && build_ok=1
+
+# 3. Images: the sandbox tests need the directories, the boot check the disks.
+images_ok=0
+if step images "$here/images/build-images.sh" --disk; then
+  images_ok=1
+  while IFS='=' read -r k v; do
+    case "$k" in HIVE_*) export "$k=$v" ;; esac
+  # Cached now, so this second call only prints the KEY=PATH lines (stdout) again.
+  done < <("$here/images/build-images.sh" --disk 2>/dev/null)
+  echo "test.sh: images: HIVE_BUILD_IMAGE=$HIVE_BUILD_IMAGE HIVE_CELL_ROOTFS=$HIVE_CELL_ROOTFS" >&2
+fi
+
+# 4. Tests. With the images missing the sandbox tests would fail for the wrong reason: run them
+# anyway (their own skip/fail messages say why), the summary already shows the images failure.
+if [ "$build_ok" = 1 ]; then
+  if cargo nextest --version >/dev/null 2>&1; then
+    step test cargo nextest run --workspace --no-fail-fast "${test_args[@]}" || true
+  else
+    step test cargo test --workspace --no-fail-fast "${test_args[@]}" || true
+  fi
+else
+  results+=("FAIL  test: not run, the build failed")
+fi
+
+# 5. Lints.
+if [ "$run_lint" = 1 ]; then
+  step clippy cargo clippy --workspace --all-targets -- -D warnings || true
+  step fmt cargo fmt --all --check || true
+fi
+
+# 6. Guest boot check.
+if [ -n "$kernel_pid" ]; then
+  say "guest kernel: waiting for the background build"
+  if wait "$kernel_pid"; then
+    results+=("PASS  guest-kernel ($(grep -o 'HIVE_GUEST_KERNEL=.*' "$logdir/kernel.env"))")
+    export "$(grep -o 'HIVE_GUEST_KERNEL=.*' "$logdir/kernel.env")"
+    if [ "$images_ok" = 1 ]; then
+      if command -v qemu-system-x86_64 >/dev/null; then
+        step boot-check "$here/guest/boot-check.sh" \
+          --kernel "$HIVE_GUEST_KERNEL/vmlinux" \
+          --rootfs-disk "$HIVE_CELL_ROOTFS_DISK" \
+          --build-disk "$HIVE_BUILD_IMAGE_DISK" || true
+      else
+        skip "boot-check" "qemu-system-x86_64 is not installed"
+      fi
+    else
+      results+=("FAIL  boot-check: not run, the images failed")
+      failed=1
+    fi
+  else
+    tail -n 40 "$logdir/kernel.log" >&2
+    results+=("FAIL  guest-kernel (log $logdir/kernel.log)")
+    failed=1
+  fi
+fi
+
+say "summary"
+printf '%s\n' "${results[@]}" >&2
+exit "$failed"

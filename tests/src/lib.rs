@@ -1,1 +1,4 @@
 //! Shared helpers for Hive's end-to-end tests (real processes, real servers).
+pub mod controlplane;
+pub mod fakebox;
+pub mod github;

@@ -1,0 +1,436 @@
+//! Runs the real `hive-control-plane` binary (and the real `hivectl`) for tests and benchmarks.
+//!
+//! The binaries are built once per test process with `cargo build -p hive-control-plane --bins`
+//! (same profile as the running test), found in the workspace target dir, started on port 0
+//! with `--ready-file`, and stopped with SIGTERM. A database is either a SQLite file in the
+//! data dir or a fresh PostgreSQL database made through `HIVE_TEST_POSTGRES_URL`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sqlx::Connection;
+
+/// What can go wrong running the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("cargo build -p hive-control-plane failed ({0}); see its output above")]
+    Build(String),
+    #[error("run {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hive-control-plane exited before it was ready ({status}); its log:\n{log}")]
+    EarlyExit { status: String, log: String },
+    #[error("hive-control-plane not ready after {0:?} (no ready file); its log:\n{1}")]
+    NotReady(Duration, String),
+    #[error("ready file {path}: {why}")]
+    ReadyFile { path: PathBuf, why: String },
+    #[error("postgres admin URL {url}: {source}")]
+    Postgres {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("temp dir: {0}")]
+    TempDir(#[source] std::io::Error),
+}
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The cargo profile directory this process was built into (`debug` or `release`).
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// `<target>/<profile>/`, honouring `CARGO_TARGET_DIR`.
+pub fn bin_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join(profile())
+}
+
+static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Builds `hive-control-plane` and `hivectl` once per process. `HIVE_TEST_NO_BUILD=1` skips it
+/// (the binaries must then already be in the target dir).
+pub fn ensure_built() -> Result<(), HarnessError> {
+    let r = BUILT.get_or_init(|| {
+        if std::env::var_os("HIVE_TEST_NO_BUILD").is_some() {
+            return Ok(());
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "-p", "hive-control-plane", "--bins"]);
+        if profile() == "release" {
+            cmd.arg("--release");
+        }
+        match cmd.status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(s.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    r.clone().map_err(HarnessError::Build)
+}
+
+/// Path of the `hive-control-plane` binary.
+pub fn control_plane_bin() -> PathBuf {
+    std::env::var_os("HIVE_CONTROL_PLANE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir().join("hive-control-plane"))
+}
+
+/// Path of the `hivectl` binary.
+pub fn hivectl_bin() -> PathBuf {
+    std::env::var_os("HIVECTL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir().join("hivectl"))
+}
+
+/// Which store a control plane runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        })
+    }
+}
+
+/// A fresh PostgreSQL database, dropped by [`PgDatabase::drop_db`].
+#[derive(Debug)]
+pub struct PgDatabase {
+    pub admin_url: String,
+    pub name: String,
+    pub url: String,
+}
+
+/// Replaces the database name (path) of a `postgres://` URL, keeping any `?query`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    // postgres://user:pw@host:port/dbname — the path starts at the first '/' after "//".
+    let after_scheme = base.find("//").map(|i| i + 2).unwrap_or(0);
+    let host_end = base[after_scheme..]
+        .find('/')
+        .map(|i| after_scheme + i)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..host_end], db);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+impl PgDatabase {
+    /// Creates `hive_t_<random>` through the admin URL (`HIVE_TEST_POSTGRES_URL`).
+    /// Returns `Ok(None)` when the variable is unset.
+    pub async fn create() -> Result<Option<Self>, HarnessError> {
+        let Ok(admin_url) = std::env::var("HIVE_TEST_POSTGRES_URL") else {
+            return Ok(None);
+        };
+        let name = format!("hive_t_{}", uuid::Uuid::new_v4().simple());
+        let pg = |source| HarnessError::Postgres {
+            url: admin_url.clone(),
+            source,
+        };
+        let mut conn = sqlx::PgConnection::connect(&admin_url).await.map_err(pg)?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .map_err(pg)?;
+        conn.close().await.map_err(pg)?;
+        let url = with_database(&admin_url, &name);
+        Ok(Some(Self {
+            admin_url,
+            name,
+            url,
+        }))
+    }
+
+    /// Drops the database (forcing out any connection still open).
+    pub async fn drop_db(self) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// Prints the loud skip line used when PostgreSQL is not configured.
+pub fn skip_postgres(test: &str) {
+    eprintln!(
+        "SKIPPED {test} on postgres: HIVE_TEST_POSTGRES_URL is not set \
+         (e.g. postgres://hive:hive@127.0.0.1:5432/hive_test)"
+    );
+}
+
+/// Options for one control-plane process.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// `--db`; `None` = the default SQLite file in the data dir.
+    pub db: Option<String>,
+    pub lease_secs: u64,
+    pub heartbeat_interval_ms: u64,
+    pub extra_args: Vec<String>,
+    /// `RUST_LOG` for the process.
+    pub log_filter: String,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self {
+            db: None,
+            lease_secs: 30,
+            heartbeat_interval_ms: 2000,
+            extra_args: Vec::new(),
+            log_filter: "info".to_string(),
+        }
+    }
+}
+
+/// A running `hive-control-plane` process. Killed on drop; [`ControlPlane::stop`] is graceful.
+pub struct ControlPlane {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub http_addr: String,
+    pub grpc_addr: String,
+    pub opts: ControlPlaneOptions,
+    log_path: PathBuf,
+    // Keeps the temp dir alive for the life of the harness (across restarts).
+    _tmp: Option<std::sync::Arc<tempfile::TempDir>>,
+}
+
+impl ControlPlane {
+    /// Starts a control plane with a fresh data dir.
+    pub fn start(opts: ControlPlaneOptions) -> Result<Self, HarnessError> {
+        let tmp = tempfile::Builder::new()
+            .prefix("hive-cp-")
+            .tempdir()
+            .map_err(HarnessError::TempDir)?;
+        let data_dir = tmp.path().to_path_buf();
+        Self::start_in(data_dir, opts, Some(std::sync::Arc::new(tmp)))
+    }
+
+    fn start_in(
+        data_dir: PathBuf,
+        opts: ControlPlaneOptions,
+        tmp: Option<std::sync::Arc<tempfile::TempDir>>,
+    ) -> Result<Self, HarnessError> {
+        ensure_built()?;
+        let ready = data_dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log_path = data_dir.join(format!(
+            "control-plane-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let log = std::fs::File::create(&log_path).map_err(|source| HarnessError::Spawn {
+            what: format!("create {}", log_path.display()),
+            source,
+        })?;
+        let log2 = log.try_clone().map_err(|source| HarnessError::Spawn {
+            what: "dup log file".to_string(),
+            source,
+        })?;
+        let bin = control_plane_bin();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .arg("--grpc-addr")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--lease-secs")
+            .arg(opts.lease_secs.to_string())
+            .arg("--heartbeat-interval-ms")
+            .arg(opts.heartbeat_interval_ms.to_string())
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(&opts.extra_args)
+            .env("RUST_LOG", &opts.log_filter)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        if let Some(db) = &opts.db {
+            cmd.arg("--db").arg(db);
+        }
+        let mut child = cmd.spawn().map_err(|source| HarnessError::Spawn {
+            what: bin.display().to_string(),
+            source,
+        })?;
+        let limit = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let (http_addr, grpc_addr) = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(HarnessError::EarlyExit {
+                    status: status.to_string(),
+                    log: std::fs::read_to_string(&log_path).unwrap_or_default(),
+                });
+            }
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                // The file may be seen half-written; retry until it parses.
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+                    match (get("http"), get("grpc")) {
+                        (Some(h), Some(g)) => break (h, g),
+                        _ => {
+                            let _ = child.kill();
+                            return Err(HarnessError::ReadyFile {
+                                path: ready,
+                                why: format!("missing \"http\"/\"grpc\" in {text}"),
+                            });
+                        }
+                    }
+                }
+            }
+            if t0.elapsed() > limit {
+                let _ = child.kill();
+                return Err(HarnessError::NotReady(
+                    limit,
+                    std::fs::read_to_string(&log_path).unwrap_or_default(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Self {
+            child: Some(child),
+            data_dir,
+            http_addr,
+            grpc_addr,
+            opts,
+            log_path,
+            _tmp: tmp,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` for gRPC clients.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// `http://127.0.0.1:PORT/webhooks/github`.
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}/webhooks/github", self.http_addr)
+    }
+
+    /// The process's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits up to 20 s for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// SIGKILL (a crash).
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops (gracefully) and starts again on the same data dir and database. The ports change.
+    pub fn restart(mut self) -> Result<Self, HarnessError> {
+        self.stop();
+        let tmp = self._tmp.take();
+        Self::start_in(self.data_dir.clone(), self.opts.clone(), tmp)
+    }
+
+    /// Runs the real `hivectl` against this control plane.
+    pub fn hivectl(&self, args: &[&str]) -> Result<Output, HarnessError> {
+        hivectl(&self.grpc_url(), args)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// Runs `hivectl` with `HIVE_ADDR=addr`.
+pub fn hivectl(addr: &str, args: &[&str]) -> Result<Output, HarnessError> {
+    ensure_built()?;
+    let bin = hivectl_bin();
+    Command::new(&bin)
+        .args(args)
+        .env("HIVE_ADDR", addr)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| HarnessError::Spawn {
+            what: bin.display().to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(
+            with_database("postgres://hive:hive@127.0.0.1:5432/hive_test", "x"),
+            "postgres://hive:hive@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://h@localhost/a?sslmode=disable", "b"),
+            "postgres://h@localhost/b?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h@localhost", "b"),
+            "postgres://h@localhost/b"
+        );
+    }
+}

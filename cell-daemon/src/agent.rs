@@ -1,0 +1,364 @@
+//! The `hive.v1.CellAgent` service: what the box daemon asks of this cell.
+//!
+//! One build per cell: RunBuild starts it on a task and returns at once; Events replays and
+//! follows its [`EventLog`]; Cancel forwards to the running step; Shutdown asks `main` to stop
+//! the build, kill everything and power off.
+
+use crate::build::{self, BuildSpec, CancelRequest};
+use crate::config::Config;
+use crate::log::EventLog;
+use crate::reaper::Reaper;
+use crate::source::Source;
+use hive_proto::v1::cell_agent_server::CellAgent;
+use hive_proto::v1::{
+    BuildState, CellCancelReply, CellCancelRequest, CellEvent, CellEventsRequest, CellHealthReply,
+    CellHealthRequest, RunBuildReply, RunBuildRequest, ShutdownReply, ShutdownRequest,
+};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Default PATH of a step (the build's env may override it).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The cell agent.
+#[derive(Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    cfg: Arc<Config>,
+    reaper: Arc<Reaper>,
+    started: Instant,
+    build: Mutex<Option<Current>>,
+    shutdown: watch::Sender<bool>,
+}
+
+struct Current {
+    id: String,
+    log: Arc<EventLog>,
+    cancel: watch::Sender<CancelRequest>,
+}
+
+impl Agent {
+    pub fn new(cfg: Arc<Config>, reaper: Arc<Reaper>) -> Self {
+        Agent {
+            shared: Arc::new(Shared {
+                cfg,
+                reaper,
+                started: Instant::now(),
+                build: Mutex::new(None),
+                shutdown: watch::channel(false).0,
+            }),
+        }
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
+        self.shared.build.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Becomes true when the Shutdown rpc was called.
+    pub fn shutdown_requested(&self) -> watch::Receiver<bool> {
+        self.shared.shutdown.subscribe()
+    }
+
+    /// Cancels the build (if one runs) and waits up to `wait` for it to end.
+    pub async fn stop_build(&self, reason: &str, wait: Duration) {
+        let log = {
+            let cur = self.current();
+            match cur.as_ref() {
+                Some(c) => {
+                    c.cancel.send_if_modified(|v| {
+                        if v.is_none() {
+                            *v = Some((BuildState::Cancelled, reason.to_string()));
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    c.log.clone()
+                }
+                None => return,
+            }
+        };
+        let mut changed = log.subscribe();
+        let _ = tokio::time::timeout(wait, async {
+            while !log.is_finished() {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.current().as_ref() {
+            None => "idle",
+            Some(c) if c.log.is_finished() => "finished",
+            Some(_) => "running",
+        }
+    }
+
+    /// The log of the named build (empty id = the cell's build).
+    fn log_of(&self, build_id: &str) -> Result<Arc<EventLog>, Status> {
+        let cur = self.current();
+        match cur.as_ref() {
+            None => Err(Status::failed_precondition(
+                "this cell has no build yet (call RunBuild first)",
+            )),
+            Some(c) if !build_id.is_empty() && c.id != build_id => Err(Status::not_found(format!(
+                "build {build_id:?} is not this cell's build ({:?})",
+                c.id
+            ))),
+            Some(c) => Ok(c.log.clone()),
+        }
+    }
+}
+
+/// Checks a RunBuild request and turns it into a [`BuildSpec`].
+pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Status> {
+    if req.build_id.is_empty() {
+        return Err(Status::invalid_argument("build_id is empty"));
+    }
+    if req.build_id.len() > 200 || req.build_id.chars().any(|c| c.is_control()) {
+        return Err(Status::invalid_argument(
+            "build_id must be at most 200 printable characters",
+        ));
+    }
+    for (i, step) in req.steps.iter().enumerate() {
+        if step.trim().is_empty() {
+            return Err(Status::invalid_argument(format!("step {} is empty", i + 1)));
+        }
+        if step.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "step {} contains a NUL byte",
+                i + 1
+            )));
+        }
+    }
+    let mut env = vec![
+        ("PATH".to_string(), DEFAULT_PATH.to_string()),
+        ("HOME".to_string(), "/work".to_string()),
+        ("HIVE_BUILD_ID".to_string(), req.build_id.clone()),
+    ];
+    let mut keys: Vec<_> = req.env.keys().cloned().collect();
+    keys.sort();
+    for k in keys {
+        let v = &req.env[&k];
+        let key_ok = !k.is_empty()
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !key_ok {
+            return Err(Status::invalid_argument(format!(
+                "env key {k:?}: must match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "env {k}: value contains a NUL byte"
+            )));
+        }
+        env.retain(|(ek, _)| ek != &k);
+        env.push((k, v.clone()));
+    }
+    let source = Source {
+        repo_url: req.repo_url,
+        revision: req.revision,
+        git_ref: req.git_ref,
+    };
+    source
+        .validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let secs = if req.timeout_secs == 0 {
+        cfg.default_timeout_secs
+    } else {
+        req.timeout_secs
+    };
+    Ok(BuildSpec {
+        id: req.build_id,
+        source,
+        steps: req.steps,
+        env,
+        timeout: Duration::from_secs(u64::from(secs)),
+    })
+}
+
+#[tonic::async_trait]
+impl CellAgent for Agent {
+    async fn health(
+        &self,
+        _req: Request<CellHealthRequest>,
+    ) -> Result<Response<CellHealthReply>, Status> {
+        Ok(Response::new(CellHealthReply {
+            ready: true,
+            cell_id: self.shared.cfg.cell_id.clone(),
+            version: crate::VERSION.to_string(),
+            uptime_ms: self.shared.started.elapsed().as_millis() as u64,
+            state: self.state_name().to_string(),
+        }))
+    }
+
+    async fn run_build(
+        &self,
+        req: Request<RunBuildRequest>,
+    ) -> Result<Response<RunBuildReply>, Status> {
+        if *self.shared.shutdown.borrow() {
+            return Err(Status::unavailable("the cell is shutting down"));
+        }
+        let spec = build_spec(req.into_inner(), &self.shared.cfg)?;
+        let log = Arc::new(EventLog::new(self.shared.cfg.max_log_bytes));
+        let (cancel_tx, cancel_rx) = watch::channel(None);
+        {
+            let mut cur = self.current();
+            if let Some(c) = cur.as_ref() {
+                return Err(Status::failed_precondition(format!(
+                    "this cell already ran build {:?}; a cell runs one build",
+                    c.id
+                )));
+            }
+            *cur = Some(Current {
+                id: spec.id.clone(),
+                log: log.clone(),
+                cancel: cancel_tx,
+            });
+        }
+        tracing::info!(build = %spec.id, steps = spec.steps.len(), "build accepted");
+        tokio::spawn(build::run(
+            self.shared.cfg.clone(),
+            self.shared.reaper.clone(),
+            spec,
+            log,
+            cancel_rx,
+        ));
+        Ok(Response::new(RunBuildReply { accepted: true }))
+    }
+
+    type EventsStream = ReceiverStream<Result<CellEvent, Status>>;
+
+    async fn events(
+        &self,
+        req: Request<CellEventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let req = req.into_inner();
+        let log = self.log_of(&req.build_id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move { log.follow(req.from_seq, tx).await });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<CellCancelRequest>,
+    ) -> Result<Response<CellCancelReply>, Status> {
+        let req = req.into_inner();
+        let state = match BuildState::try_from(req.state) {
+            Ok(BuildState::Unspecified) => BuildState::Cancelled,
+            Ok(s @ (BuildState::Cancelled | BuildState::TimedOut)) => s,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "cancel state {}: must be cancelled or timed_out",
+                    req.state
+                )))
+            }
+        };
+        let reason = if req.reason.is_empty() {
+            match state {
+                BuildState::TimedOut => "build timed out (told by the control plane)".to_string(),
+                _ => "build cancelled".to_string(),
+            }
+        } else {
+            req.reason
+        };
+        self.log_of(&req.build_id)?;
+        let cur = self.current();
+        if let Some(c) = cur.as_ref() {
+            tracing::info!(build = %c.id, state = state.short_name(), "cancel requested");
+            // The first cancel wins; a later one (say timed_out after cancelled) changes nothing.
+            c.cancel.send_if_modified(|v| {
+                if v.is_none() {
+                    *v = Some((state, reason));
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        Ok(Response::new(CellCancelReply {}))
+    }
+
+    async fn shutdown(
+        &self,
+        _req: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownReply>, Status> {
+        tracing::info!("shutdown requested over the agent api");
+        self.shared.shutdown.send_replace(true);
+        Ok(Response::new(ShutdownReply {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config {
+            cell_id: "c1".into(),
+            listen: crate::config::ListenAddr::Vsock(1024),
+            build_image: "/".into(),
+            work_dir: "/var/lib/hive".into(),
+            init: false,
+            work_tmpfs: true,
+            container_net: crate::config::NetMode::Isolated,
+            kill_grace_ms: 5000,
+            default_timeout_secs: 3600,
+            max_log_bytes: 1 << 20,
+            build_uid: 1000,
+            build_gid: 1000,
+        }
+    }
+
+    #[test]
+    fn run_build_requests_are_checked() {
+        let ok = RunBuildRequest {
+            build_id: "b1".into(),
+            steps: vec!["make".into()],
+            env: [
+                ("FOO".to_string(), "1".to_string()),
+                ("PATH".to_string(), "/x".to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let spec = build_spec(ok.clone(), &cfg()).unwrap();
+        assert_eq!(spec.timeout, Duration::from_secs(3600));
+        assert!(spec.env.contains(&("PATH".into(), "/x".into())));
+        assert_eq!(spec.env.iter().filter(|(k, _)| k == "PATH").count(), 1);
+
+        let bad = [
+            RunBuildRequest {
+                build_id: String::new(),
+                ..ok.clone()
+            },
+            RunBuildRequest {
+                steps: vec!["  ".into()],
+                ..ok.clone()
+            },
+            RunBuildRequest {
+                env: [("A=B".to_string(), String::new())].into(),
+                ..ok.clone()
+            },
+            RunBuildRequest {
+                repo_url: "-oops".into(),
+                ..ok.clone()
+            },
+        ];
+        for req in bad {
+            let st = build_spec(req, &cfg()).unwrap_err();
+            assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+        }
+    }
+}

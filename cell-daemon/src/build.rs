@@ -1,0 +1,320 @@
+//! One build, start to end: container up, clone (phase 0, SYSTEM stream), each step in order,
+//! container down, BUILD_FINISHED. Timeout and cancel stop the running step with SIGTERM to its
+//! process group, then SIGKILL after the grace period.
+
+use crate::config::Config;
+use crate::container::{pipe_reader, Container, ContainerSpec};
+use crate::log::EventLog;
+use crate::reaper::{Exit, Reaper};
+use crate::source::Source;
+use hive_proto::v1::{BuildState, LogStream};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// A cancel request: the terminal state (cancelled or timed_out) and why.
+pub type CancelRequest = Option<(BuildState, String)>;
+
+/// A validated build request.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    pub id: String,
+    pub source: Source,
+    pub steps: Vec<String>,
+    /// The whole environment of every step, in order (later entries win).
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
+/// How a step (or the clone) ended.
+enum StepEnd {
+    Exited(Exit),
+    /// Stopped by timeout or cancel: the state, the message, the exit status it died with.
+    Stopped(BuildState, String, Exit),
+    /// Could not be started at all.
+    NotStarted(String),
+}
+
+/// Runs the build and closes `log` with its BUILD_FINISHED event.
+pub async fn run(
+    cfg: Arc<Config>,
+    reaper: Arc<Reaper>,
+    spec: BuildSpec,
+    log: Arc<EventLog>,
+    cancel: watch::Receiver<CancelRequest>,
+) {
+    let started = Instant::now();
+    let (state, code, message) = run_inner(&cfg, reaper, &spec, &log, cancel).await;
+    tracing::info!(
+        build = %spec.id,
+        state = state.short_name(),
+        exit_code = code,
+        ms = started.elapsed().as_millis() as u64,
+        "build finished"
+    );
+    log.finish(state, code, message);
+}
+
+async fn run_inner(
+    cfg: &Config,
+    reaper: Arc<Reaper>,
+    spec: &BuildSpec,
+    log: &EventLog,
+    cancel: watch::Receiver<CancelRequest>,
+) -> (BuildState, i32, String) {
+    log.system(
+        0,
+        format!("hive: build {} in cell {}", spec.id, cfg.cell_id),
+    );
+    let container_spec = ContainerSpec {
+        image: cfg.build_image.clone(),
+        dir: cfg.work_dir.join("container"),
+        hostname: cfg.cell_id.clone(),
+        uid: cfg.build_uid,
+        gid: cfg.build_gid,
+        net: cfg.container_net,
+    };
+    let container = match Container::start(container_spec, reaper.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("container set-up failed: {}", error_chain(&e));
+            log.system(0, format!("hive: {msg}"));
+            return (BuildState::Failed, -1, msg);
+        }
+    };
+    let mut runner = Runner {
+        cfg,
+        reaper,
+        container: &container,
+        log,
+        spec,
+        cancel,
+        deadline: Instant::now() + spec.timeout,
+    };
+    let result = runner.steps().await;
+    container.destroy().await;
+    result
+}
+
+struct Runner<'a> {
+    cfg: &'a Config,
+    reaper: Arc<Reaper>,
+    container: &'a Container,
+    log: &'a EventLog,
+    spec: &'a BuildSpec,
+    cancel: watch::Receiver<CancelRequest>,
+    deadline: Instant,
+}
+
+impl Runner<'_> {
+    async fn steps(&mut self) -> (BuildState, i32, String) {
+        let source = &self.spec.source;
+        if source.is_empty() {
+            self.log.system(
+                0,
+                "hive: no repository given; starting in an empty /work/src",
+            );
+        } else {
+            self.log.step_started(0, "clone");
+            self.log
+                .system(0, format!("hive: cloning {}", source.describe()));
+            match self.run_step(0, source.clone_argv(), true).await {
+                StepEnd::Exited(Exit::Code(0)) => {
+                    self.log.step_finished(0, 0, String::new());
+                }
+                StepEnd::Exited(exit) => {
+                    let msg = format!("clone of {} failed ({exit})", source.describe());
+                    self.log.step_finished(0, exit.code(), msg.clone());
+                    return (BuildState::Failed, exit.code(), msg);
+                }
+                StepEnd::Stopped(state, msg, exit) => {
+                    self.log.step_finished(0, exit.code(), msg.clone());
+                    return (state, exit.code(), msg);
+                }
+                StepEnd::NotStarted(msg) => return (BuildState::Failed, -1, msg),
+            }
+        }
+        for (i, step) in self.spec.steps.iter().enumerate() {
+            let n = i as u32 + 1;
+            if let Some((state, reason)) = self.cancel.borrow().clone() {
+                return (state, -1, format!("{reason} (before step {n})"));
+            }
+            if Instant::now() >= self.deadline {
+                return (BuildState::TimedOut, -1, self.timeout_message(n, step));
+            }
+            self.log.step_started(n, step);
+            self.log.system(n, format!("$ {step}"));
+            let argv = vec!["/bin/sh".into(), "-c".into(), step.clone()];
+            match self.run_step(n, argv, false).await {
+                StepEnd::Exited(Exit::Code(0)) => {
+                    self.log.step_finished(n, 0, String::new());
+                }
+                StepEnd::Exited(exit) => {
+                    let msg = match exit {
+                        Exit::Code(c) => format!("step {n} `{step}` exited with {c}"),
+                        Exit::Signal(s) => format!("step {n} `{step}` was killed by signal {s}"),
+                    };
+                    self.log.step_finished(n, exit.code(), msg.clone());
+                    self.log.system(n, format!("hive: {msg}"));
+                    return (BuildState::Failed, exit.code(), msg);
+                }
+                StepEnd::Stopped(state, msg, exit) => {
+                    self.log.step_finished(n, exit.code(), msg.clone());
+                    self.log.system(n, format!("hive: {msg}"));
+                    return (state, exit.code(), msg);
+                }
+                StepEnd::NotStarted(msg) => return (BuildState::Failed, -1, msg),
+            }
+        }
+        let n = self.spec.steps.len();
+        (
+            BuildState::Succeeded,
+            0,
+            format!("{n} step{} succeeded", if n == 1 { "" } else { "s" }),
+        )
+    }
+
+    fn timeout_message(&self, n: u32, step: &str) -> String {
+        let what = if n == 0 {
+            "the clone".to_string()
+        } else {
+            format!("step {n} `{step}`")
+        };
+        format!(
+            "build timed out after {} s (during {what})",
+            self.spec.timeout.as_secs()
+        )
+    }
+
+    /// Runs one command in the container, streaming its output into the log.
+    async fn run_step(&mut self, n: u32, argv: Vec<String>, system: bool) -> StepEnd {
+        let mut cmd = self
+            .container
+            .command(&argv, &self.spec.env, "/work/src", true);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (mut child, mut exited) = match self.reaper.spawn(&mut cmd) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("could not start step {n}: {e}");
+                self.log.system(n, format!("hive: {msg}"));
+                return StepEnd::NotStarted(msg);
+            }
+        };
+        let pgid = Pid::from_raw(child.id() as i32);
+        let (out_stream, err_stream) = if system {
+            (LogStream::System, LogStream::System)
+        } else {
+            (LogStream::Stdout, LogStream::Stderr)
+        };
+        let mut pumps = Vec::new();
+        for (pipe, stream) in [
+            (pipe_reader(child.stdout.take()), out_stream),
+            (pipe_reader(child.stderr.take()), err_stream),
+        ] {
+            match pipe {
+                Ok(p) => pumps.push(pump(p, n, stream, self.log)),
+                Err(e) => tracing::warn!(error = %e, "step output pipe"),
+            }
+        }
+        let step_text = argv.last().cloned().unwrap_or_default();
+        let timeout_msg = self.timeout_message(n, if n == 0 { "" } else { &step_text });
+        let grace = self.cfg.kill_grace_ms;
+        let deadline = self.deadline;
+        let cancel = &mut self.cancel;
+        let waiting = async {
+            tokio::select! {
+                r = &mut exited => StepEnd::Exited(r.unwrap_or(Exit::Signal(9))),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let exit = terminate(pgid, &mut exited, grace).await;
+                    StepEnd::Stopped(BuildState::TimedOut, timeout_msg, exit)
+                }
+                (state, reason) = wait_cancel(cancel) => {
+                    let exit = terminate(pgid, &mut exited, grace).await;
+                    StepEnd::Stopped(state, reason, exit)
+                }
+            }
+        };
+        // Output is read while we wait; the step's end is reported only after its output is
+        // in the log (or after a short drain if a background child still holds the pipe).
+        let pumping = futures::future::join_all(pumps);
+        tokio::pin!(pumping);
+        let mut end = None;
+        tokio::pin!(waiting);
+        let mut pumped = false;
+        loop {
+            tokio::select! {
+                e = &mut waiting, if end.is_none() => end = Some(e),
+                _ = &mut pumping, if !pumped => pumped = true,
+            }
+            if end.is_some() {
+                if !pumped {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), &mut pumping).await;
+                }
+                break;
+            }
+        }
+        end.unwrap_or(StepEnd::Exited(Exit::Signal(9)))
+    }
+}
+
+/// Copies a pipe into the log in chunks as they arrive.
+async fn pump(
+    mut pipe: tokio::net::unix::pipe::Receiver,
+    step: u32,
+    stream: LogStream,
+    log: &EventLog,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                log.log(step, stream, buf[..n].to_vec());
+            }
+        }
+    }
+}
+
+async fn wait_cancel(rx: &mut watch::Receiver<CancelRequest>) -> (BuildState, String) {
+    loop {
+        if let Some(req) = rx.borrow_and_update().clone() {
+            return req;
+        }
+        if rx.changed().await.is_err() {
+            // The agent is gone; nobody can cancel any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// SIGTERM to the step's process group, SIGKILL after the grace period.
+async fn terminate(pgid: Pid, exited: &mut oneshot::Receiver<Exit>, grace_ms: u64) -> Exit {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(grace_ms), &mut *exited).await {
+        return r.unwrap_or(Exit::Signal(9));
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+    match tokio::time::timeout(Duration::from_secs(5), exited).await {
+        Ok(Ok(e)) => e,
+        _ => Exit::Signal(9),
+    }
+}
+
+/// `a: b: c` for an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,160 @@
+//! PID 1 duties: the mounts a Linux userland expects, the hostname, and powering off.
+//!
+//! In a microVM we are the kernel's init and the root filesystem is bare. In a sandbox the box
+//! has already made the namespaces, pivoted into the cell rootfs and bind-mounted `/run/hive`
+//! (our socket's directory) and `/images/build`; mounting a tmpfs over `/run` would hide that
+//! bind mount, so it is moved aside and back. `/dev` gets a devtmpfs only when it is empty: a
+//! sandbox's /dev was made by the box, and a devtmpfs there would expose the host's devices.
+//! Reaping is the [`crate::reaper`]'s job.
+
+use nix::mount::{mount, MsFlags};
+use std::path::Path;
+
+/// Errors during PID 1 set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("mount {fstype} at {target}")]
+    Mount {
+        fstype: String,
+        target: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("move mount {from} to {to}")]
+    Move {
+        from: String,
+        to: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("create directory {path}")]
+    Mkdir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("set hostname {name}")]
+    Hostname {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn mkdir(path: &str) -> Result<(), InitError> {
+    std::fs::create_dir_all(path).map_err(|source| InitError::Mkdir {
+        path: path.to_string(),
+        source,
+    })
+}
+
+fn mount_fs(
+    fstype: &str,
+    target: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), InitError> {
+    mkdir(target)?;
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|source| InitError::Mount {
+        fstype: fstype.to_string(),
+        target: target.to_string(),
+        source,
+    })
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mount_point(path: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| t.lines().any(|l| l.split(' ').nth(4) == Some(path)))
+        .unwrap_or(false)
+}
+
+/// Mounts /proc if it is not there yet: needed before reading the kernel command line.
+pub fn mount_proc() -> Result<(), InitError> {
+    if Path::new("/proc/self").exists() {
+        return Ok(());
+    }
+    let f = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", f, None)
+}
+
+/// The rest of the PID 1 mounts and the hostname.
+pub fn setup(hostname: &str) -> Result<(), InitError> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let none: Option<&str> = None;
+    // Our mounts stay in our namespace (and `mount --move` refuses shared parents).
+    let _ = mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none);
+    if !is_mount_point("/sys") {
+        mount_fs("sysfs", "/sys", nosuid | MsFlags::MS_NOEXEC, None)?;
+    }
+    if !Path::new("/dev/null").exists() {
+        mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    }
+    if !is_mount_point("/dev/pts") {
+        // Not fatal: builds rarely need ptys, and some sandboxes forbid devpts.
+        if let Err(e) = mount_fs(
+            "devpts",
+            "/dev/pts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=620"),
+        ) {
+            tracing::warn!(error = %crate::build::error_chain(&e), "no /dev/pts");
+        }
+    }
+    if !is_mount_point("/tmp") {
+        mount_fs("tmpfs", "/tmp", nosuid, Some("mode=1777"))?;
+    }
+    // /run: a fresh tmpfs, keeping the box's /run/hive bind mount (if any) by moving it aside.
+    let keep_run_hive = is_mount_point("/run/hive");
+    let aside = "/tmp/.hive-run";
+    if keep_run_hive {
+        mkdir(aside)?;
+        move_mount("/run/hive", aside)?;
+    }
+    mount_fs("tmpfs", "/run", nosuid, Some("mode=0755"))?;
+    mkdir("/run/hive")?;
+    if keep_run_hive {
+        move_mount(aside, "/run/hive")?;
+        let _ = std::fs::remove_dir(aside);
+    }
+    nix::unistd::sethostname(hostname).map_err(|source| InitError::Hostname {
+        name: hostname.to_string(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn move_mount(from: &str, to: &str) -> Result<(), InitError> {
+    let none: Option<&str> = None;
+    mount(Some(from), to, none, MsFlags::MS_MOVE, none).map_err(|source| InitError::Move {
+        from: from.to_string(),
+        to: to.to_string(),
+        source,
+    })
+}
+
+/// A tmpfs at the work dir: the container's overlay upper must not live on an overlay itself,
+/// and the build's writes must vanish with the cell.
+pub fn mount_work_tmpfs(dir: &Path) -> Result<(), InitError> {
+    let d = dir.to_string_lossy().to_string();
+    mount_fs(
+        "tmpfs",
+        &d,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+}
+
+/// Kills every process, syncs and powers off. In a VM the machine stops; as PID 1 of a pid
+/// namespace the kernel ends the namespace. Never returns.
+pub fn power_off() -> ! {
+    use nix::sys::signal::{kill, Signal};
+    // As PID 1, kill(-1) reaches everything in our pid namespace except ourselves.
+    let _ = kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // Only reached when reboot(2) is not allowed (no CAP_SYS_BOOT): exiting PID 1 ends the
+    // namespace just the same.
+    tracing::warn!(error = ?err, "power off failed; exiting");
+    std::process::exit(0)
+}

@@ -1,1 +1,367 @@
-fn main() {}
+//! `hive-box`: the box daemon binary. Thin: parses flags, wires the library parts, handles signals.
+//!
+//! `hive-box [FLAGS]` runs the daemon; `hive-box jail --spec FILE` is the single-threaded helper
+//! the sandbox backend re-executes to put a cell process into its namespaces (see `jail`).
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hive_box::agent::{Agent, AgentConfig};
+use hive_box::config::{self, BackendChoice, ClassCount};
+use hive_box::jail::{self, error_chain, JailSpec};
+use hive_box::net::{BoxNet, Subnet};
+use hive_box::pool::Pool;
+use hive_box::sandbox::{Sandbox, SandboxConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hive-box",
+    version,
+    about = "Hive box daemon: keeps warm cells per size class, runs the builds the control plane \
+             assigns in them, streams their logs back, destroys each cell after its one build.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Internal: jail helper re-executed by the daemon (single-threaded; not for direct use).
+    Jail(JailArgs),
+}
+
+#[derive(Debug, Args)]
+struct JailArgs {
+    /// JSON jail spec written by the daemon.
+    #[arg(long)]
+    spec: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Control plane gRPC URL (the box connects out to it).
+    #[arg(long, env = "HIVE_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
+    control_plane: String,
+    /// Cell backend: auto (microvm when the CPU has vmx/svm and /dev/kvm opens, else sandbox),
+    /// microvm, or sandbox (namespaces on the box's kernel: weaker isolation).
+    #[arg(long, env = "HIVE_BOX_BACKEND", default_value = "auto")]
+    backend: BackendChoice,
+    /// Warm pool target per size class, CLASS=N; repeat or comma-separate for several classes.
+    #[arg(long = "pool", env = "HIVE_BOX_POOL", value_delimiter = ',', required = true)]
+    pool: Vec<ClassCount>,
+    /// Most cells of a class at once, CLASS=N (default: 2 x target + 1).
+    #[arg(long = "capacity", env = "HIVE_BOX_CAPACITY", value_delimiter = ',')]
+    capacity: Vec<ClassCount>,
+    /// Where cells' files live (`<data-dir>/cells/<id>/`).
+    #[arg(long, env = "HIVE_BOX_DATA_DIR", default_value = "/var/lib/hive-box")]
+    data_dir: PathBuf,
+    /// This box's id (default: the hostname).
+    #[arg(long, env = "HIVE_BOX_ID")]
+    box_id: Option<String>,
+    /// Cell rootfs directory (read-only lower layer of every cell; from deploy/images/build-images.sh).
+    #[arg(long, env = "HIVE_CELL_ROOTFS")]
+    cell_rootfs: PathBuf,
+    /// Build image directory, bound read-only at /images/build in every cell.
+    #[arg(long, env = "HIVE_BUILD_IMAGE")]
+    build_image: PathBuf,
+    /// A hive-cell binary to bind over /sbin/hive-cell in cells (development).
+    #[arg(long, env = "HIVE_CELL_BINARY")]
+    cell_binary: Option<PathBuf>,
+    /// Address of the HTTP /healthz endpoint.
+    #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
+    health_addr: SocketAddr,
+    /// IPv4 range cut into one /30 per cell (box side .1, cell .2).
+    #[arg(long, env = "HIVE_BOX_CELL_SUBNET", default_value = "100.96.0.0/16")]
+    cell_subnet: Subnet,
+    /// Name of this box's nftables table (inet family).
+    #[arg(long, env = "HIVE_BOX_NFT_TABLE", default_value = "hive_box")]
+    nft_table: String,
+    /// Parent cgroup (under each controller on v1) of this box's cells.
+    #[arg(long, env = "HIVE_BOX_CGROUP_PARENT", default_value = "hive-box")]
+    cgroup_parent: String,
+    /// The control plane's lease time; without it for longer, the box cancels its builds.
+    #[arg(long, env = "HIVE_LEASE_SECS", default_value_t = 30)]
+    lease_secs: u64,
+    /// How long a cell may take from start to answering health.
+    #[arg(long, env = "HIVE_BOX_READY_TIMEOUT_SECS", default_value_t = 30)]
+    ready_timeout_secs: u64,
+    /// Period of the warm cells' health check.
+    #[arg(long, env = "HIVE_BOX_HEALTH_CHECK_SECS", default_value_t = 10)]
+    health_check_secs: u64,
+    /// On SIGTERM: how long running builds may continue before they are cancelled.
+    #[arg(long, env = "HIVE_BOX_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+    /// When up, write {"health": "ADDR"} to this file (tests pass port 0 and read it).
+    #[arg(long, env = "HIVE_BOX_READY_FILE")]
+    ready_file: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "HIVE_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("configuration")]
+    Config(#[from] config::ConfigError),
+    #[error("the microvm backend is not available yet (the embedded VMM is not wired into hive-box); use --backend sandbox")]
+    MicrovmNotReady,
+    #[error("sandbox backend")]
+    Backend(#[from] hive_box::backend::BackendError),
+    #[error("box network set-up")]
+    Net(#[from] hive_box::net::NetError),
+    #[error("bind health endpoint {0}")]
+    Health(SocketAddr, #[source] std::io::Error),
+    #[error("write ready file {0}")]
+    ReadyFile(PathBuf, #[source] std::io::Error),
+    #[error("start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("resolve the current executable (the jail helper)")]
+    SelfExe(#[source] std::io::Error),
+    #[error("data dir {0}")]
+    DataDir(PathBuf, #[source] std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        // No runtime, no threads: the helper forks.
+        Some(Cmd::Jail(args)) => match JailSpec::load(&args.spec).and_then(|s| jail::run(&s)) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("hive-box jail: {}", error_chain(&e));
+                ExitCode::from(126)
+            }
+        },
+        None => {
+            init_tracing(&cli.run.log_format);
+            match run(cli.run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{}", error_chain(&e));
+                    eprintln!("hive-box: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// KVM is usable for microVMs when the CPU advertises hardware virtualization and /dev/kvm opens.
+fn kvm_usable() -> Result<(), String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("read /proc/cpuinfo: {e}"))?;
+    let has_hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !has_hw {
+        return Err("the CPU shows no vmx/svm flag (nested or paravirtualized KVM cannot boot Linux guests)".into());
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("open /dev/kvm: {e}"))?;
+    Ok(())
+}
+
+/// IPv4 addresses of the control plane (cells must not reach them).
+async fn control_plane_addrs(url: &str) -> Vec<Ipv4Addr> {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(80)),
+        None => (authority.to_string(), 80),
+    };
+    if let Ok(IpAddr::V4(ip)) = host.parse::<IpAddr>() {
+        return vec![ip];
+    }
+    let resolved = tokio::net::lookup_host((host.as_str(), port)).await;
+    match resolved {
+        Ok(addrs) => addrs
+            .filter_map(|a| match a.ip() {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(host = %host, error = %e, "could not resolve the control plane to block it from cells");
+            Vec::new()
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), MainError> {
+    let classes = config::classes(&args.pool, &args.capacity)?;
+    match args.backend {
+        BackendChoice::Microvm => return Err(MainError::MicrovmNotReady),
+        BackendChoice::Auto => match kvm_usable() {
+            Ok(()) => tracing::warn!("KVM is usable but the microvm backend is not wired yet; using the sandbox backend (weaker isolation)"),
+            Err(why) => tracing::warn!(reason = %why, "no usable KVM: using the sandbox backend (weaker isolation than a microVM)"),
+        },
+        BackendChoice::Sandbox => {}
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(MainError::Runtime)?;
+    rt.block_on(run_async(args, classes))
+}
+
+async fn run_async(args: RunArgs, classes: Vec<hive_box::pool::ClassConfig>) -> Result<(), MainError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(MainError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(MainError::Signals)?;
+
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
+    let box_id = args.box_id.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "box".into())
+    });
+    let net = BoxNet {
+        table: args.nft_table.clone(),
+        subnet: args.cell_subnet,
+        blocked: control_plane_addrs(&args.control_plane).await,
+    };
+    net.setup()?;
+    let helper = std::env::current_exe().map_err(MainError::SelfExe)?;
+    let mut cell_env = std::collections::BTreeMap::new();
+    if let Ok(v) = std::env::var("HIVE_CELL_LOG") {
+        cell_env.insert("RUST_LOG".to_string(), v);
+    }
+    let backend = Arc::new(Sandbox::new(SandboxConfig {
+        data_dir: args.data_dir.clone(),
+        cell_rootfs: args.cell_rootfs.clone(),
+        build_image: args.build_image.clone(),
+        cell_binary: args.cell_binary.clone(),
+        jail_helper: helper,
+        cgroup_parent: args.cgroup_parent.clone(),
+        net: net.clone(),
+        cell_env,
+    })?);
+
+    let lost = hive_box::reaper::reap(backend.as_ref()).await;
+    let pool = Pool::new(
+        Arc::clone(&backend),
+        classes,
+        args.cell_subnet.slots(),
+        Duration::from_secs(args.ready_timeout_secs),
+    );
+    let agent = Agent::new(
+        AgentConfig {
+            control_plane: args.control_plane.clone(),
+            box_id: box_id.clone(),
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            lease: Duration::from_secs(args.lease_secs),
+            heartbeat: Duration::from_secs(2),
+            cancel_grace: Duration::from_secs(10),
+        },
+        Arc::clone(&pool),
+    );
+    for b in &lost {
+        tracing::warn!(build = %b.build_id, cell = %b.cell_id, "build lost with a leftover cell; reporting it failed");
+        agent.report_lost(&b.build_id, &b.lease_id, "box restarted");
+    }
+    pool.top_up();
+
+    let report = {
+        let pool = Arc::clone(&pool);
+        let agent = Arc::clone(&agent);
+        let box_id = box_id.clone();
+        Arc::new(move || {
+            let pools: Vec<serde_json::Value> = pool
+                .states()
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "size_class": p.size_class, "warm": p.warm, "booting": p.booting,
+                        "busy": p.busy, "target": p.target, "capacity": p.capacity,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "ok": true,
+                "box_id": box_id,
+                "backend": "sandbox",
+                "control_plane_connected": agent.is_connected(),
+                "running_builds": agent.running_builds(),
+                "unacked_messages": agent.unacked(),
+                "pools": pools,
+            })
+        }) as hive_box::health::Report
+    };
+    let (health_addr, health_task) = hive_box::health::serve(args.health_addr, report)
+        .await
+        .map_err(|e| MainError::Health(args.health_addr, e))?;
+    if let Some(path) = &args.ready_file {
+        let body = serde_json::json!({ "health": health_addr.to_string() }).to_string();
+        std::fs::write(path, body).map_err(|e| MainError::ReadyFile(path.clone(), e))?;
+    }
+    tracing::info!(box_id = %box_id, health = %health_addr, control_plane = %args.control_plane, "hive-box up");
+
+    let checker = {
+        let pool = Arc::clone(&pool);
+        let every = Duration::from_secs(args.health_check_secs.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                pool.check_health().await;
+            }
+        })
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
+    let mut agent_done = false;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+        _ = &mut agent_task => {
+            agent_done = true;
+            tracing::info!("control plane drained this box");
+        }
+    }
+    checker.abort();
+    agent
+        .drain(Duration::from_secs(args.shutdown_grace_secs))
+        .await;
+    let _ = stop_tx.send(true);
+    if !agent_done {
+        let _ = tokio::time::timeout(Duration::from_secs(5), agent_task).await;
+    }
+    pool.shutdown().await;
+    // Anything a build task could not release (it was cut short) is reaped the same way.
+    let _ = hive_box::reaper::reap(backend.as_ref()).await;
+    if let Err(e) = net.teardown() {
+        tracing::warn!(error = %error_chain(&e), "remove firewall table");
+    }
+    health_task.abort();
+    tracing::info!("hive-box stopped");
+    Ok(())
+}

@@ -1,0 +1,538 @@
+//! Box networking: one network namespace per cell, a veth to the box, NAT for public egress and a
+//! firewall that keeps cells away from the box, each other, the control plane and private ranges.
+//!
+//! Links, addresses and routes go through rtnetlink (a netlink socket opened inside the cell's
+//! namespace configures its side); the firewall is one nftables table per box, loaded by running
+//! `nft -f -` with a ruleset text. Each cell's box-side veth is an element of the table's `cells`
+//! set, so a cell is covered by the rules exactly while it exists. Each cell gets a /30 out of the
+//! cell subnet: the box side is .1, the cell's `eth0` .2, the cell's default route points at .1.
+use std::fs;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// Where named network namespaces live (the `ip netns` convention, so operators can inspect them).
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// Destinations no cell may reach (besides the box itself, which the input chain covers).
+pub const PRIVATE_RANGES: [&str; 7] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+    "224.0.0.0/4",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid IPv4 subnet {0:?} (want A.B.C.D/N with N between 8 and 30)")]
+    Subnet(String),
+    #[error("open a netlink socket{}", ns.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    Netlink {
+        ns: Option<PathBuf>,
+        #[source]
+        source: io::Error,
+    },
+    #[error("create network namespace {path}")]
+    CreateNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("enter network namespace {path}")]
+    EnterNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} (link {link})")]
+    Link {
+        what: &'static str,
+        link: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("link {0} not found")]
+    NoLink(String),
+    #[error("run nft ({what})")]
+    NftSpawn {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nft failed ({what}): {stderr}")]
+    Nft { what: String, stderr: String },
+    #[error("enable IPv4 forwarding")]
+    Forwarding(#[source] io::Error),
+}
+
+fn link_err(what: &'static str, link: &str) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    let link = link.to_string();
+    move |source| NetError::Link { what, link, source }
+}
+
+/// An IPv4 prefix (`100.96.0.0/16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl FromStr for Subnet {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, NetError> {
+        let bad = || NetError::Subnet(s.to_string());
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let base: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = len.parse().map_err(|_| bad())?;
+        if !(8..=30).contains(&prefix) || u32::from(base) & !mask(prefix) != 0 {
+            return Err(bad());
+        }
+        Ok(Subnet { base, prefix })
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    }
+}
+
+impl Subnet {
+    /// How many /30 cell links fit.
+    pub fn slots(&self) -> u32 {
+        1 << (30 - self.prefix)
+    }
+
+    /// (box side, cell side) addresses of slot `i`.
+    pub fn slot(&self, i: u32) -> Option<(Ipv4Addr, Ipv4Addr)> {
+        if i >= self.slots() {
+            return None;
+        }
+        let net = u32::from(self.base) + i * 4;
+        Some((Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2)))
+    }
+}
+
+/// Opens an rtnetlink connection whose socket lives in the namespace at `ns` (None: the box's).
+///
+/// A socket belongs to the namespace of the thread that created it, so a short-lived thread enters
+/// the namespace, creates the socket and exits; pooled threads are never moved between namespaces.
+pub async fn netlink(ns: Option<&Path>) -> Result<Handle, NetError> {
+    let err = |source| NetError::Netlink {
+        ns: ns.map(Path::to_path_buf),
+        source,
+    };
+    let Some(ns) = ns else {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(err)?;
+        tokio::spawn(conn);
+        return Ok(handle);
+    };
+    let file = fs::File::open(ns).map_err(|source| NetError::EnterNetns {
+        path: ns.to_path_buf(),
+        source,
+    })?;
+    let rt = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let res = nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(io::Error::from)
+            .and_then(|()| {
+                let _guard = rt.enter();
+                rtnetlink::new_connection()
+            });
+        let _ = tx.send(res);
+    });
+    let (conn, handle, _) = rx
+        .await
+        .map_err(|_| err(io::Error::other("netlink thread died")))?
+        .map_err(err)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Creates a named network namespace at `<NETNS_DIR>/<name>`, pinned by a bind mount.
+pub async fn create_netns(name: &str) -> Result<PathBuf, NetError> {
+    let path = Path::new(NETNS_DIR).join(name);
+    let err = |source| NetError::CreateNetns {
+        path: path.clone(),
+        source,
+    };
+    fs::create_dir_all(NETNS_DIR).map_err(err)?;
+    fs::File::create(&path).map_err(err)?;
+    let target = path.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // The namespace is made by a throw-away thread (netns is per thread) and pinned by a bind
+    // mount of that thread's ns file before the thread ends.
+    std::thread::spawn(move || {
+        let res = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).and_then(|()| {
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        });
+        let _ = tx.send(res);
+    });
+    match rx.await {
+        Ok(Ok(())) => Ok(path),
+        Ok(Err(e)) => {
+            let _ = fs::remove_file(&path);
+            Err(err(e.into()))
+        }
+        Err(_) => Err(err(io::Error::other("netns thread died"))),
+    }
+}
+
+/// Unpins and removes a named network namespace; missing is fine.
+pub fn delete_netns(path: &Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_file(path);
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, NetError> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(msg.header.index)),
+        Ok(None) => Ok(None),
+        // ENODEV: no such link.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(link_err("look up link", name)(e)),
+    }
+}
+
+/// Whether a link by that name exists in the box's namespace.
+pub async fn link_exists(name: &str) -> Result<bool, NetError> {
+    let handle = netlink(None).await?;
+    Ok(link_index(&handle, name).await?.is_some())
+}
+
+/// Box-wide network set-up: forwarding, the nftables table and its rules.
+#[derive(Debug, Clone)]
+pub struct BoxNet {
+    pub table: String,
+    pub subnet: Subnet,
+    /// Extra addresses cells must not reach (the control plane's, when it is not private).
+    pub blocked: Vec<Ipv4Addr>,
+}
+
+impl BoxNet {
+    /// The ruleset text (one table, replaced atomically on load).
+    pub fn ruleset(&self) -> String {
+        let mut blocked: Vec<String> = PRIVATE_RANGES.iter().map(|s| s.to_string()).collect();
+        blocked.extend(self.blocked.iter().map(|a| a.to_string()));
+        let t = &self.table;
+        format!(
+            "table inet {t} {{}}\n\
+             delete table inet {t}\n\
+             table inet {t} {{\n\
+             \tset cells {{ type ifname; }}\n\
+             \tset blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname @cells drop\n\
+             \t}}\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname @cells oifname @cells drop\n\
+             \t\toifname @cells ct state established,related accept\n\
+             \t\toifname @cells drop\n\
+             \t\tiifname @cells meta nfproto ipv6 drop\n\
+             \t\tiifname @cells ip daddr @blocked drop\n\
+             \t\tiifname @cells accept\n\
+             \t}}\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr {subnet} oifname != @cells masquerade\n\
+             \t}}\n\
+             }}\n",
+            blocked = blocked.join(", "),
+            subnet = self.subnet,
+        )
+    }
+
+    pub fn setup(&self) -> Result<(), NetError> {
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetError::Forwarding)?;
+        nft(&self.ruleset(), &format!("load table inet {}", self.table))
+    }
+
+    pub fn teardown(&self) -> Result<(), NetError> {
+        nft(
+            &format!(
+                "table inet {t} {{}}\ndelete table inet {t}\n",
+                t = self.table
+            ),
+            &format!("delete table inet {}", self.table),
+        )
+    }
+
+    fn add_cell(&self, veth: &str) -> Result<(), NetError> {
+        nft(
+            &format!("add element inet {} cells {{ \"{veth}\" }}\n", self.table),
+            &format!("add {veth} to cells"),
+        )
+    }
+
+    fn remove_cell(&self, veth: &str) -> Result<(), NetError> {
+        nft(
+            &format!("delete element inet {} cells {{ \"{veth}\" }}\n", self.table),
+            &format!("remove {veth} from cells"),
+        )
+    }
+
+    /// Whether `veth` is in the table's cells set (tests, reaper).
+    pub fn has_cell(&self, veth: &str) -> bool {
+        Command::new("nft")
+            .args(["list", "set", "inet", &self.table, "cells"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"{veth}\"")))
+            .unwrap_or(false)
+    }
+
+    /// Builds one cell's network: netns, veth pair, addresses, routes, firewall membership.
+    pub async fn create_cell(&self, names: &CellNetNames, slot: u32) -> Result<CellNet, NetError> {
+        let (box_ip, cell_ip) = self
+            .subnet
+            .slot(slot)
+            .ok_or_else(|| NetError::Subnet(format!("{} has no slot {slot}", self.subnet)))?;
+        let net = CellNet {
+            names: names.clone(),
+            box_ip,
+            cell_ip,
+            netns: Path::new(NETNS_DIR).join(&names.netns),
+        };
+        match self.build_cell(&net).await {
+            Ok(()) => Ok(net),
+            Err(e) => {
+                self.destroy_cell(&net.names).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_cell(&self, net: &CellNet) -> Result<(), NetError> {
+        let names = &net.names;
+        create_netns(&names.netns).await?;
+        let host = netlink(None).await?;
+        host.link()
+            .add(LinkVeth::new(&names.veth, &names.peer).build())
+            .execute()
+            .await
+            .map_err(link_err("create veth pair", &names.veth))?;
+        let peer = link_index(&host, &names.peer)
+            .await?
+            .ok_or_else(|| NetError::NoLink(names.peer.clone()))?;
+        let ns_file = fs::File::open(&net.netns).map_err(|source| NetError::EnterNetns {
+            path: net.netns.clone(),
+            source,
+        })?;
+        host.link()
+            .set(
+                LinkUnspec::new_with_index(peer)
+                    .setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(&ns_file))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(link_err("move veth peer into the cell netns", &names.peer))?;
+        let veth = link_index(&host, &names.veth)
+            .await?
+            .ok_or_else(|| NetError::NoLink(names.veth.clone()))?;
+        host.address()
+            .add(veth, IpAddr::V4(net.box_ip), 30)
+            .execute()
+            .await
+            .map_err(link_err("add box-side address", &names.veth))?;
+        host.link()
+            .set(LinkUnspec::new_with_index(veth).up().build())
+            .execute()
+            .await
+            .map_err(link_err("bring up", &names.veth))?;
+
+        let cell = netlink(Some(&net.netns)).await?;
+        let lo = link_index(&cell, "lo")
+            .await?
+            .ok_or_else(|| NetError::NoLink("lo".into()))?;
+        cell.link()
+            .set(LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .map_err(link_err("bring up", "lo"))?;
+        let eth = link_index(&cell, &names.peer)
+            .await?
+            .ok_or_else(|| NetError::NoLink(names.peer.clone()))?;
+        cell.link()
+            .set(LinkUnspec::new_with_index(eth).name("eth0".to_string()).build())
+            .execute()
+            .await
+            .map_err(link_err("rename to eth0", &names.peer))?;
+        cell.address()
+            .add(eth, IpAddr::V4(net.cell_ip), 30)
+            .execute()
+            .await
+            .map_err(link_err("add cell address", "eth0"))?;
+        cell.link()
+            .set(LinkUnspec::new_with_index(eth).up().build())
+            .execute()
+            .await
+            .map_err(link_err("bring up", "eth0"))?;
+        cell.route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(net.box_ip)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(link_err("add default route", "eth0"))?;
+        self.add_cell(&names.veth)
+    }
+
+    /// Removes everything `create_cell` may have made; each part may already be gone.
+    pub async fn destroy_cell(&self, names: &CellNetNames) {
+        if self.has_cell(&names.veth) {
+            if let Err(e) = self.remove_cell(&names.veth) {
+                tracing::warn!(error = %crate::jail::error_chain(&e), "firewall cleanup");
+            }
+        }
+        if let Ok(host) = netlink(None).await {
+            for name in [&names.veth, &names.peer] {
+                if let Ok(Some(idx)) = link_index(&host, name).await {
+                    // Deleting one end of a veth deletes the other.
+                    let _ = host.link().del(idx).execute().await;
+                }
+            }
+        }
+        delete_netns(&Path::new(NETNS_DIR).join(&names.netns));
+    }
+}
+
+/// Names of one cell's network objects, derived from the cell id so the reaper can find them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CellNetNames {
+    pub netns: String,
+    /// Box side, `hv-<id>` (an interface name has at most 15 bytes; cell ids are 12).
+    pub veth: String,
+    /// Cell side before it is moved and renamed `eth0`.
+    pub peer: String,
+}
+
+impl CellNetNames {
+    pub fn for_cell(cell_id: &str) -> Self {
+        CellNetNames {
+            netns: format!("hive-{cell_id}"),
+            veth: format!("hv-{cell_id}"),
+            peer: format!("hc-{cell_id}"),
+        }
+    }
+}
+
+/// A cell's network as built.
+#[derive(Debug, Clone)]
+pub struct CellNet {
+    pub names: CellNetNames,
+    pub box_ip: Ipv4Addr,
+    pub cell_ip: Ipv4Addr,
+    pub netns: PathBuf,
+}
+
+fn nft(ruleset: &str, what: &str) -> Result<(), NetError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| NetError::NftSpawn {
+            what: what.to_string(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(ruleset.as_bytes())
+            .map_err(|source| NetError::NftSpawn {
+                what: what.to_string(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| NetError::NftSpawn {
+            what: what.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(NetError::Nft {
+            what: what.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_parses_and_slots() {
+        let s: Subnet = "100.96.0.0/16".parse().unwrap();
+        assert_eq!(s.slots(), 16384);
+        assert_eq!(
+            s.slot(0),
+            Some((Ipv4Addr::new(100, 96, 0, 1), Ipv4Addr::new(100, 96, 0, 2)))
+        );
+        assert_eq!(
+            s.slot(65),
+            Some((Ipv4Addr::new(100, 96, 1, 5), Ipv4Addr::new(100, 96, 1, 6)))
+        );
+        assert_eq!(s.slot(16384), None);
+    }
+
+    #[test]
+    fn subnet_rejects_bad_input() {
+        for bad in ["100.96.0.0", "100.96.0.1/16", "x/16", "10.0.0.0/31", "10.0.0.0/4"] {
+            let e = bad.parse::<Subnet>().unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn names_fit_interface_limit() {
+        let n = CellNetNames::for_cell("0123456789ab");
+        assert!(n.veth.len() <= 15 && n.peer.len() <= 15);
+    }
+
+    #[test]
+    fn ruleset_mentions_every_private_range() {
+        let b = BoxNet {
+            table: "hive_t".into(),
+            subnet: "100.96.0.0/16".parse().unwrap(),
+            blocked: vec![Ipv4Addr::new(198, 18, 5, 5)],
+        };
+        let r = b.ruleset();
+        for range in PRIVATE_RANGES {
+            assert!(r.contains(range));
+        }
+        assert!(r.contains("198.18.5.5"));
+        assert!(r.contains("ip saddr 100.96.0.0/16"));
+    }
+}

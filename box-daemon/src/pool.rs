@@ -1,0 +1,464 @@
+//! The warm pool: per size class, cells booted ahead of demand up to a target count.
+//!
+//! A cell counts as warm once its cell daemon answered health. [`Pool::take`] hands out a warm
+//! cell in O(1) (front of a queue) or, when none is warm and there is room, cold-starts one and
+//! says so. [`Pool::release`] destroys a used cell (a cell runs one build only) and tops the class
+//! up again; a periodic health check ([`Pool::check_health`]) replaces dead warm cells. Network
+//! slots (/30s of the cell subnet) are handed out here so the backend stays stateless about them.
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::{PoolState, SizeClass};
+use tokio::sync::Notify;
+
+use crate::backend::{CellBackend, CellSpec};
+use crate::cell::Cell;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("unknown size class {0:?} (this box serves: {1})")]
+    UnknownClass(String, String),
+    #[error("no room for another {class} cell ({busy} busy, {booting} booting, capacity {capacity})")]
+    NoRoom {
+        class: String,
+        busy: u32,
+        booting: u32,
+        capacity: u32,
+    },
+    #[error("no free network slot for a new cell")]
+    NoSlot,
+    #[error("cold start of a {class} cell")]
+    ColdStart {
+        class: String,
+        #[source]
+        source: crate::backend::BackendError,
+    },
+    #[error("pool is shutting down")]
+    ShuttingDown,
+}
+
+/// Target and capacity of one class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassConfig {
+    pub size: SizeClass,
+    pub target: u32,
+    pub capacity: u32,
+}
+
+#[derive(Debug)]
+struct Class {
+    cfg: ClassConfig,
+    warm: VecDeque<Cell>,
+    booting: u32,
+    busy: u32,
+}
+
+impl Class {
+    fn total(&self) -> u32 {
+        self.warm.len() as u32 + self.booting + self.busy
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    classes: HashMap<String, Class>,
+    free_slots: BTreeSet<u32>,
+    /// Slot of every live cell, by id.
+    slots: HashMap<String, u32>,
+    shutting_down: bool,
+    /// Boot failures in a row, to back off instead of spinning on a broken image.
+    failures: u32,
+}
+
+/// Counters for the benchmark and logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolStats {
+    pub booted: u64,
+    pub boot_failures: u64,
+    pub total_boot: Duration,
+}
+
+pub struct Pool<B: CellBackend> {
+    backend: Arc<B>,
+    inner: Mutex<Inner>,
+    stats: Mutex<PoolStats>,
+    changed: Notify,
+    ready_timeout: Duration,
+}
+
+impl<B: CellBackend> std::fmt::Debug for Pool<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("states", &self.states()).finish()
+    }
+}
+
+impl<B: CellBackend> Pool<B> {
+    pub fn new(
+        backend: Arc<B>,
+        classes: Vec<ClassConfig>,
+        slots: u32,
+        ready_timeout: Duration,
+    ) -> Arc<Self> {
+        let classes = classes
+            .into_iter()
+            .map(|cfg| {
+                (
+                    cfg.size.name.clone(),
+                    Class {
+                        cfg,
+                        warm: VecDeque::new(),
+                        booting: 0,
+                        busy: 0,
+                    },
+                )
+            })
+            .collect();
+        Arc::new(Pool {
+            backend,
+            inner: Mutex::new(Inner {
+                classes,
+                free_slots: (0..slots).collect(),
+                slots: HashMap::new(),
+                shutting_down: false,
+                failures: 0,
+            }),
+            stats: Mutex::new(PoolStats::default()),
+            changed: Notify::new(),
+            ready_timeout,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Updates the shape of a class (the control plane's definition wins over the built-in one).
+    pub fn set_shape(&self, size: &SizeClass) {
+        if let Some(c) = self.lock().classes.get_mut(&size.name) {
+            c.cfg.size = size.clone();
+        }
+    }
+
+    pub fn states(&self) -> Vec<PoolState> {
+        let inner = self.lock();
+        let mut v: Vec<PoolState> = inner
+            .classes
+            .values()
+            .map(|c| PoolState {
+                size_class: c.cfg.size.name.clone(),
+                warm: c.warm.len() as u32,
+                booting: c.booting,
+                busy: c.busy,
+                target: c.cfg.target,
+                capacity: c.cfg.capacity,
+            })
+            .collect();
+        v.sort_by(|a, b| a.size_class.cmp(&b.size_class));
+        v
+    }
+
+    /// Ids of the warm cells (heartbeat, tests).
+    pub fn warm_ids(&self) -> Vec<(String, String)> {
+        let inner = self.lock();
+        inner
+            .classes
+            .values()
+            .flat_map(|c| c.warm.iter().map(|cell| (cell.id.clone(), cell.size_class.clone())))
+            .collect()
+    }
+
+    fn new_id() -> String {
+        uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+    }
+
+    /// Reserves a slot and a booting place; None when the class is full.
+    fn reserve(inner: &mut Inner, class: &str) -> Result<(CellSpec, ()), PoolError> {
+        let names = inner.classes.keys().cloned().collect::<Vec<_>>().join(", ");
+        let c = inner
+            .classes
+            .get(class)
+            .ok_or_else(|| PoolError::UnknownClass(class.to_string(), names))?;
+        if c.total() >= c.cfg.capacity {
+            return Err(PoolError::NoRoom {
+                class: class.to_string(),
+                busy: c.busy,
+                booting: c.booting,
+                capacity: c.cfg.capacity,
+            });
+        }
+        let size = c.cfg.size.clone();
+        let slot = inner.free_slots.pop_first().ok_or(PoolError::NoSlot)?;
+        let id = Self::new_id();
+        inner.slots.insert(id.clone(), slot);
+        if let Some(c) = inner.classes.get_mut(class) {
+            c.booting += 1;
+        }
+        Ok((
+            CellSpec {
+                id,
+                size_class: size,
+                slot,
+            },
+            (),
+        ))
+    }
+
+    fn free_slot(inner: &mut Inner, id: &str) {
+        if let Some(slot) = inner.slots.remove(id) {
+            inner.free_slots.insert(slot);
+        }
+    }
+
+    /// Boots one cell to ready. On failure everything it made is gone again.
+    async fn boot(&self, spec: CellSpec) -> Result<Cell, crate::backend::BackendError> {
+        let start = Instant::now();
+        let id = spec.id.clone();
+        let res = async {
+            let mut cell = self.backend.create(spec).await?;
+            self.backend.wait_ready(&cell, self.ready_timeout).await?;
+            cell.boot_time = start.elapsed();
+            Ok(cell)
+        }
+        .await;
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            match &res {
+                Ok(cell) => {
+                    stats.booted += 1;
+                    stats.total_boot += cell.boot_time;
+                }
+                Err(_) => stats.boot_failures += 1,
+            }
+        }
+        if res.is_err() {
+            let _ = self.backend.destroy(&id).await;
+        }
+        res
+    }
+
+    /// A cell for a build: warm if one is ready (O(1)), else cold-started. The bool is warm_start.
+    pub async fn take(self: &Arc<Self>, class: &str) -> Result<(Cell, bool), PoolError> {
+        let spec = {
+            let mut inner = self.lock();
+            if inner.shutting_down {
+                return Err(PoolError::ShuttingDown);
+            }
+            let names = inner.classes.keys().cloned().collect::<Vec<_>>().join(", ");
+            let c = inner
+                .classes
+                .get_mut(class)
+                .ok_or_else(|| PoolError::UnknownClass(class.to_string(), names))?;
+            if let Some(cell) = c.warm.pop_front() {
+                c.busy += 1;
+                drop(inner);
+                self.top_up();
+                return Ok((cell, true));
+            }
+            Self::reserve(&mut inner, class)?.0
+        };
+        let id = spec.id.clone();
+        let res = self.boot(spec).await;
+        let mut inner = self.lock();
+        if let Some(c) = inner.classes.get_mut(class) {
+            c.booting -= 1;
+        }
+        match res {
+            Ok(cell) => {
+                if let Some(c) = inner.classes.get_mut(class) {
+                    c.busy += 1;
+                }
+                Ok((cell, false))
+            }
+            Err(source) => {
+                Self::free_slot(&mut inner, &id);
+                Err(PoolError::ColdStart {
+                    class: class.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Destroys a used cell and tops its class up.
+    pub async fn release(self: &Arc<Self>, cell: Cell) {
+        if let Err(e) = self.backend.destroy(&cell.id).await {
+            tracing::warn!(cell = %cell.id, error = %crate::jail::error_chain(&e), "destroy cell");
+        }
+        {
+            let mut inner = self.lock();
+            Self::free_slot(&mut inner, &cell.id);
+            if let Some(c) = inner.classes.get_mut(&cell.size_class) {
+                c.busy = c.busy.saturating_sub(1);
+            }
+        }
+        self.changed.notify_waiters();
+        self.top_up();
+    }
+
+    /// Starts boots until every class has warm + booting >= target (within capacity).
+    pub fn top_up(self: &Arc<Self>) {
+        let mut specs = Vec::new();
+        {
+            let mut inner = self.lock();
+            if inner.shutting_down {
+                return;
+            }
+            let names: Vec<String> = inner.classes.keys().cloned().collect();
+            for name in names {
+                loop {
+                    let c = &inner.classes[&name];
+                    if c.warm.len() as u32 + c.booting >= c.cfg.target {
+                        break;
+                    }
+                    match Self::reserve(&mut inner, &name) {
+                        Ok((spec, ())) => specs.push((name.clone(), spec)),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        for (class, spec) in specs {
+            let pool = Arc::clone(self);
+            tokio::spawn(async move { pool.boot_warm(class, spec).await });
+        }
+    }
+
+    async fn boot_warm(self: Arc<Self>, class: String, spec: CellSpec) {
+        let id = spec.id.clone();
+        let backoff = {
+            let inner = self.lock();
+            Duration::from_millis(100 * u64::from(inner.failures.min(50)))
+        };
+        if !backoff.is_zero() {
+            tokio::time::sleep(backoff).await;
+        }
+        let res = self.boot(spec).await;
+        let mut retry = false;
+        {
+            let mut inner = self.lock();
+            if let Some(c) = inner.classes.get_mut(&class) {
+                c.booting -= 1;
+            }
+            match res {
+                Ok(cell) => {
+                    inner.failures = 0;
+                    if inner.shutting_down {
+                        let pool = Arc::clone(&self);
+                        Self::free_slot(&mut inner, &id);
+                        tokio::spawn(async move {
+                            let _ = pool.backend.destroy(&cell.id).await;
+                        });
+                    } else if let Some(c) = inner.classes.get_mut(&class) {
+                        tracing::debug!(cell = %cell.id, class = %class, boot_ms = cell.boot_time.as_millis() as u64, "cell warm");
+                        c.warm.push_back(cell);
+                    }
+                }
+                Err(e) => {
+                    inner.failures += 1;
+                    Self::free_slot(&mut inner, &id);
+                    tracing::warn!(class = %class, error = %crate::jail::error_chain(&e), failures = inner.failures, "warm cell failed to boot");
+                    retry = true;
+                }
+            }
+        }
+        self.changed.notify_waiters();
+        if retry || !self.lock().shutting_down {
+            self.top_up();
+        }
+    }
+
+    /// Probes every warm cell; dead ones are destroyed and replaced.
+    pub async fn check_health(self: &Arc<Self>) {
+        let cells: Vec<(String, Cell)> = {
+            let mut inner = self.lock();
+            inner
+                .classes
+                .iter_mut()
+                .flat_map(|(name, c)| c.warm.drain(..).map(move |cell| (name.clone(), cell)))
+                .collect()
+        };
+        let mut dead = Vec::new();
+        let mut alive = Vec::new();
+        for (class, cell) in cells {
+            let ok = self.backend.is_alive(&cell.id)
+                && matches!(cell.health(Duration::from_secs(2)).await, Ok(true));
+            if ok {
+                alive.push((class, cell));
+            } else {
+                dead.push(cell);
+            }
+        }
+        {
+            let mut inner = self.lock();
+            for (class, cell) in alive {
+                if let Some(c) = inner.classes.get_mut(&class) {
+                    // Cells taken meanwhile were not in the drained list; order is kept.
+                    c.warm.push_back(cell);
+                }
+            }
+        }
+        for cell in dead {
+            tracing::warn!(cell = %cell.id, class = %cell.size_class, "warm cell failed its health check; replacing");
+            let _ = self.backend.destroy(&cell.id).await;
+            let mut inner = self.lock();
+            Self::free_slot(&mut inner, &cell.id);
+        }
+        self.changed.notify_waiters();
+        self.top_up();
+    }
+
+    /// Waits until `class` has at least `n` warm cells.
+    pub async fn wait_warm(&self, class: &str, n: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let warm = self
+                .lock()
+                .classes
+                .get(class)
+                .map(|c| c.warm.len() as u32)
+                .unwrap_or(0);
+            if warm >= n {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+
+    /// Stops topping up and destroys every warm cell (busy ones are released by their builds).
+    pub async fn shutdown(self: &Arc<Self>) {
+        let cells: Vec<Cell> = {
+            let mut inner = self.lock();
+            inner.shutting_down = true;
+            inner
+                .classes
+                .values_mut()
+                .flat_map(|c| c.warm.drain(..))
+                .collect()
+        };
+        for cell in cells {
+            let _ = self.backend.destroy(&cell.id).await;
+            Self::free_slot(&mut self.lock(), &cell.id);
+        }
+        // Let cells that are still booting finish and be destroyed by their boot task.
+        let deadline = Instant::now() + self.ready_timeout + Duration::from_secs(1);
+        while Instant::now() < deadline
+            && self.lock().classes.values().any(|c| c.booting > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! Start-up clean-up: cells left over by a previous run of the box daemon.
+//!
+//! A crashed or killed box daemon leaves cell directories, cgroups, network namespaces, veths and
+//! firewall entries behind, and builds the control plane still thinks run here. The reaper destroys
+//! every leftover cell the backend can find and returns the builds they held (from each cell's
+//! record) so the agent reports them `FINISHED failed "box restarted"` right after registering.
+use crate::backend::CellBackend;
+
+/// A build that was running in a reaped cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostBuild {
+    pub build_id: String,
+    pub lease_id: String,
+    pub cell_id: String,
+}
+
+/// Destroys every leftover cell; returns the builds they were running.
+pub async fn reap<B: CellBackend>(backend: &B) -> Vec<LostBuild> {
+    let mut lost = Vec::new();
+    for left in backend.inspect() {
+        if let Some(rec) = &left.record {
+            if !rec.build_id.is_empty() {
+                lost.push(LostBuild {
+                    build_id: rec.build_id.clone(),
+                    lease_id: rec.lease_id.clone(),
+                    cell_id: left.id.clone(),
+                });
+            }
+        }
+        match backend.destroy(&left.id).await {
+            Ok(()) => tracing::info!(cell = %left.id, dir = %left.dir.display(), "reaped leftover cell"),
+            Err(e) => tracing::warn!(cell = %left.id, error = %crate::jail::error_chain(&e), "could not reap leftover cell"),
+        }
+    }
+    lost
+}

@@ -1,1 +1,147 @@
-fn main() {}
+//! `hive-control-plane`: the Hive control plane server.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use hive_control_plane::scheduler::Policy;
+use hive_control_plane::server::{self, Config};
+use hive_control_plane::sizeclass::SizeClasses;
+use tracing_subscriber::EnvFilter;
+
+/// The Hive control plane.
+///
+/// Turns GitHub-style push webhooks into builds, keeps them in a database (a SQLite file by
+/// default, nothing to set up; or PostgreSQL), places them on box daemons that connect over gRPC,
+/// and serves the operator API that `hivectl` uses.
+///
+/// HTTP: POST /webhooks/github, GET /healthz, GET /metrics (Prometheus text).
+/// gRPC: hive.v1.ControlPlane (operators) and hive.v1.BoxAgent (box daemons).
+///
+/// Logs go to stderr; set the level with RUST_LOG or HIVE_LOG (e.g. `info`, `hive_control_plane=debug`).
+/// SIGTERM or SIGINT shuts down gracefully: stop accepting, end streams, finish in-flight
+/// requests, close the database.
+#[derive(Debug, Parser)]
+#[command(name = "hive-control-plane", version, verbatim_doc_comment)]
+struct Args {
+    /// Address for the HTTP listener (webhooks, health, metrics).
+    #[arg(long, env = "HIVE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+
+    /// Address for the gRPC listener (ControlPlane and BoxAgent services).
+    #[arg(long, env = "HIVE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    grpc_addr: SocketAddr,
+
+    /// Directory for the control plane's files (the default SQLite database lives here).
+    #[arg(long, env = "HIVE_DATA_DIR", default_value = "./hive-data")]
+    data_dir: PathBuf,
+
+    /// Database URL: sqlite://PATH (created if missing) or postgres://USER:PASS@HOST/DB.
+    /// Default: sqlite://<data-dir>/hive.db
+    #[arg(long, env = "HIVE_DB")]
+    db: Option<String>,
+
+    /// Seconds a placement waits for the box to confirm, and a box may stay silent, before
+    /// its build is re-queued.
+    #[arg(long, env = "HIVE_LEASE_SECS", default_value_t = 30)]
+    lease_secs: u64,
+
+    /// How often box daemons heartbeat, in milliseconds (a box silent for 3 intervals is offline).
+    #[arg(long, env = "HIVE_HEARTBEAT_INTERVAL_MS", default_value_t = 2000)]
+    heartbeat_interval_ms: u64,
+
+    /// JSON file adding or overriding size classes:
+    /// {"size_classes": [{"name": "xl", "vcpus": 16, "memory_mib": 32768, "disk_mib": 102400}]}
+    #[arg(long, env = "HIVE_SIZE_CLASSES")]
+    size_classes: Option<PathBuf>,
+
+    /// How to pick among boxes that fit: spread (most free first) or binpack (fullest first).
+    #[arg(long, env = "HIVE_PLACEMENT", value_enum, default_value = "spread")]
+    placement: Policy,
+
+    /// Scheduler pass interval in milliseconds when nothing else wakes it.
+    #[arg(long, env = "HIVE_SCHEDULER_TICK_MS", default_value_t = 500)]
+    scheduler_tick_ms: u64,
+
+    /// When both listeners are bound, write {"http":"ADDR","grpc":"ADDR"} to this file.
+    #[arg(long, env = "HIVE_READY_FILE")]
+    ready_file: Option<PathBuf>,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "HIVE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn init_tracing(json: bool) {
+    let filter = std::env::var("HIVE_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_string());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let size_classes = match &args.size_classes {
+        Some(path) => SizeClasses::load(path)?,
+        None => SizeClasses::builtin(),
+    };
+    let config = Config {
+        http_addr: args.http_addr,
+        grpc_addr: args.grpc_addr,
+        data_dir: args.data_dir.clone(),
+        db: args.db.clone(),
+        lease: Duration::from_secs(args.lease_secs),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+        size_classes,
+        placement: args.placement,
+        tick: Duration::from_millis(args.scheduler_tick_ms),
+    };
+    let handle = server::start(config).await?;
+    if let Some(path) = &args.ready_file {
+        let ready = serde_json::json!({
+            "http": handle.http_addr.to_string(),
+            "grpc": handle.grpc_addr.to_string(),
+        });
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, ready.to_string())
+            .with_context(|| format!("write ready file {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("write ready file {}", path.display()))?;
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        r = tokio::signal::ctrl_c() => {
+            r.context("wait for SIGINT")?;
+            tracing::info!("SIGINT received");
+        }
+    }
+    handle.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    if let Err(e) = run(args).await {
+        // The whole chain, once.
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        tracing::error!("fatal: {}", chain.join(": "));
+        eprintln!("hive-control-plane: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,609 @@
+//! The `ControlPlane` gRPC service: projects, builds (submit, get, list, cancel, watch, logs),
+//! boxes (list, cordon, drain), cells and size classes. Errors are `tonic::Status` values whose
+//! message names the problem and the input (`project "x" not found`).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use hive_proto::v1::{self as pb, BuildState};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::boxes::CORDONED;
+use crate::events::Event;
+use crate::scheduler;
+use crate::server::Hive;
+use crate::sizeclass::DEFAULT_CLASS;
+use crate::store::{BuildFilter, BuildRow, NewProject, ProjectRow, StoreError, TransitionRow};
+
+/// Default project build timeout.
+pub const DEFAULT_TIMEOUT_SECS: u32 = 1800;
+/// Log chunks read per query while streaming.
+const LOG_PAGE: u32 = 500;
+
+/// The gRPC `ControlPlane` service.
+#[derive(Clone)]
+pub struct ControlPlaneService {
+    pub hive: Arc<Hive>,
+}
+
+fn store_err(e: StoreError) -> Status {
+    match e {
+        StoreError::ProjectExists(name) => {
+            Status::already_exists(format!("project {name:?} already exists"))
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// Project as the API shows it (never the secret).
+pub fn project_to_proto(p: &ProjectRow) -> pb::Project {
+    pb::Project {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        repo_url: p.repo_url.clone(),
+        branch: p.branch.clone(),
+        size_class: p.size_class.clone(),
+        private_network: p.private_network.clone(),
+        steps: p.steps.clone(),
+        timeout_secs: p.timeout_secs,
+        created_at_ms: p.created_at_ms,
+        has_secret: !p.secret.is_empty(),
+        env: p.env.clone().into_iter().collect(),
+    }
+}
+
+/// Build as the API shows it.
+pub fn build_to_proto(b: &BuildRow, transitions: &[TransitionRow]) -> pb::Build {
+    pb::Build {
+        id: b.id.clone(),
+        project_id: b.project_id.clone(),
+        project_name: b.project_name.clone(),
+        revision: b.revision.clone(),
+        git_ref: b.git_ref.clone(),
+        state: b.state as i32,
+        box_id: b.box_id.clone(),
+        cell_id: b.cell_id.clone(),
+        created_at_ms: b.created_at_ms,
+        updated_at_ms: b.updated_at_ms,
+        exit_code: b.exit_code,
+        message: b.message.clone(),
+        trigger: b.trigger.clone(),
+        size_class: b.size_class.clone(),
+        warm_start: b.warm_start,
+        transitions: transitions
+            .iter()
+            .map(|t| pb::StateTransition {
+                state: t.state as i32,
+                at_ms: t.at_ms,
+                reason: t.reason.clone(),
+            })
+            .collect(),
+        attempt: b.attempt,
+    }
+}
+
+/// Checks a project request and turns it into what the store writes.
+pub fn validate_project(
+    req: pb::CreateProjectRequest,
+    classes: &crate::sizeclass::SizeClasses,
+) -> Result<NewProject, Status> {
+    let name = req.name.trim();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "project name {:?} must be 1-64 characters of letters, digits, '-', '_', '.'",
+            req.name
+        )));
+    }
+    let repo_url = req.repo_url.trim();
+    if repo_url.is_empty() {
+        return Err(Status::invalid_argument("repo_url is required"));
+    }
+    if repo_url.chars().any(char::is_whitespace) {
+        return Err(Status::invalid_argument(format!(
+            "repo_url {repo_url:?} contains whitespace"
+        )));
+    }
+    let size_class = if req.size_class.is_empty() {
+        DEFAULT_CLASS.to_string()
+    } else {
+        classes
+            .get(&req.size_class)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        req.size_class.clone()
+    };
+    if req.steps.is_empty() {
+        return Err(Status::invalid_argument(
+            "a project needs at least one step",
+        ));
+    }
+    if let Some(i) = req.steps.iter().position(|s| s.trim().is_empty()) {
+        return Err(Status::invalid_argument(format!("step {i} is empty")));
+    }
+    let branch = req.branch.trim();
+    let branch = branch.strip_prefix("refs/heads/").unwrap_or(branch);
+    for key in req.env.keys() {
+        let ok = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(Status::invalid_argument(format!(
+                "env name {key:?} must be letters, digits and '_', not starting with a digit"
+            )));
+        }
+    }
+    if req.timeout_secs > 7 * 24 * 3600 {
+        return Err(Status::invalid_argument(format!(
+            "timeout_secs {} is over a week",
+            req.timeout_secs
+        )));
+    }
+    Ok(NewProject {
+        name: name.to_string(),
+        repo_url: repo_url.to_string(),
+        secret: req.secret,
+        branch: branch.to_string(),
+        size_class,
+        private_network: req.private_network.trim().to_string(),
+        steps: req.steps,
+        env: req.env.into_iter().collect::<BTreeMap<_, _>>(),
+        timeout_secs: if req.timeout_secs == 0 {
+            DEFAULT_TIMEOUT_SECS
+        } else {
+            req.timeout_secs
+        },
+    })
+}
+
+impl ControlPlaneService {
+    async fn project(&self, name_or_id: &str) -> Result<ProjectRow, Status> {
+        if name_or_id.is_empty() {
+            return Err(Status::invalid_argument("project (name or id) is required"));
+        }
+        self.hive
+            .store
+            .get_project(name_or_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found(format!("project {name_or_id:?} not found")))
+    }
+
+    async fn build(&self, id: &str) -> Result<BuildRow, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("build id is required"));
+        }
+        self.hive
+            .store
+            .get_build(id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found(format!("build {id:?} not found")))
+    }
+
+    async fn full_build(&self, id: &str) -> Result<pb::Build, Status> {
+        let b = self.build(id).await?;
+        let t = self.hive.store.transitions(id).await.map_err(store_err)?;
+        Ok(build_to_proto(&b, &t))
+    }
+
+    async fn box_info(&self, box_id: &str) -> Result<pb::BoxInfo, Status> {
+        let row = self
+            .hive
+            .store
+            .get_box(box_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found(format!("box {box_id:?} not found")))?;
+        Ok(self.hive.registry.info(&row))
+    }
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::control_plane_server::ControlPlane for ControlPlaneService {
+    type WatchBuildStream = Stream_<pb::Build>;
+    type StreamLogsStream = Stream_<pb::LogChunk>;
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthReply>, Status> {
+        let (ok, detail) = match self.hive.store.ping().await {
+            Ok(()) => (true, format!("{} ok", self.hive.store.kind().name())),
+            Err(e) => (false, e.to_string()),
+        };
+        Ok(Response::new(pb::HealthReply {
+            ok,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            detail,
+        }))
+    }
+
+    async fn create_project(
+        &self,
+        request: Request<pb::CreateProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        let new = validate_project(request.into_inner(), &self.hive.classes)?;
+        let row = self
+            .hive
+            .store
+            .create_project(&new)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(project = %row.name, repo = %row.repo_url, "project created");
+        Ok(Response::new(project_to_proto(&row)))
+    }
+
+    async fn list_projects(
+        &self,
+        _: Request<pb::ListProjectsRequest>,
+    ) -> Result<Response<pb::ListProjectsReply>, Status> {
+        let rows = self.hive.store.list_projects().await.map_err(store_err)?;
+        Ok(Response::new(pb::ListProjectsReply {
+            projects: rows.iter().map(project_to_proto).collect(),
+        }))
+    }
+
+    async fn get_project(
+        &self,
+        request: Request<pb::GetProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
+        let p = self.project(&request.into_inner().project).await?;
+        Ok(Response::new(project_to_proto(&p)))
+    }
+
+    async fn delete_project(
+        &self,
+        request: Request<pb::DeleteProjectRequest>,
+    ) -> Result<Response<pb::DeleteProjectReply>, Status> {
+        let name = request.into_inner().project;
+        let p = self.project(&name).await?;
+        self.hive
+            .store
+            .delete_project(&p.id)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(project = %p.name, "project deleted");
+        Ok(Response::new(pb::DeleteProjectReply {}))
+    }
+
+    async fn submit_build(
+        &self,
+        request: Request<pb::SubmitBuildRequest>,
+    ) -> Result<Response<pb::Build>, Status> {
+        let req = request.into_inner();
+        let p = self.project(&req.project).await?;
+        for (what, v) in [("revision", &req.revision), ("git_ref", &req.git_ref)] {
+            if v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Status::invalid_argument(format!(
+                    "{what} {v:?} must be at most 256 characters without spaces"
+                )));
+            }
+        }
+        let git_ref = if !req.git_ref.is_empty() {
+            req.git_ref.clone()
+        } else if !p.branch.is_empty() {
+            format!("refs/heads/{}", p.branch)
+        } else {
+            "HEAD".to_string()
+        };
+        let build = BuildRow::new_queued(&p, &req.revision, &git_ref, "api");
+        self.hive
+            .store
+            .insert_build(&build, "submitted via api")
+            .await
+            .map_err(store_err)?;
+        tracing::info!(build_id = %build.id, project = %p.name, "build submitted");
+        self.hive.events.build_changed(&build.id);
+        self.hive.wake.notify_one();
+        Ok(Response::new(self.full_build(&build.id).await?))
+    }
+
+    async fn get_build(
+        &self,
+        request: Request<pb::GetBuildRequest>,
+    ) -> Result<Response<pb::Build>, Status> {
+        Ok(Response::new(
+            self.full_build(&request.into_inner().id).await?,
+        ))
+    }
+
+    async fn list_builds(
+        &self,
+        request: Request<pb::ListBuildsRequest>,
+    ) -> Result<Response<pb::ListBuildsReply>, Status> {
+        let req = request.into_inner();
+        let project_id = if req.project.is_empty() {
+            None
+        } else {
+            Some(self.project(&req.project).await?.id)
+        };
+        let state = match BuildState::try_from(req.state) {
+            Ok(BuildState::Unspecified) => None,
+            Ok(s) => Some(s),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "state {} is not a build state",
+                    req.state
+                )))
+            }
+        };
+        let rows = self
+            .hive
+            .store
+            .list_builds(&BuildFilter {
+                project_id,
+                state,
+                limit: req.limit,
+            })
+            .await
+            .map_err(store_err)?;
+        Ok(Response::new(pb::ListBuildsReply {
+            builds: rows.iter().map(|b| build_to_proto(b, &[])).collect(),
+        }))
+    }
+
+    async fn cancel_build(
+        &self,
+        request: Request<pb::CancelBuildRequest>,
+    ) -> Result<Response<pb::Build>, Status> {
+        let req = request.into_inner();
+        let b = self.build(&req.id).await?;
+        if b.state.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "build {:?} already ended ({})",
+                b.id,
+                b.state.short_name()
+            )));
+        }
+        let reason = if req.reason.is_empty() {
+            "cancelled via api".to_string()
+        } else {
+            format!("cancelled via api: {}", req.reason)
+        };
+        let ended = scheduler::end_build(&self.hive, &b.id, BuildState::Cancelled, &reason)
+            .await
+            .map_err(store_err)?;
+        if ended.is_none() {
+            // It ended between our read and the cancel.
+            let now = self.build(&req.id).await?;
+            return Err(Status::failed_precondition(format!(
+                "build {:?} already ended ({})",
+                now.id,
+                now.state.short_name()
+            )));
+        }
+        Ok(Response::new(self.full_build(&b.id).await?))
+    }
+
+    async fn watch_build(
+        &self,
+        request: Request<pb::WatchBuildRequest>,
+    ) -> Result<Response<Self::WatchBuildStream>, Status> {
+        let id = request.into_inner().id;
+        // Subscribe first, then read: a change in between is then heard, not lost.
+        let mut events = self.hive.events.subscribe();
+        let first = self.full_build(&id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        let mut shutdown = self.hive.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            while !BuildState::try_from(last.state).is_ok_and(|s| s.is_terminal()) {
+                let heard = tokio::select! {
+                    e = events.recv() => e,
+                    _ = crate::events::stopped(&mut shutdown) => {
+                        let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                };
+                match heard {
+                    Ok(Event::Build(b)) if b == id => {}
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                let now = match this.full_build(&id).await {
+                    Ok(b) => b,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                if now.state != last.state
+                    || now.transitions.len() != last.transitions.len()
+                    || now.updated_at_ms != last.updated_at_ms
+                {
+                    last = now.clone();
+                    if tx.send(Ok(now)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = request.into_inner();
+        let mut events = self.hive.events.subscribe();
+        let _ = self.build(&req.build_id).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let hive = self.hive.clone();
+        tokio::spawn(async move {
+            let mut shutdown = hive.shutdown.clone();
+            let mut next = req.from_seq;
+            loop {
+                // Read the state before the chunks: if the build had ended by then, every
+                // chunk it will ever have is visible to the read that follows.
+                let ended = match hive.store.get_build(&req.build_id).await {
+                    Ok(Some(b)) => b.state.is_terminal(),
+                    Ok(None) => {
+                        let _ = tx.send(Err(Status::not_found("build deleted"))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(store_err(e))).await;
+                        return;
+                    }
+                };
+                let chunks = match hive.store.logs_from(&req.build_id, next, LOG_PAGE).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(store_err(e))).await;
+                        return;
+                    }
+                };
+                let got = chunks.len();
+                for chunk in chunks {
+                    if chunk.seq != next {
+                        // A hole: wait for it to fill while the build runs; once it has
+                        // ended nothing will fill it, so go on.
+                        if !ended {
+                            break;
+                        }
+                        next = chunk.seq;
+                    }
+                    next += 1;
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+                if got as u32 == LOG_PAGE {
+                    continue;
+                }
+                if !req.follow || ended {
+                    return;
+                }
+                // Wait for news of this build (or re-check now and then).
+                loop {
+                    let heard = tokio::select! {
+                        e = events.recv() => e,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => break,
+                        _ = crate::events::stopped(&mut shutdown) => {
+                            let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
+                            return;
+                        }
+                        _ = tx.closed() => return,
+                    };
+                    match heard {
+                        Ok(Event::Build(b) | Event::Log(b)) if b == req.build_id => break,
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_boxes(
+        &self,
+        _: Request<pb::ListBoxesRequest>,
+    ) -> Result<Response<pb::ListBoxesReply>, Status> {
+        let rows = self.hive.store.list_boxes().await.map_err(store_err)?;
+        Ok(Response::new(pb::ListBoxesReply {
+            boxes: rows.iter().map(|r| self.hive.registry.info(r)).collect(),
+        }))
+    }
+
+    async fn cordon_box(
+        &self,
+        request: Request<pb::BoxActionRequest>,
+    ) -> Result<Response<pb::BoxInfo>, Status> {
+        let box_id = request.into_inner().box_id;
+        let info = self.box_info(&box_id).await?;
+        if matches!(
+            pb::BoxState::try_from(info.state),
+            Ok(pb::BoxState::Draining | pb::BoxState::Left)
+        ) {
+            return Err(Status::failed_precondition(format!(
+                "box {box_id:?} is draining or gone; cordon does not apply"
+            )));
+        }
+        self.hive
+            .store
+            .set_box_state(&box_id, CORDONED)
+            .await
+            .map_err(store_err)?;
+        self.hive.registry.set_admin_state(&box_id, CORDONED);
+        tracing::info!(%box_id, "box cordoned");
+        Ok(Response::new(self.box_info(&box_id).await?))
+    }
+
+    async fn drain_box(
+        &self,
+        request: Request<pb::BoxActionRequest>,
+    ) -> Result<Response<pb::BoxInfo>, Status> {
+        let box_id = request.into_inner().box_id;
+        let info = self.box_info(&box_id).await?;
+        if pb::BoxState::try_from(info.state) == Ok(pb::BoxState::Left) {
+            return Err(Status::failed_precondition(format!(
+                "box {box_id:?} has already left"
+            )));
+        }
+        scheduler::drain_box(&self.hive, &box_id)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(%box_id, "box draining");
+        Ok(Response::new(self.box_info(&box_id).await?))
+    }
+
+    async fn list_cells(
+        &self,
+        request: Request<pb::ListCellsRequest>,
+    ) -> Result<Response<pb::ListCellsReply>, Status> {
+        let box_id = request.into_inner().box_id;
+        let filter = if box_id.is_empty() {
+            None
+        } else {
+            Some(box_id.as_str())
+        };
+        let rows = self
+            .hive
+            .store
+            .list_cells(filter)
+            .await
+            .map_err(store_err)?;
+        Ok(Response::new(pb::ListCellsReply {
+            cells: rows
+                .into_iter()
+                .map(|c| pb::CellInfo {
+                    id: c.id,
+                    box_id: c.box_id,
+                    size_class: c.size_class,
+                    state: c.state,
+                    build_id: c.build_id,
+                    updated_at_ms: c.updated_at_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_size_classes(
+        &self,
+        _: Request<pb::ListSizeClassesRequest>,
+    ) -> Result<Response<pb::ListSizeClassesReply>, Status> {
+        Ok(Response::new(pb::ListSizeClassesReply {
+            classes: self.hive.classes.all(),
+        }))
+    }
+}

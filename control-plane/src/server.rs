@@ -1,0 +1,271 @@
+//! Composes the control plane: opens the store, binds the HTTP and gRPC listeners, starts the
+//! scheduler, and shuts all of it down in order (stop accepting, end streams, finish in-flight
+//! requests, stop the scheduler, close the database).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hive_proto::v1::box_agent_server::BoxAgentServer;
+use hive_proto::v1::control_plane_server::ControlPlaneServer;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::ControlPlaneService;
+use crate::boxes::{BoxAgentService, Registry};
+use crate::events::Events;
+use crate::metrics::Metrics;
+use crate::scheduler::{self, Policy};
+use crate::sizeclass::SizeClasses;
+use crate::store::{redact, Store, StoreError};
+
+/// How long shutdown waits for in-flight requests before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+/// Errors starting the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("open store: {0}")]
+    Store(#[from] StoreError),
+    #[error("bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the control plane needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    /// Holds the default SQLite database.
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; None = `sqlite://<data_dir>/hive.db`.
+    pub db: Option<String>,
+    /// How long a placement waits for the box to confirm, and how long a box may stay silent
+    /// before its builds are re-queued.
+    pub lease: Duration,
+    /// How often boxes should heartbeat (told to them in `Registered`).
+    pub heartbeat_interval: Duration,
+    pub size_classes: SizeClasses,
+    pub placement: Policy,
+    /// Scheduler pass interval when nothing wakes it.
+    pub tick: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./hive-data"),
+            db: None,
+            lease: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_millis(2000),
+            size_classes: SizeClasses::builtin(),
+            placement: Policy::Spread,
+            tick: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the numbers make sense together.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        if self.lease < Duration::from_millis(500) {
+            return Err(ServerError::Config(format!(
+                "lease {:?} is shorter than 500ms",
+                self.lease
+            )));
+        }
+        if self.heartbeat_interval < Duration::from_millis(50) {
+            return Err(ServerError::Config(format!(
+                "heartbeat interval {:?} is shorter than 50ms",
+                self.heartbeat_interval
+            )));
+        }
+        if self.heartbeat_interval >= self.lease {
+            return Err(ServerError::Config(format!(
+                "heartbeat interval {:?} must be shorter than the lease {:?}, or leases of \
+                 healthy boxes expire",
+                self.heartbeat_interval, self.lease
+            )));
+        }
+        if self.tick.is_zero() {
+            return Err(ServerError::Config("scheduler tick must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// The database URL in effect.
+    pub fn db_url(&self) -> String {
+        match &self.db {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}/hive.db", self.data_dir.display()),
+        }
+    }
+}
+
+/// State shared by every part of a running control plane.
+#[derive(Debug)]
+pub struct Hive {
+    pub store: Store,
+    pub classes: SizeClasses,
+    pub events: Events,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    /// Wakes the scheduler (new build, box change).
+    pub wake: Notify,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub placement: Policy,
+    /// Becomes true when shutting down; long streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct Handle {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    hive: Arc<Hive>,
+    shutdown_tx: watch::Sender<bool>,
+    http_task: JoinHandle<()>,
+    grpc_task: JoinHandle<()>,
+    scheduler_task: JoinHandle<()>,
+}
+
+impl Handle {
+    /// The store, for tests and benchmarks that inspect what was written.
+    pub fn store(&self) -> &Store {
+        &self.hive.store
+    }
+
+    /// Runs one scheduler pass now (benchmarks time it).
+    pub async fn schedule_now(&self) -> Result<scheduler::PassStats, StoreError> {
+        scheduler::pass(&self.hive).await
+    }
+
+    /// Stops accepting, ends the long streams, waits for in-flight requests (up to 15 s),
+    /// stops the scheduler and closes the database.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new connections; ending streams");
+        let _ = self.shutdown_tx.send(true);
+        self.hive.registry.close_all();
+        let grace = async {
+            let _ = self.http_task.await;
+            let _ = self.grpc_task.await;
+            let _ = self.scheduler_task.await;
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, grace).await.is_err() {
+            tracing::warn!(
+                "in-flight requests still open after {}s; closing anyway",
+                SHUTDOWN_GRACE.as_secs()
+            );
+        }
+        self.hive.store.close().await;
+        tracing::info!("control plane stopped; database closed");
+    }
+}
+
+/// Opens the store, binds both listeners and starts serving.
+pub async fn start(config: Config) -> Result<Handle, ServerError> {
+    config.validate()?;
+    let url = config.db_url();
+    let store = Store::open(&url).await?;
+    tracing::info!(db = %redact(&url), kind = store.kind().name(), "store open");
+
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what: "HTTP",
+            addr: config.http_addr,
+            source,
+        })?;
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what: "gRPC",
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            what: "HTTP",
+            addr: config.http_addr,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            what: "gRPC",
+            addr: config.grpc_addr,
+            source,
+        })?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let hive = Arc::new(Hive {
+        store,
+        classes: config.size_classes.clone(),
+        events: Events::new(),
+        registry: Registry::default(),
+        metrics: Metrics::default(),
+        wake: Notify::new(),
+        lease: config.lease,
+        heartbeat: config.heartbeat_interval,
+        placement: config.placement,
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let app = crate::http::router(hive.clone());
+    let mut stop = shutdown_rx.clone();
+    let http_task = tokio::spawn(async move {
+        let served = axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+
+    let mut stop = shutdown_rx.clone();
+    let api = ControlPlaneService { hive: hive.clone() };
+    let agent = BoxAgentService { hive: hive.clone() };
+    let grpc_task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(ControlPlaneServer::new(api))
+            .add_service(BoxAgentServer::new(agent))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+
+    let scheduler_task = tokio::spawn(scheduler::run(hive.clone(), config.tick));
+    tracing::info!(%http_addr, %grpc_addr, lease_ms = config.lease.as_millis() as u64,
+        placement = ?config.placement, "control plane listening");
+    Ok(Handle {
+        http_addr,
+        grpc_addr,
+        hive,
+        shutdown_tx,
+        http_task,
+        grpc_task,
+        scheduler_task,
+    })
+}

@@ -1,0 +1,412 @@
+//! `POST /webhooks/github`: GitHub-compatible push and ping events to queued builds.
+//!
+//! Order of checks, and why:
+//! 1. body over 5 MiB -> 413 (before anything is parsed);
+//! 2. no `X-GitHub-Event` -> 400; no (or not `sha256=<64 hex>`) `X-Hub-Signature-256` -> 401;
+//! 3. body not JSON -> 400. The signature is per project, so the project has to be found from
+//!    the payload's repository before the signature can be checked; a body that does not parse
+//!    cannot name one. Answering 400 here tells a sender nothing it did not send and changes
+//!    nothing, so it is safe to answer before authentication (but only to requests that at
+//!    least carry a well-formed signature header);
+//! 4. no project with that repository -> 404;
+//! 5. no matching project whose secret verifies the signature (HMAC-SHA256, constant time) -> 401;
+//! 6. `ping` -> 200 pong; events other than `push` -> 202 and no build;
+//! 7. push: no `X-GitHub-Delivery` -> 400; a delivery seen before -> the same answer again
+//!    (`duplicate: true`, no second build); a deleted branch, a tag, or a branch the project
+//!    does not build -> 202 and no build; else the build and the delivery record are written in
+//!    one transaction -> 202 `{"build_id": ..., "duplicate": false}`.
+//!
+//! Every rejection is logged with the reason and counted in `/metrics` by outcome.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::server::Hive;
+use crate::store::{BuildRow, Delivery, ProjectRow};
+
+/// Largest body accepted (GitHub caps payloads at 25 MiB; pushes that big are not builds).
+pub const MAX_BODY: usize = 5 * 1024 * 1024;
+
+/// An answer that is not a build: status, message, and the metrics outcome label.
+#[derive(Debug)]
+struct Reject {
+    status: StatusCode,
+    outcome: &'static str,
+    message: String,
+}
+
+fn reject(status: StatusCode, outcome: &'static str, message: impl Into<String>) -> Reject {
+    Reject {
+        status,
+        outcome,
+        message: message.into(),
+    }
+}
+
+/// Checks a `X-Hub-Signature-256` header value against `body` with `secret`, in constant time.
+pub fn verify_signature(secret: &[u8], body: &[u8], header: &str) -> bool {
+    let Some(tag) = parse_signature(header) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&tag).is_ok()
+}
+
+/// The 32 bytes of a `sha256=<64 hex>` header.
+fn parse_signature(header: &str) -> Option<Vec<u8>> {
+    let hexed = header.trim().strip_prefix("sha256=")?;
+    if hexed.len() != 64 {
+        return None;
+    }
+    hex::decode(hexed).ok()
+}
+
+/// Signs `body` the way GitHub does (tests and benchmarks use it).
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The axum handler.
+pub async fn handle(State(hive): State<Arc<Hive>>, headers: HeaderMap, body: Body) -> Response {
+    let delivery = header(&headers, "x-github-delivery")
+        .unwrap_or("")
+        .to_string();
+    let event = header(&headers, "x-github-event").unwrap_or("").to_string();
+    match process(&hive, &headers, body).await {
+        Ok((status, outcome, answer)) => {
+            hive.metrics.webhook(outcome);
+            tracing::info!(%delivery, %event, outcome, %answer, "webhook accepted");
+            (status, Json(answer)).into_response()
+        }
+        Err(r) => {
+            hive.metrics.webhook(r.outcome);
+            if r.status.is_server_error() {
+                tracing::error!(%delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook failed");
+            } else {
+                tracing::warn!(%delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook rejected");
+            }
+            (r.status, Json(json!({ "error": r.message }))).into_response()
+        }
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn process(
+    hive: &Hive,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, &'static str, Value), Reject> {
+    let too_big = || {
+        reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    if let Some(len) = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok()) {
+        if len > MAX_BODY as u64 {
+            return Err(too_big());
+        }
+    }
+    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        if e.to_string().contains("length limit") {
+            too_big()
+        } else {
+            reject(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("reading body: {e}"),
+            )
+        }
+    })?;
+
+    let Some(event) = header(headers, "x-github-event") else {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "missing X-GitHub-Event header",
+        ));
+    };
+    let Some(signature) = header(headers, "x-hub-signature-256") else {
+        return Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "bad_signature",
+            "missing X-Hub-Signature-256 header",
+        ));
+    };
+    if parse_signature(signature).is_none() {
+        return Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "bad_signature",
+            "X-Hub-Signature-256 is not of the form sha256=<64 hex digits>",
+        ));
+    }
+    let payload: Value = serde_json::from_slice(&body).map_err(|e| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    if !payload.is_object() {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "body is JSON but not an object",
+        ));
+    }
+
+    let urls: Vec<String> = ["clone_url", "ssh_url", "git_url", "html_url"]
+        .iter()
+        .filter_map(|k| payload["repository"][*k].as_str())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty() {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "payload has no repository URL (repository.clone_url/ssh_url/git_url/html_url)",
+        ));
+    }
+    let projects = hive.store.projects_for_repo(&urls).await.map_err(|e| {
+        reject(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "error",
+            format!("looking up projects: {e}"),
+        )
+    })?;
+    if projects.is_empty() {
+        return Err(reject(
+            StatusCode::NOT_FOUND,
+            "unknown_repo",
+            format!("no project for repository {}", urls.join(" / ")),
+        ));
+    }
+    let verified: Vec<&ProjectRow> = projects
+        .iter()
+        .filter(|p| !p.secret.is_empty() && verify_signature(p.secret.as_bytes(), &body, signature))
+        .collect();
+    if verified.is_empty() {
+        return Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "bad_signature",
+            format!(
+                "signature does not match the secret of any project for {}",
+                urls[0]
+            ),
+        ));
+    }
+
+    match event {
+        "ping" => {
+            return Ok((
+                StatusCode::OK,
+                "ping",
+                json!({ "message": "pong", "project": verified[0].name }),
+            ))
+        }
+        "push" => {}
+        other => {
+            return Ok((
+                StatusCode::ACCEPTED,
+                "unsupported_event",
+                json!({ "message": format!("event {other:?} is not handled; no build"), "build_id": null }),
+            ))
+        }
+    }
+
+    let Some(delivery) = header(headers, "x-github-delivery").filter(|d| !d.is_empty()) else {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "missing X-GitHub-Delivery header",
+        ));
+    };
+    if delivery.len() > 128 {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "X-GitHub-Delivery is longer than 128 characters",
+        ));
+    }
+    let Some(git_ref) = payload["ref"].as_str() else {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "push payload has no \"ref\"",
+        ));
+    };
+    let after = payload["after"].as_str().unwrap_or("");
+    let deleted = payload["deleted"].as_bool().unwrap_or(false)
+        || (after.len() == 40 && after.bytes().all(|b| b == b'0'));
+
+    // Among the verified projects, the first whose branch filter takes this ref builds it.
+    let branch = git_ref.strip_prefix("refs/heads/");
+    let project = verified.iter().find(|p| match branch {
+        Some(b) => p.branch.is_empty() || p.branch == b,
+        None => false,
+    });
+    let (project, build, outcome, skip_reason): (&ProjectRow, Option<BuildRow>, &str, String) =
+        match project {
+            _ if deleted => (
+                verified[0],
+                None,
+                "deleted_branch",
+                format!("{git_ref} was deleted; no build"),
+            ),
+            None if branch.is_none() => (
+                verified[0],
+                None,
+                "not_a_branch",
+                format!("{git_ref} is not a branch; no build"),
+            ),
+            None => (
+                verified[0],
+                None,
+                "branch_filtered",
+                format!(
+                    "project {} builds branch {:?}, not {git_ref}; no build",
+                    verified[0].name, verified[0].branch
+                ),
+            ),
+            Some(p) => {
+                let trigger = format!("webhook:{delivery}");
+                (
+                    p,
+                    Some(BuildRow::new_queued(p, after, git_ref, &trigger)),
+                    "build",
+                    String::new(),
+                )
+            }
+        };
+    let recorded = hive
+        .store
+        .record_delivery(
+            delivery,
+            &project.id,
+            build.as_ref(),
+            if build.is_some() {
+                "build"
+            } else {
+                &skip_reason
+            },
+        )
+        .await
+        .map_err(|e| {
+            reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "error",
+                format!("recording delivery {delivery}: {e}"),
+            )
+        })?;
+    match (recorded, build) {
+        (Delivery::New, Some(build)) => {
+            hive.events.build_changed(&build.id);
+            hive.wake.notify_one();
+            Ok((
+                StatusCode::ACCEPTED,
+                "build",
+                json!({ "build_id": build.id, "duplicate": false, "project": project.name }),
+            ))
+        }
+        (Delivery::New, None) => Ok((
+            StatusCode::ACCEPTED,
+            outcome_label(outcome),
+            json!({ "message": skip_reason, "build_id": null, "duplicate": false }),
+        )),
+        (Delivery::Duplicate { build_id, outcome }, _) => {
+            if build_id.is_empty() {
+                Ok((
+                    StatusCode::ACCEPTED,
+                    "duplicate",
+                    json!({ "message": outcome, "build_id": null, "duplicate": true }),
+                ))
+            } else {
+                Ok((
+                    StatusCode::ACCEPTED,
+                    "duplicate",
+                    json!({ "build_id": build_id, "duplicate": true }),
+                ))
+            }
+        }
+    }
+}
+
+fn outcome_label(outcome: &str) -> &'static str {
+    match outcome {
+        "deleted_branch" => "deleted_branch",
+        "not_a_branch" => "not_a_branch",
+        _ => "branch_filtered",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // From GitHub's "Validating webhook deliveries" documentation.
+    const SECRET: &str = "It's a Secret to Everybody";
+    const PAYLOAD: &str = "Hello, World!";
+    const SIGNATURE: &str =
+        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+
+    #[test]
+    fn github_test_vector() {
+        assert!(verify_signature(
+            SECRET.as_bytes(),
+            PAYLOAD.as_bytes(),
+            SIGNATURE
+        ));
+        assert_eq!(sign(SECRET.as_bytes(), PAYLOAD.as_bytes()), SIGNATURE);
+    }
+
+    #[test]
+    fn wrong_or_malformed_signatures_fail() {
+        assert!(!verify_signature(
+            b"other secret",
+            PAYLOAD.as_bytes(),
+            SIGNATURE
+        ));
+        assert!(!verify_signature(
+            SECRET.as_bytes(),
+            b"Hello, World?",
+            SIGNATURE
+        ));
+        let mut flipped = SIGNATURE.to_string();
+        flipped.replace_range(70..71, "0");
+        assert!(!verify_signature(
+            SECRET.as_bytes(),
+            PAYLOAD.as_bytes(),
+            &flipped
+        ));
+        for bad in [
+            "",
+            "sha256=",
+            "sha1=757107ea",
+            "sha256=zz",
+            &SIGNATURE[..70],
+        ] {
+            assert!(
+                !verify_signature(SECRET.as_bytes(), PAYLOAD.as_bytes(), bad),
+                "{bad}"
+            );
+        }
+    }
+}

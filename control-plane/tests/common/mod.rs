@@ -1,0 +1,366 @@
+//! Shared test helpers: a real database per test (SQLite temp file, or a fresh PostgreSQL
+//! database under `HIVE_TEST_POSTGRES_URL`), a control plane on 127.0.0.1:0, a raw HTTP client,
+//! and a box session driven through a real tonic client.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use hive_control_plane::server::{self, Config, Handle};
+use hive_proto::v1::box_agent_client::BoxAgentClient;
+use hive_proto::v1::box_message::Msg as BoxMsg;
+use hive_proto::v1::control_message::Msg as CtlMsg;
+use hive_proto::v1::control_plane_client::ControlPlaneClient;
+use hive_proto::v1::{BoxMessage, ControlMessage, PoolState, Register};
+use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// A database for one test; `drop_db` removes a PostgreSQL one afterwards.
+pub struct TestDb {
+    pub url: String,
+    pg_admin: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}/hive.db", dir.path().display());
+        TestDb {
+            url,
+            pg_admin: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh database on the server in `HIVE_TEST_POSTGRES_URL`, or None (after saying so).
+    pub async fn postgres(test: &str) -> Option<TestDb> {
+        let Ok(admin) = std::env::var("HIVE_TEST_POSTGRES_URL") else {
+            eprintln!("SKIPPED: HIVE_TEST_POSTGRES_URL not set ({test} needs a PostgreSQL server)");
+            return None;
+        };
+        sqlx::any::install_default_drivers();
+        let name = format!("hive_t_{}", uuid_simple());
+        let mut conn = sqlx::AnyConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("connect to HIVE_TEST_POSTGRES_URL {admin}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+        conn.close().await.ok();
+        let url = replace_db(&admin, &name);
+        Some(TestDb {
+            url,
+            pg_admin: Some((admin, name)),
+            _dir: None,
+        })
+    }
+
+    pub async fn drop_db(self) {
+        if let Some((admin, name)) = self.pg_admin {
+            if let Ok(mut conn) = sqlx::AnyConnection::connect(&admin).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+                conn.close().await.ok();
+            }
+        }
+    }
+}
+
+fn uuid_simple() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        t % 1_000_000_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The URL with its database name replaced.
+fn replace_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..path_start], db);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Runs a scenario against SQLite (always) or PostgreSQL (when configured).
+#[macro_export]
+macro_rules! both_dbs {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let db = $crate::common::TestDb::sqlite();
+                super::$scenario(db.url.clone()).await;
+                db.drop_db().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(db) = $crate::common::TestDb::postgres(stringify!($scenario)).await
+                else {
+                    return;
+                };
+                super::$scenario(db.url.clone()).await;
+                db.drop_db().await;
+            }
+        }
+    };
+}
+
+/// A control plane on ephemeral ports with short leases, for tests.
+pub async fn start(db_url: &str) -> Handle {
+    start_with(db_url, |_| {}).await
+}
+
+pub async fn start_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> Handle {
+    let mut config = Config {
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        db: Some(db_url.to_string()),
+        lease: Duration::from_millis(1500),
+        heartbeat_interval: Duration::from_millis(200),
+        tick: Duration::from_millis(100),
+        ..Config::default()
+    };
+    tweak(&mut config);
+    server::start(config).await.expect("control plane starts")
+}
+
+pub async fn api(handle: &Handle) -> ControlPlaneClient<Channel> {
+    ControlPlaneClient::connect(format!("http://{}", handle.grpc_addr))
+        .await
+        .expect("connect ControlPlane")
+}
+
+/// A minimal HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one HTTP/1.1 request over a fresh TCP connection and reads the whole reply.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpReply {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write head");
+    // The server may answer (413) and close before reading a large body; that is fine.
+    let _ = s.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in reply: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    HttpReply { status, body }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n.min(rest.len())]);
+        s = rest.get(n + 2..).unwrap_or("");
+    }
+    out
+}
+
+/// A box daemon stand-in speaking the real BoxAgent protocol over a real tonic channel.
+pub struct TestBox {
+    pub id: String,
+    pub tx: mpsc::Sender<BoxMessage>,
+    pub rx: tonic::Streaming<ControlMessage>,
+    pub seq: u64,
+}
+
+pub fn pool(class: &str, warm: u32, capacity: u32) -> PoolState {
+    PoolState {
+        size_class: class.to_string(),
+        warm,
+        booting: 0,
+        busy: 0,
+        target: warm,
+        capacity,
+    }
+}
+
+impl TestBox {
+    /// Connects and registers; returns the box and the `Registered` answer's acked seq.
+    pub async fn connect(handle: &Handle, id: &str, pools: Vec<PoolState>) -> (TestBox, u64) {
+        Self::connect_running(handle, id, pools, vec![]).await
+    }
+
+    pub async fn connect_running(
+        handle: &Handle,
+        id: &str,
+        pools: Vec<PoolState>,
+        running: Vec<String>,
+    ) -> (TestBox, u64) {
+        let mut client = BoxAgentClient::connect(format!("http://{}", handle.grpc_addr))
+            .await
+            .expect("connect BoxAgent");
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(BoxMessage {
+            seq: 0,
+            msg: Some(BoxMsg::Register(Register {
+                box_id: id.to_string(),
+                hostname: format!("{id}.test"),
+                backend: "sandbox".into(),
+                pools,
+                running_builds: running,
+                version: "test".into(),
+            })),
+        })
+        .await
+        .unwrap();
+        let mut rx = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .expect("session opens")
+            .into_inner();
+        let first = rx.message().await.expect("stream ok").expect("a message");
+        let acked = match first.msg {
+            Some(CtlMsg::Registered(r)) => {
+                assert_eq!(r.box_id, id);
+                assert!(r.size_classes.iter().any(|c| c.name == "small"));
+                r.acked_seq
+            }
+            other => panic!("expected Registered, got {other:?}"),
+        };
+        (
+            TestBox {
+                id: id.to_string(),
+                tx,
+                rx,
+                seq: acked,
+            },
+            acked,
+        )
+    }
+
+    /// Sends an acked message (update or log) with the next seq; returns that seq.
+    pub async fn send_acked(&mut self, msg: BoxMsg) -> u64 {
+        self.seq += 1;
+        self.tx
+            .send(BoxMessage {
+                seq: self.seq,
+                msg: Some(msg),
+            })
+            .await
+            .expect("send");
+        self.seq
+    }
+
+    pub async fn send_plain(&mut self, msg: BoxMsg) {
+        self.tx
+            .send(BoxMessage {
+                seq: 0,
+                msg: Some(msg),
+            })
+            .await
+            .expect("send");
+    }
+
+    /// The next control message that is not an Ack, within `within`.
+    pub async fn next_non_ack(&mut self, within: Duration) -> Option<CtlMsg> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.rx.message())
+                .await
+                .ok()?
+                .ok()??;
+            match m.msg {
+                Some(CtlMsg::Ack(_)) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits for an Ack of at least `seq`.
+    pub async fn wait_ack(&mut self, seq: u64, within: Duration) -> Vec<CtlMsg> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut others = Vec::new();
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.rx.message())
+                .await
+                .unwrap_or_else(|_| panic!("no ack of {seq} in {within:?}"))
+                .expect("stream ok")
+                .expect("stream open");
+            match m.msg {
+                Some(CtlMsg::Ack(a)) if a.seq >= seq => return others,
+                Some(CtlMsg::Ack(_)) => {}
+                Some(other) => others.push(other),
+                None => {}
+            }
+        }
+    }
+}
+
+/// Polls `f` until it is true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {within:?} waiting for: {what}");
+}

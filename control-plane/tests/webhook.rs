@@ -1,0 +1,226 @@
+//! The webhook over real HTTP against a real database (SQLite file; PostgreSQL when
+//! `HIVE_TEST_POSTGRES_URL` is set): every answer in issue 2, and that rejections change nothing.
+
+mod common;
+
+use common::{api, http, start};
+use hive_control_plane::webhook::sign;
+use hive_proto::v1::{CreateProjectRequest, ListBuildsRequest};
+use serde_json::json;
+
+const SECRET: &str = "s3cret-for-tests";
+
+fn push(repo: &str, git_ref: &str, after: &str) -> Vec<u8> {
+    json!({
+        "ref": git_ref,
+        "before": "0000000000000000000000000000000000000001",
+        "after": after,
+        "deleted": false,
+        "repository": {
+            "full_name": "acme/widget",
+            "clone_url": format!("{repo}.git"),
+            "html_url": repo,
+            "ssh_url": "git@github.example:acme/widget.git",
+            "git_url": "git://github.example/acme/widget.git",
+        },
+        "head_commit": { "id": after, "message": "change" },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn post(
+    addr: std::net::SocketAddr,
+    event: &str,
+    delivery: &str,
+    signature: Option<&str>,
+    body: &[u8],
+) -> common::HttpReply {
+    let mut headers = vec![
+        ("Content-Type", "application/json"),
+        ("X-GitHub-Event", event),
+        ("X-GitHub-Delivery", delivery),
+    ];
+    if let Some(s) = signature {
+        headers.push(("X-Hub-Signature-256", s));
+    }
+    http(addr, "POST", "/webhooks/github", &headers, body).await
+}
+
+async fn build_count(handle: &hive_control_plane::server::Handle) -> usize {
+    api(handle)
+        .await
+        .list_builds(ListBuildsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .builds
+        .len()
+}
+
+async fn webhook_answers(url: String) {
+    let handle = start(&url).await;
+    let addr = handle.http_addr;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "widget".into(),
+            repo_url: "https://github.example/acme/widget".into(),
+            secret: SECRET.into(),
+            branch: "main".into(),
+            steps: vec!["make test".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // ping
+    let body = push("https://github.example/acme/widget", "refs/heads/main", "x");
+    let r = post(addr, "ping", "d-ping", Some(&sign(SECRET.as_bytes(), &body)), &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["message"], "pong");
+
+    // A signed push to main: one queued build.
+    let sha = "a".repeat(40);
+    let body = push("https://github.example/acme/widget", "refs/heads/main", &sha);
+    let sig = sign(SECRET.as_bytes(), &body);
+    let r = post(addr, "push", "d-1", Some(&sig), &body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let build_id = r.json()["build_id"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["duplicate"], false);
+    let b = client
+        .get_build(hive_proto::v1::GetBuildRequest {
+            id: build_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.revision, sha);
+    assert_eq!(b.git_ref, "refs/heads/main");
+    assert_eq!(b.trigger, "webhook:d-1");
+    assert_eq!(b.size_class, "small");
+    assert_eq!(b.transitions.len(), 1, "the queued transition is stored");
+    assert_eq!(build_count(&handle).await, 1);
+
+    // Redelivery: same build, no second one.
+    let r = post(addr, "push", "d-1", Some(&sig), &body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["build_id"], build_id.as_str());
+    assert_eq!(r.json()["duplicate"], true);
+    assert_eq!(build_count(&handle).await, 1);
+
+    // Bad signature (right form, wrong key), missing signature, malformed header.
+    let bad = sign(b"not the secret", &body);
+    for (sig, why) in [
+        (Some(bad.as_str()), "wrong key"),
+        (None, "missing"),
+        (Some("sha1=abc"), "malformed"),
+    ] {
+        let r = post(addr, "push", "d-2", sig, &body).await;
+        assert_eq!(r.status, 401, "{why}: {}", r.body);
+        assert!(r.json()["error"].as_str().unwrap().len() > 5);
+    }
+    // A signature over a different body.
+    let other = push("https://github.example/acme/widget", "refs/heads/main", &"b".repeat(40));
+    let r = post(addr, "push", "d-2", Some(&sig), &other).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // Garbage JSON (signed with the right secret, as a git host would sign anything).
+    let garbage = b"{\"ref\": refs/heads/main,,, not json";
+    let r = post(addr, "push", "d-3", Some(&sign(SECRET.as_bytes(), garbage)), garbage).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("JSON"));
+
+    // Unknown repository.
+    let body4 = push("https://github.example/acme/other", "refs/heads/main", &sha);
+    let r = post(addr, "push", "d-4", Some(&sign(SECRET.as_bytes(), &body4)), &body4).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // Oversize body (6 MiB): 413 before anything else.
+    let big = vec![b' '; 6 * 1024 * 1024];
+    let r = post(addr, "push", "d-5", Some(&sign(SECRET.as_bytes(), &big)), &big).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+
+    // Unsupported event, properly signed: 202 and no build.
+    let r = post(addr, "issues", "d-6", Some(&sig), &body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.json()["build_id"].is_null());
+
+    // Branch filter and deleted branch: 202, no build.
+    let dev = push("https://github.example/acme/widget", "refs/heads/dev", &sha);
+    let r = post(addr, "push", "d-7", Some(&sign(SECRET.as_bytes(), &dev)), &dev).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.json()["build_id"].is_null());
+    let mut del: serde_json::Value =
+        serde_json::from_slice(&push("https://github.example/acme/widget", "refs/heads/main", &"0".repeat(40))).unwrap();
+    del["deleted"] = json!(true);
+    let del = del.to_string().into_bytes();
+    let r = post(addr, "push", "d-8", Some(&sign(SECRET.as_bytes(), &del)), &del).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.json()["message"].as_str().unwrap().contains("deleted"));
+
+    // The ssh_url alone (with .git) matches the project too.
+    let mut ssh_only: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    ssh_only["repository"] = json!({ "ssh_url": "https://github.example/acme/widget.git/" });
+    let ssh_only = ssh_only.to_string().into_bytes();
+    let r = post(addr, "push", "d-9", Some(&sign(SECRET.as_bytes(), &ssh_only)), &ssh_only).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.json()["build_id"].is_string());
+
+    // Rejections and no-build answers changed nothing: d-1 and d-9 made the only builds.
+    assert_eq!(build_count(&handle).await, 2);
+
+    // Metrics count outcomes; healthz answers.
+    let m = http(addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("hive_webhooks_total{outcome=\"build\"} 2"), "{}", m.body);
+    assert!(m.body.contains("hive_webhooks_total{outcome=\"duplicate\"} 1"), "{}", m.body);
+    assert!(m.body.contains("hive_webhooks_total{outcome=\"bad_signature\"} 4"), "{}", m.body);
+    assert!(m.body.contains("hive_queue_depth 2"), "{}", m.body);
+    let h = http(addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(h.status, 200, "{}", h.body);
+
+    handle.shutdown().await;
+}
+both_dbs!(webhook_answers);
+
+/// Many concurrent redeliveries of one delivery id make exactly one build.
+async fn concurrent_redelivery(url: String) {
+    let handle = start(&url).await;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "w".into(),
+            repo_url: "https://github.example/acme/widget".into(),
+            secret: SECRET.into(),
+            steps: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let body = push("https://github.example/acme/widget", "refs/heads/feature", &"c".repeat(40));
+    let sig = sign(SECRET.as_bytes(), &body);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (body, sig) = (body.clone(), sig.clone());
+        let addr = handle.http_addr;
+        tasks.push(tokio::spawn(async move {
+            post(addr, "push", "same-delivery", Some(&sig), &body).await
+        }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let mut firsts = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+        ids.insert(r.json()["build_id"].as_str().unwrap().to_string());
+        if r.json()["duplicate"] == false {
+            firsts += 1;
+        }
+    }
+    assert_eq!(ids.len(), 1, "every answer names the same build");
+    assert_eq!(firsts, 1, "exactly one answer made the build");
+    assert_eq!(build_count(&handle).await, 1);
+    handle.shutdown().await;
+}
+both_dbs!(concurrent_redelivery);

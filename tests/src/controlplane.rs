@@ -434,3 +434,64 @@ mod tests {
         );
     }
 }
+
+/// A control plane on a chosen backend for one test: SQLite in its data dir, or a fresh
+/// PostgreSQL database (dropped by [`TestHive::finish`]).
+pub struct TestHive {
+    pub cp: ControlPlane,
+    pub pg: Option<PgDatabase>,
+    pub backend: Backend,
+}
+
+impl TestHive {
+    /// Starts one; `None` (after a loud SKIPPED line) for PostgreSQL without
+    /// `HIVE_TEST_POSTGRES_URL`. Panics with the process log if it cannot start: this is for tests.
+    pub async fn start(
+        backend: Backend,
+        test: &str,
+        mut opts: ControlPlaneOptions,
+    ) -> Option<Self> {
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => match PgDatabase::create().await {
+                Ok(Some(pg)) => Some(pg),
+                Ok(None) => {
+                    skip_postgres(test);
+                    return None;
+                }
+                Err(e) => panic!("{test}: create PostgreSQL test database: {e}"),
+            },
+        };
+        if let Some(pg) = &pg {
+            opts.db = Some(pg.url.clone());
+        }
+        let cp = tokio::task::spawn_blocking(move || ControlPlane::start(opts))
+            .await
+            .expect("start task")
+            .unwrap_or_else(|e| panic!("{test} ({backend}): start control plane: {e}"));
+        Some(Self { cp, pg, backend })
+    }
+
+    /// Graceful restart on the same store.
+    pub async fn restart(self) -> Self {
+        let Self { cp, pg, backend } = self;
+        let cp = tokio::task::spawn_blocking(move || cp.restart())
+            .await
+            .expect("restart task")
+            .unwrap_or_else(|e| panic!("restart control plane ({backend}): {e}"));
+        Self { cp, pg, backend }
+    }
+
+    /// Stops gracefully (asserting a clean exit) and drops the PostgreSQL database.
+    pub async fn finish(mut self) {
+        let ok = self.cp.stop();
+        let log = self.cp.log();
+        if let Some(pg) = self.pg.take() {
+            pg.drop_db().await;
+        }
+        assert!(
+            ok,
+            "control plane did not exit cleanly on SIGTERM; log:\n{log}"
+        );
+    }
+}

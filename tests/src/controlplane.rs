@@ -414,27 +414,6 @@ pub fn hivectl(addr: &str, args: &[&str]) -> Result<Output, HarnessError> {
         })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn database_name_is_replaced() {
-        assert_eq!(
-            with_database("postgres://hive:hive@127.0.0.1:5432/hive_test", "x"),
-            "postgres://hive:hive@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            with_database("postgres://h@localhost/a?sslmode=disable", "b"),
-            "postgres://h@localhost/b?sslmode=disable"
-        );
-        assert_eq!(
-            with_database("postgres://h@localhost", "b"),
-            "postgres://h@localhost/b"
-        );
-    }
-}
-
 /// A control plane on a chosen backend for one test: SQLite in its data dir, or a fresh
 /// PostgreSQL database (dropped by [`TestHive::finish`]).
 pub struct TestHive {
@@ -492,6 +471,27 @@ impl TestHive {
         assert!(
             ok,
             "control plane did not exit cleanly on SIGTERM; log:\n{log}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(
+            with_database("postgres://hive:hive@127.0.0.1:5432/hive_test", "x"),
+            "postgres://hive:hive@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://h@localhost/a?sslmode=disable", "b"),
+            "postgres://h@localhost/b?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h@localhost", "b"),
+            "postgres://h@localhost/b"
         );
     }
 }

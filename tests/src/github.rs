@@ -184,20 +184,6 @@ impl WebhookClient {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::sign;
-
-    /// GitHub's documented test vector ("Validating webhook deliveries").
-    #[test]
-    fn github_test_vector() {
-        assert_eq!(
-            sign("It's a Secret to Everybody", b"Hello, World!"),
-            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
-        );
-    }
-}
-
 /// POSTs `d` over a fresh raw HTTP/1.1 connection, reading the answer while the body is still
 /// being written. For bodies the server refuses on their headers alone (413 on Content-Length):
 /// it answers and closes early, and a client that only reads after writing everything (hyper)
@@ -258,4 +244,18 @@ pub async fn send_raw(http_addr: &str, d: &Delivery<'_>) -> Result<Answer, std::
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok(Answer { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sign;
+
+    /// GitHub's documented test vector ("Validating webhook deliveries").
+    #[test]
+    fn github_test_vector() {
+        assert_eq!(
+            sign("It's a Secret to Everybody", b"Hello, World!"),
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+        );
+    }
 }

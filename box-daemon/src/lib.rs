@@ -16,3 +16,4 @@ pub mod net;
 pub mod pool;
 pub mod reaper;
 pub mod sandbox;
+pub mod vmm;

@@ -1,0 +1,27 @@
+//! The embedded VMM: one microVM per process, on KVM through the rust-vmm crates.
+//!
+//! `hive-box vmm --config <file.json>` runs [`builder::run`] for one cell; the box daemon starts
+//! that process inside the cell's jail. Layout: `config` (what the box asks for) -> `builder`
+//! (straight-line set-up and run) over `kvm` (hypervisor trait + KVM), `memory`, `boot`, `cpuid`,
+//! and the devices: `serial`, `i8042`, `virtio::{mmio, block, net, vsock, rng}`, paced by
+//! `ratelimit`; `bus` routes exits, `eventloop` is the device thread. `cli` is the subcommand.
+//!
+//! On the development machines KVM is nested and cannot boot Linux; the VMM is proved there with
+//! the freestanding test guest in `box-daemon/guest/` (see `tests/vmm_guest.rs`).
+
+pub mod boot;
+pub mod builder;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod cpuid;
+pub mod eventloop;
+pub mod i8042;
+pub mod kvm;
+pub mod memory;
+pub mod ratelimit;
+pub mod serial;
+pub mod virtio;
+
+pub use builder::{run, Report, VmExit};
+pub use config::VmConfig;

@@ -28,7 +28,7 @@ esac
 command -v pg_lsclusters >/dev/null || die "postgresql-common not installed (apt-get install postgresql)"
 
 # The newest installed major version.
-version="$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -n1)"
+version="$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | sort -n | tail -n1)"
 [ -n "$version" ] || die "no PostgreSQL server under /usr/lib/postgresql (apt-get install postgresql)"
 
 if ! pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main"' | grep -q .; then

@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# One command for a whole local hive on this machine:
+#   control plane (SQLite under <data-dir>/control-plane) + one box (sandbox backend, warm pool)
+#   + a "public internet" git host (netns on 198.18.0.2, git daemon) serving a demo repository
+#   + a demo project pointing at it.
+# Then it prints the curl line that sends a signed GitHub push webhook and the hivectl line that
+# follows the build's logs, and stays in the foreground. Ctrl-C (or SIGTERM) stops the box first
+# (it destroys its cells), then the control plane, then the git host.
+#
+# --smoke sends that webhook itself, follows the build to its end and exits with its result:
+# the scripted check that the whole path works.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+data_dir="$repo/hive-data"
+http_addr="127.0.0.1:8080"
+grpc_addr="127.0.0.1:50051"
+pool="small=2"
+git_addr="198.18.0.2"
+secret="${HIVE_DEMO_SECRET:-local-hive-demo-secret}"
+do_build=1
+smoke=0
+profile="debug"
+
+usage() {
+  cat <<USAGE
+Usage: $(basename "$0") [options]
+
+Start a local hive: builds the binaries and images, starts hive-control-plane and one hive-box
+(sandbox backend), a git server on test host $git_addr (own netns) with a demo repository,
+registers project 'demo', prints the signed-webhook curl line and 'hivectl logs -f'. Ctrl-C
+stops everything.
+
+Options:
+  --data-dir DIR     state of this hive (default ./hive-data in the repo: $data_dir)
+  --http-addr A:P    control plane webhook/HTTP listener (default $http_addr)
+  --grpc-addr A:P    control plane gRPC listener (default $grpc_addr)
+  --pool CLASS=N     warm pool of the box (default $pool)
+  --release          build and run release binaries (default: debug, quicker to compile)
+  --no-build         use the binaries already in target/
+  --smoke            send the webhook, follow the build, stop everything, exit 0 iff it succeeded
+  -h, --help         this text
+
+Environment: HIVE_CACHE (images, default /var/cache/hive), HIVE_DEMO_SECRET (webhook secret).
+Needs root (namespaces, cgroups, nftables).
+USAGE
+}
+
+die() { echo "local-hive: error: $*" >&2; exit 1; }
+log() { echo "local-hive: $*" >&2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --data-dir) [ $# -ge 2 ] || die "--data-dir needs a directory"; data_dir="$2"; shift ;;
+    --http-addr) [ $# -ge 2 ] || die "--http-addr needs ADDR:PORT"; http_addr="$2"; shift ;;
+    --grpc-addr) [ $# -ge 2 ] || die "--grpc-addr needs ADDR:PORT"; grpc_addr="$2"; shift ;;
+    --pool) [ $# -ge 2 ] || die "--pool needs CLASS=N"; pool="$2"; shift ;;
+    --release) profile="release" ;;
+    --no-build) do_build=0 ;;
+    --smoke) smoke=1 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+  shift
+done
+[[ "$pool" =~ ^[a-z0-9-]+=[0-9]+$ ]] || die "--pool '$pool': expected CLASS=N, e.g. small=2"
+for a in "$http_addr" "$grpc_addr"; do
+  [[ "$a" =~ ^[0-9.]+:[0-9]+$ ]] || die "listener '$a': expected IPv4:PORT"
+done
+[ "$(id -u)" = 0 ] || die "must run as root (the box makes namespaces, cgroups, nftables rules)"
+for tool in git openssl curl ip; do
+  command -v "$tool" >/dev/null || die "'$tool' not found"
+done
+
+mkdir -p "$data_dir"
+data_dir="$(cd "$data_dir" && pwd)"
+logs="$data_dir/logs"
+mkdir -p "$logs"
+bin="$repo/target/$profile"
+hivectl() { "$bin/hivectl" --control-plane "http://$grpc_addr" "$@"; }
+
+# --- stop everything we started, in reverse order, exactly once --------------------------------
+box_pid="" cp_pid="" git_host_up=0 stopping=0
+stop_all() {
+  [ "$stopping" = 0 ] || return 0
+  stopping=1
+  log "stopping"
+  if [ -n "$box_pid" ] && kill -0 "$box_pid" 2>/dev/null; then
+    kill -TERM "$box_pid" 2>/dev/null || true
+    # The box destroys its cells on SIGTERM; give it time before insisting.
+    for _ in $(seq 300); do kill -0 "$box_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$box_pid" 2>/dev/null && { log "hive-box did not stop in 30s, killing"; kill -KILL "$box_pid" 2>/dev/null || true; }
+    wait "$box_pid" 2>/dev/null || true
+  fi
+  if [ -n "$cp_pid" ] && kill -0 "$cp_pid" 2>/dev/null; then
+    kill -TERM "$cp_pid" 2>/dev/null || true
+    for _ in $(seq 150); do kill -0 "$cp_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$cp_pid" 2>/dev/null && { log "hive-control-plane did not stop in 15s, killing"; kill -KILL "$cp_pid" 2>/dev/null || true; }
+    wait "$cp_pid" 2>/dev/null || true
+  fi
+  if [ "$git_host_up" = 1 ]; then
+    "$here/test-hosts/test-host.sh" down --name git || true
+  fi
+  log "stopped (state kept in $data_dir; logs in $logs)"
+}
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- 1. binaries and images ---------------------------------------------------------------------
+if [ "$do_build" = 1 ]; then
+  log "building hive-control-plane, hivectl, hive-box ($profile)"
+  rel=(); [ "$profile" = release ] && rel=(--release)
+  (cd "$repo" && cargo build --quiet "${rel[@]}" -p hive-control-plane -p hive-box --bins) \
+    || die "cargo build failed"
+fi
+for b in hive-control-plane hivectl hive-box; do
+  [ -x "$bin/$b" ] || die "$bin/$b is missing (run without --no-build)"
+done
+log "images (cached by content hash in ${HIVE_CACHE:-/var/cache/hive})"
+eval "$("$here/images/build-images.sh")"
+export HIVE_BUILD_IMAGE HIVE_CELL_ROOTFS
+
+# --- 2. the git host and the demo repository ----------------------------------------------------
+git_root="$data_dir/git"
+if [ ! -d "$git_root/demo.git" ]; then
+  log "creating demo repository $git_root/demo.git"
+  mkdir -p "$git_root"
+  git init --quiet --bare --initial-branch=main "$git_root/demo.git"
+  src="$(mktemp -d)"
+  git init --quiet --initial-branch=main "$src"
+  cat >"$src/Makefile" <<'MAKEFILE'
+# The demo project's build: `make test` is the project's second build step.
+test:
+	@echo "running tests of $$(git rev-parse --short HEAD 2>/dev/null || echo demo) as $$(id -un)"
+	@sh ./check.sh
+MAKEFILE
+  cat >"$src/check.sh" <<'CHECK'
+#!/bin/sh
+set -e
+for i in 1 2 3; do echo "check $i ok"; done
+CHECK
+  echo "# demo: the repository a local hive builds" >"$src/README.md"
+  git -C "$src" add -A
+  git -C "$src" -c user.name=hive -c user.email=hive@localhost commit --quiet -m "demo: make test"
+  git -C "$src" push --quiet "$git_root/demo.git" main
+  rm -rf "$src"
+fi
+"$here/test-hosts/test-host.sh" up --name git --addr "$git_addr" --git-root "$git_root" >/dev/null
+git_host_up=1
+repo_url="git://$git_addr/demo.git"
+rev="$(git --git-dir="$git_root/demo.git" rev-parse main)"
+git ls-remote "$repo_url" main >/dev/null || die "git host does not serve $repo_url"
+log "git host: $repo_url (main at ${rev:0:12})"
+
+# --- 3. control plane ---------------------------------------------------------------------------
+ready="$data_dir/control-plane.ready"
+rm -f "$ready"
+"$bin/hive-control-plane" --http-addr "$http_addr" --grpc-addr "$grpc_addr" \
+  --data-dir "$data_dir/control-plane" --ready-file "$ready" >>"$logs/control-plane.log" 2>&1 &
+cp_pid=$!
+for _ in $(seq 300); do
+  [ -s "$ready" ] && break
+  kill -0 "$cp_pid" 2>/dev/null || { tail -n 20 "$logs/control-plane.log" >&2; die "hive-control-plane exited"; }
+  sleep 0.1
+done
+[ -s "$ready" ] || die "hive-control-plane not ready after 30s (log: $logs/control-plane.log)"
+log "control plane up: $(cat "$ready") (log $logs/control-plane.log)"
+
+# --- 4. box -------------------------------------------------------------------------------------
+"$bin/hive-box" --control-plane "http://$grpc_addr" --backend sandbox --pool "$pool" \
+  --data-dir "$data_dir/box" >>"$logs/box.log" 2>&1 &
+box_pid=$!
+sleep 1
+kill -0 "$box_pid" 2>/dev/null || { tail -n 20 "$logs/box.log" >&2; die "hive-box exited"; }
+log "box started (log $logs/box.log)"
+
+# --- 5. demo project ----------------------------------------------------------------------------
+if hivectl project show demo >/dev/null 2>&1; then
+  log "project demo exists"
+else
+  hivectl project add demo --repo "$repo_url" --secret "$secret" \
+    --step 'echo hello from hive' --step 'make test' >&2 || die "hivectl project add failed"
+fi
+
+# --- 6. the signed push ------------------------------------------------------------------------
+payload="$data_dir/push.json"
+cat >"$payload" <<JSON
+{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"$rev",
+ "repository":{"name":"demo","full_name":"local/demo","clone_url":"$repo_url","git_url":"$repo_url",
+  "html_url":"$repo_url","url":"$repo_url"},
+ "head_commit":{"id":"$rev","message":"demo: make test"},
+ "pusher":{"name":"local-hive"}}
+JSON
+curl_line="curl -sS -X POST http://$http_addr/webhooks/github -H 'Content-Type: application/json' -H 'X-GitHub-Event: push' -H \"X-GitHub-Delivery: \$(cat /proc/sys/kernel/random/uuid)\" -H \"X-Hub-Signature-256: sha256=\$(openssl dgst -sha256 -hmac '$secret' -r $payload | cut -d' ' -f1)\" --data-binary @$payload"
+hivectl_line="$bin/hivectl --control-plane http://$grpc_addr"
+
+if [ "$smoke" = 1 ]; then
+  log "smoke: waiting for the warm pool"
+  sleep 3
+  log "smoke: sending the signed push"
+  reply="$(bash -c "$curl_line")" || die "webhook request failed"
+  echo "$reply" >&2
+  build_id="$(echo "$reply" | grep -oE '"(build_id|id)" *: *"[^"]+"' | head -n1 | sed -E 's/.*: *"([^"]+)"/\1/')"
+  [ -n "$build_id" ] || die "no build id in the webhook reply: $reply"
+  log "smoke: following build $build_id"
+  timeout 300 "$bin/hivectl" --control-plane "http://$grpc_addr" logs -f "$build_id" || true
+  state="$(hivectl build show "$build_id" 2>&1 | tee /dev/stderr | grep -oiE 'succeeded|failed|cancelled|timed_out' | head -n1)"
+  [ "$state" = succeeded ] || die "smoke: build $build_id ended '$state'"
+  log "smoke: PASS (build $build_id succeeded)"
+  exit 0
+fi
+
+cat <<EOF
+
+Local hive is up. (Ctrl-C stops everything.)
+  control plane  http://$http_addr (webhook), grpc http://$grpc_addr   log: $logs/control-plane.log
+  box            sandbox backend, pool $pool                          log: $logs/box.log
+  git host       $repo_url (netns hive-th-git)
+
+Send a signed push (the HMAC is computed with openssl from the project secret):
+  $curl_line
+
+Follow the build (its id is in the webhook reply):
+  $hivectl_line logs -f <build-id>
+  $hivectl_line builds list
+
+EOF
+wait "$cp_pid" "$box_pid" || true
+log "a daemon exited on its own; see $logs"

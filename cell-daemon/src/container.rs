@@ -9,8 +9,9 @@
 //! uid/gid 1000 with no capabilities and no new privileges, and execs `/bin/sh -c STEP`. The daemon
 //! starts it in its own process group, so cancel signals reach the whole step.
 //!
-//! Networking (isolated mode): a veth pair, `hivec0` in the cell and `eth0` in the container,
-//! 169.254.200.1/30 <-> .2/30, default route via the cell, masquerade in the cell (nft). The cell's
+//! Networking (isolated mode): a link, `hivec0` in the cell and `eth0` in the container,
+//! 169.254.200.1/30 <-> .2/30, default route via the cell, masquerade in the cell (nft). The link
+//! is a TUN pair joined by the daemon ([`crate::tunpair`]) because these kernels lack veth. The cell's
 //! own egress policy is the box's job; WireGuard (issue 5) goes into the container's netns.
 
 use crate::config::NetMode;
@@ -29,8 +30,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-/// Cell-side veth name (the container side is `eth0`).
-pub const CELL_VETH: &str = "hivec0";
+/// Cell-side link name (the container side is `eth0`).
+pub const CELL_LINK: &str = "hivec0";
+/// The container side's name until it is inside the container's netns.
+const CONTAINER_LINK_TMP: &str = "hivect0";
 const CELL_ADDR: &str = "169.254.200.1";
 const CONTAINER_ADDR: &str = "169.254.200.2";
 const LINK_NET: &str = "169.254.200.0/30";
@@ -40,6 +43,12 @@ const LINK_NET: &str = "169.254.200.0/30";
 pub enum ContainerError {
     #[error("create {path}")]
     CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("write {path}")]
+    Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -94,6 +103,8 @@ pub struct Container {
     init_exit: Option<oneshot::Receiver<Exit>>,
     exe: PathBuf,
     reaper: Arc<Reaper>,
+    /// The packet copier of the container's link (isolated mode).
+    link: std::sync::Mutex<Option<crate::tunpair::Forwarder>>,
 }
 
 /// Turns a child's pipe end into a non-blocking tokio reader.
@@ -159,6 +170,8 @@ impl Container {
             }
         }
 
+        write_etc(&rootfs, &spec.hostname)?;
+
         let exe = std::env::current_exe().map_err(ContainerError::SelfExe)?;
         let mut flags = CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWUTS
@@ -191,6 +204,7 @@ impl Container {
             init_exit: Some(exited),
             exe,
             reaper,
+            link: std::sync::Mutex::new(None),
         };
         // The helper answers with one line: "ready" or "error: ...".
         let stdout = child.stdout.take();
@@ -311,21 +325,25 @@ impl Container {
             .into();
         let cell_addr = format!("{CELL_ADDR}/30");
         let ctr_addr = format!("{CONTAINER_ADDR}/30");
-        // A leftover from an earlier container in this cell would make `link add` fail.
-        let _ = self.net_cmd(None, &["ip", "link", "del", CELL_VETH]).await;
+        // Both ends are made here in the cell's netns; one is then moved into the container's
+        // (the daemon keeps its fd, so it stays attached).
+        let tun_err = |e: crate::tunpair::TunError| ContainerError::Net {
+            command: "create TUN link".into(),
+            detail: crate::build::error_chain(&e),
+        };
+        let cell_end = crate::tunpair::open_tun(CELL_LINK).map_err(tun_err)?;
+        let ctr_end = crate::tunpair::open_tun(CONTAINER_LINK_TMP).map_err(tun_err)?;
         self.net_cmd(
             None,
-            &[
-                "ip", "link", "add", CELL_VETH, "type", "veth", "peer", "name", "eth0", "netns",
-                &pid,
-            ],
+            &["ip", "link", "set", CONTAINER_LINK_TMP, "netns", &pid],
         )
         .await?;
-        self.net_cmd(None, &["ip", "addr", "add", &cell_addr, "dev", CELL_VETH])
-            .await?;
-        self.net_cmd(None, &["ip", "link", "set", CELL_VETH, "up"])
-            .await?;
         let ns = Some(&netns);
+        self.net_cmd(
+            ns,
+            &["ip", "link", "set", CONTAINER_LINK_TMP, "name", "eth0"],
+        )
+        .await?;
         self.net_cmd(ns, &["ip", "link", "set", "lo", "up"]).await?;
         self.net_cmd(ns, &["ip", "addr", "add", &ctr_addr, "dev", "eth0"])
             .await?;
@@ -333,6 +351,13 @@ impl Container {
             .await?;
         self.net_cmd(ns, &["ip", "route", "add", "default", "via", CELL_ADDR])
             .await?;
+        self.net_cmd(None, &["ip", "addr", "add", &cell_addr, "dev", CELL_LINK])
+            .await?;
+        self.net_cmd(None, &["ip", "link", "set", CELL_LINK, "up"])
+            .await?;
+        let fwd =
+            crate::tunpair::forward((CELL_LINK, cell_end), ("eth0", ctr_end)).map_err(tun_err)?;
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(fwd);
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| ContainerError::Net {
             command: "sysctl net.ipv4.ip_forward=1".into(),
             detail: e.to_string(),
@@ -369,7 +394,7 @@ impl Container {
                 LINK_NET,
                 "oifname",
                 "!=",
-                CELL_VETH,
+                CELL_LINK,
                 "masquerade",
             ],
         )
@@ -381,6 +406,7 @@ impl Container {
         // SIGKILL to the outer helper; its child (the container's PID 1) has PDEATHSIG=SIGKILL,
         // and when a pid namespace's init dies the kernel kills everything in it.
         let _ = kill(self.init_pid, Signal::SIGKILL);
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(rx) = self.init_exit.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
@@ -398,6 +424,26 @@ impl Container {
         let _ = umount2(&self.rootfs, MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.spec.dir);
     }
+}
+
+/// The container's own /etc/hosts (its hostname resolves locally: git and others look it up,
+/// and a DNS miss costs the resolver's 5 s timeout) and the cell's resolver configuration.
+fn write_etc(rootfs: &Path, hostname: &str) -> Result<(), ContainerError> {
+    let etc = rootfs.join("etc");
+    let write = |name: &str, text: &[u8]| {
+        let p = etc.join(name);
+        // The image may ship these as symlinks; the overlay lets us replace them.
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, text).map_err(|source| ContainerError::Write { path: p, source })
+    };
+    write(
+        "hosts",
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n").as_bytes(),
+    )?;
+    if let Ok(resolv) = std::fs::read("/etc/resolv.conf") {
+        write("resolv.conf", &resolv)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ pub mod log;
 pub mod ratelimit;
 pub mod reaper;
 pub mod source;
+pub mod tunpair;
 
 /// The version string reported by Health.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

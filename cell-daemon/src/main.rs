@@ -118,6 +118,7 @@ fn main() -> ExitCode {
     }
     let rate = cli.run.log_rate;
     tracing_subscriber::fmt()
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HIVE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

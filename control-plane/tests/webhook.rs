@@ -76,13 +76,24 @@ async fn webhook_answers(url: String) {
 
     // ping
     let body = push("https://github.example/acme/widget", "refs/heads/main", "x");
-    let r = post(addr, "ping", "d-ping", Some(&sign(SECRET.as_bytes(), &body)), &body).await;
+    let r = post(
+        addr,
+        "ping",
+        "d-ping",
+        Some(&sign(SECRET.as_bytes(), &body)),
+        &body,
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["message"], "pong");
 
     // A signed push to main: one queued build.
     let sha = "a".repeat(40);
-    let body = push("https://github.example/acme/widget", "refs/heads/main", &sha);
+    let body = push(
+        "https://github.example/acme/widget",
+        "refs/heads/main",
+        &sha,
+    );
     let sig = sign(SECRET.as_bytes(), &body);
     let r = post(addr, "push", "d-1", Some(&sig), &body).await;
     assert_eq!(r.status, 202, "{}", r.body);
@@ -121,24 +132,49 @@ async fn webhook_answers(url: String) {
         assert!(r.json()["error"].as_str().unwrap().len() > 5);
     }
     // A signature over a different body.
-    let other = push("https://github.example/acme/widget", "refs/heads/main", &"b".repeat(40));
+    let other = push(
+        "https://github.example/acme/widget",
+        "refs/heads/main",
+        &"b".repeat(40),
+    );
     let r = post(addr, "push", "d-2", Some(&sig), &other).await;
     assert_eq!(r.status, 401, "{}", r.body);
 
     // Garbage JSON (signed with the right secret, as a git host would sign anything).
     let garbage = b"{\"ref\": refs/heads/main,,, not json";
-    let r = post(addr, "push", "d-3", Some(&sign(SECRET.as_bytes(), garbage)), garbage).await;
+    let r = post(
+        addr,
+        "push",
+        "d-3",
+        Some(&sign(SECRET.as_bytes(), garbage)),
+        garbage,
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.json()["error"].as_str().unwrap().contains("JSON"));
 
     // Unknown repository.
     let body4 = push("https://github.example/acme/other", "refs/heads/main", &sha);
-    let r = post(addr, "push", "d-4", Some(&sign(SECRET.as_bytes(), &body4)), &body4).await;
+    let r = post(
+        addr,
+        "push",
+        "d-4",
+        Some(&sign(SECRET.as_bytes(), &body4)),
+        &body4,
+    )
+    .await;
     assert_eq!(r.status, 404, "{}", r.body);
 
     // Oversize body (6 MiB): 413 before anything else.
     let big = vec![b' '; 6 * 1024 * 1024];
-    let r = post(addr, "push", "d-5", Some(&sign(SECRET.as_bytes(), &big)), &big).await;
+    let r = post(
+        addr,
+        "push",
+        "d-5",
+        Some(&sign(SECRET.as_bytes(), &big)),
+        &big,
+    )
+    .await;
     assert_eq!(r.status, 413, "{}", r.body);
 
     // Unsupported event, properly signed: 202 and no build.
@@ -148,14 +184,32 @@ async fn webhook_answers(url: String) {
 
     // Branch filter and deleted branch: 202, no build.
     let dev = push("https://github.example/acme/widget", "refs/heads/dev", &sha);
-    let r = post(addr, "push", "d-7", Some(&sign(SECRET.as_bytes(), &dev)), &dev).await;
+    let r = post(
+        addr,
+        "push",
+        "d-7",
+        Some(&sign(SECRET.as_bytes(), &dev)),
+        &dev,
+    )
+    .await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert!(r.json()["build_id"].is_null());
-    let mut del: serde_json::Value =
-        serde_json::from_slice(&push("https://github.example/acme/widget", "refs/heads/main", &"0".repeat(40))).unwrap();
+    let mut del: serde_json::Value = serde_json::from_slice(&push(
+        "https://github.example/acme/widget",
+        "refs/heads/main",
+        &"0".repeat(40),
+    ))
+    .unwrap();
     del["deleted"] = json!(true);
     let del = del.to_string().into_bytes();
-    let r = post(addr, "push", "d-8", Some(&sign(SECRET.as_bytes(), &del)), &del).await;
+    let r = post(
+        addr,
+        "push",
+        "d-8",
+        Some(&sign(SECRET.as_bytes(), &del)),
+        &del,
+    )
+    .await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert!(r.json()["message"].as_str().unwrap().contains("deleted"));
 
@@ -163,7 +217,14 @@ async fn webhook_answers(url: String) {
     let mut ssh_only: serde_json::Value = serde_json::from_slice(&body).unwrap();
     ssh_only["repository"] = json!({ "ssh_url": "https://github.example/acme/widget.git/" });
     let ssh_only = ssh_only.to_string().into_bytes();
-    let r = post(addr, "push", "d-9", Some(&sign(SECRET.as_bytes(), &ssh_only)), &ssh_only).await;
+    let r = post(
+        addr,
+        "push",
+        "d-9",
+        Some(&sign(SECRET.as_bytes(), &ssh_only)),
+        &ssh_only,
+    )
+    .await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert!(r.json()["build_id"].is_string());
 
@@ -173,9 +234,23 @@ async fn webhook_answers(url: String) {
     // Metrics count outcomes; healthz answers.
     let m = http(addr, "GET", "/metrics", &[], b"").await;
     assert_eq!(m.status, 200);
-    assert!(m.body.contains("hive_webhooks_total{outcome=\"build\"} 2"), "{}", m.body);
-    assert!(m.body.contains("hive_webhooks_total{outcome=\"duplicate\"} 1"), "{}", m.body);
-    assert!(m.body.contains("hive_webhooks_total{outcome=\"bad_signature\"} 4"), "{}", m.body);
+    assert!(
+        m.body.contains("hive_webhooks_total{outcome=\"build\"} 2"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("hive_webhooks_total{outcome=\"duplicate\"} 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("hive_webhooks_total{outcome=\"bad_signature\"} 4"),
+        "{}",
+        m.body
+    );
     assert!(m.body.contains("hive_queue_depth 2"), "{}", m.body);
     let h = http(addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(h.status, 200, "{}", h.body);
@@ -198,7 +273,11 @@ async fn concurrent_redelivery(url: String) {
         })
         .await
         .unwrap();
-    let body = push("https://github.example/acme/widget", "refs/heads/feature", &"c".repeat(40));
+    let body = push(
+        "https://github.example/acme/widget",
+        "refs/heads/feature",
+        &"c".repeat(40),
+    );
     let sig = sign(SECRET.as_bytes(), &body);
     let mut tasks = Vec::new();
     for _ in 0..16 {

@@ -118,8 +118,7 @@ macro_rules! both_dbs {
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                let Some(db) = $crate::common::TestDb::postgres(stringify!($scenario)).await
-                else {
+                let Some(db) = $crate::common::TestDb::postgres(stringify!($scenario)).await else {
                     return;
                 };
                 super::$scenario(db.url.clone()).await;
@@ -197,7 +196,10 @@ pub async fn http(
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in reply: {text:?}"));
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -312,6 +314,32 @@ impl TestBox {
             })
             .await
             .expect("send");
+    }
+
+    /// Heartbeats in the background (as a live box does) until the returned task is aborted.
+    pub fn heartbeat_every(
+        &self,
+        period: Duration,
+        pools: Vec<PoolState>,
+        running: Vec<String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let m = BoxMessage {
+                    seq: 0,
+                    msg: Some(BoxMsg::Heartbeat(hive_proto::v1::Heartbeat {
+                        pools: pools.clone(),
+                        running_builds: running.clone(),
+                        cells: vec![],
+                    })),
+                };
+                if tx.send(m).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
     }
 
     /// The next control message that is not an Ack, within `within`.

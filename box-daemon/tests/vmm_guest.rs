@@ -32,8 +32,16 @@ fn guest_elf() -> PathBuf {
     ELF.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hive-test-guest");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-        let o = std::process::Command::new("sh").arg(&script).arg(&out).output().expect("run guest/build.sh");
-        assert!(o.status.success(), "guest build failed: {}", String::from_utf8_lossy(&o.stderr));
+        let o = std::process::Command::new("sh")
+            .arg(&script)
+            .arg(&out)
+            .output()
+            .expect("run guest/build.sh");
+        assert!(
+            o.status.success(),
+            "guest build failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         out.join("hive-test-guest.elf")
     })
     .clone()
@@ -59,27 +67,36 @@ fn vsock_host(uds: PathBuf) -> std::thread::JoinHandle<Result<String, String>> {
     let listener = UnixListener::bind(format!("{}_5000", uds.display())).expect("bind <uds>_5000");
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
         let mut hello = [0u8; 21];
-        s.read_exact(&mut hello).map_err(|e| format!("read guest hello: {e}"))?;
+        s.read_exact(&mut hello)
+            .map_err(|e| format!("read guest hello: {e}"))?;
         if &hello != b"HELLO from hive guest" {
             return Err(format!("guest said {:?}", String::from_utf8_lossy(&hello)));
         }
-        s.write_all(b"REPLY from host").map_err(|e| format!("reply: {e}"))?;
+        s.write_all(b"REPLY from host")
+            .map_err(|e| format!("reply: {e}"))?;
 
         // Host-initiated: CONNECT to the guest's listening port, Firecracker style.
-        let mut c = UnixStream::connect(&uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-        c.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+        let mut c =
+            UnixStream::connect(&uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
+        c.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
         c.write_all(b"CONNECT 1024\n").map_err(|e| e.to_string())?;
         let mut reader = BufReader::new(c.try_clone().map_err(|e| e.to_string())?);
         let mut line = String::new();
-        reader.read_line(&mut line).map_err(|e| format!("read OK line: {e}"))?;
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("read OK line: {e}"))?;
         if !line.starts_with("OK ") {
             return Err(format!("CONNECT answered {line:?}"));
         }
         c.write_all(b"ping-from-host").map_err(|e| e.to_string())?;
         let mut echo = [0u8; 19];
-        reader.read_exact(&mut echo).map_err(|e| format!("read echo: {e}"))?;
+        reader
+            .read_exact(&mut echo)
+            .map_err(|e| format!("read echo: {e}"))?;
         if &echo != b"ECHO:ping-from-host" {
             return Err(format!("echo was {:?}", String::from_utf8_lossy(&echo)));
         }
@@ -93,7 +110,11 @@ const ETH_HIVE: u16 = 0x88b5;
 fn packet_socket(ifname: &str) -> OwnedFd {
     // SAFETY: plain socket(2) call; the result is checked and owned immediately.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_HIVE.to_be())) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let name = std::ffi::CString::new(ifname).expect("ifname");
@@ -120,7 +141,10 @@ fn packet_socket(ifname: &str) -> OwnedFd {
 /// The guest's TAP peer: waits for its HIVE-PING frame and answers HIVE-PONG to its MAC.
 fn tap_peer(fd: OwnedFd) -> std::thread::JoinHandle<Result<[u8; 6], String>> {
     std::thread::spawn(move || {
-        let tv = libc::timeval { tv_sec: 30, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 30,
+            tv_usec: 0,
+        };
         // SAFETY: setting SO_RCVTIMEO with a valid timeval of the right size.
         unsafe {
             libc::setsockopt(
@@ -160,7 +184,10 @@ fn tap_peer(fd: OwnedFd) -> std::thread::JoinHandle<Result<[u8; 6], String>> {
 }
 
 fn ip(args: &[&str]) {
-    let st = std::process::Command::new("ip").args(args).status().expect("run ip");
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip");
     assert!(st.success(), "ip {args:?} failed");
 }
 
@@ -172,7 +199,9 @@ fn test_guest_reports_every_device_ok_through_the_vmm() {
     let elf = guest_elf();
     let dir = tempfile::tempdir().expect("tmp");
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk).and_then(|f| f.set_len(1 << 20)).expect("disk");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("disk");
     let uds = dir.path().join("v.sock");
     let log = dir.path().join("console.log");
     let host = vsock_host(uds.clone());
@@ -182,7 +211,12 @@ fn test_guest_reports_every_device_ok_through_the_vmm() {
         s.spawn(|| {
             // SAFETY: unshare only affects this thread's network namespace.
             let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            );
             ip(&["tuntap", "add", "dev", "hvtap0", "mode", "tap"]);
             ip(&["link", "set", "hvtap0", "up"]);
             let peer = tap_peer(packet_socket("hvtap0"));
@@ -203,21 +237,42 @@ fn test_guest_reports_every_device_ok_through_the_vmm() {
     });
     let out = console(&log);
     eprintln!("--- guest console ---\n{out}---");
-    assert_eq!(report.exit, VmExit::Reset, "guest should stop via i8042 reset");
-    assert!(out.contains("HIVE-GUEST boot=pvh"), "booted through the PVH entry");
+    assert_eq!(
+        report.exit,
+        VmExit::Reset,
+        "guest should stop via i8042 reset"
+    );
+    assert!(
+        out.contains("HIVE-GUEST boot=pvh"),
+        "booted through the PVH entry"
+    );
     for dev in ["OK block rw", "OK rng", "OK vsock", "OK net"] {
         assert!(out.lines().any(|l| l.starts_with(dev)), "missing `{dev}`");
     }
     assert!(!out.contains("FAIL"), "a device failed");
     assert!(out.contains("DONE ok=4 fail=0"));
-    assert_eq!(mac.expect("TAP peer saw the ping"), [0x02, 0x48, 0x49, 0x56, 0x45, 0x01]);
-    let ok_line = host.join().expect("vsock host thread").expect("vsock host exchange");
+    assert_eq!(
+        mac.expect("TAP peer saw the ping"),
+        [0x02, 0x48, 0x49, 0x56, 0x45, 0x01]
+    );
+    let ok_line = host
+        .join()
+        .expect("vsock host thread")
+        .expect("vsock host exchange");
     assert!(ok_line.starts_with("OK "), "{ok_line}");
     // The pattern the guest wrote is on the disk file (second-to-last sector).
     let data = std::fs::read(&disk).expect("disk");
     let sector = &data[data.len() - 1024..data.len() - 512];
-    assert!(sector.iter().enumerate().all(|(i, b)| *b == (i as u32 * 7 + 0x5a) as u8), "sector pattern on disk");
-    assert!(report.cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"));
+    assert!(
+        sector
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i as u32 * 7 + 0x5a) as u8),
+        "sector pattern on disk"
+    );
+    assert!(report
+        .cmdline
+        .contains("virtio_mmio.device=4K@0xd0000000:5"));
 }
 
 #[test]
@@ -242,11 +297,20 @@ fn linux64_entry_and_read_only_disk() {
     let out = console(&log);
     eprintln!("--- guest console ---\n{out}---");
     assert_eq!(report.exit, VmExit::Reset);
-    assert!(out.contains("HIVE-GUEST boot=linux64"), "entered through the 64-bit Linux protocol");
-    assert!(out.lines().any(|l| l.starts_with("OK block ro sectors=128")));
+    assert!(
+        out.contains("HIVE-GUEST boot=linux64"),
+        "entered through the 64-bit Linux protocol"
+    );
+    assert!(out
+        .lines()
+        .any(|l| l.starts_with("OK block ro sectors=128")));
     assert!(out.lines().any(|l| l.starts_with("OK rng")));
     assert!(out.contains("DONE ok=2 fail=0"));
-    assert_eq!(std::fs::read(&disk).expect("disk"), vec![0xa5u8; 64 * 1024], "read-only disk unchanged");
+    assert_eq!(
+        std::fs::read(&disk).expect("disk"),
+        vec![0xa5u8; 64 * 1024],
+        "read-only disk unchanged"
+    );
 }
 
 #[test]
@@ -278,5 +342,9 @@ fn stop_flag_ends_a_guest_that_never_resets() {
     let report = vmm::run(&cfg, stop).expect("runs");
     stopper.join().expect("stopper");
     assert_eq!(report.exit, VmExit::Stopped);
-    assert!(t0.elapsed() < Duration::from_secs(5), "stop took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        t0.elapsed()
+    );
 }

@@ -6,6 +6,7 @@
 //!   memory map.
 //! - **Linux 64-bit** (bzImage, or an ELF without the note): long mode on identity page tables
 //!   for the first GiB, `%rsi` = the zero page with setup header, e820 map and command line.
+//!
 //! Both get the same GDT and an MP table describing the vCPUs and the IOAPIC.
 
 use std::fs::File;
@@ -88,7 +89,11 @@ pub struct Kernel {
 }
 
 /// Loads an ELF (PVH or not) or a bzImage at [`HIMEM_START`].
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, protocol: BootProtocol) -> Result<Kernel, Error> {
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    protocol: BootProtocol,
+) -> Result<Kernel, Error> {
     let shown = path.display().to_string();
     let mut file = File::open(path).map_err(|source| Error::OpenKernel {
         path: shown.clone(),
@@ -98,9 +103,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, protocol: BootProtocol) -
     match Elf::load(mem, None, &mut file, himem) {
         Ok(r) => {
             let entry = match (r.pvh_boot_cap, protocol) {
-                (PvhBootCapability::PvhEntryPresent(addr), BootProtocol::Auto | BootProtocol::Pvh) => {
-                    Entry::Pvh(addr)
-                }
+                (
+                    PvhBootCapability::PvhEntryPresent(addr),
+                    BootProtocol::Auto | BootProtocol::Pvh,
+                ) => Entry::Pvh(addr),
                 (_, BootProtocol::Pvh) => return Err(Error::NoPvhNote(shown)),
                 _ => Entry::Linux64 {
                     entry: r.kernel_load,
@@ -113,11 +119,12 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, protocol: BootProtocol) -
             })
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
-            let r = BzImage::load(mem, None, &mut file, himem).map_err(|source| Error::LoadKernel {
-                path: shown.clone(),
-                format: "bzImage",
-                source,
-            })?;
+            let r =
+                BzImage::load(mem, None, &mut file, himem).map_err(|source| Error::LoadKernel {
+                    path: shown.clone(),
+                    format: "bzImage",
+                    source,
+                })?;
             if protocol == BootProtocol::Pvh {
                 return Err(Error::NoPvhNote(shown));
             }
@@ -238,7 +245,10 @@ const MP_IOAPIC_ADDR: u32 = 0xfec0_0000;
 const MP_IOAPIC_PINS: u8 = 24;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the MP floating pointer + configuration table for `vcpus` CPUs, to be placed at `base`.
@@ -323,7 +333,12 @@ const SEL_DATA: u16 = 0x10;
 const SEL_TSS: u16 = 0x18;
 
 fn gdt(long_mode: bool) -> [u64; 4] {
-    [GDT_NULL, if long_mode { GDT_CODE64 } else { GDT_CODE32 }, GDT_DATA, GDT_TSS]
+    [
+        GDT_NULL,
+        if long_mode { GDT_CODE64 } else { GDT_CODE32 },
+        GDT_DATA,
+        GDT_TSS,
+    ]
 }
 
 /// The KVM segment register equivalent of a GDT descriptor.
@@ -348,14 +363,19 @@ fn segment(desc: u64, selector: u16) -> kvm_segment {
 }
 
 fn write_gdt(mem: &GuestMemoryMmap, long_mode: bool) -> Result<(), Error> {
-    let bytes: Vec<u8> = gdt(long_mode).iter().flat_map(|d| d.to_le_bytes()).collect();
+    let bytes: Vec<u8> = gdt(long_mode)
+        .iter()
+        .flat_map(|d| d.to_le_bytes())
+        .collect();
     write(mem, "GDT", GDT_ADDR, &bytes)
 }
 
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
     write(mem, "PML4", PML4_ADDR, &(PDPT_ADDR | 0x3).to_le_bytes())?;
     write(mem, "PDPT", PDPT_ADDR, &(PD_ADDR | 0x3).to_le_bytes())?;
-    let pd: Vec<u8> = (0..512u64).flat_map(|i| ((i << 21) | 0x83).to_le_bytes()).collect();
+    let pd: Vec<u8> = (0..512u64)
+        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
+        .collect();
     write(mem, "page directory", PD_ADDR, &pd)
 }
 
@@ -491,7 +511,10 @@ mod tests {
     #[test]
     fn segments_match_descriptors() {
         let cs = segment(GDT_CODE64, SEL_CODE);
-        assert_eq!((cs.l, cs.db, cs.type_, cs.present, cs.limit), (1, 0, 0xb, 1, 0xffff_ffff));
+        assert_eq!(
+            (cs.l, cs.db, cs.type_, cs.present, cs.limit),
+            (1, 0, 0xb, 1, 0xffff_ffff)
+        );
         let cs32 = segment(GDT_CODE32, SEL_CODE);
         assert_eq!((cs32.l, cs32.db, cs32.s), (0, 1, 1));
         let tss = segment(GDT_TSS, SEL_TSS);
@@ -506,11 +529,17 @@ mod tests {
         write_pvh_info(&mem, size).expect("pvh");
         let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).expect("read");
         assert_eq!(magic, XEN_HVM_START_MAGIC);
-        let cmd: u64 = mem.read_obj(GuestAddress(PVH_INFO_ADDR + 24)).expect("read");
+        let cmd: u64 = mem
+            .read_obj(GuestAddress(PVH_INFO_ADDR + 24))
+            .expect("read");
         assert_eq!(cmd, CMDLINE_ADDR);
-        let n: u32 = mem.read_obj(GuestAddress(PVH_INFO_ADDR + 48)).expect("read");
+        let n: u32 = mem
+            .read_obj(GuestAddress(PVH_INFO_ADDR + 48))
+            .expect("read");
         assert_eq!(n, 3);
-        let last_size: u64 = mem.read_obj(GuestAddress(PVH_MEMMAP_ADDR + 2 * 24 + 8)).expect("read");
+        let last_size: u64 = mem
+            .read_obj(GuestAddress(PVH_MEMMAP_ADDR + 2 * 24 + 8))
+            .expect("read");
         assert_eq!(last_size, size - HIMEM_START);
 
         write_zero_page(&mem, size, None, len).expect("zero page");
@@ -519,7 +548,8 @@ mod tests {
         assert_eq!(p.e820_entries, 3);
         assert_eq!({ p.e820_table[2].addr }, HIMEM_START);
         let mut buf = vec![0u8; len + 1];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_ADDR)).expect("read");
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_ADDR))
+            .expect("read");
         assert_eq!(&buf, b"console=ttyS0 hive.cell_id=c1\0");
     }
 
@@ -527,7 +557,10 @@ mod tests {
     fn oversized_cmdline_is_refused() {
         let mem = create(16).expect("mem");
         let long = "x".repeat(CMDLINE_MAX);
-        assert!(matches!(write_cmdline(&mem, &long), Err(Error::CmdlineTooLong(_))));
+        assert!(matches!(
+            write_cmdline(&mem, &long),
+            Err(Error::CmdlineTooLong(_))
+        ));
     }
 
     #[test]
@@ -536,6 +569,9 @@ mod tests {
         let f = tempfile::NamedTempFile::new().expect("tmp");
         std::fs::write(f.path(), b"not a kernel at all").expect("write");
         let err = load_kernel(&mem, f.path(), BootProtocol::Auto).expect_err("garbage");
-        assert!(err.to_string().contains(&f.path().display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&f.path().display().to_string()),
+            "{err}"
+        );
     }
 }

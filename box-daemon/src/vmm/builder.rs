@@ -125,7 +125,8 @@ fn eventfd(what: &'static str) -> Result<EventFd, Error> {
 fn create_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, b) in cfg.block.iter().enumerate() {
-        let dev = Block::open(&b.path, b.read_only, &b.rate_limit).map_err(|source| Error::Block { index, source })?;
+        let dev = Block::open(&b.path, b.read_only, &b.rate_limit)
+            .map_err(|source| Error::Block { index, source })?;
         devices.push(Box::new(dev));
     }
     for (index, n) in cfg.net.iter().enumerate() {
@@ -134,7 +135,9 @@ fn create_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
         devices.push(Box::new(Net::new(Box::new(tap), mac, &n.rate_limit)));
     }
     if let Some(v) = &cfg.vsock {
-        devices.push(Box::new(Vsock::new(v.guest_cid, &v.uds_path).map_err(Error::Vsock)?));
+        devices.push(Box::new(
+            Vsock::new(v.guest_cid, &v.uds_path).map_err(Error::Vsock)?,
+        ));
     }
     if cfg.rng {
         devices.push(Box::new(Rng::new()));
@@ -167,7 +170,11 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
             cmdline.push(' ');
         }
         cmdline.push_str(&format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        transports.push(Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), irqfd))));
+        transports.push(Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            irqfd,
+        ))));
     }
     let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
     let mem_size = u64::from(cfg.memory_mib) << 20;
@@ -188,9 +195,19 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
         ),
         None => Box::new(std::io::stdout()),
     };
-    let console = serial::console(serial_irq, out, cfg.serial.bytes_per_sec, cfg.serial.burst_bytes);
+    let console = serial::console(
+        serial_irq,
+        out,
+        cfg.serial.bytes_per_sec,
+        cfg.serial.burst_bytes,
+    );
     let wake = eventfd("device thread wake-up")?;
-    let bus = Arc::new(Bus::new(console, transports.clone(), wake.try_clone().map_err(|e| Error::EventFd("wake clone", e))?));
+    let bus = Arc::new(Bus::new(
+        console,
+        transports.clone(),
+        wake.try_clone()
+            .map_err(|e| Error::EventFd("wake clone", e))?,
+    ));
 
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
@@ -210,7 +227,9 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
     let device_thread = {
         let devices = transports.clone();
         let stop = device_stop.clone();
-        let wake = wake.try_clone().map_err(|e| Error::EventFd("wake clone", e))?;
+        let wake = wake
+            .try_clone()
+            .map_err(|e| Error::EventFd("wake clone", e))?;
         std::thread::Builder::new()
             .name("vmm-devices".into())
             .spawn(move || eventloop::run(devices, wake, stop))
@@ -251,7 +270,10 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
                 break VmExit::Reset;
             }
             Ok((id, Ok(VcpuStop::Shutdown))) => {
-                tracing::warn!(vcpu = id, "vCPU shut down (triple fault or halted with interrupts off)");
+                tracing::warn!(
+                    vcpu = id,
+                    "vCPU shut down (triple fault or halted with interrupts off)"
+                );
                 break VmExit::Shutdown;
             }
             Ok((id, Ok(VcpuStop::Failed(why)))) => {
@@ -266,7 +288,9 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
                 break VmExit::VcpuFailed(e.to_string());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break VmExit::VcpuFailed("all vCPU threads gone".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break VmExit::VcpuFailed("all vCPU threads gone".into())
+            }
         }
     };
 

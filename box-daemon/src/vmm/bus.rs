@@ -72,10 +72,11 @@ impl IoHandler for Bus {
             if let Err(e) = lock(&self.serial).write((port - COM1_BASE) as u8, data[0]) {
                 tracing::debug!(error = ?e, "serial write");
             }
-        } else if (port == i8042::DATA_PORT || port == i8042::COMMAND_PORT) && data.len() == 1 {
-            if self.i8042.write(port, data[0]) == i8042::Effect::Reset {
-                return IoAction::Reset;
-            }
+        } else if (port == i8042::DATA_PORT || port == i8042::COMMAND_PORT)
+            && data.len() == 1
+            && self.i8042.write(port, data[0]) == i8042::Effect::Reset
+        {
+            return IoAction::Reset;
         }
         IoAction::Continue
     }

@@ -47,12 +47,14 @@ pub fn run(args: &VmmArgs) -> i32 {
     }
     {
         let stop = stop.clone();
-        let spawned = std::thread::Builder::new().name("vmm-signals".into()).spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                tracing::info!(signal = %sig, "stopping VM");
-                stop.store(true, Ordering::Release);
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("vmm-signals".into())
+            .spawn(move || {
+                if let Ok(sig) = signals.wait() {
+                    tracing::info!(signal = %sig, "stopping VM");
+                    stop.store(true, Ordering::Release);
+                }
+            });
         if let Err(e) = spawned {
             eprintln!("hive-box vmm: spawn signal thread: {e}");
             return EXIT_SETUP;

@@ -242,7 +242,10 @@ impl VmConfig {
         if self.cmdline.len() > 2048 {
             return Err(Error::Cmdline("longer than 2048 bytes"));
         }
-        let devices = self.block.len() + self.net.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        let devices = self.block.len()
+            + self.net.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng);
         if devices > MAX_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
@@ -256,7 +259,9 @@ impl VmConfig {
         for (i, n) in self.net.iter().enumerate() {
             let name_ok = !n.tap.is_empty()
                 && n.tap.len() <= 15
-                && n.tap.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
+                && n.tap
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
             if !name_ok {
                 return Err(Error::TapName {
                     index: i,
@@ -356,15 +361,30 @@ mod tests {
         let cases: Vec<(serde_json::Value, &str)> = vec![
             (serde_json::json!({"vcpus": 0}), "vcpus = 0"),
             (serde_json::json!({"memory_mib": 1}), "memory_mib = 1"),
-            (serde_json::json!({"block": [{"path": "/nonexistent/disk.img"}]}), "block[0].path"),
-            (serde_json::json!({"net": [{"tap": "this-name-is-far-too-long"}]}), "net[0].tap"),
-            (serde_json::json!({"net": [{"tap": "t0", "mac": "01:00:00:00:00:01"}]}), "net[0].mac"),
-            (serde_json::json!({"vsock": {"guest_cid": 2, "uds_path": "/tmp/v.sock"}}), "guest_cid = 2"),
+            (
+                serde_json::json!({"block": [{"path": "/nonexistent/disk.img"}]}),
+                "block[0].path",
+            ),
+            (
+                serde_json::json!({"net": [{"tap": "this-name-is-far-too-long"}]}),
+                "net[0].tap",
+            ),
+            (
+                serde_json::json!({"net": [{"tap": "t0", "mac": "01:00:00:00:00:01"}]}),
+                "net[0].mac",
+            ),
+            (
+                serde_json::json!({"vsock": {"guest_cid": 2, "uds_path": "/tmp/v.sock"}}),
+                "guest_cid = 2",
+            ),
             (
                 serde_json::json!({"net": [{"tap": "t0", "rate_limit": {"ops": {"size": 0, "refill_time_ms": 5}}}]}),
                 "net[0].rate_limit",
             ),
-            (serde_json::json!({"kernel": "/nonexistent/vmlinux"}), "kernel = /nonexistent/vmlinux"),
+            (
+                serde_json::json!({"kernel": "/nonexistent/vmlinux"}),
+                "kernel = /nonexistent/vmlinux",
+            ),
         ];
         for (patch, want) in cases {
             let mut v = base(k.path());
@@ -378,7 +398,10 @@ mod tests {
 
     #[test]
     fn mac_parsing() {
-        assert_eq!(parse_mac("02:00:0a:0b:0c:ff"), Some([2, 0, 10, 11, 12, 255]));
+        assert_eq!(
+            parse_mac("02:00:0a:0b:0c:ff"),
+            Some([2, 0, 10, 11, 12, 255])
+        );
         assert_eq!(parse_mac("02:00:0a:0b:0c"), None);
         assert_eq!(parse_mac("02:00:0a:0b:0c:ff:00"), None);
         assert_eq!(parse_mac("zz:00:0a:0b:0c:ff"), None);

@@ -93,7 +93,8 @@ mod tests {
 
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
-        let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(0xb, 1), entry(6, 0)]).expect("cpuid");
+        let mut cpuid =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 1), entry(6, 0)]).expect("cpuid");
         normalize(&mut cpuid, 3, 4);
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 3);

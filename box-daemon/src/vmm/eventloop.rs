@@ -29,11 +29,19 @@ pub fn run(devices: Vec<SharedTransport>, wake: EventFd, stop: Arc<AtomicBool>) 
         }
         let timeout = wait.timeout.unwrap_or(IDLE).min(IDLE);
         // Round up so a 0.3 ms refill does not become a busy loop of 0 ms polls.
-        let ms = if timeout.is_zero() { 0 } else { timeout.as_micros().div_ceil(1000) as i32 };
+        let ms = if timeout.is_zero() {
+            0
+        } else {
+            timeout.as_micros().div_ceil(1000) as i32
+        };
         let mut fds: Vec<libc::pollfd> = wait
             .fds
             .iter()
-            .map(|&(fd, events)| libc::pollfd { fd, events, revents: 0 })
+            .map(|&(fd, events)| libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            })
             .collect();
         // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };

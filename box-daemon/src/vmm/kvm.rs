@@ -11,7 +11,10 @@
 
 use std::os::fd::AsRawFd;
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -213,7 +216,8 @@ impl Vm for KvmVm {
             let slot = slot as u32;
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .expect("offset 0 of a mapped region is always valid") as u64;
+                .expect("offset 0 of a mapped region is always valid")
+                as u64;
             let r = kvm_userspace_memory_region {
                 slot,
                 flags: 0,
@@ -347,7 +351,11 @@ impl Vcpu for KvmVcpu {
     fn setup_lapic(&self) -> Result<(), Error> {
         let mut l = self.fd.get_lapic().map_err(state("get LAPIC"))?;
         let lint0 = lapic_reg(&l, APIC_LVT0);
-        set_lapic_reg(&mut l, APIC_LVT0, with_delivery_mode(lint0, APIC_MODE_EXTINT));
+        set_lapic_reg(
+            &mut l,
+            APIC_LVT0,
+            with_delivery_mode(lint0, APIC_MODE_EXTINT),
+        );
         let lint1 = lapic_reg(&l, APIC_LVT1);
         set_lapic_reg(&mut l, APIC_LVT1, with_delivery_mode(lint1, APIC_MODE_NMI));
         self.fd.set_lapic(&l).map_err(state("set LAPIC"))
@@ -378,7 +386,9 @@ impl Vcpu for KvmVcpu {
                     )))
                 }
                 Ok(VcpuExit::InternalError) => {
-                    return Ok(VcpuStop::Failed("KVM internal error (emulation failure?)".into()))
+                    return Ok(VcpuStop::Failed(
+                        "KVM internal error (emulation failure?)".into(),
+                    ))
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     return Ok(VcpuStop::Failed(format!("system event {kind}")))
@@ -398,11 +408,11 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 /// The real-time signal used to kick a vCPU thread out of KVM_RUN (installs a no-op handler on
 /// first use, so the signal interrupts the ioctl instead of killing the process).
 pub fn kick_signal() -> Result<libc::c_int, Error> {
-    static INSTALLED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> = std::sync::OnceLock::new();
+    static INSTALLED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
+        std::sync::OnceLock::new();
     let sig = vmm_sys_util::signal::SIGRTMIN();
     INSTALLED
         .get_or_init(|| vmm_sys_util::signal::register_signal_handler(sig, on_kick))
-        .clone()
         .map_err(Error::KickSignal)?;
     Ok(sig)
 }

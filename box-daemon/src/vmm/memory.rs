@@ -65,7 +65,8 @@ pub enum Error {
 /// Maps `mib` MiB of guest RAM at guest address 0.
 pub fn create(mib: u32) -> Result<GuestMemoryMmap, Error> {
     let size = (mib as usize) << 20;
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(|source| Error::Map { mib, source })
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|source| Error::Map { mib, source })
 }
 
 /// Bytes of guest RAM actually backed by host pages right now (mincore over every region):
@@ -99,7 +100,8 @@ mod tests {
         let mem = create(8).expect("8 MiB");
         let before = resident_bytes(&mem);
         for i in 0..16u64 {
-            mem.write_obj(0xabu8, GuestAddress(HIMEM_START + i * 4096)).expect("write");
+            mem.write_obj(0xabu8, GuestAddress(HIMEM_START + i * 4096))
+                .expect("write");
         }
         let after = resident_bytes(&mem);
         assert!(after >= before + 16 * 4096, "before {before} after {after}");

@@ -136,8 +136,9 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A limiter from (validated) configuration; `None` buckets are unlimited.
     pub fn new(cfg: &RateLimitConfig, now: Instant) -> Self {
-        let bucket =
-            |b: &BucketConfig| TokenBucket::new(b.size, Duration::from_millis(b.refill_time_ms), now);
+        let bucket = |b: &BucketConfig| {
+            TokenBucket::new(b.size, Duration::from_millis(b.refill_time_ms), now)
+        };
         Self {
             bandwidth: cfg.bandwidth.as_ref().map(bucket),
             ops: cfg.ops.as_ref().map(bucket),
@@ -152,7 +153,10 @@ impl RateLimiter {
 
     /// Pays for one operation of `bytes` if both buckets allow it; otherwise takes nothing.
     pub fn consume(&mut self, bytes: u64, now: Instant) -> bool {
-        let bw_ok = self.bandwidth.as_mut().is_none_or(|b| b.can_pay(bytes, now));
+        let bw_ok = self
+            .bandwidth
+            .as_mut()
+            .is_none_or(|b| b.can_pay(bytes, now));
         let ops_ok = self.ops.as_mut().is_none_or(|b| b.can_pay(1, now));
         if bw_ok && ops_ok {
             if let Some(b) = self.bandwidth.as_mut() {
@@ -172,7 +176,10 @@ impl RateLimiter {
     /// `None` if nothing is blocked; else how long until the refused operation would pass.
     pub fn wait(&self, now: Instant) -> Option<Duration> {
         let bytes = self.blocked_on?;
-        let bw = self.bandwidth.as_ref().map_or(Duration::ZERO, |b| b.wait(bytes, now));
+        let bw = self
+            .bandwidth
+            .as_ref()
+            .map_or(Duration::ZERO, |b| b.wait(bytes, now));
         let ops = self.ops.as_ref().map_or(Duration::ZERO, |b| b.wait(1, now));
         Some(bw.max(ops).max(Duration::from_millis(1)))
     }
@@ -254,7 +261,10 @@ mod tests {
             cfg(Some((0, 10)), None).validate(),
             Err(Error::ZeroSize("bandwidth"))
         );
-        assert_eq!(cfg(None, Some((5, 0))).validate(), Err(Error::ZeroRefill("ops")));
+        assert_eq!(
+            cfg(None, Some((5, 0))).validate(),
+            Err(Error::ZeroRefill("ops"))
+        );
         assert_eq!(cfg(Some((5, 5)), Some((5, 5))).validate(), Ok(()));
     }
 }

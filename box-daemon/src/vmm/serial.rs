@@ -70,7 +70,10 @@ impl<W: Write> LimitedOutput<W> {
         }
         if self.dropped > 0 && byte == b'\n' {
             // Say what was lost at the next line break that gets through.
-            let note = format!("\n[hive-vmm: {} console bytes dropped by rate limit]", self.dropped);
+            let note = format!(
+                "\n[hive-vmm: {} console bytes dropped by rate limit]",
+                self.dropped
+            );
             self.out.write_all(note.as_bytes())?;
             self.dropped = 0;
         }
@@ -106,7 +109,12 @@ impl<W: Write> Write for LimitedOutput<W> {
 pub type Console = Serial<IrqLine, NoEvents, LimitedOutput<Box<dyn Write + Send>>>;
 
 /// A COM1 writing to `out` at most `bytes_per_sec`.
-pub fn console(irq: EventFd, out: Box<dyn Write + Send>, bytes_per_sec: u64, burst: u64) -> Console {
+pub fn console(
+    irq: EventFd,
+    out: Box<dyn Write + Send>,
+    bytes_per_sec: u64,
+    burst: u64,
+) -> Console {
     Serial::new(IrqLine(irq), LimitedOutput::new(out, bytes_per_sec, burst))
 }
 
@@ -126,16 +134,23 @@ mod tests {
         assert_eq!(out.get_ref().as_slice(), b"0123456789");
         assert_eq!(out.dropped(), 7);
         // A second later the bucket is full again; the next newline carries the note.
-        out.write_byte_at(b'\n', t0 + Duration::from_secs(1)).expect("write");
+        out.write_byte_at(b'\n', t0 + Duration::from_secs(1))
+            .expect("write");
         let text = String::from_utf8(out.get_ref().clone()).expect("utf8");
-        assert!(text.contains("[hive-vmm: 7 console bytes dropped by rate limit]"), "{text}");
+        assert!(
+            text.contains("[hive-vmm: 7 console bytes dropped by rate limit]"),
+            "{text}"
+        );
         assert_eq!(out.dropped(), 0);
     }
 
     #[test]
     fn uart_transmits_written_bytes_to_output() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let mut serial = Serial::new(IrqLine(irq), LimitedOutput::new(Vec::<u8>::new(), 1 << 20, 1 << 20));
+        let mut serial = Serial::new(
+            IrqLine(irq),
+            LimitedOutput::new(Vec::<u8>::new(), 1 << 20, 1 << 20),
+        );
         for b in b"OK\n" {
             serial.write(0, *b).expect("THR write");
         }

@@ -13,7 +13,10 @@ use std::time::Instant;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{collect_chain, device_type, write_to_descs, ChainError, Desc, VirtioDevice, Wait, VIRTIO_F_VERSION_1};
+use super::{
+    collect_chain, device_type, write_to_descs, ChainError, Desc, VirtioDevice, Wait,
+    VIRTIO_F_VERSION_1,
+};
 use crate::vmm::ratelimit::{RateLimitConfig, RateLimiter};
 
 const SECTOR: u64 = 512;
@@ -106,7 +109,8 @@ impl Request {
             return Err(RequestError::Header);
         }
         let mut h = [0u8; 16];
-        mem.read_slice(&mut h, header.addr).map_err(|_| RequestError::HeaderMemory)?;
+        mem.read_slice(&mut h, header.addr)
+            .map_err(|_| RequestError::HeaderMemory)?;
         let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
         let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
         let status = descs[descs.len() - 1];
@@ -165,7 +169,10 @@ impl Block {
             return Err(Error::Size { path: shown, size });
         }
         let mut id = [0u8; ID_LEN];
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let n = name.len().min(ID_LEN);
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Self {
@@ -200,7 +207,11 @@ impl Block {
                     return (S_IOERR, 0);
                 }
                 let mut buf = vec![0u8; len as usize];
-                if self.file.read_exact_at(&mut buf, req.sector * SECTOR).is_err() {
+                if self
+                    .file
+                    .read_exact_at(&mut buf, req.sector * SECTOR)
+                    .is_err()
+                {
                     return (S_IOERR, 0);
                 }
                 match write_to_descs(mem, &req.data, &buf) {
@@ -216,7 +227,9 @@ impl Block {
                 let mut off = req.sector * SECTOR;
                 for d in &req.data {
                     let mut buf = vec![0u8; d.len as usize];
-                    if mem.read_slice(&mut buf, d.addr).is_err() || self.file.write_all_at(&buf, off).is_err() {
+                    if mem.read_slice(&mut buf, d.addr).is_err()
+                        || self.file.write_all_at(&buf, off).is_err()
+                    {
                         return (S_IOERR, 0);
                     }
                     off += u64::from(d.len);
@@ -320,7 +333,11 @@ mod tests {
     use crate::vmm::ratelimit::BucketConfig;
     use vm_memory::GuestAddress;
 
-    fn disk(sectors: u64, read_only: bool, limits: RateLimitConfig) -> (tempfile::NamedTempFile, Block) {
+    fn disk(
+        sectors: u64,
+        read_only: bool,
+        limits: RateLimitConfig,
+    ) -> (tempfile::NamedTempFile, Block) {
         let f = tempfile::NamedTempFile::new().expect("tmp");
         f.as_file().set_len(sectors * SECTOR).expect("size");
         let b = Block::open(f.path(), read_only, &limits).expect("open");
@@ -346,18 +363,25 @@ mod tests {
         let mem = memory();
         let (f, mut blk) = disk(8, false, RateLimitConfig::default());
         let pattern: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
-        mem.write_slice(&pattern, GuestAddress(DATA)).expect("pattern");
+        mem.write_slice(&pattern, GuestAddress(DATA))
+            .expect("pattern");
         header(&mem, HDR, T_OUT, 3);
         let (mock, q) = queue_with_chains(
             &mem,
             0x1000,
-            &[vec![desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]],
+            &[vec![
+                desc(HDR, 16, false),
+                desc(DATA, 512, false),
+                desc(STATUS, 1, true),
+            ]],
         );
         let mut qs = vec![q];
         assert!(blk.queue_notify(&mem, &mut qs, 0));
         assert_eq!(status(&mem), S_OK);
         let mut on_disk = vec![0u8; 512];
-        f.as_file().read_exact_at(&mut on_disk, 3 * 512).expect("read file");
+        f.as_file()
+            .read_exact_at(&mut on_disk, 3 * 512)
+            .expect("read file");
         assert_eq!(on_disk, pattern);
         assert_eq!(used_idx(&mem, &mock), 1);
 
@@ -366,18 +390,27 @@ mod tests {
         let (mock, q) = queue_with_chains(
             &mem,
             0x1000,
-            &[vec![desc(HDR, 16, false), desc(DATA + 0x1000, 512, true), desc(STATUS, 1, true)]],
+            &[vec![
+                desc(HDR, 16, false),
+                desc(DATA + 0x1000, 512, true),
+                desc(STATUS, 1, true),
+            ]],
         );
         let mut qs = vec![q];
         assert!(blk.queue_notify(&mem, &mut qs, 0));
         assert_eq!(status(&mem), S_OK);
         assert_eq!(used(&mem, &mock, 0), (0, 513));
         let mut back = vec![0u8; 512];
-        mem.read_slice(&mut back, GuestAddress(DATA + 0x1000)).expect("read");
+        mem.read_slice(&mut back, GuestAddress(DATA + 0x1000))
+            .expect("read");
         assert_eq!(back, pattern);
 
         header(&mem, HDR, T_FLUSH, 0);
-        let (_mock, q) = queue_with_chains(&mem, 0x1000, &[vec![desc(HDR, 16, false), desc(STATUS, 1, true)]]);
+        let (_mock, q) = queue_with_chains(
+            &mem,
+            0x1000,
+            &[vec![desc(HDR, 16, false), desc(STATUS, 1, true)]],
+        );
         let mut qs = vec![q];
         assert!(blk.queue_notify(&mem, &mut qs, 0));
         assert_eq!(status(&mem), S_OK);
@@ -392,7 +425,11 @@ mod tests {
         let (_m, q) = queue_with_chains(
             &mem,
             0x1000,
-            &[vec![desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)]],
+            &[vec![
+                desc(HDR, 16, false),
+                desc(DATA, 512, false),
+                desc(STATUS, 1, true),
+            ]],
         );
         let mut qs = vec![q];
         blk.queue_notify(&mem, &mut qs, 0);
@@ -403,12 +440,20 @@ mod tests {
     fn out_of_range_and_unsupported_requests_fail_cleanly() {
         let mem = memory();
         let (_f, mut blk) = disk(8, false, RateLimitConfig::default());
-        for (kind, sector, want) in [(T_IN, 8, S_IOERR), (T_IN, u64::MAX / 2, S_IOERR), (99, 0, S_UNSUPP)] {
+        for (kind, sector, want) in [
+            (T_IN, 8, S_IOERR),
+            (T_IN, u64::MAX / 2, S_IOERR),
+            (99, 0, S_UNSUPP),
+        ] {
             header(&mem, HDR, kind, sector);
             let (_m, q) = queue_with_chains(
                 &mem,
                 0x1000,
-                &[vec![desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)]],
+                &[vec![
+                    desc(HDR, 16, false),
+                    desc(DATA, 512, true),
+                    desc(STATUS, 1, true),
+                ]],
             );
             let mut qs = vec![q];
             blk.queue_notify(&mem, &mut qs, 0);
@@ -427,7 +472,11 @@ mod tests {
             0x1000,
             &[
                 vec![desc(HDR, 16, false), desc(STATUS, 1, false)],
-                vec![desc(HDR, 16, false), desc(DATA, 512, false), desc(STATUS, 1, true)],
+                vec![
+                    desc(HDR, 16, false),
+                    desc(DATA, 512, false),
+                    desc(STATUS, 1, true),
+                ],
                 vec![desc(HDR, 8, false), desc(STATUS, 1, true)],
             ],
         );
@@ -456,8 +505,16 @@ mod tests {
             &mem,
             0x1000,
             &[
-                vec![desc(HDR, 16, false), desc(DATA, 512, true), desc(STATUS, 1, true)],
-                vec![desc(HDR + 0x100, 16, false), desc(DATA + 0x1000, 512, true), desc(STATUS + 1, 1, true)],
+                vec![
+                    desc(HDR, 16, false),
+                    desc(DATA, 512, true),
+                    desc(STATUS, 1, true),
+                ],
+                vec![
+                    desc(HDR + 0x100, 16, false),
+                    desc(DATA + 0x1000, 512, true),
+                    desc(STATUS + 1, 1, true),
+                ],
             ],
         );
         let mut qs = vec![q];
@@ -476,7 +533,9 @@ mod tests {
     fn image_size_must_be_whole_sectors() {
         let f = tempfile::NamedTempFile::new().expect("tmp");
         f.as_file().set_len(1000).expect("size");
-        let err = Block::open(f.path(), false, &RateLimitConfig::default()).err().expect("odd size");
+        let err = Block::open(f.path(), false, &RateLimitConfig::default())
+            .err()
+            .expect("odd size");
         assert!(err.to_string().contains("1000"), "{err}");
     }
 }

@@ -150,7 +150,12 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            tracing::debug!(device = self.name(), offset, len = data.len(), "ignoring non-32-bit register write");
+            tracing::debug!(
+                device = self.name(),
+                offset,
+                len = data.len(),
+                "ignoring non-32-bit register write"
+            );
             return;
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -160,8 +165,14 @@ impl MmioTransport {
             reg::DRIVER_FEATURES => {
                 if self.status & status::FEATURES_OK == 0 {
                     match self.driver_features_sel {
-                        0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
-                        1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32),
+                        0 => {
+                            self.acked_features =
+                                (self.acked_features & !0xffff_ffff) | u64::from(v)
+                        }
+                        1 => {
+                            self.acked_features =
+                                (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
                         _ => {}
                     }
                 }
@@ -173,16 +184,30 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            reg::QUEUE_DESC_LOW => self.with_idle_queue(|q| q.set_desc_table_address(Some(v), None)),
-            reg::QUEUE_DESC_HIGH => self.with_idle_queue(|q| q.set_desc_table_address(None, Some(v))),
-            reg::QUEUE_AVAIL_LOW => self.with_idle_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            reg::QUEUE_AVAIL_HIGH => self.with_idle_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            reg::QUEUE_DESC_LOW => {
+                self.with_idle_queue(|q| q.set_desc_table_address(Some(v), None))
+            }
+            reg::QUEUE_DESC_HIGH => {
+                self.with_idle_queue(|q| q.set_desc_table_address(None, Some(v)))
+            }
+            reg::QUEUE_AVAIL_LOW => {
+                self.with_idle_queue(|q| q.set_avail_ring_address(Some(v), None))
+            }
+            reg::QUEUE_AVAIL_HIGH => {
+                self.with_idle_queue(|q| q.set_avail_ring_address(None, Some(v)))
+            }
             reg::QUEUE_USED_LOW => self.with_idle_queue(|q| q.set_used_ring_address(Some(v), None)),
-            reg::QUEUE_USED_HIGH => self.with_idle_queue(|q| q.set_used_ring_address(None, Some(v))),
+            reg::QUEUE_USED_HIGH => {
+                self.with_idle_queue(|q| q.set_used_ring_address(None, Some(v)))
+            }
             reg::QUEUE_NOTIFY => self.notify(v),
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => self.set_status(v),
-            _ => tracing::debug!(device = self.name(), offset, "write to read-only or unknown register"),
+            _ => tracing::debug!(
+                device = self.name(),
+                offset,
+                "write to read-only or unknown register"
+            ),
         }
     }
 
@@ -204,24 +229,41 @@ impl MmioTransport {
         let mut v = v;
         if v & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
             let offered = self.device.features() | VIRTIO_F_VERSION_1;
-            if self.acked_features & !offered != 0 || self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            if self.acked_features & !offered != 0 || self.acked_features & VIRTIO_F_VERSION_1 == 0
+            {
                 // Refuse: the driver reads FEATURES_OK back and sees it clear.
-                tracing::warn!(device = self.name(), acked = self.acked_features, offered, "driver accepted unoffered features or lacks VERSION_1");
+                tracing::warn!(
+                    device = self.name(),
+                    acked = self.acked_features,
+                    offered,
+                    "driver accepted unoffered features or lacks VERSION_1"
+                );
                 v &= !status::FEATURES_OK;
             }
         }
         self.status = v;
         if v & status::DRIVER_OK != 0 && v & status::FEATURES_OK != 0 && !self.activated {
             let mem = &self.mem;
-            let bad = self.queues.iter().position(|q| q.ready() && !q.is_valid(mem));
+            let bad = self
+                .queues
+                .iter()
+                .position(|q| q.ready() && !q.is_valid(mem));
             if let Some(i) = bad {
-                tracing::warn!(device = self.name(), queue = i, "queue addresses invalid at DRIVER_OK");
+                tracing::warn!(
+                    device = self.name(),
+                    queue = i,
+                    "queue addresses invalid at DRIVER_OK"
+                );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 return;
             }
             self.device.activate(self.acked_features);
             self.activated = true;
-            tracing::debug!(device = self.name(), features = self.acked_features, "activated");
+            tracing::debug!(
+                device = self.name(),
+                features = self.acked_features,
+                "activated"
+            );
         }
     }
 
@@ -243,7 +285,10 @@ impl MmioTransport {
         if !self.activated || index as usize >= self.queues.len() {
             return;
         }
-        if self.device.queue_notify(&self.mem, &mut self.queues, index as u16) {
+        if self
+            .device
+            .queue_notify(&self.mem, &mut self.queues, index as u16)
+        {
             self.signal_used();
         }
     }
@@ -313,7 +358,11 @@ mod tests {
         wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         wr(&mut t, reg::DRIVER_FEATURES_SEL, 0);
         wr(&mut t, reg::DRIVER_FEATURES, 0);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(rd(&t, reg::STATUS) & status::FEATURES_OK, 0);
     }
 
@@ -322,13 +371,18 @@ mod tests {
         let (mut t, irq) = transport();
         // The driver's rings live in the transport's own guest memory.
         let tm = t.mem.clone();
-        let (mock, _q) = testutil::queue_with_chains(&tm, 0x10000, &[vec![testutil::desc(0x20000, 32, true)]]);
+        let (mock, _q) =
+            testutil::queue_with_chains(&tm, 0x10000, &[vec![testutil::desc(0x20000, 32, true)]]);
         wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         wr(&mut t, reg::DEVICE_FEATURES_SEL, 1);
         assert_eq!(rd(&t, reg::DEVICE_FEATURES) & 1, 1, "VERSION_1 offered");
         wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
         wr(&mut t, reg::DRIVER_FEATURES, 1);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_ne!(rd(&t, reg::STATUS) & status::FEATURES_OK, 0);
         wr(&mut t, reg::QUEUE_SEL, 0);
         wr(&mut t, reg::QUEUE_NUM, 16);
@@ -337,7 +391,11 @@ mod tests {
         wr(&mut t, reg::QUEUE_USED_LOW, mock.used_addr().0 as u32);
         wr(&mut t, reg::QUEUE_READY, 1);
         assert_eq!(rd(&t, reg::QUEUE_READY), 1);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         assert!(t.is_activated());
         wr(&mut t, reg::QUEUE_NOTIFY, 0);
         assert_eq!(testutil::used_idx(&tm, &mock), 1);

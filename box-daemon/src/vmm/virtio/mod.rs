@@ -193,7 +193,7 @@ pub(crate) mod testutil {
     //! A driver's-eye view for device tests: guest memory plus mock split queues.
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueT};
+    use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     /// Guest memory big enough for a few queues and their buffers.
@@ -203,7 +203,11 @@ pub(crate) mod testutil {
 
     /// A readable (`write == false`) or writable descriptor.
     pub fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
-        let flags = if write { virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16 } else { 0 };
+        let flags = if write {
+            virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
     }
 
@@ -221,11 +225,22 @@ pub(crate) mod testutil {
                 let sd = SplitDescriptor::from(*d);
                 let idx = (flat.len()) as u16;
                 let (flags, next) = if i + 1 < chain.len() {
-                    (sd.flags() | virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16, idx + 1)
+                    (
+                        sd.flags() | virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16,
+                        idx + 1,
+                    )
                 } else {
-                    (sd.flags() & !(virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16), 0)
+                    (
+                        sd.flags() & !(virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16),
+                        0,
+                    )
                 };
-                flat.push(RawDescriptor::from(SplitDescriptor::new(sd.addr().0, sd.len(), flags, next)));
+                flat.push(RawDescriptor::from(SplitDescriptor::new(
+                    sd.addr().0,
+                    sd.len(),
+                    flags,
+                    next,
+                )));
             }
         }
         mock.add_desc_chains(&flat, 0).expect("add chains");
@@ -234,23 +249,42 @@ pub(crate) mod testutil {
     }
 
     /// Adds more chains to an existing mock queue, after the descriptors already used.
-    pub fn offer_more(mock: &MockSplitQueue<'_, GuestMemoryMmap>, first_desc: u16, chain: &[RawDescriptor]) {
+    pub fn offer_more(
+        mock: &MockSplitQueue<'_, GuestMemoryMmap>,
+        first_desc: u16,
+        chain: &[RawDescriptor],
+    ) {
         let mut flat = Vec::new();
         for (i, d) in chain.iter().enumerate() {
             let sd = SplitDescriptor::from(*d);
             let idx = first_desc + i as u16;
             let (flags, next) = if i + 1 < chain.len() {
-                (sd.flags() | virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16, idx + 1)
+                (
+                    sd.flags() | virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16,
+                    idx + 1,
+                )
             } else {
-                (sd.flags() & !(virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16), 0)
+                (
+                    sd.flags() & !(virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16),
+                    0,
+                )
             };
-            flat.push(RawDescriptor::from(SplitDescriptor::new(sd.addr().0, sd.len(), flags, next)));
+            flat.push(RawDescriptor::from(SplitDescriptor::new(
+                sd.addr().0,
+                sd.len(),
+                flags,
+                next,
+            )));
         }
         mock.add_desc_chains(&flat, first_desc).expect("add chain");
     }
 
     /// (head id, length) of used element `i`.
-    pub fn used(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>, i: u16) -> (u32, u32) {
+    pub fn used(
+        mem: &GuestMemoryMmap,
+        mock: &MockSplitQueue<'_, GuestMemoryMmap>,
+        i: u16,
+    ) -> (u32, u32) {
         let base = mock.used_addr().0 + 4 + u64::from(i) * 8;
         let id: u32 = mem.read_obj(GuestAddress(base)).expect("used id");
         let len: u32 = mem.read_obj(GuestAddress(base + 4)).expect("used len");
@@ -259,12 +293,7 @@ pub(crate) mod testutil {
 
     /// The used ring index.
     pub fn used_idx(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
-        mem.read_obj(GuestAddress(mock.used_addr().0 + 2)).expect("used idx")
-    }
-
-    /// Marks the queue ready (mock queues come back not-ready only if the test forgets).
-    pub fn ready(mut q: Queue) -> Queue {
-        q.set_ready(true);
-        q
+        mem.read_obj(GuestAddress(mock.used_addr().0 + 2))
+            .expect("used idx")
     }
 }

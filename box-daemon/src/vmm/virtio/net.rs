@@ -15,7 +15,10 @@ use std::time::Instant;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{collect_chain, device_type, has_available, read_from_descs, write_to_descs, VirtioDevice, Wait, VIRTIO_F_VERSION_1};
+use super::{
+    collect_chain, device_type, has_available, read_from_descs, write_to_descs, VirtioDevice, Wait,
+    VIRTIO_F_VERSION_1,
+};
 use crate::vmm::ratelimit::{RateLimitConfig, RateLimiter};
 
 const F_MAC: u64 = 1 << 5;
@@ -113,7 +116,9 @@ impl Net {
             let head = chain.head_index();
             frame.clear();
             let ok = match collect_chain(chain) {
-                Ok(descs) => read_from_descs(mem, &descs, NET_HDR_LEN, &mut frame, MAX_FRAME).is_ok(),
+                Ok(descs) => {
+                    read_from_descs(mem, &descs, NET_HDR_LEN, &mut frame, MAX_FRAME).is_ok()
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "net: bad tx chain");
                     false
@@ -156,14 +161,18 @@ impl Net {
                     }
                 }
             }
-            let Some(frame) = self.pending_rx.as_ref() else { break };
+            let Some(frame) = self.pending_rx.as_ref() else {
+                break;
+            };
             if !has_available(q, mem) {
                 break;
             }
             if !self.rx_limiter.consume(frame.len() as u64, Instant::now()) {
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut packet = vec![0u8; NET_HDR_LEN];
             packet[10] = 1; // num_buffers
@@ -217,7 +226,11 @@ impl VirtioDevice for Net {
         }
     }
     fn process_host(&mut self, mem: &GuestMemoryMmap, queues: &mut [Queue]) -> bool {
-        let tx = if self.tx_limiter.is_blocked() { self.process_tx(mem, &mut queues[TX]) } else { false };
+        let tx = if self.tx_limiter.is_blocked() {
+            self.process_tx(mem, &mut queues[TX])
+        } else {
+            false
+        };
         let rx = self.process_rx(mem, &mut queues[RX]);
         tx || rx
     }
@@ -239,13 +252,27 @@ impl VirtioDevice for Net {
 mod tests {
     use super::super::testutil::{desc, memory, queue_with_chains, used, used_idx};
     use super::*;
-    use std::os::unix::net::UnixDatagram;
+    use std::os::fd::FromRawFd;
     use vm_memory::{Bytes, GuestAddress};
 
-    /// A datagram socketpair behaves like a TAP: one frame per read/write.
-    fn pair() -> (UnixDatagram, UnixDatagram) {
-        let (a, b) = UnixDatagram::pair().expect("socketpair");
-        a.set_nonblocking(true).expect("nonblocking");
+    /// A SOCK_SEQPACKET socketpair behaves like a TAP: one frame per read/write. The device side
+    /// is non-blocking, like the TAP the VMM opens.
+    fn pair() -> (File, File) {
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair writes two fds into the 2-element array on success.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "socketpair: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (a, b) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETFL with O_NONBLOCK on a valid fd we own.
+        unsafe { libc::fcntl(a.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         (a, b)
     }
 
@@ -253,21 +280,30 @@ mod tests {
     fn tx_strips_header_and_writes_one_frame() {
         let mem = memory();
         let (dev_side, peer) = pair();
-        let mut net = Net::new(Box::new(dev_side), Some([2, 0, 0, 0, 0, 9]), &RateLimitConfig::default());
+        let mut net = Net::new(
+            Box::new(dev_side),
+            Some([2, 0, 0, 0, 0, 9]),
+            &RateLimitConfig::default(),
+        );
         let frame: Vec<u8> = (0..60u8).collect();
-        mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(0x10_0000)).expect("hdr");
-        mem.write_slice(&frame, GuestAddress(0x10_1000)).expect("frame");
+        mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(0x10_0000))
+            .expect("hdr");
+        mem.write_slice(&frame, GuestAddress(0x10_1000))
+            .expect("frame");
         let rxq = virtio_queue::Queue::new(256).expect("rx");
         let (mock, txq) = queue_with_chains(
             &mem,
             0x1000,
-            &[vec![desc(0x10_0000, NET_HDR_LEN as u32, false), desc(0x10_1000, 60, false)]],
+            &[vec![
+                desc(0x10_0000, NET_HDR_LEN as u32, false),
+                desc(0x10_1000, 60, false),
+            ]],
         );
         let mut qs = vec![rxq, txq];
         assert!(net.queue_notify(&mem, &mut qs, 1));
         assert_eq!(used_idx(&mem, &mock), 1);
         let mut got = [0u8; 2048];
-        let n = peer.recv(&mut got).expect("frame at peer");
+        let n = (&peer).read(&mut got).expect("frame at peer");
         assert_eq!(&got[..n], &frame[..]);
         let mut cfg = [0u8; 6];
         net.read_config(0, &mut cfg);
@@ -279,9 +315,12 @@ mod tests {
         let mem = memory();
         let (dev_side, peer) = pair();
         let mut net = Net::new(Box::new(dev_side), None, &RateLimitConfig::default());
-        peer.send(b"frame-from-the-tap").expect("send");
+        (&peer).write_all(b"frame-from-the-tap").expect("send");
         // No buffers yet: the frame is read and held, nothing is used.
-        let mut qs = vec![virtio_queue::Queue::new(256).expect("rx"), virtio_queue::Queue::new(256).expect("tx")];
+        let mut qs = vec![
+            virtio_queue::Queue::new(256).expect("rx"),
+            virtio_queue::Queue::new(256).expect("tx"),
+        ];
         assert!(!net.process_host(&mem, &mut qs));
         assert!(net.pending_rx.is_some());
         let mut w = Wait::default();
@@ -293,7 +332,8 @@ mod tests {
         assert!(net.queue_notify(&mem, &mut qs, 0));
         assert_eq!(used(&mem, &mock, 0), (0, (NET_HDR_LEN + 18) as u32));
         let mut got = vec![0u8; NET_HDR_LEN + 18];
-        mem.read_slice(&mut got, GuestAddress(0x20_0000)).expect("read");
+        mem.read_slice(&mut got, GuestAddress(0x20_0000))
+            .expect("read");
         assert_eq!(got[10], 1, "num_buffers");
         assert_eq!(&got[NET_HDR_LEN..], b"frame-from-the-tap");
     }

@@ -62,7 +62,11 @@ impl VirtioDevice for Rng {
             let head = chain.head_index();
             let written = match collect_chain(chain) {
                 Ok(descs) => {
-                    let want: usize = descs.iter().filter(|d| d.write).map(|d| d.len as usize).sum();
+                    let want: usize = descs
+                        .iter()
+                        .filter(|d| d.write)
+                        .map(|d| d.len as usize)
+                        .sum();
                     let mut buf = vec![0u8; want.min(MAX_REQUEST)];
                     match getrandom(&mut buf).map(|_| write_to_descs(mem, &descs, &buf)) {
                         Ok(Ok(n)) => n as u32,
@@ -103,7 +107,10 @@ mod tests {
         let (mock, q) = queue_with_chains(
             &mem,
             0x1000,
-            &[vec![desc(0x10_0000, 64, true)], vec![desc(0x10_1000, 16, true), desc(0x10_2000, 16, true)]],
+            &[
+                vec![desc(0x10_0000, 64, true)],
+                vec![desc(0x10_1000, 16, true), desc(0x10_2000, 16, true)],
+            ],
         );
         let mut rng = Rng::new();
         let mut queues = vec![q];
@@ -112,10 +119,12 @@ mod tests {
         assert_eq!(used(&mem, &mock, 0), (0, 64));
         assert_eq!(used(&mem, &mock, 1), (1, 32));
         let mut b = [0u8; 64];
-        mem.read_slice(&mut b, GuestAddress(0x10_0000)).expect("read");
+        mem.read_slice(&mut b, GuestAddress(0x10_0000))
+            .expect("read");
         assert!(b.iter().any(|x| *x != 0), "64 random bytes all zero");
         let mut c = [0u8; 16];
-        mem.read_slice(&mut c, GuestAddress(0x10_2000)).expect("read");
+        mem.read_slice(&mut c, GuestAddress(0x10_2000))
+            .expect("read");
         assert!(c.iter().any(|x| *x != 0), "second descriptor filled too");
     }
 

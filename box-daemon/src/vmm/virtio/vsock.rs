@@ -20,7 +20,10 @@ use std::path::{Path, PathBuf};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{collect_chain, device_type, has_available, read_from_descs, write_to_descs, VirtioDevice, Wait, VIRTIO_F_VERSION_1};
+use super::{
+    collect_chain, device_type, has_available, read_from_descs, write_to_descs, VirtioDevice, Wait,
+    VIRTIO_F_VERSION_1,
+};
 
 /// The host's context id.
 pub const HOST_CID: u64 = 2;
@@ -228,7 +231,8 @@ impl Conn {
 
     /// Bytes the guest can still take on this connection.
     fn peer_credit(&self) -> u32 {
-        self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
     }
 
     /// Writes buffered guest data to the host; false if the host side is gone.
@@ -327,7 +331,10 @@ impl Vsock {
         let h = pkt.hdr;
         let key = (h.dst_port, h.src_port);
         if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.type_ != TYPE_STREAM {
-            tracing::debug!(?h, "vsock: packet not from our guest to the host, resetting");
+            tracing::debug!(
+                ?h,
+                "vsock: packet not from our guest to the host, resetting"
+            );
             if h.op != op::RST {
                 self.control.push_back(Header {
                     src_cid: HOST_CID,
@@ -434,10 +441,12 @@ impl Vsock {
             let head = chain.head_index();
             bytes.clear();
             let parsed = match collect_chain(chain) {
-                Ok(descs) => match read_from_descs(mem, &descs, 0, &mut bytes, HDR_LEN + MAX_PAYLOAD) {
-                    Ok(()) => Packet::from_bytes(&bytes).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                },
+                Ok(descs) => {
+                    match read_from_descs(mem, &descs, 0, &mut bytes, HDR_LEN + MAX_PAYLOAD) {
+                        Ok(()) => Packet::from_bytes(&bytes).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
                 Err(e) => Err(e.to_string()),
             };
             match parsed {
@@ -458,7 +467,10 @@ impl Vsock {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_ok() {
-                        self.pending.push(PendingConnect { stream, line: Vec::new() });
+                        self.pending.push(PendingConnect {
+                            stream,
+                            line: Vec::new(),
+                        });
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -508,7 +520,8 @@ impl Vsock {
                     let host_port = self.next_host_port;
                     self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
                     let key = (host_port, guest_port);
-                    self.conns.insert(key, Conn::new(p.stream, ConnState::AwaitingResponse));
+                    self.conns
+                        .insert(key, Conn::new(p.stream, ConnState::AwaitingResponse));
                     self.reply(key, op::REQUEST, 0);
                 }
             }
@@ -519,7 +532,9 @@ impl Vsock {
     fn fill_rx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> bool {
         let mut used = false;
         'buffers: while has_available(q, mem) {
-            let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let descs = match collect_chain(chain) {
                 Ok(d) => d,
@@ -532,7 +547,11 @@ impl Vsock {
                     continue;
                 }
             };
-            let room: usize = descs.iter().filter(|d| d.write).map(|d| d.len as usize).sum();
+            let room: usize = descs
+                .iter()
+                .filter(|d| d.write)
+                .map(|d| d.len as usize)
+                .sum();
             if room < HDR_LEN {
                 if q.add_used(mem, head, 0).is_err() {
                     break;
@@ -740,15 +759,27 @@ mod tests {
         bytes.extend_from_slice(b"abc");
         let p = Packet::from_bytes(&bytes).expect("valid");
         assert_eq!((p.hdr, p.payload.as_slice()), (h, &b"abc"[..]));
-        assert_eq!(Packet::from_bytes(&bytes[..10]), Err(PacketError::Short(10)));
-        assert!(matches!(Packet::from_bytes(&bytes[..46]), Err(PacketError::Length { said: 3, got: 2 })));
+        assert_eq!(
+            Packet::from_bytes(&bytes[..10]),
+            Err(PacketError::Short(10))
+        );
+        assert!(matches!(
+            Packet::from_bytes(&bytes[..46]),
+            Err(PacketError::Length { said: 3, got: 2 })
+        ));
         let mut bad = guest_hdr(99, 1, 2, 0, 0).encode().to_vec();
         assert_eq!(Packet::from_bytes(&bad), Err(PacketError::Op(99)));
         bad = guest_hdr(op::REQUEST, 1, 2, 1, 0).encode().to_vec();
         bad.push(0);
-        assert_eq!(Packet::from_bytes(&bad), Err(PacketError::UnexpectedPayload(op::REQUEST)));
+        assert_eq!(
+            Packet::from_bytes(&bad),
+            Err(PacketError::UnexpectedPayload(op::REQUEST))
+        );
         let huge = guest_hdr(op::RW, 1, 2, u32::MAX, 0).encode();
-        assert!(matches!(Packet::from_bytes(&huge), Err(PacketError::Length { .. })));
+        assert!(matches!(
+            Packet::from_bytes(&huge),
+            Err(PacketError::Length { .. })
+        ));
     }
 
     #[test]
@@ -765,13 +796,22 @@ mod tests {
         Header::decode(&b)
     }
 
-    fn tx_chain(mem: &GuestMemoryMmap, at: u64, h: Header, payload: &[u8]) -> Vec<virtio_queue::desc::RawDescriptor> {
+    fn tx_chain(
+        mem: &GuestMemoryMmap,
+        at: u64,
+        h: Header,
+        payload: &[u8],
+    ) -> Vec<virtio_queue::desc::RawDescriptor> {
         mem.write_slice(&h.encode(), GuestAddress(at)).expect("hdr");
-        mem.write_slice(payload, GuestAddress(at + 0x100)).expect("payload");
+        mem.write_slice(payload, GuestAddress(at + 0x100))
+            .expect("payload");
         if payload.is_empty() {
             vec![desc(at, HDR_LEN as u32, false)]
         } else {
-            vec![desc(at, HDR_LEN as u32, false), desc(at + 0x100, payload.len() as u32, false)]
+            vec![
+                desc(at, HDR_LEN as u32, false),
+                desc(at + 0x100, payload.len() as u32, false),
+            ]
         }
     }
 
@@ -783,16 +823,39 @@ mod tests {
         let mut dev = Vsock::new(CID, &uds).expect("vsock");
         let mem = memory();
         // RX: two buffers. TX: REQUEST, then RW "ping".
-        let (rx_mock, rxq) = queue_with_chains(&mem, 0x1000, &[vec![desc(0x20_0000, 4096, true)], vec![desc(0x20_2000, 4096, true)]]);
-        let (tx_mock, txq) = queue_with_chains(&mem, 0x4000, &[tx_chain(&mem, 0x30_0000, guest_hdr(op::REQUEST, 777, 5000, 0, 0), &[])]);
+        let (rx_mock, rxq) = queue_with_chains(
+            &mem,
+            0x1000,
+            &[
+                vec![desc(0x20_0000, 4096, true)],
+                vec![desc(0x20_2000, 4096, true)],
+            ],
+        );
+        let (tx_mock, txq) = queue_with_chains(
+            &mem,
+            0x4000,
+            &[tx_chain(
+                &mem,
+                0x30_0000,
+                guest_hdr(op::REQUEST, 777, 5000, 0, 0),
+                &[],
+            )],
+        );
         let evq = virtio_queue::Queue::new(256).expect("ev");
         let mut qs = vec![rxq, txq, evq];
         assert!(dev.queue_notify(&mem, &mut qs, TX as u16));
         let r = rx_header(&mem, 0x20_0000);
-        assert_eq!((r.op, r.src_port, r.dst_port, r.dst_cid), (op::RESPONSE, 5000, 777, CID));
+        assert_eq!(
+            (r.op, r.src_port, r.dst_port, r.dst_cid),
+            (op::RESPONSE, 5000, 777, CID)
+        );
         let (mut peer, _) = host.accept().expect("VMM connected to <uds>_5000");
 
-        offer_more(&tx_mock, 1, &tx_chain(&mem, 0x31_0000, guest_hdr(op::RW, 777, 5000, 4, 0), b"ping"));
+        offer_more(
+            &tx_mock,
+            1,
+            &tx_chain(&mem, 0x31_0000, guest_hdr(op::RW, 777, 5000, 4, 0), b"ping"),
+        );
         assert!(dev.queue_notify(&mem, &mut qs, TX as u16));
         let mut got = [0u8; 4];
         peer.read_exact(&mut got).expect("host reads");
@@ -808,9 +871,13 @@ mod tests {
         }
         assert_eq!(used(&mem, &rx_mock, 1), (1, (HDR_LEN + 5) as u32));
         let r = rx_header(&mem, 0x20_2000);
-        assert_eq!((r.op, r.len, r.src_port, r.dst_port), (op::RW, 5, 5000, 777));
+        assert_eq!(
+            (r.op, r.len, r.src_port, r.dst_port),
+            (op::RW, 5, 5000, 777)
+        );
         let mut payload = [0u8; 5];
-        mem.read_slice(&mut payload, GuestAddress(0x20_2000 + HDR_LEN as u64)).expect("payload");
+        mem.read_slice(&mut payload, GuestAddress(0x20_2000 + HDR_LEN as u64))
+            .expect("payload");
         assert_eq!(&payload, b"pong!");
     }
 
@@ -821,7 +888,16 @@ mod tests {
         let mut dev = Vsock::new(CID, &uds).expect("vsock");
         let mem = memory();
         let (_rx, rxq) = queue_with_chains(&mem, 0x1000, &[vec![desc(0x20_0000, 4096, true)]]);
-        let (_tx, txq) = queue_with_chains(&mem, 0x4000, &[tx_chain(&mem, 0x30_0000, guest_hdr(op::REQUEST, 1, 6000, 0, 0), &[])]);
+        let (_tx, txq) = queue_with_chains(
+            &mem,
+            0x4000,
+            &[tx_chain(
+                &mem,
+                0x30_0000,
+                guest_hdr(op::REQUEST, 1, 6000, 0, 0),
+                &[],
+            )],
+        );
         let mut qs = vec![rxq, txq, virtio_queue::Queue::new(256).expect("ev")];
         dev.queue_notify(&mem, &mut qs, TX as u16);
         assert_eq!(rx_header(&mem, 0x20_0000).op, op::RST);
@@ -836,14 +912,21 @@ mod tests {
         let mut host = UnixStream::connect(&uds).expect("connect");
         host.write_all(b"CONNECT 1024\n").expect("connect line");
         let (_rx, rxq) = queue_with_chains(&mem, 0x1000, &[vec![desc(0x20_0000, 4096, true)]]);
-        let mut qs = vec![rxq, virtio_queue::Queue::new(256).expect("tx"), virtio_queue::Queue::new(256).expect("ev")];
+        let mut qs = vec![
+            rxq,
+            virtio_queue::Queue::new(256).expect("tx"),
+            virtio_queue::Queue::new(256).expect("ev"),
+        ];
         let mut tries = 0;
         while !dev.process_host(&mem, &mut qs) && tries < 100 {
             std::thread::sleep(std::time::Duration::from_millis(5));
             tries += 1;
         }
         let req = rx_header(&mem, 0x20_0000);
-        assert_eq!((req.op, req.dst_port, req.src_cid), (op::REQUEST, 1024, HOST_CID));
+        assert_eq!(
+            (req.op, req.dst_port, req.src_cid),
+            (op::REQUEST, 1024, HOST_CID)
+        );
         assert!(req.src_port >= FIRST_HOST_PORT);
         // Guest accepts.
         let resp = Header {
@@ -856,10 +939,16 @@ mod tests {
             buf_alloc: 4096,
             ..Default::default()
         };
-        dev.handle_tx(Packet { hdr: resp, payload: vec![] });
+        dev.handle_tx(Packet {
+            hdr: resp,
+            payload: vec![],
+        });
         let mut line = [0u8; 64];
         let n = host.read(&mut line).expect("OK line");
-        assert_eq!(std::str::from_utf8(&line[..n]).expect("utf8"), format!("OK {}\n", req.src_port));
+        assert_eq!(
+            std::str::from_utf8(&line[..n]).expect("utf8"),
+            format!("OK {}\n", req.src_port)
+        );
     }
 
     #[test]
@@ -869,7 +958,8 @@ mod tests {
         let mut dev = Vsock::new(CID, &uds).expect("vsock");
         let mut host = UnixStream::connect(&uds).expect("connect");
         host.write_all(b"HELLO\n").expect("write");
-        host.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("timeout");
+        host.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .expect("timeout");
         let mut tries = 0;
         while dev.pending.is_empty() && tries < 50 {
             dev.accept_host();

@@ -1,0 +1,313 @@
+//! The store against real databases: a SQLite file and (with `HIVE_TEST_POSTGRES_URL`) a fresh
+//! PostgreSQL database per test.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use hive_control_plane::store::{
+    BuildFilter, BuildRow, Delivery, NewProject, Placement, Store, StoreError,
+};
+use hive_proto::v1::{BuildState, LogChunk, LogStream};
+
+fn new_project(name: &str, repo: &str) -> NewProject {
+    NewProject {
+        name: name.into(),
+        repo_url: repo.into(),
+        secret: "sekrit".into(),
+        branch: "main".into(),
+        size_class: "small".into(),
+        private_network: String::new(),
+        steps: vec!["make".into(), "make test".into()],
+        env: BTreeMap::from([("A".to_string(), "1".to_string())]),
+        timeout_secs: 60,
+    }
+}
+
+fn chunk(build: &str, seq: u64, text: &str) -> LogChunk {
+    LogChunk {
+        build_id: build.into(),
+        seq,
+        stream: LogStream::Stdout as i32,
+        step: 1,
+        data: text.as_bytes().to_vec(),
+        at_ms: 0,
+    }
+}
+
+fn placement(build: &str, lease: &str, box_id: &str) -> Placement {
+    Placement {
+        build_id: build.into(),
+        lease_id: lease.into(),
+        box_id: box_id.into(),
+        deadline_ms: hive_control_plane::store::now_ms() + 60_000,
+    }
+}
+
+async fn projects_and_deliveries(url: String) {
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(&new_project("web", "https://git.example/o/web.git"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_project(&new_project("web", "x")).await,
+        Err(StoreError::ProjectExists(n)) if n == "web"
+    ));
+    assert_eq!(store.get_project("web").await.unwrap().unwrap(), p);
+    assert_eq!(store.get_project(&p.id).await.unwrap().unwrap().name, "web");
+    assert!(store.get_project("nope").await.unwrap().is_none());
+    let found = store
+        .projects_for_repo(&["https://git.example/o/web/".into(), "ssh://nothing".into()])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].secret, "sekrit");
+    assert_eq!(found[0].env.get("A").map(String::as_str), Some("1"));
+
+    // Delivery and build in one transaction; the second time, the stored answer.
+    let b = BuildRow::new_queued(&p, "deadbeef", "refs/heads/main", "webhook:d1");
+    assert_eq!(
+        store
+            .record_delivery("d1", &p.id, Some(&b), "build")
+            .await
+            .unwrap(),
+        Delivery::New
+    );
+    let b2 = BuildRow::new_queued(&p, "deadbeef", "refs/heads/main", "webhook:d1");
+    assert_eq!(
+        store
+            .record_delivery("d1", &p.id, Some(&b2), "build")
+            .await
+            .unwrap(),
+        Delivery::Duplicate {
+            build_id: b.id.clone(),
+            outcome: "build".into()
+        }
+    );
+    assert!(
+        store.get_build(&b2.id).await.unwrap().is_none(),
+        "no second build"
+    );
+    let got = store.get_build(&b.id).await.unwrap().unwrap();
+    assert_eq!(got, b);
+    let t = store.transitions(&b.id).await.unwrap();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].state, BuildState::Queued);
+
+    // Filters.
+    store
+        .insert_build(&BuildRow::new_queued(&p, "", "HEAD", "api"), "api")
+        .await
+        .unwrap();
+    let all = store.list_builds(&BuildFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let queued = store
+        .list_builds(&BuildFilter {
+            project_id: Some(p.id.clone()),
+            state: Some(BuildState::Queued),
+            limit: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(
+        store.count_builds_by_state().await.unwrap().get("queued"),
+        Some(&2)
+    );
+
+    // Deleting the project keeps its builds.
+    assert!(store.delete_project("web").await.unwrap());
+    assert!(!store.delete_project("web").await.unwrap());
+    assert!(store.get_build(&b.id).await.unwrap().is_some());
+    store.close().await;
+}
+both_dbs!(projects_and_deliveries);
+
+async fn leases_and_states(url: String) {
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(&new_project("svc", "git://h/svc"))
+        .await
+        .unwrap();
+    let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");
+    store.insert_build(&b, "api").await.unwrap();
+
+    // Place once; a second placement of the same build does not take.
+    let took = store
+        .place(&[
+            placement(&b.id, "L1", "box-a"),
+            placement(&b.id, "L2", "box-b"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(took, vec![true, false]);
+    assert_eq!(store.live_leases_of_build(&b.id).await.unwrap().len(), 1);
+
+    // Updates under the wrong lease do nothing.
+    assert!(!store.set_running(&b.id, "L2", "x").await.unwrap());
+    assert!(store
+        .confirm_lease(&b.id, "L1", "cell-9", true, i64::MAX / 2)
+        .await
+        .unwrap());
+    assert!(store.set_running(&b.id, "L1", "running").await.unwrap());
+    assert!(!store.set_running(&b.id, "L1", "again").await.unwrap());
+
+    // Logs: idempotent, only from the box holding the build.
+    assert!(store
+        .store_log("box-a", &chunk(&b.id, 0, "a"), Some(1))
+        .await
+        .unwrap());
+    assert!(store
+        .store_log("box-a", &chunk(&b.id, 0, "a-dup"), Some(2))
+        .await
+        .unwrap());
+    assert!(store
+        .store_log("box-a", &chunk(&b.id, 2, "c"), None)
+        .await
+        .unwrap());
+    assert!(!store
+        .store_log("box-b", &chunk(&b.id, 1, "intruder"), None)
+        .await
+        .unwrap());
+    let logs = store.logs_from(&b.id, 0, 100).await.unwrap();
+    assert_eq!(logs.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![0, 2]);
+    assert_eq!(logs[0].data, b"a");
+    assert_eq!(
+        store.get_box("box-a").await.unwrap(),
+        None,
+        "acks only touch known boxes"
+    );
+
+    // Lease lost: back to the queue, attempt 2; the hole at seq 1 is filled and a system line
+    // explains; the next attempt's chunk 0 lands after it.
+    assert!(store
+        .requeue(&b.id, "L1", "expired", "lease L1 expired")
+        .await
+        .unwrap());
+    assert!(!store
+        .requeue(&b.id, "L1", "expired", "again")
+        .await
+        .unwrap());
+    let q = store.get_build(&b.id).await.unwrap().unwrap();
+    assert_eq!(
+        (q.state, q.attempt, q.box_id.as_str()),
+        (BuildState::Queued, 2, "")
+    );
+    assert!(store.live_leases_of_build(&b.id).await.unwrap().is_empty());
+    let took = store
+        .place(&[placement(&b.id, "L3", "box-b")])
+        .await
+        .unwrap();
+    assert_eq!(took, vec![true]);
+    assert!(store
+        .store_log("box-b", &chunk(&b.id, 0, "second"), None)
+        .await
+        .unwrap());
+    let logs = store.logs_from(&b.id, 0, 100).await.unwrap();
+    assert_eq!(
+        logs.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    assert_eq!(logs[3].stream, LogStream::System as i32);
+    assert!(String::from_utf8_lossy(&logs[3].data).contains("attempt 1 ended"));
+    assert_eq!(logs[4].data, b"second");
+
+    // Heartbeat renewal: box-b's lease renews; box-a holds nothing (orphan).
+    let orphans = store
+        .renew_leases("box-b", &[b.id.clone(), "ghost".into()], i64::MAX / 2)
+        .await
+        .unwrap();
+    assert_eq!(orphans, vec!["ghost".to_string()]);
+    let orphans = store
+        .renew_leases("box-a", &[b.id.clone()], i64::MAX / 2)
+        .await
+        .unwrap();
+    assert_eq!(orphans, vec![b.id.clone()]);
+
+    // Finish under the live lease; then cancel is too late.
+    assert!(store.set_running(&b.id, "L3", "run").await.unwrap());
+    assert!(store
+        .finish_build(&b.id, "L3", BuildState::Failed, 3, "step 2 failed")
+        .await
+        .unwrap());
+    assert!(store
+        .end_build(&b.id, BuildState::Cancelled, "late")
+        .await
+        .unwrap()
+        .is_none());
+    let f = store.get_build(&b.id).await.unwrap().unwrap();
+    assert_eq!((f.state, f.exit_code), (BuildState::Failed, 3));
+    let states: Vec<BuildState> = store
+        .transitions(&b.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.state)
+        .collect();
+    use BuildState::*;
+    assert_eq!(
+        states,
+        vec![Queued, Placed, Running, Queued, Placed, Running, Failed]
+    );
+    assert!(store.live_leases_of_build(&b.id).await.unwrap().is_empty());
+    store.close().await;
+}
+both_dbs!(leases_and_states);
+
+async fn expiry_and_timeouts(url: String) {
+    let store = Store::open(&url).await.unwrap();
+    let mut np = new_project("t", "git://h/t");
+    np.timeout_secs = 1;
+    let p = store.create_project(&np).await.unwrap();
+    let b = BuildRow::new_queued(&p, "", "HEAD", "api");
+    store.insert_build(&b, "api").await.unwrap();
+    let mut pl = placement(&b.id, "L1", "box-a");
+    pl.deadline_ms = 1_000; // long past
+    store.place(&[pl]).await.unwrap();
+    let now = hive_control_plane::store::now_ms();
+    let expired = store.expired_leases(now).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].build_id, b.id);
+    assert!(!expired[0].confirmed);
+
+    assert!(store.set_running(&b.id, "L1", "run").await.unwrap());
+    assert!(store.overdue_builds(now).await.unwrap().is_empty());
+    let later = store.overdue_builds(now + 1_100).await.unwrap();
+    assert_eq!(later.len(), 1);
+    let before = store
+        .end_build(&b.id, BuildState::TimedOut, "timed out after 1s")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (before.state, before.box_id.as_str()),
+        (BuildState::Running, "box-a")
+    );
+    assert!(
+        store.expired_leases(now).await.unwrap().is_empty(),
+        "lease released"
+    );
+    store.close().await;
+}
+both_dbs!(expiry_and_timeouts);
+
+/// The SQLite file is created on first start and keeps everything across a reopen.
+#[tokio::test]
+async fn sqlite_file_created_and_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/dir/hive.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = Store::open(&url).await.unwrap();
+    assert!(path.exists());
+    let p = store
+        .create_project(&new_project("keep", "git://h/k"))
+        .await
+        .unwrap();
+    store.close().await;
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(store.get_project("keep").await.unwrap().unwrap(), p);
+    store.close().await;
+    let err = Store::open("mysql://x/y").await.unwrap_err().to_string();
+    assert!(err.contains("neither sqlite:// nor postgres://"), "{err}");
+}

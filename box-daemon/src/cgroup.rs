@@ -158,7 +158,7 @@ impl Hierarchy {
 }
 
 fn mkdir(dir: &Path) -> Result<(), CgroupError> {
-    match fs::create_dir(dir) {
+    match fs::create_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(source) => Err(CgroupError::Create {

@@ -19,12 +19,14 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
 /// Devices a cell sees; bound from the host's nodes (no mknod needed, no other device reachable).
-const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+/// `net/tun` is there for the cell daemon's build-container network; a TUN device it makes lives
+/// in the cell's own network namespace.
+const DEVICES: [&str; 7] = ["null", "zero", "full", "random", "urandom", "tty", "net/tun"];
 
 /// Directory the old root is moved to during pivot_root, then detached and removed.
 const OLD_ROOT: &str = ".hive-oldroot";
@@ -268,6 +270,7 @@ pub fn run(spec: &JailSpec) -> Result<i32, JailError> {
     forwarded.add(Signal::SIGTERM);
     forwarded.add(Signal::SIGINT);
     forwarded.add(Signal::SIGHUP);
+    forwarded.add(Signal::SIGCHLD);
     forwarded.thread_block().map_err(JailError::Fork)?;
 
     // SAFETY: the helper is single-threaded here (called from main before any runtime or thread
@@ -292,19 +295,20 @@ fn supervise(spec: &JailSpec, child: Pid, forwarded: SigSet) -> Result<i32, Jail
             source,
         }
     })?;
-    // A thread forwards signals so the main thread can block in waitpid.
-    std::thread::spawn(move || loop {
-        if let Ok(sig) = forwarded.wait() {
-            let _ = kill(child, sig);
-        }
-    });
+    // No threads here: after unshare(CLONE_NEWPID) the kernel refuses CLONE_THREAD. SIGCHLD is
+    // blocked with the forwarded signals, so one sigwait loop both forwards and notices the exit.
     loop {
-        match waitpid(child, None) {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) => continue,
-            Err(nix::Error::EINTR) => continue,
+            Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(JailError::Wait(e)),
+        }
+        match forwarded.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(child, sig);
+            }
         }
     }
 }

@@ -54,7 +54,7 @@ struct RunArgs {
     #[arg(long, env = "HIVE_BOX_BACKEND", default_value = "auto")]
     backend: BackendChoice,
     /// Warm pool target per size class, CLASS=N; repeat or comma-separate for several classes.
-    #[arg(long = "pool", env = "HIVE_BOX_POOL", value_delimiter = ',', required = true)]
+    #[arg(long = "pool", env = "HIVE_BOX_POOL", value_delimiter = ',')]
     pool: Vec<ClassCount>,
     /// Most cells of a class at once, CLASS=N (default: 2 x target + 1).
     #[arg(long = "capacity", env = "HIVE_BOX_CAPACITY", value_delimiter = ',')]
@@ -67,10 +67,10 @@ struct RunArgs {
     box_id: Option<String>,
     /// Cell rootfs directory (read-only lower layer of every cell; from deploy/images/build-images.sh).
     #[arg(long, env = "HIVE_CELL_ROOTFS")]
-    cell_rootfs: PathBuf,
+    cell_rootfs: Option<PathBuf>,
     /// Build image directory, bound read-only at /images/build in every cell.
     #[arg(long, env = "HIVE_BUILD_IMAGE")]
-    build_image: PathBuf,
+    build_image: Option<PathBuf>,
     /// A hive-cell binary to bind over /sbin/hive-cell in cells (development).
     #[arg(long, env = "HIVE_CELL_BINARY")]
     cell_binary: Option<PathBuf>,
@@ -126,6 +126,8 @@ enum MainError {
     Signals(#[source] std::io::Error),
     #[error("resolve the current executable (the jail helper)")]
     SelfExe(#[source] std::io::Error),
+    #[error("{0} is required (the images come from deploy/images/build-images.sh)")]
+    Missing(&'static str),
     #[error("data dir {0}")]
     DataDir(PathBuf, #[source] std::io::Error),
 }
@@ -212,6 +214,12 @@ async fn control_plane_addrs(url: &str) -> Vec<Ipv4Addr> {
 
 fn run(args: RunArgs) -> Result<(), MainError> {
     let classes = config::classes(&args.pool, &args.capacity)?;
+    if args.cell_rootfs.is_none() {
+        return Err(MainError::Missing("--cell-rootfs (HIVE_CELL_ROOTFS)"));
+    }
+    if args.build_image.is_none() {
+        return Err(MainError::Missing("--build-image (HIVE_BUILD_IMAGE)"));
+    }
     match args.backend {
         BackendChoice::Microvm => return Err(MainError::MicrovmNotReady),
         BackendChoice::Auto => match kvm_usable() {
@@ -252,8 +260,8 @@ async fn run_async(args: RunArgs, classes: Vec<hive_box::pool::ClassConfig>) -> 
     }
     let backend = Arc::new(Sandbox::new(SandboxConfig {
         data_dir: args.data_dir.clone(),
-        cell_rootfs: args.cell_rootfs.clone(),
-        build_image: args.build_image.clone(),
+        cell_rootfs: args.cell_rootfs.clone().unwrap_or_default(),
+        build_image: args.build_image.clone().unwrap_or_default(),
         cell_binary: args.cell_binary.clone(),
         jail_helper: helper,
         cgroup_parent: args.cgroup_parent.clone(),

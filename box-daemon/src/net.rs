@@ -175,28 +175,35 @@ pub async fn create_netns(name: &str) -> Result<PathBuf, NetError> {
         source,
     };
     fs::create_dir_all(NETNS_DIR).map_err(err)?;
+    // A stale pin from a crashed run (same name) would make the create below fail with EPERM.
+    if path.exists() {
+        delete_netns(&path);
+    }
     fs::File::create(&path).map_err(err)?;
     let target = path.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     // The namespace is made by a throw-away thread (netns is per thread) and pinned by a bind
     // mount of that thread's ns file before the thread ends.
     std::thread::spawn(move || {
-        let res = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).and_then(|()| {
-            nix::mount::mount(
-                Some("/proc/thread-self/ns/net"),
-                &target,
-                None::<&str>,
-                nix::mount::MsFlags::MS_BIND,
-                None::<&str>,
-            )
-        });
+        let res = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| io::Error::other(format!("unshare(CLONE_NEWNET): {e}")))
+            .and_then(|()| {
+                nix::mount::mount(
+                    Some("/proc/thread-self/ns/net"),
+                    &target,
+                    None::<&str>,
+                    nix::mount::MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| io::Error::other(format!("bind mount the netns: {e}")))
+            });
         let _ = tx.send(res);
     });
     match rx.await {
         Ok(Ok(())) => Ok(path),
         Ok(Err(e)) => {
             let _ = fs::remove_file(&path);
-            Err(err(e.into()))
+            Err(err(e))
         }
         Err(_) => Err(err(io::Error::other("netns thread died"))),
     }

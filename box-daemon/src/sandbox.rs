@@ -311,14 +311,31 @@ impl CellBackend for Sandbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(cell_id);
-        let cgroup = self.cgroups.open(&self.cfg.cgroup_parent, cell_id);
-        // Killing everything in the cgroup takes the helper, PID 1 and every build process; the
-        // pid namespace and with it the jail's mounts (overlay, binds, /proc, /dev) go away.
-        let killed = cgroup.destroy().await;
+        // PID 1 goes first, so the helper (its parent) reaps it and exits; killing both at once
+        // would orphan PID 1 to the host's init, which may leave it a zombie. When PID 1 dies the
+        // kernel kills the rest of its pid namespace, and the jail's mounts (overlay, binds,
+        // /proc, /dev) go with the namespace.
         if let Some(mut child) = child {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            if let Some(pid) = fs::read_to_string(self.cell_dir(cell_id).join("pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
         }
+        // Whatever is still in the cgroup (a helper from a previous run of the box) is killed.
+        let cgroup = self.cgroups.open(&self.cfg.cgroup_parent, cell_id);
+        let killed = cgroup.destroy().await;
         self.cfg
             .net
             .destroy_cell(&CellNetNames::for_cell(cell_id))

@@ -81,6 +81,7 @@ fn init_tracing(json: bool) {
         .unwrap_or_else(|| "info".to_string());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -138,8 +139,14 @@ async fn main() {
     let args = Args::parse();
     init_tracing(args.log_json);
     if let Err(e) = run(args).await {
-        // The whole chain, once.
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // The whole chain, once: our error types already spell out their cause, so skip a
+        // link the one before it already said.
+        let mut chain: Vec<String> = Vec::new();
+        for link in e.chain().map(|c| c.to_string()) {
+            if !chain.last().is_some_and(|prev| prev.contains(&link)) {
+                chain.push(link);
+            }
+        }
         tracing::error!("fatal: {}", chain.join(": "));
         eprintln!("hive-control-plane: {}", chain.join(": "));
         std::process::exit(1);

@@ -220,7 +220,7 @@ async fn leases_and_states(url: String) {
         .unwrap();
     assert_eq!(orphans, vec!["ghost".to_string()]);
     let orphans = store
-        .renew_leases("box-a", &[b.id.clone()], i64::MAX / 2)
+        .renew_leases("box-a", std::slice::from_ref(&b.id), i64::MAX / 2)
         .await
         .unwrap();
     assert_eq!(orphans, vec![b.id.clone()]);

@@ -246,24 +246,35 @@ impl<B: CellBackend> Pool<B> {
     }
 
     /// A cell for a build: warm if one is ready (O(1)), else cold-started. The bool is warm_start.
+    /// At capacity with cells still booting, it waits for one of those rather than refuse.
     pub async fn take(self: &Arc<Self>, class: &str) -> Result<(Cell, bool), PoolError> {
-        let spec = {
-            let mut inner = self.lock();
-            if inner.shutting_down {
-                return Err(PoolError::ShuttingDown);
+        let deadline = Instant::now() + self.ready_timeout;
+        let spec = loop {
+            let notified = self.changed.notified();
+            {
+                let mut inner = self.lock();
+                if inner.shutting_down {
+                    return Err(PoolError::ShuttingDown);
+                }
+                let names = inner.classes.keys().cloned().collect::<Vec<_>>().join(", ");
+                let c = inner
+                    .classes
+                    .get_mut(class)
+                    .ok_or_else(|| PoolError::UnknownClass(class.to_string(), names))?;
+                if let Some(cell) = c.warm.pop_front() {
+                    c.busy += 1;
+                    drop(inner);
+                    self.top_up();
+                    return Ok((cell, true));
+                }
+                match Self::reserve(&mut inner, class) {
+                    Ok((spec, ())) => break spec,
+                    Err(PoolError::NoRoom { booting, .. })
+                        if booting > 0 && Instant::now() < deadline => {}
+                    Err(e) => return Err(e),
+                }
             }
-            let names = inner.classes.keys().cloned().collect::<Vec<_>>().join(", ");
-            let c = inner
-                .classes
-                .get_mut(class)
-                .ok_or_else(|| PoolError::UnknownClass(class.to_string(), names))?;
-            if let Some(cell) = c.warm.pop_front() {
-                c.busy += 1;
-                drop(inner);
-                self.top_up();
-                return Ok((cell, true));
-            }
-            Self::reserve(&mut inner, class)?.0
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         };
         let id = spec.id.clone();
         let res = self.boot(spec).await;

@@ -158,6 +158,11 @@ impl FakeBox {
         Ok(fb)
     }
 
+    /// Points later reconnects at another address (a restarted control plane's new port).
+    pub fn set_addr(&mut self, addr: &str) {
+        self.addr = addr.to_string();
+    }
+
     pub fn box_id(&self) -> &str {
         &self.cfg.box_id
     }
@@ -307,6 +312,11 @@ impl FakeBox {
     /// Stops reporting a build as running (its lease is then no longer renewed).
     pub fn forget_build(&self, build_id: &str) {
         self.lock().running.remove(build_id);
+    }
+
+    /// The pool state the next heartbeat reports.
+    pub fn pools(&self) -> Vec<PoolState> {
+        self.lock().pools.clone()
     }
 
     /// Highest seq the control plane acknowledged so far.
@@ -495,9 +505,20 @@ impl FakeBox {
         self.send_acked(box_message::Msg::Update(u)).await
     }
 
-    /// ACCEPTED: confirms the lease; the build is then reported in heartbeats.
+    /// ACCEPTED: confirms the lease; the build is then reported in heartbeats, and the pool of
+    /// its size class shows one cell more busy (taken from the warm ones if any), as a real
+    /// box's would.
     pub async fn accept(&mut self, a: &Assignment, cell_id: &str, warm_start: bool) -> u64 {
-        self.lock().running.insert(a.build_id.clone());
+        {
+            let mut s = self.lock();
+            if s.running.insert(a.build_id.clone()) {
+                let class = a.size_class.as_ref().map(|c| c.name.as_str()).unwrap_or("");
+                if let Some(p) = s.pools.iter_mut().find(|p| p.size_class == class) {
+                    p.warm = p.warm.saturating_sub(1);
+                    p.busy += 1;
+                }
+            }
+        }
         self.update(a, BuildUpdateKind::Accepted, |u| {
             u.cell_id = cell_id.to_string();
             u.warm_start = warm_start;
@@ -549,8 +570,20 @@ impl FakeBox {
     }
 
     /// FINISHED with a terminal state; the build stops being reported as running.
+    /// The cell is destroyed and the pool topped up again at once.
     pub async fn finish(&mut self, a: &Assignment, state: BuildState, exit_code: i32) -> u64 {
-        self.lock().running.remove(&a.build_id);
+        {
+            let mut s = self.lock();
+            if s.running.remove(&a.build_id) {
+                let class = a.size_class.as_ref().map(|c| c.name.as_str()).unwrap_or("");
+                if let Some(p) = s.pools.iter_mut().find(|p| p.size_class == class) {
+                    p.busy = p.busy.saturating_sub(1);
+                    if p.warm < p.target {
+                        p.warm += 1;
+                    }
+                }
+            }
+        }
         self.update(a, BuildUpdateKind::Finished, |u| {
             u.state = state as i32;
             u.exit_code = exit_code;

@@ -1,0 +1,846 @@
+//! The control plane end to end with fake boxes: the real `hive-control-plane` binary, the real
+//! `hivectl`, and `FakeBox` speaking `BoxAgent.Session` over real gRPC. Covers placement, leases
+//! (unconfirmed, rejected, box silent or gone), cancel and timeout reaching the box, log
+//! streaming with ack/resend across reconnects, cordon/drain, and restarts that lose nothing.
+//! Every test runs on SQLite and on PostgreSQL (`HIVE_TEST_POSTGRES_URL`, else loudly skipped).
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::control_plane_client::ControlPlaneClient;
+use hive_proto::v1::{Build, BuildState, GetBuildRequest, LogStream};
+use hive_tests::controlplane::{hivectl_bin, Backend, ControlPlaneOptions, TestHive};
+use hive_tests::fakebox::{FakeBox, FakeBoxConfig};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+const REV: &str = "9fceb02d0ae598e95dc970b74767f19372d61af8";
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both!(
+    assignment_runs_to_success_with_logs_and_history,
+    logs_follow_and_watch_stream_live_in_order,
+    rejected_and_unconfirmed_leases_requeue_and_stale_updates_are_ignored,
+    silent_or_vanished_box_loses_its_build_to_another_box,
+    cancel_and_timeout_tell_the_box,
+    reconnect_resends_unacked_messages_and_duplicates_are_stored_once,
+    restart_loses_nothing,
+    cordon_and_drain,
+    hivectl_reports_errors_clearly,
+);
+
+/// Short leases and a fast scheduler so expiry tests take seconds.
+fn fast() -> ControlPlaneOptions {
+    ControlPlaneOptions {
+        lease_secs: 2,
+        heartbeat_interval_ms: 300,
+        extra_args: vec!["--scheduler-tick-ms".into(), "100".into()],
+        ..ControlPlaneOptions::default()
+    }
+}
+
+fn ctl(h: &TestHive, args: &[&str]) -> std::process::Output {
+    h.cp.hivectl(args).expect("run hivectl")
+}
+
+/// Runs hivectl with --json, asserts exit 0, parses stdout.
+fn ctl_json(h: &TestHive, args: &[&str]) -> Value {
+    let mut full = args.to_vec();
+    full.push("--json");
+    let out = ctl(h, &full);
+    assert!(
+        out.status.success(),
+        "hivectl {args:?} failed ({}): {}\ncontrol plane log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        h.cp.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "hivectl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn add_project(h: &TestHive, name: &str, extra: &[&str]) {
+    let repo = format!("http://198.18.0.2/{name}.git");
+    let mut args = vec![
+        "project",
+        "add",
+        name,
+        "--repo",
+        &repo,
+        "--secret",
+        "s3cret",
+        "--step",
+        "make",
+        "--step",
+        "make test",
+        "--env",
+        "CI=true",
+    ];
+    args.extend_from_slice(extra);
+    ctl_json(h, &args);
+}
+
+/// `hivectl submit` -> build id.
+fn submit(h: &TestHive, project: &str) -> String {
+    let b = ctl_json(
+        h,
+        &["submit", project, "--rev", REV, "--ref", "refs/heads/main"],
+    );
+    assert_eq!(b["state"], "queued", "{b}");
+    b["id"].as_str().expect("build id").to_string()
+}
+
+async fn client(h: &TestHive) -> ControlPlaneClient<tonic::transport::Channel> {
+    ControlPlaneClient::connect(h.cp.grpc_url())
+        .await
+        .expect("connect ControlPlane")
+}
+
+async fn get(h: &TestHive, id: &str) -> Build {
+    client(h)
+        .await
+        .get_build(GetBuildRequest { id: id.to_string() })
+        .await
+        .expect("GetBuild")
+        .into_inner()
+}
+
+/// Polls until the build is in `want` (panics with its history and the log otherwise).
+async fn wait_state(h: &TestHive, id: &str, want: BuildState, within: Duration) -> Build {
+    let t0 = Instant::now();
+    let mut c = client(h).await;
+    loop {
+        let b = c
+            .get_build(GetBuildRequest { id: id.to_string() })
+            .await
+            .expect("GetBuild")
+            .into_inner();
+        if b.state == want as i32 {
+            return b;
+        }
+        if t0.elapsed() > within {
+            panic!(
+                "build {id} not {} within {within:?}: {b:?}\nlog:\n{}",
+                want.short_name(),
+                h.cp.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn fake_box(h: &TestHive, id: &str, warm: u32) -> FakeBox {
+    FakeBox::connect(
+        &h.cp.grpc_url(),
+        FakeBoxConfig::new(id, "small", warm, warm.max(1)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("fake box {id}: {e}\nlog:\n{}", h.cp.log()))
+}
+
+fn states(b: &Value) -> Vec<String> {
+    b["transitions"]
+        .as_array()
+        .expect("transitions")
+        .iter()
+        .map(|t| t["state"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+async fn assignment_runs_to_success_with_logs_and_history(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "assignment_runs_to_success", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &["--timeout", "600"]);
+    let mut fb = fake_box(&h, "box-a", 2).await;
+    let reg = fb.registered().expect("registered").clone();
+    assert!(
+        reg.size_classes.iter().any(|c| c.name == "small"),
+        "{reg:?}"
+    );
+    assert_eq!(reg.acked_seq, 0);
+
+    let id = submit(&h, "demo");
+    let a = fb.next_assignment(T).await.expect("assignment");
+    assert_eq!(a.build_id, id);
+    assert_eq!(a.project_name, "demo");
+    assert_eq!(a.repo_url, "http://198.18.0.2/demo.git");
+    assert_eq!(a.revision, REV);
+    assert_eq!(a.git_ref, "refs/heads/main");
+    assert_eq!(a.steps, vec!["make".to_string(), "make test".to_string()]);
+    assert_eq!(a.env.get("CI").map(String::as_str), Some("true"));
+    assert_eq!(a.timeout_secs, 600);
+    assert_eq!(
+        a.size_class.as_ref().map(|c| c.name.as_str()),
+        Some("small")
+    );
+    assert!(!a.lease_id.is_empty());
+    assert!(a.lease_deadline_ms > 0);
+    assert_eq!(get(&h, &id).await.state, BuildState::Placed as i32);
+
+    fb.accept(&a, "cell-1", true).await;
+    fb.running(&a).await;
+    wait_state(&h, &id, BuildState::Running, T).await;
+    // Leases are renewed by heartbeats: well past the 2 s lease it still runs.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        get(&h, &id).await.state,
+        BuildState::Running as i32,
+        "lease renewal failed"
+    );
+
+    let mut expect = Vec::new();
+    for i in 0..20u32 {
+        let line = format!("step output line {i}\n");
+        let stream = if i % 3 == 0 {
+            LogStream::Stderr
+        } else {
+            LogStream::Stdout
+        };
+        fb.log(&a, stream, i / 10, line.as_bytes()).await;
+        expect.extend_from_slice(line.as_bytes());
+    }
+    fb.finish(&a, BuildState::Succeeded, 0).await;
+    fb.wait_all_acked(T).await.expect("everything acked");
+    wait_state(&h, &id, BuildState::Succeeded, T).await;
+
+    let b = ctl_json(&h, &["build", &id]);
+    assert_eq!(b["state"], "succeeded");
+    assert_eq!(b["box_id"], "box-a");
+    assert_eq!(b["cell_id"], "cell-1");
+    assert_eq!(b["warm_start"], true);
+    assert_eq!(b["exit_code"], 0);
+    assert_eq!(states(&b), ["queued", "placed", "running", "succeeded"]);
+
+    let out = ctl(&h, &["logs", &id]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&expect)
+    );
+    // From an offset.
+    let out = ctl(&h, &["logs", &id, "--from", "19"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "step output line 19\n"
+    );
+
+    let boxes = ctl_json(&h, &["boxes"]);
+    assert_eq!(boxes[0]["id"], "box-a", "{boxes}");
+    assert_eq!(boxes[0]["state"], "active");
+    assert_eq!(boxes[0]["backend"], "sandbox");
+    let listed = ctl_json(&h, &["builds", "--state", "succeeded", "--project", "demo"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    // Human output is a table with a header.
+    let table = String::from_utf8_lossy(&ctl(&h, &["builds"]).stdout).into_owned();
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(table.contains("succeeded"), "{table}");
+    h.finish().await;
+}
+
+/// Spawns hivectl with piped stdout; returns the child and a thread collecting its output.
+fn spawn_ctl(
+    h: &TestHive,
+    args: &[&str],
+) -> (std::process::Child, std::thread::JoinHandle<Vec<u8>>) {
+    let mut child = Command::new(hivectl_bin())
+        .args(args)
+        .env("HIVE_ADDR", h.cp.grpc_url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn hivectl");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    (child, reader)
+}
+
+fn wait_child(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait hivectl") {
+            return s;
+        }
+        if t0.elapsed() > within {
+            let _ = child.kill();
+            panic!("hivectl did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn logs_follow_and_watch_stream_live_in_order(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "logs_follow", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    let mut fb = fake_box(&h, "box-a", 1).await;
+    let id = submit(&h, "demo");
+    let (mut watch, watch_out) = spawn_ctl(&h, &["watch", &id]);
+    let a = fb.next_assignment(T).await.expect("assignment");
+    fb.accept(&a, "cell-1", true).await;
+    fb.running(&a).await;
+    wait_state(&h, &id, BuildState::Running, T).await;
+
+    // Follow from before the first chunk; chunks arrive while it is attached.
+    let (mut follow, follow_out) = spawn_ctl(&h, &["logs", "-f", &id]);
+    let mut expect = Vec::new();
+    for i in 0..300u32 {
+        let line = format!("line {i:04} {}\n", "x".repeat((i % 50) as usize));
+        fb.log(&a, LogStream::Stdout, 0, line.as_bytes()).await;
+        expect.extend_from_slice(line.as_bytes());
+        if i % 30 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Binary data passes through untouched.
+    let raw: Vec<u8> = (0u8..=255).collect();
+    fb.log(&a, LogStream::Stderr, 1, &raw).await;
+    expect.extend_from_slice(&raw);
+    fb.finish(&a, BuildState::Failed, 3).await;
+
+    let status = wait_child(&mut follow, T);
+    let got = follow_out.join().expect("reader");
+    assert_eq!(got.len(), expect.len(), "logs -f length");
+    assert!(
+        got == expect,
+        "logs -f output differs from what the box sent"
+    );
+    assert_eq!(
+        status.code(),
+        Some(10),
+        "logs -f of a failed build exits 10"
+    );
+
+    let status = wait_child(&mut watch, T);
+    assert_eq!(status.code(), Some(10), "watch of a failed build exits 10");
+    let text = String::from_utf8_lossy(&watch_out.join().expect("reader")).into_owned();
+    let seen: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    // The box was waiting, so the build may be placed before watch attaches.
+    assert!(
+        matches!(seen.first(), Some(&"queued" | &"placed")),
+        "{text}"
+    );
+    assert_eq!(seen.last(), Some(&"failed"), "{text}");
+    assert!(seen.contains(&"running"), "{text}");
+    assert!(text.contains("exit=3"), "{text}");
+
+    // Following an ended build prints everything and exits at once.
+    let out = ctl(&h, &["logs", "-f", &id]);
+    assert_eq!(out.stdout, expect);
+    assert_eq!(out.status.code(), Some(10));
+    h.finish().await;
+}
+
+async fn rejected_and_unconfirmed_leases_requeue_and_stale_updates_are_ignored(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "leases_requeue", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    let mut fb = fake_box(&h, "box-a", 1).await;
+    let id = submit(&h, "demo");
+
+    // 1. Rejected: back to the queue, placed again with a new lease.
+    let a1 = fb.next_assignment(T).await.expect("first assignment");
+    fb.reject(&a1, "no room after all").await;
+    let a2 = fb.next_assignment(T).await.expect("second assignment");
+    assert_eq!(a2.build_id, id);
+    assert_ne!(a2.lease_id, a1.lease_id);
+
+    // 2. Not confirmed: after the 2 s lease the build is re-queued and the box told to drop it.
+    let t0 = Instant::now();
+    let cancel = fb
+        .expect_cancel(&id, T)
+        .await
+        .expect("cancel of the expired lease");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "lease expired too early"
+    );
+    let _ = cancel;
+    let a3 = fb.next_assignment(T).await.expect("third assignment");
+    assert_ne!(a3.lease_id, a2.lease_id);
+    let b = get(&h, &id).await;
+    assert!(b.attempt >= 2, "attempt should count re-queues: {b:?}");
+
+    // 3. Updates for the expired lease are ignored; the current lease's count.
+    fb.accept(&a2, "stale-cell", false).await;
+    fb.finish(&a2, BuildState::Failed, 99).await;
+    fb.accept(&a3, "cell-3", true).await;
+    fb.running(&a3).await;
+    wait_state(&h, &id, BuildState::Running, T).await;
+    fb.finish(&a3, BuildState::Succeeded, 0).await;
+    fb.wait_all_acked(T).await.expect("acked");
+    let b = wait_state(&h, &id, BuildState::Succeeded, T).await;
+    assert_eq!(b.cell_id, "cell-3");
+    assert_eq!(b.exit_code, 0);
+    let hist = states(&ctl_json(&h, &["build", &id]));
+    assert_eq!(
+        hist.iter().filter(|s| *s == "placed").count(),
+        3,
+        "{hist:?}"
+    );
+    assert!(!hist.contains(&"failed".to_string()), "{hist:?}");
+    h.finish().await;
+}
+
+async fn silent_or_vanished_box_loses_its_build_to_another_box(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "silent_box", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    // Only box A has a warm cell; box B has room but no warm cell.
+    let mut a_box = fake_box(&h, "box-a", 1).await;
+    let mut b_box = FakeBox::connect(&h.cp.grpc_url(), FakeBoxConfig::new("box-b", "small", 0, 1))
+        .await
+        .expect("box-b");
+
+    // Silent: connection open, heartbeats stop.
+    let id = submit(&h, "demo");
+    let a = a_box.next_assignment(T).await.expect("A gets it (warm)");
+    a_box.accept(&a, "a-cell", true).await;
+    a_box.running(&a).await;
+    wait_state(&h, &id, BuildState::Running, T).await;
+    a_box.set_heartbeats(false);
+    let b = b_box
+        .next_assignment(T)
+        .await
+        .expect("B gets it after A went silent");
+    assert_eq!(b.build_id, id);
+    let boxes = ctl_json(&h, &["boxes"]);
+    let a_state = boxes
+        .as_array()
+        .and_then(|v| v.iter().find(|x| x["id"] == "box-a"))
+        .map(|x| x["state"].clone());
+    assert_eq!(a_state, Some(Value::from("offline")), "{boxes}");
+    b_box.accept(&b, "b-cell", false).await;
+    b_box.running(&b).await;
+    // A late word from the silent box's old lease changes nothing.
+    a_box.finish(&a, BuildState::Failed, 1).await;
+    b_box.finish(&b, BuildState::Succeeded, 0).await;
+    let done = wait_state(&h, &id, BuildState::Succeeded, T).await;
+    assert_eq!(done.box_id, "box-b");
+    assert!(!done.warm_start);
+    drop(a_box);
+
+    // Vanished: the connection drops (box crashed).
+    let id2 = submit(&h, "demo");
+    let b2 = b_box
+        .next_assignment(T)
+        .await
+        .expect("B gets the next build");
+    b_box.accept(&b2, "b-cell-2", true).await;
+    b_box.disconnect();
+    let mut c_box = fake_box(&h, "box-c", 1).await;
+    let c = c_box
+        .next_assignment(T)
+        .await
+        .expect("C gets it after B vanished");
+    assert_eq!(c.build_id, id2);
+    c_box.accept(&c, "c-cell", true).await;
+    c_box.finish(&c, BuildState::Succeeded, 0).await;
+    wait_state(&h, &id2, BuildState::Succeeded, T).await;
+    assert!(get(&h, &id2).await.attempt >= 1);
+    h.finish().await;
+}
+
+async fn cancel_and_timeout_tell_the_box(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "cancel_and_timeout", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    add_project(&h, "slow", &["--timeout", "2"]);
+    let mut fb = fake_box(&h, "box-a", 2).await;
+
+    // Cancel while running.
+    let id = submit(&h, "demo");
+    let a = fb.next_assignment(T).await.expect("assignment");
+    fb.accept(&a, "cell-1", true).await;
+    fb.running(&a).await;
+    wait_state(&h, &id, BuildState::Running, T).await;
+    let out = ctl(&h, &["cancel", &id, "--reason", "test says stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = fb.expect_cancel(&id, T).await.expect("box told to cancel");
+    assert_eq!(c.state, BuildState::Cancelled as i32);
+    fb.finish(&a, BuildState::Cancelled, -1).await;
+    let b = wait_state(&h, &id, BuildState::Cancelled, T).await;
+    assert!(b.message.contains("test says stop"), "{b:?}");
+    // Cancelling again is refused, clearly.
+    let again = ctl(&h, &["cancel", &id]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("cancelled"));
+
+    // Timeout while running: the control plane ends it and tells the box.
+    let id2 = submit(&h, "slow");
+    let a2 = fb.next_assignment(T).await.expect("assignment");
+    assert_eq!(a2.timeout_secs, 2);
+    fb.accept(&a2, "cell-2", true).await;
+    fb.running(&a2).await;
+    let c2 = fb
+        .expect_cancel(&id2, T)
+        .await
+        .expect("box told of the timeout");
+    assert_eq!(c2.state, BuildState::TimedOut as i32);
+    fb.finish(&a2, BuildState::TimedOut, -1).await;
+    wait_state(&h, &id2, BuildState::TimedOut, T).await;
+    let w = ctl(&h, &["watch", &id2]);
+    assert_eq!(
+        w.status.code(),
+        Some(12),
+        "watch of a timed-out build exits 12"
+    );
+    assert_eq!(ctl_json(&h, &["build", &id2])["state"], "timed_out");
+
+    // Cancel while queued (no box has room: cordon it): ends at once, no box involved.
+    ctl_json(&h, &["box", "cordon", "box-a"]);
+    let id3 = submit(&h, "demo");
+    let out = ctl_json(&h, &["cancel", &id3]);
+    assert_eq!(out["state"], "cancelled");
+    assert!(fb
+        .expect_silence(Duration::from_millis(500))
+        .await
+        .is_none());
+    fb.wait_all_acked(T).await.expect("acked");
+    h.finish().await;
+}
+
+async fn reconnect_resends_unacked_messages_and_duplicates_are_stored_once(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "reconnect_resends", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    let mut fb = fake_box(&h, "box-a", 1).await;
+    let id = submit(&h, "demo");
+    let a = fb.next_assignment(T).await.expect("assignment");
+    fb.accept(&a, "cell-1", true).await;
+    fb.running(&a).await;
+    let mut expect = Vec::new();
+    for i in 0..10 {
+        let l = format!("before {i}\n");
+        fb.log(&a, LogStream::Stdout, 0, l.as_bytes()).await;
+        expect.extend_from_slice(l.as_bytes());
+    }
+    fb.wait_all_acked(T).await.expect("acked before the cut");
+    let acked_before = fb.acked_seq();
+    assert_eq!(acked_before, fb.next_seq() - 1);
+
+    // Cut the link; the box goes on producing (queued locally), then reconnects.
+    fb.disconnect();
+    for i in 0..10 {
+        let l = format!("during {i}\n");
+        fb.log(&a, LogStream::Stdout, 0, l.as_bytes()).await;
+        expect.extend_from_slice(l.as_bytes());
+    }
+    fb.finish(&a, BuildState::Succeeded, 0).await;
+    assert_eq!(fb.unacked(), 11);
+    let reg = fb.reconnect().await.expect("reconnect");
+    assert_eq!(
+        reg.acked_seq, acked_before,
+        "Registered.acked_seq is the stored high mark"
+    );
+    fb.wait_all_acked(T).await.expect("resent messages acked");
+    wait_state(&h, &id, BuildState::Succeeded, T).await;
+
+    // A duplicate of an already stored chunk (a resend race) is stored once.
+    let dup = hive_proto::v1::BoxMessage {
+        seq: 3,
+        msg: Some(hive_proto::v1::box_message::Msg::Log(
+            hive_proto::v1::LogChunk {
+                build_id: id.clone(),
+                seq: 0,
+                stream: LogStream::Stdout as i32,
+                step: 0,
+                data: b"DUPLICATE\n".to_vec(),
+                at_ms: 1,
+            },
+        )),
+    };
+    fb.send_raw(dup).await.expect("send duplicate");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = ctl(&h, &["logs", &id]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&expect),
+        "every chunk exactly once, in order"
+    );
+    h.finish().await;
+}
+
+async fn restart_loses_nothing(backend: Backend) {
+    // Leases long enough to outlive the restart: the running build must carry on, not re-queue.
+    let opts = ControlPlaneOptions {
+        lease_secs: 15,
+        ..fast()
+    };
+    let Some(h) = TestHive::start(backend, "restart_loses_nothing", opts).await else {
+        return;
+    };
+    add_project(&h, "demo", &["--branch", "main", "--env", "A=1"]);
+    let mut fb = fake_box(&h, "box-a", 1).await;
+    let done = submit(&h, "demo");
+    let a = fb.next_assignment(T).await.expect("assignment");
+    fb.accept(&a, "cell-1", true).await;
+    fb.running(&a).await;
+    fb.log(&a, LogStream::Stdout, 0, b"hello\n").await;
+    fb.finish(&a, BuildState::Succeeded, 0).await;
+    fb.wait_all_acked(T).await.expect("acked");
+    wait_state(&h, &done, BuildState::Succeeded, T).await;
+
+    let running = submit(&h, "demo");
+    let r = fb.next_assignment(T).await.expect("assignment");
+    fb.accept(&r, "cell-2", true).await;
+    fb.running(&r).await;
+    fb.log(&r, LogStream::Stdout, 0, b"part one\n").await;
+    fb.wait_all_acked(T).await.expect("acked");
+    wait_state(&h, &running, BuildState::Running, T).await;
+    // Box full: this one stays queued.
+    let queued = submit(&h, "demo");
+
+    let snapshot = |h: &TestHive| {
+        (
+            ctl_json(h, &["projects"]),
+            ctl_json(h, &["builds"]),
+            String::from_utf8_lossy(&ctl(h, &["logs", &done]).stdout).into_owned(),
+        )
+    };
+    let before = snapshot(&h);
+    // The box loses its link while the control plane restarts, then finds it again (new port).
+    fb.disconnect();
+    let h = h.restart().await;
+    let after = snapshot(&h);
+    assert_eq!(before.0, after.0, "projects changed across restart");
+    assert_eq!(before.2, after.2, "logs changed across restart");
+    assert_eq!(before.1, after.1, "builds changed across restart");
+    assert_eq!(get(&h, &queued).await.state, BuildState::Queued as i32);
+
+    fb.set_addr(&h.cp.grpc_url());
+    let reg = fb.reconnect().await.expect("reconnect after restart");
+    assert_eq!(
+        reg.acked_seq,
+        fb.next_seq() - 1,
+        "the stored high mark survived the restart"
+    );
+    fb.log(&r, LogStream::Stdout, 0, b"part two\n").await;
+    fb.finish(&r, BuildState::Succeeded, 0).await;
+    fb.wait_all_acked(T).await.expect("acked");
+    wait_state(&h, &running, BuildState::Succeeded, T).await;
+    let out = ctl(&h, &["logs", &running]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "part one\npart two\n");
+    // The box is free again: the queued build goes out.
+    let q = fb
+        .next_assignment(T)
+        .await
+        .expect("queued build placed after restart");
+    assert_eq!(q.build_id, queued);
+
+    // A hard kill right after a webhook was answered 202 loses nothing either.
+    let client = hive_tests::github::WebhookClient::new();
+    let ans = client
+        .send_signed(
+            &h.cp.webhook_url(),
+            "s3cret",
+            "push",
+            "crash-1",
+            hive_tests::github::push_payload(
+                "http://198.18.0.2/demo.git",
+                "refs/heads/main",
+                REV,
+                false,
+            ),
+        )
+        .await
+        .expect("push");
+    assert_eq!(ans.status, 202, "{}", ans.body);
+    let bid = ans.json()["build_id"]
+        .as_str()
+        .expect("build id")
+        .to_string();
+    let TestHive {
+        mut cp,
+        pg,
+        backend,
+    } = h;
+    cp.crash();
+    let h = TestHive { cp, pg, backend }.restart().await;
+    let b = ctl_json(&h, &["build", &bid]);
+    assert_eq!(b["trigger"], "webhook:crash-1");
+    h.finish().await;
+}
+
+async fn cordon_and_drain(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "cordon_and_drain", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    let mut fb = fake_box(&h, "box-a", 2).await;
+    let running = submit(&h, "demo");
+    let a = fb.next_assignment(T).await.expect("assignment");
+    fb.accept(&a, "cell-1", true).await;
+    fb.running(&a).await;
+
+    let b = ctl_json(&h, &["box", "cordon", "box-a"]);
+    assert_eq!(b["state"], "cordoned");
+    let waiting = submit(&h, "demo");
+    assert!(
+        fb.expect_silence(Duration::from_millis(800))
+            .await
+            .is_none(),
+        "a cordoned box got new work"
+    );
+    assert_eq!(get(&h, &waiting).await.state, BuildState::Queued as i32);
+    assert_eq!(get(&h, &running).await.state, BuildState::Running as i32);
+
+    let b = ctl_json(&h, &["box", "drain", "box-a"]);
+    assert_eq!(b["state"], "draining");
+    fb.expect_drain(T).await.expect("box told to drain");
+    fb.finish(&a, BuildState::Succeeded, 0).await;
+    fb.wait_all_acked(T).await.expect("acked");
+    wait_state(&h, &running, BuildState::Succeeded, T).await;
+    fb.disconnect();
+    let t0 = Instant::now();
+    loop {
+        let boxes = ctl_json(&h, &["boxes"]);
+        if boxes[0]["state"] == "left" {
+            break;
+        }
+        assert!(t0.elapsed() < T, "drained box never left: {boxes}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A fresh box picks up the waiting build.
+    let mut other = fake_box(&h, "box-b", 1).await;
+    let w = other.next_assignment(T).await.expect("assignment on box-b");
+    assert_eq!(w.build_id, waiting);
+    h.finish().await;
+}
+
+async fn hivectl_reports_errors_clearly(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "hivectl_errors", fast()).await else {
+        return;
+    };
+    let err = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    let out = ctl(&h, &["build", "no-such-build"]);
+    assert_eq!(out.status.code(), Some(4), "{}", err(&out));
+    assert!(
+        err(&out).starts_with("hivectl: build no-such-build: not found"),
+        "{}",
+        err(&out)
+    );
+    assert_eq!(err(&out).lines().count(), 1, "one line: {}", err(&out));
+
+    add_project(&h, "demo", &[]);
+    let dup = ctl(
+        &h,
+        &[
+            "project",
+            "add",
+            "demo",
+            "--repo",
+            "http://x/y.git",
+            "--secret",
+            "s",
+            "--step",
+            "true",
+        ],
+    );
+    assert_eq!(dup.status.code(), Some(1), "{}", err(&dup));
+    assert!(err(&dup).contains("demo"), "{}", err(&dup));
+
+    let bad_class = ctl(
+        &h,
+        &[
+            "project",
+            "add",
+            "other",
+            "--repo",
+            "http://x/z.git",
+            "--secret",
+            "s",
+            "--size",
+            "enormous",
+            "--step",
+            "true",
+        ],
+    );
+    assert_eq!(bad_class.status.code(), Some(1), "{}", err(&bad_class));
+    assert!(err(&bad_class).contains("enormous"), "{}", err(&bad_class));
+
+    let no_steps = ctl(&h, &["project", "add", "x", "--repo", "r", "--secret", "s"]);
+    assert_eq!(no_steps.status.code(), Some(2));
+
+    let missing = ctl(&h, &["submit", "nope"]);
+    assert_eq!(missing.status.code(), Some(4), "{}", err(&missing));
+
+    let unreachable =
+        hive_tests::controlplane::hivectl("http://127.0.0.1:1", &["projects"]).expect("run");
+    assert_eq!(unreachable.status.code(), Some(3));
+    assert!(
+        err(&unreachable).contains("cannot reach control plane at http://127.0.0.1:1"),
+        "{}",
+        err(&unreachable)
+    );
+
+    let classes = ctl_json(&h, &["classes"]);
+    let names: Vec<&str> = classes
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"small") && names.contains(&"large"),
+        "{classes}"
+    );
+
+    let shown = ctl_json(&h, &["project", "show", "demo"]);
+    assert_eq!(shown["env"]["CI"], "true");
+    assert_eq!(shown["steps"][1], "make test");
+    let text = String::from_utf8_lossy(&ctl(&h, &["project", "show", "demo"]).stdout).into_owned();
+    assert!(
+        text.contains("step 2:") && text.contains("make test"),
+        "{text}"
+    );
+    let rm = ctl(&h, &["project", "rm", "demo"]);
+    assert!(rm.status.success(), "{}", err(&rm));
+    assert_eq!(
+        ctl_json(&h, &["projects"]).as_array().map(Vec::len),
+        Some(0)
+    );
+    let gone = ctl(&h, &["project", "show", "demo"]);
+    assert_eq!(gone.status.code(), Some(4));
+
+    let cells = ctl_json(&h, &["cells"]);
+    assert!(cells.is_array());
+    h.finish().await;
+}

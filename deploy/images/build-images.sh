@@ -9,7 +9,7 @@
 #
 # Both are cached under ${HIVE_CACHE:-/var/cache/hive}/images by content hash:
 #   base-<key>/rootfs    key = sha256(suite, mirror, package list, the base recipe below)
-#   cell-<key>/rootfs    key = sha256(base key + sha256 of the hive-cell binary)
+#   cell-<key>/rootfs    key = sha256(base key, sha256 of the hive-cell binary, the cell recipe)
 # The cell rootfs hard-links the base files (cp -al): both trees are read-only lowerdirs, so
 # sharing inodes is safe and costs no space. Each is one directory usable as an overlay lowerdir.
 #
@@ -155,22 +155,25 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 3. Cell rootfs = base (hard links) + /sbin/hive-cell + mount points
 # ---------------------------------------------------------------------------------------------
-cell_sha="$(sha <"$cell_binary")"
-cell_key="$(echo "$base_key $cell_sha" | sha)"
-cell="$cache/images/cell-$cell_key"
-
 build_cell() {
   local tmp
   tmp="$(mktemp -d "$cache/images/.cell-$cell_key.XXXXXX")"
   cp -al "$base/rootfs" "$tmp/rootfs"
   # A fresh inode, never a hard link: the binary differs per cell rootfs.
   install -m 0755 -o root -g root "$cell_binary" "$tmp/rootfs/sbin/hive-cell"
+  # Release builds carry debuginfo (profile.release debug=1): tens of MiB a cell would page in
+  # for nothing. Symbols stay, so backtraces still name functions.
+  if command -v strip >/dev/null; then strip --strip-debug "$tmp/rootfs/sbin/hive-cell"; fi
   install -d -m 0755 "$tmp/rootfs/run/hive" "$tmp/rootfs/images/build" "$tmp/rootfs/var/lib/hive"
   echo "base-$base_key + hive-cell sha256:$cell_sha from $cell_binary, built $(date -u +%FT%TZ)" \
     >"$tmp/BUILD-INFO"
   mv "$tmp" "$cell"
   log "cell rootfs ready: $cell/rootfs"
 }
+
+cell_sha="$(sha <"$cell_binary")"
+cell_key="$( { echo "$base_key $cell_sha"; declare -f build_cell; } | sha)"
+cell="$cache/images/cell-$cell_key"
 
 if [ -d "$cell/rootfs" ]; then
   log "cell rootfs cached: $cell/rootfs"

@@ -2,3 +2,4 @@
 pub mod controlplane;
 pub mod fakebox;
 pub mod github;
+pub mod cluster;

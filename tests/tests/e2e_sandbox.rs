@@ -1,0 +1,378 @@
+//! Issue 3, end to end with real processes: a signed GitHub push reaches the real control plane,
+//! which places the build on the real `hive-box`, which runs it in a warm sandbox cell with the
+//! real `hive-cell` cloning from a real `git daemon` on a public test host. Checked: success with
+//! the step output in order, the cell and all its resources gone afterwards, the pool back at its
+//! target; a failing step's exit code; timeout; cancel; and that a build cannot reach the box,
+//! the control plane, another cell or a private address. Needs root and the Debian build image.
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::control_plane_client::ControlPlaneClient;
+use hive_proto::v1::{BuildState, CancelBuildRequest, CreateProjectRequest};
+use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost, Listener, PrivateHost};
+use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
+use hive_tests::github::{push_payload, WebhookClient};
+
+/// The tests share the test-host bridge and CPU; one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const SECRET: &str = "e2e-secret";
+
+struct Hive {
+    cp: ControlPlane,
+    boxd: BoxDaemon,
+    git: GitHost,
+}
+
+async fn hive(tag: &str, octet: u8, git_addr: &str, block: Vec<String>) -> Hive {
+    let git = GitHost::start(tag, git_addr);
+    let cp = tokio::task::spawn_blocking(|| {
+        ControlPlane::start(ControlPlaneOptions {
+            lease_secs: 10,
+            heartbeat_interval_ms: 500,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("control plane");
+    let url = cp.grpc_url();
+    let tag2 = tag.to_string();
+    let boxd = tokio::task::spawn_blocking(move || {
+        BoxDaemon::start(
+            &url,
+            BoxOptions {
+                tag: tag2,
+                subnet_octet: octet,
+                pool: "small=2".into(),
+                lease_secs: 10,
+                block,
+            },
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        boxd.wait_connected(Duration::from_secs(30)).await,
+        "box never connected; box log:\n{}\ncontrol plane log:\n{}",
+        boxd.log(),
+        cp.log()
+    );
+    assert!(
+        boxd.wait_pool("small", 2, Duration::from_secs(60)).await,
+        "pool never warm; box log:\n{}",
+        boxd.log()
+    );
+    Hive { cp, boxd, git }
+}
+
+impl Hive {
+    async fn project(&self, name: &str, steps: &[&str], timeout_secs: u32) {
+        let mut client = ControlPlaneClient::connect(self.cp.grpc_url()).await.unwrap();
+        client
+            .create_project(CreateProjectRequest {
+                name: name.into(),
+                repo_url: self.git.add_repo(name),
+                secret: SECRET.into(),
+                branch: "main".into(),
+                size_class: "small".into(),
+                steps: steps.iter().map(|s| s.to_string()).collect(),
+                timeout_secs,
+                ..Default::default()
+            })
+            .await
+            .expect("CreateProject");
+    }
+
+    /// Sends a signed push for project `name`; returns the build id.
+    async fn push(&self, name: &str) -> String {
+        let body = push_payload(
+            &format!("git://{}/{name}.git", self.git.addr),
+            "refs/heads/main",
+            &self.git.head,
+            false,
+        );
+        let delivery = uuid::Uuid::new_v4().to_string();
+        let answer = WebhookClient::new()
+            .send_signed(&self.cp.webhook_url(), SECRET, "push", &delivery, body)
+            .await
+            .expect("webhook");
+        assert_eq!(answer.status, 202, "webhook answer: {}", answer.body);
+        answer.json()["build_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no build id in {}", answer.body))
+            .to_string()
+    }
+
+    async fn logs(&self, build: &str) -> String {
+        let (text, seqs) = cluster::build_log(&self.cp.grpc_url(), build).await;
+        let dense: Vec<u64> = (0..seqs.len() as u64).collect();
+        assert_eq!(seqs, dense, "log seqs not dense from 0");
+        text
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "\n--- box log (tail) ---\n{}\n--- control plane log (tail) ---\n{}",
+            tail(&self.boxd.log(), 60),
+            tail(&self.cp.log(), 40)
+        )
+    }
+
+    async fn assert_cell_gone(&self, cell_id: &str) {
+        assert!(!cell_id.is_empty());
+        let t0 = Instant::now();
+        while self.boxd.cells_on_disk().contains(&cell_id.to_string())
+            && t0.elapsed() < Duration::from_secs(20)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !self.boxd.cells_on_disk().contains(&cell_id.to_string()),
+            "cell dir of {cell_id} still there"
+        );
+        let veth = format!("hv-{cell_id}");
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&links.stdout).contains(&veth),
+            "veth {veth} still there"
+        );
+        assert!(
+            !std::path::Path::new(&format!("/run/netns/hive-{cell_id}")).exists(),
+            "netns of {cell_id} still there"
+        );
+        for ctrl in ["cpu", "memory", "pids"] {
+            let cg = format!(
+                "/sys/fs/cgroup/{ctrl}/hive-e2e-{}/{cell_id}",
+                self.boxd.opts.tag
+            );
+            assert!(!std::path::Path::new(&cg).exists(), "cgroup {cg} still there");
+        }
+        let set = std::process::Command::new("nft")
+            .args([
+                "list",
+                "set",
+                "inet",
+                &format!("hive_e2e_{}", self.boxd.opts.tag),
+                "cells",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&set.stdout).contains(&veth),
+            "firewall still lists {veth}"
+        );
+    }
+
+    async fn finish(mut self) {
+        assert!(self.boxd.stop(), "hive-box did not exit cleanly:{}", self.context());
+        assert!(
+            self.boxd.cells_on_disk().is_empty(),
+            "cells left after SIGTERM: {:?}",
+            self.boxd.cells_on_disk()
+        );
+        self.cp.stop();
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn state(b: &hive_proto::v1::Build) -> BuildState {
+    BuildState::try_from(b.state).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
+    let _serial = SERIAL.lock().await;
+    let h = hive("ok", 211, "198.18.0.2", vec![]).await;
+    h.project(
+        "demo",
+        &[
+            "echo first-step-out; echo first-step-err >&2",
+            "sh ./build.sh",
+            "cat README; echo last-line",
+        ],
+        120,
+    )
+    .await;
+    let id = h.push("demo").await;
+    let b = cluster::wait_build(&h.cp.grpc_url(), &id, Duration::from_secs(120)).await;
+    let log = h.logs(&id).await;
+    assert_eq!(state(&b), BuildState::Succeeded, "{b:?}\nlog:\n{log}{}", h.context());
+    assert!(b.warm_start, "build did not get a warm cell: {b:?}");
+    assert_eq!(b.exit_code, 0);
+    // Clone phase, then each step's output, in order.
+    let order = [
+        &format!("checked out {}", h.git.head)[..],
+        "first-step-out",
+        "build line 1",
+        "build line 2",
+        "build line 3",
+        "hive demo repository",
+        "last-line",
+    ];
+    let mut at = 0;
+    for needle in order {
+        let pos = log[at..]
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing or out of order in log:\n{log}"));
+        at += pos + needle.len();
+    }
+    assert!(log.contains("first-step-err"), "stderr missing:\n{log}");
+
+    h.assert_cell_gone(&b.cell_id).await;
+    assert!(
+        h.boxd.wait_pool("small", 2, Duration::from_secs(30)).await,
+        "pool not back at target: {:?}",
+        h.boxd.health().await
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_step_timeout_and_cancel_end_the_build() {
+    let _serial = SERIAL.lock().await;
+    let h = hive("stop", 212, "198.18.0.3", vec![]).await;
+    h.project("fails", &["echo before", "exit 7", "echo never-runs"], 60)
+        .await;
+    h.project("slow", &["echo sleeping; sleep 600"], 3).await;
+    h.project("cancelme", &["echo waiting; sleep 600"], 600).await;
+
+    // A failing step fails the build with its exit code; later steps do not run.
+    let id = h.push("fails").await;
+    let b = cluster::wait_build(&h.cp.grpc_url(), &id, Duration::from_secs(120)).await;
+    let log = h.logs(&id).await;
+    assert_eq!(state(&b), BuildState::Failed, "{b:?}{}", h.context());
+    assert_eq!(b.exit_code, 7, "{b:?}");
+    assert!(log.contains("before") && !log.contains("never-runs"), "{log}");
+    h.assert_cell_gone(&b.cell_id).await;
+
+    // Timeout: the 3 s limit stops `sleep 600`.
+    let t0 = Instant::now();
+    let id = h.push("slow").await;
+    let b = cluster::wait_build(&h.cp.grpc_url(), &id, Duration::from_secs(60)).await;
+    assert_eq!(state(&b), BuildState::TimedOut, "{b:?}{}", h.context());
+    assert!(t0.elapsed() < Duration::from_secs(40), "timeout took {:?}", t0.elapsed());
+    h.assert_cell_gone(&b.cell_id).await;
+
+    // Cancel: once the step runs, CancelBuild stops it.
+    let id = h.push("cancelme").await;
+    let grpc = h.cp.grpc_url();
+    cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running
+    })
+    .await;
+    let t0 = Instant::now();
+    while !h.logs(&id).await.contains("waiting") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "step never started{}", h.context());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    client
+        .cancel_build(CancelBuildRequest {
+            id: id.clone(),
+            reason: "e2e cancel".into(),
+        })
+        .await
+        .expect("CancelBuild");
+    let t0 = Instant::now();
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
+    assert!(t0.elapsed() < Duration::from_secs(20), "cancel took {:?}", t0.elapsed());
+    h.assert_cell_gone(&b.cell_id).await;
+
+    assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(30)).await);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_addresses() {
+    let _serial = SERIAL.lock().await;
+    // A stand-in for a control-plane replica on a public-looking address, blocked with --block.
+    let cp_stand_in = "198.18.0.9";
+    let h = hive("net", 213, "198.18.0.4", vec![cp_stand_in.into()]).await;
+    let cp_host = GitHost::start("netcp", cp_stand_in);
+    let cp_listener = Listener::start(Some(&cp_host.netns()), &format!("{cp_stand_in}:7000"));
+    // A service on the box itself (every address of the box) and one on a private network.
+    let box_listener = Listener::start(None, "0.0.0.0:0");
+    let private = PrivateHost::start("e2e", 7);
+    let private_listener = Listener::start(Some(&private.netns), &format!("{}:7001", private.addr));
+    let box_port = box_listener.addr.port();
+
+    // Positive controls: from outside a cell every target is reachable, so a refusal from a cell
+    // is the box's firewall, not a dead listener.
+    for target in [
+        format!("{cp_stand_in}:7000"),
+        format!("{}:7001", private.addr),
+        format!("198.18.0.1:{box_port}"),
+        format!("192.0.2.2:{box_port}"),
+    ] {
+        std::net::TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("positive control {target}: {e}"));
+    }
+    let (cp_before, private_before, box_before) =
+        (cp_listener.count(), private_listener.count(), box_listener.count());
+
+    // Another cell: a running build occupies one; its address comes from the box's record.
+    h.project("occupant", &["echo occupying; sleep 600"], 600).await;
+    let occupant = h.push("occupant").await;
+    let grpc = h.cp.grpc_url();
+    let ob = cluster::wait_build_until(&grpc, &occupant, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running && !b.cell_id.is_empty()
+    })
+    .await;
+    let slot = h.boxd.cell_slot(&ob.cell_id).expect("occupant cell record");
+    let other_cell = h.boxd.cell_ip(slot);
+
+    let cp_port = h.cp.grpc_addr.rsplit(':').next().unwrap().to_string();
+    let probe = "probe() { if timeout 3 bash -c \"exec 3<>/dev/tcp/$1/$2\" 2>/dev/null; then echo \"REACHED $1:$2\"; else echo \"BLOCKED $1:$2\"; fi; }";
+    let steps = [
+        format!(
+            "{probe}; probe {git} 9418; probe 198.18.0.1 {box_port}; probe 192.0.2.2 {box_port}; \
+             probe 127.0.0.1 {cp_port}; probe {cp_stand_in} 7000; probe {other_cell} 22; \
+             probe {private} 7001",
+            git = h.git.addr,
+            private = private.addr,
+        ),
+    ];
+    let step_refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+    h.project("prober", &step_refs, 120).await;
+    let id = h.push("prober").await;
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(120)).await;
+    let log = h.logs(&id).await;
+    eprintln!("probe log:\n{log}");
+    assert_eq!(state(&b), BuildState::Succeeded, "{b:?}\n{log}{}", h.context());
+    // Public egress works (through the box's NAT) ...
+    assert!(log.contains(&format!("REACHED {}:9418", h.git.addr)), "{log}");
+    // ... and nothing else does.
+    for blocked in [
+        format!("198.18.0.1:{box_port}"),
+        format!("192.0.2.2:{box_port}"),
+        format!("127.0.0.1:{cp_port}"),
+        format!("{cp_stand_in}:7000"),
+        format!("{other_cell}:22"),
+        format!("{}:7001", private.addr),
+    ] {
+        assert!(log.contains(&format!("BLOCKED {blocked}")), "{blocked} not blocked:\n{log}");
+    }
+    assert_eq!(cp_listener.count(), cp_before, "control-plane stand-in was reached");
+    assert_eq!(private_listener.count(), private_before, "private host was reached");
+    assert_eq!(box_listener.count(), box_before, "box service was reached");
+
+    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    client
+        .cancel_build(CancelBuildRequest {
+            id: occupant.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    cluster::wait_build(&grpc, &occupant, Duration::from_secs(60)).await;
+    drop(cp_host);
+    h.finish().await;
+}

@@ -69,7 +69,7 @@ for a in "$http_addr" "$grpc_addr"; do
   [[ "$a" =~ ^[0-9.]+:[0-9]+$ ]] || die "listener '$a': expected IPv4:PORT"
 done
 [ "$(id -u)" = 0 ] || die "must run as root (the box makes namespaces, cgroups, nftables rules)"
-for tool in git openssl curl ip; do
+for tool in git openssl curl ip jq; do
   command -v "$tool" >/dev/null || die "'$tool' not found"
 done
 
@@ -78,7 +78,7 @@ data_dir="$(cd "$data_dir" && pwd)"
 logs="$data_dir/logs"
 mkdir -p "$logs"
 bin="$repo/target/$profile"
-hivectl() { "$bin/hivectl" --control-plane "http://$grpc_addr" "$@"; }
+hivectl() { "$bin/hivectl" --addr "http://$grpc_addr" "$@"; }
 
 # --- stop everything we started, in reverse order, exactly once --------------------------------
 box_pid="" cp_pid="" git_host_up=0 stopping=0
@@ -169,12 +169,20 @@ done
 log "control plane up: $(cat "$ready") (log $logs/control-plane.log)"
 
 # --- 4. box -------------------------------------------------------------------------------------
+box_ready="$data_dir/box.ready"
+rm -f "$box_ready"
+# HIVE_CELL_ROOTFS and HIVE_BUILD_IMAGE (exported above) tell the box which images to use.
 "$bin/hive-box" --control-plane "http://$grpc_addr" --backend sandbox --pool "$pool" \
-  --data-dir "$data_dir/box" >>"$logs/box.log" 2>&1 &
+  --data-dir "$data_dir/box" --health-addr 127.0.0.1:0 --ready-file "$box_ready" \
+  >>"$logs/box.log" 2>&1 &
 box_pid=$!
-sleep 1
-kill -0 "$box_pid" 2>/dev/null || { tail -n 20 "$logs/box.log" >&2; die "hive-box exited"; }
-log "box started (log $logs/box.log)"
+for _ in $(seq 300); do
+  [ -s "$box_ready" ] && break
+  kill -0 "$box_pid" 2>/dev/null || { tail -n 20 "$logs/box.log" >&2; die "hive-box exited"; }
+  sleep 0.1
+done
+[ -s "$box_ready" ] || die "hive-box not ready after 30s (log: $logs/box.log)"
+log "box up: $(cat "$box_ready") (log $logs/box.log)"
 
 # --- 5. demo project ----------------------------------------------------------------------------
 if hivectl project show demo >/dev/null 2>&1; then
@@ -194,20 +202,27 @@ cat >"$payload" <<JSON
  "pusher":{"name":"local-hive"}}
 JSON
 curl_line="curl -sS -X POST http://$http_addr/webhooks/github -H 'Content-Type: application/json' -H 'X-GitHub-Event: push' -H \"X-GitHub-Delivery: \$(cat /proc/sys/kernel/random/uuid)\" -H \"X-Hub-Signature-256: sha256=\$(openssl dgst -sha256 -hmac '$secret' -r $payload | cut -d' ' -f1)\" --data-binary @$payload"
-hivectl_line="$bin/hivectl --control-plane http://$grpc_addr"
+hivectl_line="$bin/hivectl --addr http://$grpc_addr"
 
 if [ "$smoke" = 1 ]; then
-  log "smoke: waiting for the warm pool"
-  sleep 3
+  log "smoke: waiting for the warm pool ($pool)"
+  want="${pool#*=}"
+  for _ in $(seq 120); do
+    warm="$(hivectl --json boxes 2>/dev/null | jq '[.[].pools[].warm] | add // 0' 2>/dev/null || echo 0)"
+    [ "${warm:-0}" -ge "$want" ] && break
+    sleep 0.5
+  done
+  hivectl boxes >&2 || true
   log "smoke: sending the signed push"
   reply="$(bash -c "$curl_line")" || die "webhook request failed"
   echo "$reply" >&2
   build_id="$(echo "$reply" | grep -oE '"(build_id|id)" *: *"[^"]+"' | head -n1 | sed -E 's/.*: *"([^"]+)"/\1/')"
   [ -n "$build_id" ] || die "no build id in the webhook reply: $reply"
   log "smoke: following build $build_id"
-  timeout 300 "$bin/hivectl" --control-plane "http://$grpc_addr" logs -f "$build_id" || true
-  state="$(hivectl build show "$build_id" 2>&1 | tee /dev/stderr | grep -oiE 'succeeded|failed|cancelled|timed_out' | head -n1)"
-  [ "$state" = succeeded ] || die "smoke: build $build_id ended '$state'"
+  rc=0
+  timeout 300 "$bin/hivectl" --addr "http://$grpc_addr" logs -f "$build_id" || rc=$?
+  hivectl build "$build_id" >&2 || true
+  [ "$rc" = 0 ] || die "smoke: build $build_id did not succeed (hivectl logs -f exited $rc)"
   log "smoke: PASS (build $build_id succeeded)"
   exit 0
 fi
@@ -224,7 +239,8 @@ Send a signed push (the HMAC is computed with openssl from the project secret):
 
 Follow the build (its id is in the webhook reply):
   $hivectl_line logs -f <build-id>
-  $hivectl_line builds list
+  $hivectl_line builds
+  $hivectl_line boxes
 
 EOF
 wait "$cp_pid" "$box_pid" || true

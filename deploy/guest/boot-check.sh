@@ -89,6 +89,7 @@ work="$(mktemp -d /tmp/hive-boot-check.XXXXXX)"
 serial="${keep_log:-$work/serial.log}"
 : >"$serial"
 qemu_pid=""
+watcher_pid=""
 cleanup() {
   if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then
     kill "$qemu_pid" 2>/dev/null || true
@@ -106,6 +107,8 @@ port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 cmdline="console=ttyS0 reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 rootwait init=/sbin/hive-cell"
 cmdline+=" ip=10.0.2.15::10.0.2.2:255.255.255.0:cell:eth0:off"
 cmdline+=" hive.cell_id=qemu-check hive.listen=tcp:0.0.0.0:1024 hive.build_disk=/dev/vdb"
+# The kernel starts init with no PATH; words it does not know become init's environment.
+cmdline+=" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 now_ms() { date +%s%3N; }
 t0=$(now_ms)
@@ -126,7 +129,23 @@ qemu-system-x86_64 \
 qemu_pid=$!
 
 deadline=$(( t0 + timeout_secs * 1000 ))
-t_first_byte="" t_init="" t_health=""
+t_health=""
+# Boot milestones are read off the serial log by a watcher at 20 ms resolution, independent of
+# how long each probe attempt below takes.
+(
+  fb="" init="" ready=""
+  while kill -0 "$qemu_pid" 2>/dev/null; do
+    if [ -z "$fb" ] && [ -s "$serial" ]; then fb=$(now_ms); echo "$fb" >"$work/t_first_byte"; fi
+    if [ -z "$init" ] && grep -q "Run /sbin/hive-cell as init process" "$serial"; then
+      init=$(now_ms); echo "$init" >"$work/t_init"
+    fi
+    if [ -z "$ready" ] && grep -q "cell daemon ready" "$serial"; then
+      ready=$(now_ms); echo "$ready" >"$work/t_ready"
+    fi
+    if [ -z "$fb" ] || [ -z "$init" ] || [ -z "$ready" ]; then sleep 0.02; else break; fi
+  done
+) &
+watcher_pid=$!
 fail() {
   log "FAILED: $*"
   log "--- QEMU output ---"; cat "$work/qemu.out" >&2 || true
@@ -135,19 +154,24 @@ fail() {
 }
 alive() { kill -0 "$qemu_pid" 2>/dev/null; }
 
-# Phase 1: the daemon answers health (probe without a step). Poll: TCG boots take seconds.
+# Phase 1: the daemon answers health (probe without a step). Probing before the guest listens
+# would park the connection in slirp's SYN retransmit back-off (seconds), so first wait for the
+# daemon's "ready" log line on the console (or 30 s, in case its wording changes), then poll
+# with each attempt bounded.
+ready_wait_until=$(( $(now_ms) + 30000 ))
+while [ ! -s "$work/t_ready" ] && [ "$(now_ms)" -lt "$ready_wait_until" ] && [ "$(now_ms)" -lt "$deadline" ]; do
+  alive || fail "QEMU exited (guest panic or power-off) before the cell daemon started"
+  sleep 0.02
+done
 while :; do
   [ "$(now_ms)" -lt "$deadline" ] || fail "no health answer within ${timeout_secs}s"
   alive || fail "QEMU exited (guest panic or power-off) before the cell daemon answered"
-  if [ -z "$t_first_byte" ] && [ -s "$serial" ]; then t_first_byte=$(now_ms); fi
-  if [ -z "$t_init" ] && grep -q "Run /sbin/hive-cell as init process" "$serial"; then t_init=$(now_ms); fi
-  if "$cell_binary" probe --connect "tcp:127.0.0.1:$port" >"$work/health.out" 2>&1; then
+  if timeout 5 "$cell_binary" probe --connect "tcp:127.0.0.1:$port" >"$work/health.out" 2>&1; then
     t_health=$(now_ms)
     break
   fi
-  sleep 0.5
+  sleep 0.1
 done
-[ -n "$t_init" ] || { grep -q "Run /sbin/hive-cell as init process" "$serial" && t_init=$t_health; }
 log "health answered: $(tr '\n' ' ' <"$work/health.out")"
 
 # Phase 2: one build step in the build container (empty repo_url: no clone, no route out here).
@@ -164,8 +188,11 @@ grep -qx '1000' "$work/step.out" || { cat "$work/step.out" >&2; fail "step did n
 
 log "build step output:"
 sed 's/^/  | /' "$work/step.out" >&2
+wait "$watcher_pid" 2>/dev/null || true
+since() { if [ -s "$1" ]; then echo "$(( $(cat "$1") - t0 )) ms"; else echo "not seen"; fi; }
 echo "boot-check: PASS kernel=$kernel"
-echo "boot-check: qemu start -> first serial byte: $(( ${t_first_byte:-$t_health} - t0 )) ms"
-echo "boot-check: qemu start -> init exec'd:       $(( t_init - t0 )) ms"
+echo "boot-check: qemu start -> first serial byte: $(since "$work/t_first_byte")"
+echo "boot-check: qemu start -> init exec'd:       $(since "$work/t_init")"
+echo "boot-check: qemu start -> daemon logs ready: $(since "$work/t_ready")"
 echo "boot-check: qemu start -> health answered:   $(( t_health - t0 )) ms"
 echo "boot-check: qemu start -> step finished:     $(( t_step - t0 )) ms"

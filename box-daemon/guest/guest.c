@@ -168,7 +168,9 @@ struct vq {
 };
 
 /* Page-aligned arena for rings and buffers; reset per device (devices run one at a time). */
-static u8 arena[256 * 1024] __attribute__((aligned(4096)));
+/* Not in .bss: clearing 256 KiB costs most of a second on the nested KVM here; alloc() zeroes
+ * what it hands out instead. */
+static u8 arena[256 * 1024] __attribute__((aligned(4096), section(".arena")));
 static usize arena_used;
 static void *alloc(usize n, usize align)
 {
@@ -697,6 +699,7 @@ void guest_main(u32 protocol, u64 info)
 {
 	extern u8 __bss_start[], __bss_end[];
 	memset(__bss_start, 0, (usize)(__bss_end - __bss_start));
+	/* first serial byte as early as possible: the benchmark times it */
 	puts_("HIVE-GUEST boot=");
 	puts_(protocol == 1 ? "pvh" : "linux64");
 	putc_('\n');

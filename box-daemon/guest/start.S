@@ -6,8 +6,10 @@
  *    mode, paging off, %ebx = physical address of hvm_start_info.
  *  - _start64 (the ELF entry): the Linux 64-bit boot protocol. Long mode with the loader's
  *    identity page tables, %rsi = physical address of boot_params (the zero page).
- * Both build the guest's own identity map of the low 4 GiB (2 MiB pages) so the virtio-mmio
- * windows below 4 GiB are reachable, then call guest_main(protocol, info).
+ * Both build the guest's own identity map (2 MiB pages) of GiB 0 and GiB 3 so RAM and the
+ * virtio-mmio windows are reachable, then call guest_main(protocol, info). The page-table pages
+ * are NOLOAD and only the entries for GiB 0 and 3 (low dwords, on the 32-bit path) are written:
+ * this relies on fresh guest RAM being zero, which holds for our VMM and for QEMU.
  * Only plain integer instructions: the nested KVM here cannot emulate much else after an exit.
  */
 
@@ -32,31 +34,28 @@ pvh_start32:
 	movl $1, boot_protocol
 	movl $stack_top, %esp
 
-	/* PD entries: 2048 x 2 MiB covering 0..4 GiB */
+	/*
+	 * Two page directories of 512 x 2 MiB: GiB 0 (RAM) and GiB 3 (the virtio-mmio windows of
+	 * our VMM at 0xd0000000 and QEMU microvm at 0xfeb00000). Every instruction counts: the
+	 * nested KVM here runs this code at roughly a microsecond per instruction.
+	 */
 	movl $pd_tables, %edi
 	movl $PDE_LARGE, %eax
-	movl $2048, %ecx
-1:	movl %eax, (%edi)
-	movl $0, 4(%edi)
+	movl $0xc0000000 + PDE_LARGE, %ebx
+	movl $512, %ecx
+1:	movl %eax, (%edi)               /* high dwords: zero in fresh RAM */
+	movl %ebx, 4096(%edi)
 	addl $0x200000, %eax
+	addl $0x200000, %ebx
 	addl $8, %edi
 	decl %ecx
 	jnz 1b
 
-	/* PDPT entries 0..3 -> the four PD pages */
-	movl $pdpt, %edi
-	movl $pd_tables + PTE_PRESENT_RW, %eax
-	movl $4, %ecx
-2:	movl %eax, (%edi)
-	movl $0, 4(%edi)
-	addl $4096, %eax
-	addl $8, %edi
-	decl %ecx
-	jnz 2b
+	/* PDPT[0] -> first PD, PDPT[3] -> second PD */
+	movl $pd_tables + PTE_PRESENT_RW, pdpt
+	movl $pd_tables + 4096 + PTE_PRESENT_RW, pdpt + 24
 
-	movl $pdpt + PTE_PRESENT_RW, %eax
-	movl %eax, pml4
-	movl $0, pml4 + 4
+	movl $pdpt + PTE_PRESENT_RW, pml4
 
 	movl $pml4, %eax
 	movl %eax, %cr3
@@ -96,21 +95,20 @@ _start64:
 
 	movq $pd_tables, %rdi
 	movq $PDE_LARGE, %rax
-	movl $2048, %ecx
+	movq $0xc0000000 + PDE_LARGE, %rbx
+	movl $512, %ecx
 3:	movq %rax, (%rdi)
+	movq %rbx, 4096(%rdi)
 	addq $0x200000, %rax
+	addq $0x200000, %rbx
 	addq $8, %rdi
 	decl %ecx
 	jnz 3b
 
-	movq $pdpt, %rdi
 	movq $pd_tables + PTE_PRESENT_RW, %rax
-	movl $4, %ecx
-4:	movq %rax, (%rdi)
-	addq $4096, %rax
-	addq $8, %rdi
-	decl %ecx
-	jnz 4b
+	movq %rax, pdpt(%rip)
+	movq $pd_tables + 4096 + PTE_PRESENT_RW, %rax
+	movq %rax, pdpt + 24(%rip)
 	movq $pdpt + PTE_PRESENT_RW, %rax
 	movq %rax, pml4(%rip)
 
@@ -146,7 +144,7 @@ boot_protocol:	.long 0
 	.balign 4096
 pml4:		.skip 4096
 pdpt:		.skip 4096
-pd_tables:	.skip 4096 * 4
+pd_tables:	.skip 4096 * 2
 
 	.section .stack, "aw", @nobits
 	.balign 16

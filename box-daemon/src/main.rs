@@ -35,6 +35,10 @@ struct Cli {
 enum Cmd {
     /// Internal: jail helper re-executed by the daemon (single-threaded; not for direct use).
     Jail(JailArgs),
+    /// Run one microVM (a cell) in this process until the guest resets or a vCPU dies; the
+    /// daemon starts it inside the cell's jail. Exit: 0 reset, 2 set-up, 3 shutdown, 4 vCPU
+    /// failure, 143 SIGTERM.
+    Vmm(hive_box::vmm::cli::VmmArgs),
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +84,10 @@ struct RunArgs {
     /// IPv4 range cut into one /30 per cell (box side .1, cell .2).
     #[arg(long, env = "HIVE_BOX_CELL_SUBNET", default_value = "100.96.0.0/16")]
     cell_subnet: Subnet,
+    /// More IPv4 addresses cells must not reach (control-plane replicas, its database...); the
+    /// control plane's own address is added from --control-plane.
+    #[arg(long = "block", env = "HIVE_BOX_BLOCK", value_delimiter = ',')]
+    block: Vec<Ipv4Addr>,
     /// Name of this box's nftables table (inet family).
     #[arg(long, env = "HIVE_BOX_NFT_TABLE", default_value = "hive_box")]
     nft_table: String,
@@ -136,6 +144,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         // No runtime, no threads: the helper forks.
+        // Before any thread exists: `vmm::cli::run` blocks SIGTERM/SIGINT for its signal thread.
+        Some(Cmd::Vmm(args)) => {
+            init_tracing("text");
+            ExitCode::from(hive_box::vmm::cli::run(&args).clamp(0, 255) as u8)
+        }
         Some(Cmd::Jail(args)) => match JailSpec::load(&args.spec).and_then(|s| jail::run(&s)) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
             Err(e) => {
@@ -247,10 +260,12 @@ async fn run_async(args: RunArgs, classes: Vec<hive_box::pool::ClassConfig>) -> 
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "box".into())
     });
+    let mut blocked = control_plane_addrs(&args.control_plane).await;
+    blocked.extend(args.block.iter().copied());
     let net = BoxNet {
         table: args.nft_table.clone(),
         subnet: args.cell_subnet,
-        blocked: control_plane_addrs(&args.control_plane).await,
+        blocked,
     };
     net.setup()?;
     let helper = std::env::current_exe().map_err(MainError::SelfExe)?;

@@ -8,6 +8,7 @@
 //! memory with virtio-queue's mock driver.
 
 pub mod block;
+pub mod fuzz;
 pub mod mmio;
 pub mod net;
 pub mod rng;

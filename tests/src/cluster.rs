@@ -302,7 +302,8 @@ fn test_host_script() -> PathBuf {
 }
 
 impl GitHost {
-    /// A repo `demo.git` with a README and `build.sh`, served at git://ADDR/demo.git.
+    /// A repo `base.git` with a README and `build.sh`, served at git://ADDR/base.git; more
+    /// copies with [`GitHost::add_repo`].
     pub fn start(name: &str, addr: &str) -> Self {
         let root = tempfile::Builder::new()
             .prefix("hive-git-")
@@ -326,14 +327,14 @@ impl GitHost {
         git(&["add", "."], &work);
         git(&["commit", "-q", "-m", "demo"], &work);
         let head = git(&["rev-parse", "HEAD"], &work);
-        git(&["clone", "-q", "--bare", "work", "demo.git"], root.path());
+        git(&["clone", "-q", "--bare", "work", "base.git"], root.path());
         sh(Command::new(test_host_script())
             .args(["up", "--name", name, "--addr", addr, "--git-root"])
             .arg(root.path()));
         GitHost {
             name: name.to_string(),
             addr: addr.to_string(),
-            repo_url: format!("git://{addr}/demo.git"),
+            repo_url: format!("git://{addr}/base.git"),
             root,
             head,
         }

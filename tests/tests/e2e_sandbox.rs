@@ -376,3 +376,96 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
     drop(cp_host);
     h.finish().await;
 }
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// The floor: time from spawning `unshare` + `chroot` on the same image to the step's first
+/// output line.
+fn floor_once(image: &std::path::Path) -> f64 {
+    use std::io::BufRead;
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new("unshare")
+        .args(["--mount", "--pid", "--fork", "--net", "--uts", "--ipc", "chroot"])
+        .arg(image)
+        .args(["/bin/sh", "-c", "echo first-line"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let dt = t0.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(line.trim(), "first-line");
+    let _ = child.wait();
+    dt
+}
+
+/// Benchmark (issue 3): webhook received -> first log line over N builds with a warm pool, next
+/// to the unshare+chroot floor. Run with
+/// `cargo test -p hive-tests --test e2e_sandbox bench -- --ignored --nocapture` (HIVE_BENCH_N).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: minutes long; run explicitly"]
+async fn bench_webhook_to_first_log_line() {
+    let _serial = SERIAL.lock().await;
+    let n: usize = std::env::var("HIVE_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let h = hive("bench", 214, "198.18.0.5", vec![]).await;
+    h.project("bench", &["echo first-line"], 60).await;
+    let grpc = h.cp.grpc_url();
+    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    let mut lat = Vec::with_capacity(n);
+    let mut warm = 0;
+    for i in 0..n {
+        // Each build starts from a pool at target, as in steady state with spare capacity.
+        assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(60)).await);
+        let t0 = Instant::now();
+        let id = h.push("bench").await;
+        // The first chunk of the log as a `hivectl logs -f` client sees it.
+        loop {
+            let mut s = client
+                .stream_logs(hive_proto::v1::StreamLogsRequest {
+                    build_id: id.clone(),
+                    from_seq: 0,
+                    follow: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if s.message().await.unwrap().is_some() {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "no log for build {i}");
+        }
+        let observed = t0.elapsed().as_secs_f64() * 1000.0;
+        let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+        assert_eq!(state(&b), BuildState::Succeeded, "{b:?}");
+        warm += usize::from(b.warm_start);
+        lat.push(observed);
+    }
+    let image = cluster::build_image();
+    let mut floor: Vec<f64> = (0..n).map(|_| floor_once(&image)).collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    floor.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "BENCH webhook->first log line over {n} builds ({warm} warm): median {:.1} ms, p99 {:.1} ms",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    println!(
+        "BENCH floor unshare+chroot -> first line over {n}: median {:.1} ms, p99 {:.1} ms",
+        percentile(&floor, 0.5),
+        percentile(&floor, 0.99)
+    );
+    println!(
+        "BENCH ratio median {:.2}x, p99 {:.2}x",
+        percentile(&lat, 0.5) / percentile(&floor, 0.5),
+        percentile(&lat, 0.99) / percentile(&floor, 0.99)
+    );
+    h.finish().await;
+}

@@ -156,6 +156,12 @@ impl PgDatabase {
         let Ok(admin_url) = std::env::var("HIVE_TEST_POSTGRES_URL") else {
             return Ok(None);
         };
+        Self::create_from(&admin_url).await.map(Some)
+    }
+
+    /// Creates `hive_t_<random>` through `admin_url` (a role with CREATEDB).
+    pub async fn create_from(admin_url: &str) -> Result<Self, HarnessError> {
+        let admin_url = admin_url.to_string();
         let name = format!("hive_t_{}", uuid::Uuid::new_v4().simple());
         let pg = |source| HarnessError::Postgres {
             url: admin_url.clone(),
@@ -168,11 +174,11 @@ impl PgDatabase {
             .map_err(pg)?;
         conn.close().await.map_err(pg)?;
         let url = with_database(&admin_url, &name);
-        Ok(Some(Self {
+        Ok(Self {
             admin_url,
             name,
             url,
-        }))
+        })
     }
 
     /// Drops the database (forcing out any connection still open).

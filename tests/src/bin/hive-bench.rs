@@ -1,0 +1,494 @@
+//! hive-bench: measures the real control plane binary.
+//!
+//! `webhooks`: signed push webhooks accepted per second, each answered 202 only after the
+//! delivery and its build are committed, on SQLite and on PostgreSQL; N keep-alive clients over
+//! loopback, distinct delivery ids; total, rate, p50/p99/max latency; and, as the baseline on the
+//! same database in the same run, a plain one-INSERT-per-request loop with the same clients.
+//!
+//! `schedule`: scheduler placements per second: submit B builds (10,000), then connect M fake
+//! boxes (100) that accept every assignment; time from the first to the last assignment.
+//!
+//! Run: `cargo run --release -p hive-tests --bin hive-bench -- webhooks|schedule [flags]`.
+//! The release control plane is built on first use. PostgreSQL needs `--pg-url` or
+//! `HIVE_TEST_POSTGRES_URL` (a role with CREATEDB; a throw-away database is made and dropped).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hive_proto::v1::control_plane_client::ControlPlaneClient;
+use hive_proto::v1::{CreateProjectRequest, SubmitBuildRequest};
+use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions, PgDatabase};
+use hive_tests::fakebox::{FakeBox, FakeBoxConfig};
+use hive_tests::github::{push_payload, WebhookClient};
+use sqlx::ConnectOptions;
+
+/// Benchmarks of the Hive control plane (real binary, real databases, loopback).
+#[derive(Debug, Parser)]
+#[command(name = "hive-bench", version, about, long_about = None)]
+struct Cli {
+    /// Admin URL of a PostgreSQL server (role with CREATEDB); without it PostgreSQL is skipped.
+    #[arg(long, env = "HIVE_TEST_POSTGRES_URL", global = true)]
+    pg_url: Option<String>,
+    /// Which stores to measure.
+    #[arg(long, value_enum, default_value = "both", global = true)]
+    backend: Which,
+    /// RUST_LOG of the control plane under test.
+    #[arg(long, default_value = "warn", global = true)]
+    cp_log: String,
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Sqlite,
+    Postgres,
+    Both,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Signed webhooks accepted per second (durable), vs a plain INSERT-per-request loop.
+    Webhooks {
+        /// Webhooks to send per backend.
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        /// Concurrent clients (each its own keep-alive connection).
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+    },
+    /// Scheduler placements per second with many boxes and a deep queue.
+    Schedule {
+        /// Builds queued before the boxes connect.
+        #[arg(long, default_value_t = 10_000)]
+        builds: usize,
+        /// Fake boxes.
+        #[arg(long, default_value_t = 100)]
+        boxes: usize,
+        /// Concurrent submitters while queueing.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+    },
+}
+
+/// What can stop a benchmark.
+#[derive(Debug, thiserror::Error)]
+enum BenchError {
+    #[error(transparent)]
+    Harness(#[from] hive_tests::controlplane::HarnessError),
+    #[error("gRPC {what}: {source}")]
+    Grpc {
+        what: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("connect gRPC: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    FakeBox(#[from] hive_tests::fakebox::FakeBoxError),
+    #[error(transparent)]
+    Webhook(#[from] hive_tests::github::WebhookError),
+    #[error("baseline database: {0}")]
+    Baseline(#[from] sqlx::Error),
+    #[error("check failed: {0}")]
+    Check(String),
+    #[error("task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+const SECRET: &str = "bench-secret";
+const REPO: &str = "http://198.18.0.2/bench.git";
+
+struct Store {
+    label: &'static str,
+    pg: Option<PgDatabase>,
+}
+
+fn stores(cli: &Cli) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if matches!(cli.backend, Which::Sqlite | Which::Both) {
+        v.push("sqlite");
+    }
+    if matches!(cli.backend, Which::Postgres | Which::Both) {
+        if cli.pg_url.is_some() {
+            v.push("postgres");
+        } else {
+            eprintln!("SKIPPED postgres: set --pg-url or HIVE_TEST_POSTGRES_URL");
+        }
+    }
+    v
+}
+
+async fn start(cli: &Cli, label: &'static str) -> Result<(ControlPlane, Store), BenchError> {
+    let pg = match (label, &cli.pg_url) {
+        ("postgres", Some(url)) => Some(PgDatabase::create_from(url).await?),
+        _ => None,
+    };
+    let opts = ControlPlaneOptions {
+        db: pg.as_ref().map(|p| p.url.clone()),
+        log_filter: cli.cp_log.clone(),
+        ..ControlPlaneOptions::default()
+    };
+    let cp = tokio::task::spawn_blocking(move || ControlPlane::start(opts)).await??;
+    Ok((cp, Store { label, pg }))
+}
+
+async fn finish(mut cp: ControlPlane, store: Store) {
+    if !cp.stop() {
+        eprintln!(
+            "warning: control plane did not exit cleanly; log:\n{}",
+            cp.log()
+        );
+    }
+    if let Some(pg) = store.pg {
+        pg.drop_db().await;
+    }
+}
+
+async fn create_project(cp: &ControlPlane) -> Result<(), BenchError> {
+    let mut c = ControlPlaneClient::connect(cp.grpc_url()).await?;
+    c.create_project(CreateProjectRequest {
+        name: "bench".into(),
+        repo_url: REPO.into(),
+        secret: SECRET.into(),
+        steps: vec!["make".into()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|source| BenchError::Grpc {
+        what: "CreateProject",
+        source,
+    })?;
+    Ok(())
+}
+
+struct Figures {
+    total: usize,
+    elapsed: Duration,
+    lat: Vec<Duration>,
+}
+
+impl Figures {
+    fn rate(&self) -> f64 {
+        self.total as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> Duration {
+        if self.lat.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.lat.len() as f64 - 1.0) * p).round() as usize;
+        self.lat[i.min(self.lat.len() - 1)]
+    }
+    fn line(&self, what: &str) -> String {
+        format!(
+            "{what:<34} {:>7} in {:>6.2}s = {:>8.0}/s   p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+            self.total,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            self.pct(0.50).as_secs_f64() * 1e3,
+            self.pct(0.99).as_secs_f64() * 1e3,
+            self.lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        )
+    }
+}
+
+/// Runs `job(i)` for i in 0..total on `clients` concurrent tasks; times each call.
+async fn drive<F, Fut>(total: usize, clients: usize, job: F) -> Result<Figures, BenchError>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), BenchError>> + Send,
+{
+    let job = Arc::new(job);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients.max(1) {
+        let job = job.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t = Instant::now();
+                job(i).await?;
+                lat.push(t.elapsed());
+            }
+            Ok::<_, BenchError>(lat)
+        }));
+    }
+    let mut lat = Vec::with_capacity(total);
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let elapsed = t0.elapsed();
+    lat.sort();
+    Ok(Figures {
+        total,
+        elapsed,
+        lat,
+    })
+}
+
+async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), BenchError> {
+    println!(
+        "webhooks: {requests} signed push deliveries per store, {clients} concurrent keep-alive clients, loopback"
+    );
+    for label in stores(cli) {
+        let (cp, store) = start(cli, label).await?;
+        create_project(&cp).await?;
+        let url = cp.webhook_url();
+        let client = WebhookClient::new();
+        let body_len = push_payload(REPO, "refs/heads/main", &"a".repeat(40), false).len();
+        // Warm-up (connections, caches), not counted.
+        for i in 0..20 {
+            let body = push_payload(REPO, "refs/heads/main", &format!("{i:040}"), false);
+            client
+                .send_signed(&url, SECRET, "push", &format!("warm-{i}"), body)
+                .await?;
+        }
+        let ids = Arc::new(std::sync::Mutex::new(HashSet::new()));
+        let hooks = {
+            let ids = ids.clone();
+            drive(requests, clients, move |i| {
+                let client = client.clone();
+                let url = url.clone();
+                let ids = ids.clone();
+                async move {
+                    let body = push_payload(REPO, "refs/heads/main", &format!("{i:040x}"), false);
+                    let a = client
+                        .send_signed(&url, SECRET, "push", &format!("bench-{i}"), body)
+                        .await?;
+                    let id = a.json()["build_id"].as_str().map(str::to_string);
+                    match (a.status, id) {
+                        (202, Some(id)) => {
+                            ids.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+                            Ok(())
+                        }
+                        (s, _) => Err(BenchError::Check(format!("delivery {i}: {s} {}", a.body))),
+                    }
+                }
+            })
+            .await?
+        };
+        let distinct = ids.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if distinct != requests {
+            return Err(BenchError::Check(format!(
+                "{distinct} distinct builds for {requests} deliveries"
+            )));
+        }
+
+        // Baseline: the same clients, one plain INSERT (autocommit) of a row the size of the
+        // payload per request, on the same database with the control plane's durability.
+        let payload = "x".repeat(body_len);
+        let base = match &store.pg {
+            None => {
+                let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(cp.data_dir.join("hive.db"))
+                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(5))
+                    .disable_statement_logging();
+                // One connection, like the control plane's SQLite pool: writes are serial anyway.
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(opts)
+                    .await?;
+                sqlx::query(
+                    "CREATE TABLE bench_baseline (id TEXT PRIMARY KEY, body TEXT NOT NULL)",
+                )
+                .execute(&pool)
+                .await?;
+                let f = drive(requests, clients, move |i| {
+                    let pool = pool.clone();
+                    let payload = payload.clone();
+                    async move {
+                        sqlx::query("INSERT INTO bench_baseline (id, body) VALUES ($1, $2)")
+                            .bind(format!("bench-{i}"))
+                            .bind(payload)
+                            .execute(&pool)
+                            .await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                f
+            }
+            Some(pg) => {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(16)
+                    .connect(&pg.url)
+                    .await?;
+                sqlx::query(
+                    "CREATE TABLE bench_baseline (id TEXT PRIMARY KEY, body TEXT NOT NULL)",
+                )
+                .execute(&pool)
+                .await?;
+                drive(requests, clients, move |i| {
+                    let pool = pool.clone();
+                    let payload = payload.clone();
+                    async move {
+                        sqlx::query("INSERT INTO bench_baseline (id, body) VALUES ($1, $2)")
+                            .bind(format!("bench-{i}"))
+                            .bind(payload)
+                            .execute(&pool)
+                            .await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            }
+        };
+        println!("[{}]", store.label);
+        println!("  {}", hooks.line("webhooks accepted (202, durable)"));
+        println!("  {}", base.line("baseline: plain INSERT per request"));
+        println!(
+            "  ratio webhook/baseline: {:.2}  ({} B payloads, {} distinct builds made)",
+            hooks.rate() / base.rate(),
+            body_len,
+            distinct
+        );
+        finish(cp, store).await;
+    }
+    Ok(())
+}
+
+async fn schedule(
+    cli: &Cli,
+    builds: usize,
+    boxes: usize,
+    clients: usize,
+) -> Result<(), BenchError> {
+    println!("schedule: {builds} queued builds, {boxes} fake boxes accepting every assignment");
+    for label in stores(cli) {
+        let (cp, store) = start(cli, label).await?;
+        create_project(&cp).await?;
+        let grpc = cp.grpc_url();
+        let chan = tonic::transport::Endpoint::from_shared(grpc.clone())
+            .map_err(|e| BenchError::Check(e.to_string()))?
+            .connect()
+            .await?;
+        let submit = {
+            let chan = chan.clone();
+            drive(builds, clients, move |_| {
+                let mut c = ControlPlaneClient::new(chan.clone());
+                async move {
+                    c.submit_build(SubmitBuildRequest {
+                        project: "bench".into(),
+                        revision: String::new(),
+                        git_ref: "refs/heads/main".into(),
+                    })
+                    .await
+                    .map_err(|source| BenchError::Grpc {
+                        what: "SubmitBuild",
+                        source,
+                    })?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+
+        // Each box has room for its share (plus slack), warm: a pure placement measurement.
+        let per_box = builds.div_ceil(boxes.max(1)) as u32 + 2;
+        let t_connect = Instant::now();
+        let mut tasks = Vec::new();
+        let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, String)>();
+        let assigned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let deadline = Instant::now() + Duration::from_secs(600);
+        for b in 0..boxes {
+            let grpc = grpc.clone();
+            let tx = first_tx.clone();
+            let assigned = assigned.clone();
+            tasks.push(tokio::spawn(async move {
+                let cfg =
+                    FakeBoxConfig::new(&format!("bench-box-{b:03}"), "small", per_box, per_box);
+                let mut fb = FakeBox::connect(&grpc, cfg).await?;
+                use std::sync::atomic::Ordering::Relaxed;
+                while assigned.load(Relaxed) < builds {
+                    match fb.next_assignment(Duration::from_millis(200)).await {
+                        Ok(a) => {
+                            let _ = tx.send((Instant::now(), a.build_id.clone()));
+                            assigned.fetch_add(1, Relaxed);
+                            fb.accept(&a, &format!("cell-{}", a.build_id), true).await;
+                        }
+                        Err(hive_tests::fakebox::FakeBoxError::Timeout(..)) => {
+                            if Instant::now() > deadline {
+                                return Err(BenchError::Check(format!(
+                                    "only {} of {builds} builds assigned after 600 s",
+                                    assigned.load(Relaxed)
+                                )));
+                            }
+                        }
+                        Err(e) => return Err(BenchError::FakeBox(e)),
+                    }
+                }
+                fb.wait_all_acked(Duration::from_secs(30)).await?;
+                Ok::<_, BenchError>(())
+            }));
+        }
+        drop(first_tx);
+        let mut seen = HashSet::with_capacity(builds);
+        let mut times = Vec::with_capacity(builds);
+        while let Some((t, id)) = first_rx.recv().await {
+            if !seen.insert(id.clone()) {
+                return Err(BenchError::Check(format!("build {id} assigned twice")));
+            }
+            times.push(t);
+        }
+        for t in tasks {
+            t.await??;
+        }
+        if seen.len() != builds {
+            return Err(BenchError::Check(format!(
+                "{} of {builds} builds were assigned",
+                seen.len()
+            )));
+        }
+        times.sort();
+        let first = times[0];
+        let last = times[times.len() - 1];
+        let span = last - first;
+        println!("[{}]", store.label);
+        println!("  {}", submit.line("SubmitBuild (queue fill)"));
+        println!(
+            "  placements: {builds} on {boxes} boxes, first->last assignment {:.2}s = {:.0}/s \
+             (connect->last {:.2}s; every build assigned exactly once)",
+            span.as_secs_f64(),
+            builds as f64 / span.as_secs_f64().max(1e-9),
+            (last - t_connect).as_secs_f64()
+        );
+        finish(cp, store).await;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.command {
+        Bench::Webhooks { requests, clients } => webhooks(&cli, *requests, *clients).await,
+        Bench::Schedule {
+            builds,
+            boxes,
+            clients,
+        } => schedule(&cli, *builds, *boxes, *clients).await,
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("hive-bench: {msg}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

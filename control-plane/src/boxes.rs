@@ -631,17 +631,18 @@ impl Session {
             Ok(why) => why.to_string(),
             Err(e) => e.to_string(),
         };
-        let mine = self.hive.registry.disconnect(&self.box_id, self.conn_id);
-        if mine {
+        // Save the acked seq before the box shows as offline: a quick reconnect must be told
+        // everything this session stored.
+        if let Err(e) = self
+            .hive
+            .store
+            .touch_box(&self.box_id, "[]", now_ms(), self.acks.acked)
+            .await
+        {
+            tracing::warn!(box_id = %self.box_id, error = %e, "saving box state at disconnect");
+        }
+        if self.hive.registry.disconnect(&self.box_id, self.conn_id) {
             tracing::info!(box_id = %self.box_id, why, "box offline");
-            if let Err(e) = self
-                .hive
-                .store
-                .touch_box(&self.box_id, "[]", now_ms(), self.acks.acked)
-                .await
-            {
-                tracing::warn!(box_id = %self.box_id, error = %e, "saving box state at disconnect");
-            }
             self.hive.wake.notify_one();
         }
     }

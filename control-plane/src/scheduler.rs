@@ -134,6 +134,14 @@ pub async fn pass(hive: &Hive) -> Result<PassStats, StoreError> {
 /// Places what it can of one batch of queued builds. Returns (placed, worth another round).
 async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
     let mut candidates = hive.registry.candidates();
+    // No box with a free place: do not read the queue at all (this pass runs on every
+    // heartbeat, and a long queue is the normal state of a busy hive).
+    if !candidates
+        .iter()
+        .any(|c| c.rooms.values().any(|r| r.warm > 0 || r.cold > 0))
+    {
+        return Ok((0, false));
+    }
     let queued = hive.store.queued_builds(BATCH).await?;
     if queued.is_empty() {
         return Ok((0, false));

@@ -182,6 +182,15 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     let url = config.db_url();
     let store = Store::open(&url).await?;
     tracing::info!(db = %redact(&url), kind = store.kind().name(), "store open");
+    let extended = store
+        .extend_live_leases(crate::store::now_ms() + config.lease.as_millis() as i64)
+        .await?;
+    if extended > 0 {
+        tracing::info!(
+            extended,
+            "live leases extended by one lease for boxes to reconnect"
+        );
+    }
 
     let http_listener = TcpListener::bind(config.http_addr)
         .await

@@ -954,6 +954,19 @@ impl Store {
         Ok(orphans)
     }
 
+    /// Gives every live lease at least until `deadline_ms` (at start-up: boxes get one lease
+    /// to reconnect before their builds are re-queued for the control plane's own downtime).
+    pub async fn extend_live_leases(&self, deadline_ms: i64) -> Result<u64> {
+        let res = sqlx::query(
+            "UPDATE leases SET deadline_ms = $1 WHERE state = 'live' AND deadline_ms < $1",
+        )
+        .bind(deadline_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(q("extend live leases"))?;
+        Ok(res.rows_affected())
+    }
+
     /// Live leases past their deadline.
     pub async fn expired_leases(&self, now: i64) -> Result<Vec<LeaseRow>> {
         let rows = sqlx::query(

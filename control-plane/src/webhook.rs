@@ -8,7 +8,9 @@
 //!    cannot name one. Answering 400 here tells a sender nothing it did not send and changes
 //!    nothing, so it is safe to answer before authentication (but only to requests that at
 //!    least carry a well-formed signature header);
-//! 4. no project with that repository -> 404;
+//! 4. no repository in the payload: `push` -> 400, `ping` -> 200 pong, others -> 202 (org-level
+//!    hooks; there is no project secret to check and nothing is done); no project with that
+//!    repository -> 404;
 //! 5. no matching project whose secret verifies the signature (HMAC-SHA256, constant time) -> 401;
 //! 6. `ping` -> 200 pong; events other than `push` -> 202 and no build;
 //! 7. push: no `X-GitHub-Delivery` -> 400; a delivery seen before -> the same answer again
@@ -179,11 +181,26 @@ async fn process(
         .map(str::to_string)
         .collect();
     if urls.is_empty() {
-        return Err(reject(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            "payload has no repository URL (repository.clone_url/ssh_url/git_url/html_url)",
-        ));
+        // Organisation-level hooks send pings and other events without a repository: there
+        // is no project (so no secret) to check them against, and nothing is done for them.
+        return match event {
+            "push" => Err(reject(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                "push payload has no repository URL \
+                 (repository.clone_url/ssh_url/git_url/html_url)",
+            )),
+            "ping" => Ok((
+                StatusCode::OK,
+                "ping",
+                json!({ "message": "pong (no repository in the payload; nothing verified)" }),
+            )),
+            other => Ok((
+                StatusCode::ACCEPTED,
+                "unsupported_event",
+                json!({ "message": format!("event {other:?} is not handled; no build"), "build_id": null }),
+            )),
+        };
     }
     let projects = hive.store.projects_for_repo(&urls).await.map_err(|e| {
         reject(

@@ -356,14 +356,18 @@ async fn heartbeats_renew_leases(url: String) {
         state(&handle, &id).await.attempt == 2
     })
     .await;
-    let boxes = api(&handle)
-        .await
-        .list_boxes(ListBoxesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .boxes;
-    assert_eq!(boxes[0].state, BoxState::Offline as i32);
+    // Silent for 3 heartbeat intervals: offline (the stream stays open, the box is not heard).
+    eventually(WAIT, "silent box offline", || async {
+        let boxes = api(&handle)
+            .await
+            .list_boxes(ListBoxesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .boxes;
+        boxes[0].state == BoxState::Offline as i32
+    })
+    .await;
     handle.shutdown().await;
 }
 both_dbs!(heartbeats_renew_leases);
@@ -524,15 +528,21 @@ async fn reject_cordon_drain(url: String) {
 
     // box-b takes the queued build; a second build waits (box-b is full), in order.
     let (mut b_box, _) = TestBox::connect(&handle, "box-b", vec![pool("small", 1, 1)]).await;
+    let hb_b = b_box.heartbeat_every(
+        Duration::from_millis(100),
+        vec![pool("small", 1, 1)],
+        vec![],
+    );
+    let got = expect_assign(&mut b_box).await;
+    assert_eq!(got.build_id, first, "the re-queued build");
     // After taking the build, box-b is full: no warm cell, one busy.
+    hb_b.abort();
     let full = hive_proto::v1::PoolState {
         busy: 1,
         ..pool("small", 0, 1)
     };
     let hb_b = b_box.heartbeat_every(Duration::from_millis(100), vec![full], vec![]);
     let second = submit(&handle, "app").await;
-    let got = expect_assign(&mut b_box).await;
-    assert_eq!(got.build_id, first, "oldest first");
     assert!(b_box
         .next_non_ack(Duration::from_millis(600))
         .await

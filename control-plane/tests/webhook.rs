@@ -87,6 +87,13 @@ async fn webhook_answers(url: String) {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["message"], "pong");
 
+    // Organisation-level ping (no repository): pong; a push without one is malformed.
+    let org = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
+    let r = post(addr, "ping", "d-org", Some(&sign(b"x", org)), org).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(addr, "push", "d-org2", Some(&sign(b"x", org)), org).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+
     // A signed push to main: one queued build.
     let sha = "a".repeat(40);
     let body = push(
@@ -248,6 +255,12 @@ async fn webhook_answers(url: String) {
     assert!(
         m.body
             .contains("hive_webhooks_total{outcome=\"bad_signature\"} 4"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("hive_webhooks_total{outcome=\"bad_json\"} 2"),
         "{}",
         m.body
     );

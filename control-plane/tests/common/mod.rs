@@ -139,7 +139,7 @@ pub async fn start_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> Handle
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         db: Some(db_url.to_string()),
         lease: Duration::from_millis(1500),
-        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_interval: Duration::from_millis(400),
         tick: Duration::from_millis(100),
         ..Config::default()
     };

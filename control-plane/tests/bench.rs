@@ -1,0 +1,163 @@
+//! Throughput figures (ignored by default; they print numbers rather than check behaviour):
+//!   cargo test -p hive-control-plane --release --test bench -- --ignored --nocapture --test-threads 1
+//! With `HIVE_TEST_POSTGRES_URL` set, each runs on PostgreSQL too.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{api, http, pool, start_with, TestBox, TestDb};
+use hive_control_plane::store::BuildRow;
+use hive_control_plane::webhook::sign;
+use hive_proto::v1::CreateProjectRequest;
+
+async fn dbs(name: &str) -> Vec<(String, TestDb)> {
+    let mut out = vec![("sqlite".to_string(), TestDb::sqlite())];
+    if let Some(pg) = TestDb::postgres(name).await {
+        out.push(("postgres".to_string(), pg));
+    }
+    out
+}
+
+/// Signed push webhooks accepted per second, each a durable commit (delivery + build +
+/// transition), 16 senders, a new TCP connection per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn webhooks_per_second() {
+    const N: usize = 2000;
+    const SENDERS: usize = 16;
+    for (kind, db) in dbs("webhooks_per_second").await {
+        let handle = start_with(&db.url, |_| {}).await;
+        api(&handle)
+            .await
+            .create_project(CreateProjectRequest {
+                name: "bench".into(),
+                repo_url: "https://git.example/o/bench".into(),
+                secret: "bench-secret".into(),
+                steps: vec!["true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let addr = handle.http_addr;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for s in 0..SENDERS {
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                for i in (s..N).step_by(SENDERS) {
+                    let body = serde_json::json!({
+                        "ref": "refs/heads/main",
+                        "after": format!("{i:040x}"),
+                        "repository": { "clone_url": "https://git.example/o/bench.git" },
+                    })
+                    .to_string();
+                    let sig = sign(b"bench-secret", body.as_bytes());
+                    let delivery = format!("bench-{i}");
+                    let r = http(
+                        addr,
+                        "POST",
+                        "/webhooks/github",
+                        &[
+                            ("X-GitHub-Event", "push"),
+                            ("X-GitHub-Delivery", &delivery),
+                            ("X-Hub-Signature-256", &sig),
+                        ],
+                        body.as_bytes(),
+                    )
+                    .await;
+                    assert_eq!(r.status, 202, "{}", r.body);
+                    ok += 1;
+                }
+                ok
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "BENCH webhooks {kind}: {total} signed pushes accepted in {secs:.2}s = {:.0}/s",
+            total as f64 / secs
+        );
+        handle.shutdown().await;
+        db.drop_db().await;
+    }
+}
+
+/// Scheduler placements per second: 100 boxes, 10,000 queued builds, one pass timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn placements_per_second() {
+    const BOXES: usize = 100;
+    const BUILDS: usize = 10_000;
+    for (kind, db) in dbs("placements_per_second").await {
+        // No tick and no heartbeats: the pass below is the only one that places.
+        let handle = start_with(&db.url, |c| {
+            c.tick = Duration::from_secs(3600);
+            c.heartbeat_interval = Duration::from_secs(600);
+            c.lease = Duration::from_secs(1200);
+        })
+        .await;
+        let project = {
+            let p = api(&handle)
+                .await
+                .create_project(CreateProjectRequest {
+                    name: "bench".into(),
+                    repo_url: "git://h/bench".into(),
+                    steps: vec!["true".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            handle.store().get_project(&p.id).await.unwrap().unwrap()
+        };
+        // Boxes first (nothing to place yet), then the queue straight into the store (no
+        // wake-up), so the timed passes below do all the placing.
+        let mut boxes = Vec::new();
+        for i in 0..BOXES {
+            // 100 warm cells each: room for every build.
+            let (b, _) = TestBox::connect(
+                &handle,
+                &format!("bench-{i:03}"),
+                vec![pool("small", 100, 100)],
+            )
+            .await;
+            boxes.push(b);
+        }
+        let fill = Instant::now();
+        for _ in 0..BUILDS {
+            let b = BuildRow::new_queued(&project, "", "HEAD", "bench");
+            handle.store().insert_build(&b, "bench").await.unwrap();
+        }
+        println!(
+            "BENCH queue fill {kind}: {BUILDS} builds inserted one transaction each in {:.2}s",
+            fill.elapsed().as_secs_f64()
+        );
+        let started = Instant::now();
+        let mut placed = 0;
+        while placed < BUILDS && started.elapsed() < Duration::from_secs(300) {
+            placed += handle.schedule_now().await.unwrap().placed;
+        }
+        let store_placed = handle
+            .store()
+            .count_builds_by_state()
+            .await
+            .unwrap()
+            .get("placed")
+            .copied()
+            .unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "BENCH placements {kind}: {store_placed} of {BUILDS} builds placed on {BOXES} boxes in \
+             {secs:.2}s = {:.0}/s ({placed} by the timed passes)",
+            store_placed as f64 / secs
+        );
+        assert_eq!(store_placed as usize, BUILDS);
+        drop(boxes);
+        handle.shutdown().await;
+        db.drop_db().await;
+    }
+}

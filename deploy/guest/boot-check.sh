@@ -12,7 +12,14 @@
 # the client is `hive-cell probe`.
 #
 # The disks are attached read-only (the cache files are shared): the cell daemon mounts tmpfs
-# for everything it writes. Disk order is fixed: /dev/vda = cell rootfs, /dev/vdb = build image.
+# for everything it writes. Disk order is fixed: /dev/vda = cell rootfs, /dev/vdb = build image,
+# and `hive.build_disk=/dev/vdb` asks the cell daemon to mount the latter at /images/build.
+#
+# Interim fallback, said loudly when used: a cell daemon that does not know hive.build_disk=
+# (checked by looking for that word in its binary) would find /images/build empty. Then this
+# check builds a one-off root disk with the build image tree placed at /images/build
+# (--cell-rootfs-dir + --build-image-dir, hard-linked, mkfs.ext4 -d), so the kernel, the
+# daemon and the build container are still proved. Remove once hive-cell mounts the disk.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,6 +27,8 @@ repo="$(cd "$here/../.." && pwd)"
 kernel=""
 rootfs_disk=""
 build_disk=""
+rootfs_dir="${HIVE_CELL_ROOTFS:-}"
+build_dir="${HIVE_BUILD_IMAGE:-}"
 cell_binary="$repo/target/x86_64-unknown-linux-gnu/release/hive-cell"
 timeout_secs=180
 memory_mib=512
@@ -38,6 +47,9 @@ Required (defaults come from the env a build-images.sh/build-kernel.sh run expor
   --kernel PATH        guest vmlinux (PVH ELF)       [env: \$HIVE_GUEST_KERNEL/vmlinux]
   --rootfs-disk PATH   cell rootfs ext4 (/dev/vda)   [env: HIVE_CELL_ROOTFS_DISK]
   --build-disk PATH    build image ext4 (/dev/vdb)   [env: HIVE_BUILD_IMAGE_DISK]
+Only for the interim fallback (a hive-cell without hive.build_disk= support):
+  --cell-rootfs-dir D  cell rootfs directory         [env: HIVE_CELL_ROOTFS]
+  --build-image-dir D  build image directory         [env: HIVE_BUILD_IMAGE]
 Options:
   --cell-binary PATH   hive-cell on the host, used as the probe client
                        (default $cell_binary)
@@ -64,6 +76,8 @@ while [ $# -gt 0 ]; do
     --kernel) [ $# -ge 2 ] || die "--kernel needs a path"; kernel="$2"; shift ;;
     --rootfs-disk) [ $# -ge 2 ] || die "--rootfs-disk needs a path"; rootfs_disk="$2"; shift ;;
     --build-disk) [ $# -ge 2 ] || die "--build-disk needs a path"; build_disk="$2"; shift ;;
+    --cell-rootfs-dir) [ $# -ge 2 ] || die "--cell-rootfs-dir needs a path"; rootfs_dir="$2"; shift ;;
+    --build-image-dir) [ $# -ge 2 ] || die "--build-image-dir needs a path"; build_dir="$2"; shift ;;
     --cell-binary) [ $# -ge 2 ] || die "--cell-binary needs a path"; cell_binary="$2"; shift ;;
     --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_secs="$2"; shift ;;
     --memory) [ $# -ge 2 ] || die "--memory needs MiB"; memory_mib="$2"; shift ;;
@@ -86,6 +100,7 @@ command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found (a
 command -v python3 >/dev/null || die "python3 not found (needed to pick a free port)"
 
 work="$(mktemp -d /tmp/hive-boot-check.XXXXXX)"
+staging=""
 serial="${keep_log:-$work/serial.log}"
 : >"$serial"
 qemu_pid=""
@@ -96,9 +111,32 @@ cleanup() {
     wait "$qemu_pid" 2>/dev/null || true
   fi
   rm -rf "$work"
+  [ -z "$staging" ] || rm -rf "$staging"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The daemon that will boot is the one inside the root disk; its tree is --cell-rootfs-dir
+# when given, else the probe binary (same build) stands in for it.
+daemon_bin="$cell_binary"
+[ -n "$rootfs_dir" ] && [ -f "$rootfs_dir/sbin/hive-cell" ] && daemon_bin="$rootfs_dir/sbin/hive-cell"
+if ! grep -qa 'hive.build_disk=' "$daemon_bin"; then
+  log "WARNING: $daemon_bin does not know hive.build_disk=; it would not mount the build disk."
+  log "WARNING: interim fallback: booting a one-off root disk with the build image at /images/build."
+  [ -d "${rootfs_dir:-/nonexistent}" ] || die "fallback needs --cell-rootfs-dir (or HIVE_CELL_ROOTFS)"
+  [ -d "${build_dir:-/nonexistent}" ] || die "fallback needs --build-image-dir (or HIVE_BUILD_IMAGE)"
+  command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 not found (apt-get install e2fsprogs)"
+  # Next to the images so the tree can be hard-linked instead of copied.
+  staging="$(mktemp -d "$(dirname "$(dirname "$rootfs_dir")")/.boot-check.XXXXXX")"
+  cp -al "$rootfs_dir" "$staging/rootfs"
+  rmdir "$staging/rootfs/images/build"
+  cp -al "$build_dir" "$staging/rootfs/images/build"
+  size_mib=$(( $(du -sk --apparent-size "$staging/rootfs" | cut -f1) * 5 / 4 / 1024 + 64 ))
+  truncate -s "${size_mib}M" "$staging/root.ext4"
+  mkfs.ext4 -q -F -E root_owner=0:0 -d "$staging/rootfs" "$staging/root.ext4" >&2 \
+    || die "mkfs.ext4 of the fallback root disk failed"
+  rootfs_disk="$staging/root.ext4"
+fi
 
 # A free loopback port for the hostfwd. The tiny race (someone else binding it before QEMU does)
 # shows up as a QEMU start failure with a clear message, not as a wrong result.

@@ -184,6 +184,13 @@ cmd_exec() {
   exec ip netns exec "$(ns_of "$name")" "${exec_argv[@]}"
 }
 
+# up/down of different hosts may run at once (parallel tests): one at a time, so a host's
+# "down" cannot delete the shared bridge while another host's "up" is joining it.
+if [ "$cmd" = up ] || [ "$cmd" = down ]; then
+  exec 8>/run/hive-test-hosts.lock
+  flock 8
+fi
+
 case "$cmd" in
   up) cmd_up ;;
   down) cmd_down ;;

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use hive_proto::v1::box_agent_client::BoxAgentClient;
 use hive_proto::v1::{
-    box_message, control_message, Assignment, BoxMessage, BuildState, BuildUpdate,
-    BuildUpdateKind, CellCancelRequest, CellEventKind, CellEventsRequest, CellInfo, Heartbeat,
-    LogChunk, Register, RunBuildRequest,
+    box_message, control_message, Assignment, BoxMessage, BuildState, BuildUpdate, BuildUpdateKind,
+    CellCancelRequest, CellEventKind, CellEventsRequest, CellInfo, Heartbeat, LogChunk, Register,
+    RunBuildRequest,
 };
 use tokio::sync::{watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -149,7 +149,13 @@ pub struct Agent<B: CellBackend> {
     connected: AtomicBool,
     draining: AtomicBool,
     heartbeat_ms: Mutex<u64>,
+    /// Assignment received -> first build output line received from the cell, ms (the box's
+    /// dispatch overhead plus the cell's start of the build; bounded sample for /healthz).
+    dispatch_ms: Mutex<Vec<f64>>,
 }
+
+/// Most dispatch samples kept.
+const DISPATCH_SAMPLES: usize = 10_000;
 
 impl<B: CellBackend> std::fmt::Debug for Agent<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -179,6 +185,7 @@ impl<B: CellBackend> Agent<B> {
             connected: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             heartbeat_ms: Mutex::new(heartbeat_ms),
+            dispatch_ms: Mutex::new(Vec::new()),
         })
     }
 
@@ -200,6 +207,21 @@ impl<B: CellBackend> Agent<B> {
         v
     }
 
+    /// (samples, median, p99) of the dispatch latency in ms.
+    pub fn dispatch_stats(&self) -> (usize, f64, f64) {
+        let mut v = self
+            .dispatch_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if v.is_empty() {
+            return (0, 0.0, 0.0);
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let pick = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
+        (v.len(), pick(0.5), pick(0.99))
+    }
+
     pub fn unacked(&self) -> usize {
         self.outbox().len()
     }
@@ -210,7 +232,13 @@ impl<B: CellBackend> Agent<B> {
         self.outbox_changed.notify_one();
     }
 
-    fn update(&self, build_id: &str, lease_id: &str, kind: BuildUpdateKind, f: impl FnOnce(&mut BuildUpdate)) {
+    fn update(
+        &self,
+        build_id: &str,
+        lease_id: &str,
+        kind: BuildUpdateKind,
+        f: impl FnOnce(&mut BuildUpdate),
+    ) {
         let mut u = BuildUpdate {
             build_id: build_id.to_string(),
             lease_id: lease_id.to_string(),
@@ -410,7 +438,9 @@ impl<B: CellBackend> Agent<B> {
                         tracing::info!(build = %c.build_id, lease = %b.lease_id, state = state.short_name(), reason = %c.reason, "cancel requested");
                         let _ = b.cancel.send(Some((state, c.reason)));
                     }
-                    None => tracing::debug!(build = %c.build_id, "cancel for a build this box does not run"),
+                    None => {
+                        tracing::debug!(build = %c.build_id, "cancel for a build this box does not run")
+                    }
                 }
             }
             Some(control_message::Msg::Ack(ack)) => self.outbox().ack(ack.seq),
@@ -441,15 +471,20 @@ impl<B: CellBackend> Agent<B> {
                 RunningBuild {
                     lease_id: a.lease_id.clone(),
                     cell_id: String::new(),
-                    size_class: a.size_class.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                    size_class: a
+                        .size_class
+                        .as_ref()
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default(),
                     cancel: tx,
                 },
             );
         }
         let agent = Arc::clone(self);
+        let received = Instant::now();
         tokio::spawn(async move {
             let build_id = a.build_id.clone();
-            agent.run_build(a, rx).await;
+            agent.run_build(a, rx, received).await;
             agent.builds().remove(&build_id);
             agent.builds_changed.notify_one();
         });
@@ -459,6 +494,7 @@ impl<B: CellBackend> Agent<B> {
         self: &Arc<Self>,
         a: Assignment,
         cancel: watch::Receiver<Option<(BuildState, String)>>,
+        received: Instant,
     ) {
         let class = a.size_class.clone().unwrap_or_default();
         if !class.name.is_empty() && class.vcpus > 0 {
@@ -484,8 +520,8 @@ impl<B: CellBackend> Agent<B> {
             u.cell_id = cell.id.clone();
             u.warm_start = warm;
         });
-        tracing::info!(build = %a.build_id, cell = %cell.id, warm, "build placed in cell");
-        let outcome = self.relay(&cell, &a, cancel).await;
+        tracing::info!(build = %a.build_id, cell = %cell.id, warm, since_assignment_us = received.elapsed().as_micros() as u64, "build placed in cell");
+        let outcome = self.relay(&cell, &a, cancel, received).await;
         tracing::info!(build = %a.build_id, cell = %cell.id, state = outcome.state.short_name(), exit_code = outcome.exit_code, "build finished");
         self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Finished, |u| {
             u.cell_id = cell.id.clone();
@@ -502,6 +538,7 @@ impl<B: CellBackend> Agent<B> {
         cell: &Cell,
         a: &Assignment,
         mut cancel: watch::Receiver<Option<(BuildState, String)>>,
+        received: Instant,
     ) -> Outcome {
         let failed = |message: String| Outcome {
             state: BuildState::Failed,
@@ -519,7 +556,9 @@ impl<B: CellBackend> Agent<B> {
             timeout_secs: a.timeout_secs,
         };
         match tokio::time::timeout(Duration::from_secs(10), client.run_build(req)).await {
-            Ok(Ok(r)) if r.get_ref().accepted => {}
+            Ok(Ok(r)) if r.get_ref().accepted => {
+                tracing::debug!(build = %a.build_id, since_assignment_us = received.elapsed().as_micros() as u64, "cell accepted the build");
+            }
             Ok(Ok(_)) => return failed("cell daemon refused the build".into()),
             Ok(Err(s)) => return failed(format!("cell daemon RunBuild: {}", s.message())),
             Err(_) => return failed("cell daemon did not answer RunBuild within 10s".into()),
@@ -573,6 +612,14 @@ impl<B: CellBackend> Agent<B> {
                         }
                         match CellEventKind::try_from(ev.kind).unwrap_or(CellEventKind::Unspecified) {
                             CellEventKind::Log => {
+                                if log_seq == 0 {
+                                    let ms = received.elapsed().as_secs_f64() * 1000.0;
+                                    tracing::debug!(build = %a.build_id, dispatch_ms = ms, "first output line from the cell");
+                                    let mut d = self.dispatch_ms.lock().unwrap_or_else(|p| p.into_inner());
+                                    if d.len() < DISPATCH_SAMPLES {
+                                        d.push(ms);
+                                    }
+                                }
                                 self.send(box_message::Msg::Log(LogChunk {
                                     build_id: a.build_id.clone(),
                                     seq: log_seq,
@@ -658,7 +705,11 @@ impl<B: CellBackend> Agent<B> {
                 fenced = true;
                 let builds = self.builds();
                 if !builds.is_empty() {
-                    tracing::warn!(silent_ms = silent.as_millis() as u64, builds = builds.len(), "control plane unreachable past the lease: cancelling builds (self-fence)");
+                    tracing::warn!(
+                        silent_ms = silent.as_millis() as u64,
+                        builds = builds.len(),
+                        "control plane unreachable past the lease: cancelling builds (self-fence)"
+                    );
                 }
                 for b in builds.values() {
                     let _ = b.cancel.send(Some((
@@ -681,10 +732,9 @@ impl<B: CellBackend> Agent<B> {
         let n = {
             let builds = self.builds();
             for b in builds.values() {
-                let _ = b.cancel.send(Some((
-                    BuildState::Failed,
-                    "box is shutting down".into(),
-                )));
+                let _ = b
+                    .cancel
+                    .send(Some((BuildState::Failed, "box is shutting down".into())));
             }
             builds.len()
         };

@@ -50,7 +50,10 @@ impl CellRecord {
     /// Written to a temp file and renamed so a crash never leaves half a record.
     pub fn store(&self, cell_dir: &Path) -> std::io::Result<()> {
         let tmp = cell_dir.join(format!("{RECORD_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(tmp, cell_dir.join(RECORD_FILE))
     }
 }

@@ -98,8 +98,8 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// A cell the pool holds or a build uses.
-#[derive(Debug)]
+/// A cell the pool holds or a build uses. Cloning shares the gRPC channel.
+#[derive(Debug, Clone)]
 pub struct Cell {
     pub id: String,
     pub size_class: String,

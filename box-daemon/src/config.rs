@@ -48,10 +48,13 @@ fn parse_class_count(flag: &'static str, s: &str) -> Result<ClassCount, ConfigEr
         flag,
         value: s.to_string(),
     })?;
-    let count = n.trim().parse::<u32>().map_err(|_| ConfigError::ClassCount {
-        flag,
-        value: s.to_string(),
-    })?;
+    let count = n
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| ConfigError::ClassCount {
+            flag,
+            value: s.to_string(),
+        })?;
     let class = class.trim();
     if class.is_empty()
         || class.len() > 32
@@ -109,7 +112,10 @@ pub fn builtin_shape(name: &str) -> SizeClass {
 
 /// Turns `--pool` and `--capacity` into class configs. Capacity defaults to twice the target
 /// plus one, so a burst can cold-start a few cells beyond the warm ones.
-pub fn classes(pool: &[ClassCount], capacity: &[ClassCount]) -> Result<Vec<ClassConfig>, ConfigError> {
+pub fn classes(
+    pool: &[ClassCount],
+    capacity: &[ClassCount],
+) -> Result<Vec<ClassConfig>, ConfigError> {
     if pool.is_empty() {
         return Err(ConfigError::NoPool);
     }
@@ -180,7 +186,14 @@ mod tests {
 
     #[test]
     fn backend_choice() {
-        assert_eq!("auto".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
-        assert!("kvm".parse::<BackendChoice>().unwrap_err().to_string().contains("kvm"));
+        assert_eq!(
+            "auto".parse::<BackendChoice>().unwrap(),
+            BackendChoice::Auto
+        );
+        assert!("kvm"
+            .parse::<BackendChoice>()
+            .unwrap_err()
+            .to_string()
+            .contains("kvm"));
     }
 }

@@ -12,7 +12,10 @@ use tokio::net::TcpListener;
 pub type Report = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Binds `addr` and serves until the task is dropped. Returns the bound address.
-pub async fn serve(addr: SocketAddr, report: Report) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    report: Report,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -26,7 +29,12 @@ pub async fn serve(addr: SocketAddr, report: Report) -> std::io::Result<(SocketA
                 let mut n = 0;
                 // Read until the end of the request head (or give up on a slow/huge one).
                 while n < buf.len() {
-                    match tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf[n..])).await {
+                    match tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        conn.read(&mut buf[n..]),
+                    )
+                    .await
+                    {
                         Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                         Ok(Ok(k)) => n += k,
                     }
@@ -39,7 +47,10 @@ pub async fn serve(addr: SocketAddr, report: Report) -> std::io::Result<(SocketA
                 let (status, body) = if line.starts_with("GET /healthz ") {
                     ("200 OK", report().to_string())
                 } else {
-                    ("404 Not Found", "{\"error\":\"not found; try GET /healthz\"}".to_string())
+                    (
+                        "404 Not Found",
+                        "{\"error\":\"not found; try GET /healthz\"}".to_string(),
+                    )
                 };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 /// Devices a cell sees; bound from the host's nodes (no mknod needed, no other device reachable).
 /// `net/tun` is there for the cell daemon's build-container network; a TUN device it makes lives
 /// in the cell's own network namespace.
-const DEVICES: [&str; 7] = ["null", "zero", "full", "random", "urandom", "tty", "net/tun"];
+const DEVICES: [&str; 7] = [
+    "null", "zero", "full", "random", "urandom", "tty", "net/tun",
+];
 
 /// Directory the old root is moved to during pivot_root, then detached and removed.
 const OLD_ROOT: &str = ".hive-oldroot";

@@ -51,7 +51,11 @@ struct JailArgs {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Control plane gRPC URL (the box connects out to it).
-    #[arg(long, env = "HIVE_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "HIVE_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:50051"
+    )]
     control_plane: String,
     /// Cell backend: auto (microvm when the CPU has vmx/svm and /dev/kvm opens, else sandbox),
     /// microvm, or sandbox (namespaces on the box's kernel: weaker isolation).
@@ -173,7 +177,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -183,7 +189,8 @@ fn init_tracing(format: &str) {
 
 /// KVM is usable for microVMs when the CPU advertises hardware virtualization and /dev/kvm opens.
 fn kvm_usable() -> Result<(), String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("read /proc/cpuinfo: {e}"))?;
+    let cpuinfo =
+        std::fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("read /proc/cpuinfo: {e}"))?;
     let has_hw = cpuinfo
         .lines()
         .filter(|l| l.starts_with("flags"))
@@ -248,12 +255,16 @@ fn run(args: RunArgs) -> Result<(), MainError> {
     rt.block_on(run_async(args, classes))
 }
 
-async fn run_async(args: RunArgs, classes: Vec<hive_box::pool::ClassConfig>) -> Result<(), MainError> {
+async fn run_async(
+    args: RunArgs,
+    classes: Vec<hive_box::pool::ClassConfig>,
+) -> Result<(), MainError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(MainError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(MainError::Signals)?;
 
-    std::fs::create_dir_all(&args.data_dir).map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
     let box_id = args.box_id.clone().unwrap_or_else(|| {
         nix::unistd::gethostname()
             .ok()
@@ -326,8 +337,10 @@ async fn run_async(args: RunArgs, classes: Vec<hive_box::pool::ClassConfig>) -> 
                     })
                 })
                 .collect();
+            let (n, median, p99) = agent.dispatch_stats();
             serde_json::json!({
                 "ok": true,
+                "dispatch_ms": { "n": n, "median": median, "p99": p99 },
                 "box_id": box_id,
                 "backend": "sandbox",
                 "control_plane_connected": agent.is_connected(),

@@ -300,7 +300,10 @@ impl BoxNet {
 
     fn remove_cell(&self, veth: &str) -> Result<(), NetError> {
         nft(
-            &format!("delete element inet {} cells {{ \"{veth}\" }}\n", self.table),
+            &format!(
+                "delete element inet {} cells {{ \"{veth}\" }}\n",
+                self.table
+            ),
             &format!("remove {veth} from cells"),
         )
     }
@@ -387,7 +390,11 @@ impl BoxNet {
             .await?
             .ok_or_else(|| NetError::NoLink(names.peer.clone()))?;
         cell.link()
-            .set(LinkUnspec::new_with_index(eth).name("eth0".to_string()).build())
+            .set(
+                LinkUnspec::new_with_index(eth)
+                    .name("eth0".to_string())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(link_err("rename to eth0", &names.peer))?;
@@ -516,7 +523,13 @@ mod tests {
 
     #[test]
     fn subnet_rejects_bad_input() {
-        for bad in ["100.96.0.0", "100.96.0.1/16", "x/16", "10.0.0.0/31", "10.0.0.0/4"] {
+        for bad in [
+            "100.96.0.0",
+            "100.96.0.1/16",
+            "x/16",
+            "10.0.0.0/31",
+            "10.0.0.0/4",
+        ] {
             let e = bad.parse::<Subnet>().unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
         }

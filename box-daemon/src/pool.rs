@@ -19,7 +19,9 @@ use crate::cell::Cell;
 pub enum PoolError {
     #[error("unknown size class {0:?} (this box serves: {1})")]
     UnknownClass(String, String),
-    #[error("no room for another {class} cell ({busy} busy, {booting} booting, capacity {capacity})")]
+    #[error(
+        "no room for another {class} cell ({busy} busy, {booting} booting, capacity {capacity})"
+    )]
     NoRoom {
         class: String,
         busy: u32,
@@ -32,7 +34,7 @@ pub enum PoolError {
     ColdStart {
         class: String,
         #[source]
-        source: crate::backend::BackendError,
+        source: Box<crate::backend::BackendError>,
     },
     #[error("pool is shutting down")]
     ShuttingDown,
@@ -89,7 +91,9 @@ pub struct Pool<B: CellBackend> {
 
 impl<B: CellBackend> std::fmt::Debug for Pool<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("states", &self.states()).finish()
+        f.debug_struct("Pool")
+            .field("states", &self.states())
+            .finish()
     }
 }
 
@@ -172,7 +176,11 @@ impl<B: CellBackend> Pool<B> {
         inner
             .classes
             .values()
-            .flat_map(|c| c.warm.iter().map(|cell| (cell.id.clone(), cell.size_class.clone())))
+            .flat_map(|c| {
+                c.warm
+                    .iter()
+                    .map(|cell| (cell.id.clone(), cell.size_class.clone()))
+            })
             .collect()
     }
 
@@ -180,8 +188,8 @@ impl<B: CellBackend> Pool<B> {
         uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
     }
 
-    /// Reserves a slot and a booting place; None when the class is full.
-    fn reserve(inner: &mut Inner, class: &str) -> Result<(CellSpec, ()), PoolError> {
+    /// Reserves a slot and a booting place; an error when the class is full.
+    fn reserve(inner: &mut Inner, class: &str) -> Result<CellSpec, PoolError> {
         let names = inner.classes.keys().cloned().collect::<Vec<_>>().join(", ");
         let c = inner
             .classes
@@ -202,14 +210,11 @@ impl<B: CellBackend> Pool<B> {
         if let Some(c) = inner.classes.get_mut(class) {
             c.booting += 1;
         }
-        Ok((
-            CellSpec {
-                id,
-                size_class: size,
-                slot,
-            },
-            (),
-        ))
+        Ok(CellSpec {
+            id,
+            size_class: size,
+            slot,
+        })
     }
 
     fn free_slot(inner: &mut Inner, id: &str) {
@@ -268,7 +273,7 @@ impl<B: CellBackend> Pool<B> {
                     return Ok((cell, true));
                 }
                 match Self::reserve(&mut inner, class) {
-                    Ok((spec, ())) => break spec,
+                    Ok(spec) => break spec,
                     Err(PoolError::NoRoom { booting, .. })
                         if booting > 0 && Instant::now() < deadline => {}
                     Err(e) => return Err(e),
@@ -293,7 +298,7 @@ impl<B: CellBackend> Pool<B> {
                 Self::free_slot(&mut inner, &id);
                 Err(PoolError::ColdStart {
                     class: class.to_string(),
-                    source,
+                    source: Box::new(source),
                 })
             }
         }
@@ -331,7 +336,7 @@ impl<B: CellBackend> Pool<B> {
                         break;
                     }
                     match Self::reserve(&mut inner, &name) {
-                        Ok((spec, ())) => specs.push((name.clone(), spec)),
+                        Ok(spec) => specs.push((name.clone(), spec)),
                         Err(_) => break,
                     }
                 }
@@ -387,37 +392,41 @@ impl<B: CellBackend> Pool<B> {
         }
     }
 
-    /// Probes every warm cell; dead ones are destroyed and replaced.
+    /// Probes every warm cell; dead ones are destroyed and replaced. Cells stay in the pool
+    /// while probed, so a build arriving meanwhile still gets a warm cell.
     pub async fn check_health(self: &Arc<Self>) {
-        let cells: Vec<(String, Cell)> = {
-            let mut inner = self.lock();
+        let snapshot: Vec<Cell> = {
+            let inner = self.lock();
             inner
                 .classes
-                .iter_mut()
-                .flat_map(|(name, c)| c.warm.drain(..).map(move |cell| (name.clone(), cell)))
+                .values()
+                .flat_map(|c| c.warm.iter().cloned())
                 .collect()
         };
         let mut dead = Vec::new();
-        let mut alive = Vec::new();
-        for (class, cell) in cells {
+        for cell in snapshot {
             let ok = self.backend.is_alive(&cell.id)
                 && matches!(cell.health(Duration::from_secs(2)).await, Ok(true));
-            if ok {
-                alive.push((class, cell));
-            } else {
-                dead.push(cell);
+            if !ok {
+                dead.push(cell.id);
             }
         }
-        {
+        if dead.is_empty() {
+            return;
+        }
+        let removed: Vec<Cell> = {
             let mut inner = self.lock();
-            for (class, cell) in alive {
-                if let Some(c) = inner.classes.get_mut(&class) {
-                    // Cells taken meanwhile were not in the drained list; order is kept.
-                    c.warm.push_back(cell);
-                }
+            let mut removed = Vec::new();
+            for c in inner.classes.values_mut() {
+                // A cell taken by a build meanwhile is no longer here; that build will find out.
+                let (gone, keep): (Vec<Cell>, Vec<Cell>) =
+                    c.warm.drain(..).partition(|cell| dead.contains(&cell.id));
+                c.warm = keep.into();
+                removed.extend(gone);
             }
-        }
-        for cell in dead {
+            removed
+        };
+        for cell in removed {
             tracing::warn!(cell = %cell.id, class = %cell.size_class, "warm cell failed its health check; replacing");
             let _ = self.backend.destroy(&cell.id).await;
             let mut inner = self.lock();
@@ -466,9 +475,7 @@ impl<B: CellBackend> Pool<B> {
         }
         // Let cells that are still booting finish and be destroyed by their boot task.
         let deadline = Instant::now() + self.ready_timeout + Duration::from_secs(1);
-        while Instant::now() < deadline
-            && self.lock().classes.values().any(|c| c.booting > 0)
-        {
+        while Instant::now() < deadline && self.lock().classes.values().any(|c| c.booting > 0) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -28,8 +28,12 @@ pub async fn reap<B: CellBackend>(backend: &B) -> Vec<LostBuild> {
             }
         }
         match backend.destroy(&left.id).await {
-            Ok(()) => tracing::info!(cell = %left.id, dir = %left.dir.display(), "reaped leftover cell"),
-            Err(e) => tracing::warn!(cell = %left.id, error = %crate::jail::error_chain(&e), "could not reap leftover cell"),
+            Ok(()) => {
+                tracing::info!(cell = %left.id, dir = %left.dir.display(), "reaped leftover cell")
+            }
+            Err(e) => {
+                tracing::warn!(cell = %left.id, error = %crate::jail::error_chain(&e), "could not reap leftover cell")
+            }
         }
     }
     lost

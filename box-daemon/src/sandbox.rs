@@ -127,7 +127,10 @@ impl Sandbox {
         }
         let mut env = self.cfg.cell_env.clone();
         env.insert("HIVE_CELL_ID".into(), spec.id.clone());
-        env.insert("HIVE_CELL_LISTEN".into(), "unix:/run/hive/agent.sock".into());
+        env.insert(
+            "HIVE_CELL_LISTEN".into(),
+            "unix:/run/hive/agent.sock".into(),
+        );
         env.insert("HIVE_BUILD_IMAGE".into(), "/images/build".into());
         env.insert("HIVE_WORK_DIR".into(), "/var/lib/hive".into());
         env.entry("PATH".into())
@@ -203,7 +206,9 @@ impl Sandbox {
         let spec_path = dir.join("jail.json");
         fs::write(
             &spec_path,
-            serde_json::to_vec_pretty(&jail).map_err(std::io::Error::other).map_err(dir_err(&spec_path))?,
+            serde_json::to_vec_pretty(&jail)
+                .map_err(std::io::Error::other)
+                .map_err(dir_err(&spec_path))?,
         )
         .map_err(dir_err(&spec_path))?;
         // The cell daemon's own output is its console: kept in the cell dir (gone with the cell),

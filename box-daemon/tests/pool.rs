@@ -23,7 +23,11 @@ async fn pool_keeps_target_hands_out_warm_cells_and_replaces_dead_ones() {
     );
     let t0 = Instant::now();
     pool.top_up();
-    assert!(pool.wait_warm("small", 2, Duration::from_secs(60)).await, "pool never reached 2 warm: {:?}", pool.states());
+    assert!(
+        pool.wait_warm("small", 2, Duration::from_secs(60)).await,
+        "pool never reached 2 warm: {:?}",
+        pool.states()
+    );
     let fill = t0.elapsed();
     let stats = pool.stats();
     eprintln!(
@@ -41,7 +45,9 @@ async fn pool_keeps_target_hands_out_warm_cells_and_replaces_dead_ones() {
 
     // Unknown class: a clear error, not a panic.
     match pool.take("huge").await {
-        Err(PoolError::UnknownClass(c, known)) => assert_eq!((c.as_str(), known.as_str()), ("huge", "small")),
+        Err(PoolError::UnknownClass(c, known)) => {
+            assert_eq!((c.as_str(), known.as_str()), ("huge", "small"))
+        }
         other => panic!("expected UnknownClass, got {other:?}"),
     }
 
@@ -53,12 +59,25 @@ async fn pool_keeps_target_hands_out_warm_cells_and_replaces_dead_ones() {
         .trim()
         .parse()
         .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     pool.check_health().await;
-    assert!(!pool.warm_ids().iter().any(|(id, _)| *id == victim), "dead cell still warm");
-    assert!(!tb.sandbox.cell_dir(&victim).exists(), "dead cell not destroyed");
-    assert!(pool.wait_warm("small", 2, Duration::from_secs(60)).await, "dead cell not replaced");
+    assert!(
+        !pool.warm_ids().iter().any(|(id, _)| *id == victim),
+        "dead cell still warm"
+    );
+    assert!(
+        !tb.sandbox.cell_dir(&victim).exists(),
+        "dead cell not destroyed"
+    );
+    assert!(
+        pool.wait_warm("small", 2, Duration::from_secs(60)).await,
+        "dead cell not replaced"
+    );
 
     // Drain the warm cells; the next take is a cold start and says so.
     let (b, _) = pool.take("small").await.unwrap();
@@ -84,5 +103,57 @@ async fn pool_keeps_target_hands_out_warm_cells_and_replaces_dead_ones() {
     assert_eq!(pool.states()[0].busy, 0);
 
     pool.shutdown().await;
-    assert!(tb.sandbox.inspect().is_empty(), "cells left after shutdown: {:?}", tb.sandbox.inspect());
+    assert!(
+        tb.sandbox.inspect().is_empty(),
+        "cells left after shutdown: {:?}",
+        tb.sandbox.inspect()
+    );
+}
+
+/// Benchmark (issue 3): cells the pool brings to "answered health" per second per core.
+/// `cargo test -p hive-box --test pool bench -- --ignored --nocapture` (HIVE_BENCH_CELLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run explicitly"]
+async fn bench_cells_per_second_per_core() {
+    let n: u32 = std::env::var("HIVE_BENCH_CELLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let tb = common::sandbox("bench", 204);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    let mut rates = Vec::new();
+    for round in 0..3 {
+        let pool = Pool::new(
+            Arc::clone(&tb.sandbox),
+            vec![ClassConfig {
+                size: common::small(),
+                target: n,
+                capacity: n,
+            }],
+            64,
+            Duration::from_secs(60),
+        );
+        let t0 = Instant::now();
+        pool.top_up();
+        assert!(
+            pool.wait_warm("small", n, Duration::from_secs(120)).await,
+            "{:?}",
+            pool.states()
+        );
+        let dt = t0.elapsed().as_secs_f64();
+        let stats = pool.stats();
+        let rate = f64::from(n) / dt;
+        println!(
+            "BENCH round {round}: {n} cells warm in {dt:.2}s = {rate:.1} cells/s = {:.1} cells/s/core ({cores} cores); mean boot {:?}, failures {}",
+            rate / cores,
+            stats.total_boot / stats.booted.max(1) as u32,
+            stats.boot_failures
+        );
+        rates.push(rate / cores);
+        pool.shutdown().await;
+    }
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("BENCH cells/s/core median of 3: {:.1}", rates[1]);
 }

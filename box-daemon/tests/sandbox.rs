@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use hive_box::backend::{CellBackend, CellSpec};
 use hive_box::net::{link_exists, CellNetNames};
-use hive_proto::v1::{CellEventKind, CellEventsRequest, RunBuildRequest, BuildState};
+use hive_proto::v1::{BuildState, CellEventKind, CellEventsRequest, RunBuildRequest};
 
 fn status_field(pid: &str, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -50,7 +50,10 @@ async fn cell_boots_jailed_runs_a_build_and_is_destroyed_completely() {
     }
     assert_eq!(status_field(&pid, "NoNewPrivs:"), "1");
     assert_eq!(status_field(&pid, "Seccomp:"), "2");
-    assert_eq!(status_field(&pid, "NSpid:").split_whitespace().last(), Some("1"));
+    assert_eq!(
+        status_field(&pid, "NSpid:").split_whitespace().last(),
+        Some("1")
+    );
 
     // Resources: cgroup with limits, netns, veth with its /30, firewall membership.
     let cg = tb.sandbox.cgroups().open("hive-test-life", &id);
@@ -103,14 +106,20 @@ async fn cell_boots_jailed_runs_a_build_and_is_destroyed_completely() {
     let one = out.find("one").expect("step output");
     let two = out.find("two").expect("step output");
     assert!(one < two, "output out of order");
-    assert!(out.contains("NoNewPrivs:\t1"), "build inherits no_new_privs");
+    assert!(
+        out.contains("NoNewPrivs:\t1"),
+        "build inherits no_new_privs"
+    );
 
     // Destroy: nothing of the cell is left.
     tb.sandbox.destroy(&id).await.expect("destroy");
     assert!(!tb.sandbox.is_alive(&id));
     assert!(!cell_dir.exists(), "cell dir left");
     assert!(!link_exists(&names.veth).await.unwrap(), "veth left");
-    assert!(!Path::new("/run/netns").join(&names.netns).exists(), "netns left");
+    assert!(
+        !Path::new("/run/netns").join(&names.netns).exists(),
+        "netns left"
+    );
     assert!(!tb.net.has_cell(&names.veth), "firewall entry left");
     for d in cg.dirs() {
         assert!(!d.exists(), "cgroup {} left", d.display());
@@ -148,6 +157,8 @@ async fn a_cell_that_cannot_start_reports_why_and_leaves_nothing() {
     assert!(msg.contains("exec /sbin/hive-cell"), "{msg}");
     sandbox.destroy(&id).await.unwrap();
     assert!(!sandbox.cell_dir(&id).exists());
-    assert!(!link_exists(&CellNetNames::for_cell(&id).veth).await.unwrap());
+    assert!(!link_exists(&CellNetNames::for_cell(&id).veth)
+        .await
+        .unwrap());
     tb.dir = tempfile::tempdir().unwrap();
 }

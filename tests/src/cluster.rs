@@ -28,8 +28,14 @@ pub fn ensure_box_built() {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root())
-            .args(["build", "-p", "hive-box", "-p", "hive-cell", "--bins"]);
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "-p",
+            "hive-box",
+            "-p",
+            "hive-cell",
+            "--bins",
+        ]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -92,14 +98,39 @@ pub struct BoxDaemon {
 
 impl BoxDaemon {
     pub fn start(control_plane: &str, opts: BoxOptions) -> Self {
-        ensure_box_built();
         let data_dir = tempfile::Builder::new()
             .prefix(&format!("hive-box-{}-", opts.tag))
             .tempdir()
             .expect("temp dir");
+        Self::start_in(control_plane, opts, data_dir)
+    }
+
+    /// SIGKILL (a crash): the box's cells stay behind, as after a power cut of the daemon only.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a new `hive-box` on the same data dir (after [`BoxDaemon::crash`] or a stop).
+    pub fn restart(&mut self, control_plane: &str) {
+        self.crash();
+        let data_dir =
+            std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("temp dir"));
+        *self = Self::start_in(control_plane, self.opts.clone(), data_dir);
+    }
+
+    fn start_in(control_plane: &str, opts: BoxOptions, data_dir: tempfile::TempDir) -> Self {
+        ensure_box_built();
         let ready = data_dir.path().join("ready.json");
+        let _ = std::fs::remove_file(&ready);
         let log_path = data_dir.path().join("hive-box.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
         let log2 = log.try_clone().expect("dup log");
         let image = build_image();
         let bin = bin_dir().join("hive-box");
@@ -193,7 +224,12 @@ impl BoxDaemon {
         h["pools"]
             .as_array()
             .and_then(|pools| pools.iter().find(|p| p["size_class"] == class))
-            .map(|p| (p["warm"].as_u64().unwrap_or(0), p["busy"].as_u64().unwrap_or(0)))
+            .map(|p| {
+                (
+                    p["warm"].as_u64().unwrap_or(0),
+                    p["busy"].as_u64().unwrap_or(0),
+                )
+            })
             .unwrap_or((0, 0))
     }
 
@@ -380,16 +416,13 @@ impl Listener {
         std::thread::spawn(move || {
             if let Some(ns) = netns {
                 let f = std::fs::File::open(&ns).expect("open netns");
-                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("setns");
+                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             }
             let l = TcpListener::bind(&addr).expect("bind listener");
             tx.send(l.local_addr().unwrap()).unwrap();
-            for conn in l.incoming() {
-                if let Ok(mut c) = conn {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let _ = std::io::Write::write_all(&mut c, b"hello\n");
-                }
+            for mut c in l.incoming().flatten() {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = std::io::Write::write_all(&mut c, b"hello\n");
             }
         });
         let addr = rx.recv().expect("listener address");
@@ -437,8 +470,12 @@ impl PrivateHost {
 
 impl Drop for PrivateHost {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
     }
 }
 
@@ -487,7 +524,10 @@ pub async fn wait_build_until(
         if pred(&b) {
             return b;
         }
-        assert!(t0.elapsed() < timeout, "build {id} condition not met: {b:?}");
+        assert!(
+            t0.elapsed() < timeout,
+            "build {id} condition not met: {b:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -513,4 +553,61 @@ pub async fn build_log(grpc_url: &str, id: &str) -> (String, Vec<u64>) {
         text.push_str(&String::from_utf8_lossy(&chunk.data));
     }
     (text, seqs)
+}
+
+/// A TCP proxy between the box and the control plane, so a test can cut the link (every
+/// connection dropped at once) and point it at a restarted control plane on a new port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    upstream: Arc<std::sync::Mutex<String>>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = Arc::new(std::sync::Mutex::new(upstream.to_string()));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let up = Arc::clone(&upstream);
+        let cut_rx = cut.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut down, _)) = listener.accept().await else {
+                    continue;
+                };
+                let target = up.lock().unwrap().clone();
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut upc) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut upc) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            upstream,
+            cut,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every proxied connection now.
+    pub fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+
+    /// New connections go to `upstream` (host:port).
+    pub fn set_upstream(&self, upstream: &str) {
+        *self.upstream.lock().unwrap() = upstream.to_string();
+    }
 }

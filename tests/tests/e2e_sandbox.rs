@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{BuildState, CancelBuildRequest, CreateProjectRequest};
-use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost, Listener, PrivateHost};
+use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost, Listener, PrivateHost, Proxy};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
 use hive_tests::github::{push_payload, WebhookClient};
 
@@ -18,12 +18,23 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const SECRET: &str = "e2e-secret";
 
 struct Hive {
-    cp: ControlPlane,
+    cp_slot: Option<ControlPlane>,
     boxd: BoxDaemon,
     git: GitHost,
+    proxy: Option<Proxy>,
 }
 
 async fn hive(tag: &str, octet: u8, git_addr: &str, block: Vec<String>) -> Hive {
+    hive_with(tag, octet, git_addr, block, false).await
+}
+
+async fn hive_with(
+    tag: &str,
+    octet: u8,
+    git_addr: &str,
+    block: Vec<String>,
+    via_proxy: bool,
+) -> Hive {
     let git = GitHost::start(tag, git_addr);
     let cp = tokio::task::spawn_blocking(|| {
         ControlPlane::start(ControlPlaneOptions {
@@ -35,7 +46,15 @@ async fn hive(tag: &str, octet: u8, git_addr: &str, block: Vec<String>) -> Hive 
     .await
     .unwrap()
     .expect("control plane");
-    let url = cp.grpc_url();
+    let proxy = if via_proxy {
+        Some(Proxy::start(&cp.grpc_addr).await)
+    } else {
+        None
+    };
+    let url = proxy
+        .as_ref()
+        .map(Proxy::url)
+        .unwrap_or_else(|| cp.grpc_url());
     let tag2 = tag.to_string();
     let boxd = tokio::task::spawn_blocking(move || {
         BoxDaemon::start(
@@ -62,12 +81,31 @@ async fn hive(tag: &str, octet: u8, git_addr: &str, block: Vec<String>) -> Hive 
         "pool never warm; box log:\n{}",
         boxd.log()
     );
-    Hive { cp, boxd, git }
+    Hive {
+        cp_slot: Some(cp),
+        boxd,
+        git,
+        proxy,
+    }
 }
 
 impl Hive {
+    fn cp(&self) -> &ControlPlane {
+        self.cp_slot.as_ref().expect("control plane")
+    }
+
+    /// The URL the box uses for the control plane.
+    fn box_cp_url(&self) -> String {
+        self.proxy
+            .as_ref()
+            .map(Proxy::url)
+            .unwrap_or_else(|| self.cp().grpc_url())
+    }
+
     async fn project(&self, name: &str, steps: &[&str], timeout_secs: u32) {
-        let mut client = ControlPlaneClient::connect(self.cp.grpc_url()).await.unwrap();
+        let mut client = ControlPlaneClient::connect(self.cp().grpc_url())
+            .await
+            .unwrap();
         client
             .create_project(CreateProjectRequest {
                 name: name.into(),
@@ -93,7 +131,7 @@ impl Hive {
         );
         let delivery = uuid::Uuid::new_v4().to_string();
         let answer = WebhookClient::new()
-            .send_signed(&self.cp.webhook_url(), SECRET, "push", &delivery, body)
+            .send_signed(&self.cp().webhook_url(), SECRET, "push", &delivery, body)
             .await
             .expect("webhook");
         assert_eq!(answer.status, 202, "webhook answer: {}", answer.body);
@@ -104,7 +142,7 @@ impl Hive {
     }
 
     async fn logs(&self, build: &str) -> String {
-        let (text, seqs) = cluster::build_log(&self.cp.grpc_url(), build).await;
+        let (text, seqs) = cluster::build_log(&self.cp().grpc_url(), build).await;
         let dense: Vec<u64> = (0..seqs.len() as u64).collect();
         assert_eq!(seqs, dense, "log seqs not dense from 0");
         text
@@ -114,7 +152,7 @@ impl Hive {
         format!(
             "\n--- box log (tail) ---\n{}\n--- control plane log (tail) ---\n{}",
             tail(&self.boxd.log(), 60),
-            tail(&self.cp.log(), 40)
+            tail(&self.cp().log(), 40)
         )
     }
 
@@ -148,7 +186,10 @@ impl Hive {
                 "/sys/fs/cgroup/{ctrl}/hive-e2e-{}/{cell_id}",
                 self.boxd.opts.tag
             );
-            assert!(!std::path::Path::new(&cg).exists(), "cgroup {cg} still there");
+            assert!(
+                !std::path::Path::new(&cg).exists(),
+                "cgroup {cg} still there"
+            );
         }
         let set = std::process::Command::new("nft")
             .args([
@@ -167,14 +208,117 @@ impl Hive {
     }
 
     async fn finish(mut self) {
-        assert!(self.boxd.stop(), "hive-box did not exit cleanly:{}", self.context());
+        assert!(
+            self.boxd.stop(),
+            "hive-box did not exit cleanly:{}",
+            self.context()
+        );
         assert!(
             self.boxd.cells_on_disk().is_empty(),
             "cells left after SIGTERM: {:?}",
             self.boxd.cells_on_disk()
         );
-        self.cp.stop();
+        if let Some(mut cp) = self.cp_slot.take() {
+            cp.stop();
+        }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cuts_and_a_control_plane_restart_lose_no_log_line() {
+    let _serial = SERIAL.lock().await;
+    let mut h = hive_with("link", 215, "198.18.0.6", vec![], true).await;
+    h.project(
+        "chatty",
+        &["for i in $(seq 1 400); do echo line-$i; sleep 0.005; done"],
+        120,
+    )
+    .await;
+    let id = h.push("chatty").await;
+    let grpc = h.cp().grpc_url();
+    cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running
+    })
+    .await;
+    let proxy = h.proxy.take().unwrap();
+    // Cut the link twice while logs stream, then restart the control plane (new port).
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        proxy.cut();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cp = h.cp_slot.take().unwrap();
+    let cp = tokio::task::spawn_blocking(move || cp.restart())
+        .await
+        .unwrap()
+        .expect("restart control plane");
+    proxy.set_upstream(&cp.grpc_addr);
+    proxy.cut();
+    h.cp_slot = Some(cp);
+    h.proxy = Some(proxy);
+    let b = cluster::wait_build(&h.cp().grpc_url(), &id, Duration::from_secs(120)).await;
+    let log = h.logs(&id).await;
+    assert_eq!(state(&b), BuildState::Succeeded, "{b:?}{}", h.context());
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("line-")).collect();
+    let want: Vec<String> = (1..=400).map(|i| format!("line-{i}")).collect();
+    assert_eq!(
+        lines,
+        want,
+        "log lines lost, duplicated or reordered{}",
+        h.context()
+    );
+    assert!(
+        h.boxd.log().matches("registered").count() >= 3,
+        "the box did not reconnect as expected{}",
+        h.context()
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_box_reaps_its_leftover_cells_and_reports_the_build_failed() {
+    let _serial = SERIAL.lock().await;
+    let mut h = hive("reap", 216, "198.18.0.7", vec![]).await;
+    h.project("long", &["echo started; sleep 600"], 600).await;
+    let id = h.push("long").await;
+    let grpc = h.cp().grpc_url();
+    let b = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running && !b.cell_id.is_empty()
+    })
+    .await;
+    let cell = b.cell_id.clone();
+    let pid_file = h
+        .boxd
+        .data_dir
+        .path()
+        .join("data/cells")
+        .join(&cell)
+        .join("pid");
+    let cell_pid = std::fs::read_to_string(&pid_file)
+        .expect("cell pid")
+        .trim()
+        .to_string();
+
+    // The daemon dies; its cells keep running without it.
+    h.boxd.crash();
+    assert!(std::path::Path::new(&format!("/proc/{cell_pid}")).exists());
+    let url = h.box_cp_url();
+    tokio::task::block_in_place(|| h.boxd.restart(&url));
+
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    assert_eq!(state(&b), BuildState::Failed, "{b:?}{}", h.context());
+    assert!(b.message.contains("box restarted"), "{b:?}");
+    h.assert_cell_gone(&cell).await;
+    let t0 = Instant::now();
+    while std::path::Path::new(&format!("/proc/{cell_pid}")).exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "old cell process still alive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(60)).await);
+    h.finish().await;
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -201,9 +345,14 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
     )
     .await;
     let id = h.push("demo").await;
-    let b = cluster::wait_build(&h.cp.grpc_url(), &id, Duration::from_secs(120)).await;
+    let b = cluster::wait_build(&h.cp().grpc_url(), &id, Duration::from_secs(120)).await;
     let log = h.logs(&id).await;
-    assert_eq!(state(&b), BuildState::Succeeded, "{b:?}\nlog:\n{log}{}", h.context());
+    assert_eq!(
+        state(&b),
+        BuildState::Succeeded,
+        "{b:?}\nlog:\n{log}{}",
+        h.context()
+    );
     assert!(b.warm_start, "build did not get a warm cell: {b:?}");
     assert_eq!(b.exit_code, 0);
     // Clone phase, then each step's output, in order.
@@ -241,35 +390,47 @@ async fn failing_step_timeout_and_cancel_end_the_build() {
     h.project("fails", &["echo before", "exit 7", "echo never-runs"], 60)
         .await;
     h.project("slow", &["echo sleeping; sleep 600"], 3).await;
-    h.project("cancelme", &["echo waiting; sleep 600"], 600).await;
+    h.project("cancelme", &["echo waiting; sleep 600"], 600)
+        .await;
 
     // A failing step fails the build with its exit code; later steps do not run.
     let id = h.push("fails").await;
-    let b = cluster::wait_build(&h.cp.grpc_url(), &id, Duration::from_secs(120)).await;
+    let b = cluster::wait_build(&h.cp().grpc_url(), &id, Duration::from_secs(120)).await;
     let log = h.logs(&id).await;
     assert_eq!(state(&b), BuildState::Failed, "{b:?}{}", h.context());
     assert_eq!(b.exit_code, 7, "{b:?}");
-    assert!(log.contains("before") && !log.contains("never-runs"), "{log}");
+    assert!(
+        log.contains("before") && !log.contains("never-runs"),
+        "{log}"
+    );
     h.assert_cell_gone(&b.cell_id).await;
 
     // Timeout: the 3 s limit stops `sleep 600`.
     let t0 = Instant::now();
     let id = h.push("slow").await;
-    let b = cluster::wait_build(&h.cp.grpc_url(), &id, Duration::from_secs(60)).await;
+    let b = cluster::wait_build(&h.cp().grpc_url(), &id, Duration::from_secs(60)).await;
     assert_eq!(state(&b), BuildState::TimedOut, "{b:?}{}", h.context());
-    assert!(t0.elapsed() < Duration::from_secs(40), "timeout took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(40),
+        "timeout took {:?}",
+        t0.elapsed()
+    );
     h.assert_cell_gone(&b.cell_id).await;
 
     // Cancel: once the step runs, CancelBuild stops it.
     let id = h.push("cancelme").await;
-    let grpc = h.cp.grpc_url();
+    let grpc = h.cp().grpc_url();
     cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
         state(b) == BuildState::Running
     })
     .await;
     let t0 = Instant::now();
     while !h.logs(&id).await.contains("waiting") {
-        assert!(t0.elapsed() < Duration::from_secs(30), "step never started{}", h.context());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "step never started{}",
+            h.context()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
@@ -283,7 +444,11 @@ async fn failing_step_timeout_and_cancel_end_the_build() {
     let t0 = Instant::now();
     let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
-    assert!(t0.elapsed() < Duration::from_secs(20), "cancel took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "cancel took {:?}",
+        t0.elapsed()
+    );
     h.assert_cell_gone(&b.cell_id).await;
 
     assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(30)).await);
@@ -315,13 +480,17 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         std::net::TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("positive control {target}: {e}"));
     }
-    let (cp_before, private_before, box_before) =
-        (cp_listener.count(), private_listener.count(), box_listener.count());
+    let (cp_before, private_before, box_before) = (
+        cp_listener.count(),
+        private_listener.count(),
+        box_listener.count(),
+    );
 
     // Another cell: a running build occupies one; its address comes from the box's record.
-    h.project("occupant", &["echo occupying; sleep 600"], 600).await;
+    h.project("occupant", &["echo occupying; sleep 600"], 600)
+        .await;
     let occupant = h.push("occupant").await;
-    let grpc = h.cp.grpc_url();
+    let grpc = h.cp().grpc_url();
     let ob = cluster::wait_build_until(&grpc, &occupant, Duration::from_secs(60), |b| {
         state(b) == BuildState::Running && !b.cell_id.is_empty()
     })
@@ -329,26 +498,32 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
     let slot = h.boxd.cell_slot(&ob.cell_id).expect("occupant cell record");
     let other_cell = h.boxd.cell_ip(slot);
 
-    let cp_port = h.cp.grpc_addr.rsplit(':').next().unwrap().to_string();
+    let cp_port = h.cp().grpc_addr.rsplit(':').next().unwrap().to_string();
     let probe = "probe() { if timeout 3 bash -c \"exec 3<>/dev/tcp/$1/$2\" 2>/dev/null; then echo \"REACHED $1:$2\"; else echo \"BLOCKED $1:$2\"; fi; }";
-    let steps = [
-        format!(
-            "{probe}; probe {git} 9418; probe 198.18.0.1 {box_port}; probe 192.0.2.2 {box_port}; \
+    let steps = [format!(
+        "{probe}; probe {git} 9418; probe 198.18.0.1 {box_port}; probe 192.0.2.2 {box_port}; \
              probe 127.0.0.1 {cp_port}; probe {cp_stand_in} 7000; probe {other_cell} 22; \
              probe {private} 7001",
-            git = h.git.addr,
-            private = private.addr,
-        ),
-    ];
+        git = h.git.addr,
+        private = private.addr,
+    )];
     let step_refs: Vec<&str> = steps.iter().map(String::as_str).collect();
     h.project("prober", &step_refs, 120).await;
     let id = h.push("prober").await;
     let b = cluster::wait_build(&grpc, &id, Duration::from_secs(120)).await;
     let log = h.logs(&id).await;
     eprintln!("probe log:\n{log}");
-    assert_eq!(state(&b), BuildState::Succeeded, "{b:?}\n{log}{}", h.context());
+    assert_eq!(
+        state(&b),
+        BuildState::Succeeded,
+        "{b:?}\n{log}{}",
+        h.context()
+    );
     // Public egress works (through the box's NAT) ...
-    assert!(log.contains(&format!("REACHED {}:9418", h.git.addr)), "{log}");
+    assert!(
+        log.contains(&format!("REACHED {}:9418", h.git.addr)),
+        "{log}"
+    );
     // ... and nothing else does.
     for blocked in [
         format!("198.18.0.1:{box_port}"),
@@ -358,10 +533,21 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         format!("{other_cell}:22"),
         format!("{}:7001", private.addr),
     ] {
-        assert!(log.contains(&format!("BLOCKED {blocked}")), "{blocked} not blocked:\n{log}");
+        assert!(
+            log.contains(&format!("BLOCKED {blocked}")),
+            "{blocked} not blocked:\n{log}"
+        );
     }
-    assert_eq!(cp_listener.count(), cp_before, "control-plane stand-in was reached");
-    assert_eq!(private_listener.count(), private_before, "private host was reached");
+    assert_eq!(
+        cp_listener.count(),
+        cp_before,
+        "control-plane stand-in was reached"
+    );
+    assert_eq!(
+        private_listener.count(),
+        private_before,
+        "private host was reached"
+    );
     assert_eq!(box_listener.count(), box_before, "box service was reached");
 
     let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
@@ -388,7 +574,9 @@ fn floor_once(image: &std::path::Path) -> f64 {
     use std::io::BufRead;
     let t0 = Instant::now();
     let mut child = std::process::Command::new("unshare")
-        .args(["--mount", "--pid", "--fork", "--net", "--uts", "--ipc", "chroot"])
+        .args([
+            "--mount", "--pid", "--fork", "--net", "--uts", "--ipc", "chroot",
+        ])
         .arg(image)
         .args(["/bin/sh", "-c", "echo first-line"])
         .stdout(std::process::Stdio::piped())
@@ -417,17 +605,27 @@ async fn bench_webhook_to_first_log_line() {
         .unwrap_or(200);
     let h = hive("bench", 214, "198.18.0.5", vec![]).await;
     h.project("bench", &["echo first-line"], 60).await;
-    let grpc = h.cp.grpc_url();
+    let grpc = h.cp().grpc_url();
     let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
     let mut lat = Vec::with_capacity(n);
     let mut warm = 0;
+    // Where the time goes: sent->queued, queued->placed, placed->running, running->first chunk
+    // (stamped in the cell), first chunk->seen by the client.
+    let mut phases: Vec<[f64; 5]> = Vec::with_capacity(n);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
     for i in 0..n {
         // Each build starts from a pool at target, as in steady state with spare capacity.
         assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(60)).await);
+        let sent_ms = now_ms();
         let t0 = Instant::now();
         let id = h.push("bench").await;
         // The first chunk of the log as a `hivectl logs -f` client sees it.
-        loop {
+        let first_at = loop {
             let mut s = client
                 .stream_logs(hive_proto::v1::StreamLogsRequest {
                     build_id: id.clone(),
@@ -437,17 +635,62 @@ async fn bench_webhook_to_first_log_line() {
                 .await
                 .unwrap()
                 .into_inner();
-            if s.message().await.unwrap().is_some() {
-                break;
+            if let Some(chunk) = s.message().await.unwrap() {
+                break chunk.at_ms;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "no log for build {i}");
-        }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no log for build {i}"
+            );
+        };
+        let seen_ms = now_ms();
         let observed = t0.elapsed().as_secs_f64() * 1000.0;
         let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
         assert_eq!(state(&b), BuildState::Succeeded, "{b:?}");
         warm += usize::from(b.warm_start);
         lat.push(observed);
+        let at = |st: BuildState| {
+            b.transitions
+                .iter()
+                .find(|t| t.state == st as i32)
+                .map(|t| t.at_ms)
+                .unwrap_or(0)
+        };
+        let (q, p, r) = (
+            at(BuildState::Queued),
+            at(BuildState::Placed),
+            at(BuildState::Running),
+        );
+        phases.push([
+            (q - sent_ms) as f64,
+            (p - q) as f64,
+            (r - p) as f64,
+            (first_at - r) as f64,
+            (seen_ms - first_at) as f64,
+        ]);
     }
+    let names = [
+        "sent->queued",
+        "queued->placed",
+        "placed->running",
+        "running->first line",
+        "first line->client",
+    ];
+    for (k, name) in names.iter().enumerate() {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[k]).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "BENCH phase {name}: median {:.0} ms, p99 {:.0} ms",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99)
+        );
+    }
+    let health = h.boxd.health().await;
+    println!(
+        "BENCH box dispatch (assignment received -> first output line from the cell) over {}: median {:.1} ms, p99 {:.1} ms",
+        health["dispatch_ms"]["n"], health["dispatch_ms"]["median"].as_f64().unwrap_or(0.0),
+        health["dispatch_ms"]["p99"].as_f64().unwrap_or(0.0)
+    );
     let image = cluster::build_image();
     let mut floor: Vec<f64> = (0..n).map(|_| floor_once(&image)).collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -463,9 +706,10 @@ async fn bench_webhook_to_first_log_line() {
         percentile(&floor, 0.99)
     );
     println!(
-        "BENCH ratio median {:.2}x, p99 {:.2}x",
+        "BENCH ratio webhook->first line / floor: median {:.2}x, p99 {:.2}x; box dispatch / floor: median {:.2}x",
         percentile(&lat, 0.5) / percentile(&floor, 0.5),
-        percentile(&lat, 0.99) / percentile(&floor, 0.99)
+        percentile(&lat, 0.99) / percentile(&floor, 0.99),
+        health["dispatch_ms"]["median"].as_f64().unwrap_or(0.0) / percentile(&floor, 0.5)
     );
     h.finish().await;
 }

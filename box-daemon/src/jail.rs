@@ -266,6 +266,13 @@ pub fn run(spec: &JailSpec) -> Result<i32, JailError> {
     )
     .map_err(JailError::Unshare)?;
 
+    // Opened now: the child's pivot_root also moves this process's root (pivot_root changes every
+    // process in the mount namespace rooted at the old root), so paths stop working after fork.
+    let pid_file = fs::File::create(&spec.pid_file).map_err(|source| JailError::PidFile {
+        path: spec.pid_file.clone(),
+        source,
+    })?;
+
     // Block the signals we forward before forking so none is lost in between; the child
     // unblocks them before exec.
     let mut forwarded = SigSet::empty();
@@ -285,18 +292,26 @@ pub fn run(spec: &JailSpec) -> Result<i32, JailError> {
             eprintln!("hive-box jail: {}", error_chain(&err));
             std::process::exit(127);
         }
-        ForkResult::Parent { child } => supervise(spec, child, forwarded),
+        ForkResult::Parent { child } => supervise(spec, pid_file, child, forwarded),
     }
 }
 
-fn supervise(spec: &JailSpec, child: Pid, forwarded: SigSet) -> Result<i32, JailError> {
-    fs::write(&spec.pid_file, child.as_raw().to_string()).map_err(|source| {
-        let _ = kill(child, Signal::SIGKILL);
-        JailError::PidFile {
-            path: spec.pid_file.clone(),
-            source,
-        }
-    })?;
+fn supervise(
+    spec: &JailSpec,
+    mut pid_file: fs::File,
+    child: Pid,
+    forwarded: SigSet,
+) -> Result<i32, JailError> {
+    use std::io::Write;
+    pid_file
+        .write_all(child.as_raw().to_string().as_bytes())
+        .map_err(|source| {
+            let _ = kill(child, Signal::SIGKILL);
+            JailError::PidFile {
+                path: spec.pid_file.clone(),
+                source,
+            }
+        })?;
     // No threads here: after unshare(CLONE_NEWPID) the kernel refuses CLONE_THREAD. SIGCHLD is
     // blocked with the forwarded signals, so one sigwait loop both forwards and notices the exit.
     loop {

@@ -53,6 +53,13 @@ pub struct TestBox {
 
 /// A sandbox backend with names unique to this test (table, subnet, cgroup parent).
 pub fn sandbox(tag: &str, third_octet: u8) -> TestBox {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::Builder::new()
         .prefix(&format!("hive-box-{tag}-"))
         .tempdir()

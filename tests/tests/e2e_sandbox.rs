@@ -480,6 +480,15 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         std::net::TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("positive control {target}: {e}"));
     }
+    // The listeners count on their own threads: let the control connections land first.
+    let t0 = Instant::now();
+    while [cp_listener.count(), private_listener.count()].contains(&0) || box_listener.count() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "positive controls not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (cp_before, private_before, box_before) = (
         cp_listener.count(),
         private_listener.count(),

@@ -44,8 +44,15 @@ pub struct PassStats {
 /// Runs passes until shutdown.
 pub async fn run(hive: Arc<Hive>, tick: Duration) {
     let mut shutdown = hive.shutdown.clone();
+    // Lease and timeout sweeps run at most once a tick; wake-ups (a new build, a heartbeat)
+    // only place. Under a webhook burst that keeps the database for the webhooks.
+    let mut last_sweep: Option<std::time::Instant> = None;
     loop {
-        match pass(&hive).await {
+        let sweep = last_sweep.is_none_or(|t| t.elapsed() >= tick);
+        if sweep {
+            last_sweep = Some(std::time::Instant::now());
+        }
+        match run_pass(&hive, sweep).await {
             Ok(stats) if stats != PassStats::default() => {
                 tracing::debug!(?stats, "scheduler pass");
             }
@@ -61,9 +68,28 @@ pub async fn run(hive: Arc<Hive>, tick: Duration) {
     tracing::info!("scheduler stopped");
 }
 
-/// One scheduling pass.
+/// One full scheduling pass (sweeps and placement).
 pub async fn pass(hive: &Hive) -> Result<PassStats, StoreError> {
+    run_pass(hive, true).await
+}
+
+async fn run_pass(hive: &Hive, sweep: bool) -> Result<PassStats, StoreError> {
     let mut stats = PassStats::default();
+    if sweep {
+        sweep_leases_and_boxes(hive, &mut stats).await?;
+    }
+    loop {
+        let placed = place_round(hive).await?;
+        stats.placed += placed.0;
+        if placed.0 == 0 || !placed.1 {
+            break;
+        }
+    }
+    Ok(stats)
+}
+
+/// Expired leases, overdue builds, silent and drained boxes.
+async fn sweep_leases_and_boxes(hive: &Hive, stats: &mut PassStats) -> Result<(), StoreError> {
     let now = now_ms();
 
     for lease in hive.store.expired_leases(now).await? {
@@ -120,15 +146,7 @@ pub async fn pass(hive: &Hive) -> Result<PassStats, StoreError> {
             tracing::info!(%box_id, "drained box left");
         }
     }
-
-    loop {
-        let placed = place_round(hive).await?;
-        stats.placed += placed.0;
-        if placed.0 == 0 || !placed.1 {
-            break;
-        }
-    }
-    Ok(stats)
+    Ok(())
 }
 
 /// Places what it can of one batch of queued builds. Returns (placed, worth another round).

@@ -321,6 +321,100 @@ async fn a_restarted_box_reaps_its_leftover_cells_and_reports_the_build_failed()
     h.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_again() {
+    let _serial = SERIAL.lock().await;
+    let mut h = hive_with("fence", 218, "198.18.0.8", vec![], true).await;
+    h.project("fenced", &["echo running; sleep 600"], 600).await;
+    let id = h.push("fenced").await;
+    let grpc = h.cp().grpc_url();
+    let first = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running && !b.cell_id.is_empty()
+    })
+    .await;
+    // Cut the box off: every connection dropped, reconnects land on a closed port.
+    let proxy = h.proxy.take().unwrap();
+    proxy.set_upstream("127.0.0.1:9");
+    proxy.cut();
+    let t0 = Instant::now();
+    while h.boxd.cells_on_disk().contains(&first.cell_id) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the box kept running a build it no longer holds a lease for{}",
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fenced_after = t0.elapsed();
+    assert!(
+        fenced_after >= Duration::from_secs(8),
+        "fenced after {fenced_after:?}, before the 10 s lease ran out"
+    );
+    assert!(h.boxd.log().contains("self-fence"), "{}", h.context());
+    h.assert_cell_gone(&first.cell_id).await;
+
+    // Back online: the control plane re-queued the build; it runs again in a new cell, and the
+    // fenced attempt's late report does not end it.
+    proxy.set_upstream(&h.cp().grpc_addr);
+    h.proxy = Some(proxy);
+    let again = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        b.attempt >= 2 && state(b) == BuildState::Running && b.cell_id != first.cell_id
+    })
+    .await;
+    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    client
+        .cancel_build(CancelBuildRequest {
+            id: id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
+    h.assert_cell_gone(&again.cell_id).await;
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_box_finishes_its_build_then_leaves_cleanly() {
+    let _serial = SERIAL.lock().await;
+    let mut h = hive("drain", 219, "198.18.0.10", vec![]).await;
+    h.project(
+        "short",
+        &["echo draining-soon; sleep 2; echo done-here"],
+        60,
+    )
+    .await;
+    let id = h.push("short").await;
+    let grpc = h.cp().grpc_url();
+    cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running
+    })
+    .await;
+    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    client
+        .drain_box(hive_proto::v1::BoxActionRequest {
+            box_id: "box-drain".into(),
+        })
+        .await
+        .expect("DrainBox");
+    let status = tokio::task::block_in_place(|| h.boxd.wait_exit(Duration::from_secs(60)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "drained box did not exit cleanly: {status:?}{}",
+        h.context()
+    );
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(10)).await;
+    assert_eq!(state(&b), BuildState::Succeeded, "{b:?}{}", h.context());
+    assert!(h.logs(&id).await.contains("done-here"));
+    assert!(
+        h.boxd.cells_on_disk().is_empty(),
+        "cells left: {:?}",
+        h.boxd.cells_on_disk()
+    );
+    h.finish().await;
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")

@@ -43,6 +43,40 @@ fn guest_elf() -> PathBuf {
     .clone()
 }
 
+/// The host side of the guest's vsock test (see vmm_guest.rs): answer port 5000, then CONNECT
+/// to guest port 1024 and check the echo.
+fn vsock_host(uds: PathBuf) -> std::thread::JoinHandle<Result<(), String>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).expect("bind <uds>_5000");
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let mut hello = [0u8; 21];
+        s.read_exact(&mut hello).map_err(|e| e.to_string())?;
+        s.write_all(b"REPLY from host").map_err(|e| e.to_string())?;
+        let mut c = UnixStream::connect(&uds).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        c.write_all(b"CONNECT 1024\n").map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(c.try_clone().map_err(|e| e.to_string())?);
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| e.to_string())?;
+        c.write_all(b"ping-from-host").map_err(|e| e.to_string())?;
+        let mut echo = [0u8; 19];
+        r.read_exact(&mut echo).map_err(|e| e.to_string())?;
+        if &echo == b"ECHO:ping-from-host" && line.starts_with("OK ") {
+            Ok(())
+        } else {
+            Err(format!(
+                "line {line:?} echo {:?}",
+                String::from_utf8_lossy(&echo)
+            ))
+        }
+    })
+}
+
 #[test]
 fn help_explains_the_subcommand() {
     let o = hive_box().args(["vmm", "--help"]).output().expect("run");
@@ -107,9 +141,19 @@ fn guest_reset_exits_0_and_sigterm_exits_143() {
     let dir = tempfile::tempdir().expect("tmp");
     let cfg = dir.path().join("vm.json");
     let log = dir.path().join("console.log");
+    // Every device path but the TAP, under the process's seccomp allow-list: block, rng, and
+    // vsock in both directions with a real host peer.
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("disk");
+    let uds = dir.path().join("h.sock");
+    let host = vsock_host(uds.clone());
     std::fs::write(
         &cfg,
-        serde_json::json!({"kernel": guest_elf(), "memory_mib": 16, "rng": true, "serial": {"path": log}}).to_string(),
+        serde_json::json!({"kernel": guest_elf(), "memory_mib": 16, "rng": true, "serial": {"path": log},
+                           "block": [{"path": disk}], "vsock": {"guest_cid": 5, "uds_path": uds}})
+        .to_string(),
     )
     .expect("write");
     let o = hive_box()
@@ -118,17 +162,17 @@ fn guest_reset_exits_0_and_sigterm_exits_143() {
         .arg(&cfg)
         .output()
         .expect("run");
+    let console = std::fs::read_to_string(&log).expect("console");
     assert_eq!(
         o.status.code(),
         Some(0),
-        "stderr: {}",
+        "stderr: {}\nconsole: {console}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let console = std::fs::read_to_string(&log).expect("console");
-    assert!(
-        console.contains("OK rng") && console.contains("DONE ok=1 fail=0"),
-        "{console}"
-    );
+    assert!(console.contains("DONE ok=3 fail=0"), "{console}");
+    host.join()
+        .expect("host thread")
+        .expect("vsock exchange under seccomp");
 
     // A guest waiting forever for a vsock peer that never answers, then SIGTERM.
     let uds = dir.path().join("v.sock");

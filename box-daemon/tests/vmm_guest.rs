@@ -54,7 +54,12 @@ fn config(v: serde_json::Value) -> VmConfig {
 }
 
 fn run_vm(cfg: &VmConfig) -> vmm::Report {
-    vmm::run(cfg, Arc::new(AtomicBool::new(false))).expect("VM runs")
+    vmm::run(
+        cfg,
+        Arc::new(AtomicBool::new(false)),
+        vmm::RunOptions::default(),
+    )
+    .expect("VM runs")
 }
 
 fn console(path: &Path) -> String {
@@ -339,7 +344,7 @@ fn stop_flag_ends_a_guest_that_never_resets() {
         })
     };
     let t0 = std::time::Instant::now();
-    let report = vmm::run(&cfg, stop).expect("runs");
+    let report = vmm::run(&cfg, stop, vmm::RunOptions::default()).expect("runs");
     stopper.join().expect("stopper");
     assert_eq!(report.exit, VmExit::Stopped);
     assert!(

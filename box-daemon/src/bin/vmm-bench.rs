@@ -79,7 +79,8 @@ fn run_child(path: &Path) -> i32 {
             return 2;
         }
     };
-    match hive_box::vmm::run(&cfg, Arc::new(AtomicBool::new(false))) {
+    let opts = hive_box::vmm::RunOptions { seccomp: true };
+    match hive_box::vmm::run(&cfg, Arc::new(AtomicBool::new(false)), opts) {
         Ok(r) => {
             eprintln!("guest_resident_bytes={}", r.guest_resident_bytes);
             r.exit.exit_code()

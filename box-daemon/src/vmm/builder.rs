@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -21,6 +21,7 @@ use super::cpuid;
 use super::eventloop;
 use super::kvm::{self, Hypervisor, KvmHypervisor, Vcpu, VcpuStop, Vm};
 use super::memory::{self, FIRST_DEVICE_IRQ, MMIO_BASE, MMIO_SIZE, SERIAL_IRQ};
+use super::seccomp;
 use super::serial;
 use super::virtio::block::{self, Block};
 use super::virtio::mmio::MmioTransport;
@@ -77,6 +78,9 @@ pub enum Error {
     /// A thread could not be started.
     #[error("spawn {0} thread")]
     Spawn(&'static str, #[source] std::io::Error),
+    /// The seccomp allow-list could not be installed (the VM was not started).
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
 }
 
 /// How the VM ended.
@@ -102,6 +106,14 @@ impl VmExit {
             VmExit::Stopped => 143,
         }
     }
+}
+
+/// How to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Install the VMM's seccomp allow-list on every thread once the VM is built (the
+    /// `hive-box vmm` process does; in-process test harnesses cannot, it would confine them).
+    pub seccomp: bool,
 }
 
 /// What a finished run reports.
@@ -146,7 +158,7 @@ fn create_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
 }
 
 /// Builds the VM and runs it until it ends or `stop` is set.
-pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
+pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Report, Error> {
     let started = Instant::now();
     // Memory is declared before the VM so the VM (and its memslots) is dropped first.
     let mem = memory::create(cfg.memory_mib)?;
@@ -223,16 +235,26 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
     }
 
     let kick = kvm::kick_signal()?;
+    // Every thread is fully started (its start-up syscalls done) before the seccomp filter goes
+    // on, TSYNC covering them all, and none runs until it is on: two barriers.
+    let ready = Arc::new(Barrier::new(2 + vcpus.len()));
+    let start = Arc::new(Barrier::new(2 + vcpus.len()));
     let device_stop = Arc::new(AtomicBool::new(false));
     let device_thread = {
         let devices = transports.clone();
         let stop = device_stop.clone();
+        let ready = ready.clone();
+        let start = start.clone();
         let wake = wake
             .try_clone()
             .map_err(|e| Error::EventFd("wake clone", e))?;
         std::thread::Builder::new()
             .name("vmm-devices".into())
-            .spawn(move || eventloop::run(devices, wake, stop))
+            .spawn(move || {
+                ready.wait();
+                start.wait();
+                eventloop::run(devices, wake, stop)
+            })
             .map_err(|e| Error::Spawn("device", e))?
     };
 
@@ -243,15 +265,24 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
         let bus = bus.clone();
         let tx = tx.clone();
         let stop = vcpu_stop.clone();
+        let ready = ready.clone();
+        let start = start.clone();
         let id = vcpu.id();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || loop {
-                match vcpu.run(&*bus) {
-                    Ok(VcpuStop::Interrupted) if !stop.load(Ordering::Acquire) => continue,
-                    other => {
-                        let _ = tx.send((id, other));
-                        return;
+            .spawn(move || {
+                ready.wait();
+                start.wait();
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                loop {
+                    match vcpu.run(&*bus) {
+                        Ok(VcpuStop::Interrupted) if !stop.load(Ordering::Acquire) => continue,
+                        other => {
+                            let _ = tx.send((id, other));
+                            return;
+                        }
                     }
                 }
             })
@@ -259,6 +290,26 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>) -> Result<Report, Error> {
         handles.push(h);
     }
     drop(tx);
+
+    ready.wait();
+    let hardened = if opts.seccomp {
+        seccomp::install()
+    } else {
+        Ok(())
+    };
+    if hardened.is_err() {
+        vcpu_stop.store(true, Ordering::Release);
+        device_stop.store(true, Ordering::Release);
+    }
+    start.wait();
+    if let Err(e) = hardened {
+        let _ = wake.write(1);
+        for h in handles {
+            let _ = h.join();
+        }
+        let _ = device_thread.join();
+        return Err(e.into());
+    }
 
     let exit = loop {
         if stop.load(Ordering::Acquire) {

@@ -21,6 +21,10 @@ pub struct VmmArgs {
     /// vsock, rng. Unknown fields are rejected.
     #[arg(long, env = "HIVE_VMM_CONFIG")]
     pub config: PathBuf,
+    /// Do not install the VMM's seccomp allow-list (diagnosis only: a guest-reachable bug is
+    /// then not contained by it).
+    #[arg(long, env = "HIVE_VMM_NO_SECCOMP")]
+    pub no_seccomp: bool,
 }
 
 /// Exit code for configuration and set-up errors.
@@ -60,7 +64,13 @@ pub fn run(args: &VmmArgs) -> i32 {
             return EXIT_SETUP;
         }
     }
-    match builder::run(&cfg, stop) {
+    let opts = builder::RunOptions {
+        seccomp: !args.no_seccomp,
+    };
+    if args.no_seccomp {
+        tracing::warn!("seccomp allow-list disabled (--no-seccomp)");
+    }
+    match builder::run(&cfg, stop, opts) {
         Ok(report) => {
             tracing::info!(
                 exit = ?report.exit,

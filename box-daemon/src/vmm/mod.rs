@@ -4,7 +4,8 @@
 //! that process inside the cell's jail. Layout: `config` (what the box asks for) -> `builder`
 //! (straight-line set-up and run) over `kvm` (hypervisor trait + KVM), `memory`, `boot`, `cpuid`,
 //! and the devices: `serial`, `i8042`, `virtio::{mmio, block, net, vsock, rng}`, paced by
-//! `ratelimit`; `bus` routes exits, `eventloop` is the device thread. `cli` is the subcommand.
+//! `ratelimit`; `bus` routes exits, `eventloop` is the device thread, `seccomp` the process's
+//! allow-list once the VM is built. `cli` is the subcommand.
 //!
 //! On the development machines KVM is nested and cannot boot Linux; the VMM is proved there with
 //! the freestanding test guest in `box-daemon/guest/` (see `tests/vmm_guest.rs`).
@@ -20,8 +21,9 @@ pub mod i8042;
 pub mod kvm;
 pub mod memory;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod serial;
 pub mod virtio;
 
-pub use builder::{run, Report, VmExit};
+pub use builder::{run, Report, RunOptions, VmExit};
 pub use config::VmConfig;

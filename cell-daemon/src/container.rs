@@ -709,12 +709,24 @@ fn exec_inner(args: &ExecArgs) -> Result<i32, HelperError> {
         let f = io(std::fs::File::open(&path), || format!("open {path}"))?;
         fds.push((path, f, flag));
     }
+    // The container's root as its own processes see it. setns(mnt) alone would put us at the
+    // namespace's root mount, which is not the container's root when the cell itself was only
+    // chroot'ed (not pivot_root'ed) into its rootfs.
+    let root_path = format!("/proc/{}/root", args.target);
+    let root = io(std::fs::File::open(&root_path), || {
+        format!("open {root_path}")
+    })?;
     for (path, f, flag) in &fds {
         sys(nix::sched::setns(f.as_fd(), *flag), || {
             format!("join {path}")
         })?;
     }
     drop(fds);
+    sys(nix::unistd::fchdir(root.as_raw_fd()), || {
+        format!("chdir {root_path}")
+    })?;
+    sys(nix::unistd::chroot("."), || format!("chroot {root_path}"))?;
+    drop(root);
     // The daemon signals our whole process group on cancel; we stay to report the exit code.
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         // SAFETY: SIG_IGN installs no handler code; nothing else in this process uses signals.

@@ -550,3 +550,81 @@ async fn probe_subcommand_runs_one_step() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("RunBuild"));
 }
+
+/// Benchmark (ignored by default; `cargo test -p hive-cell --test cell bench -- --ignored
+/// --nocapture`): RunBuild -> first stdout chunk of step 1 (no clone), and RunBuild -> clone +
+/// one step finished, over `HIVE_CELL_BENCH_N` fresh cells (default 30), next to the floor:
+/// `unshare --mount --pid --fork chroot IMAGE /bin/sh -c 'echo x'` on the same image.
+#[tokio::test]
+#[ignore]
+async fn bench_first_log_line() {
+    let n: usize = std::env::var("HIVE_CELL_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let mut first_line = Vec::new();
+    let mut with_clone = Vec::new();
+    for i in 0..n {
+        let (_cell, mut c) = Cell::start(&[]).await;
+        let mut r = req(&format!("bench-{i}"), &["echo x"]);
+        if i % 2 == 0 {
+            r.repo_url.clear();
+        }
+        let t0 = Instant::now();
+        c.run_build(r).await.unwrap();
+        let mut s = c
+            .events(CellEventsRequest {
+                build_id: String::new(),
+                from_seq: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut first = None;
+        while let Some(ev) = s.message().await.unwrap() {
+            if first.is_none() && ev.step == 1 && ev.stream == LogStream::Stdout as i32 {
+                first = Some(t0.elapsed());
+            }
+        }
+        if i % 2 == 0 {
+            first_line.push(first.unwrap());
+        } else {
+            with_clone.push(t0.elapsed());
+        }
+    }
+    let image = build_image();
+    let mut floor = Vec::new();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let out = Command::new("unshare")
+            .args(["--mount", "--pid", "--fork", "chroot"])
+            .arg(&image)
+            .args(["/bin/sh", "-c", "echo x"])
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, b"x\n");
+        floor.push(t0.elapsed());
+    }
+    let stats = |mut v: Vec<Duration>| {
+        v.sort();
+        let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
+        format!(
+            "median {:.1} ms  p99 {:.1} ms  (n={})",
+            p(0.5),
+            p(0.99),
+            v.len()
+        )
+    };
+    println!(
+        "RunBuild -> first line of step 1 (no clone): {}",
+        stats(first_line)
+    );
+    println!(
+        "RunBuild -> clone + 1 step finished:         {}",
+        stats(with_clone)
+    );
+    println!(
+        "floor: unshare + chroot + sh -c 'echo x':    {}",
+        stats(floor)
+    );
+}

@@ -173,7 +173,7 @@ fn tap_peer(fd: OwnedFd) -> std::thread::JoinHandle<Result<[u8; 6], String>> {
             }
             let mut guest_mac = [0u8; 6];
             guest_mac.copy_from_slice(&f[6..12]);
-            let mut reply = vec![0u8; 60];
+            let mut reply = [0u8; 60];
             reply[..6].copy_from_slice(&guest_mac);
             reply[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xfe]);
             reply[12..14].copy_from_slice(&ETH_HIVE.to_be_bytes());

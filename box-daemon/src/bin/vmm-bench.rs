@@ -291,7 +291,7 @@ fn check_console(who: &str, console: &str) -> Result<(), String> {
 fn median(mut v: Vec<Sample>) -> Sample {
     let mid = v.len() / 2;
     let pick = |v: &mut Vec<Sample>, key: fn(&Sample) -> u128| {
-        v.sort_by_key(|s| key(s));
+        v.sort_by_key(key);
         v[mid]
     };
     Sample {

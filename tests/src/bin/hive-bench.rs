@@ -246,7 +246,7 @@ async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), Benc
         let body_len = push_payload(REPO, "refs/heads/main", &"a".repeat(40), false).len();
         // Warm-up (connections, caches), not counted.
         for i in 0..20 {
-            let body = push_payload(REPO, "refs/heads/main", &format!("{i:040}"), false);
+            let body = push_payload(REPO, "refs/heads/main", &format!("a{i:039}"), false);
             client
                 .send_signed(&url, SECRET, "push", &format!("warm-{i}"), body)
                 .await?;
@@ -259,7 +259,7 @@ async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), Benc
                 let url = url.clone();
                 let ids = ids.clone();
                 async move {
-                    let body = push_payload(REPO, "refs/heads/main", &format!("{i:040x}"), false);
+                    let body = push_payload(REPO, "refs/heads/main", &format!("b{i:039x}"), false);
                     let a = client
                         .send_signed(&url, SECRET, "push", &format!("bench-{i}"), body)
                         .await?;

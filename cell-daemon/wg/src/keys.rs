@@ -1,0 +1,174 @@
+//! WireGuard key pairs (X25519), made in memory for one tunnel.
+//!
+//! The private half never leaves this process as text: it is handed to the WireGuard backend in
+//! zeroizing buffers (see `uapi` and `tunnel`) and wiped when the [`KeyPair`] is dropped. Only the
+//! [`PublicKey`] is printable, in the base64 form `wg` prints, because it is what a cell sends to
+//! the key exchange.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use x25519_dalek::StaticSecret;
+use zeroize::{Zeroize, Zeroizing};
+
+/// Errors from parsing a public key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("public key {input:?} is not base64: {source}")]
+    Base64 {
+        input: String,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("public key {input:?} decodes to {len} bytes, a WireGuard key has 32")]
+    Length { input: String, len: usize },
+}
+
+/// A WireGuard public key (Curve25519 point), shown as base64 like `wg pubkey` prints it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; 32]);
+
+impl PublicKey {
+    /// The raw 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Builds a key from its raw 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Base64, as WireGuard tools print it (44 characters).
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.0)
+    }
+
+    /// Lower-case hex, as the UAPI protocol writes keys.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.to_base64())
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        let bytes = BASE64.decode(s.trim()).map_err(|source| KeyError::Base64 {
+            input: s.to_string(),
+            source,
+        })?;
+        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
+            input: s.to_string(),
+            len: bytes.len(),
+        })?;
+        Ok(Self(arr))
+    }
+}
+
+/// A private key and its public key. The private key is wiped from memory on drop and has no
+/// `Debug`/`Display` that could print it.
+pub struct KeyPair {
+    secret: StaticSecret,
+    public: PublicKey,
+}
+
+impl KeyPair {
+    /// A fresh key pair from the operating system's random source.
+    pub fn generate() -> Self {
+        let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let public = PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes());
+        Self { secret, public }
+    }
+
+    /// The public half: safe to send anywhere.
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+
+    /// A copy of the private key bytes in a buffer that wipes itself when dropped. Only the
+    /// WireGuard backend (and the leak test, which must know what to look for) should call this.
+    pub fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.secret.to_bytes())
+    }
+
+    /// Wipes the private key now (also done on drop); the public key stays readable.
+    pub fn wipe(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+impl fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyPair")
+            .field("public", &self.public)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_key_round_trips_through_base64() {
+        let kp = KeyPair::generate();
+        let text = kp.public().to_base64();
+        assert_eq!(text.len(), 44);
+        assert_eq!(text.parse::<PublicKey>().unwrap(), kp.public());
+    }
+
+    #[test]
+    fn public_key_matches_wireguard_control_derivation() {
+        let kp = KeyPair::generate();
+        let wc = wireguard_control::Key(*kp.secret_bytes());
+        assert_eq!(wc.get_public().0, *kp.public().as_bytes());
+    }
+
+    #[test]
+    fn bad_public_keys_are_named() {
+        let e = "not base64!".parse::<PublicKey>().unwrap_err().to_string();
+        assert!(e.contains("not base64!"), "{e}");
+        let e = "AAAA".parse::<PublicKey>().unwrap_err().to_string();
+        assert!(e.contains("3 bytes"), "{e}");
+    }
+
+    #[test]
+    fn debug_never_prints_the_secret() {
+        let kp = KeyPair::generate();
+        let secret = kp.secret_bytes();
+        let dbg = format!("{kp:?}");
+        assert!(!dbg.contains(&BASE64.encode(*secret)));
+        assert!(!dbg.contains(&hex::encode(*secret)));
+        assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn wipe_zeroes_the_secret() {
+        let mut kp = KeyPair::generate();
+        kp.wipe();
+        assert_eq!(*kp.secret_bytes(), [0u8; 32]);
+    }
+
+    #[test]
+    fn keys_are_distinct() {
+        let a = KeyPair::generate();
+        let b = KeyPair::generate();
+        assert_ne!(a.public(), b.public());
+    }
+}

@@ -1,0 +1,236 @@
+//! Real tunnels between real network namespaces (root required; boringtun when the kernel has
+//! no WireGuard). Each test uses its own namespaces, interface names and underlay subnet, so
+//! they run in parallel.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{echo, echo_until, ip, Echo, Pair};
+use hive_wg::tunnel::TunnelError;
+use hive_wg::{BackendChoice, KeyPair, Tunnel, TunnelSpec};
+
+#[test]
+fn traffic_flows_and_a_removed_peer_is_refused() {
+    let pair = Pair::new("rev", 11);
+    let connector = pair.connector(KeyPair::generate());
+    let cell_keys = KeyPair::generate();
+    let cell_key = cell_keys.public();
+    connector
+        .add_peer(Pair::cell_as_peer(2, cell_key))
+        .expect("connector accepts the cell");
+    let cell = Tunnel::up(pair.cell_spec(2, connector.public_key()), cell_keys).expect("cell up");
+    eprintln!("backend: {:?}", cell.backend());
+
+    let took = cell
+        .wait_handshake(Duration::from_secs(5))
+        .expect("handshake");
+    eprintln!("handshake after {took:?}");
+    let _server = Echo::start(&pair.conn, "10.250.0.1:7000");
+    echo(
+        &pair.cell,
+        "10.250.0.1:7000",
+        "hello through the tunnel",
+        Duration::from_secs(3),
+    )
+    .expect("echo over the tunnel");
+
+    // The interface looks as specified.
+    let addrs = ip(&pair.cell, &["-4", "addr", "show", "dev", cell.iface()]);
+    assert!(
+        addrs.contains("10.250.0.2/24") && addrs.contains(",UP"),
+        "{addrs}"
+    );
+    let routes = ip(&pair.cell, &["-4", "route", "show", "dev", cell.iface()]);
+    assert!(
+        routes.contains("10.20.0.0/16"),
+        "private prefix routed: {routes}"
+    );
+    let link = ip(&pair.cell, &["link", "show", "dev", cell.iface()]);
+    assert!(link.contains("mtu 1420"), "{link}");
+    let peers = connector.peers().unwrap();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, cell_key);
+    assert!(peers[0].last_handshake.is_some() && peers[0].rx_bytes > 0);
+    assert_eq!(
+        peers[0].endpoint.map(|e| e.ip().to_string()),
+        Some(format!("198.18.{}.2", pair.n)),
+        "connector learned the cell's endpoint from the handshake"
+    );
+
+    // Revoke: the connector forgets the cell.
+    assert!(connector.remove_peer(&cell_key).unwrap());
+    assert!(
+        !connector.remove_peer(&cell_key).unwrap(),
+        "second removal is a no-op"
+    );
+    assert!(connector.peers().unwrap().is_empty());
+    let err = echo(
+        &pair.cell,
+        "10.250.0.1:7000",
+        "after revoke",
+        Duration::from_secs(1),
+    );
+    assert!(err.is_err(), "traffic must stop after the peer is removed");
+
+    // A new handshake from the revoked key: reset the cell's peer so it starts from scratch.
+    let conn_peer = pair.cell_spec(2, connector.public_key()).peers.remove(0);
+    assert!(cell.remove_peer(&connector.public_key()).unwrap());
+    cell.add_peer(conn_peer).unwrap();
+    match cell.wait_handshake(Duration::from_secs(3)) {
+        Err(TunnelError::HandshakeTimeout { .. }) => {}
+        other => panic!("revoked key completed a handshake: {other:?}"),
+    }
+    assert!(connector.peers().unwrap().is_empty());
+
+    // Down removes the interface, its routes and the control socket.
+    let iface = cell.iface().to_string();
+    cell.down().expect("cell down");
+    let link = ip(&pair.cell, &["link", "show", "dev", &iface]);
+    assert!(link.contains("does not exist"), "{link}");
+    assert!(!ip(&pair.cell, &["route"]).contains("10.20.0.0/16"));
+    assert!(!hive_wg::uapi::socket_path(&iface).exists());
+    connector.down().expect("connector down");
+}
+
+#[test]
+fn fifty_tunnels_in_a_row_each_with_its_own_key() {
+    let pair = Pair::new("r50", 12);
+    let connector = pair.connector(KeyPair::generate());
+    let _server = Echo::start(&pair.conn, "10.250.0.1:7000");
+    let mut seen = HashSet::new();
+    let mut times = Vec::new();
+    for i in 0..50u32 {
+        let start = Instant::now();
+        let keys = KeyPair::generate();
+        let key = keys.public();
+        assert!(seen.insert(key), "key reused at tunnel {i}");
+        connector.add_peer(Pair::cell_as_peer(2, key)).unwrap();
+        let cell = Tunnel::up(pair.cell_spec(2, connector.public_key()), keys)
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        echo_until(
+            &pair.cell,
+            "10.250.0.1:7000",
+            &format!("build {i}"),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("tunnel {i}: echo: {e}"));
+        times.push(start.elapsed());
+        // The connector saw exactly this key.
+        let peers = connector.peers().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].public_key, key);
+        assert!(connector.remove_peer(&key).unwrap());
+        cell.down()
+            .unwrap_or_else(|e| panic!("tunnel {i}: down: {e}"));
+    }
+    assert_eq!(seen.len(), 50);
+    times.sort();
+    eprintln!(
+        "50 tunnels: up -> echo median {:?}, max {:?}",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+}
+
+#[test]
+fn two_cells_on_one_connector_cannot_use_each_others_address() {
+    let pair = Pair::new("two", 13);
+    let connector = pair.connector(KeyPair::generate());
+    let _server = Echo::start(&pair.conn, "10.250.0.1:7000");
+    let (ka, kb) = (KeyPair::generate(), KeyPair::generate());
+    // Only cell A's key is allowed 10.250.0.2; cell B is allowed 10.250.0.3.
+    connector
+        .add_peer(Pair::cell_as_peer(2, ka.public()))
+        .unwrap();
+    connector
+        .add_peer(Pair::cell_as_peer(3, kb.public()))
+        .unwrap();
+    assert_eq!(connector.peers().unwrap().len(), 2);
+    // Cell B comes up claiming A's address: its handshake works but its packets are dropped.
+    let liar = Tunnel::up(pair.cell_spec(2, connector.public_key()), kb).unwrap();
+    liar.wait_handshake(Duration::from_secs(5)).unwrap();
+    assert!(
+        echo(
+            &pair.cell,
+            "10.250.0.1:7000",
+            "spoof",
+            Duration::from_secs(1)
+        )
+        .is_err(),
+        "a cell must not send from another cell's tunnel address"
+    );
+    liar.down().unwrap();
+    let honest = Tunnel::up(pair.cell_spec(2, connector.public_key()), ka).unwrap();
+    echo_until(
+        &pair.cell,
+        "10.250.0.1:7000",
+        "honest",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    honest.down().unwrap();
+}
+
+#[test]
+fn bad_requests_fail_with_errors_that_name_the_problem() {
+    // A namespace that does not exist.
+    let mut spec = TunnelSpec::new("hwgbad0");
+    spec.netns = Some("/run/netns/hwg-no-such-ns".into());
+    let e = Tunnel::up(spec, KeyPair::generate())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/run/netns/hwg-no-such-ns"), "{e}");
+
+    let pair = Pair::new("bad", 14);
+    // An interface name that is taken in the namespace.
+    let mut spec = TunnelSpec::new("eth0");
+    spec.netns = Some(pair.cell.path().to_path_buf());
+    let e = Tunnel::up(spec, KeyPair::generate())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("eth0") && e.contains("already exists"), "{e}");
+
+    // Kernel WireGuard demanded on a kernel without it.
+    let kernel_has_wg = std::path::Path::new("/sys/module/wireguard").exists();
+    let mut spec = TunnelSpec::new("hwgkern");
+    spec.netns = Some(pair.cell.path().to_path_buf());
+    spec.backend = BackendChoice::Kernel;
+    match Tunnel::up(spec, KeyPair::generate()) {
+        Ok(t) => {
+            assert!(kernel_has_wg, "kernel backend worked without the module?");
+            t.down().unwrap();
+        }
+        Err(e) => {
+            assert!(!kernel_has_wg, "{e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("kernel WireGuard is not available") && e.contains("hwgkern"),
+                "{e}"
+            );
+        }
+    }
+
+    // A route that another interface already owns: the tunnel is not left half-built.
+    let mut spec = pair.cell_spec(2, KeyPair::generate().public());
+    spec.peers[0].allowed_ips.push(common::p("198.18.14.0/24"));
+    let iface = spec.iface.clone();
+    let e = Tunnel::up(spec, KeyPair::generate())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("198.18.14.0/24") && e.contains("already exists"),
+        "{e}"
+    );
+    assert!(ip(&pair.cell, &["link", "show", "dev", &iface]).contains("does not exist"));
+    assert!(!hive_wg::uapi::socket_path(&iface).exists());
+
+    // Invalid specs never reach the kernel.
+    let mut spec = TunnelSpec::new("much-too-long-name");
+    spec.netns = Some(pair.cell.path().to_path_buf());
+    let e = Tunnel::up(spec, KeyPair::generate())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("much-too-long-name"), "{e}");
+}

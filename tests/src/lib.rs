@@ -1,5 +1,5 @@
 //! Shared helpers for Hive's end-to-end tests (real processes, real servers).
+pub mod cluster;
 pub mod controlplane;
 pub mod fakebox;
 pub mod github;
-pub mod cluster;

@@ -161,6 +161,38 @@ impl WebhookClient {
         })
     }
 
+    /// GETs `url` (health and metrics endpoints).
+    pub async fn get(&self, url: &str) -> Result<Answer, WebhookError> {
+        let req = hyper::Request::get(url)
+            .body(Full::new(bytes::Bytes::new()))
+            .map_err(|e| WebhookError::Url {
+                url: url.to_string(),
+                why: e.to_string(),
+            })?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|source| WebhookError::Send {
+                url: url.to_string(),
+                source,
+            })?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| WebhookError::Body {
+                url: url.to_string(),
+                source,
+            })?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
     /// Signs `body` with `secret` and sends it as event `event`.
     pub async fn send_signed(
         &self,

@@ -42,6 +42,8 @@ on_both!(
     restart_loses_nothing,
     cordon_and_drain,
     hivectl_reports_errors_clearly,
+    submit_wait_shows_progress_and_tells_the_outcome,
+    session_without_register_is_refused_clearly,
 );
 
 /// Short leases and a fast scheduler so expiry tests take seconds.
@@ -842,5 +844,110 @@ async fn hivectl_reports_errors_clearly(backend: Backend) {
 
     let cells = ctl_json(&h, &["cells"]);
     assert!(cells.is_array());
+    h.finish().await;
+}
+
+async fn submit_wait_shows_progress_and_tells_the_outcome(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "submit_wait", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    let mut fb = fake_box(&h, "box-a", 1).await;
+    let mut child = Command::new(hivectl_bin())
+        .args(["submit", "demo", "--rev", REV, "--wait"])
+        .env("HIVE_ADDR", h.cp.grpc_url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hivectl");
+    let a = fb.next_assignment(T).await.expect("assignment");
+    fb.accept(&a, "cell-1", true).await;
+    fb.running(&a).await;
+    wait_state(&h, &a.build_id, BuildState::Running, T).await;
+    fb.finish(&a, BuildState::Succeeded, 0).await;
+    let status = wait_child(&mut child, T);
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read");
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(stdout.trim(), format!("build {} succeeded", a.build_id));
+    // Not a terminal: plain progress lines, one per state, no spinner escapes.
+    assert!(stderr.contains(": running"), "{stderr}");
+    assert!(stderr.contains(": succeeded"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    h.finish().await;
+}
+
+/// A session that does not start with Register, or an update for a build the box was never
+/// given, gets a clear refusal, and the control plane carries on.
+async fn session_without_register_is_refused_clearly(backend: Backend) {
+    use hive_proto::v1::box_agent_client::BoxAgentClient;
+    use hive_proto::v1::{box_message, BoxMessage, BuildUpdate, BuildUpdateKind, Heartbeat};
+    use tokio_stream::StreamExt;
+
+    let Some(h) = TestHive::start(backend, "session_without_register", fast()).await else {
+        return;
+    };
+    let mut c = BoxAgentClient::connect(h.cp.grpc_url())
+        .await
+        .expect("connect");
+    let first = BoxMessage {
+        seq: 0,
+        msg: Some(box_message::Msg::Heartbeat(Heartbeat::default())),
+    };
+    let r = c.session(tokio_stream::iter(vec![first])).await;
+    let status = match r {
+        Err(s) => s,
+        Ok(resp) => {
+            let mut inbound = resp.into_inner();
+            match tokio::time::timeout(T, inbound.next())
+                .await
+                .expect("an answer")
+            {
+                Some(Err(s)) => s,
+                other => panic!("a session without Register was not refused: {other:?}"),
+            }
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().to_lowercase().contains("register"),
+        "{status:?}"
+    );
+
+    // An update for a build this box does not hold is ignored (and still acked: it is handled).
+    add_project(&h, "demo", &[]);
+    // No warm cell and no room: nothing may be placed on it.
+    let mut fb = FakeBox::connect(&h.cp.grpc_url(), FakeBoxConfig::new("box-a", "small", 0, 0))
+        .await
+        .expect("fake box");
+    let bogus = BoxMessage {
+        seq: fb.next_seq(),
+        msg: Some(box_message::Msg::Update(BuildUpdate {
+            build_id: "no-such-build".into(),
+            lease_id: "no-such-lease".into(),
+            kind: BuildUpdateKind::Finished as i32,
+            state: BuildState::Succeeded as i32,
+            ..Default::default()
+        })),
+    };
+    fb.send_raw(bogus).await.expect("send");
+    let id = submit(&h, "demo");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(&h, &id).await.state, BuildState::Queued as i32);
+    let out = ctl(&h, &["build", "no-such-build"]);
+    assert_eq!(out.status.code(), Some(4));
     h.finish().await;
 }

@@ -30,6 +30,7 @@ on_both!(
     bad_input_is_refused_and_changes_nothing,
     ping_branch_filter_deleted_branch_and_other_events_make_no_build,
     repository_urls_match_in_every_form,
+    readme_minimal_push_health_and_metrics,
 );
 
 /// Runs hivectl, asserts exit 0, parses stdout as JSON.
@@ -461,5 +462,76 @@ async fn repository_urls_match_in_every_form(backend: Backend) {
         .expect("push");
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(a.json()["project"], "by-ssh", "{}", a.body);
+    h.finish().await;
+}
+
+/// The README's hand-made payload (only ref, after, repository.clone_url) works as shown, and
+/// the health and metrics endpoints answer.
+async fn readme_minimal_push_health_and_metrics(backend: Backend) {
+    let Some(h) = TestHive::start(
+        backend,
+        "readme_minimal_push",
+        ControlPlaneOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let repo = "git://198.18.0.2/demo.git";
+    let out =
+        h.cp.hivectl(&[
+            "project",
+            "add",
+            "demo",
+            "--repo",
+            repo,
+            "--secret",
+            "s3cret",
+            "--step",
+            "echo hello from hive",
+            "--step",
+            "make test",
+        ])
+        .expect("hivectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = format!(
+        r#"{{"ref":"refs/heads/main","after":"{SHA}","repository":{{"clone_url":"{repo}"}}}}"#
+    );
+    let client = WebhookClient::new();
+    let a = client
+        .send_signed(
+            &h.cp.webhook_url(),
+            "s3cret",
+            "push",
+            "readme-1",
+            body.into_bytes(),
+        )
+        .await
+        .expect("push");
+    assert!(a.status / 100 == 2, "{} {}", a.status, a.body);
+    assert!(a.json()["build_id"].is_string(), "{}", a.body);
+    let bs = builds(&h);
+    assert_eq!(bs.len(), 1);
+    assert_eq!(bs[0]["state"], "queued");
+
+    let health = client
+        .get(&format!("http://{}/healthz", h.cp.http_addr))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status, 200, "{}", health.body);
+    let metrics = client
+        .get(&format!("http://{}/metrics", h.cp.http_addr))
+        .await
+        .expect("metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.lines().any(|l| l.starts_with("# TYPE ")),
+        "not Prometheus text: {}",
+        metrics.body
+    );
     h.finish().await;
 }

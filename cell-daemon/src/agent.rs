@@ -4,7 +4,7 @@
 //! follows its [`EventLog`]; Cancel forwards to the running step; Shutdown asks `main` to stop
 //! the build, kill everything and power off.
 
-use crate::build::{self, BuildSpec, CancelRequest};
+use crate::build::{self, BuildSpec, CancelRequest, PrepStatus, Prepared};
 use crate::config::Config;
 use crate::log::EventLog;
 use crate::reaper::Reaper;
@@ -35,6 +35,10 @@ struct Shared {
     started: Instant,
     build: Mutex<Option<Current>>,
     shutdown: watch::Sender<bool>,
+    /// The container made ahead of the build, until RunBuild takes it.
+    prepared: Mutex<Option<Prepared>>,
+    /// How far that set-up got (None: no prewarm, the build makes its container).
+    prep_status: Option<watch::Receiver<PrepStatus>>,
 }
 
 struct Current {
@@ -44,7 +48,15 @@ struct Current {
 }
 
 impl Agent {
-    pub fn new(cfg: Arc<Config>, reaper: Arc<Reaper>) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        reaper: Arc<Reaper>,
+        prepared: Option<(Prepared, watch::Receiver<PrepStatus>)>,
+    ) -> Self {
+        let (prepared, prep_status) = match prepared {
+            Some((p, s)) => (Some(p), Some(s)),
+            None => (None, None),
+        };
         Agent {
             shared: Arc::new(Shared {
                 cfg,
@@ -52,7 +64,24 @@ impl Agent {
                 started: Instant::now(),
                 build: Mutex::new(None),
                 shutdown: watch::channel(false).0,
+                prepared: Mutex::new(prepared),
+                prep_status,
             }),
+        }
+    }
+
+    /// Removes the container made ahead of a build that never came.
+    pub async fn discard_prepared(&self) {
+        let prepared = self
+            .shared
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = prepared {
+            if let Ok(Ok(c)) = h.await {
+                c.destroy().await;
+            }
         }
     }
 
@@ -193,8 +222,15 @@ impl CellAgent for Agent {
         &self,
         _req: Request<CellHealthRequest>,
     ) -> Result<Response<CellHealthReply>, Status> {
+        // Ready = listening and, when prewarming, the build container is set up: the box's
+        // pool counts a cell warm only then. A failed set-up stays not ready (the box replaces
+        // the cell; the reason is in the cell's log).
+        let ready = match &self.shared.prep_status {
+            None => true,
+            Some(s) => *s.borrow() == PrepStatus::Ready,
+        };
         Ok(Response::new(CellHealthReply {
-            ready: true,
+            ready,
             cell_id: self.shared.cfg.cell_id.clone(),
             version: crate::VERSION.to_string(),
             uptime_ms: self.shared.started.elapsed().as_millis() as u64,
@@ -227,12 +263,19 @@ impl CellAgent for Agent {
             });
         }
         tracing::info!(build = %spec.id, steps = spec.steps.len(), "build accepted");
+        let prepared = self
+            .shared
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         tokio::spawn(build::run(
             self.shared.cfg.clone(),
             self.shared.reaper.clone(),
             spec,
             log,
             cancel_rx,
+            prepared,
         ));
         Ok(Response::new(RunBuildReply { accepted: true }))
     }
@@ -318,6 +361,7 @@ mod tests {
             max_log_bytes: 1 << 20,
             build_uid: 1000,
             build_gid: 1000,
+            prewarm: true,
         }
     }
 

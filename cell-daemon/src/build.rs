@@ -31,6 +31,55 @@ pub struct BuildSpec {
     pub timeout: Duration,
 }
 
+/// A container being set up ahead of the build (see [`prepare`]).
+pub type Prepared = tokio::task::JoinHandle<Result<Container, crate::container::ContainerError>>;
+
+/// The cell's container: the same for every build, so it can be made before one arrives.
+pub fn container_spec(cfg: &Config) -> ContainerSpec {
+    ContainerSpec {
+        image: cfg.build_image.clone(),
+        dir: cfg.work_dir.join("container"),
+        hostname: cfg.cell_id.clone(),
+        uid: cfg.build_uid,
+        gid: cfg.build_gid,
+        net: cfg.container_net,
+    }
+}
+
+/// Where the ahead-of-time container set-up is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrepStatus {
+    Pending,
+    Ready,
+    Failed,
+}
+
+/// Starts setting up the build container now, so RunBuild only has to exec the first command:
+/// a cell waits in the warm pool with its container (overlay, namespaces, network) ready.
+pub fn prepare(cfg: &Config, reaper: Arc<Reaper>) -> (Prepared, watch::Receiver<PrepStatus>) {
+    let spec = container_spec(cfg);
+    let (tx, rx) = watch::channel(PrepStatus::Pending);
+    let task = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let r = Container::start(spec, reaper).await;
+        match &r {
+            Ok(_) => {
+                tracing::info!(
+                    ms = t0.elapsed().as_millis() as u64,
+                    "build container ready"
+                );
+                tx.send_replace(PrepStatus::Ready);
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(e), "build container set-up failed");
+                tx.send_replace(PrepStatus::Failed);
+            }
+        }
+        r
+    });
+    (task, rx)
+}
+
 /// How a step (or the clone) ended.
 enum StepEnd {
     Exited(Exit),
@@ -47,9 +96,10 @@ pub async fn run(
     spec: BuildSpec,
     log: Arc<EventLog>,
     cancel: watch::Receiver<CancelRequest>,
+    prepared: Option<Prepared>,
 ) {
     let started = Instant::now();
-    let (state, code, message) = run_inner(&cfg, reaper, &spec, &log, cancel).await;
+    let (state, code, message) = run_inner(&cfg, reaper, &spec, &log, cancel, prepared).await;
     tracing::info!(
         build = %spec.id,
         state = state.short_name(),
@@ -66,20 +116,21 @@ async fn run_inner(
     spec: &BuildSpec,
     log: &EventLog,
     cancel: watch::Receiver<CancelRequest>,
+    prepared: Option<Prepared>,
 ) -> (BuildState, i32, String) {
     log.system(
         0,
         format!("hive: build {} in cell {}", spec.id, cfg.cell_id),
     );
-    let container_spec = ContainerSpec {
-        image: cfg.build_image.clone(),
-        dir: cfg.work_dir.join("container"),
-        hostname: cfg.cell_id.clone(),
-        uid: cfg.build_uid,
-        gid: cfg.build_gid,
-        net: cfg.container_net,
+    let started = match prepared {
+        Some(h) => h.await.unwrap_or_else(|e| {
+            Err(crate::container::ContainerError::Setup(format!(
+                "set-up task failed: {e}"
+            )))
+        }),
+        None => Container::start(container_spec(cfg), reaper.clone()).await,
     };
-    let container = match Container::start(container_spec, reaper.clone()).await {
+    let container = match started {
         Ok(c) => c,
         Err(e) => {
             let msg = format!("container set-up failed: {}", error_chain(&e));

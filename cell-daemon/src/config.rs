@@ -166,6 +166,8 @@ pub struct Config {
     pub max_log_bytes: u64,
     pub build_uid: u32,
     pub build_gid: u32,
+    /// Set the build container up at start, before RunBuild (a warm cell is a ready container).
+    pub prewarm: bool,
 }
 
 impl Config {
@@ -308,6 +310,7 @@ mod tests {
             max_log_bytes: 1 << 20,
             build_uid: 1000,
             build_gid: 1000,
+            prewarm: true,
         };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("/nonexistent/image"), "{err}");

@@ -73,6 +73,9 @@ struct RunArgs {
     build_uid: u32,
     #[arg(long, env = "HIVE_CELL_BUILD_GID", default_value_t = 1000)]
     build_gid: u32,
+    /// Set the build container up at start so RunBuild only execs the first command
+    #[arg(long, env = "HIVE_CELL_PREWARM", default_value_t = true, action = clap::ArgAction::Set)]
+    prewarm: bool,
     /// The daemon's own log lines per second (build output never goes there)
     #[arg(long, env = "HIVE_CELL_LOG_RATE", default_value_t = 50)]
     log_rate: u32,
@@ -175,6 +178,7 @@ fn resolve(args: RunArgs, is_init: bool) -> anyhow::Result<Config> {
         max_log_bytes: args.max_log_mib.saturating_mul(1 << 20),
         build_uid: args.build_uid,
         build_gid: args.build_gid,
+        prewarm: args.prewarm,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -202,7 +206,10 @@ fn daemon(args: RunArgs, is_init: bool) -> anyhow::Result<()> {
 async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let reaper = Reaper::start()?;
-    let agent = Agent::new(cfg.clone(), reaper);
+    let prepared = cfg
+        .prewarm
+        .then(|| hive_cell::build::prepare(&cfg, reaper.clone()));
+    let agent = Agent::new(cfg.clone(), reaper, prepared);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut shutdown_rpc = agent.shutdown_requested();

@@ -143,14 +143,17 @@ impl Cell {
         let client = loop {
             if sock.exists() {
                 if let Ok(mut c) = client::connect(&addr).await {
-                    if c.health(CellHealthRequest {}).await.is_ok() {
-                        break c;
+                    // ready = listening and the build container set up ahead (warm).
+                    if let Ok(h) = c.health(CellHealthRequest {}).await {
+                        if h.into_inner().ready {
+                            break c;
+                        }
                     }
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "cell daemon did not answer Health in 20 s"
+                "cell daemon did not answer Health ready=true in 20 s"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };

@@ -930,7 +930,7 @@ async fn session_without_register_is_refused_clearly(backend: Backend) {
     // An update for a build this box does not hold is ignored (and still acked: it is handled).
     add_project(&h, "demo", &[]);
     // No warm cell and no room: nothing may be placed on it.
-    let mut fb = FakeBox::connect(&h.cp.grpc_url(), FakeBoxConfig::new("box-a", "small", 0, 0))
+    let fb = FakeBox::connect(&h.cp.grpc_url(), FakeBoxConfig::new("box-a", "small", 0, 0))
         .await
         .expect("fake box");
     let bogus = BoxMessage {

@@ -195,8 +195,15 @@ impl PgDatabase {
     }
 }
 
-/// Prints the loud skip line used when PostgreSQL is not configured.
+/// Prints the loud skip line used when PostgreSQL is not configured. Under `CI=true` a missing
+/// PostgreSQL is an error, not a skip: CI must test both stores.
 pub fn skip_postgres(test: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{test}: HIVE_TEST_POSTGRES_URL is not set, and CI=true requires the PostgreSQL \
+             tests (deploy/postgres/setup-test-db.sh sets it up)"
+        );
+    }
     eprintln!(
         "SKIPPED {test} on postgres: HIVE_TEST_POSTGRES_URL is not set \
          (e.g. postgres://hive:hive@127.0.0.1:5432/hive_test)"

@@ -328,6 +328,49 @@ mod tests {
         assert_eq!(Hierarchy::detect_at(t.path()).unwrap().version(), 2);
     }
 
+    /// The v2 writer against a directory shaped like a cgroup2 mount (this host runs v1, so the
+    /// kernel side of v2 cannot be exercised here; the file protocol can).
+    #[tokio::test]
+    async fn v2_create_writes_limits_and_enables_controllers() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("cgroup.controllers"), "cpu memory pids io\n").unwrap();
+        let h = Hierarchy::detect_at(t.path()).unwrap();
+        // A real cgroup2 parent lists the controllers its parent enabled.
+        fs::create_dir_all(t.path().join("hive")).unwrap();
+        fs::write(
+            t.path().join("hive/cgroup.controllers"),
+            "cpu memory pids\n",
+        )
+        .unwrap();
+        let cg = h
+            .create(
+                "hive",
+                "c1",
+                Limits {
+                    vcpus: 2,
+                    memory_bytes: 256 << 20,
+                    pids_max: 64,
+                },
+            )
+            .unwrap();
+        let read = |f: &str| fs::read_to_string(t.path().join("hive/c1").join(f)).unwrap();
+        assert_eq!(read("cpu.max"), "200000 100000");
+        assert_eq!(read("memory.max"), (256u64 << 20).to_string());
+        assert_eq!(read("pids.max"), "64");
+        assert_eq!(read("memory.swap.max"), "0");
+        // The last controller written wins in a plain file; the kernel accumulates them.
+        assert!(
+            fs::read_to_string(t.path().join("hive/cgroup.subtree_control"))
+                .unwrap()
+                .starts_with('+')
+        );
+        assert_eq!(cg.memory_limit().unwrap(), 256 << 20);
+        assert_eq!(
+            cg.procs_files(),
+            vec![t.path().join("hive/c1/cgroup.procs")]
+        );
+    }
+
     #[test]
     fn v1_dirs_are_per_controller() {
         let h = Hierarchy::V1 {

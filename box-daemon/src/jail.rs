@@ -671,6 +671,37 @@ mod tests {
         assert!(p.len() > DENIED_SYSCALLS.len());
     }
 
+    /// The filter really denies: applied on a throw-away thread (seccomp and no_new_privs are
+    /// per thread without TSYNC), denied calls fail with EPERM and others still work.
+    #[test]
+    fn seccomp_filter_denies_with_eperm() {
+        let program = seccomp_program().unwrap();
+        let res = std::thread::spawn(move || {
+            // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integers only.
+            assert_eq!(
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+                0
+            );
+            seccompiler::apply_filter(&program).unwrap();
+            let mut out = Vec::new();
+            for nr in [libc::SYS_keyctl, libc::SYS_bpf, libc::SYS_userfaultfd] {
+                // SAFETY: raw syscalls with zero arguments; the filter answers before the kernel
+                // looks at them.
+                let rc = unsafe { libc::syscall(nr, 0, 0, 0, 0, 0) };
+                out.push((rc, std::io::Error::last_os_error().raw_os_error()));
+            }
+            // SAFETY: getpid has no arguments and cannot fail.
+            let pid = unsafe { libc::syscall(libc::SYS_getpid) };
+            (out, pid)
+        })
+        .join()
+        .unwrap();
+        for (rc, errno) in res.0 {
+            assert_eq!((rc, errno), (-1, Some(libc::EPERM)));
+        }
+        assert_eq!(res.1, i64::from(std::process::id() as i32));
+    }
+
     #[test]
     fn inside_strips_leading_slash() {
         assert_eq!(

@@ -110,6 +110,32 @@ async fn pool_keeps_target_hands_out_warm_cells_and_replaces_dead_ones() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_pool_cold_starts_and_says_so() {
+    let tb = common::sandbox("cold", 205);
+    let pool = Pool::new(
+        Arc::clone(&tb.sandbox),
+        vec![ClassConfig {
+            size: common::small(),
+            target: 0,
+            capacity: 1,
+        }],
+        64,
+        Duration::from_secs(30),
+    );
+    let (cell, warm) = pool.take("small").await.expect("cold start");
+    assert!(
+        !warm,
+        "a cell from an empty pool must be reported as a cold start"
+    );
+    assert_eq!(cell.health(Duration::from_secs(2)).await, Ok(true));
+    assert_eq!(pool.states()[0].busy, 1);
+    let id = cell.id.clone();
+    pool.release(cell).await;
+    assert!(!tb.sandbox.cell_dir(&id).exists());
+    assert_eq!(pool.states()[0].warm, 0, "target 0: nothing is kept warm");
+}
+
 /// Benchmark (issue 3): cells the pool brings to "answered health" per second per core.
 /// `cargo test -p hive-box --test pool bench -- --ignored --nocapture` (HIVE_BENCH_CELLS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

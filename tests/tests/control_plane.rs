@@ -887,6 +887,48 @@ async fn submit_wait_shows_progress_and_tells_the_outcome(backend: Backend) {
     assert!(stderr.contains(": running"), "{stderr}");
     assert!(stderr.contains(": succeeded"), "{stderr}");
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
+
+    // On a terminal (util-linux `script` gives it one) the wait is a redrawn spinner line.
+    let cmd = format!(
+        "HIVE_ADDR={} {} submit demo --rev {REV} --wait",
+        h.cp.grpc_url(),
+        hivectl_bin().display()
+    );
+    let mut tty = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn script");
+    let a = fb.next_assignment(T).await.expect("second assignment");
+    fb.accept(&a, "cell-2", true).await;
+    fb.running(&a).await;
+    wait_state(&h, &a.build_id, BuildState::Running, T).await;
+    // Long enough for several spinner frames.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    fb.finish(&a, BuildState::Failed, 2).await;
+    let status = wait_child(&mut tty, T);
+    let mut screen = String::new();
+    tty.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut screen)
+        .expect("read");
+    assert!(
+        screen.contains("\r\x1b[2K"),
+        "no redrawn line on a tty: {screen:?}"
+    );
+    assert!(screen.contains(": running"), "{screen:?}");
+    assert!(
+        screen.contains(&format!("build {} failed", a.build_id)),
+        "{screen:?}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(10),
+        "script passes on hivectl's exit code: {screen:?}"
+    );
     h.finish().await;
 }
 

@@ -59,7 +59,8 @@ struct Cli {
         global = true
     )]
     addr: String,
-    /// Print JSON instead of tables (listings: an array; show commands: an object).
+    /// Print JSON instead of tables: listings an array, show commands an object; `logs` and
+    /// `watch` one object per line (chunk / state change).
     #[arg(long, global = true)]
     json: bool,
     /// Give up connecting after this many seconds.

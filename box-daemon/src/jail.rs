@@ -678,10 +678,8 @@ mod tests {
         let program = seccomp_program().unwrap();
         let res = std::thread::spawn(move || {
             // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integers only.
-            assert_eq!(
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-                0
-            );
+            let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(rc, 0);
             seccompiler::apply_filter(&program).unwrap();
             let mut out = Vec::new();
             for nr in [libc::SYS_keyctl, libc::SYS_bpf, libc::SYS_userfaultfd] {

@@ -90,8 +90,9 @@ impl IoHandler for Bus {
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> IoAction {
         if let Some((dev, offset)) = self.device_at(addr) {
-            lock(dev).write(offset, data);
-            if offset == reg::QUEUE_NOTIFY || offset == reg::STATUS {
+            let mut d = lock(dev);
+            d.write(offset, data);
+            if (offset == reg::QUEUE_NOTIFY || offset == reg::STATUS) && d.host_side() {
                 let _ = self.wake.write(1);
             }
         }

@@ -143,6 +143,7 @@ pub struct Block {
     sectors: u64,
     id: [u8; ID_LEN],
     limiter: RateLimiter,
+    limited: bool,
     sizes: [u16; 1],
 }
 
@@ -181,6 +182,7 @@ impl Block {
             sectors: size / SECTOR,
             id,
             limiter: RateLimiter::new(limits, Instant::now()),
+            limited: limits.bandwidth.is_some() || limits.ops.is_some(),
             sizes: [256],
         })
     }
@@ -311,6 +313,10 @@ impl VirtioDevice for Block {
     }
     fn queue_notify(&mut self, mem: &GuestMemoryMmap, queues: &mut [Queue], _index: u16) -> bool {
         self.process_queue(mem, &mut queues[0])
+    }
+    fn host_side(&self) -> bool {
+        // Only a rate limit leaves work for the device thread.
+        self.limited
     }
     fn process_host(&mut self, mem: &GuestMemoryMmap, queues: &mut [Queue]) -> bool {
         if self.limiter.is_blocked() {

@@ -99,6 +99,11 @@ impl MmioTransport {
         self.device.name()
     }
 
+    /// Whether guest notifies should wake the device thread (see `VirtioDevice::host_side`).
+    pub fn host_side(&self) -> bool {
+        self.device.host_side()
+    }
+
     /// Whether the driver set DRIVER_OK and the device is running.
     pub fn is_activated(&self) -> bool {
         self.activated

@@ -54,6 +54,9 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
+    fn host_side(&self) -> bool {
+        false
+    }
 
     fn queue_notify(&mut self, mem: &GuestMemoryMmap, queues: &mut [Queue], _index: u16) -> bool {
         let q = &mut queues[0];

@@ -67,6 +67,9 @@ struct BoxEntry {
     accepted: Vec<Inflight>,
     /// Classes the box rejected since its last heartbeat: treat as full until it reports again.
     rejected: HashSet<String>,
+    /// When the box was last told to stop each build: a box keeps listing a build until its
+    /// FINISHED, and one reminder per lease is enough.
+    told_to_stop: HashMap<String, Instant>,
 }
 
 /// Free places of one size class on one box, as the scheduler sees them.
@@ -113,8 +116,19 @@ impl Registry {
         }
     }
 
+    /// Whether the box was told to stop `build_id` less than `within` ago.
+    fn told_recently(&self, box_id: &str, build_id: &str, within: Duration) -> bool {
+        self.lock()
+            .get(box_id)
+            .and_then(|e| e.told_to_stop.get(build_id))
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
     /// Tells a box to stop a build.
     pub async fn cancel(&self, box_id: &str, build_id: &str, state: BuildState, reason: &str) {
+        if let Some(e) = self.lock().get_mut(box_id) {
+            e.told_to_stop.insert(build_id.to_string(), Instant::now());
+        }
         let sent = self
             .send(
                 box_id,
@@ -320,6 +334,7 @@ impl Registry {
             unconfirmed: HashMap::new(),
             accepted: Vec::new(),
             rejected: HashSet::new(),
+            told_to_stop: HashMap::new(),
         });
         if let Some(old) = entry.conn.replace(conn) {
             old.kill.notify_one();
@@ -362,6 +377,9 @@ impl Registry {
         e.running_builds = hb.running_builds.clone();
         e.accepted.clear();
         e.rejected.clear();
+        // Builds the box no longer lists have stopped; forget that they were told to.
+        e.told_to_stop
+            .retain(|b, _| hb.running_builds.iter().any(|r| r == b));
         if e.cells != hb.cells {
             e.cells = hb.cells.clone();
             true
@@ -713,6 +731,13 @@ impl Session {
             .renew_leases(&self.box_id, running, deadline)
             .await?;
         for build_id in orphans {
+            if self
+                .hive
+                .registry
+                .told_recently(&self.box_id, &build_id, self.hive.lease)
+            {
+                continue;
+            }
             let build = self.hive.store.get_build(&build_id).await?;
             let (state, reason) = match build {
                 None => (BuildState::Cancelled, "unknown build".to_string()),
@@ -752,7 +777,12 @@ impl Session {
                 current_lease = %build.lease_id, ?kind, "update under a stale lease ignored");
             // Stop the stale attempt, unless the build now runs on this same box again (the
             // cancel names only the build and would stop the new attempt too).
-            if build.box_id != self.box_id && kind != BuildUpdateKind::Finished {
+            if build.box_id != self.box_id
+                && kind != BuildUpdateKind::Finished
+                && !hive
+                    .registry
+                    .told_recently(&self.box_id, &u.build_id, hive.lease)
+            {
                 hive.registry
                     .cancel(
                         &self.box_id,

@@ -353,3 +353,62 @@ fn stop_flag_ends_a_guest_that_never_resets() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn two_vcpus_boot_and_the_waiting_ap_is_kicked_out_at_the_end() {
+    if !kvm_or_skip("two_vcpus_boot_and_the_waiting_ap_is_kicked_out_at_the_end") {
+        return;
+    }
+    // vCPU 1 sits in KVM_RUN waiting for INIT/SIPI the whole time (the guest never starts it);
+    // when vCPU 0 resets the VM, the VMM must get vCPU 1 out of the kernel and return.
+    let elf = guest_elf();
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = dir.path().join("console.log");
+    let cfg = config(serde_json::json!({
+        "kernel": elf,
+        "vcpus": 2,
+        "memory_mib": 16,
+        "serial": {"path": log},
+        "rng": true,
+    }));
+    let t0 = std::time::Instant::now();
+    let report = run_vm(&cfg);
+    assert_eq!(report.exit, VmExit::Reset);
+    assert!(console(&log).contains("DONE ok=1 fail=0"));
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn block_rate_limit_paces_the_guest() {
+    if !kvm_or_skip("block_rate_limit_paces_the_guest") {
+        return;
+    }
+    // The guest's block test makes 4 requests (write, read, flush, read past the end). With an
+    // ops bucket of 1 refilled every 150 ms, the last three each wait for a token.
+    let elf = guest_elf();
+    let dir = tempfile::tempdir().expect("tmp");
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("disk");
+    let log = dir.path().join("console.log");
+    let cfg = config(serde_json::json!({
+        "kernel": elf,
+        "memory_mib": 16,
+        "serial": {"path": log},
+        "block": [{"path": disk, "rate_limit": {"ops": {"size": 1, "refill_time_ms": 150}}}],
+    }));
+    let report = run_vm(&cfg);
+    let out = console(&log);
+    assert_eq!(report.exit, VmExit::Reset, "{out}");
+    assert!(out.lines().any(|l| l.starts_with("OK block rw")), "{out}");
+    assert!(
+        report.elapsed >= Duration::from_millis(400),
+        "4 requests at 1 per 150 ms finished in {:?}",
+        report.elapsed
+    );
+}

@@ -14,7 +14,8 @@ use std::time::Duration;
 use hive_proto::v1::box_agent_client::BoxAgentClient;
 use hive_proto::v1::{
     box_message, control_message, Assignment, BoxMessage, BuildState, BuildUpdate, BuildUpdateKind,
-    CancelBuild, ControlMessage, Heartbeat, LogChunk, LogStream, PoolState, Register, Registered,
+    CancelBuild, CellInfo, ControlMessage, Heartbeat, LogChunk, LogStream, PoolState, Register,
+    Registered,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -86,6 +87,8 @@ struct Shared {
     running: BTreeSet<String>,
     heartbeats_on: bool,
     pools: Vec<PoolState>,
+    /// Cells busy with a build, by build id (reported in heartbeats).
+    cells: BTreeMap<String, CellInfo>,
 }
 
 enum Inbound {
@@ -273,7 +276,7 @@ impl FakeBox {
                         Heartbeat {
                             pools: s.pools.clone(),
                             running_builds: s.running.iter().cloned().collect(),
-                            cells: Vec::new(),
+                            cells: s.cells.values().cloned().collect(),
                         }
                     };
                     let m = BoxMessage {
@@ -513,6 +516,15 @@ impl FakeBox {
             let mut s = self.lock();
             if s.running.insert(a.build_id.clone()) {
                 let class = a.size_class.as_ref().map(|c| c.name.as_str()).unwrap_or("");
+                let cell = CellInfo {
+                    id: cell_id.to_string(),
+                    box_id: self.cfg.box_id.clone(),
+                    size_class: class.to_string(),
+                    state: "busy".to_string(),
+                    build_id: a.build_id.clone(),
+                    updated_at_ms: now_ms(),
+                };
+                s.cells.insert(a.build_id.clone(), cell);
                 if let Some(p) = s.pools.iter_mut().find(|p| p.size_class == class) {
                     p.warm = p.warm.saturating_sub(1);
                     p.busy += 1;
@@ -574,6 +586,7 @@ impl FakeBox {
     pub async fn finish(&mut self, a: &Assignment, state: BuildState, exit_code: i32) -> u64 {
         {
             let mut s = self.lock();
+            s.cells.remove(&a.build_id);
             if s.running.remove(&a.build_id) {
                 let class = a.size_class.as_ref().map(|c| c.name.as_str()).unwrap_or("");
                 if let Some(p) = s.pools.iter_mut().find(|p| p.size_class == class) {

@@ -209,6 +209,18 @@ async fn assignment_runs_to_success_with_logs_and_history(backend: Backend) {
         BuildState::Running as i32,
         "lease renewal failed"
     );
+    // The box's heartbeats carried its busy cell.
+    let cells = ctl_json(&h, &["cells", "--box", "box-a"]);
+    let cell = cells
+        .as_array()
+        .and_then(|v| v.iter().find(|c| c["id"] == "cell-1"))
+        .unwrap_or_else(|| panic!("cell-1 not listed: {cells}"));
+    assert_eq!(cell["build_id"], id.as_str());
+    assert_eq!(cell["state"], "busy");
+    assert_eq!(
+        ctl_json(&h, &["cells", "--box", "box-zzz"]),
+        serde_json::json!([])
+    );
 
     let mut expect = Vec::new();
     for i in 0..20u32 {

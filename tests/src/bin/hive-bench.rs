@@ -70,6 +70,11 @@ enum Bench {
         /// Concurrent submitters while queueing.
         #[arg(long, default_value_t = 16)]
         clients: usize,
+        /// Turnover mode: each box has only this many warm cells and finishes every build right
+        /// after accepting it (so placements wait for cells to free up). Default: every box has
+        /// room for its whole share up front (pure placement rate).
+        #[arg(long)]
+        warm: Option<u32>,
     },
 }
 
@@ -362,8 +367,15 @@ async fn schedule(
     builds: usize,
     boxes: usize,
     clients: usize,
+    warm: Option<u32>,
 ) -> Result<(), BenchError> {
-    println!("schedule: {builds} queued builds, {boxes} fake boxes accepting every assignment");
+    println!(
+        "schedule: {builds} queued builds, {boxes} fake boxes accepting every assignment ({})",
+        match warm {
+            Some(n) => format!("{n} warm cells per box, each build finished at once"),
+            None => "room for every build up front".to_string(),
+        }
+    );
     for label in stores(cli) {
         let (cp, store) = start(cli, label).await?;
         create_project(&cp).await?;
@@ -394,7 +406,8 @@ async fn schedule(
         };
 
         // Each box has room for its share (plus slack), warm: a pure placement measurement.
-        let per_box = builds.div_ceil(boxes.max(1)) as u32 + 2;
+        let per_box = warm.unwrap_or(builds.div_ceil(boxes.max(1)) as u32 + 2);
+        let turnover = warm.is_some();
         let t_connect = Instant::now();
         let mut tasks = Vec::new();
         let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, String)>();
@@ -415,6 +428,11 @@ async fn schedule(
                             let _ = tx.send((Instant::now(), a.build_id.clone()));
                             assigned.fetch_add(1, Relaxed);
                             fb.accept(&a, &format!("cell-{}", a.build_id), true).await;
+                            if turnover {
+                                fb.running(&a).await;
+                                fb.finish(&a, hive_proto::v1::BuildState::Succeeded, 0)
+                                    .await;
+                            }
                         }
                         Err(hive_tests::fakebox::FakeBoxError::Timeout(..)) => {
                             if Instant::now() > deadline {
@@ -476,7 +494,8 @@ async fn main() -> std::process::ExitCode {
             builds,
             boxes,
             clients,
-        } => schedule(&cli, *builds, *boxes, *clients).await,
+            warm,
+        } => schedule(&cli, *builds, *boxes, *clients, *warm).await,
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

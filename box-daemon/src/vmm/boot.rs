@@ -568,6 +568,100 @@ mod tests {
         assert_eq!(&buf, b"console=ttyS0 hive.cell_id=c1\0");
     }
 
+    /// A vCPU that records what the boot code sets (the trait exists so this runs without KVM).
+    #[derive(Default)]
+    struct RecordingVcpu {
+        sregs: std::cell::RefCell<Option<kvm_sregs>>,
+        regs: std::cell::RefCell<Option<kvm_regs>>,
+        msrs: std::cell::RefCell<Vec<(u32, u64)>>,
+    }
+
+    impl Vcpu for RecordingVcpu {
+        fn set_cpuid(&self, _: &kvm_bindings::CpuId) -> Result<(), hv::Error> {
+            Ok(())
+        }
+        fn sregs(&self) -> Result<kvm_sregs, hv::Error> {
+            // KVM's reset state: caching disabled.
+            Ok(kvm_sregs {
+                cr0: 0x6000_0010,
+                ..Default::default()
+            })
+        }
+        fn set_sregs(&self, s: &kvm_sregs) -> Result<(), hv::Error> {
+            *self.sregs.borrow_mut() = Some(*s);
+            Ok(())
+        }
+        fn set_regs(&self, r: &kvm_regs) -> Result<(), hv::Error> {
+            *self.regs.borrow_mut() = Some(*r);
+            Ok(())
+        }
+        fn set_fpu(&self, _: &kvm_fpu) -> Result<(), hv::Error> {
+            Ok(())
+        }
+        fn set_msrs(&self, m: &[(u32, u64)]) -> Result<(), hv::Error> {
+            self.msrs.borrow_mut().extend_from_slice(m);
+            Ok(())
+        }
+        fn setup_lapic(&self) -> Result<(), hv::Error> {
+            Ok(())
+        }
+        fn run(&mut self, _: &dyn hv::IoHandler) -> Result<hv::VcpuStop, hv::Error> {
+            Ok(hv::VcpuStop::Shutdown)
+        }
+    }
+
+    #[test]
+    fn pvh_entry_is_flat_32_bit_protected_mode_with_start_info_in_rbx() {
+        let v = RecordingVcpu::default();
+        let k = Kernel {
+            entry: Entry::Pvh(GuestAddress(0x10_0123)),
+            end: 0,
+        };
+        setup_boot_vcpu(&v, &k).expect("setup");
+        let r = v.regs.borrow().expect("regs");
+        let s = v.sregs.borrow().expect("sregs");
+        assert_eq!((r.rip, r.rbx, r.rflags), (0x10_0123, PVH_INFO_ADDR, 2));
+        assert_eq!(
+            s.cr0,
+            CR0_PE | CR0_ET,
+            "protected mode, paging and cache-disable off"
+        );
+        assert_eq!((s.efer, s.cr4), (0, 0));
+        assert_eq!((s.cs.db, s.cs.l, s.cs.selector), (1, 0, SEL_CODE));
+        assert_eq!(
+            (s.ds.selector, s.ss.base, s.ss.limit),
+            (SEL_DATA, 0, 0xffff_ffff)
+        );
+        assert!(v
+            .msrs
+            .borrow()
+            .contains(&(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WB)));
+    }
+
+    #[test]
+    fn linux64_entry_is_long_mode_with_zero_page_in_rsi() {
+        let v = RecordingVcpu::default();
+        let k = Kernel {
+            entry: Entry::Linux64 {
+                entry: GuestAddress(0x100_0000),
+                setup_header: None,
+            },
+            end: 0,
+        };
+        setup_boot_vcpu(&v, &k).expect("setup");
+        let r = v.regs.borrow().expect("regs");
+        let s = v.sregs.borrow().expect("sregs");
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp),
+            (0x100_0000, ZERO_PAGE_ADDR, BOOT_STACK)
+        );
+        assert_eq!(s.cr0 & (CR0_PG | CR0_PE), CR0_PG | CR0_PE);
+        assert_eq!(s.cr0 & (CR0_CD | CR0_NW), 0, "caches enabled");
+        assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        assert_eq!((s.cr3, s.cr4 & CR4_PAE), (PML4_ADDR, CR4_PAE));
+        assert_eq!((s.cs.l, s.cs.db), (1, 0));
+    }
+
     #[test]
     fn oversized_cmdline_is_refused() {
         let mem = create(16).expect("mem");

@@ -381,6 +381,7 @@ impl Tunnel {
     ) -> Result<Duration, TunnelError> {
         let start = Instant::now();
         let mut armed = start;
+        let mut rearm_after = REARM_FIRST;
         loop {
             let peers = self.peers()?;
             let state = match peer {
@@ -396,10 +397,12 @@ impl Tunnel {
                 return Ok(start.elapsed());
             }
             if let Some(p) = state {
-                if armed.elapsed() >= REARM_AFTER {
+                if armed.elapsed() >= rearm_after {
                     let key = p.public_key;
+                    tracing::debug!(iface = %self.iface, peer = %key, after = ?rearm_after, "no handshake yet, starting a new one");
                     self.call(|r| Command::Rearm(key, r))?;
                     armed = Instant::now();
+                    rearm_after = (rearm_after * 2).min(REARM_MAX);
                 }
             }
             if start.elapsed() >= timeout {
@@ -409,7 +412,14 @@ impl Tunnel {
                     waited: start.elapsed(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            // A handshake over a short path takes well under a millisecond: poll finely at
+            // first, then back off.
+            let pause = if start.elapsed() < Duration::from_millis(100) {
+                Duration::from_micros(250)
+            } else {
+                Duration::from_millis(5)
+            };
+            std::thread::sleep(pause);
         }
     }
 
@@ -533,8 +543,11 @@ struct Device {
 /// The UDP discard service: where handshake kicks go.
 const DISCARD_PORT: u16 = 9;
 
-/// How long a waiting cell lets a handshake attempt run before it starts a new one.
-const REARM_AFTER: Duration = Duration::from_millis(1000);
+/// How long a waiting cell lets its first handshake attempt run before it starts a new one;
+/// doubled after each attempt (up to [`REARM_MAX`]) so that a path slower than this still
+/// gets a handshake through.
+const REARM_FIRST: Duration = Duration::from_millis(250);
+const REARM_MAX: Duration = Duration::from_secs(2);
 
 /// How long boringtun's threads get to let go of the TUN device before we delete it ourselves.
 const USERSPACE_EXIT_WAIT: Duration = Duration::from_secs(2);

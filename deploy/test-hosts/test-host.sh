@@ -135,9 +135,10 @@ cmd_up() {
     mkdir -p /run/hive-test-hosts
     stop_git_daemon "$name"
     # --reuseaddr: a quick down/up must not trip over TIME_WAIT. Read-only: no receive-pack.
+    # 8>&-: the daemon must not inherit the lock below, or it would hold it for its lifetime.
     ip netns exec "$ns" git daemon --detach --reuseaddr --export-all \
       --base-path="$git_root" --listen="$addr" --port=9418 \
-      --pid-file="$(pidfile_of "$name")" "$git_root"
+      --pid-file="$(pidfile_of "$name")" "$git_root" 8>&-
     # Ready when the port accepts connections (git daemon --detach returns before bind).
     local ok=0
     for _ in $(seq 50); do
@@ -186,9 +187,15 @@ cmd_exec() {
 
 # up/down of different hosts may run at once (parallel tests): one at a time, so a host's
 # "down" cannot delete the shared bridge while another host's "up" is joining it.
+# The git daemon is stopped before taking the lock: one started by an older version of this
+# script may hold the lock itself.
+if [ "$cmd" = down ]; then
+  check_name
+  stop_git_daemon "$name"
+fi
 if [ "$cmd" = up ] || [ "$cmd" = down ]; then
   exec 8>/run/hive-test-hosts.lock
-  flock 8
+  flock -w 120 8 || die "another test-host.sh held /run/hive-test-hosts.lock for 120s"
 fi
 
 case "$cmd" in

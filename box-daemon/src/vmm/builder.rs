@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -129,6 +129,50 @@ pub struct Report {
     pub cmdline: String,
 }
 
+/// Holds the VM's threads at their start until the builder says go (or abort): every thread is
+/// fully started (its start-up syscalls done) before the seccomp filter goes on, and none runs
+/// guest or device code before it is on. Unlike a barrier it can be aborted when a later thread
+/// fails to spawn, so the ones already waiting exit instead of hanging.
+struct StartGate {
+    state: Mutex<(usize, Option<bool>)>,
+    changed: Condvar,
+}
+
+impl StartGate {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new((0, None)),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Thread side: report arrival, wait for the decision; true means run.
+    fn arrive_and_wait(&self) -> bool {
+        let mut st = super::bus::lock(&self.state);
+        st.0 += 1;
+        self.changed.notify_all();
+        loop {
+            if let Some(go) = st.1 {
+                return go;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Builder side: wait until `n` threads have arrived.
+    fn wait_for(&self, n: usize) {
+        let mut st = super::bus::lock(&self.state);
+        while st.0 < n {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn open(&self, go: bool) {
+        super::bus::lock(&self.state).1 = Some(go);
+        self.changed.notify_all();
+    }
+}
+
 fn eventfd(what: &'static str) -> Result<EventFd, Error> {
     EventFd::new(EFD_NONBLOCK).map_err(|e| Error::EventFd(what, e))
 }
@@ -235,25 +279,21 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Re
     }
 
     let kick = kvm::kick_signal()?;
-    // Every thread is fully started (its start-up syscalls done) before the seccomp filter goes
-    // on, TSYNC covering them all, and none runs until it is on: two barriers.
-    let ready = Arc::new(Barrier::new(2 + vcpus.len()));
-    let start = Arc::new(Barrier::new(2 + vcpus.len()));
+    let gate = StartGate::new();
     let device_stop = Arc::new(AtomicBool::new(false));
     let device_thread = {
         let devices = transports.clone();
         let stop = device_stop.clone();
-        let ready = ready.clone();
-        let start = start.clone();
+        let gate = gate.clone();
         let wake = wake
             .try_clone()
             .map_err(|e| Error::EventFd("wake clone", e))?;
         std::thread::Builder::new()
             .name("vmm-devices".into())
             .spawn(move || {
-                ready.wait();
-                start.wait();
-                eventloop::run(devices, wake, stop)
+                if gate.arrive_and_wait() {
+                    eventloop::run(devices, wake, stop)
+                }
             })
             .map_err(|e| Error::Spawn("device", e))?
     };
@@ -265,15 +305,12 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Re
         let bus = bus.clone();
         let tx = tx.clone();
         let stop = vcpu_stop.clone();
-        let ready = ready.clone();
-        let start = start.clone();
+        let thread_gate = gate.clone();
         let id = vcpu.id();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                ready.wait();
-                start.wait();
-                if stop.load(Ordering::Acquire) {
+                if !thread_gate.arrive_and_wait() {
                     return;
                 }
                 loop {
@@ -286,24 +323,25 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Re
                     }
                 }
             })
-            .map_err(|e| Error::Spawn("vCPU", e))?;
-        handles.push(h);
+            .map_err(|e| Error::Spawn("vCPU", e));
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                gate.open(false);
+                return Err(e);
+            }
+        }
     }
     drop(tx);
 
-    ready.wait();
+    gate.wait_for(1 + handles.len());
     let hardened = if opts.seccomp {
         seccomp::install()
     } else {
         Ok(())
     };
-    if hardened.is_err() {
-        vcpu_stop.store(true, Ordering::Release);
-        device_stop.store(true, Ordering::Release);
-    }
-    start.wait();
+    gate.open(hardened.is_ok());
     if let Err(e) = hardened {
-        let _ = wake.write(1);
         for h in handles {
             let _ = h.join();
         }

@@ -306,7 +306,13 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         tracing::info!(build_id = %build.id, project = %p.name, "build submitted");
         self.hive.events.build_changed(&build.id);
         self.hive.wake.notify_one();
-        Ok(Response::new(self.full_build(&build.id).await?))
+        // The build as committed (queued); the scheduler may already be placing it.
+        let first = TransitionRow {
+            state: BuildState::Queued,
+            at_ms: build.created_at_ms,
+            reason: "submitted via api".to_string(),
+        };
+        Ok(Response::new(build_to_proto(&build, &[first])))
     }
 
     async fn get_build(

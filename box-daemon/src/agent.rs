@@ -513,9 +513,16 @@ impl<B: CellBackend> Agent<B> {
         if let Some(b) = self.builds().get_mut(&a.build_id) {
             b.cell_id = cell.id.clone();
         }
-        self.pool
-            .backend()
-            .record_build(&cell.id, &a.build_id, &a.lease_id);
+        // The record only matters after a crash (the reaper reads it), so the disk write runs
+        // beside the dispatch instead of in front of it.
+        {
+            let backend = Arc::clone(self.pool.backend());
+            let (cell_id, build_id, lease_id) =
+                (cell.id.clone(), a.build_id.clone(), a.lease_id.clone());
+            tokio::task::spawn_blocking(move || {
+                backend.record_build(&cell_id, &build_id, &lease_id)
+            });
+        }
         self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Accepted, |u| {
             u.cell_id = cell.id.clone();
             u.warm_start = warm;

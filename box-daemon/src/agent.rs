@@ -462,8 +462,17 @@ impl<B: CellBackend> Agent<B> {
         let (tx, rx) = watch::channel(None);
         {
             let mut builds = self.builds();
-            if builds.contains_key(&a.build_id) {
-                // A re-sent assignment for a build we already run: nothing new to do.
+            if let Some(running) = builds.get(&a.build_id) {
+                if running.lease_id != a.lease_id {
+                    // A new attempt while the old one still winds down here: refuse it, so the
+                    // control plane places it afresh instead of waiting for a confirmation.
+                    let old_lease = running.lease_id.clone();
+                    drop(builds);
+                    self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Rejected, |u| {
+                        u.message = format!("this box still runs lease {old_lease} of the build");
+                    });
+                }
+                // The same lease re-sent: nothing new to do.
                 return;
             }
             builds.insert(

@@ -63,8 +63,13 @@ pub struct PeerSpec {
 /// What [`Tunnel::up`] builds.
 #[derive(Debug, Clone)]
 pub struct TunnelSpec {
-    /// `/run/netns/<name>` or `/proc/<pid>/ns/net`; `None`: the namespace of the calling process.
+    /// Where the interface lives: `/run/netns/<name>` or `/proc/<pid>/ns/net`; `None`: the
+    /// namespace of the calling process.
     pub netns: Option<PathBuf>,
+    /// Where the encrypted side lives (the UDP socket; boringtun's threads), if not in `netns`.
+    /// The interface is created here and moved into `netns`, so code in `netns` (a build) sees
+    /// only the tunnel and has no route to the peer's endpoint or anything else outside.
+    pub underlay_netns: Option<PathBuf>,
     /// Interface name. It also names boringtun's control socket, which is global to the machine
     /// (`/var/run/wireguard/<iface>.sock`), so it must be unique across namespaces.
     pub iface: String,
@@ -83,6 +88,7 @@ impl TunnelSpec {
     pub fn new(iface: impl Into<String>) -> Self {
         Self {
             netns: None,
+            underlay_netns: None,
             iface: iface.into(),
             listen_port: None,
             addresses: Vec::new(),
@@ -471,7 +477,7 @@ fn worker(
     ready: mpsc::SyncSender<Result<(Backend, u16), TunnelError>>,
 ) {
     let iface = spec.iface.clone();
-    if let Some(ns) = &spec.netns {
+    if let Some(ns) = spec.underlay_netns.as_ref().or(spec.netns.as_ref()) {
         if let Err(e) = netns::enter(ns) {
             let _ = ready.send(Err(e.into()));
             return;
@@ -603,7 +609,11 @@ impl Device {
             routes: BTreeMap::new(),
             peers: BTreeMap::new(),
         };
-        match dev.configure(spec, secret).await {
+        let mut configured = dev.move_to_interface_netns(spec).await;
+        if configured.is_ok() {
+            configured = dev.configure(spec, secret).await;
+        }
+        match configured {
             Ok(()) => Ok(dev),
             Err(e) => {
                 if let Err(te) = dev.teardown().await {
@@ -612,6 +622,45 @@ impl Device {
                 Err(e)
             }
         }
+    }
+
+    /// With an underlay namespace: moves the new link into the interface namespace and moves
+    /// this worker thread after it, so that all later configuration (netlink, kernel WireGuard
+    /// genetlink, handshake kicks) happens where the interface is. Sockets made so far (the
+    /// WireGuard UDP socket, boringtun's threads) stay in the underlay.
+    async fn move_to_interface_netns(&mut self, spec: &TunnelSpec) -> Result<(), TunnelError> {
+        let (Some(_), Some(inner)) = (&spec.underlay_netns, &spec.netns) else {
+            return Ok(());
+        };
+        let target = std::fs::File::open(inner).map_err(|source| NetnsError::Open {
+            path: inner.clone(),
+            source,
+        })?;
+        let index =
+            link_index(&self.nl, &self.iface)
+                .await?
+                .ok_or_else(|| TunnelError::NoLink {
+                    iface: self.iface.clone(),
+                })?;
+        self.nl
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(&target))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(self.netlink_err(format!("move into {}", inner.display())))?;
+        netns::enter(inner)?;
+        let (conn, nl, _) =
+            rtnetlink::new_connection().map_err(|source| TunnelError::NetlinkSocket {
+                iface: self.iface.clone(),
+                source,
+            })?;
+        tokio::spawn(conn);
+        self.nl = nl;
+        Ok(())
     }
 
     fn wc_backend(&self) -> wireguard_control::Backend {

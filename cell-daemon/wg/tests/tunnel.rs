@@ -174,6 +174,54 @@ fn two_cells_on_one_connector_cannot_use_each_others_address() {
 }
 
 #[test]
+fn interface_in_a_build_namespace_with_the_socket_outside() {
+    let pair = Pair::new("split", 16);
+    // The "build container": a namespace with nothing in it but what the tunnel brings.
+    let build = hive_wg::netns::NetNs::create("hwg-split-build").unwrap();
+    let connector = pair.connector(KeyPair::generate());
+    let keys = KeyPair::generate();
+    connector
+        .add_peer(Pair::cell_as_peer(2, keys.public()))
+        .unwrap();
+    let mut spec = pair.cell_spec(2, connector.public_key());
+    spec.underlay_netns = Some(pair.cell.path().to_path_buf());
+    spec.netns = Some(build.path().to_path_buf());
+    let tunnel = Tunnel::up(spec, keys).expect("tunnel up across namespaces");
+    tunnel.wait_handshake(Duration::from_secs(5)).unwrap();
+    let _server = Echo::start(&pair.conn, "10.250.0.1:7000");
+    echo(
+        &build,
+        "10.250.0.1:7000",
+        "from the build",
+        Duration::from_secs(3),
+    )
+    .expect("echo from the build namespace");
+    // The build sees the tunnel only: no underlay link, no route to the connector's endpoint.
+    let links = ip(&build, &["-o", "link"]);
+    assert!(
+        links.contains(tunnel.iface()) && !links.contains("eth0"),
+        "{links}"
+    );
+    let err = echo(
+        &build,
+        &format!("198.18.{}.1:7000", pair.n),
+        "x",
+        Duration::from_secs(1),
+    )
+    .expect_err("the build must not reach the underlay");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(nix::errno::Errno::ENETUNREACH as i32),
+        "{err}"
+    );
+    // The cell side keeps its socket but not the interface.
+    assert!(ip(&pair.cell, &["link", "show", "dev", tunnel.iface()]).contains("does not exist"));
+    let iface = tunnel.iface().to_string();
+    tunnel.down().unwrap();
+    assert!(ip(&build, &["link", "show", "dev", &iface]).contains("does not exist"));
+}
+
+#[test]
 fn bad_requests_fail_with_errors_that_name_the_problem() {
     // A namespace that does not exist.
     let mut spec = TunnelSpec::new("hwgbad0");

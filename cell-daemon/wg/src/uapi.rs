@@ -353,6 +353,64 @@ mod tests {
         assert!(!e.contains(K1));
     }
 
+    /// Random replies built from the protocol's own keys and hostile values.
+    #[test]
+    fn parser_never_panics_on_random_replies() {
+        use rand::{Rng, SeedableRng};
+        let keys = [
+            "public_key",
+            "endpoint",
+            "allowed_ip",
+            "last_handshake_time_sec",
+            "last_handshake_time_nsec",
+            "rx_bytes",
+            "tx_bytes",
+            "persistent_keepalive_interval",
+            "listen_port",
+            "errno",
+            "private_key",
+            "remove",
+            "",
+            "x",
+        ];
+        let values = [
+            K1,
+            K2,
+            "",
+            "0",
+            "-1",
+            "18446744073709551615",
+            "4294967296",
+            "1.2.3.4:5",
+            "[::1]:5",
+            "10.0.0.0/8",
+            "::/0",
+            "10.0.0.0/99",
+            "zz",
+            "=",
+            "\u{0}",
+            "999999999999",
+        ];
+        const SECRET: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let now = SystemTime::now();
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..rng.gen_range(0..12) {
+                let k = keys[rng.gen_range(0..keys.len())];
+                let v = if k == "private_key" {
+                    SECRET
+                } else {
+                    values[rng.gen_range(0..values.len())]
+                };
+                text.push_str(&format!("{k}={v}\n"));
+            }
+            if let Err(e) = parse_get("wg0", &text, now) {
+                assert!(!e.to_string().contains(SECRET), "{e}");
+            }
+        }
+    }
+
     #[test]
     fn parser_never_panics_on_garbage() {
         let now = SystemTime::now();

@@ -282,3 +282,56 @@ fn bad_requests_fail_with_errors_that_name_the_problem() {
         .to_string();
     assert!(e.contains("much-too-long-name"), "{e}");
 }
+
+#[test]
+fn no_connector_means_a_clear_timeout_and_drop_cleans_up() {
+    let pair = Pair::new("tmo", 17);
+    // Nothing listens on the connector endpoint: the handshake can never complete.
+    let tunnel = Tunnel::up(
+        pair.cell_spec(2, KeyPair::generate().public()),
+        KeyPair::generate(),
+    )
+    .unwrap();
+    let iface = tunnel.iface().to_string();
+    let e = tunnel
+        .wait_handshake(Duration::from_millis(1200))
+        .unwrap_err();
+    assert!(matches!(e, TunnelError::HandshakeTimeout { .. }), "{e}");
+    let e = e.to_string();
+    assert!(e.contains(&iface) && e.contains("no handshake"), "{e}");
+    // Dropped without down(): still torn down.
+    drop(tunnel);
+    assert!(ip(&pair.cell, &["link", "show", "dev", &iface]).contains("does not exist"));
+    assert!(!hive_wg::uapi::socket_path(&iface).exists());
+}
+
+#[test]
+fn ipv6_inside_the_tunnel() {
+    let pair = Pair::new("six", 18);
+    let mut spec = TunnelSpec::new(format!("hwgc{}", pair.tag));
+    spec.netns = Some(pair.conn.path().to_path_buf());
+    spec.listen_port = Some(51820);
+    spec.addresses = vec![common::p("10.250.0.1/24"), common::p("fd00:250::1/64")];
+    let connector = Tunnel::up(spec, KeyPair::generate()).unwrap();
+    let keys = KeyPair::generate();
+    let mut as_peer = Pair::cell_as_peer(2, keys.public());
+    as_peer.allowed_ips.push(common::p("fd00:250::2/128"));
+    connector.add_peer(as_peer).unwrap();
+    let mut spec = pair.cell_spec(2, connector.public_key());
+    spec.addresses.push(common::p("fd00:250::2/64"));
+    spec.peers[0].allowed_ips.push(common::p("fd00:250::/64"));
+    spec.peers[0].allowed_ips.push(common::p("fd00:20::/48"));
+    let cell = Tunnel::up(spec, keys).unwrap();
+    let routes = ip(&pair.cell, &["-6", "route", "show", "dev", cell.iface()]);
+    assert!(routes.contains("fd00:20::/48"), "{routes}");
+    let _server = Echo::start(&pair.conn, "[fd00:250::1]:7000");
+    echo_until(
+        &pair.cell,
+        "[fd00:250::1]:7000",
+        "over v6",
+        Duration::from_secs(5),
+    )
+    .expect("echo over IPv6 in the tunnel");
+    cell.down().unwrap();
+    connector.down().unwrap();
+}

@@ -26,7 +26,15 @@ use sqlx::ConnectOptions;
 
 /// Benchmarks of the Hive control plane (real binary, real databases, loopback).
 #[derive(Debug, Parser)]
-#[command(name = "hive-bench", version, about, long_about = None)]
+#[command(
+    name = "hive-bench",
+    version,
+    about = "Benchmarks of the real hive-control-plane: signed webhooks/s (durable) and scheduler \
+             placements/s, on SQLite and PostgreSQL",
+    after_help = "Default runs take under 2 minutes. The control plane binary of the same profile \
+                  is built first (HIVE_TEST_NO_BUILD=1 skips that). Example:\n  \
+                  cargo run --release -p hive-tests --bin hive-bench -- webhooks --clients 32"
+)]
 struct Cli {
     /// Admin URL of a PostgreSQL server (role with CREATEDB); without it PostgreSQL is skipped.
     #[arg(long, env = "HIVE_TEST_POSTGRES_URL", global = true)]

@@ -17,6 +17,17 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const SECRET: &str = "e2e-secret";
 
+/// Separates concurrent runs of this suite on one machine (several engineers run it): names,
+/// subnets and test-host addresses all carry it.
+fn run_id() -> u32 {
+    std::process::id() % 12
+}
+
+/// `198.18.<1 + run>.<host>`: a public test-host address of this run.
+fn public_addr(host: u8) -> String {
+    format!("198.18.{}.{host}", 1 + run_id())
+}
+
 struct Hive {
     cp_slot: Option<ControlPlane>,
     boxd: BoxDaemon,
@@ -35,6 +46,9 @@ async fn hive_with(
     block: Vec<String>,
     via_proxy: bool,
 ) -> Hive {
+    let tag = &format!("{tag}{}", run_id());
+    // Box subnets 100.96.<n>.0/24: 20 per run, 12 runs.
+    let octet = (run_id() * 20 + u32::from(octet) - 200) as u8;
     let git = GitHost::start(tag, git_addr);
     let cp = tokio::task::spawn_blocking(|| {
         ControlPlane::start(ControlPlaneOptions {
@@ -227,7 +241,7 @@ impl Hive {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cuts_and_a_control_plane_restart_lose_no_log_line() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive_with("link", 215, "198.18.1.6", vec![], true).await;
+    let mut h = hive_with("link", 215, &public_addr(6), vec![], true).await;
     h.project(
         "chatty",
         &["for i in $(seq 1 400); do echo line-$i; sleep 0.005; done"],
@@ -278,7 +292,7 @@ async fn link_cuts_and_a_control_plane_restart_lose_no_log_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_box_reaps_its_leftover_cells_and_reports_the_build_failed() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive("reap", 216, "198.18.1.7", vec![]).await;
+    let mut h = hive("reap", 216, &public_addr(7), vec![]).await;
     h.project("long", &["echo started; sleep 600"], 600).await;
     let id = h.push("long").await;
     let grpc = h.cp().grpc_url();
@@ -324,7 +338,7 @@ async fn a_restarted_box_reaps_its_leftover_cells_and_reports_the_build_failed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_again() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive_with("fence", 218, "198.18.1.8", vec![], true).await;
+    let mut h = hive_with("fence", 218, &public_addr(8), vec![], true).await;
     h.project("fenced", &["echo running; sleep 600"], 600).await;
     let id = h.push("fenced").await;
     let grpc = h.cp().grpc_url();
@@ -378,7 +392,7 @@ async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_agai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_box_finishes_its_build_then_leaves_cleanly() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive("drain", 219, "198.18.1.10", vec![]).await;
+    let mut h = hive("drain", 219, &public_addr(10), vec![]).await;
     h.project(
         "short",
         &["echo draining-soon; sleep 2; echo done-here"],
@@ -394,7 +408,7 @@ async fn a_drained_box_finishes_its_build_then_leaves_cleanly() {
     let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
     client
         .drain_box(hive_proto::v1::BoxActionRequest {
-            box_id: "box-drain".into(),
+            box_id: format!("box-{}", h.boxd.opts.tag),
         })
         .await
         .expect("DrainBox");
@@ -427,7 +441,7 @@ fn state(b: &hive_proto::v1::Build) -> BuildState {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
     let _serial = SERIAL.lock().await;
-    let h = hive("ok", 211, "198.18.1.2", vec![]).await;
+    let h = hive("ok", 211, &public_addr(2), vec![]).await;
     h.project(
         "demo",
         &[
@@ -480,7 +494,7 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_step_timeout_and_cancel_end_the_build() {
     let _serial = SERIAL.lock().await;
-    let h = hive("stop", 212, "198.18.1.3", vec![]).await;
+    let h = hive("stop", 212, &public_addr(3), vec![]).await;
     h.project("fails", &["echo before", "exit 7", "echo never-runs"], 60)
         .await;
     h.project("slow", &["echo sleeping; sleep 600"], 3).await;
@@ -553,13 +567,13 @@ async fn failing_step_timeout_and_cancel_end_the_build() {
 async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_addresses() {
     let _serial = SERIAL.lock().await;
     // A stand-in for a control-plane replica on a public-looking address, blocked with --block.
-    let cp_stand_in = "198.18.1.9";
-    let h = hive("net", 213, "198.18.1.4", vec![cp_stand_in.into()]).await;
-    let cp_host = GitHost::start("netcp", cp_stand_in);
+    let cp_stand_in = &public_addr(9);
+    let h = hive("net", 213, &public_addr(4), vec![cp_stand_in.into()]).await;
+    let cp_host = GitHost::start(&format!("ncp{}", run_id()), cp_stand_in);
     let cp_listener = Listener::start(Some(&cp_host.netns()), &format!("{cp_stand_in}:7000"));
     // A service on the box itself (every address of the box) and one on a private network.
     let box_listener = Listener::start(None, "0.0.0.0:0");
-    let private = PrivateHost::start("e2e", 7);
+    let private = PrivateHost::start(&format!("e{}", run_id()), 7 + run_id() as u8);
     let private_listener = Listener::start(Some(&private.netns), &format!("{}:7001", private.addr));
     let box_port = box_listener.addr.port();
 
@@ -706,7 +720,7 @@ async fn bench_webhook_to_first_log_line() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let h = hive("bench", 214, "198.18.1.5", vec![]).await;
+    let h = hive("bench", 214, &public_addr(5), vec![]).await;
     h.project("bench", &["echo first-line"], 60).await;
     let grpc = h.cp().grpc_url();
     let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();

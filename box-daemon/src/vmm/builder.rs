@@ -269,7 +269,7 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Re
     for id in 0..cfg.vcpus {
         let vcpu = vm.create_vcpu(id)?;
         let mut table = hv.supported_cpuid()?;
-        cpuid::normalize(&mut table, id, cfg.vcpus);
+        cpuid::normalize(&mut table, id, cfg.vcpus, cfg.cpu);
         vcpu.set_cpuid(&table)?;
         vcpu.setup_lapic()?;
         if id == 0 {

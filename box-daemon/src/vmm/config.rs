@@ -29,6 +29,18 @@ pub enum BootProtocol {
     Linux64,
 }
 
+/// Which CPU features the guest sees.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuTemplate {
+    /// Everything KVM supports (normalized topology).
+    #[default]
+    Host,
+    /// No XSAVE/AVX/AVX-512, POPCNT or CMPXCHG16B: portable, and what nested KVMs that cannot
+    /// emulate those instructions need.
+    Baseline,
+}
+
 /// Where the serial console goes.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +127,9 @@ pub struct VmConfig {
     /// Number of vCPUs.
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
+    /// CPU feature template.
+    #[serde(default)]
+    pub cpu: CpuTemplate,
     /// Guest memory in MiB.
     pub memory_mib: u32,
     /// Serial console.

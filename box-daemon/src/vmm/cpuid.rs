@@ -6,13 +6,28 @@
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
+use super::config::CpuTemplate;
+
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_TOPOLOGY: u32 = 0x4;
 const LEAF_POWER: u32 = 0x6;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
 
+const LEAF_STRUCTURED: u32 = 0x7;
+const LEAF_XSAVE: u32 = 0xd;
+
 const ECX_MONITOR: u32 = 1 << 3;
+const ECX_FMA: u32 = 1 << 12;
+const ECX_CX16: u32 = 1 << 13;
+const ECX_POPCNT: u32 = 1 << 23;
+const ECX_XSAVE: u32 = 1 << 26;
+const ECX_OSXSAVE: u32 = 1 << 27;
+const ECX_AVX: u32 = 1 << 28;
+const ECX_F16C: u32 = 1 << 29;
+/// Leaf 7.0 EBX: AVX2 (5) and the AVX-512 family (16, 17, 21, 26-28, 30, 31).
+const EBX7_AVX: u32 =
+    (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (7 << 26) | (1 << 30) | (1 << 31);
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -68,10 +83,37 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpus: u8) {
     }
 }
 
-/// Rewrites the supported table for vCPU `vcpu_id` of `vcpus`.
-pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8) {
+/// The baseline template: no XSAVE/AVX/AVX-512, POPCNT or CMPXCHG16B, so a kernel uses FXSAVE and
+/// plain integer paths. These are what the nested KVM on the development machines cannot
+/// emulate after an exit; on real hardware it is a portable lowest common denominator.
+fn baseline_entry(e: &mut kvm_cpuid_entry2) {
+    match e.function {
+        LEAF_FEATURES => {
+            e.ecx &=
+                !(ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_FMA | ECX_F16C | ECX_POPCNT | ECX_CX16);
+        }
+        LEAF_STRUCTURED if e.index == 0 => {
+            e.ebx &= !EBX7_AVX;
+            e.ecx = 0;
+            e.edx = 0;
+        }
+        LEAF_XSAVE => {
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+        }
+        _ => {}
+    }
+}
+
+/// Rewrites the supported table for vCPU `vcpu_id` of `vcpus`, applying `template`.
+pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8, template: CpuTemplate) {
     for e in cpuid.as_mut_slice() {
         normalize_entry(e, vcpu_id, vcpus);
+        if template == CpuTemplate::Baseline {
+            baseline_entry(e);
+        }
     }
 }
 
@@ -95,7 +137,7 @@ mod tests {
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
         let mut cpuid =
             CpuId::from_entries(&[entry(1, 0), entry(0xb, 1), entry(6, 0)]).expect("cpuid");
-        normalize(&mut cpuid, 3, 4);
+        normalize(&mut cpuid, 3, 4, CpuTemplate::Host);
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
@@ -109,9 +151,29 @@ mod tests {
     }
 
     #[test]
+    fn baseline_hides_xsave_avx_popcnt_cx16() {
+        let mut cpuid =
+            CpuId::from_entries(&[entry(1, 0), entry(7, 0), entry(0xd, 0), entry(0xd, 1)])
+                .expect("cpuid");
+        normalize(&mut cpuid, 0, 1, CpuTemplate::Baseline);
+        let e = cpuid.as_slice();
+        for bit in [ECX_XSAVE, ECX_OSXSAVE, ECX_AVX, ECX_POPCNT, ECX_CX16] {
+            assert_eq!(e[0].ecx & bit, 0, "bit {bit:#x}");
+        }
+        assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(e[1].ebx & EBX7_AVX, 0);
+        assert_ne!(e[1].ebx, 0, "non-AVX leaf 7 features kept");
+        assert_eq!((e[2].eax, e[3].eax), (0, 0));
+        // Host template keeps them.
+        let mut host = CpuId::from_entries(&[entry(1, 0)]).expect("cpuid");
+        normalize(&mut host, 0, 1, CpuTemplate::Host);
+        assert_ne!(host.as_slice()[0].ecx & ECX_XSAVE, 0);
+    }
+
+    #[test]
     fn single_vcpu_has_no_htt() {
         let mut cpuid = CpuId::from_entries(&[entry(1, 0)]).expect("cpuid");
-        normalize(&mut cpuid, 0, 1);
+        normalize(&mut cpuid, 0, 1, CpuTemplate::Host);
         assert_eq!(cpuid.as_slice()[0].edx & EDX_HTT, 0);
         assert_eq!(cpuid.as_slice()[0].ebx >> 24, 0);
     }

@@ -203,6 +203,11 @@ pub enum TunnelError {
     },
     #[error("{0}: an interface of that name already exists in the namespace")]
     Exists(String),
+    #[error(
+        "{iface}: {path} is the live control socket of another userspace tunnel of that name \
+         (in some namespace); interface names must be unique on the machine"
+    )]
+    SocketInUse { iface: String, path: PathBuf },
     #[error("{iface}: kernel WireGuard is not available here: {source}")]
     NoKernelWireguard {
         iface: String,
@@ -828,7 +833,14 @@ impl Device {
     /// initiation only after 5 s (REKEY_TIMEOUT); a cell waiting for its tunnel does not wait
     /// that long when the first initiation raced the connector being told about it.
     fn rearm(&mut self, key: &PublicKey) -> Result<(), TunnelError> {
-        let Some(peer) = self.peers.get(key).cloned() else {
+        // Only the side that calls (has an endpoint) re-arms: on the answering side this would
+        // throw away the caller's handshake in progress.
+        let Some(peer) = self
+            .peers
+            .get(key)
+            .filter(|p| p.endpoint.is_some())
+            .cloned()
+        else {
             return Ok(());
         };
         // Two requests: in one, boringtun would apply `remove` to the re-added peer too.
@@ -987,6 +999,15 @@ impl Device {
 }
 
 fn start_boringtun(iface: &str) -> Result<DeviceHandle, TunnelError> {
+    // boringtun replaces whatever sits at the socket path, which would silently take over the
+    // control socket of a same-named tunnel in another namespace. A stale file is fine.
+    let path = uapi::socket_path(iface);
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(TunnelError::SocketInUse {
+            iface: iface.to_string(),
+            path,
+        });
+    }
     let config = DeviceConfig {
         // One build's traffic: two threads are plenty and keep 50 tunnels cheap.
         n_threads: 2,

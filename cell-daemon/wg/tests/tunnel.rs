@@ -335,3 +335,37 @@ fn ipv6_inside_the_tunnel() {
     cell.down().unwrap();
     connector.down().unwrap();
 }
+
+#[test]
+fn a_name_in_use_in_another_namespace_is_refused() {
+    let pair = Pair::new("dup", 19);
+    let connector = pair.connector(KeyPair::generate());
+    if connector.backend() == hive_wg::Backend::Kernel {
+        eprintln!("SKIP: kernel WireGuard has no control socket to collide on");
+        return;
+    }
+    let keys = KeyPair::generate();
+    connector
+        .add_peer(Pair::cell_as_peer(2, keys.public()))
+        .unwrap();
+    let cell = Tunnel::up(pair.cell_spec(2, connector.public_key()), keys).unwrap();
+    // Same interface name as the connector's, but in the cell's namespace.
+    let mut spec = TunnelSpec::new(connector.iface());
+    spec.netns = Some(pair.cell.path().to_path_buf());
+    spec.backend = BackendChoice::Userspace;
+    let e = Tunnel::up(spec, KeyPair::generate()).unwrap_err();
+    assert!(matches!(e, TunnelError::SocketInUse { .. }), "{e}");
+    assert!(e.to_string().contains(connector.iface()), "{e}");
+    // The connector was not disturbed.
+    let _server = Echo::start(&pair.conn, "10.250.0.1:7000");
+    echo_until(
+        &pair.cell,
+        "10.250.0.1:7000",
+        "still here",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(connector.peers().unwrap().len(), 1);
+    cell.down().unwrap();
+    connector.down().unwrap();
+}

@@ -403,7 +403,7 @@ impl Progress {
             self.line = line;
             self.draw();
         } else if line != self.last_plain {
-            eprintln!("{line}");
+            let _ = writeln!(std::io::stderr(), "{line}");
             self.last_plain = line;
         }
     }
@@ -430,7 +430,7 @@ impl Progress {
             let mut e = std::io::stderr().lock();
             let _ = writeln!(e, "\r\x1b[2K{line}");
         } else if line != self.last_plain {
-            eprintln!("{line}");
+            let _ = writeln!(std::io::stderr(), "{line}");
         }
     }
 }
@@ -860,7 +860,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("hivectl: start async runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "hivectl: start async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -872,7 +872,7 @@ fn main() -> ExitCode {
     });
     let Some(result) = result else {
         // Interrupted while waiting: leave the terminal line clean, exit as killed by a signal.
-        eprintln!();
+        let _ = writeln!(std::io::stderr());
         return ExitCode::from(130);
     };
     match result {
@@ -882,7 +882,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("hivectl: {e}");
+            let _ = writeln!(std::io::stderr(), "hivectl: {e}");
             ExitCode::from(e.exit_code())
         }
     }

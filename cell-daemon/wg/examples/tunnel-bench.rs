@@ -67,6 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     let target: SocketAddr = "10.250.0.1:7000".parse()?;
+    let threads_before = threads();
     let (mut up, mut handshake, mut first) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.runs {
         std::thread::sleep(Duration::from_millis(args.pace_ms));
@@ -108,12 +109,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         connector.remove_peer(&key)?;
         cell.down()?;
     }
+    // Every cell tunnel's boringtun threads must be gone again.
+    let threads_after = threads();
     let backend = connector.backend();
     connector.down()?;
     println!(
         "tunnel-bench: {} runs, {} ms apart, backend {backend:?}",
         args.runs, args.pace_ms
     );
+    println!("  threads in this process before/after the runs: {threads_before}/{threads_after}");
     for (name, v) in [
         ("key + connector peer + tunnel up", &mut up),
         ("... + handshake complete", &mut handshake),
@@ -128,6 +132,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
 }
 
 fn ms(d: Duration) -> f64 {

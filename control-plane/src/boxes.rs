@@ -612,7 +612,13 @@ impl Session {
             self.hive.registry.seen(&self.box_id);
             let seq = msg.seq;
             match msg.msg {
-                Some(BoxMsg::Heartbeat(hb)) => self.heartbeat(hb).await?,
+                Some(BoxMsg::Heartbeat(hb)) => {
+                    self.heartbeat(hb).await?;
+                    // Answer every heartbeat (with the current ack): the box counts the
+                    // control plane as reachable only while it hears from it, and fences
+                    // itself after a lease of silence.
+                    self.ack().await?;
+                }
                 Some(BoxMsg::Update(u)) => {
                     self.update(u).await?;
                     self.acks.stored(seq);

@@ -618,3 +618,29 @@ async fn reject_cordon_drain(url: String) {
     handle.shutdown().await;
 }
 both_dbs!(reject_cordon_drain);
+
+/// Every heartbeat is answered (an Ack of what is stored), so a box that only heartbeats (a long
+/// quiet build) still hears the control plane and does not fence itself.
+async fn heartbeats_are_answered(url: String) {
+    let handle = start(&url).await;
+    let (mut bx, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    for _ in 0..3 {
+        bx.send_plain(BoxMsg::Heartbeat(Heartbeat {
+            pools: vec![pool("small", 1, 1)],
+            running_builds: vec![],
+            cells: vec![],
+        }))
+        .await;
+        let m = tokio::time::timeout(WAIT, bx.rx.message())
+            .await
+            .expect("an answer to the heartbeat")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(m.msg, Some(CtlMsg::Ack(hive_proto::v1::Ack { seq: 0 }))),
+            "{m:?}"
+        );
+    }
+    handle.shutdown().await;
+}
+both_dbs!(heartbeats_are_answered);

@@ -140,6 +140,20 @@ impl Hierarchy {
         }
     }
 
+    /// Removes the (empty) parent group of a box's cells at shutdown; busy or missing is fine.
+    pub fn remove_parent(&self, parent: &str) {
+        let dirs: Vec<PathBuf> = match self {
+            Hierarchy::V1 { root } => V1_CONTROLLERS
+                .iter()
+                .map(|c| root.join(c).join(parent))
+                .collect(),
+            Hierarchy::V2 { root } => vec![root.join(parent)],
+        };
+        for d in dirs {
+            let _ = fs::remove_dir(d);
+        }
+    }
+
     /// Names of the groups under `parent` (the reaper's view of leftovers).
     pub fn children(&self, parent: &str) -> Vec<String> {
         let dir = match self {

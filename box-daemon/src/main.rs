@@ -394,6 +394,7 @@ async fn run_async(
     pool.shutdown().await;
     // Anything a build task could not release (it was cut short) is reaped the same way.
     let _ = hive_box::reaper::reap(backend.as_ref()).await;
+    backend.cgroups().remove_parent(&args.cgroup_parent);
     if let Err(e) = net.teardown() {
         tracing::warn!(error = %error_chain(&e), "remove firewall table");
     }

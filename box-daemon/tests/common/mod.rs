@@ -103,6 +103,9 @@ impl Drop for TestBox {
             rt.block_on(hive_box::reaper::reap(sandbox.as_ref()));
         })
         .join();
+        self.sandbox
+            .cgroups()
+            .remove_parent(&self.sandbox.config().cgroup_parent);
         let _ = self.net.teardown();
     }
 }

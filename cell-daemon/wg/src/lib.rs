@@ -11,6 +11,8 @@
 //! - [`netns`]: entering namespaces on a thread, and named namespaces for the connector/tests.
 //! - [`prefix`]: `10.20.0.0/16`-style prefixes.
 
+#![forbid(unsafe_code)]
+
 pub mod keys;
 pub mod netns;
 pub mod prefix;

@@ -311,6 +311,57 @@ mod tests {
     }
 
     #[test]
+    fn tx_rate_limit_defers_frames_until_refill() {
+        use crate::vmm::ratelimit::BucketConfig;
+        let mem = memory();
+        let (dev_side, peer) = pair();
+        let limits = RateLimitConfig {
+            bandwidth: None,
+            ops: Some(BucketConfig {
+                size: 1,
+                refill_time_ms: 50,
+            }),
+        };
+        let mut net = Net::new(Box::new(dev_side), None, &limits);
+        for (i, at) in [0x10_0000u64, 0x10_2000].iter().enumerate() {
+            mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(*at))
+                .expect("hdr");
+            mem.write_slice(&[i as u8; 60], GuestAddress(at + 0x100))
+                .expect("frame");
+        }
+        let (mock, txq) = queue_with_chains(
+            &mem,
+            0x1000,
+            &[
+                vec![
+                    desc(0x10_0000, NET_HDR_LEN as u32, false),
+                    desc(0x10_0100, 60, false),
+                ],
+                vec![
+                    desc(0x10_2000, NET_HDR_LEN as u32, false),
+                    desc(0x10_2100, 60, false),
+                ],
+            ],
+        );
+        let mut qs = vec![virtio_queue::Queue::new(256).expect("rx"), txq];
+        assert!(net.queue_notify(&mem, &mut qs, 1));
+        assert_eq!(used_idx(&mem, &mock), 1, "second frame waits for a token");
+        let mut w = Wait::default();
+        net.wait(&mem, &qs, &mut w);
+        assert!(w
+            .timeout
+            .is_some_and(|t| t <= std::time::Duration::from_millis(50)));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(net.process_host(&mem, &mut qs));
+        assert_eq!(used_idx(&mem, &mock), 2);
+        let mut got = [0u8; 128];
+        assert_eq!((&peer).read(&mut got).expect("first"), 60);
+        assert_eq!(got[0], 0);
+        assert_eq!((&peer).read(&mut got).expect("second"), 60);
+        assert_eq!(got[0], 1);
+    }
+
+    #[test]
     fn rx_holds_frame_until_guest_posts_a_buffer() {
         let mem = memory();
         let (dev_side, peer) = pair();

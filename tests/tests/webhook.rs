@@ -31,6 +31,7 @@ on_both!(
     ping_branch_filter_deleted_branch_and_other_events_make_no_build,
     repository_urls_match_in_every_form,
     readme_minimal_push_health_and_metrics,
+    concurrent_redeliveries_make_one_build,
 );
 
 /// Runs hivectl, asserts exit 0, parses stdout as JSON.
@@ -533,5 +534,42 @@ async fn readme_minimal_push_health_and_metrics(backend: Backend) {
         "not Prometheus text: {}",
         metrics.body
     );
+    h.finish().await;
+}
+
+/// The same delivery arriving several times at once (a git host retrying on a slow answer)
+/// still makes exactly one build: the dedupe holds under a race, not only in sequence.
+async fn concurrent_redeliveries_make_one_build(backend: Backend) {
+    let Some(h) = TestHive::start(
+        backend,
+        "concurrent_redeliveries",
+        ControlPlaneOptions::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    add_project(&h, "demo", REPO, None);
+    let client = WebhookClient::new();
+    let body = push_payload(REPO, "refs/heads/main", SHA, false);
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let client = client.clone();
+        let url = h.cp.webhook_url();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .send_signed(&url, SECRET, "push", "same-delivery", body)
+                .await
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let a = t.await.expect("task").expect("send");
+        assert_eq!(a.status, 202, "{}", a.body);
+        ids.insert(a.json()["build_id"].as_str().expect("build id").to_string());
+    }
+    assert_eq!(ids.len(), 1, "one delivery, several builds: {ids:?}");
+    assert_eq!(builds(&h).len(), 1);
     h.finish().await;
 }

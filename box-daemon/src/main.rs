@@ -124,7 +124,7 @@ enum MainError {
     Config(#[from] config::ConfigError),
     #[error("the microvm backend is not available yet (the embedded VMM is not wired into hive-box); use --backend sandbox")]
     MicrovmNotReady,
-    #[error("sandbox backend")]
+    #[error("cell backend")]
     Backend(#[from] hive_box::backend::BackendError),
     #[error("box network set-up")]
     Net(#[from] hive_box::net::NetError),
@@ -278,7 +278,6 @@ async fn run_async(
         subnet: args.cell_subnet,
         blocked,
     };
-    net.setup()?;
     let helper = std::env::current_exe().map_err(MainError::SelfExe)?;
     let mut cell_env = std::collections::BTreeMap::new();
     if let Ok(v) = std::env::var("HIVE_CELL_LOG") {
@@ -295,6 +294,8 @@ async fn run_async(
         cell_env,
     })?);
 
+    // Only after the backend accepted its configuration, so a bad flag leaves no table behind.
+    net.setup()?;
     let lost = hive_box::reaper::reap(backend.as_ref()).await;
     let pool = Pool::new(
         Arc::clone(&backend),

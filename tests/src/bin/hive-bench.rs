@@ -42,6 +42,9 @@ struct Cli {
     /// Which stores to measure.
     #[arg(long, value_enum, default_value = "both", global = true)]
     backend: Which,
+    /// Heartbeat interval the control plane asks boxes for (ms).
+    #[arg(long, default_value_t = 2000, global = true)]
+    heartbeat_interval_ms: u64,
     /// RUST_LOG of the control plane under test.
     #[arg(long, default_value = "warn", global = true)]
     cp_log: String,
@@ -142,6 +145,7 @@ async fn start(cli: &Cli, label: &'static str) -> Result<(ControlPlane, Store), 
     let opts = ControlPlaneOptions {
         db: pg.as_ref().map(|p| p.url.clone()),
         log_filter: cli.cp_log.clone(),
+        heartbeat_interval_ms: cli.heartbeat_interval_ms,
         ..ControlPlaneOptions::default()
     };
     let cp = tokio::task::spawn_blocking(move || ControlPlane::start(opts)).await??;

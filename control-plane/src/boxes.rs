@@ -641,6 +641,10 @@ impl Session {
                     self.ack().await?;
                 }
                 Some(BoxMsg::KeyExchange(req)) => {
+                    // Acked on receipt (the box's acks are contiguous; a lost request just
+                    // times out on the box and fails that build).
+                    self.acks.stored(seq);
+                    self.ack().await?;
                     // Answered from its own task: it waits on the connector, and the session
                     // must keep reading heartbeats meanwhile.
                     let hive = self.hive.clone();

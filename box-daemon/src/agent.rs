@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use hive_proto::v1::box_agent_client::BoxAgentClient;
 use hive_proto::v1::{
     box_message, control_message, Assignment, BoxMessage, BuildState, BuildUpdate, BuildUpdateKind,
-    CellCancelRequest, CellEventKind, CellEventsRequest, CellInfo, Heartbeat, LogChunk, Register,
-    RunBuildRequest, KeyExchangeReply, KeyExchangeRequest, PrepareTunnelRequest, TunnelConfig,
+    CellCancelRequest, CellEventKind, CellEventsRequest, CellInfo, Heartbeat, KeyExchangeReply,
+    KeyExchangeRequest, LogChunk, PrepareTunnelRequest, Register, RunBuildRequest, TunnelConfig,
 };
 use tokio::sync::{watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -621,12 +621,10 @@ impl<B: CellBackend> Agent<B> {
         let r = match reply {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => return Err(format!("private network {net}: key exchange abandoned")),
-            Err(_) => {
-                return Err(format!(
-                    "private network {net}: no key exchange reply from the control plane within {}s",
-                    KEY_EXCHANGE_TIMEOUT.as_secs()
-                ))
-            }
+            Err(_) => return Err(format!(
+                "private network {net}: no key exchange reply from the control plane within {}s",
+                KEY_EXCHANGE_TIMEOUT.as_secs()
+            )),
         };
         if !r.error.is_empty() {
             return Err(format!("private network {net}: key exchange: {}", r.error));

@@ -12,7 +12,8 @@ use crate::source::Source;
 use hive_proto::v1::cell_agent_server::CellAgent;
 use hive_proto::v1::{
     BuildState, CellCancelReply, CellCancelRequest, CellEvent, CellEventsRequest, CellHealthReply,
-    CellHealthRequest, PrepareTunnelReply, PrepareTunnelRequest, RunBuildReply, RunBuildRequest, ShutdownReply, ShutdownRequest,
+    CellHealthRequest, PrepareTunnelReply, PrepareTunnelRequest, RunBuildReply, RunBuildRequest,
+    ShutdownReply, ShutdownRequest,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -150,7 +150,9 @@ async fn run_inner(
                 0,
                 format!(
                     "hive: private network {net}: tunnel {} -> {} ({})",
-                    plan.address, plan.endpoint_text, plan.keys.public()
+                    plan.address,
+                    plan.endpoint_text,
+                    plan.keys.public()
                 ),
             );
             let netns = container.netns_path();

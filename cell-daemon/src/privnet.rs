@@ -46,32 +46,34 @@ pub struct Plan {
 impl Plan {
     /// Checks `cfg` and pairs it with the cell's key pair.
     pub fn new(cfg: TunnelConfig, keys: KeyPair) -> Result<Plan, PlanError> {
-        let connector = cfg.connector_public_key.parse().map_err(
-            |e: hive_wg::keys::KeyError| PlanError::ConnectorKey {
-                input: cfg.connector_public_key.clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        let connector =
+            cfg.connector_public_key
+                .parse()
+                .map_err(|e: hive_wg::keys::KeyError| PlanError::ConnectorKey {
+                    input: cfg.connector_public_key.clone(),
+                    reason: e.to_string(),
+                })?;
         let endpoint = cfg
             .connector_endpoint
             .to_socket_addrs()
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| PlanError::Endpoint(cfg.connector_endpoint.clone()))?;
-        let address = cfg.tunnel_address.parse().map_err(
-            |e: hive_wg::prefix::PrefixError| PlanError::Address {
+        let address = cfg
+            .tunnel_address
+            .parse()
+            .map_err(|e: hive_wg::prefix::PrefixError| PlanError::Address {
                 input: cfg.tunnel_address.clone(),
                 reason: e.to_string(),
-            },
-        )?;
+            })?;
         let mut allowed = Vec::new();
         for p in &cfg.allowed_prefixes {
-            let prefix: Prefix = p.parse().map_err(|e: hive_wg::prefix::PrefixError| {
-                PlanError::Prefix {
-                    input: p.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+            let prefix: Prefix =
+                p.parse()
+                    .map_err(|e: hive_wg::prefix::PrefixError| PlanError::Prefix {
+                        input: p.clone(),
+                        reason: e.to_string(),
+                    })?;
             if prefix.is_default() {
                 return Err(PlanError::Prefix {
                     input: p.clone(),

@@ -15,10 +15,10 @@ use tonic::{Request, Response, Status};
 
 use crate::boxes::CORDONED;
 use crate::events::Event;
+use crate::network::{self, NetworkError, NetworkRow};
 use crate::scheduler;
 use crate::server::Hive;
 use crate::sizeclass::DEFAULT_CLASS;
-use crate::network::{self, NetworkError, NetworkRow};
 use crate::store::{BuildFilter, BuildRow, NewProject, ProjectRow, StoreError, TransitionRow};
 
 /// Default project build timeout.
@@ -713,7 +713,11 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             .list_connectors(Some(&name))
             .await
             .map_err(net_err)?;
-        self.hive.store.delete_network(&name).await.map_err(net_err)?;
+        self.hive
+            .store
+            .delete_network(&name)
+            .await
+            .map_err(net_err)?;
         for c in connectors {
             self.hive.keyexchange.kick(&c.id);
         }
@@ -732,7 +736,12 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         let row = self
             .hive
             .store
-            .add_connector(req.network.trim(), &key, &endpoint, &network::token_hash(&token))
+            .add_connector(
+                req.network.trim(),
+                &key,
+                &endpoint,
+                &network::token_hash(&token),
+            )
             .await
             .map_err(net_err)?;
         tracing::info!(network = %row.network, connector_id = %row.id, public_key = %row.public_key, endpoint = %row.endpoint, "connector added");

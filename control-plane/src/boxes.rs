@@ -651,7 +651,11 @@ impl Session {
                     let box_id = self.box_id.clone();
                     tokio::spawn(async move {
                         let reply = crate::keyexchange::exchange(&hive, &box_id, &req).await;
-                        if !hive.registry.send(&box_id, CtlMsg::KeyExchange(reply)).await {
+                        if !hive
+                            .registry
+                            .send(&box_id, CtlMsg::KeyExchange(reply))
+                            .await
+                        {
                             tracing::info!(box_id, build_id = %req.build_id,
                                 "box gone before its key exchange reply");
                             hive.keyexchange.revoke_now.notify_one();

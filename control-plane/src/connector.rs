@@ -111,10 +111,16 @@ impl Connector for ConnectorService {
                     _ = crate::events::stopped(&mut shutdown) => break "control plane shutting down",
                 };
                 match next {
-                    Ok(Some(ConnectorMessage { msg: Some(Msg::Applied(a)), .. })) => {
+                    Ok(Some(ConnectorMessage {
+                        msg: Some(Msg::Applied(a)),
+                        ..
+                    })) => {
                         hive.keyexchange.applied(a.command_id, a.error);
                     }
-                    Ok(Some(ConnectorMessage { msg: Some(Msg::Status(s)), .. })) => {
+                    Ok(Some(ConnectorMessage {
+                        msg: Some(Msg::Status(s)),
+                        ..
+                    })) => {
                         tracing::debug!(network = %network, peers = s.peers.len(), "connector status");
                     }
                     Ok(Some(_)) => {

@@ -192,16 +192,16 @@ impl KeyExchange {
             build_id: lease.build_id.clone(),
             public_key: lease.public_key.clone(),
         });
-        let _ = conn.tx.send(Ok(ConnectorCommand { id, cmd: Some(cmd) })).await;
+        let _ = conn
+            .tx
+            .send(Ok(ConnectorCommand { id, cmd: Some(cmd) }))
+            .await;
     }
 }
 
 /// The `SyncPeers` a (re)connected connector starts from: every active lease of its network.
 pub async fn sync_for(hive: &Hive, net: &NetworkRow) -> Result<SyncPeers, KeyExchangeError> {
-    let leases = hive
-        .store
-        .list_tunnel_leases(&net.name, "", true)
-        .await?;
+    let leases = hive.store.list_tunnel_leases(&net.name, "", true).await?;
     Ok(SyncPeers {
         peers: leases
             .iter()

@@ -122,12 +122,13 @@ pub fn validate_prefixes(input: &[String]) -> Result<Vec<String>> {
     }
     let mut out = Vec::new();
     for raw in input {
-        let p: Prefix = raw.trim().parse().map_err(|e: hive_wg::prefix::PrefixError| {
-            NetworkError::Prefix {
+        let p: Prefix = raw
+            .trim()
+            .parse()
+            .map_err(|e: hive_wg::prefix::PrefixError| NetworkError::Prefix {
                 input: raw.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         if p.is_default() {
             return Err(NetworkError::Prefix {
                 input: raw.clone(),
@@ -162,7 +163,9 @@ pub fn validate_tunnel_subnet(input: &str, prefixes: &[String]) -> Result<String
         input: raw.to_string(),
         reason: reason.to_string(),
     };
-    let p: Prefix = raw.parse().map_err(|e: hive_wg::prefix::PrefixError| bad(&e.to_string()))?;
+    let p: Prefix = raw
+        .parse()
+        .map_err(|e: hive_wg::prefix::PrefixError| bad(&e.to_string()))?;
     if !p.addr().is_ipv4() {
         return Err(bad("must be IPv4"));
     }
@@ -574,7 +577,10 @@ mod tests {
     #[test]
     fn tunnel_subnet_rules() {
         let p = vec!["10.20.0.0/16".to_string()];
-        assert_eq!(validate_tunnel_subnet("", &p).unwrap(), DEFAULT_TUNNEL_SUBNET);
+        assert_eq!(
+            validate_tunnel_subnet("", &p).unwrap(),
+            DEFAULT_TUNNEL_SUBNET
+        );
         assert!(validate_tunnel_subnet("10.20.5.0/24", &p).is_err());
         assert!(validate_tunnel_subnet("10.0.0.0/8", &p).is_err());
         assert!(validate_tunnel_subnet("10.251.0.0/30", &p).is_err());

@@ -48,7 +48,11 @@ use zeroize::Zeroizing;
 #[command(name = "hive-connector", version, verbatim_doc_comment)]
 struct Args {
     /// The control plane's gRPC address.
-    #[arg(long, env = "HIVE_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "HIVE_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:50051"
+    )]
     control_plane: String,
 
     /// Name of the private network this connector fronts.
@@ -245,11 +249,8 @@ impl Runner {
                 let Some(tunnel) = st.tunnel.as_ref() else {
                     return Ok(());
                 };
-                let wanted: Vec<PeerSpec> = sync
-                    .peers
-                    .iter()
-                    .map(peer_spec)
-                    .collect::<Result<_, _>>()?;
+                let wanted: Vec<PeerSpec> =
+                    sync.peers.iter().map(peer_spec).collect::<Result<_, _>>()?;
                 let want_keys: BTreeSet<PublicKey> = wanted.iter().map(|p| p.public_key).collect();
                 let have = tunnel.peers()?;
                 for p in &have {
@@ -320,7 +321,10 @@ impl Runner {
         let mut seq = 0u64;
         let mut next = |msg| {
             seq += 1;
-            ConnectorMessage { seq, msg: Some(msg) }
+            ConnectorMessage {
+                seq,
+                msg: Some(msg),
+            }
         };
         let hello = ConnectorHello {
             network: self.network.clone(),
@@ -443,7 +447,10 @@ async fn run(args: Args) -> Result<(), ConnectorError> {
         println!("{}", keys.public());
         return Ok(());
     }
-    let network = args.network.clone().ok_or(ConnectorError::Missing("network"))?;
+    let network = args
+        .network
+        .clone()
+        .ok_or(ConnectorError::Missing("network"))?;
     let token = args.token.clone().ok_or(ConnectorError::Missing("token"))?;
     let state: Shared = Arc::default();
     let public_key = keys.public();

@@ -83,8 +83,8 @@ struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Ask a cell daemon for Health; optionally run a one-step build and print its log
-    /// (exit 0 only when the build succeeded).
+    /// Ask a cell daemon for Health (waiting until it is ready); optionally run a one-step
+    /// build and print its log (exit 0 only when ready and the build succeeded).
     Probe(ProbeArgs),
     /// Internal: PID 1 of a build container.
     #[command(name = "__container-init", hide = true)]
@@ -108,6 +108,9 @@ struct ProbeArgs {
     /// Build timeout for --run-step
     #[arg(long, default_value_t = 300)]
     timeout_secs: u32,
+    /// How long to wait for Health to say ready (exit 1 if it never does)
+    #[arg(long, default_value_t = 30)]
+    wait_ready_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -276,6 +279,7 @@ fn probe(a: ProbeArgs) -> ExitCode {
         a.run_step.as_deref(),
         &a.repo,
         a.timeout_secs,
+        Duration::from_secs(a.wait_ready_secs),
         &mut out,
     ));
     match r {

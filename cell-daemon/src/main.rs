@@ -188,12 +188,18 @@ fn resolve(args: RunArgs, is_init: bool) -> anyhow::Result<Config> {
 }
 
 fn daemon(args: RunArgs, is_init: bool) -> anyhow::Result<()> {
+    let mut build_disk = None;
     if is_init {
         init::mount_proc()?;
+        init::default_path();
+        build_disk = KernelCmdline::read(std::path::Path::new("/proc/cmdline")).build_disk;
     }
     let cfg = resolve(args, is_init)?;
     if is_init {
         init::setup(&cfg.cell_id)?;
+        if let Some(dev) = build_disk {
+            init::mount_build_disk(&dev, &cfg.build_image)?;
+        }
     }
     if cfg.work_tmpfs {
         init::mount_work_tmpfs(&cfg.work_dir)?;

@@ -41,7 +41,8 @@ Environment:
                            deploy/postgres/setup-test-db.sh); passed through to the tests
   CI=true                  missing prerequisites (kernel source, QEMU, root) are errors
                            instead of loudly skipped steps
-Exported to the tests: HIVE_BUILD_IMAGE, HIVE_CELL_ROOTFS (+ _DISK), HIVE_GUEST_KERNEL.
+The tests find the images and kernel in HIVE_CACHE (exported); the paths are not exported
+(hive-cell's own HIVE_BUILD_IMAGE means the in-cell path).
 Logs of every step: $logdir/
 Needs root (debootstrap, namespaces).
 USAGE
@@ -114,15 +115,20 @@ build_ok=0
 step build cargo build --workspace --all-targets && build_ok=1
 
 # 3. Images: the sandbox tests need the directories, the boot check the disks.
+# The paths are NOT exported to the tests: hive-cell reads HIVE_BUILD_IMAGE as its in-cell
+# image path (/images/build), so a host path inherited by a cell daemon a test spawns would be
+# wrong there. The tests find the images in the cache (HIVE_CACHE) themselves.
 images_ok=0
+declare -A img=()
 if step images "$here/images/build-images.sh" --disk; then
   images_ok=1
-  while IFS='=' read -r k v; do
-    case "$k" in HIVE_*) export "$k=$v" ;; esac
   # Cached now, so this second call only prints the KEY=PATH lines (stdout) again.
+  while IFS='=' read -r k v; do
+    case "$k" in HIVE_*) img[$k]="$v" ;; esac
   done < <("$here/images/build-images.sh" --disk 2>/dev/null)
-  echo "test.sh: images: HIVE_BUILD_IMAGE=$HIVE_BUILD_IMAGE HIVE_CELL_ROOTFS=$HIVE_CELL_ROOTFS" >&2
+  echo "test.sh: images: build image ${img[HIVE_BUILD_IMAGE]:-?}, cell rootfs ${img[HIVE_CELL_ROOTFS]:-?}" >&2
 fi
+export HIVE_CACHE="${HIVE_CACHE:-/var/cache/hive}"
 
 # 4. Tests. With the images missing the sandbox tests would fail for the wrong reason: run them
 # anyway (their own skip/fail messages say why), the summary already shows the images failure.
@@ -152,8 +158,10 @@ if [ -n "$kernel_pid" ]; then
       if command -v qemu-system-x86_64 >/dev/null; then
         step boot-check "$here/guest/boot-check.sh" \
           --kernel "$HIVE_GUEST_KERNEL/vmlinux" \
-          --rootfs-disk "$HIVE_CELL_ROOTFS_DISK" \
-          --build-disk "$HIVE_BUILD_IMAGE_DISK" || true
+          --rootfs-disk "${img[HIVE_CELL_ROOTFS_DISK]}" \
+          --build-disk "${img[HIVE_BUILD_IMAGE_DISK]}" \
+          --cell-rootfs-dir "${img[HIVE_CELL_ROOTFS]}" \
+          --build-image-dir "${img[HIVE_BUILD_IMAGE]}" || true
       else
         skip "boot-check" "qemu-system-x86_64 is not installed"
       fi

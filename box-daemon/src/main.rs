@@ -57,8 +57,9 @@ struct RunArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     control_plane: String,
-    /// Cell backend: auto (microvm when the CPU has vmx/svm and /dev/kvm opens, else sandbox),
-    /// microvm, or sandbox (namespaces on the box's kernel: weaker isolation).
+    /// Cell backend: sandbox (namespaces on the box's kernel: weaker isolation than a microVM),
+    /// microvm (not wired in yet: refused), or auto (today always the sandbox, with a warning
+    /// that says whether this host could run microVMs).
     #[arg(long, env = "HIVE_BOX_BACKEND", default_value = "auto")]
     backend: BackendChoice,
     /// Warm pool target per size class, CLASS=N; repeat or comma-separate for several classes.

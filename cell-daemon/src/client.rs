@@ -25,6 +25,8 @@ pub enum ClientError {
         #[source]
         source: tonic::Status,
     },
+    #[error("cell did not report ready within {0} s")]
+    NotReady(u64),
     #[error("event stream ended before the build finished")]
     EventsEnded,
 }
@@ -76,22 +78,35 @@ pub async fn probe(
     step: Option<&str>,
     repo: &str,
     timeout_secs: u32,
+    wait_ready: std::time::Duration,
     out: &mut dyn Write,
 ) -> Result<ProbeResult, ClientError> {
     let mut client = connect(addr).await?;
-    let h = client
-        .health(CellHealthRequest {})
-        .await
-        .map_err(|source| ClientError::Rpc {
-            rpc: "Health",
-            source,
-        })?
-        .into_inner();
+    // A cell answers Health as soon as it listens; it is ready once its build container is
+    // set up. Wait for that (bounded), so a zero exit means "ready".
+    let deadline = std::time::Instant::now() + wait_ready;
+    let h = loop {
+        let h = client
+            .health(CellHealthRequest {})
+            .await
+            .map_err(|source| ClientError::Rpc {
+                rpc: "Health",
+                source,
+            })?
+            .into_inner();
+        if h.ready || std::time::Instant::now() >= deadline {
+            break h;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     let _ = writeln!(
         out,
         "cell {} ready={} state={} version={} uptime_ms={}",
         h.cell_id, h.ready, h.state, h.version, h.uptime_ms
     );
+    if !h.ready {
+        return Err(ClientError::NotReady(wait_ready.as_secs()));
+    }
     let Some(step) = step else {
         return Ok(ProbeResult {
             cell_id: h.cell_id,

@@ -219,6 +219,8 @@ pub fn validate_cell_id(id: &str) -> Result<(), ConfigError> {
 pub struct KernelCmdline {
     pub listen: Option<String>,
     pub cell_id: Option<String>,
+    /// Block device holding the build image (ext4), mounted read-only at the build image path.
+    pub build_disk: Option<String>,
 }
 
 impl KernelCmdline {
@@ -230,6 +232,8 @@ impl KernelCmdline {
                 out.listen = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("hive.cell_id=") {
                 out.cell_id = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("hive.build_disk=") {
+                out.build_disk = Some(v.to_string());
             }
         }
         out
@@ -277,10 +281,11 @@ mod tests {
     #[test]
     fn kernel_cmdline_picks_hive_words() {
         let c = KernelCmdline::parse(
-            "console=ttyS0 hive.cell_id=c-42 root=/dev/vda hive.listen=tcp:0.0.0.0:7000\n",
+            "console=ttyS0 hive.cell_id=c-42 root=/dev/vda hive.listen=tcp:0.0.0.0:7000 hive.build_disk=/dev/vdb\n",
         );
         assert_eq!(c.cell_id.as_deref(), Some("c-42"));
         assert_eq!(c.listen.as_deref(), Some("tcp:0.0.0.0:7000"));
+        assert_eq!(c.build_disk.as_deref(), Some("/dev/vdb"));
         assert_eq!(KernelCmdline::parse("quiet"), KernelCmdline::default());
     }
 

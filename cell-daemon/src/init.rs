@@ -133,6 +133,29 @@ fn move_mount(from: &str, to: &str) -> Result<(), InitError> {
     })
 }
 
+/// The kernel starts init with no `PATH`; the daemon runs `ip` and `nft` by name.
+pub fn default_path() {
+    if std::env::var_os("PATH").is_none() {
+        // Called while the process is still single-threaded (before the runtime starts).
+        std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    }
+}
+
+/// Mounts the build image disk (`hive.build_disk=` in a microVM: an ext4 block device)
+/// read-only at the build image path. Needs /dev, so it runs after [`setup`].
+pub fn mount_build_disk(device: &str, target: &Path) -> Result<(), InitError> {
+    let t = target.to_string_lossy().to_string();
+    mkdir(&t)?;
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(Some(device), target, Some("ext4"), flags, None::<&str>).map_err(|source| {
+        InitError::Mount {
+            fstype: format!("ext4 ({device})"),
+            target: t,
+            source,
+        }
+    })
+}
+
 /// A tmpfs at the work dir: the container's overlay upper must not live on an overlay itself,
 /// and the build's writes must vanish with the cell.
 pub fn mount_work_tmpfs(dir: &Path) -> Result<(), InitError> {

@@ -83,8 +83,8 @@ struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Ask a cell daemon for Health; optionally run a one-step build and print its log
-    /// (exit 0 only when the build succeeded).
+    /// Ask a cell daemon for Health (waiting until it is ready); optionally run a one-step
+    /// build and print its log (exit 0 only when ready and the build succeeded).
     Probe(ProbeArgs),
     /// Internal: PID 1 of a build container.
     #[command(name = "__container-init", hide = true)]
@@ -108,6 +108,9 @@ struct ProbeArgs {
     /// Build timeout for --run-step
     #[arg(long, default_value_t = 300)]
     timeout_secs: u32,
+    /// How long to wait for Health to say ready (exit 1 if it never does)
+    #[arg(long, default_value_t = 30)]
+    wait_ready_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -185,12 +188,18 @@ fn resolve(args: RunArgs, is_init: bool) -> anyhow::Result<Config> {
 }
 
 fn daemon(args: RunArgs, is_init: bool) -> anyhow::Result<()> {
+    let mut build_disk = None;
     if is_init {
         init::mount_proc()?;
+        init::default_path();
+        build_disk = KernelCmdline::read(std::path::Path::new("/proc/cmdline")).build_disk;
     }
     let cfg = resolve(args, is_init)?;
     if is_init {
         init::setup(&cfg.cell_id)?;
+        if let Some(dev) = build_disk {
+            init::mount_build_disk(&dev, &cfg.build_image)?;
+        }
     }
     if cfg.work_tmpfs {
         init::mount_work_tmpfs(&cfg.work_dir)?;
@@ -276,6 +285,7 @@ fn probe(a: ProbeArgs) -> ExitCode {
         a.run_step.as_deref(),
         &a.repo,
         a.timeout_secs,
+        Duration::from_secs(a.wait_ready_secs),
         &mut out,
     ));
     match r {

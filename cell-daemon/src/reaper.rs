@@ -46,7 +46,11 @@ impl std::fmt::Display for Exit {
 pub enum ReaperError {
     #[error("install SIGCHLD handler")]
     Signal(#[source] std::io::Error),
+    #[error("a reaper already runs in this process (there must be one waitpid(-1) caller)")]
+    AlreadyRunning,
 }
+
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Dispatches child exit statuses to waiters by pid.
 #[derive(Debug, Default)]
@@ -57,6 +61,9 @@ pub struct Reaper {
 impl Reaper {
     /// Starts the SIGCHLD loop on the current tokio runtime.
     pub fn start() -> Result<Arc<Self>, ReaperError> {
+        if STARTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(ReaperError::AlreadyRunning);
+        }
         let mut sigchld = signal(SignalKind::child()).map_err(ReaperError::Signal)?;
         let reaper = Arc::new(Reaper::default());
         let r = reaper.clone();
@@ -86,7 +93,13 @@ impl Reaper {
     }
 
     /// Collects every exited child now.
+    ///
+    /// The lock is held across `waitpid`: a spawn in progress holds it too, so (a) its pid is
+    /// registered before we can reap it, and (b) when its exec fails, std's own `waitpid` on
+    /// the failed child runs while we wait, instead of finding the child already reaped (std
+    /// panics then).
     fn reap_all(&self) {
+        let mut waiters = self.lock();
         loop {
             let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
@@ -99,9 +112,7 @@ impl Reaper {
                     return;
                 }
             };
-            // Taking the lock after waitpid: a spawn in progress holds it, so its pid is
-            // registered by the time we look.
-            if let Some(tx) = self.lock().remove(&pid.as_raw()) {
+            if let Some(tx) = waiters.remove(&pid.as_raw()) {
                 let _ = tx.send(exit);
             }
         }
@@ -144,9 +155,11 @@ pub async fn run(reaper: &Reaper, cmd: &mut Command) -> std::io::Result<Output> 
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    // One test only: two reapers in one process would steal each other's children.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exit_statuses_reach_their_waiters() {
         let reaper = Reaper::start().unwrap();
+        assert!(matches!(Reaper::start(), Err(ReaperError::AlreadyRunning)));
         let mut rxs = Vec::new();
         for code in [0, 3, 7] {
             let (_c, rx) = reaper
@@ -170,5 +183,22 @@ mod tests {
         assert_eq!(out.exit.code(), 2);
         assert_eq!(out.stdout, b"hi\n");
         assert_eq!(out.stderr, b"no\n");
+
+        // Failed execs (std and glibc wait for those children themselves) are errors, not
+        // panics, while the reaper is busy on other threads.
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let r = reaper.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..50 {
+                    assert!(r.spawn(&mut Command::new("/nonexistent/hive-x")).is_err());
+                    let (_c, rx) = r.spawn(&mut Command::new("/bin/true")).unwrap();
+                    assert_eq!(rx.await.unwrap(), Exit::Code(0));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
     }
 }

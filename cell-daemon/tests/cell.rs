@@ -631,3 +631,83 @@ async fn bench_first_log_line() {
         stats(floor)
     );
 }
+
+/// `--listen tcp:` (the QEMU boot check's transport): the probe, run inside the cell's netns
+/// with nsenter, gets Health and a one-step build without a repository.
+#[tokio::test]
+async fn tcp_listener_serves_the_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--pid",
+            "--net",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+        ])
+        .args(["sh", "-c", "ip link set lo up && exec \"$@\"", "tcp-test"])
+        .arg(env!("CARGO_BIN_EXE_hive-cell"))
+        .args([
+            "--init",
+            "no",
+            "--cell-id",
+            "tcp-cell",
+            "--listen",
+            "tcp:127.0.0.1:7000",
+        ])
+        .arg("--build-image")
+        .arg(build_image())
+        .arg("--work-dir")
+        .arg(&work)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
+    let pid = child.0.id();
+    let t0 = Instant::now();
+    loop {
+        let daemon = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if !daemon.is_empty() {
+            let out = Command::new("nsenter")
+                .args(["-t", &daemon, "-n"])
+                .arg(env!("CARGO_BIN_EXE_hive-cell"))
+                .args([
+                    "probe",
+                    "--connect",
+                    "tcp:127.0.0.1:7000",
+                    "--run-step",
+                    "echo tcp-ok",
+                ])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if out.status.success() {
+                assert!(stdout.contains("cell tcp-cell ready=true"), "{stdout}");
+                assert!(stdout.contains("tcp-ok\n"), "{stdout}");
+                assert!(
+                    stdout.contains("[hive] hive: no repository given"),
+                    "{stdout}"
+                );
+                break;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "probe over tcp never succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

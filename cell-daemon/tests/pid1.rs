@@ -122,6 +122,11 @@ async fn pid1_mounts_builds_and_powers_off() {
             .arg(env!("CARGO_BIN_EXE_hive-cell"))
             .arg(&srv)
             .arg(net)
+            // The daemon inside reads these as in-cell paths: a host path from the caller's
+            // environment (test.sh, a developer shell) must not leak into the chroot.
+            .env_remove("HIVE_BUILD_IMAGE")
+            .env_remove("HIVE_CELL_LISTEN")
+            .env_remove("HIVE_WORK_DIR")
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn unshare (root needed)"),

@@ -24,7 +24,14 @@ use tracing_subscriber::EnvFilter;
 /// SIGTERM or SIGINT shuts down gracefully: stop accepting, end streams, finish in-flight
 /// requests, close the database.
 #[derive(Debug, Parser)]
-#[command(name = "hive-control-plane", version, verbatim_doc_comment)]
+// args_override_self: a later `--grpc-addr` replaces an earlier one (a wrapper's defaults can be
+// overridden by appending), instead of being an error.
+#[command(
+    name = "hive-control-plane",
+    version,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 struct Args {
     /// Address for the HTTP listener (webhooks, health, metrics).
     #[arg(long, env = "HIVE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -147,7 +154,7 @@ async fn main() {
                 chain.push(link);
             }
         }
-        tracing::error!("fatal: {}", chain.join(": "));
+        // Once, as a plain line: it reaches stderr whatever RUST_LOG filters out.
         eprintln!("hive-control-plane: {}", chain.join(": "));
         std::process::exit(1);
     }

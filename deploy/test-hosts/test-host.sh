@@ -167,7 +167,7 @@ cmd_down() {
     log "deleted netns $ns"
   fi
   ip link del "thv-$name" 2>/dev/null || true
-  if ip link show "$bridge" >/dev/null 2>&1 && [ -z "$(ip -o link show master "$bridge")" ]; then
+  if ip link show "$bridge" >/dev/null 2>&1 && [ -z "$(ip -o link show master "$bridge" 2>/dev/null)" ]; then
     ip link del "$bridge"
     log "deleted bridge $bridge (no hosts left)"
   fi

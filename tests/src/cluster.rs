@@ -412,40 +412,82 @@ impl Drop for GitHost {
     }
 }
 
-/// A TCP listener (in a given network namespace, or the box's) that counts connections.
+/// A TCP listener (in a given network namespace, or the box's) that counts connections. Closed
+/// on drop, so it does not keep a cell's namespace alive after the cell is gone.
 pub struct Listener {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Listener {
     /// Binds `addr` inside `/run/netns/<netns>` (None: the current namespace). A dedicated thread
-    /// enters the namespace, so the socket lives there; it then serves until the process ends.
+    /// enters the namespace, so the socket lives there; it then serves until dropped.
     pub fn start(netns: Option<&str>, addr: &str) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         let netns = netns.map(|n| PathBuf::from("/run/netns").join(n));
         let addr = addr.to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
-        std::thread::spawn(move || {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
             if let Some(ns) = netns {
                 let f = std::fs::File::open(&ns).expect("open netns");
                 nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             }
             let l = TcpListener::bind(&addr).expect("bind listener");
+            // Polled, so the thread sees `stop` without a connection to wake it.
+            l.set_nonblocking(true).expect("nonblocking listener");
             tx.send(l.local_addr().unwrap()).unwrap();
-            for mut c in l.incoming().flatten() {
-                count.fetch_add(1, Ordering::SeqCst);
-                let _ = std::io::Write::write_all(&mut c, b"hello\n");
+            while !stopped.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let _ = c.set_nonblocking(false);
+                        let _ = std::io::Write::write_all(&mut c, b"hello\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
             }
         });
         let addr = rx.recv().expect("listener address");
-        Listener { addr, accepted }
+        Listener {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn count(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens a TCP connection to `addr` from inside `/run/netns/<netns>` (a cell's, say) and closes
+/// it again: whether something listens there, seen from that namespace. A thread of its own
+/// enters the namespace, so the caller's stays as it was.
+pub fn connect_in_netns(netns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let ns = PathBuf::from("/run/netns").join(netns);
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns)?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        std::net::TcpStream::connect_timeout(&addr, timeout).map(drop)
+    })
+    .join()
+    .expect("connect thread panicked")
 }
 
 /// A "private network" host: netns `hive-pv-<tag>` at 10.254.<n>.2, linked to the box's

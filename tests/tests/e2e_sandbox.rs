@@ -36,7 +36,7 @@ struct Hive {
 }
 
 async fn hive(tag: &str, octet: u8, git_addr: &str, block: Vec<String>) -> Hive {
-    hive_with(tag, octet, git_addr, block, false).await
+    hive_with(tag, octet, git_addr, block, false, false).await
 }
 
 async fn hive_with(
@@ -45,21 +45,36 @@ async fn hive_with(
     git_addr: &str,
     block: Vec<String>,
     via_proxy: bool,
+    cp_on_all_addresses: bool,
 ) -> Hive {
     let tag = &format!("{tag}{}", run_id());
     // Box subnets 100.96.<n>.0/24: 20 per run, 12 runs.
     let octet = (run_id() * 20 + u32::from(octet) - 200) as u8;
     let git = GitHost::start(tag, git_addr);
-    let cp = tokio::task::spawn_blocking(|| {
+    // On all addresses, the control plane listens on every address of the box, as one run next
+    // to the box would; the later `--*-addr` replaces the harness's 127.0.0.1:0.
+    let extra_args = if cp_on_all_addresses {
+        ["--http-addr", "0.0.0.0:0", "--grpc-addr", "0.0.0.0:0"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        Vec::new()
+    };
+    let mut cp = tokio::task::spawn_blocking(|| {
         ControlPlane::start(ControlPlaneOptions {
             lease_secs: 10,
             heartbeat_interval_ms: 500,
+            extra_args,
             ..Default::default()
         })
     })
     .await
     .unwrap()
     .expect("control plane");
+    // Clients (the box, the test) reach it on loopback either way.
+    for addr in [&mut cp.http_addr, &mut cp.grpc_addr] {
+        *addr = addr.replace("0.0.0.0:", "127.0.0.1:");
+    }
     let proxy = if via_proxy {
         Some(Proxy::start(&cp.grpc_addr).await)
     } else {
@@ -241,7 +256,7 @@ impl Hive {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cuts_and_a_control_plane_restart_lose_no_log_line() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive_with("link", 215, &public_addr(6), vec![], true).await;
+    let mut h = hive_with("link", 215, &public_addr(6), vec![], true, false).await;
     h.project(
         "chatty",
         &["for i in $(seq 1 400); do echo line-$i; sleep 0.005; done"],
@@ -338,7 +353,7 @@ async fn a_restarted_box_reaps_its_leftover_cells_and_reports_the_build_failed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_again() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive_with("fence", 218, &public_addr(8), vec![], true).await;
+    let mut h = hive_with("fence", 218, &public_addr(8), vec![], true, false).await;
     h.project("fenced", &["echo running; sleep 600"], 600).await;
     let id = h.push("fenced").await;
     let grpc = h.cp().grpc_url();
@@ -568,7 +583,16 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
     let _serial = SERIAL.lock().await;
     // A stand-in for a control-plane replica on a public-looking address, blocked with --block.
     let cp_stand_in = &public_addr(9);
-    let h = hive("net", 213, &public_addr(4), vec![cp_stand_in.into()]).await;
+    // The real control plane listens on every address of the box.
+    let h = hive_with(
+        "net",
+        213,
+        &public_addr(4),
+        vec![cp_stand_in.into()],
+        false,
+        true,
+    )
+    .await;
     let cp_host = GitHost::start(&format!("ncp{}", run_id()), cp_stand_in);
     let cp_listener = Listener::start(Some(&cp_host.netns()), &format!("{cp_stand_in}:7000"));
     // A service on the box itself (every address of the box) and one on a private network.
@@ -576,34 +600,14 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
     let private = PrivateHost::start(&format!("e{}", run_id()), 7 + run_id() as u8);
     let private_listener = Listener::start(Some(&private.netns), &format!("{}:7001", private.addr));
     let box_port = box_listener.addr.port();
+    let port = |addr: &str| addr.rsplit(':').next().unwrap().to_string();
+    let (cp_grpc, cp_http) = (port(&h.cp().grpc_addr), port(&h.cp().http_addr));
 
-    // Positive controls: from outside a cell every target is reachable, so a refusal from a cell
-    // is the box's firewall, not a dead listener.
-    for target in [
-        format!("{cp_stand_in}:7000"),
-        format!("{}:7001", private.addr),
-        format!("198.18.0.1:{box_port}"),
-        format!("192.0.2.2:{box_port}"),
-    ] {
-        std::net::TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(2))
-            .unwrap_or_else(|e| panic!("positive control {target}: {e}"));
-    }
-    // The listeners count on their own threads: let the control connections land first.
-    let t0 = Instant::now();
-    while [cp_listener.count(), private_listener.count()].contains(&0) || box_listener.count() < 2 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "positive controls not accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let (cp_before, private_before, box_before) = (
-        cp_listener.count(),
-        private_listener.count(),
-        box_listener.count(),
-    );
-
-    // Another cell: a running build occupies one; its address comes from the box's record.
+    // Another cell: a running build occupies one; its address comes from the box's record, and
+    // a listener waits on that address in its network namespace. (Not in the build: a build sits
+    // in a container behind the cell's NAT, which forwards nothing inwards, so a listener there
+    // would be unreachable whatever the box's firewall says.) The box's end of the occupant's
+    // veth (slot * 4 + 1) is one more address of the box.
     h.project("occupant", &["echo occupying; sleep 600"], 600)
         .await;
     let occupant = h.push("occupant").await;
@@ -614,18 +618,62 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
     .await;
     let slot = h.boxd.cell_slot(&ob.cell_id).expect("occupant cell record");
     let other_cell = h.boxd.cell_ip(slot);
+    let box_veth_addr = format!("100.96.{}.{}", h.boxd.opts.subnet_octet, slot * 4 + 1);
+    let occupant_netns = format!("hive-{}", ob.cell_id);
+    let cell_listener = Listener::start(Some(&occupant_netns), &format!("{other_cell}:7002"));
+    let occupant_target = format!("{other_cell}:7002");
 
-    let cp_port = h.cp().grpc_addr.rsplit(':').next().unwrap().to_string();
+    // Positive controls, so a refusal from a cell is the box's firewall, not a dead listener.
+    // The other cell's listener from inside that cell: the box's firewall drops whatever a cell
+    // sends the box, the answers to the box's own connections too, so no place outside the
+    // cells can reach a cell.
+    cluster::connect_in_netns(&occupant_netns, cell_listener.addr, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("positive control {occupant_target} from its own cell: {e}"));
+    // ... and everything else from the box, outside any cell.
+    let box_addrs = ["198.18.0.1", "192.0.2.2", box_veth_addr.as_str()];
+    let mut targets = vec![
+        format!("{cp_stand_in}:7000"),
+        format!("{}:7001", private.addr),
+    ];
+    for addr in box_addrs {
+        for port in [box_port.to_string(), cp_grpc.clone(), cp_http.clone()] {
+            targets.push(format!("{addr}:{port}"));
+        }
+    }
+    for target in &targets {
+        std::net::TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("positive control {target}: {e}"));
+    }
+    // The listeners count on their own threads: let the control connections land first.
+    let t0 = Instant::now();
+    while [
+        cp_listener.count(),
+        private_listener.count(),
+        cell_listener.count(),
+    ]
+    .contains(&0)
+        || box_listener.count() < box_addrs.len()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "positive controls not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (cp_before, private_before, box_before, cell_before) = (
+        cp_listener.count(),
+        private_listener.count(),
+        box_listener.count(),
+        cell_listener.count(),
+    );
+
     let probe = "probe() { if timeout 3 bash -c \"exec 3<>/dev/tcp/$1/$2\" 2>/dev/null; then echo \"REACHED $1:$2\"; else echo \"BLOCKED $1:$2\"; fi; }";
-    let steps = [format!(
-        "{probe}; probe {git} 9418; probe 198.18.0.1 {box_port}; probe 192.0.2.2 {box_port}; \
-             probe 127.0.0.1 {cp_port}; probe {cp_stand_in} 7000; probe {other_cell} 22; \
-             probe {private} 7001",
-        git = h.git.addr,
-        private = private.addr,
-    )];
-    let step_refs: Vec<&str> = steps.iter().map(String::as_str).collect();
-    h.project("prober", &step_refs, 120).await;
+    let mut step = format!("{probe}; probe {} 9418", h.git.addr);
+    for target in targets.iter().chain([&occupant_target]) {
+        let (addr, port) = target.rsplit_once(':').unwrap();
+        step.push_str(&format!("; probe {addr} {port}"));
+    }
+    h.project("prober", &[&step], 120).await;
     let id = h.push("prober").await;
     let b = cluster::wait_build(&grpc, &id, Duration::from_secs(120)).await;
     let log = h.logs(&id).await;
@@ -642,14 +690,7 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         "{log}"
     );
     // ... and nothing else does.
-    for blocked in [
-        format!("198.18.0.1:{box_port}"),
-        format!("192.0.2.2:{box_port}"),
-        format!("127.0.0.1:{cp_port}"),
-        format!("{cp_stand_in}:7000"),
-        format!("{other_cell}:22"),
-        format!("{}:7001", private.addr),
-    ] {
+    for blocked in targets.iter().chain([&occupant_target]) {
         assert!(
             log.contains(&format!("BLOCKED {blocked}")),
             "{blocked} not blocked:\n{log}"
@@ -666,6 +707,15 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         "private host was reached"
     );
     assert_eq!(box_listener.count(), box_before, "box service was reached");
+    assert_eq!(
+        cell_listener.count(),
+        cell_before,
+        "the other cell was reached"
+    );
+    // A late connection would count too: the listener still answers from its own cell.
+    cluster::connect_in_netns(&occupant_netns, cell_listener.addr, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("{occupant_target} gone after the probes: {e}"));
+    drop(cell_listener);
 
     let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
     client

@@ -206,7 +206,7 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Re
     let started = Instant::now();
     // Memory is declared before the VM so the VM (and its memslots) is dropped first.
     let mem = memory::create(cfg.memory_mib)?;
-    let hv = KvmHypervisor::open()?;
+    let hv = KvmHypervisor::open_path(&cfg.kvm_device)?;
     let vm = hv.create_vm()?;
     vm.map_memory(&mem)?;
     vm.create_irqchip()?;

@@ -147,6 +147,13 @@ pub struct VmConfig {
     /// Add a virtio-rng device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// The KVM device node (inside a jail it may be bound somewhere else).
+    #[serde(default = "default_kvm_device")]
+    pub kvm_device: PathBuf,
+}
+
+fn default_kvm_device() -> PathBuf {
+    PathBuf::from("/dev/kvm")
 }
 
 fn default_vcpus() -> u8 {
@@ -251,6 +258,7 @@ impl VmConfig {
             return Err(Error::Memory(self.memory_mib));
         }
         must_exist("kernel", &self.kernel)?;
+        must_exist("kvm_device", &self.kvm_device)?;
         if self.cmdline.contains('\0') {
             return Err(Error::Cmdline("contains a NUL byte"));
         }

@@ -24,9 +24,9 @@ use super::memory::KVM_TSS_ADDR;
 /// Errors from the hypervisor.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// /dev/kvm could not be opened.
-    #[error("open /dev/kvm")]
-    Open(#[source] kvm_ioctls::Error),
+    /// The KVM device could not be opened.
+    #[error("open {0}")]
+    Open(String, #[source] kvm_ioctls::Error),
     /// The KVM API version is not 12.
     #[error("KVM API version {0}, need 12")]
     ApiVersion(i32),
@@ -179,7 +179,19 @@ pub struct KvmHypervisor {
 impl KvmHypervisor {
     /// Opens /dev/kvm and checks the API version.
     pub fn open() -> Result<Self, Error> {
-        let kvm = Kvm::new().map_err(Error::Open)?;
+        Self::open_path(std::path::Path::new("/dev/kvm"))
+    }
+
+    /// Opens the KVM device at `path` (a jail may bind it elsewhere).
+    pub fn open_path(path: &std::path::Path) -> Result<Self, Error> {
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            Error::Open(
+                path.display().to_string(),
+                kvm_ioctls::Error::new(libc::EINVAL),
+            )
+        })?;
+        let kvm =
+            Kvm::new_with_path(&cpath).map_err(|e| Error::Open(path.display().to_string(), e))?;
         let v = kvm.get_api_version();
         if v != 12 {
             return Err(Error::ApiVersion(v));

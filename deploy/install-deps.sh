@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages Hive's build, images, local hive and tests need.
+# Idempotent and quiet; run as root. Rust itself comes from rustup (not installed here).
+set -euo pipefail
+
+case "${1:-}" in
+  -h|--help)
+    cat <<USAGE
+Usage: deploy/install-deps.sh
+
+Installs (apt) what a bare Debian 12 lacks for Hive: the C toolchain and protoc (building the
+workspace), debootstrap and e2fsprogs (cell images), linux-source-6.1 and its build deps (guest
+kernel), qemu-system-x86 (guest boot check), iproute2/nftables (sandbox cells), postgresql
+(store tests), and openssl/curl/jq/git (scripts, webhooks, the demo git server).
+Needs root. Checks that cargo is on PATH (install Rust with rustup if it is not).
+USAGE
+    exit 0 ;;
+  "") ;;
+  *) echo "install-deps: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+esac
+[ "$(id -u)" = 0 ] || { echo "install-deps: must run as root" >&2; exit 2; }
+
+packages=(
+  build-essential pkg-config ca-certificates curl git jq openssl python3 procps psmisc
+  util-linux iproute2 nftables kmod file
+  protobuf-compiler libprotobuf-dev
+  debootstrap debian-archive-keyring e2fsprogs busybox-static
+  postgresql postgresql-client
+  qemu-system-x86
+  linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: apt: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "install-deps: all ${#packages[@]} packages already installed" >&2
+fi
+
+if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || {
+  echo "install-deps: cargo not found: install Rust with rustup (https://rustup.rs), then re-run" >&2
+  exit 2
+}

@@ -34,8 +34,8 @@ use zeroize::Zeroizing;
 ///   2. hivectl network add NET --prefix 10.20.0.0/16
 ///      hivectl connector add NET --endpoint PUBLIC_HOST:51820 --public-key <key from 1>
 ///      (prints the token, once)
-///   3. hive-connector --control-plane http://CP:50051 --network NET --token TOKEN
-///        --key-file /etc/hive/connector.key --endpoint PUBLIC_HOST:51820
+///   3. hive-connector --control-plane http://CP:50051 --network NET --token TOKEN \
+///      --key-file /etc/hive/connector.key --endpoint PUBLIC_HOST:51820
 ///
 /// Forwarding: the connector turns on IPv4 forwarding in its namespace and routes between the
 /// tunnel and the private network without address translation, so builds are seen with their

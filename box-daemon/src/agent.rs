@@ -621,10 +621,12 @@ impl<B: CellBackend> Agent<B> {
         let r = match reply {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => return Err(format!("private network {net}: key exchange abandoned")),
-            Err(_) => return Err(format!(
+            Err(_) => {
+                return Err(format!(
                 "private network {net}: no key exchange reply from the control plane within {}s",
                 KEY_EXCHANGE_TIMEOUT.as_secs()
-            )),
+            ))
+            }
         };
         if !r.error.is_empty() {
             return Err(format!("private network {net}: key exchange: {}", r.error));

@@ -23,7 +23,7 @@ use hive_proto::v1::{
     ListConnectorsRequest, ListTunnelLeasesRequest, SubmitBuildRequest,
 };
 use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost};
-use hive_tests::controlplane::{bin_dir, ControlPlane, ControlPlaneOptions};
+use hive_tests::controlplane::{bin_dir, ControlPlane, ControlPlaneOptions, PgDatabase};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -296,6 +296,7 @@ struct Topology {
     connector: Connector,
     customer: Customer,
     host: GitHost,
+    _pg: Option<PgDatabase>,
 }
 
 impl Topology {
@@ -365,8 +366,21 @@ async fn topology() -> Topology {
     let addr = format!("198.18.{}.50", 1 + run);
     let host = GitHost::start(&format!("cn{run}"), &addr);
     let customer = Customer::start(&host.netns());
-    let cp = tokio::task::spawn_blocking(|| {
+    // HIVE_E2E_PRIVATE_DB=postgres runs the same on PostgreSQL (HIVE_TEST_POSTGRES_URL).
+    let pg = if std::env::var("HIVE_E2E_PRIVATE_DB").as_deref() == Ok("postgres") {
+        Some(
+            PgDatabase::create()
+                .await
+                .expect("create test database")
+                .expect("HIVE_E2E_PRIVATE_DB=postgres needs HIVE_TEST_POSTGRES_URL"),
+        )
+    } else {
+        None
+    };
+    let db = pg.as_ref().map(|p| p.url.clone());
+    let cp = tokio::task::spawn_blocking(move || {
         ControlPlane::start(ControlPlaneOptions {
+            db,
             lease_secs: 10,
             heartbeat_interval_ms: 500,
             ..Default::default()
@@ -458,6 +472,7 @@ async fn topology() -> Topology {
         connector,
         customer,
         host,
+        _pg: pg,
     }
 }
 
@@ -628,6 +643,36 @@ fn scan_for_private_keys(
     found
 }
 
+/// Every row of every table of the database at `url`, as JSON lines.
+async fn pg_dump(url: &str) -> String {
+    use sqlx::Row;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+        .await
+        .unwrap();
+    let tables: Vec<String> = sqlx::query(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    assert!(tables.iter().any(|t| t == "tunnel_leases"), "{tables:?}");
+    let mut out = String::new();
+    for t in tables {
+        let rows = sqlx::query(&format!("SELECT row_to_json(x)::text FROM \"{t}\" x"))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        for r in rows {
+            out.push_str(&r.get::<String, _>(0));
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn public_bytes(keys: &[String]) -> BTreeSet<[u8; 32]> {
     keys.iter()
         .map(|k| <[u8; 32]>::try_from(BASE64.decode(k).unwrap().as_slice()).unwrap())
@@ -788,6 +833,11 @@ async fn private_network_builds_reach_the_customer_network_only_through_their_tu
         format!("x {} y\n", BASE64.encode(*canary.secret_bytes())),
     )
     .unwrap();
+    // On PostgreSQL the tables are not files here: dump every row as JSON and scan that too.
+    if let Some(pg) = &t._pg {
+        let dump = t.cp.data_dir.join("pg-dump.txt");
+        std::fs::write(&dump, pg_dump(&pg.url).await).unwrap();
+    }
     let hits = scan_for_private_keys(&dirs, &shared, test_start, &publics);
     assert_eq!(
         hits,

@@ -9,6 +9,8 @@ fn hive_box() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hive-box"))
 }
 
+/// Whether /dev/kvm opens; without it the test skips, loudly. Under `CI=true` it fails instead:
+/// CI has KVM, and a skip there would pass an untested VMM.
 fn kvm_or_skip(test: &str) -> bool {
     match std::fs::OpenOptions::new()
         .read(true)
@@ -16,6 +18,10 @@ fn kvm_or_skip(test: &str) -> bool {
         .open("/dev/kvm")
     {
         Ok(_) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+            "{test}: cannot open /dev/kvm ({e}), and CI=true requires the VMM tests to run \
+             (a skip there would pass an untested VMM)"
+        ),
         Err(e) => {
             eprintln!("\n!!!!!!!! SKIPPING {test}: cannot open /dev/kvm ({e}); the VMM was NOT tested !!!!!!!!\n");
             false

@@ -16,9 +16,15 @@ use std::time::Duration;
 
 use hive_box::vmm::{self, VmConfig, VmExit};
 
+/// Whether /dev/kvm opens; without it the test skips, loudly. Under `CI=true` it fails instead:
+/// CI has KVM, and a skip there would pass an untested VMM.
 fn kvm_or_skip(test: &str) -> bool {
     match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+            "{test}: cannot open /dev/kvm ({e}), and CI=true requires the VMM tests to run \
+             (a skip there would pass an untested VMM)"
+        ),
         Err(e) => {
             eprintln!("\n!!!!!!!! SKIPPING {test}: cannot open /dev/kvm ({e}); the VMM was NOT tested !!!!!!!!\n");
             false

@@ -13,12 +13,15 @@
 //!    repository -> 404;
 //! 5. no matching project whose secret verifies the signature (HMAC-SHA256, constant time) -> 401;
 //! 6. `ping` -> 200 pong; events other than `push` -> 202 and no build;
-//! 7. push: no `X-GitHub-Delivery` -> 400; a delivery seen before -> the same answer again
+//! 7. push: no `X-GitHub-Delivery`, no `ref`, or (unless the branch was deleted) an `after`
+//!    that is not 40 hex digits -> 400; a delivery seen before -> the same answer again
 //!    (`duplicate: true`, no second build); a deleted branch, a tag, or a branch the project
 //!    does not build -> 202 and no build; else the build and the delivery record are written in
 //!    one transaction -> 202 `{"build_id": ..., "duplicate": false}`.
 //!
-//! Every rejection is logged with the reason and counted in `/metrics` by outcome.
+//! Every rejection is logged with the reason and counted in `/metrics` by outcome; text taken
+//! from the request (repository URLs, event names, delivery ids) is cut to 200 characters there
+//! and in the answer.
 
 use std::sync::Arc;
 
@@ -36,6 +39,18 @@ use crate::store::{BuildRow, Delivery, ProjectRow};
 
 /// Largest body accepted (GitHub caps payloads at 25 MiB; pushes that big are not builds).
 pub const MAX_BODY: usize = 5 * 1024 * 1024;
+
+/// Most characters of a sender's text (a repository URL, an event name) echoed into a log line
+/// or an answer: an unsigned body must not be able to flood either.
+const MAX_ECHO: usize = 200;
+
+/// `text` cut to [`MAX_ECHO`] characters (never inside one), marked with `…` when cut.
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_ECHO) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
 
 /// An answer that is not a build: status, message, and the metrics outcome label.
 #[derive(Debug)]
@@ -84,10 +99,8 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 
 /// The axum handler.
 pub async fn handle(State(hive): State<Arc<Hive>>, headers: HeaderMap, body: Body) -> Response {
-    let delivery = header(&headers, "x-github-delivery")
-        .unwrap_or("")
-        .to_string();
-    let event = header(&headers, "x-github-event").unwrap_or("").to_string();
+    let delivery = clip(header(&headers, "x-github-delivery").unwrap_or(""));
+    let event = clip(header(&headers, "x-github-event").unwrap_or(""));
     match process(&hive, &headers, body).await {
         Ok((status, outcome, answer)) => {
             hive.metrics.webhook(outcome);
@@ -198,7 +211,7 @@ async fn process(
             other => Ok((
                 StatusCode::ACCEPTED,
                 "unsupported_event",
-                json!({ "message": format!("event {other:?} is not handled; no build"), "build_id": null }),
+                json!({ "message": format!("event {:?} is not handled; no build", clip(other)), "build_id": null }),
             )),
         };
     }
@@ -213,7 +226,7 @@ async fn process(
         return Err(reject(
             StatusCode::NOT_FOUND,
             "unknown_repo",
-            format!("no project for repository {}", urls.join(" / ")),
+            format!("no project for repository {}", clip(&urls.join(" / "))),
         ));
     }
     let verified: Vec<&ProjectRow> = projects
@@ -226,7 +239,7 @@ async fn process(
             "bad_signature",
             format!(
                 "signature does not match the secret of any project for {}",
-                urls[0]
+                clip(&urls[0])
             ),
         ));
     }
@@ -244,7 +257,7 @@ async fn process(
             return Ok((
                 StatusCode::ACCEPTED,
                 "unsupported_event",
-                json!({ "message": format!("event {other:?} is not handled; no build"), "build_id": null }),
+                json!({ "message": format!("event {:?} is not handled; no build", clip(other)), "build_id": null }),
             ))
         }
     }
@@ -271,8 +284,17 @@ async fn process(
         ));
     };
     let after = payload["after"].as_str().unwrap_or("");
+    let commit_id = after.len() == 40 && after.bytes().all(|b| b.is_ascii_hexdigit());
     let deleted = payload["deleted"].as_bool().unwrap_or(false)
-        || (after.len() == 40 && after.bytes().all(|b| b == b'0'));
+        || (commit_id && after.bytes().all(|b| b == b'0'));
+    // The build's revision: a push that names no commit (and deletes nothing) is malformed.
+    if !deleted && !commit_id {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "push payload's \"after\" is not a commit id (40 hex digits)",
+        ));
+    }
 
     // Among the verified projects, the first whose branch filter takes this ref builds it.
     let branch = git_ref.strip_prefix("refs/heads/");
@@ -383,6 +405,17 @@ mod tests {
     const PAYLOAD: &str = "Hello, World!";
     const SIGNATURE: &str =
         "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+
+    #[test]
+    fn clip_cuts_on_a_character_boundary() {
+        assert_eq!(clip("short"), "short");
+        let exact = "é".repeat(MAX_ECHO);
+        assert_eq!(clip(&exact), exact);
+        let long = format!("a{}", "é".repeat(MAX_ECHO));
+        let cut = clip(&long);
+        assert_eq!(cut.chars().count(), MAX_ECHO + 1);
+        assert!(cut.starts_with("aé") && cut.ends_with("é…"), "{cut}");
+    }
 
     #[test]
     fn github_test_vector() {

@@ -272,6 +272,197 @@ async fn webhook_answers(url: String) {
 }
 both_dbs!(webhook_answers);
 
+/// A push must name the commit to build: an `after` that is not 40 hex digits is a 400 naming
+/// the field (nothing recorded, so a corrected redelivery still builds), unless the push deletes
+/// the branch.
+async fn push_without_a_commit_is_rejected(url: String) {
+    let handle = start(&url).await;
+    let addr = handle.http_addr;
+    api(&handle)
+        .await
+        .create_project(CreateProjectRequest {
+            name: "widget".into(),
+            repo_url: "https://github.example/acme/widget".into(),
+            secret: SECRET.into(),
+            branch: "main".into(),
+            steps: vec!["make test".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let repo = "https://github.example/acme/widget";
+    let with_after = |after: serde_json::Value, deleted: bool| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&push(repo, "refs/heads/main", "")).unwrap();
+        match after {
+            serde_json::Value::Null => {
+                v.as_object_mut().unwrap().remove("after");
+            }
+            a => v["after"] = a,
+        }
+        v["deleted"] = json!(deleted);
+        v.to_string().into_bytes()
+    };
+    let bad = [
+        json!(null),
+        json!(""),
+        json!("x"),
+        json!("a".repeat(39)),
+        json!("a".repeat(41)),
+        json!(format!("{}g", "a".repeat(39))),
+        json!(1234),
+    ];
+    for (i, after) in bad.iter().enumerate() {
+        let body = with_after(after.clone(), false);
+        let delivery = format!("bad-after-{i}");
+        let r = post(
+            addr,
+            "push",
+            &delivery,
+            Some(&sign(SECRET.as_bytes(), &body)),
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, 400, "after {after}: {}", r.body);
+        assert!(
+            r.json()["error"].as_str().unwrap().contains("\"after\""),
+            "after {after}: {}",
+            r.body
+        );
+    }
+    assert_eq!(build_count(&handle).await, 0);
+
+    // A deleted branch needs no commit: 202, no build.
+    for (i, after) in [json!(null), json!("0".repeat(40)), json!("")]
+        .iter()
+        .enumerate()
+    {
+        let body = with_after(after.clone(), true);
+        let r = post(
+            addr,
+            "push",
+            &format!("deleted-{i}"),
+            Some(&sign(SECRET.as_bytes(), &body)),
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, 202, "after {after}: {}", r.body);
+        assert!(r.json()["build_id"].is_null(), "{}", r.body);
+    }
+    // All zeros means deleted even without `deleted: true`.
+    let body = with_after(json!("0".repeat(40)), false);
+    let r = post(
+        addr,
+        "push",
+        "zeros",
+        Some(&sign(SECRET.as_bytes(), &body)),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.json()["build_id"].is_null(), "{}", r.body);
+    assert_eq!(build_count(&handle).await, 0);
+
+    // The rejected delivery, sent again with a commit, builds: the 400 recorded nothing.
+    let sha = "0123456789abcdefABCDEF0123456789abcdef01";
+    let body = with_after(json!(sha), false);
+    let r = post(
+        addr,
+        "push",
+        "bad-after-0",
+        Some(&sign(SECRET.as_bytes(), &body)),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.json()["build_id"].is_string(), "{}", r.body);
+    assert_eq!(build_count(&handle).await, 1);
+    handle.shutdown().await;
+}
+both_dbs!(push_without_a_commit_is_rejected);
+
+/// Repository URLs come from a body nobody has verified yet: the 404 and 401 answers (and the
+/// log lines, which carry the same reason) echo at most 200 characters of them, cut on a
+/// character boundary.
+async fn long_repository_urls_are_cut_in_answers(url: String) {
+    let handle = start(&url).await;
+    let addr = handle.http_addr;
+    api(&handle)
+        .await
+        .create_project(CreateProjectRequest {
+            name: "widget".into(),
+            repo_url: "https://github.example/acme/widget".into(),
+            secret: SECRET.into(),
+            steps: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Multi-byte characters, so a cut by bytes would split one.
+    let long = format!("https://github.example/{}", "é".repeat(20_000));
+    let check = |r: &common::HttpReply, status: u16| {
+        assert_eq!(
+            r.status,
+            status,
+            "{}",
+            r.body.chars().take(500).collect::<String>()
+        );
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            error.chars().count() < 300,
+            "{} chars",
+            error.chars().count()
+        );
+        assert!(error.ends_with('…'), "{error}");
+        assert!(error.contains("https://github.example/éé"), "{error}");
+    };
+
+    // No project: 404.
+    let body = push(&long, "refs/heads/main", &"a".repeat(40));
+    let r = post(
+        addr,
+        "push",
+        "long-1",
+        Some(&sign(SECRET.as_bytes(), &body)),
+        &body,
+    )
+    .await;
+    check(&r, 404);
+
+    // A project found by another of the URLs, but the wrong key: 401 naming the first URL.
+    let mut v: serde_json::Value = serde_json::from_slice(&push(
+        "https://github.example/acme/widget",
+        "refs/heads/main",
+        &"a".repeat(40),
+    ))
+    .unwrap();
+    v["repository"]["clone_url"] = json!(long);
+    let body = v.to_string().into_bytes();
+    let r = post(
+        addr,
+        "push",
+        "long-2",
+        Some(&sign(b"not the secret", &body)),
+        &body,
+    )
+    .await;
+    check(&r, 401);
+
+    // A long event name on an organisation-level hook is cut too.
+    let org = br#"{"zen":"x","hook_id":1}"#;
+    let event = "e".repeat(5_000);
+    let r = post(addr, &event, "long-3", Some(&sign(b"x", org)), org).await;
+    assert_eq!(
+        r.status,
+        202,
+        "{}",
+        r.body.chars().take(500).collect::<String>()
+    );
+    assert!(r.body.len() < 400, "{}", r.body.len());
+    handle.shutdown().await;
+}
+both_dbs!(long_repository_urls_are_cut_in_answers);
+
 /// Many concurrent redeliveries of one delivery id make exactly one build.
 async fn concurrent_redelivery(url: String) {
     let handle = start(&url).await;

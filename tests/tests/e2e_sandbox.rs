@@ -630,12 +630,17 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
     cluster::connect_in_netns(&occupant_netns, cell_listener.addr, Duration::from_secs(2))
         .unwrap_or_else(|e| panic!("positive control {occupant_target} from its own cell: {e}"));
     // ... and everything else from the box, outside any cell.
-    let box_addrs = ["198.18.0.1", "192.0.2.2", box_veth_addr.as_str()];
+    // The box's own address on its uplink (the source of its default route), when it has one.
+    let uplink = uplink_addr();
+    let mut box_addrs = vec!["198.18.0.1", box_veth_addr.as_str()];
+    if let Some(a) = uplink.as_deref() {
+        box_addrs.push(a);
+    }
     let mut targets = vec![
         format!("{cp_stand_in}:7000"),
         format!("{}:7001", private.addr),
     ];
-    for addr in box_addrs {
+    for &addr in &box_addrs {
         for port in [box_port.to_string(), cp_grpc.clone(), cp_http.clone()] {
             targets.push(format!("{addr}:{port}"));
         }
@@ -879,4 +884,21 @@ async fn bench_webhook_to_first_log_line() {
         health["dispatch_ms"]["median"].as_f64().unwrap_or(0.0) / percentile(&floor, 0.5)
     );
     h.finish().await;
+}
+
+/// The source address of this machine's default route (`ip route get`), if it has one: one more
+/// address of the box that cells must not reach.
+fn uplink_addr() -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "route", "get", "198.51.100.1"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "src" {
+            return words.next().map(str::to_string);
+        }
+    }
+    None
 }

@@ -113,6 +113,7 @@ impl VmExit {
 pub struct RunOptions {
     /// Install the VMM's seccomp allow-list on every thread once the VM is built (the
     /// `hive-box vmm` process does; in-process test harnesses cannot, it would confine them).
+    /// Any thread the caller started must have finished starting (see [`seccomp::install`]).
     pub seccomp: bool,
 }
 

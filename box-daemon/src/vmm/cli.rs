@@ -51,9 +51,17 @@ pub fn run(args: &VmmArgs) -> i32 {
     }
     {
         let stop = stop.clone();
+        // The builder installs the seccomp allow-list on every thread (TSYNC) once the VM is
+        // built. A thread that is still starting then (glibc registers rseq, the robust futex
+        // list and its signal mask; std sets its name and alternate signal stack) makes syscalls
+        // the list does not allow and the whole VMM is killed with SIGSYS: on a loaded host this
+        // thread may not have run yet when the VM is ready. So wait until it has started.
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel::<()>(1);
         let spawned = std::thread::Builder::new()
             .name("vmm-signals".into())
             .spawn(move || {
+                let _ = started_tx.send(());
+                drop(started_tx);
                 if let Ok(sig) = signals.wait() {
                     tracing::info!(signal = %sig, "stopping VM");
                     stop.store(true, Ordering::Release);
@@ -61,6 +69,10 @@ pub fn run(args: &VmmArgs) -> i32 {
             });
         if let Err(e) = spawned {
             eprintln!("hive-box vmm: spawn signal thread: {e}");
+            return EXIT_SETUP;
+        }
+        if started_rx.recv().is_err() {
+            eprintln!("hive-box vmm: signal thread ended before it started waiting");
             return EXIT_SETUP;
         }
     }

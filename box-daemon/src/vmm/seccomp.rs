@@ -115,6 +115,12 @@ pub fn program() -> Result<BpfProgram, Error> {
 }
 
 /// Installs the allow-list on every thread of this process (TSYNC), with no-new-privileges.
+///
+/// Every thread must have finished starting first: a thread still in its start-up (glibc's
+/// `rseq` and `set_robust_list` registration, its signal mask; std's thread name and alternate
+/// signal stack) would make syscalls the list does not allow, and the whole process would be
+/// killed with SIGSYS, only on the runs where that thread was scheduled late. The builder gates
+/// its own threads; `hive-box vmm` waits for its signal thread.
 pub fn install() -> Result<(), Error> {
     let prog = program()?;
     seccompiler::apply_filter_all_threads(&prog).map_err(Error::Install)

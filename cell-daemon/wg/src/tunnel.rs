@@ -732,10 +732,21 @@ impl Device {
             .await
             .map_err(self.netlink_err(format!("set MTU {} and bring up", spec.mtu)))?;
         for addr in &spec.addresses {
-            self.nl
+            let mut req = self
+                .nl
                 .address()
-                .add(self.index, addr.addr(), addr.prefix_len())
-                .execute()
+                .add(self.index, addr.addr(), addr.prefix_len());
+            // A tunnel has one peer per address and no link layer: duplicate address
+            // detection would only leave a fresh IPv6 address "tentative" (unbindable) for a
+            // second or so after `up` returns.
+            use rtnetlink::packet_route::address::{
+                AddressAttribute, AddressFlags, AddressHeaderFlags,
+            };
+            let msg = req.message_mut();
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            req.execute()
                 .await
                 .map_err(self.netlink_err(format!("add address {addr}")))?;
         }

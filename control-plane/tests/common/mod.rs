@@ -35,9 +35,17 @@ impl TestDb {
         }
     }
 
-    /// A fresh database on the server in `HIVE_TEST_POSTGRES_URL`, or None (after saying so).
+    /// A fresh database on the server in `HIVE_TEST_POSTGRES_URL`, or None (after saying so);
+    /// under `CI=true` a missing `HIVE_TEST_POSTGRES_URL` panics instead.
     pub async fn postgres(test: &str) -> Option<TestDb> {
         let Ok(admin) = std::env::var("HIVE_TEST_POSTGRES_URL") else {
+            // CI must test both stores: there a missing server is a failure, not a skip.
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!(
+                    "{test}: HIVE_TEST_POSTGRES_URL is not set, and CI=true requires the \
+                     PostgreSQL tests (deploy/postgres/setup-test-db.sh sets it up)"
+                );
+            }
             eprintln!("SKIPPED: HIVE_TEST_POSTGRES_URL not set ({test} needs a PostgreSQL server)");
             return None;
         };

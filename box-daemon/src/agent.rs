@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use hive_proto::v1::box_agent_client::BoxAgentClient;
 use hive_proto::v1::{
     box_message, control_message, Assignment, BoxMessage, BuildState, BuildUpdate, BuildUpdateKind,
-    CellCancelRequest, CellEventKind, CellEventsRequest, CellInfo, Heartbeat, LogChunk, Register,
-    RunBuildRequest,
+    CellCancelRequest, CellEventKind, CellEventsRequest, CellInfo, Heartbeat, KeyExchangeReply,
+    KeyExchangeRequest, LogChunk, PrepareTunnelRequest, Register, RunBuildRequest, TunnelConfig,
 };
 use tokio::sync::{watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -152,7 +152,13 @@ pub struct Agent<B: CellBackend> {
     /// Assignment received -> first build output line received from the cell, ms (the box's
     /// dispatch overhead plus the cell's start of the build; bounded sample for /healthz).
     dispatch_ms: Mutex<Vec<f64>>,
+    /// Key exchanges waiting for the control plane's reply, by (build, lease).
+    key_exchanges: Mutex<HashMap<(String, String), tokio::sync::oneshot::Sender<KeyExchangeReply>>>,
 }
+
+/// How long a private-network build waits for the key exchange (its connector applies the
+/// peer first, up to 5 s).
+const KEY_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Most dispatch samples kept.
 const DISPATCH_SAMPLES: usize = 10_000;
@@ -186,6 +192,7 @@ impl<B: CellBackend> Agent<B> {
             draining: AtomicBool::new(false),
             heartbeat_ms: Mutex::new(heartbeat_ms),
             dispatch_ms: Mutex::new(Vec::new()),
+            key_exchanges: Mutex::new(HashMap::new()),
         })
     }
 
@@ -448,6 +455,21 @@ impl<B: CellBackend> Agent<B> {
                 tracing::info!("drain requested: finishing running builds, taking no new ones");
                 self.draining.store(true, Ordering::SeqCst);
             }
+            Some(control_message::Msg::KeyExchange(r)) => {
+                let waiter = self
+                    .key_exchanges
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(r.build_id.clone(), r.lease_id.clone()));
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(r);
+                    }
+                    None => {
+                        tracing::debug!(build = %r.build_id, "key exchange reply nobody waits for")
+                    }
+                }
+            }
             Some(control_message::Msg::Registered(_)) | None => {}
         }
     }
@@ -548,6 +570,82 @@ impl<B: CellBackend> Agent<B> {
         self.pool.release(cell).await;
     }
 
+    /// Private-network builds: the cell makes its key pair and hands over the public key, which
+    /// goes to the control plane's key exchange; its reply (connector, addresses) becomes the
+    /// RunBuild tunnel. Only public keys and addresses pass through the box.
+    async fn key_exchange(
+        self: &Arc<Self>,
+        client: &mut hive_proto::v1::cell_agent_client::CellAgentClient<tonic::transport::Channel>,
+        cell: &Cell,
+        a: &Assignment,
+    ) -> Result<TunnelConfig, String> {
+        let net = &a.private_network;
+        let prepared = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.prepare_tunnel(PrepareTunnelRequest {
+                build_id: a.build_id.clone(),
+            }),
+        )
+        .await;
+        let public_key = match prepared {
+            Ok(Ok(r)) => r.into_inner().public_key,
+            Ok(Err(s)) => {
+                return Err(format!(
+                    "private network {net}: cell PrepareTunnel: {}",
+                    s.message()
+                ))
+            }
+            Err(_) => {
+                return Err(format!(
+                    "private network {net}: cell did not answer PrepareTunnel within 10s"
+                ))
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let key = (a.build_id.clone(), a.lease_id.clone());
+        self.key_exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), tx);
+        self.send(box_message::Msg::KeyExchange(KeyExchangeRequest {
+            build_id: a.build_id.clone(),
+            lease_id: a.lease_id.clone(),
+            cell_id: cell.id.clone(),
+            cell_public_key: public_key,
+        }));
+        let reply = tokio::time::timeout(KEY_EXCHANGE_TIMEOUT, rx).await;
+        self.key_exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let r = match reply {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err(format!("private network {net}: key exchange abandoned")),
+            Err(_) => {
+                return Err(format!(
+                "private network {net}: no key exchange reply from the control plane within {}s",
+                KEY_EXCHANGE_TIMEOUT.as_secs()
+            ))
+            }
+        };
+        if !r.error.is_empty() {
+            return Err(format!("private network {net}: key exchange: {}", r.error));
+        }
+        Ok(TunnelConfig {
+            connector_public_key: r.connector_public_key,
+            connector_endpoint: r.connector_endpoint,
+            tunnel_address: r.tunnel_address,
+            allowed_prefixes: r.allowed_prefixes,
+            persistent_keepalive_secs: r.persistent_keepalive_secs,
+            handshake_timeout_secs: r.handshake_timeout_secs,
+            network: if r.network.is_empty() {
+                net.clone()
+            } else {
+                r.network
+            },
+        })
+    }
+
     /// Starts the build in the cell and relays its events until it ends.
     async fn relay(
         self: &Arc<Self>,
@@ -562,6 +660,17 @@ impl<B: CellBackend> Agent<B> {
             message,
         };
         let mut client = cell.client();
+        let tunnel = if a.private_network.is_empty() {
+            None
+        } else {
+            match self.key_exchange(&mut client, cell, a).await {
+                Ok(t) => Some(t),
+                Err(message) => {
+                    tracing::warn!(build = %a.build_id, %message, "private network set-up failed");
+                    return failed(message);
+                }
+            }
+        };
         let req = RunBuildRequest {
             build_id: a.build_id.clone(),
             repo_url: a.repo_url.clone(),
@@ -570,6 +679,7 @@ impl<B: CellBackend> Agent<B> {
             steps: a.steps.clone(),
             env: a.env.clone(),
             timeout_secs: a.timeout_secs,
+            tunnel,
         };
         match tokio::time::timeout(Duration::from_secs(10), client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {

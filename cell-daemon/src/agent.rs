@@ -12,7 +12,8 @@ use crate::source::Source;
 use hive_proto::v1::cell_agent_server::CellAgent;
 use hive_proto::v1::{
     BuildState, CellCancelReply, CellCancelRequest, CellEvent, CellEventsRequest, CellHealthReply,
-    CellHealthRequest, RunBuildReply, RunBuildRequest, ShutdownReply, ShutdownRequest,
+    CellHealthRequest, PrepareTunnelReply, PrepareTunnelRequest, RunBuildReply, RunBuildRequest,
+    ShutdownReply, ShutdownRequest,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +40,10 @@ struct Shared {
     prepared: Mutex<Option<Prepared>>,
     /// How far that set-up got (None: no prewarm, the build makes its container).
     prep_status: Option<watch::Receiver<PrepStatus>>,
+    /// The key pair PrepareTunnel made (build id, keys), until RunBuild takes it. Memory only.
+    tunnel_keys: Mutex<Option<(String, hive_wg::KeyPair)>>,
+    /// PrepareTunnel was called once: a cell makes one key pair, ever.
+    tunnel_prepared: std::sync::atomic::AtomicBool,
 }
 
 struct Current {
@@ -66,6 +71,8 @@ impl Agent {
                 shutdown: watch::channel(false).0,
                 prepared: Mutex::new(prepared),
                 prep_status,
+                tunnel_keys: Mutex::new(None),
+                tunnel_prepared: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -245,7 +252,40 @@ impl CellAgent for Agent {
         if *self.shared.shutdown.borrow() {
             return Err(Status::unavailable("the cell is shutting down"));
         }
-        let spec = build_spec(req.into_inner(), &self.shared.cfg)?;
+        let mut req = req.into_inner();
+        let tunnel_cfg = req.tunnel.take();
+        let spec = build_spec(req, &self.shared.cfg)?;
+        let tunnel = match tunnel_cfg {
+            None => None,
+            Some(t) => {
+                let keys = {
+                    let mut k = self
+                        .shared
+                        .tunnel_keys
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    match k.take() {
+                        Some((id, keys)) if id == spec.id => keys,
+                        Some(other) => {
+                            *k = Some(other);
+                            return Err(Status::failed_precondition(format!(
+                                "the tunnel key pair was made for another build than {:?}",
+                                spec.id
+                            )));
+                        }
+                        None => {
+                            return Err(Status::failed_precondition(
+                                "RunBuild with a tunnel needs PrepareTunnel first",
+                            ))
+                        }
+                    }
+                };
+                Some(
+                    crate::privnet::Plan::new(t, keys)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                )
+            }
+        };
         let log = Arc::new(EventLog::new(self.shared.cfg.max_log_bytes));
         let (cancel_tx, cancel_rx) = watch::channel(None);
         {
@@ -276,6 +316,7 @@ impl CellAgent for Agent {
             log,
             cancel_rx,
             prepared,
+            tunnel,
         ));
         Ok(Response::new(RunBuildReply { accepted: true }))
     }
@@ -331,6 +372,39 @@ impl CellAgent for Agent {
             });
         }
         Ok(Response::new(CellCancelReply {}))
+    }
+
+    async fn prepare_tunnel(
+        &self,
+        req: Request<PrepareTunnelRequest>,
+    ) -> Result<Response<PrepareTunnelReply>, Status> {
+        let build_id = req.into_inner().build_id;
+        if build_id.is_empty() {
+            return Err(Status::invalid_argument("build_id is empty"));
+        }
+        if self.current().is_some() {
+            return Err(Status::failed_precondition(
+                "this cell already runs its build; PrepareTunnel comes before RunBuild",
+            ));
+        }
+        if self
+            .shared
+            .tunnel_prepared
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(Status::failed_precondition(
+                "this cell already made its one tunnel key pair",
+            ));
+        }
+        let keys = hive_wg::KeyPair::generate();
+        let public_key = keys.public().to_base64();
+        *self
+            .shared
+            .tunnel_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((build_id.clone(), keys));
+        tracing::info!(build = %build_id, %public_key, "tunnel key pair made (memory only)");
+        Ok(Response::new(PrepareTunnelReply { public_key }))
     }
 
     async fn shutdown(

@@ -97,9 +97,11 @@ pub async fn run(
     log: Arc<EventLog>,
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
+    tunnel: Option<crate::privnet::Plan>,
 ) {
     let started = Instant::now();
-    let (state, code, message) = run_inner(&cfg, reaper, &spec, &log, cancel, prepared).await;
+    let (state, code, message) =
+        run_inner(&cfg, reaper, &spec, &log, cancel, prepared, tunnel).await;
     tracing::info!(
         build = %spec.id,
         state = state.short_name(),
@@ -117,6 +119,7 @@ async fn run_inner(
     log: &EventLog,
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
+    tunnel: Option<crate::privnet::Plan>,
 ) -> (BuildState, i32, String) {
     log.system(
         0,
@@ -138,6 +141,43 @@ async fn run_inner(
             return (BuildState::Failed, -1, msg);
         }
     };
+    // The private network comes up before the clone: the repository may live there.
+    let tunnel = match tunnel {
+        None => None,
+        Some(plan) => {
+            let net = plan.network.clone();
+            log.system(
+                0,
+                format!(
+                    "hive: private network {net}: tunnel {} -> {} ({})",
+                    plan.address,
+                    plan.endpoint_text,
+                    plan.keys.public()
+                ),
+            );
+            let netns = container.netns_path();
+            let up = tokio::task::spawn_blocking(move || plan.bring_up(netns))
+                .await
+                .unwrap_or_else(|e| Err(format!("private network {net}: tunnel task: {e}")));
+            match up {
+                Ok((t, took)) => {
+                    log.system(
+                        0,
+                        format!(
+                            "hive: private network {net}: tunnel up, first handshake after {} ms",
+                            took.as_millis()
+                        ),
+                    );
+                    Some(t)
+                }
+                Err(msg) => {
+                    log.system(0, format!("hive: {msg}"));
+                    container.destroy().await;
+                    return (BuildState::Failed, -1, msg);
+                }
+            }
+        }
+    };
     let mut runner = Runner {
         cfg,
         reaper,
@@ -148,6 +188,14 @@ async fn run_inner(
         deadline: Instant::now() + spec.timeout,
     };
     let result = runner.steps().await;
+    if let Some(t) = tunnel {
+        // Removes the interface and wipes the private key; the control plane revokes the peer.
+        match tokio::task::spawn_blocking(move || t.down()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "tunnel down failed"),
+            Err(e) => tracing::warn!(error = %e, "tunnel down task failed"),
+        }
+    }
     container.destroy().await;
     result
 }

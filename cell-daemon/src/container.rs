@@ -244,6 +244,18 @@ impl Container {
         Ok(container)
     }
 
+    /// The container's network namespace (`/proc/<init>/ns/net`), or `None` when it shares the
+    /// cell's (`NetMode::Cell`).
+    pub fn netns_path(&self) -> Option<PathBuf> {
+        match self.spec.net {
+            NetMode::Isolated => Some(PathBuf::from(format!(
+                "/proc/{}/ns/net",
+                self.init_pid.as_raw()
+            ))),
+            NetMode::Cell => None,
+        }
+    }
+
     /// Root of the container's filesystem as the daemon sees it.
     pub fn rootfs(&self) -> &Path {
         &self.rootfs

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::boxes::CORDONED;
 use crate::events::Event;
+use crate::network::{self, NetworkError, NetworkRow};
 use crate::scheduler;
 use crate::server::Hive;
 use crate::sizeclass::DEFAULT_CLASS;
@@ -37,6 +38,29 @@ fn store_err(e: StoreError) -> Status {
             Status::already_exists(format!("project {name:?} already exists"))
         }
         other => Status::internal(other.to_string()),
+    }
+}
+
+fn net_err(e: NetworkError) -> Status {
+    match e {
+        NetworkError::Store(e) => store_err(e),
+        NetworkError::Exists(_) | NetworkError::ConnectorExists(_) => {
+            Status::already_exists(e.to_string())
+        }
+        NetworkError::NotFound(_) => Status::not_found(e.to_string()),
+        NetworkError::InUse { .. } | NetworkError::PoolExhausted { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn network_to_proto(n: &NetworkRow) -> pb::PrivateNetwork {
+    pb::PrivateNetwork {
+        name: n.name.clone(),
+        prefixes: n.prefixes.clone(),
+        tunnel_subnet: n.tunnel_subnet.clone(),
+        created_at_ms: n.created_at_ms,
     }
 }
 
@@ -195,6 +219,27 @@ impl ControlPlaneService {
         Ok(build_to_proto(&b, &t))
     }
 
+    async fn connector_info(
+        &self,
+        r: &crate::network::ConnectorRow,
+    ) -> Result<pb::ConnectorInfo, Status> {
+        let active = self
+            .hive
+            .store
+            .list_tunnel_leases(&r.network, "", true)
+            .await
+            .map_err(net_err)?;
+        Ok(pb::ConnectorInfo {
+            id: r.id.clone(),
+            network: r.network.clone(),
+            public_key: r.public_key.clone(),
+            endpoint: r.endpoint.clone(),
+            created_at_ms: r.created_at_ms,
+            connected: self.hive.keyexchange.is_connected(&r.id),
+            active_peers: active.len() as u32,
+        })
+    }
+
     async fn box_info(&self, box_id: &str) -> Result<pb::BoxInfo, Status> {
         let row = self
             .hive
@@ -234,6 +279,20 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         request: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
         let new = validate_project(request.into_inner(), &self.hive.classes)?;
+        if !new.private_network.is_empty() {
+            let net = self
+                .hive
+                .store
+                .get_network(&new.private_network)
+                .await
+                .map_err(net_err)?;
+            if net.is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "private network {:?} does not exist (create it with `hivectl network add`)",
+                    new.private_network
+                )));
+            }
+        }
         let row = self
             .hive
             .store
@@ -610,6 +669,149 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
     ) -> Result<Response<pb::ListSizeClassesReply>, Status> {
         Ok(Response::new(pb::ListSizeClassesReply {
             classes: self.hive.classes.all(),
+        }))
+    }
+
+    async fn create_network(
+        &self,
+        request: Request<pb::CreateNetworkRequest>,
+    ) -> Result<Response<pb::PrivateNetwork>, Status> {
+        let req = request.into_inner();
+        let name = req.name.trim();
+        network::validate_name(name).map_err(net_err)?;
+        let prefixes = network::validate_prefixes(&req.prefixes).map_err(net_err)?;
+        let subnet =
+            network::validate_tunnel_subnet(&req.tunnel_subnet, &prefixes).map_err(net_err)?;
+        let row = self
+            .hive
+            .store
+            .create_network(name, &prefixes, &subnet)
+            .await
+            .map_err(net_err)?;
+        tracing::info!(network = %row.name, prefixes = ?row.prefixes, tunnel_subnet = %row.tunnel_subnet, "private network created");
+        Ok(Response::new(network_to_proto(&row)))
+    }
+
+    async fn list_networks(
+        &self,
+        _request: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksReply>, Status> {
+        let rows = self.hive.store.list_networks().await.map_err(net_err)?;
+        Ok(Response::new(pb::ListNetworksReply {
+            networks: rows.iter().map(network_to_proto).collect(),
+        }))
+    }
+
+    async fn delete_network(
+        &self,
+        request: Request<pb::DeleteNetworkRequest>,
+    ) -> Result<Response<pb::DeleteNetworkReply>, Status> {
+        let name = request.into_inner().name;
+        let connectors = self
+            .hive
+            .store
+            .list_connectors(Some(&name))
+            .await
+            .map_err(net_err)?;
+        self.hive
+            .store
+            .delete_network(&name)
+            .await
+            .map_err(net_err)?;
+        for c in connectors {
+            self.hive.keyexchange.kick(&c.id);
+        }
+        tracing::info!(network = %name, "private network deleted");
+        Ok(Response::new(pb::DeleteNetworkReply {}))
+    }
+
+    async fn add_connector(
+        &self,
+        request: Request<pb::AddConnectorRequest>,
+    ) -> Result<Response<pb::AddConnectorReply>, Status> {
+        let req = request.into_inner();
+        let endpoint = network::validate_endpoint(&req.endpoint).map_err(net_err)?;
+        let key = network::validate_public_key(&req.public_key).map_err(net_err)?;
+        let token = network::new_token();
+        let row = self
+            .hive
+            .store
+            .add_connector(
+                req.network.trim(),
+                &key,
+                &endpoint,
+                &network::token_hash(&token),
+            )
+            .await
+            .map_err(net_err)?;
+        tracing::info!(network = %row.network, connector_id = %row.id, public_key = %row.public_key, endpoint = %row.endpoint, "connector added");
+        let info = self.connector_info(&row).await?;
+        Ok(Response::new(pb::AddConnectorReply {
+            connector: Some(info),
+            token,
+        }))
+    }
+
+    async fn list_connectors(
+        &self,
+        request: Request<pb::ListConnectorsRequest>,
+    ) -> Result<Response<pb::ListConnectorsReply>, Status> {
+        let network = request.into_inner().network;
+        let rows = self
+            .hive
+            .store
+            .list_connectors((!network.is_empty()).then_some(network.as_str()))
+            .await
+            .map_err(net_err)?;
+        let mut connectors = Vec::with_capacity(rows.len());
+        for r in &rows {
+            connectors.push(self.connector_info(r).await?);
+        }
+        Ok(Response::new(pb::ListConnectorsReply { connectors }))
+    }
+
+    async fn remove_connector(
+        &self,
+        request: Request<pb::RemoveConnectorRequest>,
+    ) -> Result<Response<pb::RemoveConnectorReply>, Status> {
+        let which = request.into_inner().connector;
+        let row = self
+            .hive
+            .store
+            .remove_connector(which.trim())
+            .await
+            .map_err(net_err)?
+            .ok_or_else(|| Status::not_found(format!("connector {which:?} not found")))?;
+        self.hive.keyexchange.kick(&row.id);
+        tracing::info!(network = %row.network, connector_id = %row.id, "connector removed");
+        Ok(Response::new(pb::RemoveConnectorReply {}))
+    }
+
+    async fn list_tunnel_leases(
+        &self,
+        request: Request<pb::ListTunnelLeasesRequest>,
+    ) -> Result<Response<pb::ListTunnelLeasesReply>, Status> {
+        let req = request.into_inner();
+        let rows = self
+            .hive
+            .store
+            .list_tunnel_leases(&req.network, &req.build_id, false)
+            .await
+            .map_err(net_err)?;
+        Ok(Response::new(pb::ListTunnelLeasesReply {
+            leases: rows
+                .into_iter()
+                .map(|l| pb::TunnelLease {
+                    build_id: l.build_id,
+                    network: l.network,
+                    public_key: l.public_key,
+                    tunnel_address: l.tunnel_address,
+                    state: l.state,
+                    issued_at_ms: l.issued_at_ms,
+                    revoked_at_ms: l.revoked_at_ms,
+                    lease_id: l.lease_id,
+                })
+                .collect(),
         }))
     }
 }

@@ -640,6 +640,28 @@ impl Session {
                     self.acks.stored(seq);
                     self.ack().await?;
                 }
+                Some(BoxMsg::KeyExchange(req)) => {
+                    // Acked on receipt (the box's acks are contiguous; a lost request just
+                    // times out on the box and fails that build).
+                    self.acks.stored(seq);
+                    self.ack().await?;
+                    // Answered from its own task: it waits on the connector, and the session
+                    // must keep reading heartbeats meanwhile.
+                    let hive = self.hive.clone();
+                    let box_id = self.box_id.clone();
+                    tokio::spawn(async move {
+                        let reply = crate::keyexchange::exchange(&hive, &box_id, &req).await;
+                        if !hive
+                            .registry
+                            .send(&box_id, CtlMsg::KeyExchange(reply))
+                            .await
+                        {
+                            tracing::info!(box_id, build_id = %req.build_id,
+                                "box gone before its key exchange reply");
+                            hive.keyexchange.revoke_now.notify_one();
+                        }
+                    });
+                }
                 Some(BoxMsg::Register(_)) => {
                     tracing::warn!(box_id = %self.box_id, "second Register on one session ignored");
                 }

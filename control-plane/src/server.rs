@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hive_proto::v1::box_agent_server::BoxAgentServer;
+use hive_proto::v1::connector_server::ConnectorServer;
 use hive_proto::v1::control_plane_server::ControlPlaneServer;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -16,6 +17,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::ControlPlaneService;
 use crate::boxes::{BoxAgentService, Registry};
+use crate::connector::ConnectorService;
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::scheduler::{self, Policy};
@@ -121,6 +123,8 @@ pub struct Hive {
     pub classes: SizeClasses,
     pub events: Events,
     pub registry: Registry,
+    /// Connector sessions and key exchanges in flight (issue 5).
+    pub keyexchange: crate::keyexchange::KeyExchange,
     pub metrics: Metrics,
     /// Wakes the scheduler (new build, box change).
     pub wake: Notify,
@@ -227,6 +231,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         classes: config.size_classes.clone(),
         events: Events::new(),
         registry: Registry::default(),
+        keyexchange: Default::default(),
         metrics: Metrics::default(),
         wake: Notify::new(),
         lease: config.lease,
@@ -251,11 +256,13 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     let mut stop = shutdown_rx.clone();
     let api = ControlPlaneService { hive: hive.clone() };
     let agent = BoxAgentService { hive: hive.clone() };
+    let connector = ConnectorService { hive: hive.clone() };
     let grpc_task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(ControlPlaneServer::new(api))
             .add_service(BoxAgentServer::new(agent))
+            .add_service(ConnectorServer::new(connector))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
@@ -266,6 +273,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     });
 
     let scheduler_task = tokio::spawn(scheduler::run(hive.clone(), config.tick));
+    // Ends on the shutdown flag, like the scheduler.
+    tokio::spawn(crate::keyexchange::run_revoker(hive.clone()));
     tracing::info!(%http_addr, %grpc_addr, lease_ms = config.lease.as_millis() as u64,
         placement = ?config.placement, "control plane listening");
     Ok(Handle {

@@ -56,7 +56,7 @@ pub enum StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+pub(crate) fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { op, source }
 }
 
@@ -353,6 +353,16 @@ impl Store {
 
     pub fn kind(&self) -> DbKind {
         self.kind
+    }
+
+    /// The pool, for the other modules that own tables (`network`).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Starts a transaction (for the other modules that own tables).
+    pub(crate) async fn begin_tx(&self) -> Result<Transaction<'static, Any>> {
+        self.begin().await
     }
 
     /// Waits for in-flight queries and closes every connection.
@@ -1351,7 +1361,7 @@ async fn insert_log_tx(
     Ok(())
 }
 
-fn get<T>(row: &AnyRow, col: &str) -> Result<T>
+pub(crate) fn get<T>(row: &AnyRow, col: &str) -> Result<T>
 where
     T: for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any>,
 {

@@ -95,6 +95,14 @@ impl KeyPair {
         Self { secret, public }
     }
 
+    /// A key pair from stored private key bytes (the connector's long-lived key file). The
+    /// caller's buffer wipes itself; the copy kept here is wiped on drop.
+    pub fn from_secret_bytes(secret: &Zeroizing<[u8; 32]>) -> Self {
+        let secret = StaticSecret::from(**secret);
+        let public = PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes());
+        Self { secret, public }
+    }
+
     /// The public half: safe to send anywhere.
     pub fn public(&self) -> PublicKey {
         self.public
@@ -124,6 +132,13 @@ impl fmt::Debug for KeyPair {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_secret_bytes_gives_the_same_public_key() {
+        let kp = KeyPair::generate();
+        let again = KeyPair::from_secret_bytes(&kp.secret_bytes());
+        assert_eq!(again.public(), kp.public());
+    }
 
     #[test]
     fn public_key_round_trips_through_base64() {

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use hive_proto::v1 as pb;
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{
     BoxActionRequest, Build, BuildState, CancelBuildRequest, CreateProjectRequest,
@@ -145,6 +146,60 @@ enum Command {
     BoxCmd(BoxCommand),
     /// List size classes (cell shapes).
     Classes,
+    /// Private networks builds can join (add, list, rm).
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Connectors that front private networks (add, list, rm).
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCommand {
+    /// Create a private network: the prefixes its builds reach through its connector.
+    Add {
+        /// Network name (unique).
+        name: String,
+        /// A prefix behind the connector, e.g. 10.20.0.0/16 (repeatable, at least one).
+        #[arg(long = "prefix", value_name = "CIDR", required = true)]
+        prefixes: Vec<String>,
+        /// Tunnel addresses for cells and the connector (default 10.250.0.0/24).
+        #[arg(long, value_name = "CIDR")]
+        tunnel_subnet: Option<String>,
+    },
+    /// List private networks.
+    List,
+    /// Delete a private network and its connectors (refused while a project uses it).
+    Rm {
+        /// Network name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConnectorCommand {
+    /// Register a connector; prints its token once (give it to hive-connector --token).
+    Add {
+        /// Network the connector fronts.
+        network: String,
+        /// HOST:PORT cells send WireGuard packets to.
+        #[arg(long)]
+        endpoint: String,
+        /// The connector's public key (hive-connector --print-public-key).
+        #[arg(long)]
+        public_key: String,
+    },
+    /// List connectors.
+    List {
+        /// Only the connectors of this network.
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Remove a connector (by id or public key); its session ends.
+    Rm {
+        /// Connector id or public key.
+        connector: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +260,27 @@ enum BoxCommand {
         /// Box id.
         id: String,
     },
+}
+
+fn network_json(n: &pb::PrivateNetwork) -> serde_json::Value {
+    serde_json::json!({
+        "name": n.name,
+        "prefixes": n.prefixes,
+        "tunnel_subnet": n.tunnel_subnet,
+        "created_at_ms": n.created_at_ms,
+    })
+}
+
+fn connector_json(c: &pb::ConnectorInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": c.id,
+        "network": c.network,
+        "public_key": c.public_key,
+        "endpoint": c.endpoint,
+        "connected": c.connected,
+        "active_peers": c.active_peers,
+        "created_at_ms": c.created_at_ms,
+    })
 }
 
 fn parse_state(s: &str) -> Result<BuildState, String> {
@@ -585,6 +661,141 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 ctl.out_json(&render::project_json(&p))
             } else {
                 ctl.out(&render::project_text(&p, now))
+            }
+        }
+        Command::Network(NetworkCommand::Add {
+            name,
+            prefixes,
+            tunnel_subnet,
+        }) => {
+            let n = ctl
+                .client
+                .create_network(pb::CreateNetworkRequest {
+                    name: name.clone(),
+                    prefixes,
+                    tunnel_subnet: tunnel_subnet.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| ctl.status(format!("add network {name:?}"), s))?
+                .into_inner();
+            if ctl.json {
+                ctl.out_json(&network_json(&n))
+            } else {
+                ctl.out(&format!(
+                    "network {} added: prefixes {}, tunnel subnet {}\n",
+                    n.name,
+                    n.prefixes.join(", "),
+                    n.tunnel_subnet
+                ))
+            }
+        }
+        Command::Network(NetworkCommand::List) => {
+            let ns = ctl
+                .client
+                .list_networks(pb::ListNetworksRequest {})
+                .await
+                .map_err(|s| ctl.status("list networks", s))?
+                .into_inner()
+                .networks;
+            if ctl.json {
+                ctl.out_json(&serde_json::Value::Array(
+                    ns.iter().map(network_json).collect(),
+                ))
+            } else {
+                let mut out = format!("{:<20} {:<18} {}\n", "NAME", "TUNNEL SUBNET", "PREFIXES");
+                for n in &ns {
+                    out.push_str(&format!(
+                        "{:<20} {:<18} {}\n",
+                        n.name,
+                        n.tunnel_subnet,
+                        n.prefixes.join(",")
+                    ));
+                }
+                ctl.out(&out)
+            }
+        }
+        Command::Network(NetworkCommand::Rm { name }) => {
+            ctl.client
+                .delete_network(pb::DeleteNetworkRequest { name: name.clone() })
+                .await
+                .map_err(|s| ctl.status(format!("delete network {name:?}"), s))?;
+            if ctl.json {
+                ctl.out_json(&serde_json::json!({ "deleted": name }))
+            } else {
+                ctl.out(&format!("network {name} deleted\n"))
+            }
+        }
+        Command::Connector(ConnectorCommand::Add {
+            network,
+            endpoint,
+            public_key,
+        }) => {
+            let r = ctl
+                .client
+                .add_connector(pb::AddConnectorRequest {
+                    network: network.clone(),
+                    endpoint,
+                    public_key,
+                })
+                .await
+                .map_err(|s| ctl.status(format!("add connector to network {network:?}"), s))?
+                .into_inner();
+            let c = r.connector.unwrap_or_default();
+            if ctl.json {
+                let mut v = connector_json(&c);
+                v["token"] = serde_json::Value::String(r.token);
+                ctl.out_json(&v)
+            } else {
+                ctl.out(&format!(
+                    "connector {} added to network {}\ntoken (shown only now): {}\n",
+                    c.id, c.network, r.token
+                ))
+            }
+        }
+        Command::Connector(ConnectorCommand::List { network }) => {
+            let cs = ctl
+                .client
+                .list_connectors(pb::ListConnectorsRequest {
+                    network: network.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| ctl.status("list connectors", s))?
+                .into_inner()
+                .connectors;
+            if ctl.json {
+                ctl.out_json(&serde_json::Value::Array(
+                    cs.iter().map(connector_json).collect(),
+                ))
+            } else {
+                let mut out = format!(
+                    "{:<37} {:<14} {:<22} {:<10} {:<6} {}\n",
+                    "ID", "NETWORK", "ENDPOINT", "CONNECTED", "PEERS", "PUBLIC KEY"
+                );
+                for c in &cs {
+                    out.push_str(&format!(
+                        "{:<37} {:<14} {:<22} {:<10} {:<6} {}\n",
+                        c.id,
+                        c.network,
+                        c.endpoint,
+                        if c.connected { "yes" } else { "no" },
+                        c.active_peers,
+                        c.public_key
+                    ));
+                }
+                ctl.out(&out)
+            }
+        }
+        Command::Connector(ConnectorCommand::Rm { connector }) => {
+            ctl.client
+                .remove_connector(pb::RemoveConnectorRequest {
+                    connector: connector.clone(),
+                })
+                .await
+                .map_err(|s| ctl.status(format!("remove connector {connector:?}"), s))?;
+            if ctl.json {
+                ctl.out_json(&serde_json::json!({ "removed": connector }))
+            } else {
+                ctl.out(&format!("connector {connector} removed\n"))
             }
         }
         Command::Projects => {

@@ -1,0 +1,194 @@
+//! The build's private-network tunnel (issue 5): the key pair made at `PrepareTunnel` (memory
+//! only, one per cell), the plan RunBuild's `TunnelConfig` turns into, and bringing it up in the
+//! build container's network namespace before the clone. The WireGuard interface lives in the
+//! container's netns, its UDP socket stays in the cell's (the build sees only `hwg0` and cannot
+//! reach the connector except through the tunnel); `down()` wipes the key when the build ends.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::TunnelConfig;
+use hive_wg::{KeyPair, PeerSpec, Prefix, PublicKey, Tunnel, TunnelSpec};
+
+/// The tunnel interface inside the build container.
+pub const IFACE: &str = "hwg0";
+/// Handshake wait when the control plane gives none.
+const DEFAULT_HANDSHAKE_SECS: u32 = 10;
+
+/// A tunnel config that does not make sense; the message names the field and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("tunnel.connector_public_key {input:?}: {reason}")]
+    ConnectorKey { input: String, reason: String },
+    #[error("tunnel.connector_endpoint {0:?} does not resolve to HOST:PORT")]
+    Endpoint(String),
+    #[error("tunnel.tunnel_address {input:?}: {reason}")]
+    Address { input: String, reason: String },
+    #[error("tunnel.allowed_prefixes {input:?}: {reason}")]
+    Prefix { input: String, reason: String },
+}
+
+/// Everything needed to bring the tunnel up, checked.
+#[derive(Debug)]
+pub struct Plan {
+    pub network: String,
+    pub endpoint_text: String,
+    pub endpoint: SocketAddr,
+    pub connector: PublicKey,
+    pub address: Prefix,
+    pub allowed: Vec<Prefix>,
+    pub keepalive: Option<u16>,
+    pub handshake_timeout: Duration,
+    pub keys: KeyPair,
+}
+
+impl Plan {
+    /// Checks `cfg` and pairs it with the cell's key pair.
+    pub fn new(cfg: TunnelConfig, keys: KeyPair) -> Result<Plan, PlanError> {
+        let connector =
+            cfg.connector_public_key
+                .parse()
+                .map_err(|e: hive_wg::keys::KeyError| PlanError::ConnectorKey {
+                    input: cfg.connector_public_key.clone(),
+                    reason: e.to_string(),
+                })?;
+        let endpoint = cfg
+            .connector_endpoint
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| PlanError::Endpoint(cfg.connector_endpoint.clone()))?;
+        let address = cfg
+            .tunnel_address
+            .parse()
+            .map_err(|e: hive_wg::prefix::PrefixError| PlanError::Address {
+                input: cfg.tunnel_address.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut allowed = Vec::new();
+        for p in &cfg.allowed_prefixes {
+            let prefix: Prefix =
+                p.parse()
+                    .map_err(|e: hive_wg::prefix::PrefixError| PlanError::Prefix {
+                        input: p.clone(),
+                        reason: e.to_string(),
+                    })?;
+            if prefix.is_default() {
+                return Err(PlanError::Prefix {
+                    input: p.clone(),
+                    reason: "a /0 is not allowed".into(),
+                });
+            }
+            allowed.push(prefix);
+        }
+        if allowed.is_empty() {
+            return Err(PlanError::Prefix {
+                input: String::new(),
+                reason: "no prefixes".into(),
+            });
+        }
+        let secs = if cfg.handshake_timeout_secs == 0 {
+            DEFAULT_HANDSHAKE_SECS
+        } else {
+            cfg.handshake_timeout_secs.min(120)
+        };
+        Ok(Plan {
+            network: cfg.network,
+            endpoint_text: cfg.connector_endpoint,
+            endpoint,
+            connector,
+            address,
+            allowed,
+            keepalive: (cfg.persistent_keepalive_secs > 0)
+                .then(|| cfg.persistent_keepalive_secs.min(u32::from(u16::MAX)) as u16),
+            handshake_timeout: Duration::from_secs(u64::from(secs)),
+            keys,
+        })
+    }
+
+    /// Brings the tunnel up in `netns` (the container's; `None` = the cell's) and waits for the
+    /// first handshake. Blocking: call from `spawn_blocking`. The error text is the build's
+    /// failure message.
+    pub fn bring_up(self, netns: Option<PathBuf>) -> Result<(Tunnel, Duration), String> {
+        let t0 = Instant::now();
+        let mut spec = TunnelSpec::new(IFACE);
+        spec.underlay_netns = netns.as_ref().map(|_| PathBuf::from("/proc/self/ns/net"));
+        spec.netns = netns;
+        spec.addresses = vec![self.address];
+        spec.peers = vec![PeerSpec {
+            public_key: self.connector,
+            endpoint: Some(self.endpoint),
+            allowed_ips: self.allowed.clone(),
+            persistent_keepalive: self.keepalive,
+        }];
+        let net = self.network.clone();
+        let endpoint = self.endpoint_text.clone();
+        let tunnel = Tunnel::up(spec, self.keys)
+            .map_err(|e| format!("private network {net}: tunnel set-up failed: {e}"))?;
+        match tunnel.wait_handshake(self.handshake_timeout) {
+            Ok(_) => Ok((tunnel, t0.elapsed())),
+            Err(hive_wg::TunnelError::HandshakeTimeout { .. }) => {
+                let _ = tunnel.down();
+                Err(format!(
+                    "private network {net}: tunnel to {endpoint} not up within {} s",
+                    self.handshake_timeout.as_secs()
+                ))
+            }
+            Err(e) => {
+                let _ = tunnel.down();
+                Err(format!("private network {net}: tunnel to {endpoint}: {e}"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TunnelConfig {
+        TunnelConfig {
+            connector_public_key: KeyPair::generate().public().to_base64(),
+            connector_endpoint: "198.18.0.50:51820".into(),
+            tunnel_address: "10.250.0.2/24".into(),
+            allowed_prefixes: vec!["10.20.0.0/16".into(), "10.250.0.0/24".into()],
+            persistent_keepalive_secs: 25,
+            handshake_timeout_secs: 0,
+            network: "corp".into(),
+        }
+    }
+
+    #[test]
+    fn plans_are_checked() {
+        let p = Plan::new(cfg(), KeyPair::generate()).unwrap();
+        assert_eq!(p.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(p.keepalive, Some(25));
+        let bad = [
+            TunnelConfig {
+                connector_public_key: "nope".into(),
+                ..cfg()
+            },
+            TunnelConfig {
+                connector_endpoint: "198.18.0.50".into(),
+                ..cfg()
+            },
+            TunnelConfig {
+                tunnel_address: "10.250.0.2".into(),
+                ..cfg()
+            },
+            TunnelConfig {
+                allowed_prefixes: vec!["0.0.0.0/0".into()],
+                ..cfg()
+            },
+            TunnelConfig {
+                allowed_prefixes: vec![],
+                ..cfg()
+            },
+        ];
+        for c in bad {
+            let e = Plan::new(c, KeyPair::generate()).unwrap_err();
+            assert!(!e.to_string().is_empty());
+        }
+    }
+}

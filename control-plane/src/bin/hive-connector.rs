@@ -1,0 +1,535 @@
+//! `hive-connector`: the customer-side WireGuard peer of one Hive private network.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use clap::Parser;
+use hive_proto::v1::connector_client::ConnectorClient;
+use hive_proto::v1::connector_command::Cmd;
+use hive_proto::v1::connector_message::Msg;
+use hive_proto::v1::{AddPeer, ConnectorHello, ConnectorMessage, PeerApplied};
+use hive_wg::{KeyPair, PeerSpec, Prefix, PublicKey, Tunnel, TunnelSpec};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing_subscriber::EnvFilter;
+use zeroize::Zeroizing;
+
+/// The connector of a Hive private network.
+///
+/// Runs at the edge of a customer network. Holds the connector's long-lived WireGuard key (in
+/// --key-file, created 0600 if missing; the one secret of the system that is stored, and only
+/// here, on the customer's side), keeps a stream open to the control plane's key exchange, and
+/// adds or removes one WireGuard peer per running private-network build as it is told.
+///
+/// Setting up a connector:
+///   1. hive-connector --key-file /etc/hive/connector.key --print-public-key
+///   2. hivectl network add NET --prefix 10.20.0.0/16
+///      hivectl connector add NET --endpoint PUBLIC_HOST:51820 --public-key <key from 1>
+///      (prints the token, once)
+///   3. hive-connector --control-plane http://CP:50051 --network NET --token TOKEN \
+///      --key-file /etc/hive/connector.key --endpoint PUBLIC_HOST:51820
+///
+/// Forwarding: the connector turns on IPv4 forwarding in its namespace and routes between the
+/// tunnel and the private network without address translation, so builds are seen with their
+/// own tunnel address (10.250.0.x by default). The customer network must route the network's
+/// tunnel subnet back to this host (e.g. `ip route add 10.250.0.0/24 via <connector>`).
+/// Peers are only ever accepted from keys the key exchange pushed, each for its one /32.
+///
+/// Logs go to stderr (RUST_LOG / HIVE_LOG). SIGTERM or SIGINT removes the tunnel and exits.
+#[derive(Debug, Parser)]
+#[command(name = "hive-connector", version, verbatim_doc_comment)]
+struct Args {
+    /// The control plane's gRPC address.
+    #[arg(
+        long,
+        env = "HIVE_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    control_plane: String,
+
+    /// Name of the private network this connector fronts.
+    #[arg(long, env = "HIVE_CONNECTOR_NETWORK")]
+    network: Option<String>,
+
+    /// The token `hivectl connector add` printed.
+    #[arg(long, env = "HIVE_CONNECTOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// UDP port of the WireGuard interface.
+    #[arg(long, env = "HIVE_CONNECTOR_LISTEN_PORT", default_value_t = 51820)]
+    listen_port: u16,
+
+    /// The HOST:PORT cells reach this connector at (as registered with `connector add`).
+    #[arg(long, env = "HIVE_CONNECTOR_ENDPOINT")]
+    endpoint: Option<String>,
+
+    /// Network namespace for the tunnel (e.g. /run/netns/edge); default: this process's.
+    #[arg(long, env = "HIVE_CONNECTOR_NETNS")]
+    netns: Option<PathBuf>,
+
+    /// WireGuard interface name (unique on the host: it names the UAPI socket).
+    #[arg(long, env = "HIVE_CONNECTOR_IFACE", default_value = "hwgc0")]
+    iface: String,
+
+    /// File with the connector's private key (base64, like `wg genkey`); created 0600 if missing.
+    #[arg(long, env = "HIVE_CONNECTOR_KEY_FILE")]
+    key_file: PathBuf,
+
+    /// Print the public key of --key-file (creating it if missing) and exit.
+    #[arg(long)]
+    print_public_key: bool,
+
+    /// Serve GET /healthz (JSON: connected, peers with handshakes and bytes) here.
+    #[arg(long, env = "HIVE_CONNECTOR_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectorError {
+    #[error("--{0} is required (or its HIVE_CONNECTOR_* variable)")]
+    Missing(&'static str),
+    #[error("read key file {path}: {source}")]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("create key file {path}: {source}")]
+    WriteKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
+    KeyMode { path: PathBuf, mode: u32 },
+    #[error("key file {path} does not hold a base64 32-byte WireGuard private key")]
+    KeyFormat { path: PathBuf },
+    #[error("control plane {url}: {reason}")]
+    ControlPlane { url: String, reason: String },
+    #[error("tunnel: {0}")]
+    Tunnel(#[from] hive_wg::TunnelError),
+    #[error("bad peer from the key exchange: {0}")]
+    Peer(String),
+    #[error("enable IP forwarding: {0}")]
+    Forwarding(String),
+    #[error("health listener {addr}: {source}")]
+    Health {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Loads the key file, or creates it (0600) with a fresh key.
+fn load_or_create_key(path: &Path) -> Result<KeyPair, ConnectorError> {
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(ConnectorError::KeyMode {
+                    path: path.into(),
+                    mode,
+                });
+            }
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+                ConnectorError::ReadKey {
+                    path: path.into(),
+                    source,
+                }
+            })?);
+            let bytes = Zeroizing::new(
+                BASE64
+                    .decode(text.trim())
+                    .map_err(|_| ConnectorError::KeyFormat { path: path.into() })?,
+            );
+            let arr: Zeroizing<[u8; 32]> = Zeroizing::new(
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ConnectorError::KeyFormat { path: path.into() })?,
+            );
+            Ok(KeyPair::from_secret_bytes(&arr))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let keys = KeyPair::generate();
+            let text = Zeroizing::new(format!("{}\n", BASE64.encode(*keys.secret_bytes())));
+            let write_err = |source| ConnectorError::WriteKey {
+                path: path.into(),
+                source,
+            };
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(write_err)?;
+            f.write_all(text.as_bytes()).map_err(write_err)?;
+            f.sync_all().map_err(write_err)?;
+            tracing::info!(path = %path.display(), public_key = %keys.public(), "new connector key created");
+            Ok(keys)
+        }
+        Err(source) => Err(ConnectorError::ReadKey {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// The tunnel once the first `SyncPeers` told us our address.
+#[derive(Default)]
+struct State {
+    tunnel: Option<Tunnel>,
+    connected: bool,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, State> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn peer_spec(p: &AddPeer) -> Result<PeerSpec, ConnectorError> {
+    let public_key: PublicKey = p
+        .public_key
+        .parse()
+        .map_err(|e: hive_wg::keys::KeyError| ConnectorError::Peer(e.to_string()))?;
+    let addr: Prefix = p
+        .tunnel_address
+        .parse()
+        .map_err(|e: hive_wg::prefix::PrefixError| ConnectorError::Peer(e.to_string()))?;
+    Ok(PeerSpec {
+        public_key,
+        endpoint: None,
+        allowed_ips: vec![addr],
+        persistent_keepalive: None,
+    })
+}
+
+struct Runner {
+    args: Args,
+    network: String,
+    token: String,
+    keys: Option<KeyPair>,
+    public_key: PublicKey,
+    state: Shared,
+}
+
+impl Runner {
+    /// Applies one command; the error text goes back in `PeerApplied`.
+    fn apply(&mut self, cmd: Cmd) -> Result<(), ConnectorError> {
+        let mut st = lock(&self.state);
+        match cmd {
+            Cmd::Sync(sync) => {
+                if st.tunnel.is_none() {
+                    let address: Prefix = sync.connector_address.parse().map_err(
+                        |e: hive_wg::prefix::PrefixError| ConnectorError::Peer(e.to_string()),
+                    )?;
+                    let mut spec = TunnelSpec::new(self.args.iface.clone());
+                    spec.netns = self.args.netns.clone();
+                    spec.listen_port = Some(self.args.listen_port);
+                    spec.addresses = vec![address];
+                    let keys = self.keys.take().ok_or_else(|| {
+                        ConnectorError::Peer("tunnel key already consumed".into())
+                    })?;
+                    let tunnel = Tunnel::up(spec, keys)?;
+                    enable_forwarding(self.args.netns.as_deref())?;
+                    tracing::info!(iface = %tunnel.iface(), address = %address,
+                        listen_port = tunnel.listen_port(), prefixes = ?sync.prefixes,
+                        "connector tunnel up; forwarding on");
+                    st.tunnel = Some(tunnel);
+                }
+                let Some(tunnel) = st.tunnel.as_ref() else {
+                    return Ok(());
+                };
+                let wanted: Vec<PeerSpec> =
+                    sync.peers.iter().map(peer_spec).collect::<Result<_, _>>()?;
+                let want_keys: BTreeSet<PublicKey> = wanted.iter().map(|p| p.public_key).collect();
+                let have = tunnel.peers()?;
+                for p in &have {
+                    if !want_keys.contains(&p.public_key) {
+                        tunnel.remove_peer(&p.public_key)?;
+                        tracing::info!(peer = %p.public_key, "peer removed (not in sync)");
+                    }
+                }
+                let have_keys: BTreeSet<PublicKey> = have.iter().map(|p| p.public_key).collect();
+                for p in wanted {
+                    if !have_keys.contains(&p.public_key) {
+                        tracing::info!(peer = %p.public_key, "peer added (sync)");
+                        tunnel.add_peer(p)?;
+                    }
+                }
+                Ok(())
+            }
+            Cmd::AddPeer(p) => {
+                let spec = peer_spec(&p)?;
+                let tunnel = st
+                    .tunnel
+                    .as_ref()
+                    .ok_or_else(|| ConnectorError::Peer("AddPeer before SyncPeers".into()))?;
+                tunnel.add_peer(spec)?;
+                tracing::info!(build_id = %p.build_id, peer = %p.public_key,
+                    address = %p.tunnel_address, "peer added");
+                Ok(())
+            }
+            Cmd::RemovePeer(p) => {
+                let key: PublicKey = p
+                    .public_key
+                    .parse()
+                    .map_err(|e: hive_wg::keys::KeyError| ConnectorError::Peer(e.to_string()))?;
+                if let Some(tunnel) = st.tunnel.as_ref() {
+                    let had = tunnel.remove_peer(&key)?;
+                    tracing::info!(build_id = %p.build_id, peer = %p.public_key, had, "peer removed");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn current_peers(&self) -> Vec<String> {
+        lock(&self.state)
+            .tunnel
+            .as_ref()
+            .and_then(|t| t.peers().ok())
+            .map(|ps| ps.iter().map(|p| p.public_key.to_base64()).collect())
+            .unwrap_or_default()
+    }
+
+    /// One session: hello, then commands until the stream ends.
+    async fn session(&mut self) -> Result<(), ConnectorError> {
+        let url = self.args.control_plane.clone();
+        let cp_err = |reason: String| ConnectorError::ControlPlane {
+            url: url.clone(),
+            reason,
+        };
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| cp_err(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| cp_err(format!("connect: {e}")))?;
+        let mut client = ConnectorClient::new(channel);
+        let (tx, rx) = mpsc::channel::<ConnectorMessage>(256);
+        let mut seq = 0u64;
+        let mut next = |msg| {
+            seq += 1;
+            ConnectorMessage {
+                seq,
+                msg: Some(msg),
+            }
+        };
+        let hello = ConnectorHello {
+            network: self.network.clone(),
+            public_key: self.public_key.to_base64(),
+            endpoint: self.args.endpoint.clone().unwrap_or_default(),
+            token: self.token.clone(),
+            peers: self.current_peers(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        tx.send(next(Msg::Hello(hello)))
+            .await
+            .map_err(|_| cp_err("session channel closed".into()))?;
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| cp_err(format!("session refused: {}", s.message())))?
+            .into_inner();
+        lock(&self.state).connected = true;
+        tracing::info!(network = %self.network, control_plane = %url, "connected to the key exchange");
+        loop {
+            let cmd = match inbound.message().await {
+                Ok(Some(c)) => c,
+                Ok(None) => return Err(cp_err("stream ended".into())),
+                Err(s) => return Err(cp_err(format!("stream: {}", s.message()))),
+            };
+            let Some(body) = cmd.cmd else { continue };
+            let result = tokio::task::block_in_place(|| self.apply(body));
+            let error = match result {
+                Ok(()) => String::new(),
+                Err(e) => {
+                    tracing::warn!(command_id = cmd.id, error = %e, "command failed");
+                    e.to_string()
+                }
+            };
+            let applied = next(Msg::Applied(PeerApplied {
+                command_id: cmd.id,
+                error,
+            }));
+            if tx.send(applied).await.is_err() {
+                return Err(cp_err("session channel closed".into()));
+            }
+        }
+    }
+}
+
+/// Turns on IPv4 forwarding in the tunnel's namespace (where the private network is routed).
+fn enable_forwarding(netns: Option<&Path>) -> Result<(), ConnectorError> {
+    let write = || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n");
+    let res = match netns {
+        Some(p) => hive_wg::netns::run_in(p, write)
+            .map_err(|e| ConnectorError::Forwarding(e.to_string()))?,
+        None => write(),
+    };
+    res.map_err(|e| ConnectorError::Forwarding(format!("/proc/sys/net/ipv4/ip_forward: {e}")))
+}
+
+async fn serve_health(
+    addr: SocketAddr,
+    state: Shared,
+    network: String,
+    public_key: String,
+) -> Result<(), ConnectorError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ConnectorError::Health { addr, source })?;
+    let app = axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(move || {
+            let state = state.clone();
+            let network = network.clone();
+            let public_key = public_key.clone();
+            async move {
+                let body = tokio::task::spawn_blocking(move || {
+                    let st = lock(&state);
+                    let peers: Vec<serde_json::Value> = st
+                        .tunnel
+                        .as_ref()
+                        .and_then(|t| t.peers().ok())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "public_key": p.public_key.to_base64(),
+                                "allowed_ips": p.allowed_ips.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                                "last_handshake_ms": p.last_handshake
+                                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                                    .map(|d| d.as_millis() as i64).unwrap_or(0),
+                                "rx_bytes": p.rx_bytes,
+                                "tx_bytes": p.tx_bytes,
+                            })
+                        })
+                        .collect();
+                    serde_json::json!({
+                        "network": network,
+                        "public_key": public_key,
+                        "connected": st.connected,
+                        "tunnel_up": st.tunnel.is_some(),
+                        "peers": peers,
+                    })
+                })
+                .await
+                .unwrap_or_else(|_| serde_json::json!({"error": "health task failed"}));
+                axum::Json(body)
+            }
+        }),
+    );
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "health endpoint listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "health server failed");
+        }
+    });
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), ConnectorError> {
+    let keys = load_or_create_key(&args.key_file)?;
+    if args.print_public_key {
+        println!("{}", keys.public());
+        return Ok(());
+    }
+    let network = args
+        .network
+        .clone()
+        .ok_or(ConnectorError::Missing("network"))?;
+    let token = args.token.clone().ok_or(ConnectorError::Missing("token"))?;
+    let state: Shared = Arc::default();
+    let public_key = keys.public();
+    if let Some(addr) = args.health_addr {
+        serve_health(addr, state.clone(), network.clone(), public_key.to_base64()).await?;
+    }
+    let mut runner = Runner {
+        args,
+        network,
+        token,
+        keys: Some(keys),
+        public_key,
+        state: state.clone(),
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| ConnectorError::Forwarding(format!("SIGTERM handler: {e}")))?;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let ended = tokio::select! {
+            r = runner.session() => r,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        lock(&state).connected = false;
+        match ended {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e @ ConnectorError::ControlPlane { .. }) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "key exchange session ended");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    tracing::info!("shutting down: removing the tunnel");
+    let tunnel = lock(&state).tunnel.take();
+    if let Some(t) = tunnel {
+        tokio::task::spawn_blocking(move || t.down())
+            .await
+            .map_err(|e| ConnectorError::Forwarding(format!("tunnel down task: {e}")))??;
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = std::env::var("HIVE_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info,boringtun=off".to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hive-connector: start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("hive-connector: {msg}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

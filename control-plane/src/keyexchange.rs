@@ -1,0 +1,339 @@
+//! Key exchange (issue 5): brokers WireGuard public keys between cells and connectors.
+//!
+//! A box asks on its `BoxAgent` stream (`KeyExchangeRequest`: build, lease, the cell's public
+//! key); we check the lease is the build's current one, refuse a key ever seen before, allocate
+//! a tunnel address (`network`), push the peer to the network's connector (`connector` holds the
+//! sessions) and answer only after the connector said `PeerApplied`, so the cell's first
+//! handshake never races the connector. The revoker runs beside it: any active lease whose build
+//! ended, was re-queued or lost its lease is marked revoked and its peer removed, within a
+//! fraction of a second of the change.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hive_proto::v1::connector_command::Cmd;
+use hive_proto::v1::{
+    AddPeer, ConnectorCommand, KeyExchangeReply, KeyExchangeRequest, RemovePeer, SyncPeers,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tonic::Status;
+
+use crate::network::{validate_public_key, Issued, NetworkError, NetworkRow, TunnelLeaseRow};
+use crate::server::Hive;
+
+/// How long the key exchange waits for the connector to apply a peer.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the cell waits for its first handshake (told to it in the reply).
+pub const HANDSHAKE_TIMEOUT_SECS: u32 = 10;
+/// Keepalive the cell keeps the path open with (NAT on the box side).
+pub const KEEPALIVE_SECS: u32 = 25;
+/// Revoker pass interval when no build change wakes it.
+const REVOKE_TICK: Duration = Duration::from_millis(500);
+
+/// Why a key exchange was refused; the text goes back to the box and into the build log.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyExchangeError {
+    #[error("build {0} not found")]
+    NoBuild(String),
+    #[error("build {build_id}: lease {lease_id} is not its current lease on this box")]
+    StaleLease { build_id: String, lease_id: String },
+    #[error("build {0} has no private network")]
+    NoNetwork(String),
+    #[error("private network {0:?} does not exist")]
+    UnknownNetwork(String),
+    #[error("no connector of private network {0:?} is connected")]
+    NoConnector(String),
+    #[error("public key {0} was issued before; a key is never accepted twice")]
+    KeySeen(String),
+    #[error("connector of network {network:?} did not apply the peer within {secs}s")]
+    ApplyTimeout { network: String, secs: u64 },
+    #[error("connector of network {network:?} refused the peer: {error}")]
+    Refused { network: String, error: String },
+    #[error("connector of network {0:?} went away")]
+    ConnectorGone(String),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// One open connector session.
+#[derive(Debug, Clone)]
+pub struct ConnectorConn {
+    pub id: u64,
+    pub connector_id: String,
+    pub public_key: String,
+    pub endpoint: String,
+    pub tx: mpsc::Sender<Result<ConnectorCommand, Status>>,
+    pub kill: Arc<Notify>,
+}
+
+/// Connector sessions per network, and commands waiting for `PeerApplied`.
+#[derive(Debug, Default)]
+pub struct KeyExchange {
+    conns: Mutex<HashMap<String, ConnectorConn>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<String>>>,
+    next_id: AtomicU64,
+    next_conn: AtomicU64,
+    /// Wakes the revoker.
+    pub revoke_now: Notify,
+}
+
+impl KeyExchange {
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, ConnectorConn>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<String>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Installs a session for a network, ending an older one.
+    pub fn connect(&self, network: &str, conn: ConnectorConn) {
+        if let Some(old) = self.conns().insert(network.to_string(), conn) {
+            old.kill.notify_one();
+        }
+    }
+
+    /// Forgets the session unless a newer one replaced it.
+    pub fn disconnect(&self, network: &str, conn_id: u64) {
+        let mut map = self.conns();
+        if map.get(network).is_some_and(|c| c.id == conn_id) {
+            map.remove(network);
+        }
+    }
+
+    /// Whether this connector has an open session.
+    pub fn is_connected(&self, connector_id: &str) -> bool {
+        self.conns()
+            .values()
+            .any(|c| c.connector_id == connector_id)
+    }
+
+    /// Ends the session of a connector (it was removed).
+    pub fn kick(&self, connector_id: &str) {
+        let mut map = self.conns();
+        map.retain(|_, c| {
+            if c.connector_id == connector_id {
+                c.kill.notify_one();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn conn(&self, network: &str) -> Option<ConnectorConn> {
+        self.conns().get(network).cloned()
+    }
+
+    /// A fresh command id.
+    pub fn command_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The connector answered a command.
+    pub fn applied(&self, command_id: u64, error: String) {
+        if let Some(tx) = self.pending().remove(&command_id) {
+            let _ = tx.send(error);
+        }
+    }
+
+    /// Sends a command and waits for its `PeerApplied` (error text, empty = ok).
+    async fn call(
+        &self,
+        network: &str,
+        conn: &ConnectorConn,
+        cmd: Cmd,
+    ) -> Result<(), KeyExchangeError> {
+        let id = self.command_id();
+        let (tx, rx) = oneshot::channel();
+        self.pending().insert(id, tx);
+        let sent = conn
+            .tx
+            .send(Ok(ConnectorCommand { id, cmd: Some(cmd) }))
+            .await
+            .is_ok();
+        if !sent {
+            self.pending().remove(&id);
+            return Err(KeyExchangeError::ConnectorGone(network.to_string()));
+        }
+        match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
+            Ok(Ok(e)) if e.is_empty() => Ok(()),
+            Ok(Ok(error)) => Err(KeyExchangeError::Refused {
+                network: network.to_string(),
+                error,
+            }),
+            Ok(Err(_)) => Err(KeyExchangeError::ConnectorGone(network.to_string())),
+            Err(_) => {
+                self.pending().remove(&id);
+                Err(KeyExchangeError::ApplyTimeout {
+                    network: network.to_string(),
+                    secs: APPLY_TIMEOUT.as_secs(),
+                })
+            }
+        }
+    }
+
+    /// Tells the network's connector to drop a peer, without waiting (a connector that is
+    /// offline gets the full set at its next `SyncPeers`, which no longer holds it).
+    async fn remove_peer(&self, lease: &TunnelLeaseRow) {
+        let Some(conn) = self.conn(&lease.network) else {
+            return;
+        };
+        let id = self.command_id();
+        let cmd = Cmd::RemovePeer(RemovePeer {
+            build_id: lease.build_id.clone(),
+            public_key: lease.public_key.clone(),
+        });
+        let _ = conn
+            .tx
+            .send(Ok(ConnectorCommand { id, cmd: Some(cmd) }))
+            .await;
+    }
+}
+
+/// The `SyncPeers` a (re)connected connector starts from: every active lease of its network.
+pub async fn sync_for(hive: &Hive, net: &NetworkRow) -> Result<SyncPeers, KeyExchangeError> {
+    let leases = hive.store.list_tunnel_leases(&net.name, "", true).await?;
+    Ok(SyncPeers {
+        peers: leases
+            .iter()
+            .map(|l| AddPeer {
+                build_id: l.build_id.clone(),
+                public_key: l.public_key.clone(),
+                tunnel_address: host_route(&l.tunnel_address),
+            })
+            .collect(),
+        connector_address: net.connector_address(),
+        prefixes: net.prefixes.clone(),
+    })
+}
+
+/// "10.250.0.7/24" -> "10.250.0.7/32": the connector routes one address to each peer.
+fn host_route(addr: &str) -> String {
+    let ip = addr.split('/').next().unwrap_or(addr);
+    format!("{ip}/32")
+}
+
+/// Answers one request from a box. Errors become `KeyExchangeReply.error`.
+pub async fn exchange(hive: &Hive, box_id: &str, req: &KeyExchangeRequest) -> KeyExchangeReply {
+    let mut reply = KeyExchangeReply {
+        build_id: req.build_id.clone(),
+        lease_id: req.lease_id.clone(),
+        ..Default::default()
+    };
+    match exchange_inner(hive, box_id, req).await {
+        Ok((net, conn, lease)) => {
+            let mut allowed = net.prefixes.clone();
+            allowed.push(net.tunnel_subnet.clone());
+            reply.connector_public_key = conn.public_key;
+            reply.connector_endpoint = conn.endpoint;
+            reply.tunnel_address = lease.tunnel_address;
+            reply.allowed_prefixes = allowed;
+            reply.persistent_keepalive_secs = KEEPALIVE_SECS;
+            reply.handshake_timeout_secs = HANDSHAKE_TIMEOUT_SECS;
+            reply.network = net.name;
+        }
+        Err(e) => {
+            tracing::warn!(box_id, build_id = %req.build_id, error = %e, "key exchange refused");
+            reply.error = e.to_string();
+        }
+    }
+    reply
+}
+
+async fn exchange_inner(
+    hive: &Hive,
+    box_id: &str,
+    req: &KeyExchangeRequest,
+) -> Result<(NetworkRow, ConnectorConn, TunnelLeaseRow), KeyExchangeError> {
+    let build = hive
+        .store
+        .get_build(&req.build_id)
+        .await?
+        .ok_or_else(|| KeyExchangeError::NoBuild(req.build_id.clone()))?;
+    if build.lease_id != req.lease_id || build.box_id != box_id || build.state.is_terminal() {
+        return Err(KeyExchangeError::StaleLease {
+            build_id: req.build_id.clone(),
+            lease_id: req.lease_id.clone(),
+        });
+    }
+    if build.private_network.is_empty() {
+        return Err(KeyExchangeError::NoNetwork(build.id));
+    }
+    let net = hive
+        .store
+        .get_network(&build.private_network)
+        .await?
+        .ok_or_else(|| KeyExchangeError::UnknownNetwork(build.private_network.clone()))?;
+    let key = validate_public_key(&req.cell_public_key)?;
+    let conn = hive
+        .keyexchange
+        .conn(&net.name)
+        .ok_or_else(|| KeyExchangeError::NoConnector(net.name.clone()))?;
+    let lease = match hive
+        .store
+        .issue_lease(&net, &req.build_id, &req.lease_id, &key)
+        .await?
+    {
+        Issued::Lease(l) => l,
+        Issued::KeySeen => return Err(KeyExchangeError::KeySeen(key)),
+    };
+    let add = Cmd::AddPeer(AddPeer {
+        build_id: lease.build_id.clone(),
+        public_key: key.clone(),
+        tunnel_address: host_route(&lease.tunnel_address),
+    });
+    if let Err(e) = hive.keyexchange.call(&net.name, &conn, add).await {
+        // The key is burnt either way; make sure no connector keeps it.
+        let _ = hive.store.revoke_lease(&key).await;
+        hive.keyexchange.remove_peer(&lease).await;
+        return Err(e);
+    }
+    tracing::info!(box_id, build_id = %req.build_id, network = %net.name,
+        tunnel_address = %lease.tunnel_address, public_key = %key, "tunnel peer issued");
+    Ok((net, conn, lease))
+}
+
+/// Revokes leases whose build attempt is over, until shutdown.
+pub async fn run_revoker(hive: Arc<Hive>) {
+    let mut events = hive.events.subscribe();
+    let mut shutdown = hive.shutdown.clone();
+    loop {
+        if let Err(e) = revoke_pass(&hive).await {
+            tracing::warn!(error = %e, "tunnel lease revocation pass failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REVOKE_TICK) => {}
+            _ = hive.keyexchange.revoke_now.notified() => {}
+            r = events.recv() => {
+                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                    return;
+                }
+            }
+            _ = crate::events::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// One pass: revoke in the store first (so a sync never re-adds the key), then remove the peer.
+pub async fn revoke_pass(hive: &Hive) -> Result<usize, KeyExchangeError> {
+    let stale = hive.store.stale_tunnel_leases().await?;
+    let mut n = 0;
+    for lease in &stale {
+        if hive.store.revoke_lease(&lease.public_key).await? {
+            n += 1;
+            tracing::info!(build_id = %lease.build_id, network = %lease.network,
+                public_key = %lease.public_key, "tunnel peer revoked");
+            hive.keyexchange.remove_peer(lease).await;
+        }
+    }
+    Ok(n)
+}

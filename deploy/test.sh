@@ -178,4 +178,20 @@ fi
 
 say "summary"
 printf '%s\n' "${results[@]}" >&2
+# The test runner's counts as the closing line (nextest's Summary line, or cargo test's results).
+count_of() { grep -oE "[0-9]+ $1" | awk '{s+=$1} END {print s+0}'; }
+if [ -f "$logdir/test.log" ]; then
+  if grep -q "Summary \[" "$logdir/test.log"; then
+    line=$(grep "Summary \[" "$logdir/test.log" | tail -n 1 || true)
+    passed=$(count_of passed <<<"$line" || true)
+    nfailed=$(count_of failed <<<"$line" || true)
+    skipped=$(count_of skipped <<<"$line" || true)
+  else
+    results_lines=$(grep "^test result:" "$logdir/test.log" || true)
+    passed=$(count_of passed <<<"$results_lines" || true)
+    nfailed=$(count_of failed <<<"$results_lines" || true)
+    skipped=$(count_of ignored <<<"$results_lines" || true)
+  fi
+  echo "tests: ${passed:-0} passed, ${nfailed:-0} failed, ${skipped:-0} skipped" | tee "$logdir/test-counts.txt"
+fi
 exit "$failed"

@@ -930,21 +930,31 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Watch { id } => {
             let json = ctl.json;
+            // Transitions already printed: the first answer carries the history, so a watch
+            // that attaches late still shows every state the build went through, in order.
+            let mut shown = 0usize;
             let end = follow_states(
                 &mut ctl,
                 &id,
                 |b, _| {
-                    let line = if json {
+                    let mut out = String::new();
+                    let earlier = b.transitions.len().saturating_sub(1);
+                    for t in b.transitions.iter().take(earlier).skip(shown) {
+                        out.push_str(&render::transition_line(t, &b.id, json));
+                        out.push('\n');
+                    }
+                    shown = shown.max(b.transitions.len());
+                    if json {
                         let mut v = render::build_json(b);
                         if let Some(o) = v.as_object_mut() {
                             o.remove("transitions");
                         }
-                        v.to_string()
+                        out.push_str(&v.to_string());
                     } else {
-                        render::state_change_line(b)
-                    };
+                        out.push_str(&render::state_change_line(b));
+                    }
                     // A closed stdout only ends the output, not the wait.
-                    let _ = writeln!(std::io::stdout().lock(), "{line}");
+                    let _ = writeln!(std::io::stdout().lock(), "{out}");
                 },
                 None,
             )

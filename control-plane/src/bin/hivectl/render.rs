@@ -3,6 +3,7 @@
 
 use hive_proto::v1::{
     BoxInfo, BoxState, Build, BuildState, CellInfo, LogChunk, LogStream, Project, SizeClass,
+    StateTransition,
 };
 use serde_json::{json, Value};
 
@@ -349,6 +350,24 @@ pub fn build_text(b: &Build, now: i64) -> String {
         }
     }
     s
+}
+
+/// One line for `watch` about a state the build has already left: `<ISO>  <state>  <reason>`,
+/// or with `--json` an object with `id`, `state`, `at_ms` and `reason`.
+pub fn transition_line(t: &StateTransition, build_id: &str, json: bool) -> String {
+    if json {
+        json!({
+            "id": build_id,
+            "state": state_name(t.state),
+            "at_ms": t.at_ms,
+            "reason": t.reason,
+        })
+        .to_string()
+    } else {
+        format!("{}  {:<9}  {}", iso(t.at_ms), state_name(t.state), t.reason)
+            .trim_end()
+            .to_string()
+    }
 }
 
 /// One line for `watch`: `<ISO>  <state>  <details>`.

@@ -131,10 +131,15 @@ async fn full_life(url: String) {
     let s = bx.send_acked(BoxMsg::Update(fin)).await;
     bx.wait_ack(s, WAIT).await;
 
-    // WatchBuild: the state now, then each change, ending at the terminal one.
+    // WatchBuild: the state now, then each change, ending at the terminal one. Changes that
+    // land between two reads are coalesced into one answer, but every answer carries the
+    // whole history, so nothing is lost to a slow watcher.
     let mut states = Vec::new();
+    let mut last = None;
     while let Some(b) = tokio::time::timeout(WAIT, watch.next()).await.unwrap() {
-        states.push(BuildState::try_from(b.unwrap().state).unwrap());
+        let b = b.unwrap();
+        states.push(BuildState::try_from(b.state).unwrap());
+        last = Some(b);
     }
     // Watching began after submit: the first answer is the state then (queued, or placed if
     // the scheduler was quicker).
@@ -142,8 +147,26 @@ async fn full_life(url: String) {
         matches!(states[0], BuildState::Queued | BuildState::Placed),
         "{states:?}"
     );
-    assert_eq!(states.last(), Some(&BuildState::Succeeded));
-    assert!(states.contains(&BuildState::Running), "{states:?}");
+    assert_eq!(states.last(), Some(&BuildState::Succeeded), "{states:?}");
+    let mut sorted = states.clone();
+    sorted.sort_by_key(|s| *s as i32);
+    assert_eq!(states, sorted, "answers only go forward");
+    let history: Vec<BuildState> = last
+        .expect("a final answer")
+        .transitions
+        .iter()
+        .map(|t| BuildState::try_from(t.state).unwrap())
+        .collect();
+    assert_eq!(
+        history,
+        [
+            BuildState::Queued,
+            BuildState::Placed,
+            BuildState::Running,
+            BuildState::Succeeded
+        ],
+        "the final answer carries the whole history"
+    );
 
     let b = state(&handle, &id).await;
     assert_eq!(b.state, BuildState::Succeeded as i32);

@@ -3,6 +3,7 @@
 //! Size class shapes come from the control plane on registration; until then (and for classes it
 //! does not define) the built-in shapes below are used so the pool can start booting at once.
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use hive_proto::v1::SizeClass;
@@ -27,6 +28,20 @@ pub enum ConfigError {
     NoPool,
     #[error("unknown backend {0:?}: expected auto, microvm or sandbox")]
     Backend(String),
+    #[error("the microvm backend needs the {what}: pass {flag} ({env}); {build} builds it")]
+    GuestFileUnset {
+        what: &'static str,
+        flag: &'static str,
+        env: &'static str,
+        build: &'static str,
+    },
+    #[error("{what} {path}: no such file; {build} builds it (or point {flag} at one)")]
+    GuestFileMissing {
+        what: &'static str,
+        flag: &'static str,
+        path: PathBuf,
+        build: &'static str,
+    },
 }
 
 /// `CLASS=N` as given to `--pool` and `--capacity`.
@@ -90,6 +105,85 @@ impl FromStr for BackendChoice {
             "sandbox" => Ok(BackendChoice::Sandbox),
             _ => Err(ConfigError::Backend(s.to_string())),
         }
+    }
+}
+
+/// The files a microVM cell boots: kernel, root disk (/dev/vda) and build image disk (/dev/vdb).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFiles {
+    /// Guest kernel (ELF vmlinux with a PVH note, or bzImage).
+    pub kernel: PathBuf,
+    /// Cell rootfs as an ext4 image, the cell daemon as init (attached read-only).
+    pub rootfs_disk: PathBuf,
+    /// Build image as an ext4 image (attached read-only, mounted by the cell daemon).
+    pub build_disk: PathBuf,
+}
+
+/// Command that builds the guest kernel (prints `HIVE_GUEST_KERNEL=<dir>`).
+pub const BUILD_KERNEL_CMD: &str = "deploy/guest/build-kernel.sh";
+/// Command that builds the disk images (prints `HIVE_CELL_ROOTFS_DISK=` and `HIVE_BUILD_IMAGE_DISK=`).
+pub const BUILD_IMAGES_CMD: &str = "deploy/images/build-images.sh";
+
+impl GuestFiles {
+    /// Checks the three flags. The kernel may be given as the directory `build-kernel.sh` prints
+    /// (`HIVE_GUEST_KERNEL=<dir>`), meaning `<dir>/vmlinux`.
+    pub fn resolve(
+        kernel: Option<&Path>,
+        rootfs_disk: Option<&Path>,
+        build_disk: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let kernel = kernel.map(|k| {
+            if k.is_dir() {
+                k.join("vmlinux")
+            } else {
+                k.to_path_buf()
+            }
+        });
+        let check = |p: Option<PathBuf>,
+                     what: &'static str,
+                     flag: &'static str,
+                     env: &'static str,
+                     build: &'static str| {
+            let path = p.ok_or(ConfigError::GuestFileUnset {
+                what,
+                flag,
+                env,
+                build,
+            })?;
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(ConfigError::GuestFileMissing {
+                    what,
+                    flag,
+                    path,
+                    build,
+                })
+            }
+        };
+        Ok(GuestFiles {
+            kernel: check(
+                kernel,
+                "guest kernel",
+                "--guest-kernel",
+                "HIVE_GUEST_KERNEL",
+                BUILD_KERNEL_CMD,
+            )?,
+            rootfs_disk: check(
+                rootfs_disk.map(Path::to_path_buf),
+                "cell rootfs disk image",
+                "--guest-rootfs-disk",
+                "HIVE_CELL_ROOTFS_DISK",
+                BUILD_IMAGES_CMD,
+            )?,
+            build_disk: check(
+                build_disk.map(Path::to_path_buf),
+                "build image disk",
+                "--build-image-disk",
+                "HIVE_BUILD_IMAGE_DISK",
+                BUILD_IMAGES_CMD,
+            )?,
+        })
     }
 }
 
@@ -182,6 +276,54 @@ mod tests {
         );
         assert!(classes(&pool, &["large=1".parse().unwrap()]).is_err());
         assert_eq!(classes(&[], &[]).unwrap_err(), ConfigError::NoPool);
+    }
+
+    #[test]
+    fn guest_files_name_the_missing_file_and_its_build() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["vmlinux", "root.ext4", "build.ext4"] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let p = |f: &str| dir.path().join(f);
+        // The kernel as build-kernel.sh's directory.
+        let ok = GuestFiles::resolve(
+            Some(dir.path()),
+            Some(&p("root.ext4")),
+            Some(&p("build.ext4")),
+        )
+        .unwrap();
+        assert_eq!(ok.kernel, p("vmlinux"));
+        let e = GuestFiles::resolve(
+            Some(&p("nope")),
+            Some(&p("root.ext4")),
+            Some(&p("build.ext4")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("guest kernel") && e.contains("nope") && e.contains(BUILD_KERNEL_CMD),
+            "{e}"
+        );
+        let e = GuestFiles::resolve(Some(&p("vmlinux")), None, Some(&p("build.ext4")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--guest-rootfs-disk")
+                && e.contains("HIVE_CELL_ROOTFS_DISK")
+                && e.contains(BUILD_IMAGES_CMD),
+            "{e}"
+        );
+        let e = GuestFiles::resolve(
+            Some(&p("vmlinux")),
+            Some(&p("root.ext4")),
+            Some(&p("gone.ext4")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("build image disk") && e.contains("gone.ext4"),
+            "{e}"
+        );
     }
 
     #[test]

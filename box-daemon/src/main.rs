@@ -1,7 +1,8 @@
 //! `hive-box`: the box daemon binary. Thin: parses flags, wires the library parts, handles signals.
 //!
 //! `hive-box [FLAGS]` runs the daemon; `hive-box jail --spec FILE` is the single-threaded helper
-//! the sandbox backend re-executes to put a cell process into its namespaces (see `jail`).
+//! both backends re-execute to put a cell process into its namespaces (see `jail`), and
+//! `hive-box vmm --config FILE` is one microVM (run inside that jail by the microvm backend).
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,8 +11,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use hive_box::agent::{Agent, AgentConfig};
-use hive_box::config::{self, BackendChoice, ClassCount};
+use hive_box::backend::CellBackend;
+use hive_box::cgroup::Hierarchy;
+use hive_box::config::{self, BackendChoice, ClassCount, GuestFiles};
 use hive_box::jail::{self, error_chain, JailSpec};
+use hive_box::microvm::{MicrovmBackend, MicrovmConfig};
 use hive_box::net::{BoxNet, Subnet};
 use hive_box::pool::Pool;
 use hive_box::sandbox::{Sandbox, SandboxConfig};
@@ -57,9 +61,10 @@ struct RunArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     control_plane: String,
-    /// Cell backend: sandbox (namespaces on the box's kernel: weaker isolation than a microVM),
-    /// microvm (not wired in yet: refused), or auto (today always the sandbox, with a warning
-    /// that says whether this host could run microVMs).
+    /// Cell backend: microvm (one jailed VM per cell on the embedded VMM; needs /dev/kvm and the
+    /// --guest-* files), sandbox (namespaces on the box's kernel: weaker isolation than a
+    /// microVM), or auto: microvm when the CPU shows vmx/svm, /dev/kvm opens and the guest files
+    /// are given, else sandbox with a warning saying why.
     #[arg(long, env = "HIVE_BOX_BACKEND", default_value = "auto")]
     backend: BackendChoice,
     /// Warm pool target per size class, CLASS=N; repeat or comma-separate for several classes.
@@ -80,9 +85,24 @@ struct RunArgs {
     /// Build image directory, bound read-only at /images/build in every cell.
     #[arg(long, env = "HIVE_BUILD_IMAGE")]
     build_image: Option<PathBuf>,
-    /// A hive-cell binary to bind over /sbin/hive-cell in cells (development).
+    /// A hive-cell binary to bind over /sbin/hive-cell in cells (development; sandbox only).
     #[arg(long, env = "HIVE_CELL_BINARY")]
     cell_binary: Option<PathBuf>,
+    /// microvm: guest kernel, a vmlinux file or the directory deploy/guest/build-kernel.sh
+    /// prints (its vmlinux is used).
+    #[arg(long, env = "HIVE_GUEST_KERNEL")]
+    guest_kernel: Option<PathBuf>,
+    /// microvm: cell rootfs ext4 image, the guest's read-only /dev/vda (from
+    /// deploy/images/build-images.sh).
+    #[arg(long, env = "HIVE_CELL_ROOTFS_DISK")]
+    guest_rootfs_disk: Option<PathBuf>,
+    /// microvm: build image ext4 image, the guest's read-only /dev/vdb (from
+    /// deploy/images/build-images.sh).
+    #[arg(long, env = "HIVE_BUILD_IMAGE_DISK")]
+    build_image_disk: Option<PathBuf>,
+    /// microvm: extra words for the guest kernel command line.
+    #[arg(long, env = "HIVE_GUEST_CMDLINE", default_value = "")]
+    guest_cmdline: String,
     /// Address of the HTTP /healthz endpoint.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
     health_addr: SocketAddr,
@@ -123,8 +143,8 @@ struct RunArgs {
 enum MainError {
     #[error("configuration")]
     Config(#[from] config::ConfigError),
-    #[error("the microvm backend is not available yet (the embedded VMM is not wired into hive-box); use --backend sandbox")]
-    MicrovmNotReady,
+    #[error("--backend microvm: {0}; use --backend sandbox on this host")]
+    NoKvm(String),
     #[error("cell backend")]
     Backend(#[from] hive_box::backend::BackendError),
     #[error("box network set-up")]
@@ -139,7 +159,7 @@ enum MainError {
     Signals(#[source] std::io::Error),
     #[error("resolve the current executable (the jail helper)")]
     SelfExe(#[source] std::io::Error),
-    #[error("{0} is required (the images come from deploy/images/build-images.sh)")]
+    #[error("{0} is required for the sandbox backend (the images come from deploy/images/build-images.sh)")]
     Missing(&'static str),
     #[error("data dir {0}")]
     DataDir(PathBuf, #[source] std::io::Error),
@@ -199,12 +219,59 @@ fn kvm_usable() -> Result<(), String> {
     if !has_hw {
         return Err("the CPU shows no vmx/svm flag (nested or paravirtualized KVM cannot boot Linux guests)".into());
     }
+    kvm_opens()
+}
+
+fn kvm_opens() -> Result<(), String> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .map_err(|e| format!("open /dev/kvm: {e}"))?;
-    Ok(())
+        .map(drop)
+        .map_err(|e| format!("cannot open /dev/kvm ({e})"))
+}
+
+/// The backend `run` settled on.
+enum Chosen {
+    Sandbox,
+    Microvm(GuestFiles),
+}
+
+/// Applies the `--backend` rule: an explicit choice is kept (microvm must find /dev/kvm and
+/// its files); auto takes microvm only with hardware virtualization, an openable /dev/kvm and
+/// the guest files, and says why when it falls back to the sandbox.
+fn choose_backend(args: &RunArgs) -> Result<Chosen, MainError> {
+    let guest = || {
+        GuestFiles::resolve(
+            args.guest_kernel.as_deref(),
+            args.guest_rootfs_disk.as_deref(),
+            args.build_image_disk.as_deref(),
+        )
+    };
+    match args.backend {
+        BackendChoice::Sandbox => Ok(Chosen::Sandbox),
+        BackendChoice::Microvm => {
+            kvm_opens().map_err(MainError::NoKvm)?;
+            let files = guest()?;
+            if let Err(why) = kvm_usable() {
+                tracing::warn!(reason = %why, "--backend microvm on a host that may not boot Linux guests");
+            }
+            Ok(Chosen::Microvm(files))
+        }
+        BackendChoice::Auto => match kvm_usable() {
+            Ok(()) => match guest() {
+                Ok(files) => Ok(Chosen::Microvm(files)),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "KVM is usable but the microVM guest files are not configured: using the sandbox backend (weaker isolation)");
+                    Ok(Chosen::Sandbox)
+                }
+            },
+            Err(why) => {
+                tracing::warn!(reason = %why, "no usable KVM: using the sandbox backend (weaker isolation than a microVM)");
+                Ok(Chosen::Sandbox)
+            }
+        },
+    }
 }
 
 /// IPv4 addresses of the control plane (cells must not reach them).
@@ -235,35 +302,32 @@ async fn control_plane_addrs(url: &str) -> Vec<Ipv4Addr> {
 
 fn run(args: RunArgs) -> Result<(), MainError> {
     let classes = config::classes(&args.pool, &args.capacity)?;
-    if args.cell_rootfs.is_none() {
-        return Err(MainError::Missing("--cell-rootfs (HIVE_CELL_ROOTFS)"));
-    }
-    if args.build_image.is_none() {
-        return Err(MainError::Missing("--build-image (HIVE_BUILD_IMAGE)"));
-    }
-    match args.backend {
-        BackendChoice::Microvm => return Err(MainError::MicrovmNotReady),
-        BackendChoice::Auto => match kvm_usable() {
-            Ok(()) => tracing::warn!("KVM is usable but the microvm backend is not wired yet; using the sandbox backend (weaker isolation)"),
-            Err(why) => tracing::warn!(reason = %why, "no usable KVM: using the sandbox backend (weaker isolation than a microVM)"),
-        },
-        BackendChoice::Sandbox => {}
+    let chosen = choose_backend(&args)?;
+    if matches!(chosen, Chosen::Sandbox) {
+        if args.cell_rootfs.is_none() {
+            return Err(MainError::Missing("--cell-rootfs (HIVE_CELL_ROOTFS)"));
+        }
+        if args.build_image.is_none() {
+            return Err(MainError::Missing("--build-image (HIVE_BUILD_IMAGE)"));
+        }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(MainError::Runtime)?;
-    rt.block_on(run_async(args, classes))
+    rt.block_on(run_async(args, classes, chosen))
 }
 
 async fn run_async(
     args: RunArgs,
     classes: Vec<hive_box::pool::ClassConfig>,
+    chosen: Chosen,
 ) -> Result<(), MainError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut sigterm = signal(SignalKind::terminate()).map_err(MainError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(MainError::Signals)?;
-
+    let signals = Signals {
+        term: signal(SignalKind::terminate()).map_err(MainError::Signals)?,
+        int: signal(SignalKind::interrupt()).map_err(MainError::Signals)?,
+    };
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
     let box_id = args.box_id.clone().unwrap_or_else(|| {
@@ -284,16 +348,60 @@ async fn run_async(
     if let Ok(v) = std::env::var("HIVE_CELL_LOG") {
         cell_env.insert("RUST_LOG".to_string(), v);
     }
-    let backend = Arc::new(Sandbox::new(SandboxConfig {
-        data_dir: args.data_dir.clone(),
-        cell_rootfs: args.cell_rootfs.clone().unwrap_or_default(),
-        build_image: args.build_image.clone().unwrap_or_default(),
-        cell_binary: args.cell_binary.clone(),
-        jail_helper: helper,
-        cgroup_parent: args.cgroup_parent.clone(),
-        net: net.clone(),
-        cell_env,
-    })?);
+    match chosen {
+        Chosen::Sandbox => {
+            let backend = Arc::new(Sandbox::new(SandboxConfig {
+                data_dir: args.data_dir.clone(),
+                cell_rootfs: args.cell_rootfs.clone().unwrap_or_default(),
+                build_image: args.build_image.clone().unwrap_or_default(),
+                cell_binary: args.cell_binary.clone(),
+                jail_helper: helper,
+                cgroup_parent: args.cgroup_parent.clone(),
+                net: net.clone(),
+                cell_env,
+            })?);
+            let cgroups = backend.cgroups().clone();
+            serve(args, classes, backend, cgroups, net, box_id, signals).await
+        }
+        Chosen::Microvm(guest) => {
+            let mut cfg = MicrovmConfig::new(
+                args.data_dir.clone(),
+                guest,
+                net.clone(),
+                args.cgroup_parent.clone(),
+            );
+            cfg.vmm_binary = helper;
+            cfg.extra_cmdline = args.guest_cmdline.clone();
+            if let Ok(v) = std::env::var("HIVE_VMM_LOG") {
+                cfg.vmm_env.insert("RUST_LOG".to_string(), v);
+            }
+            let backend = Arc::new(MicrovmBackend::new(cfg)?);
+            let cgroups = backend.cgroups().clone();
+            serve(args, classes, backend, cgroups, net, box_id, signals).await
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, installed before any set-up so neither kills the daemon half-way.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+/// Everything after the backend is made: reaper, pool, agent, health endpoint, signals, drain.
+async fn serve<B: CellBackend>(
+    args: RunArgs,
+    classes: Vec<hive_box::pool::ClassConfig>,
+    backend: Arc<B>,
+    cgroups: Hierarchy,
+    net: BoxNet,
+    box_id: String,
+    signals: Signals,
+) -> Result<(), MainError> {
+    let Signals {
+        term: mut sigterm,
+        int: mut sigint,
+    } = signals;
 
     // Only after the backend accepted its configuration, so a bad flag leaves no table behind.
     net.setup()?;
@@ -328,6 +436,7 @@ async fn run_async(
         let pool = Arc::clone(&pool);
         let agent = Arc::clone(&agent);
         let box_id = box_id.clone();
+        let backend_name = backend.name();
         Arc::new(move || {
             let pools: Vec<serde_json::Value> = pool
                 .states()
@@ -344,7 +453,7 @@ async fn run_async(
                 "ok": true,
                 "dispatch_ms": { "n": n, "median": median, "p99": p99 },
                 "box_id": box_id,
-                "backend": "sandbox",
+                "backend": backend_name,
                 "control_plane_connected": agent.is_connected(),
                 "running_builds": agent.running_builds(),
                 "unacked_messages": agent.unacked(),
@@ -396,7 +505,7 @@ async fn run_async(
     pool.shutdown().await;
     // Anything a build task could not release (it was cut short) is reaped the same way.
     let _ = hive_box::reaper::reap(backend.as_ref()).await;
-    backend.cgroups().remove_parent(&args.cgroup_parent);
+    cgroups.remove_parent(&args.cgroup_parent);
     if let Err(e) = net.teardown() {
         tracing::warn!(error = %error_chain(&e), "remove firewall table");
     }

@@ -72,6 +72,14 @@ pub enum NetError {
     Nft { what: String, stderr: String },
     #[error("enable IPv4 forwarding")]
     Forwarding(#[source] io::Error),
+    #[error("run ip tuntap (TAP {tap})")]
+    TapSpawn {
+        tap: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("create TAP {tap}: {stderr}")]
+    Tap { tap: String, stderr: String },
 }
 
 fn link_err(what: &'static str, link: &str) -> impl FnOnce(rtnetlink::Error) -> NetError {
@@ -437,6 +445,138 @@ impl BoxNet {
         }
         delete_netns(&Path::new(NETNS_DIR).join(&names.netns));
     }
+}
+
+/// The TAP a microVM cell's VMM attaches to, inside the cell's network namespace (one per netns,
+/// so the name is the same in every cell).
+pub const CELL_TAP: &str = "tap0";
+/// The microVM guest's link: a /30 on the TAP, netns side `.1` (the guest's gateway), guest `.2`.
+/// Link-local, so it never collides with a destination a build may want; every cell uses the same
+/// one because each lives in its own namespace. (The cell daemon's build container link inside
+/// the guest is 169.254.200.0/30, so this must differ from that.)
+pub const GUEST_LINK_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 100, 1);
+/// The guest's address on [`CELL_TAP`] (see [`GUEST_LINK_GATEWAY`]).
+pub const GUEST_LINK_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 100, 2);
+/// Prefix length of the guest link.
+pub const GUEST_LINK_PREFIX: u8 = 30;
+
+/// nftables table inside a microVM cell's netns: forward the guest's traffic out of `eth0` under
+/// the cell's own address (masquerade), answer nothing to the guest on the netns itself. The box's
+/// table then treats that traffic exactly like a sandbox cell's (same veth, same /30 source).
+fn guest_link_ruleset(tap: &str) -> String {
+    format!(
+        "table ip hive_cell {{}}\n\
+         delete table ip hive_cell\n\
+         table ip hive_cell {{\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"{tap}\" drop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tiifname \"{tap}\" oifname \"eth0\" accept\n\
+         \t\tiifname \"eth0\" oifname \"{tap}\" ct state established,related accept\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname \"eth0\" masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// Runs `f` on a throw-away thread inside the network namespace at `ns` (pooled threads are never
+/// moved between namespaces; processes `f` spawns inherit the namespace).
+async fn in_netns<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> Result<T, NetError> + Send + 'static,
+) -> Result<T, NetError> {
+    let file = fs::File::open(ns).map_err(|source| NetError::EnterNetns {
+        path: ns.to_path_buf(),
+        source,
+    })?;
+    let path = ns.to_path_buf();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let res = nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| NetError::EnterNetns {
+                path,
+                source: io::Error::from(e),
+            })
+            .and_then(|()| f());
+        let _ = tx.send(res);
+    });
+    rx.await.map_err(|_| NetError::EnterNetns {
+        path: ns.to_path_buf(),
+        source: io::Error::other("netns thread died"),
+    })?
+}
+
+/// Makes the microVM guest's link in a cell's namespace (built by [`BoxNet::create_cell`]): a
+/// persistent TAP `tap` (IFF_TAP | IFF_NO_PI, what the VMM attaches to; no owner set, so the
+/// VMM needs no CAP_NET_ADMIN to attach), [`GUEST_LINK_GATEWAY`]/30 on it, forwarding on and the
+/// masquerade table of [`guest_link_ruleset`].
+pub async fn create_guest_link(ns: &Path, tap: &str) -> Result<(), NetError> {
+    let tap_name = tap.to_string();
+    in_netns(ns, move || {
+        let out = Command::new("ip")
+            .args(["tuntap", "add", "dev", &tap_name, "mode", "tap"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| NetError::TapSpawn {
+                tap: tap_name.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(NetError::Tap {
+                tap: tap_name,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        // Per namespace: this thread is in the cell's, so this is the cell's ip_forward.
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetError::Forwarding)?;
+        nft(
+            &guest_link_ruleset(&tap_name),
+            &format!("guest link table for {tap_name}"),
+        )
+    })
+    .await?;
+    let handle = netlink(Some(ns)).await?;
+    let idx = link_index(&handle, tap)
+        .await?
+        .ok_or_else(|| NetError::NoLink(tap.to_string()))?;
+    handle
+        .address()
+        .add(idx, IpAddr::V4(GUEST_LINK_GATEWAY), GUEST_LINK_PREFIX)
+        .execute()
+        .await
+        .map_err(link_err("add guest link address", tap))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .map_err(link_err("bring up", tap))?;
+    Ok(())
+}
+
+/// Deletes the TAP `tap` in the namespace at `ns`; a missing namespace or TAP is fine (the TAP
+/// also goes when its namespace does, once no process holds it).
+pub async fn delete_tap(ns: &Path, tap: &str) {
+    if !ns.exists() {
+        return;
+    }
+    if let Ok(handle) = netlink(Some(ns)).await {
+        if let Ok(Some(idx)) = link_index(&handle, tap).await {
+            let _ = handle.link().del(idx).execute().await;
+        }
+    }
+}
+
+/// Whether a link named `name` exists in the namespace at `ns` (tests, inspection).
+pub async fn link_exists_in(ns: &Path, name: &str) -> Result<bool, NetError> {
+    let handle = netlink(Some(ns)).await?;
+    Ok(link_index(&handle, name).await?.is_some())
 }
 
 /// Names of one cell's network objects, derived from the cell id so the reaper can find them.

@@ -1,0 +1,890 @@
+//! The microVM backend: each cell is a guest kernel on the box's own VMM (`hive-box vmm`), the
+//! cell daemon as its init, reached over virtio-vsock.
+//!
+//! Per cell it lays out `<data>/cells/<id>/` (record, `vm.json`, `serial.log`, `run/` for the
+//! vsock sockets, the jail's overlay dirs), makes the cgroup (guest memory plus a VMM allowance),
+//! the cell network from [`net`](crate::net) (netns + veth, as the sandbox) plus a TAP in that
+//! netns for the guest ([`create_guest_link`]: routed, the netns masquerades the guest out of its
+//! `eth0`), and starts `hive-box jail` running `hive-box vmm --config /cell/vm.json` under
+//! `setpriv` with every capability dropped. The jail's root holds only the VMM binary and its
+//! shared libraries, the cell's files, the guest's kernel and disks (read-only) and /dev/kvm; the
+//! jail's own minimal /dev supplies /dev/net/tun. The box daemon reaches the cell daemon through
+//! the VMM's vsock muxer socket ([`Connector::VsockMux`], guest port [`AGENT_PORT`]).
+//!
+//! The guest ending (i8042 reset, crash, panic with `panic=-1 reboot=t`) ends the VMM process,
+//! hence the jail helper: [`CellBackend::is_alive`] turns false and the pool replaces the cell.
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::SizeClass;
+
+use crate::backend::{BackendError, CellBackend, CellRecord, CellSpec, Leftover};
+use crate::cell::{Cell, CellError, Connector};
+use crate::cgroup::{Hierarchy, Limits};
+use crate::config::GuestFiles;
+use crate::jail::{BindSpec, JailSpec, RootSpec};
+use crate::net::{
+    create_guest_link, delete_tap, BoxNet, CellNetNames, CELL_TAP, GUEST_LINK_ADDR,
+    GUEST_LINK_GATEWAY, NETNS_DIR,
+};
+use crate::sandbox::now_ms;
+use crate::vmm::config::{VmConfig, MAX_VCPUS};
+use crate::vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+
+/// Guest vsock port the cell daemon listens on (`hive.listen=vsock:1024`).
+pub const AGENT_PORT: u32 = 1024;
+/// Memory the cgroup allows on top of guest memory: the VMM's own heap, stacks, page tables,
+/// device buffers and the page cache of the disk images it reads.
+pub const VMM_OVERHEAD_MIB: u64 = 64;
+/// Processes in a cell's cgroup besides one thread per vCPU: jail helper, VMM main, signal and
+/// device threads, with room to spare.
+pub const BASE_PIDS: u32 = 32;
+
+/// Paths inside the jail.
+const JAIL_VM_CONFIG: &str = "/cell/vm.json";
+const JAIL_SERIAL: &str = "/cell/serial.log";
+const JAIL_RUN: &str = "/cell/run";
+const JAIL_KERNEL: &str = "/images/kernel";
+const JAIL_ROOTFS_DISK: &str = "/images/rootfs.ext4";
+const JAIL_BUILD_DISK: &str = "/images/build.ext4";
+const JAIL_KVM: &str = "/run/kvm";
+const JAIL_VMM: &str = "/bin/hive-box";
+const JAIL_SETPRIV: &str = "/bin/setpriv";
+/// Name of the vsock muxer socket in `<cell>/run/`.
+const VSOCK_SOCKET: &str = "v.sock";
+
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    /// `<data-dir>/cells` holds one directory per cell.
+    pub data_dir: PathBuf,
+    /// Kernel, root disk, build disk.
+    pub guest: GuestFiles,
+    /// The `hive-box` binary, run as `hive-box jail` and, inside it, `hive-box vmm`.
+    pub vmm_binary: PathBuf,
+    /// `setpriv` (util-linux), which drops every capability before the VMM starts.
+    pub setpriv: PathBuf,
+    /// The KVM device on the box.
+    pub kvm_device: PathBuf,
+    /// Parent cgroup name for this box's cells.
+    pub cgroup_parent: String,
+    pub net: BoxNet,
+    /// Appended to the guest kernel command line (e.g. `hive.log=debug`).
+    pub extra_cmdline: String,
+    /// Environment of the VMM process (e.g. RUST_LOG); its output goes to `<cell>/vmm.log`.
+    pub vmm_env: BTreeMap<String, String>,
+}
+
+impl MicrovmConfig {
+    /// Defaults for everything but the data dir, guest files, network and cgroup parent.
+    pub fn new(data_dir: PathBuf, guest: GuestFiles, net: BoxNet, cgroup_parent: String) -> Self {
+        MicrovmConfig {
+            data_dir,
+            guest,
+            vmm_binary: std::env::current_exe().unwrap_or_else(|_| "hive-box".into()),
+            setpriv: PathBuf::from("/usr/bin/setpriv"),
+            kvm_device: PathBuf::from("/dev/kvm"),
+            cgroup_parent,
+            net,
+            extra_cmdline: String::new(),
+            vmm_env: BTreeMap::new(),
+        }
+    }
+}
+
+pub struct MicrovmBackend {
+    cfg: MicrovmConfig,
+    cgroups: Hierarchy,
+    /// Read-only binds of the shared libraries the VMM binary and setpriv load.
+    libs: Vec<PathBuf>,
+    /// Empty directory: the lower layer of every VMM jail's root.
+    empty_root: PathBuf,
+    helpers: Mutex<HashMap<String, tokio::process::Child>>,
+}
+
+impl std::fmt::Debug for MicrovmBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicrovmBackend")
+            .field("cfg", &self.cfg)
+            .field("cgroups", &self.cgroups)
+            .field("libs", &self.libs)
+            .finish()
+    }
+}
+
+fn unavailable(reason: String) -> BackendError {
+    BackendError::Unavailable {
+        backend: "microvm",
+        reason,
+    }
+}
+
+impl MicrovmBackend {
+    /// Checks the guest files, the KVM device and the helpers; fails with a message naming what is
+    /// missing (and what builds it) instead of failing every cell later.
+    pub fn new(cfg: MicrovmConfig) -> Result<Self, BackendError> {
+        let g = &cfg.guest;
+        for (what, path, build) in [
+            ("guest kernel", &g.kernel, crate::config::BUILD_KERNEL_CMD),
+            (
+                "cell rootfs disk image",
+                &g.rootfs_disk,
+                crate::config::BUILD_IMAGES_CMD,
+            ),
+            (
+                "build image disk",
+                &g.build_disk,
+                crate::config::BUILD_IMAGES_CMD,
+            ),
+        ] {
+            if !path.is_file() {
+                return Err(unavailable(format!(
+                    "{what} {}: no such file ({build} builds it)",
+                    path.display()
+                )));
+            }
+        }
+        for (what, path) in [
+            ("VMM binary", &cfg.vmm_binary),
+            ("setpriv (util-linux)", &cfg.setpriv),
+        ] {
+            if !path.is_file() {
+                return Err(unavailable(format!(
+                    "{what} {}: no such file",
+                    path.display()
+                )));
+            }
+        }
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cfg.kvm_device)
+            .map_err(|e| {
+                unavailable(format!(
+                    "open {}: {e} (the host needs KVM; use --backend sandbox without it)",
+                    cfg.kvm_device.display()
+                ))
+            })?;
+        let mut libs = shared_libs(&cfg.vmm_binary)?;
+        for lib in shared_libs(&cfg.setpriv)? {
+            if !libs.contains(&lib) {
+                libs.push(lib);
+            }
+        }
+        let cgroups = Hierarchy::detect()?;
+        let dir_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BackendError::CellDir { path, source }
+        };
+        let cells = cfg.data_dir.join("cells");
+        fs::create_dir_all(&cells).map_err(dir_err(&cells))?;
+        let empty_root = cfg.data_dir.join("vmm-root");
+        fs::create_dir_all(&empty_root).map_err(dir_err(&empty_root))?;
+        tracing::info!(
+            kernel = %g.kernel.display(),
+            rootfs_disk = %g.rootfs_disk.display(),
+            build_disk = %g.build_disk.display(),
+            cgroup = cgroups.version(),
+            "microvm backend: one jailed VMM per cell (uid 0 without capabilities, seccomp, \
+             no_new_privs)"
+        );
+        Ok(MicrovmBackend {
+            cfg,
+            cgroups,
+            libs,
+            empty_root,
+            helpers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &MicrovmConfig {
+        &self.cfg
+    }
+
+    pub fn cgroups(&self) -> &Hierarchy {
+        &self.cgroups
+    }
+
+    pub fn cell_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("cells").join(id)
+    }
+
+    /// Host side of the cell's vsock muxer (guest connections to host port P go to `<this>_P`).
+    pub fn vsock_path(&self, id: &str) -> PathBuf {
+        self.cell_dir(id).join("run").join(VSOCK_SOCKET)
+    }
+
+    /// The guest's serial console.
+    pub fn serial_log(&self, id: &str) -> PathBuf {
+        self.cell_dir(id).join("serial.log")
+    }
+
+    /// The VMM's (and jail helper's) own stdout/stderr.
+    pub fn vmm_log(&self, id: &str) -> PathBuf {
+        self.cell_dir(id).join("vmm.log")
+    }
+
+    /// The VM description for `spec`, with the files at `files` (host paths to validate before
+    /// start, jail paths for the file the VMM reads).
+    fn vm_config(&self, spec: &CellSpec, files: &VmFiles) -> serde_json::Value {
+        vm_config_json(spec, files, &self.cfg.extra_cmdline)
+    }
+
+    fn jail_spec(&self, spec: &CellSpec, netns: PathBuf, cgroup_procs: Vec<PathBuf>) -> JailSpec {
+        let dir = self.cell_dir(&spec.id);
+        let ro = |source: &Path, target: &str| BindSpec {
+            source: source.to_path_buf(),
+            target: target.into(),
+            readonly: true,
+        };
+        let rw = |source: &Path, target: &str| BindSpec {
+            source: source.to_path_buf(),
+            target: target.into(),
+            readonly: false,
+        };
+        let g = &self.cfg.guest;
+        let mut binds = vec![
+            ro(&self.cfg.vmm_binary, JAIL_VMM),
+            ro(&self.cfg.setpriv, JAIL_SETPRIV),
+            ro(&g.kernel, JAIL_KERNEL),
+            ro(&g.rootfs_disk, JAIL_ROOTFS_DISK),
+            ro(&g.build_disk, JAIL_BUILD_DISK),
+            ro(&dir.join("vm.json"), JAIL_VM_CONFIG),
+            rw(&dir.join("serial.log"), JAIL_SERIAL),
+            rw(&dir.join("run"), JAIL_RUN),
+            // Not read-only: a read-only bind is also nodev, and this is a device.
+            rw(&self.cfg.kvm_device, JAIL_KVM),
+        ];
+        for lib in &self.libs {
+            binds.push(ro(lib, &lib.to_string_lossy()));
+        }
+        let mut env = self.cfg.vmm_env.clone();
+        env.entry("RUST_LOG".into())
+            .or_insert_with(|| "info".into());
+        JailSpec {
+            hostname: format!("vmm-{}", spec.id),
+            root: RootSpec {
+                lower: self.empty_root.clone(),
+                upper: dir.join("upper"),
+                work: dir.join("work"),
+                merged: dir.join("rootfs"),
+            },
+            binds,
+            netns: Some(netns),
+            cgroup_procs,
+            pid_file: dir.join("pid"),
+            program: JAIL_SETPRIV.into(),
+            args: setpriv_args(),
+            env,
+            seccomp: true,
+        }
+    }
+
+    async fn try_create(&self, spec: &CellSpec) -> Result<Cell, BackendError> {
+        let dir = self.cell_dir(&spec.id);
+        let dir_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BackendError::CellDir { path, source }
+        };
+        for sub in ["upper", "work", "rootfs", "run"] {
+            fs::create_dir_all(dir.join(sub)).map_err(dir_err(&dir.join(sub)))?;
+        }
+        CellRecord {
+            id: spec.id.clone(),
+            size_class: spec.size_class.name.clone(),
+            slot: spec.slot,
+            created_at_ms: now_ms(),
+            ..Default::default()
+        }
+        .store(&dir)
+        .map_err(dir_err(&dir))?;
+
+        // The config is checked against the host paths before anything is started, so a bad
+        // class or file is an error here and not a VMM that exits at once.
+        let host_files = VmFiles {
+            kernel: self.cfg.guest.kernel.clone(),
+            rootfs_disk: self.cfg.guest.rootfs_disk.clone(),
+            build_disk: self.cfg.guest.build_disk.clone(),
+            serial: dir.join("serial.log"),
+            vsock: self.vsock_path(&spec.id),
+            kvm: self.cfg.kvm_device.clone(),
+        };
+        let serial = &host_files.serial;
+        fs::File::create(serial).map_err(dir_err(serial))?;
+        let checked: VmConfig = serde_json::from_value(self.vm_config(spec, &host_files))
+            .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
+        checked
+            .validate()
+            .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
+        let vm_path = dir.join("vm.json");
+        let jail_cfg = self.vm_config(spec, &VmFiles::in_jail());
+        fs::write(
+            &vm_path,
+            serde_json::to_vec_pretty(&jail_cfg)
+                .map_err(std::io::Error::other)
+                .map_err(dir_err(&vm_path))?,
+        )
+        .map_err(dir_err(&vm_path))?;
+
+        let class = &spec.size_class;
+        let shape = Shape::of(class);
+        let cgroup = self.cgroups.create(
+            &self.cfg.cgroup_parent,
+            &spec.id,
+            Limits {
+                vcpus: u32::from(shape.vcpus),
+                memory_bytes: (u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024,
+                pids_max: BASE_PIDS + u32::from(shape.vcpus),
+            },
+        )?;
+        let net = self
+            .cfg
+            .net
+            .create_cell(&CellNetNames::for_cell(&spec.id), spec.slot)
+            .await?;
+        create_guest_link(&net.netns, CELL_TAP).await?;
+
+        let jail = self.jail_spec(spec, net.netns.clone(), cgroup.procs_files());
+        let spec_path = dir.join("jail.json");
+        fs::write(
+            &spec_path,
+            serde_json::to_vec_pretty(&jail)
+                .map_err(std::io::Error::other)
+                .map_err(dir_err(&spec_path))?,
+        )
+        .map_err(dir_err(&spec_path))?;
+        // The VMM's own log (set-up errors, exit report) stays with the cell, out of the box
+        // daemon's log; the guest's console is serial.log, rate-limited by the VMM.
+        let log_path = self.vmm_log(&spec.id);
+        let log = fs::File::create(&log_path).map_err(dir_err(&log_path))?;
+        let log2 = log.try_clone().map_err(dir_err(&log_path))?;
+        let child = tokio::process::Command::new(&self.cfg.vmm_binary)
+            .arg("jail")
+            .arg("--spec")
+            .arg(&spec_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .env_clear()
+            .spawn()
+            .map_err(|source| BackendError::Spawn {
+                helper: self.cfg.vmm_binary.clone(),
+                source,
+            })?;
+        self.helpers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.id.clone(), child);
+        Ok(Cell::new(
+            spec.id.clone(),
+            class.name.clone(),
+            Connector::VsockMux {
+                path: self.vsock_path(&spec.id),
+                port: AGENT_PORT,
+            },
+        ))
+    }
+
+    /// The helper's exit status once it ended (None while it runs or when unknown).
+    fn exit_code(&self, cell_id: &str) -> Option<Option<i32>> {
+        let mut helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
+        let child = helpers.get_mut(cell_id)?;
+        match child.try_wait() {
+            Ok(Some(status)) => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// Why the cell ended: the exit code's meaning plus the ends of the serial console and of the
+    /// VMM's log.
+    fn death_detail(&self, id: &str) -> String {
+        let code = self.exit_code(id).flatten();
+        format!(
+            "VMM exited ({}); serial: {}; vmm: {}",
+            describe_exit(code),
+            tail(&self.serial_log(id), 5),
+            tail(&self.vmm_log(id), 3)
+        )
+    }
+}
+
+/// `setpriv` arguments: drop every capability (bounding, inheritable, ambient; root gets none on
+/// exec with `noroot`), lock that, then exec the VMM.
+fn setpriv_args() -> Vec<String> {
+    [
+        "--bounding-set",
+        "-all",
+        "--inh-caps",
+        "-all",
+        "--ambient-caps",
+        "-all",
+        "--securebits",
+        "+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked,+keep_caps_locked",
+        "--",
+        JAIL_VMM,
+        "vmm",
+        "--config",
+        JAIL_VM_CONFIG,
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+/// What an exit code of `hive-box jail` running `hive-box vmm` means.
+pub fn describe_exit(code: Option<i32>) -> String {
+    match code {
+        Some(0) => "code 0: the guest reset the VM".into(),
+        Some(2) => "code 2: VM set-up failed".into(),
+        Some(3) => "code 3: a vCPU shut down (triple fault)".into(),
+        Some(4) => "code 4: a vCPU failed".into(),
+        Some(126) => "code 126: the jail helper failed".into(),
+        Some(127) => "code 127: the jail could not start the VMM".into(),
+        Some(143) => "code 143: stopped by SIGTERM".into(),
+        Some(c) if c > 128 => format!("code {c}: killed by signal {}", c - 128),
+        Some(c) => format!("code {c}"),
+        None => "killed by a signal".into(),
+    }
+}
+
+/// The last `n` lines of a log file, joined with " | " (empty when missing).
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Absolute paths of the shared libraries (and the ELF interpreter) `binary` loads, from `ldd`.
+/// A static binary has none.
+fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, BackendError> {
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| unavailable(format!("run ldd on {}: {e}", binary.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let all = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        if all.contains("not a dynamic executable") || all.contains("statically linked") {
+            return Ok(Vec::new());
+        }
+        return Err(unavailable(format!(
+            "ldd {}: {}",
+            binary.display(),
+            all.trim()
+        )));
+    }
+    Ok(parse_ldd(&text))
+}
+
+fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            let p = PathBuf::from(p);
+            if !libs.contains(&p) {
+                libs.push(p);
+            }
+        }
+    }
+    libs
+}
+
+/// A size class as the VMM can give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    vcpus: u8,
+    memory_mib: u32,
+}
+
+impl Shape {
+    fn of(class: &SizeClass) -> Shape {
+        let vcpus = class.vcpus.clamp(1, u32::from(MAX_VCPUS)) as u8;
+        let want = if class.memory_mib == 0 {
+            512
+        } else {
+            class.memory_mib
+        };
+        let memory_mib = want.clamp(u64::from(MIN_MEMORY_MIB), u64::from(MAX_MEMORY_MIB)) as u32;
+        if u64::from(memory_mib) != want || u32::from(vcpus) != class.vcpus.max(1) {
+            tracing::warn!(
+                class = %class.name,
+                vcpus = class.vcpus,
+                memory_mib = class.memory_mib,
+                got_vcpus = vcpus,
+                got_memory_mib = memory_mib,
+                "size class is outside what the VMM gives one guest (memory below the MMIO hole \
+                 only, at most {MAX_VCPUS} vCPUs); clamped"
+            );
+        }
+        Shape { vcpus, memory_mib }
+    }
+}
+
+/// The files a VM config names, either as the box sees them or as the jailed VMM does.
+#[derive(Debug, Clone)]
+struct VmFiles {
+    kernel: PathBuf,
+    rootfs_disk: PathBuf,
+    build_disk: PathBuf,
+    serial: PathBuf,
+    vsock: PathBuf,
+    kvm: PathBuf,
+}
+
+impl VmFiles {
+    fn in_jail() -> VmFiles {
+        VmFiles {
+            kernel: JAIL_KERNEL.into(),
+            rootfs_disk: JAIL_ROOTFS_DISK.into(),
+            build_disk: JAIL_BUILD_DISK.into(),
+            serial: JAIL_SERIAL.into(),
+            vsock: Path::new(JAIL_RUN).join(VSOCK_SOCKET),
+            kvm: JAIL_KVM.into(),
+        }
+    }
+}
+
+/// The guest kernel command line (as `deploy/guest/boot-check.sh` boots it, but with the agent on
+/// vsock and the NIC on the routed TAP link); the VMM appends its `virtio_mmio.device=` entries.
+pub fn guest_cmdline(cell_id: &str, extra: &str) -> String {
+    let mut c = format!(
+        "console=ttyS0 reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 rootwait \
+         init=/sbin/hive-cell ip={GUEST_LINK_ADDR}::{GUEST_LINK_GATEWAY}:255.255.255.252:cell:eth0:off \
+         hive.cell_id={cell_id} hive.listen=vsock:{AGENT_PORT} hive.build_disk=/dev/vdb \
+         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    );
+    if !extra.trim().is_empty() {
+        c.push(' ');
+        c.push_str(extra.trim());
+    }
+    c
+}
+
+/// A locally administered unicast MAC from the cell id (stable, distinct per cell).
+fn guest_mac(cell_id: &str) -> String {
+    let mut b = [0u8; 4];
+    for (i, chunk) in cell_id.as_bytes().chunks(2).take(4).enumerate() {
+        b[i] = std::str::from_utf8(chunk)
+            .ok()
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    format!("02:48:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// A one-second bucket of `per_sec` tokens (so the burst is one second's worth); 0 = unlimited.
+fn bucket(per_sec: u64) -> Option<serde_json::Value> {
+    (per_sec > 0).then(|| serde_json::json!({ "size": per_sec, "refill_time_ms": 1000 }))
+}
+
+fn vm_config_json(spec: &CellSpec, files: &VmFiles, extra_cmdline: &str) -> serde_json::Value {
+    let class = &spec.size_class;
+    let shape = Shape::of(class);
+    let mut disk_limit = serde_json::Map::new();
+    if let Some(b) = bucket(class.disk_bytes_per_sec) {
+        disk_limit.insert("bandwidth".into(), b);
+    }
+    if let Some(b) = bucket(class.disk_ops_per_sec) {
+        disk_limit.insert("ops".into(), b);
+    }
+    let mut net_limit = serde_json::Map::new();
+    if let Some(b) = bucket(class.net_bytes_per_sec) {
+        net_limit.insert("bandwidth".into(), b);
+    }
+    serde_json::json!({
+        "kernel": files.kernel,
+        "cmdline": guest_cmdline(&spec.id, extra_cmdline),
+        "vcpus": shape.vcpus,
+        "memory_mib": shape.memory_mib,
+        "kvm_device": files.kvm,
+        "serial": { "path": files.serial },
+        "block": [
+            { "path": files.rootfs_disk, "read_only": true, "rate_limit": disk_limit },
+            { "path": files.build_disk, "read_only": true, "rate_limit": disk_limit },
+        ],
+        "net": [{ "tap": CELL_TAP, "mac": guest_mac(&spec.id), "rate_limit": net_limit }],
+        "vsock": { "guest_cid": 3, "uds_path": files.vsock },
+        "rng": true,
+    })
+}
+
+impl CellBackend for MicrovmBackend {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    async fn create(&self, spec: CellSpec) -> Result<Cell, BackendError> {
+        match self.try_create(&spec).await {
+            Ok(cell) => Ok(cell),
+            Err(e) => {
+                if let Err(d) = self.destroy(&spec.id).await {
+                    tracing::warn!(cell = %spec.id, error = %crate::jail::error_chain(&d), "cleanup after failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_ready(&self, cell: &Cell, timeout: Duration) -> Result<(), BackendError> {
+        let start = Instant::now();
+        let socket = self.vsock_path(&cell.id);
+        let mut last = String::from("vsock socket not there yet");
+        let mut pause = Duration::from_millis(5);
+        while start.elapsed() < timeout {
+            if !self.is_alive(&cell.id) {
+                return Err(CellError::Died {
+                    cell: cell.id.clone(),
+                    detail: self.death_detail(&cell.id),
+                }
+                .into());
+            }
+            if socket.exists() {
+                let left = timeout.saturating_sub(start.elapsed());
+                match cell.health(left.min(Duration::from_secs(2))).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => last = "health answered ready=false".into(),
+                    Err(e) => last = e,
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+        if !self.is_alive(&cell.id) {
+            return Err(CellError::Died {
+                cell: cell.id.clone(),
+                detail: self.death_detail(&cell.id),
+            }
+            .into());
+        }
+        Err(CellError::NotReady {
+            cell: cell.id.clone(),
+            waited: timeout,
+            last: format!("{last}; serial: {}", tail(&self.serial_log(&cell.id), 5)),
+        }
+        .into())
+    }
+
+    fn is_alive(&self, cell_id: &str) -> bool {
+        let mut helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
+        match helpers.get_mut(cell_id) {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    async fn destroy(&self, cell_id: &str) -> Result<(), BackendError> {
+        let child = self
+            .helpers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(cell_id);
+        // The VMM (PID 1 of the jail) first, so the helper reaps it and exits; see sandbox.rs.
+        if let Some(mut child) = child {
+            if let Ok(None) = child.try_wait() {
+                if let Some(pid) = fs::read_to_string(self.cell_dir(cell_id).join("pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+        // Whatever is still in the cgroup (a VMM from a previous run of the box) is killed.
+        let cgroup = self.cgroups.open(&self.cfg.cgroup_parent, cell_id);
+        let killed = cgroup.destroy().await;
+        let names = CellNetNames::for_cell(cell_id);
+        delete_tap(&Path::new(NETNS_DIR).join(&names.netns), CELL_TAP).await;
+        self.cfg.net.destroy_cell(&names).await;
+        let dir = self.cell_dir(cell_id);
+        if dir.exists() {
+            // The overlay and binds were mounted only in the jail's mount namespace.
+            fs::remove_dir_all(&dir).map_err(|source| BackendError::CellDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        killed?;
+        Ok(())
+    }
+
+    fn inspect(&self) -> Vec<Leftover> {
+        let mut found: BTreeMap<String, Leftover> = BTreeMap::new();
+        if let Ok(entries) = fs::read_dir(self.cfg.data_dir.join("cells")) {
+            for e in entries.flatten() {
+                let Ok(id) = e.file_name().into_string() else {
+                    continue;
+                };
+                let dir = e.path();
+                found.insert(
+                    id.clone(),
+                    Leftover {
+                        record: CellRecord::load(&dir),
+                        id,
+                        dir,
+                    },
+                );
+            }
+        }
+        for id in self.cgroups.children(&self.cfg.cgroup_parent) {
+            let dir = self.cell_dir(&id);
+            found.entry(id.clone()).or_insert(Leftover {
+                id,
+                dir,
+                record: None,
+            });
+        }
+        found.into_values().collect()
+    }
+
+    fn record_build(&self, cell_id: &str, build_id: &str, lease_id: &str) {
+        let dir = self.cell_dir(cell_id);
+        let mut rec = CellRecord::load(&dir).unwrap_or_else(|| CellRecord {
+            id: cell_id.to_string(),
+            ..Default::default()
+        });
+        rec.build_id = build_id.to_string();
+        rec.lease_id = lease_id.to_string();
+        if let Err(e) = rec.store(&dir) {
+            tracing::warn!(cell = %cell_id, error = %e, "write cell record");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(class: SizeClass) -> CellSpec {
+        CellSpec {
+            id: "0123456789ab".into(),
+            size_class: class,
+            slot: 3,
+        }
+    }
+
+    #[test]
+    fn vm_config_follows_the_class_and_parses() {
+        let class = SizeClass {
+            name: "small".into(),
+            vcpus: 2,
+            memory_mib: 1024,
+            net_bytes_per_sec: 1_000_000,
+            disk_bytes_per_sec: 50_000_000,
+            disk_ops_per_sec: 2000,
+            ..Default::default()
+        };
+        let v = vm_config_json(&spec(class), &VmFiles::in_jail(), "hive.log=debug");
+        let cfg: VmConfig = serde_json::from_value(v).expect("matches the VMM's schema");
+        assert_eq!((cfg.vcpus, cfg.memory_mib), (2, 1024));
+        assert_eq!(cfg.kernel, Path::new(JAIL_KERNEL));
+        assert_eq!(cfg.kvm_device, Path::new(JAIL_KVM));
+        assert_eq!(cfg.block.len(), 2);
+        assert!(cfg.block.iter().all(|b| b.read_only));
+        assert_eq!(cfg.block[0].path, Path::new(JAIL_ROOTFS_DISK));
+        assert_eq!(cfg.block[1].path, Path::new(JAIL_BUILD_DISK));
+        let disk = cfg.block[0].rate_limit;
+        assert_eq!(disk.bandwidth.map(|b| b.size), Some(50_000_000));
+        assert_eq!(
+            disk.ops.map(|b| (b.size, b.refill_time_ms)),
+            Some((2000, 1000))
+        );
+        assert_eq!(cfg.net[0].tap, CELL_TAP);
+        assert_eq!(cfg.net[0].mac.as_deref(), Some("02:48:01:23:45:67"));
+        assert_eq!(
+            cfg.net[0].rate_limit.bandwidth.map(|b| b.size),
+            Some(1_000_000)
+        );
+        assert!(cfg.net[0].rate_limit.ops.is_none());
+        let vsock = cfg.vsock.expect("vsock");
+        assert_eq!(vsock.uds_path, Path::new("/cell/run/v.sock"));
+        assert!(cfg.rng);
+        assert_eq!(cfg.serial.path.as_deref(), Some(Path::new(JAIL_SERIAL)));
+        for word in [
+            "root=/dev/vda",
+            "init=/sbin/hive-cell",
+            "hive.cell_id=0123456789ab",
+            "hive.listen=vsock:1024",
+            "hive.build_disk=/dev/vdb",
+            "ip=169.254.100.2::169.254.100.1:255.255.255.252:cell:eth0:off",
+            "panic=-1",
+            "hive.log=debug",
+        ] {
+            assert!(
+                cfg.cmdline.split(' ').any(|w| w == word),
+                "{word} in {}",
+                cfg.cmdline
+            );
+        }
+    }
+
+    #[test]
+    fn unlimited_class_has_no_buckets_and_big_classes_are_clamped() {
+        let class = SizeClass {
+            name: "large".into(),
+            vcpus: 64,
+            memory_mib: 8192,
+            ..Default::default()
+        };
+        let v = vm_config_json(&spec(class), &VmFiles::in_jail(), "");
+        let cfg: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(cfg.vcpus, MAX_VCPUS);
+        assert_eq!(cfg.memory_mib, MAX_MEMORY_MIB);
+        assert!(
+            cfg.block[0].rate_limit.bandwidth.is_none() && cfg.block[0].rate_limit.ops.is_none()
+        );
+        assert!(cfg.net[0].rate_limit.bandwidth.is_none());
+    }
+
+    #[test]
+    fn ldd_output_parses() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+    }
+
+    #[test]
+    fn exit_codes_are_explained() {
+        assert!(describe_exit(Some(0)).contains("reset"));
+        assert!(describe_exit(Some(2)).contains("set-up"));
+        assert!(describe_exit(Some(137)).contains("signal 9"));
+        assert!(describe_exit(None).contains("signal"));
+    }
+
+    #[test]
+    fn setpriv_drops_everything_then_runs_the_vmm() {
+        let a = setpriv_args();
+        let sep = a.iter().position(|s| s == "--").unwrap();
+        assert_eq!(&a[sep + 1..], [JAIL_VMM, "vmm", "--config", JAIL_VM_CONFIG]);
+        assert!(a[..sep].windows(2).any(|w| w == ["--bounding-set", "-all"]));
+    }
+}

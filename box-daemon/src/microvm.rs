@@ -227,12 +227,6 @@ impl MicrovmBackend {
         self.cell_dir(id).join("vmm.log")
     }
 
-    /// The VM description for `spec`, with the files at `files` (host paths to validate before
-    /// start, jail paths for the file the VMM reads).
-    fn vm_config(&self, spec: &CellSpec, files: &VmFiles) -> serde_json::Value {
-        vm_config_json(spec, files, &self.cfg.extra_cmdline)
-    }
-
     fn jail_spec(&self, spec: &CellSpec, netns: PathBuf, cgroup_procs: Vec<PathBuf>) -> JailSpec {
         let dir = self.cell_dir(&spec.id);
         let ro = |source: &Path, target: &str| BindSpec {
@@ -304,6 +298,8 @@ impl MicrovmBackend {
 
         // The config is checked against the host paths before anything is started, so a bad
         // class or file is an error here and not a VMM that exits at once.
+        let class = &spec.size_class;
+        let shape = Shape::of(class);
         let host_files = VmFiles {
             kernel: self.cfg.guest.kernel.clone(),
             rootfs_disk: self.cfg.guest.rootfs_disk.clone(),
@@ -314,13 +310,18 @@ impl MicrovmBackend {
         };
         let serial = &host_files.serial;
         fs::File::create(serial).map_err(dir_err(serial))?;
-        let checked: VmConfig = serde_json::from_value(self.vm_config(spec, &host_files))
-            .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
+        let checked: VmConfig = serde_json::from_value(vm_config_json(
+            spec,
+            shape,
+            &host_files,
+            &self.cfg.extra_cmdline,
+        ))
+        .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
         checked
             .validate()
             .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
         let vm_path = dir.join("vm.json");
-        let jail_cfg = self.vm_config(spec, &VmFiles::in_jail());
+        let jail_cfg = vm_config_json(spec, shape, &VmFiles::in_jail(), &self.cfg.extra_cmdline);
         fs::write(
             &vm_path,
             serde_json::to_vec_pretty(&jail_cfg)
@@ -329,8 +330,6 @@ impl MicrovmBackend {
         )
         .map_err(dir_err(&vm_path))?;
 
-        let class = &spec.size_class;
-        let shape = Shape::of(class);
         let cgroup = self.cgroups.create(
             &self.cfg.cgroup_parent,
             &spec.id,
@@ -588,9 +587,15 @@ fn bucket(per_sec: u64) -> Option<serde_json::Value> {
     (per_sec > 0).then(|| serde_json::json!({ "size": per_sec, "refill_time_ms": 1000 }))
 }
 
-fn vm_config_json(spec: &CellSpec, files: &VmFiles, extra_cmdline: &str) -> serde_json::Value {
+/// The VM description for `spec` with the files at `files` (host paths to validate before start,
+/// jail paths for the file the VMM reads).
+fn vm_config_json(
+    spec: &CellSpec,
+    shape: Shape,
+    files: &VmFiles,
+    extra_cmdline: &str,
+) -> serde_json::Value {
     let class = &spec.size_class;
-    let shape = Shape::of(class);
     let mut disk_limit = serde_json::Map::new();
     if let Some(b) = bucket(class.disk_bytes_per_sec) {
         disk_limit.insert("bandwidth".into(), b);
@@ -794,7 +799,13 @@ mod tests {
             disk_ops_per_sec: 2000,
             ..Default::default()
         };
-        let v = vm_config_json(&spec(class), &VmFiles::in_jail(), "hive.log=debug");
+        let s = spec(class);
+        let v = vm_config_json(
+            &s,
+            Shape::of(&s.size_class),
+            &VmFiles::in_jail(),
+            "hive.log=debug",
+        );
         let cfg: VmConfig = serde_json::from_value(v).expect("matches the VMM's schema");
         assert_eq!((cfg.vcpus, cfg.memory_mib), (2, 1024));
         assert_eq!(cfg.kernel, Path::new(JAIL_KERNEL));
@@ -846,7 +857,8 @@ mod tests {
             memory_mib: 8192,
             ..Default::default()
         };
-        let v = vm_config_json(&spec(class), &VmFiles::in_jail(), "");
+        let s = spec(class);
+        let v = vm_config_json(&s, Shape::of(&s.size_class), &VmFiles::in_jail(), "");
         let cfg: VmConfig = serde_json::from_value(v).unwrap();
         assert_eq!(cfg.vcpus, MAX_VCPUS);
         assert_eq!(cfg.memory_mib, MAX_MEMORY_MIB);

@@ -9,6 +9,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -169,10 +170,16 @@ fn vsock_5000(uds: &Path) -> std::thread::JoinHandle<Result<(), String>> {
 
 const ETH_HIVE: u16 = 0x88b5;
 
-/// An AF_PACKET socket on `ifname` (in this thread's network namespace) for the guest's ethertype.
-fn packet_socket(ifname: &str) -> Result<OwnedFd, String> {
+/// An AF_PACKET socket on `ifname` (in this thread's network namespace) for `ethertype`.
+fn packet_socket(ifname: &str, ethertype: u16) -> Result<OwnedFd, String> {
     // SAFETY: plain socket(2) call; the result is checked and owned immediately.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_HIVE.to_be())) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ethertype.to_be()),
+        )
+    };
     if fd < 0 {
         return Err(format!(
             "AF_PACKET socket: {}",
@@ -190,7 +197,7 @@ fn packet_socket(ifname: &str) -> Result<OwnedFd, String> {
     // SAFETY: sockaddr_ll is plain old data; all-zero is a valid starting value.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = ETH_HIVE.to_be();
+    addr.sll_protocol = ethertype.to_be();
     addr.sll_ifindex = index as i32;
     // SAFETY: `addr` is a valid sockaddr_ll and the length passed matches it.
     let rc = unsafe {
@@ -216,7 +223,7 @@ fn tap_peer(netns: PathBuf) -> std::thread::JoinHandle<Result<[u8; 6], String>> 
         let ns = std::fs::File::open(&netns).map_err(|e| format!("open {netns:?}: {e}"))?;
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("setns: {e}"))?;
-        let fd = packet_socket(CELL_TAP)?;
+        let fd = packet_socket(CELL_TAP, ETH_HIVE)?;
         let tv = libc::timeval {
             tv_sec: 60,
             tv_usec: 0,
@@ -603,4 +610,186 @@ fn hive_box_backend_microvm_names_what_is_missing() {
         assert!(err.contains("cannot open /dev/kvm"), "{err}");
     }
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Sets SO_RCVTIMEO on a socket.
+fn recv_timeout(fd: &OwnedFd, d: Duration) {
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setting SO_RCVTIMEO with a valid timeval of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+}
+
+/// Attaches to TAP `name` in this thread's namespace the way the VMM does (IFF_TAP | IFF_NO_PI).
+fn attach_tap(name: &str) -> Result<std::fs::File, String> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("open /dev/net/tun: {e}"))?;
+    let mut ifreq = [0u8; 40];
+    ifreq[..name.len()].copy_from_slice(name.as_bytes());
+    ifreq[16..18].copy_from_slice(&(0x0002i16 | 0x1000i16).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq, which `ifreq` is; the fd is a
+    // freshly opened tun control device.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca as _, ifreq.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(format!(
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(f)
+}
+
+fn ip_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame with an ICMP echo request from `src` to `dst`.
+fn icmp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut icmp = vec![8u8, 0, 0, 0, 0x48, 0x56, 0, 1];
+    icmp.extend_from_slice(b"hive-guest-link");
+    let c = ip_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = 20 + icmp.len();
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = ip_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The guest link is routed and masqueraded: a packet the guest sends through the TAP to an
+/// outside address leaves the cell on its veth with the cell's own address as source (so the
+/// box's firewall and NAT treat it like a sandbox cell's). No KVM needed: the test attaches to
+/// the TAP itself, as the VMM would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_link_forwards_and_masquerades_out_of_the_cell() {
+    let id = new_id();
+    let net = BoxNet {
+        table: "hive_t_mvlink".into(),
+        subnet: "100.96.214.0/24".parse().unwrap(),
+        blocked: vec![],
+    };
+    net.setup().expect("load nftables table");
+    let names = CellNetNames::for_cell(&id);
+    let cell = net.create_cell(&names, 1).await.expect("cell network");
+    let result = async {
+        hive_box::net::create_guest_link(&cell.netns, CELL_TAP)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let out = std::process::Command::new("ip")
+            .args(["-n", &names.netns, "-br", "link", "show", CELL_TAP])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mac_text = text
+            .split_whitespace()
+            .nth(2)
+            .ok_or(format!("no MAC in {text:?}"))?;
+        let mut gw_mac = [0u8; 6];
+        for (b, h) in gw_mac.iter_mut().zip(mac_text.split(':')) {
+            *b = u8::from_str_radix(h, 16).map_err(|e| e.to_string())?;
+        }
+        let fwd = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &names.netns,
+                "cat",
+                "/proc/sys/net/ipv4/ip_forward",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if String::from_utf8_lossy(&fwd.stdout).trim() != "1" {
+            return Err("ip_forward is off in the cell netns".to_string());
+        }
+
+        // Host side: watch the cell's veth for the forwarded packet.
+        let capture = packet_socket(&names.veth, 0x0800)?;
+        recv_timeout(&capture, Duration::from_millis(200));
+        let outside = Ipv4Addr::new(198, 51, 100, 7);
+        let frame = icmp_frame(
+            gw_mac,
+            [0x02, 0x48, 0, 0, 0, 1],
+            hive_box::net::GUEST_LINK_ADDR,
+            outside,
+        );
+        // Guest side: a thread in the cell netns attached to the TAP, sending until seen.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let netns = cell.netns.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let ns = std::fs::File::open(&netns).map_err(|e| e.to_string())?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("setns: {e}"))?;
+                let mut tap = attach_tap(CELL_TAP)?;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    tap.write_all(&frame)
+                        .map_err(|e| format!("write TAP: {e}"))?;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = None;
+        let mut buf = [0u8; 2048];
+        while seen.is_none() && Instant::now() < deadline {
+            // SAFETY: `buf` is writable for its full length.
+            let n =
+                unsafe { libc::recv(capture.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 34 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            let (src, dst) = (&f[26..30], &f[30..34]);
+            if f[23] == 1 && dst == outside.octets() {
+                seen = Some(Ipv4Addr::new(src[0], src[1], src[2], src[3]));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        sender.join().map_err(|_| "sender panicked".to_string())??;
+        match seen {
+            Some(src) if src == cell.cell_ip => Ok(()),
+            Some(src) => Err(format!(
+                "packet left the cell with source {src}, not the cell's {}",
+                cell.cell_ip
+            )),
+            None => Err("the guest's packet never reached the cell's veth".to_string()),
+        }
+    }
+    .await;
+    hive_box::net::delete_tap(&cell.netns, CELL_TAP).await;
+    net.destroy_cell(&names).await;
+    let _ = net.teardown();
+    result.expect("guest link forwards and masquerades");
+    assert!(!cell.netns.exists());
 }

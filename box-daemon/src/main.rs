@@ -103,6 +103,10 @@ struct RunArgs {
     /// microvm: extra words for the guest kernel command line.
     #[arg(long, env = "HIVE_GUEST_CMDLINE", default_value = "")]
     guest_cmdline: String,
+    /// microvm: CPU features the guest sees: host (all KVM offers) or baseline (no
+    /// XSAVE/AVX/POPCNT/CMPXCHG16B, for nested KVMs that cannot emulate them).
+    #[arg(long, env = "HIVE_GUEST_CPU_TEMPLATE", default_value = "host", value_parser = ["host", "baseline"])]
+    guest_cpu_template: String,
     /// Address of the HTTP /healthz endpoint.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
     health_addr: SocketAddr,
@@ -375,6 +379,9 @@ async fn run_async(
             );
             cfg.vmm_binary = helper;
             cfg.extra_cmdline = args.guest_cmdline.clone();
+            if args.guest_cpu_template == "baseline" {
+                cfg.cpu_template = hive_box::microvm::CpuTemplate::Baseline;
+            }
             if let Ok(v) = std::env::var("HIVE_VMM_LOG") {
                 cfg.vmm_env.insert("RUST_LOG".to_string(), v);
             }

@@ -32,9 +32,13 @@ use crate::net::{
     GUEST_LINK_GATEWAY, NETNS_DIR,
 };
 use crate::sandbox::now_ms;
+pub use crate::vmm::config::CpuTemplate;
 use crate::vmm::config::{VmConfig, MAX_VCPUS};
 use crate::vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
+/// The uid the VMM runs as: root, but without any capability (see `setpriv_args`). A per-cell
+/// unprivileged uid needs device nodes it may open (see box-daemon/README.md).
+pub const VMM_UID: u32 = 0;
 /// Guest vsock port the cell daemon listens on (`hive.listen=vsock:1024`).
 pub const AGENT_PORT: u32 = 1024;
 /// Memory the cgroup allows on top of guest memory: the VMM's own heap, stacks, page tables,
@@ -74,6 +78,9 @@ pub struct MicrovmConfig {
     pub net: BoxNet,
     /// Appended to the guest kernel command line (e.g. `hive.log=debug`).
     pub extra_cmdline: String,
+    /// CPU features the guest sees: `host` (everything KVM offers) or `baseline` (no
+    /// XSAVE/AVX/POPCNT/CMPXCHG16B, for nested KVMs that cannot emulate them).
+    pub cpu_template: CpuTemplate,
     /// Environment of the VMM process (e.g. RUST_LOG); its output goes to `<cell>/vmm.log`.
     pub vmm_env: BTreeMap<String, String>,
 }
@@ -90,6 +97,7 @@ impl MicrovmConfig {
             cgroup_parent,
             net,
             extra_cmdline: String::new(),
+            cpu_template: CpuTemplate::Host,
             vmm_env: BTreeMap::new(),
         }
     }
@@ -315,13 +323,20 @@ impl MicrovmBackend {
             shape,
             &host_files,
             &self.cfg.extra_cmdline,
+            self.cfg.cpu_template,
         ))
         .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
         checked
             .validate()
             .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
         let vm_path = dir.join("vm.json");
-        let jail_cfg = vm_config_json(spec, shape, &VmFiles::in_jail(), &self.cfg.extra_cmdline);
+        let jail_cfg = vm_config_json(
+            spec,
+            shape,
+            &VmFiles::in_jail(),
+            &self.cfg.extra_cmdline,
+            self.cfg.cpu_template,
+        );
         fs::write(
             &vm_path,
             serde_json::to_vec_pretty(&jail_cfg)
@@ -344,7 +359,7 @@ impl MicrovmBackend {
             .net
             .create_cell(&CellNetNames::for_cell(&spec.id), spec.slot)
             .await?;
-        create_guest_link(&net.netns, CELL_TAP).await?;
+        create_guest_link(&net.netns, CELL_TAP, VMM_UID).await?;
 
         let jail = self.jail_spec(spec, net.netns.clone(), cgroup.procs_files());
         let spec_path = dir.join("jail.json");
@@ -594,6 +609,7 @@ fn vm_config_json(
     shape: Shape,
     files: &VmFiles,
     extra_cmdline: &str,
+    cpu: CpuTemplate,
 ) -> serde_json::Value {
     let class = &spec.size_class;
     let mut disk_limit = serde_json::Map::new();
@@ -611,6 +627,10 @@ fn vm_config_json(
         "kernel": files.kernel,
         "cmdline": guest_cmdline(&spec.id, extra_cmdline),
         "vcpus": shape.vcpus,
+        "cpu": match cpu {
+            CpuTemplate::Host => "host",
+            CpuTemplate::Baseline => "baseline",
+        },
         "memory_mib": shape.memory_mib,
         "kvm_device": files.kvm,
         "serial": { "path": files.serial },
@@ -805,6 +825,7 @@ mod tests {
             Shape::of(&s.size_class),
             &VmFiles::in_jail(),
             "hive.log=debug",
+            CpuTemplate::Host,
         );
         let cfg: VmConfig = serde_json::from_value(v).expect("matches the VMM's schema");
         assert_eq!((cfg.vcpus, cfg.memory_mib), (2, 1024));
@@ -812,6 +833,7 @@ mod tests {
         assert_eq!(cfg.kvm_device, Path::new(JAIL_KVM));
         assert_eq!(cfg.block.len(), 2);
         assert!(cfg.block.iter().all(|b| b.read_only));
+        assert_eq!(cfg.cpu, CpuTemplate::Host);
         assert_eq!(cfg.block[0].path, Path::new(JAIL_ROOTFS_DISK));
         assert_eq!(cfg.block[1].path, Path::new(JAIL_BUILD_DISK));
         let disk = cfg.block[0].rate_limit;
@@ -858,9 +880,16 @@ mod tests {
             ..Default::default()
         };
         let s = spec(class);
-        let v = vm_config_json(&s, Shape::of(&s.size_class), &VmFiles::in_jail(), "");
+        let v = vm_config_json(
+            &s,
+            Shape::of(&s.size_class),
+            &VmFiles::in_jail(),
+            "",
+            CpuTemplate::Baseline,
+        );
         let cfg: VmConfig = serde_json::from_value(v).unwrap();
         assert_eq!(cfg.vcpus, MAX_VCPUS);
+        assert_eq!(cfg.cpu, CpuTemplate::Baseline);
         assert_eq!(cfg.memory_mib, MAX_MEMORY_MIB);
         assert!(
             cfg.block[0].rate_limit.bandwidth.is_none() && cfg.block[0].rate_limit.ops.is_none()

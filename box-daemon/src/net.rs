@@ -513,14 +513,17 @@ async fn in_netns<T: Send + 'static>(
 }
 
 /// Makes the microVM guest's link in a cell's namespace (built by [`BoxNet::create_cell`]): a
-/// persistent TAP `tap` (IFF_TAP | IFF_NO_PI, what the VMM attaches to; no owner set, so the
-/// VMM needs no CAP_NET_ADMIN to attach), [`GUEST_LINK_GATEWAY`]/30 on it, forwarding on and the
-/// masquerade table of [`guest_link_ruleset`].
-pub async fn create_guest_link(ns: &Path, tap: &str) -> Result<(), NetError> {
+/// persistent TAP `tap` (IFF_TAP | IFF_NO_PI, what the VMM attaches to) owned by `owner_uid`,
+/// so the VMM running as that uid attaches without CAP_NET_ADMIN; [`GUEST_LINK_GATEWAY`]/30 on
+/// it, forwarding on and the masquerade table of [`guest_link_ruleset`].
+pub async fn create_guest_link(ns: &Path, tap: &str, owner_uid: u32) -> Result<(), NetError> {
     let tap_name = tap.to_string();
     in_netns(ns, move || {
+        let owner = owner_uid.to_string();
         let out = Command::new("ip")
-            .args(["tuntap", "add", "dev", &tap_name, "mode", "tap"])
+            .args([
+                "tuntap", "add", "dev", &tap_name, "mode", "tap", "user", &owner,
+            ])
             .stdin(Stdio::null())
             .output()
             .map_err(|source| NetError::TapSpawn {

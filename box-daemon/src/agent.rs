@@ -124,6 +124,11 @@ impl Outbox {
         self.unacked.len()
     }
 
+    /// Whether message `seq` still waits for its acknowledgement (it will be sent again).
+    pub fn holds(&self, seq: u64) -> bool {
+        self.unacked.contains_key(&seq)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.unacked.is_empty()
     }
@@ -153,7 +158,16 @@ pub struct Agent<B: CellBackend> {
     /// dispatch overhead plus the cell's start of the build; bounded sample for /healthz).
     dispatch_ms: Mutex<Vec<f64>>,
     /// Key exchanges waiting for the control plane's reply, by (build, lease).
-    key_exchanges: Mutex<HashMap<(String, String), tokio::sync::oneshot::Sender<KeyExchangeReply>>>,
+    key_exchanges: Mutex<HashMap<(String, String), PendingExchange>>,
+}
+
+/// A key exchange request sent and not yet answered.
+#[derive(Debug)]
+struct PendingExchange {
+    request: KeyExchangeRequest,
+    /// Outbox sequence number of the latest copy sent.
+    seq: u64,
+    reply: tokio::sync::oneshot::Sender<KeyExchangeReply>,
 }
 
 /// How long a private-network build waits for the key exchange (its connector applies the
@@ -202,6 +216,33 @@ impl<B: CellBackend> Agent<B> {
 
     fn builds(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningBuild>> {
         self.builds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key_exchanges(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), PendingExchange>> {
+        self.key_exchanges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a reconnect: a key exchange request the control plane acknowledged but did not
+    /// answer on the old session may have lost its answer with that session (the control plane
+    /// answers on whatever session the box has when it is done). Queue it again; the control
+    /// plane answers a repeated request for the same build, lease and key with the same lease.
+    /// Requests still unacknowledged go out again with the rest of the outbox.
+    fn resend_key_exchanges(&self) -> usize {
+        let mut pending = self.key_exchanges();
+        let mut outbox = self.outbox();
+        let mut n = 0;
+        for p in pending.values_mut() {
+            if outbox.holds(p.seq) {
+                continue;
+            }
+            p.seq = outbox.push(box_message::Msg::KeyExchange(p.request.clone()));
+            n += 1;
+            tracing::info!(build = %p.request.build_id, lease = %p.request.lease_id,
+                "key exchange request sent again after a reconnect");
+        }
+        n
     }
 
     pub fn is_connected(&self) -> bool {
@@ -380,6 +421,7 @@ impl<B: CellBackend> Agent<B> {
             ob.registered(reg.acked_seq);
             reg.acked_seq
         };
+        self.resend_key_exchanges();
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.connected.store(true, Ordering::SeqCst);
         tracing::info!(box_id = %self.cfg.box_id, control_plane = %url, acked_seq = reg.acked_seq, resend = self.unacked(), "registered");
@@ -457,13 +499,11 @@ impl<B: CellBackend> Agent<B> {
             }
             Some(control_message::Msg::KeyExchange(r)) => {
                 let waiter = self
-                    .key_exchanges
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .key_exchanges()
                     .remove(&(r.build_id.clone(), r.lease_id.clone()));
                 match waiter {
-                    Some(tx) => {
-                        let _ = tx.send(r);
+                    Some(w) => {
+                        let _ = w.reply.send(r);
                     }
                     None => {
                         tracing::debug!(build = %r.build_id, "key exchange reply nobody waits for")
@@ -580,6 +620,7 @@ impl<B: CellBackend> Agent<B> {
         a: &Assignment,
     ) -> Result<TunnelConfig, String> {
         let net = &a.private_network;
+        let started_ms = now_ms();
         let prepared = tokio::time::timeout(
             Duration::from_secs(10),
             client.prepare_tunnel(PrepareTunnelRequest {
@@ -601,23 +642,33 @@ impl<B: CellBackend> Agent<B> {
                 ))
             }
         };
+        let sent_ms = now_ms();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = (a.build_id.clone(), a.lease_id.clone());
-        self.key_exchanges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), tx);
-        self.send(box_message::Msg::KeyExchange(KeyExchangeRequest {
+        let request = KeyExchangeRequest {
             build_id: a.build_id.clone(),
             lease_id: a.lease_id.clone(),
             cell_id: cell.id.clone(),
             cell_public_key: public_key,
-        }));
+        };
+        {
+            // Waiter first, so the reply always finds it; lock order: exchanges, then outbox.
+            let mut pending = self.key_exchanges();
+            let seq = self
+                .outbox()
+                .push(box_message::Msg::KeyExchange(request.clone()));
+            pending.insert(
+                key.clone(),
+                PendingExchange {
+                    request,
+                    seq,
+                    reply: tx,
+                },
+            );
+        }
+        self.outbox_changed.notify_one();
         let reply = tokio::time::timeout(KEY_EXCHANGE_TIMEOUT, rx).await;
-        self.key_exchanges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        self.key_exchanges().remove(&key);
         let r = match reply {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => return Err(format!("private network {net}: key exchange abandoned")),
@@ -631,6 +682,9 @@ impl<B: CellBackend> Agent<B> {
         if !r.error.is_empty() {
             return Err(format!("private network {net}: key exchange: {}", r.error));
         }
+        // Epoch times, so a benchmark can line them up with the control plane's and the cell's.
+        tracing::info!(build = %a.build_id, prepare_at_ms = started_ms, kx_sent_at_ms = sent_ms,
+            kx_reply_at_ms = now_ms(), "key exchange answered");
         Ok(TunnelConfig {
             connector_public_key: r.connector_public_key,
             connector_endpoint: r.connector_endpoint,

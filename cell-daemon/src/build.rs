@@ -141,6 +141,35 @@ async fn run_inner(
             return (BuildState::Failed, -1, msg);
         }
     };
+    // A build without public egress loses its way out before anything of it runs; the cell
+    // keeps only the UDP flow to its connector.
+    match crate::privnet::egress_policy(&spec.env) {
+        Ok(crate::privnet::Egress::Public) => {}
+        Ok(crate::privnet::Egress::None) => {
+            let endpoint = tunnel.as_ref().map(|p| p.endpoint);
+            if let Err(e) = container.deny_public_egress(endpoint).await {
+                let msg = format!("no-egress firewall failed: {}", error_chain(&e));
+                log.system(0, format!("hive: {msg}"));
+                container.destroy().await;
+                return (BuildState::Failed, -1, msg);
+            }
+            log.system(
+                0,
+                match endpoint {
+                    Some(ep) => format!(
+                        "hive: no public egress: the build reaches only its private network \
+                         (the cell sends only to the connector at {ep}/udp)"
+                    ),
+                    None => "hive: no public egress: the build reaches nothing outside".into(),
+                },
+            );
+        }
+        Err(msg) => {
+            log.system(0, format!("hive: {msg}"));
+            container.destroy().await;
+            return (BuildState::Failed, -1, msg);
+        }
+    }
     // The private network comes up before the clone: the repository may live there.
     let tunnel = match tunnel {
         None => None,
@@ -164,8 +193,12 @@ async fn run_inner(
                     log.system(
                         0,
                         format!(
-                            "hive: private network {net}: tunnel up, first handshake after {} ms",
-                            took.as_millis()
+                            "hive: private network {net}: tunnel up, first handshake after {} ms \
+                             (interface {} ms, handshake {} ms, {} re-arms)",
+                            took.total().as_millis(),
+                            took.setup.as_millis(),
+                            took.handshake.as_millis(),
+                            took.rearms
                         ),
                     );
                     Some(t)

@@ -414,6 +414,29 @@ impl Container {
         Ok(())
     }
 
+    /// The build gets no public egress: nothing it sends leaves through the cell (forwarded
+    /// or to the cell itself), and the cell's own namespace sends nothing new except to the
+    /// connector's WireGuard endpoint `tunnel` (UDP) when the build has a private network, so
+    /// the tunnel is the build's only way out. One `inet` table of its own, loaded atomically
+    /// and removed with the container; `reject` so a build's connection fails at once instead
+    /// of hanging.
+    pub async fn deny_public_egress(
+        &self,
+        tunnel: Option<std::net::SocketAddr>,
+    ) -> Result<(), ContainerError> {
+        let path = self.spec.dir.join("egress.nft");
+        let ruleset = egress_ruleset(tunnel, crate::privnet::IFACE);
+        std::fs::write(&path, &ruleset).map_err(|source| ContainerError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        let _ = self
+            .net_cmd(None, &["nft", "delete", "table", "inet", EGRESS_TABLE])
+            .await;
+        let file = path.display().to_string();
+        self.net_cmd(None, &["nft", "-f", &file]).await
+    }
+
     async fn kill(&mut self) {
         // SIGKILL to the outer helper; its child (the container's PID 1) has PDEATHSIG=SIGKILL,
         // and when a pid namespace's init dies the kernel kills everything in it.
@@ -433,9 +456,51 @@ impl Container {
                 .net_cmd(None, &["nft", "delete", "table", "ip", "hive_cell"])
                 .await;
         }
+        let _ = self
+            .net_cmd(None, &["nft", "delete", "table", "inet", EGRESS_TABLE])
+            .await;
         let _ = umount2(&self.rootfs, MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.spec.dir);
     }
+}
+
+/// The nftables table of a build without public egress.
+const EGRESS_TABLE: &str = "hive_egress";
+
+/// The no-public-egress ruleset (see [`Container::deny_public_egress`]): `tunnel` is the only
+/// new flow the cell's namespace may open; `wg_iface` (the tunnel's interface, when the build
+/// shares the cell's namespace) and replies stay allowed.
+fn egress_ruleset(tunnel: Option<std::net::SocketAddr>, wg_iface: &str) -> String {
+    let allow = match tunnel {
+        Some(std::net::SocketAddr::V4(a)) => {
+            format!("\t\tip daddr {} udp dport {} accept\n", a.ip(), a.port())
+        }
+        Some(std::net::SocketAddr::V6(a)) => {
+            format!("\t\tip6 daddr {} udp dport {} accept\n", a.ip(), a.port())
+        }
+        None => String::new(),
+    };
+    format!(
+        "table inet {EGRESS_TABLE} {{\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{CELL_LINK}\" reject with icmpx type admin-prohibited\n\
+         \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"{CELL_LINK}\" reject with icmpx type admin-prohibited\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority filter; policy accept;\n\
+         \t\toifname \"lo\" accept\n\
+         \t\toifname \"{wg_iface}\" accept\n\
+         \t\toifname \"{CELL_LINK}\" accept\n\
+         \t\tct state established,related accept\n\
+         {allow}\
+         \t\treject with icmpx type admin-prohibited\n\
+         \t}}\n\
+         }}\n"
+    )
 }
 
 /// The container's own /etc/hosts (its hostname resolves locally: git and others look it up,
@@ -798,5 +863,47 @@ fn exec_child(args: &ExecArgs, argv: &[CString]) -> HelperError {
     match step() {
         Err(e) => e,
         Ok(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn egress_ruleset_allows_only_the_connector() {
+        let r = egress_ruleset(Some("198.18.1.50:51820".parse().unwrap()), "hwg0");
+        assert!(
+            r.contains("ip daddr 198.18.1.50 udp dport 51820 accept"),
+            "{r}"
+        );
+        assert!(r.contains("iifname \"hivec0\" reject"), "{r}");
+        // The catch-all comes last in the output chain.
+        let out = &r[r.find("chain output").unwrap()..];
+        assert!(out.find("udp dport").unwrap() < out.find("reject").unwrap());
+        let r6 = egress_ruleset(Some("[fd00::50]:51820".parse().unwrap()), "hwg0");
+        assert!(
+            r6.contains("ip6 daddr fd00::50 udp dport 51820 accept"),
+            "{r6}"
+        );
+        let none = egress_ruleset(None, "hwg0");
+        assert!(!none.contains("udp dport"), "{none}");
+        // nft itself accepts it (check mode: nothing is loaded), where nft and root exist.
+        if nix::unistd::geteuid().is_root() {
+            if let Ok(mut child) = Command::new("nft")
+                .args(["-c", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+            {
+                child.stdin.take().unwrap().write_all(r.as_bytes()).unwrap();
+                let out = child.wait_with_output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "nft -c refused:\n{r}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
     }
 }

@@ -16,6 +16,36 @@ pub const IFACE: &str = "hwg0";
 /// Handshake wait when the control plane gives none.
 const DEFAULT_HANDSHAKE_SECS: u32 = 10;
 
+/// The build environment variable that carries the project's egress policy (set with
+/// `hivectl project add --env HIVE_EGRESS=none`): `public` (the default) or `none`. With
+/// `none` the build reaches nothing outside the cell except through its private-network
+/// tunnel; the cell itself then sends only to the connector's WireGuard endpoint.
+pub const EGRESS_ENV: &str = "HIVE_EGRESS";
+
+/// Where a build may send traffic besides its private network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// Through the cell's NAT to any public address (the box's firewall still applies).
+    Public,
+    /// Nowhere: only the private-network tunnel, if the build has one.
+    None,
+}
+
+/// The egress policy in a build's environment (the last `HIVE_EGRESS` wins, as for the steps).
+/// An unknown value is an error: a typo must not leave a build open.
+pub fn egress_policy(env: &[(String, String)]) -> Result<Egress, String> {
+    match env.iter().rev().find(|(k, _)| k == EGRESS_ENV) {
+        None => Ok(Egress::Public),
+        Some((_, v)) => match v.trim() {
+            "" | "public" => Ok(Egress::Public),
+            "none" => Ok(Egress::None),
+            other => Err(format!(
+                "{EGRESS_ENV}={other:?}: the egress policy must be \"public\" or \"none\""
+            )),
+        },
+    }
+}
+
 /// A tunnel config that does not make sense; the message names the field and the value.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -27,6 +57,23 @@ pub enum PlanError {
     Address { input: String, reason: String },
     #[error("tunnel.allowed_prefixes {input:?}: {reason}")]
     Prefix { input: String, reason: String },
+}
+
+/// Where the time to a working tunnel went (the build log shows it).
+#[derive(Debug, Clone, Copy)]
+pub struct UpTimes {
+    /// Interface, key, peer, addresses and routes in place.
+    pub setup: Duration,
+    /// From then to the first completed handshake.
+    pub handshake: Duration,
+    /// New handshakes started because the previous one had not completed.
+    pub rearms: u32,
+}
+
+impl UpTimes {
+    pub fn total(&self) -> Duration {
+        self.setup + self.handshake
+    }
 }
 
 /// Everything needed to bring the tunnel up, checked.
@@ -110,7 +157,7 @@ impl Plan {
     /// Brings the tunnel up in `netns` (the container's; `None` = the cell's) and waits for the
     /// first handshake. Blocking: call from `spawn_blocking`. The error text is the build's
     /// failure message.
-    pub fn bring_up(self, netns: Option<PathBuf>) -> Result<(Tunnel, Duration), String> {
+    pub fn bring_up(self, netns: Option<PathBuf>) -> Result<(Tunnel, UpTimes), String> {
         let t0 = Instant::now();
         let mut spec = TunnelSpec::new(IFACE);
         spec.underlay_netns = netns.as_ref().map(|_| PathBuf::from("/proc/self/ns/net"));
@@ -126,8 +173,19 @@ impl Plan {
         let endpoint = self.endpoint_text.clone();
         let tunnel = Tunnel::up(spec, self.keys)
             .map_err(|e| format!("private network {net}: tunnel set-up failed: {e}"))?;
+        let setup = t0.elapsed();
         match tunnel.wait_handshake(self.handshake_timeout) {
-            Ok(_) => Ok((tunnel, t0.elapsed())),
+            Ok(handshake) => {
+                let rearms = tunnel.rearms();
+                Ok((
+                    tunnel,
+                    UpTimes {
+                        setup,
+                        handshake,
+                        rearms,
+                    },
+                ))
+            }
             Err(hive_wg::TunnelError::HandshakeTimeout { .. }) => {
                 let _ = tunnel.down();
                 Err(format!(
@@ -157,6 +215,26 @@ mod tests {
             handshake_timeout_secs: 0,
             network: "corp".into(),
         }
+    }
+
+    #[test]
+    fn egress_policy_from_env() {
+        let env = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(egress_policy(&env(&[])), Ok(Egress::Public));
+        assert_eq!(
+            egress_policy(&env(&[("HIVE_EGRESS", "none")])),
+            Ok(Egress::None)
+        );
+        assert_eq!(
+            egress_policy(&env(&[("HIVE_EGRESS", "none"), ("HIVE_EGRESS", "public")])),
+            Ok(Egress::Public)
+        );
+        let e = egress_policy(&env(&[("HIVE_EGRESS", "nope")])).unwrap_err();
+        assert!(e.contains("\"nope\""), "{e}");
     }
 
     #[test]

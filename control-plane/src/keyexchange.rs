@@ -7,6 +7,10 @@
 //! handshake never races the connector. The revoker runs beside it: any active lease whose build
 //! ended, was re-queued or lost its lease is marked revoked and its peer removed, within a
 //! fraction of a second of the change.
+//!
+//! A box re-sends a request whose answer it never got (its link dropped after the request was
+//! acked): the same build, lease and key get the same lease again instead of "key seen", and
+//! the connector treats the repeated `AddPeer` as applied.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -284,6 +288,14 @@ async fn exchange_inner(
         .await?
     {
         Issued::Lease(l) => l,
+        Issued::Again(l) => {
+            // The box asked again (a reconnect lost our answer, or the request crossed it):
+            // same build attempt, same key, lease still active. Make sure the connector has
+            // the peer (AddPeer is idempotent there) and answer the same way.
+            tracing::info!(box_id, build_id = %req.build_id, public_key = %key,
+                "repeated key exchange request answered again");
+            l
+        }
         Issued::KeySeen => return Err(KeyExchangeError::KeySeen(key)),
     };
     let add = Cmd::AddPeer(AddPeer {

@@ -12,7 +12,7 @@ use hive_wg::Prefix;
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 
-use crate::store::{get, new_id, now_ms, q, Store, StoreError};
+use crate::store::{get, new_id, now_ms, q, DbKind, Store, StoreError};
 
 /// The tunnel subnet a network gets when none is given.
 pub const DEFAULT_TUNNEL_SUBNET: &str = "10.250.0.0/24";
@@ -97,9 +97,15 @@ pub struct TunnelLeaseRow {
 #[derive(Debug)]
 pub enum Issued {
     Lease(TunnelLeaseRow),
+    /// The same build attempt asked again with the same key while its lease is active (the
+    /// box re-sends a request whose answer a reconnect lost): the same lease, answered again.
+    Again(TunnelLeaseRow),
     /// The key was issued before (to any build): refuse it.
     KeySeen,
 }
+
+/// How often `issue_lease` starts over after losing a race for an address or a key.
+const ISSUE_ATTEMPTS: usize = 8;
 
 /// Checks a network's name.
 pub fn validate_name(name: &str) -> Result<()> {
@@ -395,8 +401,40 @@ impl Store {
     }
 
     /// Records a new cell key for a build attempt and gives it the lowest free tunnel address.
-    /// A key seen before, in any state, is refused.
+    /// A key seen before is refused, unless it is the same build attempt's active lease
+    /// ([`Issued::Again`]).
+    ///
+    /// Two exchanges at once may pick the same lowest free address (or, a box's repeated
+    /// request beside the first, insert the same key): the unique index on active addresses
+    /// and the key's primary key refuse the second insert, and that exchange starts over and
+    /// sees the winner's row. On PostgreSQL a row lock on the network serializes allocations
+    /// of one network first, so the retry is rare there; SQLite has one writer anyway.
     pub async fn issue_lease(
+        &self,
+        net: &NetworkRow,
+        build_id: &str,
+        lease_id: &str,
+        public_key: &str,
+    ) -> Result<Issued> {
+        let mut attempt = 1;
+        loop {
+            match self
+                .try_issue_lease(net, build_id, lease_id, public_key)
+                .await
+            {
+                Err(NetworkError::Store(StoreError::Query { source, .. }))
+                    if is_unique_violation(&source) && attempt < ISSUE_ATTEMPTS =>
+                {
+                    tracing::debug!(network = %net.name, build_id, attempt,
+                        "tunnel lease insert lost a race; starting over");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_issue_lease(
         &self,
         net: &NetworkRow,
         build_id: &str,
@@ -410,12 +448,25 @@ impl Store {
             })?;
         let size: i64 = 1i64 << (32 - u32::from(len));
         let mut tx = self.begin_tx().await?;
-        let seen = sqlx::query("SELECT build_id FROM tunnel_leases WHERE public_key = $1")
-            .bind(public_key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(q("look up public key"))?;
-        if seen.is_some() {
+        if self.kind() == DbKind::Postgres {
+            sqlx::query("SELECT name FROM private_networks WHERE name = $1 FOR UPDATE")
+                .bind(&net.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(q("lock private network"))?;
+        }
+        let seen = sqlx::query(&format!(
+            "SELECT {TL_COLUMNS} FROM tunnel_leases WHERE public_key = $1"
+        ))
+        .bind(public_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(q("look up public key"))?;
+        if let Some(row) = seen {
+            let row = lease_from_row(&row)?;
+            if row.build_id == build_id && row.lease_id == lease_id && row.state == ACTIVE {
+                return Ok(Issued::Again(row));
+            }
             return Ok(Issued::KeySeen);
         }
         let used = sqlx::query(
@@ -523,6 +574,11 @@ const TL_COLUMNS: &str = "public_key, build_id, lease_id, network, tunnel_addres
     issued_at_ms, revoked_at_ms";
 const TL_COLUMNS_T: &str = "t.public_key, t.build_id, t.lease_id, t.network, t.tunnel_address, \
     t.state, t.issued_at_ms, t.revoked_at_ms";
+
+/// A unique index or key refused the row (the other side of a race won).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
 
 fn network_from_row(r: &AnyRow) -> Result<NetworkRow> {
     let prefixes_json: String = get(r, "prefixes_json")?;

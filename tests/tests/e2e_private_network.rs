@@ -22,7 +22,7 @@ use hive_proto::v1::{
     AddConnectorRequest, BuildState, CreateNetworkRequest, CreateProjectRequest, GetBuildRequest,
     ListConnectorsRequest, ListTunnelLeasesRequest, SubmitBuildRequest,
 };
-use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost};
+use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost, Proxy};
 use hive_tests::controlplane::{bin_dir, ControlPlane, ControlPlaneOptions, PgDatabase};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -297,6 +297,8 @@ struct Topology {
     customer: Customer,
     host: GitHost,
     _pg: Option<PgDatabase>,
+    /// Between the box and the control plane, when the test cuts that link.
+    proxy: Option<Proxy>,
 }
 
 impl Topology {
@@ -362,6 +364,11 @@ impl Topology {
 }
 
 async fn topology() -> Topology {
+    topology_with(false).await
+}
+
+/// The topology; with `proxy` the box reaches the control plane through a [`Proxy`].
+async fn topology_with(proxy: bool) -> Topology {
     let run = run_id();
     let addr = format!("198.18.{}.50", 1 + run);
     let host = GitHost::start(&format!("cn{run}"), &addr);
@@ -440,7 +447,15 @@ async fn topology() -> Topology {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let url = cp.grpc_url();
+    let proxy = if proxy {
+        Some(Proxy::start(&cp.grpc_addr).await)
+    } else {
+        None
+    };
+    let url = proxy
+        .as_ref()
+        .map(Proxy::url)
+        .unwrap_or_else(|| cp.grpc_url());
     let octet = (run * 20 + 15) as u8;
     let boxd = tokio::task::spawn_blocking(move || {
         BoxDaemon::start(
@@ -473,6 +488,7 @@ async fn topology() -> Topology {
         customer,
         host,
         _pg: pg,
+        proxy,
     }
 }
 
@@ -525,6 +541,197 @@ async fn placed_to_tunnel_ms(t: &Topology, build_id: &str) -> Option<i64> {
         }
     }
     None
+}
+
+/// One build's way from "placed" to a tunnel passing traffic, as epoch ms from the control
+/// plane (placed, lease issued), the box (key exchange sent / answered, from its log) and the
+/// cell (its build log lines), plus the cell's own split of the last part.
+#[derive(Debug, Default, Clone)]
+struct Timeline {
+    placed: i64,
+    prepare: i64,
+    kx_sent: i64,
+    issued: i64,
+    kx_reply: i64,
+    cell_start: i64,
+    tunnel_start: i64,
+    tunnel_up: i64,
+    interface_ms: i64,
+    handshake_ms: i64,
+    rearms: i64,
+    /// The build got a warm cell (else it waited for one to boot).
+    warm: bool,
+}
+
+impl Timeline {
+    /// (name, ms) for each step, in order.
+    fn steps(&self) -> Vec<(&'static str, i64)> {
+        vec![
+            ("placed -> box took a cell", self.prepare - self.placed),
+            (
+                "PrepareTunnel (cell makes the key)",
+                self.kx_sent - self.prepare,
+            ),
+            (
+                "key exchange request -> lease issued",
+                self.issued - self.kx_sent,
+            ),
+            (
+                "lease issued -> connector applied -> reply at box",
+                self.kx_reply - self.issued,
+            ),
+            (
+                "reply -> cell starts the build (RunBuild)",
+                self.cell_start - self.kx_reply,
+            ),
+            ("cell: container ready", self.tunnel_start - self.cell_start),
+            ("cell: interface up", self.interface_ms),
+            ("cell: first handshake", self.handshake_ms),
+            ("total placed -> tunnel up", self.tunnel_up - self.placed),
+        ]
+    }
+}
+
+/// `key=value` out of a log line (ANSI colours stripped).
+fn field(line: &str, key: &str) -> Option<String> {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let at = plain.find(&format!(" {key}="))?;
+    let rest = &plain[at + key.len() + 2..];
+    Some(
+        rest.split_whitespace()
+            .next()?
+            .trim_matches('"')
+            .to_string(),
+    )
+}
+
+/// The number right after the last `after` in `text` that is followed by `unit`
+/// ("(interface 3 ms, handshake 12 ms, 0 re-arms)": ", handshake ", " ms" -> 12).
+fn number_before(text: &str, after: &str, unit: &str) -> Option<i64> {
+    text.rmatch_indices(after).find_map(|(i, _)| {
+        let rest = &text[i + after.len()..];
+        let end = rest.find(unit)?;
+        rest[..end].trim().parse().ok()
+    })
+}
+
+async fn timeline(t: &Topology, build_id: &str) -> Option<Timeline> {
+    let b = t
+        .client()
+        .await
+        .get_build(GetBuildRequest {
+            id: build_id.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let mut tl = Timeline {
+        placed: b
+            .transitions
+            .iter()
+            .find(|x| x.state == BuildState::Placed as i32)?
+            .at_ms,
+        warm: b.warm_start,
+        ..Default::default()
+    };
+    tl.issued = leases(t)
+        .await
+        .iter()
+        .find(|l| l.build_id == build_id)?
+        .issued_at_ms;
+    let box_log = t.boxd.log();
+    let line = box_log
+        .lines()
+        .find(|l| l.contains("key exchange answered") && l.contains(build_id))?;
+    let ms = |k: &str| field(line, k).and_then(|v| v.parse::<i64>().ok());
+    tl.prepare = ms("prepare_at_ms")?;
+    tl.kx_sent = ms("kx_sent_at_ms")?;
+    tl.kx_reply = ms("kx_reply_at_ms")?;
+    let mut stream = t
+        .client()
+        .await
+        .stream_logs(hive_proto::v1::StreamLogsRequest {
+            build_id: build_id.into(),
+            from_seq: 0,
+            follow: false,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    while let Ok(Some(c)) = stream.message().await {
+        let text = String::from_utf8_lossy(&c.data).to_string();
+        if text.starts_with("hive: build ") && tl.cell_start == 0 {
+            tl.cell_start = c.at_ms;
+        } else if text.contains("tunnel up, first handshake") {
+            tl.tunnel_up = c.at_ms;
+            tl.interface_ms = number_before(&text, "(interface ", " ms")?;
+            tl.handshake_ms = number_before(&text, ", handshake ", " ms")?;
+            tl.rearms = number_before(&text, " ms, ", " re-arms")?;
+            return Some(tl);
+        } else if text.contains(": tunnel ") && tl.tunnel_start == 0 {
+            tl.tunnel_start = c.at_ms;
+        }
+    }
+    None
+}
+
+/// Median and p99 of each step over `tls`, printed one line per step, and the builds with
+/// the three slowest totals in full.
+fn print_breakdown(tls: &[Timeline]) {
+    if tls.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = tls[0].steps().iter().map(|(n, _)| *n).collect();
+    println!("breakdown over {} builds (ms):", tls.len());
+    for (i, name) in names.iter().enumerate() {
+        let mut v: Vec<i64> = tls.iter().map(|t| t.steps()[i].1).collect();
+        v.sort_unstable();
+        println!(
+            "  {name:<52} median {:>5}  p99 {:>5}  max {:>5}",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99),
+            v.last().copied().unwrap_or(0)
+        );
+    }
+    let rearmed = tls.iter().filter(|t| t.rearms > 0).count();
+    println!("  builds whose handshake was re-armed: {rearmed}");
+    let cold = tls.iter().filter(|t| !t.warm).count();
+    println!("  builds that waited for a cold cell: {cold}");
+    let mut slow: Vec<&Timeline> = tls.iter().collect();
+    slow.sort_by_key(|t| std::cmp::Reverse(t.tunnel_up - t.placed));
+    for t in slow.iter().take(3) {
+        println!(
+            "  slow: {:?} re-arms {} warm {}",
+            t.steps(),
+            t.rearms,
+            t.warm
+        );
+    }
+}
+
+#[test]
+fn tunnel_line_parses() {
+    let t = "hive: private network corp: tunnel up, first handshake after 45 ms \
+             (interface 3 ms, handshake 42 ms, 1 re-arms)\n";
+    assert_eq!(number_before(t, "(interface ", " ms"), Some(3));
+    assert_eq!(number_before(t, ", handshake ", " ms"), Some(42));
+    assert_eq!(number_before(t, " ms, ", " re-arms"), Some(1));
+    let line = "\x1b[2m2026-11-27T08:40:00Z\x1b[0m \x1b[32m INFO\x1b[0m key exchange answered \
+                \x1b[3mbuild\x1b[0m\x1b[2m=\x1b[0mabc \x1b[3mkx_sent_at_ms\x1b[0m\x1b[2m=\x1b[0m17";
+    assert_eq!(field(line, "build").as_deref(), Some("abc"));
+    assert_eq!(field(line, "kx_sent_at_ms").as_deref(), Some("17"));
 }
 
 fn percentile(sorted: &[i64], p: f64) -> i64 {
@@ -717,6 +924,7 @@ async fn private_network_builds_reach_the_customer_network_only_through_their_tu
     assert!(err.message().contains("\"nope\""), "{err:?}");
 
     let mut placed_ms = Vec::new();
+    let mut timelines = Vec::new();
     let mut keys = Vec::new();
     for i in 0..5 {
         let b = t.build("priv").await;
@@ -773,6 +981,9 @@ async fn private_network_builds_reach_the_customer_network_only_through_their_tu
         keys.push(key);
         if let Some(ms) = placed_to_tunnel_ms(&t, &b.id).await {
             placed_ms.push(ms);
+        }
+        if let Some(tl) = timeline(&t, &b.id).await {
+            timelines.push(tl);
         }
     }
     let distinct: BTreeSet<_> = keys.iter().collect();
@@ -859,11 +1070,13 @@ async fn private_network_builds_reach_the_customer_network_only_through_their_tu
         percentile(&placed_ms, 0.99),
         placed_ms.last().copied().unwrap_or(0)
     );
+    print_breakdown(&timelines);
     assert_eq!(
         placed_ms.len(),
         5,
         "tunnel timing missing from some build logs"
     );
+    assert_eq!(timelines.len(), 5, "timeline missing for some builds");
 }
 
 /// 200 secure builds in a row: each a fresh key, none reused, each peer gone afterwards.
@@ -885,6 +1098,7 @@ async fn two_hundred_secure_builds() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     let mut placed_ms = Vec::new();
+    let mut timelines = Vec::new();
     let started = Instant::now();
     for i in 0..n {
         let b = t.build("priv").await;
@@ -897,6 +1111,9 @@ async fn two_hundred_secure_builds() {
         );
         if let Some(ms) = placed_to_tunnel_ms(&t, &b.id).await {
             placed_ms.push(ms);
+        }
+        if let Some(tl) = timeline(&t, &b.id).await {
+            timelines.push(tl);
         }
     }
     let ls = leases(&t).await;
@@ -919,4 +1136,203 @@ async fn two_hundred_secure_builds() {
         percentile(&placed_ms, 0.99),
         placed_ms.last().copied().unwrap_or(0)
     );
+    print_breakdown(&timelines);
+}
+
+/// Issue 5, no public egress: a private-network project whose policy (`HIVE_EGRESS=none`)
+/// gives its builds no public egress still clones and fetches through its tunnel, but reaches
+/// no public host, not even the connector's own address on another port; the same public
+/// host is reachable from a build of a project without the policy (positive control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_without_public_egress_reaches_only_its_private_network() {
+    let _serial = SERIAL.lock().await;
+    let t = topology().await;
+    let public_repo = t.host.repo_url.clone();
+    let probe = format!(
+        "if timeout 5 git ls-remote {public_repo}; then echo REACHED-PUBLIC; exit 1; fi; \
+         echo public host unreachable"
+    );
+    let http = http_step(true);
+    let mut env = std::collections::HashMap::new();
+    env.insert("HIVE_EGRESS".to_string(), "none".to_string());
+    t.client()
+        .await
+        .create_project(CreateProjectRequest {
+            name: "sealed".into(),
+            repo_url: "git://10.20.0.10/private.git".into(),
+            secret: "s".into(),
+            branch: "main".into(),
+            size_class: "small".into(),
+            private_network: "corp".into(),
+            steps: vec!["cat PRIVATE".into(), http.clone(), probe.clone()],
+            timeout_secs: 60,
+            env,
+        })
+        .await
+        .expect("CreateProject");
+    let reach = format!("timeout 10 git ls-remote {public_repo} && echo PUBLIC-OK");
+    t.project("public", &public_repo, "", &[reach.as_str()])
+        .await;
+
+    let b = t.build("public").await;
+    let (log, _) = cluster::build_log(&t.cp.grpc_url(), &b.id).await;
+    assert_eq!(
+        b.state,
+        BuildState::Succeeded as i32,
+        "positive control: {}\n{log}{}",
+        b.message,
+        t.context()
+    );
+    assert!(log.lines().any(|l| l.trim() == "PUBLIC-OK"), "{log}");
+
+    let b = t.build("sealed").await;
+    let (log, _) = cluster::build_log(&t.cp.grpc_url(), &b.id).await;
+    assert_eq!(
+        b.state,
+        BuildState::Succeeded as i32,
+        "sealed build: {}\n{log}{}",
+        b.message,
+        t.context()
+    );
+    assert!(log.contains("no public egress"), "{log}");
+    assert!(log.contains(&t.customer.marker), "no git marker:\n{log}");
+    assert!(
+        log.contains(&format!("{}-http", t.customer.marker)),
+        "no HTTP marker:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.trim() == "public host unreachable"),
+        "{log}"
+    );
+    assert!(!log.lines().any(|l| l.trim() == "REACHED-PUBLIC"), "{log}");
+
+    // A typo in the policy fails the build instead of leaving it open.
+    let mut env = std::collections::HashMap::new();
+    env.insert("HIVE_EGRESS".to_string(), "nnone".to_string());
+    t.client()
+        .await
+        .create_project(CreateProjectRequest {
+            name: "typo".into(),
+            repo_url: public_repo.clone(),
+            secret: "s".into(),
+            branch: "main".into(),
+            size_class: "small".into(),
+            steps: vec!["echo RAN".into()],
+            timeout_secs: 60,
+            env,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateProject");
+    let b = t.build("typo").await;
+    assert_eq!(b.state, BuildState::Failed as i32, "{}", b.message);
+    assert!(b.message.contains("\"nnone\""), "{}", b.message);
+}
+
+/// Issue 5, a key exchange across a box reconnect: the control plane acks the request, the
+/// connector is held (SIGSTOP) so the exchange is in the middle of waiting for `PeerApplied`,
+/// the box's link is cut and kept down while the answer goes out (so it is lost), then the
+/// link comes back. The box asks again on its new session, the control plane answers the
+/// same build, lease and key with the same lease, and the build succeeds well inside the
+/// box's 15 s key exchange wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_exchange_answer_lost_in_a_reconnect_is_asked_again() {
+    let _serial = SERIAL.lock().await;
+    let t = topology_with(true).await;
+    let proxy = t.proxy.as_ref().unwrap();
+    t.project(
+        "priv",
+        "git://10.20.0.10/private.git",
+        "corp",
+        &["cat PRIVATE"],
+    )
+    .await;
+    let connector_pid =
+        nix::unistd::Pid::from_raw(t.connector.child.as_ref().map(|c| c.id()).unwrap() as i32);
+    let signal = |s| nix::sys::signal::kill(connector_pid, s).unwrap();
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    let b = t
+        .client()
+        .await
+        .submit_build(SubmitBuildRequest {
+            project: "priv".into(),
+            git_ref: "refs/heads/main".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("SubmitBuild")
+        .into_inner();
+    // The lease is issued before AddPeer goes to the (stopped) connector.
+    let t0 = Instant::now();
+    let issued = loop {
+        if let Some(l) = leases(&t).await.into_iter().find(|l| l.build_id == b.id) {
+            break l;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            signal(nix::sys::signal::Signal::SIGCONT);
+            panic!("no lease issued{}", t.context());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let sent_at = Instant::now();
+    // Link down, and it stays down: new connections go nowhere.
+    proxy.set_upstream("127.0.0.1:1");
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(nix::sys::signal::Signal::SIGCONT);
+    // The answer goes out while the box is away.
+    let t0 = Instant::now();
+    while !t
+        .cp
+        .log()
+        .contains("box gone before its key exchange reply")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "the answer was not lost as planned{}",
+            t.context()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set_upstream(&t.cp.grpc_addr);
+    let b = cluster::wait_build(&t.cp.grpc_url(), &b.id, Duration::from_secs(60)).await;
+    let (log, _) = cluster::build_log(&t.cp.grpc_url(), &b.id).await;
+    assert_eq!(
+        b.state,
+        BuildState::Succeeded as i32,
+        "build after the lost answer: {}\n{log}{}",
+        b.message,
+        t.context()
+    );
+    assert!(log.contains(&t.customer.marker), "{log}");
+    let took = sent_at.elapsed();
+    assert!(
+        t.boxd
+            .log()
+            .contains("key exchange request sent again after a reconnect"),
+        "{}",
+        t.context()
+    );
+    assert!(
+        t.cp.log()
+            .contains("repeated key exchange request answered again"),
+        "{}",
+        t.context()
+    );
+    // One lease, the same key and address, revoked after the build; no peer left.
+    let mine: Vec<_> = leases(&t)
+        .await
+        .into_iter()
+        .filter(|l| l.build_id == b.id)
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].public_key, issued.public_key);
+    assert_eq!(mine[0].tunnel_address, issued.tunnel_address);
+    wait_peers_gone(
+        &t,
+        &BTreeSet::from([issued.public_key.clone()]),
+        Duration::from_secs(5),
+    )
+    .await;
+    println!("build done {took:?} after the link was cut mid-exchange");
 }

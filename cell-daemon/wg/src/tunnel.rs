@@ -269,6 +269,8 @@ pub struct Tunnel {
     keys: KeyPair,
     commands: Option<mpsc::Sender<Command>>,
     worker: Option<JoinHandle<()>>,
+    /// New handshakes started by [`Tunnel::wait_handshake`] because none had completed yet.
+    rearms: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -308,6 +310,7 @@ impl Tunnel {
                     keys,
                     commands: Some(commands),
                     worker: Some(worker),
+                    rearms: std::sync::atomic::AtomicU32::new(0),
                 })
             }
             Ok(Err(e)) => {
@@ -327,6 +330,11 @@ impl Tunnel {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// How many times waiting for a handshake started a new one (0: the first went through).
+    pub fn rearms(&self) -> u32 {
+        self.rearms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The UDP port peers send to (in the tunnel's namespace).
@@ -412,6 +420,8 @@ impl Tunnel {
                     let key = p.public_key;
                     tracing::debug!(iface = %self.iface, peer = %key, after = ?rearm_after, "no handshake yet, starting a new one");
                     self.call(|r| Command::Rearm(key, r))?;
+                    self.rearms
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     armed = Instant::now();
                     rearm_after = (rearm_after * 2).min(REARM_MAX);
                 }

@@ -274,7 +274,25 @@ impl Runner {
                     .tunnel
                     .as_ref()
                     .ok_or_else(|| ConnectorError::Peer("AddPeer before SyncPeers".into()))?;
-                tunnel.add_peer(spec)?;
+                match tunnel.add_peer(spec.clone()) {
+                    // The key exchange sends the same AddPeer again when it answers a box's
+                    // repeated request (the first answer was lost in a reconnect): a peer with
+                    // the same key and address is already applied; another address replaces it.
+                    Err(hive_wg::TunnelError::PeerExists { .. }) => {
+                        let have = tunnel.peers()?;
+                        let same = have.iter().any(|h| {
+                            h.public_key == spec.public_key && h.allowed_ips == spec.allowed_ips
+                        });
+                        if same {
+                            tracing::info!(build_id = %p.build_id, peer = %p.public_key,
+                                "peer already present");
+                            return Ok(());
+                        }
+                        tunnel.remove_peer(&spec.public_key)?;
+                        tunnel.add_peer(spec)?;
+                    }
+                    other => other?,
+                }
                 tracing::info!(build_id = %p.build_id, peer = %p.public_key,
                     address = %p.tunnel_address, "peer added");
                 Ok(())

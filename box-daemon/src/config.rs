@@ -151,7 +151,8 @@ impl GuestFiles {
                 build,
             })?;
             if path.is_file() {
-                Ok(path)
+                // Absolute: the path becomes a bind source for a jail started elsewhere.
+                Ok(std::fs::canonicalize(&path).unwrap_or(path))
             } else {
                 Err(ConfigError::GuestFileMissing {
                     what,

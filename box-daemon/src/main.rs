@@ -2,7 +2,8 @@
 //!
 //! `hive-box [FLAGS]` runs the daemon; `hive-box jail --spec FILE` is the single-threaded helper
 //! both backends re-execute to put a cell process into its namespaces (see `jail`), and
-//! `hive-box vmm --config FILE` is one microVM (run inside that jail by the microvm backend).
+//! `hive-box vmm --config FILE` is one microVM (run inside that jail by the microvm backend, via
+//! the internal `hive-box vmm-launch`, which drops to the cell's uid first).
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ enum Cmd {
     /// daemon starts it inside the cell's jail. Exit: 0 reset, 2 set-up, 3 shutdown, 4 vCPU
     /// failure, 143 SIGTERM.
     Vmm(hive_box::vmm::cli::VmmArgs),
+    /// Internal: first program in a microVM cell's jail; gives the jail its own /dev/kvm and
+    /// /dev/net/tun owned by the cell's uid, becomes that uid and execs `hive-box vmm`.
+    #[command(hide = true)]
+    VmmLaunch(hive_box::microvm::LaunchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +112,9 @@ struct RunArgs {
     /// XSAVE/AVX/POPCNT/CMPXCHG16B, for nested KVMs that cannot emulate them).
     #[arg(long, env = "HIVE_GUEST_CPU_TEMPLATE", default_value = "host", value_parser = ["host", "baseline"])]
     guest_cpu_template: String,
+    /// microvm: the VMM of cell slot N runs as uid and gid BASE + N.
+    #[arg(long, env = "HIVE_VMM_UID_BASE", default_value_t = hive_box::microvm::DEFAULT_VMM_UID_BASE)]
+    vmm_uid_base: u32,
     /// Address of the HTTP /healthz endpoint.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
     health_addr: SocketAddr,
@@ -177,6 +185,11 @@ fn main() -> ExitCode {
         Some(Cmd::Vmm(args)) => {
             init_tracing("text");
             ExitCode::from(hive_box::vmm::cli::run(&args).clamp(0, 255) as u8)
+        }
+        Some(Cmd::VmmLaunch(args)) => {
+            let e = hive_box::microvm::launch(&args);
+            eprintln!("hive-box vmm-launch: {}", error_chain(&e));
+            ExitCode::from(127)
         }
         Some(Cmd::Jail(args)) => match JailSpec::load(&args.spec).and_then(|s| jail::run(&s)) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -379,6 +392,7 @@ async fn run_async(
             );
             cfg.vmm_binary = helper;
             cfg.extra_cmdline = args.guest_cmdline.clone();
+            cfg.vmm_uid_base = args.vmm_uid_base;
             if args.guest_cpu_template == "baseline" {
                 cfg.cpu_template = hive_box::microvm::CpuTemplate::Baseline;
             }

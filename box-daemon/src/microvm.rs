@@ -5,18 +5,22 @@
 //! vsock sockets, the jail's overlay dirs), makes the cgroup (guest memory plus a VMM allowance),
 //! the cell network from [`net`](crate::net) (netns + veth, as the sandbox) plus a TAP in that
 //! netns for the guest ([`create_guest_link`]: routed, the netns masquerades the guest out of its
-//! `eth0`), and starts `hive-box jail` running `hive-box vmm --config /cell/vm.json` under
-//! `setpriv` with every capability dropped. The jail's root holds only the VMM binary and its
-//! shared libraries, the cell's files, the guest's kernel and disks (read-only) and /dev/kvm; the
-//! jail's own minimal /dev supplies /dev/net/tun. The box daemon reaches the cell daemon through
-//! the VMM's vsock muxer socket ([`Connector::VsockMux`], guest port [`AGENT_PORT`]).
+//! `eth0`), and starts `hive-box jail` running `hive-box vmm-launch` ([`launch`]), which gives the
+//! jail its own /dev/kvm and /dev/net/tun owned by the cell's unprivileged uid, becomes that uid
+//! and execs `hive-box vmm --config /cell/vm.json`. The jail's root holds only the VMM binary and
+//! its shared libraries, the cell's files and the guest's kernel and disks (read-only). The box
+//! daemon reaches the cell daemon through the VMM's vsock muxer socket
+//! ([`Connector::VsockMux`], guest port [`AGENT_PORT`]).
 //!
 //! The guest ending (i8042 reset, crash, panic with `panic=-1 reboot=t`) ends the VMM process,
 //! hence the jail helper: [`CellBackend::is_alive`] turns false and the pool replaces the cell.
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,9 +40,9 @@ pub use crate::vmm::config::CpuTemplate;
 use crate::vmm::config::{VmConfig, MAX_VCPUS};
 use crate::vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
-/// The uid the VMM runs as: root, but without any capability (see `setpriv_args`). A per-cell
-/// unprivileged uid needs device nodes it may open (see box-daemon/README.md).
-pub const VMM_UID: u32 = 0;
+/// Default first uid of the VMMs: cell slot N runs as uid (and gid) base + N, so no two cells
+/// share one and none is a uid a host user has.
+pub const DEFAULT_VMM_UID_BASE: u32 = 900_000;
 /// Guest vsock port the cell daemon listens on (`hive.listen=vsock:1024`).
 pub const AGENT_PORT: u32 = 1024;
 /// Memory the cgroup allows on top of guest memory: the VMM's own heap, stacks, page tables,
@@ -55,9 +59,9 @@ const JAIL_RUN: &str = "/cell/run";
 const JAIL_KERNEL: &str = "/images/kernel";
 const JAIL_ROOTFS_DISK: &str = "/images/rootfs.ext4";
 const JAIL_BUILD_DISK: &str = "/images/build.ext4";
-const JAIL_KVM: &str = "/run/kvm";
+const JAIL_KVM: &str = "/dev/kvm";
+const JAIL_TUN: &str = "/dev/net/tun";
 const JAIL_VMM: &str = "/bin/hive-box";
-const JAIL_SETPRIV: &str = "/bin/setpriv";
 /// Name of the vsock muxer socket in `<cell>/run/`.
 const VSOCK_SOCKET: &str = "v.sock";
 
@@ -67,12 +71,15 @@ pub struct MicrovmConfig {
     pub data_dir: PathBuf,
     /// Kernel, root disk, build disk.
     pub guest: GuestFiles,
-    /// The `hive-box` binary, run as `hive-box jail` and, inside it, `hive-box vmm`.
+    /// The `hive-box` binary, run as `hive-box jail` and, inside it, `hive-box vmm-launch` and
+    /// `hive-box vmm`.
     pub vmm_binary: PathBuf,
-    /// `setpriv` (util-linux), which drops every capability before the VMM starts.
-    pub setpriv: PathBuf,
     /// The KVM device on the box.
     pub kvm_device: PathBuf,
+    /// The TUN/TAP control device on the box.
+    pub tun_device: PathBuf,
+    /// Cell slot N's VMM runs as uid and gid `vmm_uid_base + N`.
+    pub vmm_uid_base: u32,
     /// Parent cgroup name for this box's cells.
     pub cgroup_parent: String,
     pub net: BoxNet,
@@ -92,8 +99,9 @@ impl MicrovmConfig {
             data_dir,
             guest,
             vmm_binary: std::env::current_exe().unwrap_or_else(|_| "hive-box".into()),
-            setpriv: PathBuf::from("/usr/bin/setpriv"),
             kvm_device: PathBuf::from("/dev/kvm"),
+            tun_device: PathBuf::from("/dev/net/tun"),
+            vmm_uid_base: DEFAULT_VMM_UID_BASE,
             cgroup_parent,
             net,
             extra_cmdline: String::new(),
@@ -106,8 +114,11 @@ impl MicrovmConfig {
 pub struct MicrovmBackend {
     cfg: MicrovmConfig,
     cgroups: Hierarchy,
-    /// Read-only binds of the shared libraries the VMM binary and setpriv load.
+    /// Read-only binds of the shared libraries the VMM binary loads.
     libs: Vec<PathBuf>,
+    /// Device numbers of KVM and TUN, for the jail's own nodes.
+    kvm_dev: DevNum,
+    tun_dev: DevNum,
     /// Empty directory: the lower layer of every VMM jail's root.
     empty_root: PathBuf,
     helpers: Mutex<HashMap<String, tokio::process::Child>>,
@@ -133,7 +144,18 @@ fn unavailable(reason: String) -> BackendError {
 impl MicrovmBackend {
     /// Checks the guest files, the KVM device and the helpers; fails with a message naming what is
     /// missing (and what builds it) instead of failing every cell later.
-    pub fn new(cfg: MicrovmConfig) -> Result<Self, BackendError> {
+    pub fn new(mut cfg: MicrovmConfig) -> Result<Self, BackendError> {
+        // Every path below ends up in a jail spec, which wants absolute paths.
+        for p in [
+            &mut cfg.guest.kernel,
+            &mut cfg.guest.rootfs_disk,
+            &mut cfg.guest.build_disk,
+            &mut cfg.vmm_binary,
+        ] {
+            if let Ok(abs) = fs::canonicalize(&*p) {
+                *p = abs;
+            }
+        }
         let g = &cfg.guest;
         for (what, path, build) in [
             ("guest kernel", &g.kernel, crate::config::BUILD_KERNEL_CMD),
@@ -155,16 +177,11 @@ impl MicrovmBackend {
                 )));
             }
         }
-        for (what, path) in [
-            ("VMM binary", &cfg.vmm_binary),
-            ("setpriv (util-linux)", &cfg.setpriv),
-        ] {
-            if !path.is_file() {
-                return Err(unavailable(format!(
-                    "{what} {}: no such file",
-                    path.display()
-                )));
-            }
+        if !cfg.vmm_binary.is_file() {
+            return Err(unavailable(format!(
+                "VMM binary {}: no such file",
+                cfg.vmm_binary.display()
+            )));
         }
         fs::OpenOptions::new()
             .read(true)
@@ -176,12 +193,20 @@ impl MicrovmBackend {
                     cfg.kvm_device.display()
                 ))
             })?;
-        let mut libs = shared_libs(&cfg.vmm_binary)?;
-        for lib in shared_libs(&cfg.setpriv)? {
-            if !libs.contains(&lib) {
-                libs.push(lib);
-            }
+        let kvm_dev = DevNum::of(&cfg.kvm_device)?;
+        let tun_dev = DevNum::of(&cfg.tun_device)?;
+        if cfg
+            .vmm_uid_base
+            .checked_add(cfg.net.subnet.slots())
+            .is_none()
+        {
+            return Err(unavailable(format!(
+                "VMM uid base {} + {} cell slots overflows",
+                cfg.vmm_uid_base,
+                cfg.net.subnet.slots()
+            )));
         }
+        let libs = shared_libs(&cfg.vmm_binary)?;
         let cgroups = Hierarchy::detect()?;
         let dir_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -189,6 +214,7 @@ impl MicrovmBackend {
         };
         let cells = cfg.data_dir.join("cells");
         fs::create_dir_all(&cells).map_err(dir_err(&cells))?;
+        cfg.data_dir = fs::canonicalize(&cfg.data_dir).map_err(dir_err(&cfg.data_dir))?;
         let empty_root = cfg.data_dir.join("vmm-root");
         fs::create_dir_all(&empty_root).map_err(dir_err(&empty_root))?;
         tracing::info!(
@@ -196,13 +222,16 @@ impl MicrovmBackend {
             rootfs_disk = %g.rootfs_disk.display(),
             build_disk = %g.build_disk.display(),
             cgroup = cgroups.version(),
-            "microvm backend: one jailed VMM per cell (uid 0 without capabilities, seccomp, \
+            uid_base = cfg.vmm_uid_base,
+            "microvm backend: one jailed VMM per cell (own uid, no capabilities, seccomp, \
              no_new_privs)"
         );
         Ok(MicrovmBackend {
             cfg,
             cgroups,
             libs,
+            kvm_dev,
+            tun_dev,
             empty_root,
             helpers: Mutex::new(HashMap::new()),
         })
@@ -214,6 +243,11 @@ impl MicrovmBackend {
 
     pub fn cgroups(&self) -> &Hierarchy {
         &self.cgroups
+    }
+
+    /// The uid (and gid) the VMM of the cell in `slot` runs as.
+    pub fn vmm_uid(&self, slot: u32) -> u32 {
+        self.cfg.vmm_uid_base + slot
     }
 
     pub fn cell_dir(&self, id: &str) -> PathBuf {
@@ -250,15 +284,12 @@ impl MicrovmBackend {
         let g = &self.cfg.guest;
         let mut binds = vec![
             ro(&self.cfg.vmm_binary, JAIL_VMM),
-            ro(&self.cfg.setpriv, JAIL_SETPRIV),
             ro(&g.kernel, JAIL_KERNEL),
             ro(&g.rootfs_disk, JAIL_ROOTFS_DISK),
             ro(&g.build_disk, JAIL_BUILD_DISK),
             ro(&dir.join("vm.json"), JAIL_VM_CONFIG),
             rw(&dir.join("serial.log"), JAIL_SERIAL),
             rw(&dir.join("run"), JAIL_RUN),
-            // Not read-only: a read-only bind is also nodev, and this is a device.
-            rw(&self.cfg.kvm_device, JAIL_KVM),
         ];
         for lib in &self.libs {
             binds.push(ro(lib, &lib.to_string_lossy()));
@@ -278,8 +309,8 @@ impl MicrovmBackend {
             netns: Some(netns),
             cgroup_procs,
             pid_file: dir.join("pid"),
-            program: JAIL_SETPRIV.into(),
-            args: setpriv_args(),
+            program: JAIL_VMM.into(),
+            args: launch_args(self.vmm_uid(spec.slot), self.kvm_dev, self.tun_dev),
             env,
             seccomp: true,
         }
@@ -318,6 +349,11 @@ impl MicrovmBackend {
         };
         let serial = &host_files.serial;
         fs::File::create(serial).map_err(dir_err(serial))?;
+        // The VMM's uid writes its console and makes its sockets; everything else stays root's.
+        let uid = self.vmm_uid(spec.slot);
+        for p in [serial.clone(), dir.join("run")] {
+            std::os::unix::fs::chown(&p, Some(uid), Some(uid)).map_err(dir_err(&p))?;
+        }
         let checked: VmConfig = serde_json::from_value(vm_config_json(
             spec,
             shape,
@@ -359,7 +395,7 @@ impl MicrovmBackend {
             .net
             .create_cell(&CellNetNames::for_cell(&spec.id), spec.slot)
             .await?;
-        create_guest_link(&net.netns, CELL_TAP, VMM_UID).await?;
+        create_guest_link(&net.netns, CELL_TAP, uid).await?;
 
         let jail = self.jail_spec(spec, net.netns.clone(), cgroup.procs_files());
         let spec_path = dir.join("jail.json");
@@ -425,27 +461,173 @@ impl MicrovmBackend {
     }
 }
 
-/// `setpriv` arguments: drop every capability (bounding, inheritable, ambient; root gets none on
-/// exec with `noroot`), lock that, then exec the VMM.
-fn setpriv_args() -> Vec<String> {
-    [
-        "--bounding-set",
-        "-all",
-        "--inh-caps",
-        "-all",
-        "--ambient-caps",
-        "-all",
-        "--securebits",
-        "+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked,+keep_caps_locked",
-        "--",
-        JAIL_VMM,
-        "vmm",
-        "--config",
-        JAIL_VM_CONFIG,
+/// Arguments of `hive-box vmm-launch` inside the jail.
+fn launch_args(uid: u32, kvm: DevNum, tun: DevNum) -> Vec<String> {
+    vec![
+        "vmm-launch".into(),
+        "--uid".into(),
+        uid.to_string(),
+        "--kvm".into(),
+        kvm.to_string(),
+        "--tun".into(),
+        tun.to_string(),
+        "--config".into(),
+        JAIL_VM_CONFIG.into(),
     ]
-    .into_iter()
-    .map(String::from)
-    .collect()
+}
+
+/// A character device number, `MAJOR:MINOR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevNum {
+    pub major: u64,
+    pub minor: u64,
+}
+
+impl DevNum {
+    fn of(path: &Path) -> Result<DevNum, BackendError> {
+        let m =
+            fs::metadata(path).map_err(|e| unavailable(format!("stat {}: {e}", path.display())))?;
+        let rdev = m.rdev();
+        Ok(DevNum {
+            major: nix::sys::stat::major(rdev),
+            minor: nix::sys::stat::minor(rdev),
+        })
+    }
+}
+
+impl std::fmt::Display for DevNum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+impl FromStr for DevNum {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected MAJOR:MINOR"))?;
+        Ok(DevNum {
+            major: a.parse().map_err(|_| format!("{s:?}: bad major"))?,
+            minor: b.parse().map_err(|_| format!("{s:?}: bad minor"))?,
+        })
+    }
+}
+
+/// `hive-box vmm-launch`: the last step of the jail before the VMM (internal).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// uid and gid to run the VMM as.
+    #[arg(long)]
+    pub uid: u32,
+    /// Device number of KVM (MAJOR:MINOR).
+    #[arg(long)]
+    pub kvm: DevNum,
+    /// Device number of the TUN/TAP control device (MAJOR:MINOR).
+    #[arg(long)]
+    pub tun: DevNum,
+    /// VM config, passed on to `hive-box vmm --config`.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("make device node {path}")]
+    Node {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("give device node {path} to uid {uid}")]
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("become uid/gid {uid}")]
+    SetIds {
+        uid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("capabilities left after becoming uid {uid}: {caps}")]
+    CapsLeft { uid: u32, caps: String },
+    #[error("argument contains a NUL byte")]
+    Nul,
+    #[error("exec {JAIL_VMM}")]
+    Exec(#[source] nix::Error),
+}
+
+/// Runs as PID 1 of the VMM's jail (root, after pivot_root, no_new_privs and the jail's seccomp
+/// filter): makes /dev/kvm and a fresh /dev/net/tun on the jail's private /dev, owned by `uid`
+/// with mode 0600 (the jail bound the box's root-only TUN node there; that bind is undone in this
+/// jail only, the box's node is not changed), drops to uid/gid `uid` with no supplementary groups
+/// (which clears every capability), checks that, and execs the VMM. Returns only on failure.
+pub fn launch(args: &LaunchArgs) -> LaunchError {
+    match launch_inner(args) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn launch_inner(a: &LaunchArgs) -> Result<std::convert::Infallible, LaunchError> {
+    use nix::unistd::{Gid, Uid};
+    for (path, dev) in [(JAIL_KVM, a.kvm), (JAIL_TUN, a.tun)] {
+        let path = Path::new(path);
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(path);
+        nix::sys::stat::mknod(
+            path,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(dev.major, dev.minor),
+        )
+        .map_err(|source| LaunchError::Node {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        nix::unistd::chown(path, Some(Uid::from_raw(a.uid)), Some(Gid::from_raw(a.uid))).map_err(
+            |source| LaunchError::Chown {
+                path: path.to_path_buf(),
+                uid: a.uid,
+                source,
+            },
+        )?;
+    }
+    let ids = |source| LaunchError::SetIds { uid: a.uid, source };
+    let gid = Gid::from_raw(a.uid);
+    nix::unistd::setgroups(&[]).map_err(ids)?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(ids)?;
+    let uid = Uid::from_raw(a.uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(ids)?;
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for field in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(str::trim)
+            .unwrap_or("?");
+        if !v.bytes().all(|b| b == b'0') {
+            return Err(LaunchError::CapsLeft {
+                uid: a.uid,
+                caps: format!("{field} {v}"),
+            });
+        }
+    }
+    let cstr = |s: &str| CString::new(s).map_err(|_| LaunchError::Nul);
+    let argv = [
+        cstr(JAIL_VMM)?,
+        cstr("vmm")?,
+        cstr("--config")?,
+        cstr(&a.config.to_string_lossy())?,
+    ];
+    let env = std::env::vars()
+        .map(|(k, v)| cstr(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let err = nix::unistd::execve(&argv[0], &argv, &env).unwrap_err();
+    Err(LaunchError::Exec(err))
 }
 
 /// What an exit code of `hive-box jail` running `hive-box vmm` means.
@@ -922,10 +1104,32 @@ mod tests {
     }
 
     #[test]
-    fn setpriv_drops_everything_then_runs_the_vmm() {
-        let a = setpriv_args();
-        let sep = a.iter().position(|s| s == "--").unwrap();
-        assert_eq!(&a[sep + 1..], [JAIL_VMM, "vmm", "--config", JAIL_VM_CONFIG]);
-        assert!(a[..sep].windows(2).any(|w| w == ["--bounding-set", "-all"]));
+    fn launch_args_round_trip_through_clap() {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(subcommand)]
+            cmd: C,
+        }
+        #[derive(clap::Subcommand)]
+        enum C {
+            VmmLaunch(LaunchArgs),
+        }
+        let kvm = DevNum {
+            major: 10,
+            minor: 232,
+        };
+        let tun = DevNum {
+            major: 10,
+            minor: 200,
+        };
+        let args = launch_args(900_003, kvm, tun);
+        let t = <T as clap::Parser>::try_parse_from(
+            std::iter::once("hive-box".to_string()).chain(args),
+        )
+        .expect("parses");
+        let C::VmmLaunch(a) = t.cmd;
+        assert_eq!((a.uid, a.kvm, a.tun), (900_003, kvm, tun));
+        assert_eq!(a.config, Path::new(JAIL_VM_CONFIG));
+        assert!("10".parse::<DevNum>().is_err());
     }
 }

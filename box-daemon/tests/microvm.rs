@@ -150,9 +150,12 @@ impl Drop for TestBox {
     }
 }
 
-/// The guest's connection to host port 5000 (`<uds>_5000`): reads its hello, answers.
-fn vsock_5000(uds: &Path) -> std::thread::JoinHandle<Result<(), String>> {
-    let listener = UnixListener::bind(format!("{}_5000", uds.display())).expect("bind <uds>_5000");
+/// The guest's connection to host port 5000 (`<uds>_5000`): reads its hello, answers. The
+/// socket belongs to the VMM's uid, which connects to it.
+fn vsock_5000(uds: &Path, uid: u32) -> std::thread::JoinHandle<Result<(), String>> {
+    let path = format!("{}_5000", uds.display());
+    let listener = UnixListener::bind(&path).expect("bind <uds>_5000");
+    std::os::unix::fs::chown(&path, Some(uid), Some(uid)).expect("chown <uds>_5000");
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(60)))
@@ -329,7 +332,7 @@ async fn microvm_cell_runs_jailed_reaches_the_guest_over_vsock_and_is_destroyed_
     let created = t0.elapsed();
     // The guest's peers: host port 5000 first (the guest asks for it once), then the TAP peer
     // (the guest re-sends its ping until answered).
-    let host_5000 = vsock_5000(&be.vsock_path(&id));
+    let host_5000 = vsock_5000(&be.vsock_path(&id), be.vmm_uid(1));
     let names = CellNetNames::for_cell(&id);
     let netns = Path::new(NETNS_DIR).join(&names.netns);
     let tap = tap_peer(netns.clone());
@@ -351,9 +354,24 @@ async fn microvm_cell_runs_jailed_reaches_the_guest_over_vsock_and_is_destroyed_
     }
     assert_eq!(status_field(&pid, "NoNewPrivs:"), "1");
     assert_ne!(status_field(&pid, "Seccomp:"), "0");
-    assert_eq!(status_field(&pid, "CapEff:"), "0000000000000000");
-    assert_eq!(status_field(&pid, "CapPrm:"), "0000000000000000");
-    assert_eq!(status_field(&pid, "CapBnd:"), "0000000000000000");
+    let uid = be.vmm_uid(1).to_string();
+    assert_eq!(
+        status_field(&pid, "Uid:")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [uid.as_str(); 4],
+        "VMM runs as the cell's own uid"
+    );
+    assert_eq!(
+        status_field(&pid, "Gid:")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [uid.as_str(); 4]
+    );
+    assert_eq!(status_field(&pid, "Groups:"), "");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(status_field(&pid, caps), "0000000000000000", "{caps}");
+    }
     assert_eq!(
         status_field(&pid, "NSpid:").split_whitespace().last(),
         Some("1")
@@ -372,7 +390,23 @@ async fn microvm_cell_runs_jailed_reaches_the_guest_over_vsock_and_is_destroyed_
             "/{absent} in the VMM's root"
         );
     }
-    assert!(root.join("cell/vm.json").exists() && root.join("run/kvm").exists());
+    assert!(root.join("cell/vm.json").exists());
+    {
+        // The jail's own device nodes, the cell's uid's alone; the box's are untouched.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        for dev in ["dev/kvm", "dev/net/tun"] {
+            let m = std::fs::metadata(root.join(dev)).unwrap();
+            assert_eq!(m.uid(), be.vmm_uid(1), "{dev} owner");
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{dev} mode");
+        }
+        for dev in ["/dev/kvm", "/dev/net/tun"] {
+            assert_eq!(
+                std::fs::metadata(dev).unwrap().uid(),
+                0,
+                "box's {dev} changed"
+            );
+        }
+    }
     assert!(root.join("images/kernel").exists());
 
     // Resources: cgroup sized guest + allowance, veth, firewall entry, TAP in the netns.
@@ -505,7 +539,7 @@ async fn wait_ready_fails_fast_with_exited_when_the_guest_resets() {
         })
         .await
         .expect("create");
-    let host_5000 = vsock_5000(&be.vsock_path(&id));
+    let host_5000 = vsock_5000(&be.vsock_path(&id), be.vmm_uid(2));
     let netns = Path::new(NETNS_DIR).join(CellNetNames::for_cell(&id).netns);
     let _tap = tap_peer(netns);
     // The test guest is no cell daemon: health never answers, and the guest resets the VM once

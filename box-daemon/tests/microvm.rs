@@ -951,3 +951,67 @@ async fn real_guest_image_answers_health_over_vsock() {
     eprintln!("real guest: create -> cell daemon healthy over vsock in {took:?}");
     be.destroy(&id).await.expect("destroy");
 }
+
+/// A box daemon that restarts finds its previous run's microVM cells on disk and in the cgroup
+/// tree, reports the build one was running, and removes everything (the VMM is killed through
+/// its cgroup: the new daemon never had it as a child).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_box_reaps_leftover_microvm_cells() {
+    if !kvm_or_skip("microvm reaper") {
+        return;
+    }
+    let tb = microvm("mvreap", 217);
+    let id = new_id();
+    // No peers: the guest waits for its TAP peer, so the VMM keeps running.
+    tb.backend
+        .create(CellSpec {
+            id: id.clone(),
+            size_class: tiny(),
+            slot: 3,
+        })
+        .await
+        .expect("create");
+    tb.backend.record_build(&id, "build-left", "lease-left");
+    let pid = vmm_pid(&tb.backend, &id).await;
+
+    // "Restart": a second backend over the same data dir, cgroup parent and network.
+    let again = MicrovmBackend::new(tb.backend.config().clone()).expect("second backend");
+    assert!(!again.is_alive(&id), "the new daemon did not start it");
+    let left = again.inspect();
+    let rec = left
+        .iter()
+        .find(|l| l.id == id)
+        .and_then(|l| l.record.clone())
+        .expect("leftover with its record");
+    assert_eq!(
+        (rec.build_id.as_str(), rec.lease_id.as_str()),
+        ("build-left", "lease-left")
+    );
+    let lost = hive_box::reaper::reap(&again).await;
+    assert!(lost
+        .iter()
+        .any(|b| b.build_id == "build-left" && b.cell_id == id));
+
+    let names = CellNetNames::for_cell(&id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}/status")).exists()
+        && !status_field(&pid, "State:").starts_with('Z')
+    {
+        assert!(Instant::now() < deadline, "VMM {pid} survived the reaper");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!again.cell_dir(&id).exists(), "cell dir left");
+    assert!(
+        !Path::new(NETNS_DIR).join(&names.netns).exists(),
+        "netns left"
+    );
+    assert!(!link_exists(&names.veth).await.unwrap(), "veth left");
+    assert!(!tb.net.has_cell(&names.veth), "firewall entry left");
+    for d in again
+        .cgroups()
+        .open(&again.config().cgroup_parent, &id)
+        .dirs()
+    {
+        assert!(!d.exists(), "cgroup {} left", d.display());
+    }
+}

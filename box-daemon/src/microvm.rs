@@ -451,10 +451,12 @@ impl MicrovmBackend {
     /// Why the cell ended: the exit code's meaning plus the ends of the serial console and of the
     /// VMM's log.
     fn death_detail(&self, id: &str) -> String {
-        let code = self.exit_code(id).flatten();
+        let how = match self.exit_code(id) {
+            Some(code) => describe_exit(code),
+            None => "no VMM process of this daemon".into(),
+        };
         format!(
-            "VMM exited ({}); serial: {}; vmm: {}",
-            describe_exit(code),
+            "VMM exited ({how}); serial: {}; vmm: {}",
             tail(&self.serial_log(id), 5),
             tail(&self.vmm_log(id), 3)
         )
@@ -646,12 +648,32 @@ pub fn describe_exit(code: Option<i32>) -> String {
     }
 }
 
-/// The last `n` lines of a log file, joined with " | " (empty when missing).
+/// Bytes read from the end of a log for [`tail`].
+const TAIL_BYTES: u64 = 8 * 1024;
+/// Characters kept of each line [`tail`] returns.
+const TAIL_LINE: usize = 240;
+
+/// The last `n` non-empty lines of a log file, joined with " | " (empty when missing). Bounded
+/// and cleaned: it comes from the guest and ends up in the box daemon's log.
 fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+        let _ = f.take(TAIL_BYTES).read_to_end(&mut buf);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            l.chars()
+                .filter(|c| !c.is_control())
+                .take(TAIL_LINE)
+                .collect::<String>()
+        })
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
@@ -1093,6 +1115,25 @@ mod tests {
                 PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
             ]
         );
+    }
+
+    #[test]
+    fn tail_is_bounded_and_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(&format!("line {i}\x1b[31m\n"));
+        }
+        text.push_str(&"x".repeat(100_000));
+        text.push('\n');
+        fs::write(&p, text).unwrap();
+        let t = tail(&p, 3);
+        assert!(t.len() < 3 * (TAIL_LINE + 3), "{} bytes", t.len());
+        assert!(!t.contains('\x1b'));
+        assert!(tail(&dir.path().join("missing"), 3).is_empty());
+        fs::write(&p, "a\n\nb\nc\nd\n").unwrap();
+        assert_eq!(tail(&p, 2), "c | d");
     }
 
     #[test]

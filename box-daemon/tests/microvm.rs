@@ -1015,3 +1015,54 @@ async fn a_restarted_box_reaps_leftover_microvm_cells() {
         assert!(!d.exists(), "cgroup {} left", d.display());
     }
 }
+
+fn median_p90(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[(v.len() * 9 / 10).min(v.len() - 1)])
+}
+
+/// Create -> VMM up (its vsock socket bound: jail, uid drop and VM built) -> destroy, for
+/// HIVE_BENCH_CELLS cells one after another (default 10):
+/// `cargo test -p hive-box --test microvm bench -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_create_vmm_up_destroy() {
+    if !kvm_or_skip("microvm benchmark") {
+        return;
+    }
+    let n: usize = std::env::var("HIVE_BENCH_CELLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let tb = microvm("mvbench", 218);
+    let be = &tb.backend;
+    let (mut create, mut up, mut destroy) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let id = new_id();
+        let t0 = Instant::now();
+        be.create(CellSpec {
+            id: id.clone(),
+            size_class: tiny(),
+            slot: 1 + i as u32,
+        })
+        .await
+        .expect("create");
+        create.push(t0.elapsed());
+        let sock = be.vsock_path(&id);
+        while !sock.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "VMM not up");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        up.push(t0.elapsed());
+        let t1 = Instant::now();
+        be.destroy(&id).await.expect("destroy");
+        destroy.push(t1.elapsed());
+    }
+    let (c50, c90) = median_p90(create);
+    let (u50, u90) = median_p90(up);
+    let (d50, d90) = median_p90(destroy);
+    eprintln!(
+        "microvm bench, {n} cells: create median {c50:?} p90 {c90:?}; create -> VMM up median \
+         {u50:?} p90 {u90:?}; destroy median {d50:?} p90 {d90:?}"
+    );
+}

@@ -83,7 +83,8 @@ struct TestBox {
 }
 
 /// A microvm backend whose kernel is the test guest, with names unique to this test (table,
-/// subnet, cgroup parent). The two "disks" are small files: the guest reads their first sectors.
+/// subnet, cgroup parent). Subnets use third octets 241..=248: the sandbox tests use 201..=205
+/// and the e2e tests (pid % 12) * 20 + 0..=19, at most 239. The two "disks" are small files: the guest reads their first sectors.
 fn microvm(tag: &str, third_octet: u8) -> TestBox {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -317,7 +318,7 @@ async fn microvm_cell_runs_jailed_reaches_the_guest_over_vsock_and_is_destroyed_
     if !kvm_or_skip("microvm cell life cycle") {
         return;
     }
-    let tb = microvm("mvlife", 211);
+    let tb = microvm("mvlife", 241);
     let be = &tb.backend;
     let id = new_id();
     let t0 = Instant::now();
@@ -528,7 +529,7 @@ async fn wait_ready_fails_fast_with_exited_when_the_guest_resets() {
     if !kvm_or_skip("microvm wait_ready on an exiting guest") {
         return;
     }
-    let tb = microvm("mvexit", 212);
+    let tb = microvm("mvexit", 242);
     let be = &tb.backend;
     let id = new_id();
     let cell = be
@@ -586,7 +587,7 @@ fn missing_guest_kernel_is_a_clear_error() {
         },
         BoxNet {
             table: "hive_t_unused".into(),
-            subnet: "100.96.213.0/24".parse().unwrap(),
+            subnet: "100.96.243.0/24".parse().unwrap(),
             blocked: vec![],
         },
         "hive-test-unused".into(),
@@ -728,7 +729,7 @@ async fn guest_link_forwards_and_masquerades_out_of_the_cell() {
     let id = new_id();
     let net = BoxNet {
         table: "hive_t_mvlink".into(),
-        subnet: "100.96.214.0/24".parse().unwrap(),
+        subnet: "100.96.244.0/24".parse().unwrap(),
         blocked: vec![],
     };
     net.setup().expect("load nftables table");
@@ -906,7 +907,7 @@ async fn real_guest_image_answers_health_over_vsock() {
     let dir = tempfile::tempdir().unwrap();
     let net = BoxNet {
         table: "hive_t_mvreal".into(),
-        subnet: "100.96.215.0/24".parse().unwrap(),
+        subnet: "100.96.245.0/24".parse().unwrap(),
         blocked: vec![],
     };
     net.setup().expect("nftables");
@@ -960,7 +961,7 @@ async fn a_restarted_box_reaps_leftover_microvm_cells() {
     if !kvm_or_skip("microvm reaper") {
         return;
     }
-    let tb = microvm("mvreap", 217);
+    let tb = microvm("mvreap", 247);
     let id = new_id();
     // No peers: the guest waits for its TAP peer, so the VMM keeps running.
     tb.backend
@@ -1034,7 +1035,7 @@ async fn bench_create_vmm_up_destroy() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let tb = microvm("mvbench", 218);
+    let tb = microvm("mvbench", 248);
     let be = &tb.backend;
     let (mut create, mut up, mut destroy) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {

@@ -1,7 +1,7 @@
 //! The cell backend trait: what the pool and the agent need from "something that runs cells".
 //!
 //! Two implementations: `sandbox` (namespaces + cgroup + seccomp around the cell daemon, for hosts
-//! without usable KVM) and, later, `microvm` (the embedded VMM). Pool and agent code is generic over
+//! without usable KVM) and `microvm` (one jailed embedded VMM per cell, see `microvm`). Pool and agent code is generic over
 //! [`CellBackend`] and never looks past it; the only backend-specific thing they hold is the
 //! [`Connector`](crate::cell::Connector) inside a [`Cell`](crate::cell::Cell).
 use std::future::Future;

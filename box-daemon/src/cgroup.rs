@@ -1,4 +1,6 @@
-//! Control groups for cells: CPU, memory and pids limits from the size class.
+//! Control groups for cells: CPU, memory and pids limits from the size class, and (v1) a
+//! devices allow-list: a cell may open only the character devices it is given, never a block
+//! device of the box, even if something in it gains CAP_MKNOD and makes a node.
 //!
 //! Hosts differ: this development machine runs cgroup v1 (one hierarchy per controller under
 //! `/sys/fs/cgroup/<controller>`), most production hosts run the unified v2 hierarchy. The version
@@ -16,6 +18,37 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// v1 controllers a cell is limited by. `cpu` is often co-mounted as `cpu,cpuacct` with a `cpu`
 /// symlink, which is what we open.
 const V1_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+
+/// The v1 devices controller, used when the host mounts it (its directory is the fourth).
+const V1_DEVICES: &str = "devices";
+
+/// Character devices a sandbox cell may use: null, zero, full, random, urandom, tty, ptmx and
+/// ptys (devpts), and the TUN clone device for the build container's network.
+pub const SANDBOX_DEVICES: &[&str] = &[
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:200 rwm",
+];
+
+/// A microVM cell's VMM: the sandbox's devices and /dev/kvm.
+pub const MICROVM_DEVICES: &[&str] = &[
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:200 rwm",
+    "c 10:232 rwm",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -63,6 +96,9 @@ pub struct Limits {
     pub vcpus: u32,
     pub memory_bytes: u64,
     pub pids_max: u32,
+    /// Devices allowed (v1 `devices.allow` lines); everything else is denied. v2 needs a BPF
+    /// program for this, which is not written yet: there the list is not enforced.
+    pub devices: &'static [&'static str],
 }
 
 impl Hierarchy {
@@ -101,10 +137,16 @@ impl Hierarchy {
     /// Directories a group named `parent/name` lives in (one per controller on v1).
     fn dirs(&self, parent: &str, name: &str) -> Vec<PathBuf> {
         match self {
-            Hierarchy::V1 { root } => V1_CONTROLLERS
-                .iter()
-                .map(|c| root.join(c).join(parent).join(name))
-                .collect(),
+            Hierarchy::V1 { root } => {
+                let mut dirs: Vec<PathBuf> = V1_CONTROLLERS
+                    .iter()
+                    .map(|c| root.join(c).join(parent).join(name))
+                    .collect();
+                if has_v1_devices(root) {
+                    dirs.push(root.join(V1_DEVICES).join(parent).join(name));
+                }
+                dirs
+            }
             Hierarchy::V2 { root } => vec![root.join(parent).join(name)],
         }
     }
@@ -145,6 +187,7 @@ impl Hierarchy {
         let dirs: Vec<PathBuf> = match self {
             Hierarchy::V1 { root } => V1_CONTROLLERS
                 .iter()
+                .chain(has_v1_devices(root).then_some(&V1_DEVICES))
                 .map(|c| root.join(c).join(parent))
                 .collect(),
             Hierarchy::V2 { root } => vec![root.join(parent)],
@@ -169,6 +212,11 @@ impl Hierarchy {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect()
     }
+}
+
+/// Whether the host mounts the v1 devices controller (a real one has `devices.allow`).
+fn has_v1_devices(root: &Path) -> bool {
+    root.join(V1_DEVICES).join("devices.allow").exists()
 }
 
 fn mkdir(dir: &Path) -> Result<(), CgroupError> {
@@ -236,6 +284,13 @@ impl Cgroup {
                 &limits.memory_bytes.to_string(),
             )?;
             write(&pids.join("pids.max"), &limits.pids_max.to_string())?;
+            if let Some(devices) = self.dirs.get(3) {
+                // Deny all first, then allow the list: a new group inherits "a *:* rwm".
+                write(&devices.join("devices.deny"), "a")?;
+                for rule in limits.devices {
+                    write(&devices.join("devices.allow"), rule)?;
+                }
+            }
         }
         Ok(())
     }
@@ -253,6 +308,15 @@ impl Cgroup {
         pids.sort_unstable();
         pids.dedup();
         Ok(pids)
+    }
+
+    /// The v1 devices allow-list as the kernel reports it (`devices.list`); None where the
+    /// group has no devices controller (v2, or a v1 host without it).
+    pub fn devices_list(&self) -> Option<String> {
+        if self.version != 1 {
+            return None;
+        }
+        fs::read_to_string(self.dirs.get(3)?.join("devices.list")).ok()
     }
 
     /// Current memory limit in bytes as the kernel reports it (tests, inspection).
@@ -364,6 +428,7 @@ mod tests {
                     vcpus: 2,
                     memory_bytes: 256 << 20,
                     pids_max: 64,
+                    devices: SANDBOX_DEVICES,
                 },
             )
             .unwrap();
@@ -386,17 +451,25 @@ mod tests {
     }
 
     #[test]
-    fn v1_dirs_are_per_controller() {
+    fn v1_dirs_are_per_controller_with_devices_when_mounted() {
+        let t = tempfile::tempdir().unwrap();
         let h = Hierarchy::V1 {
-            root: PathBuf::from("/sys/fs/cgroup"),
+            root: t.path().to_path_buf(),
         };
-        let cg = h.open("hive", "abc");
+        let procs = |c: &str| t.path().join(c).join("hive/abc/cgroup.procs");
         assert_eq!(
-            cg.procs_files(),
+            h.open("hive", "abc").procs_files(),
+            vec![procs("cpu"), procs("memory"), procs("pids")]
+        );
+        fs::create_dir(t.path().join("devices")).unwrap();
+        fs::write(t.path().join("devices/devices.allow"), "").unwrap();
+        assert_eq!(
+            h.open("hive", "abc").procs_files(),
             vec![
-                PathBuf::from("/sys/fs/cgroup/cpu/hive/abc/cgroup.procs"),
-                PathBuf::from("/sys/fs/cgroup/memory/hive/abc/cgroup.procs"),
-                PathBuf::from("/sys/fs/cgroup/pids/hive/abc/cgroup.procs"),
+                procs("cpu"),
+                procs("memory"),
+                procs("pids"),
+                procs("devices")
             ]
         );
     }

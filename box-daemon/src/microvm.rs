@@ -388,6 +388,7 @@ impl MicrovmBackend {
                 vcpus: u32::from(shape.vcpus),
                 memory_bytes: (u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024,
                 pids_max: BASE_PIDS + u32::from(shape.vcpus),
+                devices: crate::cgroup::MICROVM_DEVICES,
             },
         )?;
         let net = self

@@ -194,6 +194,7 @@ impl Sandbox {
                 } else {
                     class.pids_max
                 },
+                devices: crate::cgroup::SANDBOX_DEVICES,
             },
         )?;
         let net = self

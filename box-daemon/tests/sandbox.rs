@@ -59,6 +59,14 @@ async fn cell_boots_jailed_runs_a_build_and_is_destroyed_completely() {
     let cg = tb.sandbox.cgroups().open("hive-test-life", &id);
     assert_eq!(cg.memory_limit().unwrap(), 512 * 1024 * 1024);
     assert!(cg.pids().unwrap().contains(&pid.trim().parse().unwrap()));
+    if let Some(list) = cg.devices_list() {
+        // v1 devices controller: only the cell's character devices, no block device.
+        assert!(!list.contains("a *:*"), "devices: {list}");
+        assert!(
+            !list.lines().any(|l| l.starts_with("b ")),
+            "devices: {list}"
+        );
+    }
     let names = CellNetNames::for_cell(&id);
     assert!(link_exists(&names.veth).await.unwrap());
     assert!(Path::new("/run/netns").join(&names.netns).exists());

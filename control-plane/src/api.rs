@@ -515,20 +515,27 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         tokio::spawn(async move {
             let mut shutdown = hive.shutdown.clone();
             let mut next = req.from_seq;
+            // Whether to re-read the build's state before the next read of chunks: at first,
+            // and on news of the build itself. News of new chunks only needs the chunks read
+            // (the build's end always comes as its own news, after its last chunk's).
+            let mut check_state = true;
+            let mut ended = false;
             loop {
                 // Read the state before the chunks: if the build had ended by then, every
                 // chunk it will ever have is visible to the read that follows.
-                let ended = match hive.store.get_build(&req.build_id).await {
-                    Ok(Some(b)) => b.state.is_terminal(),
-                    Ok(None) => {
-                        let _ = tx.send(Err(Status::not_found("build deleted"))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(store_err(e))).await;
-                        return;
-                    }
-                };
+                if check_state {
+                    ended = match hive.store.get_build(&req.build_id).await {
+                        Ok(Some(b)) => b.state.is_terminal(),
+                        Ok(None) => {
+                            let _ = tx.send(Err(Status::not_found("build deleted"))).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(store_err(e))).await;
+                            return;
+                        }
+                    };
+                }
                 let chunks = match hive.store.logs_from(&req.build_id, next, LOG_PAGE).await {
                     Ok(c) => c,
                     Err(e) => {
@@ -547,17 +554,23 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                         next = chunk.seq;
                     }
                     next += 1;
+                    if chunk.at_ms > 0 {
+                        tracing::debug!(build_id = %req.build_id, seq = chunk.seq,
+                            lag_ms = crate::store::now_ms() - chunk.at_ms, "log chunk delivered");
+                    }
                     if tx.send(Ok(chunk)).await.is_err() {
                         return;
                     }
                 }
                 if got as u32 == LOG_PAGE {
+                    check_state = false;
                     continue;
                 }
                 if !req.follow || ended {
                     return;
                 }
                 // Wait for news of this build (or re-check now and then).
+                check_state = true;
                 loop {
                     let heard = tokio::select! {
                         e = events.recv() => e,
@@ -569,7 +582,11 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                         _ = tx.closed() => return,
                     };
                     match heard {
-                        Ok(Event::Build(b) | Event::Log(b)) if b == req.build_id => break,
+                        Ok(Event::Build(b)) if b == req.build_id => break,
+                        Ok(Event::Log(b)) if b == req.build_id => {
+                            check_state = false;
+                            break;
+                        }
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => return,

@@ -10,22 +10,25 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
     Ack, BoxMessage, BoxState, BuildState, BuildUpdate, BuildUpdateKind, CancelBuild, CellInfo,
-    ControlMessage, Drain, Heartbeat, PoolState, Register, Registered,
+    ControlMessage, Drain, Heartbeat, LogChunk, PoolState, Register, Registered,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::server::Hive;
-use crate::store::{now_ms, BoxRow, CellRow, StoreError};
+use crate::store::{now_ms, BoxBatch, BoxRow, CellRow, StoreError};
 
 /// How long a new session may take to send its `Register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most session messages stored in one transaction (group commit).
+const MAX_BATCH: usize = 256;
 
 /// Operator states of a box as stored.
 pub const ACTIVE: &str = "active";
@@ -435,7 +438,7 @@ fn pools_json(pools: &[PoolState]) -> String {
 }
 
 /// Tracks the highest contiguous BoxMessage.seq stored, across out-of-order arrivals.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct AckTracker {
     acked: u64,
     ahead: BTreeSet<u64>,
@@ -443,6 +446,7 @@ struct AckTracker {
 
 impl AckTracker {
     /// What `acked` would become once `seq` is stored.
+    #[cfg(test)]
     fn with(&self, seq: u64) -> u64 {
         if seq != self.acked + 1 {
             return self.acked;
@@ -601,7 +605,7 @@ impl Session {
                 _ = kill.notified() => return Ok("session replaced or box silent"),
                 _ = crate::events::stopped(&mut shutdown) => return Ok("control plane shutting down"),
             };
-            let msg = match next {
+            let first = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok("box closed the stream"),
                 Err(status) => {
@@ -609,42 +613,59 @@ impl Session {
                     return Ok("stream error");
                 }
             };
+            // Group commit: whatever else already waits on the stream (never waiting for
+            // more) goes into the same transaction and is answered by one ack.
+            let mut msgs = vec![first];
+            let mut ended = None;
+            while msgs.len() < MAX_BATCH {
+                match inbound.message().now_or_never() {
+                    None => break,
+                    Some(Ok(Some(m))) => msgs.push(m),
+                    Some(Ok(None)) => {
+                        ended = Some("box closed the stream");
+                        break;
+                    }
+                    Some(Err(status)) => {
+                        tracing::info!(box_id = %self.box_id, %status, "box stream error");
+                        ended = Some("stream error");
+                        break;
+                    }
+                }
+            }
             self.hive.registry.seen(&self.box_id);
+            self.handle(msgs).await?;
+            if let Some(why) = ended {
+                return Ok(why);
+            }
+        }
+    }
+
+    /// Handles messages in stream order. Consecutive updates and log chunks are stored in one
+    /// transaction; a heartbeat or key exchange first stores what came before it. One ack
+    /// answers the lot, sent only after everything it covers is committed.
+    async fn handle(&mut self, msgs: Vec<BoxMessage>) -> Result<(), SessionError> {
+        let mut group: Vec<(u64, Item)> = Vec::new();
+        let mut answer = false;
+        for msg in msgs {
             let seq = msg.seq;
             match msg.msg {
+                Some(BoxMsg::Update(u)) => group.push((seq, Item::Update(u))),
+                Some(BoxMsg::Log(chunk)) => group.push((seq, Item::Log(chunk))),
                 Some(BoxMsg::Heartbeat(hb)) => {
+                    self.store_group(&mut group).await?;
                     self.heartbeat(hb).await?;
                     // Answer every heartbeat (with the current ack): the box counts the
                     // control plane as reachable only while it hears from it, and fences
                     // itself after a lease of silence.
-                    self.ack().await?;
-                }
-                Some(BoxMsg::Update(u)) => {
-                    self.update(u).await?;
-                    self.acks.stored(seq);
-                    self.ack().await?;
-                }
-                Some(BoxMsg::Log(chunk)) => {
-                    let acked = self.acks.with(seq);
-                    let kept = self
-                        .hive
-                        .store
-                        .store_log(&self.box_id, &chunk, Some(acked))
-                        .await?;
-                    if kept {
-                        self.hive.events.log_appended(&chunk.build_id);
-                    } else {
-                        tracing::debug!(box_id = %self.box_id, build_id = %chunk.build_id,
-                            seq = chunk.seq, "log chunk for a build not on this box dropped");
-                    }
-                    self.acks.stored(seq);
-                    self.ack().await?;
+                    answer = true;
                 }
                 Some(BoxMsg::KeyExchange(req)) => {
+                    self.store_group(&mut group).await?;
                     // Acked on receipt (the box's acks are contiguous; a lost request just
                     // times out on the box and fails that build).
                     self.acks.stored(seq);
                     self.ack().await?;
+                    answer = false;
                     // Answered from its own task: it waits on the connector, and the session
                     // must keep reading heartbeats meanwhile.
                     let hive = self.hive.clone();
@@ -670,6 +691,78 @@ impl Session {
                 }
             }
         }
+        answer |= self.store_group(&mut group).await?;
+        if answer {
+            self.ack().await?;
+        }
+        Ok(())
+    }
+
+    /// Stores `group` (updates and log chunks, in order) and the acked seq it reaches in one
+    /// transaction, then announces what changed. Returns whether there was anything to store.
+    async fn store_group(&mut self, group: &mut Vec<(u64, Item)>) -> Result<bool, SessionError> {
+        if group.is_empty() {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let (mut updates, mut logs, mut log_lag_ms) = (0usize, 0usize, 0i64);
+        let mut batch = self.hive.store.box_batch(&self.box_id).await?;
+        let mut after = Vec::new();
+        let mut acks = self.acks.clone();
+        for (seq, item) in group.drain(..) {
+            match item {
+                Item::Update(u) => {
+                    updates += 1;
+                    self.update(&mut batch, u, &mut after).await?;
+                }
+                Item::Log(chunk) => {
+                    logs += 1;
+                    if chunk.at_ms > 0 {
+                        log_lag_ms = log_lag_ms.max(now_ms() - chunk.at_ms);
+                    }
+                    if batch.store_log(&chunk).await? {
+                        if !after.contains(&After::Log(chunk.build_id.clone())) {
+                            after.push(After::Log(chunk.build_id));
+                        }
+                    } else {
+                        tracing::debug!(box_id = %self.box_id, build_id = %chunk.build_id,
+                            seq = chunk.seq, "log chunk for a build not on this box dropped");
+                    }
+                }
+            }
+            acks.stored(seq);
+        }
+        batch.commit(acks.acked).await?;
+        self.acks = acks;
+        tracing::debug!(box_id = %self.box_id, updates, logs, acked = self.acks.acked,
+            store_us = started.elapsed().as_micros() as u64, log_lag_ms,
+            "box messages stored in one transaction");
+        // Announced only now, after the commit.
+        for a in after {
+            match a {
+                After::Changed(id) => self.hive.events.build_changed(&id),
+                After::Log(id) => self.hive.events.log_appended(&id),
+                After::Wake => self.hive.wake.notify_one(),
+                After::StopStale { build_id, lease_id } => {
+                    if !self
+                        .hive
+                        .registry
+                        .told_recently(&self.box_id, &build_id, self.hive.lease)
+                    {
+                        self.hive
+                            .registry
+                            .cancel(
+                                &self.box_id,
+                                &build_id,
+                                BuildState::Cancelled,
+                                &format!("lease {lease_id} is no longer valid"),
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
 
     async fn end(&mut self, result: Result<&'static str, SessionError>) {
@@ -787,69 +880,60 @@ impl Session {
         Ok(())
     }
 
-    async fn update(&mut self, u: BuildUpdate) -> Result<(), SessionError> {
+    /// Applies one build update inside `batch`. The conditional write comes first (it names
+    /// the lease and this box); the build is read only when it did not apply, to say why.
+    async fn update(
+        &self,
+        batch: &mut BoxBatch,
+        u: BuildUpdate,
+        after: &mut Vec<After>,
+    ) -> Result<(), SessionError> {
         let hive = &self.hive;
         let kind = BuildUpdateKind::try_from(u.kind).unwrap_or(BuildUpdateKind::Unspecified);
-        let Some(build) = hive.store.get_build(&u.build_id).await? else {
-            tracing::warn!(box_id = %self.box_id, build_id = %u.build_id, ?kind,
-                "update for an unknown build ignored");
-            return Ok(());
-        };
-        if build.state.is_terminal() {
-            tracing::debug!(box_id = %self.box_id, build_id = %u.build_id, ?kind,
-                state = build.state.short_name(), "update for an ended build ignored");
-            return Ok(());
-        }
-        if build.lease_id != u.lease_id || build.box_id != self.box_id {
-            tracing::info!(box_id = %self.box_id, build_id = %u.build_id, lease_id = %u.lease_id,
-                current_lease = %build.lease_id, ?kind, "update under a stale lease ignored");
-            // Stop the stale attempt, unless the build now runs on this same box again (the
-            // cancel names only the build and would stop the new attempt too).
-            if build.box_id != self.box_id
-                && kind != BuildUpdateKind::Finished
-                && !hive
-                    .registry
-                    .told_recently(&self.box_id, &u.build_id, hive.lease)
-            {
-                hive.registry
-                    .cancel(
-                        &self.box_id,
-                        &u.build_id,
-                        BuildState::Cancelled,
-                        &format!("lease {} is no longer valid", u.lease_id),
-                    )
-                    .await;
-            }
-            return Ok(());
-        }
         let changed = match kind {
             BuildUpdateKind::Accepted => {
                 let deadline = now_ms() + hive.lease.as_millis() as i64;
-                let ok = hive
-                    .store
+                let ok = batch
                     .confirm_lease(&u.build_id, &u.lease_id, &u.cell_id, u.warm_start, deadline)
                     .await?;
+                if !ok && !self.current(batch, &u, kind, after).await? {
+                    return Ok(());
+                }
                 hive.registry.accepted(&self.box_id, &u.lease_id);
                 ok
             }
             BuildUpdateKind::Rejected => {
+                if !self.current(batch, &u, kind, after).await? {
+                    return Ok(());
+                }
                 hive.registry.rejected(&self.box_id, &u.lease_id);
                 let reason = format!("rejected by box {}: {}", self.box_id, u.message);
-                let ok = hive
-                    .store
-                    .requeue(&u.build_id, &u.lease_id, "released", &reason)
-                    .await?;
-                hive.wake.notify_one();
+                let ok = batch.requeue(&u.build_id, &u.lease_id, &reason).await?;
+                after.push(After::Wake);
                 ok
             }
             BuildUpdateKind::Running => {
+                let cell_id = if u.cell_id.is_empty() {
+                    // An older box names the cell only in ACCEPTED.
+                    batch
+                        .get_build(&u.build_id)
+                        .await?
+                        .map(|b| b.cell_id)
+                        .unwrap_or_default()
+                } else {
+                    u.cell_id.clone()
+                };
+                let reason = format!("running on box {} cell {cell_id}", self.box_id);
+                let ok = batch.set_running(&u.build_id, &u.lease_id, &reason).await?;
+                if !ok && !self.current(batch, &u, kind, after).await? {
+                    return Ok(());
+                }
                 hive.registry.accepted(&self.box_id, &u.lease_id);
-                let reason = format!("running on box {} cell {}", self.box_id, build.cell_id);
-                hive.store
-                    .set_running(&u.build_id, &u.lease_id, &reason)
-                    .await?
+                ok
             }
             BuildUpdateKind::StepStarted | BuildUpdateKind::StepFinished => {
+                // Informational only: nothing is stored, so nothing is read either (a stale
+                // attempt is stopped through its other updates and the heartbeats).
                 tracing::debug!(build_id = %u.build_id, step = u.step, ?kind, "step event");
                 false
             }
@@ -871,12 +955,14 @@ impl Session {
                         ),
                     )
                 };
-                hive.registry.forget_inflight(&self.box_id, &u.lease_id);
-                let ok = hive
-                    .store
+                let ok = batch
                     .finish_build(&u.build_id, &u.lease_id, state, u.exit_code, &reason)
                     .await?;
-                hive.wake.notify_one();
+                if !ok && !self.current(batch, &u, kind, after).await? {
+                    return Ok(());
+                }
+                hive.registry.forget_inflight(&self.box_id, &u.lease_id);
+                after.push(After::Wake);
                 ok
             }
             BuildUpdateKind::Unspecified => {
@@ -886,10 +972,60 @@ impl Session {
             }
         };
         if changed {
-            hive.events.build_changed(&u.build_id);
+            after.push(After::Changed(u.build_id));
         }
         Ok(())
     }
+
+    /// Whether `u` belongs to the build's current attempt on this box (known, not ended, same
+    /// lease and box). If not, says why, and for a stale lease on another box queues a stop.
+    async fn current(
+        &self,
+        batch: &mut BoxBatch,
+        u: &BuildUpdate,
+        kind: BuildUpdateKind,
+        after: &mut Vec<After>,
+    ) -> Result<bool, SessionError> {
+        let Some(build) = batch.get_build(&u.build_id).await? else {
+            tracing::warn!(box_id = %self.box_id, build_id = %u.build_id, ?kind,
+                "update for an unknown build ignored");
+            return Ok(false);
+        };
+        if build.state.is_terminal() {
+            tracing::debug!(box_id = %self.box_id, build_id = %u.build_id, ?kind,
+                state = build.state.short_name(), "update for an ended build ignored");
+            return Ok(false);
+        }
+        if build.lease_id != u.lease_id || build.box_id != self.box_id {
+            tracing::info!(box_id = %self.box_id, build_id = %u.build_id, lease_id = %u.lease_id,
+                current_lease = %build.lease_id, ?kind, "update under a stale lease ignored");
+            // Stop the stale attempt, unless the build now runs on this same box again (the
+            // cancel names only the build and would stop the new attempt too).
+            if build.box_id != self.box_id && kind != BuildUpdateKind::Finished {
+                after.push(After::StopStale {
+                    build_id: u.build_id.clone(),
+                    lease_id: u.lease_id.clone(),
+                });
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// A stored session message, waiting in a group for its transaction.
+enum Item {
+    Update(BuildUpdate),
+    Log(LogChunk),
+}
+
+/// What a group announces or sends once its transaction has committed.
+#[derive(Debug, PartialEq, Eq)]
+enum After {
+    Changed(String),
+    Log(String),
+    Wake,
+    StopStale { build_id: String, lease_id: String },
 }
 
 fn validate_box_id(id: &str) -> Result<(), Status> {

@@ -196,13 +196,17 @@ async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
         return Ok((0, false));
     }
     let placements: Vec<Placement> = plan.iter().map(|(p, _, _)| p.clone()).collect();
+    let started = std::time::Instant::now();
     let took = hive.store.place(&placements).await?;
+    let store_us = started.elapsed().as_micros() as u64;
     let mut placed = 0;
     for ((p, build, warm), ok) in plan.into_iter().zip(took) {
         if !ok {
             continue;
         }
         placed += 1;
+        tracing::debug!(build_id = %p.build_id, box_id = %p.box_id, warm,
+            queued_ms = now_ms() - build.created_at_ms, "build placed");
         hive.registry
             .add_inflight(&p.box_id, &p.lease_id, &build.size_class, warm);
         hive.events.build_changed(&p.build_id);
@@ -217,7 +221,7 @@ async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
         }
     }
     hive.metrics.placed(placed as u64);
-    tracing::debug!(placed, "placed builds");
+    tracing::debug!(placed, store_us, "placed builds");
     Ok((placed, full_batch && blocked.is_empty()))
 }
 

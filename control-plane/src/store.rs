@@ -263,6 +263,11 @@ pub struct BuildFilter {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// For reads outside transactions that API callers wait on (logs, builds, projects). On a
+    /// SQLite file these are separate read-only connections: under WAL they see every commit
+    /// that returned before they start, without queueing behind the one writer connection.
+    /// Elsewhere the same pool as `pool`.
+    reads: AnyPool,
     kind: DbKind,
 }
 
@@ -314,6 +319,7 @@ impl Store {
             source,
         };
         let options = AnyConnectOptions::from_str(&url).map_err(connect_err)?;
+        let read_options = options.clone();
         let pool_options = match kind {
             // One connection: SQLite serializes writers anyway, and a single connection cannot
             // hit the "upgrade a read transaction to write" SQLITE_BUSY that busy_timeout does
@@ -348,7 +354,25 @@ impl Store {
                 kind: kind.name(),
                 source,
             })?;
-        Ok(Store { pool, kind })
+        // Opened after the migrations, so the file exists and is in WAL mode. An in-memory
+        // database is one per connection: there the writer serves the reads too.
+        let reads = match kind {
+            DbKind::Sqlite if sqlite_path(&url).is_some() => AnyPoolOptions::new()
+                .max_connections(2)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA query_only = ON").await?;
+                        Ok(())
+                    })
+                })
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(read_options)
+                .await
+                .map_err(connect_err)?,
+            _ => pool.clone(),
+        };
+        Ok(Store { pool, reads, kind })
     }
 
     pub fn kind(&self) -> DbKind {
@@ -367,6 +391,7 @@ impl Store {
 
     /// Waits for in-flight queries and closes every connection.
     pub async fn close(&self) {
+        self.reads.close().await;
         self.pool.close().await;
     }
 
@@ -427,7 +452,7 @@ impl Store {
         let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 OR name = $1");
         let row = sqlx::query(&sql)
             .bind(name_or_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await
             .map_err(q("select project"))?;
         row.map(|r| project_from_row(&r)).transpose()
@@ -436,7 +461,7 @@ impl Store {
     pub async fn list_projects(&self) -> Result<Vec<ProjectRow>> {
         let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects ORDER BY name");
         let rows = sqlx::query(&sql)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(q("list projects"))?;
         rows.iter().map(project_from_row).collect()
@@ -475,7 +500,7 @@ impl Store {
             query = query.bind(k);
         }
         let rows = query
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(q("select projects by repository"))?;
         rows.iter().map(project_from_row).collect()
@@ -540,7 +565,7 @@ impl Store {
         let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = $1");
         let row = sqlx::query(&sql)
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await
             .map_err(q("select build"))?;
         row.map(|r| build_from_row(&r)).transpose()
@@ -574,7 +599,7 @@ impl Store {
         };
         let rows = query
             .bind(limit as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(q("list builds"))?;
         rows.iter().map(build_from_row).collect()
@@ -585,7 +610,7 @@ impl Store {
             "SELECT state, at_ms, reason FROM build_transitions WHERE build_id = $1 ORDER BY id",
         )
         .bind(build_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(q("select build transitions"))?;
         rows.iter()
@@ -616,7 +641,7 @@ impl Store {
     /// Counts of builds per state, for `/metrics`.
     pub async fn count_builds_by_state(&self) -> Result<BTreeMap<String, i64>> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM builds GROUP BY state")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(q("count builds by state"))?;
         rows.iter()
@@ -678,67 +703,26 @@ impl Store {
         deadline_ms: i64,
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let res = sqlx::query(
-            "UPDATE leases SET confirmed = 1, deadline_ms = $1 \
-             WHERE id = $2 AND build_id = $3 AND state = 'live'",
+        let ok = confirm_lease_tx(
+            &mut tx,
+            None,
+            build_id,
+            lease_id,
+            cell_id,
+            warm_start,
+            deadline_ms,
         )
-        .bind(deadline_ms)
-        .bind(lease_id)
-        .bind(build_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("confirm lease"))?;
-        if res.rows_affected() == 0 {
-            tx.rollback().await.map_err(q("rollback"))?;
-            return Ok(false);
-        }
-        sqlx::query(
-            "UPDATE builds SET cell_id = $1, warm_start = $2, updated_at_ms = $3, message = $4 \
-             WHERE id = $5 AND lease_id = $6",
-        )
-        .bind(cell_id)
-        .bind(warm_start as i64)
-        .bind(now_ms())
-        .bind(format!(
-            "accepted in {} cell {cell_id}",
-            if warm_start { "warm" } else { "cold" }
-        ))
-        .bind(build_id)
-        .bind(lease_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("record build cell"))?;
+        .await?;
         tx.commit().await.map_err(q("commit lease confirmation"))?;
-        Ok(true)
+        Ok(ok)
     }
 
     /// placed -> running (also confirms the lease: running implies accepted).
     pub async fn set_running(&self, build_id: &str, lease_id: &str, reason: &str) -> Result<bool> {
-        let now = now_ms();
         let mut tx = self.begin().await?;
-        let res = sqlx::query(
-            "UPDATE builds SET state = 'running', started_at_ms = $1, updated_at_ms = $1, \
-             message = $2 WHERE id = $3 AND lease_id = $4 AND state = 'placed'",
-        )
-        .bind(now)
-        .bind(reason)
-        .bind(build_id)
-        .bind(lease_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("update build to running"))?;
-        if res.rows_affected() == 0 {
-            tx.rollback().await.map_err(q("rollback"))?;
-            return Ok(false);
-        }
-        sqlx::query("UPDATE leases SET confirmed = 1 WHERE id = $1 AND state = 'live'")
-            .bind(lease_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(q("confirm lease"))?;
-        add_transition(&mut tx, build_id, BuildState::Running, now, reason).await?;
+        let ok = set_running_tx(&mut tx, None, build_id, lease_id, reason).await?;
         tx.commit().await.map_err(q("commit running"))?;
-        Ok(true)
+        Ok(ok)
     }
 
     /// The box reports the end of the build under `lease_id`: placed|running -> terminal.
@@ -750,30 +734,11 @@ impl Store {
         exit_code: i32,
         reason: &str,
     ) -> Result<bool> {
-        debug_assert!(state.is_terminal());
-        let now = now_ms();
         let mut tx = self.begin().await?;
-        let res = sqlx::query(
-            "UPDATE builds SET state = $1, exit_code = $2, message = $3, updated_at_ms = $4 \
-             WHERE id = $5 AND lease_id = $6 AND state IN ('placed', 'running')",
-        )
-        .bind(state.short_name())
-        .bind(exit_code as i64)
-        .bind(reason)
-        .bind(now)
-        .bind(build_id)
-        .bind(lease_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("update build to finished"))?;
-        if res.rows_affected() == 0 {
-            tx.rollback().await.map_err(q("rollback"))?;
-            return Ok(false);
-        }
-        release_lease_tx(&mut tx, lease_id, "released").await?;
-        add_transition(&mut tx, build_id, state, now, reason).await?;
+        let ok =
+            finish_build_tx(&mut tx, None, build_id, lease_id, state, exit_code, reason).await?;
         tx.commit().await.map_err(q("commit finished build"))?;
-        Ok(true)
+        Ok(ok)
     }
 
     /// Puts a placed/running build under `lease_id` back in the queue (attempt + 1), ending the
@@ -786,71 +751,10 @@ impl Store {
         lease_end: &str,
         reason: &str,
     ) -> Result<bool> {
-        let now = now_ms();
         let mut tx = self.begin().await?;
-        let row = sqlx::query("SELECT attempt FROM builds WHERE id = $1 AND lease_id = $2 AND state IN ('placed', 'running')")
-            .bind(build_id)
-            .bind(lease_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(q("select build to re-queue"))?;
-        let Some(row) = row else {
-            // The build moved on (finished, cancelled); the lease still must not stay live.
-            release_lease_tx(&mut tx, lease_id, lease_end).await?;
-            tx.commit().await.map_err(q("commit lease end"))?;
-            return Ok(false);
-        };
-        let attempt: i64 = get(&row, "attempt")?;
-        // Fill any holes the lost attempt left, then one system line; the next attempt's
-        // chunk n is stored at log_base + n.
-        let seqs: Vec<i64> =
-            sqlx::query("SELECT seq FROM log_chunks WHERE build_id = $1 ORDER BY seq")
-                .bind(build_id)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("select log seqs"))?
-                .iter()
-                .map(|r| get::<i64>(r, "seq"))
-                .collect::<Result<_>>()?;
-        let next = seqs.last().map(|s| s + 1).unwrap_or(0);
-        let mut expect = 0;
-        for s in seqs.iter().copied().chain(std::iter::once(next)) {
-            while expect < s {
-                insert_log_tx(&mut tx, build_id, expect, LogStream::System, 0, b"", now).await?;
-                expect += 1;
-            }
-            expect = s + 1;
-        }
-        let line = format!(
-            "hive: attempt {attempt} ended ({reason}); build re-queued as attempt {}\n",
-            attempt + 1
-        );
-        insert_log_tx(
-            &mut tx,
-            build_id,
-            next,
-            LogStream::System,
-            0,
-            line.as_bytes(),
-            now,
-        )
-        .await?;
-        sqlx::query(
-            "UPDATE builds SET state = 'queued', box_id = '', cell_id = '', lease_id = '', \
-             started_at_ms = 0, warm_start = 0, attempt = attempt + 1, log_base = $1, \
-             updated_at_ms = $2, message = $3 WHERE id = $4",
-        )
-        .bind(next + 1)
-        .bind(now)
-        .bind(reason)
-        .bind(build_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("update build to queued"))?;
-        release_lease_tx(&mut tx, lease_id, lease_end).await?;
-        add_transition(&mut tx, build_id, BuildState::Queued, now, reason).await?;
+        let ok = requeue_tx(&mut tx, build_id, lease_id, lease_end, reason).await?;
         tx.commit().await.map_err(q("commit re-queue"))?;
-        Ok(true)
+        Ok(ok)
     }
 
     /// Ends a not-yet-terminal build as `state` (cancelled, timed_out, or failed when it cannot
@@ -1028,42 +932,20 @@ impl Store {
         acked_seq: Option<u64>,
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let res = sqlx::query(
-            "INSERT INTO log_chunks (build_id, seq, stream, step, data, at_ms) \
-             SELECT id, log_base + $1, $2, $3, $4, $5 FROM builds WHERE id = $6 AND box_id = $7 \
-             ON CONFLICT (build_id, seq) DO NOTHING",
-        )
-        .bind(chunk.seq as i64)
-        .bind(chunk.stream as i64)
-        .bind(chunk.step as i64)
-        .bind(chunk.data.clone())
-        .bind(if chunk.at_ms > 0 {
-            chunk.at_ms
-        } else {
-            now_ms()
-        })
-        .bind(&chunk.build_id)
-        .bind(box_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("insert log chunk"))?;
-        let stored = if res.rows_affected() == 1 {
-            true
-        } else {
-            // Either a duplicate (fine, already stored) or not this box's build.
-            sqlx::query("SELECT id FROM builds WHERE id = $1 AND box_id = $2")
-                .bind(&chunk.build_id)
-                .bind(box_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(q("select build of log chunk"))?
-                .is_some()
-        };
+        let stored = store_log_tx(&mut tx, box_id, chunk).await?;
         if let Some(acked) = acked_seq {
             set_acked_tx(&mut tx, box_id, acked).await?;
         }
         tx.commit().await.map_err(q("commit log chunk"))?;
         Ok(stored)
+    }
+
+    /// Opens one transaction for a run of `box_id`'s session messages (group commit).
+    pub async fn box_batch(&self, box_id: &str) -> Result<BoxBatch> {
+        Ok(BoxBatch {
+            tx: self.begin().await?,
+            box_id: box_id.to_string(),
+        })
     }
 
     /// Writes a Hive-authored line into a build's log at the next seq.
@@ -1105,7 +987,7 @@ impl Store {
         .bind(build_id)
         .bind(from_seq as i64)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await
         .map_err(q("select log chunks"))?;
         rows.iter()
@@ -1259,6 +1141,340 @@ impl Store {
     async fn begin(&self) -> Result<Transaction<'static, Any>> {
         self.pool.begin().await.map_err(q("begin transaction"))
     }
+}
+
+/// One transaction over a run of box session messages that were already waiting on the stream
+/// (group commit): build updates and log chunks are applied in stream order, the box's acked seq
+/// is raised, and one commit makes them all durable together. Nothing in it may be announced or
+/// acknowledged before [`BoxBatch::commit`] returns; dropped uncommitted, it rolls back.
+///
+/// The updates are conditional on the lease *and* the box, so a current update needs no read
+/// of the build first; callers read it ([`BoxBatch::get_build`]) only to explain a miss.
+pub struct BoxBatch {
+    tx: Transaction<'static, Any>,
+    box_id: String,
+}
+
+impl BoxBatch {
+    /// The build as this transaction sees it (earlier messages of the batch included).
+    pub async fn get_build(&mut self, id: &str) -> Result<Option<BuildRow>> {
+        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(q("select build"))?;
+        row.map(|r| build_from_row(&r)).transpose()
+    }
+
+    /// ACCEPTED: see [`Store::confirm_lease`]; false unless the live lease is this box's.
+    pub async fn confirm_lease(
+        &mut self,
+        build_id: &str,
+        lease_id: &str,
+        cell_id: &str,
+        warm_start: bool,
+        deadline_ms: i64,
+    ) -> Result<bool> {
+        confirm_lease_tx(
+            &mut self.tx,
+            Some(&self.box_id),
+            build_id,
+            lease_id,
+            cell_id,
+            warm_start,
+            deadline_ms,
+        )
+        .await
+    }
+
+    /// RUNNING: see [`Store::set_running`]; false unless the build is placed on this box.
+    pub async fn set_running(
+        &mut self,
+        build_id: &str,
+        lease_id: &str,
+        reason: &str,
+    ) -> Result<bool> {
+        set_running_tx(&mut self.tx, Some(&self.box_id), build_id, lease_id, reason).await
+    }
+
+    /// FINISHED: see [`Store::finish_build`]; false unless the build is on this box.
+    pub async fn finish_build(
+        &mut self,
+        build_id: &str,
+        lease_id: &str,
+        state: BuildState,
+        exit_code: i32,
+        reason: &str,
+    ) -> Result<bool> {
+        finish_build_tx(
+            &mut self.tx,
+            Some(&self.box_id),
+            build_id,
+            lease_id,
+            state,
+            exit_code,
+            reason,
+        )
+        .await
+    }
+
+    /// REJECTED: see [`Store::requeue`] (the caller has checked the lease is this box's).
+    pub async fn requeue(&mut self, build_id: &str, lease_id: &str, reason: &str) -> Result<bool> {
+        requeue_tx(&mut self.tx, build_id, lease_id, "released", reason).await
+    }
+
+    /// A log chunk: see [`Store::store_log`].
+    pub async fn store_log(&mut self, chunk: &LogChunk) -> Result<bool> {
+        store_log_tx(&mut self.tx, &self.box_id, chunk).await
+    }
+
+    /// Raises the box's acked seq to `acked` and commits everything in one go.
+    pub async fn commit(mut self, acked: u64) -> Result<()> {
+        set_acked_tx(&mut self.tx, &self.box_id, acked).await?;
+        self.tx.commit().await.map_err(q("commit box messages"))
+    }
+}
+
+/// `AND box_id = $n` when the caller names a box, so an update names the box it comes from.
+fn box_clause(box_id: Option<&str>, n: usize) -> String {
+    match box_id {
+        Some(_) => format!(" AND box_id = ${n}"),
+        None => String::new(),
+    }
+}
+
+async fn confirm_lease_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: Option<&str>,
+    build_id: &str,
+    lease_id: &str,
+    cell_id: &str,
+    warm_start: bool,
+    deadline_ms: i64,
+) -> Result<bool> {
+    let sql = format!(
+        "UPDATE leases SET confirmed = 1, deadline_ms = $1 \
+         WHERE id = $2 AND build_id = $3 AND state = 'live'{}",
+        box_clause(box_id, 4)
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(deadline_ms)
+        .bind(lease_id)
+        .bind(build_id);
+    if let Some(b) = box_id {
+        query = query.bind(b);
+    }
+    let res = query.execute(&mut **tx).await.map_err(q("confirm lease"))?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE builds SET cell_id = $1, warm_start = $2, updated_at_ms = $3, message = $4 \
+         WHERE id = $5 AND lease_id = $6",
+    )
+    .bind(cell_id)
+    .bind(warm_start as i64)
+    .bind(now_ms())
+    .bind(format!(
+        "accepted in {} cell {cell_id}",
+        if warm_start { "warm" } else { "cold" }
+    ))
+    .bind(build_id)
+    .bind(lease_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("record build cell"))?;
+    Ok(true)
+}
+
+async fn set_running_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: Option<&str>,
+    build_id: &str,
+    lease_id: &str,
+    reason: &str,
+) -> Result<bool> {
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE builds SET state = 'running', started_at_ms = $1, updated_at_ms = $1, \
+         message = $2 WHERE id = $3 AND lease_id = $4 AND state = 'placed'{}",
+        box_clause(box_id, 5)
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(now)
+        .bind(reason)
+        .bind(build_id)
+        .bind(lease_id);
+    if let Some(b) = box_id {
+        query = query.bind(b);
+    }
+    let res = query
+        .execute(&mut **tx)
+        .await
+        .map_err(q("update build to running"))?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE leases SET confirmed = 1 WHERE id = $1 AND state = 'live'")
+        .bind(lease_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("confirm lease"))?;
+    add_transition(tx, build_id, BuildState::Running, now, reason).await?;
+    Ok(true)
+}
+
+async fn finish_build_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: Option<&str>,
+    build_id: &str,
+    lease_id: &str,
+    state: BuildState,
+    exit_code: i32,
+    reason: &str,
+) -> Result<bool> {
+    debug_assert!(state.is_terminal());
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE builds SET state = $1, exit_code = $2, message = $3, updated_at_ms = $4 \
+         WHERE id = $5 AND lease_id = $6 AND state IN ('placed', 'running'){}",
+        box_clause(box_id, 7)
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(state.short_name())
+        .bind(exit_code as i64)
+        .bind(reason)
+        .bind(now)
+        .bind(build_id)
+        .bind(lease_id);
+    if let Some(b) = box_id {
+        query = query.bind(b);
+    }
+    let res = query
+        .execute(&mut **tx)
+        .await
+        .map_err(q("update build to finished"))?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    release_lease_tx(tx, lease_id, "released").await?;
+    add_transition(tx, build_id, state, now, reason).await?;
+    Ok(true)
+}
+
+async fn requeue_tx(
+    tx: &mut Transaction<'_, Any>,
+    build_id: &str,
+    lease_id: &str,
+    lease_end: &str,
+    reason: &str,
+) -> Result<bool> {
+    let now = now_ms();
+    let row = sqlx::query(
+        "SELECT attempt FROM builds WHERE id = $1 AND lease_id = $2 \
+         AND state IN ('placed', 'running')",
+    )
+    .bind(build_id)
+    .bind(lease_id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(q("select build to re-queue"))?;
+    let Some(row) = row else {
+        // The build moved on (finished, cancelled); the lease still must not stay live.
+        release_lease_tx(tx, lease_id, lease_end).await?;
+        return Ok(false);
+    };
+    let attempt: i64 = get(&row, "attempt")?;
+    // Fill any holes the lost attempt left, then one system line; the next attempt's
+    // chunk n is stored at log_base + n.
+    let seqs: Vec<i64> = sqlx::query("SELECT seq FROM log_chunks WHERE build_id = $1 ORDER BY seq")
+        .bind(build_id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(q("select log seqs"))?
+        .iter()
+        .map(|r| get::<i64>(r, "seq"))
+        .collect::<Result<_>>()?;
+    let next = seqs.last().map(|s| s + 1).unwrap_or(0);
+    let mut expect = 0;
+    for s in seqs.iter().copied().chain(std::iter::once(next)) {
+        while expect < s {
+            insert_log_tx(tx, build_id, expect, LogStream::System, 0, b"", now).await?;
+            expect += 1;
+        }
+        expect = s + 1;
+    }
+    let line = format!(
+        "hive: attempt {attempt} ended ({reason}); build re-queued as attempt {}\n",
+        attempt + 1
+    );
+    insert_log_tx(
+        tx,
+        build_id,
+        next,
+        LogStream::System,
+        0,
+        line.as_bytes(),
+        now,
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE builds SET state = 'queued', box_id = '', cell_id = '', lease_id = '', \
+         started_at_ms = 0, warm_start = 0, attempt = attempt + 1, log_base = $1, \
+         updated_at_ms = $2, message = $3 WHERE id = $4",
+    )
+    .bind(next + 1)
+    .bind(now)
+    .bind(reason)
+    .bind(build_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("update build to queued"))?;
+    release_lease_tx(tx, lease_id, lease_end).await?;
+    add_transition(tx, build_id, BuildState::Queued, now, reason).await?;
+    Ok(true)
+}
+
+/// Stores a chunk of `box_id`'s current attempt at `log_base + chunk.seq` (a duplicate is a
+/// no-op). False when the build is not on this box.
+async fn store_log_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: &str,
+    chunk: &LogChunk,
+) -> Result<bool> {
+    let res = sqlx::query(
+        "INSERT INTO log_chunks (build_id, seq, stream, step, data, at_ms) \
+         SELECT id, log_base + $1, $2, $3, $4, $5 FROM builds WHERE id = $6 AND box_id = $7 \
+         ON CONFLICT (build_id, seq) DO NOTHING",
+    )
+    .bind(chunk.seq as i64)
+    .bind(chunk.stream as i64)
+    .bind(chunk.step as i64)
+    .bind(chunk.data.clone())
+    .bind(if chunk.at_ms > 0 {
+        chunk.at_ms
+    } else {
+        now_ms()
+    })
+    .bind(&chunk.build_id)
+    .bind(box_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("insert log chunk"))?;
+    if res.rows_affected() == 1 {
+        return Ok(true);
+    }
+    // Either a duplicate (fine, already stored) or not this box's build.
+    Ok(
+        sqlx::query("SELECT id FROM builds WHERE id = $1 AND box_id = $2")
+            .bind(&chunk.build_id)
+            .bind(box_id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(q("select build of log chunk"))?
+            .is_some(),
+    )
 }
 
 async fn insert_build_tx(tx: &mut Transaction<'_, Any>, b: &BuildRow, reason: &str) -> Result<()> {

@@ -335,6 +335,7 @@ async fn process(
                 )
             }
         };
+    let started = std::time::Instant::now();
     let recorded = hive
         .store
         .record_delivery(
@@ -355,6 +356,8 @@ async fn process(
                 format!("recording delivery {delivery}: {e}"),
             )
         })?;
+    tracing::debug!(%delivery, store_us = started.elapsed().as_micros() as u64,
+        "webhook delivery stored");
     match (recorded, build) {
         (Delivery::New, Some(build)) => {
             hive.events.build_changed(&build.id);

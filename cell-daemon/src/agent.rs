@@ -40,8 +40,9 @@ struct Shared {
     prepared: Mutex<Option<Prepared>>,
     /// How far that set-up got (None: no prewarm, the build makes its container).
     prep_status: Option<watch::Receiver<PrepStatus>>,
-    /// The key pair PrepareTunnel made (build id, keys), until RunBuild takes it. Memory only.
-    tunnel_keys: Mutex<Option<(String, hive_wg::KeyPair)>>,
+    /// The key pair PrepareTunnel made (build id, keys and the interface being made with
+    /// them), until RunBuild takes it. Memory only.
+    tunnel_keys: Mutex<Option<(String, crate::privnet::Prepared)>>,
     /// PrepareTunnel was called once: a cell makes one key pair, ever.
     tunnel_prepared: std::sync::atomic::AtomicBool,
 }
@@ -90,6 +91,29 @@ impl Agent {
                 c.destroy().await;
             }
         }
+    }
+
+    /// The network namespace of the container made ahead of the build, once it is up (it
+    /// stays where RunBuild finds it); `None` without one, or when it shares the cell's.
+    async fn container_netns(&self) -> Option<std::path::PathBuf> {
+        let handle = self
+            .shared
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let result = handle.await.unwrap_or_else(|e| {
+            Err(crate::container::ContainerError::Setup(format!(
+                "set-up task failed: {e}"
+            )))
+        });
+        let netns = result.as_ref().ok().and_then(|c| c.netns_path());
+        *self
+            .shared
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(async move { result }));
+        netns
     }
 
     fn current(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
@@ -398,11 +422,17 @@ impl CellAgent for Agent {
         }
         let keys = hive_wg::KeyPair::generate();
         let public_key = keys.public().to_base64();
+        // With the build container already made, its `hwg0` is made now, beside the key
+        // exchange the box is about to run, instead of after it.
+        let prepared = match self.container_netns().await {
+            Some(netns) => crate::privnet::Prepared::early(keys, netns),
+            None => crate::privnet::Prepared::keys(keys),
+        };
         *self
             .shared
             .tunnel_keys
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some((build_id.clone(), keys));
+            .unwrap_or_else(|p| p.into_inner()) = Some((build_id.clone(), prepared));
         tracing::info!(build = %build_id, %public_key, "tunnel key pair made (memory only)");
         Ok(Response::new(PrepareTunnelReply { public_key }))
     }

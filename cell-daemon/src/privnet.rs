@@ -3,6 +3,9 @@
 //! build container's network namespace before the clone. The WireGuard interface lives in the
 //! container's netns, its UDP socket stays in the cell's (the build sees only `hwg0` and cannot
 //! reach the connector except through the tunnel); `down()` wipes the key when the build ends.
+//! When the build container already exists at `PrepareTunnel`, `hwg0` is made there and then,
+//! with the key but no address or peer, while the box runs the key exchange; RunBuild only adds
+//! the address and the connector. The project's egress policy (`HIVE_EGRESS`) is read here too.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -76,6 +79,65 @@ impl UpTimes {
     }
 }
 
+/// What `PrepareTunnel` left for the build: the key pair, and (when the build container was
+/// already made) the interface being made with it in the container's namespace, so that work
+/// runs while the key exchange does instead of after it.
+#[derive(Debug)]
+pub struct Prepared {
+    public: PublicKey,
+    start: Start,
+}
+
+#[derive(Debug)]
+enum Start {
+    /// Nothing made yet: `bring_up` makes the whole tunnel.
+    Keys(KeyPair),
+    /// `hwg0` with the key and no address or peer, made on its own thread.
+    Early(std::thread::JoinHandle<Result<Tunnel, String>>),
+}
+
+impl Prepared {
+    /// Keeps the key pair only; the interface is made at `bring_up`.
+    pub fn keys(keys: KeyPair) -> Self {
+        Prepared {
+            public: keys.public(),
+            start: Start::Keys(keys),
+        }
+    }
+
+    /// Starts making `hwg0` with `keys` in `netns` (the build container's), its UDP socket in
+    /// this (the cell's) namespace, on a thread of its own. If the build never comes, the
+    /// tunnel is torn down (and the key wiped) when this is dropped and the thread ends.
+    pub fn early(keys: KeyPair, netns: PathBuf) -> Self {
+        let public = keys.public();
+        let thread = std::thread::Builder::new()
+            .name("hwg0-early".into())
+            .spawn(move || {
+                let mut spec = TunnelSpec::new(IFACE);
+                spec.underlay_netns = Some(PathBuf::from("/proc/self/ns/net"));
+                spec.netns = Some(netns);
+                Tunnel::up(spec, keys).map_err(|e| format!("tunnel set-up failed: {e}"))
+            });
+        match thread {
+            Ok(thread) => Prepared {
+                public,
+                start: Start::Early(thread),
+            },
+            // The keys went with the closure that never ran: say so at bring_up.
+            Err(e) => Prepared {
+                public,
+                start: Start::Early(std::thread::spawn(move || {
+                    Err(format!("tunnel thread: {e}"))
+                })),
+            },
+        }
+    }
+
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+}
+
 /// Everything needed to bring the tunnel up, checked.
 #[derive(Debug)]
 pub struct Plan {
@@ -87,12 +149,12 @@ pub struct Plan {
     pub allowed: Vec<Prefix>,
     pub keepalive: Option<u16>,
     pub handshake_timeout: Duration,
-    pub keys: KeyPair,
+    pub keys: Prepared,
 }
 
 impl Plan {
-    /// Checks `cfg` and pairs it with the cell's key pair.
-    pub fn new(cfg: TunnelConfig, keys: KeyPair) -> Result<Plan, PlanError> {
+    /// Checks `cfg` and pairs it with the cell's key pair (and early interface).
+    pub fn new(cfg: TunnelConfig, keys: Prepared) -> Result<Plan, PlanError> {
         let connector =
             cfg.connector_public_key
                 .parse()
@@ -155,24 +217,44 @@ impl Plan {
     }
 
     /// Brings the tunnel up in `netns` (the container's; `None` = the cell's) and waits for the
-    /// first handshake. Blocking: call from `spawn_blocking`. The error text is the build's
-    /// failure message.
+    /// first handshake: with an early interface, adds the address and the connector to it;
+    /// else makes the whole tunnel. Blocking: call from `spawn_blocking`. The error text is the
+    /// build's failure message.
     pub fn bring_up(self, netns: Option<PathBuf>) -> Result<(Tunnel, UpTimes), String> {
         let t0 = Instant::now();
-        let mut spec = TunnelSpec::new(IFACE);
-        spec.underlay_netns = netns.as_ref().map(|_| PathBuf::from("/proc/self/ns/net"));
-        spec.netns = netns;
-        spec.addresses = vec![self.address];
-        spec.peers = vec![PeerSpec {
+        let net = self.network.clone();
+        let endpoint = self.endpoint_text.clone();
+        let peer = PeerSpec {
             public_key: self.connector,
             endpoint: Some(self.endpoint),
             allowed_ips: self.allowed.clone(),
             persistent_keepalive: self.keepalive,
-        }];
-        let net = self.network.clone();
-        let endpoint = self.endpoint_text.clone();
-        let tunnel = Tunnel::up(spec, self.keys)
-            .map_err(|e| format!("private network {net}: tunnel set-up failed: {e}"))?;
+        };
+        let tunnel = match self.keys.start {
+            Start::Keys(keys) => {
+                let mut spec = TunnelSpec::new(IFACE);
+                spec.underlay_netns = netns.as_ref().map(|_| PathBuf::from("/proc/self/ns/net"));
+                spec.netns = netns;
+                spec.addresses = vec![self.address];
+                spec.peers = vec![peer];
+                Tunnel::up(spec, keys)
+                    .map_err(|e| format!("private network {net}: tunnel set-up failed: {e}"))?
+            }
+            Start::Early(thread) => {
+                let tunnel = thread
+                    .join()
+                    .map_err(|_| format!("private network {net}: tunnel thread panicked"))?
+                    .map_err(|e| format!("private network {net}: {e}"))?;
+                let finish = tunnel
+                    .add_address(self.address)
+                    .and_then(|()| tunnel.add_peer(peer));
+                if let Err(e) = finish {
+                    let _ = tunnel.down();
+                    return Err(format!("private network {net}: tunnel set-up failed: {e}"));
+                }
+                tunnel
+            }
+        };
         let setup = t0.elapsed();
         match tunnel.wait_handshake(self.handshake_timeout) {
             Ok(handshake) => {
@@ -239,7 +321,7 @@ mod tests {
 
     #[test]
     fn plans_are_checked() {
-        let p = Plan::new(cfg(), KeyPair::generate()).unwrap();
+        let p = Plan::new(cfg(), Prepared::keys(KeyPair::generate())).unwrap();
         assert_eq!(p.handshake_timeout, Duration::from_secs(10));
         assert_eq!(p.keepalive, Some(25));
         let bad = [
@@ -265,7 +347,7 @@ mod tests {
             },
         ];
         for c in bad {
-            let e = Plan::new(c, KeyPair::generate()).unwrap_err();
+            let e = Plan::new(c, Prepared::keys(KeyPair::generate())).unwrap_err();
             assert!(!e.to_string().is_empty());
         }
     }

@@ -254,6 +254,7 @@ enum Command {
     RemovePeer(PublicKey, Reply<bool>),
     Peers(Reply<Vec<PeerState>>),
     Rearm(PublicKey, Reply<()>),
+    AddAddress(Prefix, Reply<()>),
     Down(Reply<()>),
 }
 
@@ -364,6 +365,13 @@ impl Tunnel {
     pub fn add_peer(&self, peer: PeerSpec) -> Result<(), TunnelError> {
         validate_peer(&peer)?;
         self.call(|r| Command::AddPeer(peer, r))
+    }
+
+    /// Adds an interface address (with its subnet, e.g. `10.250.0.7/24`) to a tunnel that is
+    /// up; peers added later get no routes for prefixes inside that subnet. Lets a caller make
+    /// the interface before it knows its address (the cell, while its key exchange runs).
+    pub fn add_address(&self, addr: Prefix) -> Result<(), TunnelError> {
+        self.call(|r| Command::AddAddress(addr, r))
     }
 
     /// Removes a peer and its routes; its sessions end at once and a handshake from its key is
@@ -533,6 +541,9 @@ fn worker(
             }
             Command::Rearm(key, reply) => {
                 let _ = reply.send(dev.rearm(&key));
+            }
+            Command::AddAddress(addr, reply) => {
+                let _ = reply.send(rt.block_on(dev.add_address(&addr)));
             }
             Command::Down(reply) => {
                 let _ = reply.send(rt.block_on(dev.teardown()));
@@ -742,23 +753,7 @@ impl Device {
             .await
             .map_err(self.netlink_err(format!("set MTU {} and bring up", spec.mtu)))?;
         for addr in &spec.addresses {
-            let mut req = self
-                .nl
-                .address()
-                .add(self.index, addr.addr(), addr.prefix_len());
-            // A tunnel has one peer per address and no link layer: duplicate address
-            // detection would only leave a fresh IPv6 address "tentative" (unbindable) for a
-            // second or so after `up` returns.
-            use rtnetlink::packet_route::address::{
-                AddressAttribute, AddressFlags, AddressHeaderFlags,
-            };
-            let msg = req.message_mut();
-            msg.header.flags |= AddressHeaderFlags::Nodad;
-            msg.attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            req.execute()
-                .await
-                .map_err(self.netlink_err(format!("add address {addr}")))?;
+            self.add_address(addr).await?;
         }
         for peer in &spec.peers {
             self.add_routes(&peer.allowed_ips).await?;
@@ -770,6 +765,31 @@ impl Device {
         };
         for peer in &spec.peers {
             self.kick(peer);
+        }
+        Ok(())
+    }
+
+    async fn add_address(&mut self, addr: &Prefix) -> Result<(), TunnelError> {
+        let mut req = self
+            .nl
+            .address()
+            .add(self.index, addr.addr(), addr.prefix_len());
+        // A tunnel has one peer per address and no link layer: duplicate address detection
+        // would only leave a fresh IPv6 address "tentative" (unbindable) for a second or so
+        // after `up` returns.
+        use rtnetlink::packet_route::address::{
+            AddressAttribute, AddressFlags, AddressHeaderFlags,
+        };
+        let msg = req.message_mut();
+        msg.header.flags |= AddressHeaderFlags::Nodad;
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        req.execute()
+            .await
+            .map_err(self.netlink_err(format!("add address {addr}")))?;
+        let subnet = addr.network();
+        if !self.subnets.contains(&subnet) {
+            self.subnets.push(subnet);
         }
         Ok(())
     }

@@ -369,3 +369,40 @@ fn a_name_in_use_in_another_namespace_is_refused() {
     cell.down().unwrap();
     connector.down().unwrap();
 }
+
+/// The cell's early interface: made with its key before the address and the connector are
+/// known (the key exchange runs meanwhile), then given both; traffic flows as with `up`.
+#[test]
+fn an_interface_made_early_gets_its_address_and_peer_later() {
+    let pair = Pair::new("erl", 20);
+    let connector = pair.connector(KeyPair::generate());
+    let cell_keys = KeyPair::generate();
+    connector
+        .add_peer(Pair::cell_as_peer(2, cell_keys.public()))
+        .unwrap();
+    let full = pair.cell_spec(2, connector.public_key());
+    let mut early = TunnelSpec::new(full.iface.clone());
+    early.netns = full.netns.clone();
+    let cell = Tunnel::up(early, cell_keys).expect("early interface");
+    assert!(cell.peers().unwrap().is_empty());
+    cell.add_address(full.addresses[0]).unwrap();
+    cell.add_peer(full.peers[0].clone()).unwrap();
+    cell.wait_handshake(Duration::from_secs(5))
+        .expect("handshake");
+    let _server = Echo::start(&pair.conn, "10.250.0.1:7000");
+    echo(
+        &pair.cell,
+        "10.250.0.1:7000",
+        "late",
+        Duration::from_secs(3),
+    )
+    .expect("echo");
+    let addrs = ip(&pair.cell, &["-4", "addr", "show", "dev", cell.iface()]);
+    assert!(addrs.contains("10.250.0.2/24"), "{addrs}");
+    let routes = ip(&pair.cell, &["-4", "route", "show", "dev", cell.iface()]);
+    // The private prefix is routed; the tunnel subnet is the address's own (no extra route).
+    assert!(routes.contains("10.20.0.0/16"), "{routes}");
+    assert_eq!(routes.matches("10.250.0.0/24").count(), 1, "{routes}");
+    cell.down().unwrap();
+    connector.down().unwrap();
+}

@@ -734,6 +734,15 @@ fn tunnel_line_parses() {
     assert_eq!(field(line, "kx_sent_at_ms").as_deref(), Some("17"));
 }
 
+/// This machine's I/O pressure (`/proc/pressure/io`, "some" avg10/avg60), for the benchmark
+/// lines: every placed -> tunnel step that waits on a durable commit grows with it.
+fn io_pressure() -> String {
+    std::fs::read_to_string("/proc/pressure/io")
+        .ok()
+        .and_then(|t| t.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "n/a".into())
+}
+
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
@@ -1099,6 +1108,7 @@ async fn two_hundred_secure_builds() {
         .unwrap_or(200);
     let mut placed_ms = Vec::new();
     let mut timelines = Vec::new();
+    let pressure_before = io_pressure();
     let started = Instant::now();
     for i in 0..n {
         let b = t.build("priv").await;
@@ -1137,6 +1147,10 @@ async fn two_hundred_secure_builds() {
         placed_ms.last().copied().unwrap_or(0)
     );
     print_breakdown(&timelines);
+    println!(
+        "I/O pressure before: {pressure_before}; after: {}",
+        io_pressure()
+    );
 }
 
 /// Issue 5, no public egress: a private-network project whose policy (`HIVE_EGRESS=none`)

@@ -146,9 +146,9 @@ struct RunArgs {
     /// When up, write {"health": "ADDR"} to this file (tests pass port 0 and read it).
     #[arg(long, env = "HIVE_BOX_READY_FILE")]
     ready_file: Option<PathBuf>,
-    /// Log format: text or json.
-    #[arg(long, env = "HIVE_LOG_FORMAT", default_value = "text")]
-    log_format: String,
+    /// Log format on stderr: text, or json (one object per line, for log shippers).
+    #[arg(long, env = "HIVE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +183,7 @@ fn main() -> ExitCode {
         // No runtime, no threads: the helper forks.
         // Before any thread exists: `vmm::cli::run` blocks SIGTERM/SIGINT for its signal thread.
         Some(Cmd::Vmm(args)) => {
-            init_tracing("text");
+            init_tracing(LogFormat::Text);
             ExitCode::from(hive_box::vmm::cli::run(&args).clamp(0, 255) as u8)
         }
         Some(Cmd::VmmLaunch(args)) => {
@@ -199,7 +199,7 @@ fn main() -> ExitCode {
             }
         },
         None => {
-            init_tracing(&cli.run.log_format);
+            init_tracing(cli.run.log_format);
             match run(cli.run) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -212,8 +212,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Level from HIVE_LOG, else RUST_LOG, else `info` (as the control plane).
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HIVE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // No colour codes when stderr is a file (the VMM's log in its cell dir, a daemon under a
     // supervisor that captures output).
@@ -221,7 +229,7 @@ fn init_tracing(format: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

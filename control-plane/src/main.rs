@@ -76,12 +76,19 @@ struct Args {
     #[arg(long, env = "HIVE_READY_FILE")]
     ready_file: Option<PathBuf>,
 
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "HIVE_LOG_JSON")]
-    log_json: bool,
+    /// Log format on stderr: text, or json (one object per line, for log shippers).
+    #[arg(long, env = "HIVE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
-fn init_tracing(json: bool) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_tracing(format: LogFormat) {
+    let json = format == LogFormat::Json;
     let filter = std::env::var("HIVE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
@@ -144,7 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    init_tracing(args.log_format);
     if let Err(e) = run(args).await {
         // The whole chain, once: our error types already spell out their cause, so skip a
         // link the one before it already said.

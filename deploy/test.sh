@@ -192,6 +192,9 @@ if [ -f "$logdir/test.log" ]; then
     nfailed=$(count_of failed <<<"$results_lines" || true)
     skipped=$(count_of ignored <<<"$results_lines" || true)
   fi
+  # Passed only on their retry (.config/nextest.toml): named, so a flake is seen, not hidden.
+  flaky=$(grep -E "^ *FLAKY " "$logdir/test.log" | sed -E 's/^ +/  /' | sort -u || true)
+  [ -n "$flaky" ] && printf '%s\n' "$flaky" >&2
   echo "tests: ${passed:-0} passed, ${nfailed:-0} failed, ${skipped:-0} skipped" | tee "$logdir/test-counts.txt"
 fi
 exit "$failed"

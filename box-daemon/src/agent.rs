@@ -967,6 +967,19 @@ mod tests {
     }
 
     #[test]
+    fn outbox_holds_a_message_until_it_is_acked() {
+        // A key exchange request the control plane acked is no longer held: after a reconnect
+        // the agent queues it again itself (`resend_key_exchanges`); one still held is not.
+        let mut ob = Outbox::new();
+        ob.registered(0);
+        let kx = ob.push(box_message::Msg::KeyExchange(KeyExchangeRequest::default()));
+        let later = ob.push(log(1));
+        assert!(ob.holds(kx) && ob.holds(later));
+        ob.ack(kx);
+        assert!(!ob.holds(kx) && ob.holds(later));
+    }
+
+    #[test]
     fn outbox_renumbers_after_a_previous_run() {
         let mut ob = Outbox::new();
         ob.push(log(0));

@@ -1333,6 +1333,12 @@ async fn a_key_exchange_answer_lost_in_a_reconnect_is_asked_again() {
         "{}",
         t.context()
     );
+    // The connector got the same AddPeer twice and took the second as applied.
+    assert!(
+        t.connector.log().contains("peer already present"),
+        "{}",
+        t.context()
+    );
     // One lease, the same key and address, revoked after the build; no peer left.
     let mine: Vec<_> = leases(&t)
         .await

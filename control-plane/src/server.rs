@@ -13,7 +13,6 @@ use hive_proto::v1::control_plane_server::ControlPlaneServer;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::ControlPlaneService;
 use crate::boxes::{BoxAgentService, Registry};
@@ -263,9 +262,14 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             .add_service(ControlPlaneServer::new(api))
             .add_service(BoxAgentServer::new(agent))
             .add_service(ConnectorServer::new(connector))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            // TCP_NODELAY: box messages, acks and key-exchange replies are small and each waits on
+            // the answer to the last; Nagle held them ~40 ms.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "gRPC server failed");

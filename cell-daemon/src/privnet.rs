@@ -35,12 +35,13 @@ pub enum Egress {
 }
 
 /// The egress policy in a build's environment (the last `HIVE_EGRESS` wins, as for the steps).
-/// An unknown value is an error: a typo must not leave a build open.
+/// An unknown or empty value is an error: a typo, or `HIVE_EGRESS=$UNSET`, must not leave a
+/// build open.
 pub fn egress_policy(env: &[(String, String)]) -> Result<Egress, String> {
     match env.iter().rev().find(|(k, _)| k == EGRESS_ENV) {
         None => Ok(Egress::Public),
         Some((_, v)) => match v.trim() {
-            "" | "public" => Ok(Egress::Public),
+            "public" => Ok(Egress::Public),
             "none" => Ok(Egress::None),
             other => Err(format!(
                 "{EGRESS_ENV}={other:?}: the egress policy must be \"public\" or \"none\""
@@ -317,6 +318,9 @@ mod tests {
         );
         let e = egress_policy(&env(&[("HIVE_EGRESS", "nope")])).unwrap_err();
         assert!(e.contains("\"nope\""), "{e}");
+        // An empty value (an unset variable in the project's set-up) is not "public".
+        let e = egress_policy(&env(&[("HIVE_EGRESS", "")])).unwrap_err();
+        assert!(e.contains("must be"), "{e}");
     }
 
     #[test]

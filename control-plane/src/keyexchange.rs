@@ -81,6 +81,10 @@ pub struct KeyExchange {
     pending: Mutex<HashMap<u64, oneshot::Sender<String>>>,
     next_id: AtomicU64,
     next_conn: AtomicU64,
+    /// One lock per public key being exchanged: a request the box re-sent after a reconnect
+    /// waits for the first to finish instead of racing it (two AddPeers, or one exchange
+    /// failing and revoking what the other just gave the cell).
+    exchanging: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Wakes the revoker.
     pub revoke_now: Notify,
 }
@@ -92,6 +96,21 @@ impl KeyExchange {
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<String>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The exchange lock of `key` (made on first use; dropped by [`Self::release`]).
+    fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.exchanging.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Forgets `key`'s lock once no exchange holds or waits for it.
+    fn release(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut map = self.exchanging.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and `lock` are the last two: nobody else waits.
+        if Arc::strong_count(&lock) <= 2 {
+            map.remove(key);
+        }
     }
 
     pub fn next_conn_id(&self) -> u64 {
@@ -282,36 +301,74 @@ async fn exchange_inner(
         .keyexchange
         .conn(&net.name)
         .ok_or_else(|| KeyExchangeError::NoConnector(net.name.clone()))?;
-    let lease = match hive
+    let lock = hive.keyexchange.key_lock(&key);
+    let result = {
+        let _one_at_a_time = lock.lock().await;
+        issue_and_apply(hive, box_id, req, &net, &conn, &key).await
+    };
+    hive.keyexchange.release(&key, lock);
+    let lease = result?;
+    Ok((net, conn, lease))
+}
+
+/// Issues (or finds again) the lease of `key` and has the connector apply it. Runs under the
+/// key's exchange lock.
+async fn issue_and_apply(
+    hive: &Hive,
+    box_id: &str,
+    req: &KeyExchangeRequest,
+    net: &NetworkRow,
+    conn: &ConnectorConn,
+    key: &str,
+) -> Result<TunnelLeaseRow, KeyExchangeError> {
+    let (lease, fresh) = match hive
         .store
-        .issue_lease(&net, &req.build_id, &req.lease_id, &key)
+        .issue_lease(net, &req.build_id, &req.lease_id, key)
         .await?
     {
-        Issued::Lease(l) => l,
+        Issued::Lease(l) => (l, true),
         Issued::Again(l) => {
             // The box asked again (a reconnect lost our answer, or the request crossed it):
             // same build attempt, same key, lease still active. Make sure the connector has
             // the peer (AddPeer is idempotent there) and answer the same way.
             tracing::info!(box_id, build_id = %req.build_id, public_key = %key,
                 "repeated key exchange request answered again");
-            l
+            (l, false)
         }
-        Issued::KeySeen => return Err(KeyExchangeError::KeySeen(key)),
+        Issued::KeySeen => return Err(KeyExchangeError::KeySeen(key.to_string())),
     };
     let add = Cmd::AddPeer(AddPeer {
         build_id: lease.build_id.clone(),
-        public_key: key.clone(),
+        public_key: key.to_string(),
         tunnel_address: host_route(&lease.tunnel_address),
     });
-    if let Err(e) = hive.keyexchange.call(&net.name, &conn, add).await {
-        // The key is burnt either way; make sure no connector keeps it.
-        let _ = hive.store.revoke_lease(&key).await;
-        hive.keyexchange.remove_peer(&lease).await;
+    if let Err(e) = hive.keyexchange.call(&net.name, conn, add).await {
+        // A lease issued just now is burnt: make sure no connector keeps it. A lease found
+        // again belongs to an exchange that succeeded; the revoker ends it with its build.
+        if fresh {
+            let _ = hive.store.revoke_lease(key).await;
+            hive.keyexchange.remove_peer(&lease).await;
+        }
         return Err(e);
+    }
+    // The build may have ended (and the revoker passed) while the connector applied the peer:
+    // the peer must not outlive its lease.
+    let still_active = hive
+        .store
+        .list_tunnel_leases(&net.name, &req.build_id, true)
+        .await?
+        .iter()
+        .any(|l| l.public_key == key);
+    if !still_active {
+        hive.keyexchange.remove_peer(&lease).await;
+        return Err(KeyExchangeError::StaleLease {
+            build_id: req.build_id.clone(),
+            lease_id: req.lease_id.clone(),
+        });
     }
     tracing::info!(box_id, build_id = %req.build_id, network = %net.name,
         tunnel_address = %lease.tunnel_address, public_key = %key, "tunnel peer issued");
-    Ok((net, conn, lease))
+    Ok(lease)
 }
 
 /// Revokes leases whose build attempt is over, until shutdown.

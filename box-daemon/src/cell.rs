@@ -55,6 +55,18 @@ impl Connector {
         match self {
             Connector::Unix(p) => UnixStream::connect(p).await,
             Connector::VsockMux { path, port } => {
+                // The VMM's (unprivileged) uid owns the directory of its socket: never follow
+                // a link it may have put there to some other socket on the box.
+                let meta = tokio::fs::symlink_metadata(path).await?;
+                if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "vsock muxer {} is not a socket (a link or file was put there)",
+                            path.display()
+                        ),
+                    ));
+                }
                 let mut s = UnixStream::connect(path).await?;
                 s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
                 // Read the greeting byte by byte: anything after the newline belongs to gRPC.
@@ -184,5 +196,26 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("refused port 52"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn vsock_mux_never_follows_a_link_to_another_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("someone-elses.sock");
+        let listener = tokio::net::UnixListener::bind(&other).unwrap();
+        let link = dir.path().join("v.sock");
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        let err = Connector::VsockMux {
+            path: link,
+            port: 1024,
+        }
+        .open()
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        // Nothing connected to the socket the link pointed at.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(accepted.is_err(), "connected through the link");
     }
 }

@@ -154,6 +154,15 @@ impl Hierarchy {
     /// Creates the group `parent/name` and applies `limits`.
     pub fn create(&self, parent: &str, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
         if let Hierarchy::V2 { root } = self {
+            if !limits.devices.is_empty() {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "cgroup v2: the cells' devices allow-list is not enforced on this host \
+                         (it needs a BPF device program, not written yet)"
+                    )
+                });
+            }
             // Controllers must be enabled in every ancestor's subtree_control to reach the leaf.
             let mut dir = root.clone();
             enable_v2_controllers(&dir)?;

@@ -84,6 +84,17 @@ async fn a_cell_cgroup_allows_its_character_devices_and_no_block_device() {
             },
         )
         .expect("create cgroup");
+    // Removed even when an assertion fails (a retry must not find it).
+    struct Cleanup(hive_box::cgroup::Cgroup, Hierarchy);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for d in self.0.dirs() {
+                let _ = std::fs::remove_dir(d);
+            }
+            self.1.remove_parent("hive-test-devices");
+        }
+    }
+    let _cleanup = Cleanup(cg.clone(), h.clone());
     let list = cg.devices_list().expect("devices controller on this host");
     assert!(!list.contains("a *:*"), "still allows everything: {list}");
     assert!(list.contains("c 1:3 rwm"), "{list}");

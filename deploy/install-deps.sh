@@ -50,3 +50,11 @@ command -v cargo >/dev/null || {
   echo "install-deps: cargo not found: install Rust with rustup (https://rustup.rs), then re-run" >&2
   exit 2
 }
+
+# The test runner deploy/test.sh uses (retries and flaky reporting: .config/nextest.toml). It
+# falls back to `cargo test` without it, but CI should run what developers run.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "install-deps: cargo install cargo-nextest (a few minutes, once)" >&2
+  cargo install --locked cargo-nextest >/dev/null 2>&1 || \
+    echo "install-deps: cargo-nextest did not install; deploy/test.sh will use cargo test" >&2
+fi

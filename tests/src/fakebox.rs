@@ -17,6 +17,7 @@ use hive_proto::v1::{
     CancelBuild, CellInfo, ControlMessage, Heartbeat, LogChunk, LogStream, PoolState, Register,
     Registered,
 };
+use hive_proto::v1::{KeyExchangeReply, KeyExchangeRequest};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -601,6 +602,24 @@ impl FakeBox {
             u.state = state as i32;
             u.exit_code = exit_code;
             u.message = format!("fake box: {}", state.short_name());
+        })
+        .await
+    }
+
+    /// Sends a `KeyExchangeRequest` as a box does: with the next seq, kept until acked.
+    pub async fn key_exchange(&mut self, req: KeyExchangeRequest) -> u64 {
+        self.send_acked(box_message::Msg::KeyExchange(req)).await
+    }
+
+    /// Waits for a `KeyExchangeReply` for `build_id`, keeping other messages for later calls.
+    pub async fn expect_key_exchange_reply(
+        &mut self,
+        build_id: &str,
+        timeout: Duration,
+    ) -> Result<KeyExchangeReply, FakeBoxError> {
+        self.expect(timeout, "a KeyExchangeReply", |m| match &m.msg {
+            Some(control_message::Msg::KeyExchange(r)) if r.build_id == build_id => Some(r.clone()),
+            _ => None,
         })
         .await
     }

@@ -742,8 +742,8 @@ impl Shape {
                 memory_mib = class.memory_mib,
                 got_vcpus = vcpus,
                 got_memory_mib = memory_mib,
-                "size class is outside what the VMM gives one guest (memory below the MMIO hole \
-                 only, at most {MAX_VCPUS} vCPUs); clamped"
+                "size class is outside what the VMM gives one guest (at most {MAX_VCPUS} vCPUs \
+                 and {MAX_MEMORY_MIB} MiB); clamped"
             );
         }
         Shape { vcpus, memory_mib }
@@ -1077,7 +1077,7 @@ mod tests {
     }
 
     #[test]
-    fn unlimited_class_has_no_buckets_and_big_classes_are_clamped() {
+    fn unlimited_class_has_no_buckets_and_big_classes_keep_their_memory() {
         let class = SizeClass {
             name: "large".into(),
             vcpus: 64,
@@ -1095,7 +1095,8 @@ mod tests {
         let cfg: VmConfig = serde_json::from_value(v).unwrap();
         assert_eq!(cfg.vcpus, MAX_VCPUS);
         assert_eq!(cfg.cpu, CpuTemplate::Baseline);
-        assert_eq!(cfg.memory_mib, MAX_MEMORY_MIB);
+        // 8 GiB fits (RAM continues above the MMIO hole); only vCPUs are clamped.
+        assert_eq!(cfg.memory_mib, 8192);
         assert!(
             cfg.block[0].rate_limit.bandwidth.is_none() && cfg.block[0].rate_limit.ops.is_none()
         );

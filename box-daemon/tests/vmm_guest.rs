@@ -324,6 +324,31 @@ fn linux64_entry_and_read_only_disk() {
     );
 }
 
+/// A guest bigger than the space below the MMIO hole: RAM in two KVM slots (0..3.25 GiB and
+/// from 4 GiB), still booting and finishing, and costing only what it touches.
+#[test]
+fn a_six_gib_guest_gets_ram_on_both_sides_of_the_mmio_hole() {
+    if !kvm_or_skip("a_six_gib_guest_gets_ram_on_both_sides_of_the_mmio_hole") {
+        return;
+    }
+    let elf = guest_elf();
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = dir.path().join("console.log");
+    let cfg = config(serde_json::json!({
+        "kernel": elf,
+        "boot": "linux64",
+        "memory_mib": 6 * 1024,
+        "serial": {"path": log},
+        "rng": true,
+    }));
+    let report = run_vm(&cfg);
+    let out = console(&log);
+    eprintln!("--- guest console ---\n{out}---");
+    assert_eq!(report.exit, VmExit::Reset);
+    assert!(out.lines().any(|l| l.starts_with("OK rng")), "{out}");
+    assert!(out.contains("DONE ok=1 fail=0"), "{out}");
+}
+
 #[test]
 fn stop_flag_ends_a_guest_that_never_resets() {
     if !kvm_or_skip("stop_flag_ends_a_guest_that_never_resets") {

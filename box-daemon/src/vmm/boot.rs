@@ -162,13 +162,21 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, Erro
 }
 
 /// RAM ranges (start, size, is_ram) the guest may use: conventional memory below the MP table,
-/// the MP table itself reserved, and everything from 1 MiB up.
+/// the MP table itself reserved, everything from 1 MiB up to the MMIO hole, and the rest from
+/// 4 GiB (see `memory::ram_ranges`).
 pub fn memory_map(mem_size: u64) -> Vec<(u64, u64, bool)> {
-    vec![
+    let mut map = vec![
         (0, MPTABLE_ADDR, true),
         (MPTABLE_ADDR, EBDA_END - MPTABLE_ADDR, false),
-        (HIMEM_START, mem_size - HIMEM_START, true),
-    ]
+    ];
+    for (start, size) in super::memory::ram_ranges(mem_size) {
+        if start == 0 {
+            map.push((HIMEM_START, size - HIMEM_START, true));
+        } else {
+            map.push((start, size, true));
+        }
+    }
+    map
 }
 
 const E820_RAM: u32 = 1;
@@ -534,6 +542,25 @@ mod tests {
         assert_eq!((cs32.l, cs32.db, cs32.s), (0, 1, 1));
         let tss = segment(GDT_TSS, SEL_TSS);
         assert_eq!((tss.s, tss.type_), (0, 0xb));
+    }
+
+    #[test]
+    fn memory_map_skips_the_mmio_hole_for_large_guests() {
+        use crate::vmm::memory::{HIGH_RAM_START, MMIO_BASE};
+        let big = 16u64 << 30;
+        let map = memory_map(big);
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[2], (HIMEM_START, MMIO_BASE - HIMEM_START, true));
+        assert_eq!(map[3], (HIGH_RAM_START, big - MMIO_BASE, true));
+        let ram: u64 = map.iter().filter(|m| m.2).map(|m| m.1).sum();
+        assert_eq!(
+            ram,
+            big - (EBDA_END - MPTABLE_ADDR) - (HIMEM_START - EBDA_END)
+        );
+        // No RAM entry overlaps the device window.
+        assert!(map
+            .iter()
+            .all(|(a, s, _)| a + s <= MMIO_BASE || *a >= HIGH_RAM_START));
     }
 
     #[test]

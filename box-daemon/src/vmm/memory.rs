@@ -1,7 +1,8 @@
 //! Guest physical memory and the fixed layout of the low megabyte.
 //!
-//! One anonymous mapping from guest address 0 (vm-memory), kept below the MMIO window at
-//! [`MMIO_BASE`] so no hole is needed. The boot structures sit at fixed low addresses, the same
+//! One anonymous mapping from guest address 0 (vm-memory) up to the MMIO window at
+//! [`MMIO_BASE`]; a guest larger than that gets the rest as a second region from 4 GiB
+//! ([`HIGH_RAM_START`]), leaving the hole for devices, as on a PC. The boot structures sit at fixed low addresses, the same
 //! places Firecracker uses, so a Linux guest finds what it expects.
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -45,8 +46,20 @@ pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// Smallest guest (the kernel, boot structures and queues must fit).
 pub const MIN_MEMORY_MIB: u32 = 4;
-/// Largest guest: RAM stays below the MMIO window, so no split region is needed.
-pub const MAX_MEMORY_MIB: u32 = (MMIO_BASE >> 20) as u32;
+/// Largest guest (256 GiB; the mapping is reserved lazily, the host backs what is touched).
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+/// Where RAM above the MMIO hole continues.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+
+/// The guest RAM ranges (start, size) for `size` bytes: below the MMIO window, then from 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MMIO_BASE);
+    let mut ranges = vec![(0, low)];
+    if size > MMIO_BASE {
+        ranges.push((HIGH_RAM_START, size - MMIO_BASE));
+    }
+    ranges
+}
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -62,11 +75,13 @@ pub enum Error {
     },
 }
 
-/// Maps `mib` MiB of guest RAM at guest address 0.
+/// Maps `mib` MiB of guest RAM from guest address 0 (split around the MMIO hole).
 pub fn create(mib: u32) -> Result<GuestMemoryMmap, Error> {
-    let size = (mib as usize) << 20;
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
-        .map_err(|source| Error::Map { mib, source })
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(u64::from(mib) << 20)
+        .into_iter()
+        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map { mib, source })
 }
 
 /// Bytes of guest RAM actually backed by host pages right now (mincore over every region):
@@ -106,6 +121,27 @@ mod tests {
         let after = resident_bytes(&mem);
         assert!(after >= before + 16 * 4096, "before {before} after {after}");
         assert!(after < 8 << 20, "untouched pages must not count: {after}");
+    }
+
+    #[test]
+    fn large_guests_continue_above_the_mmio_hole() {
+        assert_eq!(ram_ranges(512 << 20), vec![(0, 512 << 20)]);
+        assert_eq!(ram_ranges(MMIO_BASE), vec![(0, MMIO_BASE)]);
+        let big = 16u64 << 30;
+        assert_eq!(
+            ram_ranges(big),
+            vec![(0, MMIO_BASE), (HIGH_RAM_START, big - MMIO_BASE)]
+        );
+        // Mapped lazily: 16 GiB costs nothing until touched.
+        let mem = create(16 * 1024).expect("16 GiB mapping");
+        assert_eq!(mem.iter().count(), 2);
+        mem.write_obj(7u8, GuestAddress(HIGH_RAM_START + (1 << 30)))
+            .expect("write above 4 GiB");
+        assert!(
+            mem.read_obj::<u8>(GuestAddress(MMIO_BASE)).is_err(),
+            "hole is not RAM"
+        );
+        assert!(resident_bytes(&mem) < 64 << 20);
     }
 
     #[test]

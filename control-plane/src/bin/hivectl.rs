@@ -120,7 +120,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         from: u64,
     },
-    /// Print each state change of a build until it ends.
+    /// Print the build's states so far, then each change until it ends. With --json: one
+    /// object per line, `kind` "transition" (a state it already left) or "build" (the build now).
     Watch {
         /// Build id.
         id: String,
@@ -948,6 +949,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                         let mut v = render::build_json(b);
                         if let Some(o) = v.as_object_mut() {
                             o.remove("transitions");
+                            o.insert("kind".into(), "build".into());
                         }
                         out.push_str(&v.to_string());
                     } else {

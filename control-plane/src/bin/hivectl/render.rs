@@ -353,10 +353,11 @@ pub fn build_text(b: &Build, now: i64) -> String {
 }
 
 /// One line for `watch` about a state the build has already left: `<ISO>  <state>  <reason>`,
-/// or with `--json` an object with `id`, `state`, `at_ms` and `reason`.
+/// or with `--json` an object with `kind: "transition"`, `id`, `state`, `at_ms` and `reason`.
 pub fn transition_line(t: &StateTransition, build_id: &str, json: bool) -> String {
     if json {
         json!({
+            "kind": "transition",
             "id": build_id,
             "state": state_name(t.state),
             "at_ms": t.at_ms,

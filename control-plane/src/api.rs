@@ -213,8 +213,19 @@ impl ControlPlaneService {
             .ok_or_else(|| Status::not_found(format!("build {id:?} not found")))
     }
 
+    /// The build with its history, as one commit left them. The two reads are separate, so a
+    /// transition committed between them would show a history one state ahead of the build
+    /// (a watcher then prints a state twice); every state change writes its transition row in
+    /// the same transaction, so the build is read again until its state is the last one's.
     async fn full_build(&self, id: &str) -> Result<pb::Build, Status> {
-        let b = self.build(id).await?;
+        let mut b = self.build(id).await?;
+        for _ in 0..10 {
+            let t = self.hive.store.transitions(id).await.map_err(store_err)?;
+            if t.last().is_none_or(|last| last.state == b.state) {
+                return Ok(build_to_proto(&b, &t));
+            }
+            b = self.build(id).await?;
+        }
         let t = self.hive.store.transitions(id).await.map_err(store_err)?;
         Ok(build_to_proto(&b, &t))
     }
@@ -544,25 +555,23 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                     }
                 };
                 let got = chunks.len();
+                let mut hole = false;
                 for chunk in chunks {
                     if chunk.seq != next {
                         // A hole: wait for it to fill while the build runs; once it has
                         // ended nothing will fill it, so go on.
                         if !ended {
+                            hole = true;
                             break;
                         }
                         next = chunk.seq;
                     }
                     next += 1;
-                    if chunk.at_ms > 0 {
-                        tracing::debug!(build_id = %req.build_id, seq = chunk.seq,
-                            lag_ms = crate::store::now_ms() - chunk.at_ms, "log chunk delivered");
-                    }
-                    if tx.send(Ok(chunk)).await.is_err() {
+                    if !send_chunk(&tx, &req.build_id, chunk).await {
                         return;
                     }
                 }
-                if got as u32 == LOG_PAGE {
+                if got as u32 == LOG_PAGE && !hole {
                     check_state = false;
                     continue;
                 }
@@ -583,9 +592,19 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                     };
                     match heard {
                         Ok(Event::Build(b)) if b == req.build_id => break,
-                        Ok(Event::Log(b)) if b == req.build_id => {
-                            check_state = false;
-                            break;
+                        Ok(Event::Log(b, carried)) if b == req.build_id => {
+                            // The chunks one commit stored, sent on as they are when they
+                            // continue the stream; else (a gap, or not carried) read the store.
+                            let Some(fresh) = continuing(&carried, next) else {
+                                check_state = false;
+                                break;
+                            };
+                            for chunk in fresh {
+                                next = chunk.seq + 1;
+                                if !send_chunk(&tx, &req.build_id, chunk.clone()).await {
+                                    return;
+                                }
+                            }
                         }
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => break,
@@ -830,5 +849,70 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 })
                 .collect(),
         }))
+    }
+}
+
+/// Sends one chunk to a `StreamLogs` client; false once the client is gone.
+async fn send_chunk(
+    tx: &mpsc::Sender<Result<pb::LogChunk, Status>>,
+    build_id: &str,
+    chunk: pb::LogChunk,
+) -> bool {
+    if chunk.at_ms > 0 {
+        tracing::debug!(
+            build_id,
+            seq = chunk.seq,
+            lag_ms = crate::store::now_ms() - chunk.at_ms,
+            "log chunk delivered"
+        );
+    }
+    tx.send(Ok(chunk)).await.is_ok()
+}
+
+/// The part of `carried` (stored chunks in seq order) a follower at `next` sends on: those from
+/// `next` on, if they follow it without a gap (empty when it has them all already). None when
+/// they do not continue the stream, or nothing was carried: then the store is read.
+fn continuing(carried: &[pb::LogChunk], next: u64) -> Option<&[pb::LogChunk]> {
+    if carried.is_empty() {
+        return None;
+    }
+    let rest = &carried[carried.partition_point(|c| c.seq < next)..];
+    rest.iter()
+        .enumerate()
+        .all(|(i, c)| c.seq == next + i as u64)
+        .then_some(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(seqs: &[u64]) -> Vec<pb::LogChunk> {
+        seqs.iter()
+            .map(|&seq| pb::LogChunk {
+                seq,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn seqs(c: Option<&[pb::LogChunk]>) -> Option<Vec<u64>> {
+        c.map(|c| c.iter().map(|c| c.seq).collect())
+    }
+
+    #[test]
+    fn carried_chunks_are_sent_on_only_when_they_continue_the_stream() {
+        assert_eq!(
+            seqs(continuing(&chunks(&[5, 6, 7]), 5)),
+            Some(vec![5, 6, 7])
+        );
+        // Some already sent (read from the store first): the rest.
+        assert_eq!(seqs(continuing(&chunks(&[5, 6, 7]), 6)), Some(vec![6, 7]));
+        // All already sent.
+        assert_eq!(seqs(continuing(&chunks(&[5, 6]), 9)), Some(vec![]));
+        // A gap before them or among them, or nothing carried: read the store.
+        assert_eq!(seqs(continuing(&chunks(&[6, 7]), 5)), None);
+        assert_eq!(seqs(continuing(&chunks(&[5, 7]), 5)), None);
+        assert_eq!(seqs(continuing(&[], 5)), None);
     }
 }

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::server::Hive;
-use crate::store::{now_ms, BoxBatch, BoxRow, CellRow, StoreError};
+use crate::store::{now_ms, BoxBatch, BoxRow, CellRow, LogStored, StoreError};
 
 /// How long a new session may take to send its `Register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -708,6 +708,8 @@ impl Session {
         let (mut updates, mut logs, mut log_lag_ms) = (0usize, 0usize, 0i64);
         let mut batch = self.hive.store.box_batch(&self.box_id).await?;
         let mut after = Vec::new();
+        // Chunks stored now, per build in order of first appearance.
+        let mut new_logs: Vec<(String, Vec<LogChunk>)> = Vec::new();
         let mut acks = self.acks.clone();
         for (seq, item) in group.drain(..) {
             match item {
@@ -720,13 +722,18 @@ impl Session {
                     if chunk.at_ms > 0 {
                         log_lag_ms = log_lag_ms.max(now_ms() - chunk.at_ms);
                     }
-                    if batch.store_log(&chunk).await? {
-                        if !after.contains(&After::Log(chunk.build_id.clone())) {
-                            after.push(After::Log(chunk.build_id));
+                    match batch.store_log(&chunk).await? {
+                        LogStored::New(stored) => {
+                            match new_logs.iter_mut().find(|(b, _)| *b == stored.build_id) {
+                                Some((_, chunks)) => chunks.push(stored),
+                                None => new_logs.push((stored.build_id.clone(), vec![stored])),
+                            }
                         }
-                    } else {
-                        tracing::debug!(box_id = %self.box_id, build_id = %chunk.build_id,
-                            seq = chunk.seq, "log chunk for a build not on this box dropped");
+                        LogStored::Duplicate => {}
+                        LogStored::NotThisBox => {
+                            tracing::debug!(box_id = %self.box_id, build_id = %chunk.build_id,
+                                seq = chunk.seq, "log chunk for a build not on this box dropped");
+                        }
                     }
                 }
             }
@@ -737,11 +744,15 @@ impl Session {
         tracing::debug!(box_id = %self.box_id, updates, logs, acked = self.acks.acked,
             store_us = started.elapsed().as_micros() as u64, log_lag_ms,
             "box messages stored in one transaction");
-        // Announced only now, after the commit.
+        // Announced only now, after the commit; the new chunks first, so a follower can send
+        // them on before it re-reads a build that changed with them.
+        for (build_id, mut chunks) in new_logs {
+            chunks.sort_by_key(|c| c.seq);
+            self.hive.events.logs_stored(&build_id, chunks);
+        }
         for a in after {
             match a {
                 After::Changed(id) => self.hive.events.build_changed(&id),
-                After::Log(id) => self.hive.events.log_appended(&id),
                 After::Wake => self.hive.wake.notify_one(),
                 After::StopStale { build_id, lease_id } => {
                     if !self
@@ -1020,10 +1031,9 @@ enum Item {
 }
 
 /// What a group announces or sends once its transaction has committed.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum After {
     Changed(String),
-    Log(String),
     Wake,
     StopStale { build_id: String, lease_id: String },
 }

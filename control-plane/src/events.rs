@@ -1,16 +1,26 @@
 //! Change announcements inside the control plane: after a build's state (or log) change is
 //! committed, its id is broadcast here; `WatchBuild` and `StreamLogs` re-read the store when they
 //! hear about their build. Receivers that fall behind just re-read (the store is the truth).
+//! News of log chunks may carry the chunks one commit stored (with their stored seqs), so a
+//! follower can send them on without reading them back.
 
+use std::sync::Arc;
+
+use hive_proto::v1::LogChunk;
 use tokio::sync::broadcast;
+
+/// Most bytes of log data one announcement carries; more is announced without the chunks (the
+/// ring of recent events must not hold a flood of output).
+pub const MAX_CARRIED_BYTES: usize = 64 * 1024;
 
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A build row changed (state, box, cell ...).
     Build(String),
-    /// New log chunks were stored for a build.
-    Log(String),
+    /// New log chunks were stored for a build: exactly those of one commit, as stored, in seq
+    /// order; or none when the reader must look in the store.
+    Log(String, Arc<[LogChunk]>),
 }
 
 /// The broadcast hub.
@@ -41,8 +51,20 @@ impl Events {
         let _ = self.tx.send(Event::Build(id.to_string()));
     }
 
+    /// Log chunks were stored; readers look in the store.
     pub fn log_appended(&self, id: &str) {
-        let _ = self.tx.send(Event::Log(id.to_string()));
+        let _ = self.tx.send(Event::Log(id.to_string(), Arc::from([])));
+    }
+
+    /// `chunks` (as stored, in seq order) are all the chunks of `id` that one commit stored.
+    pub fn logs_stored(&self, id: &str, chunks: Vec<LogChunk>) {
+        let bytes: usize = chunks.iter().map(|c| c.data.len()).sum();
+        let carried: Arc<[LogChunk]> = if bytes <= MAX_CARRIED_BYTES {
+            chunks.into()
+        } else {
+            Arc::from([])
+        };
+        let _ = self.tx.send(Event::Log(id.to_string(), carried));
     }
 }
 

@@ -932,7 +932,7 @@ impl Store {
         acked_seq: Option<u64>,
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let stored = store_log_tx(&mut tx, box_id, chunk).await?;
+        let stored = store_log_tx(&mut tx, box_id, chunk).await? != LogStored::NotThisBox;
         if let Some(acked) = acked_seq {
             set_acked_tx(&mut tx, box_id, acked).await?;
         }
@@ -1225,7 +1225,7 @@ impl BoxBatch {
     }
 
     /// A log chunk: see [`Store::store_log`].
-    pub async fn store_log(&mut self, chunk: &LogChunk) -> Result<bool> {
+    pub async fn store_log(&mut self, chunk: &LogChunk) -> Result<LogStored> {
         store_log_tx(&mut self.tx, &self.box_id, chunk).await
     }
 
@@ -1436,45 +1436,64 @@ async fn requeue_tx(
     Ok(true)
 }
 
+/// What became of a log chunk a box sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogStored {
+    /// Stored now; the chunk as stored (its seq is the build's log seq, `log_base + n`).
+    New(LogChunk),
+    /// Stored before (a resend).
+    Duplicate,
+    /// The build is not on this box (a chunk from a stale attempt): dropped.
+    NotThisBox,
+}
+
 /// Stores a chunk of `box_id`'s current attempt at `log_base + chunk.seq` (a duplicate is a
-/// no-op). False when the build is not on this box.
+/// no-op).
 async fn store_log_tx(
     tx: &mut Transaction<'_, Any>,
     box_id: &str,
     chunk: &LogChunk,
-) -> Result<bool> {
-    let res = sqlx::query(
+) -> Result<LogStored> {
+    let at_ms = if chunk.at_ms > 0 {
+        chunk.at_ms
+    } else {
+        now_ms()
+    };
+    let row = sqlx::query(
         "INSERT INTO log_chunks (build_id, seq, stream, step, data, at_ms) \
          SELECT id, log_base + $1, $2, $3, $4, $5 FROM builds WHERE id = $6 AND box_id = $7 \
-         ON CONFLICT (build_id, seq) DO NOTHING",
+         ON CONFLICT (build_id, seq) DO NOTHING RETURNING seq",
     )
     .bind(chunk.seq as i64)
     .bind(chunk.stream as i64)
     .bind(chunk.step as i64)
     .bind(chunk.data.clone())
-    .bind(if chunk.at_ms > 0 {
-        chunk.at_ms
-    } else {
-        now_ms()
-    })
+    .bind(at_ms)
     .bind(&chunk.build_id)
     .bind(box_id)
-    .execute(&mut **tx)
+    .fetch_optional(&mut **tx)
     .await
     .map_err(q("insert log chunk"))?;
-    if res.rows_affected() == 1 {
-        return Ok(true);
+    if let Some(row) = row {
+        return Ok(LogStored::New(LogChunk {
+            seq: get::<i64>(&row, "seq")? as u64,
+            at_ms,
+            ..chunk.clone()
+        }));
     }
     // Either a duplicate (fine, already stored) or not this box's build.
-    Ok(
-        sqlx::query("SELECT id FROM builds WHERE id = $1 AND box_id = $2")
-            .bind(&chunk.build_id)
-            .bind(box_id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(q("select build of log chunk"))?
-            .is_some(),
-    )
+    let ours = sqlx::query("SELECT id FROM builds WHERE id = $1 AND box_id = $2")
+        .bind(&chunk.build_id)
+        .bind(box_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(q("select build of log chunk"))?
+        .is_some();
+    Ok(if ours {
+        LogStored::Duplicate
+    } else {
+        LogStored::NotThisBox
+    })
 }
 
 async fn insert_build_tx(tx: &mut Transaction<'_, Any>, b: &BuildRow, reason: &str) -> Result<()> {

@@ -62,6 +62,17 @@ async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String)
     };
     assert_eq!(a.build_id, id);
 
+    // A follower from the start: it gets the burst's chunks as announced with their commit.
+    let mut follow = client
+        .stream_logs(StreamLogsRequest {
+            build_id: id.clone(),
+            from_seq: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
     // The first message gets stuck in its transaction behind the held write path...
     let mut hold = hold_writes(&url, &id).await;
     let first = bx.send_acked(update(&a, BuildUpdateKind::Accepted)).await;
@@ -112,8 +123,21 @@ async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String)
     );
 
     // Acked means stored: every line is there, once, in the box's order, and the build ran
-    // through every state.
-    assert_eq!(logs(&handle, &id).await, (expect, (0..LINES).collect()));
+    // through every state. The follower saw the same, and its stream ended with the build.
+    assert_eq!(
+        logs(&handle, &id).await,
+        (expect.clone(), (0..LINES).collect())
+    );
+    let (mut text, mut seqs) = (String::new(), Vec::new());
+    while let Some(c) = tokio::time::timeout(WAIT, follow.next())
+        .await
+        .expect("the follower's stream ends with the build")
+    {
+        let c = c.unwrap();
+        text.push_str(&String::from_utf8_lossy(&c.data));
+        seqs.push(c.seq);
+    }
+    assert_eq!((text, seqs), (expect, (0..LINES).collect()));
     let b = client
         .get_build(GetBuildRequest { id: id.clone() })
         .await

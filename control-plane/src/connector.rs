@@ -115,7 +115,7 @@ impl Connector for ConnectorService {
                         msg: Some(Msg::Applied(a)),
                         ..
                     })) => {
-                        hive.keyexchange.applied(a.command_id, a.error);
+                        hive.keyexchange.applied(conn.id, a.command_id, a.error);
                     }
                     Ok(Some(ConnectorMessage {
                         msg: Some(Msg::Status(s)),

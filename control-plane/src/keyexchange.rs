@@ -78,7 +78,8 @@ pub struct ConnectorConn {
 #[derive(Debug, Default)]
 pub struct KeyExchange {
     conns: Mutex<HashMap<String, ConnectorConn>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<String>>>,
+    /// Commands waiting for `PeerApplied`: command id -> (the session it was sent on, waiter).
+    pending: Mutex<HashMap<u64, (u64, oneshot::Sender<String>)>>,
     next_id: AtomicU64,
     next_conn: AtomicU64,
     /// One lock per public key being exchanged: a request the box re-sent after a reconnect
@@ -94,7 +95,7 @@ impl KeyExchange {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<String>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, oneshot::Sender<String>)>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -126,10 +127,15 @@ impl KeyExchange {
 
     /// Forgets the session unless a newer one replaced it.
     pub fn disconnect(&self, network: &str, conn_id: u64) {
-        let mut map = self.conns();
-        if map.get(network).is_some_and(|c| c.id == conn_id) {
-            map.remove(network);
+        {
+            let mut map = self.conns();
+            if map.get(network).is_some_and(|c| c.id == conn_id) {
+                map.remove(network);
+            }
         }
+        // Its unanswered commands never will be: fail them now (dropping the sender ends the
+        // wait with "connector went away") rather than at the apply timeout.
+        self.pending().retain(|_, (conn, _)| *conn != conn_id);
     }
 
     /// Whether this connector has an open session.
@@ -161,10 +167,24 @@ impl KeyExchange {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The connector answered a command.
-    pub fn applied(&self, command_id: u64, error: String) {
-        if let Some(tx) = self.pending().remove(&command_id) {
-            let _ = tx.send(error);
+    /// Session `conn_id` answered a command. Only the session a command was sent on can
+    /// answer it: another connector (another network) naming the id is ignored.
+    pub fn applied(&self, conn_id: u64, command_id: u64, error: String) {
+        let mut pending = self.pending();
+        match pending.get(&command_id) {
+            Some((sent_on, _)) if *sent_on == conn_id => {
+                if let Some((_, tx)) = pending.remove(&command_id) {
+                    let _ = tx.send(error);
+                }
+            }
+            Some(_) => {
+                tracing::warn!(
+                    conn_id,
+                    command_id,
+                    "PeerApplied for a command sent to another connector session ignored"
+                );
+            }
+            None => {}
         }
     }
 
@@ -177,7 +197,7 @@ impl KeyExchange {
     ) -> Result<(), KeyExchangeError> {
         let id = self.command_id();
         let (tx, rx) = oneshot::channel();
-        self.pending().insert(id, tx);
+        self.pending().insert(id, (conn.id, tx));
         let sent = conn
             .tx
             .send(Ok(ConnectorCommand { id, cmd: Some(cmd) }))
@@ -297,17 +317,23 @@ async fn exchange_inner(
         .await?
         .ok_or_else(|| KeyExchangeError::UnknownNetwork(build.private_network.clone()))?;
     let key = validate_public_key(&req.cell_public_key)?;
-    let conn = hive
-        .keyexchange
-        .conn(&net.name)
-        .ok_or_else(|| KeyExchangeError::NoConnector(net.name.clone()))?;
+    if hive.keyexchange.conn(&net.name).is_none() {
+        return Err(KeyExchangeError::NoConnector(net.name.clone()));
+    }
     let lock = hive.keyexchange.key_lock(&key);
     let result = {
         let _one_at_a_time = lock.lock().await;
-        issue_and_apply(hive, box_id, req, &net, &conn, &key).await
+        // Looked up under the lock: the wait can outlast a connector reconnect, and the
+        // command must go to the session that is open now.
+        match hive.keyexchange.conn(&net.name) {
+            Some(conn) => issue_and_apply(hive, box_id, req, &net, &conn, &key)
+                .await
+                .map(|lease| (conn, lease)),
+            None => Err(KeyExchangeError::NoConnector(net.name.clone())),
+        }
     };
     hive.keyexchange.release(&key, lock);
-    let lease = result?;
+    let (conn, lease) = result?;
     Ok((net, conn, lease))
 }
 

@@ -11,6 +11,7 @@
 //! tunnel passing traffic, median and p99. `two_hundred_secure_builds` (ignored: minutes) runs
 //! 200 in a row. Needs root, the Debian build image, python3.
 use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -136,6 +137,9 @@ impl Customer {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
+                // `git daemon` runs git-daemon as a child: its own process group, so drop can
+                // stop both (killing `git` alone left git-daemon running after every test).
+                .process_group(0)
                 .spawn()
                 .expect("git daemon"),
         );
@@ -155,6 +159,7 @@ impl Customer {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
+                .process_group(0)
                 .spawn()
                 .expect("http server"),
         );
@@ -195,7 +200,11 @@ impl Customer {
 impl Drop for Customer {
     fn drop(&mut self) {
         for c in &mut self.children {
-            let _ = c.kill();
+            // The whole group (each child leads its own): `git` and the git-daemon it started.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let _ = c.wait();
         }
         let _ = Command::new("ip")

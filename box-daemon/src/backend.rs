@@ -58,6 +58,56 @@ impl CellRecord {
     }
 }
 
+/// The cells a backend left under `<data_dir>/cells` and in its cgroup parent (both backends
+/// keep the same layout); the reaper's view at start-up.
+pub fn find_leftovers(
+    data_dir: &Path,
+    cgroups: &crate::cgroup::Hierarchy,
+    cgroup_parent: &str,
+) -> Vec<Leftover> {
+    let cells = data_dir.join("cells");
+    let mut found: std::collections::BTreeMap<String, Leftover> = Default::default();
+    if let Ok(entries) = std::fs::read_dir(&cells) {
+        for e in entries.flatten() {
+            let Ok(id) = e.file_name().into_string() else {
+                continue;
+            };
+            let dir = e.path();
+            found.insert(
+                id.clone(),
+                Leftover {
+                    record: CellRecord::load(&dir),
+                    id,
+                    dir,
+                },
+            );
+        }
+    }
+    // A cgroup without a directory (crash between the two) is still ours to remove.
+    for id in cgroups.children(cgroup_parent) {
+        let dir = cells.join(&id);
+        found.entry(id.clone()).or_insert(Leftover {
+            id,
+            dir,
+            record: None,
+        });
+    }
+    found.into_values().collect()
+}
+
+/// Adds the build and lease to the record in `cell_dir` (a missing record is started afresh).
+pub fn record_build_in(cell_dir: &Path, cell_id: &str, build_id: &str, lease_id: &str) {
+    let mut rec = CellRecord::load(cell_dir).unwrap_or_else(|| CellRecord {
+        id: cell_id.to_string(),
+        ..Default::default()
+    });
+    rec.build_id = build_id.to_string();
+    rec.lease_id = lease_id.to_string();
+    if let Err(e) = rec.store(cell_dir) {
+        tracing::warn!(cell = %cell_id, error = %e, "write cell record");
+    }
+}
+
 /// A cell found on disk that no running daemon owns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Leftover {

@@ -959,45 +959,11 @@ impl CellBackend for MicrovmBackend {
     }
 
     fn inspect(&self) -> Vec<Leftover> {
-        let mut found: BTreeMap<String, Leftover> = BTreeMap::new();
-        if let Ok(entries) = fs::read_dir(self.cfg.data_dir.join("cells")) {
-            for e in entries.flatten() {
-                let Ok(id) = e.file_name().into_string() else {
-                    continue;
-                };
-                let dir = e.path();
-                found.insert(
-                    id.clone(),
-                    Leftover {
-                        record: CellRecord::load(&dir),
-                        id,
-                        dir,
-                    },
-                );
-            }
-        }
-        for id in self.cgroups.children(&self.cfg.cgroup_parent) {
-            let dir = self.cell_dir(&id);
-            found.entry(id.clone()).or_insert(Leftover {
-                id,
-                dir,
-                record: None,
-            });
-        }
-        found.into_values().collect()
+        crate::backend::find_leftovers(&self.cfg.data_dir, &self.cgroups, &self.cfg.cgroup_parent)
     }
 
     fn record_build(&self, cell_id: &str, build_id: &str, lease_id: &str) {
-        let dir = self.cell_dir(cell_id);
-        let mut rec = CellRecord::load(&dir).unwrap_or_else(|| CellRecord {
-            id: cell_id.to_string(),
-            ..Default::default()
-        });
-        rec.build_id = build_id.to_string();
-        rec.lease_id = lease_id.to_string();
-        if let Err(e) = rec.store(&dir) {
-            tracing::warn!(cell = %cell_id, error = %e, "write cell record");
-        }
+        crate::backend::record_build_in(&self.cell_dir(cell_id), cell_id, build_id, lease_id);
     }
 }
 

@@ -6,9 +6,11 @@
 #   1. guest kernel build starts in the background (cached by config hash; minutes when cold)
 #   2. cargo build --workspace --all-targets
 #   3. images: deploy/images/build-images.sh --disk (cached by content hash)
-#   4. tests: cargo nextest run --workspace (or cargo test --workspace)
+#   4. tests: cargo nextest run --workspace (or cargo test --workspace), all but the microVM suite
 #   5. cargo clippy --workspace --all-targets -- -D warnings; cargo fmt --check
 #   6. guest boot check (deploy/guest/boot-check.sh) once the kernel is there
+#   7. the microVM end-to-end suite (tests named microvm_e2e_*): real microVM cells on our VMM in
+#      an emulated KVM host (deploy/kvm-host/), which needs the kernel; its time is printed
 # Every step runs even when an earlier one failed (except where it needs that step's output);
 # the summary at the end names each failure, and the exit status is 1 when any step failed.
 set -euo pipefail
@@ -18,20 +20,23 @@ repo="$(cd "$here/.." && pwd)"
 logdir="${HIVE_TEST_LOGDIR:-$repo/target/hive-test-logs}"
 run_kernel=1
 run_lint=1
+run_microvm=1
 test_args=()
 
 usage() {
   cat <<USAGE
-Usage: $(basename "$0") [--no-kernel] [--no-lint] [-- TEST-FILTER-ARGS...]
+Usage: $(basename "$0") [--no-kernel] [--no-lint] [--no-microvm] [-- TEST-FILTER-ARGS...]
 
 Build everything and run every Hive test:
   cargo build, images (deploy/images/build-images.sh --disk), cargo nextest run --workspace
-  (cargo test --workspace when cargo-nextest is absent), clippy -D warnings, fmt --check, and
-  the guest boot check under QEMU microvm (deploy/guest/boot-check.sh).
+  (cargo test --workspace when cargo-nextest is absent), clippy -D warnings, fmt --check, the
+  guest boot check under QEMU microvm (deploy/guest/boot-check.sh), then the microVM end-to-end
+  suite (microvm_e2e_*) in an emulated KVM host (deploy/kvm-host/kvm-host.sh).
 
 Options:
-  --no-kernel   skip the guest kernel build and the QEMU boot check
+  --no-kernel   skip the guest kernel build, the QEMU boot check and the microVM suite
   --no-lint     skip clippy and rustfmt
+  --no-microvm  skip the microVM end-to-end suite (minutes: every test boots an emulated host)
   -- ARGS       passed to the test runner (e.g. -- -E 'test(e2e)' for nextest)
   -h, --help    this text
 
@@ -56,6 +61,7 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --no-kernel) run_kernel=0 ;;
     --no-lint) run_lint=0 ;;
+    --no-microvm) run_microvm=0 ;;
     --) shift; test_args=("$@"); break ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
@@ -66,6 +72,7 @@ ci="${CI:-false}"
 [ "$(id -u)" = 0 ] || die "run as root: the images (debootstrap) and the sandbox tests need it"
 command -v cargo >/dev/null || die "cargo not found in PATH"
 mkdir -p "$logdir"
+rm -f "$logdir/test.log" "$logdir/microvm-e2e.log" "$logdir/test-counts.txt"
 cd "$repo"
 
 declare -a results=()
@@ -132,11 +139,14 @@ export HIVE_CACHE="${HIVE_CACHE:-/var/cache/hive}"
 
 # 4. Tests. With the images missing the sandbox tests would fail for the wrong reason: run them
 # anyway (their own skip/fail messages say why), the summary already shows the images failure.
+# The microVM suite runs in step 7, once the guest kernel it boots is there.
+have_nextest=0
+cargo nextest --version >/dev/null 2>&1 && have_nextest=1
 if [ "$build_ok" = 1 ]; then
-  if cargo nextest --version >/dev/null 2>&1; then
-    step test cargo nextest run --workspace --no-fail-fast "${test_args[@]}" || true
+  if [ "$have_nextest" = 1 ]; then
+    step test cargo nextest run --workspace --no-fail-fast -E 'not test(microvm_e2e)' "${test_args[@]}" || true
   else
-    step test cargo test --workspace --no-fail-fast "${test_args[@]}" || true
+    step test cargo test --workspace --no-fail-fast "${test_args[@]}" -- --skip microvm_e2e || true
   fi
 else
   results+=("FAIL  test: not run, the build failed")
@@ -176,24 +186,43 @@ if [ -n "$kernel_pid" ]; then
   fi
 fi
 
+# 7. The microVM end-to-end suite (one emulated KVM host per test, one test at a time).
+if [ "$run_kernel" = 1 ] && [ "$run_microvm" = 1 ] && [ "$build_ok" = 1 ]; then
+  if [ "$have_nextest" = 1 ]; then
+    step microvm-e2e cargo nextest run -p hive-tests --no-fail-fast -E 'test(microvm_e2e)' || true
+  else
+    step microvm-e2e cargo test -p hive-tests --no-fail-fast --test microvm_e2e -- --test-threads 1 || true
+  fi
+fi
+
 say "summary"
 printf '%s\n' "${results[@]}" >&2
 # The test runner's counts as the closing line (nextest's Summary line, or cargo test's results).
 count_of() { grep -oE "[0-9]+ $1" | awk '{s+=$1} END {print s+0}'; }
+# Counts over both test steps (the workspace run and the microVM suite).
 if [ -f "$logdir/test.log" ]; then
+  passed=0 nfailed=0
+  for log in "$logdir/test.log" "$logdir/microvm-e2e.log"; do
+    [ -f "$log" ] || continue
+    if grep -q "Summary \[" "$log"; then
+      line=$(grep "Summary \[" "$log" | tail -n 1 || true)
+      passed=$(( passed + $(count_of passed <<<"$line" || echo 0) ))
+      nfailed=$(( nfailed + $(count_of failed <<<"$line" || echo 0) ))
+    else
+      results_lines=$(grep "^test result:" "$log" || true)
+      passed=$(( passed + $(count_of passed <<<"$results_lines" || echo 0) ))
+      nfailed=$(( nfailed + $(count_of failed <<<"$results_lines" || echo 0) ))
+    fi
+  done
+  # Skipped: only the workspace run's (the microVM run filters the others out, not skips them).
   if grep -q "Summary \[" "$logdir/test.log"; then
-    line=$(grep "Summary \[" "$logdir/test.log" | tail -n 1 || true)
-    passed=$(count_of passed <<<"$line" || true)
-    nfailed=$(count_of failed <<<"$line" || true)
-    skipped=$(count_of skipped <<<"$line" || true)
+    skipped=$(grep "Summary \[" "$logdir/test.log" | tail -n 1 | count_of skipped || true)
   else
-    results_lines=$(grep "^test result:" "$logdir/test.log" || true)
-    passed=$(count_of passed <<<"$results_lines" || true)
-    nfailed=$(count_of failed <<<"$results_lines" || true)
-    skipped=$(count_of ignored <<<"$results_lines" || true)
+    skipped=$(grep "^test result:" "$logdir/test.log" | count_of ignored || true)
   fi
   # Passed only on their retry (.config/nextest.toml): named, so a flake is seen, not hidden.
-  flaky=$(grep -E "^ *FLAKY " "$logdir/test.log" | sed -E 's/^ +/  /' | sort -u || true)
+  flaky=$(cat "$logdir/test.log" "$logdir/microvm-e2e.log" 2>/dev/null | grep -E "^ *FLAKY " \
+    | sed -E 's/^ +/  /' | sort -u || true)
   [ -n "$flaky" ] && printf '%s\n' "$flaky" >&2
   echo "tests: ${passed:-0} passed, ${nfailed:-0} failed, ${skipped:-0} skipped" | tee "$logdir/test-counts.txt"
 fi

@@ -193,8 +193,12 @@ async fn run_inner(
                     log.system(
                         0,
                         format!(
-                            "hive: private network {net}: tunnel up, first handshake after {} ms \
-                             (interface {} ms, handshake {} ms, {} re-arms)",
+                            "hive: private network {net}: tunnel up ({} WireGuard), first \
+                             handshake after {} ms (interface {} ms, handshake {} ms, {} re-arms)",
+                            match t.backend() {
+                                hive_wg::tunnel::Backend::Kernel => "kernel",
+                                hive_wg::tunnel::Backend::Userspace => "userspace",
+                            },
                             took.total().as_millis(),
                             took.setup.as_millis(),
                             took.handshake.as_millis(),

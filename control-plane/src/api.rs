@@ -108,6 +108,7 @@ pub fn build_to_proto(b: &BuildRow, transitions: &[TransitionRow]) -> pb::Build 
             })
             .collect(),
         attempt: b.attempt,
+        backend: b.backend.clone(),
     }
 }
 

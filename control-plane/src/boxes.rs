@@ -89,6 +89,8 @@ pub struct Room {
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub box_id: String,
+    /// The box's cell backend (`microvm`, `sandbox`), recorded with each build placed there.
+    pub backend: String,
     pub rooms: HashMap<String, Room>,
 }
 
@@ -159,6 +161,7 @@ impl Registry {
             .filter(|(_, e)| e.conn.is_some() && e.admin_state == ACTIVE)
             .map(|(id, e)| Candidate {
                 box_id: id.clone(),
+                backend: e.backend.clone(),
                 rooms: e
                     .pools
                     .iter()

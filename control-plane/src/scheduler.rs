@@ -181,6 +181,11 @@ async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
                 Placement {
                     build_id: build.id.clone(),
                     lease_id: new_id(),
+                    backend: candidates
+                        .iter()
+                        .find(|c| c.box_id == box_id)
+                        .map(|c| c.backend.clone())
+                        .unwrap_or_default(),
                     box_id,
                     deadline_ms: deadline,
                 },
@@ -347,6 +352,7 @@ mod tests {
         rooms.insert("small".to_string(), Room { warm, cold, busy });
         Candidate {
             box_id: id.to_string(),
+            backend: "sandbox".into(),
             rooms,
         }
     }

@@ -156,6 +156,8 @@ pub struct BuildRow {
     pub timeout_secs: u32,
     pub warm_start: bool,
     pub attempt: u32,
+    /// The cell backend of the box it was last placed on (`microvm`, `sandbox`; empty before).
+    pub backend: String,
 }
 
 impl BuildRow {
@@ -185,6 +187,7 @@ impl BuildRow {
             env: project.env.clone(),
             timeout_secs: project.timeout_secs,
             warm_start: false,
+            backend: String::new(),
             attempt: 1,
         }
     }
@@ -214,6 +217,8 @@ pub struct Placement {
     pub build_id: String,
     pub lease_id: String,
     pub box_id: String,
+    /// The box's cell backend, recorded with the build.
+    pub backend: String,
     pub deadline_ms: i64,
 }
 
@@ -274,7 +279,7 @@ pub struct Store {
 const BUILD_COLUMNS: &str = "id, project_id, project_name, repo_url, revision, git_ref, state, \
     box_id, cell_id, lease_id, created_at_ms, updated_at_ms, started_at_ms, exit_code, message, \
     trigger_source, size_class, private_network, steps_json, env_json, timeout_secs, warm_start, \
-    attempt";
+    attempt, backend";
 
 const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, size_class, private_network, \
     steps_json, env_json, timeout_secs, created_at_ms";
@@ -659,13 +664,14 @@ impl Store {
         for p in placements {
             let res = sqlx::query(
                 "UPDATE builds SET state = 'placed', box_id = $1, lease_id = $2, cell_id = '', \
-                 updated_at_ms = $3, message = $4 WHERE id = $5 AND state = 'queued'",
+                 updated_at_ms = $3, message = $4, backend = $6 WHERE id = $5 AND state = 'queued'",
             )
             .bind(&p.box_id)
             .bind(&p.lease_id)
             .bind(now)
             .bind(format!("placed on box {}", p.box_id))
             .bind(&p.build_id)
+            .bind(&p.backend)
             .execute(&mut *tx)
             .await
             .map_err(q("update build to placed"))?;
@@ -1499,7 +1505,7 @@ async fn store_log_tx(
 async fn insert_build_tx(tx: &mut Transaction<'_, Any>, b: &BuildRow, reason: &str) -> Result<()> {
     let sql = format!(
         "INSERT INTO builds ({BUILD_COLUMNS}, log_base) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, 0)"
+         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, 0)"
     );
     sqlx::query(&sql)
         .bind(&b.id)
@@ -1525,6 +1531,7 @@ async fn insert_build_tx(tx: &mut Transaction<'_, Any>, b: &BuildRow, reason: &s
         .bind(b.timeout_secs as i64)
         .bind(b.warm_start as i64)
         .bind(b.attempt as i64)
+        .bind(&b.backend)
         .execute(&mut **tx)
         .await
         .map_err(q("insert build"))?;
@@ -1657,6 +1664,7 @@ fn build_from_row(r: &AnyRow) -> Result<BuildRow> {
         timeout_secs: get::<i64>(r, "timeout_secs")? as u32,
         warm_start: get::<i64>(r, "warm_start")? != 0,
         attempt: get::<i64>(r, "attempt")? as u32,
+        backend: get(r, "backend")?,
     })
 }
 

@@ -40,6 +40,7 @@ fn placement(build: &str, lease: &str, box_id: &str) -> Placement {
         build_id: build.into(),
         lease_id: lease.into(),
         box_id: box_id.into(),
+        backend: "sandbox".into(),
         deadline_ms: hive_control_plane::store::now_ms() + 60_000,
     }
 }

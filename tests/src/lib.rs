@@ -3,3 +3,5 @@ pub mod cluster;
 pub mod controlplane;
 pub mod fakebox;
 pub mod github;
+pub mod kvmhost;
+pub mod privnet;

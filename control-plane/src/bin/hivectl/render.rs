@@ -249,6 +249,7 @@ pub fn build_json(b: &Build) -> Value {
         "cell_id": b.cell_id,
         "size_class": b.size_class,
         "warm_start": b.warm_start,
+        "backend": b.backend,
         "attempt": b.attempt,
         "exit_code": b.exit_code,
         "message": b.message,
@@ -313,8 +314,9 @@ pub fn build_text(b: &Build, now: i64) -> String {
             "-".into()
         } else {
             format!(
-                "{} ({})",
+                "{} ({}, {})",
                 b.cell_id,
+                dash(&b.backend),
                 if b.warm_start { "warm" } else { "cold" }
             )
         },

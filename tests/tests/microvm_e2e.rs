@@ -1,0 +1,550 @@
+//! The microVM backend end to end, on a real KVM: this machine's KVM cannot boot Linux, so each
+//! test boots an emulated KVM host ("L1", [`hive_tests::kvmhost`]) in which `/dev/kvm` works, and
+//! runs the real `hive-box --backend microvm` there: our VMM, the real guest kernel, `hive-cell`
+//! as PID 1 of the guest, the build container inside the guest. The control plane, the git host
+//! and the private network's connector run here, outside L1, as they would on other machines.
+//!
+//! Slow by nature (TCG emulates L1 and, through it, the guest): each test boots its own L1 and
+//! they run one at a time (`.config/nextest.toml`, group `microvm`). Run them alone with
+//! `cargo nextest run -p hive-tests microvm_e2e`. Needs root, QEMU, the guest kernel and images
+//! (built and cached on first use).
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::control_plane_client::ControlPlaneClient;
+use hive_proto::v1::{
+    AddConnectorRequest, BuildState, CancelBuildRequest, CreateNetworkRequest,
+    CreateProjectRequest, ListConnectorsRequest, SubmitBuildRequest,
+};
+use hive_tests::cluster::{self, GitHost};
+use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
+use hive_tests::github::{push_payload, WebhookClient};
+use hive_tests::kvmhost::{prepare_or_skip, KvmHost, KvmHostOptions, L1BoxOptions};
+use hive_tests::privnet::{http_step, Connector, Customer};
+
+const SECRET: &str = "microvm-e2e-secret";
+
+/// Separates concurrent runs of this suite on one machine: test-host names and addresses.
+fn run_id() -> u32 {
+    std::process::id() % 12
+}
+
+fn state(b: &hive_proto::v1::Build) -> BuildState {
+    BuildState::try_from(b.state).unwrap_or_default()
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A control plane and a git host here, L1 with a microVM box that dials the control plane.
+struct Hive {
+    cp: ControlPlane,
+    git: GitHost,
+    l1: KvmHost,
+    started: Instant,
+}
+
+async fn hive(test: &str, tag: &str, host: u8, box_opts: L1BoxOptions) -> Option<Hive> {
+    let p = tokio::task::spawn_blocking({
+        let test = test.to_string();
+        move || prepare_or_skip(&test)
+    })
+    .await
+    .unwrap()?;
+    let started = Instant::now();
+    let git_addr = format!("198.18.{}.{host}", 1 + run_id());
+    let git = GitHost::start(&format!("{tag}{}", run_id()), &git_addr);
+    let cp = tokio::task::spawn_blocking(|| {
+        ControlPlane::start(ControlPlaneOptions {
+            // The emulated host is 20-50x slower than hardware: the box's lease renewals and
+            // heartbeats still arrive in time, but give them room.
+            lease_secs: 60,
+            heartbeat_interval_ms: 1000,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("control plane");
+    let grpc = cp.grpc_addr.clone();
+    let l1 = tokio::task::spawn_blocking(move || {
+        let l1 = KvmHost::boot(&p, &KvmHostOptions::default());
+        eprintln!("L1 up in {:?}", l1.booted_in);
+        l1.start_box(&grpc, &box_opts);
+        l1
+    })
+    .await
+    .unwrap();
+    let h = Hive {
+        cp,
+        git,
+        l1,
+        started,
+    };
+    let t0 = Instant::now();
+    let warm = h.l1.wait_pool("small", 1, Duration::from_secs(300)).await;
+    assert!(warm, "pool never warm in L1{}", h.context());
+    eprintln!(
+        "microVM pool warm {:?} after the box started ({:?} since the test began)",
+        t0.elapsed(),
+        h.started.elapsed()
+    );
+    Some(h)
+}
+
+impl Hive {
+    fn context(&self) -> String {
+        format!(
+            "\n--- box log in L1 (tail) ---\n{}\n--- control plane log (tail) ---\n{}\n--- L1 console (tail) ---\n{}",
+            tail(&self.l1.box_log(), 80),
+            tail(&self.cp.log(), 40),
+            tail(&self.l1.console(), 20),
+        )
+    }
+
+    async fn project(&self, name: &str, steps: &[&str], timeout_secs: u32, env: &[(&str, &str)]) {
+        let mut client = ControlPlaneClient::connect(self.cp.grpc_url())
+            .await
+            .unwrap();
+        client
+            .create_project(CreateProjectRequest {
+                name: name.into(),
+                repo_url: self.git.add_repo(name),
+                secret: SECRET.into(),
+                branch: "main".into(),
+                size_class: "small".into(),
+                steps: steps.iter().map(|s| s.to_string()).collect(),
+                timeout_secs,
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("CreateProject");
+    }
+
+    /// A signed push for project `name`; the build id.
+    async fn push(&self, name: &str) -> String {
+        let body = push_payload(
+            &format!("git://{}/{name}.git", self.git.addr),
+            "refs/heads/main",
+            &self.git.head,
+            false,
+        );
+        let delivery = uuid::Uuid::new_v4().to_string();
+        let answer = WebhookClient::new()
+            .send_signed(&self.cp.webhook_url(), SECRET, "push", &delivery, body)
+            .await
+            .expect("webhook");
+        assert_eq!(answer.status, 202, "webhook answer: {}", answer.body);
+        answer.json()["build_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no build id in {}", answer.body))
+            .to_string()
+    }
+
+    async fn logs(&self, build: &str) -> String {
+        let (text, seqs) = cluster::build_log(&self.cp.grpc_url(), build).await;
+        let dense: Vec<u64> = (0..seqs.len() as u64).collect();
+        assert_eq!(seqs, dense, "log seqs not dense from 0");
+        text
+    }
+
+    /// Waits until nothing of `cell` is left in L1: VMM process, TAP, veth, netns, cgroup, dir.
+    async fn assert_cell_gone(&self, cell: &str) {
+        assert!(!cell.is_empty());
+        let t0 = Instant::now();
+        loop {
+            let left: Vec<String> = self
+                .l1
+                .cell_leftovers("hive-box")
+                .into_iter()
+                .filter(|l| l.contains(cell))
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "cell {cell} not cleaned up in L1: {left:?}{}",
+                self.context()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn finish(self) {
+        let stopped = self.l1.stop_box(Duration::from_secs(120));
+        assert!(
+            stopped,
+            "hive-box in L1 did not stop on SIGTERM{}",
+            self.context()
+        );
+        let left = self.l1.cell_leftovers("hive-box");
+        assert!(
+            left.is_empty(),
+            "left in L1 after the box stopped: {left:?}{}",
+            self.context()
+        );
+        eprintln!("test took {:?}", self.started.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_e2e_push_builds_in_a_warm_microvm_cell() {
+    let test = "microvm_e2e_push_builds_in_a_warm_microvm_cell";
+    // `auto`: L1 shows svm and /dev/kvm opens, so the box must choose the microVM backend.
+    let Some(h) = hive(
+        test,
+        "mvok",
+        20,
+        L1BoxOptions {
+            backend: "auto".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let health = h.l1.box_health().await;
+    assert_eq!(health["backend"], "microvm", "{health}{}", h.context());
+
+    h.project(
+        "demo",
+        &[
+            "echo first-step-out; echo first-step-err >&2",
+            "sh ./build.sh",
+            "cat README; uname -r; echo last-line",
+        ],
+        600,
+        &[],
+    )
+    .await;
+    let t0 = Instant::now();
+    let id = h.push("demo").await;
+    let b = cluster::wait_build(&h.cp.grpc_url(), &id, Duration::from_secs(600)).await;
+    let log = h.logs(&id).await;
+    eprintln!(
+        "build took {:?} (webhook to terminal state); log:\n{log}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        state(&b),
+        BuildState::Succeeded,
+        "{b:?}\nlog:\n{log}{}",
+        h.context()
+    );
+    assert!(b.warm_start, "build did not get a warm cell: {b:?}");
+    assert_eq!(b.backend, "microvm", "{b:?}");
+    let order = [
+        &format!("checked out {}", h.git.head)[..],
+        "first-step-out",
+        "build line 1",
+        "build line 2",
+        "build line 3",
+        "hive demo repository",
+        "last-line",
+    ];
+    let mut at = 0;
+    for needle in order {
+        let pos = log[at..]
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing or out of order in log:\n{log}"));
+        at += pos + needle.len();
+    }
+    assert!(log.contains("first-step-err"), "stderr missing:\n{log}");
+    // The step ran on the guest kernel (ours, 6.1 built from linux-source), not L1's cloud kernel.
+    assert!(!log.contains("cloud-amd64"), "ran on L1's kernel?\n{log}");
+
+    // `hivectl build` says where it ran.
+    let out = h.cp.hivectl(&["build", &id]).expect("hivectl build");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("microvm"), "{text}");
+
+    h.assert_cell_gone(&b.cell_id).await;
+    let back = h.l1.wait_pool("small", 1, Duration::from_secs(300)).await;
+    assert!(back, "pool did not boot a replacement{}", h.context());
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_e2e_failing_step_timeout_and_cancel() {
+    let test = "microvm_e2e_failing_step_timeout_and_cancel";
+    let Some(h) = hive(test, "mvstop", 21, L1BoxOptions::default()).await else {
+        return;
+    };
+    h.project(
+        "fails",
+        &["echo before", "exit 7", "echo never-runs"],
+        600,
+        &[],
+    )
+    .await;
+    h.project("slow", &["echo sleeping; sleep 600"], 20, &[])
+        .await;
+    h.project("cancelme", &["echo waiting; sleep 600"], 600, &[])
+        .await;
+    let grpc = h.cp.grpc_url();
+
+    let id = h.push("fails").await;
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(600)).await;
+    let log = h.logs(&id).await;
+    assert_eq!(state(&b), BuildState::Failed, "{b:?}{}", h.context());
+    assert_eq!(b.exit_code, 7, "{b:?}");
+    assert!(
+        log.contains("before") && !log.contains("never-runs"),
+        "{log}"
+    );
+    h.assert_cell_gone(&b.cell_id).await;
+    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+
+    // The 20 s limit stops `sleep 600` (counted from the build's start in the cell).
+    let id = h.push("slow").await;
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(600)).await;
+    assert_eq!(state(&b), BuildState::TimedOut, "{b:?}{}", h.context());
+    h.assert_cell_gone(&b.cell_id).await;
+    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+
+    let id = h.push("cancelme").await;
+    let t0 = Instant::now();
+    while !h.logs(&id).await.contains("waiting") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "step never started{}",
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    client
+        .cancel_build(CancelBuildRequest {
+            id: id.clone(),
+            reason: "microvm e2e cancel".into(),
+        })
+        .await
+        .expect("CancelBuild");
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(300)).await;
+    assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
+    h.assert_cell_gone(&b.cell_id).await;
+    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    h.finish().await;
+}
+
+/// A private-network build in a microVM: the cell's tunnel is the guest kernel's WireGuard (the
+/// host here has only userspace WireGuard, so this is the only place the kernel path runs), to a
+/// connector here in front of a customer network; with `HIVE_EGRESS=none` the build reaches the
+/// customer's git and HTTP services and nothing public.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_e2e_private_network_over_kernel_wireguard() {
+    let test = "microvm_e2e_private_network_over_kernel_wireguard";
+    let run = run_id();
+    let Some(h) = hive(test, "mvpn", 50, L1BoxOptions::default()).await else {
+        return;
+    };
+    let customer = Customer::start(run, &h.git.netns());
+    let mut client = ControlPlaneClient::connect(h.cp.grpc_url()).await.unwrap();
+    client
+        .create_network(CreateNetworkRequest {
+            name: "corp".into(),
+            prefixes: vec!["10.20.0.0/16".into()],
+            tunnel_subnet: "10.250.0.0/24".into(),
+        })
+        .await
+        .expect("CreateNetwork");
+    let dir = tempfile::Builder::new()
+        .prefix("hive-conn-")
+        .tempdir()
+        .unwrap();
+    let public_key = Connector::key(dir.path());
+    let added = client
+        .add_connector(AddConnectorRequest {
+            network: "corp".into(),
+            endpoint: format!("{}:51820", h.git.addr),
+            public_key,
+        })
+        .await
+        .expect("AddConnector")
+        .into_inner();
+    let connector = Connector::start(
+        &h.cp.grpc_url(),
+        "corp",
+        &added.token,
+        &h.git.netns(),
+        &format!("hwgm{run}"),
+        dir,
+    );
+    let t0 = Instant::now();
+    loop {
+        let cs = client
+            .list_connectors(ListConnectorsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .connectors;
+        if cs.iter().any(|c| c.connected) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "connector never connected; log:\n{}",
+            connector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let public_repo = h.git.repo_url.clone();
+    let probe = format!(
+        "if timeout 20 git ls-remote {public_repo}; then echo REACHED-PUBLIC; exit 1; fi; \
+         echo public host unreachable"
+    );
+    let steps = [
+        "cat PRIVATE".to_string(),
+        // The interface the build sees is a kernel WireGuard device.
+        "ip -d link show hwg0".to_string(),
+        http_step(true),
+        probe,
+    ];
+    let mut env = std::collections::HashMap::new();
+    env.insert("HIVE_EGRESS".to_string(), "none".to_string());
+    client
+        .create_project(CreateProjectRequest {
+            name: "sealed".into(),
+            repo_url: "git://10.20.0.10/private.git".into(),
+            secret: SECRET.into(),
+            branch: "main".into(),
+            size_class: "small".into(),
+            private_network: "corp".into(),
+            steps: steps.to_vec(),
+            timeout_secs: 600,
+            env,
+        })
+        .await
+        .expect("CreateProject");
+    let b = client
+        .submit_build(SubmitBuildRequest {
+            project: "sealed".into(),
+            git_ref: "refs/heads/main".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("SubmitBuild")
+        .into_inner();
+    let b = cluster::wait_build(&h.cp.grpc_url(), &b.id, Duration::from_secs(600)).await;
+    let log = h.logs(&b.id).await;
+    eprintln!("private-network build log:\n{log}");
+    assert_eq!(
+        state(&b),
+        BuildState::Succeeded,
+        "{b:?}\n{log}{}\n--- connector ---\n{}",
+        h.context(),
+        tail(&connector.log(), 30)
+    );
+    assert_eq!(b.backend, "microvm");
+    assert!(log.contains("tunnel up (kernel WireGuard)"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("hwg0") && l.contains("wireguard"))
+            || log.contains("\n    wireguard"),
+        "hwg0 is not a kernel WireGuard link:\n{log}"
+    );
+    assert!(log.contains(&customer.marker), "no git marker:\n{log}");
+    assert!(
+        log.contains(&format!("{}-http", customer.marker)),
+        "no HTTP marker:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.trim() == "public host unreachable"),
+        "{log}"
+    );
+    h.assert_cell_gone(&b.cell_id).await;
+    // The key exchange revoked the cell's key: the connector holds no peer for it any more.
+    let t0 = Instant::now();
+    while !connector.peers().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "connector still has peers {:?}",
+            connector.peers()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    h.finish().await;
+    drop(connector);
+    drop(customer);
+}
+
+/// The box daemon in L1 dies (SIGKILL) while a build runs in a microVM cell; the cell's jailed
+/// VMM and the warm cell's keep running without it. The restarted box reaps every leftover
+/// microVM cell (VMM, TAP, netns, cgroup, directory), reports the build, and warms its pool again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
+    let test = "microvm_e2e_restarted_box_reaps_leftover_cells";
+    let opts = L1BoxOptions::default();
+    let Some(h) = hive(test, "mvreap", 51, opts.clone()).await else {
+        return;
+    };
+    h.project("long", &["echo started; sleep 600"], 600, &[])
+        .await;
+    let id = h.push("long").await;
+    let grpc = h.cp.grpc_url();
+    let t0 = Instant::now();
+    while !h.logs(&id).await.contains("started") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "step never started{}",
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let b = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        !b.cell_id.is_empty()
+    })
+    .await;
+    let cell = b.cell_id.clone();
+    // Wait for the replacement warm cell too, so two VMMs are left behind.
+    assert!(
+        h.l1.wait_pool_warm("small", 1, Duration::from_secs(300))
+            .await
+    );
+    let vmms_before = h.l1.vmm_pids();
+    assert_eq!(
+        vmms_before.len(),
+        2,
+        "VMMs before the crash: {vmms_before:?}"
+    );
+
+    h.l1.crash_box();
+    // The cells outlive their daemon (their VMMs are not its threads).
+    assert_eq!(h.l1.vmm_pids(), vmms_before, "VMMs died with the daemon");
+    let left = h.l1.cell_leftovers("hive-box");
+    assert!(
+        left.iter().any(|l| l.contains(&cell)),
+        "the running cell should be left behind: {left:?}"
+    );
+
+    let grpc_addr = h.cp.grpc_addr.clone();
+    tokio::task::block_in_place(|| h.l1.start_box(&grpc_addr, &opts));
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(300)).await;
+    assert_eq!(state(&b), BuildState::Failed, "{b:?}{}", h.context());
+    assert!(b.message.contains("box restarted"), "{b:?}");
+    h.assert_cell_gone(&cell).await;
+    let t0 = Instant::now();
+    loop {
+        let now = h.l1.vmm_pids();
+        if now.iter().all(|p| !vmms_before.contains(p)) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "old VMMs still alive: {now:?} (before: {vmms_before:?}){}",
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    h.finish().await;
+}

@@ -9,6 +9,10 @@
 #
 # --smoke sends that webhook itself, follows the build to its end and exits with its result:
 # the scripted check that the whole path works.
+#
+# --microvm runs the box with the microVM backend (real guests on Hive's VMM) inside an emulated
+# KVM host (deploy/kvm-host/kvm-host.sh: QEMU TCG with AMD SVM), for machines without VT-x/AMD-V:
+# slower than hardware, but the production path.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,7 +20,8 @@ repo="$(cd "$here/.." && pwd)"
 data_dir="$repo/hive-data"
 http_addr="127.0.0.1:8080"
 grpc_addr="127.0.0.1:50051"
-pool="small=2"
+pool=""
+microvm=0
 git_addr="198.18.0.2"
 secret="${HIVE_DEMO_SECRET:-local-hive-demo-secret}"
 do_build=1
@@ -36,7 +41,10 @@ Options:
   --data-dir DIR     state of this hive (default ./hive-data in the repo: $data_dir)
   --http-addr A:P    control plane webhook/HTTP listener (default $http_addr)
   --grpc-addr A:P    control plane gRPC listener (default $grpc_addr)
-  --pool CLASS=N     warm pool of the box (default $pool)
+  --pool CLASS=N     warm pool of the box (default small=2; small=1 with --microvm)
+  --microvm          run the box with the microVM backend inside an emulated KVM host (QEMU TCG
+                     with AMD SVM; the first run builds the guest kernel, ~6 min, and the host
+                     image, ~1 min, both cached)
   --release          build and run release binaries (default: debug, quicker to compile)
   --no-build         use the binaries already in target/
   --smoke            send the webhook, follow the build, stop everything, exit 0 iff it succeeded
@@ -60,10 +68,14 @@ while [ $# -gt 0 ]; do
     --release) profile="release" ;;
     --no-build) do_build=0 ;;
     --smoke) smoke=1 ;;
+    --microvm) microvm=1 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
 done
+if [ -z "$pool" ]; then
+  if [ "$microvm" = 1 ]; then pool="small=1"; else pool="small=2"; fi
+fi
 [[ "$pool" =~ ^[a-z0-9-]+=[0-9]+$ ]] || die "--pool '$pool': expected CLASS=N, e.g. small=2"
 for a in "$http_addr" "$grpc_addr"; do
   [[ "$a" =~ ^[0-9.]+:[0-9]+$ ]] || die "listener '$a': expected IPv4:PORT"
@@ -81,7 +93,7 @@ bin="$repo/target/$profile"
 hivectl() { "$bin/hivectl" --addr "http://$grpc_addr" "$@"; }
 
 # --- stop everything we started, in reverse order, exactly once --------------------------------
-box_pid="" cp_pid="" git_host_up=0 stopping=0
+box_pid="" cp_pid="" l1_pid="" git_host_up=0 stopping=0
 stop_all() {
   [ "$stopping" = 0 ] || return 0
   stopping=1
@@ -92,6 +104,11 @@ stop_all() {
     for _ in $(seq 300); do kill -0 "$box_pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$box_pid" 2>/dev/null && { log "hive-box did not stop in 30s, killing"; kill -KILL "$box_pid" 2>/dev/null || true; }
     wait "$box_pid" 2>/dev/null || true
+  fi
+  if [ -n "$l1_pid" ] && kill -0 "$l1_pid" 2>/dev/null; then
+    # The box and its microVM cells live only inside the emulated host: its end is theirs.
+    kill -TERM "$l1_pid" 2>/dev/null || true
+    wait "$l1_pid" 2>/dev/null || true
   fi
   if [ -n "$cp_pid" ] && kill -0 "$cp_pid" 2>/dev/null; then
     kill -TERM "$cp_pid" 2>/dev/null || true
@@ -119,7 +136,18 @@ for b in hive-control-plane hivectl hive-box; do
   [ -x "$bin/$b" ] || die "$bin/$b is missing (run without --no-build)"
 done
 log "images (cached by content hash in ${HIVE_CACHE:-/var/cache/hive})"
-eval "$("$here/images/build-images.sh")"
+if [ "$microvm" = 1 ]; then
+  eval "$("$here/images/build-images.sh" --disk)"
+  log "guest kernel (cached; the first build takes minutes)"
+  eval "$("$here/guest/build-kernel.sh")"
+  log "emulated KVM host (cached)"
+  eval "$("$here/kvm-host/kvm-host.sh" image)"
+  eval "$("$here/kvm-host/kvm-host.sh" assets --guest-kernel "$HIVE_GUEST_KERNEL" \
+    --rootfs-disk "$HIVE_CELL_ROOTFS_DISK" --build-disk "$HIVE_BUILD_IMAGE_DISK")"
+  eval "$("$here/kvm-host/kvm-host.sh" bin --box-binary "$bin/hive-box")"
+else
+  eval "$("$here/images/build-images.sh")"
+fi
 export HIVE_BUILD_IMAGE HIVE_CELL_ROOTFS
 
 # --- 2. the git host and the demo repository ----------------------------------------------------
@@ -171,6 +199,35 @@ log "control plane up: $(cat "$ready") (log $logs/control-plane.log)"
 # --- 4. box -------------------------------------------------------------------------------------
 box_ready="$data_dir/box.ready"
 rm -f "$box_ready"
+if [ "$microvm" = 1 ]; then
+  # The box runs inside the emulated host; QEMU user networking makes this machine's loopback
+  # 10.0.2.2 there, so it dials the control plane above. Its /healthz is forwarded back here.
+  health_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  cat >"$data_dir/l1-start.sh" <<START
+#!/bin/sh
+# Run by the emulated KVM host once it is up (log there: /var/log/start.log).
+exec /hive/bin/hive-box --control-plane http://10.0.2.2:${grpc_addr##*:} --backend microvm \\
+  --pool $pool --box-id local-microvm --data-dir /var/lib/hive-box \\
+  --guest-kernel /hive/assets/vmlinux --guest-rootfs-disk /hive/assets/cell-rootfs.ext4 \\
+  --build-image-disk /hive/assets/build-image.ext4 --health-addr 0.0.0.0:8081 \\
+  --ready-timeout-secs 300 --health-timeout-secs 10 --cell-call-timeout-secs 60
+START
+  log "booting the emulated KVM host (console: $logs/l1-console.log; box log in it: /var/log/start.log)"
+  "$here/kvm-host/kvm-host.sh" boot --image "$HIVE_KVM_HOST_IMAGE" --assets "$HIVE_KVM_HOST_ASSETS" \
+    --bin "$HIVE_KVM_HOST_BIN" --ctl "$data_dir/l1-ctl.sock" --console "$logs/l1-console.log" \
+    --hostfwd "tcp:127.0.0.1:$health_port-:8081" --start "$data_dir/l1-start.sh" \
+    >>"$logs/l1-qemu.log" 2>&1 &
+  l1_pid=$!
+  for _ in $(seq 1200); do
+    curl -sf "http://127.0.0.1:$health_port/healthz" >/dev/null 2>&1 && break
+    kill -0 "$l1_pid" 2>/dev/null || { tail -n 20 "$logs/l1-console.log" >&2; die "the emulated KVM host exited"; }
+    sleep 0.5
+  done
+  curl -sf "http://127.0.0.1:$health_port/healthz" >/dev/null 2>&1 \
+    || die "hive-box in the emulated KVM host not up after 10 min (see: $here/kvm-host/kvm-host.sh exec --ctl $data_dir/l1-ctl.sock -- tail /var/log/start.log)"
+  echo "{\"health\":\"127.0.0.1:$health_port\"}" >"$box_ready"
+  log "box up in the emulated KVM host: health http://127.0.0.1:$health_port/healthz"
+else
 # HIVE_CELL_ROOTFS and HIVE_BUILD_IMAGE (exported above) tell the box which images to use.
 "$bin/hive-box" --control-plane "http://$grpc_addr" --backend sandbox --pool "$pool" \
   --data-dir "$data_dir/box" --health-addr 127.0.0.1:0 --ready-file "$box_ready" \
@@ -183,6 +240,7 @@ for _ in $(seq 300); do
 done
 [ -s "$box_ready" ] || die "hive-box not ready after 30s (log: $logs/box.log)"
 log "box up: $(cat "$box_ready") (log $logs/box.log)"
+fi
 
 # --- 5. demo project ----------------------------------------------------------------------------
 if hivectl project show demo >/dev/null 2>&1; then
@@ -231,7 +289,7 @@ cat <<EOF
 
 Local hive is up. (Ctrl-C stops everything.)
   control plane  http://$http_addr (webhook), grpc http://$grpc_addr   log: $logs/control-plane.log
-  box            sandbox backend, pool $pool                          log: $logs/box.log
+  box            $(if [ "$microvm" = 1 ]; then echo "microvm backend in the emulated KVM host, pool $pool   log: kvm-host.sh exec --ctl $data_dir/l1-ctl.sock -- cat /var/log/start.log"; else echo "sandbox backend, pool $pool                          log: $logs/box.log"; fi)
   git host       $repo_url (netns hive-th-git)
 
 Send a signed push (the HMAC is computed with openssl from the project secret):
@@ -243,5 +301,5 @@ Follow the build (its id is in the webhook reply):
   $hivectl_line boxes
 
 EOF
-wait "$cp_pid" "$box_pid" || true
+if [ "$microvm" = 1 ]; then wait "$cp_pid" "$l1_pid" || true; else wait "$cp_pid" "$box_pid" || true; fi
 log "a daemon exited on its own; see $logs"

@@ -57,6 +57,9 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// How long a cell may take to stop after a cancel before the box reports it stopped anyway.
     pub cancel_grace: Duration,
+    /// How long a call into a cell (PrepareTunnel, RunBuild, Cancel) may take: a guest on a slow
+    /// host (an emulated KVM host is 20-50x slower than hardware) needs more than the default.
+    pub cell_call_timeout: Duration,
 }
 
 /// Messages waiting for an acknowledgement.
@@ -622,7 +625,7 @@ impl<B: CellBackend> Agent<B> {
         let net = &a.private_network;
         let started_ms = now_ms();
         let prepared = tokio::time::timeout(
-            Duration::from_secs(10),
+            self.cfg.cell_call_timeout,
             client.prepare_tunnel(PrepareTunnelRequest {
                 build_id: a.build_id.clone(),
             }),
@@ -638,7 +641,9 @@ impl<B: CellBackend> Agent<B> {
             }
             Err(_) => {
                 return Err(format!(
-                    "private network {net}: cell did not answer PrepareTunnel within 10s"
+                    "private network {net}: cell did not answer PrepareTunnel within {:?} \
+                     (--cell-call-timeout-secs)",
+                    self.cfg.cell_call_timeout
                 ))
             }
         };
@@ -735,13 +740,18 @@ impl<B: CellBackend> Agent<B> {
             timeout_secs: a.timeout_secs,
             tunnel,
         };
-        match tokio::time::timeout(Duration::from_secs(10), client.run_build(req)).await {
+        match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {
                 tracing::debug!(build = %a.build_id, since_assignment_us = received.elapsed().as_micros() as u64, "cell accepted the build");
             }
             Ok(Ok(_)) => return failed("cell daemon refused the build".into()),
             Ok(Err(s)) => return failed(format!("cell daemon RunBuild: {}", s.message())),
-            Err(_) => return failed("cell daemon did not answer RunBuild within 10s".into()),
+            Err(_) => {
+                return failed(format!(
+                    "cell daemon did not answer RunBuild within {:?} (--cell-call-timeout-secs)",
+                    self.cfg.cell_call_timeout
+                ))
+            }
         }
         let mut next = 0u64;
         let mut log_seq = 0u64;
@@ -831,7 +841,7 @@ impl<B: CellBackend> Agent<B> {
                         }
                         let req = cancel.borrow().clone();
                         if let Some((state, reason)) = req {
-                            let _ = tokio::time::timeout(Duration::from_secs(5), client.cancel(CellCancelRequest {
+                            let _ = tokio::time::timeout(self.cfg.cell_call_timeout, client.cancel(CellCancelRequest {
                                 build_id: a.build_id.clone(),
                                 state: state as i32,
                                 reason: reason.clone(),

@@ -140,6 +140,14 @@ struct RunArgs {
     /// Period of the warm cells' health check.
     #[arg(long, env = "HIVE_BOX_HEALTH_CHECK_SECS", default_value_t = 10)]
     health_check_secs: u64,
+    /// How long a warm cell has to answer a health check before it is replaced (raise it on slow
+    /// hosts, e.g. an emulated KVM host).
+    #[arg(long, env = "HIVE_BOX_HEALTH_TIMEOUT_SECS", default_value_t = 2)]
+    health_timeout_secs: u64,
+    /// How long a call into a cell (RunBuild, PrepareTunnel, Cancel) may take before the build
+    /// fails (raise it on slow hosts).
+    #[arg(long, env = "HIVE_BOX_CELL_CALL_TIMEOUT_SECS", default_value_t = 10)]
+    cell_call_timeout_secs: u64,
     /// On SIGTERM: how long running builds may continue before they are cancelled.
     #[arg(long, env = "HIVE_BOX_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -183,6 +191,8 @@ fn main() -> ExitCode {
         // No runtime, no threads: the helper forks.
         // Before any thread exists: `vmm::cli::run` blocks SIGTERM/SIGINT for its signal thread.
         Some(Cmd::Vmm(args)) => {
+            // The boot timer counts from here.
+            hive_box::vmm::process_start();
             init_tracing(LogFormat::Text);
             ExitCode::from(hive_box::vmm::cli::run(&args).clamp(0, 255) as u8)
         }
@@ -438,11 +448,12 @@ async fn serve<B: CellBackend>(
     // Only after the backend accepted its configuration, so a bad flag leaves no table behind.
     net.setup()?;
     let lost = hive_box::reaper::reap(backend.as_ref()).await;
-    let pool = Pool::new(
+    let pool = Pool::with_health_timeout(
         Arc::clone(&backend),
         classes,
         args.cell_subnet.slots(),
         Duration::from_secs(args.ready_timeout_secs),
+        Duration::from_secs(args.health_timeout_secs.max(1)),
     );
     let agent = Agent::new(
         AgentConfig {
@@ -455,6 +466,7 @@ async fn serve<B: CellBackend>(
             lease: Duration::from_secs(args.lease_secs),
             heartbeat: Duration::from_secs(2),
             cancel_grace: Duration::from_secs(10),
+            cell_call_timeout: Duration::from_secs(args.cell_call_timeout_secs.max(1)),
         },
         Arc::clone(&pool),
     );

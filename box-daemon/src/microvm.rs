@@ -781,7 +781,7 @@ pub fn guest_cmdline(cell_id: &str, extra: &str) -> String {
         "console=ttyS0 reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 rootwait \
          init=/sbin/hive-cell ip={GUEST_LINK_ADDR}::{GUEST_LINK_GATEWAY}:255.255.255.252:cell:eth0:off \
          hive.cell_id={cell_id} hive.listen=vsock:{AGENT_PORT} hive.build_disk=/dev/vdb \
-         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+         hive.boot_timer=1 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     );
     if !extra.trim().is_empty() {
         c.push(' ');
@@ -846,6 +846,8 @@ fn vm_config_json(
         "net": [{ "tap": CELL_TAP, "mac": guest_mac(&spec.id), "rate_limit": net_limit }],
         "vsock": { "guest_cid": 3, "uds_path": files.vsock },
         "rng": true,
+        // The cell daemon marks init start and readiness; vmm.log gets the times from VMM exec.
+        "boot_timer": true,
     })
 }
 
@@ -1023,6 +1025,7 @@ mod tests {
         let vsock = cfg.vsock.expect("vsock");
         assert_eq!(vsock.uds_path, Path::new("/cell/run/v.sock"));
         assert!(cfg.rng);
+        assert!(cfg.boot_timer);
         assert_eq!(cfg.serial.path.as_deref(), Some(Path::new(JAIL_SERIAL)));
         for word in [
             "root=/dev/vda",
@@ -1030,6 +1033,7 @@ mod tests {
             "hive.cell_id=0123456789ab",
             "hive.listen=vsock:1024",
             "hive.build_disk=/dev/vdb",
+            "hive.boot_timer=1",
             "ip=169.254.100.2::169.254.100.1:255.255.255.252:cell:eth0:off",
             "panic=-1",
             "hive.log=debug",

@@ -81,12 +81,17 @@ pub struct PoolStats {
     pub total_boot: Duration,
 }
 
+/// Default time a warm cell has to answer its periodic health check.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct Pool<B: CellBackend> {
     backend: Arc<B>,
     inner: Mutex<Inner>,
     stats: Mutex<PoolStats>,
     changed: Notify,
     ready_timeout: Duration,
+    /// How long a warm cell may take to answer a health check before it counts as dead.
+    health_timeout: Duration,
 }
 
 impl<B: CellBackend> std::fmt::Debug for Pool<B> {
@@ -103,6 +108,24 @@ impl<B: CellBackend> Pool<B> {
         classes: Vec<ClassConfig>,
         slots: u32,
         ready_timeout: Duration,
+    ) -> Arc<Self> {
+        Self::with_health_timeout(
+            backend,
+            classes,
+            slots,
+            ready_timeout,
+            DEFAULT_HEALTH_TIMEOUT,
+        )
+    }
+
+    /// As [`Pool::new`], with the warm cells' health-check timeout (slow hosts, such as an
+    /// emulated KVM host, need more than the default).
+    pub fn with_health_timeout(
+        backend: Arc<B>,
+        classes: Vec<ClassConfig>,
+        slots: u32,
+        ready_timeout: Duration,
+        health_timeout: Duration,
     ) -> Arc<Self> {
         let classes = classes
             .into_iter()
@@ -130,6 +153,7 @@ impl<B: CellBackend> Pool<B> {
             stats: Mutex::new(PoolStats::default()),
             changed: Notify::new(),
             ready_timeout,
+            health_timeout,
         })
     }
 
@@ -406,7 +430,7 @@ impl<B: CellBackend> Pool<B> {
         let mut dead = Vec::new();
         for cell in snapshot {
             let ok = self.backend.is_alive(&cell.id)
-                && matches!(cell.health(Duration::from_secs(2)).await, Ok(true));
+                && matches!(cell.health(self.health_timeout).await, Ok(true));
             if !ok {
                 dead.push(cell.id);
             }

@@ -221,6 +221,8 @@ pub struct KernelCmdline {
     pub cell_id: Option<String>,
     /// Block device holding the build image (ext4), mounted read-only at the build image path.
     pub build_disk: Option<String>,
+    /// `hive.boot_timer=1`: mark boot milestones on the VMM's boot timer (`init::boot_mark`).
+    pub boot_timer: bool,
 }
 
 impl KernelCmdline {
@@ -234,6 +236,8 @@ impl KernelCmdline {
                 out.cell_id = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("hive.build_disk=") {
                 out.build_disk = Some(v.to_string());
+            } else if word == "hive.boot_timer=1" {
+                out.boot_timer = true;
             }
         }
         out
@@ -286,6 +290,8 @@ mod tests {
         assert_eq!(c.cell_id.as_deref(), Some("c-42"));
         assert_eq!(c.listen.as_deref(), Some("tcp:0.0.0.0:7000"));
         assert_eq!(c.build_disk.as_deref(), Some("/dev/vdb"));
+        assert!(!c.boot_timer);
+        assert!(KernelCmdline::parse("ro hive.boot_timer=1").boot_timer);
         assert_eq!(KernelCmdline::parse("quiet"), KernelCmdline::default());
     }
 

@@ -181,3 +181,54 @@ pub fn power_off() -> ! {
     tracing::warn!(error = ?err, "power off failed; exiting");
     std::process::exit(0)
 }
+
+/// Guest-physical address of the VMM's boot-timer page (`hive-box`'s
+/// `vmm::boottimer::BOOT_TIMER_ADDR`): PID 1 writes a byte there at each boot milestone.
+pub const BOOT_TIMER_ADDR: u64 = 0xd800_0000;
+/// The boot-timer marks: init started, cell daemon ready.
+pub const BOOT_MARK_INIT: u8 = 1;
+pub const BOOT_MARK_READY: u8 = 2;
+
+/// Writes `value` to the VMM's boot timer (Firecracker's method: the VMM timestamps the write
+/// from its own start), through a one-page mapping of /dev/mem (reads and writes of /dev/mem
+/// stop at the end of RAM; mappings do not). Best effort: without /dev/mem (a sandbox, a kernel
+/// without CONFIG_DEVMEM) or the device, nothing happens; under another VMM the write goes to
+/// unassigned memory and is dropped.
+pub fn boot_mark(value: u8) {
+    use std::os::fd::AsRawFd;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mem")
+    {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(error = %e, "boot timer: open /dev/mem");
+            return;
+        }
+    };
+    // SAFETY: a fresh shared mapping of one page of /dev/mem at a page-aligned offset; the
+    // kernel chooses the address, nothing else refers to it, and it is unmapped below.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            BOOT_TIMER_ADDR as libc::off_t,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "boot timer: map the boot-timer page"
+        );
+        return;
+    }
+    // SAFETY: `page` is a writable mapping of at least one byte made above; the volatile write
+    // is the device access itself (an MMIO exit to the VMM).
+    unsafe { std::ptr::write_volatile(page.cast::<u8>(), value) };
+    // SAFETY: unmaps exactly the mapping made above, which nothing else uses.
+    unsafe { libc::munmap(page, 4096) };
+}

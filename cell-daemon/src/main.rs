@@ -189,14 +189,20 @@ fn resolve(args: RunArgs, is_init: bool) -> anyhow::Result<Config> {
 
 fn daemon(args: RunArgs, is_init: bool) -> anyhow::Result<()> {
     let mut build_disk = None;
+    let mut boot_timer = false;
     if is_init {
         init::mount_proc()?;
         init::default_path();
-        build_disk = KernelCmdline::read(std::path::Path::new("/proc/cmdline")).build_disk;
+        let cmdline = KernelCmdline::read(std::path::Path::new("/proc/cmdline"));
+        build_disk = cmdline.build_disk;
+        boot_timer = cmdline.boot_timer;
     }
     let cfg = resolve(args, is_init)?;
     if is_init {
         init::setup(&cfg.cell_id)?;
+        if boot_timer {
+            init::boot_mark(init::BOOT_MARK_INIT);
+        }
         if let Some(dev) = build_disk {
             init::mount_build_disk(&dev, &cfg.build_image)?;
         }
@@ -209,10 +215,10 @@ fn daemon(args: RunArgs, is_init: bool) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(cfg))
+    rt.block_on(serve(cfg, boot_timer))
 }
 
-async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
+async fn serve(cfg: Arc<Config>, boot_timer: bool) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let reaper = Reaper::start()?;
     let prepared = cfg
@@ -231,6 +237,9 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
                 &cfg.listen,
                 agent,
                 || {
+                    if boot_timer {
+                        init::boot_mark(init::BOOT_MARK_READY);
+                    }
                     tracing::info!(
                         cell = %cfg.cell_id,
                         listen = %cfg.listen,

@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Runs one shell command in the emulated KVM host's control shell (sh on its ttyS1, a Unix
-socket on this side): prints the command's output and exits with its status.
+"""Runs one shell command in the emulated KVM host's control shell (a line reader on its ttyS1,
+a Unix socket on this side): prints the command's output and exits with its status.
 
 Usage: ctl.py SOCKET COMMAND [TIMEOUT_SECS]
-The command runs as `{ COMMAND ; } </dev/null 2>&1`, then the shell prints a marker with a
-nonce and the status, which ends the read (the control shell has no prompt and no echo)."""
+The command travels base64-encoded on one line, runs as a script with stdin /dev/null and its
+output in a file, which is printed when it ends, followed by a marker with a nonce and the
+status (the same protocol as tests/src/kvmhost.rs)."""
+import base64
 import os
 import socket
 import sys
 import time
+
+
+def line_for(command: str, nonce: str) -> bytes:
+    b64 = base64.b64encode(command.encode()).decode()
+    f = f"/tmp/hive-ctl-{nonce}"
+    # The marker is split in the line, so an echo of the line is never taken for the answer.
+    return (
+        f"printf %s {b64} | base64 -d >{f} && sh {f} >{f}.out 2>&1; s=$?; "
+        f"cat {f}.out; rm -f {f} {f}.out; echo \"@@hive-rc-\"{nonce}\"@@ $s\"\n"
+    ).encode()
 
 
 def main() -> int:
@@ -18,21 +30,22 @@ def main() -> int:
     path, command = sys.argv[1], sys.argv[2]
     timeout = float(sys.argv[3]) if len(sys.argv) == 4 else 600.0
     nonce = os.urandom(8).hex()
-    marker = f"@@hive-rc-{nonce}@@"
+    key = f"@@hive-rc-{nonce}@@ ".encode()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
-    # Split in the command text, so an echo of the input is never taken for the answer.
-    s.sendall(f"{{ {command}\n}} </dev/null 2>&1; echo \"@@hive-rc-\"{nonce}\"@@ $?\"\n".encode())
+    s.sendall(line_for(command, nonce))
     buf = b""
     deadline = time.monotonic() + timeout
-    key = marker.encode() + b" "
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             print(f"ctl: no answer within {timeout:.0f}s", file=sys.stderr)
             return 124
         s.settimeout(left)
-        chunk = s.recv(65536)
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            continue
         if not chunk:
             print("ctl: the control shell closed the connection", file=sys.stderr)
             return 125

@@ -34,7 +34,7 @@ usage() {
 Usage:
   $(basename "$0") image
   $(basename "$0") assets --guest-kernel VMLINUX --rootfs-disk IMG --build-disk IMG
-  $(basename "$0") bin --box-binary PATH
+  $(basename "$0") bin --box-binary PATH [--bench-binary PATH]
   $(basename "$0") boot --image DIR --assets IMG --bin IMG --ctl SOCK --console FILE
                         [--memory MIB] [--smp N] [--cgroup v1|v2] [--hostfwd SPEC]...
                         [--start SCRIPT]
@@ -46,8 +46,8 @@ works, so hive-box runs microVM cells on machines without VT-x/AMD-V.
   image    build (or reuse) the L1 kernel, initramfs and root disk; prints HIVE_KVM_HOST_IMAGE=DIR
   assets   build (or reuse) the disk carrying the guest kernel and cell disks (L1: /hive/assets:
            vmlinux, cell-rootfs.ext4, build-image.ext4); prints HIVE_KVM_HOST_ASSETS=FILE
-  bin      build (or reuse) the disk carrying hive-box (L1: /hive/bin/hive-box);
-           prints HIVE_KVM_HOST_BIN=FILE
+  bin      build (or reuse) the disk carrying hive-box (L1: /hive/bin/hive-box) and, with
+           --bench-binary, vmm-bench (/hive/bin/vmm-bench); prints HIVE_KVM_HOST_BIN=FILE
   boot     run L1 in the foreground until it powers off or is killed:
              --ctl SOCK      Unix socket of the control shell (sh on L1's ttyS1)
              --console FILE  L1's serial console (kernel and init messages)
@@ -231,16 +231,19 @@ cmd_assets() {
 }
 
 cmd_bin() {
-  local box=""
+  local box="" bench=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --box-binary) [ $# -ge 2 ] || die "--box-binary needs a path"; box="$2"; shift ;;
+      --bench-binary) [ $# -ge 2 ] || die "--bench-binary needs a path"; bench="$2"; shift ;;
       *) die "bin: unknown argument '$1' (see --help)" ;;
     esac
     shift
   done
   [ -n "$box" ] || die "bin needs --box-binary (see --help)"
-  echo "HIVE_KVM_HOST_BIN=$(make_files_disk bin hive-box="$box")"
+  local -a files=(hive-box="$box")
+  [ -n "$bench" ] && files+=(vmm-bench="$bench")
+  echo "HIVE_KVM_HOST_BIN=$(make_files_disk bin "${files[@]}")"
 }
 
 # ---------------------------------------------------------------------------------------------

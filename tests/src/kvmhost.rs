@@ -110,11 +110,10 @@ pub fn prepare() -> Result<Prerequisites, String> {
         ]),
         "HIVE_KVM_HOST_ASSETS",
     )?;
-    let box_bin = bin_dir().join("hive-box");
     let bin = script_value(
         Command::new(script())
             .args(["bin", "--box-binary"])
-            .arg(&box_bin),
+            .arg(bin_dir().join("hive-box")),
         "HIVE_KVM_HOST_BIN",
     )?;
     let p = Prerequisites {
@@ -126,9 +125,46 @@ pub fn prepare() -> Result<Prerequisites, String> {
     Ok(p)
 }
 
+/// As [`prepare`], with `vmm-bench` built in release (a benchmark of a debug VMM measures the
+/// debug build) on the binaries disk as `/hive/bin/vmm-bench`.
+pub fn prepare_bench() -> Result<Prerequisites, String> {
+    let mut p = prepare()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "hive-box", "--bin", "vmm-bench"])
+        .status()
+        .map_err(|e| format!("cargo build --release vmm-bench: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build --release vmm-bench failed ({status})"));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    p.bin = script_value(
+        Command::new(script())
+            .args(["bin", "--box-binary"])
+            .arg(bin_dir().join("hive-box"))
+            .arg("--bench-binary")
+            .arg(target.join("release/vmm-bench")),
+        "HIVE_KVM_HOST_BIN",
+    )?
+    .into();
+    Ok(p)
+}
+
 /// The prerequisites, or a loud skip (a failure under `CI=true`, where nothing may be skipped).
 pub fn prepare_or_skip(test: &str) -> Option<Prerequisites> {
-    match prepare() {
+    skip_unless(test, prepare())
+}
+
+/// [`prepare_bench`], or a loud skip (a failure under `CI=true`).
+pub fn prepare_bench_or_skip(test: &str) -> Option<Prerequisites> {
+    skip_unless(test, prepare_bench())
+}
+
+fn skip_unless(test: &str, p: Result<Prerequisites, String>) -> Option<Prerequisites> {
+    match p {
         Ok(p) => Some(p),
         Err(why) => {
             if std::env::var("CI").as_deref() == Ok("true") {
@@ -156,7 +192,12 @@ impl Default for KvmHostOptions {
         KvmHostOptions {
             memory_mib: 4096,
             smp: 2,
-            cgroup: "v1",
+            // HIVE_L1_CGROUP=v2 runs a test's box on cgroup v2 instead.
+            cgroup: if std::env::var("HIVE_L1_CGROUP").as_deref() == Ok("v2") {
+                "v2"
+            } else {
+                "v1"
+            },
             forward: vec![8081],
         }
     }
@@ -242,7 +283,8 @@ impl KvmHost {
                     );
                 }
             }
-            if host.try_connect() {
+            // Probing before init is up only queues bytes on a port nobody reads yet.
+            if host.console().contains("hive-l1: up") && host.try_connect() {
                 if let Ok(e) = host.exec_timeout("echo l1-ready", Duration::from_secs(2)) {
                     if e.output.contains("l1-ready") {
                         break;
@@ -292,15 +334,23 @@ impl KvmHost {
             .unwrap_or_else(|| panic!("L1 port {port} is not forwarded"))
     }
 
-    /// Runs `cmd` in L1's shell (stdin /dev/null, stderr into the output), up to `timeout`.
+    /// Runs `cmd` in L1's shell (as a script: stdin /dev/null, stderr into the output), up to
+    /// `timeout`. The output comes when the command ends.
     pub fn exec_timeout(&self, cmd: &str, timeout: Duration) -> Result<Exec, String> {
+        use base64::Engine as _;
         let mut g = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
         let s = g.as_mut().ok_or("control shell not connected")?;
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let marker = format!("@@hive-rc-{nonce}@@ ");
-        // The marker is split in the command text, so a terminal echoing the input (before L1's
-        // control shell set its port to raw mode) is never taken for the answer.
-        let line = format!("{{ {cmd}\n}} </dev/null 2>&1; echo \"@@hive-rc-\"{nonce}\"@@ $?\"\n");
+        // One line, the command base64-encoded: the control shell runs each line on its own, so
+        // nothing in `cmd` can garble the next command. The marker is split in the line, so a
+        // port that still echoes (before L1 set it raw) is never taken for the answer.
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cmd);
+        let f = format!("/tmp/hive-ctl-{nonce}");
+        let line = format!(
+            "printf %s {b64} | base64 -d >{f} && sh {f} >{f}.out 2>&1; s=$?; cat {f}.out; \
+             rm -f {f} {f}.out; echo \"@@hive-rc-\"{nonce}\"@@ $s\"\n"
+        );
         s.write_all(line.as_bytes())
             .map_err(|e| format!("write to the control shell: {e}"))?;
         let deadline = Instant::now() + timeout;
@@ -309,9 +359,7 @@ impl KvmHost {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                // The shell may still print the marker later: drop this connection so that
-                // output cannot be taken for the next command's.
-                *g = None;
+                // A late answer carries this nonce, so it is never taken for another's.
                 return Err(format!(
                     "no answer from L1 within {timeout:?} to {cmd:?}; so far: {}",
                     String::from_utf8_lossy(&buf)
@@ -340,9 +388,15 @@ impl KvmHost {
                         .trim()
                         .parse()
                         .map_err(|_| format!("bad status line from L1: {}", &text[at..at + end]))?;
+                    // Output of earlier commands that timed out may precede this one's; it
+                    // ends with their markers.
+                    let start = text[..at]
+                        .rfind("@@ ")
+                        .and_then(|p| text[p..at].find('\n').map(|n| p + n + 1))
+                        .unwrap_or(0);
                     return Ok(Exec {
                         status,
-                        output: text[..at].to_string(),
+                        output: text[start..at].to_string(),
                     });
                 }
             }
@@ -405,7 +459,15 @@ impl Default for L1BoxOptions {
             pool: "small=1".into(),
             lease_secs: 60,
             ready_timeout_secs: 300,
-            extra: Vec::new(),
+            // TCG is 20-50x slower than hardware: more time for each call into a guest.
+            extra: [
+                "--health-timeout-secs",
+                "10",
+                "--cell-call-timeout-secs",
+                "60",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

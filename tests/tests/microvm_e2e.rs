@@ -18,7 +18,9 @@ use hive_proto::v1::{
 use hive_tests::cluster::{self, GitHost};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
 use hive_tests::github::{push_payload, WebhookClient};
-use hive_tests::kvmhost::{prepare_or_skip, KvmHost, KvmHostOptions, L1BoxOptions};
+use hive_tests::kvmhost::{
+    prepare_bench_or_skip, prepare_or_skip, KvmHost, KvmHostOptions, L1BoxOptions,
+};
 use hive_tests::privnet::{http_step, Connector, Customer};
 
 const SECRET: &str = "microvm-e2e-secret";
@@ -46,6 +48,16 @@ struct Hive {
 }
 
 async fn hive(test: &str, tag: &str, host: u8, box_opts: L1BoxOptions) -> Option<Hive> {
+    hive_on(test, tag, host, box_opts, KvmHostOptions::default()).await
+}
+
+async fn hive_on(
+    test: &str,
+    tag: &str,
+    host: u8,
+    box_opts: L1BoxOptions,
+    l1_opts: KvmHostOptions,
+) -> Option<Hive> {
     let p = tokio::task::spawn_blocking({
         let test = test.to_string();
         move || prepare_or_skip(&test)
@@ -69,8 +81,8 @@ async fn hive(test: &str, tag: &str, host: u8, box_opts: L1BoxOptions) -> Option
     .expect("control plane");
     let grpc = cp.grpc_addr.clone();
     let l1 = tokio::task::spawn_blocking(move || {
-        let l1 = KvmHost::boot(&p, &KvmHostOptions::default());
-        eprintln!("L1 up in {:?}", l1.booted_in);
+        let l1 = KvmHost::boot(&p, &l1_opts);
+        eprintln!("L1 up in {:?} (cgroup {})", l1.booted_in, l1_opts.cgroup);
         l1.start_box(&grpc, &box_opts);
         l1
     })
@@ -274,9 +286,23 @@ async fn microvm_e2e_push_builds_in_a_warm_microvm_cell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_e2e_failing_step_timeout_and_cancel() {
     let test = "microvm_e2e_failing_step_timeout_and_cancel";
-    let Some(h) = hive(test, "mvstop", 21, L1BoxOptions::default()).await else {
+    // On cgroup v2, as Debian 12 hosts mount it (the other tests use v1, as this machine does).
+    let l1 = KvmHostOptions {
+        cgroup: "v2",
+        ..Default::default()
+    };
+    let Some(h) = hive_on(test, "mvstop", 21, L1BoxOptions::default(), l1).await else {
         return;
     };
+    assert!(
+        h.l1.run("test -f /sys/fs/cgroup/cgroup.controllers").status == 0,
+        "L1 is not on cgroup v2"
+    );
+    assert!(
+        h.l1.box_log().contains("cgroup=2") || h.l1.box_log().contains("cgroup=v2"),
+        "the box did not detect cgroup v2:\n{}",
+        tail(&h.l1.box_log(), 20)
+    );
     h.project(
         "fails",
         &["echo before", "exit 7", "echo never-runs"],
@@ -547,4 +573,73 @@ async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
     }
     assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
     h.finish().await;
+}
+
+/// Boot time of the real cell guest, our VMM against QEMU `-M microvm -accel kvm`, in the same
+/// emulated KVM host and the same run (`vmm-bench --linux-kernel`): exec -> init, exec -> cell
+/// daemon ready (from the serial console for both, and from our boot-timer device), and the
+/// VMM's memory overhead. Absolute times under TCG mean nothing; the ratios do. Rounds:
+/// HIVE_BENCH_ROUNDS (default 3). The test fails if either VMM cannot boot the guest or the
+/// boot timer saw no marks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_e2e_boot_time_bench() {
+    let test = "microvm_e2e_boot_time_bench";
+    let Some(p) = tokio::task::spawn_blocking(move || prepare_bench_or_skip(test))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let rounds: u32 = std::env::var("HIVE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let out = tokio::task::spawn_blocking(move || {
+        let l1 = KvmHost::boot(&p, &KvmHostOptions::default());
+        let cmd = format!(
+            "/hive/bin/vmm-bench --linux-kernel /hive/assets/vmlinux \
+             --rootfs-disk /hive/assets/cell-rootfs.ext4 \
+             --build-disk /hive/assets/build-image.ext4 --memory-mib 512 --rounds {rounds}"
+        );
+        l1.exec_timeout(&cmd, Duration::from_secs(60 + 60 * u64::from(rounds)))
+            .unwrap_or_else(|e| panic!("vmm-bench in L1: {e}\nconsole:\n{}", l1.console()))
+    })
+    .await
+    .unwrap();
+    println!("{}", out.output);
+    assert_eq!(out.status, 0, "vmm-bench failed:\n{}", out.output);
+    let row = |name: &str| {
+        out.output
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} row:\n{}", out.output))
+            .to_string()
+    };
+    for name in [
+        "exec -> init exec'd, serial",
+        "exec -> cell daemon ready, serial",
+        "VMM overhead",
+    ] {
+        let line = row(name);
+        assert!(
+            line.split_whitespace()
+                .last()
+                .is_some_and(|r| r.ends_with('x')),
+            "no ratio in {line:?}"
+        );
+    }
+    // Our VMM's own timestamps of the guest's marks (QEMU has no such device).
+    for name in ["exec -> init, boot timer", "exec -> ready, boot timer"] {
+        let line = row(name);
+        let ours = line
+            .split_whitespace()
+            .find_map(|w| w.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(ours > 0.0, "no boot-timer figure in {line:?}");
+    }
+    assert!(
+        !out.output.contains("saw no 'ready' mark"),
+        "the boot timer missed marks:\n{}",
+        out.output
+    );
 }

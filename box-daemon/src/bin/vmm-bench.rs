@@ -1,6 +1,13 @@
 //! `vmm-bench`: our VMM against QEMU microvm, side by side in one run, booting the same test
 //! guest (box-daemon/guest, which carries a PVH note so both load it the same way).
 //!
+//! With `--linux-kernel` it boots the real cell guest instead (our kernel, the cell rootfs with
+//! the cell daemon as init, the build image disk) to "cell daemon ready": Firecracker's boot-time
+//! method, where the guest's init writes to a boot-timer device at a fixed MMIO address and our
+//! VMM timestamps the write from its own exec; for both VMMs the same milestones are also read
+//! off the serial console as it arrives. Where Linux cannot boot on this host's KVM (nested PVM),
+//! run it inside the emulated KVM host (the `microvm_e2e_boot_time_bench` test does).
+//!
 //! For each VMM and each round: process start -> first guest serial byte, process start -> the
 //! guest's `DONE` line, peak RSS of the VMM process, guest memory touched, and the difference
 //! (the VMM's own overhead). Our VMM runs as a child process of this binary (`--run-vmm`, the
@@ -37,6 +44,16 @@ struct Args {
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64", env = "HIVE_BENCH_QEMU")]
     qemu: String,
+    /// Boot this Linux kernel (vmlinux with a PVH note) instead of the test guest, with
+    /// --rootfs-disk and --build-disk, to "cell daemon ready".
+    #[arg(long, requires_all = ["rootfs_disk", "build_disk"])]
+    linux_kernel: Option<PathBuf>,
+    /// Cell rootfs disk (the cell daemon as init), /dev/vda, read-only.
+    #[arg(long)]
+    rootfs_disk: Option<PathBuf>,
+    /// Build image disk, /dev/vdb, read-only.
+    #[arg(long)]
+    build_disk: Option<PathBuf>,
     /// Internal: run one VM from this config in this process (the child side of the benchmark).
     #[arg(long, hide = true)]
     run_vmm: Option<PathBuf>,
@@ -57,11 +74,26 @@ impl Sample {
 }
 
 fn main() {
+    // The boot timer counts from here (in the child that runs the VM).
+    hive_box::vmm::process_start();
     let args = Args::parse();
     if let Some(cfg) = &args.run_vmm {
+        // Boot-timer marks go to stderr, where the parent reads them.
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "hive_box::vmm::boottimer=info",
+            ))
+            .init();
         std::process::exit(run_child(cfg));
     }
-    match bench(&args) {
+    let result = if args.linux_kernel.is_some() {
+        linux::bench(&args)
+    } else {
+        bench(&args)
+    };
+    match result {
         Ok(()) => {}
         Err(e) => {
             eprintln!("vmm-bench: {e}");
@@ -201,8 +233,9 @@ fn run_ours(cfg: &Path) -> Result<Sample, String> {
     Ok(s)
 }
 
-/// Resident KiB of QEMU's guest RAM mapping (the anonymous mapping of exactly `mib` MiB).
-fn qemu_guest_rss_kib(pid: u32, mib: u32) -> Option<u64> {
+/// Resident KiB of a VMM's guest RAM mapping (the anonymous mapping of exactly `mib` MiB; QEMU
+/// and ours both map guest RAM below 3.25 GiB as one).
+fn guest_rss_kib(pid: u32, mib: u32) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let want = format!("Size:           {} kB", u64::from(mib) * 1024);
     let mut in_guest = false;
@@ -272,7 +305,7 @@ fn run_qemu(args: &Args, guest: &Path, disk: &Path, accel: &str) -> Result<Sampl
     let child = cmd
         .spawn()
         .map_err(|e| format!("spawn {}: {e}", args.qemu))?;
-    let (s, console) = watch(child, t0, |pid| qemu_guest_rss_kib(pid, mib), true)?;
+    let (s, console) = watch(child, t0, |pid| guest_rss_kib(pid, mib), true)?;
     check_console(&format!("qemu-{accel}"), &console)?;
     Ok(s)
 }
@@ -408,4 +441,295 @@ fn bench(args: &Args) -> Result<(), String> {
         "  ",
     );
     Ok(())
+}
+
+/// The Linux guest boot benchmark (`--linux-kernel`).
+mod linux {
+    use super::*;
+
+    /// Serial lines that mark the milestones, in order.
+    const INIT_LINE: &str = "Run /sbin/hive-cell as init process";
+    const READY_LINE: &str = "cell daemon ready";
+
+    /// One boot, as far as "cell daemon ready".
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Boot {
+        first_byte: Duration,
+        init: Duration,
+        ready: Duration,
+        /// From the boot timer (our VMM only): init started, ready.
+        timer_init: Option<Duration>,
+        timer_ready: Option<Duration>,
+        peak_rss_kib: u64,
+        guest_touched_kib: u64,
+    }
+
+    fn cmdline() -> String {
+        // As the microvm backend boots a cell, but the agent on TCP (no vsock or NIC needed)
+        // and no network: what is measured is the VMM, the kernel and the daemon's start.
+        "console=ttyS0 reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 rootwait \
+         init=/sbin/hive-cell hive.cell_id=bootbench hive.listen=tcp:0.0.0.0:1024 \
+         hive.build_disk=/dev/vdb hive.boot_timer=1 \
+         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Reads the console until READY_LINE, timestamping the milestones; samples the guest's
+    /// resident memory at READY_LINE, then kills the VMM and takes its peak RSS.
+    fn watch(mut child: std::process::Child, t0: Instant, mib: u32) -> Result<Boot, String> {
+        let mut out = child.stdout.take().ok_or("no stdout pipe")?;
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut b = Boot::default();
+        let (mut first, mut init, mut ready) = (None, None, None);
+        let deadline = t0 + Duration::from_secs(180);
+        while ready.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!(
+                    "no \"{READY_LINE}\" within 180 s; console:\n{}",
+                    String::from_utf8_lossy(&text)
+                ));
+            }
+            let n = out
+                .read(&mut buf)
+                .map_err(|e| format!("read console: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(|| t0.elapsed());
+            text.extend_from_slice(&buf[..n]);
+            let console = String::from_utf8_lossy(&text);
+            if init.is_none() && console.contains(INIT_LINE) {
+                init = Some(t0.elapsed());
+            }
+            if console.contains(READY_LINE) {
+                ready = Some(t0.elapsed());
+                b.guest_touched_kib = guest_rss_kib(child.id(), mib).unwrap_or(0);
+            }
+        }
+        let _ = child.kill();
+        let pid = child.id() as i32;
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our un-reaped child; status and usage point to valid locals.
+        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if rc != pid {
+            return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+        }
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let (Some(first), Some(init), Some(ready)) = (first, init, ready) else {
+            return Err(format!(
+                "the guest did not reach \"{READY_LINE}\" (exit {:?}); console:\n{}\nstderr:\n{err}",
+                std::process::ExitStatus::from_raw(status),
+                String::from_utf8_lossy(&text)
+            ));
+        };
+        b.first_byte = first;
+        b.init = init;
+        b.ready = ready;
+        b.timer_init = timer_mark(&err, 1);
+        b.timer_ready = timer_mark(&err, 2);
+        b.peak_rss_kib = usage.ru_maxrss as u64;
+        Ok(b)
+    }
+
+    /// The boot timer's time for mark `value`, from our VMM's log line
+    /// `... value=N since_start_us=M ...`.
+    fn timer_mark(log: &str, value: u8) -> Option<Duration> {
+        log.lines()
+            .filter(|l| l.contains("boot timer"))
+            .find(|l| l.split_whitespace().any(|w| w == format!("value={value}")))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("since_start_us="))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .map(Duration::from_micros)
+    }
+
+    fn run_ours(cfg: &Path, mib: u32) -> Result<Boot, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+        let t0 = Instant::now();
+        let child = Command::new(exe)
+            .arg("--run-vmm")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn our VMM: {e}"))?;
+        watch(child, t0, mib)
+    }
+
+    fn run_qemu(
+        args: &Args,
+        kernel: &Path,
+        rootfs: &Path,
+        build: &Path,
+        mib: u32,
+    ) -> Result<Boot, String> {
+        let mut cmd = Command::new(&args.qemu);
+        cmd.args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"])
+            .args(["-m", &mib.to_string(), "-smp", "1"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-display",
+                "none",
+            ])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .arg("-kernel")
+            .arg(kernel)
+            .args(["-append", &cmdline()]);
+        for (id, disk) in [("rootfs", rootfs), ("build", build)] {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "id={id},file={},format=raw,if=none,readonly=on",
+                    disk.display()
+                ))
+                .args(["-device", &format!("virtio-blk-device,drive={id}")]);
+        }
+        cmd.args(["-device", "virtio-rng-device"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let t0 = Instant::now();
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", args.qemu))?;
+        watch(child, t0, mib)
+    }
+
+    fn median_of(v: &[Boot], key: impl Fn(&Boot) -> Option<Duration>) -> Option<Duration> {
+        let mut xs: Vec<Duration> = v.iter().filter_map(key).collect();
+        xs.sort();
+        xs.get(xs.len() / 2).copied()
+    }
+
+    fn median_kib(v: &[Boot], key: impl Fn(&Boot) -> u64) -> u64 {
+        let mut xs: Vec<u64> = v.iter().map(key).collect();
+        xs.sort_unstable();
+        xs.get(xs.len() / 2).copied().unwrap_or(0)
+    }
+
+    pub fn bench(args: &Args) -> Result<(), String> {
+        let (Some(kernel), Some(rootfs), Some(build)) =
+            (&args.linux_kernel, &args.rootfs_disk, &args.build_disk)
+        else {
+            return Err("--linux-kernel needs --rootfs-disk and --build-disk".into());
+        };
+        for p in [kernel, rootfs, build] {
+            if !p.is_file() {
+                return Err(format!("{}: no such file", p.display()));
+            }
+        }
+        // A Linux guest needs more than the test guest's default.
+        let mib = args.memory_mib.max(256);
+        let dir = ScratchDir::new()?;
+        let cfg_path = dir.path().join("vm.json");
+        let cfg = serde_json::json!({
+            "kernel": kernel,
+            "cmdline": cmdline(),
+            "memory_mib": mib,
+            "block": [
+                {"path": rootfs, "read_only": true},
+                {"path": build, "read_only": true},
+            ],
+            "rng": true,
+            "boot_timer": true,
+        });
+        std::fs::write(&cfg_path, cfg.to_string()).map_err(|e| format!("write config: {e}"))?;
+        // Warm both (page cache, binaries), then alternate so drift hits both alike.
+        eprintln!("vmm-bench: warm-up boot of each VMM");
+        run_ours(&cfg_path, mib)?;
+        run_qemu(args, kernel, rootfs, build, mib)?;
+        let mut ours = Vec::new();
+        let mut qemu = Vec::new();
+        for round in 1..=args.rounds.max(1) {
+            let o = run_ours(&cfg_path, mib)?;
+            let q = run_qemu(args, kernel, rootfs, build, mib)?;
+            eprintln!(
+                "vmm-bench: round {round}: ready after {:.0} ms (hive-vmm), {:.0} ms (qemu)",
+                o.ready.as_secs_f64() * 1000.0,
+                q.ready.as_secs_f64() * 1000.0
+            );
+            ours.push(o);
+            qemu.push(q);
+        }
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        println!(
+            "vmm-bench linux: {} + cell rootfs (cell daemon as init), {mib} MiB, 1 vCPU, median of {} rounds; QEMU microvm -accel kvm",
+            kernel.display(),
+            args.rounds.max(1)
+        );
+        println!(
+            "{:<44} {:>12} {:>12} {:>8}",
+            "", "hive-vmm", "qemu-kvm", "ratio"
+        );
+        let row = |name: &str, a: Option<f64>, b: Option<f64>| {
+            let cell = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.3}x", a / b),
+                _ => "-".into(),
+            };
+            println!("{name:<44} {:>12} {:>12} {ratio:>8}", cell(a), cell(b));
+        };
+        row(
+            "exec -> first serial byte (ms)",
+            ms(median_of(&ours, |b| Some(b.first_byte))),
+            ms(median_of(&qemu, |b| Some(b.first_byte))),
+        );
+        row(
+            "exec -> init exec'd, serial (ms)",
+            ms(median_of(&ours, |b| Some(b.init))),
+            ms(median_of(&qemu, |b| Some(b.init))),
+        );
+        row(
+            "exec -> cell daemon ready, serial (ms)",
+            ms(median_of(&ours, |b| Some(b.ready))),
+            ms(median_of(&qemu, |b| Some(b.ready))),
+        );
+        row(
+            "exec -> init, boot timer (ms)",
+            ms(median_of(&ours, |b| b.timer_init)),
+            None,
+        );
+        row(
+            "exec -> ready, boot timer (ms)",
+            ms(median_of(&ours, |b| b.timer_ready)),
+            None,
+        );
+        let kib = |v: &[Boot], f: fn(&Boot) -> u64| Some(median_kib(v, f) as f64);
+        row(
+            "peak RSS (KiB)",
+            kib(&ours, |b| b.peak_rss_kib),
+            kib(&qemu, |b| b.peak_rss_kib),
+        );
+        row(
+            "guest memory touched at ready (KiB)",
+            kib(&ours, |b| b.guest_touched_kib),
+            kib(&qemu, |b| b.guest_touched_kib),
+        );
+        row(
+            "VMM overhead = RSS - guest (KiB)",
+            kib(&ours, |b| {
+                b.peak_rss_kib.saturating_sub(b.guest_touched_kib)
+            }),
+            kib(&qemu, |b| {
+                b.peak_rss_kib.saturating_sub(b.guest_touched_kib)
+            }),
+        );
+        if ours.iter().any(|b| b.timer_ready.is_none()) {
+            println!("note: the boot timer saw no 'ready' mark in some rounds (a guest kernel without CONFIG_DEVMEM?)");
+        }
+        Ok(())
+    }
 }

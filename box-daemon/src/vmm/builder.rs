@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::boot;
+use super::boottimer::BootTimer;
 use super::bus::{Bus, SharedTransport};
 use super::config::{parse_mac, VmConfig};
 use super::cpuid;
@@ -259,12 +260,16 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Re
         cfg.serial.burst_bytes,
     );
     let wake = eventfd("device thread wake-up")?;
-    let bus = Arc::new(Bus::new(
+    let mut bus = Bus::new(
         console,
         transports.clone(),
         wake.try_clone()
             .map_err(|e| Error::EventFd("wake clone", e))?,
-    ));
+    );
+    if cfg.boot_timer {
+        bus = bus.with_boot_timer(BootTimer::new(super::process_start()));
+    }
+    let bus = Arc::new(bus);
 
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::boottimer::BootTimer;
 use super::i8042::{self, I8042};
 use super::kvm::{IoAction, IoHandler};
 use super::memory::{MMIO_BASE, MMIO_SIZE};
@@ -30,6 +31,7 @@ pub struct Bus {
     i8042: I8042,
     devices: Vec<SharedTransport>,
     wake: EventFd,
+    boot_timer: Option<BootTimer>,
 }
 
 impl Bus {
@@ -40,7 +42,14 @@ impl Bus {
             i8042: I8042,
             devices,
             wake,
+            boot_timer: None,
         }
+    }
+
+    /// Adds the boot timer at [`super::boottimer::BOOT_TIMER_ADDR`].
+    pub fn with_boot_timer(mut self, timer: BootTimer) -> Self {
+        self.boot_timer = Some(timer);
+        self
     }
 
     fn device_at(&self, addr: u64) -> Option<(&SharedTransport, u64)> {
@@ -82,6 +91,10 @@ impl IoHandler for Bus {
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if self.boot_timer.is_some() && BootTimer::contains(addr) {
+            data.fill(0);
+            return;
+        }
         match self.device_at(addr) {
             Some((dev, offset)) => lock(dev).read(offset, data),
             None => data.fill(0xff),
@@ -89,6 +102,12 @@ impl IoHandler for Bus {
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> IoAction {
+        if let Some(timer) = &self.boot_timer {
+            if BootTimer::contains(addr) {
+                timer.write(data);
+                return IoAction::Continue;
+            }
+        }
         if let Some((dev, offset)) = self.device_at(addr) {
             let mut d = lock(dev);
             d.write(offset, data);

@@ -33,6 +33,7 @@ pub const EXIT_SETUP: i32 = 2;
 /// Runs the subcommand; returns the process exit code. Must be called before any other thread
 /// exists (it blocks SIGTERM/SIGINT so a dedicated thread can wait for them).
 pub fn run(args: &VmmArgs) -> i32 {
+    super::process_start();
     let cfg = match VmConfig::from_file(&args.config) {
         Ok(c) => c,
         Err(e) => {

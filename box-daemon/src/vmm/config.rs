@@ -150,6 +150,10 @@ pub struct VmConfig {
     /// The KVM device node (inside a jail it may be bound somewhere else).
     #[serde(default = "default_kvm_device")]
     pub kvm_device: PathBuf,
+    /// Add the boot timer ([`super::boottimer`]): the guest's writes to its page are logged with
+    /// the time since the VMM started.
+    #[serde(default)]
+    pub boot_timer: bool,
 }
 
 fn default_kvm_device() -> PathBuf {

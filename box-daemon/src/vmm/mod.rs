@@ -11,6 +11,7 @@
 //! the freestanding test guest in `box-daemon/guest/` (see `tests/vmm_guest.rs`).
 
 pub mod boot;
+pub mod boottimer;
 pub mod builder;
 pub mod bus;
 pub mod cli;
@@ -27,3 +28,10 @@ pub mod virtio;
 
 pub use builder::{run, Report, RunOptions, VmExit};
 pub use config::VmConfig;
+
+/// When this VMM process started (the first call fixes it): the boot timer counts from here, so
+/// call it first thing in `main` of a process that runs a VM.
+pub fn process_start() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}

@@ -81,6 +81,12 @@ for a in "$http_addr" "$grpc_addr"; do
   [[ "$a" =~ ^[0-9.]+:[0-9]+$ ]] || die "listener '$a': expected IPv4:PORT"
 done
 [ "$(id -u)" = 0 ] || die "must run as root (the box makes namespaces, cgroups, nftables rules)"
+if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+# What a fresh Debian 12 lacks (apt packages; a second when all is there).
+"$here/install-deps.sh" || die "deploy/install-deps.sh failed (see above)"
 for tool in git openssl curl ip jq; do
   command -v "$tool" >/dev/null || die "'$tool' not found"
 done

@@ -3,6 +3,9 @@
 # every test, the lints, and the guest image boot check under QEMU.
 #
 # Order, chosen so the slow artefacts overlap with compilation:
+#   0. what the machine lacks is installed (deploy/install-deps.sh: apt packages, cargo-nextest;
+#      a second when all is there) and the tests' PostgreSQL is started
+#      (deploy/postgres/setup-test-db.sh) unless HIVE_TEST_POSTGRES_URL names one
 #   1. guest kernel build starts in the background (cached by config hash; minutes when cold)
 #   2. cargo build --workspace --all-targets
 #   3. images: deploy/images/build-images.sh --disk (cached by content hash)
@@ -21,19 +24,23 @@ logdir="${HIVE_TEST_LOGDIR:-$repo/target/hive-test-logs}"
 run_kernel=1
 run_lint=1
 run_microvm=1
+run_install=1
 test_args=()
 
 usage() {
   cat <<USAGE
-Usage: $(basename "$0") [--no-kernel] [--no-lint] [--no-microvm] [-- TEST-FILTER-ARGS...]
+Usage: $(basename "$0") [--no-install] [--no-kernel] [--no-lint] [--no-microvm] [-- TEST-FILTER-ARGS...]
 
-Build everything and run every Hive test:
+Install what this machine lacks (deploy/install-deps.sh; a PostgreSQL for the store tests via
+deploy/postgres/setup-test-db.sh), then build everything and run every Hive test:
   cargo build, images (deploy/images/build-images.sh --disk), cargo nextest run --workspace
   (cargo test --workspace when cargo-nextest is absent), clippy -D warnings, fmt --check, the
   guest boot check under QEMU microvm (deploy/guest/boot-check.sh), then the microVM end-to-end
   suite (microvm_e2e_*) in an emulated KVM host (deploy/kvm-host/kvm-host.sh).
 
 Options:
+  --no-install  do not install packages or start PostgreSQL (the PostgreSQL tests then need
+                HIVE_TEST_POSTGRES_URL, else they say SKIPPED)
   --no-kernel   skip the guest kernel build, the QEMU boot check and the microVM suite
   --no-lint     skip clippy and rustfmt
   --no-microvm  skip the microVM end-to-end suite (minutes: every test boots an emulated host)
@@ -62,6 +69,7 @@ while [ $# -gt 0 ]; do
     --no-kernel) run_kernel=0 ;;
     --no-lint) run_lint=0 ;;
     --no-microvm) run_microvm=0 ;;
+    --no-install) run_install=0 ;;
     --) shift; test_args=("$@"); break ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
@@ -70,7 +78,18 @@ done
 
 ci="${CI:-false}"
 [ "$(id -u)" = 0 ] || die "run as root: the images (debootstrap) and the sandbox tests need it"
-command -v cargo >/dev/null || die "cargo not found in PATH"
+if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || die "cargo not found in PATH (install Rust with rustup)"
+if [ "$run_install" = 1 ]; then
+  "$here/install-deps.sh" || die "deploy/install-deps.sh failed (see above)"
+  if [ -z "${HIVE_TEST_POSTGRES_URL:-}" ]; then
+    eval "$("$here/postgres/setup-test-db.sh")" || die "deploy/postgres/setup-test-db.sh failed (see above)"
+  fi
+fi
+if [ -n "${HIVE_TEST_POSTGRES_URL:-}" ]; then export HIVE_TEST_POSTGRES_URL; fi
 mkdir -p "$logdir"
 rm -f "$logdir/test.log" "$logdir/microvm-e2e.log" "$logdir/test-counts.txt"
 cd "$repo"

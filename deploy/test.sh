@@ -224,14 +224,15 @@ if [ -f "$logdir/test.log" ]; then
   for log in "$logdir/test.log" "$logdir/microvm-e2e.log"; do
     [ -f "$log" ] || continue
     if grep -q "Summary \[" "$log"; then
-      line=$(grep "Summary \[" "$log" | tail -n 1 || true)
-      passed=$(( passed + $(count_of passed <<<"$line" || echo 0) ))
-      nfailed=$(( nfailed + $(count_of failed <<<"$line" || echo 0) ))
+      lines=$(grep "Summary \[" "$log" | tail -n 1 || true)
     else
-      results_lines=$(grep "^test result:" "$log" || true)
-      passed=$(( passed + $(count_of passed <<<"$results_lines" || echo 0) ))
-      nfailed=$(( nfailed + $(count_of failed <<<"$results_lines" || echo 0) ))
+      lines=$(grep "^test result:" "$log" || true)
     fi
+    # count_of prints a number even when grep finds none (and then fails): keep its output.
+    p=$(count_of passed <<<"$lines" || true)
+    f=$(count_of failed <<<"$lines" || true)
+    passed=$(( passed + ${p:-0} ))
+    nfailed=$(( nfailed + ${f:-0} ))
   done
   # Skipped: only the workspace run's (the microVM run filters the others out, not skips them).
   if grep -q "Summary \[" "$logdir/test.log"; then

@@ -1,9 +1,10 @@
-//! Boxes: the registry of box daemons (what each reported: pools, running builds, cells; its
-//! open session) and the `BoxAgent.Session` stream itself. A session starts with `Register`,
+//! The `BoxAgent.Session` stream, one per box daemon (what the control plane knows of each box
+//! lives in `registry::boxes`, which this session keeps current). A session starts with `Register`,
 //! is answered with `Registered` (size classes, heartbeat interval, the highest stored seq), then
 //! carries heartbeats, build updates and log chunks up and assignments, cancels, acks and drain
-//! down. Updates and logs are persisted before they are acked; the scheduler (`scheduler`) reads
-//! this registry to place builds and writes assignments into the session's channel.
+//! down. Updates and logs are persisted before they are acked; the scheduler (`domain::place`) reads
+//! the registry to place builds and writes assignments into the session's channel. Key exchange
+//! requests are answered from their own task (`domain::keyexchange`).
 
 use std::collections::BTreeSet;
 use std::pin::Pin;

@@ -1,7 +1,7 @@
 //! The `Connector.Session` stream: one per running `hive-connector`. The first message is a
 //! `ConnectorHello` with the token `AddConnector` returned (checked against its SHA-256), the
 //! network and the connector's public key; it is answered with the full wanted peer set
-//! (`SyncPeers`), then carries `AddPeer`/`RemovePeer` down (from `keyexchange`) and
+//! (`SyncPeers`), then carries `AddPeer`/`RemovePeer` down (from `domain::keyexchange`, through `registry::connectors`) and
 //! `PeerApplied`/`ConnectorStatus` up.
 
 use std::pin::Pin;

@@ -11,7 +11,7 @@ use super::logs::{store_log_tx, LogStored};
 use super::{checked, q, to_i64, Result, Store, StoreError};
 
 /// A box as stored. `state` is the operator's intent (active, cordoned, draining, left);
-/// whether it is connected lives in memory (see `boxes`).
+/// whether it is connected lives in memory (see `registry::boxes`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BoxRow {
     pub id: String,

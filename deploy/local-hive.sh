@@ -135,7 +135,7 @@ trap 'exit 143' TERM
 if [ "$do_build" = 1 ]; then
   log "building hive-control-plane, hivectl, hive-box ($profile)"
   rel=(); [ "$profile" = release ] && rel=(--release)
-  (cd "$repo" && cargo build --quiet "${rel[@]}" -p hive-control-plane -p hive-box --bins) \
+  (cd "$repo" && cargo build --quiet "${rel[@]}" -p hive-control-plane -p hivectl -p hive-box --bins) \
     || die "cargo build failed"
 fi
 for b in hive-control-plane hivectl hive-box; do

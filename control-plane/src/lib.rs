@@ -1,21 +1,25 @@
 //! Hive control plane: turns webhooks into builds, stores them, places them on boxes.
 //!
-//! `server` composes the parts: the `store` (SQLite or PostgreSQL), the HTTP side (`http`,
-//! `webhook`, `metrics`), the gRPC side (`api` for operators, `boxes` for box daemons), the
-//! `scheduler` task, `sizeclass` configuration and `events` (change announcements); private
-//! networks (`network`, `keyexchange`, `connector`: issue 5).
+//! Layers, each depending only on those below it:
+//! - leaves: `store` (SQLite or PostgreSQL), `events` (change announcements), `metrics`,
+//!   `sizeclass`, `placement` (the placement policy), `registry` (boxes and connectors in memory);
+//! - `state`: the [`state::Hive`] every service shares;
+//! - `domain`: the operations every front end calls (submit, cancel, end, drain, place, key
+//!   exchange, network input checks);
+//! - services: `grpc` (`api`, `boxes`, `connector`), `http` (`router`, `webhook`, `metrics`) and
+//!   the `scheduler` task;
+//! - `server`: the only module that wires the services together (`start(Config) -> Handle`).
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod boxes;
-pub mod connector;
+pub mod domain;
 pub mod events;
+pub mod grpc;
 pub mod http;
-pub mod keyexchange;
 pub mod metrics;
-pub mod network;
+pub mod placement;
+pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod sizeclass;
+pub mod state;
 pub mod store;
-pub mod webhook;

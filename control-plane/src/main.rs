@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use hive_control_plane::scheduler::Policy;
+use hive_control_plane::placement::Policy;
 use hive_control_plane::server::{self, Config};
 use hive_control_plane::sizeclass::SizeClasses;
 use tracing_subscriber::EnvFilter;
@@ -17,8 +17,9 @@ use tracing_subscriber::EnvFilter;
 /// default, nothing to set up; or PostgreSQL), places them on box daemons that connect over gRPC,
 /// and serves the operator API that `hivectl` uses.
 ///
-/// HTTP: POST /webhooks/github, GET /healthz, GET /metrics (Prometheus text).
-/// gRPC: hive.v1.ControlPlane (operators) and hive.v1.BoxAgent (box daemons).
+/// HTTP: POST /webhooks/github, GET /healthz, GET /metrics (Prometheus/OpenMetrics text).
+/// gRPC: hive.v1.ControlPlane (operators), hive.v1.BoxAgent (box daemons), hive.v1.Connector
+/// (connectors), plus grpc.health.v1.Health and server reflection.
 ///
 /// Logs go to stderr; set the level with RUST_LOG or HIVE_LOG (e.g. `info`, `hive_control_plane=debug`).
 /// SIGTERM or SIGINT shuts down gracefully: stop accepting, end streams, finish in-flight

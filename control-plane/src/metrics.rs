@@ -1,98 +1,199 @@
-//! Counters the store does not already hold, and the Prometheus text rendering of `/metrics`
-//! (builds by state from the store, webhooks by outcome, boxes connected, queue depth).
+//! The control plane's Prometheus metrics, on `prometheus-client`: counters and histograms
+//! updated where things happen (webhooks by outcome, placements, lease expiries, how long builds
+//! wait in the queue, how long a box session's group commit takes), and gauges set at scrape
+//! time from the store and the registry (builds by state, queue depth, boxes). `http::metrics`
+//! serves the OpenMetrics text.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// In-process counters (reset on restart, as Prometheus counters may be).
-#[derive(Debug, Default)]
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The build states `hive_builds` always lists (0 when none).
+const STATES: [&str; 7] = [
+    "queued",
+    "placed",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timed_out",
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+/// In-process metrics (counters reset on restart, as Prometheus counters may).
+#[derive(Debug)]
 pub struct Metrics {
-    webhooks: Mutex<BTreeMap<&'static str, u64>>,
-    placements: AtomicU64,
-    lease_expiries: AtomicU64,
+    registry: Registry,
+    /// Gauges are set and encoded under this lock, so two scrapes do not interleave.
+    scrape: Mutex<()>,
+    builds: Family<StateLabel, Gauge>,
+    queue_depth: Gauge,
+    webhooks: Family<OutcomeLabel, Counter>,
+    boxes_connected: Gauge,
+    boxes_known: Gauge,
+    placements: Counter,
+    lease_expiries: Counter,
+    queue_wait: Histogram,
+    box_commit: Histogram,
 }
 
 /// The numbers that come from elsewhere at scrape time.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub builds_by_state: BTreeMap<String, i64>,
+    pub builds_by_state: std::collections::BTreeMap<String, i64>,
     pub boxes_connected: usize,
     pub boxes_known: usize,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let builds = Family::<StateLabel, Gauge>::default();
+        let queue_depth = Gauge::default();
+        let webhooks = Family::<OutcomeLabel, Counter>::default();
+        let boxes_connected = Gauge::default();
+        let boxes_known = Gauge::default();
+        let placements = Counter::default();
+        let lease_expiries = Counter::default();
+        // 10 ms to ~44 min, and 100 us to ~26 s.
+        let queue_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
+        let box_commit = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        registry.register("hive_builds", "Builds by state", builds.clone());
+        registry.register(
+            "hive_queue_depth",
+            "Builds waiting for a box",
+            queue_depth.clone(),
+        );
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "hive_webhooks",
+            "Webhook requests by outcome",
+            webhooks.clone(),
+        );
+        registry.register(
+            "hive_boxes_connected",
+            "Boxes with an open session",
+            boxes_connected.clone(),
+        );
+        registry.register(
+            "hive_boxes_known",
+            "Boxes ever registered",
+            boxes_known.clone(),
+        );
+        registry.register(
+            "hive_placements",
+            "Builds placed on a box",
+            placements.clone(),
+        );
+        registry.register(
+            "hive_lease_expiries",
+            "Leases that ran out",
+            lease_expiries.clone(),
+        );
+        registry.register(
+            "hive_build_queue_wait_seconds",
+            "Time from queued to placed, per placement",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "hive_box_commit_seconds",
+            "Time to store one group of box session messages (one transaction)",
+            box_commit.clone(),
+        );
+        Metrics {
+            registry,
+            scrape: Mutex::new(()),
+            builds,
+            queue_depth,
+            webhooks,
+            boxes_connected,
+            boxes_known,
+            placements,
+            lease_expiries,
+            queue_wait,
+            box_commit,
+        }
+    }
 }
 
 impl Metrics {
     /// Counts one webhook request by its outcome (`build`, `duplicate`, `bad_signature` ...).
     pub fn webhook(&self, outcome: &'static str) {
-        let mut map = self.webhooks.lock().unwrap_or_else(|e| e.into_inner());
-        *map.entry(outcome).or_insert(0) += 1;
+        self.webhooks
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
-    pub fn placed(&self, n: u64) {
-        self.placements.fetch_add(n, Ordering::Relaxed);
+    pub fn placed(&self, n: usize) {
+        self.placements.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub fn lease_expired(&self) {
-        self.lease_expiries.fetch_add(1, Ordering::Relaxed);
+        self.lease_expiries.inc();
     }
 
-    /// The Prometheus text exposition.
+    /// A build waited `ms` milliseconds in the queue before it was placed.
+    pub fn waited_in_queue(&self, ms: i64) {
+        self.queue_wait.observe(seconds(ms.max(0)));
+    }
+
+    /// One group commit of a box session took `us` microseconds.
+    pub fn box_commit(&self, us: u64) {
+        self.box_commit.observe(seconds_us(us));
+    }
+
+    /// The OpenMetrics text exposition, with the gauges set from `snap`.
     pub fn render(&self, snap: &Snapshot) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "# HELP hive_builds Builds by state.");
-        let _ = writeln!(out, "# TYPE hive_builds gauge");
-        for state in [
-            "queued",
-            "placed",
-            "running",
-            "succeeded",
-            "failed",
-            "cancelled",
-            "timed_out",
-        ] {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        for state in STATES {
             let n = snap.builds_by_state.get(state).copied().unwrap_or(0);
-            let _ = writeln!(out, "hive_builds{{state=\"{state}\"}} {n}");
+            self.builds
+                .get_or_create(&StateLabel {
+                    state: state.to_string(),
+                })
+                .set(n);
         }
-        let queued = snap.builds_by_state.get("queued").copied().unwrap_or(0);
-        let _ = writeln!(out, "# HELP hive_queue_depth Builds waiting for a box.");
-        let _ = writeln!(out, "# TYPE hive_queue_depth gauge");
-        let _ = writeln!(out, "hive_queue_depth {queued}");
-        let _ = writeln!(
-            out,
-            "# HELP hive_webhooks_total Webhook requests by outcome."
-        );
-        let _ = writeln!(out, "# TYPE hive_webhooks_total counter");
-        let map = self.webhooks.lock().unwrap_or_else(|e| e.into_inner());
-        for (outcome, n) in map.iter() {
-            let _ = writeln!(out, "hive_webhooks_total{{outcome=\"{outcome}\"}} {n}");
+        self.queue_depth
+            .set(snap.builds_by_state.get("queued").copied().unwrap_or(0));
+        self.boxes_connected
+            .set(i64::try_from(snap.boxes_connected).unwrap_or(i64::MAX));
+        self.boxes_known
+            .set(i64::try_from(snap.boxes_known).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            // Writing into a String does not fail; say so rather than serve half a page.
+            return format!("# metrics encoding failed: {e}\n");
         }
-        drop(map);
-        let _ = writeln!(
-            out,
-            "# HELP hive_boxes_connected Boxes with an open session."
-        );
-        let _ = writeln!(out, "# TYPE hive_boxes_connected gauge");
-        let _ = writeln!(out, "hive_boxes_connected {}", snap.boxes_connected);
-        let _ = writeln!(out, "# HELP hive_boxes_known Boxes ever registered.");
-        let _ = writeln!(out, "# TYPE hive_boxes_known gauge");
-        let _ = writeln!(out, "hive_boxes_known {}", snap.boxes_known);
-        let _ = writeln!(out, "# HELP hive_placements_total Builds placed on a box.");
-        let _ = writeln!(out, "# TYPE hive_placements_total counter");
-        let _ = writeln!(
-            out,
-            "hive_placements_total {}",
-            self.placements.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# HELP hive_lease_expiries_total Leases that ran out.");
-        let _ = writeln!(out, "# TYPE hive_lease_expiries_total counter");
-        let _ = writeln!(
-            out,
-            "hive_lease_expiries_total {}",
-            self.lease_expiries.load(Ordering::Relaxed)
-        );
         out
     }
+}
+
+/// Milliseconds as seconds for a histogram (precision past 2^53 ms is not needed).
+#[allow(clippy::cast_precision_loss)]
+fn seconds(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn seconds_us(us: u64) -> f64 {
+    us as f64 / 1_000_000.0
 }
 
 #[cfg(test)]
@@ -105,15 +206,23 @@ mod tests {
         m.webhook("build");
         m.webhook("build");
         m.webhook("bad_signature");
+        m.placed(2);
+        m.waited_in_queue(1500);
         let mut snap = Snapshot::default();
         snap.builds_by_state.insert("queued".into(), 3);
         snap.boxes_connected = 2;
         let text = m.render(&snap);
-        assert!(text.contains("hive_builds{state=\"queued\"} 3\n"));
+        assert!(text.contains("hive_builds{state=\"queued\"} 3\n"), "{text}");
         assert!(text.contains("hive_builds{state=\"running\"} 0\n"));
         assert!(text.contains("hive_queue_depth 3\n"));
         assert!(text.contains("hive_webhooks_total{outcome=\"build\"} 2\n"));
         assert!(text.contains("hive_webhooks_total{outcome=\"bad_signature\"} 1\n"));
         assert!(text.contains("hive_boxes_connected 2\n"));
+        assert!(text.contains("hive_placements_total 2\n"));
+        assert!(text.contains("hive_lease_expiries_total 0\n"));
+        assert!(text.contains("# TYPE hive_build_queue_wait_seconds histogram\n"));
+        assert!(text.contains("hive_build_queue_wait_seconds_count 1\n"));
+        assert!(text.contains("hive_build_queue_wait_seconds_bucket{le=\"2.56\"} 1\n"));
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -1,6 +1,8 @@
-//! Composes the control plane: opens the store, binds the HTTP and gRPC listeners, starts the
-//! scheduler, and shuts all of it down in order (stop accepting, end streams, finish in-flight
-//! requests, stop the scheduler, close the database).
+//! Wires the control plane: opens the store, builds the shared state (`state::Hive`), binds the
+//! HTTP and gRPC listeners, mounts the services (plus the standard gRPC health and reflection
+//! services), starts the scheduler and the key-exchange revoker, and shuts all of it down in
+//! order (stop accepting, end streams, finish in-flight requests, stop the scheduler, close the
+//! database). Only wiring lives here: no service imports this module.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,13 +16,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::api::ControlPlaneService;
-use crate::boxes::{BoxAgentService, Registry};
-use crate::connector::ConnectorService;
+use crate::domain::keyexchange;
 use crate::events::Events;
+use crate::grpc::api::ControlPlaneService;
+use crate::grpc::boxes::BoxAgentService;
+use crate::grpc::connector::ConnectorService;
 use crate::metrics::Metrics;
-use crate::scheduler::{self, Policy};
+use crate::placement::Policy;
+use crate::registry::boxes::Registry;
+use crate::scheduler;
 use crate::sizeclass::SizeClasses;
+use crate::state::{millis, Hive};
 use crate::store::{redact, Store, StoreError};
 
 /// How long shutdown waits for in-flight requests before giving up on them.
@@ -115,25 +121,6 @@ impl Config {
     }
 }
 
-/// State shared by every part of a running control plane.
-#[derive(Debug)]
-pub struct Hive {
-    pub store: Store,
-    pub classes: SizeClasses,
-    pub events: Events,
-    pub registry: Registry,
-    /// Connector sessions and key exchanges in flight (issue 5).
-    pub keyexchange: crate::keyexchange::KeyExchange,
-    pub metrics: Metrics,
-    /// Wakes the scheduler (new build, box change).
-    pub wake: Notify,
-    pub lease: Duration,
-    pub heartbeat: Duration,
-    pub placement: Policy,
-    /// Becomes true when shutting down; long streams end on it.
-    pub shutdown: watch::Receiver<bool>,
-}
-
 /// A running control plane.
 #[derive(Debug)]
 pub struct Handle {
@@ -186,7 +173,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     let store = Store::open(&url).await?;
     tracing::info!(db = %redact(&url), kind = store.kind().name(), "store open");
     let extended = store
-        .extend_live_leases(crate::store::now_ms() + config.lease.as_millis() as i64)
+        .extend_live_leases(crate::store::now_ms().saturating_add(millis(config.lease)))
         .await?;
     if extended > 0 {
         tracing::info!(
@@ -230,7 +217,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         classes: config.size_classes.clone(),
         events: Events::new(),
         registry: Registry::default(),
-        keyexchange: Default::default(),
+        connectors: Default::default(),
         metrics: Metrics::default(),
         wake: Notify::new(),
         lease: config.lease,
@@ -252,6 +239,21 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         }
     });
 
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ControlPlaneServer<ControlPlaneService>>()
+        .await;
+    health_reporter
+        .set_serving::<BoxAgentServer<BoxAgentService>>()
+        .await;
+    health_reporter
+        .set_serving::<ConnectorServer<ConnectorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hive_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("gRPC reflection: {e}")))?;
+
     let mut stop = shutdown_rx.clone();
     let api = ControlPlaneService { hive: hive.clone() };
     let agent = BoxAgentService { hive: hive.clone() };
@@ -262,6 +264,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             .add_service(ControlPlaneServer::new(api))
             .add_service(BoxAgentServer::new(agent))
             .add_service(ConnectorServer::new(connector))
+            .add_service(health)
+            .add_service(reflection)
             // TCP_NODELAY: box messages, acks and key-exchange replies are small and each waits on
             // the answer to the last; Nagle held them ~40 ms.
             .serve_with_incoming_shutdown(
@@ -278,8 +282,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
 
     let scheduler_task = tokio::spawn(scheduler::run(hive.clone(), config.tick));
     // Ends on the shutdown flag, like the scheduler.
-    tokio::spawn(crate::keyexchange::run_revoker(hive.clone()));
-    tracing::info!(%http_addr, %grpc_addr, lease_ms = config.lease.as_millis() as u64,
+    tokio::spawn(keyexchange::run_revoker(hive.clone()));
+    tracing::info!(%http_addr, %grpc_addr, lease_ms = millis(config.lease),
         placement = ?config.placement, "control plane listening");
     Ok(Handle {
         http_addr,

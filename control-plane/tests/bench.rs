@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{api, http, pool, start_with, TestBox, TestDb};
+use hive_control_plane::http::webhook::sign;
 use hive_control_plane::store::BuildRow;
-use hive_control_plane::webhook::sign;
 use hive_proto::v1::CreateProjectRequest;
 
 async fn dbs(name: &str) -> Vec<(String, TestDb)> {

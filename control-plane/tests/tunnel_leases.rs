@@ -7,11 +7,11 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use hive_control_plane::network::{Issued, NetworkRow};
-use hive_control_plane::store::Store;
+use hive_control_plane::store::{Issued, NetworkRow, Store};
 
+/// A fresh public key (any 32 bytes are one; the store only needs them distinct).
 fn key() -> String {
-    hive_wg::KeyPair::generate().public().to_base64()
+    hive_types::PublicKey::from_bytes(rand::random()).to_base64()
 }
 
 async fn network(store: &Store) -> NetworkRow {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{api, http, start};
-use hive_control_plane::webhook::sign;
+use hive_control_plane::http::webhook::sign;
 use hive_proto::v1::{CreateProjectRequest, ListBuildsRequest};
 use serde_json::json;
 

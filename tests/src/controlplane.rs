@@ -1,7 +1,7 @@
 //! Runs the real `hive-control-plane` binary (and the real `hivectl`) for tests and benchmarks.
 //!
-//! The binaries are built once per test process with `cargo build -p hive-control-plane --bins`
-//! (same profile as the running test), found in the workspace target dir, started on port 0
+//! The binaries are built once per test process with
+//! `cargo build -p hive-control-plane -p hivectl -p hive-connector --bins` (same profile as the running test), found in the workspace target dir, started on port 0
 //! with `--ready-file`, and stopped with SIGTERM. A database is either a SQLite file in the
 //! data dir or a fresh PostgreSQL database made through `HIVE_TEST_POSTGRES_URL`.
 
@@ -17,7 +17,7 @@ use sqlx::Connection;
 /// What can go wrong running the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
-    #[error("cargo build -p hive-control-plane failed ({0}); see its output above")]
+    #[error("cargo build -p hive-control-plane -p hivectl -p hive-connector failed ({0}); see its output above")]
     Build(String),
     #[error("run {what}: {source}")]
     Spawn {
@@ -68,7 +68,7 @@ pub fn bin_dir() -> PathBuf {
 
 static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
 
-/// Builds `hive-control-plane` and `hivectl` once per process. `HIVE_TEST_NO_BUILD=1` skips it
+/// Builds `hive-control-plane`, `hivectl` and `hive-connector` once per process. `HIVE_TEST_NO_BUILD=1` skips it
 /// (the binaries must then already be in the target dir).
 pub fn ensure_built() -> Result<(), HarnessError> {
     let r = BUILT.get_or_init(|| {
@@ -78,7 +78,8 @@ pub fn ensure_built() -> Result<(), HarnessError> {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
-            .args(["build", "-p", "hive-control-plane", "--bins"]);
+            .args(["build", "-p", "hive-control-plane", "-p", "hivectl"])
+            .args(["-p", "hive-connector", "--bins"]);
         if profile() == "release" {
             cmd.arg("--release");
         }

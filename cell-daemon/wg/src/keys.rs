@@ -3,82 +3,14 @@
 //! The private half never leaves this process as text: it is handed to the WireGuard backend in
 //! zeroizing buffers (see `uapi` and `tunnel`) and wiped when the [`KeyPair`] is dropped. Only the
 //! [`PublicKey`] is printable, in the base64 form `wg` prints, because it is what a cell sends to
-//! the key exchange.
+//! the key exchange; that type (and its parse errors) is `hive-types`', re-exported here.
 
 use std::fmt;
-use std::str::FromStr;
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use x25519_dalek::StaticSecret;
 use zeroize::{Zeroize, Zeroizing};
 
-/// Errors from parsing a public key.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("public key {input:?} is not base64: {source}")]
-    Base64 {
-        input: String,
-        #[source]
-        source: base64::DecodeError,
-    },
-    #[error("public key {input:?} decodes to {len} bytes, a WireGuard key has 32")]
-    Length { input: String, len: usize },
-}
-
-/// A WireGuard public key (Curve25519 point), shown as base64 like `wg pubkey` prints it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PublicKey([u8; 32]);
-
-impl PublicKey {
-    /// The raw 32 bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Builds a key from its raw 32 bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// Base64, as WireGuard tools print it (44 characters).
-    pub fn to_base64(&self) -> String {
-        BASE64.encode(self.0)
-    }
-
-    /// Lower-case hex, as the UAPI protocol writes keys.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_base64())
-    }
-}
-
-impl fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({})", self.to_base64())
-    }
-}
-
-impl FromStr for PublicKey {
-    type Err = KeyError;
-
-    fn from_str(s: &str) -> Result<Self, KeyError> {
-        let bytes = BASE64.decode(s.trim()).map_err(|source| KeyError::Base64 {
-            input: s.to_string(),
-            source,
-        })?;
-        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
-            input: s.to_string(),
-            len: bytes.len(),
-        })?;
-        Ok(Self(arr))
-    }
-}
+pub use hive_types::key::{KeyError, PublicKey};
 
 /// A private key and its public key. The private key is wiped from memory on drop and has no
 /// `Debug`/`Display` that could print it.
@@ -91,7 +23,7 @@ impl KeyPair {
     /// A fresh key pair from the operating system's random source.
     pub fn generate() -> Self {
         let secret = StaticSecret::random_from_rng(rand::rngs::OsRng);
-        let public = PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes());
+        let public = PublicKey::from_bytes(x25519_dalek::PublicKey::from(&secret).to_bytes());
         Self { secret, public }
     }
 
@@ -99,7 +31,7 @@ impl KeyPair {
     /// caller's buffer wipes itself; the copy kept here is wiped on drop.
     pub fn from_secret_bytes(secret: &Zeroizing<[u8; 32]>) -> Self {
         let secret = StaticSecret::from(**secret);
-        let public = PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes());
+        let public = PublicKey::from_bytes(x25519_dalek::PublicKey::from(&secret).to_bytes());
         Self { secret, public }
     }
 
@@ -132,6 +64,8 @@ impl fmt::Debug for KeyPair {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use base64::Engine as _;
 
     #[test]
     fn from_secret_bytes_gives_the_same_public_key() {

@@ -34,7 +34,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::server::Hive;
+use crate::domain::submit::submit_delivery;
+use crate::state::Hive;
 use crate::store::{BuildRow, Delivery, ProjectRow};
 
 /// Largest body accepted (GitHub caps payloads at 25 MiB; pushes that big are not builds).
@@ -336,38 +337,33 @@ async fn process(
             }
         };
     let started = std::time::Instant::now();
-    let recorded = hive
-        .store
-        .record_delivery(
-            delivery,
-            &project.id,
-            build.as_ref(),
-            if build.is_some() {
-                "build"
-            } else {
-                &skip_reason
-            },
+    let recorded = submit_delivery(
+        hive,
+        delivery,
+        &project.id,
+        build.as_ref(),
+        if build.is_some() {
+            "build"
+        } else {
+            &skip_reason
+        },
+    )
+    .await
+    .map_err(|e| {
+        reject(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "error",
+            format!("recording delivery {delivery}: {e}"),
         )
-        .await
-        .map_err(|e| {
-            reject(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "error",
-                format!("recording delivery {delivery}: {e}"),
-            )
-        })?;
+    })?;
     tracing::debug!(%delivery, store_us = started.elapsed().as_micros() as u64,
         "webhook delivery stored");
     match (recorded, build) {
-        (Delivery::New, Some(build)) => {
-            hive.events.build_changed(&build.id);
-            hive.wake.notify_one();
-            Ok((
-                StatusCode::ACCEPTED,
-                "build",
-                json!({ "build_id": build.id, "duplicate": false, "project": project.name }),
-            ))
-        }
+        (Delivery::New, Some(build)) => Ok((
+            StatusCode::ACCEPTED,
+            "build",
+            json!({ "build_id": build.id, "duplicate": false, "project": project.name }),
+        )),
         (Delivery::New, None) => Ok((
             StatusCode::ACCEPTED,
             outcome_label(outcome),

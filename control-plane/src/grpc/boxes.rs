@@ -1,27 +1,29 @@
-//! Boxes: the registry of box daemons (what each reported: pools, running builds, cells; its
-//! open session) and the `BoxAgent.Session` stream itself. A session starts with `Register`,
+//! The `BoxAgent.Session` stream, one per box daemon (what the control plane knows of each box
+//! lives in `registry::boxes`, which this session keeps current). A session starts with `Register`,
 //! is answered with `Registered` (size classes, heartbeat interval, the highest stored seq), then
 //! carries heartbeats, build updates and log chunks up and assignments, cancels, acks and drain
-//! down. Updates and logs are persisted before they are acked; the scheduler (`scheduler`) reads
-//! this registry to place builds and writes assignments into the session's channel.
+//! down. Updates and logs are persisted before they are acked; the scheduler (`domain::place`) reads
+//! the registry to place builds and writes assignments into the session's channel. Key exchange
+//! requests are answered from their own task (`domain::keyexchange`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, Stream};
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
-    Ack, BoxMessage, BoxState, BuildState, BuildUpdate, BuildUpdateKind, CancelBuild, CellInfo,
-    ControlMessage, Drain, Heartbeat, LogChunk, PoolState, Register, Registered,
+    Ack, BoxMessage, BuildState, BuildUpdate, BuildUpdateKind, ControlMessage, Drain, Heartbeat,
+    LogChunk, Registered,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::server::Hive;
+use crate::registry::boxes::{pools_json, Conn, ACTIVE, CORDONED, DRAINING};
+use crate::state::{millis, Hive};
 use crate::store::{now_ms, BoxBatch, BoxRow, CellRow, LogStored, StoreError};
 
 /// How long a new session may take to send its `Register`.
@@ -29,416 +31,6 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most session messages stored in one transaction (group commit).
 const MAX_BATCH: usize = 256;
-
-/// Operator states of a box as stored.
-pub const ACTIVE: &str = "active";
-pub const CORDONED: &str = "cordoned";
-pub const DRAINING: &str = "draining";
-pub const LEFT: &str = "left";
-
-/// One open session: where to send control messages, and how to end it.
-#[derive(Debug, Clone)]
-struct Conn {
-    id: u64,
-    tx: mpsc::Sender<Result<ControlMessage, Status>>,
-    kill: Arc<Notify>,
-}
-
-/// A placement sent but not yet reflected in the box's pool report.
-#[derive(Debug, Clone)]
-struct Inflight {
-    class: String,
-    warm: bool,
-}
-
-/// What the control plane knows about one box right now.
-#[derive(Debug)]
-struct BoxEntry {
-    hostname: String,
-    backend: String,
-    admin_state: String,
-    registered_at_ms: i64,
-    last_heartbeat_ms: i64,
-    last_seen: Instant,
-    pools: Vec<PoolState>,
-    running_builds: Vec<String>,
-    cells: Vec<CellInfo>,
-    conn: Option<Conn>,
-    /// Sent, not yet accepted.
-    unconfirmed: HashMap<String, Inflight>,
-    /// Accepted since the last heartbeat (the pools in hand do not show them yet).
-    accepted: Vec<Inflight>,
-    /// Classes the box rejected since its last heartbeat: treat as full until it reports again.
-    rejected: HashSet<String>,
-    /// When the box was last told to stop each build: a box keeps listing a build until its
-    /// FINISHED, and one reminder per lease is enough.
-    told_to_stop: HashMap<String, Instant>,
-}
-
-/// Free places of one size class on one box, as the scheduler sees them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Room {
-    /// Warm cells not yet promised to a build.
-    pub warm: i64,
-    /// Cells that could still be booted.
-    pub cold: i64,
-    pub busy: i64,
-}
-
-/// A box the scheduler may place on.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    pub box_id: String,
-    /// The box's cell backend (`microvm`, `sandbox`), recorded with each build placed there.
-    pub backend: String,
-    pub rooms: HashMap<String, Room>,
-}
-
-/// The boxes, keyed by id.
-#[derive(Debug, Default)]
-pub struct Registry {
-    inner: Mutex<HashMap<String, BoxEntry>>,
-    next_conn: std::sync::atomic::AtomicU64,
-}
-
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BoxEntry>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The session channel of a connected box.
-    fn sender(&self, box_id: &str) -> Option<mpsc::Sender<Result<ControlMessage, Status>>> {
-        self.lock()
-            .get(box_id)
-            .and_then(|e| e.conn.as_ref().map(|c| c.tx.clone()))
-    }
-
-    /// Sends a control message to a box if it is connected. False if it is not (or went away).
-    pub async fn send(&self, box_id: &str, msg: CtlMsg) -> bool {
-        match self.sender(box_id) {
-            Some(tx) => tx.send(Ok(ControlMessage { msg: Some(msg) })).await.is_ok(),
-            None => false,
-        }
-    }
-
-    /// Whether the box was told to stop `build_id` less than `within` ago.
-    fn told_recently(&self, box_id: &str, build_id: &str, within: Duration) -> bool {
-        self.lock()
-            .get(box_id)
-            .and_then(|e| e.told_to_stop.get(build_id))
-            .is_some_and(|t| t.elapsed() < within)
-    }
-
-    /// Tells a box to stop a build.
-    pub async fn cancel(&self, box_id: &str, build_id: &str, state: BuildState, reason: &str) {
-        if let Some(e) = self.lock().get_mut(box_id) {
-            e.told_to_stop.insert(build_id.to_string(), Instant::now());
-        }
-        let sent = self
-            .send(
-                box_id,
-                CtlMsg::Cancel(CancelBuild {
-                    build_id: build_id.to_string(),
-                    state: state as i32,
-                    reason: reason.to_string(),
-                }),
-            )
-            .await;
-        if !sent {
-            tracing::info!(
-                box_id,
-                build_id,
-                "box not connected; cancel not sent (its lease ends it)"
-            );
-        }
-    }
-
-    /// Boxes that may get new builds now: connected, active, with their free places per class.
-    pub fn candidates(&self) -> Vec<Candidate> {
-        let map = self.lock();
-        let mut out: Vec<Candidate> = map
-            .iter()
-            .filter(|(_, e)| e.conn.is_some() && e.admin_state == ACTIVE)
-            .map(|(id, e)| Candidate {
-                box_id: id.clone(),
-                backend: e.backend.clone(),
-                rooms: e
-                    .pools
-                    .iter()
-                    .map(|p| {
-                        let mut room = Room {
-                            warm: p.warm as i64,
-                            cold: p.capacity as i64
-                                - p.busy as i64
-                                - p.booting as i64
-                                - p.warm as i64,
-                            busy: p.busy as i64,
-                        };
-                        for f in e.unconfirmed.values().chain(e.accepted.iter()) {
-                            if f.class == p.size_class {
-                                if f.warm {
-                                    room.warm -= 1;
-                                } else {
-                                    room.cold -= 1;
-                                }
-                                room.busy += 1;
-                            }
-                        }
-                        if e.rejected.contains(&p.size_class) {
-                            room.warm = 0;
-                            room.cold = 0;
-                        }
-                        (p.size_class.clone(), room)
-                    })
-                    .collect(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.box_id.cmp(&b.box_id));
-        out
-    }
-
-    /// Remembers a placement until the box's reports include it.
-    pub fn add_inflight(&self, box_id: &str, lease_id: &str, class: &str, warm: bool) {
-        if let Some(e) = self.lock().get_mut(box_id) {
-            e.unconfirmed.insert(
-                lease_id.to_string(),
-                Inflight {
-                    class: class.to_string(),
-                    warm,
-                },
-            );
-        }
-    }
-
-    /// Drops a placement that will not happen (lease ended, rejected).
-    pub fn forget_inflight(&self, box_id: &str, lease_id: &str) {
-        if let Some(e) = self.lock().get_mut(box_id) {
-            e.unconfirmed.remove(lease_id);
-        }
-    }
-
-    fn accepted(&self, box_id: &str, lease_id: &str) {
-        if let Some(e) = self.lock().get_mut(box_id) {
-            if let Some(f) = e.unconfirmed.remove(lease_id) {
-                e.accepted.push(f);
-            }
-        }
-    }
-
-    fn rejected(&self, box_id: &str, lease_id: &str) {
-        if let Some(e) = self.lock().get_mut(box_id) {
-            if let Some(f) = e.unconfirmed.remove(lease_id) {
-                e.rejected.insert(f.class);
-            }
-        }
-    }
-
-    /// Number of boxes with an open session.
-    pub fn connected(&self) -> usize {
-        self.lock().values().filter(|e| e.conn.is_some()).count()
-    }
-
-    pub fn is_connected(&self, box_id: &str) -> bool {
-        self.lock().get(box_id).is_some_and(|e| e.conn.is_some())
-    }
-
-    /// Sets the operator state in memory (the store holds it too).
-    pub fn set_admin_state(&self, box_id: &str, state: &str) {
-        if let Some(e) = self.lock().get_mut(box_id) {
-            e.admin_state = state.to_string();
-        }
-    }
-
-    /// Ends sessions whose box has been silent for longer than `silence`.
-    pub fn reap_silent(&self, silence: Duration) -> Vec<String> {
-        let mut reaped = Vec::new();
-        for (id, e) in self.lock().iter_mut() {
-            if e.conn.is_some() && e.last_seen.elapsed() > silence {
-                if let Some(c) = e.conn.take() {
-                    c.kill.notify_one();
-                }
-                reaped.push(id.clone());
-            }
-        }
-        reaped
-    }
-
-    /// Ids of boxes that are draining and not connected.
-    pub fn draining_disconnected(&self) -> Vec<String> {
-        self.lock()
-            .iter()
-            .filter(|(_, e)| e.conn.is_none() && e.admin_state == DRAINING)
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    /// Ends every session (shutdown).
-    pub fn close_all(&self) {
-        for e in self.lock().values_mut() {
-            if let Some(c) = e.conn.take() {
-                c.kill.notify_one();
-            }
-        }
-    }
-
-    /// The live view of a box for `ListBoxes`, merged over its stored row.
-    pub fn info(&self, row: &BoxRow) -> hive_proto::v1::BoxInfo {
-        let map = self.lock();
-        let entry = map.get(&row.id);
-        let admin = entry.map(|e| e.admin_state.as_str()).unwrap_or(&row.state);
-        let connected = entry.is_some_and(|e| e.conn.is_some());
-        let state = match admin {
-            LEFT => BoxState::Left,
-            DRAINING => BoxState::Draining,
-            CORDONED => BoxState::Cordoned,
-            _ if connected => BoxState::Active,
-            _ => BoxState::Offline,
-        };
-        let pools = match entry {
-            Some(e) => e.pools.clone(),
-            None => serde_json::from_str::<Vec<PoolJson>>(&row.pools_json)
-                .unwrap_or_default()
-                .into_iter()
-                .map(PoolState::from)
-                .collect(),
-        };
-        hive_proto::v1::BoxInfo {
-            id: row.id.clone(),
-            hostname: entry
-                .map(|e| e.hostname.clone())
-                .unwrap_or(row.hostname.clone()),
-            state: state as i32,
-            backend: entry
-                .map(|e| e.backend.clone())
-                .unwrap_or(row.backend.clone()),
-            pools,
-            last_heartbeat_ms: entry
-                .map(|e| e.last_heartbeat_ms)
-                .unwrap_or(row.last_heartbeat_ms),
-            running_builds: entry.map(|e| e.running_builds.clone()).unwrap_or_default(),
-            registered_at_ms: entry
-                .map(|e| e.registered_at_ms)
-                .unwrap_or(row.registered_at_ms),
-        }
-    }
-
-    /// Installs a new session for a box, ending any older one. Returns the session's id.
-    fn connect(&self, reg: &Register, admin_state: &str, conn: Conn) {
-        let now = now_ms();
-        let mut map = self.lock();
-        let entry = map.entry(reg.box_id.clone()).or_insert_with(|| BoxEntry {
-            hostname: String::new(),
-            backend: String::new(),
-            admin_state: ACTIVE.to_string(),
-            registered_at_ms: now,
-            last_heartbeat_ms: now,
-            last_seen: Instant::now(),
-            pools: Vec::new(),
-            running_builds: Vec::new(),
-            cells: Vec::new(),
-            conn: None,
-            unconfirmed: HashMap::new(),
-            accepted: Vec::new(),
-            rejected: HashSet::new(),
-            told_to_stop: HashMap::new(),
-        });
-        if let Some(old) = entry.conn.replace(conn) {
-            old.kill.notify_one();
-        }
-        entry.hostname = reg.hostname.clone();
-        entry.backend = reg.backend.clone();
-        entry.admin_state = admin_state.to_string();
-        entry.registered_at_ms = now;
-        entry.last_heartbeat_ms = now;
-        entry.last_seen = Instant::now();
-        entry.pools = reg.pools.clone();
-        entry.running_builds = reg.running_builds.clone();
-        entry.accepted.clear();
-        entry.rejected.clear();
-    }
-
-    /// Marks the session gone, unless a newer one already replaced it.
-    fn disconnect(&self, box_id: &str, conn_id: u64) -> bool {
-        let mut map = self.lock();
-        match map.get_mut(box_id) {
-            Some(e) if e.conn.as_ref().is_some_and(|c| c.id == conn_id) => {
-                e.conn = None;
-                e.unconfirmed.clear();
-                e.accepted.clear();
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Applies a heartbeat; returns whether the reported cells changed.
-    fn heartbeat(&self, box_id: &str, hb: &Heartbeat) -> bool {
-        let mut map = self.lock();
-        let Some(e) = map.get_mut(box_id) else {
-            return false;
-        };
-        e.last_seen = Instant::now();
-        e.last_heartbeat_ms = now_ms();
-        e.pools = hb.pools.clone();
-        e.running_builds = hb.running_builds.clone();
-        e.accepted.clear();
-        e.rejected.clear();
-        // Builds the box no longer lists have stopped; forget that they were told to.
-        e.told_to_stop
-            .retain(|b, _| hb.running_builds.iter().any(|r| r == b));
-        if e.cells != hb.cells {
-            e.cells = hb.cells.clone();
-            true
-        } else {
-            false
-        }
-    }
-
-    fn seen(&self, box_id: &str) {
-        if let Some(e) = self.lock().get_mut(box_id) {
-            e.last_seen = Instant::now();
-        }
-    }
-}
-
-/// Pool state as kept in the `boxes.pools_json` column.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct PoolJson {
-    size_class: String,
-    warm: u32,
-    booting: u32,
-    busy: u32,
-    target: u32,
-    capacity: u32,
-}
-
-impl From<PoolJson> for PoolState {
-    fn from(p: PoolJson) -> Self {
-        PoolState {
-            size_class: p.size_class,
-            warm: p.warm,
-            booting: p.booting,
-            busy: p.busy,
-            target: p.target,
-            capacity: p.capacity,
-        }
-    }
-}
-
-fn pools_json(pools: &[PoolState]) -> String {
-    let v: Vec<PoolJson> = pools
-        .iter()
-        .map(|p| PoolJson {
-            size_class: p.size_class.clone(),
-            warm: p.warm,
-            booting: p.booting,
-            busy: p.busy,
-            target: p.target,
-            capacity: p.capacity,
-        })
-        .collect();
-    serde_json::to_string(&v).unwrap_or_else(|_| "[]".to_string())
-}
 
 /// Tracks the highest contiguous BoxMessage.seq stored, across out-of-order arrivals.
 #[derive(Debug, Clone)]
@@ -541,10 +133,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
 
         let (tx, rx) = mpsc::channel(4096);
         let conn = Conn {
-            id: hive
-                .registry
-                .next_conn
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: hive.registry.next_conn_id(),
             tx: tx.clone(),
             kill: Arc::new(Notify::new()),
         };
@@ -554,7 +143,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
         };
         send(CtlMsg::Registered(Registered {
             box_id: reg.box_id.clone(),
-            heartbeat_interval_ms: hive.heartbeat.as_millis() as u32,
+            heartbeat_interval_ms: u32::try_from(millis(hive.heartbeat)).unwrap_or(u32::MAX),
             size_classes: hive.classes.all(),
             acked_seq,
         }))?;
@@ -674,7 +263,8 @@ impl Session {
                     let hive = self.hive.clone();
                     let box_id = self.box_id.clone();
                     tokio::spawn(async move {
-                        let reply = crate::keyexchange::exchange(&hive, &box_id, &req).await;
+                        let reply =
+                            crate::domain::keyexchange::exchange(&hive, &box_id, &req).await;
                         if !hive
                             .registry
                             .send(&box_id, CtlMsg::KeyExchange(reply))
@@ -682,7 +272,7 @@ impl Session {
                         {
                             tracing::info!(box_id, build_id = %req.build_id,
                                 "box gone before its key exchange reply");
-                            hive.keyexchange.revoke_now.notify_one();
+                            hive.connectors.revoke_now.notify_one();
                         }
                     });
                 }
@@ -744,8 +334,10 @@ impl Session {
         }
         batch.commit(acks.acked).await?;
         self.acks = acks;
+        let store_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.hive.metrics.box_commit(store_us);
         tracing::debug!(box_id = %self.box_id, updates, logs, acked = self.acks.acked,
-            store_us = started.elapsed().as_micros() as u64, log_lag_ms,
+            store_us, log_lag_ms,
             "box messages stored in one transaction");
         // Announced only now, after the commit; the new chunks first, so a follower can send
         // them on before it re-reads a build that changed with them.
@@ -859,7 +451,7 @@ impl Session {
     /// Renews the leases of the builds the box says it runs; tells it to stop any it holds
     /// without a lease (ended, re-queued elsewhere, unknown).
     async fn renew(&self, running: &[String]) -> Result<(), SessionError> {
-        let deadline = now_ms() + self.hive.lease.as_millis() as i64;
+        let deadline = self.hive.lease_deadline_ms();
         let orphans = self
             .hive
             .store
@@ -906,7 +498,7 @@ impl Session {
         let kind = BuildUpdateKind::try_from(u.kind).unwrap_or(BuildUpdateKind::Unspecified);
         let changed = match kind {
             BuildUpdateKind::Accepted => {
-                let deadline = now_ms() + hive.lease.as_millis() as i64;
+                let deadline = hive.lease_deadline_ms();
                 let ok = batch
                     .confirm_lease(&u.build_id, &u.lease_id, &u.cell_id, u.warm_start, deadline)
                     .await?;

@@ -1,7 +1,7 @@
 //! The `Connector.Session` stream: one per running `hive-connector`. The first message is a
 //! `ConnectorHello` with the token `AddConnector` returned (checked against its SHA-256), the
 //! network and the connector's public key; it is answered with the full wanted peer set
-//! (`SyncPeers`), then carries `AddPeer`/`RemovePeer` down (from `keyexchange`) and
+//! (`SyncPeers`), then carries `AddPeer`/`RemovePeer` down (from `domain::keyexchange`, through `registry::connectors`) and
 //! `PeerApplied`/`ConnectorStatus` up.
 
 use std::pin::Pin;
@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::keyexchange::{sync_for, ConnectorConn};
-use crate::server::Hive;
+use crate::domain::keyexchange::sync_for;
+use crate::registry::connectors::ConnectorConn;
+use crate::state::Hive;
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +54,7 @@ impl Connector for ConnectorService {
                 "the first message of a connector session must be ConnectorHello",
             ));
         };
-        let internal = |e: crate::network::NetworkError| Status::internal(e.to_string());
+        let internal = |e: crate::store::NetworkError| Status::internal(e.to_string());
         let row = hive
             .store
             .connector_by_token(&hello.token)
@@ -84,7 +85,7 @@ impl Connector for ConnectorService {
 
         let (tx, rx) = mpsc::channel(1024);
         let conn = ConnectorConn {
-            id: hive.keyexchange.next_conn_id(),
+            id: hive.connectors.next_conn_id(),
             connector_id: row.id.clone(),
             public_key: row.public_key.clone(),
             endpoint: row.endpoint.clone(),
@@ -92,11 +93,11 @@ impl Connector for ConnectorService {
             kill: Arc::new(Notify::new()),
         };
         tx.try_send(Ok(ConnectorCommand {
-            id: hive.keyexchange.command_id(),
+            id: hive.connectors.command_id(),
             cmd: Some(Cmd::Sync(sync)),
         }))
         .map_err(|_| Status::internal("connector channel full at hello"))?;
-        hive.keyexchange.connect(&net.name, conn.clone());
+        hive.connectors.connect(&net.name, conn.clone());
         tracing::info!(network = %net.name, connector_id = %row.id, public_key = %row.public_key,
             endpoint = %row.endpoint, peers = hello.peers.len(), version = %hello.version,
             "connector connected");
@@ -115,7 +116,7 @@ impl Connector for ConnectorService {
                         msg: Some(Msg::Applied(a)),
                         ..
                     })) => {
-                        hive.keyexchange.applied(conn.id, a.command_id, a.error);
+                        hive.connectors.applied(conn.id, a.command_id, a.error);
                     }
                     Ok(Some(ConnectorMessage {
                         msg: Some(Msg::Status(s)),
@@ -133,7 +134,7 @@ impl Connector for ConnectorService {
                     }
                 }
             };
-            hive.keyexchange.disconnect(&network, conn.id);
+            hive.connectors.disconnect(&network, conn.id);
             tracing::info!(network = %network, why, "connector disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -13,13 +13,15 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::boxes::CORDONED;
+use crate::domain::cancel::CancelError;
+use crate::domain::{cancel, drain, network, submit};
 use crate::events::Event;
-use crate::network::{self, NetworkError, NetworkRow};
-use crate::scheduler;
-use crate::server::Hive;
 use crate::sizeclass::DEFAULT_CLASS;
-use crate::store::{BuildFilter, BuildRow, NewProject, ProjectRow, StoreError, TransitionRow};
+use crate::state::Hive;
+use crate::store::{
+    BuildFilter, BuildRow, ConnectorRow, NetworkError, NetworkRow, NewProject, ProjectRow,
+    StoreError, TransitionRow,
+};
 
 /// Default project build timeout.
 pub const DEFAULT_TIMEOUT_SECS: u32 = 1800;
@@ -231,10 +233,7 @@ impl ControlPlaneService {
         Ok(build_to_proto(&b, &t))
     }
 
-    async fn connector_info(
-        &self,
-        r: &crate::network::ConnectorRow,
-    ) -> Result<pb::ConnectorInfo, Status> {
+    async fn connector_info(&self, r: &ConnectorRow) -> Result<pb::ConnectorInfo, Status> {
         let active = self
             .hive
             .store
@@ -247,8 +246,8 @@ impl ControlPlaneService {
             public_key: r.public_key.clone(),
             endpoint: r.endpoint.clone(),
             created_at_ms: r.created_at_ms,
-            connected: self.hive.keyexchange.is_connected(&r.id),
-            active_peers: active.len() as u32,
+            connected: self.hive.connectors.is_connected(&r.id),
+            active_peers: u32::try_from(active.len()).unwrap_or(u32::MAX),
         })
     }
 
@@ -369,14 +368,10 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             "HEAD".to_string()
         };
         let build = BuildRow::new_queued(&p, &req.revision, &git_ref, "api");
-        self.hive
-            .store
-            .insert_build(&build, "submitted via api")
+        submit::submit(&self.hive, &build, "submitted via api")
             .await
             .map_err(store_err)?;
         tracing::info!(build_id = %build.id, project = %p.name, "build submitted");
-        self.hive.events.build_changed(&build.id);
-        self.hive.wake.notify_one();
         // The build as committed (queued); the scheduler may already be placing it.
         let first = TransitionRow {
             state: BuildState::Queued,
@@ -435,32 +430,22 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         request: Request<pb::CancelBuildRequest>,
     ) -> Result<Response<pb::Build>, Status> {
         let req = request.into_inner();
-        let b = self.build(&req.id).await?;
-        if b.state.is_terminal() {
-            return Err(Status::failed_precondition(format!(
-                "build {:?} already ended ({})",
-                b.id,
-                b.state.short_name()
-            )));
+        if req.id.is_empty() {
+            return Err(Status::invalid_argument("build id is required"));
         }
         let reason = if req.reason.is_empty() {
             "cancelled via api".to_string()
         } else {
             format!("cancelled via api: {}", req.reason)
         };
-        let ended = scheduler::end_build(&self.hive, &b.id, BuildState::Cancelled, &reason)
+        let before = cancel::cancel(&self.hive, &req.id, &reason)
             .await
-            .map_err(store_err)?;
-        if ended.is_none() {
-            // It ended between our read and the cancel.
-            let now = self.build(&req.id).await?;
-            return Err(Status::failed_precondition(format!(
-                "build {:?} already ended ({})",
-                now.id,
-                now.state.short_name()
-            )));
-        }
-        Ok(Response::new(self.full_build(&b.id).await?))
+            .map_err(|e| match e {
+                CancelError::NotFound(_) => Status::not_found(e.to_string()),
+                CancelError::AlreadyEnded { .. } => Status::failed_precondition(e.to_string()),
+                CancelError::Store(e) => store_err(e),
+            })?;
+        Ok(Response::new(self.full_build(&before.id).await?))
     }
 
     async fn watch_build(
@@ -641,12 +626,9 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 "box {box_id:?} is draining or gone; cordon does not apply"
             )));
         }
-        self.hive
-            .store
-            .set_box_state(&box_id, CORDONED)
+        drain::cordon_box(&self.hive, &box_id)
             .await
             .map_err(store_err)?;
-        self.hive.registry.set_admin_state(&box_id, CORDONED);
         tracing::info!(%box_id, "box cordoned");
         Ok(Response::new(self.box_info(&box_id).await?))
     }
@@ -662,7 +644,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 "box {box_id:?} has already left"
             )));
         }
-        scheduler::drain_box(&self.hive, &box_id)
+        drain::drain_box(&self.hive, &box_id)
             .await
             .map_err(store_err)?;
         tracing::info!(%box_id, "box draining");
@@ -756,7 +738,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             .await
             .map_err(net_err)?;
         for c in connectors {
-            self.hive.keyexchange.kick(&c.id);
+            self.hive.connectors.kick(&c.id);
         }
         tracing::info!(network = %name, "private network deleted");
         Ok(Response::new(pb::DeleteNetworkReply {}))
@@ -777,7 +759,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 req.network.trim(),
                 &key,
                 &endpoint,
-                &network::token_hash(&token),
+                &crate::store::networks::token_hash(&token),
             )
             .await
             .map_err(net_err)?;
@@ -819,7 +801,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             .await
             .map_err(net_err)?
             .ok_or_else(|| Status::not_found(format!("connector {which:?} not found")))?;
-        self.hive.keyexchange.kick(&row.id);
+        self.hive.connectors.kick(&row.id);
         tracing::info!(network = %row.network, connector_id = %row.id, "connector removed");
         Ok(Response::new(pb::RemoveConnectorReply {}))
     }

@@ -1,0 +1,48 @@
+//! What every part of a running control plane shares: the store, the box and connector
+//! registries, change announcements, metrics and the settings the services read. It depends
+//! only on those leaf modules, never on a service: `server` builds one [`Hive`] and hands an
+//! `Arc` of it to each service it starts.
+
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use crate::events::Events;
+use crate::metrics::Metrics;
+use crate::placement::Policy;
+use crate::registry::boxes::Registry;
+use crate::registry::connectors::Connectors;
+use crate::sizeclass::SizeClasses;
+use crate::store::Store;
+
+/// State shared by every part of a running control plane.
+#[derive(Debug)]
+pub struct Hive {
+    pub store: Store,
+    pub classes: SizeClasses,
+    pub events: Events,
+    /// Box daemons and their sessions.
+    pub registry: Registry,
+    /// Connector sessions and key exchanges in flight (issue 5).
+    pub connectors: Connectors,
+    pub metrics: Metrics,
+    /// Wakes the scheduler (new build, box change).
+    pub wake: Notify,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub placement: Policy,
+    /// Becomes true when shutting down; long streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Hive {
+    /// A deadline one lease from now, in epoch milliseconds.
+    pub fn lease_deadline_ms(&self) -> i64 {
+        crate::store::now_ms().saturating_add(millis(self.lease))
+    }
+}
+
+/// A duration in whole milliseconds as i64 (saturating: settings are far below the limit).
+pub fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,297 @@
+//! Boxes (the operator's state, pools, the acked seq of their session), their cells as last
+//! reported, and [`BoxBatch`]: one transaction over a run of box session messages.
+
+use hive_proto::v1::{BuildState, LogChunk};
+use sqlx::{Any, Transaction};
+
+use super::builds::{
+    confirm_lease_tx, fetch_build, finish_build_tx, requeue_tx, set_running_tx, BuildRow,
+};
+use super::logs::{store_log_tx, LogStored};
+use super::{checked, q, to_i64, Result, Store, StoreError};
+
+/// A box as stored. `state` is the operator's intent (active, cordoned, draining, left);
+/// whether it is connected lives in memory (see `registry::boxes`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoxRow {
+    pub id: String,
+    pub hostname: String,
+    pub state: String,
+    pub backend: String,
+    pub pools_json: String,
+    pub last_heartbeat_ms: i64,
+    pub registered_at_ms: i64,
+    pub acked_seq: u64,
+}
+
+/// A cell as last reported by its box (all its columns map as they are).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CellRow {
+    pub id: String,
+    pub box_id: String,
+    pub size_class: String,
+    pub state: String,
+    pub build_id: String,
+    pub updated_at_ms: i64,
+}
+
+impl Store {
+    pub async fn get_box(&self, id: &str) -> Result<Option<BoxRow>> {
+        let row = sqlx::query_as::<_, BoxRecord>(
+            "SELECT id, hostname, state, backend, pools_json, last_heartbeat_ms, \
+             registered_at_ms, acked_seq FROM boxes WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("select box"))?;
+        row.map(BoxRow::try_from).transpose()
+    }
+
+    pub async fn list_boxes(&self) -> Result<Vec<BoxRow>> {
+        let rows = sqlx::query_as::<_, BoxRecord>(
+            "SELECT id, hostname, state, backend, pools_json, last_heartbeat_ms, \
+             registered_at_ms, acked_seq FROM boxes ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list boxes"))?;
+        rows.into_iter().map(BoxRow::try_from).collect()
+    }
+
+    /// Inserts or refreshes a box on register (keeps its acked seq).
+    pub async fn upsert_box(&self, b: &BoxRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO boxes (id, hostname, state, backend, pools_json, last_heartbeat_ms, \
+             registered_at_ms, acked_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (id) DO UPDATE SET hostname = $2, state = $3, backend = $4, \
+             pools_json = $5, last_heartbeat_ms = $6, registered_at_ms = $7",
+        )
+        .bind(&b.id)
+        .bind(&b.hostname)
+        .bind(&b.state)
+        .bind(&b.backend)
+        .bind(&b.pools_json)
+        .bind(b.last_heartbeat_ms)
+        .bind(b.registered_at_ms)
+        .bind(to_i64("acked_seq", b.acked_seq)?)
+        .execute(&self.pool)
+        .await
+        .map_err(q("upsert box"))?;
+        Ok(())
+    }
+
+    /// Sets the operator state of a box (active, cordoned, draining, left).
+    pub async fn set_box_state(&self, id: &str, state: &str) -> Result<bool> {
+        let res = sqlx::query("UPDATE boxes SET state = $1 WHERE id = $2")
+            .bind(state)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("update box state"))?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    /// Records the last heartbeat, pools and (raised) acked seq of a box.
+    pub async fn touch_box(
+        &self,
+        id: &str,
+        pools_json: &str,
+        at_ms: i64,
+        acked: u64,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE boxes SET last_heartbeat_ms = $1, pools_json = $2 WHERE id = $3")
+            .bind(at_ms)
+            .bind(pools_json)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("update box heartbeat"))?;
+        set_acked_tx(&mut tx, id, acked).await?;
+        tx.commit().await.map_err(q("commit box heartbeat"))?;
+        Ok(())
+    }
+
+    /// Replaces the cells of a box with what it last reported.
+    pub async fn replace_cells(&self, box_id: &str, cells: &[CellRow]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM cells WHERE box_id = $1")
+            .bind(box_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("delete cells"))?;
+        for c in cells {
+            sqlx::query(
+                "INSERT INTO cells (id, box_id, size_class, state, build_id, updated_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET box_id = $2, \
+                 size_class = $3, state = $4, build_id = $5, updated_at_ms = $6",
+            )
+            .bind(&c.id)
+            .bind(box_id)
+            .bind(&c.size_class)
+            .bind(&c.state)
+            .bind(&c.build_id)
+            .bind(c.updated_at_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("insert cell"))?;
+        }
+        tx.commit().await.map_err(q("commit cells"))?;
+        Ok(())
+    }
+
+    pub async fn list_cells(&self, box_id: Option<&str>) -> Result<Vec<CellRow>> {
+        let mut sql = String::from(
+            "SELECT id, box_id, size_class, state, build_id, updated_at_ms FROM cells",
+        );
+        if box_id.is_some() {
+            sql.push_str(" WHERE box_id = $1");
+        }
+        sql.push_str(" ORDER BY box_id, id");
+        let mut query = sqlx::query_as::<_, CellRow>(&sql);
+        if let Some(b) = box_id {
+            query = query.bind(b.to_string());
+        }
+        query.fetch_all(&self.pool).await.map_err(q("list cells"))
+    }
+
+    /// Opens one transaction for a run of `box_id`'s session messages (group commit).
+    pub async fn box_batch(&self, box_id: &str) -> Result<BoxBatch> {
+        Ok(BoxBatch {
+            tx: self.begin().await?,
+            box_id: box_id.to_string(),
+        })
+    }
+}
+
+/// One transaction over a run of box session messages that were already waiting on the stream
+/// (group commit): build updates and log chunks are applied in stream order, the box's acked seq
+/// is raised, and one commit makes them all durable together. Nothing in it may be announced or
+/// acknowledged before [`BoxBatch::commit`] returns; dropped uncommitted, it rolls back.
+///
+/// The updates are conditional on the lease *and* the box, so a current update needs no read
+/// of the build first; callers read it ([`BoxBatch::get_build`]) only to explain a miss.
+pub struct BoxBatch {
+    tx: Transaction<'static, Any>,
+    box_id: String,
+}
+
+impl BoxBatch {
+    /// The build as this transaction sees it (earlier messages of the batch included).
+    pub async fn get_build(&mut self, id: &str) -> Result<Option<BuildRow>> {
+        fetch_build(&mut *self.tx, id).await
+    }
+
+    /// ACCEPTED: see [`Store::confirm_lease`]; false unless the live lease is this box's.
+    pub async fn confirm_lease(
+        &mut self,
+        build_id: &str,
+        lease_id: &str,
+        cell_id: &str,
+        warm_start: bool,
+        deadline_ms: i64,
+    ) -> Result<bool> {
+        confirm_lease_tx(
+            &mut self.tx,
+            Some(&self.box_id),
+            build_id,
+            lease_id,
+            cell_id,
+            warm_start,
+            deadline_ms,
+        )
+        .await
+    }
+
+    /// RUNNING: see [`Store::set_running`]; false unless the build is placed on this box.
+    pub async fn set_running(
+        &mut self,
+        build_id: &str,
+        lease_id: &str,
+        reason: &str,
+    ) -> Result<bool> {
+        set_running_tx(&mut self.tx, Some(&self.box_id), build_id, lease_id, reason).await
+    }
+
+    /// FINISHED: see [`Store::finish_build`]; false unless the build is on this box.
+    pub async fn finish_build(
+        &mut self,
+        build_id: &str,
+        lease_id: &str,
+        state: BuildState,
+        exit_code: i32,
+        reason: &str,
+    ) -> Result<bool> {
+        finish_build_tx(
+            &mut self.tx,
+            Some(&self.box_id),
+            build_id,
+            lease_id,
+            state,
+            exit_code,
+            reason,
+        )
+        .await
+    }
+
+    /// REJECTED: see [`Store::requeue`] (the caller has checked the lease is this box's).
+    pub async fn requeue(&mut self, build_id: &str, lease_id: &str, reason: &str) -> Result<bool> {
+        requeue_tx(&mut self.tx, build_id, lease_id, "released", reason).await
+    }
+
+    /// A log chunk: see [`Store::store_log`].
+    pub async fn store_log(&mut self, chunk: &LogChunk) -> Result<LogStored> {
+        store_log_tx(&mut self.tx, &self.box_id, chunk).await
+    }
+
+    /// Raises the box's acked seq to `acked` and commits everything in one go.
+    pub async fn commit(mut self, acked: u64) -> Result<()> {
+        set_acked_tx(&mut self.tx, &self.box_id, acked).await?;
+        self.tx.commit().await.map_err(q("commit box messages"))
+    }
+}
+
+pub(crate) async fn set_acked_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: &str,
+    acked: u64,
+) -> Result<()> {
+    sqlx::query("UPDATE boxes SET acked_seq = $1 WHERE id = $2 AND acked_seq < $1")
+        .bind(to_i64("acked_seq", acked)?)
+        .bind(box_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("update box acked seq"))?;
+    Ok(())
+}
+
+/// A `boxes` row as the database holds it.
+#[derive(sqlx::FromRow)]
+struct BoxRecord {
+    id: String,
+    hostname: String,
+    state: String,
+    backend: String,
+    pools_json: String,
+    last_heartbeat_ms: i64,
+    registered_at_ms: i64,
+    acked_seq: i64,
+}
+
+impl TryFrom<BoxRecord> for BoxRow {
+    type Error = StoreError;
+
+    fn try_from(r: BoxRecord) -> Result<Self> {
+        Ok(BoxRow {
+            acked_seq: checked("acked_seq", r.acked_seq)?,
+            id: r.id,
+            hostname: r.hostname,
+            state: r.state,
+            backend: r.backend,
+            pools_json: r.pools_json,
+            last_heartbeat_ms: r.last_heartbeat_ms,
+            registered_at_ms: r.registered_at_ms,
+        })
+    }
+}

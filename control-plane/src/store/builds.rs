@@ -1,0 +1,717 @@
+//! Builds and their transitions. Every state change is one transaction that writes the build
+//! and its `build_transitions` row, conditional on the state (and lease, and box) it expects.
+//! Each change has one write path, a `*_tx(&mut tx, ...)` function: the [`Store`] methods run
+//! it in a transaction of their own, [`super::boxes::BoxBatch`] in the box session's.
+
+use std::collections::BTreeMap;
+
+use hive_proto::v1::{BuildState, LogStream};
+use sqlx::{Any, Transaction};
+
+use super::leases::{insert_lease_tx, release_lease_tx, release_leases_of_build_tx};
+use super::logs::insert_log_tx;
+use super::projects::ProjectRow;
+use super::{
+    checked, from_json, new_id, now_ms, parse_state, q, to_json, Result, Store, StoreError,
+};
+
+/// A build as stored. Steps, env and timeout are a snapshot of the project at trigger time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRow {
+    pub id: String,
+    pub project_id: String,
+    pub project_name: String,
+    pub repo_url: String,
+    pub revision: String,
+    pub git_ref: String,
+    pub state: BuildState,
+    pub box_id: String,
+    pub cell_id: String,
+    pub lease_id: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub started_at_ms: i64,
+    pub exit_code: i32,
+    pub message: String,
+    pub trigger: String,
+    pub size_class: String,
+    pub private_network: String,
+    pub steps: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: u32,
+    pub warm_start: bool,
+    pub attempt: u32,
+    /// The cell backend of the box it was last placed on (`microvm`, `sandbox`; empty before).
+    pub backend: String,
+}
+
+impl BuildRow {
+    /// A fresh queued build of `project`.
+    pub fn new_queued(project: &ProjectRow, revision: &str, git_ref: &str, trigger: &str) -> Self {
+        let now = now_ms();
+        BuildRow {
+            id: new_id(),
+            project_id: project.id.clone(),
+            project_name: project.name.clone(),
+            repo_url: project.repo_url.clone(),
+            revision: revision.to_string(),
+            git_ref: git_ref.to_string(),
+            state: BuildState::Queued,
+            box_id: String::new(),
+            cell_id: String::new(),
+            lease_id: String::new(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            started_at_ms: 0,
+            exit_code: -1,
+            message: "queued".to_string(),
+            trigger: trigger.to_string(),
+            size_class: project.size_class.clone(),
+            private_network: project.private_network.clone(),
+            steps: project.steps.clone(),
+            env: project.env.clone(),
+            timeout_secs: project.timeout_secs,
+            warm_start: false,
+            backend: String::new(),
+            attempt: 1,
+        }
+    }
+}
+
+/// One row of `build_transitions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransitionRow {
+    pub state: BuildState,
+    pub at_ms: i64,
+    pub reason: String,
+}
+
+/// A placement the scheduler wants to make.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub build_id: String,
+    pub lease_id: String,
+    pub box_id: String,
+    /// The box's cell backend, recorded with the build.
+    pub backend: String,
+    pub deadline_ms: i64,
+}
+
+/// Filters for `list_builds`.
+#[derive(Debug, Clone, Default)]
+pub struct BuildFilter {
+    pub project_id: Option<String>,
+    pub state: Option<BuildState>,
+    pub limit: u32,
+}
+
+/// The columns of a build, in [`BuildRecord`]'s order (a macro so the SQL can be `concat!`ed
+/// into `'static` strings that any executor accepts).
+macro_rules! build_columns {
+    () => {
+        "id, project_id, project_name, repo_url, revision, git_ref, state, box_id, cell_id, \
+         lease_id, created_at_ms, updated_at_ms, started_at_ms, exit_code, message, \
+         trigger_source, size_class, private_network, steps_json, env_json, timeout_secs, \
+         warm_start, attempt, backend"
+    };
+}
+
+const SELECT_BUILD: &str = concat!("SELECT ", build_columns!(), " FROM builds WHERE id = $1");
+
+/// A `builds` row as the database holds it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct BuildRecord {
+    id: String,
+    project_id: String,
+    project_name: String,
+    repo_url: String,
+    revision: String,
+    git_ref: String,
+    state: String,
+    box_id: String,
+    cell_id: String,
+    lease_id: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    started_at_ms: i64,
+    exit_code: i64,
+    message: String,
+    trigger_source: String,
+    size_class: String,
+    private_network: String,
+    steps_json: String,
+    env_json: String,
+    timeout_secs: i64,
+    warm_start: i64,
+    attempt: i64,
+    backend: String,
+}
+
+impl TryFrom<BuildRecord> for BuildRow {
+    type Error = StoreError;
+
+    fn try_from(r: BuildRecord) -> Result<Self> {
+        Ok(BuildRow {
+            state: parse_state(&r.state)?,
+            exit_code: checked("exit_code", r.exit_code)?,
+            steps: from_json("steps_json", &r.steps_json)?,
+            env: from_json::<BTreeMap<String, String>>("env_json", &r.env_json)?,
+            timeout_secs: checked("timeout_secs", r.timeout_secs)?,
+            warm_start: r.warm_start != 0,
+            attempt: checked("attempt", r.attempt)?,
+            id: r.id,
+            project_id: r.project_id,
+            project_name: r.project_name,
+            repo_url: r.repo_url,
+            revision: r.revision,
+            git_ref: r.git_ref,
+            box_id: r.box_id,
+            cell_id: r.cell_id,
+            lease_id: r.lease_id,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            started_at_ms: r.started_at_ms,
+            message: r.message,
+            trigger: r.trigger_source,
+            size_class: r.size_class,
+            private_network: r.private_network,
+            backend: r.backend,
+        })
+    }
+}
+
+/// A `build_transitions` row as the database holds it.
+#[derive(sqlx::FromRow)]
+struct TransitionRecord {
+    state: String,
+    at_ms: i64,
+    reason: String,
+}
+
+impl TryFrom<TransitionRecord> for TransitionRow {
+    type Error = StoreError;
+
+    fn try_from(r: TransitionRecord) -> Result<Self> {
+        Ok(TransitionRow {
+            state: parse_state(&r.state)?,
+            at_ms: r.at_ms,
+            reason: r.reason,
+        })
+    }
+}
+
+/// One build by id, through the read pool or inside a transaction (which then sees its own
+/// earlier writes).
+pub(crate) async fn fetch_build<'e>(
+    e: impl sqlx::Executor<'e, Database = Any>,
+    id: &'e str,
+) -> Result<Option<BuildRow>> {
+    sqlx::query_as::<_, BuildRecord>(SELECT_BUILD)
+        .bind(id)
+        .fetch_optional(e)
+        .await
+        .map_err(q("select build"))?
+        .map(BuildRow::try_from)
+        .transpose()
+}
+
+impl Store {
+    /// Inserts a queued build with its first transition.
+    pub async fn insert_build(&self, build: &BuildRow, reason: &str) -> Result<()> {
+        in_tx!(self, "commit new build", |tx| {
+            insert_build_tx(tx, build, reason).await
+        })
+    }
+
+    pub async fn get_build(&self, id: &str) -> Result<Option<BuildRow>> {
+        fetch_build(&self.reads, id).await
+    }
+
+    /// Newest first.
+    pub async fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<BuildRow>> {
+        let mut sql = format!("SELECT {} FROM builds WHERE 1 = 1", build_columns!());
+        let mut n = 0;
+        if filter.project_id.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND project_id = ${n}"));
+        }
+        if filter.state.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND state = ${n}"));
+        }
+        n += 1;
+        sql.push_str(&format!(" ORDER BY created_at_ms DESC, id DESC LIMIT ${n}"));
+        let mut query = sqlx::query_as::<_, BuildRecord>(&sql);
+        if let Some(p) = &filter.project_id {
+            query = query.bind(p.clone());
+        }
+        if let Some(s) = filter.state {
+            query = query.bind(s.short_name());
+        }
+        let limit = if filter.limit == 0 {
+            100
+        } else {
+            filter.limit.min(10_000)
+        };
+        let rows = query
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(q("list builds"))?;
+        rows.into_iter().map(BuildRow::try_from).collect()
+    }
+
+    pub async fn transitions(&self, build_id: &str) -> Result<Vec<TransitionRow>> {
+        let rows = sqlx::query_as::<_, TransitionRecord>(
+            "SELECT state, at_ms, reason FROM build_transitions WHERE build_id = $1 ORDER BY id",
+        )
+        .bind(build_id)
+        .fetch_all(&self.reads)
+        .await
+        .map_err(q("select build transitions"))?;
+        rows.into_iter().map(TransitionRow::try_from).collect()
+    }
+
+    /// Queued builds, oldest first (the queue order).
+    pub async fn queued_builds(&self, limit: u32) -> Result<Vec<BuildRow>> {
+        let rows = sqlx::query_as::<_, BuildRecord>(concat!(
+            "SELECT ",
+            build_columns!(),
+            " FROM builds WHERE state = 'queued' ORDER BY created_at_ms, id LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("select queued builds"))?;
+        rows.into_iter().map(BuildRow::try_from).collect()
+    }
+
+    /// Counts of builds per state, for `/metrics`.
+    pub async fn count_builds_by_state(&self) -> Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) AS n FROM builds GROUP BY state")
+                .fetch_all(&self.reads)
+                .await
+                .map_err(q("count builds by state"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Places queued builds: per placement, the build goes queued -> placed and a live lease is
+    /// written, all in one transaction. Returns, per placement, whether it took (false when the
+    /// build was no longer queued).
+    pub async fn place(&self, placements: &[Placement]) -> Result<Vec<bool>> {
+        in_tx!(self, "commit placements", |tx| {
+            let mut took = Vec::with_capacity(placements.len());
+            for p in placements {
+                took.push(place_tx(tx, p).await?);
+            }
+            Ok(took)
+        })
+    }
+
+    /// The box accepted the assignment: confirm the lease and record the cell.
+    pub async fn confirm_lease(
+        &self,
+        build_id: &str,
+        lease_id: &str,
+        cell_id: &str,
+        warm_start: bool,
+        deadline_ms: i64,
+    ) -> Result<bool> {
+        in_tx!(self, "commit lease confirmation", |tx| {
+            confirm_lease_tx(
+                tx,
+                None,
+                build_id,
+                lease_id,
+                cell_id,
+                warm_start,
+                deadline_ms,
+            )
+            .await
+        })
+    }
+
+    /// placed -> running (also confirms the lease: running implies accepted).
+    pub async fn set_running(&self, build_id: &str, lease_id: &str, reason: &str) -> Result<bool> {
+        in_tx!(self, "commit running", |tx| {
+            set_running_tx(tx, None, build_id, lease_id, reason).await
+        })
+    }
+
+    /// The box reports the end of the build under `lease_id`: placed|running -> terminal.
+    pub async fn finish_build(
+        &self,
+        build_id: &str,
+        lease_id: &str,
+        state: BuildState,
+        exit_code: i32,
+        reason: &str,
+    ) -> Result<bool> {
+        in_tx!(self, "commit finished build", |tx| {
+            finish_build_tx(tx, None, build_id, lease_id, state, exit_code, reason).await
+        })
+    }
+
+    /// Puts a placed/running build under `lease_id` back in the queue (attempt + 1), ending the
+    /// lease as `lease_end` (`expired` or `released`). The log keeps going densely: the new
+    /// attempt's chunks are stored after a system line saying why the last attempt ended.
+    pub async fn requeue(
+        &self,
+        build_id: &str,
+        lease_id: &str,
+        lease_end: &str,
+        reason: &str,
+    ) -> Result<bool> {
+        in_tx!(self, "commit re-queue", |tx| {
+            requeue_tx(tx, build_id, lease_id, lease_end, reason).await
+        })
+    }
+
+    /// Ends a not-yet-terminal build as `state` (cancelled, timed_out, or failed when it cannot
+    /// be run), releasing its lease. Returns the build as it was before, or None when it had
+    /// already ended.
+    pub async fn end_build(
+        &self,
+        build_id: &str,
+        state: BuildState,
+        reason: &str,
+    ) -> Result<Option<BuildRow>> {
+        in_tx!(self, "commit ended build", |tx| {
+            end_build_tx(tx, build_id, state, reason).await
+        })
+    }
+
+    /// Running builds whose timeout has passed.
+    pub async fn overdue_builds(&self, now: i64) -> Result<Vec<BuildRow>> {
+        let rows = sqlx::query_as::<_, BuildRecord>(concat!(
+            "SELECT ",
+            build_columns!(),
+            " FROM builds WHERE state = 'running' AND started_at_ms > 0 \
+             AND started_at_ms + timeout_secs * 1000 <= $1"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("select overdue builds"))?;
+        rows.into_iter().map(BuildRow::try_from).collect()
+    }
+}
+
+/// queued -> placed with a new live lease; false when the build was no longer queued.
+pub(crate) async fn place_tx(tx: &mut Transaction<'_, Any>, p: &Placement) -> Result<bool> {
+    let now = now_ms();
+    let res = sqlx::query(
+        "UPDATE builds SET state = 'placed', box_id = $1, lease_id = $2, cell_id = '', \
+         updated_at_ms = $3, message = $4, backend = $6 WHERE id = $5 AND state = 'queued'",
+    )
+    .bind(&p.box_id)
+    .bind(&p.lease_id)
+    .bind(now)
+    .bind(format!("placed on box {}", p.box_id))
+    .bind(&p.build_id)
+    .bind(&p.backend)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("update build to placed"))?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    insert_lease_tx(tx, p, now).await?;
+    let reason = format!("placed on box {} (lease {})", p.box_id, p.lease_id);
+    add_transition(tx, &p.build_id, BuildState::Placed, now, &reason).await?;
+    Ok(true)
+}
+
+/// Ends a build that has not ended yet; None (and nothing written) when it is unknown or over.
+pub(crate) async fn end_build_tx(
+    tx: &mut Transaction<'_, Any>,
+    build_id: &str,
+    state: BuildState,
+    reason: &str,
+) -> Result<Option<BuildRow>> {
+    debug_assert!(state.is_terminal());
+    let now = now_ms();
+    let Some(before) = fetch_build(&mut **tx, build_id).await? else {
+        return Ok(None);
+    };
+    if before.state.is_terminal() {
+        return Ok(None);
+    }
+    let res = sqlx::query(
+        "UPDATE builds SET state = $1, message = $2, updated_at_ms = $3 \
+         WHERE id = $4 AND state = $5",
+    )
+    .bind(state.short_name())
+    .bind(reason)
+    .bind(now)
+    .bind(build_id)
+    .bind(before.state.short_name())
+    .execute(&mut **tx)
+    .await
+    .map_err(q("update build to ended"))?;
+    if res.rows_affected() == 0 {
+        return Ok(None);
+    }
+    release_leases_of_build_tx(tx, build_id).await?;
+    add_transition(tx, build_id, state, now, reason).await?;
+    Ok(Some(before))
+}
+
+/// `AND box_id = $n` when the caller names a box, so an update names the box it comes from.
+fn box_clause(box_id: Option<&str>, n: usize) -> String {
+    match box_id {
+        Some(_) => format!(" AND box_id = ${n}"),
+        None => String::new(),
+    }
+}
+
+pub(crate) async fn confirm_lease_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: Option<&str>,
+    build_id: &str,
+    lease_id: &str,
+    cell_id: &str,
+    warm_start: bool,
+    deadline_ms: i64,
+) -> Result<bool> {
+    let sql = format!(
+        "UPDATE leases SET confirmed = 1, deadline_ms = $1 \
+         WHERE id = $2 AND build_id = $3 AND state = 'live'{}",
+        box_clause(box_id, 4)
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(deadline_ms)
+        .bind(lease_id)
+        .bind(build_id);
+    if let Some(b) = box_id {
+        query = query.bind(b);
+    }
+    let res = query.execute(&mut **tx).await.map_err(q("confirm lease"))?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE builds SET cell_id = $1, warm_start = $2, updated_at_ms = $3, message = $4 \
+         WHERE id = $5 AND lease_id = $6",
+    )
+    .bind(cell_id)
+    .bind(i64::from(warm_start))
+    .bind(now_ms())
+    .bind(format!(
+        "accepted in {} cell {cell_id}",
+        if warm_start { "warm" } else { "cold" }
+    ))
+    .bind(build_id)
+    .bind(lease_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("record build cell"))?;
+    Ok(true)
+}
+
+pub(crate) async fn set_running_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: Option<&str>,
+    build_id: &str,
+    lease_id: &str,
+    reason: &str,
+) -> Result<bool> {
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE builds SET state = 'running', started_at_ms = $1, updated_at_ms = $1, \
+         message = $2 WHERE id = $3 AND lease_id = $4 AND state = 'placed'{}",
+        box_clause(box_id, 5)
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(now)
+        .bind(reason)
+        .bind(build_id)
+        .bind(lease_id);
+    if let Some(b) = box_id {
+        query = query.bind(b);
+    }
+    let res = query
+        .execute(&mut **tx)
+        .await
+        .map_err(q("update build to running"))?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE leases SET confirmed = 1 WHERE id = $1 AND state = 'live'")
+        .bind(lease_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("confirm lease"))?;
+    add_transition(tx, build_id, BuildState::Running, now, reason).await?;
+    Ok(true)
+}
+
+pub(crate) async fn finish_build_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: Option<&str>,
+    build_id: &str,
+    lease_id: &str,
+    state: BuildState,
+    exit_code: i32,
+    reason: &str,
+) -> Result<bool> {
+    debug_assert!(state.is_terminal());
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE builds SET state = $1, exit_code = $2, message = $3, updated_at_ms = $4 \
+         WHERE id = $5 AND lease_id = $6 AND state IN ('placed', 'running'){}",
+        box_clause(box_id, 7)
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(state.short_name())
+        .bind(i64::from(exit_code))
+        .bind(reason)
+        .bind(now)
+        .bind(build_id)
+        .bind(lease_id);
+    if let Some(b) = box_id {
+        query = query.bind(b);
+    }
+    let res = query
+        .execute(&mut **tx)
+        .await
+        .map_err(q("update build to finished"))?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    release_lease_tx(tx, lease_id, "released").await?;
+    add_transition(tx, build_id, state, now, reason).await?;
+    Ok(true)
+}
+
+pub(crate) async fn requeue_tx(
+    tx: &mut Transaction<'_, Any>,
+    build_id: &str,
+    lease_id: &str,
+    lease_end: &str,
+    reason: &str,
+) -> Result<bool> {
+    let now = now_ms();
+    let attempt: Option<i64> = sqlx::query_scalar(
+        "SELECT attempt FROM builds WHERE id = $1 AND lease_id = $2 \
+         AND state IN ('placed', 'running')",
+    )
+    .bind(build_id)
+    .bind(lease_id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(q("select build to re-queue"))?;
+    let Some(attempt) = attempt else {
+        // The build moved on (finished, cancelled); the lease still must not stay live.
+        release_lease_tx(tx, lease_id, lease_end).await?;
+        return Ok(false);
+    };
+    // Fill any holes the lost attempt left, then one system line; the next attempt's
+    // chunk n is stored at log_base + n.
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM log_chunks WHERE build_id = $1 ORDER BY seq")
+            .bind(build_id)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(q("select log seqs"))?;
+    let next = seqs.last().map(|s| s + 1).unwrap_or(0);
+    let mut expect = 0;
+    for s in seqs.iter().copied().chain(std::iter::once(next)) {
+        while expect < s {
+            insert_log_tx(tx, build_id, expect, LogStream::System, 0, b"", now).await?;
+            expect += 1;
+        }
+        expect = s + 1;
+    }
+    let line = format!(
+        "hive: attempt {attempt} ended ({reason}); build re-queued as attempt {}\n",
+        attempt + 1
+    );
+    insert_log_tx(
+        tx,
+        build_id,
+        next,
+        LogStream::System,
+        0,
+        line.as_bytes(),
+        now,
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE builds SET state = 'queued', box_id = '', cell_id = '', lease_id = '', \
+         started_at_ms = 0, warm_start = 0, attempt = attempt + 1, log_base = $1, \
+         updated_at_ms = $2, message = $3 WHERE id = $4",
+    )
+    .bind(next + 1)
+    .bind(now)
+    .bind(reason)
+    .bind(build_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("update build to queued"))?;
+    release_lease_tx(tx, lease_id, lease_end).await?;
+    add_transition(tx, build_id, BuildState::Queued, now, reason).await?;
+    Ok(true)
+}
+
+pub(crate) async fn insert_build_tx(
+    tx: &mut Transaction<'_, Any>,
+    b: &BuildRow,
+    reason: &str,
+) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO builds ({}, log_base) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, 0)",
+        build_columns!()
+    );
+    sqlx::query(&sql)
+        .bind(&b.id)
+        .bind(&b.project_id)
+        .bind(&b.project_name)
+        .bind(&b.repo_url)
+        .bind(&b.revision)
+        .bind(&b.git_ref)
+        .bind(b.state.short_name())
+        .bind(&b.box_id)
+        .bind(&b.cell_id)
+        .bind(&b.lease_id)
+        .bind(b.created_at_ms)
+        .bind(b.updated_at_ms)
+        .bind(b.started_at_ms)
+        .bind(i64::from(b.exit_code))
+        .bind(&b.message)
+        .bind(&b.trigger)
+        .bind(&b.size_class)
+        .bind(&b.private_network)
+        .bind(to_json(&b.steps))
+        .bind(to_json(&b.env))
+        .bind(i64::from(b.timeout_secs))
+        .bind(i64::from(b.warm_start))
+        .bind(i64::from(b.attempt))
+        .bind(&b.backend)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("insert build"))?;
+    add_transition(tx, &b.id, b.state, b.created_at_ms, reason).await
+}
+
+async fn add_transition(
+    tx: &mut Transaction<'_, Any>,
+    build_id: &str,
+    state: BuildState,
+    at_ms: i64,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO build_transitions (build_id, state, at_ms, reason) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(build_id)
+    .bind(state.short_name())
+    .bind(at_ms)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await
+    .map_err(q("insert build transition"))?;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! Webhook deliveries: each `X-GitHub-Delivery` id once, with the build it made (written in
+//! the build's own transaction), so a redelivery gets the same answer and no second build.
+
+use super::builds::{insert_build_tx, BuildRow};
+use super::{now_ms, q, Result, Store};
+
+/// What a webhook delivery turned into.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// First time this delivery id was seen; the build (if any) was inserted with it.
+    New,
+    /// Seen before: the stored answer.
+    Duplicate { build_id: String, outcome: String },
+}
+
+impl Store {
+    /// Records a webhook delivery and, in the same transaction, its build (if any). A delivery
+    /// id seen before changes nothing and returns the stored answer.
+    pub async fn record_delivery(
+        &self,
+        delivery_id: &str,
+        project_id: &str,
+        build: Option<&BuildRow>,
+        outcome: &str,
+    ) -> Result<Delivery> {
+        let mut tx = self.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO webhook_deliveries (delivery_id, project_id, build_id, outcome, at_ms) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (delivery_id) DO NOTHING",
+        )
+        .bind(delivery_id)
+        .bind(project_id)
+        .bind(build.map(|b| b.id.as_str()).unwrap_or(""))
+        .bind(outcome)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("insert webhook delivery"))?;
+        if res.rows_affected() == 0 {
+            tx.rollback().await.map_err(q("rollback"))?;
+            let (build_id, outcome): (String, String) = sqlx::query_as(
+                "SELECT build_id, outcome FROM webhook_deliveries WHERE delivery_id = $1",
+            )
+            .bind(delivery_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("select webhook delivery"))?;
+            return Ok(Delivery::Duplicate { build_id, outcome });
+        }
+        if let Some(build) = build {
+            insert_build_tx(&mut tx, build, "webhook push").await?;
+        }
+        tx.commit().await.map_err(q("commit webhook delivery"))?;
+        Ok(Delivery::New)
+    }
+}

@@ -1,0 +1,372 @@
+//! The durable store: projects, builds and their transitions, log chunks, webhook deliveries,
+//! boxes, cells, leases and private networks, in SQLite (a file, the zero-set-up default) or
+//! PostgreSQL, through one sqlx `Any` pool. Every build state change is one transaction that also
+//! writes its transition row and is conditional on the state (and lease) it expects, so two
+//! racing writers cannot both win; callers announce a change only after the call returned (after
+//! commit).
+//!
+//! One file per table family: `projects`, `deliveries`, `builds` (with transitions), `leases`,
+//! `logs`, `boxes` (with cells and the box session's [`BoxBatch`]) and `networks` (private
+//! networks, connectors, tunnel leases). Rows are read into `sqlx::FromRow` records of the
+//! column types and converted with checked conversions ([`checked`]); a value out of range is
+//! [`StoreError::Corrupt`], never a wrapped number. Each write has one path, a `*_tx` function
+//! taking the transaction; the `Store` methods run it in a transaction of their own (`in_tx!`).
+//!
+//! Portability rules kept here: `$n` placeholders, times as i64 ms, ids and states as TEXT,
+//! flags as 0/1 BIGINT, one migrations folder per database (`migrations/{sqlite,postgres}`).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hive_proto::v1::BuildState;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Executor, Transaction};
+
+/// Runs one write path (a `*_tx` function, or a few) in a transaction of its own and commits it:
+/// `in_tx!(store, "commit what", |tx| expr)`, where `expr` awaits on `tx: &mut Transaction` and
+/// gives a `Result`. An error returns before the commit, and the dropped transaction rolls back.
+/// (A macro, not a function taking an async closure: the futures must stay `Send` for tonic.)
+macro_rules! in_tx {
+    ($store:expr, $op:expr, |$tx:ident| $body:expr) => {{
+        let mut tx = $store.begin().await?;
+        let out = {
+            let $tx = &mut tx;
+            $body
+        }?;
+        tx.commit().await.map_err($crate::store::q($op))?;
+        Ok(out)
+    }};
+}
+
+mod boxes;
+mod builds;
+mod deliveries;
+mod leases;
+mod logs;
+pub mod networks;
+mod projects;
+
+pub use boxes::{BoxBatch, BoxRow, CellRow};
+pub use builds::{BuildFilter, BuildRow, Placement, TransitionRow};
+pub use deliveries::Delivery;
+pub use leases::LeaseRow;
+pub use logs::LogStored;
+pub use networks::{ConnectorRow, Issued, NetworkError, NetworkRow, TunnelLeaseRow};
+pub use projects::{repo_key, NewProject, ProjectRow};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Errors from the store. Each names the operation and its subject.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL {0:?} is neither sqlite:// nor postgres://")]
+    UnsupportedUrl(String),
+    #[error("create database directory {path}: {source}")]
+    CreateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connect to database {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("run {kind} migrations: {source}")]
+    Migrate {
+        kind: &'static str,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("project named {0:?} already exists")]
+    ProjectExists(String),
+    #[error("{op}: {source}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+    #[error("value {value} for column {col} does not fit a 64-bit integer")]
+    OutOfRange { col: &'static str, value: String },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub(crate) fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { op, source }
+}
+
+/// Which database sits behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+impl DbKind {
+    /// Picks the database from the URL scheme.
+    pub fn from_url(url: &str) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(DbKind::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DbKind::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_string()))
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DbKind::Sqlite => "sqlite",
+            DbKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A new id: UUIDv7, so ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// The handle on the database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    /// For reads outside transactions that API callers wait on (logs, builds, projects). On a
+    /// SQLite file these are separate read-only connections: under WAL they see every commit
+    /// that returned before they start, without queueing behind the one writer connection.
+    /// Elsewhere the same pool as `pool`.
+    reads: AnyPool,
+    kind: DbKind,
+}
+
+impl Store {
+    /// Opens (creating a SQLite file if missing) and migrates the database at `url`.
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let kind = DbKind::from_url(url)?;
+        let mut url = url.to_string();
+        if kind == DbKind::Sqlite {
+            if let Some(path) = sqlite_path(&url) {
+                if let Some(parent) = Path::new(&path).parent() {
+                    if !parent.as_os_str().is_empty() {
+                        std::fs::create_dir_all(parent).map_err(|source| {
+                            StoreError::CreateDir {
+                                path: parent.display().to_string(),
+                                source,
+                            }
+                        })?;
+                    }
+                }
+            }
+            if !url.contains("mode=") {
+                url.push_str(if url.contains('?') { "&" } else { "?" });
+                url.push_str("mode=rwc");
+            }
+        }
+        let shown = redact(&url);
+        let connect_err = |source| StoreError::Connect {
+            url: shown.clone(),
+            source,
+        };
+        let options = AnyConnectOptions::from_str(&url).map_err(connect_err)?;
+        let read_options = options.clone();
+        let pool_options = match kind {
+            // One connection: SQLite serializes writers anyway, and a single connection cannot
+            // hit the "upgrade a read transaction to write" SQLITE_BUSY that busy_timeout does
+            // not cover.
+            DbKind::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(1)
+                    .after_connect(|conn, _meta| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA busy_timeout = 5000").await?;
+                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            Ok(())
+                        })
+                    })
+            }
+            DbKind::Postgres => AnyPoolOptions::new().max_connections(16),
+        };
+        let pool = pool_options
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(connect_err)?;
+        let migrator = match kind {
+            DbKind::Sqlite => &SQLITE_MIGRATIONS,
+            DbKind::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                kind: kind.name(),
+                source,
+            })?;
+        // Opened after the migrations, so the file exists and is in WAL mode. An in-memory
+        // database is one per connection: there the writer serves the reads too.
+        let reads = match kind {
+            DbKind::Sqlite if sqlite_path(&url).is_some() => AnyPoolOptions::new()
+                .max_connections(2)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA query_only = ON").await?;
+                        Ok(())
+                    })
+                })
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(read_options)
+                .await
+                .map_err(connect_err)?,
+            _ => pool.clone(),
+        };
+        Ok(Store { pool, reads, kind })
+    }
+
+    pub fn kind(&self) -> DbKind {
+        self.kind
+    }
+
+    /// Waits for in-flight queries and closes every connection.
+    pub async fn close(&self) {
+        self.reads.close().await;
+        self.pool.close().await;
+    }
+
+    /// A round trip to the database (for `/healthz`).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(q("health check query"))?;
+        Ok(())
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Any>> {
+        self.pool.begin().await.map_err(q("begin transaction"))
+    }
+}
+
+/// A stored integer as the narrower or unsigned type a row field has; out of range is corrupt
+/// (never wrapped).
+pub(crate) fn checked<T, V>(col: &'static str, v: V) -> Result<T>
+where
+    T: TryFrom<V>,
+    V: Copy + std::fmt::Display,
+{
+    T::try_from(v).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "column {col}: {v} is out of range for {}",
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// A number to bind into an i64 column; one that does not fit is refused (never wrapped).
+pub(crate) fn to_i64<V>(col: &'static str, v: V) -> Result<i64>
+where
+    i64: TryFrom<V>,
+    V: Copy + std::fmt::Display,
+{
+    i64::try_from(v).map_err(|_| StoreError::OutOfRange {
+        col,
+        value: v.to_string(),
+    })
+}
+
+pub(crate) fn parse_state(s: &str) -> Result<BuildState> {
+    BuildState::from_short_name(s).ok_or_else(|| StoreError::Corrupt(format!("build state {s:?}")))
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(col: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("column {col}: {e}")))
+}
+
+/// The file path of a `sqlite://` URL (None for in-memory databases).
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or("");
+    if path.is_empty() || path == ":memory:" {
+        None
+    } else {
+        Some(path.to_string())
+    }
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((creds, host)) = rest.split_once('@') {
+            if let Some((user, _)) = creds.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_keys_ignore_git_suffix_and_slash() {
+        assert_eq!(
+            repo_key("https://github.com/o/r.git"),
+            "https://github.com/o/r"
+        );
+        assert_eq!(
+            repo_key("https://github.com/o/r/"),
+            "https://github.com/o/r"
+        );
+        assert_eq!(
+            repo_key(" https://github.com/o/r.git/ "),
+            "https://github.com/o/r"
+        );
+        assert_eq!(repo_key("git@github.com:o/r.git"), "git@github.com:o/r");
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            DbKind::from_url("sqlite:///tmp/x.db").unwrap(),
+            DbKind::Sqlite
+        );
+        assert_eq!(
+            DbKind::from_url("postgres://a@b/c").unwrap(),
+            DbKind::Postgres
+        );
+        assert!(DbKind::from_url("mysql://x").is_err());
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/x.db?mode=rwc").unwrap(),
+            "/tmp/x.db"
+        );
+        assert_eq!(sqlite_path("sqlite://rel/x.db").unwrap(), "rel/x.db");
+        assert_eq!(
+            redact("postgres://hive:pw@h:5432/db"),
+            "postgres://hive:***@h:5432/db"
+        );
+    }
+}

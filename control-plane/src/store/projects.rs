@@ -1,0 +1,187 @@
+//! Projects: what a push builds (repository, branch, steps, env, size class, network) and the
+//! webhook secret. Looked up by id or name, and by repository URL for webhooks ([`repo_key`]).
+
+use std::collections::BTreeMap;
+
+use super::{checked, from_json, new_id, now_ms, q, to_json, Result, Store, StoreError};
+
+/// A project as stored (the secret included: it is the webhook HMAC key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectRow {
+    pub id: String,
+    pub name: String,
+    pub repo_url: String,
+    pub secret: String,
+    pub branch: String,
+    pub size_class: String,
+    pub private_network: String,
+    pub steps: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: u32,
+    pub created_at_ms: i64,
+}
+
+/// What `create_project` needs; already validated by the caller.
+#[derive(Debug, Clone)]
+pub struct NewProject {
+    pub name: String,
+    pub repo_url: String,
+    pub secret: String,
+    pub branch: String,
+    pub size_class: String,
+    pub private_network: String,
+    pub steps: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: u32,
+}
+
+const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, size_class, private_network, \
+    steps_json, env_json, timeout_secs, created_at_ms";
+
+/// Normalizes a repository URL for matching: trims, drops a trailing `/` and `.git`.
+pub fn repo_key(url: &str) -> String {
+    let mut s = url.trim();
+    s = s.trim_end_matches('/');
+    if let Some(stripped) = s.strip_suffix(".git") {
+        s = stripped;
+    }
+    s.trim_end_matches('/').to_string()
+}
+
+impl Store {
+    pub async fn create_project(&self, p: &NewProject) -> Result<ProjectRow> {
+        let row = ProjectRow {
+            id: new_id(),
+            name: p.name.clone(),
+            repo_url: p.repo_url.clone(),
+            secret: p.secret.clone(),
+            branch: p.branch.clone(),
+            size_class: p.size_class.clone(),
+            private_network: p.private_network.clone(),
+            steps: p.steps.clone(),
+            env: p.env.clone(),
+            timeout_secs: p.timeout_secs,
+            created_at_ms: now_ms(),
+        };
+        let res = sqlx::query(
+            "INSERT INTO projects (id, name, repo_url, repo_key, secret, branch, size_class, \
+             private_network, steps_json, env_json, timeout_secs, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&row.id)
+        .bind(&row.name)
+        .bind(&row.repo_url)
+        .bind(repo_key(&row.repo_url))
+        .bind(&row.secret)
+        .bind(&row.branch)
+        .bind(&row.size_class)
+        .bind(&row.private_network)
+        .bind(to_json(&row.steps))
+        .bind(to_json(&row.env))
+        .bind(i64::from(row.timeout_secs))
+        .bind(row.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(q("insert project"))?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::ProjectExists(row.name));
+        }
+        Ok(row)
+    }
+
+    /// A project by id or by name.
+    pub async fn get_project(&self, name_or_id: &str) -> Result<Option<ProjectRow>> {
+        let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 OR name = $1");
+        let row = sqlx::query_as::<_, ProjectRecord>(&sql)
+            .bind(name_or_id)
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(q("select project"))?;
+        row.map(ProjectRow::try_from).transpose()
+    }
+
+    pub async fn list_projects(&self) -> Result<Vec<ProjectRow>> {
+        let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects ORDER BY name");
+        let rows = sqlx::query_as::<_, ProjectRecord>(&sql)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(q("list projects"))?;
+        rows.into_iter().map(ProjectRow::try_from).collect()
+    }
+
+    /// Deletes a project; its builds stay (they carry a snapshot). False if there was none.
+    pub async fn delete_project(&self, name_or_id: &str) -> Result<bool> {
+        let res = sqlx::query("DELETE FROM projects WHERE id = $1 OR name = $1")
+            .bind(name_or_id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete project"))?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    /// Projects whose repository URL matches any of `urls` (after [`repo_key`]).
+    pub async fn projects_for_repo(&self, urls: &[String]) -> Result<Vec<ProjectRow>> {
+        let mut keys: Vec<String> = urls
+            .iter()
+            .map(|u| repo_key(u))
+            .filter(|k| !k.is_empty())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT {PROJECT_COLUMNS} FROM projects WHERE repo_key IN ({}) \
+             ORDER BY created_at_ms, id",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query_as::<_, ProjectRecord>(&sql);
+        for k in &keys {
+            query = query.bind(k);
+        }
+        let rows = query
+            .fetch_all(&self.reads)
+            .await
+            .map_err(q("select projects by repository"))?;
+        rows.into_iter().map(ProjectRow::try_from).collect()
+    }
+}
+
+/// A `projects` row as the database holds it.
+#[derive(sqlx::FromRow)]
+struct ProjectRecord {
+    id: String,
+    name: String,
+    repo_url: String,
+    secret: String,
+    branch: String,
+    size_class: String,
+    private_network: String,
+    steps_json: String,
+    env_json: String,
+    timeout_secs: i64,
+    created_at_ms: i64,
+}
+
+impl TryFrom<ProjectRecord> for ProjectRow {
+    type Error = StoreError;
+
+    fn try_from(r: ProjectRecord) -> Result<Self> {
+        Ok(ProjectRow {
+            id: r.id,
+            name: r.name,
+            repo_url: r.repo_url,
+            secret: r.secret,
+            branch: r.branch,
+            size_class: r.size_class,
+            private_network: r.private_network,
+            steps: from_json("steps_json", &r.steps_json)?,
+            env: from_json::<BTreeMap<String, String>>("env_json", &r.env_json)?,
+            timeout_secs: checked("timeout_secs", r.timeout_secs)?,
+            created_at_ms: r.created_at_ms,
+        })
+    }
+}

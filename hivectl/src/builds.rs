@@ -1,0 +1,195 @@
+//! `submit`, `builds`, `build`, `logs`, `watch` and `cancel`.
+
+use std::io::Write;
+
+use hive_proto::v1::{
+    BuildState, CancelBuildRequest, ListBuildsRequest, StreamLogsRequest, SubmitBuildRequest,
+};
+use tokio_stream::StreamExt;
+
+use crate::ctl::{follow_states, outcome, progress_line, CliError, Ctl, Progress};
+use crate::render;
+
+/// `submit`, with `--wait` following the build to its end.
+pub(crate) async fn submit(
+    ctl: &mut Ctl,
+    project: String,
+    rev: Option<String>,
+    git_ref: Option<String>,
+    wait: bool,
+) -> Result<(), CliError> {
+    let b = ctl
+        .client
+        .submit_build(SubmitBuildRequest {
+            project: project.clone(),
+            revision: rev.unwrap_or_default(),
+            git_ref: git_ref.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| ctl.status(format!("submit build of {project:?}"), s))?
+        .into_inner();
+    if !wait {
+        return if ctl.json {
+            ctl.out_json(&render::build_json(&b))
+        } else {
+            ctl.out(&format!("build {} {}\n", b.id, render::state_name(b.state)))
+        };
+    }
+    let mut progress = Progress::new();
+    progress.set(progress_line(&b));
+    let end = follow_states(
+        ctl,
+        &b.id,
+        |b, p| {
+            if let Some(p) = p {
+                p.set(progress_line(b));
+            }
+        },
+        Some(&mut progress),
+    )
+    .await?;
+    progress.finish(progress_line(&end));
+    if ctl.json {
+        ctl.out_json(&render::build_json(&end))?;
+    } else {
+        ctl.out(&format!(
+            "build {} {}\n",
+            end.id,
+            render::state_name(end.state)
+        ))?;
+    }
+    outcome(&end)
+}
+
+/// `builds`.
+pub(crate) async fn list(
+    ctl: &mut Ctl,
+    project: Option<String>,
+    state: Option<BuildState>,
+    limit: u32,
+    now: i64,
+) -> Result<(), CliError> {
+    let bs = ctl
+        .client
+        .list_builds(ListBuildsRequest {
+            project: project.unwrap_or_default(),
+            state: state.unwrap_or(BuildState::Unspecified) as i32,
+            limit,
+        })
+        .await
+        .map_err(|s| ctl.status("list builds", s))?
+        .into_inner()
+        .builds;
+    if ctl.json {
+        ctl.out_json(&serde_json::Value::Array(
+            bs.iter().map(render::build_json).collect(),
+        ))
+    } else {
+        ctl.out(&render::builds_table(&bs, now))
+    }
+}
+
+/// `build`.
+pub(crate) async fn show(ctl: &mut Ctl, id: String, now: i64) -> Result<(), CliError> {
+    let b = ctl.get_build(&id).await?;
+    if ctl.json {
+        ctl.out_json(&render::build_json(&b))
+    } else {
+        ctl.out(&render::build_text(&b, now))
+    }
+}
+
+/// `logs`, with `-f` until the build ends.
+pub(crate) async fn logs(
+    ctl: &mut Ctl,
+    id: String,
+    follow: bool,
+    from: u64,
+) -> Result<(), CliError> {
+    let mut stream = ctl
+        .client
+        .stream_logs(StreamLogsRequest {
+            build_id: id.clone(),
+            from_seq: from,
+            follow,
+        })
+        .await
+        .map_err(|s| ctl.status(format!("logs of build {id}"), s))?
+        .into_inner();
+    while let Some(item) = stream.next().await {
+        let chunk = item.map_err(|s| ctl.status(format!("logs of build {id}"), s))?;
+        if ctl.json {
+            let mut line = render::log_json(&chunk).to_string();
+            line.push('\n');
+            ctl.out(&line)?;
+        } else {
+            let mut o = std::io::stdout().lock();
+            o.write_all(&chunk.data).map_err(CliError::Output)?;
+            o.flush().map_err(CliError::Output)?;
+        }
+    }
+    if !follow {
+        return Ok(());
+    }
+    let b = ctl.get_build(&id).await?;
+    if !BuildState::try_from(b.state).is_ok_and(BuildState::is_terminal) {
+        return Err(CliError::StreamCut {
+            what: format!("logs of build {id}"),
+        });
+    }
+    outcome(&b)
+}
+
+/// `watch`.
+pub(crate) async fn watch(ctl: &mut Ctl, id: String) -> Result<(), CliError> {
+    let json = ctl.json;
+    // Transitions already printed: the first answer carries the history, so a watch
+    // that attaches late still shows every state the build went through, in order.
+    let mut shown = 0usize;
+    let end = follow_states(
+        ctl,
+        &id,
+        |b, _| {
+            let mut out = String::new();
+            let earlier = b.transitions.len().saturating_sub(1);
+            for t in b.transitions.iter().take(earlier).skip(shown) {
+                out.push_str(&render::transition_line(t, &b.id, json));
+                out.push('\n');
+            }
+            shown = shown.max(b.transitions.len());
+            if json {
+                let mut v = render::build_json(b);
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("transitions");
+                    o.insert("kind".into(), "build".into());
+                }
+                out.push_str(&v.to_string());
+            } else {
+                out.push_str(&render::state_change_line(b));
+            }
+            // A closed stdout only ends the output, not the wait.
+            let _ = writeln!(std::io::stdout().lock(), "{out}");
+        },
+        None,
+    )
+    .await?;
+    outcome(&end)
+}
+
+/// `cancel`.
+pub(crate) async fn cancel(ctl: &mut Ctl, id: String, reason: String) -> Result<(), CliError> {
+    let b = ctl
+        .client
+        .cancel_build(CancelBuildRequest {
+            id: id.clone(),
+            reason,
+        })
+        .await
+        .map_err(|s| ctl.status(format!("cancel build {id}"), s))?
+        .into_inner();
+    if ctl.json {
+        ctl.out_json(&render::build_json(&b))
+    } else {
+        ctl.out(&format!("build {} {}\n", b.id, render::state_name(b.state)))
+    }
+}

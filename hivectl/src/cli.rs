@@ -1,0 +1,265 @@
+//! The command line: flags, subcommands and their arguments (clap), and the parsers of
+//! argument values. What each subcommand does lives in its area's module.
+
+use clap::{Args, Parser, Subcommand};
+use hive_proto::v1::BuildState;
+
+pub(crate) const EXIT_CODES: &str = "\
+Exit codes:
+  0   success (for `logs -f`, `watch`, `submit --wait`: the build succeeded)
+  1   the control plane refused the request (invalid input, already exists, ...) or failed
+  2   bad command line (unknown flag, missing argument, bad --addr)
+  3   cannot reach the control plane (not running, wrong --addr, connection lost)
+  4   not found (project, build or box)
+  10  the followed build failed
+  11  the followed build was cancelled
+  12  the followed build timed out
+  130 interrupted (SIGINT/SIGTERM) while waiting
+
+Environment: HIVE_ADDR (same as --addr).";
+
+/// Operator CLI for a Hive control plane.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hivectl",
+    version,
+    about = "Operate a Hive control plane: projects, builds, logs, boxes and cells.",
+    long_about = "Operate a Hive control plane over its gRPC API: register projects, submit and \
+                  cancel builds, follow their state and logs, inspect and cordon/drain boxes.\n\n\
+                  Output is human tables by default; --json gives stable JSON for scripts \
+                  (build states as short names: queued, placed, running, succeeded, failed, \
+                  cancelled, timed_out).",
+    after_help = EXIT_CODES
+)]
+pub(crate) struct Cli {
+    /// Control plane gRPC address.
+    #[arg(
+        long,
+        env = "HIVE_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub(crate) addr: String,
+    /// Print JSON instead of tables: listings an array, show commands an object; `logs` and
+    /// `watch` one object per line (chunk / state change).
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Give up connecting after this many seconds.
+    #[arg(long, default_value_t = 5, global = true, value_name = "SECS")]
+    pub(crate) connect_timeout: u64,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Manage one project (add, rm, show).
+    #[command(subcommand)]
+    Project(ProjectCommand),
+    /// List projects.
+    Projects,
+    /// Queue a build of a project (as if pushed), optionally waiting for it to end.
+    Submit {
+        /// Project name or id.
+        project: String,
+        /// Commit to build (default: the tip of --ref).
+        #[arg(long = "rev")]
+        rev: Option<String>,
+        /// Git ref, e.g. refs/heads/main (default: the project's branch).
+        #[arg(long = "ref")]
+        git_ref: Option<String>,
+        /// Wait until the build ends, showing progress; exit code tells how it ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List builds, newest first.
+    Builds {
+        /// Only this project (name or id).
+        #[arg(long)]
+        project: Option<String>,
+        /// Only this state (queued, placed, running, succeeded, failed, cancelled, timed_out).
+        #[arg(long, value_parser = parse_state)]
+        state: Option<BuildState>,
+        /// At most this many builds.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one build with its state history.
+    Build {
+        /// Build id.
+        id: String,
+    },
+    /// Print a build's log (raw bytes as the build wrote them).
+    Logs {
+        /// Build id.
+        id: String,
+        /// Keep streaming until the build ends; exit non-zero if it did not succeed.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start at this log chunk sequence number.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// Print the build's states so far, then each change until it ends. With --json: one
+    /// object per line, `kind` "transition" (a state it already left) or "build" (the build now).
+    Watch {
+        /// Build id.
+        id: String,
+    },
+    /// Cancel a build (queued or running).
+    Cancel {
+        /// Build id.
+        id: String,
+        /// Why (recorded with the state change).
+        #[arg(long, default_value = "cancelled with hivectl")]
+        reason: String,
+    },
+    /// List boxes with their pools.
+    Boxes,
+    /// List cells.
+    Cells {
+        /// Only the cells of this box.
+        #[arg(long = "box")]
+        box_id: Option<String>,
+    },
+    /// Cordon or drain a box.
+    #[command(subcommand, name = "box")]
+    BoxCmd(BoxCommand),
+    /// List size classes (cell shapes).
+    Classes,
+    /// Private networks builds can join (add, list, rm).
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Connectors that front private networks (add, list, rm).
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NetworkCommand {
+    /// Create a private network: the prefixes its builds reach through its connector.
+    Add {
+        /// Network name (unique).
+        name: String,
+        /// A prefix behind the connector, e.g. 10.20.0.0/16 (repeatable, at least one).
+        #[arg(long = "prefix", value_name = "CIDR", required = true)]
+        prefixes: Vec<String>,
+        /// Tunnel addresses for cells and the connector (default 10.250.0.0/24).
+        #[arg(long, value_name = "CIDR")]
+        tunnel_subnet: Option<String>,
+    },
+    /// List private networks.
+    List,
+    /// Delete a private network and its connectors (refused while a project uses it).
+    Rm {
+        /// Network name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConnectorCommand {
+    /// Register a connector; prints its token once (give it to hive-connector --token).
+    Add {
+        /// Network the connector fronts.
+        network: String,
+        /// HOST:PORT cells send WireGuard packets to.
+        #[arg(long)]
+        endpoint: String,
+        /// The connector's public key (hive-connector --print-public-key).
+        #[arg(long)]
+        public_key: String,
+    },
+    /// List connectors.
+    List {
+        /// Only the connectors of this network.
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Remove a connector (by id or public key); its session ends.
+    Rm {
+        /// Connector id or public key.
+        connector: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProjectCommand {
+    /// Register a project: pushes to its repository make builds.
+    Add(ProjectAdd),
+    /// Delete a project.
+    Rm {
+        /// Project name or id.
+        name: String,
+    },
+    /// Show a project.
+    Show {
+        /// Project name or id.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProjectAdd {
+    /// Project name (unique).
+    pub(crate) name: String,
+    /// Repository URL as the git host reports it (clone, ssh, git or html URL).
+    #[arg(long)]
+    pub(crate) repo: String,
+    /// Webhook secret shared with the git host (HMAC-SHA256 key).
+    #[arg(long)]
+    pub(crate) secret: String,
+    /// Only pushes to this branch make builds (default: every branch).
+    #[arg(long)]
+    pub(crate) branch: Option<String>,
+    /// Size class of the cells (default: the control plane's, `small`).
+    #[arg(long)]
+    pub(crate) size: Option<String>,
+    /// Private network the builds join.
+    #[arg(long)]
+    pub(crate) private_network: Option<String>,
+    /// Build timeout in seconds (default: the control plane's).
+    #[arg(long, value_name = "SECS")]
+    pub(crate) timeout: Option<u32>,
+    /// Environment for every step, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub(crate) env: Vec<(String, String)>,
+    /// A build step, run with /bin/sh -c (repeatable, in order; at least one).
+    #[arg(long = "step", value_name = "CMD", required = true)]
+    pub(crate) steps: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BoxCommand {
+    /// Give the box no new builds (running ones go on).
+    Cordon {
+        /// Box id.
+        id: String,
+    },
+    /// Let the box finish its builds, take no new ones, then leave.
+    Drain {
+        /// Box id.
+        id: String,
+    },
+}
+
+pub(crate) fn parse_state(s: &str) -> Result<BuildState, String> {
+    BuildState::from_short_name(s).ok_or_else(|| {
+        format!(
+            "unknown build state {s:?} (expected queued, placed, running, succeeded, failed, \
+             cancelled or timed_out)"
+        )
+    })
+}
+
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        Some(_) => Err(format!(
+            "bad environment entry {s:?}: the key before '=' must be a non-empty word"
+        )),
+        None => Err(format!("bad environment entry {s:?}: expected KEY=VALUE")),
+    }
+}

@@ -323,7 +323,7 @@ impl<B: CellBackend> Agent<B> {
                 Ok(()) => break,
                 Err(e) => {
                     self.connected.store(false, Ordering::SeqCst);
-                    tracing::warn!(error = %crate::jail::error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
+                    tracing::warn!(error = %hive_jail::error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
                 }
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -577,9 +577,9 @@ impl<B: CellBackend> Agent<B> {
         let (cell, warm) = match self.pool.take(&class.name).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(build = %a.build_id, error = %crate::jail::error_chain(&e), "rejecting assignment");
+                tracing::warn!(build = %a.build_id, error = %hive_jail::error_chain(&e), "rejecting assignment");
                 self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Rejected, |u| {
-                    u.message = crate::jail::error_chain(&e);
+                    u.message = hive_jail::error_chain(&e);
                 });
                 return;
             }

@@ -62,7 +62,7 @@ impl CellRecord {
 /// keep the same layout); the reaper's view at start-up.
 pub fn find_leftovers(
     data_dir: &Path,
-    cgroups: &crate::cgroup::Hierarchy,
+    cgroups: &hive_jail::cgroup::Hierarchy,
     cgroup_parent: &str,
 ) -> Vec<Leftover> {
     let cells = data_dir.join("cells");
@@ -126,7 +126,7 @@ pub enum BackendError {
         source: std::io::Error,
     },
     #[error("cell cgroup")]
-    Cgroup(#[from] crate::cgroup::CgroupError),
+    Cgroup(#[from] hive_jail::cgroup::CgroupError),
     #[error("cell network")]
     Net(#[from] crate::net::NetError),
     #[error("start jail helper {helper}")]

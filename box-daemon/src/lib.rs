@@ -8,13 +8,10 @@
 pub mod agent;
 pub mod backend;
 pub mod cell;
-pub mod cgroup;
 pub mod config;
 pub mod health;
-pub mod jail;
 pub mod microvm;
 pub mod net;
 pub mod pool;
 pub mod reaper;
 pub mod sandbox;
-pub mod vmm;

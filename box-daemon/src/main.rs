@@ -13,13 +13,13 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use hive_box::agent::{Agent, AgentConfig};
 use hive_box::backend::CellBackend;
-use hive_box::cgroup::Hierarchy;
 use hive_box::config::{self, BackendChoice, ClassCount, GuestFiles};
-use hive_box::jail::{self, error_chain, JailSpec};
 use hive_box::microvm::{MicrovmBackend, MicrovmConfig};
 use hive_box::net::{BoxNet, Subnet};
 use hive_box::pool::Pool;
 use hive_box::sandbox::{Sandbox, SandboxConfig};
+use hive_jail::cgroup::Hierarchy;
+use hive_jail::{error_chain, JailSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,11 +43,11 @@ enum Cmd {
     /// Run one microVM (a cell) in this process until the guest resets or a vCPU dies; the
     /// daemon starts it inside the cell's jail. Exit: 0 reset, 2 set-up, 3 shutdown, 4 vCPU
     /// failure, 143 SIGTERM.
-    Vmm(hive_box::vmm::cli::VmmArgs),
+    Vmm(hive_vmm::cli::VmmArgs),
     /// Internal: first program in a microVM cell's jail; gives the jail its own /dev/kvm and
     /// /dev/net/tun owned by the cell's uid, becomes that uid and execs `hive-box vmm`.
     #[command(hide = true)]
-    VmmLaunch(hive_box::microvm::LaunchArgs),
+    VmmLaunch(hive_jail::launch::LaunchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -192,22 +192,24 @@ fn main() -> ExitCode {
         // Before any thread exists: `vmm::cli::run` blocks SIGTERM/SIGINT for its signal thread.
         Some(Cmd::Vmm(args)) => {
             // The boot timer counts from here.
-            hive_box::vmm::process_start();
+            hive_vmm::process_start();
             init_tracing(LogFormat::Text);
-            ExitCode::from(hive_box::vmm::cli::run(&args).clamp(0, 255) as u8)
+            ExitCode::from(hive_vmm::cli::run(&args).clamp(0, 255) as u8)
         }
         Some(Cmd::VmmLaunch(args)) => {
-            let e = hive_box::microvm::launch(&args);
+            let e = hive_jail::launch::launch(&args);
             eprintln!("hive-box vmm-launch: {}", error_chain(&e));
             ExitCode::from(127)
         }
-        Some(Cmd::Jail(args)) => match JailSpec::load(&args.spec).and_then(|s| jail::run(&s)) {
-            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-            Err(e) => {
-                eprintln!("hive-box jail: {}", error_chain(&e));
-                ExitCode::from(126)
+        Some(Cmd::Jail(args)) => {
+            match JailSpec::load(&args.spec).and_then(|s| hive_jail::recipe::run(&s)) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("hive-box jail: {}", error_chain(&e));
+                    ExitCode::from(126)
+                }
             }
-        },
+        }
         None => {
             init_tracing(cli.run.log_format);
             match run(cli.run) {

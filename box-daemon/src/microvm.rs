@@ -15,12 +15,9 @@
 //! The guest ending (i8042 reset, crash, panic with `panic=-1 reboot=t`) ends the VMM process,
 //! hence the jail helper: [`CellBackend::is_alive`] turns false and the pool replaces the cell.
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,17 +25,20 @@ use hive_proto::v1::SizeClass;
 
 use crate::backend::{BackendError, CellBackend, CellRecord, CellSpec, Leftover};
 use crate::cell::{Cell, CellError, Connector};
-use crate::cgroup::{Hierarchy, Limits};
 use crate::config::GuestFiles;
-use crate::jail::{BindSpec, JailSpec, RootSpec};
 use crate::net::{
     create_guest_link, delete_tap, BoxNet, CellNetNames, CELL_TAP, GUEST_LINK_ADDR,
     GUEST_LINK_GATEWAY, NETNS_DIR,
 };
 use crate::sandbox::now_ms;
-pub use crate::vmm::config::CpuTemplate;
-use crate::vmm::config::{VmConfig, MAX_VCPUS};
-use crate::vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use hive_jail::cgroup::{Hierarchy, Limits};
+pub use hive_jail::launch::DevNum;
+use hive_jail::launch::{launch_args, KVM_NODE, VMM_BINARY};
+use hive_jail::{BindSpec, JailSpec, RootSpec};
+pub use hive_vmm::config::CpuTemplate;
+use hive_vmm::config::{BlockConfig, NetConfig, SerialConfig, VmConfig, VsockConfig, MAX_VCPUS};
+use hive_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use hive_vmm::ratelimit::{BucketConfig, RateLimitConfig};
 
 /// Default first uid of the VMMs: cell slot N runs as uid (and gid) base + N, so no two cells
 /// share one and none is a uid a host user has.
@@ -59,9 +59,6 @@ const JAIL_RUN: &str = "/cell/run";
 const JAIL_KERNEL: &str = "/images/kernel";
 const JAIL_ROOTFS_DISK: &str = "/images/rootfs.ext4";
 const JAIL_BUILD_DISK: &str = "/images/build.ext4";
-const JAIL_KVM: &str = "/dev/kvm";
-const JAIL_TUN: &str = "/dev/net/tun";
-const JAIL_VMM: &str = "/bin/hive-box";
 /// Name of the vsock muxer socket in `<cell>/run/`.
 const VSOCK_SOCKET: &str = "v.sock";
 
@@ -193,8 +190,11 @@ impl MicrovmBackend {
                     cfg.kvm_device.display()
                 ))
             })?;
-        let kvm_dev = DevNum::of(&cfg.kvm_device)?;
-        let tun_dev = DevNum::of(&cfg.tun_device)?;
+        let dev = |path: &Path| {
+            DevNum::of(path).map_err(|e| unavailable(format!("stat {}: {e}", path.display())))
+        };
+        let kvm_dev = dev(&cfg.kvm_device)?;
+        let tun_dev = dev(&cfg.tun_device)?;
         if cfg
             .vmm_uid_base
             .checked_add(cfg.net.subnet.slots())
@@ -206,7 +206,14 @@ impl MicrovmBackend {
                 cfg.net.subnet.slots()
             )));
         }
-        let libs = shared_libs(&cfg.vmm_binary)?;
+        // The VMM is this binary re-executed: its jail gets the libraries the loader would map.
+        let libs = hive_jail::libs::shared_libs(&cfg.vmm_binary).map_err(|e| {
+            unavailable(format!(
+                "shared libraries of {}: {}",
+                cfg.vmm_binary.display(),
+                hive_jail::error_chain(&e)
+            ))
+        })?;
         let cgroups = Hierarchy::detect()?;
         let dir_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -283,7 +290,7 @@ impl MicrovmBackend {
         };
         let g = &self.cfg.guest;
         let mut binds = vec![
-            ro(&self.cfg.vmm_binary, JAIL_VMM),
+            ro(&self.cfg.vmm_binary, VMM_BINARY),
             ro(&g.kernel, JAIL_KERNEL),
             ro(&g.rootfs_disk, JAIL_ROOTFS_DISK),
             ro(&g.build_disk, JAIL_BUILD_DISK),
@@ -309,8 +316,13 @@ impl MicrovmBackend {
             netns: Some(netns),
             cgroup_procs,
             pid_file: dir.join("pid"),
-            program: JAIL_VMM.into(),
-            args: launch_args(self.vmm_uid(spec.slot), self.kvm_dev, self.tun_dev),
+            program: VMM_BINARY.into(),
+            args: launch_args(
+                self.vmm_uid(spec.slot),
+                self.kvm_dev,
+                self.tun_dev,
+                Path::new(JAIL_VM_CONFIG),
+            ),
             env,
             seccomp: true,
         }
@@ -354,19 +366,17 @@ impl MicrovmBackend {
         for p in [serial.clone(), dir.join("run")] {
             std::os::unix::fs::chown(&p, Some(uid), Some(uid)).map_err(dir_err(&p))?;
         }
-        let checked: VmConfig = serde_json::from_value(vm_config_json(
+        vm_config(
             spec,
             shape,
             &host_files,
             &self.cfg.extra_cmdline,
             self.cfg.cpu_template,
-        ))
+        )
+        .validate()
         .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
-        checked
-            .validate()
-            .map_err(|e| unavailable(format!("VM config for cell {}: {e}", spec.id)))?;
         let vm_path = dir.join("vm.json");
-        let jail_cfg = vm_config_json(
+        let jail_cfg = vm_config(
             spec,
             shape,
             &VmFiles::in_jail(),
@@ -388,7 +398,7 @@ impl MicrovmBackend {
                 vcpus: u32::from(shape.vcpus),
                 memory_bytes: (u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024,
                 pids_max: BASE_PIDS + u32::from(shape.vcpus),
-                devices: crate::cgroup::MICROVM_DEVICES,
+                devices: hive_jail::cgroup::MICROVM_DEVICES,
             },
         )?;
         let net = self
@@ -464,175 +474,6 @@ impl MicrovmBackend {
     }
 }
 
-/// Arguments of `hive-box vmm-launch` inside the jail.
-fn launch_args(uid: u32, kvm: DevNum, tun: DevNum) -> Vec<String> {
-    vec![
-        "vmm-launch".into(),
-        "--uid".into(),
-        uid.to_string(),
-        "--kvm".into(),
-        kvm.to_string(),
-        "--tun".into(),
-        tun.to_string(),
-        "--config".into(),
-        JAIL_VM_CONFIG.into(),
-    ]
-}
-
-/// A character device number, `MAJOR:MINOR`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DevNum {
-    pub major: u64,
-    pub minor: u64,
-}
-
-impl DevNum {
-    fn of(path: &Path) -> Result<DevNum, BackendError> {
-        let m =
-            fs::metadata(path).map_err(|e| unavailable(format!("stat {}: {e}", path.display())))?;
-        let rdev = m.rdev();
-        Ok(DevNum {
-            major: nix::sys::stat::major(rdev),
-            minor: nix::sys::stat::minor(rdev),
-        })
-    }
-}
-
-impl std::fmt::Display for DevNum {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.major, self.minor)
-    }
-}
-
-impl FromStr for DevNum {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?}: expected MAJOR:MINOR"))?;
-        Ok(DevNum {
-            major: a.parse().map_err(|_| format!("{s:?}: bad major"))?,
-            minor: b.parse().map_err(|_| format!("{s:?}: bad minor"))?,
-        })
-    }
-}
-
-/// `hive-box vmm-launch`: the last step of the jail before the VMM (internal).
-#[derive(Debug, Clone, clap::Args)]
-pub struct LaunchArgs {
-    /// uid and gid to run the VMM as.
-    #[arg(long)]
-    pub uid: u32,
-    /// Device number of KVM (MAJOR:MINOR).
-    #[arg(long)]
-    pub kvm: DevNum,
-    /// Device number of the TUN/TAP control device (MAJOR:MINOR).
-    #[arg(long)]
-    pub tun: DevNum,
-    /// VM config, passed on to `hive-box vmm --config`.
-    #[arg(long)]
-    pub config: PathBuf,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LaunchError {
-    #[error("make device node {path}")]
-    Node {
-        path: PathBuf,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("give device node {path} to uid {uid}")]
-    Chown {
-        path: PathBuf,
-        uid: u32,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("become uid/gid {uid}")]
-    SetIds {
-        uid: u32,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("capabilities left after becoming uid {uid}: {caps}")]
-    CapsLeft { uid: u32, caps: String },
-    #[error("argument contains a NUL byte")]
-    Nul,
-    #[error("exec {JAIL_VMM}")]
-    Exec(#[source] nix::Error),
-}
-
-/// Runs as PID 1 of the VMM's jail (root, after pivot_root, no_new_privs and the jail's seccomp
-/// filter): makes /dev/kvm and a fresh /dev/net/tun on the jail's private /dev, owned by `uid`
-/// with mode 0600 (the jail bound the box's root-only TUN node there; that bind is undone in this
-/// jail only, the box's node is not changed), drops to uid/gid `uid` with no supplementary groups
-/// (which clears every capability), checks that, and execs the VMM. Returns only on failure.
-pub fn launch(args: &LaunchArgs) -> LaunchError {
-    match launch_inner(args) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    }
-}
-
-fn launch_inner(a: &LaunchArgs) -> Result<std::convert::Infallible, LaunchError> {
-    use nix::unistd::{Gid, Uid};
-    for (path, dev) in [(JAIL_KVM, a.kvm), (JAIL_TUN, a.tun)] {
-        let path = Path::new(path);
-        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_file(path);
-        nix::sys::stat::mknod(
-            path,
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-            nix::sys::stat::makedev(dev.major, dev.minor),
-        )
-        .map_err(|source| LaunchError::Node {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        nix::unistd::chown(path, Some(Uid::from_raw(a.uid)), Some(Gid::from_raw(a.uid))).map_err(
-            |source| LaunchError::Chown {
-                path: path.to_path_buf(),
-                uid: a.uid,
-                source,
-            },
-        )?;
-    }
-    let ids = |source| LaunchError::SetIds { uid: a.uid, source };
-    let gid = Gid::from_raw(a.uid);
-    nix::unistd::setgroups(&[]).map_err(ids)?;
-    nix::unistd::setresgid(gid, gid, gid).map_err(ids)?;
-    let uid = Uid::from_raw(a.uid);
-    nix::unistd::setresuid(uid, uid, uid).map_err(ids)?;
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    for field in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
-        let v = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .map(str::trim)
-            .unwrap_or("?");
-        if !v.bytes().all(|b| b == b'0') {
-            return Err(LaunchError::CapsLeft {
-                uid: a.uid,
-                caps: format!("{field} {v}"),
-            });
-        }
-    }
-    let cstr = |s: &str| CString::new(s).map_err(|_| LaunchError::Nul);
-    let argv = [
-        cstr(JAIL_VMM)?,
-        cstr("vmm")?,
-        cstr("--config")?,
-        cstr(&a.config.to_string_lossy())?,
-    ];
-    let env = std::env::vars()
-        .map(|(k, v)| cstr(&format!("{k}={v}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let err = nix::unistd::execve(&argv[0], &argv, &env).unwrap_err();
-    Err(LaunchError::Exec(err))
-}
-
 /// What an exit code of `hive-box jail` running `hive-box vmm` means.
 pub fn describe_exit(code: Option<i32>) -> String {
     match code {
@@ -676,47 +517,6 @@ fn tail(path: &Path, n: usize) -> String {
         .filter(|l| !l.trim().is_empty())
         .collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-/// Absolute paths of the shared libraries (and the ELF interpreter) `binary` loads, from `ldd`.
-/// A static binary has none.
-fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, BackendError> {
-    let out = std::process::Command::new("ldd")
-        .arg(binary)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| unavailable(format!("run ldd on {}: {e}", binary.display())))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        let all = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
-        if all.contains("not a dynamic executable") || all.contains("statically linked") {
-            return Ok(Vec::new());
-        }
-        return Err(unavailable(format!(
-            "ldd {}: {}",
-            binary.display(),
-            all.trim()
-        )));
-    }
-    Ok(parse_ldd(&text))
-}
-
-fn parse_ldd(text: &str) -> Vec<PathBuf> {
-    let mut libs = Vec::new();
-    for line in text.lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            let p = PathBuf::from(p);
-            if !libs.contains(&p) {
-                libs.push(p);
-            }
-        }
-    }
-    libs
 }
 
 /// A size class as the VMM can give it.
@@ -769,7 +569,7 @@ impl VmFiles {
             build_disk: JAIL_BUILD_DISK.into(),
             serial: JAIL_SERIAL.into(),
             vsock: Path::new(JAIL_RUN).join(VSOCK_SOCKET),
-            kvm: JAIL_KVM.into(),
+            kvm: KVM_NODE.into(),
         }
     }
 }
@@ -803,52 +603,60 @@ fn guest_mac(cell_id: &str) -> String {
 }
 
 /// A one-second bucket of `per_sec` tokens (so the burst is one second's worth); 0 = unlimited.
-fn bucket(per_sec: u64) -> Option<serde_json::Value> {
-    (per_sec > 0).then(|| serde_json::json!({ "size": per_sec, "refill_time_ms": 1000 }))
+fn bucket(per_sec: u64) -> Option<BucketConfig> {
+    (per_sec > 0).then_some(BucketConfig {
+        size: per_sec,
+        refill_time_ms: 1000,
+    })
 }
 
 /// The VM description for `spec` with the files at `files` (host paths to validate before start,
 /// jail paths for the file the VMM reads).
-fn vm_config_json(
+fn vm_config(
     spec: &CellSpec,
     shape: Shape,
     files: &VmFiles,
     extra_cmdline: &str,
     cpu: CpuTemplate,
-) -> serde_json::Value {
+) -> VmConfig {
     let class = &spec.size_class;
-    let mut disk_limit = serde_json::Map::new();
-    if let Some(b) = bucket(class.disk_bytes_per_sec) {
-        disk_limit.insert("bandwidth".into(), b);
-    }
-    if let Some(b) = bucket(class.disk_ops_per_sec) {
-        disk_limit.insert("ops".into(), b);
-    }
-    let mut net_limit = serde_json::Map::new();
-    if let Some(b) = bucket(class.net_bytes_per_sec) {
-        net_limit.insert("bandwidth".into(), b);
-    }
-    serde_json::json!({
-        "kernel": files.kernel,
-        "cmdline": guest_cmdline(&spec.id, extra_cmdline),
-        "vcpus": shape.vcpus,
-        "cpu": match cpu {
-            CpuTemplate::Host => "host",
-            CpuTemplate::Baseline => "baseline",
+    let disk_limit = RateLimitConfig {
+        bandwidth: bucket(class.disk_bytes_per_sec),
+        ops: bucket(class.disk_ops_per_sec),
+    };
+    let net_limit = RateLimitConfig {
+        bandwidth: bucket(class.net_bytes_per_sec),
+        ops: None,
+    };
+    let disk = |path: &Path| BlockConfig {
+        path: path.to_path_buf(),
+        read_only: true,
+        rate_limit: disk_limit,
+    };
+    VmConfig {
+        cmdline: guest_cmdline(&spec.id, extra_cmdline),
+        vcpus: shape.vcpus,
+        cpu,
+        kvm_device: files.kvm.clone(),
+        serial: SerialConfig {
+            path: Some(files.serial.clone()),
+            ..SerialConfig::default()
         },
-        "memory_mib": shape.memory_mib,
-        "kvm_device": files.kvm,
-        "serial": { "path": files.serial },
-        "block": [
-            { "path": files.rootfs_disk, "read_only": true, "rate_limit": disk_limit },
-            { "path": files.build_disk, "read_only": true, "rate_limit": disk_limit },
-        ],
-        "net": [{ "tap": CELL_TAP, "mac": guest_mac(&spec.id), "rate_limit": net_limit }],
-        "vsock": { "guest_cid": 3, "uds_path": files.vsock },
-        "rng": true,
+        block: vec![disk(&files.rootfs_disk), disk(&files.build_disk)],
+        net: vec![NetConfig {
+            tap: CELL_TAP.into(),
+            mac: Some(guest_mac(&spec.id)),
+            rate_limit: net_limit,
+        }],
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: files.vsock.clone(),
+        }),
+        rng: true,
         // The cell daemon marks init start and readiness; vmm.log gets the times from VMM exec.
-        "boot_timer": true,
-    })
+        boot_timer: true,
+        ..VmConfig::new(&files.kernel, shape.memory_mib)
+    }
 }
 
 impl CellBackend for MicrovmBackend {
@@ -861,7 +669,7 @@ impl CellBackend for MicrovmBackend {
             Ok(cell) => Ok(cell),
             Err(e) => {
                 if let Err(d) = self.destroy(&spec.id).await {
-                    tracing::warn!(cell = %spec.id, error = %crate::jail::error_chain(&d), "cleanup after failed create");
+                    tracing::warn!(cell = %spec.id, error = %hive_jail::error_chain(&d), "cleanup after failed create");
                 }
                 Err(e)
             }
@@ -993,17 +801,20 @@ mod tests {
             ..Default::default()
         };
         let s = spec(class);
-        let v = vm_config_json(
+        let v = vm_config(
             &s,
             Shape::of(&s.size_class),
             &VmFiles::in_jail(),
             "hive.log=debug",
             CpuTemplate::Host,
         );
-        let cfg: VmConfig = serde_json::from_value(v).expect("matches the VMM's schema");
+        // What the VMM reads back from vm.json.
+        let text = serde_json::to_string(&v).expect("serializes");
+        let cfg: VmConfig = serde_json::from_str(&text).expect("matches the VMM's schema");
+        assert_eq!(cfg, v);
         assert_eq!((cfg.vcpus, cfg.memory_mib), (2, 1024));
         assert_eq!(cfg.kernel, Path::new(JAIL_KERNEL));
-        assert_eq!(cfg.kvm_device, Path::new(JAIL_KVM));
+        assert_eq!(cfg.kvm_device, Path::new(KVM_NODE));
         assert_eq!(cfg.block.len(), 2);
         assert!(cfg.block.iter().all(|b| b.read_only));
         assert_eq!(cfg.cpu, CpuTemplate::Host);
@@ -1055,14 +866,13 @@ mod tests {
             ..Default::default()
         };
         let s = spec(class);
-        let v = vm_config_json(
+        let cfg = vm_config(
             &s,
             Shape::of(&s.size_class),
             &VmFiles::in_jail(),
             "",
             CpuTemplate::Baseline,
         );
-        let cfg: VmConfig = serde_json::from_value(v).unwrap();
         assert_eq!(cfg.vcpus, MAX_VCPUS);
         assert_eq!(cfg.cpu, CpuTemplate::Baseline);
         // 8 GiB fits (RAM continues above the MMIO hole); only vCPUs are clamped.
@@ -1071,22 +881,6 @@ mod tests {
             cfg.block[0].rate_limit.bandwidth.is_none() && cfg.block[0].rate_limit.ops.is_none()
         );
         assert!(cfg.net[0].rate_limit.bandwidth.is_none());
-    }
-
-    #[test]
-    fn ldd_output_parses() {
-        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-                    \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
-                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
-                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
-        assert_eq!(
-            parse_ldd(text),
-            vec![
-                PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
-                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
-                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
-            ]
-        );
     }
 
     #[test]
@@ -1114,35 +908,5 @@ mod tests {
         assert!(describe_exit(Some(2)).contains("set-up"));
         assert!(describe_exit(Some(137)).contains("signal 9"));
         assert!(describe_exit(None).contains("signal"));
-    }
-
-    #[test]
-    fn launch_args_round_trip_through_clap() {
-        #[derive(clap::Parser)]
-        struct T {
-            #[command(subcommand)]
-            cmd: C,
-        }
-        #[derive(clap::Subcommand)]
-        enum C {
-            VmmLaunch(LaunchArgs),
-        }
-        let kvm = DevNum {
-            major: 10,
-            minor: 232,
-        };
-        let tun = DevNum {
-            major: 10,
-            minor: 200,
-        };
-        let args = launch_args(900_003, kvm, tun);
-        let t = <T as clap::Parser>::try_parse_from(
-            std::iter::once("hive-box".to_string()).chain(args),
-        )
-        .expect("parses");
-        let C::VmmLaunch(a) = t.cmd;
-        assert_eq!((a.uid, a.kvm, a.tun), (900_003, kvm, tun));
-        assert_eq!(a.config, Path::new(JAIL_VM_CONFIG));
-        assert!("10".parse::<DevNum>().is_err());
     }
 }

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{BackendError, CellBackend, CellRecord, CellSpec, Leftover};
 use crate::cell::{Cell, CellError, Connector};
-use crate::cgroup::{Hierarchy, Limits};
-use crate::jail::{BindSpec, JailSpec, RootSpec};
 use crate::net::{BoxNet, CellNetNames};
+use hive_jail::cgroup::{Hierarchy, Limits};
+use hive_jail::{BindSpec, JailSpec, RootSpec};
 
 /// Where the cell daemon lives in the cell rootfs.
 pub const CELL_DAEMON: &str = "/sbin/hive-cell";
@@ -194,7 +194,7 @@ impl Sandbox {
                 } else {
                     class.pids_max
                 },
-                devices: crate::cgroup::SANDBOX_DEVICES,
+                devices: hive_jail::cgroup::SANDBOX_DEVICES,
             },
         )?;
         let net = self
@@ -265,7 +265,7 @@ impl CellBackend for Sandbox {
             Ok(cell) => Ok(cell),
             Err(e) => {
                 if let Err(d) = self.destroy(&spec.id).await {
-                    tracing::warn!(cell = %spec.id, error = %crate::jail::error_chain(&d), "cleanup after failed create");
+                    tracing::warn!(cell = %spec.id, error = %hive_jail::error_chain(&d), "cleanup after failed create");
                 }
                 Err(e)
             }

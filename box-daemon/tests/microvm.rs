@@ -1,6 +1,6 @@
 //! The microvm backend against the real kernel: real KVM, real netns + veth + TAP, real jail,
 //! real cgroup. This machine's KVM cannot boot Linux (DESIGN.md), so the "kernel" is the
-//! project's test guest (box-daemon/guest): the backend boots it exactly as it would boot
+//! project's test guest (vmm/guest): the backend boots it exactly as it would boot
 //! vmlinux (same VM config, disks, TAP, vsock, jail), and the guest drives every device and
 //! answers a host `CONNECT 1024` by echoing with an `ECHO:` prefix, then resets the VM.
 //!
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use hive_box::backend::{CellBackend, CellSpec};
 use hive_box::config::GuestFiles;
-use hive_box::jail::error_chain;
 use hive_box::microvm::{MicrovmBackend, MicrovmConfig, VMM_OVERHEAD_MIB};
 use hive_box::net::{link_exists, link_exists_in, BoxNet, CellNetNames, CELL_TAP, NETNS_DIR};
+use hive_jail::error_chain;
 use hive_proto::v1::SizeClass;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -46,7 +46,7 @@ fn guest_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hive-test-guest-microvm");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/guest/build.sh");
         let o = std::process::Command::new("sh")
             .arg(&script)
             .arg(&out)

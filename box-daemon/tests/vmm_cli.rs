@@ -33,7 +33,7 @@ fn guest_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hive-test-guest-cli");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/guest/build.sh");
         let o = Command::new("sh")
             .arg(&script)
             .arg(&out)

@@ -1,5 +1,5 @@
 //! `vmm-bench`: our VMM against QEMU microvm, side by side in one run, booting the same test
-//! guest (box-daemon/guest, which carries a PVH note so both load it the same way).
+//! guest (vmm/guest, which carries a PVH note so both load it the same way).
 //!
 //! With `--linux-kernel` it boots the real cell guest instead (our kernel, the cell rootfs with
 //! the cell daemon as init, the build image disk) to "cell daemon ready": Firecracker's boot-time
@@ -32,7 +32,7 @@ use clap::Parser;
              with ratios."
 )]
 struct Args {
-    /// Test guest ELF (default: build it with box-daemon/guest/build.sh into a temp dir).
+    /// Test guest ELF (default: build it with vmm/guest/build.sh into a temp dir).
     #[arg(long, env = "HIVE_BENCH_GUEST")]
     guest: Option<PathBuf>,
     /// Rounds per VMM (the median is reported).
@@ -75,7 +75,7 @@ impl Sample {
 
 fn main() {
     // The boot timer counts from here (in the child that runs the VM).
-    hive_box::vmm::process_start();
+    hive_vmm::process_start();
     let args = Args::parse();
     if let Some(cfg) = &args.run_vmm {
         // Boot-timer marks go to stderr, where the parent reads them.
@@ -83,7 +83,7 @@ fn main() {
             .with_ansi(false)
             .with_writer(std::io::stderr)
             .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "hive_box::vmm::boottimer=info",
+                "hive_vmm::boottimer=info",
             ))
             .init();
         std::process::exit(run_child(cfg));
@@ -104,21 +104,21 @@ fn main() {
 
 /// Child: one VM, console to stdout, report on stderr as `guest_resident_bytes=N`.
 fn run_child(path: &Path) -> i32 {
-    let cfg = match hive_box::vmm::VmConfig::from_file(path) {
+    let cfg = match hive_vmm::VmConfig::from_file(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmm-bench child: {}", hive_box::vmm::cli::format_chain(&e));
+            eprintln!("vmm-bench child: {}", hive_vmm::cli::format_chain(&e));
             return 2;
         }
     };
-    let opts = hive_box::vmm::RunOptions { seccomp: true };
-    match hive_box::vmm::run(&cfg, Arc::new(AtomicBool::new(false)), opts) {
+    let opts = hive_vmm::RunOptions { seccomp: true };
+    match hive_vmm::run(&cfg, Arc::new(AtomicBool::new(false)), opts) {
         Ok(r) => {
             eprintln!("guest_resident_bytes={}", r.guest_resident_bytes);
             r.exit.exit_code()
         }
         Err(e) => {
-            eprintln!("vmm-bench child: {}", hive_box::vmm::cli::format_chain(&e));
+            eprintln!("vmm-bench child: {}", hive_vmm::cli::format_chain(&e));
             2
         }
     }

@@ -17,7 +17,7 @@ use super::{
     collect_chain, device_type, write_to_descs, ChainError, Desc, VirtioDevice, Wait,
     VIRTIO_F_VERSION_1,
 };
-use crate::vmm::ratelimit::{RateLimitConfig, RateLimiter};
+use crate::ratelimit::{RateLimitConfig, RateLimiter};
 
 const SECTOR: u64 = 512;
 const F_RO: u64 = 1 << 5;
@@ -336,7 +336,7 @@ impl VirtioDevice for Block {
 mod tests {
     use super::super::testutil::{desc, memory, queue_with_chains, used, used_idx};
     use super::*;
-    use crate::vmm::ratelimit::BucketConfig;
+    use crate::ratelimit::BucketConfig;
     use vm_memory::GuestAddress;
 
     fn disk(

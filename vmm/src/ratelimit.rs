@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Configuration of one bucket: `size` tokens, refilled from empty to full in `refill_time_ms`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BucketConfig {
     /// Capacity in tokens (bytes or operations); also the burst.
@@ -19,7 +19,7 @@ pub struct BucketConfig {
 }
 
 /// Configuration of a limiter: either bucket may be absent (unlimited).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Bytes.

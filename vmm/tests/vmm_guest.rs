@@ -1,4 +1,4 @@
-//! The test guest (box-daemon/guest) through the real VMM on the real /dev/kvm.
+//! The test guest (vmm/guest) through the real VMM on the real /dev/kvm.
 //!
 //! The guest drives every device by polling and prints `OK <dev>` / `FAIL <dev> <why>`; these
 //! tests give it real peers: a raw disk file, a Unix-socket host for vsock (both directions), a
@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hive_box::vmm::{self, VmConfig, VmExit};
+use hive_vmm::{self as vmm, VmConfig, VmExit};
 
 /// Whether /dev/kvm opens; without it the test skips, loudly. Under `CI=true` it fails instead:
 /// CI has KVM, and a skip there would pass an untested VMM.

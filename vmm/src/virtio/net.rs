@@ -19,7 +19,7 @@ use super::{
     collect_chain, device_type, has_available, read_from_descs, write_to_descs, VirtioDevice, Wait,
     VIRTIO_F_VERSION_1,
 };
-use crate::vmm::ratelimit::{RateLimitConfig, RateLimiter};
+use crate::ratelimit::{RateLimitConfig, RateLimiter};
 
 const F_MAC: u64 = 1 << 5;
 /// struct virtio_net_hdr_v1 (with num_buffers), the header on every buffer in both directions.
@@ -312,7 +312,7 @@ mod tests {
 
     #[test]
     fn tx_rate_limit_defers_frames_until_refill() {
-        use crate::vmm::ratelimit::BucketConfig;
+        use crate::ratelimit::BucketConfig;
         let mem = memory();
         let (dev_side, peer) = pair();
         let limits = RateLimitConfig {

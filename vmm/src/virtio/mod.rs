@@ -8,6 +8,8 @@
 //! memory with virtio-queue's mock driver.
 
 pub mod block;
+/// Fuzz entry points: built for tests and with the `fuzz` feature only.
+#[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
 pub mod mmio;
 pub mod net;

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use super::ratelimit::{self, RateLimitConfig};
@@ -17,7 +17,7 @@ pub const MAX_VCPUS: u8 = 32;
 pub const MAX_DEVICES: usize = 16;
 
 /// How the kernel is entered.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BootProtocol {
     /// PVH if the ELF carries the note, else the Linux 64-bit boot protocol.
@@ -30,7 +30,7 @@ pub enum BootProtocol {
 }
 
 /// Which CPU features the guest sees.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuTemplate {
     /// Everything KVM supports (normalized topology).
@@ -42,7 +42,7 @@ pub enum CpuTemplate {
 }
 
 /// Where the serial console goes.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     /// Log file (created or appended); `None` means the VMM's stdout.
@@ -74,7 +74,7 @@ impl Default for SerialConfig {
 }
 
 /// One virtio-blk disk backed by a raw file.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BlockConfig {
     /// Raw image file.
@@ -88,7 +88,7 @@ pub struct BlockConfig {
 }
 
 /// One virtio-net interface backed by a TAP device in the VMM's network namespace.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// TAP interface name (created if absent, attached if it exists).
@@ -102,7 +102,7 @@ pub struct NetConfig {
 }
 
 /// The virtio-vsock device and its host-side Unix socket.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// Guest context id (>= 3; 0-2 are reserved).
@@ -113,7 +113,7 @@ pub struct VsockConfig {
 }
 
 /// The whole VM.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Kernel image: ELF vmlinux (PVH note or not) or bzImage.
@@ -239,6 +239,27 @@ pub enum Error {
 }
 
 impl VmConfig {
+    /// A VM booting `kernel` with `memory_mib` of memory and every other field at its default
+    /// (one vCPU, host CPU template, serial to stdout, no devices); set the rest as plain fields.
+    /// Serialized with serde, it is the file `hive-box vmm --config` reads.
+    pub fn new(kernel: impl Into<PathBuf>, memory_mib: u32) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            cmdline: String::new(),
+            boot: BootProtocol::default(),
+            vcpus: default_vcpus(),
+            cpu: CpuTemplate::default(),
+            memory_mib,
+            serial: SerialConfig::default(),
+            block: Vec::new(),
+            net: Vec::new(),
+            vsock: None,
+            rng: false,
+            kvm_device: default_kvm_device(),
+            boot_timer: false,
+        }
+    }
+
     /// Reads, parses and validates a JSON file.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
@@ -421,6 +442,34 @@ mod tests {
             let err = parse(v).expect_err(want);
             assert!(err.to_string().contains(want), "{err} should name {want}");
         }
+    }
+
+    #[test]
+    fn new_has_the_file_defaults_and_round_trips() {
+        let k = tempfile::NamedTempFile::new().expect("temp kernel");
+        let mut cfg = VmConfig::new(k.path(), 64);
+        assert_eq!(cfg, parse(base(k.path())).expect("valid"));
+        cfg.vcpus = 2;
+        cfg.cpu = CpuTemplate::Baseline;
+        cfg.block.push(BlockConfig {
+            path: k.path().into(),
+            read_only: true,
+            rate_limit: RateLimitConfig {
+                bandwidth: Some(ratelimit::BucketConfig {
+                    size: 1000,
+                    refill_time_ms: 1000,
+                }),
+                ops: None,
+            },
+        });
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+        });
+        let text = serde_json::to_string(&cfg).expect("serializes");
+        assert!(text.contains("\"cpu\":\"baseline\""), "{text}");
+        let back = parse(serde_json::from_str(&text).expect("json")).expect("valid");
+        assert_eq!(back, cfg);
     }
 
     #[test]

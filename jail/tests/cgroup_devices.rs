@@ -4,7 +4,7 @@
 //! needs a BPF program there, which is not written yet).
 use std::process::Command;
 
-use hive_box::cgroup::{Hierarchy, Limits, SANDBOX_DEVICES};
+use hive_jail::cgroup::{Hierarchy, Limits, SANDBOX_DEVICES};
 
 /// A 1 MiB file attached to a loop device; detached on drop.
 struct Loop {
@@ -85,7 +85,7 @@ async fn a_cell_cgroup_allows_its_character_devices_and_no_block_device() {
         )
         .expect("create cgroup");
     // Removed even when an assertion fails (a retry must not find it).
-    struct Cleanup(hive_box::cgroup::Cgroup, Hierarchy);
+    struct Cleanup(hive_jail::cgroup::Cgroup, Hierarchy);
     impl Drop for Cleanup {
         fn drop(&mut self) {
             for d in self.0.dirs() {

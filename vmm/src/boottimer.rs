@@ -1,7 +1,7 @@
 //! The boot timer (Firecracker's method for measuring guest boot): one MMIO page at
 //! [`BOOT_TIMER_ADDR`] where the guest's init writes a byte at each milestone (the cell daemon:
 //! 1 = init started, 2 = ready). Each write is logged with the time since the VMM process
-//! started ([`crate::vmm::process_start`]), so boot time is measured from VMM exec, not from
+//! started ([`crate::process_start`]), so boot time is measured from VMM exec, not from
 //! a host-side guess. Reads return zero. Present only when the VM config asks for it.
 //!
 //! Bounded: a guest that keeps writing gets its first [`MAX_MARKS`] writes logged, no more.
@@ -58,7 +58,7 @@ impl BootTimer {
 // The page lies above the virtio windows (64 are far more than any cell has), below the IOAPIC
 // and the RAM that continues at 4 GiB.
 const _: () = {
-    use crate::vmm::memory::{HIGH_RAM_START, MMIO_BASE, MMIO_SIZE};
+    use crate::memory::{HIGH_RAM_START, MMIO_BASE, MMIO_SIZE};
     assert!(BOOT_TIMER_ADDR >= MMIO_BASE + 64 * MMIO_SIZE);
     assert!(BOOT_TIMER_ADDR + BOOT_TIMER_SIZE <= 0xfec0_0000);
     assert!(BOOT_TIMER_ADDR < HIGH_RAM_START);

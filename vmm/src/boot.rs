@@ -546,7 +546,7 @@ mod tests {
 
     #[test]
     fn memory_map_skips_the_mmio_hole_for_large_guests() {
-        use crate::vmm::memory::{HIGH_RAM_START, MMIO_BASE};
+        use crate::memory::{HIGH_RAM_START, MMIO_BASE};
         let big = 16u64 << 30;
         let map = memory_map(big);
         assert_eq!(map.len(), 4);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hive_box::vmm::{self, VmConfig, VmExit};
+use hive_vmm::{self as vmm, VmConfig, VmExit};
 
 fn kernel() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("HIVE_GUEST_KERNEL") {

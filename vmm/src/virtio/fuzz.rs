@@ -1,4 +1,4 @@
-//! Entry points for the fuzz targets in `box-daemon/fuzz/` (and for the smoke runs in this
+//! Entry points for the fuzz targets in `vmm/fuzz/` (and for the smoke runs in this
 //! module's tests): untrusted guest bytes into the vsock packet parser, and untrusted descriptor
 //! tables, rings and buffers into every device's queue handling. Neither may panic, loop forever
 //! or touch memory outside the guest.
@@ -16,7 +16,7 @@ use super::net::Net;
 use super::rng::Rng;
 use super::vsock::{Packet, Vsock};
 use super::VirtioDevice;
-use crate::vmm::ratelimit::RateLimitConfig;
+use crate::ratelimit::RateLimitConfig;
 
 const MEM_SIZE: usize = 1 << 20;
 const DESC_TABLE: u64 = 0x1000;

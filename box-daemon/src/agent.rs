@@ -22,10 +22,10 @@ use tokio::sync::{watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
+use crate::backend::now_ms;
 use crate::backend::CellBackend;
 use crate::cell::Cell;
 use crate::pool::Pool;
-use crate::sandbox::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

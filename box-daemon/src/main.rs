@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use hive_box::agent::{Agent, AgentConfig};
+use hive_box::backend::microvm::{GuestFiles, MicrovmBackend, MicrovmConfig};
+use hive_box::backend::sandbox::{Sandbox, SandboxConfig};
 use hive_box::backend::CellBackend;
-use hive_box::config::{self, BackendChoice, ClassCount, GuestFiles};
-use hive_box::microvm::{MicrovmBackend, MicrovmConfig};
+use hive_box::config::{self, BackendChoice, ClassCount};
 use hive_box::net::{BoxNet, Subnet};
 use hive_box::pool::Pool;
-use hive_box::sandbox::{Sandbox, SandboxConfig};
 use hive_jail::cgroup::Hierarchy;
 use hive_jail::{error_chain, JailSpec};
 
@@ -113,7 +113,7 @@ struct RunArgs {
     #[arg(long, env = "HIVE_GUEST_CPU_TEMPLATE", default_value = "host", value_parser = ["host", "baseline"])]
     guest_cpu_template: String,
     /// microvm: the VMM of cell slot N runs as uid and gid BASE + N.
-    #[arg(long, env = "HIVE_VMM_UID_BASE", default_value_t = hive_box::microvm::DEFAULT_VMM_UID_BASE)]
+    #[arg(long, env = "HIVE_VMM_UID_BASE", default_value_t = hive_box::backend::microvm::DEFAULT_VMM_UID_BASE)]
     vmm_uid_base: u32,
     /// Address of the HTTP /healthz endpoint.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
@@ -282,7 +282,7 @@ enum Chosen {
 /// the guest files, and says why when it falls back to the sandbox.
 fn choose_backend(args: &RunArgs) -> Result<Chosen, MainError> {
     let guest = || {
-        GuestFiles::resolve(
+        config::guest_files(
             args.guest_kernel.as_deref(),
             args.guest_rootfs_disk.as_deref(),
             args.build_image_disk.as_deref(),
@@ -414,7 +414,7 @@ async fn run_async(
             cfg.extra_cmdline = args.guest_cmdline.clone();
             cfg.vmm_uid_base = args.vmm_uid_base;
             if args.guest_cpu_template == "baseline" {
-                cfg.cpu_template = hive_box::microvm::CpuTemplate::Baseline;
+                cfg.cpu_template = hive_box::backend::microvm::CpuTemplate::Baseline;
             }
             if let Ok(v) = std::env::var("HIVE_VMM_LOG") {
                 cfg.vmm_env.insert("RUST_LOG".to_string(), v);

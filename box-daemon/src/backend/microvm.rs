@@ -1,44 +1,41 @@
 //! The microVM backend: each cell is a guest kernel on the box's own VMM (`hive-box vmm`), the
 //! cell daemon as its init, reached over virtio-vsock.
 //!
-//! Per cell it lays out `<data>/cells/<id>/` (record, `vm.json`, `serial.log`, `run/` for the
-//! vsock sockets, the jail's overlay dirs), makes the cgroup (guest memory plus a VMM allowance),
-//! the cell network from [`net`](crate::net) (netns + veth, as the sandbox) plus a TAP in that
-//! netns for the guest ([`create_guest_link`]: routed, the netns masquerades the guest out of its
-//! `eth0`), and starts `hive-box jail` running `hive-box vmm-launch` ([`launch`]), which gives the
-//! jail its own /dev/kvm and /dev/net/tun owned by the cell's unprivileged uid, becomes that uid
-//! and execs `hive-box vmm --config /cell/vm.json`. The jail's root holds only the VMM binary and
-//! its shared libraries, the cell's files and the guest's kernel and disks (read-only). The box
-//! daemon reaches the cell daemon through the VMM's vsock muxer socket
+//! The [jailed core](super::jailed) does the cell's directory, cgroup, network and helper; this
+//! adds, per cell: `vm.json` (a typed [`VmConfig`] written with serde, checked against the host
+//! paths first), `serial.log` and `run/` owned by the cell's VMM uid, cgroup limits of guest
+//! memory plus a VMM allowance, a TAP in the cell's netns for the guest ([`create_guest_link`]:
+//! routed, the netns masquerades the guest out of its `eth0`), and the jail: `hive-box jail`
+//! running `hive-box vmm-launch` ([`hive_jail::launch`]), which gives the jail its own /dev/kvm
+//! and /dev/net/tun owned by the cell's unprivileged uid, becomes that uid and execs
+//! `hive-box vmm --config /cell/vm.json`. The jail's root holds only the VMM binary and its
+//! shared libraries ([`hive_jail::libs`]), the cell's files and the guest's kernel and disks
+//! (read-only). The box daemon reaches the cell daemon through the VMM's vsock muxer socket
 //! ([`Connector::VsockMux`], guest port [`AGENT_PORT`]).
 //!
 //! The guest ending (i8042 reset, crash, panic with `panic=-1 reboot=t`) ends the VMM process,
-//! hence the jail helper: [`CellBackend::is_alive`] turns false and the pool replaces the cell.
-use std::collections::{BTreeMap, HashMap};
+//! hence the jail helper: `is_alive` turns false and the pool replaces the cell.
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hive_proto::v1::SizeClass;
-
-use crate::backend::{BackendError, CellBackend, CellRecord, CellSpec, Leftover};
-use crate::cell::{Cell, CellError, Connector};
-use crate::config::GuestFiles;
-use crate::net::{
-    create_guest_link, delete_tap, BoxNet, CellNetNames, CELL_TAP, GUEST_LINK_ADDR,
-    GUEST_LINK_GATEWAY, NETNS_DIR,
-};
-use crate::sandbox::now_ms;
-use hive_jail::cgroup::{Hierarchy, Limits};
+use hive_jail::cgroup::{Hierarchy, Limits, MICROVM_DEVICES};
 pub use hive_jail::launch::DevNum;
 use hive_jail::launch::{launch_args, KVM_NODE, VMM_BINARY};
 use hive_jail::{BindSpec, JailSpec, RootSpec};
+use hive_proto::v1::SizeClass;
 pub use hive_vmm::config::CpuTemplate;
 use hive_vmm::config::{BlockConfig, NetConfig, SerialConfig, VmConfig, VsockConfig, MAX_VCPUS};
 use hive_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use hive_vmm::ratelimit::{BucketConfig, RateLimitConfig};
+
+use super::jailed::{tail, CellKind, Jailed, Layout};
+use super::{BackendError, CellSpec};
+use crate::cell::Connector;
+use crate::net::{
+    create_guest_link, delete_tap, BoxNet, CELL_TAP, GUEST_LINK_ADDR, GUEST_LINK_GATEWAY,
+};
 
 /// Default first uid of the VMMs: cell slot N runs as uid (and gid) base + N, so no two cells
 /// share one and none is a uid a host user has.
@@ -61,6 +58,24 @@ const JAIL_ROOTFS_DISK: &str = "/images/rootfs.ext4";
 const JAIL_BUILD_DISK: &str = "/images/build.ext4";
 /// Name of the vsock muxer socket in `<cell>/run/`.
 const VSOCK_SOCKET: &str = "v.sock";
+/// The guest's console in the cell directory (rate-limited by the VMM).
+const SERIAL_LOG: &str = "serial.log";
+
+/// The files a microVM cell boots: kernel, root disk (/dev/vda) and build image disk (/dev/vdb).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFiles {
+    /// Guest kernel (ELF vmlinux with a PVH note, or bzImage).
+    pub kernel: PathBuf,
+    /// Cell rootfs as an ext4 image, the cell daemon as init (attached read-only).
+    pub rootfs_disk: PathBuf,
+    /// Build image as an ext4 image (attached read-only, mounted by the cell daemon).
+    pub build_disk: PathBuf,
+}
+
+/// Command that builds the guest kernel (prints `HIVE_GUEST_KERNEL=<dir>`).
+pub const BUILD_KERNEL_CMD: &str = "deploy/guest/build-kernel.sh";
+/// Command that builds the disk images (prints `HIVE_CELL_ROOTFS_DISK=` and `HIVE_BUILD_IMAGE_DISK=`).
+pub const BUILD_IMAGES_CMD: &str = "deploy/images/build-images.sh";
 
 #[derive(Debug, Clone)]
 pub struct MicrovmConfig {
@@ -108,9 +123,9 @@ impl MicrovmConfig {
     }
 }
 
-pub struct MicrovmBackend {
+/// The microVM's part of a [`Jailed`] backend.
+pub struct MicrovmKind {
     cfg: MicrovmConfig,
-    cgroups: Hierarchy,
     /// Read-only binds of the shared libraries the VMM binary loads.
     libs: Vec<PathBuf>,
     /// Device numbers of KVM and TUN, for the jail's own nodes.
@@ -118,18 +133,19 @@ pub struct MicrovmBackend {
     tun_dev: DevNum,
     /// Empty directory: the lower layer of every VMM jail's root.
     empty_root: PathBuf,
-    helpers: Mutex<HashMap<String, tokio::process::Child>>,
 }
 
-impl std::fmt::Debug for MicrovmBackend {
+impl std::fmt::Debug for MicrovmKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MicrovmBackend")
+        f.debug_struct("MicrovmKind")
             .field("cfg", &self.cfg)
-            .field("cgroups", &self.cgroups)
             .field("libs", &self.libs)
             .finish()
     }
 }
+
+/// The microvm backend.
+pub type MicrovmBackend = Jailed<MicrovmKind>;
 
 fn unavailable(reason: String) -> BackendError {
     BackendError::Unavailable {
@@ -138,7 +154,7 @@ fn unavailable(reason: String) -> BackendError {
     }
 }
 
-impl MicrovmBackend {
+impl Jailed<MicrovmKind> {
     /// Checks the guest files, the KVM device and the helpers; fails with a message naming what is
     /// missing (and what builds it) instead of failing every cell later.
     pub fn new(mut cfg: MicrovmConfig) -> Result<Self, BackendError> {
@@ -155,17 +171,9 @@ impl MicrovmBackend {
         }
         let g = &cfg.guest;
         for (what, path, build) in [
-            ("guest kernel", &g.kernel, crate::config::BUILD_KERNEL_CMD),
-            (
-                "cell rootfs disk image",
-                &g.rootfs_disk,
-                crate::config::BUILD_IMAGES_CMD,
-            ),
-            (
-                "build image disk",
-                &g.build_disk,
-                crate::config::BUILD_IMAGES_CMD,
-            ),
+            ("guest kernel", &g.kernel, BUILD_KERNEL_CMD),
+            ("cell rootfs disk image", &g.rootfs_disk, BUILD_IMAGES_CMD),
+            ("build image disk", &g.build_disk, BUILD_IMAGES_CMD),
         ] {
             if !path.is_file() {
                 return Err(unavailable(format!(
@@ -224,6 +232,7 @@ impl MicrovmBackend {
         cfg.data_dir = fs::canonicalize(&cfg.data_dir).map_err(dir_err(&cfg.data_dir))?;
         let empty_root = cfg.data_dir.join("vmm-root");
         fs::create_dir_all(&empty_root).map_err(dir_err(&empty_root))?;
+        let g = &cfg.guest;
         tracing::info!(
             kernel = %g.kernel.display(),
             rootfs_disk = %g.rootfs_disk.display(),
@@ -233,130 +242,72 @@ impl MicrovmBackend {
             "microvm backend: one jailed VMM per cell (own uid, no capabilities, seccomp, \
              no_new_privs)"
         );
-        Ok(MicrovmBackend {
+        let layout = Layout {
+            data_dir: cfg.data_dir.clone(),
+            cgroup_parent: cfg.cgroup_parent.clone(),
+            net: cfg.net.clone(),
+            helper: cfg.vmm_binary.clone(),
+        };
+        let kind = MicrovmKind {
             cfg,
-            cgroups,
             libs,
             kvm_dev,
             tun_dev,
             empty_root,
-            helpers: Mutex::new(HashMap::new()),
-        })
+        };
+        Jailed::with_kind(kind, layout, cgroups)
     }
 
     pub fn config(&self) -> &MicrovmConfig {
-        &self.cfg
-    }
-
-    pub fn cgroups(&self) -> &Hierarchy {
-        &self.cgroups
+        &self.kind().cfg
     }
 
     /// The uid (and gid) the VMM of the cell in `slot` runs as.
     pub fn vmm_uid(&self, slot: u32) -> u32 {
-        self.cfg.vmm_uid_base + slot
-    }
-
-    pub fn cell_dir(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("cells").join(id)
+        self.kind().vmm_uid(slot)
     }
 
     /// Host side of the cell's vsock muxer (guest connections to host port P go to `<this>_P`).
     pub fn vsock_path(&self, id: &str) -> PathBuf {
-        self.cell_dir(id).join("run").join(VSOCK_SOCKET)
+        self.run_dir(id).join(VSOCK_SOCKET)
     }
 
     /// The guest's serial console.
     pub fn serial_log(&self, id: &str) -> PathBuf {
-        self.cell_dir(id).join("serial.log")
+        self.cell_dir(id).join(SERIAL_LOG)
     }
 
     /// The VMM's (and jail helper's) own stdout/stderr.
     pub fn vmm_log(&self, id: &str) -> PathBuf {
-        self.cell_dir(id).join("vmm.log")
+        self.cell_dir(id).join(MicrovmKind::LOG_FILE)
     }
+}
 
-    fn jail_spec(&self, spec: &CellSpec, netns: PathBuf, cgroup_procs: Vec<PathBuf>) -> JailSpec {
-        let dir = self.cell_dir(&spec.id);
-        let ro = |source: &Path, target: &str| BindSpec {
-            source: source.to_path_buf(),
-            target: target.into(),
-            readonly: true,
-        };
-        let rw = |source: &Path, target: &str| BindSpec {
-            source: source.to_path_buf(),
-            target: target.into(),
-            readonly: false,
-        };
-        let g = &self.cfg.guest;
-        let mut binds = vec![
-            ro(&self.cfg.vmm_binary, VMM_BINARY),
-            ro(&g.kernel, JAIL_KERNEL),
-            ro(&g.rootfs_disk, JAIL_ROOTFS_DISK),
-            ro(&g.build_disk, JAIL_BUILD_DISK),
-            ro(&dir.join("vm.json"), JAIL_VM_CONFIG),
-            rw(&dir.join("serial.log"), JAIL_SERIAL),
-            rw(&dir.join("run"), JAIL_RUN),
-        ];
-        for lib in &self.libs {
-            binds.push(ro(lib, &lib.to_string_lossy()));
-        }
-        let mut env = self.cfg.vmm_env.clone();
-        env.entry("RUST_LOG".into())
-            .or_insert_with(|| "info".into());
-        JailSpec {
-            hostname: format!("vmm-{}", spec.id),
-            root: RootSpec {
-                lower: self.empty_root.clone(),
-                upper: dir.join("upper"),
-                work: dir.join("work"),
-                merged: dir.join("rootfs"),
-            },
-            binds,
-            netns: Some(netns),
-            cgroup_procs,
-            pid_file: dir.join("pid"),
-            program: VMM_BINARY.into(),
-            args: launch_args(
-                self.vmm_uid(spec.slot),
-                self.kvm_dev,
-                self.tun_dev,
-                Path::new(JAIL_VM_CONFIG),
-            ),
-            env,
-            seccomp: true,
-        }
+impl MicrovmKind {
+    fn vmm_uid(&self, slot: u32) -> u32 {
+        self.cfg.vmm_uid_base + slot
     }
+}
 
-    async fn try_create(&self, spec: &CellSpec) -> Result<Cell, BackendError> {
-        let dir = self.cell_dir(&spec.id);
+impl CellKind for MicrovmKind {
+    const NAME: &'static str = "microvm";
+    const LOG_FILE: &'static str = "vmm.log";
+    const READY_POLL: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
+
+    fn prepare(&self, spec: &CellSpec, dir: &Path) -> Result<Limits, BackendError> {
         let dir_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| BackendError::CellDir { path, source }
         };
-        for sub in ["upper", "work", "rootfs", "run"] {
-            fs::create_dir_all(dir.join(sub)).map_err(dir_err(&dir.join(sub)))?;
-        }
-        CellRecord {
-            id: spec.id.clone(),
-            size_class: spec.size_class.name.clone(),
-            slot: spec.slot,
-            created_at_ms: now_ms(),
-            ..Default::default()
-        }
-        .store(&dir)
-        .map_err(dir_err(&dir))?;
-
         // The config is checked against the host paths before anything is started, so a bad
         // class or file is an error here and not a VMM that exits at once.
-        let class = &spec.size_class;
-        let shape = Shape::of(class);
+        let shape = Shape::of(&spec.size_class);
         let host_files = VmFiles {
             kernel: self.cfg.guest.kernel.clone(),
             rootfs_disk: self.cfg.guest.rootfs_disk.clone(),
             build_disk: self.cfg.guest.build_disk.clone(),
-            serial: dir.join("serial.log"),
-            vsock: self.vsock_path(&spec.id),
+            serial: dir.join(SERIAL_LOG),
+            vsock: dir.join("run").join(VSOCK_SOCKET),
             kvm: self.cfg.kvm_device.clone(),
         };
         let serial = &host_files.serial;
@@ -390,87 +341,102 @@ impl MicrovmBackend {
                 .map_err(dir_err(&vm_path))?,
         )
         .map_err(dir_err(&vm_path))?;
-
-        let cgroup = self.cgroups.create(
-            &self.cfg.cgroup_parent,
-            &spec.id,
-            Limits {
-                vcpus: u32::from(shape.vcpus),
-                memory_bytes: (u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024,
-                pids_max: BASE_PIDS + u32::from(shape.vcpus),
-                devices: hive_jail::cgroup::MICROVM_DEVICES,
-            },
-        )?;
-        let net = self
-            .cfg
-            .net
-            .create_cell(&CellNetNames::for_cell(&spec.id), spec.slot)
-            .await?;
-        create_guest_link(&net.netns, CELL_TAP, uid).await?;
-
-        let jail = self.jail_spec(spec, net.netns.clone(), cgroup.procs_files());
-        let spec_path = dir.join("jail.json");
-        fs::write(
-            &spec_path,
-            serde_json::to_vec_pretty(&jail)
-                .map_err(std::io::Error::other)
-                .map_err(dir_err(&spec_path))?,
-        )
-        .map_err(dir_err(&spec_path))?;
-        // The VMM's own log (set-up errors, exit report) stays with the cell, out of the box
-        // daemon's log; the guest's console is serial.log, rate-limited by the VMM.
-        let log_path = self.vmm_log(&spec.id);
-        let log = fs::File::create(&log_path).map_err(dir_err(&log_path))?;
-        let log2 = log.try_clone().map_err(dir_err(&log_path))?;
-        let child = tokio::process::Command::new(&self.cfg.vmm_binary)
-            .arg("jail")
-            .arg("--spec")
-            .arg(&spec_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .env_clear()
-            .spawn()
-            .map_err(|source| BackendError::Spawn {
-                helper: self.cfg.vmm_binary.clone(),
-                source,
-            })?;
-        self.helpers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(spec.id.clone(), child);
-        Ok(Cell::new(
-            spec.id.clone(),
-            class.name.clone(),
-            Connector::VsockMux {
-                path: self.vsock_path(&spec.id),
-                port: AGENT_PORT,
-            },
-        ))
+        Ok(Limits {
+            vcpus: u32::from(shape.vcpus),
+            memory_bytes: (u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024,
+            pids_max: BASE_PIDS + u32::from(shape.vcpus),
+            devices: MICROVM_DEVICES,
+        })
     }
 
-    /// The helper's exit status once it ended (None while it runs or when unknown).
-    fn exit_code(&self, cell_id: &str) -> Option<Option<i32>> {
-        let mut helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
-        let child = helpers.get_mut(cell_id)?;
-        match child.try_wait() {
-            Ok(Some(status)) => Some(status.code()),
-            _ => None,
+    async fn attach(&self, spec: &CellSpec, netns: &Path) -> Result<(), BackendError> {
+        create_guest_link(netns, CELL_TAP, self.vmm_uid(spec.slot)).await?;
+        Ok(())
+    }
+
+    async fn detach(&self, netns: &Path) {
+        delete_tap(netns, CELL_TAP).await;
+    }
+
+    fn jail_spec(
+        &self,
+        spec: &CellSpec,
+        dir: &Path,
+        netns: PathBuf,
+        cgroup_procs: Vec<PathBuf>,
+    ) -> JailSpec {
+        let ro = |source: &Path, target: &str| BindSpec {
+            source: source.to_path_buf(),
+            target: target.into(),
+            readonly: true,
+        };
+        let rw = |source: &Path, target: &str| BindSpec {
+            source: source.to_path_buf(),
+            target: target.into(),
+            readonly: false,
+        };
+        let g = &self.cfg.guest;
+        let mut binds = vec![
+            ro(&self.cfg.vmm_binary, VMM_BINARY),
+            ro(&g.kernel, JAIL_KERNEL),
+            ro(&g.rootfs_disk, JAIL_ROOTFS_DISK),
+            ro(&g.build_disk, JAIL_BUILD_DISK),
+            ro(&dir.join("vm.json"), JAIL_VM_CONFIG),
+            rw(&dir.join(SERIAL_LOG), JAIL_SERIAL),
+            rw(&dir.join("run"), JAIL_RUN),
+        ];
+        for lib in &self.libs {
+            binds.push(ro(lib, &lib.to_string_lossy()));
+        }
+        let mut env = self.cfg.vmm_env.clone();
+        env.entry("RUST_LOG".into())
+            .or_insert_with(|| "info".into());
+        JailSpec {
+            hostname: format!("vmm-{}", spec.id),
+            root: RootSpec {
+                lower: self.empty_root.clone(),
+                upper: dir.join("upper"),
+                work: dir.join("work"),
+                merged: dir.join("rootfs"),
+            },
+            binds,
+            netns: Some(netns),
+            cgroup_procs,
+            pid_file: dir.join("pid"),
+            program: VMM_BINARY.into(),
+            args: launch_args(
+                self.vmm_uid(spec.slot),
+                self.kvm_dev,
+                self.tun_dev,
+                Path::new(JAIL_VM_CONFIG),
+            ),
+            env,
+            seccomp: true,
         }
     }
 
-    /// Why the cell ended: the exit code's meaning plus the ends of the serial console and of the
-    /// VMM's log.
-    fn death_detail(&self, id: &str) -> String {
-        let how = match self.exit_code(id) {
+    fn connector(&self, dir: &Path) -> Connector {
+        Connector::VsockMux {
+            path: dir.join("run").join(VSOCK_SOCKET),
+            port: AGENT_PORT,
+        }
+    }
+
+    /// The exit code's meaning plus the ends of the serial console and of the VMM's log.
+    fn death_detail(&self, dir: &Path, exit: Option<Option<i32>>) -> String {
+        let how = match exit {
             Some(code) => describe_exit(code),
             None => "no VMM process of this daemon".into(),
         };
         format!(
             "VMM exited ({how}); serial: {}; vmm: {}",
-            tail(&self.serial_log(id), 5),
-            tail(&self.vmm_log(id), 3)
+            tail(&dir.join(SERIAL_LOG), 5),
+            tail(&dir.join(Self::LOG_FILE), 3)
         )
+    }
+
+    fn last_words(&self, dir: &Path) -> String {
+        format!("serial: {}", tail(&dir.join(SERIAL_LOG), 5))
     }
 }
 
@@ -488,35 +454,6 @@ pub fn describe_exit(code: Option<i32>) -> String {
         Some(c) => format!("code {c}"),
         None => "killed by a signal".into(),
     }
-}
-
-/// Bytes read from the end of a log for [`tail`].
-const TAIL_BYTES: u64 = 8 * 1024;
-/// Characters kept of each line [`tail`] returns.
-const TAIL_LINE: usize = 240;
-
-/// The last `n` non-empty lines of a log file, joined with " | " (empty when missing). Bounded
-/// and cleaned: it comes from the guest and ends up in the box daemon's log.
-fn tail(path: &Path, n: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut buf = Vec::new();
-    if let Ok(mut f) = fs::File::open(path) {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
-        let _ = f.take(TAIL_BYTES).read_to_end(&mut buf);
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| {
-            l.chars()
-                .filter(|c| !c.is_control())
-                .take(TAIL_LINE)
-                .collect::<String>()
-        })
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// A size class as the VMM can give it.
@@ -659,124 +596,6 @@ fn vm_config(
     }
 }
 
-impl CellBackend for MicrovmBackend {
-    fn name(&self) -> &'static str {
-        "microvm"
-    }
-
-    async fn create(&self, spec: CellSpec) -> Result<Cell, BackendError> {
-        match self.try_create(&spec).await {
-            Ok(cell) => Ok(cell),
-            Err(e) => {
-                if let Err(d) = self.destroy(&spec.id).await {
-                    tracing::warn!(cell = %spec.id, error = %hive_jail::error_chain(&d), "cleanup after failed create");
-                }
-                Err(e)
-            }
-        }
-    }
-
-    async fn wait_ready(&self, cell: &Cell, timeout: Duration) -> Result<(), BackendError> {
-        let start = Instant::now();
-        let socket = self.vsock_path(&cell.id);
-        let mut last = String::from("vsock socket not there yet");
-        let mut pause = Duration::from_millis(5);
-        while start.elapsed() < timeout {
-            if !self.is_alive(&cell.id) {
-                return Err(CellError::Died {
-                    cell: cell.id.clone(),
-                    detail: self.death_detail(&cell.id),
-                }
-                .into());
-            }
-            if socket.exists() {
-                let left = timeout.saturating_sub(start.elapsed());
-                match cell.health(left.min(Duration::from_secs(2))).await {
-                    Ok(true) => return Ok(()),
-                    Ok(false) => last = "health answered ready=false".into(),
-                    Err(e) => last = e,
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
-        if !self.is_alive(&cell.id) {
-            return Err(CellError::Died {
-                cell: cell.id.clone(),
-                detail: self.death_detail(&cell.id),
-            }
-            .into());
-        }
-        Err(CellError::NotReady {
-            cell: cell.id.clone(),
-            waited: timeout,
-            last: format!("{last}; serial: {}", tail(&self.serial_log(&cell.id), 5)),
-        }
-        .into())
-    }
-
-    fn is_alive(&self, cell_id: &str) -> bool {
-        let mut helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
-        match helpers.get_mut(cell_id) {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    async fn destroy(&self, cell_id: &str) -> Result<(), BackendError> {
-        let child = self
-            .helpers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(cell_id);
-        // The VMM (PID 1 of the jail) first, so the helper reaps it and exits; see sandbox.rs.
-        if let Some(mut child) = child {
-            if let Ok(None) = child.try_wait() {
-                if let Some(pid) = fs::read_to_string(self.cell_dir(cell_id).join("pid"))
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-            }
-        }
-        // Whatever is still in the cgroup (a VMM from a previous run of the box) is killed.
-        let cgroup = self.cgroups.open(&self.cfg.cgroup_parent, cell_id);
-        let killed = cgroup.destroy().await;
-        let names = CellNetNames::for_cell(cell_id);
-        delete_tap(&Path::new(NETNS_DIR).join(&names.netns), CELL_TAP).await;
-        self.cfg.net.destroy_cell(&names).await;
-        let dir = self.cell_dir(cell_id);
-        if dir.exists() {
-            // The overlay and binds were mounted only in the jail's mount namespace.
-            fs::remove_dir_all(&dir).map_err(|source| BackendError::CellDir {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        killed?;
-        Ok(())
-    }
-
-    fn inspect(&self) -> Vec<Leftover> {
-        crate::backend::find_leftovers(&self.cfg.data_dir, &self.cgroups, &self.cfg.cgroup_parent)
-    }
-
-    fn record_build(&self, cell_id: &str, build_id: &str, lease_id: &str) {
-        crate::backend::record_build_in(&self.cell_dir(cell_id), cell_id, build_id, lease_id);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -881,25 +700,6 @@ mod tests {
             cfg.block[0].rate_limit.bandwidth.is_none() && cfg.block[0].rate_limit.ops.is_none()
         );
         assert!(cfg.net[0].rate_limit.bandwidth.is_none());
-    }
-
-    #[test]
-    fn tail_is_bounded_and_clean() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("serial.log");
-        let mut text = String::new();
-        for i in 0..2000 {
-            text.push_str(&format!("line {i}\x1b[31m\n"));
-        }
-        text.push_str(&"x".repeat(100_000));
-        text.push('\n');
-        fs::write(&p, text).unwrap();
-        let t = tail(&p, 3);
-        assert!(t.len() < 3 * (TAIL_LINE + 3), "{} bytes", t.len());
-        assert!(!t.contains('\x1b'));
-        assert!(tail(&dir.path().join("missing"), 3).is_empty());
-        fs::write(&p, "a\n\nb\nc\nd\n").unwrap();
-        assert_eq!(tail(&p, 2), "c | d");
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! The cell backend trait: what the pool and the agent need from "something that runs cells".
 //!
-//! Two implementations: `sandbox` (namespaces + cgroup + seccomp around the cell daemon, for hosts
-//! without usable KVM) and `microvm` (one jailed embedded VMM per cell, see `microvm`). Pool and agent code is generic over
+//! Both implementations are one [`jailed::Jailed`] core (cell directory, on-disk record, cgroup,
+//! network namespace, the `hive-box jail` helper, readiness polling, destroy) around a
+//! [`jailed::CellKind`] that adds what differs: [`sandbox`] (the cell daemon itself in the jail,
+//! on the box's kernel, for hosts without usable KVM) and [`microvm`] (one jailed embedded VMM per
+//! cell: VM config, TAP, `hive-box vmm-launch`). Pool and agent code is generic over
 //! [`CellBackend`] and never looks past it; the only backend-specific thing they hold is the
 //! [`Connector`](crate::cell::Connector) inside a [`Cell`](crate::cell::Cell).
+pub mod jailed;
+pub mod microvm;
+pub mod sandbox;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,54 +65,12 @@ impl CellRecord {
     }
 }
 
-/// The cells a backend left under `<data_dir>/cells` and in its cgroup parent (both backends
-/// keep the same layout); the reaper's view at start-up.
-pub fn find_leftovers(
-    data_dir: &Path,
-    cgroups: &hive_jail::cgroup::Hierarchy,
-    cgroup_parent: &str,
-) -> Vec<Leftover> {
-    let cells = data_dir.join("cells");
-    let mut found: std::collections::BTreeMap<String, Leftover> = Default::default();
-    if let Ok(entries) = std::fs::read_dir(&cells) {
-        for e in entries.flatten() {
-            let Ok(id) = e.file_name().into_string() else {
-                continue;
-            };
-            let dir = e.path();
-            found.insert(
-                id.clone(),
-                Leftover {
-                    record: CellRecord::load(&dir),
-                    id,
-                    dir,
-                },
-            );
-        }
-    }
-    // A cgroup without a directory (crash between the two) is still ours to remove.
-    for id in cgroups.children(cgroup_parent) {
-        let dir = cells.join(&id);
-        found.entry(id.clone()).or_insert(Leftover {
-            id,
-            dir,
-            record: None,
-        });
-    }
-    found.into_values().collect()
-}
-
-/// Adds the build and lease to the record in `cell_dir` (a missing record is started afresh).
-pub fn record_build_in(cell_dir: &Path, cell_id: &str, build_id: &str, lease_id: &str) {
-    let mut rec = CellRecord::load(cell_dir).unwrap_or_else(|| CellRecord {
-        id: cell_id.to_string(),
-        ..Default::default()
-    });
-    rec.build_id = build_id.to_string();
-    rec.lease_id = lease_id.to_string();
-    if let Err(e) = rec.store(cell_dir) {
-        tracing::warn!(cell = %cell_id, error = %e, "write cell record");
-    }
+/// Milliseconds since the Unix epoch (records and the times reported to the control plane).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A cell found on disk that no running daemon owns.

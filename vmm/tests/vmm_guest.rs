@@ -36,7 +36,10 @@ fn kvm_or_skip(test: &str) -> bool {
 fn guest_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hive-test-guest");
+        // One directory per process: nextest runs each test in its own process, and two builds
+        // into one directory race (one moves the file the other is about to move).
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("hive-test-guest-{}", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
         let o = std::process::Command::new("sh")
             .arg(&script)

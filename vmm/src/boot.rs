@@ -14,8 +14,11 @@ use std::path::Path;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+};
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::config::BootProtocol;
 use super::kvm::{self as hv, Vcpu};
@@ -181,33 +184,30 @@ pub fn memory_map(mem_size: u64) -> Vec<(u64, u64, bool)> {
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
-const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
-/// Writes the PVH `hvm_start_info` (version 1) and its memory map.
+/// Writes the PVH `hvm_start_info` (version 1) and its memory map (linux-loader's structs).
 pub fn write_pvh_info(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(), Error> {
     let map = memory_map(mem_size);
     let mut entries = Vec::new();
     for (addr, size, ram) in &map {
-        entries.extend_from_slice(&addr.to_le_bytes());
-        entries.extend_from_slice(&size.to_le_bytes());
-        entries.extend_from_slice(&(if *ram { E820_RAM } else { E820_RESERVED }).to_le_bytes());
-        entries.extend_from_slice(&0u32.to_le_bytes());
+        let entry = hvm_memmap_table_entry {
+            addr: *addr,
+            size: *size,
+            type_: if *ram { E820_RAM } else { E820_RESERVED },
+            reserved: 0,
+        };
+        entries.extend_from_slice(entry.as_slice());
     }
     write(mem, "PVH memory map", PVH_MEMMAP_ADDR, &entries)?;
-    // struct hvm_start_info: magic, version, flags, nr_modules, modlist_paddr, cmdline_paddr,
-    // rsdp_paddr, memmap_paddr, memmap_entries, reserved.
-    let mut info = Vec::with_capacity(56);
-    info.extend_from_slice(&XEN_HVM_START_MAGIC.to_le_bytes());
-    info.extend_from_slice(&1u32.to_le_bytes());
-    info.extend_from_slice(&0u32.to_le_bytes());
-    info.extend_from_slice(&0u32.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes());
-    info.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes());
-    info.extend_from_slice(&PVH_MEMMAP_ADDR.to_le_bytes());
-    info.extend_from_slice(&(map.len() as u32).to_le_bytes());
-    info.extend_from_slice(&0u32.to_le_bytes());
-    write(mem, "PVH start info", PVH_INFO_ADDR, &info)
+    let info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    write(mem, "PVH start info", PVH_INFO_ADDR, info.as_slice())
 }
 
 /// Writes the Linux zero page: setup header (from the bzImage, or a minimal one for an ELF),
@@ -570,7 +570,7 @@ mod tests {
         let len = write_cmdline(&mem, "console=ttyS0 hive.cell_id=c1").expect("cmdline");
         write_pvh_info(&mem, size).expect("pvh");
         let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).expect("read");
-        assert_eq!(magic, XEN_HVM_START_MAGIC);
+        assert_eq!(magic, 0x336e_c578, "XEN_HVM_START_MAGIC");
         let cmd: u64 = mem
             .read_obj(GuestAddress(PVH_INFO_ADDR + 24))
             .expect("read");

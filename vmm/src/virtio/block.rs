@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
+use virtio_bindings::virtio_blk as blk;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
@@ -20,24 +21,24 @@ use super::{
 use crate::ratelimit::{RateLimitConfig, RateLimiter};
 
 const SECTOR: u64 = 512;
-const F_RO: u64 = 1 << 5;
-const F_FLUSH: u64 = 1 << 9;
+const F_RO: u64 = 1 << blk::VIRTIO_BLK_F_RO;
+const F_FLUSH: u64 = 1 << blk::VIRTIO_BLK_F_FLUSH;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
+const T_IN: u32 = blk::VIRTIO_BLK_T_IN;
+const T_OUT: u32 = blk::VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = blk::VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = blk::VIRTIO_BLK_T_GET_ID;
 
 /// Status byte values.
-pub const S_OK: u8 = 0;
+pub const S_OK: u8 = blk::VIRTIO_BLK_S_OK as u8;
 /// I/O error (also: out of range, write to read-only disk).
-pub const S_IOERR: u8 = 1;
+pub const S_IOERR: u8 = blk::VIRTIO_BLK_S_IOERR as u8;
 /// Unsupported request type.
-pub const S_UNSUPP: u8 = 2;
+pub const S_UNSUPP: u8 = blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Largest data transfer accepted in one request.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
-const ID_LEN: usize = 20;
+const ID_LEN: usize = blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// Errors opening the backing file.
 #[derive(Debug, thiserror::Error)]

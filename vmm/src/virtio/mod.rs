@@ -23,18 +23,20 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// virtio 1.x feature bit every device offers (no legacy interface).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
-/// virtio device ids.
+/// virtio device ids (`VIRTIO_ID_*`).
 pub mod device_type {
+    use virtio_bindings::virtio_ids as ids;
+
     /// Network card.
-    pub const NET: u32 = 1;
+    pub const NET: u32 = ids::VIRTIO_ID_NET;
     /// Block device.
-    pub const BLOCK: u32 = 2;
+    pub const BLOCK: u32 = ids::VIRTIO_ID_BLOCK;
     /// Entropy source.
-    pub const RNG: u32 = 4;
+    pub const RNG: u32 = ids::VIRTIO_ID_RNG;
     /// Socket device.
-    pub const VSOCK: u32 = 19;
+    pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
 }
 
 /// Most descriptors one chain may have before the device refuses it.

@@ -21,9 +21,10 @@ use super::{
 };
 use crate::ratelimit::{RateLimitConfig, RateLimiter};
 
-const F_MAC: u64 = 1 << 5;
+const F_MAC: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 /// struct virtio_net_hdr_v1 (with num_buffers), the header on every buffer in both directions.
-pub const NET_HDR_LEN: usize = 12;
+pub const NET_HDR_LEN: usize =
+    std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>();
 /// Largest frame handled (no TSO/GSO is offered, so 1514 plus VLAN slack is plenty; the guest
 /// may still post bigger buffers).
 pub const MAX_FRAME: usize = 65_535;

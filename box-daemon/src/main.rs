@@ -1,9 +1,10 @@
 //! `hive-box`: the box daemon binary. Thin: parses flags, wires the library parts, handles signals.
 //!
 //! `hive-box [FLAGS]` runs the daemon; `hive-box jail --spec FILE` is the single-threaded helper
-//! both backends re-execute to put a cell process into its namespaces (see `jail`), and
-//! `hive-box vmm --config FILE` is one microVM (run inside that jail by the microvm backend, via
-//! the internal `hive-box vmm-launch`, which drops to the cell's uid first).
+//! both backends re-execute to put a cell process into its namespaces (`hive_jail::recipe`), and
+//! `hive-box vmm --config FILE` is one microVM (`hive_vmm::cli`; run inside that jail by the
+//! microvm backend, via the internal `hive-box vmm-launch` (`hive_jail::launch`), which drops to
+//! the cell's uid first).
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;

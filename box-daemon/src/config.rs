@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use hive_proto::v1::SizeClass;
 
+use crate::backend::microvm::{GuestFiles, BUILD_IMAGES_CMD, BUILD_KERNEL_CMD};
 use crate::pool::ClassConfig;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -108,84 +109,66 @@ impl FromStr for BackendChoice {
     }
 }
 
-/// The files a microVM cell boots: kernel, root disk (/dev/vda) and build image disk (/dev/vdb).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestFiles {
-    /// Guest kernel (ELF vmlinux with a PVH note, or bzImage).
-    pub kernel: PathBuf,
-    /// Cell rootfs as an ext4 image, the cell daemon as init (attached read-only).
-    pub rootfs_disk: PathBuf,
-    /// Build image as an ext4 image (attached read-only, mounted by the cell daemon).
-    pub build_disk: PathBuf,
-}
-
-/// Command that builds the guest kernel (prints `HIVE_GUEST_KERNEL=<dir>`).
-pub const BUILD_KERNEL_CMD: &str = "deploy/guest/build-kernel.sh";
-/// Command that builds the disk images (prints `HIVE_CELL_ROOTFS_DISK=` and `HIVE_BUILD_IMAGE_DISK=`).
-pub const BUILD_IMAGES_CMD: &str = "deploy/images/build-images.sh";
-
-impl GuestFiles {
-    /// Checks the three flags. The kernel may be given as the directory `build-kernel.sh` prints
-    /// (`HIVE_GUEST_KERNEL=<dir>`), meaning `<dir>/vmlinux`.
-    pub fn resolve(
-        kernel: Option<&Path>,
-        rootfs_disk: Option<&Path>,
-        build_disk: Option<&Path>,
-    ) -> Result<Self, ConfigError> {
-        let kernel = kernel.map(|k| {
-            if k.is_dir() {
-                k.join("vmlinux")
-            } else {
-                k.to_path_buf()
-            }
-        });
-        let check = |p: Option<PathBuf>,
-                     what: &'static str,
-                     flag: &'static str,
-                     env: &'static str,
-                     build: &'static str| {
-            let path = p.ok_or(ConfigError::GuestFileUnset {
+/// The microvm backend's guest files from the three flags. The kernel may be given as the
+/// directory `build-kernel.sh` prints (`HIVE_GUEST_KERNEL=<dir>`), meaning `<dir>/vmlinux`.
+pub fn guest_files(
+    kernel: Option<&Path>,
+    rootfs_disk: Option<&Path>,
+    build_disk: Option<&Path>,
+) -> Result<GuestFiles, ConfigError> {
+    let kernel = kernel.map(|k| {
+        if k.is_dir() {
+            k.join("vmlinux")
+        } else {
+            k.to_path_buf()
+        }
+    });
+    let check = |p: Option<PathBuf>,
+                 what: &'static str,
+                 flag: &'static str,
+                 env: &'static str,
+                 build: &'static str| {
+        let path = p.ok_or(ConfigError::GuestFileUnset {
+            what,
+            flag,
+            env,
+            build,
+        })?;
+        if path.is_file() {
+            // Absolute: the path becomes a bind source for a jail started elsewhere.
+            Ok(std::fs::canonicalize(&path).unwrap_or(path))
+        } else {
+            Err(ConfigError::GuestFileMissing {
                 what,
                 flag,
-                env,
+                path,
                 build,
-            })?;
-            if path.is_file() {
-                // Absolute: the path becomes a bind source for a jail started elsewhere.
-                Ok(std::fs::canonicalize(&path).unwrap_or(path))
-            } else {
-                Err(ConfigError::GuestFileMissing {
-                    what,
-                    flag,
-                    path,
-                    build,
-                })
-            }
-        };
-        Ok(GuestFiles {
-            kernel: check(
-                kernel,
-                "guest kernel",
-                "--guest-kernel",
-                "HIVE_GUEST_KERNEL",
-                BUILD_KERNEL_CMD,
-            )?,
-            rootfs_disk: check(
-                rootfs_disk.map(Path::to_path_buf),
-                "cell rootfs disk image",
-                "--guest-rootfs-disk",
-                "HIVE_CELL_ROOTFS_DISK",
-                BUILD_IMAGES_CMD,
-            )?,
-            build_disk: check(
-                build_disk.map(Path::to_path_buf),
-                "build image disk",
-                "--build-image-disk",
-                "HIVE_BUILD_IMAGE_DISK",
-                BUILD_IMAGES_CMD,
-            )?,
-        })
-    }
+            })
+        }
+    };
+    Ok(GuestFiles {
+        kernel: check(
+            kernel,
+            "guest kernel",
+            "--guest-kernel",
+            "HIVE_GUEST_KERNEL",
+            BUILD_KERNEL_CMD,
+        )?,
+        rootfs_disk: check(
+            rootfs_disk.map(Path::to_path_buf),
+            "cell rootfs disk image",
+            "--guest-rootfs-disk",
+            "HIVE_CELL_ROOTFS_DISK",
+            BUILD_IMAGES_CMD,
+        )?,
+        build_disk: check(
+            build_disk.map(Path::to_path_buf),
+            "build image disk",
+            "--build-image-disk",
+            "HIVE_BUILD_IMAGE_DISK",
+            BUILD_IMAGES_CMD,
+        )?,
+    })
 }
 
 /// Built-in shapes (used until the control plane says otherwise).
@@ -287,14 +270,14 @@ mod tests {
         }
         let p = |f: &str| dir.path().join(f);
         // The kernel as build-kernel.sh's directory.
-        let ok = GuestFiles::resolve(
+        let ok = guest_files(
             Some(dir.path()),
             Some(&p("root.ext4")),
             Some(&p("build.ext4")),
         )
         .unwrap();
         assert_eq!(ok.kernel, p("vmlinux"));
-        let e = GuestFiles::resolve(
+        let e = guest_files(
             Some(&p("nope")),
             Some(&p("root.ext4")),
             Some(&p("build.ext4")),
@@ -305,7 +288,7 @@ mod tests {
             e.contains("guest kernel") && e.contains("nope") && e.contains(BUILD_KERNEL_CMD),
             "{e}"
         );
-        let e = GuestFiles::resolve(Some(&p("vmlinux")), None, Some(&p("build.ext4")))
+        let e = guest_files(Some(&p("vmlinux")), None, Some(&p("build.ext4")))
             .unwrap_err()
             .to_string();
         assert!(
@@ -314,7 +297,7 @@ mod tests {
                 && e.contains(BUILD_IMAGES_CMD),
             "{e}"
         );
-        let e = GuestFiles::resolve(
+        let e = guest_files(
             Some(&p("vmlinux")),
             Some(&p("root.ext4")),
             Some(&p("gone.ext4")),

@@ -1,64 +1,114 @@
-//! The box's `/healthz` endpoint: a tiny HTTP/1.1 responder for probes and the local tooling.
+//! The box's `/healthz` endpoint for probes and the local tooling, on axum.
 //!
-//! Answers `GET /healthz` with a JSON object (control plane link, pools, running builds); anything
-//! else is 404. Hand-written on purpose: one fixed route does not need a web framework.
+//! `GET /healthz` answers the JSON object the daemon's [`Report`] makes on each request (control
+//! plane link, pools, running builds, dispatch latency); any other path or method is 404 with a
+//! JSON hint. Every answer says `connection: close` and the connection ends after it: probes and
+//! the test harnesses send one raw request and read to EOF. Accept errors (out of descriptors)
+//! are axum's to pace, not a busy loop here.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
 use tokio::net::TcpListener;
 
 /// Produces the JSON body on each request.
 pub type Report = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
-/// Binds `addr` and serves until the task is dropped. Returns the bound address.
+/// Binds `addr` and serves until the task is dropped or aborted. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     report: Report,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let app = router(report);
     let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            let report = Arc::clone(&report);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                let mut n = 0;
-                // Read until the end of the request head (or give up on a slow/huge one).
-                while n < buf.len() {
-                    match tokio::time::timeout(
-                        std::time::Duration::from_secs(2),
-                        conn.read(&mut buf[n..]),
-                    )
-                    .await
-                    {
-                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                        Ok(Ok(k)) => n += k,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let line = head.lines().next().unwrap_or("");
-                let (status, body) = if line.starts_with("GET /healthz ") {
-                    ("200 OK", report().to_string())
-                } else {
-                    (
-                        "404 Not Found",
-                        "{\"error\":\"not found; try GET /healthz\"}".to_string(),
-                    )
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(resp.as_bytes()).await;
-            });
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "health endpoint stopped");
         }
     });
     Ok((bound, task))
+}
+
+fn router(report: Report) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let report = Arc::clone(&report);
+                async move { Json(report()) }
+            }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .layer(axum::middleware::map_response(close_after))
+}
+
+async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": "not found; try GET /healthz" })),
+    )
+}
+
+/// One request per connection: hyper closes the connection after a response saying so.
+async fn close_after(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// What the test harnesses do: one raw request, read to EOF (which only comes if the server
+    /// closes), split head from body.
+    async fn raw(addr: SocketAddr, request: &str) -> (String, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf))
+            .await
+            .expect("the server closes the connection after answering")
+            .unwrap();
+        let (head, body) = buf.split_once("\r\n\r\n").expect("a head");
+        (head.to_string(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_json_and_closes() {
+        let report: Report = Arc::new(|| serde_json::json!({ "ok": true, "pools": [] }));
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), report).await.unwrap();
+
+        let (head, body) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"));
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(v["ok"], true);
+
+        for request in [
+            "GET /nope HTTP/1.1\r\nhost: box\r\n\r\n",
+            "POST /healthz HTTP/1.1\r\nhost: box\r\ncontent-length: 0\r\n\r\n",
+        ] {
+            let (head, body) = raw(addr, request).await;
+            assert!(head.starts_with("HTTP/1.1 404"), "{request}: {head}");
+            assert!(body.contains("try GET /healthz"), "{body}");
+        }
+        // A client that sends garbage does not stop the server.
+        let _ = raw(addr, "\x00\x01 nonsense\r\n\r\n").await;
+        let (head, _) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        task.abort();
+    }
 }

@@ -1,20 +1,16 @@
 //! Hive box daemon: keeps warm cells, runs assigned builds in them, reports back.
 //!
 //! Layout: [`agent`] talks to the control plane, [`pool`] keeps warm cells per size class,
-//! [`backend`] is the trait cells are made through ([`microvm`]: one jailed [`vmm`] process per
-//! cell; [`sandbox`]: namespaces on the box's kernel), [`jail`] is the namespace/cgroup/seccomp
-//! recipe, [`cgroup`] and [`net`] the resources a cell gets, [`cell`] the handle and its CellAgent client, [`reaper`] the clean-up of
-//! a previous run.
+//! [`backend`] is the trait cells are made through (one jailed core; `microvm`: one jailed
+//! `hive-vmm` process per cell, `sandbox`: namespaces on the box's kernel), [`net`] the network a
+//! cell gets, [`cell`] the handle and its CellAgent client, [`reaper`] the clean-up of a previous
+//! run, [`config`] the flags' checks, [`health`] the `/healthz` endpoint. The jail recipe, cgroups
+//! and the VMM launch step are the `hive-jail` crate; the VMM is `hive-vmm`.
 pub mod agent;
 pub mod backend;
 pub mod cell;
-pub mod cgroup;
 pub mod config;
 pub mod health;
-pub mod jail;
-pub mod microvm;
 pub mod net;
 pub mod pool;
 pub mod reaper;
-pub mod sandbox;
-pub mod vmm;

@@ -1,9 +1,10 @@
 //! `hive-box`: the box daemon binary. Thin: parses flags, wires the library parts, handles signals.
 //!
 //! `hive-box [FLAGS]` runs the daemon; `hive-box jail --spec FILE` is the single-threaded helper
-//! both backends re-execute to put a cell process into its namespaces (see `jail`), and
-//! `hive-box vmm --config FILE` is one microVM (run inside that jail by the microvm backend, via
-//! the internal `hive-box vmm-launch`, which drops to the cell's uid first).
+//! both backends re-execute to put a cell process into its namespaces (`hive_jail::recipe`), and
+//! `hive-box vmm --config FILE` is one microVM (`hive_vmm::cli`; run inside that jail by the
+//! microvm backend, via the internal `hive-box vmm-launch` (`hive_jail::launch`), which drops to
+//! the cell's uid first).
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,14 +13,14 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use hive_box::agent::{Agent, AgentConfig};
+use hive_box::backend::microvm::{GuestFiles, MicrovmBackend, MicrovmConfig};
+use hive_box::backend::sandbox::{Sandbox, SandboxConfig};
 use hive_box::backend::CellBackend;
-use hive_box::cgroup::Hierarchy;
-use hive_box::config::{self, BackendChoice, ClassCount, GuestFiles};
-use hive_box::jail::{self, error_chain, JailSpec};
-use hive_box::microvm::{MicrovmBackend, MicrovmConfig};
+use hive_box::config::{self, BackendChoice, ClassCount};
 use hive_box::net::{BoxNet, Subnet};
 use hive_box::pool::Pool;
-use hive_box::sandbox::{Sandbox, SandboxConfig};
+use hive_jail::cgroup::Hierarchy;
+use hive_jail::{error_chain, JailSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,11 +44,11 @@ enum Cmd {
     /// Run one microVM (a cell) in this process until the guest resets or a vCPU dies; the
     /// daemon starts it inside the cell's jail. Exit: 0 reset, 2 set-up, 3 shutdown, 4 vCPU
     /// failure, 143 SIGTERM.
-    Vmm(hive_box::vmm::cli::VmmArgs),
+    Vmm(hive_vmm::cli::VmmArgs),
     /// Internal: first program in a microVM cell's jail; gives the jail its own /dev/kvm and
     /// /dev/net/tun owned by the cell's uid, becomes that uid and execs `hive-box vmm`.
     #[command(hide = true)]
-    VmmLaunch(hive_box::microvm::LaunchArgs),
+    VmmLaunch(hive_jail::launch::LaunchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -113,7 +114,7 @@ struct RunArgs {
     #[arg(long, env = "HIVE_GUEST_CPU_TEMPLATE", default_value = "host", value_parser = ["host", "baseline"])]
     guest_cpu_template: String,
     /// microvm: the VMM of cell slot N runs as uid and gid BASE + N.
-    #[arg(long, env = "HIVE_VMM_UID_BASE", default_value_t = hive_box::microvm::DEFAULT_VMM_UID_BASE)]
+    #[arg(long, env = "HIVE_VMM_UID_BASE", default_value_t = hive_box::backend::microvm::DEFAULT_VMM_UID_BASE)]
     vmm_uid_base: u32,
     /// Address of the HTTP /healthz endpoint.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
@@ -192,22 +193,24 @@ fn main() -> ExitCode {
         // Before any thread exists: `vmm::cli::run` blocks SIGTERM/SIGINT for its signal thread.
         Some(Cmd::Vmm(args)) => {
             // The boot timer counts from here.
-            hive_box::vmm::process_start();
+            hive_vmm::process_start();
             init_tracing(LogFormat::Text);
-            ExitCode::from(hive_box::vmm::cli::run(&args).clamp(0, 255) as u8)
+            ExitCode::from(hive_vmm::cli::run(&args).clamp(0, 255) as u8)
         }
         Some(Cmd::VmmLaunch(args)) => {
-            let e = hive_box::microvm::launch(&args);
+            let e = hive_jail::launch::launch(&args);
             eprintln!("hive-box vmm-launch: {}", error_chain(&e));
             ExitCode::from(127)
         }
-        Some(Cmd::Jail(args)) => match JailSpec::load(&args.spec).and_then(|s| jail::run(&s)) {
-            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-            Err(e) => {
-                eprintln!("hive-box jail: {}", error_chain(&e));
-                ExitCode::from(126)
+        Some(Cmd::Jail(args)) => {
+            match JailSpec::load(&args.spec).and_then(|s| hive_jail::recipe::run(&s)) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("hive-box jail: {}", error_chain(&e));
+                    ExitCode::from(126)
+                }
             }
-        },
+        }
         None => {
             init_tracing(cli.run.log_format);
             match run(cli.run) {
@@ -280,7 +283,7 @@ enum Chosen {
 /// the guest files, and says why when it falls back to the sandbox.
 fn choose_backend(args: &RunArgs) -> Result<Chosen, MainError> {
     let guest = || {
-        GuestFiles::resolve(
+        config::guest_files(
             args.guest_kernel.as_deref(),
             args.guest_rootfs_disk.as_deref(),
             args.build_image_disk.as_deref(),
@@ -412,7 +415,7 @@ async fn run_async(
             cfg.extra_cmdline = args.guest_cmdline.clone();
             cfg.vmm_uid_base = args.vmm_uid_base;
             if args.guest_cpu_template == "baseline" {
-                cfg.cpu_template = hive_box::microvm::CpuTemplate::Baseline;
+                cfg.cpu_template = hive_box::backend::microvm::CpuTemplate::Baseline;
             }
             if let Ok(v) = std::env::var("HIVE_VMM_LOG") {
                 cfg.vmm_env.insert("RUST_LOG".to_string(), v);

@@ -432,7 +432,7 @@ impl BoxNet {
     pub async fn destroy_cell(&self, names: &CellNetNames) {
         if self.has_cell(&names.veth) {
             if let Err(e) = self.remove_cell(&names.veth) {
-                tracing::warn!(error = %crate::jail::error_chain(&e), "firewall cleanup");
+                tracing::warn!(error = %hive_jail::error_chain(&e), "firewall cleanup");
             }
         }
         if let Ok(host) = netlink(None).await {

@@ -331,7 +331,7 @@ impl<B: CellBackend> Pool<B> {
     /// Destroys a used cell and tops its class up.
     pub async fn release(self: &Arc<Self>, cell: Cell) {
         if let Err(e) = self.backend.destroy(&cell.id).await {
-            tracing::warn!(cell = %cell.id, error = %crate::jail::error_chain(&e), "destroy cell");
+            tracing::warn!(cell = %cell.id, error = %hive_jail::error_chain(&e), "destroy cell");
         }
         {
             let mut inner = self.lock();
@@ -405,7 +405,7 @@ impl<B: CellBackend> Pool<B> {
                 Err(e) => {
                     inner.failures += 1;
                     Self::free_slot(&mut inner, &id);
-                    tracing::warn!(class = %class, error = %crate::jail::error_chain(&e), failures = inner.failures, "warm cell failed to boot");
+                    tracing::warn!(class = %class, error = %hive_jail::error_chain(&e), failures = inner.failures, "warm cell failed to boot");
                     retry = true;
                 }
             }

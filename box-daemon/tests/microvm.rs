@@ -1,6 +1,6 @@
 //! The microvm backend against the real kernel: real KVM, real netns + veth + TAP, real jail,
 //! real cgroup. This machine's KVM cannot boot Linux (DESIGN.md), so the "kernel" is the
-//! project's test guest (box-daemon/guest): the backend boots it exactly as it would boot
+//! project's test guest (vmm/guest): the backend boots it exactly as it would boot
 //! vmlinux (same VM config, disks, TAP, vsock, jail), and the guest drives every device and
 //! answers a host `CONNECT 1024` by echoing with an `ECHO:` prefix, then resets the VM.
 //!
@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use hive_box::backend::microvm::{GuestFiles, MicrovmBackend, MicrovmConfig, VMM_OVERHEAD_MIB};
 use hive_box::backend::{CellBackend, CellSpec};
-use hive_box::config::GuestFiles;
-use hive_box::jail::error_chain;
-use hive_box::microvm::{MicrovmBackend, MicrovmConfig, VMM_OVERHEAD_MIB};
 use hive_box::net::{link_exists, link_exists_in, BoxNet, CellNetNames, CELL_TAP, NETNS_DIR};
+use hive_jail::error_chain;
 use hive_proto::v1::SizeClass;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -45,8 +44,10 @@ fn kvm_or_skip(test: &str) -> bool {
 fn guest_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hive-test-guest-microvm");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+        // One directory per process (nextest runs each test in its own process; builds race).
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("hive-test-guest-microvm-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/guest/build.sh");
         let o = std::process::Command::new("sh")
             .arg(&script)
             .arg(&out)
@@ -104,7 +105,7 @@ fn microvm(tag: &str, third_octet: u8) -> TestBox {
     for (name, fill) in [("rootfs.ext4", 0x11u8), ("build.ext4", 0x22u8)] {
         std::fs::write(images.join(name), vec![fill; 256 * 1024]).unwrap();
     }
-    let guest = GuestFiles::resolve(
+    let guest = hive_box::config::guest_files(
         Some(&images),
         Some(&images.join("rootfs.ext4")),
         Some(&images.join("build.ext4")),
@@ -566,7 +567,7 @@ fn missing_guest_kernel_is_a_clear_error() {
     let disk = dir.path().join("disk.ext4");
     std::fs::write(&disk, b"x").unwrap();
     // The flags' check.
-    let e = GuestFiles::resolve(
+    let e = hive_box::config::guest_files(
         Some(Path::new("/nonexistent/hive/vmlinux")),
         Some(&disk),
         Some(&disk),
@@ -901,8 +902,9 @@ async fn real_guest_image_answers_health_over_vsock() {
     let build = std::env::var_os("HIVE_BUILD_IMAGE_DISK")
         .map(PathBuf::from)
         .or_else(|| newest_cached("images", "base-", "build-image.ext4"));
-    let guest = GuestFiles::resolve(kernel.as_deref(), rootfs.as_deref(), build.as_deref())
-        .expect("guest files (build-kernel.sh, build-images.sh)");
+    let guest =
+        hive_box::config::guest_files(kernel.as_deref(), rootfs.as_deref(), build.as_deref())
+            .expect("guest files (build-kernel.sh, build-images.sh)");
     eprintln!("guest: {guest:?}");
     let dir = tempfile::tempdir().unwrap();
     let net = BoxNet {
@@ -919,7 +921,7 @@ async fn real_guest_image_answers_health_over_vsock() {
     );
     cfg.vmm_binary = PathBuf::from(env!("CARGO_BIN_EXE_hive-box"));
     if std::env::var("HIVE_GUEST_CPU_TEMPLATE").is_ok_and(|v| v == "baseline") {
-        cfg.cpu_template = hive_box::microvm::CpuTemplate::Baseline;
+        cfg.cpu_template = hive_box::backend::microvm::CpuTemplate::Baseline;
     }
     let tb = TestBox {
         dir,

@@ -143,11 +143,12 @@ async fn a_cell_that_cannot_start_reports_why_and_leaves_nothing() {
     let bogus = tb.dir.path().join("not-a-program");
     std::fs::write(&bogus, "nothing").unwrap();
     let cfg = tb.sandbox.config().clone();
-    let sandbox = hive_box::sandbox::Sandbox::new(hive_box::sandbox::SandboxConfig {
-        cell_binary: Some(bogus),
-        ..cfg
-    })
-    .unwrap();
+    let sandbox =
+        hive_box::backend::sandbox::Sandbox::new(hive_box::backend::sandbox::SandboxConfig {
+            cell_binary: Some(bogus),
+            ..cfg
+        })
+        .unwrap();
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let cell = sandbox
         .create(CellSpec {
@@ -161,7 +162,7 @@ async fn a_cell_that_cannot_start_reports_why_and_leaves_nothing() {
         .wait_ready(&cell, Duration::from_secs(10))
         .await
         .unwrap_err();
-    let msg = hive_box::jail::error_chain(&err);
+    let msg = hive_jail::error_chain(&err);
     assert!(msg.contains("exec /sbin/hive-cell"), "{msg}");
     sandbox.destroy(&id).await.unwrap();
     assert!(!sandbox.cell_dir(&id).exists());

@@ -32,8 +32,10 @@ fn kvm_or_skip(test: &str) -> bool {
 fn guest_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hive-test-guest-cli");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+        // One directory per process (nextest runs each test in its own process; builds race).
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("hive-test-guest-cli-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/guest/build.sh");
         let o = Command::new("sh")
             .arg(&script)
             .arg(&out)

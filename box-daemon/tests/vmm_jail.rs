@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use hive_box::jail::{BindSpec, JailSpec, RootSpec};
+use hive_jail::{BindSpec, JailSpec, RootSpec};
 
 fn base_rootfs() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("HIVE_BUILD_IMAGE") {
@@ -92,7 +92,7 @@ fn vmm_runs_the_test_guest_inside_the_jail() {
     std::fs::create_dir_all(&cell).expect("cell dir");
     // The guest, disk and config live in the cell directory, bound at /cell inside the jail.
     let out = dir.path().join("guest-build");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/guest/build.sh");
     let o = Command::new("sh")
         .arg(&script)
         .arg(&out)

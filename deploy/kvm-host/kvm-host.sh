@@ -24,7 +24,7 @@ cache="${HIVE_CACHE:-/var/cache/hive}"
 suite="bookworm"
 mirror="${HIVE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 kernel_meta="linux-image-cloud-amd64"
-# What L1 needs: the box daemon's tools (ip, nft, ldd from libc-bin), busybox for init and the
+# What L1 needs: the box daemon's tools (ip, nft), busybox for init and the
 # control shell, e2fsprogs/util-linux for mounts, QEMU for the boot benchmark against our VMM.
 packages="iproute2,nftables,kmod,procps,psmisc,util-linux,e2fsprogs,busybox,qemu-system-x86"
 initrd_modules="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"

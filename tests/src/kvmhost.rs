@@ -132,7 +132,7 @@ pub fn prepare_bench() -> Result<Prerequisites, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "hive-box", "--bin", "vmm-bench"])
+        .args(["build", "--release", "-p", "hive-vmm", "--bin", "vmm-bench"])
         .status()
         .map_err(|e| format!("cargo build --release vmm-bench: {e}"))?;
     if !status.success() {

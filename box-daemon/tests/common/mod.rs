@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use hive_box::backend::sandbox::{Sandbox, SandboxConfig};
 use hive_box::net::BoxNet;
-use hive_box::sandbox::{Sandbox, SandboxConfig};
 use hive_proto::v1::SizeClass;
 
 /// The Debian base rootfs from deploy/images/build-images.sh (used as cell rootfs and build

@@ -1,0 +1,197 @@
+//! The box's agent towards the control plane: the state the concerns below share, and the
+//! operations every one of them needs (queue a message, report an update).
+//!
+//! Outbound, every build update and log chunk goes through the [`Outbox`] ([`outbox`]): it gets
+//! a per-box sequence number and stays in memory until the control plane acknowledges it, so
+//! nothing is lost or duplicated across reconnects. `link` keeps the `BoxAgent.Session` stream
+//! (connect, register, reconnect with backoff, heartbeats) and hands inbound messages on; `run`
+//! turns an assignment into a build task (take a cell, `CellAgent.RunBuild`, relay
+//! `CellAgent.Events` as updates and logs, destroy the cell, top the pool up) and drains them on
+//! a graceful stop; `keyx` brokers a private network's key exchange; `fence` cancels every build
+//! when the control plane has been unreachable for longer than the lease (their leases are gone).
+mod fence;
+mod keyx;
+mod link;
+pub mod outbox;
+mod run;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::{
+    box_message, BuildState, BuildUpdate, BuildUpdateKind, KeyExchangeReply, KeyExchangeRequest,
+};
+use tokio::sync::{watch, Notify};
+
+use crate::backend::{now_ms, CellBackend};
+use crate::pool::Pool;
+use outbox::Outbox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid control plane URL {0:?}")]
+    Url(String, #[source] tonic::transport::Error),
+    #[error("connect to control plane {0}")]
+    Connect(String, #[source] tonic::transport::Error),
+    #[error("open BoxAgent session")]
+    Session(#[source] tonic::Status),
+    #[error("control plane did not answer Register within {0:?}")]
+    RegisterTimeout(Duration),
+    #[error("control plane's first message was not Registered")]
+    NotRegistered,
+    #[error("BoxAgent stream failed")]
+    Stream(#[source] tonic::Status),
+    #[error("control plane closed the BoxAgent stream")]
+    Closed,
+}
+
+/// How the agent identifies itself and times things.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub control_plane: String,
+    pub box_id: String,
+    pub hostname: String,
+    /// The control plane's lease time: self-fence after this long without it.
+    pub lease: Duration,
+    /// Heartbeat period until Registered says otherwise.
+    pub heartbeat: Duration,
+    /// How long a cell may take to stop after a cancel before the box reports it stopped anyway.
+    pub cancel_grace: Duration,
+    /// How long a call into a cell (PrepareTunnel, RunBuild, Cancel) may take: a guest on a slow
+    /// host (an emulated KVM host is 20-50x slower than hardware) needs more than the default.
+    pub cell_call_timeout: Duration,
+}
+
+/// A build the box runs.
+#[derive(Debug)]
+struct RunningBuild {
+    lease_id: String,
+    cell_id: String,
+    size_class: String,
+    cancel: watch::Sender<Option<(BuildState, String)>>,
+}
+
+pub struct Agent<B: CellBackend> {
+    cfg: AgentConfig,
+    pool: Arc<Pool<B>>,
+    outbox: Mutex<Outbox>,
+    outbox_changed: Notify,
+    builds: Mutex<HashMap<String, RunningBuild>>,
+    builds_changed: Notify,
+    last_contact: Mutex<Instant>,
+    connected: AtomicBool,
+    draining: AtomicBool,
+    heartbeat_ms: Mutex<u64>,
+    /// Assignment received -> first build output line received from the cell, ms (the box's
+    /// dispatch overhead plus the cell's start of the build; bounded sample for /healthz).
+    dispatch_ms: Mutex<Vec<f64>>,
+    /// Key exchanges waiting for the control plane's reply, by (build, lease).
+    key_exchanges: Mutex<HashMap<(String, String), PendingExchange>>,
+}
+
+/// A key exchange request sent and not yet answered.
+#[derive(Debug)]
+struct PendingExchange {
+    request: KeyExchangeRequest,
+    /// Outbox sequence number of the latest copy sent.
+    seq: u64,
+    reply: tokio::sync::oneshot::Sender<KeyExchangeReply>,
+}
+
+impl<B: CellBackend> std::fmt::Debug for Agent<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl<B: CellBackend> Agent<B> {
+    pub fn new(cfg: AgentConfig, pool: Arc<Pool<B>>) -> Arc<Self> {
+        let heartbeat_ms = cfg.heartbeat.as_millis() as u64;
+        Arc::new(Agent {
+            cfg,
+            pool,
+            outbox: Mutex::new(Outbox::new()),
+            outbox_changed: Notify::new(),
+            builds: Mutex::new(HashMap::new()),
+            builds_changed: Notify::new(),
+            last_contact: Mutex::new(Instant::now()),
+            connected: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            heartbeat_ms: Mutex::new(heartbeat_ms),
+            dispatch_ms: Mutex::new(Vec::new()),
+            key_exchanges: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn builds(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningBuild>> {
+        self.builds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn running_builds(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.builds().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// (samples, median, p99) of the dispatch latency in ms.
+    pub fn dispatch_stats(&self) -> (usize, f64, f64) {
+        let mut v = self
+            .dispatch_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if v.is_empty() {
+            return (0, 0.0, 0.0);
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let pick = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
+        (v.len(), pick(0.5), pick(0.99))
+    }
+
+    pub fn unacked(&self) -> usize {
+        self.outbox().len()
+    }
+
+    /// Queues an update or log for the control plane.
+    pub fn send(&self, msg: box_message::Msg) {
+        self.outbox().push(msg);
+        self.outbox_changed.notify_one();
+    }
+
+    fn update(
+        &self,
+        build_id: &str,
+        lease_id: &str,
+        kind: BuildUpdateKind,
+        f: impl FnOnce(&mut BuildUpdate),
+    ) {
+        let mut u = BuildUpdate {
+            build_id: build_id.to_string(),
+            lease_id: lease_id.to_string(),
+            kind: kind as i32,
+            at_ms: now_ms(),
+            ..Default::default()
+        };
+        f(&mut u);
+        self.send(box_message::Msg::Update(u));
+    }
+
+    /// Reports a build the box can no longer finish (reaper, after a restart).
+    pub fn report_lost(&self, build_id: &str, lease_id: &str, message: &str) {
+        self.update(build_id, lease_id, BuildUpdateKind::Finished, |u| {
+            u.state = BuildState::Failed as i32;
+            u.exit_code = -1;
+            u.message = message.to_string();
+        });
+    }
+}

@@ -1,0 +1,347 @@
+//! Build runs: an assignment becomes a task that takes a cell from the pool, starts the build in
+//! it (after the key exchange for a private network), relays the cell's events as updates and
+//! logs (log `seq` dense per build), reports FINISHED, and gives the cell back to be destroyed.
+//! Cancels reach the task through its watch channel; a graceful stop drains the tasks.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hive_proto::v1::{
+    box_message, Assignment, BuildState, BuildUpdateKind, CancelBuild, CellCancelRequest,
+    CellEventKind, CellEventsRequest, LogChunk, RunBuildRequest,
+};
+use tokio::sync::watch;
+
+use super::{Agent, RunningBuild};
+use crate::backend::{now_ms, CellBackend};
+use crate::cell::Cell;
+
+/// Most dispatch samples kept.
+const DISPATCH_SAMPLES: usize = 10_000;
+
+/// How a build ended, as reported in FINISHED.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub state: BuildState,
+    pub exit_code: i32,
+    pub message: String,
+}
+
+impl<B: CellBackend> Agent<B> {
+    pub(super) fn assign(self: &Arc<Self>, a: Assignment) {
+        if self.draining.load(Ordering::SeqCst) {
+            self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Rejected, |u| {
+                u.message = "box is draining".into();
+            });
+            return;
+        }
+        let (tx, rx) = watch::channel(None);
+        {
+            let mut builds = self.builds();
+            if let Some(running) = builds.get(&a.build_id) {
+                if running.lease_id != a.lease_id {
+                    // A new attempt while the old one still winds down here: refuse it, so the
+                    // control plane places it afresh instead of waiting for a confirmation.
+                    let old_lease = running.lease_id.clone();
+                    drop(builds);
+                    self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Rejected, |u| {
+                        u.message = format!("this box still runs lease {old_lease} of the build");
+                    });
+                }
+                // The same lease re-sent: nothing new to do.
+                return;
+            }
+            builds.insert(
+                a.build_id.clone(),
+                RunningBuild {
+                    lease_id: a.lease_id.clone(),
+                    cell_id: String::new(),
+                    size_class: a
+                        .size_class
+                        .as_ref()
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default(),
+                    cancel: tx,
+                },
+            );
+        }
+        let agent = Arc::clone(self);
+        let received = Instant::now();
+        tokio::spawn(async move {
+            let build_id = a.build_id.clone();
+            agent.run_build(a, rx, received).await;
+            agent.builds().remove(&build_id);
+            agent.builds_changed.notify_one();
+        });
+    }
+
+    /// The control plane cancels a build (user, timeout, lease moved): its task stops the cell.
+    pub(super) fn cancel(&self, c: CancelBuild) {
+        let state = BuildState::try_from(c.state).unwrap_or(BuildState::Cancelled);
+        let builds = self.builds();
+        match builds.get(&c.build_id) {
+            Some(b) => {
+                tracing::info!(build = %c.build_id, lease = %b.lease_id, state = state.short_name(), reason = %c.reason, "cancel requested");
+                let _ = b.cancel.send(Some((state, c.reason)));
+            }
+            None => {
+                tracing::debug!(build = %c.build_id, "cancel for a build this box does not run")
+            }
+        }
+    }
+
+    async fn run_build(
+        self: &Arc<Self>,
+        a: Assignment,
+        cancel: watch::Receiver<Option<(BuildState, String)>>,
+        received: Instant,
+    ) {
+        let class = a.size_class.clone().unwrap_or_default();
+        if !class.name.is_empty() && class.vcpus > 0 {
+            self.pool.set_shape(&class);
+        }
+        let (cell, warm) = match self.pool.take(&class.name).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(build = %a.build_id, error = %hive_jail::error_chain(&e), "rejecting assignment");
+                self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Rejected, |u| {
+                    u.message = hive_jail::error_chain(&e);
+                });
+                return;
+            }
+        };
+        if let Some(b) = self.builds().get_mut(&a.build_id) {
+            b.cell_id = cell.id.clone();
+        }
+        // The record only matters after a crash (the reaper reads it), so the disk write runs
+        // beside the dispatch instead of in front of it.
+        {
+            let backend = Arc::clone(self.pool.backend());
+            let (cell_id, build_id, lease_id) =
+                (cell.id.clone(), a.build_id.clone(), a.lease_id.clone());
+            tokio::task::spawn_blocking(move || {
+                backend.record_build(&cell_id, &build_id, &lease_id)
+            });
+        }
+        self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Accepted, |u| {
+            u.cell_id = cell.id.clone();
+            u.warm_start = warm;
+        });
+        tracing::info!(build = %a.build_id, cell = %cell.id, warm, since_assignment_us = received.elapsed().as_micros() as u64, "build placed in cell");
+        let outcome = self.relay(&cell, &a, cancel, received).await;
+        tracing::info!(build = %a.build_id, cell = %cell.id, state = outcome.state.short_name(), exit_code = outcome.exit_code, "build finished");
+        self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Finished, |u| {
+            u.cell_id = cell.id.clone();
+            u.state = outcome.state as i32;
+            u.exit_code = outcome.exit_code;
+            u.message = outcome.message.clone();
+        });
+        self.pool.release(cell).await;
+    }
+
+    /// Starts the build in the cell and relays its events until it ends.
+    async fn relay(
+        self: &Arc<Self>,
+        cell: &Cell,
+        a: &Assignment,
+        mut cancel: watch::Receiver<Option<(BuildState, String)>>,
+        received: Instant,
+    ) -> Outcome {
+        let failed = |message: String| Outcome {
+            state: BuildState::Failed,
+            exit_code: -1,
+            message,
+        };
+        let mut client = cell.client();
+        let tunnel = if a.private_network.is_empty() {
+            None
+        } else {
+            match self.key_exchange(&mut client, cell, a).await {
+                Ok(t) => Some(t),
+                Err(message) => {
+                    tracing::warn!(build = %a.build_id, %message, "private network set-up failed");
+                    return failed(message);
+                }
+            }
+        };
+        let req = RunBuildRequest {
+            build_id: a.build_id.clone(),
+            repo_url: a.repo_url.clone(),
+            revision: a.revision.clone(),
+            git_ref: a.git_ref.clone(),
+            steps: a.steps.clone(),
+            env: a.env.clone(),
+            timeout_secs: a.timeout_secs,
+            tunnel,
+        };
+        match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
+            Ok(Ok(r)) if r.get_ref().accepted => {
+                tracing::debug!(build = %a.build_id, since_assignment_us = received.elapsed().as_micros() as u64, "cell accepted the build");
+            }
+            Ok(Ok(_)) => return failed("cell daemon refused the build".into()),
+            Ok(Err(s)) => return failed(format!("cell daemon RunBuild: {}", s.message())),
+            Err(_) => {
+                return failed(format!(
+                    "cell daemon did not answer RunBuild within {:?} (--cell-call-timeout-secs)",
+                    self.cfg.cell_call_timeout
+                ))
+            }
+        }
+        let mut next = 0u64;
+        let mut log_seq = 0u64;
+        let mut running = false;
+        let mut stop: Option<(BuildState, String, tokio::time::Instant)> = None;
+        // The cell enforces the timeout; this is the box's backstop if the cell stops answering.
+        let backstop = (a.timeout_secs > 0).then(|| {
+            tokio::time::Instant::now() + Duration::from_secs(u64::from(a.timeout_secs) + 30)
+        });
+        let mut failures = 0;
+        loop {
+            let stream = client
+                .events(CellEventsRequest {
+                    build_id: a.build_id.clone(),
+                    from_seq: next,
+                })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(s) => {
+                    failures += 1;
+                    if failures > 5 || !self.pool.backend().is_alive(&cell.id) {
+                        return failed(format!("lost the cell's event stream: {}", s.message()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            loop {
+                let deadline = match (&stop, backstop) {
+                    (Some((_, _, d)), _) => Some(*d),
+                    (None, b) => b,
+                };
+                tokio::select! {
+                    ev = stream.message() => {
+                        let ev = match ev {
+                            Ok(Some(ev)) => ev,
+                            Ok(None) | Err(_) => break,
+                        };
+                        if ev.seq < next {
+                            continue;
+                        }
+                        next = ev.seq + 1;
+                        failures = 0;
+                        if !running {
+                            running = true;
+                            self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Running, |u| u.cell_id = cell.id.clone());
+                        }
+                        match CellEventKind::try_from(ev.kind).unwrap_or(CellEventKind::Unspecified) {
+                            CellEventKind::Log => {
+                                if log_seq == 0 {
+                                    let ms = received.elapsed().as_secs_f64() * 1000.0;
+                                    tracing::debug!(build = %a.build_id, dispatch_ms = ms, "first output line from the cell");
+                                    let mut d = self.dispatch_ms.lock().unwrap_or_else(|p| p.into_inner());
+                                    if d.len() < DISPATCH_SAMPLES {
+                                        d.push(ms);
+                                    }
+                                }
+                                self.send(box_message::Msg::Log(LogChunk {
+                                    build_id: a.build_id.clone(),
+                                    seq: log_seq,
+                                    stream: ev.stream,
+                                    step: ev.step,
+                                    data: ev.data,
+                                    at_ms: if ev.at_ms > 0 { ev.at_ms } else { now_ms() },
+                                }));
+                                log_seq += 1;
+                            }
+                            CellEventKind::StepStarted => self.update(&a.build_id, &a.lease_id, BuildUpdateKind::StepStarted, |u| u.step = ev.step),
+                            CellEventKind::StepFinished => self.update(&a.build_id, &a.lease_id, BuildUpdateKind::StepFinished, |u| {
+                                u.step = ev.step;
+                                u.exit_code = ev.exit_code;
+                            }),
+                            CellEventKind::BuildFinished => {
+                                let mut state = BuildState::try_from(ev.state).unwrap_or(BuildState::Failed);
+                                if !state.is_terminal() {
+                                    state = BuildState::Failed;
+                                }
+                                return Outcome { state, exit_code: ev.exit_code, message: ev.message };
+                            }
+                            CellEventKind::Unspecified => {}
+                        }
+                    }
+                    changed = cancel.changed(), if stop.is_none() => {
+                        if changed.is_err() {
+                            continue;
+                        }
+                        let req = cancel.borrow().clone();
+                        if let Some((state, reason)) = req {
+                            let _ = tokio::time::timeout(self.cfg.cell_call_timeout, client.cancel(CellCancelRequest {
+                                build_id: a.build_id.clone(),
+                                state: state as i32,
+                                reason: reason.clone(),
+                            })).await;
+                            stop = Some((state, reason, tokio::time::Instant::now() + self.cfg.cancel_grace));
+                        }
+                    }
+                    _ = sleep_until_opt(deadline) => {
+                        return match stop {
+                            Some((state, reason, _)) => Outcome {
+                                state,
+                                exit_code: -1,
+                                message: format!("{reason} (the cell did not stop in time; destroyed)"),
+                            },
+                            None => Outcome {
+                                state: BuildState::TimedOut,
+                                exit_code: -1,
+                                message: "build exceeded its timeout and the cell did not stop it".into(),
+                            },
+                        };
+                    }
+                }
+            }
+            if !self.pool.backend().is_alive(&cell.id) {
+                return failed("the cell died during the build".into());
+            }
+            failures += 1;
+            if failures > 5 {
+                return failed("lost the cell's event stream".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Graceful stop: take no new builds, give running ones `grace` to finish, cancel the rest,
+    /// wait (bounded) for their reports to be acknowledged.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        while !self.builds().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let n = {
+            let builds = self.builds();
+            for b in builds.values() {
+                let _ = b
+                    .cancel
+                    .send(Some((BuildState::Failed, "box is shutting down".into())));
+            }
+            builds.len()
+        };
+        if n > 0 {
+            tracing::warn!(builds = n, "cancelled builds still running at shutdown");
+        }
+        let deadline = Instant::now() + self.cfg.cancel_grace + Duration::from_secs(2);
+        while (!self.builds().is_empty() || (!self.outbox().is_empty() && self.is_connected()))
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

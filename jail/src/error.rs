@@ -1,0 +1,14 @@
+//! Error reports: the whole `source()` chain on one line, printed once where an error ends up
+//! (the top of a `main`, a log line).
+
+/// "a: b: c" for an error and its sources.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}

@@ -1,0 +1,23 @@
+//! How Hive shuts a cell's process in, for both cell backends of the box daemon.
+//!
+//! The box daemon (multi-threaded) never forks to build a jail: it re-executes its own binary as
+//! `hive-box jail --spec FILE`, a single-threaded helper that follows [`recipe`] (cgroup, netns,
+//! mount/pid/uts/ipc namespaces, overlay root, binds, minimal /dev, pivot_root, no_new_privs, the
+//! [`seccomp`] deny-list, exec). [`cgroup`] makes and removes the cell's control group (v1 and
+//! v2). For a microVM cell the jailed program is [`launch`] (`hive-box vmm-launch`), which gives
+//! the jail its device nodes, drops to the cell's uid and execs the VMM; [`libs`] lists the shared
+//! libraries the VMM binary needs bound into that otherwise empty root. [`error`] formats error
+//! chains for the helpers' last words.
+//!
+//! Neighbours: `hive-box` (the backends write the specs and spawn the helper), `hive-vmm` (the
+//! program a microVM jail ends up running; it adds its own seccomp allow-list).
+
+pub mod cgroup;
+pub mod error;
+pub mod launch;
+pub mod libs;
+pub mod recipe;
+pub mod seccomp;
+
+pub use error::chain as error_chain;
+pub use recipe::{BindSpec, JailError, JailSpec, RootSpec};

@@ -60,6 +60,12 @@ struct Args {
     #[arg(long, env = "HIVE_HEARTBEAT_INTERVAL_MS", default_value_t = 2000)]
     heartbeat_interval_ms: u64,
 
+    /// Control messages queued for one box before it counts as not reading its stream: its
+    /// session ends (it reconnects) instead of making the scheduler wait.
+    #[arg(long, env = "HIVE_BOX_QUEUE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    box_queue: u32,
+
     /// JSON file adding or overriding size classes:
     /// {"size_classes": [{"name": "xl", "vcpus": 16, "memory_mib": 32768, "disk_mib": 102400}]}
     #[arg(long, env = "HIVE_SIZE_CLASSES")]
@@ -121,6 +127,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         size_classes,
         placement: args.placement,
         tick: Duration::from_millis(args.scheduler_tick_ms),
+        box_queue: args.box_queue as usize,
     };
     let handle = server::start(config).await?;
     if let Some(path) = &args.ready_file {

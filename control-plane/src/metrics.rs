@@ -35,6 +35,16 @@ struct OutcomeLabel {
     outcome: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabel {
+    name: String,
+}
+
 /// In-process metrics (counters reset on restart, as Prometheus counters may).
 #[derive(Debug)]
 pub struct Metrics {
@@ -50,6 +60,9 @@ pub struct Metrics {
     lease_expiries: Counter,
     queue_wait: Histogram,
     box_commit: Histogram,
+    box_violations: Family<KindLabel, Counter>,
+    box_queue_overflows: Gauge,
+    limits: Family<NameLabel, Gauge>,
 }
 
 /// The numbers that come from elsewhere at scrape time.
@@ -58,6 +71,8 @@ pub struct Snapshot {
     pub builds_by_state: std::collections::BTreeMap<String, i64>,
     pub boxes_connected: usize,
     pub boxes_known: usize,
+    /// Box sessions ended because the box did not read its control stream.
+    pub box_queue_overflows: u64,
 }
 
 impl Default for Metrics {
@@ -115,8 +130,29 @@ impl Default for Metrics {
             "Time to store one group of box session messages (one transaction)",
             box_commit.clone(),
         );
+        let box_violations = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "hive_box_violations",
+            "Messages from boxes refused as impossible, by kind (seq_ahead, log_seq_range)",
+            box_violations.clone(),
+        );
+        let box_queue_overflows = Gauge::default();
+        registry.register(
+            "hive_box_queue_overflows",
+            "Box sessions ended because the box stopped reading its control stream",
+            box_queue_overflows.clone(),
+        );
+        let limits = Family::<NameLabel, Gauge>::default();
+        registry.register(
+            "hive_limit",
+            "The control plane's fixed and configured limits, by name",
+            limits.clone(),
+        );
         Metrics {
             registry,
+            box_violations,
+            box_queue_overflows,
+            limits,
             scrape: Mutex::new(()),
             builds,
             queue_depth,
@@ -139,6 +175,24 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    /// Counts one message a box sent that was refused as impossible.
+    pub fn box_violation(&self, kind: &'static str) {
+        self.box_violations
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Publishes a limit (`box_queue`, `box_seq_ahead`, ...) as `hive_limit{name}`.
+    pub fn limit(&self, name: &str, value: u64) {
+        self.limits
+            .get_or_create(&NameLabel {
+                name: name.to_string(),
+            })
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
     }
 
     pub fn placed(&self, n: usize) {
@@ -176,6 +230,8 @@ impl Metrics {
             .set(i64::try_from(snap.boxes_connected).unwrap_or(i64::MAX));
         self.boxes_known
             .set(i64::try_from(snap.boxes_known).unwrap_or(i64::MAX));
+        self.box_queue_overflows
+            .set(i64::try_from(snap.box_queue_overflows).unwrap_or(i64::MAX));
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             // Writing into a String does not fail; say so rather than serve half a page.
@@ -208,6 +264,8 @@ mod tests {
         m.webhook("bad_signature");
         m.placed(2);
         m.waited_in_queue(1500);
+        m.box_violation("seq_ahead");
+        m.limit("box_queue", 4096);
         let mut snap = Snapshot::default();
         snap.builds_by_state.insert("queued".into(), 3);
         snap.boxes_connected = 2;
@@ -223,6 +281,12 @@ mod tests {
         assert!(text.contains("# TYPE hive_build_queue_wait_seconds histogram\n"));
         assert!(text.contains("hive_build_queue_wait_seconds_count 1\n"));
         assert!(text.contains("hive_build_queue_wait_seconds_bucket{le=\"2.56\"} 1\n"));
+        assert!(text.contains("hive_box_violations_total{kind=\"seq_ahead\"} 1\n"));
+        assert!(
+            text.contains("hive_limit{name=\"box_queue\"} 4096\n"),
+            "{text}"
+        );
+        assert!(text.contains("hive_box_queue_overflows 0\n"));
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -66,6 +66,8 @@ pub struct Config {
     pub placement: Policy,
     /// Scheduler pass interval when nothing wakes it.
     pub tick: Duration,
+    /// Control messages queued per box session before the box counts as not reading.
+    pub box_queue: usize,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             size_classes: SizeClasses::builtin(),
             placement: Policy::Spread,
             tick: Duration::from_millis(500),
+            box_queue: 4096,
         }
     }
 }
@@ -212,17 +215,22 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         })?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let metrics = Metrics::default();
+    metrics.limit("box_queue", config.box_queue as u64);
+    metrics.limit("box_seq_ahead", crate::grpc::boxes::MAX_SEQ_AHEAD);
+    metrics.limit("log_chunk_seq", crate::store::MAX_CHUNK_SEQ);
     let hive = Arc::new(Hive {
         store,
         classes: config.size_classes.clone(),
         events: Events::new(),
         registry: Registry::default(),
         connectors: Default::default(),
-        metrics: Metrics::default(),
+        metrics,
         wake: Notify::new(),
         lease: config.lease,
         heartbeat: config.heartbeat_interval,
         placement: config.placement,
+        box_queue: config.box_queue.max(1),
         shutdown: shutdown_rx.clone(),
     });
 

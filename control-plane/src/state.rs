@@ -31,6 +31,8 @@ pub struct Hive {
     pub lease: Duration,
     pub heartbeat: Duration,
     pub placement: Policy,
+    /// Control messages queued per box session (`registry::boxes::Registry::send`).
+    pub box_queue: usize,
     /// Becomes true when shutting down; long streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }

@@ -180,8 +180,17 @@ async fn leases_and_states(url: String) {
         "acks only touch known boxes"
     );
 
-    // Lease lost: back to the queue, attempt 2; the hole at seq 1 is filled and a system line
-    // explains; the next attempt's chunk 0 lands after it.
+    // A chunk seq no box could reach is refused (it would place rows past any log's end).
+    assert!(
+        !store
+            .store_log("box-a", &chunk(&b.id, 1 << 40, "far"), None)
+            .await
+            .unwrap(),
+        "an impossible chunk seq is not stored"
+    );
+
+    // Lease lost: back to the queue, attempt 2; the hole at seq 1 stays (readers skip holes
+    // below log_base), a system line explains; the next attempt's chunk 0 lands after it.
     assert!(store
         .requeue(&b.id, "L1", "expired", "lease L1 expired")
         .await
@@ -208,11 +217,12 @@ async fn leases_and_states(url: String) {
     let logs = store.logs_from(&b.id, 0, 100).await.unwrap();
     assert_eq!(
         logs.iter().map(|c| c.seq).collect::<Vec<_>>(),
-        vec![0, 1, 2, 3, 4]
+        vec![0, 2, 3, 4]
     );
-    assert_eq!(logs[3].stream, LogStream::System as i32);
-    assert!(String::from_utf8_lossy(&logs[3].data).contains("attempt 1 ended"));
-    assert_eq!(logs[4].data, b"second");
+    assert_eq!(logs[2].stream, LogStream::System as i32);
+    assert!(String::from_utf8_lossy(&logs[2].data).contains("attempt 1 ended"));
+    assert_eq!(logs[3].data, b"second");
+    assert_eq!(store.get_build(&b.id).await.unwrap().unwrap().log_base, 4);
 
     // Heartbeat renewal: box-b's lease renews; box-a holds nothing (orphan).
     let orphans = store
@@ -256,6 +266,68 @@ async fn leases_and_states(url: String) {
 }
 both_dbs!(leases_and_states);
 
+/// A box's FINISHED committed while the lease sweep re-queues the same build: the finish must
+/// win. On PostgreSQL the re-queue's write waits on the finish's row lock and then re-checks
+/// its condition; a read-then-write by id alone overwrote the finished build with `queued`
+/// and ran it again.
+async fn finish_wins_over_a_concurrent_requeue(url: String) {
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(&new_project("race", "git://h/race"))
+        .await
+        .unwrap();
+    let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");
+    store.insert_build(&b, "api").await.unwrap();
+    let took = store
+        .place(&[placement(&b.id, "L1", "box-a")])
+        .await
+        .unwrap();
+    assert_eq!(took, vec![true]);
+    assert!(store.set_running(&b.id, "L1", "running").await.unwrap());
+
+    // The box's transaction: FINISHED written, not yet committed.
+    let mut batch = store.box_batch("box-a").await.unwrap();
+    assert!(batch
+        .finish_build(&b.id, "L1", BuildState::Succeeded, 0, "exit 0")
+        .await
+        .unwrap());
+    // The sweep re-queues meanwhile (it blocks on the row lock, or on SQLite's one writer).
+    let sweeper = {
+        let store = store.clone();
+        let id = b.id.clone();
+        tokio::spawn(async move {
+            store
+                .requeue(&id, "L1", "expired", "lease L1 expired")
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    batch.commit(0).await.unwrap();
+    let requeued = sweeper.await.unwrap().unwrap();
+    assert!(!requeued, "a finished build is not re-queued");
+    let after = store.get_build(&b.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.state, after.attempt),
+        (BuildState::Succeeded, 1),
+        "the box's FINISHED stands"
+    );
+    assert!(store.live_leases_of_build(&b.id).await.unwrap().is_empty());
+    let states: Vec<_> = store
+        .transitions(&b.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.state)
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == BuildState::Queued).count(),
+        1,
+        "queued once, at submit: {states:?}"
+    );
+}
+
+both_dbs!(finish_wins_over_a_concurrent_requeue);
+
 async fn expiry_and_timeouts(url: String) {
     let store = Store::open(&url).await.unwrap();
     let mut np = new_project("t", "git://h/t");
@@ -274,7 +346,11 @@ async fn expiry_and_timeouts(url: String) {
 
     assert!(store.set_running(&b.id, "L1", "run").await.unwrap());
     assert!(store.overdue_builds(now).await.unwrap().is_empty());
-    let later = store.overdue_builds(now + 1_100).await.unwrap();
+    // Measured after set_running (its start time is its own now_ms, however slow it was).
+    let later = store
+        .overdue_builds(hive_control_plane::store::now_ms() + 1_100)
+        .await
+        .unwrap();
     assert_eq!(later.len(), 1);
     let before = store
         .end_build(&b.id, BuildState::TimedOut, "timed out after 1s")

@@ -37,11 +37,23 @@ pub(crate) async fn submit(
     }
     let mut progress = Progress::new();
     progress.set(progress_line(&b));
+    // Transitions already shown: a watch answer that comes late (the build moved on meanwhile)
+    // still shows every state the build went through, in order.
+    let mut shown = b.transitions.len().max(1);
     let end = follow_states(
         ctl,
         &b.id,
         |b, p| {
             if let Some(p) = p {
+                let earlier = b.transitions.len().saturating_sub(1);
+                for t in b.transitions.iter().take(earlier).skip(shown) {
+                    let mut line = format!("build {}: {}", b.id, render::state_name(t.state));
+                    if !t.reason.is_empty() {
+                        line.push_str(&format!(" — {}", t.reason));
+                    }
+                    p.set(line);
+                }
+                shown = shown.max(b.transitions.len());
                 p.set(progress_line(b));
             }
         },

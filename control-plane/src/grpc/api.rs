@@ -517,12 +517,18 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             // (the build's end always comes as its own news, after its last chunk's).
             let mut check_state = true;
             let mut ended = false;
+            // Where the current attempt's log starts: holes below it are what a lost attempt
+            // left, and nothing will fill them.
+            let mut log_base = 0;
             loop {
                 // Read the state before the chunks: if the build had ended by then, every
                 // chunk it will ever have is visible to the read that follows.
                 if check_state {
                     ended = match hive.store.get_build(&req.build_id).await {
-                        Ok(Some(b)) => b.state.is_terminal(),
+                        Ok(Some(b)) => {
+                            log_base = b.log_base;
+                            b.state.is_terminal()
+                        }
                         Ok(None) => {
                             let _ = tx.send(Err(Status::not_found("build deleted"))).await;
                             return;
@@ -545,8 +551,9 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 for chunk in chunks {
                     if chunk.seq != next {
                         // A hole: wait for it to fill while the build runs; once it has
-                        // ended nothing will fill it, so go on.
-                        if !ended {
+                        // ended, or when an earlier attempt left it, nothing will fill it,
+                        // so go on.
+                        if !ended && next >= log_base {
                             hole = true;
                             break;
                         }

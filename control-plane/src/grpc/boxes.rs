@@ -62,7 +62,23 @@ impl AckTracker {
             self.acked += 1;
         }
     }
+
+    /// Refuses a seq so far past the acked one that no box keeps that much unacked (a box
+    /// numbers its messages one by one and resends from the ack): remembering it would let a
+    /// box grow `ahead` without bound.
+    fn check(&self, seq: u64) -> Result<(), SessionError> {
+        if seq > self.acked.saturating_add(MAX_SEQ_AHEAD) {
+            return Err(SessionError::SeqTooFarAhead {
+                seq,
+                acked: self.acked,
+            });
+        }
+        Ok(())
+    }
 }
+
+/// How far past the acked seq a box's message seq may be (its unacked messages in flight).
+pub const MAX_SEQ_AHEAD: u64 = 1 << 16;
 
 /// Errors that end a box session.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +87,11 @@ pub enum SessionError {
     Store(#[from] StoreError),
     #[error("box {box_id}: the control channel closed")]
     ChannelClosed { box_id: String },
+    #[error(
+        "message seq {seq} is more than {MAX_SEQ_AHEAD} past the acked seq {acked}: \
+         a box numbers its messages one by one"
+    )]
+    SeqTooFarAhead { seq: u64, acked: u64 },
 }
 
 /// The gRPC `BoxAgent` service.
@@ -131,7 +152,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             .await
             .map_err(internal)?;
 
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(hive.box_queue);
         let conn = Conn {
             id: hive.registry.next_conn_id(),
             tx: tx.clone(),
@@ -240,6 +261,10 @@ impl Session {
         let mut answer = false;
         for msg in msgs {
             let seq = msg.seq;
+            if let Err(e) = self.acks.check(seq) {
+                self.hive.metrics.box_violation("seq_ahead");
+                return Err(e);
+            }
             match msg.msg {
                 Some(BoxMsg::Update(u)) => group.push((seq, Item::Update(u))),
                 Some(BoxMsg::Log(chunk)) => group.push((seq, Item::Log(chunk))),
@@ -326,6 +351,11 @@ impl Session {
                         LogStored::NotThisBox => {
                             tracing::debug!(box_id = %self.box_id, build_id = %chunk.build_id,
                                 seq = chunk.seq, "log chunk for a build not on this box dropped");
+                        }
+                        LogStored::OutOfRange => {
+                            tracing::warn!(box_id = %self.box_id, build_id = %chunk.build_id,
+                                seq = chunk.seq, "log chunk with an impossible seq dropped");
+                            self.hive.metrics.box_violation("log_seq_range");
                         }
                     }
                 }

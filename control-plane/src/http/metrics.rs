@@ -25,6 +25,7 @@ pub async fn metrics(State(hive): State<Arc<Hive>>) -> Response {
         builds_by_state,
         boxes_connected: hive.registry.connected(),
         boxes_known,
+        box_queue_overflows: hive.registry.overflows(),
     };
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],

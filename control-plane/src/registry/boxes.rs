@@ -87,6 +87,7 @@ pub struct Candidate {
 pub struct Registry {
     inner: Mutex<HashMap<String, BoxEntry>>,
     next_conn: AtomicU64,
+    overflows: AtomicU64,
 }
 
 impl Registry {
@@ -99,19 +100,38 @@ impl Registry {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The session channel of a connected box.
-    fn sender(&self, box_id: &str) -> Option<mpsc::Sender<Result<ControlMessage, Status>>> {
-        self.lock()
-            .get(box_id)
-            .and_then(|e| e.conn.as_ref().map(|c| c.tx.clone()))
+    /// The session of a connected box.
+    fn conn(&self, box_id: &str) -> Option<Conn> {
+        self.lock().get(box_id).and_then(|e| e.conn.clone())
     }
 
-    /// Sends a control message to a box if it is connected. False if it is not (or went away).
+    /// Sends a control message to a box if it is connected. False if it is not, went away, or
+    /// does not keep up: a box whose session queue is full (it stopped reading its stream)
+    /// loses its session, and never makes the sender wait (the scheduler sends to every box
+    /// from one task). The box reconnects and is told again what it missed.
     pub async fn send(&self, box_id: &str, msg: CtlMsg) -> bool {
-        match self.sender(box_id) {
-            Some(tx) => tx.send(Ok(ControlMessage { msg: Some(msg) })).await.is_ok(),
-            None => false,
+        let Some(conn) = self.conn(box_id) else {
+            return false;
+        };
+        match conn.tx.try_send(Ok(ControlMessage { msg: Some(msg) })) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    box_id,
+                    queue = conn.tx.max_capacity(),
+                    "box does not read its control stream (queue full): ending its session"
+                );
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+                conn.kill.notify_one();
+                false
+            }
         }
+    }
+
+    /// Sessions ended because their box's queue was full (since start).
+    pub fn overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
     }
 
     /// Whether the box was told to stop `build_id` less than `within` ago.

@@ -12,7 +12,7 @@ use super::leases::{insert_lease_tx, release_lease_tx, release_leases_of_build_t
 use super::logs::insert_log_tx;
 use super::projects::ProjectRow;
 use super::{
-    checked, from_json, new_id, now_ms, parse_state, q, to_json, Result, Store, StoreError,
+    checked, from_json, new_id, now_ms, parse_state, q, to_i64, to_json, Result, Store, StoreError,
 };
 
 /// A build as stored. Steps, env and timeout are a snapshot of the project at trigger time.
@@ -43,6 +43,9 @@ pub struct BuildRow {
     pub attempt: u32,
     /// The cell backend of the box it was last placed on (`microvm`, `sandbox`; empty before).
     pub backend: String,
+    /// Where the current attempt's log starts: its chunk n is the build's log seq
+    /// `log_base + n`. Holes below it belong to attempts that are over and never fill.
+    pub log_base: u64,
 }
 
 impl BuildRow {
@@ -74,6 +77,7 @@ impl BuildRow {
             warm_start: false,
             backend: String::new(),
             attempt: 1,
+            log_base: 0,
         }
     }
 }
@@ -112,7 +116,7 @@ macro_rules! build_columns {
         "id, project_id, project_name, repo_url, revision, git_ref, state, box_id, cell_id, \
          lease_id, created_at_ms, updated_at_ms, started_at_ms, exit_code, message, \
          trigger_source, size_class, private_network, steps_json, env_json, timeout_secs, \
-         warm_start, attempt, backend"
+         warm_start, attempt, backend, log_base"
     };
 }
 
@@ -145,6 +149,7 @@ pub(crate) struct BuildRecord {
     warm_start: i64,
     attempt: i64,
     backend: String,
+    log_base: i64,
 }
 
 impl TryFrom<BuildRecord> for BuildRow {
@@ -159,6 +164,7 @@ impl TryFrom<BuildRecord> for BuildRow {
             timeout_secs: checked("timeout_secs", r.timeout_secs)?,
             warm_start: r.warm_start != 0,
             attempt: checked("attempt", r.attempt)?,
+            log_base: checked("log_base", r.log_base)?,
             id: r.id,
             project_id: r.project_id,
             project_name: r.project_name,
@@ -354,7 +360,7 @@ impl Store {
     }
 
     /// Puts a placed/running build under `lease_id` back in the queue (attempt + 1), ending the
-    /// lease as `lease_end` (`expired` or `released`). The log keeps going densely: the new
+    /// lease as `lease_end` (`expired` or `released`). The log goes on after what is stored: the new
     /// attempt's chunks are stored after a system line saying why the last attempt ended.
     pub async fn requeue(
         &self,
@@ -593,40 +599,43 @@ pub(crate) async fn requeue_tx(
     reason: &str,
 ) -> Result<bool> {
     let now = now_ms();
-    let attempt: Option<i64> = sqlx::query_scalar(
-        "SELECT attempt FROM builds WHERE id = $1 AND lease_id = $2 \
-         AND state IN ('placed', 'running')",
+    // The log goes on after everything stored so far: one system line at `next`, the next
+    // attempt's chunk n at `next + 1 + n`. Holes the lost attempt left stay holes (followers
+    // skip holes below `log_base`): filling them would let a box that sent a far-ahead seq
+    // make this transaction write rows for as long as it liked.
+    let next: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(seq) + 1, 0) AS next FROM log_chunks WHERE build_id = $1",
     )
+    .bind(build_id)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(q("select next log seq"))?;
+    // Conditional on the state and lease it re-queues from, re-checked by the write itself:
+    // on PostgreSQL a FINISHED or cancel committed after this transaction began must win, not
+    // be overwritten with `queued` (a read-then-write here re-ran finished builds).
+    let attempt: Option<i64> = sqlx::query_scalar(
+        "UPDATE builds SET state = 'queued', box_id = '', cell_id = '', lease_id = '', \
+         started_at_ms = 0, warm_start = 0, attempt = attempt + 1, log_base = $1, \
+         updated_at_ms = $2, message = $3 \
+         WHERE id = $4 AND lease_id = $5 AND state IN ('placed', 'running') \
+         RETURNING attempt",
+    )
+    .bind(next + 1)
+    .bind(now)
+    .bind(reason)
     .bind(build_id)
     .bind(lease_id)
     .fetch_optional(&mut **tx)
     .await
-    .map_err(q("select build to re-queue"))?;
+    .map_err(q("update build to queued"))?;
     let Some(attempt) = attempt else {
         // The build moved on (finished, cancelled); the lease still must not stay live.
         release_lease_tx(tx, lease_id, lease_end).await?;
         return Ok(false);
     };
-    // Fill any holes the lost attempt left, then one system line; the next attempt's
-    // chunk n is stored at log_base + n.
-    let seqs: Vec<i64> =
-        sqlx::query_scalar("SELECT seq FROM log_chunks WHERE build_id = $1 ORDER BY seq")
-            .bind(build_id)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(q("select log seqs"))?;
-    let next = seqs.last().map(|s| s + 1).unwrap_or(0);
-    let mut expect = 0;
-    for s in seqs.iter().copied().chain(std::iter::once(next)) {
-        while expect < s {
-            insert_log_tx(tx, build_id, expect, LogStream::System, 0, b"", now).await?;
-            expect += 1;
-        }
-        expect = s + 1;
-    }
     let line = format!(
-        "hive: attempt {attempt} ended ({reason}); build re-queued as attempt {}\n",
-        attempt + 1
+        "hive: attempt {} ended ({reason}); build re-queued as attempt {attempt}\n",
+        attempt - 1
     );
     insert_log_tx(
         tx,
@@ -638,18 +647,6 @@ pub(crate) async fn requeue_tx(
         now,
     )
     .await?;
-    sqlx::query(
-        "UPDATE builds SET state = 'queued', box_id = '', cell_id = '', lease_id = '', \
-         started_at_ms = 0, warm_start = 0, attempt = attempt + 1, log_base = $1, \
-         updated_at_ms = $2, message = $3 WHERE id = $4",
-    )
-    .bind(next + 1)
-    .bind(now)
-    .bind(reason)
-    .bind(build_id)
-    .execute(&mut **tx)
-    .await
-    .map_err(q("update build to queued"))?;
     release_lease_tx(tx, lease_id, lease_end).await?;
     add_transition(tx, build_id, BuildState::Queued, now, reason).await?;
     Ok(true)
@@ -661,8 +658,8 @@ pub(crate) async fn insert_build_tx(
     reason: &str,
 ) -> Result<()> {
     let sql = format!(
-        "INSERT INTO builds ({}, log_base) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, 0)",
+        "INSERT INTO builds ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)",
         build_columns!()
     );
     sqlx::query(&sql)
@@ -690,6 +687,7 @@ pub(crate) async fn insert_build_tx(
         .bind(i64::from(b.warm_start))
         .bind(i64::from(b.attempt))
         .bind(&b.backend)
+        .bind(to_i64("log_base", b.log_base)?)
         .execute(&mut **tx)
         .await
         .map_err(q("insert build"))?;

@@ -1,5 +1,6 @@
 //! Build logs: chunks keyed by (build, seq). A box's chunk n of the current attempt is stored
-//! at `log_base + n`, so a re-queued build's log continues densely after a system line.
+//! at `log_base + n`, so a re-queued build's log continues after a system line. Holes a lost
+//! attempt left stay holes: readers skip holes below the build's `log_base`.
 
 use hive_proto::v1::{LogChunk, LogStream};
 use sqlx::{Any, Transaction};
@@ -16,12 +17,18 @@ pub enum LogStored {
     Duplicate,
     /// The build is not on this box (a chunk from a stale attempt): dropped.
     NotThisBox,
+    /// The chunk's seq is beyond [`MAX_CHUNK_SEQ`] (no box numbers that far): dropped.
+    OutOfRange,
 }
+
+/// The highest chunk seq a box may give one attempt's log (2^32 chunks: far beyond any log
+/// cap, and `log_base + seq` can never overflow).
+pub const MAX_CHUNK_SEQ: u64 = 1 << 32;
 
 impl Store {
     /// Stores one log chunk of the box's current attempt (idempotent on (build, seq)), and
     /// raises the box's acked seq to `acked_seq` in the same transaction. Returns false when the
-    /// build is not on this box (chunk from a stale attempt, dropped).
+    /// build is not on this box (chunk from a stale attempt) or the seq is impossible: dropped.
     pub async fn store_log(
         &self,
         box_id: &str,
@@ -29,7 +36,10 @@ impl Store {
         acked_seq: Option<u64>,
     ) -> Result<bool> {
         in_tx!(self, "commit log chunk", |tx| {
-            let stored = store_log_tx(tx, box_id, chunk).await? != LogStored::NotThisBox;
+            let stored = matches!(
+                store_log_tx(tx, box_id, chunk).await?,
+                LogStored::New(_) | LogStored::Duplicate
+            );
             if let Some(acked) = acked_seq {
                 set_acked_tx(tx, box_id, acked).await?;
             }
@@ -80,6 +90,9 @@ pub(crate) async fn store_log_tx(
     box_id: &str,
     chunk: &LogChunk,
 ) -> Result<LogStored> {
+    if chunk.seq > MAX_CHUNK_SEQ {
+        return Ok(LogStored::OutOfRange);
+    }
     let at_ms = if chunk.at_ms > 0 {
         chunk.at_ms
     } else {

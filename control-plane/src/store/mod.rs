@@ -51,7 +51,7 @@ pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, TransitionRow};
 pub use deliveries::Delivery;
 pub use leases::LeaseRow;
-pub use logs::LogStored;
+pub use logs::{LogStored, MAX_CHUNK_SEQ};
 pub use networks::{ConnectorRow, Issued, NetworkError, NetworkRow, TunnelLeaseRow};
 pub use projects::{repo_key, NewProject, ProjectRow};
 

@@ -1,0 +1,122 @@
+//! A box that misbehaves on purpose, over the real BoxAgent stream against a real database:
+//! one that stops reading its control stream must lose its own session, never stall the
+//! scheduler for every other box; one that numbers its messages absurdly far ahead is cut off
+//! before the control plane remembers anything for it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{api, eventually, http, pool, start_with, TestBox};
+use hive_proto::v1::box_message::Msg as BoxMsg;
+use hive_proto::v1::control_message::Msg as CtlMsg;
+use hive_proto::v1::{BoxMessage, CreateProjectRequest, Heartbeat, SubmitBuildRequest};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_that_stops_reading_loses_its_session_not_the_scheduler() {
+    let db = common::TestDb::sqlite();
+    // A small per-box queue so a few assignments fill it (the HTTP/2 windows take ~128 KiB
+    // first: each assignment here carries 16 KiB of env).
+    let handle = start_with(&db.url, |c| c.box_queue = 4).await;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "big".into(),
+            repo_url: "git://198.18.0.2/big.git".into(),
+            secret: "s".into(),
+            steps: vec!["true".into()],
+            env: [("PAD".to_string(), "x".repeat(16 * 1024))].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // box-a has room for everything and never reads what it is sent.
+    let (stalled, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 500, 500)]).await;
+    let stalled_beat = stalled.heartbeat_every(
+        Duration::from_millis(200),
+        vec![pool("small", 500, 500)],
+        vec![],
+    );
+    for _ in 0..40 {
+        client
+            .submit_build(SubmitBuildRequest {
+                project: "big".into(),
+                revision: "abc123".into(),
+                git_ref: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    // Let the scheduler push at box-a until its queue is full.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // box-b joins with room and reads: it must be given builds.
+    let (mut good, _) = TestBox::connect(&handle, "box-b", vec![pool("small", 50, 50)]).await;
+    let _good_beat = good.heartbeat_every(
+        Duration::from_millis(200),
+        vec![pool("small", 50, 50)],
+        vec![],
+    );
+    match good.next_non_ack(WAIT).await {
+        Some(CtlMsg::Assign(a)) => assert!(!a.build_id.is_empty()),
+        other => panic!("box-b got no assignment while box-a stalled: {other:?}"),
+    }
+
+    // box-a's session was ended for it, and /metrics says so.
+    let metrics = http(handle.http_addr, "GET", "/metrics", &[], b"").await;
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|l| l.starts_with("hive_box_queue_overflows ") && !l.ends_with(" 0")),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics.body.contains("hive_limit{name=\"box_queue\"} 4\n"));
+    stalled_beat.abort();
+    drop(stalled);
+    handle.shutdown().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_seq_far_ahead_ends_the_session() {
+    let db = common::TestDb::sqlite();
+    let handle = start_with(&db.url, |_| {}).await;
+    let (mut b, acked) = TestBox::connect(&handle, "box-x", vec![pool("small", 1, 1)]).await;
+    b.tx.send(BoxMessage {
+        seq: acked + (1 << 40),
+        msg: Some(BoxMsg::Heartbeat(Heartbeat::default())),
+    })
+    .await
+    .unwrap();
+    // The control plane closes the stream (no ack for it) and counts the violation.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match b.rx.message().await {
+                Ok(Some(m)) => assert!(
+                    !matches!(m.msg, Some(CtlMsg::Ack(ref a)) if a.seq > acked),
+                    "acked an impossible seq: {m:?}"
+                ),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "session still open after a seq 2^40 ahead");
+    eventually(WAIT, "the violation is counted", || async {
+        http(handle.http_addr, "GET", "/metrics", &[], b"")
+            .await
+            .body
+            .contains("hive_box_violations_total{kind=\"seq_ahead\"} 1\n")
+    })
+    .await;
+    // A well-behaved reconnect is welcome again.
+    let (_again, acked_again) = TestBox::connect(&handle, "box-x", vec![pool("small", 1, 1)]).await;
+    assert_eq!(acked_again, acked);
+    handle.shutdown().await;
+    db.drop_db().await;
+}

@@ -66,6 +66,22 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     box_queue: u32,
 
+    /// Seconds an HTTP request (webhook, metrics, health) may take, body included; a slower
+    /// sender gets 408.
+    #[arg(long, env = "HIVE_HTTP_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_timeout_secs: u64,
+
+    /// HTTP requests handled at once; more wait for a turn (within the timeout).
+    #[arg(long, env = "HIVE_HTTP_MAX_CONCURRENCY", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    http_max_concurrency: u32,
+
+    /// gRPC streams (calls) one connection may have open at once.
+    #[arg(long, env = "HIVE_GRPC_STREAMS_PER_CONNECTION", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    grpc_streams_per_connection: u32,
+
     /// JSON file adding or overriding size classes:
     /// {"size_classes": [{"name": "xl", "vcpus": 16, "memory_mib": 32768, "disk_mib": 102400}]}
     #[arg(long, env = "HIVE_SIZE_CLASSES")]
@@ -128,6 +144,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         placement: args.placement,
         tick: Duration::from_millis(args.scheduler_tick_ms),
         box_queue: args.box_queue as usize,
+        http_timeout: Duration::from_secs(args.http_timeout_secs),
+        http_concurrency: args.http_max_concurrency as usize,
+        grpc_streams_per_connection: args.grpc_streams_per_connection,
     };
     let handle = server::start(config).await?;
     if let Some(path) = &args.ready_file {

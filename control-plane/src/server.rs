@@ -32,6 +32,10 @@ use crate::store::{redact, Store, StoreError};
 /// How long shutdown waits for in-flight requests before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
+/// Largest gRPC message accepted or sent, either way (tonic's default, now stated and
+/// published): the biggest legitimate ones are a log page and a box's cell list.
+pub const GRPC_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
+
 /// Errors starting the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -68,6 +72,12 @@ pub struct Config {
     pub tick: Duration,
     /// Control messages queued per box session before the box counts as not reading.
     pub box_queue: usize,
+    /// Longest an HTTP request may take, body included (a slow sender gets 408).
+    pub http_timeout: Duration,
+    /// HTTP requests handled at once; more wait their turn (within `http_timeout`).
+    pub http_concurrency: usize,
+    /// gRPC streams one connection may have open at once.
+    pub grpc_streams_per_connection: u32,
 }
 
 impl Default for Config {
@@ -83,6 +93,9 @@ impl Default for Config {
             placement: Policy::Spread,
             tick: Duration::from_millis(500),
             box_queue: 4096,
+            http_timeout: Duration::from_secs(30),
+            http_concurrency: 512,
+            grpc_streams_per_connection: 1024,
         }
     }
 }
@@ -111,6 +124,17 @@ impl Config {
         }
         if self.tick.is_zero() {
             return Err(ServerError::Config("scheduler tick must be > 0".into()));
+        }
+        if self.http_timeout < Duration::from_millis(100) {
+            return Err(ServerError::Config(format!(
+                "HTTP timeout {:?} is shorter than 100ms",
+                self.http_timeout
+            )));
+        }
+        if self.http_concurrency == 0 || self.grpc_streams_per_connection == 0 {
+            return Err(ServerError::Config(
+                "HTTP concurrency and gRPC streams per connection must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -217,6 +241,16 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Metrics::default();
     metrics.limit("box_queue", config.box_queue as u64);
+    metrics.limit(
+        "http_timeout_ms",
+        u64::try_from(millis(config.http_timeout)).unwrap_or(0),
+    );
+    metrics.limit("http_concurrency", config.http_concurrency as u64);
+    metrics.limit(
+        "grpc_streams_per_connection",
+        u64::from(config.grpc_streams_per_connection),
+    );
+    metrics.limit("grpc_message_bytes", GRPC_MESSAGE_LIMIT as u64);
     metrics.limit("box_seq_ahead", crate::grpc::boxes::MAX_SEQ_AHEAD);
     metrics.limit("log_chunk_seq", crate::store::MAX_CHUNK_SEQ);
     let hive = Arc::new(Hive {
@@ -234,7 +268,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         shutdown: shutdown_rx.clone(),
     });
 
-    let app = crate::http::router(hive.clone());
+    let app = crate::http::router(hive.clone(), config.http_timeout, config.http_concurrency);
     let mut stop = shutdown_rx.clone();
     let http_task = tokio::spawn(async move {
         let served = axum::serve(http_listener, app)
@@ -266,12 +300,27 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     let api = ControlPlaneService { hive: hive.clone() };
     let agent = BoxAgentService { hive: hive.clone() };
     let connector = ConnectorService { hive: hive.clone() };
+    let grpc_streams = config.grpc_streams_per_connection;
     let grpc_task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .add_service(ControlPlaneServer::new(api))
-            .add_service(BoxAgentServer::new(agent))
-            .add_service(ConnectorServer::new(connector))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(grpc_streams))
+            .add_service(
+                ControlPlaneServer::new(api)
+                    .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
+                    .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
+            )
+            .add_service(
+                BoxAgentServer::new(agent)
+                    .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
+                    .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
+            )
+            .add_service(
+                ConnectorServer::new(connector)
+                    .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
+                    .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
+            )
             .add_service(health)
             .add_service(reflection)
             // TCP_NODELAY: box messages, acks and key-exchange replies are small and each waits on

@@ -1,7 +1,10 @@
 //! The HTTP routes: `POST /webhooks/github` (see `webhook`), `GET /healthz` (answers 200 only
-//! when the database answers) and `GET /metrics` (see `metrics`).
+//! when the database answers) and `GET /metrics` (see `metrics`). Every request, body included,
+//! must end within the configured timeout (408 otherwise: a sender trickling its body holds
+//! nothing for long), and only so many are handled at once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -14,13 +17,20 @@ use crate::http::{metrics, webhook};
 use crate::state::Hive;
 
 /// The HTTP routes.
-pub fn router(hive: Arc<Hive>) -> Router {
+pub fn router(hive: Arc<Hive>, timeout: Duration, concurrency: usize) -> Router {
     Router::new()
         .route("/webhooks/github", post(webhook::handle))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         // The webhook reads its body itself, with its own 5 MiB limit and 413.
         .layer(DefaultBodyLimit::disable())
+        // Shared by all connections (a per-connection limit would bound nothing).
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(concurrency))
+        // Outermost: time spent waiting for a turn counts too.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .with_state(hive)
 }
 

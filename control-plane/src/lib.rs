@@ -7,7 +7,7 @@
 //! - `domain`: the operations every front end calls (submit, cancel, end, drain, place, key
 //!   exchange, network input checks);
 //! - services: `grpc` (`api`, `boxes`, `connector`), `http` (`router`, `webhook`, `metrics`) and
-//!   the `scheduler` task;
+//!   the `scheduler` and `retention` tasks;
 //! - `server`: the only module that wires the services together (`start(Config) -> Handle`).
 #![forbid(unsafe_code)]
 
@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod placement;
 pub mod registry;
+pub mod retention;
 pub mod scheduler;
 pub mod server;
 pub mod sizeclass;

@@ -82,6 +82,12 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     grpc_streams_per_connection: u32,
 
+    /// Days to keep ended builds (with their logs) and webhook deliveries; 0 keeps them forever.
+    /// Builds that have not ended are never deleted.
+    #[arg(long, env = "HIVE_RETENTION_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    retention_days: u32,
+
     /// JSON file adding or overriding size classes:
     /// {"size_classes": [{"name": "xl", "vcpus": 16, "memory_mib": 32768, "disk_mib": 102400}]}
     #[arg(long, env = "HIVE_SIZE_CLASSES")]
@@ -147,6 +153,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         http_timeout: Duration::from_secs(args.http_timeout_secs),
         http_concurrency: args.http_max_concurrency as usize,
         grpc_streams_per_connection: args.grpc_streams_per_connection,
+        retention: (args.retention_days > 0)
+            .then(|| Duration::from_secs(u64::from(args.retention_days) * 86_400)),
     };
     let handle = server::start(config).await?;
     if let Some(path) = &args.ready_file {

@@ -61,6 +61,7 @@ pub struct Metrics {
     queue_wait: Histogram,
     box_commit: Histogram,
     box_violations: Family<KindLabel, Counter>,
+    purged: Family<KindLabel, Counter>,
     box_queue_overflows: Gauge,
     limits: Family<NameLabel, Gauge>,
 }
@@ -136,6 +137,12 @@ impl Default for Metrics {
             "Messages from boxes refused as impossible, by kind (seq_ahead, log_seq_range)",
             box_violations.clone(),
         );
+        let purged = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "hive_purged",
+            "Rows deleted by retention, by kind (builds, log_chunks, deliveries)",
+            purged.clone(),
+        );
         let box_queue_overflows = Gauge::default();
         registry.register(
             "hive_box_queue_overflows",
@@ -151,6 +158,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             box_violations,
+            purged,
             box_queue_overflows,
             limits,
             scrape: Mutex::new(()),
@@ -184,6 +192,21 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+    }
+
+    /// Counts what one retention purge deleted.
+    pub fn purged(&self, builds: u64, log_chunks: u64, deliveries: u64) {
+        for (kind, n) in [
+            ("builds", builds),
+            ("log_chunks", log_chunks),
+            ("deliveries", deliveries),
+        ] {
+            self.purged
+                .get_or_create(&KindLabel {
+                    kind: kind.to_string(),
+                })
+                .inc_by(n);
+        }
     }
 
     /// Publishes a limit (`box_queue`, `box_seq_ahead`, ...) as `hive_limit{name}`.

@@ -32,6 +32,9 @@ use crate::store::{redact, Store, StoreError};
 /// How long shutdown waits for in-flight requests before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
 /// Largest gRPC message accepted or sent, either way (tonic's default, now stated and
 /// published): the biggest legitimate ones are a log page and a box's cell list.
 pub const GRPC_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
@@ -78,6 +81,9 @@ pub struct Config {
     pub http_concurrency: usize,
     /// gRPC streams one connection may have open at once.
     pub grpc_streams_per_connection: u32,
+    /// Ended builds (with their logs) and webhook deliveries older than this are deleted;
+    /// None keeps everything.
+    pub retention: Option<Duration>,
 }
 
 impl Default for Config {
@@ -96,6 +102,7 @@ impl Default for Config {
             http_timeout: Duration::from_secs(30),
             http_concurrency: 512,
             grpc_streams_per_connection: 1024,
+            retention: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -251,6 +258,10 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         u64::from(config.grpc_streams_per_connection),
     );
     metrics.limit("grpc_message_bytes", GRPC_MESSAGE_LIMIT as u64);
+    metrics.limit(
+        "retention_secs",
+        config.retention.map_or(0, |d| d.as_secs()),
+    );
     metrics.limit("box_seq_ahead", crate::grpc::boxes::MAX_SEQ_AHEAD);
     metrics.limit("log_chunk_seq", crate::store::MAX_CHUNK_SEQ);
     let hive = Arc::new(Hive {
@@ -338,6 +349,10 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     });
 
     let scheduler_task = tokio::spawn(scheduler::run(hive.clone(), config.tick));
+    if let Some(keep) = config.retention {
+        // Ends on the shutdown flag.
+        tokio::spawn(crate::retention::run(hive.clone(), keep, RETENTION_EVERY));
+    }
     // Ends on the shutdown flag, like the scheduler.
     tokio::spawn(keyexchange::run_revoker(hive.clone()));
     tracing::info!(%http_addr, %grpc_addr, lease_ms = millis(config.lease),

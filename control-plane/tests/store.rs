@@ -328,6 +328,68 @@ async fn finish_wins_over_a_concurrent_requeue(url: String) {
 
 both_dbs!(finish_wins_over_a_concurrent_requeue);
 
+/// Retention deletes ended builds with their logs and history, and old deliveries; a build
+/// that has not ended stays whatever its age, and nothing newer than the cutoff goes.
+async fn retention_purges_only_what_ended(url: String) {
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(&new_project("keep", "git://h/keep"))
+        .await
+        .unwrap();
+    let done = BuildRow::new_queued(&p, "r1", "refs/heads/main", "webhook:d1");
+    assert_eq!(
+        store
+            .record_delivery("d1", &p.id, Some(&done), "build")
+            .await
+            .unwrap(),
+        Delivery::New
+    );
+    store
+        .place(&[placement(&done.id, "L1", "box-a")])
+        .await
+        .unwrap();
+    assert!(store.set_running(&done.id, "L1", "run").await.unwrap());
+    assert!(store
+        .store_log("box-a", &chunk(&done.id, 0, "old line"), None)
+        .await
+        .unwrap());
+    assert!(store
+        .finish_build(&done.id, "L1", BuildState::Succeeded, 0, "exit 0")
+        .await
+        .unwrap());
+    let live = BuildRow::new_queued(&p, "r2", "refs/heads/main", "api");
+    store.insert_build(&live, "api").await.unwrap();
+    store
+        .place(&[placement(&live.id, "L2", "box-a")])
+        .await
+        .unwrap();
+
+    // A cutoff in the past deletes nothing.
+    let none = store
+        .purge_before(hive_control_plane::store::now_ms() - 86_400_000, 1)
+        .await
+        .unwrap();
+    assert_eq!(none, Default::default());
+    assert!(store.get_build(&done.id).await.unwrap().is_some());
+
+    // A cutoff after everything: the ended build goes (batches of 1), the placed one stays.
+    let later = hive_control_plane::store::now_ms() + 1_000;
+    let purged = store.purge_before(later, 1).await.unwrap();
+    assert_eq!(
+        (purged.builds, purged.log_chunks, purged.deliveries),
+        (1, 1, 1)
+    );
+    assert!(store.get_build(&done.id).await.unwrap().is_none());
+    assert!(store.logs_from(&done.id, 0, 10).await.unwrap().is_empty());
+    assert!(store.transitions(&done.id).await.unwrap().is_empty());
+    let kept = store.get_build(&live.id).await.unwrap().unwrap();
+    assert_eq!(kept.state, BuildState::Placed);
+    assert_eq!(store.live_leases_of_build(&live.id).await.unwrap().len(), 1);
+    assert_eq!(store.transitions(&live.id).await.unwrap().len(), 2);
+    store.close().await;
+}
+both_dbs!(retention_purges_only_what_ended);
+
 async fn expiry_and_timeouts(url: String) {
     let store = Store::open(&url).await.unwrap();
     let mut np = new_project("t", "git://h/t");

@@ -46,6 +46,7 @@ mod leases;
 mod logs;
 pub mod networks;
 mod projects;
+mod retention;
 
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, TransitionRow};
@@ -54,6 +55,7 @@ pub use leases::LeaseRow;
 pub use logs::{LogStored, MAX_CHUNK_SEQ};
 pub use networks::{ConnectorRow, Issued, NetworkError, NetworkRow, TunnelLeaseRow};
 pub use projects::{repo_key, NewProject, ProjectRow};
+pub use retention::Purged;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

@@ -1,0 +1,79 @@
+//! Retention: ended builds (with their transitions, log chunks and ended leases) and webhook
+//! deliveries older than a cutoff are deleted, a bounded batch per transaction so a large
+//! purge never holds the write lock for long. Live work is never touched: a build that has not
+//! ended stays whatever its age, and so do live leases. Tunnel leases stay forever (a public
+//! key is never accepted twice, and that needs the record).
+
+use super::{q, Result, Store};
+
+/// What one purge deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    pub builds: u64,
+    pub log_chunks: u64,
+    pub deliveries: u64,
+}
+
+/// Ended builds whose last change is before `$1`, at most `$2` of them.
+const OLD_BUILDS: &str = "SELECT id FROM builds \
+     WHERE state IN ('succeeded', 'failed', 'cancelled', 'timed_out') AND updated_at_ms < $1 \
+     ORDER BY updated_at_ms LIMIT $2";
+
+impl Store {
+    /// Deletes what ended before `cutoff_ms`, `batch` builds per transaction, until none is
+    /// left.
+    pub async fn purge_before(&self, cutoff_ms: i64, batch: u32) -> Result<Purged> {
+        let mut purged = Purged::default();
+        let batch = i64::from(batch.max(1));
+        loop {
+            let (builds, chunks) = in_tx!(self, "commit purge", |tx| {
+                let ids: Vec<String> = sqlx::query_scalar(OLD_BUILDS)
+                    .bind(cutoff_ms)
+                    .bind(batch)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(q("select builds to purge"))?;
+                let mut chunks = 0;
+                for id in &ids {
+                    chunks += sqlx::query("DELETE FROM log_chunks WHERE build_id = $1")
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(q("purge log chunks"))?
+                        .rows_affected();
+                    sqlx::query("DELETE FROM build_transitions WHERE build_id = $1")
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(q("purge transitions"))?;
+                    sqlx::query("DELETE FROM leases WHERE build_id = $1 AND state <> 'live'")
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(q("purge leases"))?;
+                    sqlx::query(
+                        "DELETE FROM builds WHERE id = $1 AND state IN \
+                         ('succeeded', 'failed', 'cancelled', 'timed_out')",
+                    )
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(q("purge build"))?;
+                }
+                Ok::<_, super::StoreError>((ids.len() as u64, chunks))
+            })?;
+            purged.builds += builds;
+            purged.log_chunks += chunks;
+            if builds < batch as u64 {
+                break;
+            }
+        }
+        let res = sqlx::query("DELETE FROM webhook_deliveries WHERE at_ms < $1")
+            .bind(cutoff_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(q("purge deliveries"))?;
+        purged.deliveries = res.rows_affected();
+        Ok(purged)
+    }
+}

@@ -82,6 +82,12 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     grpc_streams_per_connection: u32,
 
+    /// MiB of log kept per build; past it one line says the log was cut and the rest of the
+    /// output is dropped.
+    #[arg(long, env = "HIVE_LOG_CAP_MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    log_cap_mib: u64,
+
     /// Days to keep ended builds (with their logs) and webhook deliveries; 0 keeps them forever.
     /// Builds that have not ended are never deleted.
     #[arg(long, env = "HIVE_RETENTION_DAYS", default_value_t = 30,
@@ -153,6 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         http_timeout: Duration::from_secs(args.http_timeout_secs),
         http_concurrency: args.http_max_concurrency as usize,
         grpc_streams_per_connection: args.grpc_streams_per_connection,
+        log_cap: args.log_cap_mib * 1024 * 1024,
         retention: (args.retention_days > 0)
             .then(|| Duration::from_secs(u64::from(args.retention_days) * 86_400)),
     };

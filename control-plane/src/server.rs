@@ -81,6 +81,8 @@ pub struct Config {
     pub http_concurrency: usize,
     /// gRPC streams one connection may have open at once.
     pub grpc_streams_per_connection: u32,
+    /// Most bytes of log kept per build; past it one line says the log was cut.
+    pub log_cap: u64,
     /// Ended builds (with their logs) and webhook deliveries older than this are deleted;
     /// None keeps everything.
     pub retention: Option<Duration>,
@@ -103,6 +105,7 @@ impl Default for Config {
             http_concurrency: 512,
             grpc_streams_per_connection: 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
+            log_cap: crate::store::DEFAULT_LOG_CAP,
         }
     }
 }
@@ -136,6 +139,12 @@ impl Config {
             return Err(ServerError::Config(format!(
                 "HTTP timeout {:?} is shorter than 100ms",
                 self.http_timeout
+            )));
+        }
+        if self.log_cap < 4096 {
+            return Err(ServerError::Config(format!(
+                "log cap {} bytes is below 4 KiB: a build could not say why it failed",
+                self.log_cap
             )));
         }
         if self.http_concurrency == 0 || self.grpc_streams_per_connection == 0 {
@@ -204,7 +213,7 @@ impl Handle {
 pub async fn start(config: Config) -> Result<Handle, ServerError> {
     config.validate()?;
     let url = config.db_url();
-    let store = Store::open(&url).await?;
+    let store = Store::open(&url).await?.with_log_cap(config.log_cap);
     tracing::info!(db = %redact(&url), kind = store.kind().name(), "store open");
     let extended = store
         .extend_live_leases(crate::store::now_ms().saturating_add(millis(config.lease)))
@@ -258,6 +267,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         u64::from(config.grpc_streams_per_connection),
     );
     metrics.limit("grpc_message_bytes", GRPC_MESSAGE_LIMIT as u64);
+    metrics.limit("log_cap_bytes", config.log_cap);
     metrics.limit(
         "retention_secs",
         config.retention.map_or(0, |d| d.as_secs()),

@@ -390,6 +390,50 @@ async fn retention_purges_only_what_ended(url: String) {
 }
 both_dbs!(retention_purges_only_what_ended);
 
+/// The per-build log cap: chunks are kept up to it, the first one past it becomes a line
+/// saying the log was cut, later ones are dropped; a resend of any of them changes nothing.
+async fn log_cap_cuts_the_log_once(url: String) {
+    let store = Store::open(&url).await.unwrap().with_log_cap(10);
+    let p = store
+        .create_project(&new_project("chatty", "git://h/chatty"))
+        .await
+        .unwrap();
+    let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");
+    store.insert_build(&b, "api").await.unwrap();
+    store
+        .place(&[placement(&b.id, "L1", "box-a")])
+        .await
+        .unwrap();
+    let put = |seq: u64, text: &'static str| {
+        let store = store.clone();
+        let id = b.id.clone();
+        async move {
+            store
+                .store_log("box-a", &chunk(&id, seq, text), None)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(put(0, "12345").await);
+    assert!(
+        put(1, "67890X").await,
+        "the first chunk over the cap is answered as stored"
+    );
+    assert!(!put(2, "more").await, "later chunks are dropped");
+    assert!(
+        put(1, "67890X").await,
+        "a resend of the cut chunk is a duplicate"
+    );
+    assert!(put(0, "12345").await);
+    let logs = store.logs_from(&b.id, 0, 10).await.unwrap();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert_eq!(logs[0].data, b"12345");
+    assert_eq!(logs[1].stream, LogStream::System as i32);
+    assert!(String::from_utf8_lossy(&logs[1].data).contains("log cut at 10 bytes"));
+    store.close().await;
+}
+both_dbs!(log_cap_cuts_the_log_once);
+
 async fn expiry_and_timeouts(url: String) {
     let store = Store::open(&url).await.unwrap();
     let mut np = new_project("t", "git://h/t");

@@ -352,6 +352,7 @@ impl Session {
                             tracing::debug!(box_id = %self.box_id, build_id = %chunk.build_id,
                                 seq = chunk.seq, "log chunk for a build not on this box dropped");
                         }
+                        LogStored::OverCap => {}
                         LogStored::OutOfRange => {
                             tracing::warn!(box_id = %self.box_id, build_id = %chunk.build_id,
                                 seq = chunk.seq, "log chunk with an impossible seq dropped");

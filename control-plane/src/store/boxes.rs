@@ -161,6 +161,7 @@ impl Store {
         Ok(BoxBatch {
             tx: self.begin().await?,
             box_id: box_id.to_string(),
+            log_cap: self.log_cap,
         })
     }
 }
@@ -175,6 +176,7 @@ impl Store {
 pub struct BoxBatch {
     tx: Transaction<'static, Any>,
     box_id: String,
+    log_cap: u64,
 }
 
 impl BoxBatch {
@@ -242,7 +244,7 @@ impl BoxBatch {
 
     /// A log chunk: see [`Store::store_log`].
     pub async fn store_log(&mut self, chunk: &LogChunk) -> Result<LogStored> {
-        store_log_tx(&mut self.tx, &self.box_id, chunk).await
+        store_log_tx(&mut self.tx, &self.box_id, chunk, self.log_cap).await
     }
 
     /// Raises the box's acked seq to `acked` and commits everything in one go.

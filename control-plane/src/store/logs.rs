@@ -19,6 +19,8 @@ pub enum LogStored {
     NotThisBox,
     /// The chunk's seq is beyond [`MAX_CHUNK_SEQ`] (no box numbers that far): dropped.
     OutOfRange,
+    /// The build's log already reached the log cap (and says so): dropped.
+    OverCap,
 }
 
 /// The highest chunk seq a box may give one attempt's log (2^32 chunks: far beyond any log
@@ -37,7 +39,7 @@ impl Store {
     ) -> Result<bool> {
         in_tx!(self, "commit log chunk", |tx| {
             let stored = matches!(
-                store_log_tx(tx, box_id, chunk).await?,
+                store_log_tx(tx, box_id, chunk, self.log_cap).await?,
                 LogStored::New(_) | LogStored::Duplicate
             );
             if let Some(acked) = acked_seq {
@@ -84,11 +86,13 @@ impl Store {
 }
 
 /// Stores a chunk of `box_id`'s current attempt at `log_base + chunk.seq` (a duplicate is a
-/// no-op).
+/// no-op), unless the build's log would pass `cap` bytes: then the first chunk over it is
+/// replaced by one system line saying the log was cut, and the rest are dropped.
 pub(crate) async fn store_log_tx(
     tx: &mut Transaction<'_, Any>,
     box_id: &str,
     chunk: &LogChunk,
+    cap: u64,
 ) -> Result<LogStored> {
     if chunk.seq > MAX_CHUNK_SEQ {
         return Ok(LogStored::OutOfRange);
@@ -98,9 +102,12 @@ pub(crate) async fn store_log_tx(
     } else {
         now_ms()
     };
+    let len = to_i64("chunk length", chunk.data.len())?;
+    let cap = i64::try_from(cap).unwrap_or(i64::MAX);
     let stored: Option<i64> = sqlx::query_scalar(
         "INSERT INTO log_chunks (build_id, seq, stream, step, data, at_ms) \
          SELECT id, log_base + $1, $2, $3, $4, $5 FROM builds WHERE id = $6 AND box_id = $7 \
+         AND log_truncated = 0 AND log_bytes + $8 <= $9 \
          ON CONFLICT (build_id, seq) DO NOTHING RETURNING seq",
     )
     .bind(to_i64("seq", chunk.seq)?)
@@ -110,29 +117,77 @@ pub(crate) async fn store_log_tx(
     .bind(at_ms)
     .bind(&chunk.build_id)
     .bind(box_id)
+    .bind(len)
+    .bind(cap)
     .fetch_optional(&mut **tx)
     .await
     .map_err(q("insert log chunk"))?;
     if let Some(seq) = stored {
+        sqlx::query("UPDATE builds SET log_bytes = log_bytes + $1 WHERE id = $2")
+            .bind(len)
+            .bind(&chunk.build_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(q("count log bytes"))?;
         return Ok(LogStored::New(LogChunk {
             seq: checked("seq", seq)?,
             at_ms,
             ..chunk.clone()
         }));
     }
-    // Either a duplicate (fine, already stored) or not this box's build.
-    let ours = sqlx::query("SELECT id FROM builds WHERE id = $1 AND box_id = $2")
+    // A duplicate (fine, already stored), not this box's build, or over the cap.
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT log_base, log_truncated FROM builds WHERE id = $1 AND box_id = $2")
+            .bind(&chunk.build_id)
+            .bind(box_id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(q("select build of log chunk"))?;
+    let Some((log_base, truncated)) = row else {
+        return Ok(LogStored::NotThisBox);
+    };
+    let seq = log_base + to_i64("seq", chunk.seq)?;
+    let exists = sqlx::query("SELECT seq FROM log_chunks WHERE build_id = $1 AND seq = $2")
         .bind(&chunk.build_id)
-        .bind(box_id)
+        .bind(seq)
         .fetch_optional(&mut **tx)
         .await
-        .map_err(q("select build of log chunk"))?
+        .map_err(q("select log chunk"))?
         .is_some();
-    Ok(if ours {
-        LogStored::Duplicate
-    } else {
-        LogStored::NotThisBox
-    })
+    if exists {
+        return Ok(LogStored::Duplicate);
+    }
+    if truncated != 0 {
+        return Ok(LogStored::OverCap);
+    }
+    // The first chunk past the cap: one line in its place says so; later ones are dropped.
+    let line = format!(
+        "hive: log cut at {cap} bytes (the control plane's --log-cap-mib); \
+         the rest of this build's output is not kept\n"
+    );
+    sqlx::query("UPDATE builds SET log_truncated = 1 WHERE id = $1")
+        .bind(&chunk.build_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("mark log truncated"))?;
+    insert_log_tx(
+        tx,
+        &chunk.build_id,
+        seq,
+        LogStream::System,
+        0,
+        line.as_bytes(),
+        at_ms,
+    )
+    .await?;
+    Ok(LogStored::New(LogChunk {
+        build_id: chunk.build_id.clone(),
+        seq: checked("seq", seq)?,
+        stream: LogStream::System as i32,
+        step: 0,
+        data: line.into_bytes(),
+        at_ms,
+    }))
 }
 
 pub(crate) async fn insert_log_tx(

@@ -153,9 +153,20 @@ pub struct Store {
     /// Elsewhere the same pool as `pool`.
     reads: AnyPool,
     kind: DbKind,
+    /// Most bytes of log kept per build (see `logs::store_log_tx`).
+    log_cap: u64,
 }
 
+/// The per-build log cap unless the operator sets one.
+pub const DEFAULT_LOG_CAP: u64 = 64 * 1024 * 1024;
+
 impl Store {
+    /// The same store with a per-build log cap of `bytes`.
+    pub fn with_log_cap(mut self, bytes: u64) -> Store {
+        self.log_cap = bytes;
+        self
+    }
+
     /// Opens (creating a SQLite file if missing) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
@@ -238,7 +249,12 @@ impl Store {
                 .map_err(connect_err)?,
             _ => pool.clone(),
         };
-        Ok(Store { pool, reads, kind })
+        Ok(Store {
+            pool,
+            reads,
+            kind,
+            log_cap: DEFAULT_LOG_CAP,
+        })
     }
 
     pub fn kind(&self) -> DbKind {

@@ -54,16 +54,23 @@ pub enum HarnessError {
 /// The operator API client the tests use: tonic's, carrying a token.
 pub type Api = ControlPlaneClient<InterceptedService<Channel, Bearer>>;
 
-/// The admin token of each control plane this process started, by its gRPC URL (ports are
-/// ephemeral, so a URL names one control plane for the life of this process).
-static ADMIN_TOKENS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+/// The admin token of each control plane this process started, by its gRPC port: ports are
+/// ephemeral, so one names one control plane while it runs, whichever address a test dials it
+/// on (a listener on 0.0.0.0 is reached on 127.0.0.1).
+static ADMIN_TOKENS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
+
+/// The port of `http://HOST:PORT[/]`.
+fn port_of(url: &str) -> Option<u16> {
+    url.trim_end_matches('/').rsplit(':').next()?.parse().ok()
+}
 
 /// The admin token of the control plane at `grpc_url`, if this process started it.
 pub fn admin_token_for(grpc_url: &str) -> Option<String> {
+    let port = port_of(grpc_url)?;
     ADMIN_TOKENS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(grpc_url)
+        .get(&port)
         .cloned()
 }
 
@@ -392,11 +399,11 @@ impl ControlPlane {
             log_path,
             _tmp: tmp,
         };
-        if let Some(token) = cp.admin_token() {
+        if let (Some(token), Some(port)) = (cp.admin_token(), port_of(&cp.grpc_url())) {
             ADMIN_TOKENS
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(cp.grpc_url(), token);
+                .insert(port, token);
         }
         Ok(cp)
     }
@@ -570,6 +577,13 @@ impl TestHive {
 #[cfg(test)]
 mod tests {
     use super::with_database;
+
+    #[test]
+    fn ports_name_control_planes() {
+        assert_eq!(super::port_of("http://127.0.0.1:50051"), Some(50051));
+        assert_eq!(super::port_of("http://0.0.0.0:7/"), Some(7));
+        assert_eq!(super::port_of("http://h"), None);
+    }
 
     #[test]
     fn database_name_is_replaced() {

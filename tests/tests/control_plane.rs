@@ -910,6 +910,7 @@ async fn submit_wait_shows_progress_and_tells_the_outcome(backend: Backend) {
     );
     let mut tty = Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
+        .env("HIVE_TOKEN", h.cp.admin_token().expect("admin token"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

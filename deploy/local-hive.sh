@@ -3,8 +3,9 @@
 #   control plane (SQLite under <data-dir>/control-plane) + one box (sandbox backend, warm pool)
 #   + a "public internet" git host (netns on 198.18.0.2, git daemon) serving a demo repository
 #   + a demo project pointing at it.
-# Then it prints the curl line that sends a signed GitHub push webhook and the hivectl line that
-# follows the build's logs, and stays in the foreground. Ctrl-C (or SIGTERM) stops the box first
+# Then it prints the `export HIVE_TOKEN=...` line hivectl needs (the control plane's first admin
+# token, in <data-dir>/control-plane/admin.token), the curl line that sends a signed GitHub push
+# webhook and the hivectl line that follows the build's logs, and stays in the foreground. Ctrl-C (or SIGTERM) stops the box first
 # (it destroys its cells), then the control plane, then the git host.
 #
 # --smoke sends that webhook itself, follows the build to its end and exits with its result:
@@ -201,6 +202,11 @@ for _ in $(seq 300); do
 done
 [ -s "$ready" ] || die "hive-control-plane not ready after 30s (log: $logs/control-plane.log)"
 log "control plane up: $(cat "$ready") (log $logs/control-plane.log)"
+# The operator API wants a token: the admin token the control plane wrote on its first start.
+token_file="$data_dir/control-plane/admin.token"
+[ -s "$token_file" ] || die "no admin token in $token_file (was this data dir's control plane started with another --data-dir?)"
+HIVE_TOKEN="$(cat "$token_file")"
+export HIVE_TOKEN
 
 # --- 4. box -------------------------------------------------------------------------------------
 box_ready="$data_dir/box.ready"
@@ -294,6 +300,10 @@ fi
 cat <<EOF
 
 Local hive is up. (Ctrl-C stops everything.)
+
+hivectl needs the admin token (made on the first start; keep it like a password):
+  export HIVE_TOKEN=\$(cat $token_file)
+
   control plane  http://$http_addr (webhook), grpc http://$grpc_addr   log: $logs/control-plane.log
   box            $(if [ "$microvm" = 1 ]; then echo "microvm backend in the emulated KVM host, pool $pool   log: kvm-host.sh exec --ctl $data_dir/l1-ctl.sock -- cat /var/log/start.log"; else echo "sandbox backend, pool $pool                          log: $logs/box.log"; fi)
   git host       $repo_url (netns hive-th-git)

@@ -2,7 +2,8 @@
 //!
 //! Layers, each depending only on those below it:
 //! - leaves: `store` (SQLite or PostgreSQL), `events` (change announcements), `metrics`,
-//!   `sizeclass`, `placement` (the placement policy), `registry` (boxes and connectors in memory);
+//!   `sizeclass`, `placement` (the placement policy), `registry` (boxes and connectors in memory),
+//!   `auth` (API tokens and their roles, over the store);
 //! - `state`: the [`state::Hive`] every service shares;
 //! - `domain`: the operations every front end calls (submit, cancel, end, drain, place, key
 //!   exchange, network input checks);
@@ -11,6 +12,7 @@
 //! - `server`: the only module that wires the services together (`start(Config) -> Handle`).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod domain;
 pub mod events;
 pub mod grpc;

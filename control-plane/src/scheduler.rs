@@ -114,7 +114,7 @@ async fn sweep_leases_and_boxes(hive: &Hive, stats: &mut PassStats) -> Result<()
 
     for build in hive.store.overdue_builds(now).await? {
         let reason = format!("timed out after {}s", build.timeout_secs);
-        if end_build(hive, &build.id, BuildState::TimedOut, &reason)
+        if end_build(hive, &build.id, BuildState::TimedOut, &reason, None)
             .await?
             .is_some()
         {

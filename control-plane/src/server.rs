@@ -1,4 +1,5 @@
-//! Wires the control plane: opens the store, builds the shared state (`state::Hive`), binds the
+//! Wires the control plane: opens the store, makes the first admin token on a fresh one
+//! (`auth::bootstrap`), builds the shared state (`state::Hive`), binds the
 //! HTTP and gRPC listeners, mounts the services (plus the standard gRPC health and reflection
 //! services), starts the scheduler and the key-exchange revoker, and shuts all of it down in
 //! order (stop accepting, end streams, finish in-flight requests, stop the scheduler, close the
@@ -46,6 +47,8 @@ pub enum ServerError {
     Config(String),
     #[error("open store: {0}")]
     Store(#[from] StoreError),
+    #[error("first admin token: {0}")]
+    Bootstrap(#[from] crate::auth::BootstrapError),
     #[error("bind {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -169,6 +172,9 @@ impl Config {
 pub struct Handle {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// The admin token this start made (first start on a fresh store), also in
+    /// `<data-dir>/admin.token`; None when tokens existed already.
+    admin_token: Option<String>,
     hive: Arc<Hive>,
     shutdown_tx: watch::Sender<bool>,
     http_task: JoinHandle<()>,
@@ -180,6 +186,11 @@ impl Handle {
     /// The store, for tests and benchmarks that inspect what was written.
     pub fn store(&self) -> &Store {
         &self.hive.store
+    }
+
+    /// The admin token this start made, if it made one (in-process tests use it).
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
     }
 
     /// Runs one scheduler pass now (benchmarks time it).
@@ -224,6 +235,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             "live leases extended by one lease for boxes to reconnect"
         );
     }
+    let admin_token = crate::auth::bootstrap(&store, &config.data_dir).await?;
 
     let http_listener = TcpListener::bind(config.http_addr)
         .await
@@ -370,6 +382,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     Ok(Handle {
         http_addr,
         grpc_addr,
+        admin_token,
         hive,
         shutdown_tx,
         http_task,

@@ -45,11 +45,27 @@ async fn starts_serves_and_stops_on_sigterm() {
     let h = common::http(http, "GET", "/healthz", &[], b"").await;
     assert_eq!(h.status, 200, "{}", h.body);
 
+    // The first start wrote an admin token, readable by its owner only.
+    let token_file = data.join("admin.token");
+    let token = std::fs::read_to_string(&token_file).expect("admin.token written on first start");
+    let token = token.trim().to_string();
+    assert!(token.starts_with("hvt_"), "{token}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "admin.token mode {mode:o}");
+    }
+
     // An open WatchBuild stream must not hold shutdown up.
-    let mut client =
-        hive_proto::v1::control_plane_client::ControlPlaneClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = hive_proto::v1::control_plane_client::ControlPlaneClient::with_interceptor(
+        channel,
+        hive_proto::auth::Bearer::new(&token).unwrap(),
+    );
     client
         .create_project(CreateProjectRequest {
             name: "p".into(),
@@ -95,6 +111,10 @@ async fn starts_serves_and_stops_on_sigterm() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("database closed"), "{log}");
+    // It says where the admin token is, and never shows it.
+    assert!(log.contains("wrote an admin token"), "{log}");
+    assert!(log.contains("admin.token"), "{log}");
+    assert!(!log.contains(&token), "the log shows the admin token");
     // The stream ended rather than hanging.
     let end = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
     assert!(end.is_ok(), "watch stream still open after shutdown");

@@ -6,9 +6,14 @@ mod common;
 use std::collections::BTreeMap;
 
 use hive_control_plane::store::{
-    BuildFilter, BuildRow, Delivery, NewProject, Placement, Store, StoreError,
+    Audit, BuildFilter, BuildRow, Delivery, NewProject, Placement, Store, StoreError,
 };
 use hive_proto::v1::{BuildState, LogChunk, LogStream};
+
+/// The audit entry the store tests write with their changes.
+fn audit() -> Audit {
+    Audit::system("StoreTest", "")
+}
 
 fn new_project(name: &str, repo: &str) -> NewProject {
     NewProject {
@@ -48,11 +53,14 @@ fn placement(build: &str, lease: &str, box_id: &str) -> Placement {
 async fn projects_and_deliveries(url: String) {
     let store = Store::open(&url).await.unwrap();
     let p = store
-        .create_project(&new_project("web", "https://git.example/o/web.git"))
+        .create_project(
+            &new_project("web", "https://git.example/o/web.git"),
+            &audit(),
+        )
         .await
         .unwrap();
     assert!(matches!(
-        store.create_project(&new_project("web", "x")).await,
+        store.create_project(&new_project("web", "x"), &audit()).await,
         Err(StoreError::ProjectExists(n)) if n == "web"
     ));
     assert_eq!(store.get_project("web").await.unwrap().unwrap(), p);
@@ -118,8 +126,8 @@ async fn projects_and_deliveries(url: String) {
     );
 
     // Deleting the project keeps its builds.
-    assert!(store.delete_project("web").await.unwrap());
-    assert!(!store.delete_project("web").await.unwrap());
+    assert!(store.delete_project("web", &audit()).await.unwrap());
+    assert!(!store.delete_project("web", &audit()).await.unwrap());
     assert!(store.get_build(&b.id).await.unwrap().is_some());
     store.close().await;
 }
@@ -128,7 +136,7 @@ both_dbs!(projects_and_deliveries);
 async fn leases_and_states(url: String) {
     let store = Store::open(&url).await.unwrap();
     let p = store
-        .create_project(&new_project("svc", "git://h/svc"))
+        .create_project(&new_project("svc", "git://h/svc"), &audit())
         .await
         .unwrap();
     let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");
@@ -438,7 +446,7 @@ async fn expiry_and_timeouts(url: String) {
     let store = Store::open(&url).await.unwrap();
     let mut np = new_project("t", "git://h/t");
     np.timeout_secs = 1;
-    let p = store.create_project(&np).await.unwrap();
+    let p = store.create_project(&np, &audit()).await.unwrap();
     let b = BuildRow::new_queued(&p, "", "HEAD", "api");
     store.insert_build(&b, "api").await.unwrap();
     let mut pl = placement(&b.id, "L1", "box-a");
@@ -484,7 +492,7 @@ async fn sqlite_file_created_and_durable() {
     let store = Store::open(&url).await.unwrap();
     assert!(path.exists());
     let p = store
-        .create_project(&new_project("keep", "git://h/k"))
+        .create_project(&new_project("keep", "git://h/k"), &audit())
         .await
         .unwrap();
     store.close().await;

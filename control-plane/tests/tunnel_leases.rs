@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use hive_control_plane::store::{Issued, NetworkRow, Store};
+use hive_control_plane::store::{Audit, Issued, NetworkRow, Store};
 
 /// A fresh public key (any 32 bytes are one; the store only needs them distinct).
 fn key() -> String {
@@ -16,7 +16,12 @@ fn key() -> String {
 
 async fn network(store: &Store) -> NetworkRow {
     store
-        .create_network("corp", &["10.20.0.0/16".to_string()], "10.250.0.0/24")
+        .create_network(
+            "corp",
+            &["10.20.0.0/16".to_string()],
+            "10.250.0.0/24",
+            &Audit::system("StoreTest", "corp"),
+        )
         .await
         .unwrap()
 }

@@ -160,7 +160,7 @@ async fn webhook_answers(url: String) {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.json()["error"].as_str().unwrap().contains("JSON"));
 
-    // Unknown repository.
+    // Unknown repository: answered as a bad signature (issue 10; see tests/attack.rs).
     let body4 = push("https://github.example/acme/other", "refs/heads/main", &sha);
     let r = post(
         addr,
@@ -170,7 +170,7 @@ async fn webhook_answers(url: String) {
         &body4,
     )
     .await;
-    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.status, 401, "{}", r.body);
 
     // Oversize body (6 MiB): 413 before anything else.
     let big = vec![b' '; 6 * 1024 * 1024];
@@ -252,9 +252,10 @@ async fn webhook_answers(url: String) {
         "{}",
         m.body
     );
+    // Four bad signatures and the unknown repository, counted as one of them.
     assert!(
         m.body
-            .contains("hive_webhooks_total{outcome=\"bad_signature\"} 4"),
+            .contains("hive_webhooks_total{outcome=\"bad_signature\"} 5"),
         "{}",
         m.body
     );
@@ -381,7 +382,7 @@ async fn push_without_a_commit_is_rejected(url: String) {
 }
 both_dbs!(push_without_a_commit_is_rejected);
 
-/// Repository URLs come from a body nobody has verified yet: the 404 and 401 answers (and the
+/// Repository URLs come from a body nobody has verified yet: the 401 answers (and the
 /// log lines, which carry the same reason) echo at most 200 characters of them, cut on a
 /// character boundary.
 async fn long_repository_urls_are_cut_in_answers(url: String) {
@@ -417,7 +418,7 @@ async fn long_repository_urls_are_cut_in_answers(url: String) {
         assert!(error.contains("https://github.example/éé"), "{error}");
     };
 
-    // No project: 404.
+    // No project: 401, as for a bad signature.
     let body = push(&long, "refs/heads/main", &"a".repeat(40));
     let r = post(
         addr,
@@ -427,7 +428,7 @@ async fn long_repository_urls_are_cut_in_answers(url: String) {
         &body,
     )
     .await;
-    check(&r, 404);
+    check(&r, 401);
 
     // A project found by another of the URLs, but the wrong key: 401 naming the first URL.
     let mut v: serde_json::Value = serde_json::from_slice(&push(
@@ -462,6 +463,144 @@ async fn long_repository_urls_are_cut_in_answers(url: String) {
     handle.shutdown().await;
 }
 both_dbs!(long_repository_urls_are_cut_in_answers);
+
+/// Several projects on one repository (say, one per branch filter, or two pipelines) each get
+/// their build from one push; each records the delivery under its own id scope, so a
+/// redelivery is a duplicate for each of them and makes nothing new.
+async fn several_projects_on_one_repository(url: String) {
+    let handle = start(&url).await;
+    let addr = handle.http_addr;
+    let mut client = api(&handle).await;
+    for (name, branch) in [("lint", ""), ("test", "main"), ("docs", "gh-pages")] {
+        client
+            .create_project(CreateProjectRequest {
+                name: name.into(),
+                repo_url: "https://github.example/acme/widget".into(),
+                secret: SECRET.into(),
+                branch: branch.into(),
+                steps: vec!["true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let body = push(
+        "https://github.example/acme/widget",
+        "refs/heads/main",
+        &"e".repeat(40),
+    );
+    let sig = sign(SECRET.as_bytes(), &body);
+    let r = post(addr, "push", "multi-1", Some(&sig), &body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let answer = r.json();
+    assert_eq!(answer["duplicate"], false, "{answer}");
+    assert_eq!(
+        answer["project"], "lint",
+        "the first project answers: {answer}"
+    );
+    let per: Vec<(String, bool)> = answer["projects"]
+        .as_array()
+        .expect("each project's result")
+        .iter()
+        .map(|p| {
+            (
+                p["project"].as_str().unwrap().to_string(),
+                p["build_id"].is_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        per,
+        vec![
+            ("lint".to_string(), true),
+            ("test".to_string(), true),
+            ("docs".to_string(), false),
+        ],
+        "{answer}"
+    );
+    let builds = client
+        .list_builds(ListBuildsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .builds;
+    let mut names: Vec<&str> = builds.iter().map(|b| b.project_name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["lint", "test"]);
+
+    // A redelivery is a duplicate for every project: no new build.
+    let r = post(addr, "push", "multi-1", Some(&sig), &body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["duplicate"], true, "{}", r.body);
+    assert_eq!(r.json()["build_id"], answer["build_id"], "{}", r.body);
+    assert_eq!(build_count(&handle).await, 2);
+    handle.shutdown().await;
+}
+both_dbs!(several_projects_on_one_repository);
+
+/// A delivery id is scoped to its project: a delivery id one project has seen does not stop
+/// another project's push with the same id (a sender signing for one project cannot suppress
+/// another's builds by replaying its delivery ids).
+async fn delivery_ids_are_scoped_to_their_project(url: String) {
+    let handle = start(&url).await;
+    let addr = handle.http_addr;
+    let mut client = api(&handle).await;
+    for (name, repo, secret) in [
+        ("a", "https://github.example/acme/a", "secret-a"),
+        ("b", "https://github.example/acme/b", "secret-b"),
+    ] {
+        client
+            .create_project(CreateProjectRequest {
+                name: name.into(),
+                repo_url: repo.into(),
+                secret: secret.into(),
+                steps: vec!["true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let body_a = push(
+        "https://github.example/acme/a",
+        "refs/heads/main",
+        &"1".repeat(40),
+    );
+    let body_b = push(
+        "https://github.example/acme/b",
+        "refs/heads/main",
+        &"2".repeat(40),
+    );
+    let ra = post(
+        addr,
+        "push",
+        "same-id",
+        Some(&sign(b"secret-a", &body_a)),
+        &body_a,
+    )
+    .await;
+    let rb = post(
+        addr,
+        "push",
+        "same-id",
+        Some(&sign(b"secret-b", &body_b)),
+        &body_b,
+    )
+    .await;
+    assert_eq!(
+        (ra.status, rb.status),
+        (202, 202),
+        "{} / {}",
+        ra.body,
+        rb.body
+    );
+    assert_eq!(ra.json()["duplicate"], false, "{}", ra.body);
+    assert_eq!(rb.json()["duplicate"], false, "{}", rb.body);
+    assert_ne!(ra.json()["build_id"], rb.json()["build_id"]);
+    assert_eq!(rb.json()["project"], "b");
+    assert_eq!(build_count(&handle).await, 2);
+    handle.shutdown().await;
+}
+both_dbs!(delivery_ids_are_scoped_to_their_project);
 
 /// Many concurrent redeliveries of one delivery id make exactly one build.
 async fn concurrent_redelivery(url: String) {

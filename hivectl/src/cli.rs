@@ -11,12 +11,15 @@ Exit codes:
   2   bad command line (unknown flag, missing argument, bad --addr)
   3   cannot reach the control plane (not running, wrong --addr, connection lost)
   4   not found (project, build or box)
+  5   not authenticated (no, unknown or revoked token) or not permitted (the token's role)
   10  the followed build failed
   11  the followed build was cancelled
   12  the followed build timed out
   130 interrupted (SIGINT/SIGTERM) while waiting
 
-Environment: HIVE_ADDR (same as --addr).";
+Environment: HIVE_ADDR (same as --addr), HIVE_TOKEN (same as --token), HIVE_TOKEN_FILE
+(same as --token-file). On its first start the control plane writes an admin token to
+<data-dir>/admin.token: export HIVE_TOKEN=$(cat <data-dir>/admin.token).";
 
 /// Operator CLI for a Hive control plane.
 #[derive(Debug, Parser)]
@@ -44,6 +47,13 @@ pub(crate) struct Cli {
     /// `watch` one object per line (chunk / state change).
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// API token (from `hivectl token create`, or the admin token in the control plane's
+    /// <data-dir>/admin.token). Prefer HIVE_TOKEN or --token-file: an argument shows in `ps`.
+    #[arg(long, env = "HIVE_TOKEN", hide_env_values = true, global = true)]
+    pub(crate) token: Option<String>,
+    /// Read the API token from this file (used when --token / HIVE_TOKEN is not set).
+    #[arg(long, env = "HIVE_TOKEN_FILE", global = true, value_name = "PATH")]
+    pub(crate) token_file: Option<std::path::PathBuf>,
     /// Give up connecting after this many seconds.
     #[arg(long, default_value_t = 5, global = true, value_name = "SECS")]
     pub(crate) connect_timeout: u64,
@@ -133,6 +143,38 @@ pub(crate) enum Command {
     /// Connectors that front private networks (add, list, rm).
     #[command(subcommand)]
     Connector(ConnectorCommand),
+    /// API tokens (create, list, revoke); admin only.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit log: who changed what, newest first; admin only.
+    Audit {
+        /// At most this many entries (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Make a token; prints it once (only its hash is kept).
+    Create {
+        /// admin, operator, read-only or submitter (see the README's role table).
+        #[arg(long)]
+        role: String,
+        /// For a submitter: the only project (name or id) it may submit and cancel builds of.
+        #[arg(long)]
+        project: Option<String>,
+        /// A name to tell it by in `token list` and the audit log (default: role and id).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets), revoked ones too.
+    List,
+    /// Revoke a token by id: refused from the next call on.
+    Revoke {
+        /// Token id (from `token list`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,9 +5,11 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+use hive_proto::auth::Bearer;
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{Build, BuildState, GetBuildRequest, WatchBuildRequest};
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::render;
@@ -25,6 +27,10 @@ pub(crate) enum CliError {
     #[error("{what}: not found: {message}")]
     NotFound { what: String, message: String },
     #[error("{what}: {message}")]
+    Denied { what: String, message: String },
+    #[error("API token: {0}")]
+    BadToken(String),
+    #[error("{what}: {message}")]
     Refused { what: String, message: String },
     #[error("write output: {0}")]
     Output(#[source] std::io::Error),
@@ -41,9 +47,10 @@ pub(crate) enum CliError {
 impl CliError {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
-            CliError::BadAddr { .. } => 2,
+            CliError::BadAddr { .. } | CliError::BadToken(_) => 2,
             CliError::Unreachable { .. } | CliError::StreamCut { .. } => 3,
             CliError::NotFound { .. } => 4,
+            CliError::Denied { .. } => 5,
             CliError::Refused { .. } | CliError::Output(_) => 1,
             CliError::BuildEnded { state, .. } => match state {
                 BuildState::Cancelled => 11,
@@ -72,15 +79,33 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// The API token to send: `--token` / HIVE_TOKEN, else the file of `--token-file` /
+/// HIVE_TOKEN_FILE, else none (the control plane then says how to get one).
+pub(crate) fn token(
+    token: Option<String>,
+    file: Option<&std::path::Path>,
+) -> Result<Bearer, CliError> {
+    let text = match (token, file) {
+        (Some(t), _) if !t.trim().is_empty() => t,
+        (_, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+            CliError::BadToken(format!("read --token-file {}: {e}", path.display()))
+        })?,
+        _ => String::new(),
+    };
+    // The message never shows the token.
+    Bearer::new(&text).map_err(|e| CliError::BadToken(e.to_string()))
+}
+
 pub(crate) struct Ctl {
     pub(crate) addr: String,
-    pub(crate) client: ControlPlaneClient<Channel>,
+    pub(crate) client: ControlPlaneClient<InterceptedService<Channel, Bearer>>,
     pub(crate) json: bool,
 }
 
 impl Ctl {
     pub(crate) async fn connect(
         addr: &str,
+        token: Bearer,
         timeout: Duration,
         json: bool,
     ) -> Result<Self, CliError> {
@@ -118,7 +143,7 @@ impl Ctl {
         };
         Ok(Self {
             addr: addr.to_string(),
-            client: ControlPlaneClient::new(channel),
+            client: ControlPlaneClient::with_interceptor(channel, token),
             json,
         })
     }
@@ -141,6 +166,7 @@ impl Ctl {
                 },
             },
             Code::NotFound => CliError::NotFound { what, message },
+            Code::Unauthenticated | Code::PermissionDenied => CliError::Denied { what, message },
             _ => CliError::Refused { what, message },
         }
     }

@@ -2,8 +2,8 @@
 //!
 //! Thin by design: every command is one or two RPCs, then rendering (`render`). Errors from the
 //! transport or a gRPC status become one line naming what failed, with a documented exit code.
-//! `cli` holds the command line; each area (`projects`, `builds`, `boxes`, `networks`) runs its
-//! subcommands over the connection `ctl` opens.
+//! `cli` holds the command line; each area (`projects`, `builds`, `boxes`, `networks`,
+//! `tokens`) runs its subcommands over the connection `ctl` opens, which carries the API token.
 #![forbid(unsafe_code)]
 
 mod boxes;
@@ -13,6 +13,7 @@ mod ctl;
 mod networks;
 mod projects;
 mod render;
+mod tokens;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -20,13 +21,15 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, ConnectorCommand, NetworkCommand, ProjectCommand};
+use crate::cli::{Cli, Command, ConnectorCommand, NetworkCommand, ProjectCommand, TokenCommand};
 use crate::ctl::{CliError, Ctl};
 
 /// Connects, then hands the subcommand to its area.
 async fn run(cli: Cli) -> Result<(), CliError> {
+    let token = ctl::token(cli.token, cli.token_file.as_deref())?;
     let mut ctl = Ctl::connect(
         &cli.addr,
+        token,
         Duration::from_secs(cli.connect_timeout.max(1)),
         cli.json,
     )
@@ -75,6 +78,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Cells { box_id } => boxes::cells(ctl, box_id, now).await,
         Command::BoxCmd(cmd) => boxes::action(ctl, cmd, now).await,
         Command::Classes => boxes::classes(ctl).await,
+        Command::Token(TokenCommand::Create {
+            role,
+            project,
+            name,
+        }) => tokens::create(ctl, role, project, name, now).await,
+        Command::Token(TokenCommand::List) => tokens::list(ctl, now).await,
+        Command::Token(TokenCommand::Revoke { id }) => tokens::revoke(ctl, id, now).await,
+        Command::Audit { limit } => tokens::audit(ctl, limit, now).await,
     }
 }
 

@@ -123,7 +123,7 @@ pub fn stream_name(stream: i32) -> &'static str {
     }
 }
 
-fn dash(s: &str) -> String {
+pub(crate) fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_string()
     } else {
@@ -136,7 +136,7 @@ fn short_rev(r: &str) -> String {
     dash(&r.chars().take(12).collect::<String>())
 }
 
-fn time_json(ms: i64) -> Value {
+pub(crate) fn time_json(ms: i64) -> Value {
     if ms <= 0 {
         Value::Null
     } else {
@@ -148,8 +148,6 @@ fn time_json(ms: i64) -> Value {
 // Projects
 
 pub fn project_json(p: &Project) -> Value {
-    let mut env: Vec<(&String, &String)> = p.env.iter().collect();
-    env.sort();
     json!({
         "id": p.id,
         "name": p.name,
@@ -159,7 +157,8 @@ pub fn project_json(p: &Project) -> Value {
         "private_network": p.private_network,
         "steps": p.steps,
         "timeout_secs": p.timeout_secs,
-        "env": env.into_iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+        // Names only: the control plane never returns env values (they may be secrets).
+        "env_names": p.env_names,
         "has_secret": p.has_secret,
         "created_at_ms": p.created_at_ms,
         "created_at": time_json(p.created_at_ms),
@@ -223,10 +222,8 @@ pub fn project_text(p: &Project, now: i64) -> String {
         },
     );
     kv("created:", when(p.created_at_ms, now));
-    let mut env: Vec<_> = p.env.iter().collect();
-    env.sort();
-    for (k, v) in env {
-        kv("env:", format!("{k}={v}"));
+    for k in &p.env_names {
+        kv("env:", format!("{k} (value not shown)"));
     }
     for (i, step) in p.steps.iter().enumerate() {
         kv(&format!("step {}:", i + 1), step.clone());

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{Build, GetBuildRequest, StreamLogsRequest};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -537,7 +536,7 @@ impl Drop for PrivateHost {
 
 /// Polls GetBuild until the build is terminal.
 pub async fn wait_build(grpc_url: &str, id: &str, timeout: Duration) -> Build {
-    let mut client = ControlPlaneClient::connect(grpc_url.to_string())
+    let mut client = crate::controlplane::api(grpc_url)
         .await
         .expect("connect control plane");
     let t0 = Instant::now();
@@ -567,7 +566,7 @@ pub async fn wait_build_until(
     timeout: Duration,
     pred: impl Fn(&Build) -> bool,
 ) -> Build {
-    let mut client = ControlPlaneClient::connect(grpc_url.to_string())
+    let mut client = crate::controlplane::api(grpc_url)
         .await
         .expect("connect control plane");
     let t0 = Instant::now();
@@ -590,7 +589,7 @@ pub async fn wait_build_until(
 
 /// The build's whole log, concatenated in seq order (and the seqs seen).
 pub async fn build_log(grpc_url: &str, id: &str) -> (String, Vec<u64>) {
-    let mut client = ControlPlaneClient::connect(grpc_url.to_string())
+    let mut client = crate::controlplane::api(grpc_url)
         .await
         .expect("connect control plane");
     let mut stream = client

@@ -4,15 +4,25 @@
 //! `cargo build -p hive-control-plane -p hivectl -p hive-connector --bins` (same profile as the running test), found in the workspace target dir, started on port 0
 //! with `--ready-file`, and stopped with SIGTERM. A database is either a SQLite file in the
 //! data dir or a fresh PostgreSQL database made through `HIVE_TEST_POSTGRES_URL`.
+//!
+//! The operator API needs a token (issue 10): a started control plane's admin token is read
+//! from `<data-dir>/admin.token`, as an operator would, and every client and `hivectl` run made
+//! here carries it ([`api`], [`hivectl`], [`ControlPlane::admin_token`]), so the tests keep
+//! their meaning. The attack tests make other tokens with [`api_with`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use hive_proto::auth::Bearer;
+use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sqlx::Connection;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
 /// What can go wrong running the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +49,45 @@ pub enum HarnessError {
     },
     #[error("temp dir: {0}")]
     TempDir(#[source] std::io::Error),
+}
+
+/// The operator API client the tests use: tonic's, carrying a token.
+pub type Api = ControlPlaneClient<InterceptedService<Channel, Bearer>>;
+
+/// The admin token of each control plane this process started, by its gRPC port: ports are
+/// ephemeral, so one names one control plane while it runs, whichever address a test dials it
+/// on (a listener on 0.0.0.0 is reached on 127.0.0.1).
+static ADMIN_TOKENS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
+
+/// The port of `http://HOST:PORT[/]`.
+fn port_of(url: &str) -> Option<u16> {
+    url.trim_end_matches('/').rsplit(':').next()?.parse().ok()
+}
+
+/// The admin token of the control plane at `grpc_url`, if this process started it.
+pub fn admin_token_for(grpc_url: &str) -> Option<String> {
+    let port = port_of(grpc_url)?;
+    ADMIN_TOKENS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&port)
+        .cloned()
+}
+
+/// The operator API at `grpc_url` as its admin (for a control plane this process started; with
+/// no token otherwise).
+pub async fn api(grpc_url: &str) -> Result<Api, tonic::transport::Error> {
+    api_with(grpc_url, &admin_token_for(grpc_url).unwrap_or_default()).await
+}
+
+/// The operator API at `grpc_url` with `token` (empty: none).
+pub async fn api_with(grpc_url: &str, token: &str) -> Result<Api, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(grpc_url.to_string())?
+        .connect()
+        .await?;
+    // A test's token is ours: it has the shape Bearer accepts.
+    let bearer = Bearer::new(token).unwrap_or_else(|e| panic!("test token: {e}"));
+    Ok(ControlPlaneClient::with_interceptor(channel, bearer))
 }
 
 /// The workspace root (parent of this crate).
@@ -341,7 +390,7 @@ impl ControlPlane {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        Ok(Self {
+        let cp = Self {
             child: Some(child),
             data_dir,
             http_addr,
@@ -349,7 +398,29 @@ impl ControlPlane {
             opts,
             log_path,
             _tmp: tmp,
-        })
+        };
+        if let (Some(token), Some(port)) = (cp.admin_token(), port_of(&cp.grpc_url())) {
+            ADMIN_TOKENS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port, token);
+        }
+        Ok(cp)
+    }
+
+    /// The admin token the control plane wrote to `<data-dir>/admin.token` on its first start.
+    pub fn admin_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// The operator API as this control plane's admin.
+    pub async fn api(&self) -> Api {
+        api(&self.grpc_url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to the control plane at {}: {e}", self.grpc_url()))
     }
 
     /// `http://127.0.0.1:PORT` for gRPC clients.
@@ -400,9 +471,13 @@ impl ControlPlane {
         Self::start_in(self.data_dir.clone(), self.opts.clone(), tmp)
     }
 
-    /// Runs the real `hivectl` against this control plane.
+    /// Runs the real `hivectl` against this control plane, as its admin.
     pub fn hivectl(&self, args: &[&str]) -> Result<Output, HarnessError> {
-        hivectl(&self.grpc_url(), args)
+        hivectl_with(
+            &self.grpc_url(),
+            &self.admin_token().unwrap_or_default(),
+            args,
+        )
     }
 }
 
@@ -412,12 +487,22 @@ impl Drop for ControlPlane {
     }
 }
 
-/// Runs `hivectl` with `HIVE_ADDR=addr`.
+/// Runs `hivectl` with `HIVE_ADDR=addr`, as the admin of that control plane if this process
+/// started it (else with no token).
 pub fn hivectl(addr: &str, args: &[&str]) -> Result<Output, HarnessError> {
+    hivectl_with(addr, &admin_token_for(addr).unwrap_or_default(), args)
+}
+
+/// Runs `hivectl` with `HIVE_ADDR=addr` and `HIVE_TOKEN=token` (empty: no token at all).
+pub fn hivectl_with(addr: &str, token: &str, args: &[&str]) -> Result<Output, HarnessError> {
     ensure_built()?;
     let bin = hivectl_bin();
-    Command::new(&bin)
-        .args(args)
+    let mut cmd = Command::new(&bin);
+    cmd.env_remove("HIVE_TOKEN").env_remove("HIVE_TOKEN_FILE");
+    if !token.is_empty() {
+        cmd.env("HIVE_TOKEN", token);
+    }
+    cmd.args(args)
         .env("HIVE_ADDR", addr)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -492,6 +577,13 @@ impl TestHive {
 #[cfg(test)]
 mod tests {
     use super::with_database;
+
+    #[test]
+    fn ports_name_control_planes() {
+        assert_eq!(super::port_of("http://127.0.0.1:50051"), Some(50051));
+        assert_eq!(super::port_of("http://0.0.0.0:7/"), Some(7));
+        assert_eq!(super::port_of("http://h"), None);
+    }
 
     #[test]
     fn database_name_is_replaced() {

@@ -8,7 +8,6 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{Build, BuildState, GetBuildRequest, LogStream};
 use hive_tests::controlplane::{hivectl_bin, Backend, ControlPlaneOptions, TestHive};
 use hive_tests::fakebox::{FakeBox, FakeBoxConfig};
@@ -44,6 +43,7 @@ on_both!(
     hivectl_reports_errors_clearly,
     submit_wait_shows_progress_and_tells_the_outcome,
     session_without_register_is_refused_clearly,
+    hivectl_needs_a_token_and_a_role,
 );
 
 /// Short leases and a fast scheduler so expiry tests take seconds.
@@ -111,8 +111,8 @@ fn submit(h: &TestHive, project: &str) -> String {
     b["id"].as_str().expect("build id").to_string()
 }
 
-async fn client(h: &TestHive) -> ControlPlaneClient<tonic::transport::Channel> {
-    ControlPlaneClient::connect(h.cp.grpc_url())
+async fn client(h: &TestHive) -> hive_tests::controlplane::Api {
+    hive_tests::controlplane::api(&h.cp.grpc_url())
         .await
         .expect("connect ControlPlane")
 }
@@ -279,6 +279,7 @@ fn spawn_ctl(
     let mut child = Command::new(hivectl_bin())
         .args(args)
         .env("HIVE_ADDR", h.cp.grpc_url())
+        .env("HIVE_TOKEN", h.cp.admin_token().expect("admin token"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -837,7 +838,8 @@ async fn hivectl_reports_errors_clearly(backend: Backend) {
     );
 
     let shown = ctl_json(&h, &["project", "show", "demo"]);
-    assert_eq!(shown["env"]["CI"], "true");
+    // The env's names; its values never leave the control plane (issue 10).
+    assert_eq!(shown["env_names"], serde_json::json!(["CI"]));
     assert_eq!(shown["steps"][1], "make test");
     let text = String::from_utf8_lossy(&ctl(&h, &["project", "show", "demo"]).stdout).into_owned();
     assert!(
@@ -867,6 +869,7 @@ async fn submit_wait_shows_progress_and_tells_the_outcome(backend: Backend) {
     let mut child = Command::new(hivectl_bin())
         .args(["submit", "demo", "--rev", REV, "--wait"])
         .env("HIVE_ADDR", h.cp.grpc_url())
+        .env("HIVE_TOKEN", h.cp.admin_token().expect("admin token"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -907,6 +910,7 @@ async fn submit_wait_shows_progress_and_tells_the_outcome(backend: Backend) {
     );
     let mut tty = Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
+        .env("HIVE_TOKEN", h.cp.admin_token().expect("admin token"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1002,5 +1006,106 @@ async fn session_without_register_is_refused_clearly(backend: Backend) {
     assert_eq!(get(&h, &id).await.state, BuildState::Queued as i32);
     let out = ctl(&h, &["build", "no-such-build"]);
     assert_eq!(out.status.code(), Some(4));
+    h.finish().await;
+}
+
+/// Issue 10, as a newcomer meets it: `hivectl builds` without a token fails saying what to do;
+/// with the admin token from `<data-dir>/admin.token` it works; a read-only token lists builds
+/// and cannot add a project; tokens are made, listed (never shown again) and revoked with
+/// hivectl, and the audit log says who did what.
+async fn hivectl_needs_a_token_and_a_role(backend: Backend) {
+    use hive_tests::controlplane::hivectl_with;
+    let Some(h) = TestHive::start(backend, "hivectl_tokens", fast()).await else {
+        return;
+    };
+    let err = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let out_text = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let addr = h.cp.grpc_url();
+    let run = |token: &str, args: &[&str]| hivectl_with(&addr, token, args).expect("run hivectl");
+
+    let anonymous = run("", &["builds"]);
+    assert_eq!(anonymous.status.code(), Some(5), "{}", err(&anonymous));
+    assert!(
+        err(&anonymous).contains("HIVE_TOKEN") && err(&anonymous).contains("admin.token"),
+        "{}",
+        err(&anonymous)
+    );
+    let admin = std::fs::read_to_string(h.cp.data_dir.join("admin.token")).expect("admin.token");
+    let admin = admin.trim();
+    let listed = run(admin, &["builds"]);
+    assert!(listed.status.success(), "{}", err(&listed));
+
+    // A read-only token: printed once on stdout, alone.
+    let made = run(
+        admin,
+        &["token", "create", "--role", "read-only", "--name", "dash"],
+    );
+    assert!(made.status.success(), "{}", err(&made));
+    let viewer = out_text(&made).trim().to_string();
+    assert!(viewer.starts_with("hvt_"), "{viewer}");
+    assert!(
+        !err(&made).contains(&viewer),
+        "the token went to stderr too"
+    );
+    let listed = run(&viewer, &["builds"]);
+    assert!(listed.status.success(), "{}", err(&listed));
+    let refused = run(
+        &viewer,
+        &[
+            "project",
+            "add",
+            "x",
+            "--repo",
+            "git://h/x",
+            "--secret",
+            "s",
+            "--step",
+            "true",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(5), "{}", err(&refused));
+    assert!(
+        err(&refused).contains("read-only") && err(&refused).contains("operator"),
+        "{}",
+        err(&refused)
+    );
+
+    // The list never shows a secret; revoke ends the token.
+    let list = run(admin, &["token", "list", "--json"]);
+    assert!(list.status.success(), "{}", err(&list));
+    let text = out_text(&list);
+    assert!(!text.contains(&viewer) && !text.contains(admin), "{text}");
+    let tokens: Value = serde_json::from_str(&text).expect("json");
+    let id = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "dash")
+        .expect("the read-only token is listed")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let revoked = run(admin, &["token", "revoke", &id]);
+    assert!(revoked.status.success(), "{}", err(&revoked));
+    let after = run(&viewer, &["builds"]);
+    assert_eq!(after.status.code(), Some(5), "{}", err(&after));
+    assert!(err(&after).contains("revoked"), "{}", err(&after));
+
+    let audit = run(admin, &["audit", "--json"]);
+    assert!(audit.status.success(), "{}", err(&audit));
+    let entries: Value = serde_json::from_str(&out_text(&audit)).expect("json");
+    let actions: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        ["RevokeToken", "CreateToken", "BootstrapAdminToken"],
+        "{entries}"
+    );
+    let denied = run(&viewer, &["audit"]);
+    assert_eq!(denied.status.code(), Some(5));
     h.finish().await;
 }

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{
     AddConnectorRequest, BuildState, CreateNetworkRequest, CreateProjectRequest, GetBuildRequest,
     ListConnectorsRequest, ListTunnelLeasesRequest, SubmitBuildRequest,
@@ -49,8 +48,8 @@ struct Topology {
 }
 
 impl Topology {
-    async fn client(&self) -> ControlPlaneClient<tonic::transport::Channel> {
-        ControlPlaneClient::connect(self.cp.grpc_url())
+    async fn client(&self) -> hive_tests::controlplane::Api {
+        hive_tests::controlplane::api(&self.cp.grpc_url())
             .await
             .unwrap()
     }
@@ -143,7 +142,7 @@ async fn topology_with(proxy: bool) -> Topology {
     .await
     .unwrap()
     .expect("control plane");
-    let mut client = ControlPlaneClient::connect(cp.grpc_url()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&cp.grpc_url()).await.unwrap();
     client
         .create_network(CreateNetworkRequest {
             name: "corp".into(),

@@ -6,7 +6,6 @@
 //! the control plane, another cell or a private address. Needs root and the Debian build image.
 use std::time::{Duration, Instant};
 
-use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{BuildState, CancelBuildRequest, CreateProjectRequest};
 use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost, Listener, PrivateHost, Proxy};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
@@ -132,7 +131,7 @@ impl Hive {
     }
 
     async fn project(&self, name: &str, steps: &[&str], timeout_secs: u32) {
-        let mut client = ControlPlaneClient::connect(self.cp().grpc_url())
+        let mut client = hive_tests::controlplane::api(&self.cp().grpc_url())
             .await
             .unwrap();
         client
@@ -390,7 +389,7 @@ async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_agai
         b.attempt >= 2 && state(b) == BuildState::Running && b.cell_id != first.cell_id
     })
     .await;
-    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
     client
         .cancel_build(CancelBuildRequest {
             id: id.clone(),
@@ -420,7 +419,7 @@ async fn a_drained_box_finishes_its_build_then_leaves_cleanly() {
         state(b) == BuildState::Running
     })
     .await;
-    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
     client
         .drain_box(hive_proto::v1::BoxActionRequest {
             box_id: format!("box-{}", h.boxd.opts.tag),
@@ -556,7 +555,7 @@ async fn failing_step_timeout_and_cancel_end_the_build() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
     client
         .cancel_build(CancelBuildRequest {
             id: id.clone(),
@@ -722,7 +721,7 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         .unwrap_or_else(|e| panic!("{occupant_target} gone after the probes: {e}"));
     drop(cell_listener);
 
-    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
     client
         .cancel_build(CancelBuildRequest {
             id: occupant.clone(),
@@ -778,7 +777,7 @@ async fn bench_webhook_to_first_log_line() {
     let h = hive("bench", 214, &public_addr(5), vec![]).await;
     h.project("bench", &["echo first-line"], 60).await;
     let grpc = h.cp().grpc_url();
-    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
     let mut lat = Vec::with_capacity(n);
     let mut warm = 0;
     // Where the time goes: sent->queued, queued->placed, placed->running, running->first chunk

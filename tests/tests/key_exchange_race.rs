@@ -17,7 +17,6 @@ use std::time::Duration;
 use hive_proto::v1::connector_client::ConnectorClient;
 use hive_proto::v1::connector_command::Cmd;
 use hive_proto::v1::connector_message::Msg;
-use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{
     AddPeer, Assignment, BuildState, CancelBuildRequest, ConnectorCommand, ConnectorHello,
     ConnectorMessage, KeyExchangeRequest, ListTunnelLeasesRequest, PeerApplied, RemovePeer,
@@ -246,7 +245,7 @@ fn request(a: &Assignment, key: &str) -> KeyExchangeRequest {
 }
 
 async fn leases(h: &TestHive, build_id: &str) -> Vec<TunnelLease> {
-    ControlPlaneClient::connect(h.cp.grpc_url())
+    hive_tests::controlplane::api(&h.cp.grpc_url())
         .await
         .expect("connect ControlPlane")
         .list_tunnel_leases(ListTunnelLeasesRequest {
@@ -415,7 +414,7 @@ async fn a_peer_applied_after_its_build_ended_is_removed_again(backend: Backend)
     let (id, add) = conn.expect_add(&h).await;
     assert_eq!(add.public_key, key);
 
-    let b = ControlPlaneClient::connect(h.cp.grpc_url())
+    let b = hive_tests::controlplane::api(&h.cp.grpc_url())
         .await
         .expect("connect ControlPlane")
         .cancel_build(CancelBuildRequest {

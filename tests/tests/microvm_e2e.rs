@@ -10,7 +10,6 @@
 //! (built and cached on first use).
 use std::time::{Duration, Instant};
 
-use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{
     AddConnectorRequest, BuildState, CancelBuildRequest, CreateNetworkRequest,
     CreateProjectRequest, ListConnectorsRequest, SubmitBuildRequest,
@@ -116,7 +115,7 @@ impl Hive {
     }
 
     async fn project(&self, name: &str, steps: &[&str], timeout_secs: u32, env: &[(&str, &str)]) {
-        let mut client = ControlPlaneClient::connect(self.cp.grpc_url())
+        let mut client = hive_tests::controlplane::api(&self.cp.grpc_url())
             .await
             .unwrap();
         client
@@ -345,7 +344,7 @@ async fn microvm_e2e_failing_step_timeout_and_cancel() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut client = ControlPlaneClient::connect(grpc.clone()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
     client
         .cancel_build(CancelBuildRequest {
             id: id.clone(),
@@ -372,7 +371,9 @@ async fn microvm_e2e_private_network_over_kernel_wireguard() {
         return;
     };
     let customer = Customer::start(run, &h.git.netns());
-    let mut client = ControlPlaneClient::connect(h.cp.grpc_url()).await.unwrap();
+    let mut client = hive_tests::controlplane::api(&h.cp.grpc_url())
+        .await
+        .unwrap();
     client
         .create_network(CreateNetworkRequest {
             name: "corp".into(),

@@ -261,6 +261,7 @@ async fn bad_input_is_refused_and_changes_nothing(backend: Backend) {
             413,
         ),
         (
+            // Answered as a bad signature, so the webhook does not reveal what is registered.
             "unknown repository",
             Delivery {
                 event: "push",
@@ -271,7 +272,7 @@ async fn bad_input_is_refused_and_changes_nothing(backend: Backend) {
                 )),
                 body: push_payload("http://198.18.0.2/other.git", "refs/heads/main", SHA, false),
             },
-            404,
+            401,
         ),
     ];
     for (what, d, want) in &cases {

@@ -5,7 +5,7 @@ use hive_proto::v1::BuildState;
 
 use crate::domain::end::end_build;
 use crate::state::Hive;
-use crate::store::{BuildRow, StoreError};
+use crate::store::{Audit, BuildRow, StoreError};
 
 /// Why a cancel did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +18,14 @@ pub enum CancelError {
     Store(#[from] StoreError),
 }
 
-/// Cancels `build_id` with `reason`; returns the build as it was before.
-pub async fn cancel(hive: &Hive, build_id: &str, reason: &str) -> Result<BuildRow, CancelError> {
+/// Cancels `build_id` with `reason`, recording `audit` with the change; returns the build as it
+/// was before.
+pub async fn cancel(
+    hive: &Hive,
+    build_id: &str,
+    reason: &str,
+    audit: &Audit,
+) -> Result<BuildRow, CancelError> {
     let ended = |b: BuildRow| CancelError::AlreadyEnded {
         id: b.id,
         state: b.state,
@@ -32,7 +38,7 @@ pub async fn cancel(hive: &Hive, build_id: &str, reason: &str) -> Result<BuildRo
     if b.state.is_terminal() {
         return Err(ended(b));
     }
-    match end_build(hive, build_id, BuildState::Cancelled, reason).await? {
+    match end_build(hive, build_id, BuildState::Cancelled, reason, Some(audit)).await? {
         Some(before) => Ok(before),
         None => {
             // It ended between the read and the cancel.

@@ -5,17 +5,27 @@
 use hive_proto::v1::BuildState;
 
 use crate::state::Hive;
-use crate::store::{BuildRow, StoreError};
+use crate::store::{Audit, BuildRow, StoreError};
 
 /// Ends a build that has not ended (cancel, timeout, or a build that cannot run), then tells
-/// its box if it had one. Returns the build as it was, or None if it had already ended.
+/// its box if it had one. `audit` (an operator's cancel) is recorded with the change. Returns
+/// the build as it was, or None if it had already ended.
 pub async fn end_build(
     hive: &Hive,
     build_id: &str,
     state: BuildState,
     reason: &str,
+    audit: Option<&Audit>,
 ) -> Result<Option<BuildRow>, StoreError> {
-    let Some(before) = hive.store.end_build(build_id, state, reason).await? else {
+    let ended = match audit {
+        Some(audit) => {
+            hive.store
+                .end_build_audited(build_id, state, reason, audit)
+                .await?
+        }
+        None => hive.store.end_build(build_id, state, reason).await?,
+    };
+    let Some(before) = ended else {
         return Ok(None);
     };
     tracing::info!(%build_id, from = before.state.short_name(), to = state.short_name(), %reason,

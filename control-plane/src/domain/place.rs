@@ -41,7 +41,7 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
             continue;
         }
         if let Err(e) = hive.classes.get(&build.size_class) {
-            end_build(hive, &build.id, BuildState::Failed, &e.to_string()).await?;
+            end_build(hive, &build.id, BuildState::Failed, &e.to_string(), None).await?;
             continue;
         }
         match choose(&mut candidates, &build.size_class, hive.placement) {

@@ -2,11 +2,18 @@
 //! record in the same transaction), then announced and the scheduler woken, after the commit.
 
 use crate::state::Hive;
-use crate::store::{BuildRow, Delivery, StoreError};
+use crate::store::{Audit, BuildRow, Delivery, StoreError};
 
-/// Queues a build submitted through the API.
-pub async fn submit(hive: &Hive, build: &BuildRow, reason: &str) -> Result<(), StoreError> {
-    hive.store.insert_build(build, reason).await?;
+/// Queues a build submitted through the API, with the audit entry of who did.
+pub async fn submit(
+    hive: &Hive,
+    build: &BuildRow,
+    reason: &str,
+    audit: &Audit,
+) -> Result<(), StoreError> {
+    hive.store
+        .insert_build_audited(build, reason, audit)
+        .await?;
     queued(hive, &build.id);
     Ok(())
 }

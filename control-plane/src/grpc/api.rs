@@ -1,6 +1,11 @@
 //! The `ControlPlane` gRPC service: projects, builds (submit, get, list, cancel, watch, logs),
-//! boxes (list, cordon, drain), cells and size classes. Errors are `tonic::Status` values whose
-//! message names the problem and the input (`project "x" not found`).
+//! boxes (list, cordon, drain), cells, size classes, private networks, connectors, API tokens
+//! and the audit log. Errors are `tonic::Status` values whose message names the problem and the
+//! input (`project "x" not found`).
+//!
+//! Every RPC first authenticates its caller and checks the [`Right`] it needs (`auth`), before
+//! it reads its input: no token is UNAUTHENTICATED, a role without the right PERMISSION_DENIED.
+//! Each change is recorded in the audit log in the change's own transaction.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -13,14 +18,15 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Caller, Right, Role};
 use crate::domain::cancel::CancelError;
 use crate::domain::{cancel, drain, network, submit};
 use crate::events::Event;
 use crate::sizeclass::DEFAULT_CLASS;
 use crate::state::Hive;
 use crate::store::{
-    BuildFilter, BuildRow, ConnectorRow, NetworkError, NetworkRow, NewProject, ProjectRow,
-    StoreError, TransitionRow,
+    AuditRow, BuildFilter, BuildRow, ConnectorRow, NetworkError, NetworkRow, NewProject,
+    ProjectRow, StoreError, TokenRow, TransitionRow,
 };
 
 /// Default project build timeout.
@@ -66,7 +72,8 @@ fn network_to_proto(n: &NetworkRow) -> pb::PrivateNetwork {
     }
 }
 
-/// Project as the API shows it (never the secret).
+/// Project as the API shows it: never the webhook secret, and of the environment only the names
+/// (values may be secrets; no caller needs them back).
 pub fn project_to_proto(p: &ProjectRow) -> pb::Project {
     pb::Project {
         id: p.id.clone(),
@@ -79,7 +86,7 @@ pub fn project_to_proto(p: &ProjectRow) -> pb::Project {
         timeout_secs: p.timeout_secs,
         created_at_ms: p.created_at_ms,
         has_secret: !p.secret.is_empty(),
-        env: p.env.clone().into_iter().collect(),
+        env_names: p.env.keys().cloned().collect(),
     }
 }
 
@@ -191,7 +198,45 @@ pub fn validate_project(
     })
 }
 
+/// A token as the API shows it (never its secret or hash).
+fn token_to_proto(t: &TokenRow) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        role: t.role.clone(),
+        project: t.project_name.clone(),
+        project_id: t.project_id.clone(),
+        created_at_ms: t.created_at_ms,
+        created_by: t.created_by.clone(),
+        revoked_at_ms: t.revoked_at_ms,
+    }
+}
+
+fn audit_to_proto(a: AuditRow) -> pb::AuditEntry {
+    pb::AuditEntry {
+        id: a.id,
+        at_ms: a.at_ms,
+        token_id: a.entry.token_id,
+        token_name: a.entry.token_name,
+        action: a.entry.action,
+        target: a.entry.target,
+        detail: a.entry.detail,
+    }
+}
+
 impl ControlPlaneService {
+    /// The caller of `rpc`, if its token is good and its role holds `right`.
+    async fn caller<T>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+        right: Right,
+    ) -> Result<Caller, Status> {
+        let caller = auth::authenticate(&self.hive.store, request.metadata()).await?;
+        caller.require(rpc, right)?;
+        Ok(caller)
+    }
+
     async fn project(&self, name_or_id: &str) -> Result<ProjectRow, Status> {
         if name_or_id.is_empty() {
             return Err(Status::invalid_argument("project (name or id) is required"));
@@ -272,8 +317,9 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
 
     async fn health(
         &self,
-        _: Request<pb::HealthRequest>,
+        request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthReply>, Status> {
+        self.caller(&request, "Health", Right::Read).await?;
         let (ok, detail) = match self.hive.store.ping().await {
             Ok(()) => (true, format!("{} ok", self.hive.store.kind().name())),
             Err(e) => (false, e.to_string()),
@@ -289,8 +335,16 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
+        let caller = self
+            .caller(&request, "CreateProject", Right::Operate)
+            .await?;
         let new = validate_project(request.into_inner(), &self.hive.classes)?;
         if !new.private_network.is_empty() {
+            // A project on a private network reaches into a customer's network: that is the
+            // admin's to grant, like the network itself.
+            if caller.role != Role::Admin {
+                caller.require("CreateProject with a private network", Right::Admin)?;
+            }
             let net = self
                 .hive
                 .store
@@ -307,7 +361,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         let row = self
             .hive
             .store
-            .create_project(&new)
+            .create_project(&new, &caller.audit("CreateProject", &new.name))
             .await
             .map_err(store_err)?;
         tracing::info!(project = %row.name, repo = %row.repo_url, "project created");
@@ -316,8 +370,9 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
 
     async fn list_projects(
         &self,
-        _: Request<pb::ListProjectsRequest>,
+        request: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsReply>, Status> {
+        self.caller(&request, "ListProjects", Right::Read).await?;
         let rows = self.hive.store.list_projects().await.map_err(store_err)?;
         Ok(Response::new(pb::ListProjectsReply {
             projects: rows.iter().map(project_to_proto).collect(),
@@ -328,6 +383,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::GetProjectRequest>,
     ) -> Result<Response<pb::Project>, Status> {
+        self.caller(&request, "GetProject", Right::Read).await?;
         let p = self.project(&request.into_inner().project).await?;
         Ok(Response::new(project_to_proto(&p)))
     }
@@ -336,11 +392,14 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::DeleteProjectRequest>,
     ) -> Result<Response<pb::DeleteProjectReply>, Status> {
+        let caller = self
+            .caller(&request, "DeleteProject", Right::Operate)
+            .await?;
         let name = request.into_inner().project;
         let p = self.project(&name).await?;
         self.hive
             .store
-            .delete_project(&p.id)
+            .delete_project(&p.id, &caller.audit("DeleteProject", &p.name))
             .await
             .map_err(store_err)?;
         tracing::info!(project = %p.name, "project deleted");
@@ -351,8 +410,10 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::SubmitBuildRequest>,
     ) -> Result<Response<pb::Build>, Status> {
+        let caller = self.caller(&request, "SubmitBuild", Right::Submit).await?;
         let req = request.into_inner();
         let p = self.project(&req.project).await?;
+        caller.require_project("SubmitBuild", &p.id, &p.name)?;
         for (what, v) in [("revision", &req.revision), ("git_ref", &req.git_ref)] {
             if v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(Status::invalid_argument(format!(
@@ -368,7 +429,10 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             "HEAD".to_string()
         };
         let build = BuildRow::new_queued(&p, &req.revision, &git_ref, "api");
-        submit::submit(&self.hive, &build, "submitted via api")
+        let audit = caller
+            .audit("SubmitBuild", &build.id)
+            .with_detail(format!("project {}", p.name));
+        submit::submit(&self.hive, &build, "submitted via api", &audit)
             .await
             .map_err(store_err)?;
         tracing::info!(build_id = %build.id, project = %p.name, "build submitted");
@@ -385,6 +449,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::GetBuildRequest>,
     ) -> Result<Response<pb::Build>, Status> {
+        self.caller(&request, "GetBuild", Right::Read).await?;
         Ok(Response::new(
             self.full_build(&request.into_inner().id).await?,
         ))
@@ -394,6 +459,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::ListBuildsRequest>,
     ) -> Result<Response<pb::ListBuildsReply>, Status> {
+        self.caller(&request, "ListBuilds", Right::Read).await?;
         let req = request.into_inner();
         let project_id = if req.project.is_empty() {
             None
@@ -429,16 +495,22 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::CancelBuildRequest>,
     ) -> Result<Response<pb::Build>, Status> {
+        let caller = self.caller(&request, "CancelBuild", Right::Submit).await?;
         let req = request.into_inner();
         if req.id.is_empty() {
             return Err(Status::invalid_argument("build id is required"));
+        }
+        if !caller.project_id.is_empty() {
+            let b = self.build(&req.id).await?;
+            caller.require_project("CancelBuild", &b.project_id, &b.project_name)?;
         }
         let reason = if req.reason.is_empty() {
             "cancelled via api".to_string()
         } else {
             format!("cancelled via api: {}", req.reason)
         };
-        let before = cancel::cancel(&self.hive, &req.id, &reason)
+        let audit = caller.audit("CancelBuild", &req.id);
+        let before = cancel::cancel(&self.hive, &req.id, &reason, &audit)
             .await
             .map_err(|e| match e {
                 CancelError::NotFound(_) => Status::not_found(e.to_string()),
@@ -452,6 +524,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::WatchBuildRequest>,
     ) -> Result<Response<Self::WatchBuildStream>, Status> {
+        self.caller(&request, "WatchBuild", Right::Read).await?;
         let id = request.into_inner().id;
         // Subscribe first, then read: a change in between is then heard, not lost.
         let mut events = self.hive.events.subscribe();
@@ -504,6 +577,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        self.caller(&request, "StreamLogs", Right::Read).await?;
         let req = request.into_inner();
         let mut events = self.hive.events.subscribe();
         let _ = self.build(&req.build_id).await?;
@@ -611,8 +685,9 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
 
     async fn list_boxes(
         &self,
-        _: Request<pb::ListBoxesRequest>,
+        request: Request<pb::ListBoxesRequest>,
     ) -> Result<Response<pb::ListBoxesReply>, Status> {
+        self.caller(&request, "ListBoxes", Right::Read).await?;
         let rows = self.hive.store.list_boxes().await.map_err(store_err)?;
         Ok(Response::new(pb::ListBoxesReply {
             boxes: rows.iter().map(|r| self.hive.registry.info(r)).collect(),
@@ -623,6 +698,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::BoxActionRequest>,
     ) -> Result<Response<pb::BoxInfo>, Status> {
+        let caller = self.caller(&request, "CordonBox", Right::Operate).await?;
         let box_id = request.into_inner().box_id;
         let info = self.box_info(&box_id).await?;
         if matches!(
@@ -633,7 +709,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 "box {box_id:?} is draining or gone; cordon does not apply"
             )));
         }
-        drain::cordon_box(&self.hive, &box_id)
+        drain::cordon_box(&self.hive, &box_id, &caller.audit("CordonBox", &box_id))
             .await
             .map_err(store_err)?;
         tracing::info!(%box_id, "box cordoned");
@@ -644,6 +720,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::BoxActionRequest>,
     ) -> Result<Response<pb::BoxInfo>, Status> {
+        let caller = self.caller(&request, "DrainBox", Right::Operate).await?;
         let box_id = request.into_inner().box_id;
         let info = self.box_info(&box_id).await?;
         if pb::BoxState::try_from(info.state) == Ok(pb::BoxState::Left) {
@@ -651,7 +728,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 "box {box_id:?} has already left"
             )));
         }
-        drain::drain_box(&self.hive, &box_id)
+        drain::drain_box(&self.hive, &box_id, &caller.audit("DrainBox", &box_id))
             .await
             .map_err(store_err)?;
         tracing::info!(%box_id, "box draining");
@@ -662,6 +739,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::ListCellsRequest>,
     ) -> Result<Response<pb::ListCellsReply>, Status> {
+        self.caller(&request, "ListCells", Right::Read).await?;
         let box_id = request.into_inner().box_id;
         let filter = if box_id.is_empty() {
             None
@@ -691,8 +769,10 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
 
     async fn list_size_classes(
         &self,
-        _: Request<pb::ListSizeClassesRequest>,
+        request: Request<pb::ListSizeClassesRequest>,
     ) -> Result<Response<pb::ListSizeClassesReply>, Status> {
+        self.caller(&request, "ListSizeClasses", Right::Read)
+            .await?;
         Ok(Response::new(pb::ListSizeClassesReply {
             classes: self.hive.classes.all(),
         }))
@@ -702,6 +782,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::CreateNetworkRequest>,
     ) -> Result<Response<pb::PrivateNetwork>, Status> {
+        let caller = self.caller(&request, "CreateNetwork", Right::Admin).await?;
         let req = request.into_inner();
         let name = req.name.trim();
         network::validate_name(name).map_err(net_err)?;
@@ -711,7 +792,12 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         let row = self
             .hive
             .store
-            .create_network(name, &prefixes, &subnet)
+            .create_network(
+                name,
+                &prefixes,
+                &subnet,
+                &caller.audit("CreateNetwork", name),
+            )
             .await
             .map_err(net_err)?;
         tracing::info!(network = %row.name, prefixes = ?row.prefixes, tunnel_subnet = %row.tunnel_subnet, "private network created");
@@ -720,8 +806,9 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
 
     async fn list_networks(
         &self,
-        _request: Request<pb::ListNetworksRequest>,
+        request: Request<pb::ListNetworksRequest>,
     ) -> Result<Response<pb::ListNetworksReply>, Status> {
+        self.caller(&request, "ListNetworks", Right::Read).await?;
         let rows = self.hive.store.list_networks().await.map_err(net_err)?;
         Ok(Response::new(pb::ListNetworksReply {
             networks: rows.iter().map(network_to_proto).collect(),
@@ -732,6 +819,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::DeleteNetworkRequest>,
     ) -> Result<Response<pb::DeleteNetworkReply>, Status> {
+        let caller = self.caller(&request, "DeleteNetwork", Right::Admin).await?;
         let name = request.into_inner().name;
         let connectors = self
             .hive
@@ -741,7 +829,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             .map_err(net_err)?;
         self.hive
             .store
-            .delete_network(&name)
+            .delete_network(&name, &caller.audit("DeleteNetwork", &name))
             .await
             .map_err(net_err)?;
         for c in connectors {
@@ -755,6 +843,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::AddConnectorRequest>,
     ) -> Result<Response<pb::AddConnectorReply>, Status> {
+        let caller = self.caller(&request, "AddConnector", Right::Admin).await?;
         let req = request.into_inner();
         let endpoint = network::validate_endpoint(&req.endpoint).map_err(net_err)?;
         let key = network::validate_public_key(&req.public_key).map_err(net_err)?;
@@ -767,6 +856,9 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 &key,
                 &endpoint,
                 &crate::store::networks::token_hash(&token),
+                &caller
+                    .audit("AddConnector", req.network.trim())
+                    .with_detail(format!("endpoint {endpoint} key {key}")),
             )
             .await
             .map_err(net_err)?;
@@ -782,6 +874,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::ListConnectorsRequest>,
     ) -> Result<Response<pb::ListConnectorsReply>, Status> {
+        self.caller(&request, "ListConnectors", Right::Read).await?;
         let network = request.into_inner().network;
         let rows = self
             .hive
@@ -800,11 +893,14 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::RemoveConnectorRequest>,
     ) -> Result<Response<pb::RemoveConnectorReply>, Status> {
+        let caller = self
+            .caller(&request, "RemoveConnector", Right::Admin)
+            .await?;
         let which = request.into_inner().connector;
         let row = self
             .hive
             .store
-            .remove_connector(which.trim())
+            .remove_connector(which.trim(), &caller.audit("RemoveConnector", which.trim()))
             .await
             .map_err(net_err)?
             .ok_or_else(|| Status::not_found(format!("connector {which:?} not found")))?;
@@ -817,6 +913,8 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::ListTunnelLeasesRequest>,
     ) -> Result<Response<pb::ListTunnelLeasesReply>, Status> {
+        self.caller(&request, "ListTunnelLeases", Right::Operate)
+            .await?;
         let req = request.into_inner();
         let rows = self
             .hive
@@ -838,6 +936,120 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                     lease_id: l.lease_id,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenReply>, Status> {
+        let caller = self.caller(&request, "CreateToken", Right::Admin).await?;
+        let req = request.into_inner();
+        let Some(role) = Role::parse(req.role.trim()) else {
+            return Err(Status::invalid_argument(format!(
+                "role {:?} is not one of admin, operator, read-only, submitter",
+                req.role
+            )));
+        };
+        let (project_id, project_name) = match req.project.trim() {
+            "" => (String::new(), String::new()),
+            p if role == Role::Submitter => {
+                let p = self.project(p).await?;
+                (p.id, p.name)
+            }
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "--project binds a submitter token to one project; a {} token is not bound",
+                    role.name()
+                )))
+            }
+        };
+        let name = req.name.trim();
+        if name.len() > 64 || name.chars().any(|c| c.is_control()) {
+            return Err(Status::invalid_argument(format!(
+                "token name {name:?} must be at most 64 printable characters"
+            )));
+        }
+        let id = crate::store::new_id();
+        let row = TokenRow {
+            name: if name.is_empty() {
+                format!("{}-{}", role.name(), &id[id.len() - 8..])
+            } else {
+                name.to_string()
+            },
+            id,
+            role: role.name().to_string(),
+            project_id,
+            project_name,
+            created_at_ms: crate::store::now_ms(),
+            created_by: caller.name.clone(),
+            revoked_at_ms: 0,
+        };
+        let token = auth::new_token();
+        let audit = caller.audit("CreateToken", &row.id).with_detail(format!(
+            "name {} role {}{}",
+            row.name,
+            row.role,
+            if row.project_name.is_empty() {
+                String::new()
+            } else {
+                format!(" project {}", row.project_name)
+            }
+        ));
+        self.hive
+            .store
+            .create_token(&row, &auth::token_hash(&token), &audit)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(token_id = %row.id, name = %row.name, role = %row.role,
+            project = %row.project_name, by = %caller.name, "API token created");
+        Ok(Response::new(pb::CreateTokenReply {
+            info: Some(token_to_proto(&row)),
+            token,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensReply>, Status> {
+        self.caller(&request, "ListTokens", Right::Admin).await?;
+        let rows = self.hive.store.list_tokens().await.map_err(store_err)?;
+        Ok(Response::new(pb::ListTokensReply {
+            tokens: rows.iter().map(token_to_proto).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let caller = self.caller(&request, "RevokeToken", Right::Admin).await?;
+        let id = request.into_inner().id;
+        let id = id.trim();
+        if id.is_empty() {
+            return Err(Status::invalid_argument("token id is required"));
+        }
+        let row = self
+            .hive
+            .store
+            .revoke_token(id, crate::store::now_ms(), &caller.audit("RevokeToken", id))
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found(format!("token {id:?} not found")))?;
+        tracing::info!(token_id = %row.id, name = %row.name, by = %caller.name, "API token revoked");
+        Ok(Response::new(token_to_proto(&row)))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditReply>, Status> {
+        self.caller(&request, "ListAudit", Right::Admin).await?;
+        let limit = request.into_inner().limit;
+        let rows = self.hive.store.list_audit(limit).await.map_err(store_err)?;
+        Ok(Response::new(pb::ListAuditReply {
+            entries: rows.into_iter().map(audit_to_proto).collect(),
         }))
     }
 }

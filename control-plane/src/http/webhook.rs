@@ -9,15 +9,20 @@
 //!    nothing, so it is safe to answer before authentication (but only to requests that at
 //!    least carry a well-formed signature header);
 //! 4. no repository in the payload: `push` -> 400, `ping` -> 200 pong, others -> 202 (org-level
-//!    hooks; there is no project secret to check and nothing is done); no project with that
-//!    repository -> 404;
-//! 5. no matching project whose secret verifies the signature (HMAC-SHA256, constant time) -> 401;
+//!    hooks; there is no project secret to check and nothing is done);
+//! 5. no project with that repository whose secret verifies the signature (HMAC-SHA256,
+//!    constant time) -> 401. An unknown repository gets exactly the answer of a bad signature
+//!    (same status, message, metrics label, and an HMAC computed all the same), so a sender
+//!    without a secret cannot learn which repositories are registered;
 //! 6. `ping` -> 200 pong; events other than `push` -> 202 and no build;
 //! 7. push: no `X-GitHub-Delivery`, no `ref`, or (unless the branch was deleted) an `after`
-//!    that is not 40 hex digits -> 400; a delivery seen before -> the same answer again
-//!    (`duplicate: true`, no second build); a deleted branch, a tag, or a branch the project
-//!    does not build -> 202 and no build; else the build and the delivery record are written in
-//!    one transaction -> 202 `{"build_id": ..., "duplicate": false}`.
+//!    that is not 40 hex digits -> 400. Then for each project the signature verified (several
+//!    projects may build one repository): a delivery that project saw before -> its same answer
+//!    again (`duplicate: true`, no second build); a deleted branch, a tag, or a branch the
+//!    project does not build -> no build; else the build and the project's delivery record are
+//!    written in one transaction. The answer is 202 with the first project's result
+//!    (`{"build_id": ..., "duplicate": false, "project": ...}`, the first that builds, if any)
+//!    and, when several projects verified, `projects`: each one's result.
 //!
 //! Every rejection is logged with the reason and counted in `/metrics` by outcome; text taken
 //! from the request (repository URLs, event names, delivery ids) is cut to 200 characters there
@@ -224,11 +229,9 @@ async fn process(
         )
     })?;
     if projects.is_empty() {
-        return Err(reject(
-            StatusCode::NOT_FOUND,
-            "unknown_repo",
-            format!("no project for repository {}", clip(&urls.join(" / "))),
-        ));
+        // The same work as checking one project, so the time taken does not tell an unknown
+        // repository from a wrong secret either.
+        let _ = verify_signature(UNKNOWN_REPO_KEY, &body, signature);
     }
     let verified: Vec<&ProjectRow> = projects
         .iter()
@@ -297,93 +300,137 @@ async fn process(
         ));
     }
 
-    // Among the verified projects, the first whose branch filter takes this ref builds it.
+    // Every verified project whose branch filter takes this ref builds it; each records the
+    // delivery under its own id scope, in the transaction of its build.
     let branch = git_ref.strip_prefix("refs/heads/");
-    let project = verified.iter().find(|p| match branch {
-        Some(b) => p.branch.is_empty() || p.branch == b,
-        None => false,
-    });
-    let (project, build, outcome, skip_reason): (&ProjectRow, Option<BuildRow>, &str, String) =
-        match project {
-            _ if deleted => (
-                verified[0],
-                None,
-                "deleted_branch",
-                format!("{git_ref} was deleted; no build"),
-            ),
-            None if branch.is_none() => (
-                verified[0],
-                None,
-                "not_a_branch",
-                format!("{git_ref} is not a branch; no build"),
-            ),
-            None => (
-                verified[0],
-                None,
-                "branch_filtered",
-                format!(
-                    "project {} builds branch {:?}, not {git_ref}; no build",
-                    verified[0].name, verified[0].branch
+    let mut results = Vec::with_capacity(verified.len());
+    for project in &verified {
+        let (build, skip_reason) = if deleted {
+            (None, format!("{git_ref} was deleted; no build"))
+        } else {
+            match branch {
+                None => (None, format!("{git_ref} is not a branch; no build")),
+                Some(b) if !project.branch.is_empty() && project.branch != b => (
+                    None,
+                    format!(
+                        "project {} builds branch {:?}, not {git_ref}; no build",
+                        project.name, project.branch
+                    ),
                 ),
-            ),
-            Some(p) => {
-                let trigger = format!("webhook:{delivery}");
-                (
-                    p,
-                    Some(BuildRow::new_queued(p, after, git_ref, &trigger)),
-                    "build",
-                    String::new(),
-                )
+                Some(_) => {
+                    let trigger = format!("webhook:{delivery}");
+                    (
+                        Some(BuildRow::new_queued(project, after, git_ref, &trigger)),
+                        String::new(),
+                    )
+                }
             }
         };
-    let started = std::time::Instant::now();
-    let recorded = submit_delivery(
-        hive,
-        delivery,
-        &project.id,
-        build.as_ref(),
-        if build.is_some() {
-            "build"
-        } else {
-            &skip_reason
-        },
-    )
-    .await
-    .map_err(|e| {
-        reject(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "error",
-            format!("recording delivery {delivery}: {e}"),
+        let outcome = match (&build, deleted, branch) {
+            (Some(_), _, _) => "build",
+            (None, true, _) => "deleted_branch",
+            (None, false, None) => "not_a_branch",
+            (None, false, Some(_)) => "branch_filtered",
+        };
+        let started = std::time::Instant::now();
+        let recorded = submit_delivery(
+            hive,
+            delivery,
+            &project.id,
+            build.as_ref(),
+            if build.is_some() {
+                "build"
+            } else {
+                &skip_reason
+            },
         )
-    })?;
-    tracing::debug!(%delivery, store_us = started.elapsed().as_micros() as u64,
-        "webhook delivery stored");
-    match (recorded, build) {
-        (Delivery::New, Some(build)) => Ok((
-            StatusCode::ACCEPTED,
+        .await
+        .map_err(|e| {
+            reject(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "error",
+                format!(
+                    "recording delivery {delivery} for project {}: {e}",
+                    project.name
+                ),
+            )
+        })?;
+        tracing::debug!(%delivery, project = %project.name,
+            store_us = started.elapsed().as_micros() as u64, "webhook delivery stored");
+        results.push(project_result(
+            &project.name,
+            recorded,
+            build,
+            outcome,
+            skip_reason,
+        ));
+    }
+    // The first project that builds (or built, on a redelivery) answers; else the first.
+    let first = results
+        .iter()
+        .position(|r| r.answer["build_id"].is_string())
+        .unwrap_or(0);
+    let mut answer = results[first].answer.clone();
+    let label = results[first].label;
+    if results.len() > 1 {
+        answer["projects"] = Value::Array(
+            results
+                .into_iter()
+                .map(|r| {
+                    let mut a = r.answer;
+                    a["project"] = json!(r.project);
+                    a
+                })
+                .collect(),
+        );
+    }
+    Ok((StatusCode::ACCEPTED, label, answer))
+}
+
+/// HMAC key of the stand-in check for a repository no project builds.
+const UNKNOWN_REPO_KEY: &[u8] = b"no project builds this repository";
+
+/// What one project made of a push: its part of the answer and its metrics label.
+struct ProjectResult {
+    project: String,
+    answer: Value,
+    label: &'static str,
+}
+
+fn project_result(
+    project: &str,
+    recorded: Delivery,
+    build: Option<BuildRow>,
+    outcome: &'static str,
+    skip_reason: String,
+) -> ProjectResult {
+    let (answer, label) = match (recorded, build) {
+        (Delivery::New, Some(build)) => (
+            json!({ "build_id": build.id, "duplicate": false, "project": project }),
             "build",
-            json!({ "build_id": build.id, "duplicate": false, "project": project.name }),
-        )),
-        (Delivery::New, None) => Ok((
-            StatusCode::ACCEPTED,
-            outcome_label(outcome),
+        ),
+        (Delivery::New, None) => (
             json!({ "message": skip_reason, "build_id": null, "duplicate": false }),
-        )),
+            outcome_label(outcome),
+        ),
         (Delivery::Duplicate { build_id, outcome }, _) => {
             if build_id.is_empty() {
-                Ok((
-                    StatusCode::ACCEPTED,
-                    "duplicate",
+                (
                     json!({ "message": outcome, "build_id": null, "duplicate": true }),
-                ))
-            } else {
-                Ok((
-                    StatusCode::ACCEPTED,
                     "duplicate",
+                )
+            } else {
+                (
                     json!({ "build_id": build_id, "duplicate": true }),
-                ))
+                    "duplicate",
+                )
             }
         }
+    };
+    ProjectResult {
+        project: project.to_string(),
+        answer,
+        label,
     }
 }
 

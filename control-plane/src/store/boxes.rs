@@ -83,13 +83,10 @@ impl Store {
 
     /// Sets the operator state of a box (active, cordoned, draining, left).
     pub async fn set_box_state(&self, id: &str, state: &str) -> Result<bool> {
-        let res = sqlx::query("UPDATE boxes SET state = $1 WHERE id = $2")
-            .bind(state)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(q("update box state"))?;
-        Ok(res.rows_affected() > 0)
+        in_tx!(self, "commit box state", |tx| set_box_state_tx(
+            tx, id, state
+        )
+        .await)
     }
 
     /// Records the last heartbeat, pools and (raised) acked seq of a box.
@@ -296,4 +293,19 @@ impl TryFrom<BoxRecord> for BoxRow {
             registered_at_ms: r.registered_at_ms,
         })
     }
+}
+
+/// Sets the operator state of a box; false when there is no such box.
+pub(crate) async fn set_box_state_tx(
+    tx: &mut Transaction<'_, Any>,
+    id: &str,
+    state: &str,
+) -> Result<bool> {
+    let res = sqlx::query("UPDATE boxes SET state = $1 WHERE id = $2")
+        .bind(state)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("update box state"))?;
+    Ok(res.rows_affected() > 0)
 }

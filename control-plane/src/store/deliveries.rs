@@ -1,5 +1,8 @@
-//! Webhook deliveries: each `X-GitHub-Delivery` id once, with the build it made (written in
-//! the build's own transaction), so a redelivery gets the same answer and no second build.
+//! Webhook deliveries: each `X-GitHub-Delivery` id once per project, with the build it made
+//! (written in the build's own transaction), so a redelivery gets the same answer and no second
+//! build. The id is scoped to its project: one push to a repository several projects build is
+//! one delivery for each, and a sender who knows one project's delivery ids cannot use them to
+//! suppress another project's builds.
 
 use super::builds::{insert_build_tx, BuildRow};
 use super::{now_ms, q, Result, Store};
@@ -14,8 +17,9 @@ pub enum Delivery {
 }
 
 impl Store {
-    /// Records a webhook delivery and, in the same transaction, its build (if any). A delivery
-    /// id seen before changes nothing and returns the stored answer.
+    /// Records a webhook delivery for one project and, in the same transaction, its build (if
+    /// any). A delivery id this project has seen before changes nothing and returns the stored
+    /// answer.
     pub async fn record_delivery(
         &self,
         delivery_id: &str,
@@ -26,7 +30,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let res = sqlx::query(
             "INSERT INTO webhook_deliveries (delivery_id, project_id, build_id, outcome, at_ms) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (delivery_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (project_id, delivery_id) DO NOTHING",
         )
         .bind(delivery_id)
         .bind(project_id)
@@ -39,8 +43,10 @@ impl Store {
         if res.rows_affected() == 0 {
             tx.rollback().await.map_err(q("rollback"))?;
             let (build_id, outcome): (String, String) = sqlx::query_as(
-                "SELECT build_id, outcome FROM webhook_deliveries WHERE delivery_id = $1",
+                "SELECT build_id, outcome FROM webhook_deliveries \
+                 WHERE project_id = $1 AND delivery_id = $2",
             )
+            .bind(project_id)
             .bind(delivery_id)
             .fetch_one(&self.pool)
             .await

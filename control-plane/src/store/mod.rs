@@ -6,8 +6,9 @@
 //! commit).
 //!
 //! One file per table family: `projects`, `deliveries`, `builds` (with transitions), `leases`,
-//! `logs`, `boxes` (with cells and the box session's [`BoxBatch`]) and `networks` (private
-//! networks, connectors, tunnel leases). Rows are read into `sqlx::FromRow` records of the
+//! `logs`, `boxes` (with cells and the box session's [`BoxBatch`]), `networks` (private
+//! networks, connectors, tunnel leases), `tokens` (API tokens, hashed) and `audit` (who changed
+//! what; each entry in its change's transaction). Rows are read into `sqlx::FromRow` records of the
 //! column types and converted with checked conversions ([`checked`]); a value out of range is
 //! [`StoreError::Corrupt`], never a wrapped number. Each write has one path, a `*_tx` function
 //! taking the transaction; the `Store` methods run it in a transaction of their own (`in_tx!`).
@@ -39,6 +40,7 @@ macro_rules! in_tx {
     }};
 }
 
+mod audit;
 mod boxes;
 mod builds;
 mod deliveries;
@@ -47,7 +49,9 @@ mod logs;
 pub mod networks;
 mod projects;
 mod retention;
+mod tokens;
 
+pub use audit::{Audit, AuditRow, MAX_AUDIT_PAGE};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, TransitionRow};
 pub use deliveries::Delivery;
@@ -56,6 +60,7 @@ pub use logs::{LogStored, MAX_CHUNK_SEQ};
 pub use networks::{ConnectorRow, Issued, NetworkError, NetworkRow, TunnelLeaseRow};
 pub use projects::{repo_key, NewProject, ProjectRow};
 pub use retention::Purged;
+pub use tokens::{TokenRow, BOOTSTRAP_TOKEN_ID};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

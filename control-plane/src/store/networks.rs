@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use hive_types::Prefix;
 use sha2::{Digest, Sha256};
 
+use super::audit::{insert_audit_tx, Audit};
 use super::{new_id, now_ms, q, DbKind, Store, StoreError};
 
 /// Lease states as stored.
@@ -125,6 +126,7 @@ impl Store {
         name: &str,
         prefixes: &[String],
         tunnel_subnet: &str,
+        audit: &Audit,
     ) -> Result<NetworkRow> {
         let row = NetworkRow {
             name: name.to_string(),
@@ -132,6 +134,7 @@ impl Store {
             tunnel_subnet: tunnel_subnet.to_string(),
             created_at_ms: now_ms(),
         };
+        let mut tx = self.begin().await?;
         let res = sqlx::query(
             "INSERT INTO private_networks (name, prefixes_json, tunnel_subnet, created_at_ms) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
@@ -140,12 +143,14 @@ impl Store {
         .bind(serde_json::to_string(&row.prefixes).unwrap_or_else(|_| "[]".into()))
         .bind(&row.tunnel_subnet)
         .bind(row.created_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(q("insert private network"))?;
         if res.rows_affected() == 0 {
             return Err(NetworkError::Exists(row.name));
         }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(q("commit new private network"))?;
         Ok(row)
     }
 
@@ -173,7 +178,7 @@ impl Store {
     }
 
     /// Deletes a network and its connectors; refused while a project names it.
-    pub async fn delete_network(&self, name: &str) -> Result<()> {
+    pub async fn delete_network(&self, name: &str, audit: &Audit) -> Result<()> {
         let names: Vec<String> =
             sqlx::query_scalar("SELECT name FROM projects WHERE private_network = $1")
                 .bind(name)
@@ -200,6 +205,7 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(q("delete connectors of network"))?;
+        insert_audit_tx(&mut tx, audit).await?;
         tx.commit().await.map_err(q("commit delete network"))?;
         Ok(())
     }
@@ -210,6 +216,7 @@ impl Store {
         public_key: &str,
         endpoint: &str,
         token_hash: &str,
+        audit: &Audit,
     ) -> Result<ConnectorRow> {
         if self.get_network(network).await?.is_none() {
             return Err(NetworkError::NotFound(network.to_string()));
@@ -221,6 +228,7 @@ impl Store {
             endpoint: endpoint.to_string(),
             created_at_ms: now_ms(),
         };
+        let mut tx = self.begin().await?;
         let res = sqlx::query(
             "INSERT INTO connectors (id, network, public_key, endpoint, token_hash, created_at_ms) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (public_key) DO NOTHING",
@@ -231,12 +239,14 @@ impl Store {
         .bind(&row.endpoint)
         .bind(token_hash)
         .bind(row.created_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(q("insert connector"))?;
         if res.rows_affected() == 0 {
             return Err(NetworkError::ConnectorExists(row.public_key));
         }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(q("commit new connector"))?;
         Ok(row)
     }
 
@@ -266,14 +276,20 @@ impl Store {
         Ok(row)
     }
 
-    /// Removes a connector by id or public key; false if none matched.
-    pub async fn remove_connector(&self, id_or_key: &str) -> Result<Option<ConnectorRow>> {
+    /// Removes a connector by id or public key and records who did (`audit`, whose target is
+    /// completed with the connector's id); None if none matched.
+    pub async fn remove_connector(
+        &self,
+        id_or_key: &str,
+        audit: &Audit,
+    ) -> Result<Option<ConnectorRow>> {
+        let mut tx = self.begin().await?;
         let row = sqlx::query_as::<_, ConnectorRow>(
             "SELECT id, network, public_key, endpoint, created_at_ms FROM connectors \
              WHERE id = $1 OR public_key = $1",
         )
         .bind(id_or_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(q("select connector"))?;
         let Some(row) = row else {
@@ -281,9 +297,13 @@ impl Store {
         };
         sqlx::query("DELETE FROM connectors WHERE id = $1")
             .bind(&row.id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(q("delete connector"))?;
+        let mut audit = audit.clone();
+        audit.target = format!("{} (network {})", row.id, row.network);
+        insert_audit_tx(&mut tx, &audit).await?;
+        tx.commit().await.map_err(q("commit removed connector"))?;
         Ok(Some(row))
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::audit::{insert_audit_tx, Audit};
 use super::{checked, from_json, new_id, now_ms, q, to_json, Result, Store, StoreError};
 
 /// A project as stored (the secret included: it is the webhook HMAC key).
@@ -49,7 +50,8 @@ pub fn repo_key(url: &str) -> String {
 }
 
 impl Store {
-    pub async fn create_project(&self, p: &NewProject) -> Result<ProjectRow> {
+    /// Stores a new project and the audit entry of its making.
+    pub async fn create_project(&self, p: &NewProject, audit: &Audit) -> Result<ProjectRow> {
         let row = ProjectRow {
             id: new_id(),
             name: p.name.clone(),
@@ -63,6 +65,7 @@ impl Store {
             timeout_secs: p.timeout_secs,
             created_at_ms: now_ms(),
         };
+        let mut tx = self.begin().await?;
         let res = sqlx::query(
             "INSERT INTO projects (id, name, repo_url, repo_key, secret, branch, size_class, \
              private_network, steps_json, env_json, timeout_secs, created_at_ms) \
@@ -81,12 +84,14 @@ impl Store {
         .bind(to_json(&row.env))
         .bind(i64::from(row.timeout_secs))
         .bind(row.created_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(q("insert project"))?;
         if res.rows_affected() == 0 {
             return Err(StoreError::ProjectExists(row.name));
         }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(q("commit new project"))?;
         Ok(row)
     }
 
@@ -110,14 +115,21 @@ impl Store {
         rows.into_iter().map(ProjectRow::try_from).collect()
     }
 
-    /// Deletes a project; its builds stay (they carry a snapshot). False if there was none.
-    pub async fn delete_project(&self, name_or_id: &str) -> Result<bool> {
-        let res = sqlx::query("DELETE FROM projects WHERE id = $1 OR name = $1")
-            .bind(name_or_id)
-            .execute(&self.pool)
-            .await
-            .map_err(q("delete project"))?;
-        Ok(res.rows_affected() > 0)
+    /// Deletes a project and records who did; its builds stay (they carry a snapshot). False
+    /// (and nothing recorded) if there was none.
+    pub async fn delete_project(&self, name_or_id: &str, audit: &Audit) -> Result<bool> {
+        in_tx!(self, "commit deleted project", |tx| {
+            let res = sqlx::query("DELETE FROM projects WHERE id = $1 OR name = $1")
+                .bind(name_or_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("delete project"))?;
+            let deleted = res.rows_affected() > 0;
+            if deleted {
+                insert_audit_tx(tx, audit).await?;
+            }
+            Ok::<_, StoreError>(deleted)
+        })
     }
 
     /// Projects whose repository URL matches any of `urls` (after [`repo_key`]).

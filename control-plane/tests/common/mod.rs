@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use hive_control_plane::server::{self, Config, Handle};
+use hive_proto::auth::Bearer;
 use hive_proto::v1::box_agent_client::BoxAgentClient;
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
@@ -15,6 +16,7 @@ use sqlx::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// A database for one test; `drop_db` removes a PostgreSQL one afterwards.
@@ -142,7 +144,11 @@ pub async fn start(db_url: &str) -> Handle {
 }
 
 pub async fn start_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> Handle {
+    // The data dir only receives admin.token, which the handle also carries: it can go once
+    // the control plane has started.
+    let data_dir = tempfile::tempdir().expect("temp data dir");
     let mut config = Config {
+        data_dir: data_dir.path().to_path_buf(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         db: Some(db_url.to_string()),
@@ -155,10 +161,24 @@ pub async fn start_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> Handle
     server::start(config).await.expect("control plane starts")
 }
 
-pub async fn api(handle: &Handle) -> ControlPlaneClient<Channel> {
-    ControlPlaneClient::connect(format!("http://{}", handle.grpc_addr))
+/// The operator API as the control plane's admin (the token its first start made).
+pub type Api = ControlPlaneClient<InterceptedService<Channel, Bearer>>;
+
+pub async fn api(handle: &Handle) -> Api {
+    let token = handle
+        .admin_token()
+        .expect("a fresh store: the control plane made an admin token");
+    api_as(handle, token).await
+}
+
+/// The operator API with `token` (empty: none).
+pub async fn api_as(handle: &Handle, token: &str) -> Api {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", handle.grpc_addr))
+        .expect("endpoint")
+        .connect()
         .await
-        .expect("connect ControlPlane")
+        .expect("connect ControlPlane");
+    ControlPlaneClient::with_interceptor(channel, Bearer::new(token).expect("token"))
 }
 
 /// A minimal HTTP/1.1 response.

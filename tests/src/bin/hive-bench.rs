@@ -165,7 +165,7 @@ async fn finish(mut cp: ControlPlane, store: Store) {
 }
 
 async fn create_project(cp: &ControlPlane) -> Result<(), BenchError> {
-    let mut c = ControlPlaneClient::connect(cp.grpc_url()).await?;
+    let mut c = hive_tests::controlplane::api(&cp.grpc_url()).await?;
     c.create_project(CreateProjectRequest {
         name: "bench".into(),
         repo_url: REPO.into(),
@@ -396,10 +396,12 @@ async fn schedule(
             .map_err(|e| BenchError::Check(e.to_string()))?
             .connect()
             .await?;
+        let bearer = hive_proto::auth::Bearer::new(&cp.admin_token().unwrap_or_default())
+            .map_err(|e| BenchError::Check(e.to_string()))?;
         let submit = {
             let chan = chan.clone();
             drive(builds, clients, move |_| {
-                let mut c = ControlPlaneClient::new(chan.clone());
+                let mut c = ControlPlaneClient::with_interceptor(chan.clone(), bearer.clone());
                 async move {
                     c.submit_build(SubmitBuildRequest {
                         project: "bench".into(),

@@ -281,7 +281,7 @@ both_dbs!(leases_and_states);
 async fn finish_wins_over_a_concurrent_requeue(url: String) {
     let store = Store::open(&url).await.unwrap();
     let p = store
-        .create_project(&new_project("race", "git://h/race"))
+        .create_project(&new_project("race", "git://h/race"), &audit())
         .await
         .unwrap();
     let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");
@@ -341,7 +341,7 @@ both_dbs!(finish_wins_over_a_concurrent_requeue);
 async fn retention_purges_only_what_ended(url: String) {
     let store = Store::open(&url).await.unwrap();
     let p = store
-        .create_project(&new_project("keep", "git://h/keep"))
+        .create_project(&new_project("keep", "git://h/keep"), &audit())
         .await
         .unwrap();
     let done = BuildRow::new_queued(&p, "r1", "refs/heads/main", "webhook:d1");
@@ -403,7 +403,7 @@ both_dbs!(retention_purges_only_what_ended);
 async fn log_cap_cuts_the_log_once(url: String) {
     let store = Store::open(&url).await.unwrap().with_log_cap(10);
     let p = store
-        .create_project(&new_project("chatty", "git://h/chatty"))
+        .create_project(&new_project("chatty", "git://h/chatty"), &audit())
         .await
         .unwrap();
     let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");

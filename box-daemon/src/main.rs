@@ -20,7 +20,8 @@ use hive_box::config::{self, BackendChoice, ClassCount};
 use hive_box::net::{BoxNet, Subnet};
 use hive_box::pool::Pool;
 use hive_jail::cgroup::Hierarchy;
-use hive_jail::{error_chain, JailSpec};
+use hive_jail::JailSpec;
+use hive_sys::error_chain;
 
 #[derive(Debug, Parser)]
 #[command(

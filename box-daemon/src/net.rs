@@ -7,18 +7,16 @@
 //! set, so a cell is covered by the rules exactly while it exists. Each cell gets a /30 out of the
 //! cell subnet: the box side is .1, the cell's `eth0` .2, the cell's default route points at .1.
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 
-use futures::TryStreamExt;
+use hive_types::Prefix;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-/// Where named network namespaces live (the `ip netns` convention, so operators can inspect them).
-pub const NETNS_DIR: &str = "/run/netns";
+pub use hive_sys::netns::NETNS_DIR;
 
 /// Destinations no cell may reach (besides the box itself, which the input chain covers).
 pub const PRIVATE_RANGES: [&str; 7] = [
@@ -41,12 +39,8 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
-    #[error("create network namespace {path}")]
-    CreateNetns {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Netns(#[from] hive_sys::netns::Error),
     #[error("enter network namespace {path}")]
     EnterNetns {
         path: PathBuf,
@@ -62,14 +56,8 @@ pub enum NetError {
     },
     #[error("link {0} not found")]
     NoLink(String),
-    #[error("run nft ({what})")]
-    NftSpawn {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("nft failed ({what}): {stderr}")]
-    Nft { what: String, stderr: String },
+    #[error(transparent)]
+    Nft(#[from] hive_sys::nft::Error),
     #[error("enable IPv4 forwarding")]
     Forwarding(#[source] io::Error),
     #[error("run ip tuntap (TAP {tap})")]
@@ -98,10 +86,11 @@ impl FromStr for Subnet {
     type Err = NetError;
     fn from_str(s: &str) -> Result<Self, NetError> {
         let bad = || NetError::Subnet(s.to_string());
-        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
-        let base: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix: u8 = len.parse().map_err(|_| bad())?;
-        if !(8..=30).contains(&prefix) || u32::from(base) & !mask(prefix) != 0 {
+        let p: Prefix = s.parse().map_err(|_| bad())?;
+        let (IpAddr::V4(base), prefix) = (p.addr(), p.prefix_len()) else {
+            return Err(bad());
+        };
+        if !(8..=30).contains(&prefix) || p.network() != p {
             return Err(bad());
         }
         Ok(Subnet { base, prefix })
@@ -111,14 +100,6 @@ impl FromStr for Subnet {
 impl std::fmt::Display for Subnet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.base, self.prefix)
-    }
-}
-
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
     }
 }
 
@@ -152,15 +133,12 @@ pub async fn netlink(ns: Option<&Path>) -> Result<Handle, NetError> {
         tokio::spawn(conn);
         return Ok(handle);
     };
-    let file = fs::File::open(ns).map_err(|source| NetError::EnterNetns {
-        path: ns.to_path_buf(),
-        source,
-    })?;
+    let path = ns.to_path_buf();
     let rt = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let res = nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(io::Error::from)
+        let res = hive_sys::netns::enter(&path)
+            .map_err(io::Error::other)
             .and_then(|()| {
                 let _guard = rt.enter();
                 rtnetlink::new_connection()
@@ -177,61 +155,29 @@ pub async fn netlink(ns: Option<&Path>) -> Result<Handle, NetError> {
 
 /// Creates a named network namespace at `<NETNS_DIR>/<name>`, pinned by a bind mount.
 pub async fn create_netns(name: &str) -> Result<PathBuf, NetError> {
-    let path = Path::new(NETNS_DIR).join(name);
-    let err = |source| NetError::CreateNetns {
-        path: path.clone(),
-        source,
-    };
-    fs::create_dir_all(NETNS_DIR).map_err(err)?;
-    // A stale pin from a crashed run (same name) would make the create below fail with EPERM.
-    if path.exists() {
-        delete_netns(&path);
-    }
-    fs::File::create(&path).map_err(err)?;
-    let target = path.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // The namespace is made by a throw-away thread (netns is per thread) and pinned by a bind
-    // mount of that thread's ns file before the thread ends.
-    std::thread::spawn(move || {
-        let res = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| io::Error::other(format!("unshare(CLONE_NEWNET): {e}")))
-            .and_then(|()| {
-                nix::mount::mount(
-                    Some("/proc/thread-self/ns/net"),
-                    &target,
-                    None::<&str>,
-                    nix::mount::MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(|e| io::Error::other(format!("bind mount the netns: {e}")))
-            });
-        let _ = tx.send(res);
-    });
-    match rx.await {
-        Ok(Ok(())) => Ok(path),
-        Ok(Err(e)) => {
-            let _ = fs::remove_file(&path);
-            Err(err(e))
-        }
-        Err(_) => Err(err(io::Error::other("netns thread died"))),
-    }
+    let name = name.to_string();
+    // Making a namespace can take the kernel a while: not on a runtime thread.
+    tokio::task::spawn_blocking(move || hive_sys::netns::create(&name))
+        .await
+        .map_err(|e| {
+            NetError::Netns(hive_sys::netns::Error::Create {
+                path: Path::new(NETNS_DIR).to_path_buf(),
+                step: "join the set-up task",
+                source: io::Error::other(e),
+            })
+        })?
+        .map_err(NetError::from)
 }
 
 /// Unpins and removes a named network namespace; missing is fine.
 pub fn delete_netns(path: &Path) {
-    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
-    let _ = fs::remove_file(path);
+    hive_sys::netns::unpin(path);
 }
 
 async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, NetError> {
-    let mut links = handle.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
-        Ok(Some(msg)) => Ok(Some(msg.header.index)),
-        Ok(None) => Ok(None),
-        // ENODEV: no such link.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(link_err("look up link", name)(e)),
-    }
+    hive_sys::netlink::link_index(handle, name)
+        .await
+        .map_err(link_err("look up link", name))
 }
 
 /// Whether a link by that name exists in the box's namespace.
@@ -318,11 +264,7 @@ impl BoxNet {
 
     /// Whether `veth` is in the table's cells set (tests, reaper).
     pub fn has_cell(&self, veth: &str) -> bool {
-        Command::new("nft")
-            .args(["list", "set", "inet", &self.table, "cells"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"{veth}\"")))
-            .unwrap_or(false)
+        hive_sys::nft::set_contains("inet", &self.table, "cells", veth)
     }
 
     /// Builds one cell's network: netns, veth pair, addresses, routes, firewall membership.
@@ -432,7 +374,7 @@ impl BoxNet {
     pub async fn destroy_cell(&self, names: &CellNetNames) {
         if self.has_cell(&names.veth) {
             if let Err(e) = self.remove_cell(&names.veth) {
-                tracing::warn!(error = %hive_jail::error_chain(&e), "firewall cleanup");
+                tracing::warn!(error = %hive_sys::error_chain(&e), "firewall cleanup");
             }
         }
         if let Ok(host) = netlink(None).await {
@@ -491,18 +433,11 @@ async fn in_netns<T: Send + 'static>(
     ns: &Path,
     f: impl FnOnce() -> Result<T, NetError> + Send + 'static,
 ) -> Result<T, NetError> {
-    let file = fs::File::open(ns).map_err(|source| NetError::EnterNetns {
-        path: ns.to_path_buf(),
-        source,
-    })?;
     let path = ns.to_path_buf();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let res = nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| NetError::EnterNetns {
-                path,
-                source: io::Error::from(e),
-            })
+        let res = hive_sys::netns::enter(&path)
+            .map_err(NetError::from)
             .and_then(|()| f());
         let _ = tx.send(res);
     });
@@ -612,37 +547,7 @@ pub struct CellNet {
 }
 
 fn nft(ruleset: &str, what: &str) -> Result<(), NetError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| NetError::NftSpawn {
-            what: what.to_string(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(ruleset.as_bytes())
-            .map_err(|source| NetError::NftSpawn {
-                what: what.to_string(),
-                source,
-            })?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| NetError::NftSpawn {
-            what: what.to_string(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(NetError::Nft {
-            what: what.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    Ok(hive_sys::nft::apply(ruleset, what)?)
 }
 
 #[cfg(test)]

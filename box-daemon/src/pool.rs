@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hive_proto::v1::{PoolState, SizeClass};
+use hive_sys::Backoff;
 use tokio::sync::Notify;
 
 use crate::backend::{CellBackend, CellSpec};
@@ -82,6 +83,9 @@ pub struct PoolStats {
 }
 
 /// Default time a warm cell has to answer its periodic health check.
+/// Pause before booting again after boot failures in a row, so a broken image does not spin.
+const BOOT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Pool<B: CellBackend> {
@@ -331,7 +335,7 @@ impl<B: CellBackend> Pool<B> {
     /// Destroys a used cell and tops its class up.
     pub async fn release(self: &Arc<Self>, cell: Cell) {
         if let Err(e) = self.backend.destroy(&cell.id).await {
-            tracing::warn!(cell = %cell.id, error = %hive_jail::error_chain(&e), "destroy cell");
+            tracing::warn!(cell = %cell.id, error = %hive_sys::error_chain(&e), "destroy cell");
         }
         {
             let mut inner = self.lock();
@@ -374,12 +378,9 @@ impl<B: CellBackend> Pool<B> {
 
     async fn boot_warm(self: Arc<Self>, class: String, spec: CellSpec) {
         let id = spec.id.clone();
-        let backoff = {
-            let inner = self.lock();
-            Duration::from_millis(100 * u64::from(inner.failures.min(50)))
-        };
-        if !backoff.is_zero() {
-            tokio::time::sleep(backoff).await;
+        let pause = BOOT_BACKOFF.after_failures(self.lock().failures);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
         }
         let res = self.boot(spec).await;
         let mut retry = false;
@@ -405,7 +406,7 @@ impl<B: CellBackend> Pool<B> {
                 Err(e) => {
                     inner.failures += 1;
                     Self::free_slot(&mut inner, &id);
-                    tracing::warn!(class = %class, error = %hive_jail::error_chain(&e), failures = inner.failures, "warm cell failed to boot");
+                    tracing::warn!(class = %class, error = %hive_sys::error_chain(&e), failures = inner.failures, "warm cell failed to boot");
                     retry = true;
                 }
             }

@@ -32,7 +32,7 @@ pub async fn reap<B: CellBackend>(backend: &B) -> Vec<LostBuild> {
                 tracing::info!(cell = %left.id, dir = %left.dir.display(), "reaped leftover cell")
             }
             Err(e) => {
-                tracing::warn!(cell = %left.id, error = %hive_jail::error_chain(&e), "could not reap leftover cell")
+                tracing::warn!(cell = %left.id, error = %hive_sys::error_chain(&e), "could not reap leftover cell")
             }
         }
     }

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use hive_box::backend::microvm::{GuestFiles, MicrovmBackend, MicrovmConfig, VMM_OVERHEAD_MIB};
 use hive_box::backend::{CellBackend, CellSpec};
 use hive_box::net::{link_exists, link_exists_in, BoxNet, CellNetNames, CELL_TAP, NETNS_DIR};
-use hive_jail::error_chain;
 use hive_proto::v1::SizeClass;
+use hive_sys::error_chain;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Whether /dev/kvm opens; without it the test skips, loudly. Under `CI=true` it fails instead:
@@ -666,26 +666,9 @@ fn recv_timeout(fd: &OwnedFd, d: Duration) {
     };
 }
 
-/// Attaches to TAP `name` in this thread's namespace the way the VMM does (IFF_TAP | IFF_NO_PI).
+/// Attaches to TAP `name` in this thread's namespace the way the VMM does.
 fn attach_tap(name: &str) -> Result<std::fs::File, String> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(|e| format!("open /dev/net/tun: {e}"))?;
-    let mut ifreq = [0u8; 40];
-    ifreq[..name.len()].copy_from_slice(name.as_bytes());
-    ifreq[16..18].copy_from_slice(&(0x0002i16 | 0x1000i16).to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq, which `ifreq` is; the fd is a
-    // freshly opened tun control device.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca as _, ifreq.as_mut_ptr()) };
-    if rc < 0 {
-        return Err(format!(
-            "TUNSETIFF {name}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(f)
+    hive_sys::tun::open(name, hive_sys::tun::Mode::Tap).map_err(|e| hive_sys::error_chain(&e))
 }
 
 fn ip_checksum(data: &[u8]) -> u16 {

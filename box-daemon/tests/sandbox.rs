@@ -162,7 +162,7 @@ async fn a_cell_that_cannot_start_reports_why_and_leaves_nothing() {
         .wait_ready(&cell, Duration::from_secs(10))
         .await
         .unwrap_err();
-    let msg = hive_jail::error_chain(&err);
+    let msg = hive_sys::error_chain(&err);
     assert!(msg.contains("exec /sbin/hive-cell"), "{msg}");
     sandbox.destroy(&id).await.unwrap();
     assert!(!sandbox.cell_dir(&id).exists());

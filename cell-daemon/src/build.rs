@@ -8,6 +8,7 @@ use crate::log::EventLog;
 use crate::reaper::{Exit, Reaper};
 use crate::source::Source;
 use hive_proto::v1::{BuildState, LogStream};
+use hive_sys::error_chain;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::process::Stdio;
@@ -441,16 +442,4 @@ async fn terminate(pgid: Pid, exited: &mut oneshot::Receiver<Exit>, grace_ms: u6
         Ok(Ok(e)) => e,
         _ => Exit::Signal(9),
     }
-}
-
-/// `a: b: c` for an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

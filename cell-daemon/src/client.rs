@@ -113,7 +113,7 @@ pub async fn probe(
             state: None,
         });
     };
-    let build_id = format!("probe-{}-{}", std::process::id(), crate::now_ms());
+    let build_id = format!("probe-{}-{}", std::process::id(), hive_sys::now_ms());
     client
         .run_build(RunBuildRequest {
             build_id: build_id.clone(),

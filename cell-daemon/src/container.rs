@@ -341,7 +341,7 @@ impl Container {
         // (the daemon keeps its fd, so it stays attached).
         let tun_err = |e: crate::tunpair::TunError| ContainerError::Net {
             command: "create TUN link".into(),
-            detail: crate::build::error_chain(&e),
+            detail: hive_sys::error_chain(&e),
         };
         let cell_end = crate::tunpair::open_tun(CELL_LINK).map_err(tun_err)?;
         let ctr_end = crate::tunpair::open_tun(CONTAINER_LINK_TMP).map_err(tun_err)?;

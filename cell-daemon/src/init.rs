@@ -98,7 +98,7 @@ pub fn setup(hostname: &str) -> Result<(), InitError> {
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=620"),
         ) {
-            tracing::warn!(error = %crate::build::error_chain(&e), "no /dev/pts");
+            tracing::warn!(error = %hive_sys::error_chain(&e), "no /dev/pts");
         }
     }
     if !is_mount_point("/tmp") {

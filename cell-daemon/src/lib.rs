@@ -23,11 +23,3 @@ pub mod tunpair;
 
 /// The version string reported by Health.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Milliseconds since the Unix epoch, as the protocol wants them.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}

@@ -49,7 +49,7 @@ impl EventLog {
         let seq = inner.events.len() as u64;
         ev.seq = seq;
         if ev.at_ms == 0 {
-            ev.at_ms = crate::now_ms();
+            ev.at_ms = hive_sys::now_ms();
         }
         if ev.kind == CellEventKind::BuildFinished as i32 {
             inner.finished = true;

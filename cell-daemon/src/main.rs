@@ -304,7 +304,7 @@ fn probe(a: ProbeArgs) -> ExitCode {
             Some(_) => ExitCode::FAILURE,
         },
         Err(e) => {
-            eprintln!("hive-cell probe: {}", hive_cell::build::error_chain(&e));
+            eprintln!("hive-cell probe: {}", hive_sys::error_chain(&e));
             ExitCode::FAILURE
         }
     }

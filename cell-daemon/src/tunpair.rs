@@ -8,34 +8,15 @@
 //! the addressing.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle;
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_NO_PI: libc::c_short = 0x1000;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
 
 /// Errors making the pair.
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
-    #[error("interface name {0:?} must be 1..=15 bytes")]
-    Name(String),
-    #[error("open /dev/net/tun")]
-    Open(#[source] io::Error),
-    #[error("create TUN device {name}")]
-    Create {
-        name: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] hive_sys::tun::Error),
     #[error("register TUN device {name} with the runtime")]
     Register {
         name: String,
@@ -44,39 +25,10 @@ pub enum TunError {
     },
 }
 
-/// Creates a non-persistent TUN device `name` in the current netns; it lives while the fd does.
+/// Creates a non-persistent TUN device `name` (layer 3, no packet information) in the current
+/// netns; it lives while the fd does.
 pub fn open_tun(name: &str) -> Result<OwnedFd, TunError> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(TunError::Name(name.to_string()));
-    }
-    // SAFETY: open(2) of a constant NUL-terminated path; the result is checked.
-    let raw = unsafe {
-        libc::open(
-            c"/dev/net/tun".as_ptr(),
-            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        return Err(TunError::Open(io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TUN | IFF_NO_PI,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq; IfReq has its layout (16-byte name,
-    // then the flags union member, padded to the full 40 bytes).
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
-    if r < 0 {
-        return Err(TunError::Create {
-            name: name.to_string(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(fd)
+    Ok(hive_sys::tun::open(name, hive_sys::tun::Mode::Tun)?.into())
 }
 
 /// The two copy loops; dropping it stops them and closes both devices.

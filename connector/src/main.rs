@@ -16,6 +16,7 @@ use hive_proto::v1::connector_client::ConnectorClient;
 use hive_proto::v1::connector_command::Cmd;
 use hive_proto::v1::connector_message::Msg;
 use hive_proto::v1::{AddPeer, ConnectorHello, ConnectorMessage, PeerApplied};
+use hive_sys::Backoff;
 use hive_wg::{KeyPair, PeerSpec, Prefix, PublicKey, Tunnel, TunnelSpec};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -485,7 +486,7 @@ async fn run(args: Args) -> Result<(), ConnectorError> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ConnectorError::Forwarding(format!("SIGTERM handler: {e}")))?;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let ended = tokio::select! {
             r = runner.session() => r,
@@ -493,19 +494,22 @@ async fn run(args: Args) -> Result<(), ConnectorError> {
             _ = tokio::signal::ctrl_c() => break,
         };
         lock(&state).connected = false;
+        if ended.is_ok() {
+            backoff.reset();
+        }
+        let pause = backoff.next_delay();
         match ended {
-            Ok(()) => backoff = Duration::from_millis(200),
+            Ok(()) => {}
             Err(e @ ConnectorError::ControlPlane { .. }) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "key exchange session ended");
+                tracing::warn!(error = %e, retry_in = ?pause, "key exchange session ended");
             }
             Err(e) => return Err(e),
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     tracing::info!("shutting down: removing the tunnel");
     let tunnel = lock(&state).tunnel.take();
@@ -540,13 +544,7 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("hive-connector: {msg}");
+            eprintln!("hive-connector: {}", hive_sys::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

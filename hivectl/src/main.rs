@@ -35,7 +35,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     )
     .await?;
     let ctl = &mut ctl;
-    let now = render::now_ms();
+    let now = hive_sys::now_ms();
     match cli.command {
         Command::Project(ProjectCommand::Add(a)) => projects::add(ctl, a).await,
         Command::Project(ProjectCommand::Rm { name }) => projects::remove(ctl, name).await,

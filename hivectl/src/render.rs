@@ -40,14 +40,6 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// `2026-11-27T05:34:25Z`; empty for 0 (never).
 pub fn iso(ms: i64) -> String {
     if ms <= 0 {
@@ -375,7 +367,7 @@ pub fn state_change_line(b: &Build) -> String {
     let at = if b.updated_at_ms > 0 {
         b.updated_at_ms
     } else {
-        now_ms()
+        hive_sys::now_ms()
     };
     let mut details = Vec::new();
     if !b.box_id.is_empty() {

@@ -12,6 +12,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hive_sys::Backoff;
+
 /// CFS period used for CPU quotas (100 ms, the kernel default).
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -344,7 +346,8 @@ impl Cgroup {
 
     /// Kills every process in the group and removes it. Safe to call on a partly gone group.
     pub async fn destroy(&self) -> Result<(), CgroupError> {
-        for attempt in 0..100 {
+        let mut pause = Backoff::new(Duration::from_millis(5), Duration::from_millis(50));
+        for _ in 0..100 {
             let pids = self.pids()?;
             if pids.is_empty() {
                 break;
@@ -359,7 +362,7 @@ impl Cgroup {
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
-            tokio::time::sleep(Duration::from_millis(if attempt < 10 { 5 } else { 50 })).await;
+            tokio::time::sleep(pause.next_delay()).await;
         }
         for dir in &self.dirs {
             let mut last = None;

@@ -6,18 +6,16 @@
 //! [`seccomp`] deny-list, exec). [`cgroup`] makes and removes the cell's control group (v1 and
 //! v2). For a microVM cell the jailed program is [`launch`] (`hive-box vmm-launch`), which gives
 //! the jail its device nodes, drops to the cell's uid and execs the VMM; [`libs`] lists the shared
-//! libraries the VMM binary needs bound into that otherwise empty root. [`error`] formats error
-//! chains for the helpers' last words.
+//! libraries the VMM binary needs bound into that otherwise empty root. Error chains for the
+//! helpers' last words are `hive_sys::error_chain`.
 //!
 //! Neighbours: `hive-box` (the backends write the specs and spawn the helper), `hive-vmm` (the
 //! program a microVM jail ends up running; it adds its own seccomp allow-list).
 
 pub mod cgroup;
-pub mod error;
 pub mod launch;
 pub mod libs;
 pub mod recipe;
 pub mod seccomp;
 
-pub use error::chain as error_chain;
 pub use recipe::{BindSpec, JailError, JailSpec, RootSpec};

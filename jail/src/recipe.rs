@@ -23,7 +23,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use crate::error::chain as error_chain;
+use hive_sys::error_chain;
 
 /// Devices a cell sees; bound from the host's nodes (no mknod needed, no other device reachable).
 /// `net/tun` is there for the cell daemon's build-container network; a TUN device it makes lives

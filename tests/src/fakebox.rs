@@ -18,6 +18,7 @@ use hive_proto::v1::{
     Registered,
 };
 use hive_proto::v1::{KeyExchangeReply, KeyExchangeRequest};
+use hive_sys::now_ms;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -126,13 +127,6 @@ pub struct FakeBox {
     next_seq: u64,
     log_seq: HashMap<String, u64>,
     registered: Option<Registered>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl FakeBox {

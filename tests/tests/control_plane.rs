@@ -389,10 +389,7 @@ async fn rejected_and_unconfirmed_leases_requeue_and_stale_updates_are_ignored(b
         .expect_cancel(&id, T)
         .await
         .expect("cancel of the expired lease");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now_ms = hive_sys::now_ms();
     assert!(
         now_ms >= a2.lease_deadline_ms,
         "lease re-queued {} ms before its deadline",

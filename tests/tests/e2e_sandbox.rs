@@ -783,12 +783,7 @@ async fn bench_webhook_to_first_log_line() {
     // Where the time goes: sent->queued, queued->placed, placed->running, running->first chunk
     // (stamped in the cell), first chunk->seen by the client.
     let mut phases: Vec<[f64; 5]> = Vec::with_capacity(n);
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64
-    };
+    let now_ms = hive_sys::now_ms;
     for i in 0..n {
         // Each build starts from a pool at target, as in steady state with spare capacity.
         assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(60)).await);

@@ -59,7 +59,7 @@ pub enum Error {
         index: usize,
         /// Cause.
         #[source]
-        source: net::Error,
+        source: hive_sys::tun::Error,
     },
     /// The vsock device.
     #[error("vsock device")]

@@ -37,8 +37,8 @@ pub fn run(args: &VmmArgs) -> i32 {
     let cfg = match VmConfig::from_file(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %format_chain(&e), "invalid VM config");
-            eprintln!("hive-box vmm: {}", format_chain(&e));
+            tracing::error!(error = %hive_sys::error_chain(&e), "invalid VM config");
+            eprintln!("hive-box vmm: {}", hive_sys::error_chain(&e));
             return EXIT_SETUP;
         }
     };
@@ -94,21 +94,9 @@ pub fn run(args: &VmmArgs) -> i32 {
             report.exit.exit_code()
         }
         Err(e) => {
-            tracing::error!(error = %format_chain(&e), "VM set-up failed");
-            eprintln!("hive-box vmm: {}", format_chain(&e));
+            tracing::error!(error = %hive_sys::error_chain(&e), "VM set-up failed");
+            eprintln!("hive-box vmm: {}", hive_sys::error_chain(&e));
             EXIT_SETUP
         }
     }
-}
-
-/// "outer: inner: innermost" for an error and its sources.
-pub fn format_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -12,8 +12,9 @@ use hive_proto::v1::{
 };
 
 use super::{Agent, PendingExchange};
-use crate::backend::{now_ms, CellBackend};
+use crate::backend::CellBackend;
 use crate::cell::Cell;
+use hive_sys::now_ms;
 
 /// How long a private-network build waits for the key exchange (its connector applies the
 /// peer first, up to 5 s).

@@ -19,33 +19,36 @@ use tonic::transport::Endpoint;
 use tonic::Streaming;
 
 use super::{Agent, AgentError};
-use crate::backend::{now_ms, CellBackend};
+use crate::backend::CellBackend;
+use hive_sys::{now_ms, Backoff};
 
 impl<B: CellBackend> Agent<B> {
     /// Runs the session loop until `shutdown` turns true (or a Drain finished).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let fence = tokio::spawn(Arc::clone(&self).fence_watch());
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if *shutdown.borrow() {
                 break;
             }
             let started = Instant::now();
-            match self.session(&mut shutdown).await {
+            let ended = self.session(&mut shutdown).await;
+            // A session that lasted a while was a working link: start again from short pauses.
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff.reset();
+            }
+            let pause = backoff.next_delay();
+            match ended {
                 Ok(()) => break,
                 Err(e) => {
                     self.connected.store(false, Ordering::SeqCst);
-                    tracing::warn!(error = %hive_jail::error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
+                    tracing::warn!(error = %hive_sys::error_chain(&e), retry_in_ms = pause.as_millis() as u64, "control plane link down");
                 }
             }
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         self.connected.store(false, Ordering::SeqCst);
         fence.abort();

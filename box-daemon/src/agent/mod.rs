@@ -25,8 +25,9 @@ use hive_proto::v1::{
 };
 use tokio::sync::{watch, Notify};
 
-use crate::backend::{now_ms, CellBackend};
+use crate::backend::CellBackend;
 use crate::pool::Pool;
+use hive_sys::now_ms;
 use outbox::Outbox;
 
 #[derive(Debug, thiserror::Error)]

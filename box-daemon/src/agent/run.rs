@@ -13,8 +13,9 @@ use hive_proto::v1::{
 use tokio::sync::watch;
 
 use super::{Agent, RunningBuild};
-use crate::backend::{now_ms, CellBackend};
+use crate::backend::CellBackend;
 use crate::cell::Cell;
+use hive_sys::now_ms;
 
 /// Most dispatch samples kept.
 const DISPATCH_SAMPLES: usize = 10_000;
@@ -103,9 +104,9 @@ impl<B: CellBackend> Agent<B> {
         let (cell, warm) = match self.pool.take(&class.name).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(build = %a.build_id, error = %hive_jail::error_chain(&e), "rejecting assignment");
+                tracing::warn!(build = %a.build_id, error = %hive_sys::error_chain(&e), "rejecting assignment");
                 self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Rejected, |u| {
-                    u.message = hive_jail::error_chain(&e);
+                    u.message = hive_sys::error_chain(&e);
                 });
                 return;
             }

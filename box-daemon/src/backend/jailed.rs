@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use hive_jail::cgroup::{Hierarchy, Limits};
 use hive_jail::JailSpec;
 
-use super::{now_ms, BackendError, CellBackend, CellRecord, CellSpec, Leftover};
+use super::{BackendError, CellBackend, CellRecord, CellSpec, Leftover};
 use crate::cell::{Cell, CellError, Connector};
 use crate::net::{BoxNet, CellNetNames, NETNS_DIR};
+use hive_sys::{now_ms, Backoff};
 
 /// Sub-directories of every cell directory.
 const CELL_SUBDIRS: [&str; 4] = ["upper", "work", "rootfs", "run"];
@@ -241,7 +242,7 @@ impl<K: CellKind> CellBackend for Jailed<K> {
             Ok(cell) => Ok(cell),
             Err(e) => {
                 if let Err(d) = self.destroy(&spec.id).await {
-                    tracing::warn!(cell = %spec.id, error = %hive_jail::error_chain(&d), "cleanup after failed create");
+                    tracing::warn!(cell = %spec.id, error = %hive_sys::error_chain(&d), "cleanup after failed create");
                 }
                 Err(e)
             }
@@ -255,7 +256,8 @@ impl<K: CellKind> CellBackend for Jailed<K> {
             Connector::VsockMux { path, .. } => (path, "vsock socket"),
         };
         let mut last = format!("{what} not there yet");
-        let (mut pause, longest) = K::READY_POLL;
+        let (first, longest) = K::READY_POLL;
+        let mut pause = Backoff::new(first, longest);
         while start.elapsed() < timeout {
             if !self.is_alive(&cell.id) {
                 return Err(self.died(&cell.id));
@@ -268,8 +270,7 @@ impl<K: CellKind> CellBackend for Jailed<K> {
                     Err(e) => last = e,
                 }
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(longest);
+            tokio::time::sleep(pause.next_delay()).await;
         }
         if !self.is_alive(&cell.id) {
             return Err(self.died(&cell.id));

@@ -219,7 +219,7 @@ impl Jailed<MicrovmKind> {
             unavailable(format!(
                 "shared libraries of {}: {}",
                 cfg.vmm_binary.display(),
-                hive_jail::error_chain(&e)
+                hive_sys::error_chain(&e)
             ))
         })?;
         let cgroups = Hierarchy::detect()?;

@@ -65,14 +65,6 @@ impl CellRecord {
     }
 }
 
-/// Milliseconds since the Unix epoch (records and the times reported to the control plane).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// A cell found on disk that no running daemon owns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Leftover {

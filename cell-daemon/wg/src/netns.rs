@@ -1,5 +1,6 @@
-//! Network namespaces: run code inside one (on a thread of its own), and named namespaces
-//! pinned under `/run/netns` for the connector and the tests.
+//! Network namespaces for tunnels: the namespace plumbing itself is `hive_sys::netns`
+//! (re-exported here, as the connector and the tests reach it through this crate); this module
+//! adds the veth pair that joins two namespaces in the tests and benches.
 //!
 //! A network namespace belongs to a thread, not a process, so work that must happen "inside"
 //! (creating the TUN device, the UDP socket, netlink sockets) runs on a thread that `setns`-ed
@@ -7,39 +8,15 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use nix::mount::{umount2, MntFlags};
-use nix::sched::{setns, unshare, CloneFlags};
-
-/// Where `ip netns` (and we) pin named namespaces.
-pub const NETNS_DIR: &str = "/run/netns";
+pub use hive_sys::netns::{enter, run_in, NetNs, NETNS_DIR};
 
 /// Errors entering or managing a namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("open network namespace {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("enter network namespace {path}: {source}")]
-    Enter {
-        path: PathBuf,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("create network namespace {path}: {step}: {source}")]
-    Create {
-        path: PathBuf,
-        step: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("network namespace name {0:?}: use 1-64 of [A-Za-z0-9_.-]")]
-    BadName(String),
+    #[error(transparent)]
+    Sys(#[from] hive_sys::netns::Error),
     #[error("veth {iface}: {op}: {source}")]
     Veth {
         iface: String,
@@ -47,119 +24,6 @@ pub enum NetnsError {
         #[source]
         source: io::Error,
     },
-    #[error("thread for network namespace {path} panicked")]
-    ThreadPanicked { path: PathBuf },
-}
-
-/// Moves the calling thread into the namespace at `path`. Only call this on a thread you own.
-pub fn enter(path: &Path) -> Result<(), NetnsError> {
-    let file = File::open(path).map_err(|source| NetnsError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Runs `f` on a fresh thread inside the namespace at `path` and returns its result.
-pub fn run_in<T, F>(path: &Path, f: F) -> Result<T, NetnsError>
-where
-    T: Send,
-    F: FnOnce() -> T + Send,
-{
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(path)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| NetnsError::ThreadPanicked {
-            path: path.to_path_buf(),
-        })?
-    })
-}
-
-/// A named network namespace, `/run/netns/<name>`; removed (unpinned) on drop.
-#[derive(Debug)]
-pub struct NetNs {
-    path: PathBuf,
-}
-
-impl NetNs {
-    /// Creates a new, empty namespace (only `lo`, down). A stale pin of the same name is
-    /// replaced.
-    pub fn create(name: &str) -> Result<Self, NetnsError> {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name != "."
-            && name != ".."
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if !valid {
-            return Err(NetnsError::BadName(name.to_string()));
-        }
-        let path = Path::new(NETNS_DIR).join(name);
-        let err = |step, source| NetnsError::Create {
-            path: path.clone(),
-            step,
-            source,
-        };
-        std::fs::create_dir_all(NETNS_DIR).map_err(|e| err("create /run/netns", e))?;
-        if path.exists() {
-            unpin(&path);
-        }
-        File::create(&path).map_err(|e| err("create the pin file", e))?;
-        let target = path.clone();
-        // unshare() moves the calling thread, so a throw-away thread makes the namespace and
-        // bind-mounts its own ns file onto the pin before it ends.
-        let res = std::thread::spawn(move || -> Result<(), (&'static str, io::Error)> {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| ("unshare(CLONE_NEWNET)", e.into()))?;
-            nix::mount::mount(
-                Some("/proc/thread-self/ns/net"),
-                &target,
-                None::<&str>,
-                nix::mount::MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| ("bind mount /proc/thread-self/ns/net", e.into()))
-        })
-        .join();
-        match res {
-            Ok(Ok(())) => Ok(Self { path }),
-            Ok(Err((step, source))) => {
-                let _ = std::fs::remove_file(&path);
-                Err(err(step, source))
-            }
-            Err(_) => {
-                let _ = std::fs::remove_file(&path);
-                Err(NetnsError::ThreadPanicked { path })
-            }
-        }
-    }
-
-    /// The pin path, usable with [`run_in`] and `Tunnel::up`.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        unpin(&self.path);
-    }
-}
-
-/// Unmounts and removes a pin; the namespace itself goes when its last user does.
-fn unpin(path: &Path) {
-    if let Err(e) = umount2(path, MntFlags::MNT_DETACH) {
-        tracing::debug!(path = %path.display(), error = %e, "unmount netns pin");
-    }
-    if let Err(e) = std::fs::remove_file(path) {
-        tracing::debug!(path = %path.display(), error = %e, "remove netns pin");
-    }
 }
 
 /// One end of a veth pair: its namespace, name and address.
@@ -174,10 +38,9 @@ pub struct VethEnd<'a> {
 /// namespaces) up. The pair is made inside `a`'s namespace so the caller's is never touched; it
 /// goes away with either namespace.
 pub fn link_veth(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<(), NetnsError> {
-    use futures::TryStreamExt as _;
     use rtnetlink::{LinkUnspec, LinkVeth};
 
-    let b_ns = File::open(b.netns).map_err(|source| NetnsError::Open {
+    let b_ns = File::open(b.netns).map_err(|source| hive_sys::netns::Error::Open {
         path: b.netns.to_path_buf(),
         source,
     })?;
@@ -196,11 +59,9 @@ pub fn link_veth(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<(), NetnsError> {
         move |source: io::Error| NetnsError::Veth { iface, op, source }
     };
     async fn index(nl: &rtnetlink::Handle, name: &str) -> Result<u32, rtnetlink::Error> {
-        let mut links = nl.link().get().match_name(name.to_string()).execute();
-        Ok(links
-            .try_next()
+        // A missing link answers as index 0, which the next request then refuses.
+        Ok(hive_sys::netlink::link_index(nl, name)
             .await?
-            .map(|l| l.header.index)
             .unwrap_or_default())
     }
     async fn bring_up(

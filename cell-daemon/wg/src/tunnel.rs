@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::device::{DeviceConfig, DeviceHandle};
-use futures::TryStreamExt as _;
+use hive_sys::Backoff;
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 use wireguard_control::{DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
@@ -167,6 +167,12 @@ pub enum SpecError {
     DefaultRoute { peer: PublicKey, prefix: Prefix },
     #[error("peer {0}: persistent keepalive 0; leave it unset to turn it off")]
     KeepaliveZero(PublicKey),
+}
+
+impl From<hive_sys::netns::Error> for TunnelError {
+    fn from(e: hive_sys::netns::Error) -> Self {
+        Self::Netns(e.into())
+    }
 }
 
 /// Errors bringing up, changing or tearing down a tunnel; each names the interface.
@@ -408,7 +414,8 @@ impl Tunnel {
     ) -> Result<Duration, TunnelError> {
         let start = Instant::now();
         let mut armed = start;
-        let mut rearm_after = REARM_FIRST;
+        let mut rearm = Backoff::new(REARM_FIRST, REARM_MAX);
+        let mut rearm_after = rearm.next_delay();
         loop {
             let peers = self.peers()?;
             let state = match peer {
@@ -431,7 +438,7 @@ impl Tunnel {
                     self.rearms
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     armed = Instant::now();
-                    rearm_after = (rearm_after * 2).min(REARM_MAX);
+                    rearm_after = rearm.next_delay();
                 }
             }
             if start.elapsed() >= timeout {
@@ -576,7 +583,7 @@ struct Device {
 const DISCARD_PORT: u16 = 9;
 
 /// How long a waiting cell lets its first handshake attempt run before it starts a new one;
-/// doubled after each attempt (up to [`REARM_MAX`]) so that a path slower than this still
+/// doubled (and jittered) after each attempt (up to [`REARM_MAX`]) so that a path slower than this still
 /// gets a handshake through.
 const REARM_FIRST: Duration = Duration::from_millis(250);
 const REARM_MAX: Duration = Duration::from_secs(2);
@@ -658,9 +665,11 @@ impl Device {
         let (Some(_), Some(inner)) = (&spec.underlay_netns, &spec.netns) else {
             return Ok(());
         };
-        let target = std::fs::File::open(inner).map_err(|source| NetnsError::Open {
-            path: inner.clone(),
-            source,
+        let target = std::fs::File::open(inner).map_err(|source| {
+            NetnsError::from(hive_sys::netns::Error::Open {
+                path: inner.clone(),
+                source,
+            })
         })?;
         let index =
             link_index(&self.nl, &self.iface)
@@ -1112,17 +1121,13 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 }
 
 async fn link_index(nl: &Handle, iface: &str) -> Result<Option<u32>, TunnelError> {
-    let mut links = nl.link().get().match_name(iface.to_string()).execute();
-    match links.try_next().await {
-        Ok(Some(link)) => Ok(Some(link.header.index)),
-        Ok(None) => Ok(None),
-        Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => Ok(None),
-        Err(source) => Err(TunnelError::Netlink {
+    hive_sys::netlink::link_index(nl, iface)
+        .await
+        .map_err(|source| TunnelError::Netlink {
             iface: iface.to_string(),
             op: "look up the link".into(),
             source,
-        }),
-    }
+        })
 }
 
 #[cfg(test)]

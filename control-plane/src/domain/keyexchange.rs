@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use hive_proto::v1::connector_command::Cmd;
 use hive_proto::v1::{AddPeer, KeyExchangeReply, KeyExchangeRequest, SyncPeers};
+use hive_types::Prefix;
 
 use crate::domain::network::validate_public_key;
 use crate::registry::connectors::{CallError, ConnectorConn};
@@ -76,8 +77,11 @@ pub async fn sync_for(hive: &Hive, net: &NetworkRow) -> Result<SyncPeers, KeyExc
 
 /// "10.250.0.7/24" -> "10.250.0.7/32": the connector routes one address to each peer.
 fn host_route(addr: &str) -> String {
-    let ip = addr.split('/').next().unwrap_or(addr);
-    format!("{ip}/32")
+    match addr.parse::<Prefix>() {
+        Ok(p) => format!("{}/32", p.addr()),
+        // Stored by us as a prefix; a bare address (older rows) is its own host route.
+        Err(_) => format!("{addr}/32"),
+    }
 }
 
 /// Answers one request from a box. Errors become `KeyExchangeReply.error`.

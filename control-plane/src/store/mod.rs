@@ -135,13 +135,8 @@ impl DbKind {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+// Re-exported so the store's modules and callers keep one import path.
+pub use hive_sys::now_ms;
 
 /// A new id: UUIDv7, so ids sort by creation time.
 pub fn new_id() -> String {

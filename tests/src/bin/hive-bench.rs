@@ -514,13 +514,7 @@ async fn main() -> std::process::ExitCode {
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("hive-bench: {msg}");
+            eprintln!("hive-bench: {}", hive_sys::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

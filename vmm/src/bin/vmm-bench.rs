@@ -107,7 +107,7 @@ fn run_child(path: &Path) -> i32 {
     let cfg = match hive_vmm::VmConfig::from_file(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmm-bench child: {}", hive_vmm::cli::format_chain(&e));
+            eprintln!("vmm-bench child: {}", hive_sys::error_chain(&e));
             return 2;
         }
     };
@@ -118,7 +118,7 @@ fn run_child(path: &Path) -> i32 {
             r.exit.exit_code()
         }
         Err(e) => {
-            eprintln!("vmm-bench child: {}", hive_vmm::cli::format_chain(&e));
+            eprintln!("vmm-bench child: {}", hive_sys::error_chain(&e));
             2
         }
     }

@@ -6,10 +6,9 @@
 //! all zeros on receive and ignored on transmit. Transmit and receive each pay their own
 //! token bucket; a frame that cannot be paid for waits (in the ring, or held on the host side).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -32,50 +31,9 @@ pub const MAX_FRAME: usize = 65_535;
 const RX: usize = 0;
 const TX: usize = 1;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-
-/// Errors opening the TAP.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// /dev/net/tun could not be opened.
-    #[error("open /dev/net/tun")]
-    OpenTun(#[source] std::io::Error),
-    /// TUNSETIFF failed (name in use by a non-TAP, no CAP_NET_ADMIN, ...).
-    #[error("attach TAP {name} (TUNSETIFF)")]
-    SetIff {
-        /// Interface name.
-        name: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// Opens (creating if needed) TAP `name` in the current network namespace.
-pub fn open_tap(name: &str) -> Result<File, Error> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(Error::OpenTun)?;
-    // struct ifreq: char ifr_name[16]; short ifr_flags; (union padded to 24 bytes)
-    let mut ifreq = [0u8; 40];
-    let n = name.len().min(15);
-    ifreq[..n].copy_from_slice(&name.as_bytes()[..n]);
-    ifreq[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes on x86-64); `ifreq` is that
-    // large and lives across the call; the fd is a freshly opened tun control device.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, ifreq.as_mut_ptr()) };
-    if rc < 0 {
-        return Err(Error::SetIff {
-            name: name.to_owned(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(file)
+pub fn open_tap(name: &str) -> Result<File, hive_sys::tun::Error> {
+    hive_sys::tun::open(name, hive_sys::tun::Mode::Tap)
 }
 
 /// Host side of the device: anything frames can be read from and written to (a TAP in

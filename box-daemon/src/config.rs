@@ -171,21 +171,14 @@ pub fn guest_files(
     })
 }
 
-/// Built-in shapes (used until the control plane says otherwise).
+/// The shape of class `name` until the control plane says otherwise: the shared built-in one
+/// (`hive_types::sizeclass`), or for a class only the control plane's file defines, the default
+/// class's shape under that name.
 pub fn builtin_shape(name: &str) -> SizeClass {
-    let (vcpus, memory_mib, pids_max) = match name {
-        "large" => (4, 8192, 4096),
-        "medium" => (2, 4096, 2048),
-        _ => (1, 2048, 1024),
-    };
-    SizeClass {
-        name: name.to_string(),
-        vcpus,
-        memory_mib,
-        disk_mib: 10 * 1024,
-        pids_max,
-        ..Default::default()
-    }
+    let c = hive_types::sizeclass::builtin(name)
+        .or_else(|| hive_types::sizeclass::builtin(hive_types::DEFAULT_CLASS))
+        .expect("the default size class is built in");
+    SizeClass::from_spec(name, c)
 }
 
 /// Turns `--pool` and `--capacity` into class configs. Capacity defaults to twice the target

@@ -82,10 +82,10 @@ pub struct PoolStats {
     pub total_boot: Duration,
 }
 
-/// Default time a warm cell has to answer its periodic health check.
 /// Pause before booting again after boot failures in a row, so a broken image does not spin.
 const BOOT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
+/// Default time a warm cell has to answer its periodic health check.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Pool<B: CellBackend> {
@@ -173,11 +173,37 @@ impl<B: CellBackend> Pool<B> {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Updates the shape of a class (the control plane's definition wins over the built-in one).
-    pub fn set_shape(&self, size: &SizeClass) {
-        if let Some(c) = self.lock().classes.get_mut(&size.name) {
+    /// Adopts the shape of a class (the control plane's definition wins over the built-in one).
+    /// Warm cells of the old shape are destroyed and booted again in the new one, and cells
+    /// still booting in the old shape are destroyed when they come up, so a build always gets a
+    /// cell of its class's current shape.
+    pub fn set_shape(self: &Arc<Self>, size: &SizeClass) {
+        let stale: Vec<Cell> = {
+            let mut inner = self.lock();
+            let Some(c) = inner.classes.get_mut(&size.name) else {
+                return;
+            };
+            if c.cfg.size == *size {
+                return;
+            }
             c.cfg.size = size.clone();
-        }
+            c.warm.drain(..).collect()
+        };
+        tracing::info!(class = %size.name, vcpus = size.vcpus, memory_mib = size.memory_mib, replaced = stale.len(), "size class shape adopted");
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            for cell in stale {
+                let _ = pool.backend.destroy(&cell.id).await;
+                Self::free_slot(&mut pool.lock(), &cell.id);
+            }
+            pool.changed.notify_waiters();
+            pool.top_up();
+        });
+    }
+
+    /// The shape class `class` has now (tests, inspection).
+    pub fn shape(&self, class: &str) -> Option<SizeClass> {
+        self.lock().classes.get(class).map(|c| c.cfg.size.clone())
     }
 
     pub fn states(&self) -> Vec<PoolState> {
@@ -382,6 +408,7 @@ impl<B: CellBackend> Pool<B> {
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
+        let shape = spec.size_class.clone();
         let res = self.boot(spec).await;
         let mut retry = false;
         {
@@ -392,7 +419,11 @@ impl<B: CellBackend> Pool<B> {
             match res {
                 Ok(cell) => {
                     inner.failures = 0;
-                    if inner.shutting_down {
+                    let reshaped = inner
+                        .classes
+                        .get(&class)
+                        .is_some_and(|c| c.cfg.size != shape);
+                    if inner.shutting_down || reshaped {
                         let pool = Arc::clone(&self);
                         Self::free_slot(&mut inner, &id);
                         tokio::spawn(async move {

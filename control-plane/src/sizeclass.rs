@@ -1,6 +1,7 @@
 //! Size classes: the named cell shapes (vCPUs, memory, disk, rate limits, pids) the control plane
-//! hands to boxes in `Registered` and to each `Assignment`. Two are built in (`small`, the default
-//! for projects, and `large`); an operator file (`--size-classes FILE`) adds or overrides them.
+//! hands to boxes in `Registered` and to each `Assignment`. The built-in ones are
+//! `hive_types::sizeclass::BUILTIN` (`small`, the default for projects, and `large`), which the
+//! boxes start from too; an operator file (`--size-classes FILE`) adds or overrides them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,8 +9,7 @@ use std::path::Path;
 use hive_proto::v1::SizeClass;
 use serde::Deserialize;
 
-/// The class a project gets when it names none.
-pub const DEFAULT_CLASS: &str = "small";
+pub use hive_types::DEFAULT_CLASS;
 
 /// Errors loading or checking size classes.
 #[derive(Debug, thiserror::Error)]
@@ -115,33 +115,12 @@ pub struct SizeClasses {
 }
 
 impl SizeClasses {
-    /// `small` (2 vCPU, 2 GiB, 10 GiB disk) and `large` (8 vCPU, 16 GiB, 50 GiB disk).
+    /// The built-in classes (`hive_types::sizeclass::BUILTIN`).
     pub fn builtin() -> Self {
-        let mut classes = BTreeMap::new();
-        for c in [
-            SizeClassConfig {
-                name: "small".into(),
-                vcpus: 2,
-                memory_mib: 2048,
-                disk_mib: 10240,
-                net_bytes_per_sec: 12_500_000, // 100 Mbit/s
-                disk_bytes_per_sec: 100 << 20,
-                disk_ops_per_sec: 2000,
-                pids_max: 1024,
-            },
-            SizeClassConfig {
-                name: "large".into(),
-                vcpus: 8,
-                memory_mib: 16384,
-                disk_mib: 51200,
-                net_bytes_per_sec: 125_000_000, // 1 Gbit/s
-                disk_bytes_per_sec: 400 << 20,
-                disk_ops_per_sec: 8000,
-                pids_max: 4096,
-            },
-        ] {
-            classes.insert(c.name.clone(), c.to_proto());
-        }
+        let classes = hive_types::sizeclass::BUILTIN
+            .iter()
+            .map(|c| (c.name.to_string(), SizeClass::from_spec(c.name, c)))
+            .collect();
         SizeClasses { classes }
     }
 

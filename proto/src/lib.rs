@@ -17,6 +17,23 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("hive_v1_descriptor");
 
+    impl SizeClass {
+        /// The wire form of a shared size class definition, under `name` (a box may serve
+        /// a class under a name of its own before the control plane defines it).
+        pub fn from_spec(name: &str, c: &hive_types::SizeClassSpec) -> Self {
+            SizeClass {
+                name: name.to_string(),
+                vcpus: c.vcpus,
+                memory_mib: c.memory_mib,
+                disk_mib: c.disk_mib,
+                net_bytes_per_sec: c.net_bytes_per_sec,
+                disk_bytes_per_sec: c.disk_bytes_per_sec,
+                disk_ops_per_sec: c.disk_ops_per_sec,
+                pids_max: c.pids_max,
+            }
+        }
+    }
+
     impl BuildState {
         /// Short lower-case name used in tables, URLs and the CLI (`queued`, `timed_out`, ...).
         pub fn short_name(self) -> &'static str {

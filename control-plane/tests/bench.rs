@@ -6,10 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{api, http, pool, start_with, TestBox, TestDb};
+use common::{api, http, pool, start_with, TestBox};
 use hive_control_plane::http::webhook::sign;
 use hive_control_plane::store::BuildRow;
 use hive_proto::v1::CreateProjectRequest;
+use hive_testkit::TestDb;
 
 async fn dbs(name: &str) -> Vec<(String, TestDb)> {
     let mut out = vec![("sqlite".to_string(), TestDb::sqlite())];

@@ -25,7 +25,7 @@ use tokio_stream::StreamExt;
 const WAIT: Duration = Duration::from_secs(10);
 const LINES: u64 = 40;
 
-both_dbs!(a_burst_of_box_messages_is_stored_in_one_go_and_acked_once);
+hive_testkit::on_both!(db => a_burst_of_box_messages_is_stored_in_one_go_and_acked_once);
 
 async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String) {
     // Heartbeats and leases long enough that the held write path alone decides the timing.

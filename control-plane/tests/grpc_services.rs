@@ -15,7 +15,7 @@ use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 #[tokio::test]
 async fn health_says_serving_and_reflection_lists_the_control_plane() {
-    let db = common::TestDb::sqlite();
+    let db = hive_testkit::TestDb::sqlite();
     let handle = common::start(&db.url).await;
     let url = format!("http://{}", handle.grpc_addr);
 

@@ -223,7 +223,7 @@ async fn full_life(url: String) {
     assert_eq!(acked, 7, "3 updates + 4 logs were stored and acked");
     handle.shutdown().await;
 }
-both_dbs!(full_life);
+hive_testkit::on_both!(db => full_life);
 
 /// Logs followed live arrive in order with no gaps, and the follow ends with the build.
 async fn follow_logs(url: String) {
@@ -266,7 +266,7 @@ async fn follow_logs(url: String) {
     assert_eq!(seqs, (0..50).collect::<Vec<u64>>());
     handle.shutdown().await;
 }
-both_dbs!(follow_logs);
+hive_testkit::on_both!(db => follow_logs);
 
 /// An unconfirmed placement expires and the build goes back to the queue (attempt 2), onto
 /// another box; the old box is told to stop and its late updates are ignored.
@@ -352,7 +352,7 @@ async fn lease_expiry_requeues(url: String) {
     assert_eq!(leases[0].id, second.lease_id);
     handle.shutdown().await;
 }
-both_dbs!(lease_expiry_requeues);
+hive_testkit::on_both!(db => lease_expiry_requeues);
 
 /// A box that stops heartbeating loses its running build after the lease; heartbeats keep it.
 async fn heartbeats_renew_leases(url: String) {
@@ -393,7 +393,7 @@ async fn heartbeats_renew_leases(url: String) {
     .await;
     handle.shutdown().await;
 }
-both_dbs!(heartbeats_renew_leases);
+hive_testkit::on_both!(db => heartbeats_renew_leases);
 
 /// Cancel of a queued build is immediate; of a running one, the box is told.
 async fn cancel_builds(url: String) {
@@ -462,7 +462,7 @@ async fn cancel_builds(url: String) {
     );
     handle.shutdown().await;
 }
-both_dbs!(cancel_builds);
+hive_testkit::on_both!(db => cancel_builds);
 
 /// A running build past its project's timeout ends timed_out and the box is told.
 async fn timeout_ends_build(url: String) {
@@ -507,7 +507,7 @@ async fn timeout_ends_build(url: String) {
     hb.abort();
     handle.shutdown().await;
 }
-both_dbs!(timeout_ends_build);
+hive_testkit::on_both!(db => timeout_ends_build);
 
 /// Rejected builds go back to the queue; cordoned boxes get nothing; draining boxes are told
 /// and leave once empty and gone; builds wait in order when no box has room.
@@ -640,7 +640,7 @@ async fn reject_cordon_drain(url: String) {
     );
     handle.shutdown().await;
 }
-both_dbs!(reject_cordon_drain);
+hive_testkit::on_both!(db => reject_cordon_drain);
 
 /// Every heartbeat is answered (an Ack of what is stored), so a box that only heartbeats (a long
 /// quiet build) still hears the control plane and does not fence itself.
@@ -666,4 +666,4 @@ async fn heartbeats_are_answered(url: String) {
     }
     handle.shutdown().await;
 }
-both_dbs!(heartbeats_are_answered);
+hive_testkit::on_both!(db => heartbeats_are_answered);

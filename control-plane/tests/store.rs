@@ -131,7 +131,7 @@ async fn projects_and_deliveries(url: String) {
     assert!(store.get_build(&b.id).await.unwrap().is_some());
     store.close().await;
 }
-both_dbs!(projects_and_deliveries);
+hive_testkit::on_both!(db => projects_and_deliveries);
 
 async fn leases_and_states(url: String) {
     let store = Store::open(&url).await.unwrap();
@@ -272,7 +272,7 @@ async fn leases_and_states(url: String) {
     assert!(store.live_leases_of_build(&b.id).await.unwrap().is_empty());
     store.close().await;
 }
-both_dbs!(leases_and_states);
+hive_testkit::on_both!(db => leases_and_states);
 
 /// A box's FINISHED committed while the lease sweep re-queues the same build: the finish must
 /// win. On PostgreSQL the re-queue's write waits on the finish's row lock and then re-checks
@@ -481,7 +481,7 @@ async fn expiry_and_timeouts(url: String) {
     );
     store.close().await;
 }
-both_dbs!(expiry_and_timeouts);
+hive_testkit::on_both!(db => expiry_and_timeouts);
 
 /// The SQLite file is created on first start and keeps everything across a reopen.
 #[tokio::test]

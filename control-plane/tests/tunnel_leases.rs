@@ -58,7 +58,7 @@ async fn concurrent_exchanges_get_distinct_addresses(url: String) {
     assert!(addresses.contains("10.250.0.2/24") && addresses.contains("10.250.0.25/24"));
     store.close().await;
 }
-both_dbs!(concurrent_exchanges_get_distinct_addresses);
+hive_testkit::on_both!(db => concurrent_exchanges_get_distinct_addresses);
 
 /// The same build attempt asking again with the same key (its first answer lost) gets the same
 /// lease, also when both requests race; another build, another lease of the same build, or a
@@ -104,4 +104,4 @@ async fn a_repeated_request_gets_the_same_lease(url: String) {
     ));
     store.close().await;
 }
-both_dbs!(a_repeated_request_gets_the_same_lease);
+hive_testkit::on_both!(db => a_repeated_request_gets_the_same_lease);

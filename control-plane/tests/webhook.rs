@@ -271,7 +271,7 @@ async fn webhook_answers(url: String) {
 
     handle.shutdown().await;
 }
-both_dbs!(webhook_answers);
+hive_testkit::on_both!(db => webhook_answers);
 
 /// A push must name the commit to build: an `after` that is not 40 hex digits is a 400 naming
 /// the field (nothing recorded, so a corrected redelivery still builds), unless the push deletes
@@ -380,7 +380,7 @@ async fn push_without_a_commit_is_rejected(url: String) {
     assert_eq!(build_count(&handle).await, 1);
     handle.shutdown().await;
 }
-both_dbs!(push_without_a_commit_is_rejected);
+hive_testkit::on_both!(db => push_without_a_commit_is_rejected);
 
 /// Repository URLs come from a body nobody has verified yet: the 401 answers (and the
 /// log lines, which carry the same reason) echo at most 200 characters of them, cut on a
@@ -462,7 +462,7 @@ async fn long_repository_urls_are_cut_in_answers(url: String) {
     assert!(r.body.len() < 400, "{}", r.body.len());
     handle.shutdown().await;
 }
-both_dbs!(long_repository_urls_are_cut_in_answers);
+hive_testkit::on_both!(db => long_repository_urls_are_cut_in_answers);
 
 /// Several projects on one repository (say, one per branch filter, or two pipelines) each get
 /// their build from one push; each records the delivery under its own id scope, so a
@@ -645,14 +645,14 @@ async fn concurrent_redelivery(url: String) {
     assert_eq!(build_count(&handle).await, 1);
     handle.shutdown().await;
 }
-both_dbs!(concurrent_redelivery);
+hive_testkit::on_both!(db => concurrent_redelivery);
 
 /// Mutated and hostile bodies, correctly signed so they reach the deep parsing: every answer
 /// is a clear 2xx/4xx with a reason, never a 5xx or a dropped connection, and the server
 /// stays healthy. (A small deterministic fuzz; the seed makes failures reproducible.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bodies_get_clear_answers() {
-    let db = common::TestDb::sqlite();
+    let db = hive_testkit::TestDb::sqlite();
     let handle = start(&db.url).await;
     api(&handle)
         .await

@@ -20,7 +20,6 @@ use hive_proto::auth::Bearer;
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use sqlx::Connection;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -41,12 +40,6 @@ pub enum HarnessError {
     NotReady(Duration, String),
     #[error("ready file {path}: {why}")]
     ReadyFile { path: PathBuf, why: String },
-    #[error("postgres admin URL {url}: {source}")]
-    Postgres {
-        url: String,
-        #[source]
-        source: sqlx::Error,
-    },
     #[error("temp dir: {0}")]
     TempDir(#[source] std::io::Error),
 }
@@ -156,109 +149,7 @@ pub fn hivectl_bin() -> PathBuf {
 }
 
 /// Which store a control plane runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        })
-    }
-}
-
-/// A fresh PostgreSQL database, dropped by [`PgDatabase::drop_db`].
-#[derive(Debug)]
-pub struct PgDatabase {
-    pub admin_url: String,
-    pub name: String,
-    pub url: String,
-}
-
-/// Replaces the database name (path) of a `postgres://` URL, keeping any `?query`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    // postgres://user:pw@host:port/dbname — the path starts at the first '/' after "//".
-    let after_scheme = base.find("//").map(|i| i + 2).unwrap_or(0);
-    let host_end = base[after_scheme..]
-        .find('/')
-        .map(|i| after_scheme + i)
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{}", &base[..host_end], db);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
-}
-
-impl PgDatabase {
-    /// Creates `hive_t_<random>` through the admin URL (`HIVE_TEST_POSTGRES_URL`).
-    /// Returns `Ok(None)` when the variable is unset.
-    pub async fn create() -> Result<Option<Self>, HarnessError> {
-        let Ok(admin_url) = std::env::var("HIVE_TEST_POSTGRES_URL") else {
-            return Ok(None);
-        };
-        Self::create_from(&admin_url).await.map(Some)
-    }
-
-    /// Creates `hive_t_<random>` through `admin_url` (a role with CREATEDB).
-    pub async fn create_from(admin_url: &str) -> Result<Self, HarnessError> {
-        let admin_url = admin_url.to_string();
-        let name = format!("hive_t_{}", uuid::Uuid::new_v4().simple());
-        let pg = |source| HarnessError::Postgres {
-            url: admin_url.clone(),
-            source,
-        };
-        let mut conn = sqlx::PgConnection::connect(&admin_url).await.map_err(pg)?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .map_err(pg)?;
-        conn.close().await.map_err(pg)?;
-        let url = with_database(&admin_url, &name);
-        Ok(Self {
-            admin_url,
-            name,
-            url,
-        })
-    }
-
-    /// Drops the database (forcing out any connection still open).
-    pub async fn drop_db(self) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn)
-            .await;
-            let _ = conn.close().await;
-        }
-    }
-}
-
-/// Prints the loud skip line used when PostgreSQL is not configured. Under `CI=true` a missing
-/// PostgreSQL is an error, not a skip: CI must test both stores.
-pub fn skip_postgres(test: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "{test}: HIVE_TEST_POSTGRES_URL is not set, and CI=true requires the PostgreSQL \
-             tests (deploy/postgres/setup-test-db.sh sets it up)"
-        );
-    }
-    eprintln!(
-        "SKIPPED {test} on postgres: HIVE_TEST_POSTGRES_URL is not set \
-         (e.g. postgres://hive:hive@127.0.0.1:5432/hive_test)"
-    );
-}
+pub use hive_testkit::{Backend, TestDb};
 
 /// Options for one control-plane process.
 #[derive(Debug, Clone)]
@@ -517,7 +408,7 @@ pub fn hivectl_with(addr: &str, token: &str, args: &[&str]) -> Result<Output, Ha
 /// PostgreSQL database (dropped by [`TestHive::finish`]).
 pub struct TestHive {
     pub cp: ControlPlane,
-    pub pg: Option<PgDatabase>,
+    pub pg: Option<TestDb>,
     pub backend: Backend,
 }
 
@@ -531,14 +422,7 @@ impl TestHive {
     ) -> Option<Self> {
         let pg = match backend {
             Backend::Sqlite => None,
-            Backend::Postgres => match PgDatabase::create().await {
-                Ok(Some(pg)) => Some(pg),
-                Ok(None) => {
-                    skip_postgres(test);
-                    return None;
-                }
-                Err(e) => panic!("{test}: create PostgreSQL test database: {e}"),
-            },
+            Backend::Postgres => Some(TestDb::postgres(test).await?),
         };
         if let Some(pg) = &pg {
             opts.db = Some(pg.url.clone());
@@ -576,28 +460,10 @@ impl TestHive {
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
-
     #[test]
     fn ports_name_control_planes() {
         assert_eq!(super::port_of("http://127.0.0.1:50051"), Some(50051));
         assert_eq!(super::port_of("http://0.0.0.0:7/"), Some(7));
         assert_eq!(super::port_of("http://h"), None);
-    }
-
-    #[test]
-    fn database_name_is_replaced() {
-        assert_eq!(
-            with_database("postgres://hive:hive@127.0.0.1:5432/hive_test", "x"),
-            "postgres://hive:hive@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            with_database("postgres://h@localhost/a?sslmode=disable", "b"),
-            "postgres://h@localhost/b?sslmode=disable"
-        );
-        assert_eq!(
-            with_database("postgres://h@localhost", "b"),
-            "postgres://h@localhost/b"
-        );
     }
 }

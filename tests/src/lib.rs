@@ -1,7 +1,6 @@
 //! Shared helpers for Hive's end-to-end tests (real processes, real servers).
 pub mod cluster;
 pub mod controlplane;
-pub mod fakebox;
 pub mod github;
 pub mod kvmhost;
 pub mod privnet;

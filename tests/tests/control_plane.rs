@@ -9,29 +9,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hive_proto::v1::{Build, BuildState, GetBuildRequest, LogStream};
+use hive_testkit::fakebox::{FakeBox, FakeBoxConfig};
 use hive_tests::controlplane::{hivectl_bin, Backend, ControlPlaneOptions, TestHive};
-use hive_tests::fakebox::{FakeBox, FakeBoxConfig};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
 const REV: &str = "9fceb02d0ae598e95dc970b74767f19372d61af8";
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
-on_both!(
+hive_testkit::on_both!(
     assignment_runs_to_success_with_logs_and_history,
     logs_follow_and_watch_stream_live_in_order,
     rejected_and_unconfirmed_leases_requeue_and_stale_updates_are_ignored,

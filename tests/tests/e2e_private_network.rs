@@ -21,7 +21,7 @@ use hive_proto::v1::{
     ListConnectorsRequest, ListTunnelLeasesRequest, SubmitBuildRequest,
 };
 use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost, Proxy};
-use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions, PgDatabase};
+use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions, TestDb};
 use hive_tests::privnet::{http_step, Connector, Customer};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -42,7 +42,7 @@ struct Topology {
     connector: Connector,
     customer: Customer,
     host: GitHost,
-    _pg: Option<PgDatabase>,
+    _pg: Option<TestDb>,
     /// Between the box and the control plane, when the test cuts that link.
     proxy: Option<Proxy>,
 }
@@ -121,11 +121,12 @@ async fn topology_with(proxy: bool) -> Topology {
     let customer = Customer::start(run, &host.netns());
     // HIVE_E2E_PRIVATE_DB=postgres runs the same on PostgreSQL (HIVE_TEST_POSTGRES_URL).
     let pg = if std::env::var("HIVE_E2E_PRIVATE_DB").as_deref() == Ok("postgres") {
+        let admin = std::env::var("HIVE_TEST_POSTGRES_URL")
+            .expect("HIVE_E2E_PRIVATE_DB=postgres needs HIVE_TEST_POSTGRES_URL");
         Some(
-            PgDatabase::create()
+            TestDb::postgres_from(&admin)
                 .await
-                .expect("create test database")
-                .expect("HIVE_E2E_PRIVATE_DB=postgres needs HIVE_TEST_POSTGRES_URL"),
+                .expect("create test database"),
         )
     } else {
         None

@@ -22,8 +22,8 @@ use hive_proto::v1::{
     ConnectorMessage, KeyExchangeRequest, ListTunnelLeasesRequest, PeerApplied, RemovePeer,
     TunnelLease,
 };
+use hive_testkit::fakebox::{FakeBox, FakeBoxConfig};
 use hive_tests::controlplane::{Backend, ControlPlaneOptions, TestHive};
-use hive_tests::fakebox::{FakeBox, FakeBoxConfig};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -35,22 +35,7 @@ const T: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(1200);
 const REV: &str = "9fceb02d0ae598e95dc970b74767f19372d61af8";
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
-on_both!(
+hive_testkit::on_both!(
     a_resent_request_waits_for_the_first_exchange,
     a_failed_repeat_leaves_the_active_lease_alone,
     a_peer_applied_after_its_build_ended_is_removed_again,

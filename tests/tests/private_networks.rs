@@ -11,22 +11,7 @@ use hive_proto::v1::{ConnectorHello, ConnectorMessage};
 use hive_tests::controlplane::{Backend, ControlPlaneOptions, TestHive};
 use serde_json::Value;
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
-on_both!(networks_and_connectors_through_hivectl_and_the_connector_session);
+hive_testkit::on_both!(networks_and_connectors_through_hivectl_and_the_connector_session);
 
 fn ctl(h: &TestHive, args: &[&str]) -> std::process::Output {
     h.cp.hivectl(args).expect("run hivectl")

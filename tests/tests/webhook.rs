@@ -10,22 +10,7 @@ const REPO: &str = "http://198.18.0.2/demo.git";
 const SECRET: &str = "It's a Secret to Everybody";
 const SHA: &str = "9fceb02d0ae598e95dc970b74767f19372d61af8";
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
-
-on_both!(
+hive_testkit::on_both!(
     push_makes_one_queued_build_and_redelivery_reuses_it,
     bad_input_is_refused_and_changes_nothing,
     ping_branch_filter_deleted_branch_and_other_events_make_no_build,

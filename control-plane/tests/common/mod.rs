@@ -1,6 +1,5 @@
-//! Shared test helpers: a real database per test (SQLite temp file, or a fresh PostgreSQL
-//! database under `HIVE_TEST_POSTGRES_URL`), a control plane on 127.0.0.1:0, a raw HTTP client,
-//! and a box session driven through a real tonic client.
+//! Shared test helpers: a control plane on 127.0.0.1:0 over a `hive_testkit` database, a raw
+//! HTTP client, and a box session driven through a real tonic client.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -12,131 +11,11 @@ use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{BoxMessage, ControlMessage, PoolState, Register};
-use sqlx::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-
-/// A database for one test; `drop_db` removes a PostgreSQL one afterwards.
-pub struct TestDb {
-    pub url: String,
-    pg_admin: Option<(String, String)>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl TestDb {
-    pub fn sqlite() -> TestDb {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}/hive.db", dir.path().display());
-        TestDb {
-            url,
-            pg_admin: None,
-            _dir: Some(dir),
-        }
-    }
-
-    /// A fresh database on the server in `HIVE_TEST_POSTGRES_URL`, or None (after saying so);
-    /// under `CI=true` a missing `HIVE_TEST_POSTGRES_URL` panics instead.
-    pub async fn postgres(test: &str) -> Option<TestDb> {
-        let Ok(admin) = std::env::var("HIVE_TEST_POSTGRES_URL") else {
-            // CI must test both stores: there a missing server is a failure, not a skip.
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!(
-                    "{test}: HIVE_TEST_POSTGRES_URL is not set, and CI=true requires the \
-                     PostgreSQL tests (deploy/postgres/setup-test-db.sh sets it up)"
-                );
-            }
-            eprintln!("SKIPPED: HIVE_TEST_POSTGRES_URL not set ({test} needs a PostgreSQL server)");
-            return None;
-        };
-        sqlx::any::install_default_drivers();
-        let name = format!("hive_t_{}", uuid_simple());
-        let mut conn = sqlx::AnyConnection::connect(&admin)
-            .await
-            .unwrap_or_else(|e| panic!("connect to HIVE_TEST_POSTGRES_URL {admin}: {e}"));
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        conn.close().await.ok();
-        let url = replace_db(&admin, &name);
-        Some(TestDb {
-            url,
-            pg_admin: Some((admin, name)),
-            _dir: None,
-        })
-    }
-
-    pub async fn drop_db(self) {
-        if let Some((admin, name)) = self.pg_admin {
-            if let Ok(mut conn) = sqlx::AnyConnection::connect(&admin).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&mut conn)
-                    .await;
-                conn.close().await.ok();
-            }
-        }
-    }
-}
-
-fn uuid_simple() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{}_{}_{}",
-        std::process::id(),
-        t % 1_000_000_000_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The URL with its database name replaced.
-fn replace_db(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = base[scheme_end..]
-        .find('/')
-        .map(|i| i + scheme_end)
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{}", &base[..path_start], db);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
-}
-
-/// Runs a scenario against SQLite (always) or PostgreSQL (when configured).
-#[macro_export]
-macro_rules! both_dbs {
-    ($scenario:ident) => {
-        mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let db = $crate::common::TestDb::sqlite();
-                super::$scenario(db.url.clone()).await;
-                db.drop_db().await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let Some(db) = $crate::common::TestDb::postgres(stringify!($scenario)).await else {
-                    return;
-                };
-                super::$scenario(db.url.clone()).await;
-                db.drop_db().await;
-            }
-        }
-    };
-}
 
 /// A control plane on ephemeral ports with short leases, for tests.
 pub async fn start(db_url: &str) -> Handle {

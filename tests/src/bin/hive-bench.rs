@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
 use hive_proto::v1::{CreateProjectRequest, SubmitBuildRequest};
-use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions, PgDatabase};
-use hive_tests::fakebox::{FakeBox, FakeBoxConfig};
+use hive_testkit::fakebox::{FakeBox, FakeBoxConfig};
+use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions, TestDb};
 use hive_tests::github::{push_payload, WebhookClient};
 use sqlx::ConnectOptions;
 
@@ -94,6 +94,8 @@ enum Bench {
 enum BenchError {
     #[error(transparent)]
     Harness(#[from] hive_tests::controlplane::HarnessError),
+    #[error(transparent)]
+    Db(#[from] hive_testkit::db::DbError),
     #[error("gRPC {what}: {source}")]
     Grpc {
         what: &'static str,
@@ -103,7 +105,7 @@ enum BenchError {
     #[error("connect gRPC: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error(transparent)]
-    FakeBox(#[from] hive_tests::fakebox::FakeBoxError),
+    FakeBox(#[from] hive_testkit::fakebox::FakeBoxError),
     #[error(transparent)]
     Webhook(#[from] hive_tests::github::WebhookError),
     #[error("baseline database: {0}")]
@@ -119,7 +121,7 @@ const REPO: &str = "http://198.18.0.2/bench.git";
 
 struct Store {
     label: &'static str,
-    pg: Option<PgDatabase>,
+    pg: Option<TestDb>,
 }
 
 fn stores(cli: &Cli) -> Vec<&'static str> {
@@ -139,7 +141,7 @@ fn stores(cli: &Cli) -> Vec<&'static str> {
 
 async fn start(cli: &Cli, label: &'static str) -> Result<(ControlPlane, Store), BenchError> {
     let pg = match (label, &cli.pg_url) {
-        ("postgres", Some(url)) => Some(PgDatabase::create_from(url).await?),
+        ("postgres", Some(url)) => Some(TestDb::postgres_from(url).await?),
         _ => None,
     };
     let opts = ControlPlaneOptions {
@@ -448,7 +450,7 @@ async fn schedule(
                                     .await;
                             }
                         }
-                        Err(hive_tests::fakebox::FakeBoxError::Timeout(..)) => {
+                        Err(hive_testkit::fakebox::FakeBoxError::Timeout(..)) => {
                             if Instant::now() > deadline {
                                 return Err(BenchError::Check(format!(
                                     "only {} of {builds} builds assigned after 600 s",

@@ -280,7 +280,7 @@ async fn no_token_is_unauthenticated(url: String) {
     assert_eq!(projects.len(), 1);
     handle.shutdown().await;
 }
-both_dbs!(no_token_is_unauthenticated);
+hive_testkit::on_both!(db => no_token_is_unauthenticated);
 
 async fn each_role_is_held_to_its_rights(url: String) {
     let handle = start(&url).await;
@@ -454,7 +454,7 @@ async fn each_role_is_held_to_its_rights(url: String) {
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     handle.shutdown().await;
 }
-both_dbs!(each_role_is_held_to_its_rights);
+hive_testkit::on_both!(db => each_role_is_held_to_its_rights);
 
 async fn revoked_token_is_refused(url: String) {
     let handle = start(&url).await;
@@ -522,7 +522,7 @@ async fn revoked_token_is_refused(url: String) {
         .expect("the other admin goes on");
     handle.shutdown().await;
 }
-both_dbs!(revoked_token_is_refused);
+hive_testkit::on_both!(db => revoked_token_is_refused);
 
 /// Env values may be secrets (issue 10): no role reads them back through any API call.
 async fn env_values_never_leave_through_the_api(url: String) {
@@ -589,7 +589,7 @@ async fn env_values_never_leave_through_the_api(url: String) {
     );
     handle.shutdown().await;
 }
-both_dbs!(env_values_never_leave_through_the_api);
+hive_testkit::on_both!(db => env_values_never_leave_through_the_api);
 
 async fn push_to(addr: std::net::SocketAddr, repo: &str, key: &[u8]) -> common::HttpReply {
     let body = serde_json::json!({
@@ -647,7 +647,7 @@ async fn unknown_repository_is_answered_like_a_bad_signature(url: String) {
     assert!(builds.is_empty());
     handle.shutdown().await;
 }
-both_dbs!(unknown_repository_is_answered_like_a_bad_signature);
+hive_testkit::on_both!(db => unknown_repository_is_answered_like_a_bad_signature);
 
 /// Each change is in the audit log with the token that made it; the first admin token is made
 /// once, on the first start, and a restart makes no other.
@@ -719,4 +719,4 @@ async fn changes_are_audited_and_the_admin_token_is_made_once(url: String) {
         .expect("the first admin token still works");
     again.shutdown().await;
 }
-both_dbs!(changes_are_audited_and_the_admin_token_is_made_once);
+hive_testkit::on_both!(db => changes_are_audited_and_the_admin_token_is_made_once);

@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_box_that_stops_reading_loses_its_session_not_the_scheduler() {
-    let db = common::TestDb::sqlite();
+    let db = hive_testkit::TestDb::sqlite();
     // A small per-box queue so a few assignments fill it (the HTTP/2 windows take ~128 KiB
     // first: each assignment here carries 16 KiB of env).
     let handle = start_with(&db.url, |c| c.box_queue = 4).await;
@@ -84,7 +84,7 @@ async fn a_box_that_stops_reading_loses_its_session_not_the_scheduler() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_seq_far_ahead_ends_the_session() {
-    let db = common::TestDb::sqlite();
+    let db = hive_testkit::TestDb::sqlite();
     let handle = start_with(&db.url, |_| {}).await;
     let (mut b, acked) = TestBox::connect(&handle, "box-x", vec![pool("small", 1, 1)]).await;
     b.tx.send(BoxMessage {

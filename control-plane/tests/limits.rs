@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_webhook_body_gets_408_at_the_timeout() {
-    let db = common::TestDb::sqlite();
+    let db = hive_testkit::TestDb::sqlite();
     let handle = start_with(&db.url, |c| c.http_timeout = Duration::from_secs(1)).await;
     let mut s = tokio::net::TcpStream::connect(handle.http_addr)
         .await

@@ -334,7 +334,7 @@ async fn finish_wins_over_a_concurrent_requeue(url: String) {
     );
 }
 
-both_dbs!(finish_wins_over_a_concurrent_requeue);
+hive_testkit::on_both!(db => finish_wins_over_a_concurrent_requeue);
 
 /// Retention deletes ended builds with their logs and history, and old deliveries; a build
 /// that has not ended stays whatever its age, and nothing newer than the cutoff goes.
@@ -396,7 +396,7 @@ async fn retention_purges_only_what_ended(url: String) {
     assert_eq!(store.transitions(&live.id).await.unwrap().len(), 2);
     store.close().await;
 }
-both_dbs!(retention_purges_only_what_ended);
+hive_testkit::on_both!(db => retention_purges_only_what_ended);
 
 /// The per-build log cap: chunks are kept up to it, the first one past it becomes a line
 /// saying the log was cut, later ones are dropped; a resend of any of them changes nothing.
@@ -440,7 +440,7 @@ async fn log_cap_cuts_the_log_once(url: String) {
     assert!(String::from_utf8_lossy(&logs[1].data).contains("log cut at 10 bytes"));
     store.close().await;
 }
-both_dbs!(log_cap_cuts_the_log_once);
+hive_testkit::on_both!(db => log_cap_cuts_the_log_once);
 
 async fn expiry_and_timeouts(url: String) {
     let store = Store::open(&url).await.unwrap();

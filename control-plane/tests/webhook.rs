@@ -536,7 +536,7 @@ async fn several_projects_on_one_repository(url: String) {
     assert_eq!(build_count(&handle).await, 2);
     handle.shutdown().await;
 }
-both_dbs!(several_projects_on_one_repository);
+hive_testkit::on_both!(db => several_projects_on_one_repository);
 
 /// A delivery id is scoped to its project: a delivery id one project has seen does not stop
 /// another project's push with the same id (a sender signing for one project cannot suppress
@@ -600,7 +600,7 @@ async fn delivery_ids_are_scoped_to_their_project(url: String) {
     assert_eq!(build_count(&handle).await, 2);
     handle.shutdown().await;
 }
-both_dbs!(delivery_ids_are_scoped_to_their_project);
+hive_testkit::on_both!(db => delivery_ids_are_scoped_to_their_project);
 
 /// Many concurrent redeliveries of one delivery id make exactly one build.
 async fn concurrent_redelivery(url: String) {

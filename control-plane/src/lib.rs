@@ -20,6 +20,7 @@ pub mod http;
 pub mod metrics;
 pub mod placement;
 pub mod registry;
+pub mod repo_url;
 pub mod retention;
 pub mod scheduler;
 pub mod server;

@@ -88,6 +88,12 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     log_cap_mib: u64,
 
+    /// Attempts a build gets before it fails: a box's rejection, a lost box and an expired
+    /// lease each end an attempt and re-queue the build, up to this many.
+    #[arg(long, env = "HIVE_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_attempts: u32,
+
     /// Days to keep ended builds (with their logs) and webhook deliveries; 0 keeps them forever.
     /// Builds that have not ended are never deleted.
     #[arg(long, env = "HIVE_RETENTION_DAYS", default_value_t = 30,
@@ -160,6 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         http_concurrency: args.http_max_concurrency as usize,
         grpc_streams_per_connection: args.grpc_streams_per_connection,
         log_cap: args.log_cap_mib * 1024 * 1024,
+        max_attempts: args.max_attempts,
         retention: (args.retention_days > 0)
             .then(|| Duration::from_secs(u64::from(args.retention_days) * 86_400)),
     };

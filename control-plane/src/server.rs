@@ -86,6 +86,9 @@ pub struct Config {
     pub grpc_streams_per_connection: u32,
     /// Most bytes of log kept per build; past it one line says the log was cut.
     pub log_cap: u64,
+    /// Attempts a build gets (placements ended by a rejection, a lost box or an expired lease)
+    /// before it fails with the last reason instead of going back to the queue.
+    pub max_attempts: u32,
     /// Ended builds (with their logs) and webhook deliveries older than this are deleted;
     /// None keeps everything.
     pub retention: Option<Duration>,
@@ -109,6 +112,7 @@ impl Default for Config {
             grpc_streams_per_connection: 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
             log_cap: crate::store::DEFAULT_LOG_CAP,
+            max_attempts: crate::store::DEFAULT_MAX_ATTEMPTS,
         }
     }
 }
@@ -149,6 +153,11 @@ impl Config {
                 "log cap {} bytes is below 4 KiB: a build could not say why it failed",
                 self.log_cap
             )));
+        }
+        if self.max_attempts == 0 {
+            return Err(ServerError::Config(
+                "max attempts must be at least 1 (every build gets its first)".into(),
+            ));
         }
         if self.http_concurrency == 0 || self.grpc_streams_per_connection == 0 {
             return Err(ServerError::Config(
@@ -224,7 +233,10 @@ impl Handle {
 pub async fn start(config: Config) -> Result<Handle, ServerError> {
     config.validate()?;
     let url = config.db_url();
-    let store = Store::open(&url).await?.with_log_cap(config.log_cap);
+    let store = Store::open(&url)
+        .await?
+        .with_log_cap(config.log_cap)
+        .with_max_attempts(config.max_attempts);
     tracing::info!(db = %redact(&url), kind = store.kind().name(), "store open");
     let extended = store
         .extend_live_leases(crate::store::now_ms().saturating_add(millis(config.lease)))
@@ -280,6 +292,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     );
     metrics.limit("grpc_message_bytes", GRPC_MESSAGE_LIMIT as u64);
     metrics.limit("log_cap_bytes", config.log_cap);
+    metrics.limit("max_attempts", u64::from(config.max_attempts));
     metrics.limit(
         "retention_secs",
         config.retention.map_or(0, |d| d.as_secs()),

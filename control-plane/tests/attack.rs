@@ -43,6 +43,8 @@ const RPCS: &[(&str, usize)] = &[
     ("DeleteProject", 2),
     ("CordonBox", 2),
     ("DrainBox", 2),
+    ("UncordonBox", 2),
+    ("ForgetBox", 2),
     ("ListTunnelLeases", 2),
     ("CreateNetwork", 3),
     ("DeleteNetwork", 3),
@@ -118,6 +120,14 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             .map(drop),
         "DrainBox" => api
             .drain_box(pb::BoxActionRequest { box_id: nope() })
+            .await
+            .map(drop),
+        "UncordonBox" => api
+            .uncordon_box(pb::BoxActionRequest { box_id: nope() })
+            .await
+            .map(drop),
+        "ForgetBox" => api
+            .forget_box(pb::BoxActionRequest { box_id: nope() })
             .await
             .map(drop),
         "ListCells" => api

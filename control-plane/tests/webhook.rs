@@ -10,18 +10,23 @@ use serde_json::json;
 
 const SECRET: &str = "s3cret-for-tests";
 
+/// A push as GitHub sends it for `repo` (`https://host/owner/name`): every URL form names it.
 fn push(repo: &str, git_ref: &str, after: &str) -> Vec<u8> {
+    let (host, path) = repo
+        .strip_prefix("https://")
+        .and_then(|r| r.split_once('/'))
+        .expect("https://host/owner/name");
     json!({
         "ref": git_ref,
         "before": "0000000000000000000000000000000000000001",
         "after": after,
         "deleted": false,
         "repository": {
-            "full_name": "acme/widget",
+            "full_name": path,
             "clone_url": format!("{repo}.git"),
             "html_url": repo,
-            "ssh_url": "git@github.example:acme/widget.git",
-            "git_url": "git://github.example/acme/widget.git",
+            "ssh_url": format!("git@{host}:{path}.git"),
+            "git_url": format!("git://{host}/{path}.git"),
         },
         "head_commit": { "id": after, "message": "change" },
     })

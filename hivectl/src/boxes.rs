@@ -46,16 +46,30 @@ pub(crate) async fn cells(ctl: &mut Ctl, box_id: Option<String>, now: i64) -> Re
     }
 }
 
-/// `box cordon` and `box drain`.
+/// `box cordon|uncordon|drain|forget`.
 pub(crate) async fn action(ctl: &mut Ctl, cmd: BoxCommand, now: i64) -> Result<(), CliError> {
     let (verb, id) = match &cmd {
         BoxCommand::Cordon { id } => ("cordon", id.clone()),
+        BoxCommand::Uncordon { id } => ("uncordon", id.clone()),
         BoxCommand::Drain { id } => ("drain", id.clone()),
+        BoxCommand::Forget { id } => ("forget", id.clone()),
     };
     let req = BoxActionRequest { box_id: id.clone() };
     let r = match cmd {
         BoxCommand::Cordon { .. } => ctl.client.cordon_box(req).await,
+        BoxCommand::Uncordon { .. } => ctl.client.uncordon_box(req).await,
         BoxCommand::Drain { .. } => ctl.client.drain_box(req).await,
+        BoxCommand::Forget { .. } => {
+            ctl.client
+                .forget_box(req)
+                .await
+                .map_err(|s| ctl.status(format!("{verb} box {id}"), s))?;
+            return if ctl.json {
+                ctl.out_json(&serde_json::json!({ "forgotten": id }))
+            } else {
+                ctl.out(&format!("box {id} forgotten\n"))
+            };
+        }
     };
     let b = r
         .map_err(|s| ctl.status(format!("{verb} box {id}"), s))?

@@ -132,7 +132,7 @@ pub(crate) enum Command {
         #[arg(long = "box")]
         box_id: Option<String>,
     },
-    /// Cordon or drain a box.
+    /// Cordon, uncordon, drain or forget a box.
     #[command(subcommand, name = "box")]
     BoxCmd(BoxCommand),
     /// List size classes (cell shapes).
@@ -248,9 +248,10 @@ pub(crate) struct ProjectAdd {
     /// Repository URL as the git host reports it (clone, ssh, git or html URL).
     #[arg(long)]
     pub(crate) repo: String,
-    /// Webhook secret shared with the git host (HMAC-SHA256 key).
-    #[arg(long)]
-    pub(crate) secret: String,
+    /// Webhook secret shared with the git host (HMAC-SHA256 key). Leave it out for a project
+    /// built only through the API (`hivectl submit`): no webhook can trigger it.
+    #[arg(long, value_parser = parse_secret)]
+    pub(crate) secret: Option<String>,
     /// Only pushes to this branch make builds (default: every branch).
     #[arg(long)]
     pub(crate) branch: Option<String>,
@@ -260,8 +261,8 @@ pub(crate) struct ProjectAdd {
     /// Private network the builds join.
     #[arg(long)]
     pub(crate) private_network: Option<String>,
-    /// Build timeout in seconds (default: the control plane's).
-    #[arg(long, value_name = "SECS")]
+    /// Build timeout in seconds, 1 to 604800 (a week) (default: the control plane's, 1800).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..=604_800))]
     pub(crate) timeout: Option<u32>,
     /// Environment for every step, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
@@ -278,8 +279,19 @@ pub(crate) enum BoxCommand {
         /// Box id.
         id: String,
     },
+    /// Undo `cordon`: the box gets new builds again.
+    Uncordon {
+        /// Box id.
+        id: String,
+    },
     /// Let the box finish its builds, take no new ones, then leave.
     Drain {
+        /// Box id.
+        id: String,
+    },
+    /// Remove a box gone for good from the list (it must be disconnected, with no live
+    /// builds); should it come back, it registers as new.
+    Forget {
         /// Box id.
         id: String,
     },
@@ -292,6 +304,18 @@ pub(crate) fn parse_state(s: &str) -> Result<BuildState, String> {
              cancelled or timed_out)"
         )
     })
+}
+
+pub(crate) fn parse_secret(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err(
+            "an empty secret verifies no webhook: give the secret the git host signs with, \
+             or leave --secret out for a project built only through the API"
+                .to_string(),
+        )
+    } else {
+        Ok(s.to_string())
+    }
 }
 
 pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -15,7 +15,7 @@ pub(crate) async fn add(ctl: &mut Ctl, a: ProjectAdd) -> Result<(), CliError> {
     let req = CreateProjectRequest {
         name: a.name.clone(),
         repo_url: a.repo,
-        secret: a.secret,
+        secret: a.secret.unwrap_or_default(),
         branch: a.branch.unwrap_or_default(),
         size_class: a.size.unwrap_or_default(),
         private_network: a.private_network.unwrap_or_default(),

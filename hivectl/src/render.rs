@@ -96,14 +96,9 @@ pub fn state_name(state: i32) -> &'static str {
 }
 
 pub fn box_state_name(state: i32) -> &'static str {
-    match BoxState::try_from(state).unwrap_or(BoxState::Unspecified) {
-        BoxState::Unspecified => "unspecified",
-        BoxState::Active => "active",
-        BoxState::Cordoned => "cordoned",
-        BoxState::Draining => "draining",
-        BoxState::Offline => "offline",
-        BoxState::Left => "left",
-    }
+    BoxState::try_from(state)
+        .unwrap_or(BoxState::Unspecified)
+        .short_name()
 }
 
 pub fn stream_name(stream: i32) -> &'static str {
@@ -183,7 +178,7 @@ pub fn projects_table(ps: &[Project], now: i64) -> String {
 
 pub fn project_text(p: &Project, now: i64) -> String {
     let mut s = String::new();
-    let mut kv = |k: &str, v: String| s.push_str(&format!("{k:<16}{v}\n"));
+    let mut kv = |k: &str, v: String| s.push_str(&format!("{k:<17}{v}\n"));
     kv("name:", p.name.clone());
     kv("id:", p.id.clone());
     kv("repo:", p.repo_url.clone());
@@ -196,7 +191,14 @@ pub fn project_text(p: &Project, now: i64) -> String {
         },
     );
     kv("size class:", dash(&p.size_class));
-    kv("private network:", dash(&p.private_network));
+    kv(
+        "private network:",
+        if p.private_network.is_empty() {
+            "none".into()
+        } else {
+            p.private_network.clone()
+        },
+    );
     kv(
         "timeout:",
         if p.timeout_secs == 0 {
@@ -210,7 +212,7 @@ pub fn project_text(p: &Project, now: i64) -> String {
         if p.has_secret {
             "set".into()
         } else {
-            "not set".into()
+            "none (built only through the API; webhooks cannot verify)".into()
         },
     );
     kv("created:", when(p.created_at_ms, now));

@@ -34,6 +34,20 @@ pub mod v1 {
         }
     }
 
+    impl BoxState {
+        /// Short lower-case name used in tables, messages and the CLI (`active`, `cordoned`...).
+        pub fn short_name(self) -> &'static str {
+            match self {
+                BoxState::Unspecified => "unspecified",
+                BoxState::Active => "active",
+                BoxState::Cordoned => "cordoned",
+                BoxState::Draining => "draining",
+                BoxState::Offline => "offline",
+                BoxState::Left => "left",
+            }
+        }
+    }
+
     impl BuildState {
         /// Short lower-case name used in tables, URLs and the CLI (`queued`, `timed_out`, ...).
         pub fn short_name(self) -> &'static str {

@@ -716,6 +716,11 @@ async fn cordon_and_drain(backend: Backend) {
     );
     assert_eq!(get(&h, &waiting).await.state, BuildState::Queued as i32);
     assert_eq!(get(&h, &running).await.state, BuildState::Running as i32);
+    // Uncordon and cordon again (issue 12: cordon has an undo).
+    let b = ctl_json(&h, &["box", "uncordon", "box-a"]);
+    assert_eq!(b["state"], "active");
+    let b = ctl_json(&h, &["box", "cordon", "box-a"]);
+    assert_eq!(b["state"], "cordoned");
 
     let b = ctl_json(&h, &["box", "drain", "box-a"]);
     assert_eq!(b["state"], "draining");
@@ -737,6 +742,18 @@ async fn cordon_and_drain(backend: Backend) {
     let mut other = fake_box(&h, "box-b", 1).await;
     let w = other.next_assignment(T).await.expect("assignment on box-b");
     assert_eq!(w.build_id, waiting);
+    // The box that left is forgotten; the connected one cannot be.
+    let out = ctl(&h, &["box", "forget", "box-b"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is connected"),
+        "{out:?}"
+    );
+    let gone = ctl_json(&h, &["box", "forget", "box-a"]);
+    assert_eq!(gone["forgotten"], "box-a");
+    let boxes = ctl_json(&h, &["boxes"]);
+    assert_eq!(boxes.as_array().map(Vec::len), Some(1), "{boxes}");
+    assert_eq!(boxes[0]["id"], "box-b");
     h.finish().await;
 }
 
@@ -797,6 +814,53 @@ async fn hivectl_reports_errors_clearly(backend: Backend) {
 
     let missing = ctl(&h, &["submit", "nope"]);
     assert_eq!(missing.status.code(), Some(4), "{}", err(&missing));
+
+    // Issue 12: refused at the door, each with what to do instead.
+    let add = |extra: &[&str]| {
+        let mut args = vec!["project", "add", "door", "--step", "true"];
+        args.extend_from_slice(extra);
+        ctl(&h, &args)
+    };
+    for (extra, code, needle) in [
+        (
+            &["--repo", "http://x/d.git", "--secret", ""][..],
+            2,
+            "leave --secret out for a project built only through the API",
+        ),
+        (
+            &["--repo", "http://x/d.git", "--timeout", "0"][..],
+            2,
+            "--timeout",
+        ),
+        (&["--repo", "not-a-url"][..], 1, "is not one Hive can fetch"),
+        (
+            &["--repo", "https://me:t0ken@x/d.git"][..],
+            1,
+            "carries credentials",
+        ),
+    ] {
+        let out = add(extra);
+        assert_eq!(out.status.code(), Some(code), "{extra:?}: {}", err(&out));
+        assert!(err(&out).contains(needle), "{extra:?}: {}", err(&out));
+        assert!(!err(&out).contains("t0ken"), "{}", err(&out));
+    }
+    let bad_rev = ctl(&h, &["submit", "demo", "--rev", "nothex"]);
+    assert_eq!(bad_rev.status.code(), Some(1), "{}", err(&bad_rev));
+    assert!(
+        err(&bad_rev).contains("is not a commit id"),
+        "{}",
+        err(&bad_rev)
+    );
+    // A project without a secret is for API builds; `project show` says so.
+    let out = add(&["--repo", "git@x:acme/d.git"]);
+    assert!(out.status.success(), "{}", err(&out));
+    let shown = String::from_utf8_lossy(&ctl(&h, &["project", "show", "door"]).stdout).into_owned();
+    assert!(
+        shown.contains("secret:          none (built only through the API"),
+        "{shown}"
+    );
+    assert!(shown.contains("private network: none\n"), "{shown}");
+    assert!(ctl(&h, &["project", "rm", "door"]).status.success());
 
     let unreachable =
         hive_tests::controlplane::hivectl("http://127.0.0.1:1", &["projects"]).expect("run");

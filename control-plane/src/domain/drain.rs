@@ -1,11 +1,12 @@
 //! Draining a box: it gets nothing new, is told to drain, and leaves once it is empty and
-//! disconnected (the scheduler's sweep); and cordoning one (nothing new, nothing stopped).
+//! disconnected (the scheduler's sweep); cordoning one (nothing new, nothing stopped) and
+//! undoing that; forgetting one that is gone for good.
 
 use hive_proto::v1::control_message::Msg as CtlMsg;
 
-use crate::registry::boxes::{CORDONED, DRAINING};
+use crate::registry::boxes::{ACTIVE, CORDONED, DRAINING};
 use crate::state::Hive;
-use crate::store::{Audit, StoreError};
+use crate::store::{Audit, Forgotten, StoreError};
 
 /// Marks a box draining (recording `audit` with it): it gets nothing new, is told to drain, and
 /// leaves once it is empty and disconnected.
@@ -37,4 +38,55 @@ pub async fn cordon_box(hive: &Hive, box_id: &str, audit: &Audit) -> Result<bool
     }
     hive.registry.set_admin_state(box_id, CORDONED);
     Ok(true)
+}
+
+/// Uncordons a box (recording `audit` with it): placement may use it again. False when it was
+/// not cordoned.
+pub async fn uncordon_box(hive: &Hive, box_id: &str, audit: &Audit) -> Result<bool, StoreError> {
+    if !hive
+        .store
+        .change_box_state_audited(box_id, CORDONED, ACTIVE, audit)
+        .await?
+    {
+        return Ok(false);
+    }
+    hive.registry.set_admin_state(box_id, ACTIVE);
+    hive.wake.notify_one();
+    Ok(true)
+}
+
+/// Why a box could not be forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    #[error("box {0:?} is connected: stop it (or `hivectl box drain` it) first")]
+    Connected(String),
+    #[error("box {0:?} not found")]
+    NotFound(String),
+    #[error(
+        "box {id:?} still holds {n} build lease(s): wait for those builds to end or be re-queued \
+         (within the lease time), or cancel them"
+    )]
+    LiveLeases { id: String, n: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Forgets a box gone for good (recording `audit` with it): its row and cells are deleted; if
+/// it ever connects again it registers as a new box.
+pub async fn forget_box(hive: &Hive, box_id: &str, audit: &Audit) -> Result<(), ForgetError> {
+    if hive.registry.is_connected(box_id) {
+        return Err(ForgetError::Connected(box_id.to_string()));
+    }
+    match hive.store.forget_box_audited(box_id, audit).await? {
+        Forgotten::Yes => {}
+        Forgotten::NotFound => return Err(ForgetError::NotFound(box_id.to_string())),
+        Forgotten::LiveLeases(n) => {
+            return Err(ForgetError::LiveLeases {
+                id: box_id.to_string(),
+                n,
+            })
+        }
+    }
+    hive.registry.forget(box_id);
+    Ok(())
 }

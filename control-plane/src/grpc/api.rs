@@ -22,6 +22,7 @@ use crate::auth::{self, Caller, Right, Role};
 use crate::domain::cancel::CancelError;
 use crate::domain::{cancel, drain, network, submit};
 use crate::events::Event;
+use crate::repo_url::RepoUrl;
 use crate::sizeclass::DEFAULT_CLASS;
 use crate::state::Hive;
 use crate::store::{
@@ -31,6 +32,10 @@ use crate::store::{
 
 /// Default project build timeout.
 pub const DEFAULT_TIMEOUT_SECS: u32 = 1800;
+/// Longest project build timeout.
+pub const MAX_TIMEOUT_SECS: u32 = 7 * 24 * 3600;
+/// Longest webhook secret.
+pub const MAX_SECRET_LEN: usize = 256;
 /// Log chunks read per query while streaming.
 const LOG_PAGE: u32 = 500;
 
@@ -139,12 +144,16 @@ pub fn validate_project(
         )));
     }
     let repo_url = req.repo_url.trim();
-    if repo_url.is_empty() {
-        return Err(Status::invalid_argument("repo_url is required"));
-    }
-    if repo_url.chars().any(char::is_whitespace) {
+    RepoUrl::parse(repo_url).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    // An empty secret is a project for API builds only: no webhook can ever verify against it.
+    // Present, it must be usable as the HMAC key a git host is given.
+    if req.secret.len() > MAX_SECRET_LEN
+        || req.secret.chars().any(|c| c.is_control())
+        || (!req.secret.is_empty() && req.secret.trim().is_empty())
+    {
         return Err(Status::invalid_argument(format!(
-            "repo_url {repo_url:?} contains whitespace"
+            "webhook secret must be 1-{MAX_SECRET_LEN} characters without control characters \
+             and not only spaces (leave it out for a project built only through the API)"
         )));
     }
     let size_class = if req.size_class.is_empty() {
@@ -175,11 +184,15 @@ pub fn validate_project(
             )));
         }
     }
-    if req.timeout_secs > 7 * 24 * 3600 {
+    if req.timeout_secs > MAX_TIMEOUT_SECS {
         return Err(Status::invalid_argument(format!(
-            "timeout_secs {} is over a week",
+            "timeout_secs {} is over a week ({MAX_TIMEOUT_SECS}); 0 or absent means the \
+             default, {DEFAULT_TIMEOUT_SECS}",
             req.timeout_secs
         )));
+    }
+    if !branch.is_empty() {
+        check_ref_name("branch", &format!("refs/heads/{branch}"))?;
     }
     Ok(NewProject {
         name: name.to_string(),
@@ -196,6 +209,59 @@ pub fn validate_project(
             req.timeout_secs
         },
     })
+}
+
+/// A revision to build: a commit id, full (40 or 64 hex digits) or abbreviated (at least 4, as git allows).
+pub fn check_revision(rev: &str) -> Result<(), Status> {
+    let ok = (4..=64).contains(&rev.len()) && rev.chars().all(|c| c.is_ascii_hexdigit());
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "revision {:?} is not a commit id: give 4 to 64 hex digits (`git rev-parse HEAD`), \
+             or leave it out and name a ref",
+            clip(rev)
+        )))
+    }
+}
+
+/// A ref name as git accepts it (`git check-ref-format`'s rules, full names under `refs/`).
+pub fn check_ref_name(what: &str, name: &str) -> Result<(), Status> {
+    let bad = |why: &str| {
+        Err(Status::invalid_argument(format!(
+            "{what} {:?} is not a git ref name: {why}",
+            clip(name)
+        )))
+    };
+    if name.len() > 256 {
+        return bad("over 256 characters");
+    }
+    if !name.starts_with("refs/") {
+        return bad("full ref names start with refs/ (refs/heads/main, refs/tags/v1)");
+    }
+    if name.chars().any(|c| {
+        c.is_control() || c.is_whitespace() || matches!(c, '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+    }) {
+        return bad("spaces, control characters and ~ ^ : ? * [ \\ are not allowed");
+    }
+    if name.contains("..") || name.contains("@{") || name.contains("//") {
+        return bad("'..', '@{' and '//' are not allowed");
+    }
+    if name.ends_with('/') || name.ends_with('.') || name == "refs/" {
+        return bad("it must not end with '/' or '.'");
+    }
+    if name
+        .split('/')
+        .any(|part| part.starts_with('.') || part.ends_with(".lock"))
+    {
+        return bad("no part may start with '.' or end with '.lock'");
+    }
+    Ok(())
+}
+
+/// At most 80 characters of user input, for messages.
+fn clip(s: &str) -> String {
+    s.chars().take(80).collect()
 }
 
 /// A token as the API shows it (never its secret or hash).
@@ -414,12 +480,11 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         let req = request.into_inner();
         let p = self.project(&req.project).await?;
         caller.require_project("SubmitBuild", &p.id, &p.name)?;
-        for (what, v) in [("revision", &req.revision), ("git_ref", &req.git_ref)] {
-            if v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(Status::invalid_argument(format!(
-                    "{what} {v:?} must be at most 256 characters without spaces"
-                )));
-            }
+        if !req.revision.is_empty() {
+            check_revision(&req.revision)?;
+        }
+        if !req.git_ref.is_empty() && req.git_ref != "HEAD" {
+            check_ref_name("git_ref", &req.git_ref)?;
         }
         let git_ref = if !req.git_ref.is_empty() {
             req.git_ref.clone()
@@ -733,6 +798,51 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             .map_err(store_err)?;
         tracing::info!(%box_id, "box draining");
         Ok(Response::new(self.box_info(&box_id).await?))
+    }
+
+    async fn uncordon_box(
+        &self,
+        request: Request<pb::BoxActionRequest>,
+    ) -> Result<Response<pb::BoxInfo>, Status> {
+        let caller = self.caller(&request, "UncordonBox", Right::Operate).await?;
+        let box_id = request.into_inner().box_id;
+        let info = self.box_info(&box_id).await?;
+        if pb::BoxState::try_from(info.state) != Ok(pb::BoxState::Cordoned) {
+            return Err(Status::failed_precondition(format!(
+                "box {box_id:?} is {}, not cordoned; uncordon does not apply",
+                pb::BoxState::try_from(info.state)
+                    .unwrap_or(pb::BoxState::Unspecified)
+                    .short_name()
+            )));
+        }
+        let changed =
+            drain::uncordon_box(&self.hive, &box_id, &caller.audit("UncordonBox", &box_id))
+                .await
+                .map_err(store_err)?;
+        if !changed {
+            return Err(Status::failed_precondition(format!(
+                "box {box_id:?} changed state meanwhile; look again with `hivectl boxes`"
+            )));
+        }
+        tracing::info!(%box_id, "box uncordoned");
+        Ok(Response::new(self.box_info(&box_id).await?))
+    }
+
+    async fn forget_box(
+        &self,
+        request: Request<pb::BoxActionRequest>,
+    ) -> Result<Response<pb::ForgetBoxReply>, Status> {
+        let caller = self.caller(&request, "ForgetBox", Right::Operate).await?;
+        let box_id = request.into_inner().box_id;
+        drain::forget_box(&self.hive, &box_id, &caller.audit("ForgetBox", &box_id))
+            .await
+            .map_err(|e| match e {
+                drain::ForgetError::NotFound(_) => Status::not_found(e.to_string()),
+                drain::ForgetError::Store(e) => store_err(e),
+                _ => Status::failed_precondition(e.to_string()),
+            })?;
+        tracing::info!(%box_id, "box forgotten");
+        Ok(Response::new(pb::ForgetBoxReply {}))
     }
 
     async fn list_cells(

@@ -262,6 +262,16 @@ impl Registry {
         }
     }
 
+    /// Drops a forgotten box (`box forget`, its row already deleted) from memory. Should it
+    /// have connected in between, its session is ended: it registers again, as a new box.
+    pub fn forget(&self, box_id: &str) {
+        if let Some(mut e) = self.lock().remove(box_id) {
+            if let Some(c) = e.conn.take() {
+                c.kill.notify_one();
+            }
+        }
+    }
+
     /// Ends sessions whose box has been silent for longer than `silence`.
     pub fn reap_silent(&self, silence: Duration) -> Vec<String> {
         let mut reaped = Vec::new();

@@ -138,6 +138,75 @@ impl Store {
     }
 }
 
+/// What `forget_box_audited` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forgotten {
+    /// The box and its cell rows are gone.
+    Yes,
+    /// No box has this id.
+    NotFound,
+    /// Builds hold live leases on it (they end, or their leases expire, first).
+    LiveLeases(i64),
+}
+
+impl Store {
+    /// Moves a box from state `from` to `to` only if it is in `from` now, and records who did;
+    /// false when it was not (or there is no such box).
+    pub async fn change_box_state_audited(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        audit: &Audit,
+    ) -> Result<bool> {
+        in_tx!(self, "commit box state change", |tx| {
+            let res = sqlx::query("UPDATE boxes SET state = $1 WHERE id = $2 AND state = $3")
+                .bind(to)
+                .bind(id)
+                .bind(from)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("update box state"))?;
+            let changed = res.rows_affected() > 0;
+            if changed {
+                insert_audit_tx(tx, audit).await?;
+            }
+            Ok::<_, super::StoreError>(changed)
+        })
+    }
+
+    /// Deletes a box that is gone for good with its cell rows (its builds keep its id as
+    /// history), unless builds still hold live leases on it; records who did.
+    pub async fn forget_box_audited(&self, id: &str, audit: &Audit) -> Result<Forgotten> {
+        in_tx!(self, "commit forgotten box", |tx| {
+            let (live,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM leases WHERE box_id = $1 AND state = 'live'")
+                    .bind(id)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .map_err(q("count live leases of box"))?;
+            if live > 0 {
+                return Ok::<_, super::StoreError>(Forgotten::LiveLeases(live));
+            }
+            let gone = sqlx::query("DELETE FROM boxes WHERE id = $1")
+                .bind(id)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("delete box"))?;
+            if gone.rows_affected() == 0 {
+                return Ok(Forgotten::NotFound);
+            }
+            sqlx::query("DELETE FROM cells WHERE box_id = $1")
+                .bind(id)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("delete cells of box"))?;
+            insert_audit_tx(tx, audit).await?;
+            Ok(Forgotten::Yes)
+        })
+    }
+}
+
 /// An `audit_log` row as the database holds it.
 #[derive(sqlx::FromRow)]
 struct AuditRecord {

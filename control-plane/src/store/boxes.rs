@@ -159,6 +159,7 @@ impl Store {
             tx: self.begin().await?,
             box_id: box_id.to_string(),
             log_cap: self.log_cap,
+            max_attempts: self.max_attempts,
         })
     }
 }
@@ -174,6 +175,7 @@ pub struct BoxBatch {
     tx: Transaction<'static, Any>,
     box_id: String,
     log_cap: u64,
+    max_attempts: u32,
 }
 
 impl BoxBatch {
@@ -236,7 +238,15 @@ impl BoxBatch {
 
     /// REJECTED: see [`Store::requeue`] (the caller has checked the lease is this box's).
     pub async fn requeue(&mut self, build_id: &str, lease_id: &str, reason: &str) -> Result<bool> {
-        requeue_tx(&mut self.tx, build_id, lease_id, "released", reason).await
+        requeue_tx(
+            &mut self.tx,
+            build_id,
+            lease_id,
+            "released",
+            reason,
+            self.max_attempts,
+        )
+        .await
     }
 
     /// A log chunk: see [`Store::store_log`].

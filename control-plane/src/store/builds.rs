@@ -361,7 +361,9 @@ impl Store {
 
     /// Puts a placed/running build under `lease_id` back in the queue (attempt + 1), ending the
     /// lease as `lease_end` (`expired` or `released`). The log goes on after what is stored: the new
-    /// attempt's chunks are stored after a system line saying why the last attempt ended.
+    /// attempt's chunks are stored after a system line saying why the last attempt ended. A build
+    /// that has had its last attempt (`with_max_attempts`) fails instead, with the reason.
+    /// True when the build changed (re-queued or failed).
     pub async fn requeue(
         &self,
         build_id: &str,
@@ -369,8 +371,9 @@ impl Store {
         lease_end: &str,
         reason: &str,
     ) -> Result<bool> {
+        let max = self.max_attempts;
         in_tx!(self, "commit re-queue", |tx| {
-            requeue_tx(tx, build_id, lease_id, lease_end, reason).await
+            requeue_tx(tx, build_id, lease_id, lease_end, reason, max).await
         })
     }
 
@@ -597,6 +600,7 @@ pub(crate) async fn requeue_tx(
     lease_id: &str,
     lease_end: &str,
     reason: &str,
+    max_attempts: u32,
 ) -> Result<bool> {
     let now = now_ms();
     // The log goes on after everything stored so far: one system line at `next`, the next
@@ -617,7 +621,7 @@ pub(crate) async fn requeue_tx(
         "UPDATE builds SET state = 'queued', box_id = '', cell_id = '', lease_id = '', \
          started_at_ms = 0, warm_start = 0, attempt = attempt + 1, log_base = $1, \
          updated_at_ms = $2, message = $3 \
-         WHERE id = $4 AND lease_id = $5 AND state IN ('placed', 'running') \
+         WHERE id = $4 AND lease_id = $5 AND state IN ('placed', 'running') AND attempt < $6 \
          RETURNING attempt",
     )
     .bind(next + 1)
@@ -625,10 +629,42 @@ pub(crate) async fn requeue_tx(
     .bind(reason)
     .bind(build_id)
     .bind(lease_id)
+    .bind(i64::from(max_attempts))
     .fetch_optional(&mut **tx)
     .await
     .map_err(q("update build to queued"))?;
     let Some(attempt) = attempt else {
+        // Its last attempt (the write locks the row on PostgreSQL, so the end below is
+        // decided on what this transaction saw): the build fails, saying why, and is never
+        // bounced between boxes forever.
+        let last: Option<i64> = sqlx::query_scalar(
+            "UPDATE builds SET updated_at_ms = $1 \
+             WHERE id = $2 AND lease_id = $3 AND state IN ('placed', 'running') \
+             RETURNING attempt",
+        )
+        .bind(now)
+        .bind(build_id)
+        .bind(lease_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(q("check last attempt"))?;
+        if let Some(n) = last {
+            let why = format!("gave up after {n} attempts; the last ended: {reason}");
+            insert_log_tx(
+                tx,
+                build_id,
+                next,
+                LogStream::System,
+                0,
+                format!("hive: {why}\n").as_bytes(),
+                now,
+            )
+            .await?;
+            release_lease_tx(tx, lease_id, lease_end).await?;
+            return Ok(end_build_tx(tx, build_id, BuildState::Failed, &why)
+                .await?
+                .is_some());
+        }
         // The build moved on (finished, cancelled); the lease still must not stay live.
         release_lease_tx(tx, lease_id, lease_end).await?;
         return Ok(false);

@@ -51,7 +51,7 @@ mod projects;
 mod retention;
 mod tokens;
 
-pub use audit::{Audit, AuditRow, MAX_AUDIT_PAGE};
+pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, TransitionRow};
 pub use deliveries::Delivery;
@@ -82,6 +82,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("connect to database {url}: no answer within {secs} s (is the server up, and is this its address?)")]
+    ConnectTimeout { url: String, secs: u64 },
     #[error("run {kind} migrations: {source}")]
     Migrate {
         kind: &'static str,
@@ -155,15 +157,26 @@ pub struct Store {
     kind: DbKind,
     /// Most bytes of log kept per build (see `logs::store_log_tx`).
     log_cap: u64,
+    /// Most attempts of a build (placements that ended without an outcome) before it fails.
+    max_attempts: u32,
 }
 
 /// The per-build log cap unless the operator sets one.
 pub const DEFAULT_LOG_CAP: u64 = 64 * 1024 * 1024;
+/// Attempts a build gets by default before a re-queue fails it (rejections, lost boxes,
+/// unconfirmed or expired leases each end one).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 impl Store {
     /// The same store with a per-build log cap of `bytes`.
     pub fn with_log_cap(mut self, bytes: u64) -> Store {
         self.log_cap = bytes;
+        self
+    }
+
+    /// Sets the most attempts a build gets (at least 1) before a re-queue fails it instead.
+    pub fn with_max_attempts(mut self, attempts: u32) -> Store {
+        self.max_attempts = attempts.max(1);
         self
     }
 
@@ -215,6 +228,29 @@ impl Store {
             }
             DbKind::Postgres => AnyPoolOptions::new().max_connections(16),
         };
+        if kind == DbKind::Postgres {
+            // One connection first, so an unreachable server is reported by its cause
+            // ("connection refused", "password authentication failed") rather than as the
+            // pool's "timed out" ten seconds later.
+            use sqlx::Connection as _;
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                sqlx::AnyConnection::connect_with(&options),
+            )
+            .await
+            {
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                }
+                Ok(Err(source)) => return Err(connect_err(source)),
+                Err(_) => {
+                    return Err(StoreError::ConnectTimeout {
+                        url: shown.clone(),
+                        secs: 10,
+                    })
+                }
+            }
+        }
         let pool = pool_options
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
@@ -249,12 +285,21 @@ impl Store {
                 .map_err(connect_err)?,
             _ => pool.clone(),
         };
-        Ok(Store {
+        let store = Store {
             pool,
             reads,
             kind,
             log_cap: DEFAULT_LOG_CAP,
-        })
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        };
+        let rekeyed = store.rekey_projects().await?;
+        if rekeyed > 0 {
+            tracing::info!(
+                projects = rekeyed,
+                "repository keys brought to this version's rule"
+            );
+        }
+        Ok(store)
     }
 
     pub fn kind(&self) -> DbKind {
@@ -350,20 +395,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn repo_keys_ignore_git_suffix_and_slash() {
-        assert_eq!(
-            repo_key("https://github.com/o/r.git"),
-            "https://github.com/o/r"
-        );
-        assert_eq!(
-            repo_key("https://github.com/o/r/"),
-            "https://github.com/o/r"
-        );
-        assert_eq!(
-            repo_key(" https://github.com/o/r.git/ "),
-            "https://github.com/o/r"
-        );
-        assert_eq!(repo_key("git@github.com:o/r.git"), "git@github.com:o/r");
+    fn repo_keys_ignore_git_suffix_slash_scheme_and_case() {
+        for url in [
+            "https://github.com/o/r.git",
+            "https://github.com/o/r/",
+            " https://github.com/O/R.git/ ",
+            "git@github.com:o/r.git",
+        ] {
+            assert_eq!(repo_key(url), "github.com/o/r", "{url}");
+        }
+        assert_eq!(repo_key("not a url"), "not a url");
     }
 
     #[test]

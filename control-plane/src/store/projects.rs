@@ -39,14 +39,10 @@ pub struct NewProject {
 const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, size_class, private_network, \
     steps_json, env_json, timeout_secs, created_at_ms";
 
-/// Normalizes a repository URL for matching: trims, drops a trailing `/` and `.git`.
+/// The matching key of a repository URL ([`crate::repo_url::RepoUrl::key`]); a URL that does
+/// not parse keeps its trimmed self, so it still matches only itself.
 pub fn repo_key(url: &str) -> String {
-    let mut s = url.trim();
-    s = s.trim_end_matches('/');
-    if let Some(stripped) = s.strip_suffix(".git") {
-        s = stripped;
-    }
-    s.trim_end_matches('/').to_string()
+    crate::repo_url::key_of(url).unwrap_or_else(|| url.trim().to_string())
 }
 
 impl Store {
@@ -130,6 +126,30 @@ impl Store {
             }
             Ok::<_, StoreError>(deleted)
         })
+    }
+
+    /// Recomputes every project's matching key (a key rule from an older version stays
+    /// matchable after an upgrade); returns how many changed. Cheap: projects are few.
+    pub async fn rekey_projects(&self) -> Result<u64> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT id, repo_url, repo_key FROM projects")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("select project keys"))?;
+        let mut changed = 0;
+        for (id, url, key) in rows {
+            let new = repo_key(&url);
+            if new != key {
+                sqlx::query("UPDATE projects SET repo_key = $1 WHERE id = $2")
+                    .bind(&new)
+                    .bind(&id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(q("update project key"))?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     /// Projects whose repository URL matches any of `urls` (after [`repo_key`]).

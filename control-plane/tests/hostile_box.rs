@@ -120,3 +120,86 @@ async fn a_message_seq_far_ahead_ends_the_session() {
     handle.shutdown().await;
     db.drop_db().await;
 }
+
+/// Opens a session as `id` without the test box's checks: the control plane's answer.
+async fn register_as(
+    handle: &hive_control_plane::server::Handle,
+    id: &str,
+) -> Result<(), tonic::Status> {
+    use hive_proto::v1::box_agent_client::BoxAgentClient;
+    use hive_proto::v1::Register;
+    let mut client = BoxAgentClient::connect(format!("http://{}", handle.grpc_addr))
+        .await
+        .expect("connect BoxAgent");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(BoxMessage {
+        seq: 0,
+        msg: Some(BoxMsg::Register(Register {
+            box_id: id.to_string(),
+            hostname: "impostor.test".into(),
+            backend: "sandbox".into(),
+            pools: vec![pool("small", 100, 100)],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(drop)
+}
+
+/// Issue 10: two boxes claiming one id used to knock each other off in a loop, each taking the
+/// other's assignments. The second is refused with an error naming the first; once the first
+/// has gone, the id is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_box_with_a_connected_id_is_refused() {
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start_with(&db.url, |_| {}).await;
+    let (first, _) = TestBox::connect(&handle, "box-d", vec![pool("small", 1, 1)]).await;
+    let beat = first.heartbeat_every(
+        Duration::from_millis(200),
+        vec![pool("small", 1, 1)],
+        vec![],
+    );
+    let e = register_as(&handle, "box-d")
+        .await
+        .expect_err("a second session for a connected box id");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(
+        e.message()
+            .contains("\"box-d\" is already connected from 127.0.0.1:")
+            && e.message().contains("box-d.test")
+            && e.message().contains("--box-id"),
+        "{}",
+        e.message()
+    );
+    // The first box kept its session and its registration.
+    let boxes = api(&handle)
+        .await
+        .list_boxes(hive_proto::v1::ListBoxesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .boxes;
+    assert_eq!(boxes.len(), 1);
+    assert_eq!(boxes[0].hostname, "box-d.test");
+    assert_eq!(boxes[0].state, hive_proto::v1::BoxState::Active as i32);
+    let metrics = http(handle.http_addr, "GET", "/metrics", &[], b"").await;
+    assert!(
+        metrics
+            .body
+            .contains("hive_box_violations_total{kind=\"duplicate_id\"} 1\n"),
+        "{}",
+        metrics.body
+    );
+    // The first box goes (as a restarting box would): the id is free at once.
+    beat.abort();
+    drop(first);
+    register_as(&handle, "box-d")
+        .await
+        .expect("the id is free once its box has gone");
+    handle.shutdown().await;
+    db.drop_db().await;
+}

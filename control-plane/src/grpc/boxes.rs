@@ -100,6 +100,43 @@ pub struct BoxAgentService {
     pub hive: Arc<Hive>,
 }
 
+/// How long a Register waits for an older session of the same box id to end (a box that
+/// restarts opens its new session while the control plane is still closing the old one).
+const HOLDER_GRACE: Duration = Duration::from_secs(2);
+
+/// Refuses a Register for a box id that another live session holds: two boxes claiming one id
+/// would otherwise knock each other off in a loop, each taking the other's assignments. An
+/// older session that ends within [`HOLDER_GRACE`] (a restart) or has gone silent for three
+/// heartbeats (a half-open link) gives way; the new one then replaces it.
+async fn refuse_a_second_holder(
+    hive: &Hive,
+    reg: &hive_proto::v1::Register,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<(), Status> {
+    let deadline = tokio::time::Instant::now() + HOLDER_GRACE;
+    loop {
+        let Some(h) = hive.registry.holder(&reg.box_id) else {
+            return Ok(());
+        };
+        if h.silent_for > hive.heartbeat * 3 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            hive.metrics.box_violation("duplicate_id");
+            tracing::warn!(
+                box_id = %reg.box_id, holder = %h.peer, holder_host = %h.hostname, ?peer,
+                hostname = %reg.hostname, "second box with a connected box's id refused"
+            );
+            return Err(Status::already_exists(format!(
+                "box id {:?} is already connected from {} (host {:?}): each box needs its own \
+                 id; start this one with another --box-id (HIVE_BOX_ID)",
+                reg.box_id, h.peer, h.hostname
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -131,6 +168,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
         };
         validate_box_id(&reg.box_id)?;
         let hive = self.hive.clone();
+        refuse_a_second_holder(&hive, &reg, peer).await?;
         let stored = hive.store.get_box(&reg.box_id).await.map_err(internal)?;
         let admin_state = match stored.as_ref().map(|b| b.state.as_str()) {
             Some(s @ (CORDONED | DRAINING)) => s.to_string(),
@@ -157,6 +195,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             id: hive.registry.next_conn_id(),
             tx: tx.clone(),
             kill: Arc::new(Notify::new()),
+            peer: peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
         };
         let send = |msg| {
             tx.try_send(Ok(ControlMessage { msg: Some(msg) }))

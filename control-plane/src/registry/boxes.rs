@@ -30,6 +30,17 @@ pub(crate) struct Conn {
     pub(crate) id: u64,
     pub(crate) tx: mpsc::Sender<Result<ControlMessage, Status>>,
     pub(crate) kill: Arc<Notify>,
+    /// Where the session comes from, for messages about it.
+    pub(crate) peer: String,
+}
+
+/// The open session that holds a box id.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub peer: String,
+    pub hostname: String,
+    /// Since the box last sent anything on it.
+    pub silent_for: Duration,
 }
 
 /// A placement sent but not yet reflected in the box's pool report.
@@ -249,6 +260,18 @@ impl Registry {
     /// Number of boxes with an open session.
     pub fn connected(&self) -> usize {
         self.lock().values().filter(|e| e.conn.is_some()).count()
+    }
+
+    /// The open session holding `box_id`, if any.
+    pub fn holder(&self, box_id: &str) -> Option<Holder> {
+        let map = self.lock();
+        let e = map.get(box_id)?;
+        let c = e.conn.as_ref()?;
+        Some(Holder {
+            peer: c.peer.clone(),
+            hostname: e.hostname.clone(),
+            silent_for: e.last_seen.elapsed(),
+        })
     }
 
     pub fn is_connected(&self, box_id: &str) -> bool {

@@ -1,0 +1,498 @@
+//! Issue 11, fuzzing on stable Rust with a fixed number of iterations (seeded, so a failure
+//! repeats): what strangers send the control plane, over its real listeners against a real
+//! database. Webhook bodies and headers — random bytes, and valid pushes mutated field by field,
+//! signed with the project's secret half the time so the parser past the signature is reached —
+//! and every message a box can send on its session, including ones naming leases, builds and
+//! sequence numbers it does not own. Nothing may answer 5xx, stop the control plane, change a
+//! build the sender does not hold, or keep a well-behaved box from finishing its build.
+//! (The VMM's guest-facing parsers have their own seeded runs in `hive-vmm`, and cargo-fuzz
+//! targets in `vmm/fuzz/` for long runs.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::{api, http, pool, start, TestBox};
+use hive_control_plane::http::webhook::sign;
+use hive_proto::v1::box_message::Msg as BoxMsg;
+use hive_proto::v1::control_message::Msg as CtlMsg;
+use hive_proto::v1::{
+    BoxMessage, BuildState, BuildUpdate, BuildUpdateKind, CellInfo, CreateProjectRequest,
+    GetBuildRequest, Heartbeat, ListBuildsRequest, LogChunk, LogStream, PoolState,
+    StreamLogsRequest, SubmitBuildRequest,
+};
+use serde_json::{json, Value};
+
+const SECRET: &str = "fuzz-secret";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// xorshift64*: small, seeded, good enough to pick mutations.
+struct Rand(u64);
+
+impl Rand {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, max: u64) -> Vec<u8> {
+        (0..self.below(max)).map(|_| self.next() as u8).collect()
+    }
+    fn text(&mut self, max: u64) -> String {
+        const PIECES: &[&str] = &[
+            "a",
+            "Z",
+            "0",
+            "/",
+            ".",
+            "..",
+            "-",
+            " ",
+            "\t",
+            "\n",
+            "\0",
+            "\u{7f}",
+            "é",
+            "😀",
+            "\u{202e}",
+            "%00",
+            "refs/heads/",
+            "refs/tags/",
+            "@{",
+            "~",
+            "^",
+            ":",
+            "\\",
+            "\"",
+            "git@",
+            "https://",
+            "://",
+            "github.example",
+            "acme/widget",
+            ".git",
+        ];
+        (0..self.below(max))
+            .map(|_| PIECES[self.below(PIECES.len() as u64) as usize])
+            .collect()
+    }
+    fn value(&mut self, depth: u32) -> Value {
+        match self.below(if depth > 3 { 6 } else { 8 }) {
+            0 => Value::Null,
+            1 => json!(self.next().is_multiple_of(2)),
+            2 => json!(self.next() as i64),
+            3 => json!(f64::from(self.next() as u32) / 7.0),
+            4 | 5 => json!(self.text(40)),
+            6 => Value::Array((0..self.below(4)).map(|_| self.value(depth + 1)).collect()),
+            _ => {
+                let mut m = serde_json::Map::new();
+                for _ in 0..self.below(4) {
+                    m.insert(self.text(8), self.value(depth + 1));
+                }
+                Value::Object(m)
+            }
+        }
+    }
+}
+
+fn valid_push(after: &str) -> Value {
+    json!({
+        "ref": "refs/heads/main",
+        "before": "0".repeat(40),
+        "after": after,
+        "deleted": false,
+        "repository": {
+            "full_name": "acme/widget",
+            "clone_url": "https://github.example/acme/widget.git",
+            "html_url": "https://github.example/acme/widget",
+            "ssh_url": "git@github.example:acme/widget.git",
+        },
+        "head_commit": { "id": after, "message": "change" },
+    })
+}
+
+/// Replaces, removes or adds one field somewhere in `v`.
+fn mutate(r: &mut Rand, v: &mut Value) {
+    let paths: &[&[&str]] = &[
+        &["ref"],
+        &["after"],
+        &["before"],
+        &["deleted"],
+        &["repository"],
+        &["repository", "clone_url"],
+        &["repository", "html_url"],
+        &["repository", "ssh_url"],
+        &["repository", "full_name"],
+        &["head_commit"],
+        &["head_commit", "id"],
+    ];
+    let path = paths[r.below(paths.len() as u64) as usize];
+    let mut at = &mut *v;
+    for key in &path[..path.len() - 1] {
+        if !at.is_object() {
+            return;
+        }
+        at = at
+            .as_object_mut()
+            .expect("object")
+            .entry(key.to_string())
+            .or_insert_with(|| json!({}));
+    }
+    let Some(obj) = at.as_object_mut() else {
+        return;
+    };
+    let last = path[path.len() - 1].to_string();
+    match r.below(4) {
+        0 => {
+            obj.remove(&last);
+        }
+        1 => {
+            obj.insert(last, json!("a".repeat(r.below(70_000) as usize)));
+        }
+        _ => {
+            let new = r.value(0);
+            obj.insert(last, new);
+        }
+    }
+}
+
+/// Webhook: 600 hostile deliveries, then a valid one still builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_survives_hostile_deliveries() {
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start(&db.url).await;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "widget".into(),
+            repo_url: "https://github.example/acme/widget".into(),
+            secret: SECRET.into(),
+            steps: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut r = Rand(0x05ee_d0f1_17e5_u64);
+    let events = [
+        "push",
+        "ping",
+        "PUSH",
+        "",
+        "push\n",
+        "release",
+        "x".repeat(300).leak(),
+    ];
+    let mut accepted = std::collections::BTreeSet::new();
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..600u32 {
+        let body: Vec<u8> = match r.below(4) {
+            0 => r.bytes(2000),
+            1 => serde_json::to_vec(&r.value(0)).unwrap(),
+            _ => {
+                let mut v = valid_push(&format!("{:040x}", r.next()));
+                for _ in 0..=r.below(3) {
+                    mutate(&mut r, &mut v);
+                }
+                serde_json::to_vec(&v).unwrap()
+            }
+        };
+        let event = events[r.below(events.len() as u64) as usize].to_string();
+        let delivery = match r.below(5) {
+            0 => String::new(),
+            1 => r.text(300),
+            _ => format!("d-{i}"),
+        };
+        let signature = match r.below(4) {
+            0 => String::new(),
+            1 => format!("sha256={}", r.text(64)),
+            _ => sign(SECRET.as_bytes(), &body),
+        };
+        // Header values must be visible ASCII to be sent at all; others are what a proxy drops.
+        let clean = |s: &str| -> String { s.chars().filter(|c| c.is_ascii_graphic()).collect() };
+        let (event, delivery, signature) = (clean(&event), clean(&delivery), clean(&signature));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if !event.is_empty() {
+            headers.push(("X-GitHub-Event", &event));
+        }
+        if !delivery.is_empty() {
+            headers.push(("X-GitHub-Delivery", &delivery));
+        }
+        if !signature.is_empty() {
+            headers.push(("X-Hub-Signature-256", &signature));
+        }
+        let reply = http(
+            handle.http_addr,
+            "POST",
+            "/webhooks/github",
+            &headers,
+            &body,
+        )
+        .await;
+        assert!(
+            (200..500).contains(&reply.status),
+            "case {i}: {} {}\nbody: {:?}",
+            reply.status,
+            reply.body,
+            String::from_utf8_lossy(&body)
+        );
+        *statuses.entry(reply.status).or_insert(0u32) += 1;
+        if reply.status == 202 {
+            if let Some(id) = reply.json()["build_id"].as_str() {
+                accepted.insert(id.to_string());
+            }
+        }
+    }
+    eprintln!("fuzz: webhook answers by status: {statuses:?}");
+    // The run means something only if hostile input got past the signature check.
+    assert!(
+        statuses.get(&400).copied().unwrap_or(0) >= 50,
+        "too few deliveries reached the parser: {statuses:?}"
+    );
+    // Every build there is was answered 202 with its id: none made behind a refusal.
+    let builds = client
+        .list_builds(ListBuildsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .builds;
+    for b in &builds {
+        assert!(
+            accepted.contains(&b.id),
+            "build {} made without a 202",
+            b.id
+        );
+        assert!(b.git_ref.len() <= 256, "{b:?}");
+    }
+    // And a valid push still builds.
+    let body = serde_json::to_vec(&valid_push(&"c".repeat(40))).unwrap();
+    let sig = sign(SECRET.as_bytes(), &body);
+    let reply = http(
+        handle.http_addr,
+        "POST",
+        "/webhooks/github",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "final"),
+            ("X-Hub-Signature-256", &sig),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    handle.shutdown().await;
+    db.drop_db().await;
+}
+
+fn random_box_message(r: &mut Rand, seq: u64, known: &[(String, String)]) -> BoxMessage {
+    let (build_id, lease_id) = match r.below(3) {
+        0 if !known.is_empty() => known[r.below(known.len() as u64) as usize].clone(),
+        1 => (r.text(40), r.text(40)),
+        _ => (String::new(), String::new()),
+    };
+    let msg = match r.below(40) {
+        0..=12 => BoxMsg::Update(BuildUpdate {
+            build_id,
+            lease_id,
+            kind: r.below(8) as i32,
+            state: r.below(10) as i32,
+            exit_code: r.next() as i32,
+            message: r.text(200),
+            cell_id: r.text(30),
+            warm_start: r.next().is_multiple_of(2),
+            ..Default::default()
+        }),
+        13..=25 => BoxMsg::Log(LogChunk {
+            build_id,
+            seq: if r.next().is_multiple_of(2) {
+                r.below(100)
+            } else {
+                r.next()
+            },
+            stream: r.below(6) as i32,
+            data: r.bytes(5000),
+            ..Default::default()
+        }),
+        26..=38 => BoxMsg::Heartbeat(Heartbeat {
+            pools: (0..r.below(4))
+                .map(|_| PoolState {
+                    size_class: r.text(10),
+                    warm: r.next() as u32,
+                    busy: r.next() as u32,
+                    capacity: r.next() as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            running_builds: (0..r.below(3)).map(|_| r.text(30)).collect(),
+            cells: (0..r.below(3))
+                .map(|_| CellInfo {
+                    id: r.text(20),
+                    size_class: r.text(10),
+                    state: r.text(10),
+                    build_id: r.text(20),
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        _ => BoxMsg::Register(Default::default()),
+    };
+    // Heartbeats (and a Register out of place) are not numbered: a box sends them with 0.
+    let numbered = matches!(msg, BoxMsg::Update(_) | BoxMsg::Log(_));
+    BoxMessage {
+        // (A seq far ahead ends the session at once: `hostile_box` covers it; here the
+        // messages should get through to the handlers.)
+        seq: match r.below(40) {
+            _ if !numbered => 0,
+            0..=3 => 0,
+            4 => seq + 1000,
+            _ => seq,
+        },
+        msg: Some(msg),
+    }
+}
+
+/// Box session: a hostile box sends 400 random messages (some naming a good box's build and
+/// lease) over several sessions; the good box's build is untouched by them and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn box_sessions_survive_hostile_messages() {
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start(&db.url).await;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "widget".into(),
+            repo_url: "https://github.example/acme/widget".into(),
+            secret: SECRET.into(),
+            steps: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (mut good, _) = TestBox::connect(&handle, "good", vec![pool("small", 1, 1)]).await;
+    let _beat = good.heartbeat_every(
+        Duration::from_millis(100),
+        vec![pool("small", 1, 1)],
+        vec![],
+    );
+    let id = client
+        .submit_build(SubmitBuildRequest {
+            project: "widget".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let a = match good.next_non_ack(WAIT).await {
+        Some(CtlMsg::Assign(a)) => a,
+        other => panic!("no assignment: {other:?}"),
+    };
+    let update = |kind: BuildUpdateKind| {
+        BoxMsg::Update(BuildUpdate {
+            build_id: a.build_id.clone(),
+            lease_id: a.lease_id.clone(),
+            kind: kind as i32,
+            cell_id: "cell-1".into(),
+            ..Default::default()
+        })
+    };
+    let s = good.send_acked(update(BuildUpdateKind::Accepted)).await;
+    good.wait_ack(s, WAIT).await;
+    let s = good.send_acked(update(BuildUpdateKind::Running)).await;
+    good.wait_ack(s, WAIT).await;
+
+    // The attacker knows the good box's build and lease ids (the worst case).
+    let known = vec![(a.build_id.clone(), a.lease_id.clone())];
+    let mut r = Rand(0xbad_b0c5);
+    let mut handled = 0;
+    for session in 0..8 {
+        let (evil, acked) = TestBox::connect(
+            &handle,
+            &format!("evil-{session}"),
+            vec![pool("small", 0, 0)],
+        )
+        .await;
+        let TestBox { tx, mut rx, .. } = evil;
+        let mut seq = acked;
+        for _ in 0..50 {
+            // The acked seq moves only along an unbroken run: only a message that takes the
+            // next number uses it up.
+            let m = random_box_message(&mut r, seq + 1, &known);
+            if m.seq == seq + 1 {
+                seq += 1;
+            }
+            if tx.send(m).await.is_err() {
+                break; // the control plane ended this session: fine
+            }
+        }
+        // Closing its side lets the control plane read every message, in order, then end the
+        // session: once the stream ends here, all of them have been handled.
+        drop(tx);
+        let ended = tokio::time::timeout(WAIT, async {
+            let mut acked = 0;
+            while let Ok(Some(m)) = rx.message().await {
+                if let Some(CtlMsg::Ack(a)) = m.msg {
+                    acked = a.seq;
+                }
+            }
+            acked
+        })
+        .await;
+        let last = ended.unwrap_or_else(|_| panic!("session evil-{session} never ended"));
+        handled += last.saturating_sub(acked);
+    }
+    eprintln!("fuzz: {handled} of 400 hostile box messages were acked (reached the handlers)");
+    // The run means something only if most messages got past the session's own checks.
+    assert!(
+        handled >= 150,
+        "only {handled} of 400 messages were handled"
+    );
+    // The good build is where the good box left it.
+    let b = client
+        .get_build(GetBuildRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.state, BuildState::Running as i32, "{b:?}");
+    assert_eq!(b.box_id, "good");
+    // The good box finishes it.
+    let mut fin = match update(BuildUpdateKind::Finished) {
+        BoxMsg::Update(u) => u,
+        _ => unreachable!(),
+    };
+    fin.state = BuildState::Succeeded as i32;
+    let s = good.send_acked(BoxMsg::Update(fin)).await;
+    good.wait_ack(s, WAIT).await;
+    let b = client
+        .get_build(GetBuildRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.state, BuildState::Succeeded as i32, "{b:?}");
+    // No log chunk of the attackers' reached the good build (the good box sent none).
+    let mut logs = client
+        .stream_logs(StreamLogsRequest {
+            build_id: b.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(chunk) = logs.message().await.unwrap() {
+        assert_eq!(chunk.stream, LogStream::System as i32, "{chunk:?}");
+    }
+    let health = client
+        .health(hive_proto::v1::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(health.ok, "{health:?}");
+    handle.shutdown().await;
+    db.drop_db().await;
+}

@@ -1,8 +1,9 @@
 //! The box's `/healthz` endpoint for probes and the local tooling, on axum.
 //!
 //! `GET /healthz` answers the JSON object the daemon's [`Report`] makes on each request (control
-//! plane link, pools, running builds, dispatch latency); any other path or method is 404 with a
-//! JSON hint. Every answer says `connection: close` and the connection ends after it: probes and
+//! plane link, pools, running builds, dispatch latency); 200 when its `ok` is true, 503 when it
+//! is false (the report says why), so a plain HTTP probe sees a box that cannot boot cells. Any
+//! other path or method is 404 with a JSON hint. Every answer says `connection: close` and the connection ends after it: probes and
 //! the test harnesses send one raw request and read to EOF. Accept errors (out of descriptors)
 //! are axum's to pace, not a busy loop here.
 use std::net::SocketAddr;
@@ -39,7 +40,15 @@ fn router(report: Report) -> Router {
             "/healthz",
             get(move || {
                 let report = Arc::clone(&report);
-                async move { Json(report()) }
+                async move {
+                    let body = report();
+                    let status = if body["ok"] == false {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::OK
+                    };
+                    (status, Json(body))
+                }
             }),
         )
         .fallback(not_found)
@@ -107,6 +116,26 @@ mod tests {
         }
         // A client that sends garbage does not stop the server.
         let _ = raw(addr, "\x00\x01 nonsense\r\n\r\n").await;
+        let (head, _) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn not_ok_is_503_with_the_reason() {
+        let ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let report: Report = {
+            let ok = Arc::clone(&ok);
+            Arc::new(move || {
+                let ok = ok.load(std::sync::atomic::Ordering::SeqCst);
+                serde_json::json!({ "ok": ok, "unhealthy": (!ok).then_some("boots fail") })
+            })
+        };
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), report).await.unwrap();
+        let (head, body) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        assert!(body.contains("boots fail"), "{body}");
+        ok.store(true, std::sync::atomic::Ordering::SeqCst);
         let (head, _) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         task.abort();

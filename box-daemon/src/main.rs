@@ -16,6 +16,7 @@ use hive_box::agent::{Agent, AgentConfig};
 use hive_box::backend::microvm::{GuestFiles, MicrovmBackend, MicrovmConfig};
 use hive_box::backend::sandbox::{Sandbox, SandboxConfig};
 use hive_box::backend::CellBackend;
+use hive_box::claim::Claim;
 use hive_box::config::{self, BackendChoice, ClassCount};
 use hive_box::net::{BoxNet, Subnet};
 use hive_box::pool::Pool;
@@ -80,10 +81,13 @@ struct RunArgs {
     /// Most cells of a class at once, CLASS=N (default: 2 x target + 1).
     #[arg(long = "capacity", env = "HIVE_BOX_CAPACITY", value_delimiter = ',')]
     capacity: Vec<ClassCount>,
-    /// Where cells' files live (`<data-dir>/cells/<id>/`).
+    /// Where cells' files live (`<data-dir>/cells/<id>/`) and the box id is kept
+    /// (`<data-dir>/box-id`). Each box on a host needs its own.
     #[arg(long, env = "HIVE_BOX_DATA_DIR", default_value = "/var/lib/hive-box")]
     data_dir: PathBuf,
-    /// This box's id (default: the hostname).
+    /// This box's id: 1-63 characters of a-z A-Z 0-9 . _ - (default: made on the first start
+    /// as `<hostname>-<hash of /etc/machine-id and the data dir>`, kept in `<data-dir>/box-id`
+    /// and reused on every later start from that data dir).
     #[arg(long, env = "HIVE_BOX_ID")]
     box_id: Option<String>,
     /// Cell rootfs directory (read-only lower layer of every cell; from deploy/images/build-images.sh).
@@ -114,25 +118,39 @@ struct RunArgs {
     /// XSAVE/AVX/POPCNT/CMPXCHG16B, for nested KVMs that cannot emulate them).
     #[arg(long, env = "HIVE_GUEST_CPU_TEMPLATE", default_value = "host", value_parser = ["host", "baseline"])]
     guest_cpu_template: String,
-    /// microvm: the VMM of cell slot N runs as uid and gid BASE + N.
-    #[arg(long, env = "HIVE_VMM_UID_BASE", default_value_t = hive_box::backend::microvm::DEFAULT_VMM_UID_BASE)]
-    vmm_uid_base: u32,
+    /// microvm: the VMM of cell slot N runs as uid and gid BASE + N (default: 900000 + k * 1024,
+    /// k from the box id, the first range no other box on this host holds).
+    #[arg(long, env = "HIVE_VMM_UID_BASE")]
+    vmm_uid_base: Option<u32>,
     /// Address of the HTTP /healthz endpoint.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
     health_addr: SocketAddr,
-    /// IPv4 range cut into one /30 per cell (box side .1, cell .2).
-    #[arg(long, env = "HIVE_BOX_CELL_SUBNET", default_value = "100.96.0.0/16")]
-    cell_subnet: Subnet,
+    /// IPv4 range cut into one /30 per cell (box side .1, cell .2) (default: a /20 of
+    /// 100.64.0.0/10 picked from the box id, outside 100.96.0.0/16, the first that neither
+    /// another box on this host nor a route of the host overlaps). Refused when it overlaps
+    /// another live box's.
+    #[arg(long, env = "HIVE_BOX_CELL_SUBNET")]
+    cell_subnet: Option<Subnet>,
     /// More IPv4 addresses cells must not reach (control-plane replicas, its database...); the
     /// control plane's own address is added from --control-plane.
     #[arg(long = "block", env = "HIVE_BOX_BLOCK", value_delimiter = ',')]
     block: Vec<Ipv4Addr>,
-    /// Name of this box's nftables table (inet family).
-    #[arg(long, env = "HIVE_BOX_NFT_TABLE", default_value = "hive_box")]
-    nft_table: String,
-    /// Parent cgroup (under each controller on v1) of this box's cells.
-    #[arg(long, env = "HIVE_BOX_CGROUP_PARENT", default_value = "hive-box")]
-    cgroup_parent: String,
+    /// Name of this box's nftables table, inet family (default: `hive_box_<8 hex of a hash of
+    /// the box id>`). Refused when another live box on this host uses it.
+    #[arg(long, env = "HIVE_BOX_NFT_TABLE")]
+    nft_table: Option<String>,
+    /// Parent cgroup (under each controller on v1) of this box's cells (default:
+    /// `hive-box-<8 hex of a hash of the box id>`). Refused when another live box uses it.
+    #[arg(long, env = "HIVE_BOX_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+    /// Where the boxes of this host record what each holds (id, data dir, table, cgroup parent,
+    /// subnet, VMM uids); shared by all boxes of the host.
+    #[arg(long, env = "HIVE_BOX_CLAIMS_DIR", default_value = hive_box::claim::CLAIMS_DIR)]
+    claims_dir: PathBuf,
+    /// After this many cell boots in a row fail (none succeeding), /healthz answers 503 with
+    /// the last error, until a boot succeeds again.
+    #[arg(long, env = "HIVE_BOX_UNHEALTHY_BOOT_FAILURES", default_value_t = 3)]
+    unhealthy_boot_failures: u32,
     /// The control plane's lease time; without it for longer, the box cancels its builds.
     #[arg(long, env = "HIVE_LEASE_SECS", default_value_t = 30)]
     lease_secs: u64,
@@ -185,6 +203,10 @@ enum MainError {
     Missing(&'static str),
     #[error("data dir {0}")]
     DataDir(PathBuf, #[source] std::io::Error),
+    #[error("box identity")]
+    Identity(#[from] hive_box::identity::IdentityError),
+    #[error("claim this box's names on the host")]
+    Claim(#[from] hive_box::claim::ClaimError),
 }
 
 fn main() -> ExitCode {
@@ -372,17 +394,12 @@ async fn run_async(
     };
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
-    let box_id = args.box_id.clone().unwrap_or_else(|| {
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "box".into())
-    });
+    let claim = claim_names(&args, matches!(chosen, Chosen::Microvm(_)))?;
     let mut blocked = control_plane_addrs(&args.control_plane).await;
     blocked.extend(args.block.iter().copied());
     let net = BoxNet {
-        table: args.nft_table.clone(),
-        subnet: args.cell_subnet,
+        table: claim.record.nft_table.clone(),
+        subnet: claim.cell_subnet(),
         blocked,
     };
     let helper = std::env::current_exe().map_err(MainError::SelfExe)?;
@@ -398,23 +415,25 @@ async fn run_async(
                 build_image: args.build_image.clone().unwrap_or_default(),
                 cell_binary: args.cell_binary.clone(),
                 jail_helper: helper,
-                cgroup_parent: args.cgroup_parent.clone(),
+                cgroup_parent: claim.record.cgroup_parent.clone(),
                 net: net.clone(),
                 cell_env,
             })?);
             let cgroups = backend.cgroups().clone();
-            serve(args, classes, backend, cgroups, net, box_id, signals).await
+            serve(args, classes, backend, cgroups, net, claim, signals).await
         }
         Chosen::Microvm(guest) => {
             let mut cfg = MicrovmConfig::new(
                 args.data_dir.clone(),
                 guest,
                 net.clone(),
-                args.cgroup_parent.clone(),
+                claim.record.cgroup_parent.clone(),
             );
             cfg.vmm_binary = helper;
             cfg.extra_cmdline = args.guest_cmdline.clone();
-            cfg.vmm_uid_base = args.vmm_uid_base;
+            if let Some(base) = claim.vmm_uid_base() {
+                cfg.vmm_uid_base = base;
+            }
             if args.guest_cpu_template == "baseline" {
                 cfg.cpu_template = hive_box::backend::microvm::CpuTemplate::Baseline;
             }
@@ -423,9 +442,53 @@ async fn run_async(
             }
             let backend = Arc::new(MicrovmBackend::new(cfg)?);
             let cgroups = backend.cgroups().clone();
-            serve(args, classes, backend, cgroups, net, box_id, signals).await
+            serve(args, classes, backend, cgroups, net, claim, signals).await
         }
     }
+}
+
+/// The box id and every host-global name of this box, from the flags or derived from the id,
+/// claimed against the other boxes on this host (held until the returned claim is dropped).
+fn claim_names(args: &RunArgs, microvm: bool) -> Result<Claim, MainError> {
+    use hive_box::claim::{Pick, Wanted};
+    use hive_box::identity;
+    let data_dir = std::fs::canonicalize(&args.data_dir)
+        .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
+    let box_id = identity::box_id(args.box_id.as_deref(), &data_dir)?;
+    let nft_table = match &args.nft_table {
+        Some(t) => t.clone(),
+        None => identity::derived_table(&box_id),
+    };
+    identity::validate_table(&nft_table)?;
+    let cgroup_parent = match &args.cgroup_parent {
+        Some(c) => c.clone(),
+        None => identity::derived_cgroup_parent(&box_id),
+    };
+    identity::validate_cgroup_parent(&cgroup_parent)?;
+    let cell_subnet = match args.cell_subnet {
+        Some(s) => Pick::Given(s),
+        None => Pick::Derived(identity::subnet_candidates(&box_id).collect()),
+    };
+    let vmm_uid_base = microvm.then(|| match args.vmm_uid_base {
+        Some(base) => Pick::Given(base),
+        None => Pick::Derived(
+            identity::vmm_uid_candidates(&box_id, hive_box::backend::microvm::DEFAULT_VMM_UID_BASE)
+                .collect(),
+        ),
+    });
+    let want = Wanted {
+        box_id,
+        data_dir,
+        nft_table,
+        cgroup_parent,
+        cell_subnet,
+        avoid: identity::host_routes(),
+        vmm_uid_base,
+    };
+    let claim = hive_box::claim::claim(&args.claims_dir, &want)?;
+    let r = &claim.record;
+    tracing::info!(box_id = %r.box_id, nft_table = %r.nft_table, cgroup_parent = %r.cgroup_parent, cell_subnet = %r.cell_subnet, vmm_uids = ?r.vmm_uids, "claimed this box's names on the host");
+    Ok(claim)
 }
 
 /// SIGTERM and SIGINT, installed before any set-up so neither kills the daemon half-way.
@@ -441,9 +504,11 @@ async fn serve<B: CellBackend>(
     backend: Arc<B>,
     cgroups: Hierarchy,
     net: BoxNet,
-    box_id: String,
+    claim: Claim,
     signals: Signals,
 ) -> Result<(), MainError> {
+    let box_id = claim.record.box_id.clone();
+    let cgroup_parent = claim.record.cgroup_parent.clone();
     let Signals {
         term: mut sigterm,
         int: mut sigint,
@@ -455,7 +520,7 @@ async fn serve<B: CellBackend>(
     let pool = Pool::with_health_timeout(
         Arc::clone(&backend),
         classes,
-        args.cell_subnet.slots(),
+        claim.cell_subnet().slots(),
         Duration::from_secs(args.ready_timeout_secs),
         Duration::from_secs(args.health_timeout_secs.max(1)),
     );
@@ -484,7 +549,13 @@ async fn serve<B: CellBackend>(
         let pool = Arc::clone(&pool);
         let agent = Arc::clone(&agent);
         let box_id = box_id.clone();
+        let names = serde_json::json!({
+            "nft_table": claim.record.nft_table,
+            "cgroup_parent": claim.record.cgroup_parent,
+            "cell_subnet": claim.record.cell_subnet,
+        });
         let backend_name = backend.name();
+        let unhealthy_after = args.unhealthy_boot_failures.max(1);
         Arc::new(move || {
             let pools: Vec<serde_json::Value> = pool
                 .states()
@@ -497,8 +568,20 @@ async fn serve<B: CellBackend>(
                 })
                 .collect();
             let (n, median, p99) = agent.dispatch_stats();
+            // A box that cannot boot cells is of no use, whatever else works.
+            let failures = pool.boot_failures();
+            let unhealthy = (failures.in_a_row >= unhealthy_after).then(|| {
+                format!(
+                    "{} cell boots in a row failed; last: {}",
+                    failures.in_a_row,
+                    failures.last.as_deref().unwrap_or("?")
+                )
+            });
             serde_json::json!({
-                "ok": true,
+                "ok": unhealthy.is_none(),
+                "unhealthy": unhealthy,
+                "boot_failures_in_a_row": failures.in_a_row,
+                "names": names,
                 "dispatch_ms": { "n": n, "median": median, "p99": p99 },
                 "box_id": box_id,
                 "backend": backend_name,
@@ -553,11 +636,13 @@ async fn serve<B: CellBackend>(
     pool.shutdown().await;
     // Anything a build task could not release (it was cut short) is reaped the same way.
     let _ = hive_box::reaper::reap(backend.as_ref()).await;
-    cgroups.remove_parent(&args.cgroup_parent);
+    // Only this box's: the claim kept every other box off these names.
+    cgroups.remove_parent(&cgroup_parent);
     if let Err(e) = net.teardown() {
         tracing::warn!(error = %error_chain(&e), "remove firewall table");
     }
     health_task.abort();
+    drop(claim);
     tracing::info!("hive-box stopped");
     Ok(())
 }

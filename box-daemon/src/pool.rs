@@ -70,9 +70,24 @@ struct Inner {
     /// Slot of every live cell, by id.
     slots: HashMap<String, u32>,
     shutting_down: bool,
-    /// Boot failures in a row, to back off instead of spinning on a broken image.
+    /// Boot failures in a row (warm and cold), to back off instead of spinning on a broken
+    /// image, and to say the box is unhealthy.
     failures: u32,
+    /// Why the last boot failed, while `failures` > 0.
+    last_failure: Option<String>,
 }
+
+/// Boots failing in a row: [`Pool::boot_failures`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootFailures {
+    /// Cell boots that failed since the last one that succeeded.
+    pub in_a_row: u32,
+    /// The last failure's error chain (bounded), when `in_a_row` > 0.
+    pub last: Option<String>,
+}
+
+/// Characters kept of a boot error for [`BootFailures::last`].
+const FAILURE_TEXT: usize = 1000;
 
 /// Counters for the benchmark and logs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -153,6 +168,7 @@ impl<B: CellBackend> Pool<B> {
                 slots: HashMap::new(),
                 shutting_down: false,
                 failures: 0,
+                last_failure: None,
             }),
             stats: Mutex::new(PoolStats::default()),
             changed: Notify::new(),
@@ -171,6 +187,16 @@ impl<B: CellBackend> Pool<B> {
 
     pub fn stats(&self) -> PoolStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many cell boots failed since the last success, and why the last one did (the
+    /// health endpoint turns this into "unhealthy").
+    pub fn boot_failures(&self) -> BootFailures {
+        let inner = self.lock();
+        BootFailures {
+            in_a_row: inner.failures,
+            last: inner.last_failure.clone(),
+        }
     }
 
     /// Adopts the shape of a class (the control plane's definition wins over the built-in one).
@@ -298,6 +324,24 @@ impl<B: CellBackend> Pool<B> {
                 Err(_) => stats.boot_failures += 1,
             }
         }
+        {
+            let mut inner = self.lock();
+            match &res {
+                Ok(_) => {
+                    inner.failures = 0;
+                    inner.last_failure = None;
+                }
+                Err(e) => {
+                    inner.failures += 1;
+                    inner.last_failure = Some(
+                        hive_sys::error_chain(e)
+                            .chars()
+                            .take(FAILURE_TEXT)
+                            .collect(),
+                    );
+                }
+            }
+        }
         if res.is_err() {
             let _ = self.backend.destroy(&id).await;
         }
@@ -418,7 +462,6 @@ impl<B: CellBackend> Pool<B> {
             }
             match res {
                 Ok(cell) => {
-                    inner.failures = 0;
                     let reshaped = inner
                         .classes
                         .get(&class)
@@ -435,7 +478,6 @@ impl<B: CellBackend> Pool<B> {
                     }
                 }
                 Err(e) => {
-                    inner.failures += 1;
                     Self::free_slot(&mut inner, &id);
                     tracing::warn!(class = %class, error = %hive_sys::error_chain(&e), failures = inner.failures, "warm cell failed to boot");
                     retry = true;

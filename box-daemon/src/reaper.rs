@@ -4,6 +4,9 @@
 //! firewall entries behind, and builds the control plane still thinks run here. The reaper destroys
 //! every leftover cell the backend can find and returns the builds they held (from each cell's
 //! record) so the agent reports them `FINISHED failed "box restarted"` right after registering.
+//! It sees only this box's leftovers: the backend looks in this box's data dir and cgroup parent,
+//! which no other live box on the host shares ([`claim`](crate::claim)); other boxes' cells are
+//! never found, so never destroyed.
 use crate::backend::CellBackend;
 
 /// A build that was running in a reaped cell.

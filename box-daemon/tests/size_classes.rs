@@ -32,6 +32,8 @@ async fn box_registers_then_boots_the_control_planes_shape() {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         db: Some(format!("sqlite://{}/hive.db", db_dir.path().display())),
+        // Its admin.token goes there too, not into the working directory.
+        data_dir: db_dir.path().to_path_buf(),
         size_classes: SizeClasses::with_overrides(&[reshaped]).unwrap(),
         ..Config::default()
     })

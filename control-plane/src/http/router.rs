@@ -1,4 +1,4 @@
-//! The HTTP routes: `POST /webhooks/github` (see `webhook`), `GET /healthz` (answers 200 only
+//! The HTTP routes: `POST /webhooks/{github,gitea,gitlab}` (see `webhook`), `GET /healthz` (answers 200 only
 //! when the database answers) and `GET /metrics` (see `metrics`). Every request, body included,
 //! must end within the configured timeout (408 otherwise: a sender trickling its body holds
 //! nothing for long), and only so many are handled at once.
@@ -19,7 +19,9 @@ use crate::state::Hive;
 /// The HTTP routes.
 pub fn router(hive: Arc<Hive>, timeout: Duration, concurrency: usize) -> Router {
     Router::new()
-        .route("/webhooks/github", post(webhook::handle))
+        .route("/webhooks/github", post(webhook::github))
+        .route("/webhooks/gitea", post(webhook::gitea))
+        .route("/webhooks/gitlab", post(webhook::gitlab))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         // The webhook reads its body itself, with its own 5 MiB limit and 413.

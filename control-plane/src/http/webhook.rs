@@ -1,9 +1,17 @@
-//! `POST /webhooks/github`: GitHub-compatible push and ping events to queued builds.
+//! `POST /webhooks/github`, `/webhooks/gitea` and `/webhooks/gitlab`: push (and ping) events
+//! from the forges to queued builds. One path for all three; a [`Forge`] says where each keeps
+//! its event name, delivery id, proof and repository URLs:
+//!
+//! | forge | event | delivery id | proof |
+//! | --- | --- | --- | --- |
+//! | GitHub | `X-GitHub-Event` | `X-GitHub-Delivery` | `X-Hub-Signature-256: sha256=<hex>`, HMAC-SHA256 of the raw body; the body JSON or form-encoded (`payload=<JSON>`) |
+//! | Gitea, Forgejo | `X-Gitea-Event` / `X-Forgejo-Event` | `X-Gitea-Delivery` / `X-Forgejo-Delivery` | `X-Gitea-Signature` / `X-Forgejo-Signature: <hex>`, HMAC-SHA256 of the body |
+//! | GitLab | `X-Gitlab-Event` (`Push Hook`, `Tag Push Hook`) | `X-Gitlab-Event-UUID` (else `X-Gitlab-Webhook-UUID`, else the body's SHA-256) | `X-Gitlab-Token`: the secret itself, compared in constant time |
 //!
 //! Order of checks, and why:
 //! 1. body over 5 MiB -> 413 (before anything is parsed);
-//! 2. no `X-GitHub-Event` -> 400; no (or not `sha256=<64 hex>`) `X-Hub-Signature-256` -> 401;
-//! 3. body not JSON -> 400. The signature is per project, so the project has to be found from
+//! 2. no event header -> 400; no (or malformed) proof header -> 401;
+//! 3. body not JSON (for GitHub, nor a form with a JSON `payload`) -> 400. The signature is per project, so the project has to be found from
 //!    the payload's repository before the signature can be checked; a body that does not parse
 //!    cannot name one. Answering 400 here tells a sender nothing it did not send and changes
 //!    nothing, so it is safe to answer before authentication (but only to requests that at
@@ -15,7 +23,7 @@
 //!    (same status, message, metrics label, and an HMAC computed all the same), so a sender
 //!    without a secret cannot learn which repositories are registered;
 //! 6. `ping` -> 200 pong; events other than `push` -> 202 and no build;
-//! 7. push: no `X-GitHub-Delivery`, no `ref`, or (unless the branch was deleted) an `after`
+//! 7. push: no delivery id, no `ref`, or (unless the branch was deleted) an `after`
 //!    that is not 40 hex digits -> 400. Then for each project the signature verified (several
 //!    projects may build one repository): a delivery that project saw before -> its same answer
 //!    again (`duplicate: true`, no second build); a deleted branch, a tag, or a branch the
@@ -37,7 +45,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use crate::domain::submit::submit_delivery;
 use crate::state::Hive;
@@ -74,6 +82,156 @@ fn reject(status: StatusCode, outcome: &'static str, message: impl Into<String>)
     }
 }
 
+/// Where a delivery comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forge {
+    GitHub,
+    /// Gitea and Forgejo (the same payloads; Forgejo names its headers after itself).
+    Gitea,
+    GitLab,
+}
+
+/// A push or a ping, or something else (answered 202, no build).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Push,
+    Ping,
+    Other,
+}
+
+impl Forge {
+    fn name(self) -> &'static str {
+        match self {
+            Forge::GitHub => "GitHub",
+            Forge::Gitea => "Gitea",
+            Forge::GitLab => "GitLab",
+        }
+    }
+
+    /// The first of `names` the request carries.
+    fn first<'a>(
+        headers: &'a HeaderMap,
+        names: &[&'static str],
+    ) -> Option<(&'static str, &'a str)> {
+        names
+            .iter()
+            .find_map(|n| header(headers, n).map(|v| (*n, v)))
+    }
+
+    fn event_headers(self) -> &'static [&'static str] {
+        match self {
+            Forge::GitHub => &["x-github-event"],
+            Forge::Gitea => &["x-gitea-event", "x-forgejo-event"],
+            Forge::GitLab => &["x-gitlab-event"],
+        }
+    }
+
+    fn proof_headers(self) -> &'static [&'static str] {
+        match self {
+            Forge::GitHub => &["x-hub-signature-256"],
+            Forge::Gitea => &["x-gitea-signature", "x-forgejo-signature"],
+            Forge::GitLab => &["x-gitlab-token"],
+        }
+    }
+
+    fn delivery_headers(self) -> &'static [&'static str] {
+        match self {
+            Forge::GitHub => &["x-github-delivery"],
+            Forge::Gitea => &["x-gitea-delivery", "x-forgejo-delivery"],
+            Forge::GitLab => &["x-gitlab-event-uuid", "x-gitlab-webhook-uuid"],
+        }
+    }
+
+    fn kind(self, event: &str) -> Kind {
+        match (self, event) {
+            (Forge::GitHub | Forge::Gitea, "push") => Kind::Push,
+            (Forge::GitHub, "ping") => Kind::Ping,
+            (Forge::GitLab, "Push Hook" | "Tag Push Hook") => Kind::Push,
+            _ => Kind::Other,
+        }
+    }
+
+    /// Checks the proof header's form, so a request without a usable one is refused before
+    /// its body is parsed.
+    fn proof_is_well_formed(self, proof: &str) -> bool {
+        match self {
+            Forge::GitHub => parse_signature(proof).is_some(),
+            Forge::Gitea => parse_hex_signature(proof).is_some(),
+            Forge::GitLab => !proof.is_empty() && proof.len() <= 1024,
+        }
+    }
+
+    /// Whether `proof` shows the sender holds `secret` (constant time).
+    fn verify(self, secret: &[u8], body: &[u8], proof: &str) -> bool {
+        match self {
+            Forge::GitHub => verify_signature(secret, body, proof),
+            Forge::Gitea => parse_hex_signature(proof).is_some_and(|tag| {
+                Hmac::<Sha256>::new_from_slice(secret).is_ok_and(|mut mac| {
+                    mac.update(body);
+                    mac.verify_slice(&tag).is_ok()
+                })
+            }),
+            Forge::GitLab => {
+                use subtle::ConstantTimeEq;
+                let a = Sha256::digest(secret);
+                let b = Sha256::digest(proof.as_bytes());
+                bool::from(a.ct_eq(&b))
+            }
+        }
+    }
+
+    /// The repository's URLs in the payload, in every form the forge sends.
+    fn urls(self, payload: &Value) -> Vec<String> {
+        let places: &[(&str, &str)] = match self {
+            Forge::GitHub | Forge::Gitea => &[
+                ("repository", "clone_url"),
+                ("repository", "ssh_url"),
+                ("repository", "git_url"),
+                ("repository", "html_url"),
+            ],
+            Forge::GitLab => &[
+                ("project", "git_http_url"),
+                ("project", "git_ssh_url"),
+                ("project", "web_url"),
+                ("repository", "git_http_url"),
+                ("repository", "git_ssh_url"),
+                ("repository", "homepage"),
+            ],
+        };
+        places
+            .iter()
+            .filter_map(|(o, k)| payload[*o][*k].as_str())
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The trigger recorded on a build this delivery makes.
+    fn trigger(self, delivery: &str) -> String {
+        match self {
+            Forge::GitHub => format!("webhook:{delivery}"),
+            Forge::Gitea => format!("webhook-gitea:{delivery}"),
+            Forge::GitLab => format!("webhook-gitlab:{delivery}"),
+        }
+    }
+}
+
+/// The 32 bytes of a bare `<64 hex>` signature (Gitea, Forgejo).
+fn parse_hex_signature(header: &str) -> Option<Vec<u8>> {
+    let hexed = header.trim();
+    if hexed.len() != 64 {
+        return None;
+    }
+    hex::decode(hexed).ok()
+}
+
+/// The JSON of a form-encoded GitHub delivery (`payload=<urlencoded JSON>`).
+fn form_payload(body: &[u8]) -> Option<Vec<u8>> {
+    form_urlencoded::parse(body)
+        .find(|(k, _)| k == "payload")
+        .map(|(_, v)| v.into_owned().into_bytes())
+}
+
 /// Checks a `X-Hub-Signature-256` header value against `body` with `secret`, in constant time.
 pub fn verify_signature(secret: &[u8], body: &[u8], header: &str) -> bool {
     let Some(tag) = parse_signature(header) else {
@@ -103,25 +261,74 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// The axum handler.
-pub async fn handle(State(hive): State<Arc<Hive>>, headers: HeaderMap, body: Body) -> Response {
-    let delivery = clip(header(&headers, "x-github-delivery").unwrap_or(""));
-    let event = clip(header(&headers, "x-github-event").unwrap_or(""));
-    match process(&hive, &headers, body).await {
+/// `POST /webhooks/github`.
+pub async fn github(state: State<Arc<Hive>>, headers: HeaderMap, body: Body) -> Response {
+    handle(Forge::GitHub, state, headers, body).await
+}
+
+/// `POST /webhooks/gitea` (Gitea and Forgejo).
+pub async fn gitea(state: State<Arc<Hive>>, headers: HeaderMap, body: Body) -> Response {
+    handle(Forge::Gitea, state, headers, body).await
+}
+
+/// `POST /webhooks/gitlab`.
+pub async fn gitlab(state: State<Arc<Hive>>, headers: HeaderMap, body: Body) -> Response {
+    handle(Forge::GitLab, state, headers, body).await
+}
+
+async fn handle(
+    forge: Forge,
+    State(hive): State<Arc<Hive>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let delivery = clip(
+        Forge::first(&headers, forge.delivery_headers())
+            .map(|(_, v)| v)
+            .unwrap_or(""),
+    );
+    let event = clip(
+        Forge::first(&headers, forge.event_headers())
+            .map(|(_, v)| v)
+            .unwrap_or(""),
+    );
+    let forge_name = forge.name();
+    match process(forge, &hive, &headers, body).await {
         Ok((status, outcome, answer)) => {
             hive.metrics.webhook(outcome);
-            tracing::info!(%delivery, %event, outcome, %answer, "webhook accepted");
+            tracing::info!(forge = forge_name, %delivery, %event, outcome, %answer, "webhook accepted");
             (status, Json(answer)).into_response()
         }
         Err(r) => {
             hive.metrics.webhook(r.outcome);
             if r.status.is_server_error() {
-                tracing::error!(%delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook failed");
+                tracing::error!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook failed");
             } else {
-                tracing::warn!(%delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook rejected");
+                tracing::warn!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook rejected");
             }
             (r.status, Json(json!({ "error": r.message }))).into_response()
         }
+    }
+}
+
+/// A header's name as the forges' documentation writes it (`X-GitHub-Event`).
+fn header_name(lower: &str) -> String {
+    match lower {
+        "x-github-event" => "X-GitHub-Event".into(),
+        "x-github-delivery" => "X-GitHub-Delivery".into(),
+        "x-hub-signature-256" => "X-Hub-Signature-256".into(),
+        "x-gitlab-event-uuid" => "X-Gitlab-Event-UUID".into(),
+        "x-gitlab-webhook-uuid" => "X-Gitlab-Webhook-UUID".into(),
+        other => other
+            .split('-')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("-"),
     }
 }
 
@@ -130,6 +337,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 async fn process(
+    forge: Forge,
     hive: &Hive,
     headers: &HeaderMap,
     body: Body,
@@ -158,28 +366,55 @@ async fn process(
         }
     })?;
 
-    let Some(event) = header(headers, "x-github-event") else {
+    let Some((_, event)) = Forge::first(headers, forge.event_headers()) else {
         return Err(reject(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "missing X-GitHub-Event header",
+            format!(
+                "missing {} header ({} webhook)",
+                header_name(forge.event_headers()[0]),
+                forge.name()
+            ),
         ));
     };
-    let Some(signature) = header(headers, "x-hub-signature-256") else {
+    let Some((proof_header, signature)) = Forge::first(headers, forge.proof_headers()) else {
         return Err(reject(
             StatusCode::UNAUTHORIZED,
             "bad_signature",
-            "missing X-Hub-Signature-256 header",
+            format!("missing {} header", header_name(forge.proof_headers()[0])),
         ));
     };
-    if parse_signature(signature).is_none() {
+    if !forge.proof_is_well_formed(signature) {
         return Err(reject(
             StatusCode::UNAUTHORIZED,
             "bad_signature",
-            "X-Hub-Signature-256 is not of the form sha256=<64 hex digits>",
+            match forge {
+                Forge::GitHub => format!(
+                    "{} is not of the form sha256=<64 hex digits>",
+                    header_name(proof_header)
+                ),
+                Forge::Gitea => format!("{} is not 64 hex digits", header_name(proof_header)),
+                Forge::GitLab => format!("{} is empty or too long", header_name(proof_header)),
+            },
         ));
     }
-    let payload: Value = serde_json::from_slice(&body).map_err(|e| {
+    // GitHub's default content type for a new hook is a form whose `payload` field holds the
+    // JSON; the signature covers the raw body either way.
+    let form = forge == Forge::GitHub
+        && header(headers, "content-type")
+            .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+    let json_bytes = if form {
+        form_payload(&body).ok_or_else(|| {
+            reject(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                "form-encoded body has no payload field",
+            )
+        })?
+    } else {
+        body.to_vec()
+    };
+    let payload: Value = serde_json::from_slice(&json_bytes).map_err(|e| {
         reject(
             StatusCode::BAD_REQUEST,
             "bad_json",
@@ -193,31 +428,36 @@ async fn process(
             "body is JSON but not an object",
         ));
     }
+    let kind = forge.kind(event);
 
-    let urls: Vec<String> = ["clone_url", "ssh_url", "git_url", "html_url"]
-        .iter()
-        .filter_map(|k| payload["repository"][*k].as_str())
-        .map(str::to_string)
-        .collect();
+    let urls = forge.urls(&payload);
     if urls.is_empty() {
         // Organisation-level hooks send pings and other events without a repository: there
         // is no project (so no secret) to check them against, and nothing is done for them.
-        return match event {
-            "push" => Err(reject(
+        return match kind {
+            Kind::Push => Err(reject(
                 StatusCode::BAD_REQUEST,
                 "bad_json",
-                "push payload has no repository URL \
-                 (repository.clone_url/ssh_url/git_url/html_url)",
+                match forge {
+                    Forge::GitLab => {
+                        "push payload has no repository URL \
+                        (project.git_http_url/git_ssh_url/web_url)"
+                    }
+                    _ => {
+                        "push payload has no repository URL \
+                        (repository.clone_url/ssh_url/git_url/html_url)"
+                    }
+                },
             )),
-            "ping" => Ok((
+            Kind::Ping => Ok((
                 StatusCode::OK,
                 "ping",
                 json!({ "message": "pong (no repository in the payload; nothing verified)" }),
             )),
-            other => Ok((
+            Kind::Other => Ok((
                 StatusCode::ACCEPTED,
                 "unsupported_event",
-                json!({ "message": format!("event {:?} is not handled; no build", clip(other)), "build_id": null }),
+                json!({ "message": format!("event {:?} is not handled; no build", clip(event)), "build_id": null }),
             )),
         };
     }
@@ -231,11 +471,11 @@ async fn process(
     if projects.is_empty() {
         // The same work as checking one project, so the time taken does not tell an unknown
         // repository from a wrong secret either.
-        let _ = verify_signature(UNKNOWN_REPO_KEY, &body, signature);
+        let _ = forge.verify(UNKNOWN_REPO_KEY, &body, signature);
     }
     let verified: Vec<&ProjectRow> = projects
         .iter()
-        .filter(|p| !p.secret.is_empty() && verify_signature(p.secret.as_bytes(), &body, signature))
+        .filter(|p| !p.secret.is_empty() && forge.verify(p.secret.as_bytes(), &body, signature))
         .collect();
     if verified.is_empty() {
         return Err(reject(
@@ -248,36 +488,50 @@ async fn process(
         ));
     }
 
-    match event {
-        "ping" => {
+    match kind {
+        Kind::Ping => {
             return Ok((
                 StatusCode::OK,
                 "ping",
                 json!({ "message": "pong", "project": verified[0].name }),
             ))
         }
-        "push" => {}
-        other => {
+        Kind::Push => {}
+        Kind::Other => {
             return Ok((
                 StatusCode::ACCEPTED,
                 "unsupported_event",
-                json!({ "message": format!("event {:?} is not handled; no build", clip(other)), "build_id": null }),
+                json!({ "message": format!("event {:?} is not handled; no build", clip(event)), "build_id": null }),
             ))
         }
     }
 
-    let Some(delivery) = header(headers, "x-github-delivery").filter(|d| !d.is_empty()) else {
-        return Err(reject(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "missing X-GitHub-Delivery header",
-        ));
-    };
+    let body_hash;
+    let delivery =
+        match Forge::first(headers, forge.delivery_headers()).filter(|(_, d)| !d.is_empty()) {
+            Some((_, d)) => d,
+            // GitLab before 15.x sends no delivery id: a redelivery repeats the body exactly, so
+            // the body's hash dedupes it.
+            None if forge == Forge::GitLab => {
+                body_hash = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+                &body_hash
+            }
+            None => {
+                return Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!(
+                        "missing {} header",
+                        header_name(forge.delivery_headers()[0])
+                    ),
+                ))
+            }
+        };
     if delivery.len() > 128 {
         return Err(reject(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "X-GitHub-Delivery is longer than 128 characters",
+            "the delivery id is longer than 128 characters",
         ));
     }
     let Some(git_ref) = payload["ref"].as_str() else {
@@ -318,7 +572,7 @@ async fn process(
                     ),
                 ),
                 Some(_) => {
-                    let trigger = format!("webhook:{delivery}");
+                    let trigger = forge.trigger(delivery);
                     (
                         Some(BuildRow::new_queued(project, after, git_ref, &trigger)),
                         String::new(),

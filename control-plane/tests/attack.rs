@@ -38,6 +38,7 @@ const RPCS: &[(&str, usize)] = &[
     ("ListNetworks", 0),
     ("ListConnectors", 0),
     ("SubmitBuild", 1),
+    ("RebuildBuild", 1),
     ("CancelBuild", 1),
     ("CreateProject", 2),
     ("DeleteProject", 2),
@@ -89,6 +90,10 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             .map(drop),
         "GetBuild" => api
             .get_build(pb::GetBuildRequest { id: nope() })
+            .await
+            .map(drop),
+        "RebuildBuild" => api
+            .rebuild_build(pb::RebuildBuildRequest { id: nope() })
             .await
             .map(drop),
         "ListBuilds" => api

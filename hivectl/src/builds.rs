@@ -1,9 +1,10 @@
-//! `submit`, `builds`, `build`, `logs`, `watch` and `cancel`.
+//! `submit`, `rebuild`, `builds`, `build`, `logs`, `watch` and `cancel`.
 
 use std::io::Write;
 
 use hive_proto::v1::{
-    BuildState, CancelBuildRequest, ListBuildsRequest, StreamLogsRequest, SubmitBuildRequest,
+    Build, BuildState, CancelBuildRequest, ListBuildsRequest, RebuildBuildRequest,
+    StreamLogsRequest, SubmitBuildRequest,
 };
 use tokio_stream::StreamExt;
 
@@ -28,6 +29,22 @@ pub(crate) async fn submit(
         .await
         .map_err(|s| ctl.status(format!("submit build of {project:?}"), s))?
         .into_inner();
+    queued(ctl, b, wait).await
+}
+
+/// `rebuild`.
+pub(crate) async fn rebuild(ctl: &mut Ctl, id: String, wait: bool) -> Result<(), CliError> {
+    let b = ctl
+        .client
+        .rebuild_build(RebuildBuildRequest { id: id.clone() })
+        .await
+        .map_err(|s| ctl.status(format!("rebuild {id}"), s))?
+        .into_inner();
+    queued(ctl, b, wait).await
+}
+
+/// Shows a build just queued; with `wait`, follows it to its end (the exit code tells how).
+async fn queued(ctl: &mut Ctl, b: Build, wait: bool) -> Result<(), CliError> {
     if !wait {
         return if ctl.json {
             ctl.out_json(&render::build_json(&b))

@@ -82,6 +82,15 @@ pub(crate) enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Build again: a new build of the same project, revision and ref (with the project's
+    /// steps as they are now).
+    Rebuild {
+        /// The build to run again.
+        id: String,
+        /// Wait until the new build ends, showing progress; exit code tells how it ended.
+        #[arg(long)]
+        wait: bool,
+    },
     /// List builds, newest first.
     Builds {
         /// Only this project (name or id).

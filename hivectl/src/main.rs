@@ -65,6 +65,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             git_ref,
             wait,
         } => builds::submit(ctl, project, rev, git_ref, wait).await,
+        Command::Rebuild { id, wait } => builds::rebuild(ctl, id, wait).await,
         Command::Builds {
             project,
             state,

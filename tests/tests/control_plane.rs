@@ -29,6 +29,7 @@ hive_testkit::on_both!(
     submit_wait_shows_progress_and_tells_the_outcome,
     session_without_register_is_refused_clearly,
     hivectl_needs_a_token_and_a_role,
+    rebuild_runs_the_same_revision_again,
 );
 
 /// Short leases and a fast scheduler so expiry tests take seconds.
@@ -1153,5 +1154,41 @@ async fn hivectl_needs_a_token_and_a_role(backend: Backend) {
     );
     let denied = run(&viewer, &["audit"]);
     assert_eq!(denied.status.code(), Some(5));
+    h.finish().await;
+}
+
+/// Issue 14: `hivectl rebuild ID` makes a new build of the same revision and ref, recorded as a
+/// rebuild, which a box then runs like any other; an unknown build is named in the error.
+async fn rebuild_runs_the_same_revision_again(backend: Backend) {
+    let Some(h) = TestHive::start(backend, "rebuild", fast()).await else {
+        return;
+    };
+    add_project(&h, "demo", &[]);
+    let first = submit(&h, "demo");
+    let again = ctl_json(&h, &["rebuild", &first]);
+    let again_id = again["id"].as_str().expect("id").to_string();
+    assert_ne!(again_id, first);
+    assert_eq!(again["revision"], REV);
+    assert_eq!(again["ref"], "refs/heads/main");
+    assert_eq!(again["state"], "queued");
+    assert_eq!(again["trigger"], format!("rebuild:{first}"));
+    // A box gets both, the rebuild with the same revision.
+    let mut fb = fake_box(&h, "box-r", 2).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let a = fb.next_assignment(T).await.expect("assignment");
+        assert_eq!(a.revision, REV);
+        got.push(a.build_id);
+    }
+    got.sort();
+    let mut want = vec![first.clone(), again_id];
+    want.sort();
+    assert_eq!(got, want);
+    let missing = ctl(&h, &["rebuild", "no-such-build"]);
+    assert_eq!(missing.status.code(), Some(4), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no-such-build"),
+        "{missing:?}"
+    );
     h.finish().await;
 }

@@ -510,6 +510,55 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         Ok(Response::new(build_to_proto(&build, &[first])))
     }
 
+    async fn rebuild_build(
+        &self,
+        request: Request<pb::RebuildBuildRequest>,
+    ) -> Result<Response<pb::Build>, Status> {
+        let caller = self.caller(&request, "RebuildBuild", Right::Submit).await?;
+        let old_id = request.into_inner().id;
+        let old = self
+            .hive
+            .store
+            .get_build(&old_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found(format!("build {old_id:?} not found")))?;
+        let p = self
+            .hive
+            .store
+            .get_project(&old.project_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "build {old_id}'s project {:?} has been deleted; nothing to rebuild",
+                    old.project_name
+                ))
+            })?;
+        caller.require_project("RebuildBuild", &p.id, &p.name)?;
+        // The project as it is now (steps, env, class); the code as it was.
+        let build = BuildRow::new_queued(
+            &p,
+            &old.revision,
+            &old.git_ref,
+            &format!("rebuild:{}", old.id),
+        );
+        let reason = format!("rebuild of {}", old.id);
+        let audit = caller
+            .audit("RebuildBuild", &build.id)
+            .with_detail(format!("project {}, rebuild of {}", p.name, old.id));
+        submit::submit(&self.hive, &build, &reason, &audit)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(build_id = %build.id, rebuild_of = %old.id, project = %p.name, "build submitted");
+        let first = TransitionRow {
+            state: BuildState::Queued,
+            at_ms: build.created_at_ms,
+            reason,
+        };
+        Ok(Response::new(build_to_proto(&build, &[first])))
+    }
+
     async fn get_build(
         &self,
         request: Request<pb::GetBuildRequest>,

@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod placement;
+pub mod refglob;
 pub mod registry;
 pub mod repo_url;
 pub mod retention;

@@ -344,3 +344,114 @@ async fn gitlab_pushes_build(url: String) {
     handle.shutdown().await;
 }
 hive_testkit::on_both!(db => gitlab_pushes_build);
+
+/// Tag builds and branch globs: a project builds the tags its `tags` glob takes and the
+/// branches its `branch` glob takes; the rest are answered with why there is no build.
+async fn tags_and_branch_globs_choose_what_builds(url: String) {
+    let handle = start(&url).await;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "rel".into(),
+            repo_url: "https://git.example/acme/rel.git".into(),
+            secret: SECRET.into(),
+            branch: "release/*".into(),
+            tags: "v*".into(),
+            steps: vec!["make".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let shown = client
+        .get_project(hive_proto::v1::GetProjectRequest {
+            project: "rel".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (shown.branch.as_str(), shown.tags.as_str()),
+        ("release/*", "v*")
+    );
+    let mut n = 0;
+    let mut push = |git_ref: &'static str| {
+        n += 1;
+        let delivery = format!("t-{n}");
+        let body = json!({
+            "ref": git_ref,
+            "after": format!("{n:040x}"),
+            "repository": { "clone_url": "https://git.example/acme/rel.git" },
+        })
+        .to_string()
+        .into_bytes();
+        let sig = sign(SECRET.as_bytes(), &body);
+        let handle = &handle;
+        async move {
+            post(
+                handle,
+                "/webhooks/github",
+                &[
+                    ("X-GitHub-Event", "push"),
+                    ("X-GitHub-Delivery", &delivery),
+                    ("X-Hub-Signature-256", &sig),
+                ],
+                &body,
+            )
+            .await
+        }
+    };
+    for (git_ref, builds, why) in [
+        ("refs/heads/release/1.2", true, ""),
+        ("refs/tags/v1.0", true, ""),
+        ("refs/heads/main", false, "builds branch \"release/*\""),
+        (
+            "refs/tags/nightly",
+            false,
+            "builds tags \"v*\", not refs/tags/nightly",
+        ),
+        ("refs/notes/x", false, "neither a branch nor a tag"),
+    ] {
+        let r = push(git_ref).await;
+        assert_eq!(r.status, 202, "{git_ref}: {}", r.body);
+        if builds {
+            let id = r.json()["build_id"].as_str().unwrap().to_string();
+            let b = api(&handle)
+                .await
+                .get_build(GetBuildRequest { id })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(b.git_ref, git_ref);
+        } else {
+            assert!(r.json()["build_id"].is_null(), "{git_ref}: {}", r.body);
+            let message = r.json()["message"].as_str().unwrap_or_default().to_string();
+            assert!(message.contains(why), "{git_ref}: {message}");
+        }
+    }
+    // A glob must still make a ref name.
+    for (branch, tags) in [("a..*", ""), ("", "v[1"), ("", "x.lock")] {
+        let e = client
+            .create_project(CreateProjectRequest {
+                name: "bad".into(),
+                repo_url: "https://git.example/acme/bad.git".into(),
+                branch: branch.into(),
+                tags: tags.into(),
+                steps: vec!["make".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{branch:?} {tags:?}"
+        );
+        assert!(
+            e.message().contains("is not a git ref name"),
+            "{}",
+            e.message()
+        );
+    }
+    handle.shutdown().await;
+}
+hive_testkit::on_both!(db => tags_and_branch_globs_choose_what_builds);

@@ -21,6 +21,7 @@ fn new_project(name: &str, repo: &str) -> NewProject {
         repo_url: repo.into(),
         secret: "sekrit".into(),
         branch: "main".into(),
+        tags: String::new(),
         size_class: "small".into(),
         private_network: String::new(),
         steps: vec!["make".into(), "make test".into()],

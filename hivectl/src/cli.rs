@@ -261,9 +261,13 @@ pub(crate) struct ProjectAdd {
     /// built only through the API (`hivectl submit`): no webhook can trigger it.
     #[arg(long, value_parser = parse_secret)]
     pub(crate) secret: Option<String>,
-    /// Only pushes to this branch make builds (default: every branch).
+    /// Only pushes to this branch make builds: a name or a glob, `release/*` (default: every
+    /// branch).
     #[arg(long)]
     pub(crate) branch: Option<String>,
+    /// Pushed tags that make builds: a glob, `v*`, or `*` for all (default: no tag builds).
+    #[arg(long, value_name = "GLOB")]
+    pub(crate) tags: Option<String>,
     /// Size class of the cells (default: the control plane's, `small`).
     #[arg(long)]
     pub(crate) size: Option<String>,

@@ -17,6 +17,7 @@ pub(crate) async fn add(ctl: &mut Ctl, a: ProjectAdd) -> Result<(), CliError> {
         repo_url: a.repo,
         secret: a.secret.unwrap_or_default(),
         branch: a.branch.unwrap_or_default(),
+        tags: a.tags.unwrap_or_default(),
         size_class: a.size.unwrap_or_default(),
         private_network: a.private_network.unwrap_or_default(),
         steps: a.steps,

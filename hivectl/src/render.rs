@@ -140,6 +140,7 @@ pub fn project_json(p: &Project) -> Value {
         "name": p.name,
         "repo_url": p.repo_url,
         "branch": p.branch,
+        "tags": p.tags,
         "size_class": p.size_class,
         "private_network": p.private_network,
         "steps": p.steps,
@@ -188,6 +189,14 @@ pub fn project_text(p: &Project, now: i64) -> String {
             "* (every branch)".into()
         } else {
             p.branch.clone()
+        },
+    );
+    kv(
+        "tags:",
+        if p.tags.is_empty() {
+            "none (tag pushes do not build)".into()
+        } else {
+            p.tags.clone()
         },
     );
     kv("size class:", dash(&p.size_class));

@@ -919,6 +919,7 @@ async fn a_build_without_public_egress_reaches_only_its_private_network() {
             steps: vec!["cat PRIVATE".into(), http.clone(), probe.clone()],
             timeout_secs: 60,
             env,
+            ..Default::default()
         })
         .await
         .expect("CreateProject");

@@ -448,6 +448,7 @@ async fn microvm_e2e_private_network_over_kernel_wireguard() {
             steps: steps.to_vec(),
             timeout_secs: 600,
             env,
+            ..Default::default()
         })
         .await
         .expect("CreateProject");

@@ -22,6 +22,7 @@ use crate::auth::{self, Caller, Right, Role};
 use crate::domain::cancel::CancelError;
 use crate::domain::{cancel, drain, network, submit};
 use crate::events::Event;
+use crate::refglob;
 use crate::repo_url::RepoUrl;
 use crate::sizeclass::DEFAULT_CLASS;
 use crate::state::Hive;
@@ -85,6 +86,7 @@ pub fn project_to_proto(p: &ProjectRow) -> pb::Project {
         name: p.name.clone(),
         repo_url: p.repo_url.clone(),
         branch: p.branch.clone(),
+        tags: p.tags.clone(),
         size_class: p.size_class.clone(),
         private_network: p.private_network.clone(),
         steps: p.steps.clone(),
@@ -191,14 +193,24 @@ pub fn validate_project(
             req.timeout_secs
         )));
     }
+    // Names or globs, checked by git's rules with the wildcards standing in for letters.
     if !branch.is_empty() {
-        check_ref_name("branch", &format!("refs/heads/{branch}"))?;
+        check_ref_name(
+            "branch",
+            &format!("refs/heads/{}", refglob::as_name(branch)),
+        )?;
+    }
+    let tags = req.tags.trim();
+    let tags = tags.strip_prefix("refs/tags/").unwrap_or(tags);
+    if !tags.is_empty() {
+        check_ref_name("tags", &format!("refs/tags/{}", refglob::as_name(tags)))?;
     }
     Ok(NewProject {
         name: name.to_string(),
         repo_url: repo_url.to_string(),
         secret: req.secret,
         branch: branch.to_string(),
+        tags: tags.to_string(),
         size_class,
         private_network: req.private_network.trim().to_string(),
         steps: req.steps,

@@ -48,6 +48,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::domain::submit::submit_delivery;
+use crate::refglob;
 use crate::state::Hive;
 use crate::store::{BuildRow, Delivery, ProjectRow};
 
@@ -541,6 +542,13 @@ async fn process(
             "push payload has no \"ref\"",
         ));
     };
+    if git_ref.len() > 256 {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "push payload's \"ref\" is longer than 256 characters",
+        ));
+    }
     let after = payload["after"].as_str().unwrap_or("");
     let commit_id = after.len() == 40 && after.bytes().all(|b| b.is_ascii_hexdigit());
     let deleted = payload["deleted"].as_bool().unwrap_or(false)
@@ -554,37 +562,69 @@ async fn process(
         ));
     }
 
-    // Every verified project whose branch filter takes this ref builds it; each records the
-    // delivery under its own id scope, in the transaction of its build.
+    // Every verified project whose branch (or tag) filter takes this ref builds it; each
+    // records the delivery under its own id scope, in the transaction of its build.
     let branch = git_ref.strip_prefix("refs/heads/");
+    let tag = git_ref.strip_prefix("refs/tags/");
     let mut results = Vec::with_capacity(verified.len());
     for project in &verified {
-        let (build, skip_reason) = if deleted {
-            (None, format!("{git_ref} was deleted; no build"))
+        let (build, outcome, skip_reason) = if deleted {
+            (
+                None,
+                "deleted_branch",
+                format!("{} was deleted; no build", clip(git_ref)),
+            )
         } else {
-            match branch {
-                None => (None, format!("{git_ref} is not a branch; no build")),
-                Some(b) if !project.branch.is_empty() && project.branch != b => (
-                    None,
-                    format!(
-                        "project {} builds branch {:?}, not {git_ref}; no build",
-                        project.name, project.branch
-                    ),
-                ),
-                Some(_) => {
-                    let trigger = forge.trigger(delivery);
+            match (branch, tag) {
+                (Some(b), _)
+                    if !project.branch.is_empty() && !refglob::matches(&project.branch, b) =>
+                {
                     (
-                        Some(BuildRow::new_queued(project, after, git_ref, &trigger)),
-                        String::new(),
+                        None,
+                        "branch_filtered",
+                        format!(
+                            "project {} builds branch {:?}, not {}; no build",
+                            project.name,
+                            project.branch,
+                            clip(git_ref)
+                        ),
                     )
                 }
+                (_, Some(t)) if project.tags.is_empty() || !refglob::matches(&project.tags, t) => (
+                    None,
+                    "not_a_branch",
+                    if project.tags.is_empty() {
+                        format!(
+                            "project {} builds no tags (hivectl project add --tags GLOB); no build \
+                             for {}",
+                            project.name,
+                            clip(git_ref)
+                        )
+                    } else {
+                        format!(
+                            "project {} builds tags {:?}, not {}; no build",
+                            project.name,
+                            project.tags,
+                            clip(git_ref)
+                        )
+                    },
+                ),
+                (None, None) => (
+                    None,
+                    "not_a_branch",
+                    format!("{} is neither a branch nor a tag; no build", clip(git_ref)),
+                ),
+                _ => (
+                    Some(BuildRow::new_queued(
+                        project,
+                        after,
+                        git_ref,
+                        &forge.trigger(delivery),
+                    )),
+                    "build",
+                    String::new(),
+                ),
             }
-        };
-        let outcome = match (&build, deleted, branch) {
-            (Some(_), _, _) => "build",
-            (None, true, _) => "deleted_branch",
-            (None, false, None) => "not_a_branch",
-            (None, false, Some(_)) => "branch_filtered",
         };
         let started = std::time::Instant::now();
         let recorded = submit_delivery(

@@ -14,6 +14,8 @@ pub struct ProjectRow {
     pub repo_url: String,
     pub secret: String,
     pub branch: String,
+    /// Tags pushed that build: a glob (`v*`, `*`); empty builds none.
+    pub tags: String,
     pub size_class: String,
     pub private_network: String,
     pub steps: Vec<String>,
@@ -29,6 +31,7 @@ pub struct NewProject {
     pub repo_url: String,
     pub secret: String,
     pub branch: String,
+    pub tags: String,
     pub size_class: String,
     pub private_network: String,
     pub steps: Vec<String>,
@@ -36,8 +39,8 @@ pub struct NewProject {
     pub timeout_secs: u32,
 }
 
-const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, size_class, private_network, \
-    steps_json, env_json, timeout_secs, created_at_ms";
+const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, tags, size_class, \
+    private_network, steps_json, env_json, timeout_secs, created_at_ms";
 
 /// The matching key of a repository URL ([`crate::repo_url::RepoUrl::key`]); a URL that does
 /// not parse keeps its trimmed self, so it still matches only itself.
@@ -54,6 +57,7 @@ impl Store {
             repo_url: p.repo_url.clone(),
             secret: p.secret.clone(),
             branch: p.branch.clone(),
+            tags: p.tags.clone(),
             size_class: p.size_class.clone(),
             private_network: p.private_network.clone(),
             steps: p.steps.clone(),
@@ -64,8 +68,8 @@ impl Store {
         let mut tx = self.begin().await?;
         let res = sqlx::query(
             "INSERT INTO projects (id, name, repo_url, repo_key, secret, branch, size_class, \
-             private_network, steps_json, env_json, timeout_secs, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             private_network, steps_json, env_json, timeout_secs, created_at_ms, tags) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(&row.id)
@@ -80,6 +84,7 @@ impl Store {
         .bind(to_json(&row.env))
         .bind(i64::from(row.timeout_secs))
         .bind(row.created_at_ms)
+        .bind(&row.tags)
         .execute(&mut *tx)
         .await
         .map_err(q("insert project"))?;
@@ -190,6 +195,7 @@ struct ProjectRecord {
     repo_url: String,
     secret: String,
     branch: String,
+    tags: String,
     size_class: String,
     private_network: String,
     steps_json: String,
@@ -208,6 +214,7 @@ impl TryFrom<ProjectRecord> for ProjectRow {
             repo_url: r.repo_url,
             secret: r.secret,
             branch: r.branch,
+            tags: r.tags,
             size_class: r.size_class,
             private_network: r.private_network,
             steps: from_json("steps_json", &r.steps_json)?,

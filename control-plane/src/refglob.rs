@@ -3,7 +3,8 @@
 //! project's `branch` and `tags` filters are written in.
 
 /// Whether `name` (a branch or tag name, without `refs/heads/` or `refs/tags/`) matches
-/// `pattern`. Linear in the lengths (no backtracking blow-up on hostile names).
+/// `pattern`. At worst the product of the lengths (one resumption point, no exponential
+/// backtracking on hostile names).
 pub fn matches(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
@@ -11,12 +12,12 @@ pub fn matches(pattern: &str, name: &str) -> bool {
     // Where the last `*` was, and the name position it was tried at.
     let mut star: Option<(usize, usize)> = None;
     while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        if pi < p.len() && p[pi] == '*' {
             star = Some((pi, ni));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
         } else if let Some((sp, sn)) = star {
             pi = sp + 1;
             ni = sn + 1;
@@ -58,6 +59,7 @@ mod tests {
             ("a*b*c", "axxbyy", false),
             ("", "", true),
             ("", "x", false),
+            ("*a", "*ba", true),
         ] {
             assert_eq!(matches(p, n), want, "{p:?} vs {n:?}");
         }

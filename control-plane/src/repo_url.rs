@@ -88,10 +88,11 @@ impl RepoUrl {
         if s.len() > MAX_LEN {
             return Err(RepoUrlError::TooLong);
         }
+        // Every message shows the URL without what may be a password or a token.
+        let url = redact(s);
         if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(RepoUrlError::Whitespace(s.to_string()));
+            return Err(RepoUrlError::Whitespace(url));
         }
-        let url = s.to_string();
         if let Some((scheme, rest)) = s.split_once("://") {
             let scheme_lc = scheme.to_ascii_lowercase();
             let scheme = match scheme_lc.as_str() {
@@ -116,7 +117,7 @@ impl RepoUrl {
                     // A user alone is how ssh names its login (git@...); anything more, or a
                     // user over http(s) (a token as the user name), is a credential.
                     if scheme != Scheme::Ssh || userinfo.contains(':') || userinfo.is_empty() {
-                        return Err(RepoUrlError::Credentials(redact(&url)));
+                        return Err(RepoUrlError::Credentials(url));
                     }
                     hp
                 }
@@ -126,7 +127,7 @@ impl RepoUrl {
             Self::finish(scheme, host, path, url)
         } else if let Some((user, host, path)) = scp_like(s) {
             if user.is_some_and(|u| u.is_empty() || u.contains(':')) {
-                return Err(RepoUrlError::Credentials(redact(&url)));
+                return Err(RepoUrlError::Credentials(url));
             }
             Self::finish(Scheme::Ssh, host, path, url)
         } else if s.starts_with('/') || s.starts_with('.') || s.starts_with('~') {
@@ -333,6 +334,9 @@ mod tests {
             "https://user:s3cret@github.com/a/b",
             "https://s3cret@github.com/a/b",
             "s3cret:x@h:a/b",
+            "ftp://u:s3cret@h/x",
+            "https://u:s3cret@h/a b",
+            "weird://u:s3cret@h",
         ] {
             let msg = RepoUrl::parse(url).unwrap_err().to_string();
             assert!(!msg.contains("s3cret"), "{msg}");

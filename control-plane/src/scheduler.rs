@@ -18,7 +18,7 @@ use crate::domain::end::end_build;
 use crate::domain::place::place_round;
 use crate::registry::boxes::LEFT;
 use crate::state::{millis, Hive};
-use crate::store::{now_ms, StoreError};
+use crate::store::{now_ms, Requeued, StoreError};
 
 /// What one pass did (tests and benchmarks read it).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -91,16 +91,20 @@ async fn sweep_leases_and_boxes(hive: &Hive, stats: &mut PassStats) -> Result<()
             }
         );
         hive.registry.forget_inflight(&lease.box_id, &lease.id);
-        if hive
+        let done = hive
             .store
             .requeue(&lease.build_id, &lease.id, "expired", &reason)
-            .await?
-        {
-            tracing::warn!(build_id = %lease.build_id, %reason, "build re-queued");
+            .await?;
+        if done.changed() {
+            if done == Requeued::Queued {
+                tracing::warn!(build_id = %lease.build_id, %reason, "build re-queued");
+                stats.requeued += 1;
+            } else {
+                tracing::warn!(build_id = %lease.build_id, %reason, "build failed: that was its last attempt");
+            }
             hive.metrics.lease_expired();
             hive.events.build_changed(&lease.build_id);
             hive.events.log_appended(&lease.build_id);
-            stats.requeued += 1;
             hive.registry
                 .cancel(
                     &lease.box_id,

@@ -239,7 +239,7 @@ async fn gitlab_pushes_build(url: String) {
         &[
             ("Content-Type", "application/json"),
             ("X-Gitlab-Event", "Push Hook"),
-            ("X-Gitlab-Event-UUID", "u-1"),
+            ("Idempotency-Key", "u-1"),
             ("X-Gitlab-Token", SECRET),
         ],
         &body,
@@ -291,6 +291,31 @@ async fn gitlab_pushes_build(url: String) {
             .next()
     );
 
+    // One push of a branch and a tag: two hooks sharing an event UUID, both handled (the
+    // UUID alone is not a delivery id).
+    let shared = [
+        ("X-Gitlab-Event", "Push Hook"),
+        ("X-Gitlab-Event-UUID", "same-push"),
+        ("X-Gitlab-Token", SECRET),
+    ];
+    let a = post(
+        &handle,
+        "/webhooks/gitlab",
+        &shared,
+        &gitlab_push("push", "refs/heads/main", &"7".repeat(40), "acme/widget"),
+    )
+    .await;
+    let b = post(
+        &handle,
+        "/webhooks/gitlab",
+        &shared,
+        &gitlab_push("push", "refs/heads/main", &"8".repeat(40), "acme/widget"),
+    )
+    .await;
+    assert_eq!(a.json()["duplicate"], false, "{}", a.body);
+    assert_eq!(b.json()["duplicate"], false, "{}", b.body);
+    assert_ne!(a.json()["build_id"], b.json()["build_id"]);
+
     // A tag push and a deleted branch make no build.
     let tag = post(
         &handle,
@@ -340,7 +365,7 @@ async fn gitlab_pushes_build(url: String) {
         "{}",
         none.body
     );
-    assert_eq!(build_count(&handle).await, 2);
+    assert_eq!(build_count(&handle).await, 4);
     handle.shutdown().await;
 }
 hive_testkit::on_both!(db => gitlab_pushes_build);

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use hive_control_plane::store::{
-    Audit, BuildFilter, BuildRow, Delivery, NewProject, Placement, Store, StoreError,
+    Audit, BuildFilter, BuildRow, Delivery, NewProject, Placement, Requeued, Store, StoreError,
 };
 use hive_proto::v1::{BuildState, LogChunk, LogStream};
 
@@ -200,14 +200,20 @@ async fn leases_and_states(url: String) {
 
     // Lease lost: back to the queue, attempt 2; the hole at seq 1 stays (readers skip holes
     // below log_base), a system line explains; the next attempt's chunk 0 lands after it.
-    assert!(store
-        .requeue(&b.id, "L1", "expired", "lease L1 expired")
-        .await
-        .unwrap());
-    assert!(!store
-        .requeue(&b.id, "L1", "expired", "again")
-        .await
-        .unwrap());
+    assert_eq!(
+        store
+            .requeue(&b.id, "L1", "expired", "lease L1 expired")
+            .await
+            .unwrap(),
+        Requeued::Queued
+    );
+    assert_eq!(
+        store
+            .requeue(&b.id, "L1", "expired", "again")
+            .await
+            .unwrap(),
+        Requeued::Moved
+    );
     let q = store.get_build(&b.id).await.unwrap().unwrap();
     assert_eq!(
         (q.state, q.attempt, q.box_id.as_str()),
@@ -313,7 +319,11 @@ async fn finish_wins_over_a_concurrent_requeue(url: String) {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     batch.commit(0).await.unwrap();
     let requeued = sweeper.await.unwrap().unwrap();
-    assert!(!requeued, "a finished build is not re-queued");
+    assert_eq!(
+        requeued,
+        Requeued::Moved,
+        "a finished build is not re-queued"
+    );
     let after = store.get_build(&b.id).await.unwrap().unwrap();
     assert_eq!(
         (after.state, after.attempt),

@@ -500,6 +500,12 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         }
         let git_ref = if !req.git_ref.is_empty() {
             req.git_ref.clone()
+        } else if refglob::is_glob(&p.branch) {
+            return Err(Status::invalid_argument(format!(
+                "project {} builds branches matching {:?}: name the one to build \
+                 (git_ref, `hivectl submit --ref refs/heads/...`)",
+                p.name, p.branch
+            )));
         } else if !p.branch.is_empty() {
             format!("refs/heads/{}", p.branch)
         } else {

@@ -584,7 +584,10 @@ impl Session {
                 }
                 hive.registry.rejected(&self.box_id, &u.lease_id);
                 let reason = format!("rejected by box {}: {}", self.box_id, u.message);
-                let ok = batch.requeue(&u.build_id, &u.lease_id, &reason).await?;
+                let ok = batch
+                    .requeue(&u.build_id, &u.lease_id, &reason)
+                    .await?
+                    .changed();
                 after.push(After::Wake);
                 ok
             }

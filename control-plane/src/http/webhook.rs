@@ -6,7 +6,7 @@
 //! | --- | --- | --- | --- |
 //! | GitHub | `X-GitHub-Event` | `X-GitHub-Delivery` | `X-Hub-Signature-256: sha256=<hex>`, HMAC-SHA256 of the raw body; the body JSON or form-encoded (`payload=<JSON>`) |
 //! | Gitea, Forgejo | `X-Gitea-Event` / `X-Forgejo-Event` | `X-Gitea-Delivery` / `X-Forgejo-Delivery` | `X-Gitea-Signature` / `X-Forgejo-Signature: <hex>`, HMAC-SHA256 of the body |
-//! | GitLab | `X-Gitlab-Event` (`Push Hook`, `Tag Push Hook`) | `X-Gitlab-Event-UUID` (else `X-Gitlab-Webhook-UUID`, else the body's SHA-256) | `X-Gitlab-Token`: the secret itself, compared in constant time |
+//! | GitLab | `X-Gitlab-Event` (`Push Hook`, `Tag Push Hook`) | `Idempotency-Key` (else `X-Gitlab-Event-UUID` with the body's SHA-256, else the hash alone) | `X-Gitlab-Token`: the secret itself, compared in constant time |
 //!
 //! Order of checks, and why:
 //! 1. body over 5 MiB -> 413 (before anything is parsed);
@@ -139,7 +139,10 @@ impl Forge {
         match self {
             Forge::GitHub => &["x-github-delivery"],
             Forge::Gitea => &["x-gitea-delivery", "x-forgejo-delivery"],
-            Forge::GitLab => &["x-gitlab-event-uuid", "x-gitlab-webhook-uuid"],
+            // `Idempotency-Key` stays the same across GitLab's retries of one delivery;
+            // `X-Gitlab-Event-UUID` may be shared by the hooks of one push (a branch and a tag
+            // pushed together), so it is combined with the body below.
+            Forge::GitLab => &["idempotency-key"],
         }
     }
 
@@ -304,9 +307,11 @@ async fn handle(
             hive.metrics.webhook(r.outcome);
             if r.status.is_server_error() {
                 tracing::error!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook failed");
-            } else {
-                tracing::warn!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook rejected");
+                // The detail (a database error) is for the operator's log, not the sender.
+                let answer = json!({ "error": "internal error; the control plane's log has the detail (the git host will retry)" });
+                return (r.status, Json(answer)).into_response();
             }
+            tracing::warn!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook rejected");
             (r.status, Json(json!({ "error": r.message }))).into_response()
         }
     }
@@ -469,14 +474,22 @@ async fn process(
             format!("looking up projects: {e}"),
         )
     })?;
+    // One check per project with a stand-in key for a project without a secret, and one for
+    // no project at all: the time taken does not tell an unknown repository (or one built only
+    // through the API) from a wrong secret.
     if projects.is_empty() {
-        // The same work as checking one project, so the time taken does not tell an unknown
-        // repository from a wrong secret either.
         let _ = forge.verify(UNKNOWN_REPO_KEY, &body, signature);
     }
     let verified: Vec<&ProjectRow> = projects
         .iter()
-        .filter(|p| !p.secret.is_empty() && forge.verify(p.secret.as_bytes(), &body, signature))
+        .filter(|p| {
+            if p.secret.is_empty() {
+                let _ = forge.verify(UNKNOWN_REPO_KEY, &body, signature);
+                false
+            } else {
+                forge.verify(p.secret.as_bytes(), &body, signature)
+            }
+        })
         .collect();
     if verified.is_empty() {
         return Err(reject(
@@ -511,10 +524,16 @@ async fn process(
     let delivery =
         match Forge::first(headers, forge.delivery_headers()).filter(|(_, d)| !d.is_empty()) {
             Some((_, d)) => d,
-            // GitLab before 15.x sends no delivery id: a redelivery repeats the body exactly, so
-            // the body's hash dedupes it.
+            // Older GitLab sends no Idempotency-Key: a retry repeats the body exactly, so the
+            // body's hash (with the event UUID when there is one) dedupes it.
             None if forge == Forge::GitLab => {
-                body_hash = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+                let hash = hex::encode(Sha256::digest(&body));
+                body_hash = match header(headers, "x-gitlab-event-uuid").filter(|u| {
+                    !u.is_empty() && u.len() <= 60 && u.bytes().all(|b| b.is_ascii_graphic())
+                }) {
+                    Some(uuid) => format!("{uuid}:{hash}"),
+                    None => format!("sha256:{hash}"),
+                };
                 &body_hash
             }
             None => {
@@ -549,7 +568,18 @@ async fn process(
             "push payload's \"ref\" is longer than 256 characters",
         ));
     }
-    let after = payload["after"].as_str().unwrap_or("");
+    // For a tag, the commit it names (an annotated tag's `after` is the tag object): GitHub
+    // and Gitea send it as `head_commit.id`, GitLab as `checkout_sha`.
+    let is_commit = |s: &&str| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let peeled = if git_ref.starts_with("refs/tags/") {
+        payload["head_commit"]["id"]
+            .as_str()
+            .or_else(|| payload["checkout_sha"].as_str())
+            .filter(is_commit)
+    } else {
+        None
+    };
+    let after = peeled.unwrap_or_else(|| payload["after"].as_str().unwrap_or(""));
     let commit_id = after.len() == 40 && after.bytes().all(|b| b.is_ascii_hexdigit());
     let deleted = payload["deleted"].as_bool().unwrap_or(false)
         || (commit_id && after.bytes().all(|b| b == b'0'));

@@ -5,7 +5,7 @@ use hive_proto::v1::{BuildState, LogChunk};
 use sqlx::{Any, Transaction};
 
 use super::builds::{
-    confirm_lease_tx, fetch_build, finish_build_tx, requeue_tx, set_running_tx, BuildRow,
+    confirm_lease_tx, fetch_build, finish_build_tx, requeue_tx, set_running_tx, BuildRow, Requeued,
 };
 use super::logs::{store_log_tx, LogStored};
 use super::{checked, q, to_i64, Result, Store, StoreError};
@@ -237,7 +237,12 @@ impl BoxBatch {
     }
 
     /// REJECTED: see [`Store::requeue`] (the caller has checked the lease is this box's).
-    pub async fn requeue(&mut self, build_id: &str, lease_id: &str, reason: &str) -> Result<bool> {
+    pub async fn requeue(
+        &mut self,
+        build_id: &str,
+        lease_id: &str,
+        reason: &str,
+    ) -> Result<Requeued> {
         requeue_tx(
             &mut self.tx,
             build_id,

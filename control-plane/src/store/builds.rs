@@ -370,7 +370,7 @@ impl Store {
         lease_id: &str,
         lease_end: &str,
         reason: &str,
-    ) -> Result<bool> {
+    ) -> Result<Requeued> {
         let max = self.max_attempts;
         in_tx!(self, "commit re-queue", |tx| {
             requeue_tx(tx, build_id, lease_id, lease_end, reason, max).await
@@ -594,6 +594,24 @@ pub(crate) async fn finish_build_tx(
     Ok(true)
 }
 
+/// What a re-queue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeued {
+    /// Back in the queue for its next attempt.
+    Queued,
+    /// That was its last attempt: it failed, saying why.
+    OutOfAttempts,
+    /// It had moved on (finished, cancelled, another lease): nothing changed but the lease.
+    Moved,
+}
+
+impl Requeued {
+    /// Whether the build changed (its watchers should hear of it).
+    pub fn changed(self) -> bool {
+        self != Requeued::Moved
+    }
+}
+
 pub(crate) async fn requeue_tx(
     tx: &mut Transaction<'_, Any>,
     build_id: &str,
@@ -601,7 +619,7 @@ pub(crate) async fn requeue_tx(
     lease_end: &str,
     reason: &str,
     max_attempts: u32,
-) -> Result<bool> {
+) -> Result<Requeued> {
     let now = now_ms();
     // The log goes on after everything stored so far: one system line at `next`, the next
     // attempt's chunk n at `next + 1 + n`. Holes the lost attempt left stay holes (followers
@@ -661,13 +679,16 @@ pub(crate) async fn requeue_tx(
             )
             .await?;
             release_lease_tx(tx, lease_id, lease_end).await?;
-            return Ok(end_build_tx(tx, build_id, BuildState::Failed, &why)
-                .await?
-                .is_some());
+            let ended = end_build_tx(tx, build_id, BuildState::Failed, &why).await?;
+            return Ok(if ended.is_some() {
+                Requeued::OutOfAttempts
+            } else {
+                Requeued::Moved
+            });
         }
         // The build moved on (finished, cancelled); the lease still must not stay live.
         release_lease_tx(tx, lease_id, lease_end).await?;
-        return Ok(false);
+        return Ok(Requeued::Moved);
     };
     let line = format!(
         "hive: attempt {} ended ({reason}); build re-queued as attempt {attempt}\n",
@@ -685,7 +706,7 @@ pub(crate) async fn requeue_tx(
     .await?;
     release_lease_tx(tx, lease_id, lease_end).await?;
     add_transition(tx, build_id, BuildState::Queued, now, reason).await?;
-    Ok(true)
+    Ok(Requeued::Queued)
 }
 
 pub(crate) async fn insert_build_tx(

@@ -53,7 +53,7 @@ mod tokens;
 
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
-pub use builds::{BuildFilter, BuildRow, Placement, TransitionRow};
+pub use builds::{BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::Delivery;
 pub use leases::LeaseRow;
 pub use logs::{LogStored, MAX_CHUNK_SEQ};

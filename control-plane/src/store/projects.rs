@@ -157,12 +157,14 @@ impl Store {
         Ok(changed)
     }
 
-    /// Projects whose repository URL matches any of `urls` (after [`repo_key`]).
+    /// Projects whose repository URL matches any of `urls` (after [`repo_key`]; URLs that do
+    /// not parse match nothing).
     pub async fn projects_for_repo(&self, urls: &[String]) -> Result<Vec<ProjectRow>> {
+        // Only URLs Hive could have accepted for a project: anything else (a sender's NUL
+        // bytes, which PostgreSQL refuses in text, or any other junk) matches nothing.
         let mut keys: Vec<String> = urls
             .iter()
-            .map(|u| repo_key(u))
-            .filter(|k| !k.is_empty())
+            .filter_map(|u| crate::repo_url::key_of(u))
             .collect();
         keys.sort();
         keys.dedup();

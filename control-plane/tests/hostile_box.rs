@@ -203,3 +203,46 @@ async fn a_second_box_with_a_connected_id_is_refused() {
     handle.shutdown().await;
     db.drop_db().await;
 }
+
+/// Issue 10/11: a box that claims a huge pool, or pools of classes the control plane does not
+/// know, would draw every build; its report is capped and cleaned before placement sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_pool_report_is_capped() {
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start_with(&db.url, |_| {}).await;
+    let huge = hive_proto::v1::PoolState {
+        size_class: "small".into(),
+        warm: u32::MAX,
+        booting: u32::MAX,
+        busy: 7,
+        target: u32::MAX,
+        capacity: u32::MAX,
+    };
+    let pools = vec![huge.clone(), huge, pool("galactic", 5, 5)];
+    let (b, _) = TestBox::connect(&handle, "box-big", pools).await;
+    let boxes = api(&handle)
+        .await
+        .list_boxes(hive_proto::v1::ListBoxesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .boxes;
+    let p = &boxes[0].pools;
+    assert_eq!(p.len(), 1, "unknown and repeated classes dropped: {p:?}");
+    assert_eq!(p[0].size_class, "small");
+    assert_eq!(p[0].capacity, 1024);
+    assert_eq!(p[0].busy, 7);
+    assert_eq!(p[0].warm, 1024 - 7);
+    assert_eq!(p[0].booting, 0);
+    let metrics = http(handle.http_addr, "GET", "/metrics", &[], b"").await;
+    assert!(
+        metrics
+            .body
+            .contains("hive_box_violations_total{kind=\"pool_report\"} 1\n"),
+        "{}",
+        metrics.body
+    );
+    drop(b);
+    handle.shutdown().await;
+    db.drop_db().await;
+}

@@ -16,7 +16,7 @@ use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
     Ack, BoxMessage, BuildState, BuildUpdate, BuildUpdateKind, ControlMessage, Drain, Heartbeat,
-    LogChunk, Registered,
+    LogChunk, PoolState, Registered,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -100,6 +100,38 @@ pub struct BoxAgentService {
     pub hive: Arc<Hive>,
 }
 
+/// Most cells of one class a box may report (a box that claims more would draw every build).
+pub const MAX_CELLS_PER_CLASS: u32 = 1024;
+
+/// A box's pool report made sane before anything uses it: classes the control plane does not
+/// know are dropped, each class is counted once, every number is at most
+/// [`MAX_CELLS_PER_CLASS`], and warm, booting and busy cells fit in the capacity. Anything
+/// changed is a violation (`hive_box_violations_total{kind="pool_report"}`).
+fn checked_pools(hive: &Hive, box_id: &str, pools: Vec<PoolState>) -> Vec<PoolState> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(pools.len().min(16));
+    let mut bad = false;
+    for mut p in pools {
+        if hive.classes.get(&p.size_class).is_err() || !seen.insert(p.size_class.clone()) {
+            bad = true;
+            continue;
+        }
+        let before = p.clone();
+        p.capacity = p.capacity.min(MAX_CELLS_PER_CLASS);
+        p.target = p.target.min(MAX_CELLS_PER_CLASS);
+        p.busy = p.busy.min(p.capacity);
+        p.warm = p.warm.min(p.capacity - p.busy);
+        p.booting = p.booting.min(p.capacity - p.busy - p.warm);
+        bad |= p != before;
+        out.push(p);
+    }
+    if bad {
+        hive.metrics.box_violation("pool_report");
+        tracing::warn!(%box_id, "pool report out of range: unknown or repeated classes dropped, numbers capped");
+    }
+    out
+}
+
 /// How long a Register waits for an older session of the same box id to end (a box that
 /// restarts opens its new session while the control plane is still closing the old one).
 const HOLDER_GRACE: Duration = Duration::from_secs(2);
@@ -157,7 +189,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
                     REGISTER_TIMEOUT.as_secs()
                 ))
             })??;
-        let reg = match first.and_then(|m| m.msg) {
+        let mut reg = match first.and_then(|m| m.msg) {
             Some(BoxMsg::Register(reg)) => reg,
             Some(_) => {
                 return Err(Status::invalid_argument(
@@ -168,6 +200,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
         };
         validate_box_id(&reg.box_id)?;
         let hive = self.hive.clone();
+        reg.pools = checked_pools(&hive, &reg.box_id, std::mem::take(&mut reg.pools));
         refuse_a_second_holder(&hive, &reg, peer).await?;
         let stored = hive.store.get_box(&reg.box_id).await.map_err(internal)?;
         let admin_state = match stored.as_ref().map(|b| b.state.as_str()) {
@@ -482,7 +515,8 @@ impl Session {
         }
     }
 
-    async fn heartbeat(&mut self, hb: Heartbeat) -> Result<(), SessionError> {
+    async fn heartbeat(&mut self, mut hb: Heartbeat) -> Result<(), SessionError> {
+        hb.pools = checked_pools(&self.hive, &self.box_id, std::mem::take(&mut hb.pools));
         let cells_changed = self.hive.registry.heartbeat(&self.box_id, &hb);
         self.hive
             .store

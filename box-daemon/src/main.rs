@@ -154,6 +154,10 @@ struct RunArgs {
     /// The control plane's lease time; without it for longer, the box cancels its builds.
     #[arg(long, env = "HIVE_LEASE_SECS", default_value_t = 30)]
     lease_secs: u64,
+    /// How long to keep trying to resolve the control plane's host name at start (cells are
+    /// blocked from its addresses; without them the box does not start).
+    #[arg(long, env = "HIVE_BOX_RESOLVE_TIMEOUT_SECS", default_value_t = 60)]
+    resolve_timeout_secs: u64,
     /// How long a cell may take from start to answering health.
     #[arg(long, env = "HIVE_BOX_READY_TIMEOUT_SECS", default_value_t = 30)]
     ready_timeout_secs: u64,
@@ -205,6 +209,12 @@ enum MainError {
     DataDir(PathBuf, #[source] std::io::Error),
     #[error("box identity")]
     Identity(#[from] hive_box::identity::IdentityError),
+    #[error(
+        "cannot resolve the control plane's host {host:?} ({why}): cells must be blocked from \
+         it, so the box does not start; fix its DNS, give --control-plane as an address, or \
+         wait longer with --resolve-timeout-secs"
+    )]
+    Resolve { host: String, why: String },
     #[error("claim this box's names on the host")]
     Claim(#[from] hive_box::claim::ClaimError),
 }
@@ -339,28 +349,48 @@ fn choose_backend(args: &RunArgs) -> Result<Chosen, MainError> {
 }
 
 /// IPv4 addresses of the control plane (cells must not reach them).
-async fn control_plane_addrs(url: &str) -> Vec<Ipv4Addr> {
+/// The control plane's IPv4 addresses, which cells must not reach. A host name that does not
+/// resolve is tried again (DNS may come up after the box) until `within` has passed; then the
+/// box refuses to start rather than run cells with no block on the control plane.
+async fn control_plane_addrs(url: &str, within: Duration) -> Result<Vec<Ipv4Addr>, MainError> {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let authority = rest.split('/').next().unwrap_or(rest);
+    let default_port = if url.starts_with("https://") { 443 } else { 80 };
     let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(80)),
-        None => (authority.to_string(), 80),
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(default_port)),
+        None => (authority.to_string(), default_port),
     };
     if let Ok(IpAddr::V4(ip)) = host.parse::<IpAddr>() {
-        return vec![ip];
+        return Ok(vec![ip]);
     }
-    let resolved = tokio::net::lookup_host((host.as_str(), port)).await;
-    match resolved {
-        Ok(addrs) => addrs
-            .filter_map(|a| match a.ip() {
-                IpAddr::V4(v4) => Some(v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!(host = %host, error = %e, "could not resolve the control plane to block it from cells");
-            Vec::new()
+    let deadline = tokio::time::Instant::now() + within;
+    let mut backoff = hive_sys::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let why = match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(addrs) => {
+                let all: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+                let v4: Vec<Ipv4Addr> = all
+                    .iter()
+                    .filter_map(|ip| match ip {
+                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect();
+                if !all.is_empty() {
+                    // IPv6 only: cells have no IPv6 route, so there is nothing to block.
+                    return Ok(v4);
+                }
+                "no addresses".to_string()
+            }
+            Err(e) => e.to_string(),
+        };
+        let pause = backoff.next_delay();
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(MainError::Resolve { host, why });
         }
+        tracing::warn!(%host, error = %why, retry_in_ms = pause.as_millis() as u64,
+            "cannot resolve the control plane yet (cells must be blocked from it)");
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -395,7 +425,11 @@ async fn run_async(
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
     let claim = claim_names(&args, matches!(chosen, Chosen::Microvm(_)))?;
-    let mut blocked = control_plane_addrs(&args.control_plane).await;
+    let mut blocked = control_plane_addrs(
+        &args.control_plane,
+        Duration::from_secs(args.resolve_timeout_secs),
+    )
+    .await?;
     blocked.extend(args.block.iter().copied());
     let net = BoxNet {
         table: claim.record.nft_table.clone(),

@@ -421,3 +421,22 @@ async fn a_box_whose_cells_fail_to_boot_is_unhealthy_until_one_boots() {
     drop(d);
     cp.shutdown().await;
 }
+
+/// Issue 11: a control plane whose host name does not resolve leaves cells with no block on
+/// it; the box keeps trying for --resolve-timeout-secs, then refuses to start, saying why.
+#[test]
+fn a_control_plane_that_does_not_resolve_stops_the_box_from_starting() {
+    let cell = common::hive_cell();
+    let dir = tempfile::tempdir().unwrap();
+    let log = run_refused(
+        dir.path(),
+        "http://no-such-control-plane.invalid:50051",
+        &cell,
+        &["--resolve-timeout-secs", "1"],
+    );
+    assert!(
+        log.contains("cannot resolve the control plane's host \"no-such-control-plane.invalid\"")
+            && log.contains("--resolve-timeout-secs"),
+        "{log}"
+    );
+}

@@ -622,6 +622,7 @@ async fn serve<B: CellBackend>(
                 "control_plane_connected": agent.is_connected(),
                 "running_builds": agent.running_builds(),
                 "unacked_messages": agent.unacked(),
+                "outbox": agent.outbox_state(),
                 "pools": pools,
             })
         }) as hive_box::health::Report

@@ -163,6 +163,16 @@ impl<B: CellBackend> Agent<B> {
         self.outbox().len()
     }
 
+    /// The outbox's bytes held, its cap, and the log output dropped at the cap.
+    pub fn outbox_state(&self) -> serde_json::Value {
+        let ob = self.outbox();
+        serde_json::json!({
+            "bytes": ob.bytes(),
+            "cap_bytes": outbox::OUTBOX_CAP_BYTES,
+            "dropped_log_bytes": ob.dropped_bytes(),
+        })
+    }
+
     /// Queues an update or log for the control plane.
     pub fn send(&self, msg: box_message::Msg) {
         self.outbox().push(msg);

@@ -1,9 +1,19 @@
 //! The outbox: every build update, log chunk and key exchange request the box sends waits here
 //! with a per-box sequence number until the control plane acknowledges it (`Ack{seq}`, or
 //! `Registered.acked_seq` after a reconnect), so nothing is lost or doubled across reconnects.
+//!
+//! Its memory is bounded ([`OUTBOX_CAP_BYTES`]): while the control plane is away and builds
+//! keep writing, a log chunk that would pass the cap is queued as a short system line saying
+//! how many bytes of output were dropped, in the same log position (the log has no hole, and
+//! says what is missing). Build updates and key exchanges are never dropped: they are small
+//! and a build's outcome must arrive.
 use std::collections::BTreeMap;
 
-use hive_proto::v1::{box_message, BoxMessage};
+use hive_proto::v1::{box_message, BoxMessage, LogStream};
+use prost::Message;
+
+/// Bytes of unacknowledged messages the outbox keeps before it drops log output.
+pub const OUTBOX_CAP_BYTES: usize = 64 * 1024 * 1024;
 
 /// Messages waiting for an acknowledgement.
 #[derive(Debug, Default)]
@@ -11,33 +21,71 @@ pub struct Outbox {
     next_seq: u64,
     unacked: BTreeMap<u64, BoxMessage>,
     registered_once: bool,
+    /// Encoded size of `unacked`.
+    bytes: usize,
+    cap: usize,
+    /// Log output dropped at the cap since the box started.
+    dropped_bytes: u64,
 }
 
 impl Outbox {
     pub fn new() -> Self {
+        Self::with_cap(OUTBOX_CAP_BYTES)
+    }
+
+    /// An outbox that keeps at most about `cap` bytes (tests use small caps).
+    pub fn with_cap(cap: usize) -> Self {
         Outbox {
             next_seq: 1,
+            cap,
             ..Default::default()
         }
     }
 
-    /// Queues a message; returns its sequence number.
-    pub fn push(&mut self, msg: box_message::Msg) -> u64 {
+    /// Queues a message; returns its sequence number. A log chunk that would take the outbox
+    /// past its cap is queued as a line saying what was dropped.
+    pub fn push(&mut self, mut msg: box_message::Msg) -> u64 {
+        if let box_message::Msg::Log(chunk) = &mut msg {
+            let len = chunk.data.len();
+            if self.bytes + len > self.cap && len > 0 {
+                let line = format!(
+                    "hive: {len} bytes of output dropped here: the box held as much as it may \
+                     while the control plane was unreachable\n"
+                );
+                if line.len() < len {
+                    self.dropped_bytes += len as u64;
+                    chunk.data = line.into_bytes();
+                    chunk.stream = LogStream::System as i32;
+                }
+            }
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.unacked.insert(
+        let m = BoxMessage {
             seq,
-            BoxMessage {
-                seq,
-                msg: Some(msg),
-            },
-        );
+            msg: Some(msg),
+        };
+        self.bytes += m.encoded_len();
+        self.unacked.insert(seq, m);
         seq
     }
 
     /// Everything up to and including `seq` is stored by the control plane.
     pub fn ack(&mut self, seq: u64) {
-        self.unacked = self.unacked.split_off(&(seq + 1));
+        let kept = self.unacked.split_off(&(seq + 1));
+        let gone: usize = self.unacked.values().map(Message::encoded_len).sum();
+        self.bytes = self.bytes.saturating_sub(gone);
+        self.unacked = kept;
+    }
+
+    /// Encoded bytes waiting for an acknowledgement.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Log output dropped at the cap since the box started.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped_bytes
     }
 
     /// After Registered: drop what the control plane already has. On the first registration of
@@ -47,6 +95,7 @@ impl Outbox {
         if !self.registered_once {
             self.registered_once = true;
             let msgs: Vec<BoxMessage> = std::mem::take(&mut self.unacked).into_values().collect();
+            self.bytes = 0;
             self.next_seq = acked_seq + 1;
             for m in msgs {
                 if let Some(msg) = m.msg {
@@ -121,6 +170,57 @@ mod tests {
         assert!(ob.holds(kx) && ob.holds(later));
         ob.ack(kx);
         assert!(!ob.holds(kx) && ob.holds(later));
+    }
+
+    #[test]
+    fn outbox_bounds_its_bytes_and_says_what_it_dropped() {
+        let mut ob = Outbox::with_cap(4096);
+        ob.registered(0);
+        let chunk = |n: u64| {
+            box_message::Msg::Log(LogChunk {
+                build_id: "b".into(),
+                seq: n,
+                data: vec![b'x'; 1000],
+                ..Default::default()
+            })
+        };
+        for i in 0..20 {
+            ob.push(chunk(i));
+        }
+        // A build's end always gets in.
+        ob.push(box_message::Msg::Update(hive_proto::v1::BuildUpdate {
+            build_id: "b".into(),
+            message: "finished".into(),
+            ..Default::default()
+        }));
+        assert!(ob.bytes() <= 4096 + 20 * 200, "{} bytes held", ob.bytes());
+        let msgs = ob.pending_after(0);
+        assert_eq!(msgs.len(), 21, "every log position is kept");
+        let logs: Vec<&LogChunk> = msgs
+            .iter()
+            .filter_map(|m| match &m.msg {
+                Some(box_message::Msg::Log(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let whole = logs.iter().filter(|c| c.data.len() == 1000).count();
+        let notes: Vec<_> = logs
+            .iter()
+            .filter(|c| c.stream == LogStream::System as i32)
+            .collect();
+        assert!((3..=4).contains(&whole), "{whole} chunks kept whole");
+        assert_eq!(whole + notes.len(), 20);
+        assert!(String::from_utf8_lossy(&notes[0].data).contains("1000 bytes of output dropped"));
+        assert_eq!(ob.dropped_bytes(), 1000 * notes.len() as u64);
+        assert!(matches!(msgs[20].msg, Some(box_message::Msg::Update(_))));
+        // Once acknowledged, the room is back.
+        ob.ack(21);
+        assert_eq!(ob.bytes(), 0);
+        ob.push(chunk(20));
+        match &ob.pending_after(21)[0].msg {
+            Some(box_message::Msg::Log(c)) => assert_eq!(c.data.len(), 1000),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -284,10 +284,8 @@ async fn uncordon_and_forget(url: String) {
         .unwrap()
         .into_inner()
         .id;
-    assert!(
-        b.next_non_ack(Duration::from_millis(800)).await.is_none(),
-        "a cordoned box was given a build"
-    );
+    let got = b.next_non_ack(Duration::from_millis(800)).await;
+    assert!(got.is_none(), "a cordoned box was given: {got:?}");
     let info = client
         .uncordon_box(req("box-a"))
         .await
@@ -426,3 +424,101 @@ async fn an_unreachable_database_is_named_by_its_cause() {
         started.elapsed()
     );
 }
+
+/// Issue 12: a build's start and end are when its box says they happened (a box that was cut
+/// off reports them late), as long as that is after the build's last change and not in the
+/// future; other times (a skewed clock, a hostile box) give way to the control plane's own.
+async fn start_and_end_times_come_from_the_box_when_they_make_sense(url: String) {
+    let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
+    let mut client = api(&handle).await;
+    client.create_project(good()).await.unwrap();
+    let (mut b, _) = TestBox::connect(&handle, "box-t", vec![pool("small", 1, 1)]).await;
+    let _beat = b.heartbeat_every(
+        Duration::from_millis(100),
+        vec![pool("small", 1, 1)],
+        vec![],
+    );
+    let submit = || SubmitBuildRequest {
+        project: "widget".into(),
+        ..Default::default()
+    };
+    let get = |id: String| {
+        let handle = &handle;
+        async move {
+            api(handle)
+                .await
+                .get_build(GetBuildRequest { id })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let at = |build: &hive_proto::v1::Build, state: BuildState| {
+        build
+            .transitions
+            .iter()
+            .find(|t| t.state == state as i32)
+            .map(|t| t.at_ms)
+            .unwrap_or_else(|| panic!("no {state:?} in {build:?}"))
+    };
+    let update = |a: &hive_proto::v1::Assignment, kind: BuildUpdateKind, at_ms: i64| {
+        BoxMsg::Update(BuildUpdate {
+            build_id: a.build_id.clone(),
+            lease_id: a.lease_id.clone(),
+            kind: kind as i32,
+            state: BuildState::Succeeded as i32,
+            cell_id: "cell-1".into(),
+            at_ms,
+            ..Default::default()
+        })
+    };
+
+    // Reported late: the box's times stand.
+    let id = client.submit_build(submit()).await.unwrap().into_inner().id;
+    let a = match b.next_non_ack(WAIT).await {
+        Some(CtlMsg::Assign(a)) => a,
+        other => panic!("no assignment: {other:?}"),
+    };
+    let placed = at(&get(id.clone()).await, BuildState::Placed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (started, ended) = (placed + 300, placed + 900);
+    for (kind, t) in [
+        (BuildUpdateKind::Accepted, 0),
+        (BuildUpdateKind::Running, started),
+        (BuildUpdateKind::Finished, ended),
+    ] {
+        let s = b.send_acked(update(&a, kind, t)).await;
+        b.wait_ack(s, WAIT).await;
+    }
+    let done = get(id).await;
+    assert_eq!(at(&done, BuildState::Running), started);
+    assert_eq!(at(&done, BuildState::Succeeded), ended);
+    assert_eq!(done.updated_at_ms, ended);
+
+    // From the future, or from before the build's last change: the control plane's time.
+    let id = client.submit_build(submit()).await.unwrap().into_inner().id;
+    let a = match b.next_non_ack(WAIT).await {
+        Some(CtlMsg::Assign(a)) => a,
+        other => panic!("no assignment: {other:?}"),
+    };
+    let placed = at(&get(id.clone()).await, BuildState::Placed);
+    let before = hive_sys::now_ms();
+    for (kind, t) in [
+        (BuildUpdateKind::Running, placed - 60_000),
+        (BuildUpdateKind::Finished, before + 3_600_000),
+    ] {
+        let s = b.send_acked(update(&a, kind, t)).await;
+        b.wait_ack(s, WAIT).await;
+    }
+    let after = hive_sys::now_ms();
+    let done = get(id).await;
+    for state in [BuildState::Running, BuildState::Succeeded] {
+        let t = at(&done, state);
+        assert!(
+            (before..=after).contains(&t),
+            "{state:?} at {t}, not in [{before}, {after}]"
+        );
+    }
+    handle.shutdown().await;
+}
+hive_testkit::on_both!(db => start_and_end_times_come_from_the_box_when_they_make_sense);

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, http, pool, start, TestBox};
+use common::{api, http, pool, start, start_with, TestBox};
 use hive_control_plane::http::webhook::sign;
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
@@ -390,7 +390,8 @@ fn random_box_message(r: &mut Rand, seq: u64, known: &[(String, String)]) -> Box
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn box_sessions_survive_hostile_messages() {
     let db = hive_testkit::TestDb::sqlite();
-    let handle = start(&db.url).await;
+    // A long lease: the good box's build must not expire while the attackers talk.
+    let handle = start_with(&db.url, |c| c.lease = Duration::from_secs(60)).await;
     let mut client = api(&handle).await;
     client
         .create_project(CreateProjectRequest {

@@ -303,7 +303,7 @@ async fn finish_wins_over_a_concurrent_requeue(url: String) {
     // The box's transaction: FINISHED written, not yet committed.
     let mut batch = store.box_batch("box-a").await.unwrap();
     assert!(batch
-        .finish_build(&b.id, "L1", BuildState::Succeeded, 0, "exit 0")
+        .finish_build(&b.id, "L1", BuildState::Succeeded, 0, "exit 0", 0)
         .await
         .unwrap());
     // The sweep re-queues meanwhile (it blocks on the row lock, or on SQLite's one writer).

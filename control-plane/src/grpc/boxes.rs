@@ -637,7 +637,9 @@ impl Session {
                     u.cell_id.clone()
                 };
                 let reason = format!("running on box {} cell {cell_id}", self.box_id);
-                let ok = batch.set_running(&u.build_id, &u.lease_id, &reason).await?;
+                let ok = batch
+                    .set_running(&u.build_id, &u.lease_id, &reason, u.at_ms)
+                    .await?;
                 if !ok && !self.current(batch, &u, kind, after).await? {
                     return Ok(());
                 }
@@ -669,7 +671,14 @@ impl Session {
                     )
                 };
                 let ok = batch
-                    .finish_build(&u.build_id, &u.lease_id, state, u.exit_code, &reason)
+                    .finish_build(
+                        &u.build_id,
+                        &u.lease_id,
+                        state,
+                        u.exit_code,
+                        &reason,
+                        u.at_ms,
+                    )
                     .await?;
                 if !ok && !self.current(batch, &u, kind, after).await? {
                     return Ok(());

@@ -5,7 +5,8 @@ use hive_proto::v1::{BuildState, LogChunk};
 use sqlx::{Any, Transaction};
 
 use super::builds::{
-    confirm_lease_tx, fetch_build, finish_build_tx, requeue_tx, set_running_tx, BuildRow, Requeued,
+    confirm_lease_tx, fetch_build, finish_build_tx, requeue_tx, set_running_tx, BuildRow, Finish,
+    Requeued,
 };
 use super::logs::{store_log_tx, LogStored};
 use super::{checked, q, to_i64, Result, Store, StoreError};
@@ -211,8 +212,17 @@ impl BoxBatch {
         build_id: &str,
         lease_id: &str,
         reason: &str,
+        at_ms: i64,
     ) -> Result<bool> {
-        set_running_tx(&mut self.tx, Some(&self.box_id), build_id, lease_id, reason).await
+        set_running_tx(
+            &mut self.tx,
+            Some(&self.box_id),
+            build_id,
+            lease_id,
+            reason,
+            at_ms,
+        )
+        .await
     }
 
     /// FINISHED: see [`Store::finish_build`]; false unless the build is on this box.
@@ -223,17 +233,15 @@ impl BoxBatch {
         state: BuildState,
         exit_code: i32,
         reason: &str,
+        at_ms: i64,
     ) -> Result<bool> {
-        finish_build_tx(
-            &mut self.tx,
-            Some(&self.box_id),
-            build_id,
-            lease_id,
+        let f = Finish {
             state,
             exit_code,
             reason,
-        )
-        .await
+            at_ms,
+        };
+        finish_build_tx(&mut self.tx, Some(&self.box_id), build_id, lease_id, f).await
     }
 
     /// REJECTED: see [`Store::requeue`] (the caller has checked the lease is this box's).

@@ -341,7 +341,7 @@ impl Store {
     /// placed -> running (also confirms the lease: running implies accepted).
     pub async fn set_running(&self, build_id: &str, lease_id: &str, reason: &str) -> Result<bool> {
         in_tx!(self, "commit running", |tx| {
-            set_running_tx(tx, None, build_id, lease_id, reason).await
+            set_running_tx(tx, None, build_id, lease_id, reason, 0).await
         })
     }
 
@@ -355,7 +355,13 @@ impl Store {
         reason: &str,
     ) -> Result<bool> {
         in_tx!(self, "commit finished build", |tx| {
-            finish_build_tx(tx, None, build_id, lease_id, state, exit_code, reason).await
+            let f = Finish {
+                state,
+                exit_code,
+                reason,
+                at_ms: 0,
+            };
+            finish_build_tx(tx, None, build_id, lease_id, f).await
         })
     }
 
@@ -519,41 +525,65 @@ pub(crate) async fn confirm_lease_tx(
     Ok(true)
 }
 
+/// The time of a change the box reports: the box's own clock (`at_ms`, when the cell started
+/// or finished, which may be long before the control plane hears of it after a reconnect) when
+/// it is no earlier than the build's last transition and no later than now; else now (0, a
+/// skewed clock or a hostile box). As SQL over `builds`, with `$at` and `$now` the two values.
+fn reported_time(at: &str, now: &str) -> String {
+    format!(
+        "CASE WHEN {at} >= COALESCE((SELECT MAX(t.at_ms) FROM build_transitions t \
+         WHERE t.build_id = builds.id), 0) AND {at} <= {now} THEN {at} ELSE {now} END"
+    )
+}
+
 pub(crate) async fn set_running_tx(
     tx: &mut Transaction<'_, Any>,
     box_id: Option<&str>,
     build_id: &str,
     lease_id: &str,
     reason: &str,
+    at_ms: i64,
 ) -> Result<bool> {
     let now = now_ms();
+    let when = reported_time("$5", "$1");
     let sql = format!(
-        "UPDATE builds SET state = 'running', started_at_ms = $1, updated_at_ms = $1, \
-         message = $2 WHERE id = $3 AND lease_id = $4 AND state = 'placed'{}",
-        box_clause(box_id, 5)
+        "UPDATE builds SET state = 'running', started_at_ms = {when}, updated_at_ms = {when}, \
+         message = $2 WHERE id = $3 AND lease_id = $4 AND state = 'placed'{} \
+         RETURNING updated_at_ms",
+        box_clause(box_id, 6)
     );
-    let mut query = sqlx::query(&sql)
+    let mut query = sqlx::query_scalar::<_, i64>(&sql)
         .bind(now)
         .bind(reason)
         .bind(build_id)
-        .bind(lease_id);
+        .bind(lease_id)
+        .bind(at_ms);
     if let Some(b) = box_id {
         query = query.bind(b);
     }
-    let res = query
-        .execute(&mut **tx)
+    let Some(at) = query
+        .fetch_optional(&mut **tx)
         .await
-        .map_err(q("update build to running"))?;
-    if res.rows_affected() == 0 {
+        .map_err(q("update build to running"))?
+    else {
         return Ok(false);
-    }
+    };
     sqlx::query("UPDATE leases SET confirmed = 1 WHERE id = $1 AND state = 'live'")
         .bind(lease_id)
         .execute(&mut **tx)
         .await
         .map_err(q("confirm lease"))?;
-    add_transition(tx, build_id, BuildState::Running, now, reason).await?;
+    add_transition(tx, build_id, BuildState::Running, at, reason).await?;
     Ok(true)
+}
+
+/// How a build ended, as its box reports it.
+pub(crate) struct Finish<'a> {
+    pub state: BuildState,
+    pub exit_code: i32,
+    pub reason: &'a str,
+    /// The box's time of the end (0: unknown); see [`reported_time`].
+    pub at_ms: i64,
 }
 
 pub(crate) async fn finish_build_tx(
@@ -561,36 +591,43 @@ pub(crate) async fn finish_build_tx(
     box_id: Option<&str>,
     build_id: &str,
     lease_id: &str,
-    state: BuildState,
-    exit_code: i32,
-    reason: &str,
+    f: Finish<'_>,
 ) -> Result<bool> {
+    let Finish {
+        state,
+        exit_code,
+        reason,
+        at_ms,
+    } = f;
     debug_assert!(state.is_terminal());
     let now = now_ms();
+    let when = reported_time("$7", "$4");
     let sql = format!(
-        "UPDATE builds SET state = $1, exit_code = $2, message = $3, updated_at_ms = $4 \
-         WHERE id = $5 AND lease_id = $6 AND state IN ('placed', 'running'){}",
-        box_clause(box_id, 7)
+        "UPDATE builds SET state = $1, exit_code = $2, message = $3, updated_at_ms = {when} \
+         WHERE id = $5 AND lease_id = $6 AND state IN ('placed', 'running'){} \
+         RETURNING updated_at_ms",
+        box_clause(box_id, 8)
     );
-    let mut query = sqlx::query(&sql)
+    let mut query = sqlx::query_scalar::<_, i64>(&sql)
         .bind(state.short_name())
         .bind(i64::from(exit_code))
         .bind(reason)
         .bind(now)
         .bind(build_id)
-        .bind(lease_id);
+        .bind(lease_id)
+        .bind(at_ms);
     if let Some(b) = box_id {
         query = query.bind(b);
     }
-    let res = query
-        .execute(&mut **tx)
+    let Some(at) = query
+        .fetch_optional(&mut **tx)
         .await
-        .map_err(q("update build to finished"))?;
-    if res.rows_affected() == 0 {
+        .map_err(q("update build to finished"))?
+    else {
         return Ok(false);
-    }
+    };
     release_lease_tx(tx, lease_id, "released").await?;
-    add_transition(tx, build_id, state, now, reason).await?;
+    add_transition(tx, build_id, state, at, reason).await?;
     Ok(true)
 }
 

@@ -21,6 +21,7 @@ repo="$(cd "$here/.." && pwd)"
 data_dir="$repo/hive-data"
 http_addr="127.0.0.1:8080"
 grpc_addr="127.0.0.1:50051"
+box_addr="127.0.0.1:50052"
 pool=""
 microvm=0
 git_addr="198.18.0.2"
@@ -42,6 +43,8 @@ Options:
   --data-dir DIR     state of this hive (default ./hive-data in the repo: $data_dir)
   --http-addr A:P    control plane webhook/HTTP listener (default $http_addr)
   --grpc-addr A:P    control plane gRPC listener (default $grpc_addr)
+  --box-addr A:P     control plane box listener, TLS (default $box_addr); the box joins it
+                     with a token from `hivectl box join-token` on its first start
   --pool CLASS=N     warm pool of the box (default small=2; small=1 with --microvm)
   --microvm          run the box with the microVM backend inside an emulated KVM host (QEMU TCG
                      with AMD SVM; the first run builds the guest kernel, ~6 min, and the host
@@ -65,6 +68,7 @@ while [ $# -gt 0 ]; do
     --data-dir) [ $# -ge 2 ] || die "--data-dir needs a directory"; data_dir="$2"; shift ;;
     --http-addr) [ $# -ge 2 ] || die "--http-addr needs ADDR:PORT"; http_addr="$2"; shift ;;
     --grpc-addr) [ $# -ge 2 ] || die "--grpc-addr needs ADDR:PORT"; grpc_addr="$2"; shift ;;
+    --box-addr) [ $# -ge 2 ] || die "--box-addr needs ADDR:PORT"; box_addr="$2"; shift ;;
     --pool) [ $# -ge 2 ] || die "--pool needs CLASS=N"; pool="$2"; shift ;;
     --release) profile="release" ;;
     --no-build) do_build=0 ;;
@@ -78,7 +82,7 @@ if [ -z "$pool" ]; then
   if [ "$microvm" = 1 ]; then pool="small=1"; else pool="small=2"; fi
 fi
 [[ "$pool" =~ ^[a-z0-9-]+=[0-9]+$ ]] || die "--pool '$pool': expected CLASS=N, e.g. small=2"
-for a in "$http_addr" "$grpc_addr"; do
+for a in "$http_addr" "$grpc_addr" "$box_addr"; do
   [[ "$a" =~ ^[0-9.]+:[0-9]+$ ]] || die "listener '$a': expected IPv4:PORT"
 done
 [ "$(id -u)" = 0 ] || die "must run as root (the box makes namespaces, cgroups, nftables rules)"
@@ -192,7 +196,10 @@ log "git host: $repo_url (main at ${rev:0:12})"
 # --- 3. control plane ---------------------------------------------------------------------------
 ready="$data_dir/control-plane.ready"
 rm -f "$ready"
+# 10.0.2.2: how a box in the emulated KVM host (--microvm) reaches this machine; the box
+# listener's certificate names it.
 "$bin/hive-control-plane" --http-addr "$http_addr" --grpc-addr "$grpc_addr" \
+  --box-addr "$box_addr" --tls-san 10.0.2.2 \
   --data-dir "$data_dir/control-plane" --ready-file "$ready" >>"$logs/control-plane.log" 2>&1 &
 cp_pid=$!
 for _ in $(seq 300); do
@@ -211,6 +218,12 @@ export HIVE_TOKEN
 # --- 4. box -------------------------------------------------------------------------------------
 box_ready="$data_dir/box.ready"
 rm -f "$box_ready"
+# A box joins once with a one-time token (it keeps its certificate in <its data dir>/tls/);
+# a box that already joined needs none.
+join_token=""
+if [ "$microvm" = 1 ] || [ ! -s "$data_dir/box/tls/box.pem" ]; then
+  join_token="$(hivectl box join-token --ttl 1h)" || die "hivectl box join-token failed"
+fi
 if [ "$microvm" = 1 ]; then
   # The box runs inside the emulated host; QEMU user networking makes this machine's loopback
   # 10.0.2.2 there, so it dials the control plane above. Its /healthz is forwarded back here.
@@ -218,7 +231,7 @@ if [ "$microvm" = 1 ]; then
   cat >"$data_dir/l1-start.sh" <<START
 #!/bin/sh
 # Run by the emulated KVM host once it is up (log there: /var/log/start.log).
-exec /hive/bin/hive-box --control-plane http://10.0.2.2:${grpc_addr##*:} --backend microvm \\
+exec /hive/bin/hive-box --control-plane https://10.0.2.2:${box_addr##*:} --join-token $join_token --backend microvm \\
   --pool $pool --box-id local-microvm --data-dir /var/lib/hive-box \\
   --guest-kernel /hive/assets/vmlinux --guest-rootfs-disk /hive/assets/cell-rootfs.ext4 \\
   --build-image-disk /hive/assets/build-image.ext4 --health-addr 0.0.0.0:8081 \\
@@ -241,7 +254,8 @@ START
   log "box up in the emulated KVM host: health http://127.0.0.1:$health_port/healthz"
 else
 # HIVE_CELL_ROOTFS and HIVE_BUILD_IMAGE (exported above) tell the box which images to use.
-"$bin/hive-box" --control-plane "http://$grpc_addr" --backend sandbox --pool "$pool" \
+HIVE_BOX_JOIN_TOKEN="$join_token" \
+"$bin/hive-box" --control-plane "https://$box_addr" --backend sandbox --pool "$pool" \
   --data-dir "$data_dir/box" --health-addr 127.0.0.1:0 --ready-file "$box_ready" \
   >>"$logs/box.log" 2>&1 &
 box_pid=$!

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod cell;
 pub mod claim;
 pub mod config;
+pub mod credentials;
 pub mod health;
 pub mod identity;
 pub mod net;

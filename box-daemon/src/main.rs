@@ -62,13 +62,21 @@ struct JailArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Control plane gRPC URL (the box connects out to it).
+    /// The control plane's box listener (its --box-addr), which the box dials out to:
+    /// https://HOST:PORT. The box is known by its client certificate, kept in
+    /// <data-dir>/tls/ after it joined once with --join-token. (http://HOST:PORT of the gRPC
+    /// listener is plaintext without a certificate, accepted only by a control plane started
+    /// with --insecure-boxes: tests and development.)
     #[arg(
         long,
         env = "HIVE_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50052"
     )]
     control_plane: String,
+    /// One-time join token from `hivectl box join-token` (it also pins the control plane's
+    /// CA): traded for this box's certificate on its first start; not needed afterwards.
+    #[arg(long, env = "HIVE_BOX_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// Cell backend: microvm (one jailed VM per cell on the embedded VMM; needs /dev/kvm and the
     /// --guest-* files), sandbox (namespaces on the box's kernel: weaker isolation than a
     /// microVM), or auto: microvm when the CPU shows vmx/svm, /dev/kvm opens and the guest files
@@ -217,6 +225,8 @@ enum MainError {
     Resolve { host: String, why: String },
     #[error("claim this box's names on the host")]
     Claim(#[from] hive_box::claim::ClaimError),
+    #[error("join the control plane")]
+    Join(#[from] hive_box::credentials::CredentialsError),
 }
 
 fn main() -> ExitCode {
@@ -425,6 +435,8 @@ async fn run_async(
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
     let claim = claim_names(&args, matches!(chosen, Chosen::Microvm(_)))?;
+    // Before any cell exists: a box that cannot prove who it is has nothing to run.
+    let credentials = credentials(&args, &claim.record.box_id).await?;
     let mut blocked = control_plane_addrs(
         &args.control_plane,
         Duration::from_secs(args.resolve_timeout_secs),
@@ -454,7 +466,7 @@ async fn run_async(
                 cell_env,
             })?);
             let cgroups = backend.cgroups().clone();
-            serve(args, classes, backend, cgroups, net, claim, signals).await
+            serve(args, classes, backend, cgroups, net, claim, credentials, signals).await
         }
         Chosen::Microvm(guest) => {
             let mut cfg = MicrovmConfig::new(
@@ -476,7 +488,38 @@ async fn run_async(
             }
             let backend = Arc::new(MicrovmBackend::new(cfg)?);
             let cgroups = backend.cgroups().clone();
-            serve(args, classes, backend, cgroups, net, claim, signals).await
+            serve(args, classes, backend, cgroups, net, claim, credentials, signals).await
+        }
+    }
+}
+
+/// The box's certificate: loaded, or bought with the join token. A control plane that is not up
+/// yet is waited for (as long as --resolve-timeout-secs); a refusal ends the start at once.
+async fn credentials(
+    args: &RunArgs,
+    box_id: &str,
+) -> Result<Option<Arc<hive_box::credentials::Credentials>>, MainError> {
+    use hive_box::credentials::Credentials;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.resolve_timeout_secs);
+    let mut backoff = hive_sys::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match Credentials::ensure(
+            &args.control_plane,
+            box_id,
+            &args.data_dir,
+            args.join_token.as_deref(),
+        )
+        .await
+        {
+            Err(e) if e.is_transient() => {
+                let pause = backoff.next_delay();
+                if tokio::time::Instant::now() + pause > deadline {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot join yet");
+                tokio::time::sleep(pause).await;
+            }
+            other => return Ok(other?),
         }
     }
 }
@@ -532,6 +575,8 @@ struct Signals {
 }
 
 /// Everything after the backend is made: reaper, pool, agent, health endpoint, signals, drain.
+// Each is one piece of the start-up made above; bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn serve<B: CellBackend>(
     args: RunArgs,
     classes: Vec<hive_box::pool::ClassConfig>,
@@ -539,6 +584,7 @@ async fn serve<B: CellBackend>(
     cgroups: Hierarchy,
     net: BoxNet,
     claim: Claim,
+    credentials: Option<Arc<hive_box::credentials::Credentials>>,
     signals: Signals,
 ) -> Result<(), MainError> {
     let box_id = claim.record.box_id.clone();
@@ -561,6 +607,7 @@ async fn serve<B: CellBackend>(
     let agent = Agent::new(
         AgentConfig {
             control_plane: args.control_plane.clone(),
+            credentials,
             box_id: box_id.clone(),
             hostname: nix::unistd::gethostname()
                 .ok()

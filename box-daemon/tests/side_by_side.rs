@@ -251,6 +251,10 @@ async fn control_plane() -> (server::Handle, tempfile::TempDir) {
     let cp = server::start(Config {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        box_addr: "127.0.0.1:0".parse().unwrap(),
+        // These tests are about names on one host; joining with certificates is tested by the
+        // end-to-end tests (tests/) and control-plane/tests/box_auth.rs.
+        insecure_boxes: true,
         data_dir: db_dir.path().to_path_buf(),
         db: Some(format!("sqlite://{}/hive.db", db_dir.path().display())),
         ..Config::default()

@@ -31,6 +31,9 @@ async fn box_registers_then_boots_the_control_planes_shape() {
     let cp = server::start(Config {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        box_addr: "127.0.0.1:0".parse().unwrap(),
+        // This test is about size classes; box certificates have their own tests.
+        insecure_boxes: true,
         db: Some(format!("sqlite://{}/hive.db", db_dir.path().display())),
         // Its admin.token goes there too, not into the working directory.
         data_dir: db_dir.path().to_path_buf(),
@@ -60,6 +63,7 @@ async fn box_registers_then_boots_the_control_planes_shape() {
     let agent = Agent::new(
         AgentConfig {
             control_plane: format!("http://{}", cp.grpc_addr),
+            credentials: None,
             box_id: "box-sizes".into(),
             hostname: "box-sizes.test".into(),
             lease: Duration::from_secs(30),

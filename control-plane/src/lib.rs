@@ -18,6 +18,7 @@ pub mod events;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod pki;
 pub mod placement;
 pub mod refglob;
 pub mod registry;

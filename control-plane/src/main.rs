@@ -18,8 +18,11 @@ use tracing_subscriber::EnvFilter;
 /// and serves the operator API that `hivectl` uses.
 ///
 /// HTTP: POST /webhooks/github, GET /healthz, GET /metrics (Prometheus/OpenMetrics text).
-/// gRPC: hive.v1.ControlPlane (operators), hive.v1.BoxAgent (box daemons), hive.v1.Connector
-/// (connectors), plus grpc.health.v1.Health and server reflection.
+/// gRPC: hive.v1.ControlPlane (operators, with API tokens), hive.v1.Connector (connectors), plus
+/// grpc.health.v1.Health and server reflection.
+/// Box listener (--box-addr, TLS): hive.v1.BoxAgent. Each box joins once with a token from
+/// `hivectl box join-token` and is then known by its client certificate, signed by the CA this
+/// control plane makes on its first start in <data-dir>/pki/.
 ///
 /// Logs go to stderr; set the level with RUST_LOG or HIVE_LOG (e.g. `info`, `hive_control_plane=debug`).
 /// SIGTERM or SIGINT shuts down gracefully: stop accepting, end streams, finish in-flight
@@ -38,9 +41,30 @@ struct Args {
     #[arg(long, env = "HIVE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     http_addr: SocketAddr,
 
-    /// Address for the gRPC listener (ControlPlane and BoxAgent services).
+    /// Address for the gRPC listener (ControlPlane and Connector services).
     #[arg(long, env = "HIVE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: SocketAddr,
+
+    /// Address for the box listener (BoxAgent over TLS; boxes dial https://HOST:PORT). Use
+    /// 0.0.0.0:50052 when boxes run on other machines.
+    #[arg(long, env = "HIVE_BOX_ADDR", default_value = "127.0.0.1:50052")]
+    box_addr: SocketAddr,
+
+    /// A DNS name or IP address boxes dial the box listener by, for its certificate (besides
+    /// localhost, the loopback addresses, this host's name and a specific --box-addr IP).
+    /// Repeat, or comma-separate in the variable.
+    #[arg(long = "tls-san", env = "HIVE_TLS_SANS", value_delimiter = ',')]
+    tls_sans: Vec<String>,
+
+    /// Days a box certificate is valid; boxes renew theirs when a third is left.
+    #[arg(long, env = "HIVE_BOX_CERT_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=3650))]
+    box_cert_days: u32,
+
+    /// Also accept boxes WITHOUT certificates on the gRPC listener (which must then be on
+    /// loopback). For tests and development only: any local process could pose as a box.
+    #[arg(long, env = "HIVE_INSECURE_BOXES")]
+    insecure_boxes: bool,
 
     /// Directory for the control plane's files (the default SQLite database lives here).
     #[arg(long, env = "HIVE_DATA_DIR", default_value = "./hive-data")]
@@ -113,7 +137,8 @@ struct Args {
     #[arg(long, env = "HIVE_SCHEDULER_TICK_MS", default_value_t = 500)]
     scheduler_tick_ms: u64,
 
-    /// When both listeners are bound, write {"http":"ADDR","grpc":"ADDR"} to this file.
+    /// When the listeners are bound, write {"http":"ADDR","grpc":"ADDR","box":"ADDR",
+    /// "ca_sha256":"HEX"} to this file.
     #[arg(long, env = "HIVE_READY_FILE")]
     ready_file: Option<PathBuf>,
 
@@ -154,6 +179,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = Config {
         http_addr: args.http_addr,
         grpc_addr: args.grpc_addr,
+        box_addr: args.box_addr,
+        tls_sans: args.tls_sans.clone(),
+        box_cert_validity: Duration::from_secs(u64::from(args.box_cert_days) * 86_400),
+        insecure_boxes: args.insecure_boxes,
         data_dir: args.data_dir.clone(),
         db: args.db.clone(),
         lease: Duration::from_secs(args.lease_secs),
@@ -175,6 +204,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let ready = serde_json::json!({
             "http": handle.http_addr.to_string(),
             "grpc": handle.grpc_addr.to_string(),
+            "box": handle.box_addr.to_string(),
+            "ca_sha256": handle.ca_sha256(),
         });
         // Write then rename, so a reader never sees half a file.
         let tmp = path.with_extension("tmp");

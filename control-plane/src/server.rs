@@ -49,6 +49,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("first admin token: {0}")]
     Bootstrap(#[from] crate::auth::BootstrapError),
+    #[error("certificate authority: {0}")]
+    Pki(#[from] crate::pki::PkiError),
     #[error("bind {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -63,6 +65,16 @@ pub enum ServerError {
 pub struct Config {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// The box listener: `BoxAgent` over TLS, boxes authenticated by their client certificate.
+    pub box_addr: SocketAddr,
+    /// Names (DNS or IP) the box listener's certificate is valid for, besides `localhost`,
+    /// the loopback addresses, this host's name and a specific `box_addr` IP.
+    pub tls_sans: Vec<String>,
+    /// How long a box certificate is valid (boxes renew when a third is left).
+    pub box_cert_validity: Duration,
+    /// Also serve `BoxAgent` without certificates on the gRPC (API) listener, which must then
+    /// be on loopback: for tests and development only.
+    pub insecure_boxes: bool,
     /// Holds the default SQLite database.
     pub data_dir: PathBuf,
     /// `sqlite://...` or `postgres://...`; None = `sqlite://<data_dir>/hive.db`.
@@ -99,6 +111,10 @@ impl Default for Config {
         Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            box_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            tls_sans: Vec::new(),
+            box_cert_validity: Duration::from_secs(30 * 86_400),
+            insecure_boxes: false,
             data_dir: PathBuf::from("./hive-data"),
             db: None,
             lease: Duration::from_secs(30),
@@ -159,6 +175,20 @@ impl Config {
                 "max attempts must be at least 1 (every build gets its first)".into(),
             ));
         }
+        if self.insecure_boxes && !self.grpc_addr.ip().is_loopback() {
+            return Err(ServerError::Config(format!(
+                "--insecure-boxes serves boxes without certificates on the gRPC listener, so \
+                 that listener must be on loopback, not {}: drop --insecure-boxes (boxes join \
+                 with `hivectl box join-token`) or use --grpc-addr 127.0.0.1:PORT",
+                self.grpc_addr
+            )));
+        }
+        if self.box_cert_validity < Duration::from_secs(60) {
+            return Err(ServerError::Config(format!(
+                "box certificate validity {:?} is shorter than a minute",
+                self.box_cert_validity
+            )));
+        }
         if self.http_concurrency == 0 || self.grpc_streams_per_connection == 0 {
             return Err(ServerError::Config(
                 "HTTP concurrency and gRPC streams per connection must be at least 1".into(),
@@ -181,6 +211,7 @@ impl Config {
 pub struct Handle {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    pub box_addr: SocketAddr,
     /// The admin token this start made (first start on a fresh store), also in
     /// `<data-dir>/admin.token`; None when tokens existed already.
     admin_token: Option<String>,
@@ -188,6 +219,7 @@ pub struct Handle {
     shutdown_tx: watch::Sender<bool>,
     http_task: JoinHandle<()>,
     grpc_task: JoinHandle<()>,
+    box_task: JoinHandle<()>,
     scheduler_task: JoinHandle<()>,
 }
 
@@ -200,6 +232,16 @@ impl Handle {
     /// The admin token this start made, if it made one (in-process tests use it).
     pub fn admin_token(&self) -> Option<&str> {
         self.admin_token.as_deref()
+    }
+
+    /// SHA-256 of the CA certificate: the pin in join tokens.
+    pub fn ca_sha256(&self) -> &str {
+        self.hive.ca.sha256()
+    }
+
+    /// The CA certificate (PEM), for tests that act as a box.
+    pub fn ca_pem(&self) -> &str {
+        self.hive.ca.cert_pem()
     }
 
     /// Runs one scheduler pass now (benchmarks time it).
@@ -216,6 +258,7 @@ impl Handle {
         let grace = async {
             let _ = self.http_task.await;
             let _ = self.grpc_task.await;
+            let _ = self.box_task.await;
             let _ = self.scheduler_task.await;
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, grace).await.is_err() {
@@ -248,6 +291,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         );
     }
     let admin_token = crate::auth::bootstrap(&store, &config.data_dir).await?;
+    let ca = Arc::new(crate::pki::Ca::load_or_create(&config.data_dir)?);
 
     let http_listener = TcpListener::bind(config.http_addr)
         .await
@@ -261,6 +305,20 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         .map_err(|source| ServerError::Bind {
             what: "gRPC",
             addr: config.grpc_addr,
+            source,
+        })?;
+    let box_listener = TcpListener::bind(config.box_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what: "box",
+            addr: config.box_addr,
+            source,
+        })?;
+    let box_addr = box_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            what: "box",
+            addr: config.box_addr,
             source,
         })?;
     let http_addr = http_listener
@@ -312,6 +370,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         placement: config.placement,
         box_queue: config.box_queue.max(1),
         shutdown: shutdown_rx.clone(),
+        ca: ca.clone(),
+        box_cert_validity: config.box_cert_validity,
     });
 
     let app = crate::http::router(hive.clone(), config.http_timeout, config.http_concurrency);
@@ -344,7 +404,13 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
 
     let mut stop = shutdown_rx.clone();
     let api = ControlPlaneService { hive: hive.clone() };
-    let agent = BoxAgentService { hive: hive.clone() };
+    let insecure_agent = config.insecure_boxes.then(|| {
+        tracing::warn!(%grpc_addr, "--insecure-boxes: boxes may also connect to the gRPC listener \
+            without a certificate (for tests and development only)");
+        BoxAgentServer::new(BoxAgentService::insecure(hive.clone()))
+            .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
+            .max_encoding_message_size(GRPC_MESSAGE_LIMIT)
+    });
     let connector = ConnectorService { hive: hive.clone() };
     let grpc_streams = config.grpc_streams_per_connection;
     let grpc_task = tokio::spawn(async move {
@@ -357,11 +423,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
                     .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
                     .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
             )
-            .add_service(
-                BoxAgentServer::new(agent)
-                    .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
-                    .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
-            )
+            .add_optional_service(insecure_agent)
             .add_service(
                 ConnectorServer::new(connector)
                     .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
@@ -383,6 +445,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         }
     });
 
+    let box_task = serve_boxes(&config, &hive, box_listener, box_addr, shutdown_rx.clone())?;
+
     let scheduler_task = tokio::spawn(scheduler::run(hive.clone(), config.tick));
     if let Some(keep) = config.retention {
         // Ends on the shutdown flag.
@@ -390,16 +454,81 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     }
     // Ends on the shutdown flag, like the scheduler.
     tokio::spawn(keyexchange::run_revoker(hive.clone()));
-    tracing::info!(%http_addr, %grpc_addr, lease_ms = millis(config.lease),
-        placement = ?config.placement, "control plane listening");
+    tracing::info!(%http_addr, %grpc_addr, %box_addr, lease_ms = millis(config.lease),
+        placement = ?config.placement, ca_sha256 = %ca.sha256(), "control plane listening");
     Ok(Handle {
         http_addr,
         grpc_addr,
+        box_addr,
         admin_token,
         hive,
         shutdown_tx,
         http_task,
         grpc_task,
+        box_task,
         scheduler_task,
     })
+}
+
+/// The names the box listener's certificate is valid for: the configured ones, `localhost`,
+/// the loopback addresses, this host's name and the listener's own IP when it is a specific one.
+fn server_names(config: &Config, box_addr: SocketAddr) -> Vec<String> {
+    let mut names = config.tls_sans.clone();
+    names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        if !h.trim().is_empty() {
+            names.push(h.trim().to_string());
+        }
+    }
+    if !box_addr.ip().is_unspecified() {
+        names.push(box_addr.ip().to_string());
+    }
+    names.dedup();
+    names
+}
+
+/// Serves `BoxAgent` on the box listener: TLS with a server certificate from the CA, client
+/// certificates verified against it (optional at the TLS layer, because `Join` is made before
+/// the box has one; every other call requires it).
+fn serve_boxes(
+    config: &Config,
+    hive: &Arc<Hive>,
+    listener: TcpListener,
+    box_addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ServerError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let names = server_names(config, box_addr);
+    let (chain, key) = hive.ca.server_identity(&names)?;
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(chain, key))
+        .client_ca_root(Certificate::from_pem(hive.ca.cert_pem()))
+        .client_auth_optional(true);
+    let builder = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| ServerError::Config(format!("box listener TLS: {e}")))?;
+    tracing::info!(%box_addr, ?names, "box listener: TLS, boxes authenticated by certificate");
+    let agent = BoxAgentService::new(hive.clone());
+    let streams = config.grpc_streams_per_connection;
+    Ok(tokio::spawn(async move {
+        let served = builder
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(streams))
+            .add_service(
+                BoxAgentServer::new(agent)
+                    .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
+                    .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
+            )
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "box listener failed");
+        }
+    }))
 }

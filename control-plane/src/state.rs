@@ -35,6 +35,10 @@ pub struct Hive {
     pub box_queue: usize,
     /// Becomes true when shutting down; long streams end on it.
     pub shutdown: watch::Receiver<bool>,
+    /// The CA that signs box certificates.
+    pub ca: std::sync::Arc<crate::pki::Ca>,
+    /// How long a box certificate is valid.
+    pub box_cert_validity: Duration,
 }
 
 impl Hive {

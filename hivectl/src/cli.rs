@@ -308,6 +308,48 @@ pub(crate) enum BoxCommand {
         /// Box id.
         id: String,
     },
+    /// Print a one-time token a new box joins with (admin): `hive-box --join-token TOKEN`
+    /// (HIVE_BOX_JOIN_TOKEN). It also pins this control plane's CA. The token alone goes to
+    /// stdout; how to use it, to stderr.
+    JoinToken {
+        /// How long the token may be used: SECS, or with a unit (90s, 30m, 2h, 1d); at most 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+        /// Only a box of this id may join with it (required to give a revoked box's id to a
+        /// new box).
+        #[arg(long)]
+        box_id: Option<String>,
+    },
+    /// Refuse the box's certificates from now on and end its session (admin); its builds are
+    /// handled as for a lost box. To bring the machine back, join it again with a new token.
+    Revoke {
+        /// Box id.
+        id: String,
+    },
+}
+
+/// `90`, `90s`, `30m`, `2h`, `1d` -> seconds.
+pub(crate) fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 600, 90s, 30m, 2h, 1d)"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    let secs = n.saturating_mul(mult);
+    if secs == 0 || secs > 7 * 86_400 {
+        return Err(format!("{s:?}: a join token lives between 1 second and 7 days"));
+    }
+    Ok(secs)
 }
 
 pub(crate) fn parse_state(s: &str) -> Result<BuildState, String> {

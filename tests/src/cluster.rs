@@ -133,8 +133,14 @@ impl BoxDaemon {
         let log2 = log.try_clone().expect("dup log");
         let image = build_image();
         let bin = bin_dir().join("hive-box");
+        // A control plane started by this process is joined with a fresh token, as an operator
+        // would; a restarted box has its certificate in its data dir and ignores the token.
+        let (url, token) = crate::controlplane::box_endpoint(control_plane);
         let mut cmd = Command::new(&bin);
-        cmd.args(["--control-plane", control_plane])
+        if let Some(t) = &token {
+            cmd.env("HIVE_BOX_JOIN_TOKEN", t);
+        }
+        cmd.args(["--control-plane", &url])
             .args(["--backend", "sandbox"])
             .args(["--pool", &opts.pool])
             .arg("--data-dir")

@@ -52,6 +52,9 @@ pub type Api = ControlPlaneClient<InterceptedService<Channel, Bearer>>;
 /// on (a listener on 0.0.0.0 is reached on 127.0.0.1).
 static ADMIN_TOKENS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
 
+/// The box listener's port of each control plane this process started, by its gRPC port.
+static BOX_PORTS: Mutex<BTreeMap<u16, u16>> = Mutex::new(BTreeMap::new());
+
 /// The port of `http://HOST:PORT[/]`.
 fn port_of(url: &str) -> Option<u16> {
     url.trim_end_matches('/').rsplit(':').next()?.parse().ok()
@@ -65,6 +68,43 @@ pub fn admin_token_for(grpc_url: &str) -> Option<String> {
         .unwrap_or_else(|e| e.into_inner())
         .get(&port)
         .cloned()
+}
+
+/// For a control plane this process started (named by its gRPC URL): the port of its box
+/// listener and a fresh one-time join token, made with the real `hivectl box join-token` as its
+/// admin, as an operator would. None for a control plane started elsewhere.
+pub fn join_box(grpc_url: &str) -> Option<(u16, String)> {
+    let box_port = *BOX_PORTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&port_of(grpc_url)?)?;
+    let out = hivectl(grpc_url, &["box", "join-token", "--ttl", "1h"])
+        .unwrap_or_else(|e| panic!("hivectl box join-token: {e}"));
+    assert!(
+        out.status.success(),
+        "hivectl box join-token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Some((box_port, token))
+}
+
+/// The box listener URL (`https://HOST:BOXPORT`) and a join token for a box that was told the
+/// control plane's gRPC URL `http://HOST:PORT`; for a control plane not started here, the URL
+/// as given and no token.
+pub fn box_endpoint(control_plane: &str) -> (String, Option<String>) {
+    match join_box(control_plane) {
+        Some((port, token)) => {
+            let rest = control_plane
+                .split("://")
+                .nth(1)
+                .unwrap_or(control_plane)
+                .trim_end_matches('/');
+            let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+            (format!("https://{host}:{port}"), Some(token))
+        }
+        None => (control_plane.to_string(), None),
+    }
 }
 
 /// The operator API at `grpc_url` as its admin (for a control plane this process started; with
@@ -181,6 +221,8 @@ pub struct ControlPlane {
     pub data_dir: PathBuf,
     pub http_addr: String,
     pub grpc_addr: String,
+    /// The box listener (TLS; boxes join with a token from `hivectl box join-token`).
+    pub box_addr: String,
     pub opts: ControlPlaneOptions,
     log_path: PathBuf,
     // Keeps the temp dir alive for the life of the harness (across restarts).
@@ -227,6 +269,12 @@ impl ControlPlane {
             .arg("127.0.0.1:0")
             .arg("--grpc-addr")
             .arg("127.0.0.1:0")
+            // Boxes join with a token and then use their certificate, as in production; a box
+            // in the emulated KVM host dials it as 10.0.2.2 (QEMU's address of this host).
+            .arg("--box-addr")
+            .arg("127.0.0.1:0")
+            .arg("--tls-san")
+            .arg("10.0.2.2")
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--lease-secs")
@@ -249,7 +297,7 @@ impl ControlPlane {
         })?;
         let limit = Duration::from_secs(60);
         let t0 = Instant::now();
-        let (http_addr, grpc_addr) = loop {
+        let (http_addr, grpc_addr, box_addr) = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(HarnessError::EarlyExit {
                     status: status.to_string(),
@@ -260,13 +308,13 @@ impl ControlPlane {
                 // The file may be seen half-written; retry until it parses.
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-                    match (get("http"), get("grpc")) {
-                        (Some(h), Some(g)) => break (h, g),
+                    match (get("http"), get("grpc"), get("box")) {
+                        (Some(h), Some(g), Some(b)) => break (h, g, b),
                         _ => {
                             let _ = child.kill();
                             return Err(HarnessError::ReadyFile {
                                 path: ready,
-                                why: format!("missing \"http\"/\"grpc\" in {text}"),
+                                why: format!("missing \"http\"/\"grpc\"/\"box\" in {text}"),
                             });
                         }
                     }
@@ -281,11 +329,18 @@ impl ControlPlane {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        if let (Some(g), Some(b)) = (port_of(&grpc_addr), port_of(&box_addr)) {
+            BOX_PORTS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(g, b);
+        }
         let cp = Self {
             child: Some(child),
             data_dir,
             http_addr,
             grpc_addr,
+            box_addr,
             opts,
             log_path,
             _tmp: tmp,

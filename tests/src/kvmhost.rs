@@ -482,10 +482,18 @@ impl KvmHost {
     /// Starts `hive-box` in L1 in the background (log `/var/log/hive-box.log`, data dir
     /// `/var/lib/hive-box`, health on L1's port 8081) and waits until it is up.
     pub fn start_box(&self, control_plane_grpc: &str, o: &L1BoxOptions) {
-        let mut args = vec![
-            "--control-plane".to_string(),
-            control_plane_from_l1(control_plane_grpc),
-            "--backend".into(),
+        // The box joins the control plane (started by this process) with a fresh token and
+        // dials its box listener over TLS; 10.0.2.2 is in that listener's certificate.
+        let (url, token) = match crate::controlplane::join_box(control_plane_grpc) {
+            Some((port, token)) => (format!("https://10.0.2.2:{port}"), Some(token)),
+            None => (control_plane_from_l1(control_plane_grpc), None),
+        };
+        let mut args = vec!["--control-plane".to_string(), url];
+        if let Some(t) = token {
+            args.extend(["--join-token".to_string(), t]);
+        }
+        args.extend([
+            "--backend".to_string(),
             o.backend.clone(),
             "--pool".into(),
             o.pool.clone(),
@@ -509,7 +517,7 @@ impl KvmHost {
             "10".into(),
             "--ready-file".into(),
             "/run/hive-box.ready".into(),
-        ];
+        ]);
         args.extend(o.extra.iter().cloned());
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         self.sh("rm -f /run/hive-box.ready");

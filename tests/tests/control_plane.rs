@@ -1001,7 +1001,11 @@ async fn session_without_register_is_refused_clearly(backend: Backend) {
     use hive_proto::v1::{box_message, BoxMessage, BuildUpdate, BuildUpdateKind, Heartbeat};
     use tokio_stream::StreamExt;
 
-    let Some(h) = TestHive::start(backend, "session_without_register", fast()).await else {
+    // A raw session without a certificate: on the loopback gRPC listener (--insecure-boxes);
+    // the certificate checks are control-plane/tests/box_auth.rs's.
+    let mut opts = fast();
+    opts.extra_args.push("--insecure-boxes".into());
+    let Some(h) = TestHive::start(backend, "session_without_register", opts).await else {
         return;
     };
     let mut c = BoxAgentClient::connect(h.cp.grpc_url())

@@ -165,7 +165,12 @@ struct Setup {
 }
 
 async fn setup(backend: Backend, test: &str) -> Option<Setup> {
-    let h = TestHive::start(backend, test, ControlPlaneOptions::default()).await?;
+    // The box side is a FakeBox without a certificate: on the loopback gRPC listener.
+    let opts = ControlPlaneOptions {
+        extra_args: vec!["--insecure-boxes".into()],
+        ..ControlPlaneOptions::default()
+    };
+    let h = TestHive::start(backend, test, opts).await?;
     ctl_json(&h, &["network", "add", "corp", "--prefix", "10.20.0.0/16"]);
     let connector_key = hive_wg::KeyPair::generate().public().to_base64();
     let added = ctl_json(

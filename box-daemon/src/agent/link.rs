@@ -100,8 +100,20 @@ impl<B: CellBackend> Agent<B> {
         AgentError,
     > {
         let url = self.cfg.control_plane.clone();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| AgentError::Url(url.clone(), e))?
+        let endpoint = match &self.cfg.credentials {
+            Some(creds) => {
+                if creds.due_for_renewal() {
+                    // Failing to renew is no reason not to connect: the old certificate is
+                    // still good, and the next session tries again.
+                    if let Err(e) = creds.renew().await {
+                        tracing::warn!(error = %e, "box certificate renewal failed; keeping the current one");
+                    }
+                }
+                creds.endpoint().map_err(AgentError::Credentials)?
+            }
+            None => Endpoint::from_shared(url.clone()).map_err(|e| AgentError::Url(url.clone(), e))?,
+        };
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))

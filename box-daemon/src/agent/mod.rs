@@ -46,12 +46,16 @@ pub enum AgentError {
     Stream(#[source] tonic::Status),
     #[error("control plane closed the BoxAgent stream")]
     Closed,
+    #[error("box certificate")]
+    Credentials(#[source] crate::credentials::CredentialsError),
 }
 
 /// How the agent identifies itself and times things.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub control_plane: String,
+    /// The box's certificate for an `https://` control plane (None: plaintext, `http://`).
+    pub credentials: Option<Arc<crate::credentials::Credentials>>,
     pub box_id: String,
     pub hostname: String,
     /// The control plane's lease time: self-fence after this long without it.

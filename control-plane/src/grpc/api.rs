@@ -912,6 +912,91 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         Ok(Response::new(pb::ForgetBoxReply {}))
     }
 
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenReply>, Status> {
+        let caller = self
+            .caller(&request, "CreateJoinToken", Right::Admin)
+            .await?;
+        let req = request.into_inner();
+        const MAX_TTL: u64 = 7 * 86_400;
+        let ttl = match req.ttl_secs {
+            0 => 3600,
+            t if t > MAX_TTL => {
+                return Err(Status::invalid_argument(format!(
+                    "--ttl {t}s is longer than 7 days: a join token is for joining a box now"
+                )))
+            }
+            t => t,
+        };
+        let box_id = req.box_id.trim().to_string();
+        if !box_id.is_empty() {
+            crate::grpc::boxes::check_box_id(&box_id)?;
+        }
+        use rand::RngCore;
+        let mut id = [0u8; 8];
+        let mut secret = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let token = hive_types::JoinToken {
+            id: hex::encode(id),
+            secret: hex::encode(secret),
+            ca_sha256: self.hive.ca.sha256().to_string(),
+        };
+        let now = crate::store::now_ms();
+        let expires_at_ms = now.saturating_add(i64::try_from(ttl * 1000).unwrap_or(i64::MAX));
+        let row = crate::store::JoinTokenRow {
+            id: token.id.clone(),
+            box_id: box_id.clone(),
+            created_at_ms: now,
+            created_by: caller.name.clone(),
+            expires_at_ms,
+            used_at_ms: 0,
+            used_by: String::new(),
+        };
+        let audit = caller
+            .audit("CreateJoinToken", &token.id)
+            .with_detail(format!("ttl {ttl}s, box {box_id:?}"));
+        self.hive
+            .store
+            .create_join_token(&row, &crate::auth::token_hash(&token.secret), &audit)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(token = %token.id, ttl_secs = ttl, box_id = %box_id, by = %caller.name, "join token made");
+        Ok(Response::new(pb::CreateJoinTokenReply {
+            token: token.to_string(),
+            expires_at_ms,
+            ca_sha256: token.ca_sha256,
+        }))
+    }
+
+    async fn revoke_box(
+        &self,
+        request: Request<pb::BoxActionRequest>,
+    ) -> Result<Response<pb::RevokeBoxReply>, Status> {
+        let caller = self.caller(&request, "RevokeBox", Right::Admin).await?;
+        let box_id = request.into_inner().box_id;
+        crate::grpc::boxes::check_box_id(&box_id)?;
+        let audit = caller.audit("RevokeBox", &box_id);
+        let n = self
+            .hive
+            .store
+            .revoke_box_certs(&box_id, crate::store::now_ms(), &audit)
+            .await
+            .map_err(store_err)?;
+        let ended = self.hive.registry.end_session(&box_id);
+        if n == 0 && !ended {
+            return Err(Status::not_found(format!(
+                "box {box_id:?} has no certificate in force and no session (see `hivectl boxes`)"
+            )));
+        }
+        tracing::warn!(%box_id, certificates = n, session_ended = ended, by = %caller.name, "box revoked");
+        Ok(Response::new(pb::RevokeBoxReply {
+            certificates: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn list_cells(
         &self,
         request: Request<pb::ListCellsRequest>,

@@ -16,15 +16,16 @@ use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
     Ack, BoxMessage, BuildState, BuildUpdate, BuildUpdateKind, ControlMessage, Drain, Heartbeat,
-    LogChunk, PoolState, Registered,
+    JoinReply, JoinRequest, LogChunk, PoolState, Registered, RenewCertificateRequest,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::pki::PeerIdentity;
 use crate::registry::boxes::{pools_json, Conn, ACTIVE, CORDONED, DRAINING};
 use crate::state::{millis, Hive};
-use crate::store::{now_ms, BoxBatch, BoxRow, CellRow, LogStored, StoreError};
+use crate::store::{now_ms, BoxBatch, BoxCertRow, BoxRow, CellRow, LogStored, StoreError};
 
 /// How long a new session may take to send its `Register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,7 +98,62 @@ pub enum SessionError {
 /// The gRPC `BoxAgent` service.
 #[derive(Clone)]
 pub struct BoxAgentService {
-    pub hive: Arc<Hive>,
+    hive: Arc<Hive>,
+    /// Sessions must present a client certificate from the CA whose subject is the box id
+    /// (the box listener); false only for `--insecure-boxes` on the loopback API listener.
+    require_cert: bool,
+}
+
+impl BoxAgentService {
+    /// The service of the box listener: boxes authenticated by their certificates.
+    pub fn new(hive: Arc<Hive>) -> Self {
+        BoxAgentService {
+            hive,
+            require_cert: true,
+        }
+    }
+
+    /// The service without certificates (`--insecure-boxes`, loopback only).
+    pub fn insecure(hive: Arc<Hive>) -> Self {
+        BoxAgentService {
+            hive,
+            require_cert: false,
+        }
+    }
+
+    /// The box a request's client certificate names, if the certificate is one the CA issued
+    /// and not revoked. TLS has verified the chain and the dates already.
+    async fn certified<T>(&self, request: &Request<T>, rpc: &str) -> Result<PeerIdentity, Status> {
+        let refuse = |why: &str| {
+            self.hive.metrics.box_violation("certificate");
+            tracing::warn!(rpc, peer = ?request.remote_addr(), why, "box refused");
+            Status::unauthenticated(format!(
+                "{rpc} needs the box's client certificate: {why}; a new box joins with \
+                 `hive-box --join-token` (from `hivectl box join-token`)"
+            ))
+        };
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| refuse("none was presented"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| refuse("none was presented"))?;
+        let who = crate::pki::peer_identity(leaf).map_err(|e| refuse(&e.to_string()))?;
+        let row = self
+            .hive
+            .store
+            .box_cert(&who.serial)
+            .await
+            .map_err(internal)?;
+        match row {
+            Some(r) if r.box_id == who.box_id && r.revoked_at_ms == 0 => Ok(who),
+            Some(r) if r.revoked_at_ms != 0 => Err(refuse(&format!(
+                "box {}'s certificate was revoked (`hivectl box revoke`)",
+                who.box_id
+            ))),
+            _ => Err(refuse("the certificate is not one this control plane issued")),
+        }
+    }
 }
 
 /// Most cells of one class a box may report (a box that claims more would draw every build).
@@ -180,6 +236,11 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
         request: Request<Streaming<BoxMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
+        let certified = if self.require_cert {
+            Some(self.certified(&request, "Session").await?)
+        } else {
+            None
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -199,6 +260,18 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             None => return Err(Status::invalid_argument("session closed before Register")),
         };
         validate_box_id(&reg.box_id)?;
+        if let Some(who) = &certified {
+            if who.box_id != reg.box_id {
+                self.hive.metrics.box_violation("identity");
+                tracing::warn!(cert_box = %who.box_id, claimed = %reg.box_id, ?peer,
+                    "box registered under another box's id: refused");
+                return Err(Status::permission_denied(format!(
+                    "this certificate is box {:?}'s; it cannot register as {:?} (a box's id is \
+                     the one it joined with: start it with --box-id {})",
+                    who.box_id, reg.box_id, who.box_id
+                )));
+            }
+        }
         let hive = self.hive.clone();
         reg.pools = checked_pools(&hive, &reg.box_id, std::mem::take(&mut reg.pools));
         refuse_a_second_holder(&hive, &reg, peer).await?;
@@ -267,6 +340,102 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             session.end(result).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        if !self.require_cert {
+            return Err(Status::failed_precondition(
+                "join on the box listener (--box-addr, TLS), not the gRPC API listener",
+            ));
+        }
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let token: hive_types::JoinToken = req
+            .token
+            .parse()
+            .map_err(|e: hive_types::JoinTokenError| Status::invalid_argument(e.to_string()))?;
+        if token.ca_sha256 != self.hive.ca.sha256() {
+            return Err(Status::failed_precondition(
+                "this join token pins another CA than this control plane's: it was made by \
+                 another control plane (or before its data dir was replaced)",
+            ));
+        }
+        validate_box_id(&req.box_id)?;
+        let issued = self
+            .hive
+            .ca
+            .issue_box(&req.box_id, &req.csr_der, self.hive.box_cert_validity)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let now = now_ms();
+        let row = BoxCertRow {
+            serial: issued.serial.clone(),
+            box_id: req.box_id.clone(),
+            issued_at_ms: now,
+            not_after_ms: issued.not_after_ms,
+            revoked_at_ms: 0,
+        };
+        let hash = crate::auth::token_hash(&token.secret);
+        match self.hive.store.join_box(&token.id, &hash, &row, now).await {
+            Ok(Ok(())) => {}
+            Ok(Err(refused)) => {
+                self.hive.metrics.box_violation("join");
+                tracing::warn!(box_id = %req.box_id, token = %token.id, ?peer, %refused, "join refused");
+                return Err(Status::permission_denied(refused.to_string()));
+            }
+            Err(e) => return Err(internal(e)),
+        }
+        tracing::info!(box_id = %req.box_id, token = %token.id, serial = %issued.serial, ?peer,
+            "box joined: certificate issued");
+        Ok(Response::new(JoinReply {
+            box_id: req.box_id,
+            certificate_pem: issued.pem,
+            ca_pem: self.hive.ca.cert_pem().to_string(),
+            not_after_ms: issued.not_after_ms,
+        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<RenewCertificateRequest>,
+    ) -> Result<Response<JoinReply>, Status> {
+        if !self.require_cert {
+            return Err(Status::failed_precondition(
+                "renew on the box listener (--box-addr, TLS), not the gRPC API listener",
+            ));
+        }
+        let who = self.certified(&request, "RenewCertificate").await?;
+        let req = request.into_inner();
+        let issued = self
+            .hive
+            .ca
+            .issue_box(&who.box_id, &req.csr_der, self.hive.box_cert_validity)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let row = BoxCertRow {
+            serial: issued.serial.clone(),
+            box_id: who.box_id.clone(),
+            issued_at_ms: now_ms(),
+            not_after_ms: issued.not_after_ms,
+            revoked_at_ms: 0,
+        };
+        if !self
+            .hive
+            .store
+            .renew_box_cert(&who.serial, &row)
+            .await
+            .map_err(internal)?
+        {
+            return Err(Status::unauthenticated(format!(
+                "box {}'s certificate was revoked meanwhile",
+                who.box_id
+            )));
+        }
+        tracing::info!(box_id = %who.box_id, old = %who.serial, new = %issued.serial, "box certificate renewed");
+        Ok(Response::new(JoinReply {
+            box_id: who.box_id,
+            certificate_pem: issued.pem,
+            ca_pem: self.hive.ca.cert_pem().to_string(),
+            not_after_ms: issued.not_after_ms,
+        }))
     }
 }
 
@@ -747,6 +916,11 @@ enum After {
     Changed(String),
     Wake,
     StopStale { build_id: String, lease_id: String },
+}
+
+/// Checks a box id given to an RPC (the same rules as a box's Register).
+pub fn check_box_id(id: &str) -> Result<(), Status> {
+    validate_box_id(id)
 }
 
 fn validate_box_id(id: &str) -> Result<(), Status> {

@@ -295,6 +295,17 @@ impl Registry {
         }
     }
 
+    /// Ends the box's session, if it has one (a revoked box): true if it had.
+    pub fn end_session(&self, box_id: &str) -> bool {
+        match self.lock().get_mut(box_id).and_then(|e| e.conn.as_ref()) {
+            Some(c) => {
+                c.kill.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Ends sessions whose box has been silent for longer than `silence`.
     pub fn reap_silent(&self, silence: Duration) -> Vec<String> {
         let mut reaped = Vec::new();

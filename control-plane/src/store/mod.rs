@@ -41,6 +41,7 @@ macro_rules! in_tx {
 }
 
 mod audit;
+mod box_certs;
 mod boxes;
 mod builds;
 mod deliveries;
@@ -52,6 +53,7 @@ mod retention;
 mod tokens;
 
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
+pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRow};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::Delivery;

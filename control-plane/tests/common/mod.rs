@@ -23,13 +23,17 @@ pub async fn start(db_url: &str) -> Handle {
 }
 
 pub async fn start_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> Handle {
-    // The data dir only receives admin.token, which the handle also carries: it can go once
-    // the control plane has started.
+    // The data dir only receives admin.token and the CA, which the handle also carries (the
+    // CA in memory): it can go once the control plane has started.
     let data_dir = tempfile::tempdir().expect("temp data dir");
     let mut config = Config {
         data_dir: data_dir.path().to_path_buf(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        box_addr: "127.0.0.1:0".parse().unwrap(),
+        // The scheduling tests drive sessions with TestBox over plaintext; box authentication
+        // has its own tests (box_auth.rs) on the TLS box listener.
+        insecure_boxes: true,
         db: Some(db_url.to_string()),
         lease: Duration::from_millis(1500),
         heartbeat_interval: Duration::from_millis(400),

@@ -148,6 +148,8 @@ async fn start(cli: &Cli, label: &'static str) -> Result<(ControlPlane, Store), 
         db: pg.as_ref().map(|p| p.url.clone()),
         log_filter: cli.cp_log.clone(),
         heartbeat_interval_ms: cli.heartbeat_interval_ms,
+        // The benchmark's boxes are FakeBoxes without certificates (loopback gRPC listener).
+        extra_args: vec!["--insecure-boxes".into()],
         ..ControlPlaneOptions::default()
     };
     let cp = tokio::task::spawn_blocking(move || ControlPlane::start(opts)).await??;

@@ -1,0 +1,505 @@
+//! The box's identity towards the control plane: a client certificate for its box id, signed by
+//! the control plane's CA, kept in `<data-dir>/tls/` (`box.key` 0600, `box.pem`, `ca.pem`,
+//! `cert.json` with its dates).
+//!
+//! A new box has none: it joins with a one-time token (`hivectl box join-token`). The token pins
+//! the CA by its SHA-256, so the box first opens a TLS connection that trusts nothing but a
+//! chain ending in that CA (the server sends its CA after its own certificate), keeps the CA,
+//! then calls `BoxAgent.Join` over ordinary verified TLS with a certificate signing request for
+//! a key it made itself: the private key never leaves the box. Afterwards every session uses
+//! the certificate, and [`Credentials::renew`] replaces it when a third of its life is left.
+//!
+//! An `http://` control plane URL means no TLS and no certificate: only a control plane started
+//! with `--insecure-boxes` on loopback accepts that (tests and development).
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hive_proto::v1::box_agent_client::BoxAgentClient;
+use hive_proto::v1::{JoinReply, JoinRequest, RenewCertificateRequest};
+use hive_types::JoinToken;
+use rcgen::{CertificateParams, DnType, KeyPair};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// Errors getting or using the box's certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "this box has no certificate in {0} and no join token: make one on the control plane \
+         with `hivectl box join-token` and start the box with --join-token (HIVE_BOX_JOIN_TOKEN)"
+    )]
+    NoCertificate(PathBuf),
+    #[error("{0}")]
+    Token(#[from] hive_types::JoinTokenError),
+    #[error(
+        "the certificate in {dir} is box {has:?}'s, not {want:?}: start the box with \
+         --box-id {has}, or move {dir} away and join again with a new token"
+    )]
+    OtherBox {
+        dir: PathBuf,
+        has: String,
+        want: String,
+    },
+    #[error("control plane URL {0:?}: {1}")]
+    Url(String, String),
+    #[error("reach the control plane at {0} to join: {1}")]
+    Reach(String, String),
+    #[error(
+        "the control plane at {0} did not show the CA this join token pins ({1}): the token is \
+         for another control plane, or something in between is posing as it"
+    )]
+    Pin(String, String),
+    #[error("the control plane refused the join: {0}")]
+    Refused(String),
+    #[error("the control plane refused to renew the certificate: {0}")]
+    RenewRefused(String),
+    #[error("key or certificate: {0}")]
+    Crypto(String),
+}
+
+/// Whether a failure may pass by retrying (the control plane is not up yet) or needs the
+/// operator (bad token, wrong CA, refused).
+impl CredentialsError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CredentialsError::Reach(..))
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Dates {
+    box_id: String,
+    issued_at_ms: i64,
+    not_after_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    key_pem: String,
+    cert_pem: String,
+    dates: Dates,
+}
+
+/// The box's certificate, key and CA, as on disk.
+#[derive(Debug)]
+pub struct Credentials {
+    dir: PathBuf,
+    url: String,
+    host: String,
+    ca_pem: String,
+    held: Mutex<Held>,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CredentialsError + 'a {
+    move |source| CredentialsError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn crypto(e: impl std::fmt::Display) -> CredentialsError {
+    CredentialsError::Crypto(e.to_string())
+}
+
+/// Writes via a temporary file and a rename, with `mode`.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredentialsError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io("chmod", &tmp))?;
+    f.write_all(bytes).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))
+}
+
+/// `https://host:port` -> (host, port).
+fn host_port(url: &str) -> Result<(String, u16), CredentialsError> {
+    let bad = |why: &str| CredentialsError::Url(url.to_string(), why.to_string());
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| bad("boxes connect over TLS: use https://HOST:PORT (the control plane's --box-addr)"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or_else(|| bad("unclosed [ in the host"))?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or("443"))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (authority.to_string(), "443"),
+        }
+    };
+    let port = port.parse().map_err(|_| bad("the port is not a number"))?;
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((host, port))
+}
+
+/// A key and a certificate signing request for it.
+fn new_key_and_csr(box_id: &str) -> Result<(KeyPair, Vec<u8>), CredentialsError> {
+    let key = KeyPair::generate().map_err(crypto)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, box_id);
+    let csr = params.serialize_request(&key).map_err(crypto)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+impl Credentials {
+    /// The box's credentials for `url`: None for an `http://` URL (no TLS); loaded from
+    /// `<data_dir>/tls` when there; else made by joining with `token`.
+    pub async fn ensure(
+        url: &str,
+        box_id: &str,
+        data_dir: &Path,
+        token: Option<&str>,
+    ) -> Result<Option<Arc<Credentials>>, CredentialsError> {
+        if url.starts_with("http://") {
+            tracing::warn!(control_plane = %url, "plaintext control plane URL: no TLS, no certificate (only a control plane with --insecure-boxes on loopback accepts this box)");
+            return Ok(None);
+        }
+        let token = token.map(str::trim).filter(|t| !t.is_empty());
+        let (host, _) = host_port(url)?;
+        let dir = data_dir.join("tls");
+        if dir.join("box.pem").exists() {
+            let c = Credentials::load(&dir, url, &host)?;
+            let has = c.box_id();
+            if has != box_id {
+                return Err(CredentialsError::OtherBox {
+                    dir,
+                    has,
+                    want: box_id.to_string(),
+                });
+            }
+            if token.is_some() {
+                tracing::info!(dir = %dir.display(), "already joined: the join token is not needed (nor used) again");
+            }
+            return Ok(Some(Arc::new(c)));
+        }
+        let token: JoinToken = token
+            .ok_or_else(|| CredentialsError::NoCertificate(dir.clone()))?
+            .parse()?;
+        let c = Credentials::join(url, &host, box_id, &dir, &token).await?;
+        Ok(Some(Arc::new(c)))
+    }
+
+    fn load(dir: &Path, url: &str, host: &str) -> Result<Credentials, CredentialsError> {
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).map_err(io("read", &p))
+        };
+        let dates: Dates = serde_json::from_str(&read("cert.json")?).map_err(crypto)?;
+        Ok(Credentials {
+            dir: dir.to_path_buf(),
+            url: url.to_string(),
+            host: host.to_string(),
+            ca_pem: read("ca.pem")?,
+            held: Mutex::new(Held {
+                key_pem: read("box.key")?,
+                cert_pem: read("box.pem")?,
+                dates,
+            }),
+        })
+    }
+
+    async fn join(
+        url: &str,
+        host: &str,
+        box_id: &str,
+        dir: &Path,
+        token: &JoinToken,
+    ) -> Result<Credentials, CredentialsError> {
+        let ca_pem = fetch_pinned_ca(url, &token.ca_sha256).await?;
+        let (key, csr_der) = new_key_and_csr(box_id)?;
+        let channel = endpoint(url, host, &ca_pem, None)?
+            .connect()
+            .await
+            .map_err(|e| CredentialsError::Reach(url.to_string(), hive_sys::error_chain(&e)))?;
+        let reply = BoxAgentClient::new(channel)
+            .join(JoinRequest {
+                token: token.to_string(),
+                box_id: box_id.to_string(),
+                csr_der,
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable => CredentialsError::Reach(url.to_string(), s.message().to_string()),
+                _ => CredentialsError::Refused(s.message().to_string()),
+            })?
+            .into_inner();
+        let c = Credentials {
+            dir: dir.to_path_buf(),
+            url: url.to_string(),
+            host: host.to_string(),
+            ca_pem,
+            held: Mutex::new(Held {
+                key_pem: key.serialize_pem(),
+                cert_pem: reply.certificate_pem.clone(),
+                dates: Dates {
+                    box_id: reply.box_id.clone(),
+                    issued_at_ms: hive_sys::now_ms() as i64,
+                    not_after_ms: reply.not_after_ms,
+                },
+            }),
+        };
+        c.save()?;
+        tracing::info!(box_id = %reply.box_id, dir = %dir.display(), "joined the control plane: certificate kept");
+        Ok(c)
+    }
+
+    fn save(&self) -> Result<(), CredentialsError> {
+        std::fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", &self.dir))?;
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        write_file(&self.dir.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
+        // The key before the certificate: box.pem is what marks the box as joined.
+        write_file(&self.dir.join("box.key"), held.key_pem.as_bytes(), 0o600)?;
+        let dates = serde_json::to_vec(&held.dates).map_err(crypto)?;
+        write_file(&self.dir.join("cert.json"), &dates, 0o644)?;
+        write_file(&self.dir.join("box.pem"), held.cert_pem.as_bytes(), 0o644)
+    }
+
+    /// The box id the certificate names.
+    pub fn box_id(&self) -> String {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dates
+            .box_id
+            .clone()
+    }
+
+    /// The endpoint of the control plane with the box's certificate.
+    pub fn endpoint(&self) -> Result<Endpoint, CredentialsError> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        endpoint(
+            &self.url,
+            &self.host,
+            &self.ca_pem,
+            Some(Identity::from_pem(held.cert_pem, held.key_pem)),
+        )
+    }
+
+    /// True when less than a third of the certificate's life is left.
+    pub fn due_for_renewal(&self) -> bool {
+        let d = self.held.lock().unwrap_or_else(|p| p.into_inner()).dates.clone();
+        let life = (d.not_after_ms - d.issued_at_ms).max(1);
+        d.not_after_ms - (hive_sys::now_ms() as i64) < life / 3
+    }
+
+    /// A new certificate (and key) for the same box, asked for with the current one.
+    pub async fn renew(&self) -> Result<(), CredentialsError> {
+        let box_id = self.box_id();
+        let (key, csr_der) = new_key_and_csr(&box_id)?;
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .map_err(|e| CredentialsError::Reach(self.url.clone(), hive_sys::error_chain(&e)))?;
+        let reply: JoinReply = BoxAgentClient::new(channel)
+            .renew_certificate(RenewCertificateRequest { csr_der })
+            .await
+            .map_err(|s| CredentialsError::RenewRefused(s.message().to_string()))?
+            .into_inner();
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held {
+            key_pem: key.serialize_pem(),
+            cert_pem: reply.certificate_pem,
+            dates: Dates {
+                box_id,
+                issued_at_ms: hive_sys::now_ms() as i64,
+                not_after_ms: reply.not_after_ms,
+            },
+        };
+        self.save()?;
+        tracing::info!(not_after_ms = reply.not_after_ms, "box certificate renewed");
+        Ok(())
+    }
+}
+
+fn endpoint(
+    url: &str,
+    host: &str,
+    ca_pem: &str,
+    identity: Option<Identity>,
+) -> Result<Endpoint, CredentialsError> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(host.to_string());
+    if let Some(id) = identity {
+        tls = tls.identity(id);
+    }
+    Endpoint::from_shared(url.to_string())
+        .map_err(|e| CredentialsError::Url(url.to_string(), e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| CredentialsError::Url(url.to_string(), hive_sys::error_chain(&e)))
+}
+
+/// Trusts a server chain only when it carries the CA of SHA-256 `pin` and the server's
+/// certificate verifies against that CA for the host dialled; remembers the CA.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    found: Mutex<Option<CertificateDer<'static>>>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General("no certificate in the chain has the pinned SHA-256".into())
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let ok = webpki.verify_server_cert(end_entity, &[], server_name, ocsp, now)?;
+        *self.found.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca.clone().into_owned());
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The CA certificate (PEM) of the control plane at `url`, trusted because its SHA-256 is `pin`.
+async fn fetch_pinned_ca(url: &str, pin: &str) -> Result<String, CredentialsError> {
+    let (host, port) = host_port(url)?;
+    // The provider tonic's own TLS (feature tls-ring) uses for the session; deprecated in
+    // rustls 0.23.48 only for lacking post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedCa {
+        pin: pin.to_string(),
+        provider: provider.clone(),
+        found: Mutex::new(None),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(crypto)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = ServerName::try_from(host.clone())
+        .map_err(|e| CredentialsError::Url(url.to_string(), e.to_string()))?;
+    let reach = |e: String| CredentialsError::Reach(url.to_string(), e);
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| reach("connect timed out after 5s".into()))?
+    .map_err(|e| reach(e.to_string()))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    match tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp)).await {
+        Err(_) => return Err(reach("TLS handshake timed out after 10s".into())),
+        Ok(Err(e)) => {
+            let e = hive_sys::error_chain(&e);
+            // Only our verifier's refusal is about the pin; anything else is the link.
+            return Err(if e.contains("pinned") || e.contains("certificate") {
+                CredentialsError::Pin(url.to_string(), e)
+            } else {
+                reach(e)
+            });
+        }
+        Ok(Ok(_stream)) => {}
+    }
+    let der = verifier
+        .found
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| CredentialsError::Pin(url.to_string(), "no CA was verified".into()))?;
+    Ok(pem_encode("CERTIFICATE", der.as_ref()))
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_host_and_port_and_plaintext_is_explained() {
+        assert_eq!(host_port("https://cp.example:50052").unwrap(), ("cp.example".into(), 50052));
+        assert_eq!(host_port("https://10.0.2.2:7/").unwrap(), ("10.0.2.2".into(), 7));
+        assert_eq!(host_port("https://[::1]:9").unwrap(), ("::1".into(), 9));
+        assert_eq!(host_port("https://cp").unwrap(), ("cp".into(), 443));
+        let e = host_port("ftp://cp:1").unwrap_err().to_string();
+        assert!(e.contains("https://HOST:PORT"), "{e}");
+        assert!(host_port("https://:1").is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! Issue 10: boxes are who their certificate says, and nobody else gets in. Each case plays the
+//! attacker against a real control plane's TLS box listener, on SQLite and PostgreSQL: a
+//! session with no certificate, a certificate from another CA, a box registering under
+//! another box's id, a join token used twice / expired / from another control plane / for
+//! another box, joining as a box that already has a certificate, a revoked box (its live
+//! session ends, it cannot reconnect or renew), and the roles allowed to make tokens and revoke.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{api, api_as, pool, start_with};
+use hive_control_plane::server::Handle;
+use hive_proto::v1::box_agent_client::BoxAgentClient;
+use hive_proto::v1::box_message::Msg as BoxMsg;
+use hive_proto::v1::control_message::Msg as CtlMsg;
+use hive_proto::v1::{
+    BoxActionRequest, BoxMessage, ControlMessage, CreateJoinTokenRequest, CreateTokenRequest,
+    JoinReply, JoinRequest, Register, RenewCertificateRequest,
+};
+use rcgen::{CertificateParams, DnType, KeyPair};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A control plane whose only way in for boxes is the TLS box listener.
+async fn secure(url: &str) -> Handle {
+    start_with(url, |c| c.insecure_boxes = false).await
+}
+
+/// A box's own key and a certificate signing request for it.
+fn key_and_csr(cn: &str) -> (KeyPair, Vec<u8>) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    let csr = p.serialize_request(&key).unwrap();
+    (key, csr.der().to_vec())
+}
+
+/// A TLS channel to the box listener, trusting `ca_pem`, with a client identity or none.
+async fn channel(h: &Handle, ca_pem: &str, id: Option<Identity>) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some(id) = id {
+        tls = tls.identity(id);
+    }
+    Endpoint::from_shared(format!("https://127.0.0.1:{}", h.box_addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn join_token(h: &Handle, box_id: &str, ttl_secs: u64) -> String {
+    api(h)
+        .await
+        .create_join_token(CreateJoinTokenRequest {
+            ttl_secs,
+            box_id: box_id.to_string(),
+        })
+        .await
+        .expect("admin makes a join token")
+        .into_inner()
+        .token
+}
+
+async fn join(h: &Handle, token: &str, box_id: &str) -> Result<(KeyPair, JoinReply), tonic::Status> {
+    let (key, csr_der) = key_and_csr(box_id);
+    let ch = channel(h, h.ca_pem(), None).await.expect("TLS to the box listener");
+    let r = BoxAgentClient::new(ch)
+        .join(JoinRequest {
+            token: token.to_string(),
+            box_id: box_id.to_string(),
+            csr_der,
+        })
+        .await?
+        .into_inner();
+    Ok((key, r))
+}
+
+/// Opens a session with `identity` and registers as `box_id`: Ok(stream) once Registered.
+async fn session(
+    h: &Handle,
+    identity: Option<Identity>,
+    box_id: &str,
+) -> Result<tonic::Streaming<ControlMessage>, tonic::Status> {
+    let ch = channel(h, h.ca_pem(), identity)
+        .await
+        .map_err(tonic::Status::unavailable)?;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(BoxMessage {
+        seq: 0,
+        msg: Some(BoxMsg::Register(Register {
+            box_id: box_id.to_string(),
+            hostname: "attacker.test".into(),
+            backend: "sandbox".into(),
+            pools: vec![pool("small", 1, 2)],
+            running_builds: vec![],
+            version: "test".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = BoxAgentClient::new(ch)
+        .session(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Keep the sender alive with the stream: dropping it would end the session.
+    std::mem::forget(tx);
+    match tokio::time::timeout(WAIT, inbound.message()).await {
+        Ok(Ok(Some(ControlMessage {
+            msg: Some(CtlMsg::Registered(_)),
+        }))) => Ok(inbound),
+        Ok(Err(s)) => Err(s),
+        other => panic!("no Registered: {other:?}"),
+    }
+}
+
+fn identity(key: &KeyPair, reply: &JoinReply) -> Identity {
+    Identity::from_pem(&reply.certificate_pem, key.serialize_pem())
+}
+
+hive_testkit::on_both!(db => a_joined_box_is_its_certificate_and_nobody_else);
+
+async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
+    let h = secure(&url).await;
+
+    // No certificate: refused, saying how to join.
+    let e = session(&h, None, "box-a").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("join-token"), "{}", e.message());
+
+    // The API listener does not serve boxes at all without --insecure-boxes.
+    let plain = Endpoint::from_shared(format!("http://{}", h.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    drop(tx);
+    let e = BoxAgentClient::new(plain)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+
+    // Join: the certificate names the box the token was used for, not what the CSR says.
+    let token = join_token(&h, "", 600).await;
+    let (key_a, a) = join(&h, &token, "box-a").await.expect("join");
+    assert_eq!(a.box_id, "box-a");
+    assert_eq!(a.ca_pem, h.ca_pem());
+    let id_a = identity(&key_a, &a);
+    let s = session(&h, Some(id_a.clone()), "box-a").await.expect("box-a registers as itself");
+
+    // The same token again: one use only, whoever tries.
+    let e = join(&h, &token, "box-b").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("already used"), "{}", e.message());
+
+    // box-a's certificate cannot register as box-b (taking over its assignments).
+    let e = session(&h, Some(id_a.clone()), "box-b").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("box-a") && e.message().contains("box-b"), "{}", e.message());
+
+    // A fresh token cannot be used to become box-a, which holds a certificate in force.
+    let t2 = join_token(&h, "", 600).await;
+    let e = join(&h, &t2, "box-a").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("revoke"), "{}", e.message());
+    // ... and a token bound to box-c is for box-c only.
+    let t3 = join_token(&h, "box-c", 600).await;
+    let e = join(&h, &t3, "box-d").await.unwrap_err();
+    assert!(e.message().contains("box-c"), "{}", e.message());
+    join(&h, &t3, "box-c").await.expect("box-c joins with its own token");
+
+    // Expired, malformed, and another control plane's tokens.
+    let t4 = join_token(&h, "", 1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let e = join(&h, &t4, "box-e").await.unwrap_err();
+    assert!(e.message().contains("expired"), "{}", e.message());
+    let e = join(&h, "hjt1.nonsense", "box-e").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let mut forged: hive_types::JoinToken = t2.parse().unwrap();
+    forged.secret = "0".repeat(32);
+    let e = join(&h, &forged.to_string(), "box-e").await.unwrap_err();
+    assert!(e.message().contains("unknown join token"), "{}", e.message());
+    let other_db = if url.starts_with("sqlite:") {
+        hive_testkit::TestDb::sqlite()
+    } else {
+        hive_testkit::TestDb::postgres("box_auth_other")
+            .await
+            .expect("the PostgreSQL this test runs on")
+    };
+    let other = secure(&other_db.url).await;
+    let foreign = join_token(&other, "", 600).await;
+    let e = join(&h, &foreign, "box-e").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("another CA"), "{}", e.message());
+
+    // A certificate from another control plane's CA does not get through TLS.
+    let t5 = join_token(&other, "", 600).await;
+    let (key_x, x) = join(&other, &t5, "box-a").await.expect("join the other control plane");
+    let e = session(&h, Some(identity(&key_x, &x)), "box-a").await.unwrap_err();
+    // The TLS layer refuses it: the connection closes (how the client words that depends on
+    // when in the handshake it notices), never Registered.
+    assert!(
+        matches!(
+            e.code(),
+            Code::Unavailable | Code::Unknown | Code::Unauthenticated | Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    other.shutdown().await;
+    other_db.drop_db().await;
+
+    // Renewal: a new certificate for the same box, which works.
+    let (key_r, csr) = key_and_csr("whatever");
+    let ch = channel(&h, h.ca_pem(), Some(id_a.clone())).await.unwrap();
+    let renewed = BoxAgentClient::new(ch)
+        .renew_certificate(RenewCertificateRequest { csr_der: csr })
+        .await
+        .expect("renew")
+        .into_inner();
+    assert_eq!(renewed.box_id, "box-a");
+    let id_a2 = identity(&key_r, &renewed);
+
+    // Revoke box-a (admin only): its live session ends; neither certificate gets back in.
+    let mut s = s;
+    let read_only = api(&h)
+        .await
+        .create_token(CreateTokenRequest {
+            role: "operator".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let e = api_as(&h, &read_only)
+        .await
+        .revoke_box(BoxActionRequest { box_id: "box-a".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = api_as(&h, &read_only)
+        .await
+        .create_join_token(CreateJoinTokenRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let n = api(&h)
+        .await
+        .revoke_box(BoxActionRequest { box_id: "box-a".into() })
+        .await
+        .expect("admin revokes")
+        .into_inner()
+        .certificates;
+    assert_eq!(n, 2, "the joined and the renewed certificate");
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked box's session did not end");
+    for id in [id_a.clone(), id_a2] {
+        let e = session(&h, Some(id), "box-a").await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("revoked"), "{}", e.message());
+    }
+    let ch = channel(&h, h.ca_pem(), Some(id_a)).await.unwrap();
+    let (_, csr) = key_and_csr("box-a");
+    let e = BoxAgentClient::new(ch)
+        .renew_certificate(RenewCertificateRequest { csr_der: csr })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // The id can be given to a new machine only on purpose: a token bound to it.
+    let t6 = join_token(&h, "box-a", 600).await;
+    let (k, r) = join(&h, &t6, "box-a").await.expect("rejoin with a bound token");
+    session(&h, Some(identity(&k, &r)), "box-a").await.expect("the new box-a registers");
+
+    // Every step is in the audit log.
+    let audit = api(&h)
+        .await
+        .list_audit(hive_proto::v1::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for action in ["CreateJoinToken", "JoinBox", "RevokeBox"] {
+        assert!(audit.iter().any(|e| e.action == action), "no {action} in the audit log");
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn insecure_boxes_only_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = hive_control_plane::server::start(hive_control_plane::server::Config {
+        data_dir: dir.path().to_path_buf(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_addr: "0.0.0.0:0".parse().unwrap(),
+        box_addr: "127.0.0.1:0".parse().unwrap(),
+        insecure_boxes: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--insecure-boxes") && e.contains("loopback"), "{e}");
+}

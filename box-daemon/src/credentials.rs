@@ -103,7 +103,10 @@ pub struct Credentials {
     held: Mutex<Held>,
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CredentialsError + 'a {
+fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CredentialsError + 'a {
     move |source| CredentialsError::Io {
         what,
         path: path.to_path_buf(),
@@ -135,12 +138,14 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredentialsErr
 /// `https://host:port` -> (host, port).
 fn host_port(url: &str) -> Result<(String, u16), CredentialsError> {
     let bad = |why: &str| CredentialsError::Url(url.to_string(), why.to_string());
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| bad("boxes connect over TLS: use https://HOST:PORT (the control plane's --box-addr)"))?;
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        bad("boxes connect over TLS: use https://HOST:PORT (the control plane's --box-addr)")
+    })?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').ok_or_else(|| bad("unclosed [ in the host"))?;
+        let (h, p) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("unclosed [ in the host"))?;
         (h.to_string(), p.strip_prefix(':').unwrap_or("443"))
     } else {
         match authority.rsplit_once(':') {
@@ -242,7 +247,9 @@ impl Credentials {
             })
             .await
             .map_err(|s| match s.code() {
-                tonic::Code::Unavailable => CredentialsError::Reach(url.to_string(), s.message().to_string()),
+                tonic::Code::Unavailable => {
+                    CredentialsError::Reach(url.to_string(), s.message().to_string())
+                }
                 _ => CredentialsError::Refused(s.message().to_string()),
             })?
             .into_inner();
@@ -302,7 +309,12 @@ impl Credentials {
 
     /// True when less than a third of the certificate's life is left.
     pub fn due_for_renewal(&self) -> bool {
-        let d = self.held.lock().unwrap_or_else(|p| p.into_inner()).dates.clone();
+        let d = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dates
+            .clone();
         let life = (d.not_after_ms - d.issued_at_ms).max(1);
         d.not_after_ms - (hive_sys::now_ms() as i64) < life / 3
     }
@@ -311,11 +323,10 @@ impl Credentials {
     pub async fn renew(&self) -> Result<(), CredentialsError> {
         let box_id = self.box_id();
         let (key, csr_der) = new_key_and_csr(&box_id)?;
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| CredentialsError::Reach(self.url.clone(), hive_sys::error_chain(&e)))?;
+        let channel =
+            self.endpoint()?.connect().await.map_err(|e| {
+                CredentialsError::Reach(self.url.clone(), hive_sys::error_chain(&e))
+            })?;
         let reply: JoinReply = BoxAgentClient::new(channel)
             .renew_certificate(RenewCertificateRequest { csr_der })
             .await
@@ -380,10 +391,12 @@ impl ServerCertVerifier for PinnedCa {
             })?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let webpki =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
         let ok = webpki.verify_server_cert(end_entity, &[], server_name, ocsp, now)?;
         *self.found.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca.clone().into_owned());
         Ok(ok)
@@ -494,8 +507,14 @@ mod tests {
 
     #[test]
     fn urls_name_their_host_and_port_and_plaintext_is_explained() {
-        assert_eq!(host_port("https://cp.example:50052").unwrap(), ("cp.example".into(), 50052));
-        assert_eq!(host_port("https://10.0.2.2:7/").unwrap(), ("10.0.2.2".into(), 7));
+        assert_eq!(
+            host_port("https://cp.example:50052").unwrap(),
+            ("cp.example".into(), 50052)
+        );
+        assert_eq!(
+            host_port("https://10.0.2.2:7/").unwrap(),
+            ("10.0.2.2".into(), 7)
+        );
         assert_eq!(host_port("https://[::1]:9").unwrap(), ("::1".into(), 9));
         assert_eq!(host_port("https://cp").unwrap(), ("cp".into(), 443));
         let e = host_port("ftp://cp:1").unwrap_err().to_string();

@@ -466,7 +466,17 @@ async fn run_async(
                 cell_env,
             })?);
             let cgroups = backend.cgroups().clone();
-            serve(args, classes, backend, cgroups, net, claim, credentials, signals).await
+            serve(
+                args,
+                classes,
+                backend,
+                cgroups,
+                net,
+                claim,
+                credentials,
+                signals,
+            )
+            .await
         }
         Chosen::Microvm(guest) => {
             let mut cfg = MicrovmConfig::new(
@@ -488,7 +498,17 @@ async fn run_async(
             }
             let backend = Arc::new(MicrovmBackend::new(cfg)?);
             let cgroups = backend.cgroups().clone();
-            serve(args, classes, backend, cgroups, net, claim, credentials, signals).await
+            serve(
+                args,
+                classes,
+                backend,
+                cgroups,
+                net,
+                claim,
+                credentials,
+                signals,
+            )
+            .await
         }
     }
 }

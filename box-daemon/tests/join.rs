@@ -77,7 +77,9 @@ async fn a_box_joins_once_keeps_its_certificate_and_trusts_only_the_pinned_ca() 
     assert!(none.is_none());
 
     // No certificate and no token: says what to do.
-    let e = Credentials::ensure(&url, "b1", data.path(), None).await.unwrap_err();
+    let e = Credentials::ensure(&url, "b1", data.path(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, CredentialsError::NoCertificate(_)), "{e}");
     assert!(e.to_string().contains("hivectl box join-token"), "{e}");
 
@@ -101,7 +103,10 @@ async fn a_box_joins_once_keeps_its_certificate_and_trusts_only_the_pinned_ca() 
         .permissions()
         .mode();
     assert_eq!(key_mode & 0o777, 0o600);
-    assert!(registers(&creds, "b1").await, "the certificate gets the box in");
+    assert!(
+        registers(&creds, "b1").await,
+        "the certificate gets the box in"
+    );
 
     // The next start needs no token (the used one would be refused anyway).
     let again = Credentials::ensure(&url, "b1", data.path(), Some(&good))
@@ -110,7 +115,9 @@ async fn a_box_joins_once_keeps_its_certificate_and_trusts_only_the_pinned_ca() 
         .unwrap();
     assert!(registers(&again, "b1").await);
     // The data dir is box b1's: it cannot be started as b2.
-    let e = Credentials::ensure(&url, "b2", data.path(), None).await.unwrap_err();
+    let e = Credentials::ensure(&url, "b2", data.path(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, CredentialsError::OtherBox { .. }), "{e}");
 
     // Renewal writes a new certificate that works.
@@ -127,9 +134,14 @@ async fn a_box_joins_once_keeps_its_certificate_and_trusts_only_the_pinned_ca() 
 
     // Nothing listening: transient (the daemon retries while the control plane comes up).
     let dead = tempfile::tempdir().unwrap();
-    let e = Credentials::ensure("https://127.0.0.1:1", "b3", dead.path(), Some(&token(&cp).await))
-        .await
-        .unwrap_err();
+    let e = Credentials::ensure(
+        "https://127.0.0.1:1",
+        "b3",
+        dead.path(),
+        Some(&token(&cp).await),
+    )
+    .await
+    .unwrap_err();
     assert!(e.is_transient(), "{e}");
     cp.shutdown().await;
 }

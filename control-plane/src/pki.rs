@@ -58,7 +58,9 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("sha256", &self.sha256).finish_non_exhaustive()
+        f.debug_struct("Ca")
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +163,9 @@ impl Ca {
         params
             .distinguished_name
             .push(DnType::CommonName, "Hive control plane CA");
-        params.distinguished_name.push(DnType::OrganizationName, "Hive");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Hive");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.serial_number = Some(random_serial());
@@ -237,7 +241,9 @@ impl Ca {
             .map_err(PkiError::BadCsr)?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, box_id);
-        params.distinguished_name.push(DnType::OrganizationName, "Hive boxes");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Hive boxes");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let serial = random_serial();
@@ -292,11 +298,16 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "ca.key is the owner's only");
         let again = Ca::load_or_create(dir.path()).unwrap();
-        assert_eq!(ca.sha256(), again.sha256(), "the second start loads the same CA");
+        assert_eq!(
+            ca.sha256(),
+            again.sha256(),
+            "the second start loads the same CA"
+        );
 
         let key = KeyPair::generate().unwrap();
         let mut req = CertificateParams::default();
-        req.distinguished_name.push(DnType::CommonName, "someone-else");
+        req.distinguished_name
+            .push(DnType::CommonName, "someone-else");
         let csr = req.serialize_request(&key).unwrap();
         let issued = ca
             .issue_box("box-a", csr.der(), Duration::from_secs(3600))
@@ -319,6 +330,9 @@ mod tests {
         let other = KeyPair::generate().unwrap();
         std::fs::write(dir.path().join("pki/ca.key"), other.serialize_pem()).unwrap();
         let e = Ca::load_or_create(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("not the key of ca.pem") && e.contains("backup"), "{e}");
+        assert!(
+            e.contains("not the key of ca.pem") && e.contains("backup"),
+            "{e}"
+        );
     }
 }

@@ -307,13 +307,14 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             addr: config.grpc_addr,
             source,
         })?;
-    let box_listener = TcpListener::bind(config.box_addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what: "box",
-            addr: config.box_addr,
-            source,
-        })?;
+    let box_listener =
+        TcpListener::bind(config.box_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "box",
+                addr: config.box_addr,
+                source,
+            })?;
     let box_addr = box_listener
         .local_addr()
         .map_err(|source| ServerError::Bind {

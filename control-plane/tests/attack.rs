@@ -51,6 +51,8 @@ const RPCS: &[(&str, usize)] = &[
     ("DeleteNetwork", 3),
     ("AddConnector", 3),
     ("RemoveConnector", 3),
+    ("CreateJoinToken", 3),
+    ("RevokeBox", 3),
     ("CreateToken", 3),
     ("ListTokens", 3),
     ("RevokeToken", 3),
@@ -133,6 +135,18 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             .map(drop),
         "ForgetBox" => api
             .forget_box(pb::BoxActionRequest { box_id: nope() })
+            .await
+            .map(drop),
+        // Longer than the 7 days a join token may live: refused, nothing made.
+        "CreateJoinToken" => api
+            .create_join_token(pb::CreateJoinTokenRequest {
+                ttl_secs: 8 * 86_400,
+                box_id: String::new(),
+            })
+            .await
+            .map(drop),
+        "RevokeBox" => api
+            .revoke_box(pb::BoxActionRequest { box_id: nope() })
             .await
             .map(drop),
         "ListCells" => api

@@ -70,9 +70,15 @@ async fn join_token(h: &Handle, box_id: &str, ttl_secs: u64) -> String {
         .token
 }
 
-async fn join(h: &Handle, token: &str, box_id: &str) -> Result<(KeyPair, JoinReply), tonic::Status> {
+async fn join(
+    h: &Handle,
+    token: &str,
+    box_id: &str,
+) -> Result<(KeyPair, JoinReply), tonic::Status> {
     let (key, csr_der) = key_and_csr(box_id);
-    let ch = channel(h, h.ca_pem(), None).await.expect("TLS to the box listener");
+    let ch = channel(h, h.ca_pem(), None)
+        .await
+        .expect("TLS to the box listener");
     let r = BoxAgentClient::new(ch)
         .join(JoinRequest {
             token: token.to_string(),
@@ -156,7 +162,9 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
     assert_eq!(a.box_id, "box-a");
     assert_eq!(a.ca_pem, h.ca_pem());
     let id_a = identity(&key_a, &a);
-    let s = session(&h, Some(id_a.clone()), "box-a").await.expect("box-a registers as itself");
+    let s = session(&h, Some(id_a.clone()), "box-a")
+        .await
+        .expect("box-a registers as itself");
 
     // The same token again: one use only, whoever tries.
     let e = join(&h, &token, "box-b").await.unwrap_err();
@@ -166,7 +174,11 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
     // box-a's certificate cannot register as box-b (taking over its assignments).
     let e = session(&h, Some(id_a.clone()), "box-b").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("box-a") && e.message().contains("box-b"), "{}", e.message());
+    assert!(
+        e.message().contains("box-a") && e.message().contains("box-b"),
+        "{}",
+        e.message()
+    );
 
     // A fresh token cannot be used to become box-a, which holds a certificate in force.
     let t2 = join_token(&h, "", 600).await;
@@ -177,7 +189,9 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
     let t3 = join_token(&h, "box-c", 600).await;
     let e = join(&h, &t3, "box-d").await.unwrap_err();
     assert!(e.message().contains("box-c"), "{}", e.message());
-    join(&h, &t3, "box-c").await.expect("box-c joins with its own token");
+    join(&h, &t3, "box-c")
+        .await
+        .expect("box-c joins with its own token");
 
     // Expired, malformed, and another control plane's tokens.
     let t4 = join_token(&h, "", 1).await;
@@ -189,7 +203,11 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
     let mut forged: hive_types::JoinToken = t2.parse().unwrap();
     forged.secret = "0".repeat(32);
     let e = join(&h, &forged.to_string(), "box-e").await.unwrap_err();
-    assert!(e.message().contains("unknown join token"), "{}", e.message());
+    assert!(
+        e.message().contains("unknown join token"),
+        "{}",
+        e.message()
+    );
     let other_db = if url.starts_with("sqlite:") {
         hive_testkit::TestDb::sqlite()
     } else {
@@ -205,8 +223,12 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
 
     // A certificate from another control plane's CA does not get through TLS.
     let t5 = join_token(&other, "", 600).await;
-    let (key_x, x) = join(&other, &t5, "box-a").await.expect("join the other control plane");
-    let e = session(&h, Some(identity(&key_x, &x)), "box-a").await.unwrap_err();
+    let (key_x, x) = join(&other, &t5, "box-a")
+        .await
+        .expect("join the other control plane");
+    let e = session(&h, Some(identity(&key_x, &x)), "box-a")
+        .await
+        .unwrap_err();
     // The TLS layer refuses it: the connection closes (how the client words that depends on
     // when in the handshake it notices), never Registered.
     assert!(
@@ -244,7 +266,9 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
         .token;
     let e = api_as(&h, &read_only)
         .await
-        .revoke_box(BoxActionRequest { box_id: "box-a".into() })
+        .revoke_box(BoxActionRequest {
+            box_id: "box-a".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -256,21 +280,16 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
     assert_eq!(e.code(), Code::PermissionDenied);
     let n = api(&h)
         .await
-        .revoke_box(BoxActionRequest { box_id: "box-a".into() })
+        .revoke_box(BoxActionRequest {
+            box_id: "box-a".into(),
+        })
         .await
         .expect("admin revokes")
         .into_inner()
         .certificates;
     assert_eq!(n, 2, "the joined and the renewed certificate");
-    let ended = tokio::time::timeout(WAIT, async {
-        loop {
-            match s.message().await {
-                Ok(Some(_)) => continue,
-                _ => break,
-            }
-        }
-    })
-    .await;
+    let ended =
+        tokio::time::timeout(WAIT, async { while let Ok(Some(_)) = s.message().await {} }).await;
     assert!(ended.is_ok(), "the revoked box's session did not end");
     for id in [id_a.clone(), id_a2] {
         let e = session(&h, Some(id), "box-a").await.unwrap_err();
@@ -287,8 +306,12 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
 
     // The id can be given to a new machine only on purpose: a token bound to it.
     let t6 = join_token(&h, "box-a", 600).await;
-    let (k, r) = join(&h, &t6, "box-a").await.expect("rejoin with a bound token");
-    session(&h, Some(identity(&k, &r)), "box-a").await.expect("the new box-a registers");
+    let (k, r) = join(&h, &t6, "box-a")
+        .await
+        .expect("rejoin with a bound token");
+    session(&h, Some(identity(&k, &r)), "box-a")
+        .await
+        .expect("the new box-a registers");
 
     // Every step is in the audit log.
     let audit = api(&h)
@@ -299,7 +322,10 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
         .into_inner()
         .entries;
     for action in ["CreateJoinToken", "JoinBox", "RevokeBox"] {
-        assert!(audit.iter().any(|e| e.action == action), "no {action} in the audit log");
+        assert!(
+            audit.iter().any(|e| e.action == action),
+            "no {action} in the audit log"
+        );
     }
     h.shutdown().await;
 }
@@ -318,5 +344,8 @@ async fn insecure_boxes_only_on_loopback() {
     .await
     .unwrap_err()
     .to_string();
-    assert!(e.contains("--insecure-boxes") && e.contains("loopback"), "{e}");
+    assert!(
+        e.contains("--insecure-boxes") && e.contains("loopback"),
+        "{e}"
+    );
 }

@@ -1,7 +1,8 @@
 //! `boxes`, `cells`, `box cordon|drain` and `classes`: the fleet and its cell shapes.
 
 use hive_proto::v1::{
-    BoxActionRequest, CreateJoinTokenRequest, ListBoxesRequest, ListCellsRequest, ListSizeClassesRequest,
+    BoxActionRequest, CreateJoinTokenRequest, ListBoxesRequest, ListCellsRequest,
+    ListSizeClassesRequest,
 };
 
 use crate::cli::BoxCommand;
@@ -104,11 +105,7 @@ pub(crate) async fn action(ctl: &mut Ctl, cmd: BoxCommand, now: i64) -> Result<(
 }
 
 /// `box join-token`: the token alone on stdout (for `$(...)`), how to use it on stderr.
-async fn join_token(
-    ctl: &mut Ctl,
-    ttl: u64,
-    box_id: Option<String>,
-) -> Result<(), CliError> {
+async fn join_token(ctl: &mut Ctl, ttl: u64, box_id: Option<String>) -> Result<(), CliError> {
     let r = ctl
         .client
         .create_join_token(CreateJoinTokenRequest {

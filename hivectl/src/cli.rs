@@ -347,7 +347,9 @@ pub(crate) fn parse_ttl(s: &str) -> Result<u64, String> {
     };
     let secs = n.saturating_mul(mult);
     if secs == 0 || secs > 7 * 86_400 {
-        return Err(format!("{s:?}: a join token lives between 1 second and 7 days"));
+        return Err(format!(
+            "{s:?}: a join token lives between 1 second and 7 days"
+        ));
     }
     Ok(secs)
 }

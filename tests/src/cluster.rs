@@ -625,6 +625,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy in front of `cp`'s box listener; a [`BoxDaemon`] given [`Proxy::url`] joins `cp`
+    /// through it.
+    pub async fn start_boxes(cp: &crate::controlplane::ControlPlane) -> Self {
+        let p = Proxy::start(&cp.box_addr).await;
+        crate::controlplane::proxy_boxes(p.addr.port(), &cp.grpc_url());
+        p
+    }
+
     pub async fn start(upstream: &str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -55,6 +55,19 @@ static ADMIN_TOKENS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
 /// The box listener's port of each control plane this process started, by its gRPC port.
 static BOX_PORTS: Mutex<BTreeMap<u16, u16>> = Mutex::new(BTreeMap::new());
 
+/// Proxies in front of a control plane's box listener: proxy port -> that control plane's
+/// gRPC URL (for its join tokens).
+static BOX_PROXIES: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
+
+/// Says that boxes told `http://HOST:proxy_port` reach the box listener of the control plane at
+/// `grpc_url` through a proxy there ([`box_endpoint`] then joins them to it, via the proxy).
+pub fn proxy_boxes(proxy_port: u16, grpc_url: &str) {
+    BOX_PROXIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(proxy_port, grpc_url.to_string());
+}
+
 /// The port of `http://HOST:PORT[/]`.
 fn port_of(url: &str) -> Option<u16> {
     url.trim_end_matches('/').rsplit(':').next()?.parse().ok()
@@ -93,7 +106,19 @@ pub fn join_box(grpc_url: &str) -> Option<(u16, String)> {
 /// control plane's gRPC URL `http://HOST:PORT`; for a control plane not started here, the URL
 /// as given and no token.
 pub fn box_endpoint(control_plane: &str) -> (String, Option<String>) {
-    match join_box(control_plane) {
+    let proxied = port_of(control_plane).and_then(|p| {
+        let cp = BOX_PROXIES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&p)
+            .cloned()?;
+        Some((p, cp))
+    });
+    let joined = match proxied {
+        Some((proxy_port, cp)) => join_box(&cp).map(|(_, token)| (proxy_port, token)),
+        None => join_box(control_plane),
+    };
+    match joined {
         Some((port, token)) => {
             let rest = control_plane
                 .split("://")

@@ -37,7 +37,13 @@ fn fast() -> ControlPlaneOptions {
     ControlPlaneOptions {
         lease_secs: 2,
         heartbeat_interval_ms: 300,
-        extra_args: vec!["--scheduler-tick-ms".into(), "100".into()],
+        // The boxes here are FakeBoxes without certificates, on the loopback gRPC listener;
+        // real boxes join with tokens in the e2e tests, and box_auth.rs attacks the TLS side.
+        extra_args: vec![
+            "--scheduler-tick-ms".into(),
+            "100".into(),
+            "--insecure-boxes".into(),
+        ],
         ..ControlPlaneOptions::default()
     }
 }
@@ -1001,11 +1007,7 @@ async fn session_without_register_is_refused_clearly(backend: Backend) {
     use hive_proto::v1::{box_message, BoxMessage, BuildUpdate, BuildUpdateKind, Heartbeat};
     use tokio_stream::StreamExt;
 
-    // A raw session without a certificate: on the loopback gRPC listener (--insecure-boxes);
-    // the certificate checks are control-plane/tests/box_auth.rs's.
-    let mut opts = fast();
-    opts.extra_args.push("--insecure-boxes".into());
-    let Some(h) = TestHive::start(backend, "session_without_register", opts).await else {
+    let Some(h) = TestHive::start(backend, "session_without_register", fast()).await else {
         return;
     };
     let mut c = BoxAgentClient::connect(h.cp.grpc_url())

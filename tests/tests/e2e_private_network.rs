@@ -202,7 +202,7 @@ async fn topology_with(proxy: bool) -> Topology {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let proxy = if proxy {
-        Some(Proxy::start(&cp.grpc_addr).await)
+        Some(Proxy::start_boxes(&cp).await)
     } else {
         None
     };
@@ -1047,7 +1047,7 @@ async fn a_key_exchange_answer_lost_in_a_reconnect_is_asked_again() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    proxy.set_upstream(&t.cp.grpc_addr);
+    proxy.set_upstream(&t.cp.box_addr);
     let b = cluster::wait_build(&t.cp.grpc_url(), &b.id, Duration::from_secs(60)).await;
     let (log, _) = cluster::build_log(&t.cp.grpc_url(), &b.id).await;
     assert_eq!(

@@ -75,7 +75,7 @@ async fn hive_with(
         *addr = addr.replace("0.0.0.0:", "127.0.0.1:");
     }
     let proxy = if via_proxy {
-        Some(Proxy::start(&cp.grpc_addr).await)
+        Some(Proxy::start_boxes(&cp).await)
     } else {
         None
     };
@@ -280,7 +280,7 @@ async fn link_cuts_and_a_control_plane_restart_lose_no_log_line() {
         .await
         .unwrap()
         .expect("restart control plane");
-    proxy.set_upstream(&cp.grpc_addr);
+    proxy.set_upstream(&cp.box_addr);
     proxy.cut();
     h.cp_slot = Some(cp);
     h.proxy = Some(proxy);
@@ -383,7 +383,7 @@ async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_agai
 
     // Back online: the control plane re-queued the build; it runs again in a new cell, and the
     // fenced attempt's late report does not end it.
-    proxy.set_upstream(&h.cp().grpc_addr);
+    proxy.set_upstream(&h.cp().box_addr);
     h.proxy = Some(proxy);
     let again = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
         b.attempt >= 2 && state(b) == BuildState::Running && b.cell_id != first.cell_id

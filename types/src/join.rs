@@ -33,7 +33,9 @@ pub enum JoinTokenError {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl FromStr for JoinToken {
@@ -47,10 +49,14 @@ impl FromStr for JoinToken {
         let (Some(id), Some(secret), Some(ca), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(JoinTokenError::Malformed("it does not have four dot-separated parts"));
+            return Err(JoinTokenError::Malformed(
+                "it does not have four dot-separated parts",
+            ));
         };
         if !is_hex(id, 16) || !is_hex(secret, 32) || !is_hex(ca, 64) {
-            return Err(JoinTokenError::Malformed("a part has the wrong length or is not lowercase hex"));
+            return Err(JoinTokenError::Malformed(
+                "a part has the wrong length or is not lowercase hex",
+            ));
         }
         Ok(JoinToken {
             id: id.to_string(),
@@ -89,8 +95,15 @@ mod tests {
         };
         let s = t.to_string();
         assert_eq!(s.parse::<JoinToken>().unwrap(), t);
-        assert_eq!(format!(" {s}\n").parse::<JoinToken>().unwrap(), t, "whitespace is trimmed");
-        assert!(!format!("{t:?}").contains(&t.secret), "Debug hides the secret");
+        assert_eq!(
+            format!(" {s}\n").parse::<JoinToken>().unwrap(),
+            t,
+            "whitespace is trimmed"
+        );
+        assert!(
+            !format!("{t:?}").contains(&t.secret),
+            "Debug hides the secret"
+        );
         for bad in [
             "",
             "hjt2.0123456789abcdef.00112233445566778899aabbccddeeff.abab",

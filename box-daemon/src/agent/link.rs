@@ -111,7 +111,9 @@ impl<B: CellBackend> Agent<B> {
                 }
                 creds.endpoint().map_err(AgentError::Credentials)?
             }
-            None => Endpoint::from_shared(url.clone()).map_err(|e| AgentError::Url(url.clone(), e))?,
+            None => {
+                Endpoint::from_shared(url.clone()).map_err(|e| AgentError::Url(url.clone(), e))?
+            }
         };
         let endpoint = endpoint
             .connect_timeout(Duration::from_secs(3))

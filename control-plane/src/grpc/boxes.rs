@@ -135,9 +135,7 @@ impl BoxAgentService {
         let certs = request
             .peer_certs()
             .ok_or_else(|| refuse("none was presented"))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| refuse("none was presented"))?;
+        let leaf = certs.first().ok_or_else(|| refuse("none was presented"))?;
         let who = crate::pki::peer_identity(leaf).map_err(|e| refuse(&e.to_string()))?;
         let row = self
             .hive
@@ -151,7 +149,9 @@ impl BoxAgentService {
                 "box {}'s certificate was revoked (`hivectl box revoke`)",
                 who.box_id
             ))),
-            _ => Err(refuse("the certificate is not one this control plane issued")),
+            _ => Err(refuse(
+                "the certificate is not one this control plane issued",
+            )),
         }
     }
 }

@@ -16,17 +16,12 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hive_proto::v1::box_agent_client::BoxAgentClient;
 use hive_proto::v1::{JoinReply, JoinRequest, RenewCertificateRequest};
 use hive_types::JoinToken;
 use rcgen::{CertificateParams, DnType, KeyPair};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Endpoint, Identity};
 
 /// Errors getting or using the box's certificate.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +228,15 @@ impl Credentials {
         dir: &Path,
         token: &JoinToken,
     ) -> Result<Credentials, CredentialsError> {
-        let ca_pem = fetch_pinned_ca(url, &token.ca_sha256).await?;
+        let ca_pem = hive_proto::pin::fetch_pinned_ca(url, &token.ca_sha256)
+            .await
+            .map_err(|e| match e {
+                hive_proto::pin::PinError::Reach(why) => {
+                    CredentialsError::Reach(url.to_string(), why)
+                }
+                hive_proto::pin::PinError::Url(why) => CredentialsError::Url(url.to_string(), why),
+                hive_proto::pin::PinError::Pin(why) => CredentialsError::Pin(url.to_string(), why),
+            })?;
         let (key, csr_der) = new_key_and_csr(box_id)?;
         let channel = endpoint(url, host, &ca_pem, None)?
             .connect()
@@ -353,172 +356,6 @@ fn endpoint(
     ca_pem: &str,
     identity: Option<Identity>,
 ) -> Result<Endpoint, CredentialsError> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(host.to_string());
-    if let Some(id) = identity {
-        tls = tls.identity(id);
-    }
-    Endpoint::from_shared(url.to_string())
-        .map_err(|e| CredentialsError::Url(url.to_string(), e.to_string()))?
-        .tls_config(tls)
-        .map_err(|e| CredentialsError::Url(url.to_string(), hive_sys::error_chain(&e)))
-}
-
-/// Trusts a server chain only when it carries the CA of SHA-256 `pin` and the server's
-/// certificate verifies against that CA for the host dialled; remembers the CA.
-#[derive(Debug)]
-struct PinnedCa {
-    pin: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    found: Mutex<Option<CertificateDer<'static>>>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| hex::encode(Sha256::digest(c.as_ref())) == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::General("no certificate in the chain has the pinned SHA-256".into())
-            })?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let ok = webpki.verify_server_cert(end_entity, &[], server_name, ocsp, now)?;
-        *self.found.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca.clone().into_owned());
-        Ok(ok)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// The CA certificate (PEM) of the control plane at `url`, trusted because its SHA-256 is `pin`.
-async fn fetch_pinned_ca(url: &str, pin: &str) -> Result<String, CredentialsError> {
-    let (host, port) = host_port(url)?;
-    // The provider tonic's own TLS (feature tls-ring) uses for the session; deprecated in
-    // rustls 0.23.48 only for lacking post-quantum key exchange.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinnedCa {
-        pin: pin.to_string(),
-        provider: provider.clone(),
-        found: Mutex::new(None),
-    });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(crypto)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let name = ServerName::try_from(host.clone())
-        .map_err(|e| CredentialsError::Url(url.to_string(), e.to_string()))?;
-    let reach = |e: String| CredentialsError::Reach(url.to_string(), e);
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| reach("connect timed out after 5s".into()))?
-    .map_err(|e| reach(e.to_string()))?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    match tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp)).await {
-        Err(_) => return Err(reach("TLS handshake timed out after 10s".into())),
-        Ok(Err(e)) => {
-            let e = hive_sys::error_chain(&e);
-            // Only our verifier's refusal is about the pin; anything else is the link.
-            return Err(if e.contains("pinned") || e.contains("certificate") {
-                CredentialsError::Pin(url.to_string(), e)
-            } else {
-                reach(e)
-            });
-        }
-        Ok(Ok(_stream)) => {}
-    }
-    let der = verifier
-        .found
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .ok_or_else(|| CredentialsError::Pin(url.to_string(), "no CA was verified".into()))?;
-    Ok(pem_encode("CERTIFICATE", der.as_ref()))
-}
-
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_name_their_host_and_port_and_plaintext_is_explained() {
-        assert_eq!(
-            host_port("https://cp.example:50052").unwrap(),
-            ("cp.example".into(), 50052)
-        );
-        assert_eq!(
-            host_port("https://10.0.2.2:7/").unwrap(),
-            ("10.0.2.2".into(), 7)
-        );
-        assert_eq!(host_port("https://[::1]:9").unwrap(), ("::1".into(), 9));
-        assert_eq!(host_port("https://cp").unwrap(), ("cp".into(), 443));
-        let e = host_port("ftp://cp:1").unwrap_err().to_string();
-        assert!(e.contains("https://HOST:PORT"), "{e}");
-        assert!(host_port("https://:1").is_err());
-    }
+    hive_proto::pin::endpoint(url, host, ca_pem, identity)
+        .map_err(|why| CredentialsError::Url(url.to_string(), why))
 }

@@ -35,8 +35,9 @@ use zeroize::Zeroizing;
 ///   2. hivectl network add NET --prefix 10.20.0.0/16
 ///      hivectl connector add NET --endpoint PUBLIC_HOST:51820 --public-key <key from 1>
 ///      (prints the token, once)
-///   3. hive-connector --control-plane http://CP:50051 --network NET --token TOKEN \
-///      --key-file /etc/hive/connector.key --endpoint PUBLIC_HOST:51820
+///   3. hive-connector --control-plane https://CP:50052 --ca-sha256 <hash from 2> \
+///      --network NET --token TOKEN --key-file /etc/hive/connector.key \
+///      --endpoint PUBLIC_HOST:51820
 ///
 /// Forwarding: the connector turns on IPv4 forwarding in its namespace and routes between the
 /// tunnel and the private network without address translation, so builds are seen with their
@@ -48,13 +49,20 @@ use zeroize::Zeroizing;
 #[derive(Debug, Parser)]
 #[command(name = "hive-connector", version, verbatim_doc_comment)]
 struct Args {
-    /// The control plane's gRPC address.
+    /// The control plane's agent listener (its --box-addr): https://HOST:PORT. The token is
+    /// sent only over TLS to a server whose CA matches --ca-sha256. (http://127.0.0.1:PORT of a
+    /// control plane with --insecure-boxes is accepted on loopback only: tests, development.)
     #[arg(
         long,
         env = "HIVE_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50052"
     )]
     control_plane: String,
+
+    /// SHA-256 (hex) of the control plane's CA certificate, as `hivectl connector add` prints
+    /// it: the connector trusts only a server whose certificate chains to that CA.
+    #[arg(long, env = "HIVE_CA_SHA256")]
+    ca_sha256: Option<String>,
 
     /// Name of the private network this connector fronts.
     #[arg(long, env = "HIVE_CONNECTOR_NETWORK")]
@@ -115,6 +123,8 @@ enum ConnectorError {
     KeyFormat { path: PathBuf },
     #[error("control plane {url}: {reason}")]
     ControlPlane { url: String, reason: String },
+    #[error("control plane {url}: {reason}")]
+    Insecure { url: String, reason: String },
     #[error("tunnel: {0}")]
     Tunnel(#[from] hive_wg::TunnelError),
     #[error("bad peer from the key exchange: {0}")]
@@ -188,6 +198,8 @@ fn load_or_create_key(path: &Path) -> Result<KeyPair, ConnectorError> {
 #[derive(Default)]
 struct State {
     tunnel: Option<Tunnel>,
+    /// The connector's own tunnel address with its subnet's length (from the first sync).
+    address: Option<Prefix>,
     connected: bool,
 }
 
@@ -197,7 +209,10 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, State> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn peer_spec(p: &AddPeer) -> Result<PeerSpec, ConnectorError> {
+/// The peer the key exchange asks for, if it is one this connector may accept: a single address
+/// (a /32) inside its own tunnel subnet and not its own address. Anything wider would route a
+/// whole range, or the customer's own network, to whoever holds that key.
+fn peer_spec(p: &AddPeer, own: &Prefix) -> Result<PeerSpec, ConnectorError> {
     let public_key: PublicKey = p
         .public_key
         .parse()
@@ -206,6 +221,17 @@ fn peer_spec(p: &AddPeer) -> Result<PeerSpec, ConnectorError> {
         .tunnel_address
         .parse()
         .map_err(|e: hive_wg::prefix::PrefixError| ConnectorError::Peer(e.to_string()))?;
+    let single = if addr.addr().is_ipv4() { 32 } else { 128 };
+    if addr.prefix_len() != single || !own.network().contains(&addr) || addr.addr() == own.addr() {
+        return Err(ConnectorError::Peer(format!(
+            "peer {} asks for {}: a peer gets one address of this connector's tunnel subnet {} \
+             (not its own {}); refused",
+            p.public_key,
+            p.tunnel_address,
+            own.network(),
+            own.addr()
+        )));
+    }
     Ok(PeerSpec {
         public_key,
         endpoint: None,
@@ -218,6 +244,8 @@ struct Runner {
     args: Args,
     network: String,
     token: String,
+    /// The control plane's CA (PEM), once fetched and checked against --ca-sha256.
+    ca_pem: Option<String>,
     keys: Option<KeyPair>,
     public_key: PublicKey,
     state: Shared,
@@ -246,12 +274,23 @@ impl Runner {
                         listen_port = tunnel.listen_port(), prefixes = ?sync.prefixes,
                         "connector tunnel up; forwarding on");
                     st.tunnel = Some(tunnel);
+                    st.address = Some(address);
                 }
-                let Some(tunnel) = st.tunnel.as_ref() else {
+                let (Some(tunnel), Some(own)) = (st.tunnel.as_ref(), st.address) else {
                     return Ok(());
                 };
-                let wanted: Vec<PeerSpec> =
-                    sync.peers.iter().map(peer_spec).collect::<Result<_, _>>()?;
+                // A peer this connector may not accept is left out (and said), not the sync.
+                let wanted: Vec<PeerSpec> = sync
+                    .peers
+                    .iter()
+                    .filter_map(|p| match peer_spec(p, &own) {
+                        Ok(spec) => Some(spec),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "peer in sync refused");
+                            None
+                        }
+                    })
+                    .collect();
                 let want_keys: BTreeSet<PublicKey> = wanted.iter().map(|p| p.public_key).collect();
                 let have = tunnel.peers()?;
                 for p in &have {
@@ -270,7 +309,10 @@ impl Runner {
                 Ok(())
             }
             Cmd::AddPeer(p) => {
-                let spec = peer_spec(&p)?;
+                let own = st
+                    .address
+                    .ok_or_else(|| ConnectorError::Peer("AddPeer before SyncPeers".into()))?;
+                let spec = peer_spec(&p, &own)?;
                 let tunnel = st
                     .tunnel
                     .as_ref()
@@ -328,8 +370,27 @@ impl Runner {
             url: url.clone(),
             reason,
         };
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .map_err(|e| cp_err(e.to_string()))?
+        let endpoint = match self.args.ca_sha256.as_deref() {
+            Some(pin) if url.starts_with("https://") => {
+                if self.ca_pem.is_none() {
+                    let ca = hive_proto::pin::fetch_pinned_ca(&url, pin)
+                        .await
+                        .map_err(|e| cp_err(e.to_string()))?;
+                    self.ca_pem = Some(ca);
+                }
+                let (host, _) = hive_proto::pin::host_port(&url).map_err(cp_err)?;
+                hive_proto::pin::endpoint(
+                    &url,
+                    &host,
+                    self.ca_pem.as_deref().unwrap_or_default(),
+                    None,
+                )
+                .map_err(cp_err)?
+            }
+            _ => tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|e| cp_err(e.to_string()))?,
+        };
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .connect()
@@ -460,6 +521,38 @@ async fn serve_health(
     Ok(())
 }
 
+/// The token goes only over TLS to the pinned CA, or in the clear to this machine itself.
+fn check_link(args: &Args) -> Result<(), ConnectorError> {
+    let url = &args.control_plane;
+    let insecure = |reason: &str| ConnectorError::Insecure {
+        url: url.clone(),
+        reason: reason.to_string(),
+    };
+    if url.starts_with("https://") {
+        let pin = args.ca_sha256.as_deref().ok_or_else(|| {
+            insecure("--ca-sha256 is required (`hivectl connector add` printed it): without it the connector cannot tell the control plane from an impostor")
+        })?;
+        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(insecure("--ca-sha256 must be 64 hex digits"));
+        }
+        hive_proto::pin::host_port(url).map_err(|e| insecure(&e))?;
+        return Ok(());
+    }
+    let host = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .map(|a| a.rsplit_once(':').map_or(a, |(h, _)| h))
+        .ok_or_else(|| insecure("use https://HOST:PORT (the control plane's --box-addr)"))?;
+    if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+        return Err(insecure(
+            "plaintext would send the connector's token in the clear: use https://HOST:PORT \
+             (the control plane's --box-addr) with --ca-sha256",
+        ));
+    }
+    tracing::warn!(control_plane = %url, "plaintext link on loopback (a control plane with --insecure-boxes): tests and development only");
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), ConnectorError> {
     let keys = load_or_create_key(&args.key_file)?;
     if args.print_public_key {
@@ -476,10 +569,12 @@ async fn run(args: Args) -> Result<(), ConnectorError> {
     if let Some(addr) = args.health_addr {
         serve_health(addr, state.clone(), network.clone(), public_key.to_base64()).await?;
     }
+    check_link(&args)?;
     let mut runner = Runner {
         args,
         network,
         token,
+        ca_pem: None,
         keys: Some(keys),
         public_key,
         state: state.clone(),
@@ -547,5 +642,39 @@ fn main() -> std::process::ExitCode {
             eprintln!("hive-connector: {}", hive_sys::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_single_addresses_of_the_tunnel_subnet_are_accepted_as_peers() {
+        let own: Prefix = "10.250.0.1/24".parse().unwrap();
+        let key = KeyPair::generate().public().to_base64();
+        let peer = |addr: &str| AddPeer {
+            build_id: "b".into(),
+            public_key: key.clone(),
+            tunnel_address: addr.into(),
+        };
+        let spec = peer_spec(&peer("10.250.0.7/32"), &own).expect("a /32 of the subnet");
+        assert_eq!(spec.allowed_ips, vec!["10.250.0.7/32".parse().unwrap()]);
+        for bad in [
+            "10.250.0.0/24", // the whole subnet
+            "0.0.0.0/0",     // everything
+            "10.20.0.5/32",  // the customer's network, not the tunnel subnet
+            "10.250.1.7/32", // next door
+            "10.250.0.1/32", // the connector itself
+            "10.250.0.8/31", // two addresses
+            "not an address",
+        ] {
+            let e = peer_spec(&peer(bad), &own).unwrap_err().to_string();
+            assert!(!e.is_empty(), "{bad} accepted");
+        }
+        let e = peer_spec(&peer("10.20.0.5/32"), &own)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10.250.0.0/24") && e.contains("refused"), "{e}");
     }
 }

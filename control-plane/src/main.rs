@@ -18,9 +18,10 @@ use tracing_subscriber::EnvFilter;
 /// and serves the operator API that `hivectl` uses.
 ///
 /// HTTP: POST /webhooks/github, GET /healthz, GET /metrics (Prometheus/OpenMetrics text).
-/// gRPC: hive.v1.ControlPlane (operators, with API tokens), hive.v1.Connector (connectors), plus
-/// grpc.health.v1.Health and server reflection.
-/// Box listener (--box-addr, TLS): hive.v1.BoxAgent. Each box joins once with a token from
+/// gRPC: hive.v1.ControlPlane (operators, with API tokens), plus grpc.health.v1.Health and
+/// server reflection.
+/// Agent listener (--box-addr, TLS): hive.v1.BoxAgent and hive.v1.Connector (connectors, with
+/// their tokens; `hivectl connector add` prints the --ca-sha256 they pin). Each box joins once with a token from
 /// `hivectl box join-token` and is then known by its client certificate, signed by the CA this
 /// control plane makes on its first start in <data-dir>/pki/.
 ///
@@ -41,12 +42,12 @@ struct Args {
     #[arg(long, env = "HIVE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     http_addr: SocketAddr,
 
-    /// Address for the gRPC listener (ControlPlane and Connector services).
+    /// Address for the gRPC listener (the ControlPlane service: hivectl, internal services).
     #[arg(long, env = "HIVE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: SocketAddr,
 
-    /// Address for the box listener (BoxAgent over TLS; boxes dial https://HOST:PORT). Use
-    /// 0.0.0.0:50052 when boxes run on other machines.
+    /// Address for the agent listener (BoxAgent and Connector over TLS; boxes and connectors
+    /// dial https://HOST:PORT). Use 0.0.0.0:50052 when they run on other machines.
     #[arg(long, env = "HIVE_BOX_ADDR", default_value = "127.0.0.1:50052")]
     box_addr: SocketAddr,
 
@@ -61,8 +62,9 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=3650))]
     box_cert_days: u32,
 
-    /// Also accept boxes WITHOUT certificates on the gRPC listener (which must then be on
-    /// loopback). For tests and development only: any local process could pose as a box.
+    /// Also accept boxes WITHOUT certificates, and connectors without TLS, on the gRPC listener
+    /// (which must then be on loopback). For tests and development only: any local process
+    /// could pose as a box.
     #[arg(long, env = "HIVE_INSECURE_BOXES")]
     insecure_boxes: bool,
 

@@ -65,15 +65,16 @@ pub enum ServerError {
 pub struct Config {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
-    /// The box listener: `BoxAgent` over TLS, boxes authenticated by their client certificate.
+    /// The agent listener: `BoxAgent` and `Connector` over TLS; boxes authenticated by their
+    /// client certificate, connectors by their token (sent only over this TLS).
     pub box_addr: SocketAddr,
     /// Names (DNS or IP) the box listener's certificate is valid for, besides `localhost`,
     /// the loopback addresses, this host's name and a specific `box_addr` IP.
     pub tls_sans: Vec<String>,
     /// How long a box certificate is valid (boxes renew when a third is left).
     pub box_cert_validity: Duration,
-    /// Also serve `BoxAgent` without certificates on the gRPC (API) listener, which must then
-    /// be on loopback: for tests and development only.
+    /// Also serve `BoxAgent` without certificates, and `Connector` without TLS, on the gRPC
+    /// (API) listener, which must then be on loopback: for tests and development only.
     pub insecure_boxes: bool,
     /// Holds the default SQLite database.
     pub data_dir: PathBuf,
@@ -406,13 +407,18 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     let mut stop = shutdown_rx.clone();
     let api = ControlPlaneService { hive: hive.clone() };
     let insecure_agent = config.insecure_boxes.then(|| {
-        tracing::warn!(%grpc_addr, "--insecure-boxes: boxes may also connect to the gRPC listener \
-            without a certificate (for tests and development only)");
+        tracing::warn!(%grpc_addr, "--insecure-boxes: boxes (without a certificate) and connectors \
+            (token in the clear) may also connect to the gRPC listener: tests and development only");
         BoxAgentServer::new(BoxAgentService::insecure(hive.clone()))
             .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
             .max_encoding_message_size(GRPC_MESSAGE_LIMIT)
     });
-    let connector = ConnectorService { hive: hive.clone() };
+    // Connectors send their token in the clear on this listener: only with --insecure-boxes.
+    let insecure_connector = config.insecure_boxes.then(|| {
+        ConnectorServer::new(ConnectorService { hive: hive.clone() })
+            .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
+            .max_encoding_message_size(GRPC_MESSAGE_LIMIT)
+    });
     let grpc_streams = config.grpc_streams_per_connection;
     let grpc_task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
@@ -425,11 +431,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
                     .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
             )
             .add_optional_service(insecure_agent)
-            .add_service(
-                ConnectorServer::new(connector)
-                    .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
-                    .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
-            )
+            .add_optional_service(insecure_connector)
             .add_service(health)
             .add_service(reflection)
             // TCP_NODELAY: box messages, acks and key-exchange replies are small and each waits on
@@ -484,7 +486,8 @@ fn server_names(config: &Config, box_addr: SocketAddr) -> Vec<String> {
     if !box_addr.ip().is_unspecified() {
         names.push(box_addr.ip().to_string());
     }
-    names.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|n| seen.insert(n.clone()));
     names
 }
 
@@ -508,8 +511,9 @@ fn serve_boxes(
     let builder = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|e| ServerError::Config(format!("box listener TLS: {e}")))?;
-    tracing::info!(%box_addr, ?names, "box listener: TLS, boxes authenticated by certificate");
+    tracing::info!(%box_addr, ?names, "agent listener: TLS; boxes authenticated by certificate, connectors by token");
     let agent = BoxAgentService::new(hive.clone());
+    let connector = ConnectorService { hive: hive.clone() };
     let streams = config.grpc_streams_per_connection;
     Ok(tokio::spawn(async move {
         let served = builder
@@ -518,6 +522,11 @@ fn serve_boxes(
             .max_concurrent_streams(Some(streams))
             .add_service(
                 BoxAgentServer::new(agent)
+                    .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
+                    .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
+            )
+            .add_service(
+                ConnectorServer::new(connector)
                     .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
                     .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
             )

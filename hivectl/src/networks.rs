@@ -94,11 +94,15 @@ pub(crate) async fn add_connector(
     if ctl.json {
         let mut v = connector_json(&c);
         v["token"] = serde_json::Value::String(r.token);
+        v["ca_sha256"] = serde_json::Value::String(r.ca_sha256);
         ctl.out_json(&v)
     } else {
         ctl.out(&format!(
-            "connector {} added to network {}\ntoken (shown only now): {}\n",
-            c.id, c.network, r.token
+            "connector {} added to network {}\ntoken (shown only now): {}\n\
+             control plane CA sha256: {}\n\
+             run: hive-connector --control-plane https://CONTROL-PLANE:50052 --ca-sha256 {} \
+             --network {} --token TOKEN --key-file KEY --endpoint {}\n",
+            c.id, c.network, r.token, r.ca_sha256, r.ca_sha256, c.network, c.endpoint
         ))
     }
 }

@@ -8,6 +8,7 @@
 #![allow(missing_docs, clippy::all)]
 
 pub mod auth;
+pub mod pin;
 
 /// Version 1 of the protocol.
 pub mod v1 {

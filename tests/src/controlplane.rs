@@ -55,6 +55,39 @@ static ADMIN_TOKENS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
 /// The box listener's port of each control plane this process started, by its gRPC port.
 static BOX_PORTS: Mutex<BTreeMap<u16, u16>> = Mutex::new(BTreeMap::new());
 
+/// The CA's SHA-256 of each control plane this process started, by its gRPC port.
+static CA_PINS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
+
+/// For a control plane this process started (by its gRPC URL): its agent listener's URL
+/// (`https://127.0.0.1:PORT`) and its CA's SHA-256, what a connector is given.
+pub fn agent_link(grpc_url: &str) -> Option<(String, String)> {
+    let g = port_of(grpc_url)?;
+    let b = *BOX_PORTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&g)?;
+    let pin = CA_PINS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&g)?
+        .clone();
+    Some((format!("https://127.0.0.1:{b}"), pin))
+}
+
+/// A TLS channel to the agent listener of the control plane at `grpc_url` (started here),
+/// trusting its CA the way a connector does: by the pinned SHA-256.
+pub async fn agent_channel(grpc_url: &str) -> Channel {
+    let (url, pin) = agent_link(grpc_url).expect("a control plane this process started");
+    let ca = hive_proto::pin::fetch_pinned_ca(&url, &pin)
+        .await
+        .unwrap_or_else(|e| panic!("pinned CA of {url}: {e}"));
+    hive_proto::pin::endpoint(&url, "127.0.0.1", &ca, None)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
 /// Proxies in front of a control plane's box listener: proxy port -> that control plane's
 /// gRPC URL (for its join tokens).
 static BOX_PROXIES: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
@@ -359,6 +392,16 @@ impl ControlPlane {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(g, b);
+            if let Some(pin) = std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["ca_sha256"].as_str().map(str::to_string))
+            {
+                CA_PINS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(g, pin);
+            }
         }
         let cp = Self {
             child: Some(child),

@@ -219,10 +219,20 @@ impl Connector {
         let iface = iface.to_string();
         let log_path = dir.path().join("connector.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(bin_dir().join("hive-connector"))
+        // A control plane started here is reached as in production: its agent listener over
+        // TLS, the CA pinned by the hash `hivectl connector add` prints.
+        let (url, pin) = match crate::controlplane::agent_link(cp) {
+            Some((url, pin)) => (url, Some(pin)),
+            None => (cp.to_string(), None),
+        };
+        let mut cmd = Command::new(bin_dir().join("hive-connector"));
+        if let Some(pin) = &pin {
+            cmd.args(["--ca-sha256", pin]);
+        }
+        let child = cmd
             .args([
                 "--control-plane",
-                cp,
+                &url,
                 "--network",
                 network,
                 "--token",

@@ -44,7 +44,8 @@ async fn session(
     h: &TestHive,
     hello: ConnectorHello,
 ) -> Result<tonic::Streaming<hive_proto::v1::ConnectorCommand>, tonic::Status> {
-    let mut client = ConnectorClient::connect(h.cp.grpc_url()).await.unwrap();
+    let mut client =
+        ConnectorClient::new(hive_tests::controlplane::agent_channel(&h.cp.grpc_url()).await);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(ConnectorMessage {
         seq: 1,
@@ -216,6 +217,21 @@ async fn networks_and_connectors_through_hivectl_and_the_connector_session(backe
         token: token.into(),
         ..Default::default()
     };
+    // Over plaintext the connector service is not even there: its token never crosses the
+    // network in the clear (issue 10).
+    let mut plain = ConnectorClient::connect(h.cp.grpc_url()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ConnectorMessage {
+        seq: 1,
+        msg: Some(Msg::Hello(hello(&token, &key))),
+    })
+    .await
+    .unwrap();
+    let e = plain
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
     let e = session(&h, hello("hct_wrong", &key)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let other = hive_wg::KeyPair::generate().public().to_base64();

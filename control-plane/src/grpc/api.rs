@@ -1129,6 +1129,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         Ok(Response::new(pb::AddConnectorReply {
             connector: Some(info),
             token,
+            ca_sha256: self.hive.ca.sha256().to_string(),
         }))
     }
 

@@ -119,9 +119,7 @@ macro_rules! build_columns {
          warm_start, attempt, backend, log_base"
     };
 }
-
-/// [`build_columns!`] for other modules' SQL.
-pub(crate) const BUILD_COLUMN_LIST: &str = build_columns!();
+pub(crate) use build_columns;
 
 const SELECT_BUILD: &str = concat!("SELECT ", build_columns!(), " FROM builds WHERE id = $1");
 
@@ -758,7 +756,7 @@ pub(crate) async fn insert_build_tx(
 }
 
 /// Columns of `builds`, hence bind parameters per row of [`insert_builds_tx`].
-pub(crate) const BUILD_COLUMNS: usize = 25;
+const BUILD_COLUMNS: usize = 25;
 
 /// Most rows per INSERT statement: 25 columns each stay far below SQLite's 32,766 and
 /// PostgreSQL's 65,535 bind parameters.
@@ -804,7 +802,7 @@ pub(crate) async fn insert_builds_tx(
 }
 
 /// A query taking a build's columns in [`build_columns!`] order, with `b`'s bound next.
-pub(crate) fn bind_build<'q>(
+fn bind_build<'q>(
     query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     b: &'q BuildRow,
 ) -> Result<sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>> {
@@ -835,10 +833,6 @@ pub(crate) fn bind_build<'q>(
         .bind(&b.backend)
         .bind(to_i64("log_base", b.log_base)?))
 }
-
-/// The 1-based positions of the BIGINT columns among [`build_columns!`] (PostgreSQL needs
-/// them cast where a VALUES list is not an INSERT's own).
-pub(crate) const BUILD_BIGINT_COLUMNS: [usize; 8] = [11, 12, 13, 14, 21, 22, 23, 25];
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `cols` placeholders each.
 pub(crate) fn value_rows(rows: usize, cols: usize) -> String {

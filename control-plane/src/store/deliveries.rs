@@ -11,11 +11,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::builds::{
-    bind_build, insert_build_tx, insert_builds_tx, value_rows, BuildRow, BUILD_BIGINT_COLUMNS,
-    BUILD_COLUMNS, BUILD_COLUMN_LIST,
-};
-use super::{now_ms, q, DbKind, Result, Store};
+use super::builds::{build_columns, insert_build_tx, insert_builds_tx, value_rows, BuildRow};
+use super::{now_ms, q, to_i64, to_json, DbKind, Result, Store};
 use sqlx::Row;
 
 /// What a webhook delivery turned into.
@@ -183,96 +180,68 @@ impl Store {
 
     /// PostgreSQL: the group as one statement (deliveries, their new builds and the builds'
     /// first transitions in data-modifying CTEs), so one round trip makes it durable instead of
-    /// five (BEGIN, three INSERTs, COMMIT). The answers of `leaders`, in their order.
+    /// five (BEGIN, three INSERTs, COMMIT). The rows go as two JSON parameters, so the
+    /// statement's text is the same for every group and each connection prepares it once.
+    /// The answers of `leaders`, in their order.
     async fn record_leaders_pg(
         &self,
         items: &[NewDelivery],
         leaders: &[usize],
     ) -> Result<Vec<Delivery>> {
+        const SQL: &str = concat!(
+            "WITH d AS (SELECT * FROM json_to_recordset($1::json) AS x \
+               (delivery_id TEXT, project_id TEXT, build_id TEXT, outcome TEXT)), \
+             ins AS (INSERT INTO webhook_deliveries \
+                     (delivery_id, project_id, build_id, outcome, at_ms) \
+                     SELECT delivery_id, project_id, build_id, outcome, $3 FROM d \
+                     ORDER BY project_id, delivery_id \
+                     ON CONFLICT (project_id, delivery_id) DO NOTHING \
+                     RETURNING project_id, delivery_id, build_id), \
+             b AS (SELECT * FROM json_to_recordset($2::json) AS y \
+               (id TEXT, project_id TEXT, project_name TEXT, repo_url TEXT, revision TEXT, \
+                git_ref TEXT, state TEXT, box_id TEXT, cell_id TEXT, lease_id TEXT, \
+                created_at_ms BIGINT, updated_at_ms BIGINT, started_at_ms BIGINT, \
+                exit_code BIGINT, message TEXT, trigger_source TEXT, size_class TEXT, \
+                private_network TEXT, steps_json TEXT, env_json TEXT, timeout_secs BIGINT, \
+                warm_start BIGINT, attempt BIGINT, backend TEXT, log_base BIGINT)), \
+             nb AS (INSERT INTO builds (",
+            build_columns!(),
+            ") SELECT b.* FROM b JOIN ins ON ins.build_id = b.id \
+                    RETURNING id, state, created_at_ms), \
+             tr AS (INSERT INTO build_transitions (build_id, state, at_ms, reason) \
+                    SELECT id, state, created_at_ms, $4 FROM nb) \
+             SELECT project_id, delivery_id FROM ins"
+        );
         let now = now_ms();
         let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(leaders.len());
         for chunk in leaders.chunks(INSERT_ROWS) {
-            let builds: Vec<&BuildRow> = chunk
+            let deliveries: Vec<serde_json::Value> = chunk
                 .iter()
-                .filter_map(|&i| items[i].build.as_ref())
-                .collect();
-            let mut n = 0;
-            let mut mark = |cast: &str| {
-                n += 1;
-                format!("${n}{cast}")
-            };
-            let deliveries: Vec<String> = chunk
-                .iter()
-                .map(|_| format!("({}, {}, {}, {})", mark(""), mark(""), mark(""), mark("")))
-                .collect();
-            let build_rows: Vec<String> = builds
-                .iter()
-                .map(|_| {
-                    let cols: Vec<String> = (1..=BUILD_COLUMNS)
-                        .map(|c| {
-                            mark(if BUILD_BIGINT_COLUMNS.contains(&c) {
-                                "::BIGINT"
-                            } else {
-                                ""
-                            })
-                        })
-                        .collect();
-                    format!("({})", cols.join(", "))
+                .map(|&i| {
+                    let it = &items[i];
+                    serde_json::json!({
+                        "delivery_id": it.delivery_id,
+                        "project_id": it.project_id,
+                        "build_id": it.build.as_ref().map(|b| b.id.as_str()).unwrap_or(""),
+                        "outcome": it.outcome,
+                    })
                 })
                 .collect();
-            let at = mark("::BIGINT");
-            let reason = mark("");
-            // Without builds the `b` VALUES list would be empty: a row that joins nothing.
-            let build_values = if build_rows.is_empty() {
-                format!(
-                    "SELECT {} WHERE false",
-                    BUILD_COLUMN_LIST
-                        .split(',')
-                        .enumerate()
-                        .map(|(c, _)| if BUILD_BIGINT_COLUMNS.contains(&(c + 1)) {
-                            "0::BIGINT"
-                        } else {
-                            "''"
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            } else {
-                format!("VALUES {}", build_rows.join(", "))
-            };
-            let sql = format!(
-                "WITH d (delivery_id, project_id, build_id, outcome) AS (VALUES {deliveries}), \
-                 ins AS (INSERT INTO webhook_deliveries \
-                         (delivery_id, project_id, build_id, outcome, at_ms) \
-                         SELECT delivery_id, project_id, build_id, outcome, {at} FROM d \
-                         ORDER BY project_id, delivery_id \
-                         ON CONFLICT (project_id, delivery_id) DO NOTHING \
-                         RETURNING project_id, delivery_id, build_id), \
-                 b ({cols}) AS ({build_values}), \
-                 nb AS (INSERT INTO builds ({cols}) \
-                        SELECT b.* FROM b JOIN ins ON ins.build_id = b.id \
-                        RETURNING id, state, created_at_ms), \
-                 tr AS (INSERT INTO build_transitions (build_id, state, at_ms, reason) \
-                        SELECT id, state, created_at_ms, {reason} FROM nb) \
-                 SELECT project_id, delivery_id FROM ins",
-                deliveries = deliveries.join(", "),
-                cols = BUILD_COLUMN_LIST,
-            );
-            let mut query = sqlx::query(&sql);
-            for &i in chunk {
-                let it = &items[i];
-                query = query
-                    .bind(&it.delivery_id)
-                    .bind(&it.project_id)
-                    .bind(it.build.as_ref().map(|b| b.id.as_str()).unwrap_or(""))
-                    .bind(&it.outcome);
-            }
-            for b in &builds {
-                query = bind_build(query, b)?;
-            }
-            query = query.bind(now).bind(WEBHOOK_REASON);
+            let builds = chunk
+                .iter()
+                .filter_map(|&i| items[i].build.as_ref())
+                .map(build_json)
+                .collect::<Result<Vec<_>>>()?;
             let op = "insert webhook deliveries and their builds";
-            for row in query.fetch_all(&self.pool).await.map_err(q(op))? {
+            let rows = sqlx::query(SQL)
+                .bind(serde_json::Value::Array(deliveries).to_string())
+                .bind(serde_json::Value::Array(builds).to_string())
+                .bind(now)
+                .bind(WEBHOOK_REASON)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q(op))?;
+            for row in rows {
                 inserted.insert((
                     row.try_get(0).map_err(q(op))?,
                     row.try_get(1).map_err(q(op))?,
@@ -291,6 +260,37 @@ impl Store {
         }
         Ok(answers)
     }
+}
+
+/// A build's columns as a JSON object for PostgreSQL's `json_to_recordset`.
+fn build_json(b: &BuildRow) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "id": b.id,
+        "project_id": b.project_id,
+        "project_name": b.project_name,
+        "repo_url": b.repo_url,
+        "revision": b.revision,
+        "git_ref": b.git_ref,
+        "state": b.state.short_name(),
+        "box_id": b.box_id,
+        "cell_id": b.cell_id,
+        "lease_id": b.lease_id,
+        "created_at_ms": b.created_at_ms,
+        "updated_at_ms": b.updated_at_ms,
+        "started_at_ms": b.started_at_ms,
+        "exit_code": i64::from(b.exit_code),
+        "message": b.message,
+        "trigger_source": b.trigger,
+        "size_class": b.size_class,
+        "private_network": b.private_network,
+        "steps_json": to_json(&b.steps),
+        "env_json": to_json(&b.env),
+        "timeout_secs": i64::from(b.timeout_secs),
+        "warm_start": i64::from(b.warm_start),
+        "attempt": i64::from(b.attempt),
+        "backend": b.backend,
+        "log_base": to_i64("log_base", b.log_base)?,
+    }))
 }
 
 /// The transition reason of a build a webhook made.

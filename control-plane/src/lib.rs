@@ -17,6 +17,7 @@ pub mod domain;
 pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod intake;
 pub mod metrics;
 pub mod pki;
 pub mod placement;

@@ -103,6 +103,18 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     http_max_concurrency: u32,
 
+    /// Webhook deliveries waiting for their group commit (one transaction, one fsync for all
+    /// that wait); past it a webhook is answered 503 with Retry-After.
+    #[arg(long, env = "HIVE_WEBHOOK_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    webhook_queue: u32,
+
+    /// Microseconds a webhook group commit waits for more deliveries after the first (0: it
+    /// takes what queued while the previous group committed, and waits for nothing).
+    #[arg(long, env = "HIVE_WEBHOOK_COMMIT_WINDOW_US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    webhook_commit_window_us: u64,
+
     /// gRPC streams (calls) one connection may have open at once.
     #[arg(long, env = "HIVE_GRPC_STREAMS_PER_CONNECTION", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -195,6 +207,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         box_queue: args.box_queue as usize,
         http_timeout: Duration::from_secs(args.http_timeout_secs),
         http_concurrency: args.http_max_concurrency as usize,
+        webhook_queue: args.webhook_queue as usize,
+        webhook_commit_window: Duration::from_micros(args.webhook_commit_window_us),
         grpc_streams_per_connection: args.grpc_streams_per_connection,
         log_cap: args.log_cap_mib * 1024 * 1024,
         max_attempts: args.max_attempts,

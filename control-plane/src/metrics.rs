@@ -60,9 +60,12 @@ pub struct Metrics {
     lease_expiries: Counter,
     queue_wait: Histogram,
     box_commit: Histogram,
+    webhook_batch: Histogram,
+    webhook_commit: Histogram,
     box_violations: Family<KindLabel, Counter>,
     purged: Family<KindLabel, Counter>,
     box_queue_overflows: Gauge,
+    webhook_queue_depth: Gauge,
     limits: Family<NameLabel, Gauge>,
 }
 
@@ -74,6 +77,8 @@ pub struct Snapshot {
     pub boxes_known: usize,
     /// Box sessions ended because the box did not read its control stream.
     pub box_queue_overflows: u64,
+    /// Webhook deliveries queued for a group commit that has not started.
+    pub webhook_queue_depth: usize,
 }
 
 impl Default for Metrics {
@@ -89,6 +94,9 @@ impl Default for Metrics {
         // 10 ms to ~44 min, and 100 us to ~26 s.
         let queue_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
         let box_commit = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        // 1 to 256 deliveries (the most in one group), and 100 us to ~26 s.
+        let webhook_batch = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        let webhook_commit = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
         registry.register("hive_builds", "Builds by state", builds.clone());
         registry.register(
             "hive_queue_depth",
@@ -131,6 +139,16 @@ impl Default for Metrics {
             "Time to store one group of box session messages (one transaction)",
             box_commit.clone(),
         );
+        registry.register(
+            "hive_webhook_commit_batch_size",
+            "Webhook deliveries stored per transaction (group commit)",
+            webhook_batch.clone(),
+        );
+        registry.register(
+            "hive_webhook_commit_seconds",
+            "Time to store one group of webhook deliveries (one transaction)",
+            webhook_commit.clone(),
+        );
         let box_violations = Family::<KindLabel, Counter>::default();
         registry.register(
             "hive_box_violations",
@@ -149,6 +167,12 @@ impl Default for Metrics {
             "Box sessions ended because the box stopped reading its control stream",
             box_queue_overflows.clone(),
         );
+        let webhook_queue_depth = Gauge::default();
+        registry.register(
+            "hive_webhook_queue_depth",
+            "Webhook deliveries waiting for a group commit to start",
+            webhook_queue_depth.clone(),
+        );
         let limits = Family::<NameLabel, Gauge>::default();
         registry.register(
             "hive_limit",
@@ -160,6 +184,7 @@ impl Default for Metrics {
             box_violations,
             purged,
             box_queue_overflows,
+            webhook_queue_depth,
             limits,
             scrape: Mutex::new(()),
             builds,
@@ -171,6 +196,8 @@ impl Default for Metrics {
             lease_expiries,
             queue_wait,
             box_commit,
+            webhook_batch,
+            webhook_commit,
         }
     }
 }
@@ -236,6 +263,13 @@ impl Metrics {
         self.box_commit.observe(seconds_us(us));
     }
 
+    /// One group commit of `deliveries` webhook deliveries took `us` microseconds.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn webhook_commit(&self, deliveries: usize, us: u64) {
+        self.webhook_batch.observe(deliveries as f64);
+        self.webhook_commit.observe(seconds_us(us));
+    }
+
     /// The OpenMetrics text exposition, with the gauges set from `snap`.
     pub fn render(&self, snap: &Snapshot) -> String {
         let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
@@ -255,6 +289,8 @@ impl Metrics {
             .set(i64::try_from(snap.boxes_known).unwrap_or(i64::MAX));
         self.box_queue_overflows
             .set(i64::try_from(snap.box_queue_overflows).unwrap_or(i64::MAX));
+        self.webhook_queue_depth
+            .set(i64::try_from(snap.webhook_queue_depth).unwrap_or(i64::MAX));
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             // Writing into a String does not fail; say so rather than serve half a page.
@@ -289,6 +325,7 @@ mod tests {
         m.waited_in_queue(1500);
         m.box_violation("seq_ahead");
         m.limit("box_queue", 4096);
+        m.webhook_commit(3, 1500);
         let mut snap = Snapshot::default();
         snap.builds_by_state.insert("queued".into(), 3);
         snap.boxes_connected = 2;
@@ -310,6 +347,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("hive_box_queue_overflows 0\n"));
+        assert!(text.contains("hive_webhook_commit_batch_size_bucket{le=\"2.0\"} 0\n"));
+        assert!(text.contains("hive_webhook_commit_batch_size_bucket{le=\"4.0\"} 1\n"));
+        assert!(text.contains("hive_webhook_commit_seconds_count 1\n"));
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -22,6 +22,7 @@ use crate::events::Events;
 use crate::grpc::api::ControlPlaneService;
 use crate::grpc::boxes::BoxAgentService;
 use crate::grpc::connector::ConnectorService;
+use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::placement::Policy;
 use crate::registry::boxes::Registry;
@@ -95,6 +96,12 @@ pub struct Config {
     pub http_timeout: Duration,
     /// HTTP requests handled at once; more wait their turn (within `http_timeout`).
     pub http_concurrency: usize,
+    /// Webhook deliveries waiting for their group commit; past it a webhook is answered 503
+    /// with Retry-After.
+    pub webhook_queue: usize,
+    /// How long a webhook group commit waits for more deliveries after the first (0: takes
+    /// what queued while the previous group committed, and waits for nothing).
+    pub webhook_commit_window: Duration,
     /// gRPC streams one connection may have open at once.
     pub grpc_streams_per_connection: u32,
     /// Most bytes of log kept per build; past it one line says the log was cut.
@@ -126,6 +133,8 @@ impl Default for Config {
             box_queue: 4096,
             http_timeout: Duration::from_secs(30),
             http_concurrency: 512,
+            webhook_queue: 1024,
+            webhook_commit_window: Duration::ZERO,
             grpc_streams_per_connection: 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
             log_cap: crate::store::DEFAULT_LOG_CAP,
@@ -190,6 +199,17 @@ impl Config {
                 self.box_cert_validity
             )));
         }
+        if self.webhook_queue == 0 {
+            return Err(ServerError::Config(
+                "the webhook queue must hold at least 1 delivery".into(),
+            ));
+        }
+        if self.webhook_commit_window > Duration::from_secs(1) {
+            return Err(ServerError::Config(format!(
+                "webhook commit window {:?} is longer than 1s: every webhook would wait for it",
+                self.webhook_commit_window
+            )));
+        }
         if self.http_concurrency == 0 || self.grpc_streams_per_connection == 0 {
             return Err(ServerError::Config(
                 "HTTP concurrency and gRPC streams per connection must be at least 1".into(),
@@ -222,6 +242,7 @@ pub struct Handle {
     grpc_task: JoinHandle<()>,
     box_task: JoinHandle<()>,
     scheduler_task: JoinHandle<()>,
+    intake_task: JoinHandle<()>,
 }
 
 impl Handle {
@@ -261,6 +282,9 @@ impl Handle {
             let _ = self.grpc_task.await;
             let _ = self.box_task.await;
             let _ = self.scheduler_task.await;
+            // After the HTTP server: its last handlers wait on this task's answers, and it
+            // commits what they queued before the database closes.
+            let _ = self.intake_task.await;
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, grace).await.is_err() {
             tracing::warn!(
@@ -346,6 +370,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         u64::try_from(millis(config.http_timeout)).unwrap_or(0),
     );
     metrics.limit("http_concurrency", config.http_concurrency as u64);
+    metrics.limit("webhook_queue", config.webhook_queue as u64);
+    metrics.limit("webhook_group", crate::domain::submit::MAX_GROUP as u64);
     metrics.limit(
         "grpc_streams_per_connection",
         u64::from(config.grpc_streams_per_connection),
@@ -359,6 +385,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     );
     metrics.limit("box_seq_ahead", crate::grpc::boxes::MAX_SEQ_AHEAD);
     metrics.limit("log_chunk_seq", crate::store::MAX_CHUNK_SEQ);
+    let (intake, intake_queue) = Intake::new(config.webhook_queue);
     let hive = Arc::new(Hive {
         store,
         classes: config.size_classes.clone(),
@@ -371,11 +398,18 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         heartbeat: config.heartbeat_interval,
         placement: config.placement,
         box_queue: config.box_queue.max(1),
+        intake,
         shutdown: shutdown_rx.clone(),
         ca: ca.clone(),
         box_cert_validity: config.box_cert_validity,
     });
 
+    // Ends on the shutdown flag once it has answered every delivery queued.
+    let intake_task = tokio::spawn(crate::domain::submit::commit_deliveries(
+        hive.clone(),
+        intake_queue,
+        config.webhook_commit_window,
+    ));
     let app = crate::http::router(hive.clone(), config.http_timeout, config.http_concurrency);
     let mut stop = shutdown_rx.clone();
     let http_task = tokio::spawn(async move {
@@ -470,6 +504,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         grpc_task,
         box_task,
         scheduler_task,
+        intake_task,
     })
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use crate::events::Events;
+use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::placement::Policy;
 use crate::registry::boxes::Registry;
@@ -33,6 +34,8 @@ pub struct Hive {
     pub placement: Policy,
     /// Control messages queued per box session (`registry::boxes::Registry::send`).
     pub box_queue: usize,
+    /// Webhook deliveries waiting for their group commit (`domain::submit`).
+    pub intake: Intake,
     /// Becomes true when shutting down; long streams end on it.
     pub shutdown: watch::Receiver<bool>,
     /// The CA that signs box certificates.

@@ -1,8 +1,35 @@
 //! Queuing a build: written with its first transition (and, from a webhook, with its delivery
 //! record in the same transaction), then announced and the scheduler woken, after the commit.
+//!
+//! Webhook deliveries are group-committed: the handlers queue them on the bounded
+//! [`crate::intake`] queue and [`commit_deliveries`] writes what is waiting as one transaction
+//! (one fsync for the group), then answers each handler. The group is what queued while the
+//! previous one committed (plus, with a window, what arrives within it), at most
+//! [`MAX_GROUP`]. If the group's transaction fails, its deliveries are recorded one by one, so
+//! one that cannot be stored (a constraint, a value the database refuses) fails alone. On
+//! shutdown the queue closes (new deliveries are refused, 503) and what it holds is committed
+//! and answered before the task ends.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::intake::{IntakeError, Job, Queue};
 use crate::state::Hive;
-use crate::store::{Audit, BuildRow, Delivery, StoreError};
+use crate::store::{Audit, BuildRow, DbKind, Delivery, NewDelivery, StoreError};
+
+/// Most deliveries in one group commit.
+pub const MAX_GROUP: usize = 256;
+
+/// Groups committing at once: one on SQLite (one writer); on PostgreSQL a few, so one group's
+/// round trip overlaps another's WAL flush.
+pub fn groups_in_flight(kind: DbKind) -> usize {
+    match kind {
+        DbKind::Sqlite => 1,
+        DbKind::Postgres => 2,
+    }
+}
 
 /// Queues a build submitted through the API, with the audit entry of who did.
 pub async fn submit(
@@ -18,24 +45,125 @@ pub async fn submit(
     Ok(())
 }
 
-/// Records a webhook delivery and, in the same transaction, the build it makes (if any). A
-/// delivery id seen before changes nothing and returns the stored answer; only a new build is
-/// announced.
-pub async fn submit_delivery(
-    hive: &Hive,
-    delivery_id: &str,
-    project_id: &str,
-    build: Option<&BuildRow>,
-    outcome: &str,
-) -> Result<Delivery, StoreError> {
-    let recorded = hive
-        .store
-        .record_delivery(delivery_id, project_id, build, outcome)
-        .await?;
-    if let (Delivery::New, Some(build)) = (&recorded, build) {
-        queued(hive, &build.id);
+/// Records a webhook delivery and, in the same transaction, the build it makes (if any),
+/// through the group commit; returns once it is durable. A delivery id seen before changes
+/// nothing and returns the stored answer; only a new build is announced.
+pub async fn submit_delivery(hive: &Hive, delivery: NewDelivery) -> Result<Delivery, IntakeError> {
+    hive.intake.record(delivery).await
+}
+
+/// The group commit task for webhook deliveries: runs until shutdown, then commits and answers
+/// what is still queued; up to [`groups_in_flight`] groups commit at once.
+pub async fn commit_deliveries(hive: Arc<Hive>, mut queue: Queue, window: Duration) {
+    let parallel = groups_in_flight(hive.store.kind());
+    let mut in_flight = JoinSet::new();
+    let mut shutdown = hive.shutdown.clone();
+    let mut closing = false;
+    loop {
+        // While every slot commits, deliveries queue up for the next group.
+        while in_flight.len() >= parallel {
+            let _ = in_flight.join_next().await;
+        }
+        let first = if closing {
+            queue.recv().await
+        } else {
+            tokio::select! {
+                job = queue.recv() => job,
+                _ = shutdown.wait_for(|s| *s) => {
+                    // Handlers that have not queued yet are refused from now on; what is
+                    // queued is still received, committed and answered.
+                    queue.close();
+                    closing = true;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        let mut group = vec![first];
+        gather(&mut queue, &mut group, window).await;
+        let hive = hive.clone();
+        in_flight.spawn(async move { commit_group(&hive, group).await });
     }
-    Ok(recorded)
+    while in_flight.join_next().await.is_some() {}
+    tracing::debug!("webhook commit queue drained");
+}
+
+/// Adds what is waiting on the queue to `group` (up to [`MAX_GROUP`]), and with a `window`,
+/// what arrives within it.
+async fn gather(queue: &mut Queue, group: &mut Vec<Job>, window: Duration) {
+    while group.len() < MAX_GROUP {
+        match queue.try_recv() {
+            Ok(job) => group.push(job),
+            Err(_) => break,
+        }
+    }
+    if window.is_zero() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + window;
+    while group.len() < MAX_GROUP {
+        match tokio::time::timeout_at(until, queue.recv()).await {
+            Ok(Some(job)) => group.push(job),
+            _ => break,
+        }
+    }
+}
+
+/// Commits one group and answers each of its handlers; on failure, records them one by one.
+async fn commit_group(hive: &Hive, group: Vec<Job>) {
+    let started = Instant::now();
+    let (items, replies): (Vec<NewDelivery>, Vec<_>) =
+        group.into_iter().map(|j| (j.delivery, j.reply)).unzip();
+    match hive.store.record_deliveries(&items).await {
+        Ok(answers) => {
+            let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            hive.metrics.webhook_commit(items.len(), us);
+            tracing::debug!(
+                deliveries = items.len(),
+                store_us = us,
+                "webhook deliveries stored in one transaction"
+            );
+            let mut new_builds = 0;
+            for (item, answer) in items.iter().zip(&answers) {
+                if let (Delivery::New, Some(build)) = (answer, &item.build) {
+                    hive.events.build_changed(&build.id);
+                    new_builds += 1;
+                }
+            }
+            if new_builds > 0 {
+                hive.wake.notify_one();
+            }
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                // A handler that gave up (its client left) needs no answer: the delivery is
+                // stored, and a redelivery gets the same build.
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Err(e) if items.len() == 1 => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(deliveries = items.len(), error = %e,
+                "group commit of webhook deliveries failed; recording them one by one");
+            for (item, reply) in items.iter().zip(replies) {
+                let recorded = hive
+                    .store
+                    .record_delivery(
+                        &item.delivery_id,
+                        &item.project_id,
+                        item.build.as_ref(),
+                        &item.outcome,
+                    )
+                    .await;
+                if let (Ok(Delivery::New), Some(build)) = (&recorded, &item.build) {
+                    queued(hive, &build.id);
+                }
+                let _ = reply.send(recorded);
+            }
+        }
+    }
 }
 
 /// A build was queued: watchers hear of it and the scheduler looks at the queue.

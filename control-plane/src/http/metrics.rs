@@ -20,12 +20,19 @@ pub async fn metrics(State(hive): State<Arc<Hive>>) -> Response {
             return (StatusCode::SERVICE_UNAVAILABLE, format!("metrics: {e}\n")).into_response();
         }
     };
-    let boxes_known = hive.store.list_boxes().await.map(|b| b.len()).unwrap_or(0);
+    let boxes_known = hive
+        .store
+        .count_boxes()
+        .await
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
     let snap = Snapshot {
         builds_by_state,
         boxes_connected: hive.registry.connected(),
         boxes_known,
         box_queue_overflows: hive.registry.overflows(),
+        webhook_queue_depth: hive.intake.queued(),
     };
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],

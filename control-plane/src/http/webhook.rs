@@ -28,9 +28,11 @@
 //!    projects may build one repository): a delivery that project saw before -> its same answer
 //!    again (`duplicate: true`, no second build); a deleted branch, a tag, or a branch the
 //!    project does not build -> no build; else the build and the project's delivery record are
-//!    written in one transaction. The answer is 202 with the first project's result
-//!    (`{"build_id": ..., "duplicate": false, "project": ...}`, the first that builds, if any)
-//!    and, when several projects verified, `projects`: each one's result.
+//!    written in one transaction, shared with the other deliveries waiting at the time (group
+//!    commit, `domain::submit`), and the answer waits for that commit. The answer is 202 with
+//!    the first project's result (`{"build_id": ..., "duplicate": false, "project": ...}`, the
+//!    first that builds, if any) and, when several projects verified, `projects`: each one's
+//!    result. A full commit queue (or a shutdown) -> 503 with `Retry-After`, nothing stored.
 //!
 //! Every rejection is logged with the reason and counted in `/metrics` by outcome; text taken
 //! from the request (repository URLs, event names, delivery ids) is cut to 200 characters there
@@ -48,9 +50,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::domain::submit::submit_delivery;
+use crate::intake::IntakeError;
 use crate::refglob;
 use crate::state::Hive;
-use crate::store::{BuildRow, Delivery, ProjectRow};
+use crate::store::{BuildRow, Delivery, NewDelivery, ProjectRow};
 
 /// Largest body accepted (GitHub caps payloads at 25 MiB; pushes that big are not builds).
 pub const MAX_BODY: usize = 5 * 1024 * 1024;
@@ -73,6 +76,8 @@ struct Reject {
     status: StatusCode,
     outcome: &'static str,
     message: String,
+    /// Seconds for a `Retry-After` header (a full commit queue, a shutdown).
+    retry_after: Option<u32>,
 }
 
 fn reject(status: StatusCode, outcome: &'static str, message: impl Into<String>) -> Reject {
@@ -80,8 +85,12 @@ fn reject(status: StatusCode, outcome: &'static str, message: impl Into<String>)
         status,
         outcome,
         message: message.into(),
+        retry_after: None,
     }
 }
+
+/// What a 503 (queue full, shutting down) asks the sender to wait before it retries.
+const RETRY_AFTER_SECS: u32 = 1;
 
 /// Where a delivery comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +314,12 @@ async fn handle(
         }
         Err(r) => {
             hive.metrics.webhook(r.outcome);
+            if let Some(secs) = r.retry_after {
+                // Counted by outcome; at debug only, so an overload does not also flood the log.
+                tracing::debug!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook refused for now");
+                let headers = [(axum::http::header::RETRY_AFTER, secs.to_string())];
+                return (r.status, headers, Json(json!({ "error": r.message }))).into_response();
+            }
             if r.status.is_server_error() {
                 tracing::error!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook failed");
                 // The detail (a database error) is for the operator's log, not the sender.
@@ -659,25 +674,40 @@ async fn process(
         let started = std::time::Instant::now();
         let recorded = submit_delivery(
             hive,
-            delivery,
-            &project.id,
-            build.as_ref(),
-            if build.is_some() {
-                "build"
-            } else {
-                &skip_reason
+            NewDelivery {
+                delivery_id: delivery.to_string(),
+                project_id: project.id.clone(),
+                build: build.clone(),
+                outcome: if build.is_some() {
+                    "build".to_string()
+                } else {
+                    skip_reason.clone()
+                },
             },
         )
         .await
-        .map_err(|e| {
-            reject(
+        .map_err(|e| match e {
+            // Nothing was stored for this delivery: the sender retries later.
+            IntakeError::Full(_) | IntakeError::Closed => Reject {
+                retry_after: Some(RETRY_AFTER_SECS),
+                ..reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    if matches!(e, IntakeError::Full(_)) {
+                        "queue_full"
+                    } else {
+                        "shutting_down"
+                    },
+                    format!("{e}; retry later"),
+                )
+            },
+            IntakeError::Store(e) => reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "error",
                 format!(
                     "recording delivery {delivery} for project {}: {e}",
                     project.name
                 ),
-            )
+            ),
         })?;
         tracing::debug!(%delivery, project = %project.name,
             store_us = started.elapsed().as_micros() as u64, "webhook delivery stored");

@@ -60,6 +60,16 @@ impl Store {
         rows.into_iter().map(BoxRow::try_from).collect()
     }
 
+    /// How many boxes are stored, read apart from the writer (`/metrics` does not wait behind
+    /// a transaction in flight).
+    pub async fn count_boxes(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM boxes")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(q("count boxes"))?;
+        checked("count of boxes", n)
+    }
+
     /// Inserts or refreshes a box on register (keeps its acked seq).
     pub async fn upsert_box(&self, b: &BoxRow) -> Result<()> {
         sqlx::query(

@@ -3,9 +3,17 @@
 //! build. The id is scoped to its project: one push to a repository several projects build is
 //! one delivery for each, and a sender who knows one project's delivery ids cannot use them to
 //! suppress another project's builds.
+//!
+//! [`Store::record_deliveries`] writes a group of deliveries (the webhook's group commit, see
+//! `domain::submit`) in one transaction with multi-row statements; [`Store::record_delivery`]
+//! writes one, and is what a group falls back to, item by item, when the group's transaction
+//! fails.
 
-use super::builds::{insert_build_tx, BuildRow};
-use super::{now_ms, q, Result, Store};
+use std::collections::{HashMap, HashSet};
+
+use super::builds::{build_columns, insert_build_tx, insert_builds_tx, value_rows, BuildRow};
+use super::{now_ms, q, to_i64, to_json, DbKind, Result, Store};
+use sqlx::Row;
 
 /// What a webhook delivery turned into.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +23,19 @@ pub enum Delivery {
     /// Seen before: the stored answer.
     Duplicate { build_id: String, outcome: String },
 }
+
+/// One delivery of a group to record: what [`Store::record_delivery`] takes, as a value.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub delivery_id: String,
+    pub project_id: String,
+    pub build: Option<BuildRow>,
+    /// `build`, or why there is none.
+    pub outcome: String,
+}
+
+/// Most deliveries per INSERT statement (5 bind parameters each).
+const INSERT_ROWS: usize = 256;
 
 impl Store {
     /// Records a webhook delivery for one project and, in the same transaction, its build (if
@@ -54,9 +75,237 @@ impl Store {
             return Ok(Delivery::Duplicate { build_id, outcome });
         }
         if let Some(build) = build {
-            insert_build_tx(&mut tx, build, "webhook push").await?;
+            insert_build_tx(&mut tx, build, WEBHOOK_REASON).await?;
         }
         tx.commit().await.map_err(q("commit webhook delivery"))?;
         Ok(Delivery::New)
     }
+
+    /// Records a group of deliveries, and the builds of the new ones, in one transaction: the
+    /// answer of each item, in order, as [`Store::record_delivery`] would give it had they been
+    /// recorded one after another (a copy of an earlier item is its duplicate). Any error fails
+    /// the whole group and writes nothing; the caller may then record the items one by one.
+    pub async fn record_deliveries(&self, items: &[NewDelivery]) -> Result<Vec<Delivery>> {
+        // The first of each (project, delivery id) is the one written; copies answer after it.
+        let mut first: HashMap<(&str, &str), usize> = HashMap::with_capacity(items.len());
+        let mut leaders = Vec::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            first
+                .entry((it.project_id.as_str(), it.delivery_id.as_str()))
+                .or_insert_with(|| {
+                    leaders.push(i);
+                    i
+                });
+        }
+        // One lock order for every group: two groups in flight at once (PostgreSQL) that share
+        // deliveries wait for each other instead of deadlocking.
+        leaders.sort_by(|&a, &b| {
+            (&items[a].project_id, &items[a].delivery_id)
+                .cmp(&(&items[b].project_id, &items[b].delivery_id))
+        });
+
+        let answers = match self.kind {
+            DbKind::Sqlite => self.record_leaders_tx(items, &leaders).await?,
+            DbKind::Postgres => self.record_leaders_pg(items, &leaders).await?,
+        };
+        let answers: HashMap<usize, Delivery> = leaders.iter().copied().zip(answers).collect();
+        Ok(items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                let lead = first[&(it.project_id.as_str(), it.delivery_id.as_str())];
+                match &answers[&lead] {
+                    Delivery::New if lead != i => {
+                        let l = &items[lead];
+                        Delivery::Duplicate {
+                            build_id: l.build.as_ref().map(|b| b.id.clone()).unwrap_or_default(),
+                            outcome: l.outcome.clone(),
+                        }
+                    }
+                    answer => answer.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// SQLite: the group in one transaction, a few multi-row statements (round trips are
+    /// in-process; the commit is the cost). The answers of `leaders`, in their order.
+    async fn record_leaders_tx(
+        &self,
+        items: &[NewDelivery],
+        leaders: &[usize],
+    ) -> Result<Vec<Delivery>> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(leaders.len());
+        for chunk in leaders.chunks(INSERT_ROWS) {
+            let sql = format!(
+                "INSERT INTO webhook_deliveries (delivery_id, project_id, build_id, outcome, at_ms) \
+                 VALUES {} ON CONFLICT (project_id, delivery_id) DO NOTHING \
+                 RETURNING project_id, delivery_id",
+                value_rows(chunk.len(), 5)
+            );
+            let mut query = sqlx::query_as::<_, (String, String)>(&sql);
+            for &i in chunk {
+                let it = &items[i];
+                query = query
+                    .bind(&it.delivery_id)
+                    .bind(&it.project_id)
+                    .bind(it.build.as_ref().map(|b| b.id.as_str()).unwrap_or(""))
+                    .bind(&it.outcome)
+                    .bind(now);
+            }
+            inserted.extend(
+                query
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q("insert webhook deliveries"))?,
+            );
+        }
+        let mut answers = Vec::with_capacity(leaders.len());
+        let mut builds = Vec::new();
+        for &i in leaders {
+            let it = &items[i];
+            if inserted.contains(&(it.project_id.clone(), it.delivery_id.clone())) {
+                builds.extend(it.build.as_ref());
+                answers.push(Delivery::New);
+            } else {
+                answers.push(stored_answer(&mut tx, it).await?);
+            }
+        }
+        insert_builds_tx(&mut tx, &builds, WEBHOOK_REASON).await?;
+        tx.commit().await.map_err(q("commit webhook deliveries"))?;
+        Ok(answers)
+    }
+
+    /// PostgreSQL: the group as one statement (deliveries, their new builds and the builds'
+    /// first transitions in data-modifying CTEs), so one round trip makes it durable instead of
+    /// five (BEGIN, three INSERTs, COMMIT). The rows go as two JSON parameters, so the
+    /// statement's text is the same for every group and each connection prepares it once.
+    /// The answers of `leaders`, in their order.
+    async fn record_leaders_pg(
+        &self,
+        items: &[NewDelivery],
+        leaders: &[usize],
+    ) -> Result<Vec<Delivery>> {
+        const SQL: &str = concat!(
+            "WITH d AS (SELECT * FROM json_to_recordset($1::json) AS x \
+               (delivery_id TEXT, project_id TEXT, build_id TEXT, outcome TEXT)), \
+             ins AS (INSERT INTO webhook_deliveries \
+                     (delivery_id, project_id, build_id, outcome, at_ms) \
+                     SELECT delivery_id, project_id, build_id, outcome, $3 FROM d \
+                     ORDER BY project_id, delivery_id \
+                     ON CONFLICT (project_id, delivery_id) DO NOTHING \
+                     RETURNING project_id, delivery_id, build_id), \
+             b AS (SELECT * FROM json_to_recordset($2::json) AS y \
+               (id TEXT, project_id TEXT, project_name TEXT, repo_url TEXT, revision TEXT, \
+                git_ref TEXT, state TEXT, box_id TEXT, cell_id TEXT, lease_id TEXT, \
+                created_at_ms BIGINT, updated_at_ms BIGINT, started_at_ms BIGINT, \
+                exit_code BIGINT, message TEXT, trigger_source TEXT, size_class TEXT, \
+                private_network TEXT, steps_json TEXT, env_json TEXT, timeout_secs BIGINT, \
+                warm_start BIGINT, attempt BIGINT, backend TEXT, log_base BIGINT)), \
+             nb AS (INSERT INTO builds (",
+            build_columns!(),
+            ") SELECT b.* FROM b JOIN ins ON ins.build_id = b.id \
+                    RETURNING id, state, created_at_ms), \
+             tr AS (INSERT INTO build_transitions (build_id, state, at_ms, reason) \
+                    SELECT id, state, created_at_ms, $4 FROM nb) \
+             SELECT project_id, delivery_id FROM ins"
+        );
+        let now = now_ms();
+        let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(leaders.len());
+        for chunk in leaders.chunks(INSERT_ROWS) {
+            let deliveries: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|&i| {
+                    let it = &items[i];
+                    serde_json::json!({
+                        "delivery_id": it.delivery_id,
+                        "project_id": it.project_id,
+                        "build_id": it.build.as_ref().map(|b| b.id.as_str()).unwrap_or(""),
+                        "outcome": it.outcome,
+                    })
+                })
+                .collect();
+            let builds = chunk
+                .iter()
+                .filter_map(|&i| items[i].build.as_ref())
+                .map(build_json)
+                .collect::<Result<Vec<_>>>()?;
+            let op = "insert webhook deliveries and their builds";
+            let rows = sqlx::query(SQL)
+                .bind(serde_json::Value::Array(deliveries).to_string())
+                .bind(serde_json::Value::Array(builds).to_string())
+                .bind(now)
+                .bind(WEBHOOK_REASON)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q(op))?;
+            for row in rows {
+                inserted.insert((
+                    row.try_get(0).map_err(q(op))?,
+                    row.try_get(1).map_err(q(op))?,
+                ));
+            }
+        }
+        let mut answers = Vec::with_capacity(leaders.len());
+        for &i in leaders {
+            let it = &items[i];
+            if inserted.contains(&(it.project_id.clone(), it.delivery_id.clone())) {
+                answers.push(Delivery::New);
+            } else {
+                let mut conn = self.pool.acquire().await.map_err(q("acquire connection"))?;
+                answers.push(stored_answer(&mut conn, it).await?);
+            }
+        }
+        Ok(answers)
+    }
+}
+
+/// A build's columns as a JSON object for PostgreSQL's `json_to_recordset`.
+fn build_json(b: &BuildRow) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "id": b.id,
+        "project_id": b.project_id,
+        "project_name": b.project_name,
+        "repo_url": b.repo_url,
+        "revision": b.revision,
+        "git_ref": b.git_ref,
+        "state": b.state.short_name(),
+        "box_id": b.box_id,
+        "cell_id": b.cell_id,
+        "lease_id": b.lease_id,
+        "created_at_ms": b.created_at_ms,
+        "updated_at_ms": b.updated_at_ms,
+        "started_at_ms": b.started_at_ms,
+        "exit_code": i64::from(b.exit_code),
+        "message": b.message,
+        "trigger_source": b.trigger,
+        "size_class": b.size_class,
+        "private_network": b.private_network,
+        "steps_json": to_json(&b.steps),
+        "env_json": to_json(&b.env),
+        "timeout_secs": i64::from(b.timeout_secs),
+        "warm_start": i64::from(b.warm_start),
+        "attempt": i64::from(b.attempt),
+        "backend": b.backend,
+        "log_base": to_i64("log_base", b.log_base)?,
+    }))
+}
+
+/// The transition reason of a build a webhook made.
+const WEBHOOK_REASON: &str = "webhook push";
+
+/// The stored answer of a delivery seen before.
+async fn stored_answer(conn: &mut sqlx::AnyConnection, it: &NewDelivery) -> Result<Delivery> {
+    let (build_id, outcome): (String, String) = sqlx::query_as(
+        "SELECT build_id, outcome FROM webhook_deliveries \
+         WHERE project_id = $1 AND delivery_id = $2",
+    )
+    .bind(&it.project_id)
+    .bind(&it.delivery_id)
+    .fetch_one(conn)
+    .await
+    .map_err(q("select webhook delivery"))?;
+    Ok(Delivery::Duplicate { build_id, outcome })
 }

@@ -56,7 +56,7 @@ pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
 pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRow};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
-pub use deliveries::Delivery;
+pub use deliveries::{Delivery, NewDelivery};
 pub use leases::LeaseRow;
 pub use logs::{LogStored, MAX_CHUNK_SEQ};
 pub use networks::{ConnectorRow, Issued, NetworkError, NetworkRow, TunnelLeaseRow};
@@ -161,6 +161,8 @@ pub struct Store {
     log_cap: u64,
     /// Most attempts of a build (placements that ended without an outcome) before it fails.
     max_attempts: u32,
+    /// Projects for webhook lookups (see `projects`), shared by the store's clones.
+    projects: std::sync::Arc<projects::ProjectCache>,
 }
 
 /// The per-build log cap unless the operator sets one.
@@ -293,6 +295,7 @@ impl Store {
             kind,
             log_cap: DEFAULT_LOG_CAP,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            projects: Default::default(),
         };
         let rekeyed = store.rekey_projects().await?;
         if rekeyed > 0 {

@@ -1,7 +1,13 @@
 //! Projects: what a push builds (repository, branch, steps, env, size class, network) and the
 //! webhook secret. Looked up by id or name, and by repository URL for webhooks ([`repo_key`]).
+//!
+//! Webhooks look projects up by repository from an in-memory copy of the table
+//! ([`ProjectCache`]): one control plane serves a database, every project write goes through
+//! this module, and each drops the copy after its commit, so the next lookup reads the table
+//! again. A webhook then costs no database read before its group commit.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use super::audit::{insert_audit_tx, Audit};
 use super::{checked, from_json, new_id, now_ms, q, to_json, Result, Store, StoreError};
@@ -46,6 +52,43 @@ const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, tags, size_cl
 /// not parse keeps its trimmed self, so it still matches only itself.
 pub fn repo_key(url: &str) -> String {
     crate::repo_url::key_of(url).unwrap_or_else(|| url.trim().to_string())
+}
+
+/// Every project with its repository key, in creation order.
+type Keyed = Arc<Vec<(String, ProjectRow)>>;
+
+/// Every project with its repository key, in creation order, as last read; a generation
+/// number keeps a read that raced a write from installing what it read.
+#[derive(Debug, Default)]
+pub(crate) struct ProjectCache {
+    inner: Mutex<CacheState>,
+}
+
+#[derive(Debug, Default)]
+struct CacheState {
+    generation: u64,
+    projects: Option<Keyed>,
+}
+
+impl ProjectCache {
+    fn get(&self) -> (u64, Option<Keyed>) {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (s.generation, s.projects.clone())
+    }
+
+    fn put(&self, generation: u64, projects: Keyed) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if s.generation == generation {
+            s.projects = Some(projects);
+        }
+    }
+
+    /// After a committed project write: the next lookup reads the table.
+    fn invalidate(&self) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.generation += 1;
+        s.projects = None;
+    }
 }
 
 impl Store {
@@ -93,6 +136,7 @@ impl Store {
         }
         insert_audit_tx(&mut tx, audit).await?;
         tx.commit().await.map_err(q("commit new project"))?;
+        self.projects.invalidate();
         Ok(row)
     }
 
@@ -119,6 +163,12 @@ impl Store {
     /// Deletes a project and records who did; its builds stay (they carry a snapshot). False
     /// (and nothing recorded) if there was none.
     pub async fn delete_project(&self, name_or_id: &str, audit: &Audit) -> Result<bool> {
+        let deleted = self.delete_project_tx(name_or_id, audit).await;
+        self.projects.invalidate();
+        deleted
+    }
+
+    async fn delete_project_tx(&self, name_or_id: &str, audit: &Audit) -> Result<bool> {
         in_tx!(self, "commit deleted project", |tx| {
             let res = sqlx::query("DELETE FROM projects WHERE id = $1 OR name = $1")
                 .bind(name_or_id)
@@ -154,6 +204,7 @@ impl Store {
                 changed += 1;
             }
         }
+        self.projects.invalidate();
         Ok(changed)
     }
 
@@ -171,21 +222,33 @@ impl Store {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let marks: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "SELECT {PROJECT_COLUMNS} FROM projects WHERE repo_key IN ({}) \
-             ORDER BY created_at_ms, id",
-            marks.join(", ")
-        );
-        let mut query = sqlx::query_as::<_, ProjectRecord>(&sql);
-        for k in &keys {
-            query = query.bind(k);
+        let all = self.projects_by_key().await?;
+        Ok(all
+            .iter()
+            .filter(|(key, _)| keys.binary_search(key).is_ok())
+            .map(|(_, p)| p.clone())
+            .collect())
+    }
+
+    /// Every project with its repository key, in creation order: the in-memory copy, read
+    /// from the table when there is none.
+    async fn projects_by_key(&self) -> Result<Keyed> {
+        let (generation, cached) = self.projects.get();
+        if let Some(all) = cached {
+            return Ok(all);
         }
-        let rows = query
+        let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects ORDER BY created_at_ms, id");
+        let rows = sqlx::query_as::<_, ProjectRecord>(&sql)
             .fetch_all(&self.reads)
             .await
             .map_err(q("select projects by repository"))?;
-        rows.into_iter().map(ProjectRow::try_from).collect()
+        let all: Keyed = Arc::new(
+            rows.into_iter()
+                .map(|r| ProjectRow::try_from(r).map(|p| (repo_key(&p.repo_url), p)))
+                .collect::<Result<_>>()?,
+        );
+        self.projects.put(generation, all.clone());
+        Ok(all)
     }
 }
 

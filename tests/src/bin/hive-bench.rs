@@ -263,7 +263,9 @@ async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), Benc
         let (cp, store) = start(cli, label).await?;
         create_project(&cp).await?;
         let url = cp.webhook_url();
+        let metrics_url = format!("http://{}/metrics", cp.http_addr);
         let client = WebhookClient::new();
+        let metrics_client = client.clone();
         let body_len = push_payload(REPO, "refs/heads/main", &"a".repeat(40), false).len();
         // Warm-up (connections, caches), not counted.
         for i in 0..20 {
@@ -296,6 +298,7 @@ async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), Benc
             })
             .await?
         };
+        let groups = commit_groups(&metrics_client, &metrics_url).await?;
         let distinct = ids.lock().unwrap_or_else(|e| e.into_inner()).len();
         if distinct != requests {
             return Err(BenchError::Check(format!(
@@ -373,9 +376,34 @@ async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), Benc
             body_len,
             distinct
         );
+        println!("  {groups}");
         finish(cp, store).await;
     }
     Ok(())
+}
+
+/// The webhook group commits so far, from the control plane's `/metrics`: transactions,
+/// deliveries per transaction and time per transaction, on average.
+async fn commit_groups(client: &WebhookClient, url: &str) -> Result<String, BenchError> {
+    let text = client.get(url).await?.body;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let groups = value("hive_webhook_commit_batch_size_count");
+    let deliveries = value("hive_webhook_commit_batch_size_sum");
+    let seconds = value("hive_webhook_commit_seconds_sum");
+    if groups == 0.0 {
+        return Ok("group commits: none reported in /metrics".to_string());
+    }
+    Ok(format!(
+        "group commits: {groups:.0} transactions for {deliveries:.0} deliveries \
+         ({:.1} per transaction, {:.2} ms each)",
+        deliveries / groups,
+        seconds / groups * 1e3
+    ))
 }
 
 async fn schedule(

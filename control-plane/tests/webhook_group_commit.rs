@@ -1,0 +1,502 @@
+//! Group commit on the webhook path (issue 16): deliveries that wait while a commit is in flight
+//! are stored in one transaction, each answered 202 with its own build only after that commit;
+//! copies of one delivery in a group get one build; a delivery the database refuses fails alone;
+//! a full queue answers 503 with Retry-After and stores nothing; a shutdown in the middle of a
+//! burst loses nothing it answered 202.
+//!
+//! To make "waits while a commit is in flight" certain rather than likely, the tests hold the
+//! deliveries table's write path (SQLite: the file's write lock; PostgreSQL: an EXCLUSIVE lock on
+//! `webhook_deliveries`, which reads pass) while the first delivery's group is being stored,
+//! send the rest, wait until `/metrics` shows them queued, then let go.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{api, http, start, start_with};
+use hive_control_plane::http::webhook::sign;
+use hive_control_plane::server::Handle;
+use hive_control_plane::store::Store;
+use hive_proto::v1::CreateProjectRequest;
+use serde_json::json;
+use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "group-commit-secret";
+const REPO: &str = "https://git.example/team/app";
+const WAIT: Duration = Duration::from_secs(20);
+/// The revision the poisoned deliveries push (a trigger refuses builds of it).
+const POISON: &str = "dead00000000000000000000000000000000beef";
+
+fn push(after: &str) -> Vec<u8> {
+    json!({
+        "ref": "refs/heads/main",
+        "after": after,
+        "repository": { "clone_url": format!("{REPO}.git"), "html_url": REPO },
+        "head_commit": { "id": after },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A commit id per `i` (never all zeros: that is a deleted branch).
+fn revision(i: usize) -> String {
+    format!("c{i:039x}")
+}
+
+/// Posts a signed push; (status, JSON answer). Owns its input, so it can be spawned.
+fn deliver(
+    addr: SocketAddr,
+    delivery: &str,
+    after: &str,
+) -> impl std::future::Future<Output = (u16, serde_json::Value)> + Send + 'static {
+    let delivery = delivery.to_string();
+    let body = push(after);
+    async move {
+        let sig = sign(SECRET.as_bytes(), &body);
+        let r = http(
+            addr,
+            "POST",
+            "/webhooks/github",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-GitHub-Event", "push"),
+                ("X-GitHub-Delivery", &delivery),
+                ("X-Hub-Signature-256", &sig),
+            ],
+            &body,
+        )
+        .await;
+        (r.status, r.json())
+    }
+}
+
+async fn project(handle: &Handle) {
+    api(handle)
+        .await
+        .create_project(CreateProjectRequest {
+            name: "app".into(),
+            repo_url: REPO.into(),
+            secret: SECRET.into(),
+            steps: vec!["make".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// Holds the deliveries' write path until the connection is dropped (or rolled back).
+async fn hold_writes(url: &str) -> sqlx::AnyConnection {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    if url.starts_with("sqlite") {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    } else {
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query("LOCK TABLE webhook_deliveries IN EXCLUSIVE MODE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    conn
+}
+
+async fn release(mut hold: sqlx::AnyConnection) {
+    sqlx::query("ROLLBACK").execute(&mut hold).await.unwrap();
+    hold.close().await.unwrap();
+}
+
+/// A metric's value from `/metrics` (0 when absent).
+async fn metric(addr: SocketAddr, line_start: &str) -> f64 {
+    let text = http(addr, "GET", "/metrics", &[], b"").await.body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Groups that commit at once on the database of `url`: while the write path is held, the
+/// first deliveries become that many stuck groups, and only the rest queue.
+fn in_flight(url: &str) -> usize {
+    let kind = hive_control_plane::store::DbKind::from_url(url).unwrap();
+    hive_control_plane::domain::submit::groups_in_flight(kind)
+}
+
+async fn wait_queued(addr: SocketAddr, n: usize) {
+    common::eventually(WAIT, &format!("{n} deliveries queued"), || async move {
+        metric(addr, "hive_webhook_queue_depth ").await >= n as f64
+    })
+    .await;
+}
+
+/// (delivery id, build id) of every stored delivery.
+async fn stored(url: &str) -> HashMap<String, String> {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT delivery_id, build_id FROM webhook_deliveries")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let builds: Vec<(String,)> = sqlx::query_as("SELECT id FROM builds")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let builds: HashSet<String> = builds.into_iter().map(|(b,)| b).collect();
+    let transitions: Vec<(String,)> = sqlx::query_as("SELECT build_id FROM build_transitions")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        transitions.len(),
+        builds.len(),
+        "each build has exactly its first transition"
+    );
+    let delivered: HashMap<String, String> = rows.into_iter().collect();
+    for b in delivered.values() {
+        assert!(builds.contains(b), "the build {b} of a delivery is stored");
+    }
+    assert_eq!(builds.len(), delivered.len(), "one build per delivery");
+    delivered
+}
+
+hive_testkit::on_both!(db =>
+    waiting_deliveries_share_one_commit_and_each_gets_its_build,
+    a_delivery_the_database_refuses_fails_alone,
+    a_full_queue_answers_503_and_stores_nothing,
+    shutdown_mid_burst_loses_nothing_answered_202,
+);
+
+async fn waiting_deliveries_share_one_commit_and_each_gets_its_build(url: String) {
+    let handle = start(&url).await;
+    project(&handle).await;
+    let addr = handle.http_addr;
+
+    let hold = hold_writes(&url).await;
+    let first = tokio::spawn(deliver(addr, "first", &revision(1_000)));
+    // The first group is stuck in its transaction; the committer is busy with it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stuck = in_flight(&url) - 1;
+    let mut burst = Vec::new();
+    for i in 0..40 {
+        burst.push(tokio::spawn(deliver(addr, &format!("d-{i}"), &revision(i))));
+    }
+    // Two copies of one delivery in the same group (a forge's retry racing the original).
+    burst.push(tokio::spawn(deliver(addr, "d-7", &revision(7))));
+    wait_queued(addr, burst.len() - stuck).await;
+    release(hold).await;
+
+    let (status, answer) = first.await.unwrap();
+    assert_eq!(status, 202, "{answer}");
+    let mut builds: HashMap<String, (String, bool)> = HashMap::new();
+    let mut copies = Vec::new();
+    for (i, task) in burst.into_iter().enumerate() {
+        let (status, answer) = task.await.unwrap();
+        assert_eq!(status, 202, "{answer}");
+        let id = answer["build_id"].as_str().expect("a build id").to_string();
+        let dup = answer["duplicate"].as_bool().unwrap();
+        let delivery = format!("d-{}", if i == 40 { 7 } else { i });
+        if delivery == "d-7" {
+            copies.push((id, dup));
+        } else {
+            assert!(!dup, "{answer}");
+            builds.insert(delivery, (id, dup));
+        }
+    }
+    assert_eq!(copies.len(), 2);
+    assert_eq!(
+        copies[0].0, copies[1].0,
+        "both copies answer the same build"
+    );
+    assert_eq!(
+        copies.iter().filter(|(_, dup)| *dup).count(),
+        1,
+        "one copy is new, the other the duplicate: {copies:?}"
+    );
+
+    let stored = stored(&url).await;
+    assert_eq!(stored.len(), 41, "40 deliveries and the first, each once");
+    for (delivery, (id, _)) in &builds {
+        assert_eq!(
+            &stored[delivery], id,
+            "{delivery} answered its stored build"
+        );
+    }
+    assert_eq!(stored["d-7"], copies[0].0);
+
+    // The stuck groups (one delivery each), then the waiting ones (up to 41 requests) together.
+    let groups = metric(addr, "hive_webhook_commit_batch_size_count ").await;
+    let deliveries = metric(addr, "hive_webhook_commit_batch_size_sum ").await;
+    let small = metric(addr, "hive_webhook_commit_batch_size_bucket{le=\"32.0\"} ").await;
+    assert_eq!(
+        deliveries, 42.0,
+        "every request went through the group commit"
+    );
+    assert!(
+        groups <= (stuck + 2) as f64,
+        "{groups} transactions for 42 deliveries"
+    );
+    assert!(small < groups, "one group held more than 32 deliveries");
+    handle.shutdown().await;
+}
+
+async fn a_delivery_the_database_refuses_fails_alone(url: String) {
+    let handle = start(&url).await;
+    project(&handle).await;
+    let addr = handle.http_addr;
+    poison_builds_of(&url, POISON).await;
+
+    let hold = hold_writes(&url).await;
+    let first = tokio::spawn(deliver(addr, "first", &revision(1_000)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Fillers for the other groups that commit at once, so the poisoned one shares a group.
+    let mut fillers = Vec::new();
+    for i in 1..in_flight(&url) {
+        fillers.push(tokio::spawn(deliver(
+            addr,
+            &format!("filler-{i}"),
+            &revision(500 + i),
+        )));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut burst = Vec::new();
+    for i in 0..10 {
+        burst.push(tokio::spawn(deliver(
+            addr,
+            &format!("ok-{i}"),
+            &revision(i),
+        )));
+        if i == 4 {
+            burst.push(tokio::spawn(deliver(addr, "poisoned", POISON)));
+        }
+    }
+    wait_queued(addr, burst.len()).await;
+    release(hold).await;
+
+    assert_eq!(first.await.unwrap().0, 202);
+    for f in fillers {
+        assert_eq!(f.await.unwrap().0, 202);
+    }
+    let mut builds = HashSet::new();
+    let mut failed = 0;
+    for task in burst {
+        let (status, answer) = task.await.unwrap();
+        if status == 500 {
+            assert!(answer["error"].as_str().unwrap().contains("internal error"));
+            failed += 1;
+            continue;
+        }
+        assert_eq!(status, 202, "{answer}");
+        assert!(builds.insert(answer["build_id"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(failed, 1, "only the poisoned delivery failed");
+    assert_eq!(builds.len(), 10);
+    let stored = stored(&url).await;
+    assert_eq!(
+        stored.len(),
+        10 + in_flight(&url),
+        "the 10 good deliveries, the first and the fillers"
+    );
+    assert!(!stored.contains_key("poisoned"));
+    for i in 0..10 {
+        assert!(builds.contains(&stored[&format!("ok-{i}")]), "ok-{i}");
+    }
+    // The group's transaction failed as a whole; the good ones were then stored one by one.
+    let text = http(addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(
+        text.contains("hive_webhooks_total{outcome=\"error\"} 1\n"),
+        "{text}"
+    );
+    handle.shutdown().await;
+}
+
+/// Makes the database refuse any build of `revision` (as it would a value it cannot store).
+async fn poison_builds_of(url: &str, revision: &str) {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    let sql = if url.starts_with("sqlite") {
+        vec![format!(
+            "CREATE TRIGGER poison BEFORE INSERT ON builds WHEN NEW.revision = '{revision}' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned build'); END"
+        )]
+    } else {
+        vec![
+            format!(
+                "CREATE FUNCTION poison() RETURNS trigger AS $$ BEGIN \
+                 IF NEW.revision = '{revision}' THEN RAISE EXCEPTION 'poisoned build'; END IF; \
+                 RETURN NEW; END $$ LANGUAGE plpgsql"
+            ),
+            "CREATE TRIGGER poison BEFORE INSERT ON builds FOR EACH ROW \
+             EXECUTE FUNCTION poison()"
+                .to_string(),
+        ]
+    };
+    for s in sql {
+        sqlx::raw_sql(&s).execute(&mut conn).await.unwrap();
+    }
+}
+
+async fn a_full_queue_answers_503_and_stores_nothing(url: String) {
+    let handle = start_with(&url, |c| c.webhook_queue = 3).await;
+    project(&handle).await;
+    let addr = handle.http_addr;
+
+    let hold = hold_writes(&url).await;
+    let first = tokio::spawn(deliver(addr, "first", &revision(1_000)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fillers = Vec::new();
+    for i in 1..in_flight(&url) {
+        fillers.push(tokio::spawn(deliver(
+            addr,
+            &format!("filler-{i}"),
+            &revision(500 + i),
+        )));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut queued = Vec::new();
+    for i in 0..3 {
+        queued.push(tokio::spawn(deliver(addr, &format!("q-{i}"), &revision(i))));
+    }
+    wait_queued(addr, 3).await;
+    // The queue is full: these are refused at once, while the write path is still held.
+    for i in 0..4 {
+        let body = push(&revision(100 + i));
+        let sig = sign(SECRET.as_bytes(), &body);
+        let reply = raw_post(addr, &format!("over-{i}"), &sig, &body).await;
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains("\r\nretry-after: 1\r\n"),
+            "{reply}"
+        );
+        assert!(reply.contains("queue is full"), "{reply}");
+    }
+    release(hold).await;
+    assert_eq!(first.await.unwrap().0, 202);
+    for task in queued.into_iter().chain(fillers) {
+        assert_eq!(task.await.unwrap().0, 202);
+    }
+    let stored = stored(&url).await;
+    assert_eq!(stored.len(), 3 + in_flight(&url));
+    assert!(stored.keys().all(|d| !d.starts_with("over-")));
+    let text = http(addr, "GET", "/metrics", &[], b"").await.body;
+    assert!(text.contains("hive_webhooks_total{outcome=\"queue_full\"} 4\n"));
+    assert!(text.contains("hive_limit{name=\"webhook_queue\"} 3\n"));
+    handle.shutdown().await;
+}
+
+/// A signed push over a fresh connection; the raw reply (head and body).
+async fn raw_post(addr: SocketAddr, delivery: &str, sig: &str, body: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /webhooks/github HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: {delivery}\r\n\
+         X-Hub-Signature-256: {sig}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    String::from_utf8_lossy(&raw).to_string()
+}
+
+/// Like `raw_post`, but a refused or cut connection is `None` (the server is going away).
+async fn try_deliver(addr: SocketAddr, delivery: String, after: String) -> Option<(u16, String)> {
+    let body = push(&after);
+    let sig = sign(SECRET.as_bytes(), &body);
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let head = format!(
+            "POST /webhooks/github HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nX-GitHub-Event: push\r\n\
+             X-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: {sig}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.ok()?;
+        s.write_all(&body).await.ok()?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n")?.1.to_string();
+        Some((status, body))
+    };
+    tokio::time::timeout(WAIT, attempt)
+        .await
+        .expect("no request hangs through a shutdown")
+}
+
+async fn shutdown_mid_burst_loses_nothing_answered_202(url: String) {
+    let handle = start(&url).await;
+    project(&handle).await;
+    let addr = handle.http_addr;
+
+    // 16 senders, each sending its deliveries one after another until the server goes.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for c in 0..16 {
+        let answered = answered.clone();
+        senders.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..200 {
+                let delivery = format!("s-{c}-{i}");
+                let reply = try_deliver(addr, delivery.clone(), revision(c * 1000 + i)).await;
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match reply {
+                    None => break,
+                    Some((status, body)) => got.push((delivery, status, body)),
+                }
+            }
+            got
+        }));
+    }
+    common::eventually(WAIT, "some deliveries answered", || {
+        let answered = answered.clone();
+        async move { answered.load(std::sync::atomic::Ordering::Relaxed) >= 100 }
+    })
+    .await;
+    handle.shutdown().await;
+
+    let mut accepted = HashMap::new();
+    let mut refused = Vec::new();
+    for s in senders {
+        for (delivery, status, body) in s.await.unwrap() {
+            match status {
+                202 => {
+                    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    accepted.insert(delivery, answer["build_id"].as_str().unwrap().to_string());
+                }
+                503 => refused.push(delivery),
+                other => panic!("{delivery}: {other} {body}"),
+            }
+        }
+    }
+    assert!(accepted.len() >= 100, "{} answered 202", accepted.len());
+
+    // Reopened (as a restart would): every delivery answered 202 is there, with its build.
+    let store = Store::open(&url).await.unwrap();
+    store.close().await;
+    let stored = stored(&url).await;
+    for (delivery, build) in &accepted {
+        assert_eq!(
+            stored.get(delivery),
+            Some(build),
+            "{delivery} was answered 202 with {build}"
+        );
+    }
+    // A 503 was refused before it was queued: not stored, so the forge's retry builds it.
+    for delivery in &refused {
+        assert!(
+            !stored.contains_key(delivery),
+            "{delivery} was refused yet stored"
+        );
+    }
+}

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
+use headless_chrome::types::Bounds;
 use headless_chrome::{Browser, LaunchOptions, Tab};
 use hive_proto::v1::{self as pb, BuildState, LogStream};
 use hive_testkit::fakebox::{FakeBox, FakeBoxConfig};
@@ -108,6 +109,8 @@ fn browser_signs_in_and_follows_a_build_live() {
         ..Default::default()
     })
     .expect("launch chromium");
+    let lap = |what: &str| eprintln!("[{:>6.2?}] {what}", t0.elapsed());
+    lap("chromium started");
     let tab = browser.new_tab().expect("tab");
     tab.set_default_timeout(T);
 
@@ -118,7 +121,8 @@ fn browser_signs_in_and_follows_a_build_live() {
         .unwrap();
     assert!(tab.get_url().contains("/ui/signin"), "{}", tab.get_url());
     tab.wait_for_element("#token").unwrap().click().unwrap();
-    tab.type_str(&token).unwrap();
+    // Pasted, as a person would (typing 68 keys one event at a time takes seconds).
+    tab.send_character(&token).unwrap();
     tab.wait_for_element("form.signin button")
         .unwrap()
         .click()
@@ -129,6 +133,7 @@ fn browser_signs_in_and_follows_a_build_live() {
     assert_eq!(js(&tab, "document.cookie"), serde_json::json!(""));
     tab.wait_for_element("#live.on")
         .expect("the list's stream opens");
+    lap("signed in, the list live");
 
     // A build submitted now appears without a reload (the marker would be gone after one).
     js(&tab, "window.hiveMarker = 42");
@@ -149,6 +154,7 @@ fn browser_signs_in_and_follows_a_build_live() {
     rt.block_on(fb.accept(&a, "cell-1", true));
     tab.wait_for_element(&format!("#b-{id} .s-placed, #b-{id} .s-running"))
         .expect("the row follows the state");
+    lap("new build's row appeared and follows its state");
     screenshot(&tab, &screens, "builds.png");
 
     // Open it; its page follows the state and the log.
@@ -160,6 +166,7 @@ fn browser_signs_in_and_follows_a_build_live() {
     tab.wait_for_element("#log").expect("the build page");
     tab.wait_for_element("#live.on")
         .expect("the build's stream opens");
+    lap("build page open, following");
     js(&tab, "window.hiveMarker = 7");
     rt.block_on(fb.running(&a));
     tab.wait_for_element("#summary .s-running")
@@ -190,6 +197,7 @@ fn browser_signs_in_and_follows_a_build_live() {
     }
     tab.wait_for_element("#L7").expect("more lines, live");
     assert_eq!(js(&tab, "window.hiveMarker"), serde_json::json!(7));
+    lap("state and log lines arrived live");
     screenshot(&tab, &screens, "build.png");
 
     // Cancel from the page: the box is told, and the page shows the build cancelled.
@@ -211,6 +219,7 @@ fn browser_signs_in_and_follows_a_build_live() {
     // The log rendered from the store this time, the same lines.
     assert!(text(&tab, "#L2").contains("compiling hive"));
 
+    lap("cancelled from the page");
     // The fleet.
     tab.navigate_to(&format!("{base}/ui/boxes"))
         .unwrap()
@@ -219,6 +228,33 @@ fn browser_signs_in_and_follows_a_build_live() {
     assert!(text(&tab, "main table").contains("box-browser"));
     assert!(text(&tab, "main table").contains("ready"));
     screenshot(&tab, &screens, "fleet.png");
+
+    // Phone width: nothing makes the page itself scroll sideways (wide tables scroll in
+    // their own box).
+    tab.set_bounds(Bounds::Normal {
+        left: None,
+        top: None,
+        width: Some(390.0),
+        height: Some(844.0),
+    })
+    .expect("phone-sized window");
+    for path in [
+        "/ui/builds".to_string(),
+        "/ui/boxes".into(),
+        format!("/ui/builds/{id}"),
+    ] {
+        tab.navigate_to(&format!("{base}{path}"))
+            .unwrap()
+            .wait_until_navigated()
+            .unwrap();
+        tab.wait_for_element("main").unwrap();
+        let fits = js(
+            &tab,
+            "document.documentElement.scrollWidth <= window.innerWidth + 1 && window.innerWidth < 500",
+        );
+        assert_eq!(fits, serde_json::json!(true), "{path} at phone width");
+    }
+    screenshot(&tab, &screens, "build-phone.png");
 
     drop(tab);
     drop(browser);

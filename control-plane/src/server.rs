@@ -390,6 +390,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     }
     // Ends on the shutdown flag, like the scheduler.
     tokio::spawn(keyexchange::run_revoker(hive.clone()));
+    // The queue depth per minute for the dashboard's chart; ends on the shutdown flag.
+    tokio::spawn(crate::sampler::run(hive.clone(), crate::sampler::EVERY));
     tracing::info!(%http_addr, %grpc_addr, lease_ms = millis(config.lease),
         placement = ?config.placement, "control plane listening");
     Ok(Handle {

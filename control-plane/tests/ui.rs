@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{api, api_as, http, start, Api, HttpReply};
+use common::{api, api_as, http, start, start_with, Api, HttpReply};
 use hive_control_plane::store::{BuildRow, Store};
 use hive_proto::v1::{self as pb, BuildState, LogStream};
 use hive_testkit::fakebox::{FakeBox, FakeBoxConfig};
@@ -434,7 +434,8 @@ impl Sse {
 }
 
 async fn live_streams_follow_the_build(url: String) {
-    let handle = start(&url).await;
+    // Streams answer within the HTTP timeout, then go on past it.
+    let handle = start_with(&url, |c| c.http_timeout = Duration::from_secs(1)).await;
     let addr = handle.http_addr;
     let mut admin = api(&handle).await;
     project(&mut admin, "demo").await;
@@ -468,6 +469,7 @@ async fn live_streams_follow_the_build(url: String) {
     .await;
     live.until("event: build").await;
     assert!(!live.seen.contains("event: log"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     fb.log(&a, LogStream::Stdout, 0, b"hello \x1b[32mfrom")
         .await;
     fb.log(

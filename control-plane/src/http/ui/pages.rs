@@ -791,16 +791,61 @@ fn box_state_name(s: BoxState) -> &'static str {
     }
 }
 
+/// One bar chart of the last hour, a bar per minute (SVG attributes only: the CSP forbids
+/// inline styles), with a title per bar for pointer users and a summary for everyone.
+fn minute_bars(
+    label: &str,
+    recent: &[crate::metrics::Minute],
+    now: i64,
+    value: impl Fn(&crate::metrics::Minute) -> Option<i64>,
+    show: impl Fn(i64) -> String,
+) -> Markup {
+    use crate::metrics::RECENT_MINUTES;
+    let first = now - now.rem_euclid(60_000) - 60_000 * (RECENT_MINUTES as i64 - 1);
+    let bars: Vec<(i64, i64)> = recent
+        .iter()
+        .filter_map(|m| Some(((m.start_ms - first) / 60_000, value(m)?)))
+        .filter(|(i, v)| (0..RECENT_MINUTES as i64).contains(i) && *v >= 0)
+        .collect();
+    let top = bars.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1);
+    let last = bars.last().map(|(_, v)| *v);
+    html! {
+        figure.chart {
+            figcaption {
+                (label) ": "
+                @match last { Some(v) => { "latest " (show(v)) ", most " (show(top)) " in the last hour" }
+                              None => { "nothing in the last hour" } }
+            }
+            svg viewBox=(format!("0 0 {} 40", RECENT_MINUTES * 10)) preserveAspectRatio="none"
+                role="img" aria-label=(format!("{label}, per minute, last hour")) {
+                @for (i, v) in &bars {
+                    // A zero is a thin baseline mark: sampled, nothing there.
+                    @let h = if *v == 0 { 0.5 } else { ((*v as f64) / (top as f64) * 38.0).max(1.5) };
+                    rect x=(i * 10 + 1) y=(format!("{:.1}", 40.0 - h)) width="8" height=(format!("{h:.1}")) {
+                        title { (iso(first + i * 60_000)) ": " (show(*v)) }
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub async fn boxes(State(ui): State<Arc<Ui>>, signed: Signed) -> Result<Markup, UiError> {
     let rows = ui.hive.store.list_boxes().await?;
     let infos: Vec<_> = rows.iter().map(|r| ui.hive.registry.info(r)).collect();
     let now = now_ms();
+    let recent = ui.hive.metrics.recent(now);
     Ok(layout(
         "Fleet",
         &signed,
         "boxes",
         html! {
             h1 { "Fleet" }
+            div.charts {
+                (minute_bars("Queue depth", &recent, now, |m| Some(m.queue_max), |v| format!("{v} queued")))
+                (minute_bars("Time in queue (mean of the minute's placements)", &recent, now,
+                    |m| m.wait_mean_ms(), duration))
+            }
             @if infos.is_empty() { p { "No box has registered yet." } }
             @else {
                 div.scroll { table {

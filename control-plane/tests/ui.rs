@@ -254,7 +254,21 @@ async fn read_only_sees_operators_act(url: String) {
     assert!(!p.body.contains("env-secret-value") && !p.body.contains("webhook-secret-value"));
     assert_eq!(get(addr, "/ui/projects", &ro).await.status, 200);
     assert_eq!(get(addr, "/ui/boxes", &ro).await.status, 200);
-    assert_eq!(get(addr, "/ui/networks", &ro).await.status, 200);
+    admin
+        .create_network(pb::CreateNetworkRequest {
+            name: "corp".into(),
+            prefixes: vec!["10.20.0.0/16".into()],
+            tunnel_subnet: String::new(),
+        })
+        .await
+        .expect("create network");
+    let n = get(addr, "/ui/networks", &ro).await;
+    assert_eq!(n.status, 200);
+    assert!(
+        n.body.contains("corp") && n.body.contains("10.20.0.0/16"),
+        "{}",
+        n.body
+    );
     assert_eq!(get(addr, "/ui/builds/nope", &ro).await.status, 404);
     assert_eq!(get(addr, "/ui/builds?state=bogus", &ro).await.status, 400);
 

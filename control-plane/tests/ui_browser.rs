@@ -196,6 +196,23 @@ fn browser_signs_in_and_follows_a_build_live() {
         ));
     }
     tab.wait_for_element("#L7").expect("more lines, live");
+    // The running build's duration counts on in the page between updates.
+    let deadline = Instant::now() + T;
+    loop {
+        let d = js(
+            &tab,
+            "document.querySelector('#summary dd.duration').textContent",
+        );
+        let secs = d
+            .as_str()
+            .and_then(|d| d.strip_suffix('s'))
+            .and_then(|d| d.parse::<u64>().ok());
+        if secs.is_some_and(|s| s >= 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "duration stuck at {d}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(js(&tab, "window.hiveMarker"), serde_json::json!(7));
     lap("state and log lines arrived live");
     screenshot(&tab, &screens, "build.png");

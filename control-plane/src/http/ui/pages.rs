@@ -171,7 +171,7 @@ fn layout(title: &str, signed: &Signed, active: &str, body: Markup) -> Markup {
     ];
     html! {
         (head(title))
-        body {
+        body data-now=(now_ms()) {
             header.top {
                 a.brand href="/ui/builds" { "Hive" }
                 nav aria-label="Main" {
@@ -425,8 +425,29 @@ pub fn build_row(b: &BuildRow, now: i64) -> Markup {
             td { (state_badge(b.state)) }
             td.mono { (dash(&b.box_id)) @if !b.cell_id.is_empty() { " / " (b.cell_id) } }
             td { (time(b.created_at_ms)) }
-            td { (build_duration(b, now)) }
+            td { (time(b.started_at_ms)) }
+            (duration_cell(b, now))
         }
+    }
+}
+
+/// A build's duration; while it runs, the script counts on from `data-start`.
+fn duration_cell(b: &BuildRow, now: i64) -> Markup {
+    let running = b.started_at_ms > 0 && !b.state.is_terminal();
+    html! {
+        td.duration data-start=[running.then_some(b.started_at_ms)] { (build_duration(b, now)) }
+    }
+}
+
+/// The head of a table of [`build_row`]s.
+fn build_head() -> Markup {
+    html! {
+        thead { tr {
+            th scope="col" { "Project" } th scope="col" { "Ref" }
+            th scope="col" { "Commit" } th scope="col" { "State" }
+            th scope="col" { "Box / cell" } th scope="col" { "Queued" }
+            th scope="col" { "Started" } th scope="col" { "Duration" }
+        } }
     }
 }
 
@@ -484,12 +505,7 @@ pub async fn builds(
             div.scroll {
                 table #builds data-live=(live) {
                     caption.visually-hidden { "Builds, newest first" }
-                    thead { tr {
-                        th scope="col" { "Project" } th scope="col" { "Ref" }
-                        th scope="col" { "Commit" } th scope="col" { "State" }
-                        th scope="col" { "Box / cell" } th scope="col" { "Queued" }
-                        th scope="col" { "Duration" }
-                    } }
+                    (build_head())
                     tbody {
                         @for b in &rows { (build_row(b, now)) }
                     }
@@ -572,7 +588,10 @@ pub fn summary(b: &BuildRow, t: &[TransitionRow], signed: &Signed, now: i64) -> 
                 dt { "Size class" } dd { (b.size_class) }
                 dt { "Attempt" } dd { (b.attempt) }
                 dt { "Trigger" } dd { (b.trigger) }
-                dt { "Duration" } dd { (build_duration(b, now)) }
+                dt { "Duration" }
+                dd.duration data-start=[(b.started_at_ms > 0 && !b.state.is_terminal()).then_some(b.started_at_ms)] {
+                    (build_duration(b, now))
+                }
                 @if b.state.is_terminal() { dt { "Exit code" } dd { (b.exit_code) } }
                 dt { "Message" } dd { (b.message) }
             }
@@ -963,12 +982,7 @@ pub async fn project(
             h2 { "Recent builds" }
             p { a href=(format!("/ui/builds?project={}", form_urlencoded::byte_serialize(p.name.as_bytes()).collect::<String>())) { "All builds of " (p.name) } }
             div.scroll { table {
-                thead { tr {
-                    th scope="col" { "Project" } th scope="col" { "Ref" }
-                    th scope="col" { "Commit" } th scope="col" { "State" }
-                    th scope="col" { "Box / cell" } th scope="col" { "Queued" }
-                    th scope="col" { "Duration" }
-                } }
+                (build_head())
                 tbody { @for b in &recent { (build_row(b, now)) } }
             } }
         },
@@ -980,6 +994,12 @@ pub async fn networks(State(ui): State<Arc<Ui>>, signed: Signed) -> Result<Marku
         .hive
         .store
         .list_networks()
+        .await
+        .map_err(|e| UiError::Internal(e.to_string()))?;
+    let connectors = ui
+        .hive
+        .store
+        .list_connectors(None)
         .await
         .map_err(|e| UiError::Internal(e.to_string()))?;
     Ok(layout(
@@ -994,12 +1014,25 @@ pub async fn networks(State(ui): State<Arc<Ui>>, signed: Signed) -> Result<Marku
                     caption.visually-hidden { "Private networks" }
                     thead { tr {
                         th scope="col" { "Name" } th scope="col" { "Prefixes" }
-                        th scope="col" { "Tunnel subnet" } th scope="col" { "Created" }
+                        th scope="col" { "Tunnel subnet" } th scope="col" { "Connectors" }
+                        th scope="col" { "Created" }
                     } }
                     tbody { @for n in &rows { tr {
                         th scope="row" { (n.name) }
                         td.mono { (n.prefixes.join(", ")) }
                         td.mono { (n.tunnel_subnet) }
+                        td { ul.pools {
+                            @for c in connectors.iter().filter(|c| c.network == n.name) {
+                                li {
+                                    span.mono { (c.endpoint) } " "
+                                    @if ui.hive.connectors.is_connected(&c.id) {
+                                        span.state."box-ready" { "connected" }
+                                    } @else {
+                                        span.state."box-offline" { "not connected" }
+                                    }
+                                }
+                            }
+                        } }
                         td { (time(n.created_at_ms)) }
                     } } }
                 } }

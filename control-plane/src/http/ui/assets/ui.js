@@ -63,3 +63,22 @@
     bs.addEventListener('end', function () { bs.close(); status('ended', false); });
   }
 })();
+
+// Running builds' durations count on between updates (server time: the page says its "now").
+(function () {
+  'use strict';
+  var skew = (Number(document.body.dataset.now) || Date.now()) - Date.now();
+  function fmt(ms) {
+    if (ms < 1000) return Math.max(0, Math.floor(ms)) + 'ms';
+    var s = Math.floor(ms / 1000);
+    if (s < 60) return s + 's';
+    if (s < 3600) return Math.floor(s / 60) + 'm ' + String(s % 60).padStart(2, '0') + 's';
+    return Math.floor(s / 3600) + 'h ' + String(Math.floor(s % 3600 / 60)).padStart(2, '0') + 'm';
+  }
+  setInterval(function () {
+    var now = Date.now() + skew;
+    document.querySelectorAll('.duration[data-start]').forEach(function (el) {
+      el.textContent = fmt(now - Number(el.dataset.start));
+    });
+  }, 1000);
+})();

@@ -500,6 +500,10 @@ async fn live_streams_follow_the_build(url: String) {
     );
     assert!(seen.contains("second &lt;line&gt;"), "{seen}");
     assert!(seen.contains("id: 2:3"), "{seen}");
+    // Step 1's output starts on line 3: the stream says so (numbers only).
+    fb.log(&a, LogStream::System, 1, b"$ make\n").await;
+    let seen = live.until("id: 3:4").await;
+    assert!(seen.contains("event: step\ndata: 1:3\n"), "{seen}");
     fb.finish(&a, BuildState::Succeeded, 0).await;
     live.until("event: end").await;
     assert!(live.seen.contains("s-succeeded"), "{}", live.seen);
@@ -509,7 +513,7 @@ async fn live_streams_follow_the_build(url: String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "GET /ui/builds/{id}/events HTTP/1.1\r\nHost: {addr}\r\nCookie: hive_session={cookie}\r\n\
-         Last-Event-ID: 2:3\r\nConnection: close\r\n\r\n"
+         Last-Event-ID: 3:4\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();

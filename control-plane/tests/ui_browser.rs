@@ -196,6 +196,14 @@ fn browser_signs_in_and_follows_a_build_live() {
         ));
     }
     tab.wait_for_element("#L7").expect("more lines, live");
+    // Step 1 ("make") links to where its output starts, filled in live.
+    assert_eq!(
+        js(
+            &tab,
+            "document.querySelector('#step-1 a.steplink').getAttribute('href')"
+        ),
+        serde_json::json!("#L3")
+    );
     // The running build's duration counts on in the page between updates.
     let deadline = Instant::now() + T;
     loop {

@@ -242,6 +242,12 @@ async fn dashboard_follows_a_sandbox_build_live() {
             "tick counts seen while running: {seen_while_running:?}"
         );
         assert_eq!(js(&tab, "document.getElementById('live').textContent"), "ended");
+        // The step links to its output, after the clone's lines.
+        let href = js(&tab, "document.querySelector('#step-1 a.steplink').getAttribute('href')");
+        assert!(
+            href.as_str().is_some_and(|h| h.starts_with("#L") && h != "#L1"),
+            "{href}"
+        );
         screenshot(&tab, &screens, "build.png");
 
         // Cancel a running build from its page.

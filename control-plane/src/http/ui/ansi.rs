@@ -5,6 +5,9 @@
 //! inline styles, so the page's Content-Security-Policy can forbid those.
 //!
 //! A carriage return inside a line keeps what follows it (progress bars redraw their line).
+//!
+//! Chunks carry the step that wrote them (0 the clone, 1.. the project's steps): the view notes
+//! the line each step's output starts on, so the page links a step to its output.
 
 use std::fmt::Write;
 
@@ -108,6 +111,10 @@ pub struct LogView {
     next_line: u64,
     partial: Vec<u8>,
     style: Style,
+    /// The step of the last line started.
+    step: Option<u32>,
+    /// (step, first line) of each step whose output started since the last take.
+    step_starts: Vec<(u32, u64)>,
 }
 
 impl LogView {
@@ -124,14 +131,33 @@ impl LogView {
         self.next_line
     }
 
-    /// Appends the HTML of every line `data` completes to `out`.
-    pub fn push(&mut self, data: &[u8], out: &mut String) {
+    /// The steps whose output started since the last call, with their first line (a step seen
+    /// again, as in a re-queued build's next attempt, is given again with its new line).
+    pub fn take_step_starts(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.step_starts)
+    }
+
+    fn line_starts(&mut self, step: u32) {
+        if self.step != Some(step) {
+            self.step = Some(step);
+            self.step_starts.push((step, self.next_line));
+        }
+    }
+
+    /// Appends the HTML of every line `data` (written by `step`) completes to `out`.
+    pub fn push(&mut self, step: u32, data: &[u8], out: &mut String) {
+        if self.partial.is_empty() && !data.is_empty() {
+            self.line_starts(step);
+        }
         let mut rest = data;
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
             self.partial.extend_from_slice(&rest[..i]);
             let line = std::mem::take(&mut self.partial);
             self.line(&line, out);
             rest = &rest[i + 1..];
+            if !rest.is_empty() {
+                self.line_starts(step);
+            }
         }
         self.partial.extend_from_slice(rest);
         while self.partial.len() >= MAX_LINE {
@@ -221,7 +247,7 @@ impl LogView {
 pub fn render(data: &[u8]) -> String {
     let mut v = LogView::starting_at(1);
     let mut out = String::new();
-    v.push(data, &mut out);
+    v.push(0, data, &mut out);
     v.flush(&mut out);
     out
 }
@@ -277,9 +303,9 @@ mod tests {
     fn a_line_may_span_chunks_and_a_long_line_is_cut() {
         let mut v = LogView::starting_at(7);
         let mut out = String::new();
-        v.push(b"hel", &mut out);
+        v.push(1, b"hel", &mut out);
         assert!(out.is_empty());
-        v.push(b"lo\nwor", &mut out);
+        v.push(1, b"lo\nwor", &mut out);
         assert!(
             out.contains("id=\"L7\"") && out.contains(">hello<"),
             "{out}"
@@ -290,9 +316,24 @@ mod tests {
         let long = vec![b'x'; MAX_LINE * 2 + 5];
         let mut out = String::new();
         let mut v = LogView::starting_at(1);
-        v.push(&long, &mut out);
+        v.push(0, &long, &mut out);
         v.flush(&mut out);
         assert_eq!(out.matches("class=\"line\"").count(), 3);
+    }
+
+    #[test]
+    fn each_step_notes_the_line_its_output_starts_on() {
+        let mut v = LogView::starting_at(1);
+        let mut out = String::new();
+        v.push(0, b"hive: cloning\nchecked out\n", &mut out);
+        v.push(1, b"$ make\ncc -c", &mut out);
+        v.push(1, b" x.c\n", &mut out);
+        assert_eq!(v.take_step_starts(), vec![(0, 1), (1, 3)]);
+        v.push(2, b"$ make test\n", &mut out);
+        // A new attempt starts over at the clone.
+        v.push(0, b"hive: cloning\n", &mut out);
+        assert_eq!(v.take_step_starts(), vec![(2, 5), (0, 6)]);
+        assert!(v.take_step_starts().is_empty());
     }
 
     #[test]

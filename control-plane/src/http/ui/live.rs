@@ -1,7 +1,8 @@
 //! The dashboard's Server-Sent Events: `/ui/builds/events` sends a builds list's rows as they
 //! change (`row`: the row's HTML; `gone`: a build left the filter; `resync`: too much was
-//! missed, reload), and `/ui/builds/{id}/events` a build's summary (`build`) and its log lines
-//! (`log`, from `domain::logs::follow`) until it has ended (`end`).
+//! missed, reload), and `/ui/builds/{id}/events` a build's summary (`build`), its log lines
+//! (`log`, from `domain::logs::follow`) and where each step's output starts (`step`: `n:line`)
+//! until it has ended (`end`).
 //!
 //! Each stream holds one of [`super::MAX_LIVE_STREAMS`] permits, checks its session again every
 //! [`RECHECK`] (a signed-out session or a revoked token ends it), ends on shutdown, and is fed
@@ -202,7 +203,7 @@ pub async fn build(
                             Some(Ok(c)) => {
                                 next_seq = c.seq + 1;
                                 bytes += c.data.len();
-                                view.push(&c.data, &mut html);
+                                view.push(c.step, &c.data, &mut html);
                             }
                             Some(Err(FollowError::ShuttingDown)) => return,
                             Some(Err(e)) => {
@@ -225,6 +226,13 @@ pub async fn build(
                     }
                     if done {
                         view.flush(&mut html);
+                    }
+                    for (step, line) in view.take_step_starts() {
+                        // Numbers only: the script makes the link itself.
+                        let ev = SseEvent::default().event("step").data(format!("{step}:{line}"));
+                        if !send(ev).await {
+                            return;
+                        }
                     }
                     if !html.is_empty() {
                         let ev = html_event("log", &html)

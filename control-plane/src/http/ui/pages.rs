@@ -638,7 +638,7 @@ pub async fn build(
         for c in chunks {
             next_seq = c.seq + 1;
             bytes += c.data.len();
-            view.push(&c.data, &mut html_log);
+            view.push(c.step, &c.data, &mut html_log);
             if bytes > PAGE_LOG_BYTES {
                 cut = true;
                 break;
@@ -649,6 +649,9 @@ pub async fn build(
         }
     }
     view.flush(&mut html_log);
+    // The latest start of each step's output (a re-queued build's last attempt).
+    let step_starts: std::collections::BTreeMap<u32, u64> =
+        view.take_step_starts().into_iter().collect();
     let live = (!b.state.is_terminal() && !cut).then(|| {
         format!(
             "/ui/builds/{}/events?seq={next_seq}&line={}",
@@ -665,7 +668,17 @@ pub async fn build(
             (summary(&b, &t, &signed, now))
             @if !b.steps.is_empty() {
                 h2 { "Steps" }
-                ol.steps { @for s in &b.steps { li { code { (s) } } } }
+                ol.steps {
+                    @for (i, s) in b.steps.iter().enumerate() {
+                        @let n = i as u32 + 1;
+                        li id=(format!("step-{n}")) {
+                            code { (s) }
+                            @if let Some(line) = step_starts.get(&n) {
+                                " " a.steplink href=(format!("#L{line}")) { "output from line " (line) }
+                            }
+                        }
+                    }
+                }
             }
             div.titlebar {
                 h2 { "Log" }

@@ -60,6 +60,9 @@
       // Follow the end unless the reader scrolled up or opened a line's link.
       if (atBottom && !location.hash) window.scrollTo(0, el.scrollHeight);
     });
+    bs.addEventListener('step', function (e) {
+      document.dispatchEvent(new CustomEvent('hive-step', { detail: e.data }));
+    });
     bs.addEventListener('end', function () { bs.close(); status('ended', false); });
   }
 })();
@@ -81,4 +84,27 @@
       el.textContent = fmt(now - Number(el.dataset.start));
     });
   }, 1000);
+})();
+
+// Where each step's output starts, as the live log reaches it.
+(function () {
+  'use strict';
+  var log = document.getElementById('log');
+  if (!log) return;
+  document.addEventListener('hive-step', function (e) {
+    var parts = String(e.detail).split(':');
+    var n = parseInt(parts[0], 10), line = parseInt(parts[1], 10);
+    if (!(n >= 1) || !(line >= 1)) return;
+    var li = document.getElementById('step-' + n);
+    if (!li) return;
+    var a = li.querySelector('a.steplink');
+    if (!a) {
+      li.appendChild(document.createTextNode(' '));
+      a = document.createElement('a');
+      a.className = 'steplink';
+      li.appendChild(a);
+    }
+    a.setAttribute('href', '#L' + line);
+    a.textContent = 'output from line ' + line;
+  });
 })();

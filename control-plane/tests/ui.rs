@@ -272,6 +272,39 @@ async fn read_only_sees_operators_act(url: String) {
     assert_eq!(get(addr, "/ui/builds/nope", &ro).await.status, 404);
     assert_eq!(get(addr, "/ui/builds?state=bogus", &ro).await.status, 400);
 
+    // A submitter bound to another project: sees this build, cannot act on it.
+    project(&mut admin, "other").await;
+    let sub_token = admin
+        .create_token(pb::CreateTokenRequest {
+            role: "submitter".into(),
+            project: "other".into(),
+            name: "sub-other".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let sub = sign_in(addr, &sub_token).await;
+    let page = get(addr, &format!("/ui/builds/{id}"), &sub).await;
+    assert_eq!(page.status, 200);
+    assert!(!page.body.contains("/cancel\""), "{}", page.body);
+    let csrf = csrf_of(&page.body);
+    let r = post(
+        addr,
+        &format!("/ui/builds/{id}/cancel"),
+        &sub,
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.body
+            .contains("may only submit and cancel builds of project"),
+        "{}",
+        r.body
+    );
+    assert_eq!(state_of(&mut admin, &id).await, BuildState::Queued);
+
     // Operator: the buttons; a form without this session's CSRF token is refused.
     let op = sign_in(addr, &token(&mut admin, "operator").await).await;
     let page = get(addr, &format!("/ui/builds/{id}"), &op).await;

@@ -160,8 +160,25 @@ async fn unauthenticated_is_sent_to_sign_in(url: String) {
         assert!(r.status == 401 || r.status == 400, "{bad:.20}: {r:?}");
         assert!(r.header("set-cookie").is_none());
     }
-    // An open redirect is not followed.
+    // A browser saying the form came from another site is refused, sign-in included.
     let admin_token = handle.admin_token().unwrap().to_string();
+    let body = format!("token={admin_token}");
+    for site in ["cross-site", "same-site"] {
+        let r = http(
+            addr,
+            "POST",
+            "/ui/signin",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Sec-Fetch-Site", site),
+            ],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{site}: {r:?}");
+        assert!(r.header("set-cookie").is_none());
+    }
+    // An open redirect is not followed.
     let r = post(
         addr,
         "/ui/signin",

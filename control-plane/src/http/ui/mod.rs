@@ -80,9 +80,27 @@ pub fn router<S>(hive: Arc<Hive>) -> Router<S> {
         .with_state(ui)
 }
 
-/// Headers every dashboard answer carries.
+/// Whether a POST came from another site, by the browser's own word (`Sec-Fetch-Site`, which
+/// a page cannot forge and a proxy does not rewrite, unlike `Origin` against `Host`). Clients
+/// that send no such header (scripts, old browsers) are judged by the CSRF token alone.
+fn cross_site_post(req: &Request) -> bool {
+    req.method() == axum::http::Method::POST
+        && req
+            .headers()
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v != "same-origin" && v != "none")
+}
+
+/// Refuses cross-site POSTs (the sign-in form too, which has no session to hold a CSRF token
+/// yet), then adds the headers every dashboard answer carries.
 async fn security_headers(req: Request, next: Next) -> Response {
-    let mut res = next.run(req).await;
+    let mut res = if cross_site_post(&req) {
+        tracing::debug!(path = %req.uri().path(), "dashboard: cross-site POST refused");
+        UiError::Forbidden("this form was sent from another site".to_string()).into_response()
+    } else {
+        next.run(req).await
+    };
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,

@@ -1,7 +1,8 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium`, driven over the DevTools
 //! protocol by `headless_chrome`) against a real control plane on SQLite: sign in, a build
 //! submitted through the gRPC API appears in the list without a reload, its page follows its
-//! state and log lines live, and cancelling it shows the change. The box is the test kit's
+//! state and log lines live, and cancelling it shows the change; the pages fit a phone's width
+//! and turn dark when the system asks for it. The box is the test kit's
 //! `FakeBox` (a real BoxAgent session, driven step by step), not a sandbox box.
 //!
 //! Screenshots of the list, the build page and the fleet go to
@@ -14,6 +15,7 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use headless_chrome::protocol::cdp::Emulation;
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::types::Bounds;
 use headless_chrome::{Browser, LaunchOptions, Tab};
@@ -280,6 +282,25 @@ fn browser_signs_in_and_follows_a_build_live() {
         assert_eq!(fits, serde_json::json!(true), "{path} at phone width");
     }
     screenshot(&tab, &screens, "build-phone.png");
+
+    // Dark theme when the system asks for it: the page's background turns dark.
+    let background = |tab: &Tab| {
+        js(tab, "getComputedStyle(document.body).backgroundColor")
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(background(&tab), "rgb(255, 255, 255)");
+    tab.call_method(Emulation::SetEmulatedMedia {
+        media: None,
+        features: Some(vec![Emulation::MediaFeature {
+            name: "prefers-color-scheme".into(),
+            value: "dark".into(),
+        }]),
+    })
+    .expect("emulate a dark system theme");
+    assert_eq!(background(&tab), "rgb(17, 20, 24)");
+    screenshot(&tab, &screens, "build-phone-dark.png");
 
     drop(tab);
     drop(browser);

@@ -444,6 +444,25 @@ async fn hostile_text_is_escaped(url: String) {
         page.body
     );
     assert!(page.body.contains("href=\"#L1\""));
+    // Live rows are the same escaped markup: a rebuild (same hostile ref) arrives on the
+    // list's stream.
+    let mut list = Sse::open(addr, "/ui/builds/events", &cookie).await;
+    let again = admin
+        .rebuild_build(pb::RebuildBuildRequest { id: b.id.clone() })
+        .await
+        .expect("rebuild")
+        .into_inner()
+        .id;
+    list.until(&format!("id=\"b-{again}\"")).await;
+    let seen = list.until("</tr>").await.to_string();
+    assert!(
+        seen.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("<script>") && !seen.contains("<img src=x"),
+        "{seen}"
+    );
     // The raw log is the bytes, as text that no browser sniffs into HTML.
     let raw = get(addr, &format!("/ui/builds/{}/log.txt", b.id), &cookie).await;
     assert_eq!(raw.status, 200);

@@ -11,7 +11,8 @@ Usage: deploy/install-deps.sh
 Installs (apt) what a bare Debian 12 lacks for Hive: the C toolchain and protoc (building the
 workspace), debootstrap and e2fsprogs (cell images), linux-source-6.1 and its build deps (guest
 kernel), qemu-system-x86 (guest boot check), iproute2/nftables (sandbox cells), postgresql
-(store tests), and openssl/curl/jq/git (scripts, webhooks, the demo git server).
+(store tests), chromium (the dashboard's browser test), and openssl/curl/jq/git (scripts,
+webhooks, the demo git server).
 Needs root. Checks that cargo is on PATH (install Rust with rustup if it is not).
 USAGE
     exit 0 ;;
@@ -28,6 +29,7 @@ packages=(
   postgresql postgresql-client
   qemu-system-x86
   linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils
+  chromium fonts-dejavu-core
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -318,6 +318,7 @@ Local hive is up. (Ctrl-C stops everything.)
 hivectl needs the admin token (made on the first start; keep it like a password):
   export HIVE_TOKEN=\$(cat $token_file)
 
+  dashboard      http://$http_addr/ui/   (sign in with the same token: paste the contents of $token_file)
   control plane  http://$http_addr (webhook), grpc http://$grpc_addr   log: $logs/control-plane.log
   box            $(if [ "$microvm" = 1 ]; then echo "microvm backend in the emulated KVM host, pool $pool   log: kvm-host.sh exec --ctl $data_dir/l1-ctl.sock -- cat /var/log/start.log"; else echo "sandbox backend, pool $pool                          log: $logs/box.log"; fi)
   git host       $repo_url (netns hive-th-git)

@@ -18,7 +18,9 @@
 //! it to `<data-dir>/admin.token` (mode 0600): [`bootstrap`].
 //!
 //! Neighbours: `store::tokens` and `store::audit` hold the rows; `grpc::api` calls
-//! [`authenticate`] first in every RPC, then [`Caller::require`] with the RPC's [`Right`].
+//! [`authenticate`] first in every RPC, then [`Caller::require`] with the RPC's [`Right`]; the
+//! dashboard (`http::ui`) signs in with [`authenticate_token`] and checks each request's session
+//! with [`authenticate_hash`], against the same rights.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -189,15 +191,26 @@ fn bearer(meta: &MetadataMap) -> Result<&str, Status> {
 
 /// The caller a call's token names: UNAUTHENTICATED for none, an unknown or a revoked token.
 pub async fn authenticate(store: &Store, meta: &MetadataMap) -> Result<Caller, Status> {
-    let token = bearer(meta)?;
+    authenticate_token(store, bearer(meta)?).await
+}
+
+/// The caller `token` names (the dashboard's sign-in): UNAUTHENTICATED for an unknown or a
+/// revoked token.
+pub async fn authenticate_token(store: &Store, token: &str) -> Result<Caller, Status> {
     // Tokens are ASCII of a fixed shape; anything much longer is not one (and is not hashed).
     if token.len() > 256 {
         return Err(Status::unauthenticated(format!(
             "token not recognised: {HOW_TO_AUTHENTICATE}"
         )));
     }
+    authenticate_hash(store, &token_hash(token)).await
+}
+
+/// The caller whose token has SHA-256 `hash` (a dashboard session keeps only the hash, and
+/// looks it up on every request, so a revoked token's sessions end at once).
+pub async fn authenticate_hash(store: &Store, hash: &str) -> Result<Caller, Status> {
     let row = store
-        .token_by_hash(&token_hash(token))
+        .token_by_hash(hash)
         .await
         .map_err(|e| Status::internal(format!("look up token: {e}")))?;
     let Some(row) = row else {

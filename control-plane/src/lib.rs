@@ -8,7 +8,7 @@
 //! - `domain`: the operations every front end calls (submit, cancel, end, drain, place, key
 //!   exchange, network input checks);
 //! - services: `grpc` (`api`, `boxes`, `connector`), `http` (`router`, `webhook`, `metrics`) and
-//!   the `scheduler` and `retention` tasks;
+//!   the `scheduler`, `retention` and `sampler` tasks;
 //! - `server`: the only module that wires the services together (`start(Config) -> Handle`).
 #![forbid(unsafe_code)]
 
@@ -25,6 +25,7 @@ pub mod refglob;
 pub mod registry;
 pub mod repo_url;
 pub mod retention;
+pub mod sampler;
 pub mod scheduler;
 pub mod server;
 pub mod sizeclass;

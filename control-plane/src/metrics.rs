@@ -3,6 +3,10 @@
 //! wait in the queue, how long a box session's group commit takes), and gauges set at scrape
 //! time from the store and the registry (builds by state, queue depth, boxes). `http::metrics`
 //! serves the OpenMetrics text.
+//!
+//! The last hour is also kept per minute in memory ([`Recent`]): the most builds seen queued
+//! (sampled by the `sampler` task) and the placements with their time in the queue, for the
+//! dashboard's chart (Prometheus keeps the long history; this is what a glance needs).
 
 use std::sync::Mutex;
 
@@ -67,7 +71,35 @@ pub struct Metrics {
     box_queue_overflows: Gauge,
     webhook_queue_depth: Gauge,
     limits: Family<NameLabel, Gauge>,
+    recent: Mutex<std::collections::VecDeque<Minute>>,
 }
+
+/// Minutes of history kept in memory.
+pub const RECENT_MINUTES: usize = 60;
+
+/// One minute of the recent history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Minute {
+    /// The minute's start, epoch ms.
+    pub start_ms: i64,
+    /// The most builds seen queued in it (-1: not sampled).
+    pub queue_max: i64,
+    pub placements: u64,
+    /// Sum and most of the placed builds' time in the queue.
+    pub wait_sum_ms: i64,
+    pub wait_max_ms: i64,
+}
+
+impl Minute {
+    /// Mean time in the queue of the minute's placements.
+    pub fn wait_mean_ms(&self) -> Option<i64> {
+        (self.placements > 0)
+            .then(|| self.wait_sum_ms / i64::try_from(self.placements).unwrap_or(i64::MAX))
+    }
+}
+
+/// The last hour, per minute, oldest first (minutes with nothing recorded are absent).
+pub type Recent = Vec<Minute>;
 
 /// The numbers that come from elsewhere at scrape time.
 #[derive(Debug, Default)]
@@ -186,6 +218,7 @@ impl Default for Metrics {
             box_queue_overflows,
             webhook_queue_depth,
             limits,
+            recent: Mutex::new(std::collections::VecDeque::new()),
             scrape: Mutex::new(()),
             builds,
             queue_depth,
@@ -255,7 +288,50 @@ impl Metrics {
 
     /// A build waited `ms` milliseconds in the queue before it was placed.
     pub fn waited_in_queue(&self, ms: i64) {
-        self.queue_wait.observe(seconds(ms.max(0)));
+        let ms = ms.max(0);
+        self.queue_wait.observe(seconds(ms));
+        self.minute(crate::store::now_ms(), |m| {
+            m.placements += 1;
+            m.wait_sum_ms = m.wait_sum_ms.saturating_add(ms);
+            m.wait_max_ms = m.wait_max_ms.max(ms);
+        });
+    }
+
+    /// `n` builds were queued at `at_ms` (the `sampler` task's reading).
+    pub fn queue_sampled(&self, at_ms: i64, n: i64) {
+        self.minute(at_ms, |m| m.queue_max = m.queue_max.max(n));
+    }
+
+    /// Changes the minute of `at_ms` (made if new; minutes older than an hour dropped).
+    fn minute(&self, at_ms: i64, f: impl FnOnce(&mut Minute)) {
+        let start_ms = at_ms - at_ms.rem_euclid(60_000);
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.back().is_none_or(|m| m.start_ms < start_ms) {
+            recent.push_back(Minute {
+                start_ms,
+                queue_max: -1,
+                ..Minute::default()
+            });
+        }
+        let cutoff = start_ms - 60_000 * (RECENT_MINUTES as i64 - 1);
+        while recent.front().is_some_and(|m| m.start_ms < cutoff) {
+            recent.pop_front();
+        }
+        // A reading from a minute already past (a clock step) changes that minute, if kept.
+        if let Some(m) = recent.iter_mut().rev().find(|m| m.start_ms == start_ms) {
+            f(m);
+        }
+    }
+
+    /// The last hour, per minute, as of `now_ms`.
+    pub fn recent(&self, now_ms: i64) -> Recent {
+        let cutoff = now_ms - now_ms.rem_euclid(60_000) - 60_000 * (RECENT_MINUTES as i64 - 1);
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent
+            .iter()
+            .filter(|m| m.start_ms >= cutoff)
+            .copied()
+            .collect()
     }
 
     /// One group commit of a box session took `us` microseconds.
@@ -314,6 +390,26 @@ fn seconds_us(us: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_keeps_an_hour_per_minute() {
+        let m = Metrics::default();
+        let t0 = 1_000 * 60_000;
+        m.queue_sampled(t0 + 1_000, 3);
+        m.queue_sampled(t0 + 30_000, 7);
+        m.queue_sampled(t0 + 30_000, 5);
+        m.queue_sampled(t0 + 61_000, 2);
+        let r = m.recent(t0 + 61_000);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].start_ms, r[0].queue_max), (t0, 7));
+        assert_eq!((r[1].start_ms, r[1].queue_max), (t0 + 60_000, 2));
+        assert_eq!(r[0].wait_mean_ms(), None);
+        // An hour later the first minutes are gone.
+        m.queue_sampled(t0 + 60 * 60_000 + 5, 1);
+        let r = m.recent(t0 + 60 * 60_000 + 5);
+        assert_eq!(r.first().unwrap().start_ms, t0 + 60_000);
+        assert_eq!(r.len(), 2);
+    }
 
     #[test]
     fn renders_prometheus_text() {

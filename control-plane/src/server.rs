@@ -491,6 +491,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     }
     // Ends on the shutdown flag, like the scheduler.
     tokio::spawn(keyexchange::run_revoker(hive.clone()));
+    // The queue depth per minute for the dashboard's chart; ends on the shutdown flag.
+    tokio::spawn(crate::sampler::run(hive.clone(), crate::sampler::EVERY));
     tracing::info!(%http_addr, %grpc_addr, %box_addr, lease_ms = millis(config.lease),
         placement = ?config.placement, ca_sha256 = %ca.sha256(), "control plane listening");
     Ok(Handle {

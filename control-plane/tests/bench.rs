@@ -168,3 +168,107 @@ async fn placements_per_second() {
         db.drop_db().await;
     }
 }
+
+/// Dashboard pages with 10,000 builds in the store: each page's time to answer (a signed-in GET
+/// on loopback, so all but a little of it is the server's), median and worst of 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn dashboard_pages_with_10k_builds() {
+    const N: usize = 10_000;
+    for (kind, db) in dbs("dashboard_pages_with_10k_builds").await {
+        let handle = start_with(&db.url, |_| {}).await;
+        let token = handle.admin_token().unwrap().to_string();
+        api(&handle)
+            .await
+            .create_project(CreateProjectRequest {
+                name: "bench".into(),
+                repo_url: "https://git.example/o/bench".into(),
+                steps: vec!["true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let store = handle.store().clone();
+        let p = store.get_project("bench").await.unwrap().unwrap();
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let store = store.clone();
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (w..N).step_by(8) {
+                    let b =
+                        BuildRow::new_queued(&p, &format!("{i:040x}"), "refs/heads/main", "bench");
+                    store.insert_build(&b, "bench").await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!("{kind}: {N} builds stored in {:?}", t0.elapsed());
+        let some = store
+            .list_builds(&hive_control_plane::store::BuildFilter {
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .remove(0);
+        for i in 0..200u32 {
+            store
+                .append_system_log(
+                    &some.id,
+                    &format!("\x1b[32mline {i}\x1b[0m of the log <b>\n"),
+                )
+                .await
+                .unwrap();
+        }
+        let addr = handle.http_addr;
+        let form = format!("token={token}");
+        let r = http(
+            addr,
+            "POST",
+            "/ui/signin",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            form.as_bytes(),
+        )
+        .await;
+        let cookie = r
+            .header("set-cookie")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        for path in [
+            "/ui/builds".to_string(),
+            "/ui/builds?state=queued".to_string(),
+            "/ui/builds?project=bench".to_string(),
+            format!("/ui/builds/{}", some.id),
+            "/ui/projects/bench".to_string(),
+            "/ui/boxes".to_string(),
+        ] {
+            let mut times = Vec::new();
+            for _ in 0..20 {
+                let t = Instant::now();
+                let r = http(addr, "GET", &path, &[("Cookie", &cookie)], b"").await;
+                times.push(t.elapsed());
+                assert_eq!(r.status, 200, "{path}");
+            }
+            times.sort();
+            println!(
+                "{kind}: GET {path}: median {:?}, worst {:?} ({N} builds in the store)",
+                times[times.len() / 2],
+                times[times.len() - 1]
+            );
+            assert!(
+                times[times.len() / 2] < Duration::from_millis(100),
+                "{kind}: {path} takes {:?}",
+                times[times.len() / 2]
+            );
+        }
+        handle.shutdown().await;
+        db.drop_db().await;
+    }
+}

@@ -9,6 +9,8 @@
 //! one that cannot be stored (a constraint, a value the database refuses) fails alone. On
 //! shutdown the queue closes (new deliveries are refused, 503) and what it holds is committed
 //! and answered before the task ends.
+//!
+//! A rebuild ([`rebuild_of`]) is a new build of the old one's code with its project as it is now.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::intake::{IntakeError, Job, Queue};
 use crate::state::Hive;
-use crate::store::{Audit, BuildRow, DbKind, Delivery, NewDelivery, StoreError};
+use crate::store::{Audit, BuildRow, DbKind, Delivery, NewDelivery, ProjectRow, StoreError};
 
 /// Most deliveries in one group commit.
 pub const MAX_GROUP: usize = 256;
@@ -29,6 +31,46 @@ pub fn groups_in_flight(kind: DbKind) -> usize {
         DbKind::Sqlite => 1,
         DbKind::Postgres => 2,
     }
+}
+
+/// Why a build cannot be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("build {0:?} not found")]
+    NotFound(String),
+    #[error("build {id}'s project {project:?} has been deleted; nothing to rebuild")]
+    ProjectGone { id: String, project: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The build that re-runs `old_id` (the project as it is now: steps, env, class; the code as
+/// it was), not yet queued, with its project (for the caller's project check) and the reason
+/// its first transition gives. Queue it with [`submit`].
+pub async fn rebuild_of(
+    hive: &Hive,
+    old_id: &str,
+) -> Result<(ProjectRow, BuildRow, String), RebuildError> {
+    let old = hive
+        .store
+        .get_build(old_id)
+        .await?
+        .ok_or_else(|| RebuildError::NotFound(old_id.to_string()))?;
+    let p = hive
+        .store
+        .get_project(&old.project_id)
+        .await?
+        .ok_or_else(|| RebuildError::ProjectGone {
+            id: old.id.clone(),
+            project: old.project_name.clone(),
+        })?;
+    let build = BuildRow::new_queued(
+        &p,
+        &old.revision,
+        &old.git_ref,
+        &format!("rebuild:{}", old.id),
+    );
+    Ok((p, build, format!("rebuild of {}", old.id)))
 }
 
 /// Queues a build submitted through the API, with the audit entry of who did.

@@ -10,16 +10,17 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use hive_proto::v1::{self as pb, BuildState};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Caller, Right, Role};
 use crate::domain::cancel::CancelError;
+use crate::domain::logs::{self, FollowError};
 use crate::domain::{cancel, drain, network, submit};
 use crate::events::Event;
 use crate::refglob;
@@ -37,8 +38,6 @@ pub const DEFAULT_TIMEOUT_SECS: u32 = 1800;
 pub const MAX_TIMEOUT_SECS: u32 = 7 * 24 * 3600;
 /// Longest webhook secret.
 pub const MAX_SECRET_LEN: usize = 256;
-/// Log chunks read per query while streaming.
-const LOG_PAGE: u32 = 500;
 
 /// The gRPC `ControlPlane` service.
 #[derive(Clone)]
@@ -339,20 +338,18 @@ impl ControlPlaneService {
             .ok_or_else(|| Status::not_found(format!("build {id:?} not found")))
     }
 
-    /// The build with its history, as one commit left them. The two reads are separate, so a
-    /// transition committed between them would show a history one state ahead of the build
-    /// (a watcher then prints a state twice); every state change writes its transition row in
-    /// the same transaction, so the build is read again until its state is the last one's.
+    /// The build with its history, as one commit left them (`Store::build_with_history`).
     async fn full_build(&self, id: &str) -> Result<pb::Build, Status> {
-        let mut b = self.build(id).await?;
-        for _ in 0..10 {
-            let t = self.hive.store.transitions(id).await.map_err(store_err)?;
-            if t.last().is_none_or(|last| last.state == b.state) {
-                return Ok(build_to_proto(&b, &t));
-            }
-            b = self.build(id).await?;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("build id is required"));
         }
-        let t = self.hive.store.transitions(id).await.map_err(store_err)?;
+        let (b, t) = self
+            .hive
+            .store
+            .build_with_history(id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Status::not_found(format!("build {id:?} not found")))?;
         Ok(build_to_proto(&b, &t))
     }
 
@@ -534,41 +531,24 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
     ) -> Result<Response<pb::Build>, Status> {
         let caller = self.caller(&request, "RebuildBuild", Right::Submit).await?;
         let old_id = request.into_inner().id;
-        let old = self
-            .hive
-            .store
-            .get_build(&old_id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| Status::not_found(format!("build {old_id:?} not found")))?;
-        let p = self
-            .hive
-            .store
-            .get_project(&old.project_id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "build {old_id}'s project {:?} has been deleted; nothing to rebuild",
-                    old.project_name
-                ))
-            })?;
+        let (p, build, reason) =
+            submit::rebuild_of(&self.hive, &old_id)
+                .await
+                .map_err(|e| match e {
+                    submit::RebuildError::NotFound(_) => Status::not_found(e.to_string()),
+                    submit::RebuildError::ProjectGone { .. } => {
+                        Status::failed_precondition(e.to_string())
+                    }
+                    submit::RebuildError::Store(e) => store_err(e),
+                })?;
         caller.require_project("RebuildBuild", &p.id, &p.name)?;
-        // The project as it is now (steps, env, class); the code as it was.
-        let build = BuildRow::new_queued(
-            &p,
-            &old.revision,
-            &old.git_ref,
-            &format!("rebuild:{}", old.id),
-        );
-        let reason = format!("rebuild of {}", old.id);
         let audit = caller
             .audit("RebuildBuild", &build.id)
-            .with_detail(format!("project {}, rebuild of {}", p.name, old.id));
+            .with_detail(format!("project {}, {reason}", p.name));
         submit::submit(&self.hive, &build, &reason, &audit)
             .await
             .map_err(store_err)?;
-        tracing::info!(build_id = %build.id, rebuild_of = %old.id, project = %p.name, "build submitted");
+        tracing::info!(build_id = %build.id, rebuild_of = %old_id, project = %p.name, "build submitted");
         let first = TransitionRow {
             state: BuildState::Queued,
             at_ms: build.created_at_ms,
@@ -711,108 +691,25 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         self.caller(&request, "StreamLogs", Right::Read).await?;
         let req = request.into_inner();
-        let mut events = self.hive.events.subscribe();
+        let events = self.hive.events.subscribe();
         let _ = self.build(&req.build_id).await?;
         let (tx, rx) = mpsc::channel(64);
-        let hive = self.hive.clone();
-        tokio::spawn(async move {
-            let mut shutdown = hive.shutdown.clone();
-            let mut next = req.from_seq;
-            // Whether to re-read the build's state before the next read of chunks: at first,
-            // and on news of the build itself. News of new chunks only needs the chunks read
-            // (the build's end always comes as its own news, after its last chunk's).
-            let mut check_state = true;
-            let mut ended = false;
-            // Where the current attempt's log starts: holes below it are what a lost attempt
-            // left, and nothing will fill them.
-            let mut log_base = 0;
-            loop {
-                // Read the state before the chunks: if the build had ended by then, every
-                // chunk it will ever have is visible to the read that follows.
-                if check_state {
-                    ended = match hive.store.get_build(&req.build_id).await {
-                        Ok(Some(b)) => {
-                            log_base = b.log_base;
-                            b.state.is_terminal()
-                        }
-                        Ok(None) => {
-                            let _ = tx.send(Err(Status::not_found("build deleted"))).await;
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(store_err(e))).await;
-                            return;
-                        }
-                    };
-                }
-                let chunks = match hive.store.logs_from(&req.build_id, next, LOG_PAGE).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = tx.send(Err(store_err(e))).await;
-                        return;
-                    }
-                };
-                let got = chunks.len();
-                let mut hole = false;
-                for chunk in chunks {
-                    if chunk.seq != next {
-                        // A hole: wait for it to fill while the build runs; once it has
-                        // ended, or when an earlier attempt left it, nothing will fill it,
-                        // so go on.
-                        if !ended && next >= log_base {
-                            hole = true;
-                            break;
-                        }
-                        next = chunk.seq;
-                    }
-                    next += 1;
-                    if !send_chunk(&tx, &req.build_id, chunk).await {
-                        return;
-                    }
-                }
-                if got as u32 == LOG_PAGE && !hole {
-                    check_state = false;
-                    continue;
-                }
-                if !req.follow || ended {
-                    return;
-                }
-                // Wait for news of this build (or re-check now and then).
-                check_state = true;
-                loop {
-                    let heard = tokio::select! {
-                        e = events.recv() => e,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => break,
-                        _ = crate::events::stopped(&mut shutdown) => {
-                            let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
-                            return;
-                        }
-                        _ = tx.closed() => return,
-                    };
-                    match heard {
-                        Ok(Event::Build(b)) if b == req.build_id => break,
-                        Ok(Event::Log(b, carried)) if b == req.build_id => {
-                            // The chunks one commit stored, sent on as they are when they
-                            // continue the stream; else (a gap, or not carried) read the store.
-                            let Some(fresh) = continuing(&carried, next) else {
-                                check_state = false;
-                                break;
-                            };
-                            for chunk in fresh {
-                                next = chunk.seq + 1;
-                                if !send_chunk(&tx, &req.build_id, chunk.clone()).await {
-                                    return;
-                                }
-                            }
-                        }
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
-                }
-            }
+        tokio::spawn(logs::follow(
+            self.hive.clone(),
+            req.build_id,
+            req.from_seq,
+            req.follow,
+            events,
+            tx,
+        ));
+        let stream = ReceiverStream::new(rx).map(|r| {
+            r.map_err(|e| match e {
+                FollowError::Deleted => Status::not_found("build deleted"),
+                FollowError::ShuttingDown => Status::unavailable("control plane shutting down"),
+                FollowError::Store(e) => store_err(e),
+            })
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_boxes(
@@ -1314,70 +1211,5 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         Ok(Response::new(pb::ListAuditReply {
             entries: rows.into_iter().map(audit_to_proto).collect(),
         }))
-    }
-}
-
-/// Sends one chunk to a `StreamLogs` client; false once the client is gone.
-async fn send_chunk(
-    tx: &mpsc::Sender<Result<pb::LogChunk, Status>>,
-    build_id: &str,
-    chunk: pb::LogChunk,
-) -> bool {
-    if chunk.at_ms > 0 {
-        tracing::debug!(
-            build_id,
-            seq = chunk.seq,
-            lag_ms = crate::store::now_ms() - chunk.at_ms,
-            "log chunk delivered"
-        );
-    }
-    tx.send(Ok(chunk)).await.is_ok()
-}
-
-/// The part of `carried` (stored chunks in seq order) a follower at `next` sends on: those from
-/// `next` on, if they follow it without a gap (empty when it has them all already). None when
-/// they do not continue the stream, or nothing was carried: then the store is read.
-fn continuing(carried: &[pb::LogChunk], next: u64) -> Option<&[pb::LogChunk]> {
-    if carried.is_empty() {
-        return None;
-    }
-    let rest = &carried[carried.partition_point(|c| c.seq < next)..];
-    rest.iter()
-        .enumerate()
-        .all(|(i, c)| c.seq == next + i as u64)
-        .then_some(rest)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chunks(seqs: &[u64]) -> Vec<pb::LogChunk> {
-        seqs.iter()
-            .map(|&seq| pb::LogChunk {
-                seq,
-                ..Default::default()
-            })
-            .collect()
-    }
-
-    fn seqs(c: Option<&[pb::LogChunk]>) -> Option<Vec<u64>> {
-        c.map(|c| c.iter().map(|c| c.seq).collect())
-    }
-
-    #[test]
-    fn carried_chunks_are_sent_on_only_when_they_continue_the_stream() {
-        assert_eq!(
-            seqs(continuing(&chunks(&[5, 6, 7]), 5)),
-            Some(vec![5, 6, 7])
-        );
-        // Some already sent (read from the store first): the rest.
-        assert_eq!(seqs(continuing(&chunks(&[5, 6, 7]), 6)), Some(vec![6, 7]));
-        // All already sent.
-        assert_eq!(seqs(continuing(&chunks(&[5, 6]), 9)), Some(vec![]));
-        // A gap before them or among them, or nothing carried: read the store.
-        assert_eq!(seqs(continuing(&chunks(&[6, 7]), 5)), None);
-        assert_eq!(seqs(continuing(&chunks(&[5, 7]), 5)), None);
-        assert_eq!(seqs(continuing(&[], 5)), None);
     }
 }

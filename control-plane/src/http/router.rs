@@ -1,7 +1,9 @@
 //! The HTTP routes: `POST /webhooks/{github,gitea,gitlab}` (see `webhook`), `GET /healthz` (answers 200 only
-//! when the database answers) and `GET /metrics` (see `metrics`). Every request, body included,
-//! must end within the configured timeout (408 otherwise: a sender trickling its body holds
-//! nothing for long), and only so many are handled at once.
+//! when the database answers), `GET /metrics` (see `metrics`) and the dashboard under `/ui/`
+//! (see `ui`). Every request, body included, must be answered within the configured timeout
+//! (408 otherwise: a sender trickling its body holds nothing for long), and only so many are
+//! handled at once; the dashboard's event streams go on after their answer, bounded by their
+//! own limit (`ui::MAX_LIVE_STREAMS`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::http::{metrics, webhook};
+use crate::http::{metrics, ui, webhook};
 use crate::state::Hive;
 
 /// The HTTP routes.
@@ -24,6 +26,8 @@ pub fn router(hive: Arc<Hive>, timeout: Duration, concurrency: usize) -> Router 
         .route("/webhooks/gitlab", post(webhook::gitlab))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
+        // The dashboard (`/ui/...`): its own state (sessions) and a small body limit.
+        .merge(ui::router(hive.clone()))
         // The webhook reads its body itself, with its own 5 MiB limit and 413.
         .layer(DefaultBodyLimit::disable())
         // Shared by all connections (a per-connection limit would bound nothing).

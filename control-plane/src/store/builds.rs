@@ -279,6 +279,32 @@ impl Store {
         rows.into_iter().map(TransitionRow::try_from).collect()
     }
 
+    /// A build with its history, as one commit left them (None: no such build). The two reads
+    /// are separate, so a transition committed between them would show a history one state
+    /// ahead of the build (a watcher then prints a state twice); every state change writes its
+    /// transition row in the same transaction, so the build is read again until its state is
+    /// the last one's.
+    pub async fn build_with_history(
+        &self,
+        id: &str,
+    ) -> Result<Option<(BuildRow, Vec<TransitionRow>)>> {
+        let Some(mut b) = self.get_build(id).await? else {
+            return Ok(None);
+        };
+        for _ in 0..10 {
+            let t = self.transitions(id).await?;
+            if t.last().is_none_or(|last| last.state == b.state) {
+                return Ok(Some((b, t)));
+            }
+            let Some(again) = self.get_build(id).await? else {
+                return Ok(None);
+            };
+            b = again;
+        }
+        let t = self.transitions(id).await?;
+        Ok(Some((b, t)))
+    }
+
     /// Queued builds, oldest first (the queue order).
     pub async fn queued_builds(&self, limit: u32) -> Result<Vec<BuildRow>> {
         let rows = sqlx::query_as::<_, BuildRecord>(concat!(

@@ -68,10 +68,20 @@ pub async fn api_as(handle: &Handle, token: &str) -> Api {
 #[derive(Debug)]
 pub struct HttpReply {
     pub status: u16,
+    /// The status line and headers.
+    pub head: String,
     pub body: String,
 }
 
 impl HttpReply {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {}", self.body))
@@ -115,7 +125,11 @@ pub async fn http(
     } else {
         body.to_string()
     };
-    HttpReply { status, body }
+    HttpReply {
+        status,
+        head: head.to_string(),
+        body,
+    }
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -225,6 +225,24 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
         env.retain(|(ek, _)| ek != &k);
         env.push((k, v.clone()));
     }
+    // Secrets: in the environment like env (and winning over it), and masked in the output.
+    let mut secrets = Vec::new();
+    let mut names: Vec<_> = req.secrets.keys().cloned().collect();
+    names.sort();
+    for k in names {
+        let v = &req.secrets[&k];
+        let key_ok = !k.is_empty()
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !key_ok || v.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "secret {k:?}: the name must match [A-Za-z_][A-Za-z0-9_]* and the value hold no NUL"
+            )));
+        }
+        env.retain(|(ek, _)| ek != &k);
+        env.push((k, v.clone()));
+        secrets.push(v.clone());
+    }
     let source = Source {
         repo_url: req.repo_url,
         revision: req.revision,
@@ -243,6 +261,7 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
         source,
         steps: req.steps,
         env,
+        secrets,
         timeout: Duration::from_secs(u64::from(secs)),
     })
 }

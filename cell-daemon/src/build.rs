@@ -29,6 +29,8 @@ pub struct BuildSpec {
     pub steps: Vec<String>,
     /// The whole environment of every step, in order (later entries win).
     pub env: Vec<(String, String)>,
+    /// Secret values (also in `env`): masked in the output (`crate::mask`).
+    pub secrets: Vec<String>,
     pub timeout: Duration,
 }
 
@@ -356,7 +358,7 @@ impl Runner<'_> {
             (pipe_reader(child.stderr.take()), err_stream),
         ] {
             match pipe {
-                Ok(p) => pumps.push(pump(p, n, stream, self.log)),
+                Ok(p) => pumps.push(pump(p, n, stream, self.log, &self.spec.secrets)),
                 Err(e) => tracing::warn!(error = %e, "step output pipe"),
             }
         }
@@ -407,15 +409,24 @@ async fn pump(
     step: u32,
     stream: LogStream,
     log: &EventLog,
+    secrets: &[String],
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut masker = crate::mask::Masker::new(secrets);
     loop {
         match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(n) => {
-                log.log(step, stream, buf[..n].to_vec());
+                let out = masker.feed(&buf[..n]);
+                if !out.is_empty() {
+                    log.log(step, stream, out);
+                }
             }
         }
+    }
+    let rest = masker.finish();
+    if !rest.is_empty() {
+        log.log(step, stream, rest);
     }
 }
 

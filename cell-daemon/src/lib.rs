@@ -15,6 +15,7 @@ pub mod container;
 pub mod init;
 pub mod listen;
 pub mod log;
+pub mod mask;
 pub mod privnet;
 pub mod ratelimit;
 pub mod reaper;

@@ -27,6 +27,7 @@ pub mod repo_url;
 pub mod retention;
 pub mod sampler;
 pub mod scheduler;
+pub mod secrets;
 pub mod server;
 pub mod sizeclass;
 pub mod state;

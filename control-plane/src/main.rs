@@ -62,6 +62,11 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..=3650))]
     box_cert_days: u32,
 
+    /// File with the 32-byte key (base64) project secrets are sealed with; default
+    /// <data-dir>/secrets.key, made on first start (0600). Keep it apart from database backups.
+    #[arg(long, env = "HIVE_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+
     /// Also accept boxes WITHOUT certificates, and connectors without TLS, on the gRPC listener
     /// (which must then be on loopback). For tests and development only: any local process
     /// could pose as a box.
@@ -197,6 +202,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls_sans: args.tls_sans.clone(),
         box_cert_validity: Duration::from_secs(u64::from(args.box_cert_days) * 86_400),
         insecure_boxes: args.insecure_boxes,
+        secrets_key_file: args.secrets_key_file.clone(),
         data_dir: args.data_dir.clone(),
         db: args.db.clone(),
         lease: Duration::from_secs(args.lease_secs),

@@ -52,6 +52,8 @@ pub enum ServerError {
     Bootstrap(#[from] crate::auth::BootstrapError),
     #[error("certificate authority: {0}")]
     Pki(#[from] crate::pki::PkiError),
+    #[error("secrets key: {0}")]
+    Secrets(#[from] crate::secrets::SecretsError),
     #[error("bind {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -74,6 +76,9 @@ pub struct Config {
     pub tls_sans: Vec<String>,
     /// How long a box certificate is valid (boxes renew when a third is left).
     pub box_cert_validity: Duration,
+    /// The key project secrets are sealed with; None = `<data_dir>/secrets.key`, made on first
+    /// start.
+    pub secrets_key_file: Option<PathBuf>,
     /// Also serve `BoxAgent` without certificates, and `Connector` without TLS, on the gRPC
     /// (API) listener, which must then be on loopback: for tests and development only.
     pub insecure_boxes: bool,
@@ -122,6 +127,7 @@ impl Default for Config {
             box_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
             tls_sans: Vec::new(),
             box_cert_validity: Duration::from_secs(30 * 86_400),
+            secrets_key_file: None,
             insecure_boxes: false,
             data_dir: PathBuf::from("./hive-data"),
             db: None,
@@ -317,6 +323,10 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     }
     let admin_token = crate::auth::bootstrap(&store, &config.data_dir).await?;
     let ca = Arc::new(crate::pki::Ca::load_or_create(&config.data_dir)?);
+    let sealer = crate::secrets::Sealer::load_or_create(
+        &config.data_dir,
+        config.secrets_key_file.as_deref(),
+    )?;
 
     let http_listener = TcpListener::bind(config.http_addr)
         .await
@@ -402,6 +412,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         shutdown: shutdown_rx.clone(),
         ca: ca.clone(),
         box_cert_validity: config.box_cert_validity,
+        sealer,
     });
 
     // Ends on the shutdown flag once it has answered every delivery queued.

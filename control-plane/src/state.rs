@@ -42,6 +42,8 @@ pub struct Hive {
     pub ca: std::sync::Arc<crate::pki::Ca>,
     /// How long a box certificate is valid.
     pub box_cert_validity: Duration,
+    /// Seals and opens project secrets.
+    pub sealer: crate::secrets::Sealer,
 }
 
 impl Hive {

@@ -37,6 +37,7 @@ const RPCS: &[(&str, usize)] = &[
     ("ListSizeClasses", 0),
     ("ListNetworks", 0),
     ("ListConnectors", 0),
+    ("ListSecrets", 0),
     ("SubmitBuild", 1),
     ("RebuildBuild", 1),
     ("CancelBuild", 1),
@@ -46,6 +47,8 @@ const RPCS: &[(&str, usize)] = &[
     ("DrainBox", 2),
     ("UncordonBox", 2),
     ("ForgetBox", 2),
+    ("SetSecret", 2),
+    ("DeleteSecret", 2),
     ("ListTunnelLeases", 2),
     ("CreateNetwork", 3),
     ("DeleteNetwork", 3),
@@ -142,6 +145,25 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             .create_join_token(pb::CreateJoinTokenRequest {
                 ttl_secs: 8 * 86_400,
                 box_id: String::new(),
+            })
+            .await
+            .map(drop),
+        "SetSecret" => api
+            .set_secret(pb::SetSecretRequest {
+                project: nope(),
+                name: "X".into(),
+                value: "never-stored".into(),
+            })
+            .await
+            .map(drop),
+        "ListSecrets" => api
+            .list_secrets(pb::ListSecretsRequest { project: nope() })
+            .await
+            .map(drop),
+        "DeleteSecret" => api
+            .delete_secret(pb::DeleteSecretRequest {
+                project: nope(),
+                name: "X".into(),
             })
             .await
             .map(drop),

@@ -152,6 +152,10 @@ pub(crate) enum Command {
     /// Connectors that front private networks (add, list, rm).
     #[command(subcommand)]
     Connector(ConnectorCommand),
+    /// Project secrets (set, list, rm): values in, names out. A value is stored encrypted,
+    /// given only to the build's cell as an environment variable, and masked (***) in the log.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// API tokens (create, list, revoke); admin only.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -160,6 +164,31 @@ pub(crate) enum Command {
         /// At most this many entries (at most 1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SecretCommand {
+    /// Set a secret (operator), reading its value from stdin so it shows in no process list or
+    /// shell history: `printf %s "$VALUE" | hivectl secret set PROJECT NAME`, or type it and
+    /// end with Ctrl-D. One trailing newline is dropped.
+    Set {
+        /// Project name or id.
+        project: String,
+        /// The environment variable the steps see it as ([A-Za-z_][A-Za-z0-9_]*, not HIVE_*).
+        name: String,
+    },
+    /// List a project's secrets: names and when they were set, never values.
+    List {
+        /// Project name or id.
+        project: String,
+    },
+    /// Delete a secret (operator); builds placed from now on run without it.
+    Rm {
+        /// Project name or id.
+        project: String,
+        /// Secret name.
+        name: String,
     },
 }
 

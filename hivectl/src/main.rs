@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, ConnectorCommand, NetworkCommand, ProjectCommand, TokenCommand};
+use crate::cli::{
+    Cli, Command, ConnectorCommand, NetworkCommand, ProjectCommand, SecretCommand, TokenCommand,
+};
 use crate::ctl::{CliError, Ctl};
 
 /// Connects, then hands the subcommand to its area.
@@ -85,6 +87,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             name,
         }) => tokens::create(ctl, role, project, name, now).await,
         Command::Token(TokenCommand::List) => tokens::list(ctl, now).await,
+        Command::Secret(SecretCommand::Set { project, name }) => {
+            tokens::set_secret(ctl, project, name).await
+        }
+        Command::Secret(SecretCommand::List { project }) => {
+            tokens::list_secrets(ctl, project, now).await
+        }
+        Command::Secret(SecretCommand::Rm { project, name }) => {
+            tokens::delete_secret(ctl, project, name).await
+        }
         Command::Token(TokenCommand::Revoke { id }) => tokens::revoke(ctl, id, now).await,
         Command::Audit { limit } => tokens::audit(ctl, limit, now).await,
     }

@@ -1,6 +1,7 @@
 //! `token create|list|revoke` and `audit`: API tokens and the audit log (admin only). A new
 //! token is printed once, on stdout alone (so `$(hivectl token create ...)` captures just it);
-//! nothing else ever shows a token.
+//! nothing else ever shows a token. And `secret set|list|rm`: a secret's value is read from
+//! stdin, never from the command line, and never shown.
 
 use hive_proto::v1 as pb;
 use serde_json::{json, Value};
@@ -162,4 +163,90 @@ pub(crate) async fn audit(ctl: &mut Ctl, limit: u32, now: i64) -> Result<(), Cli
         &["WHEN", "WHO", "ACTION", "TARGET", "DETAIL"],
         &rows,
     ))
+}
+
+/// `secret set`: the value from stdin (one trailing newline dropped).
+pub(crate) async fn set_secret(
+    ctl: &mut Ctl,
+    project: String,
+    name: String,
+) -> Result<(), CliError> {
+    use std::io::{IsTerminal, Read};
+    if std::io::stdin().is_terminal() {
+        eprintln!("value of {name} (end with Ctrl-D; it is not echoed by hivectl, but your terminal may):");
+    }
+    let mut value = String::new();
+    std::io::stdin()
+        .read_to_string(&mut value)
+        .map_err(|e| CliError::Refused {
+            what: format!("read secret {name} from stdin"),
+            message: e.to_string(),
+        })?;
+    if value.ends_with('\n') {
+        value.pop();
+        if value.ends_with('\r') {
+            value.pop();
+        }
+    }
+    let r = ctl
+        .client
+        .set_secret(pb::SetSecretRequest {
+            project: project.clone(),
+            name: name.clone(),
+            value,
+        })
+        .await
+        .map_err(|s| ctl.status(format!("set secret {name} of project {project}"), s))?
+        .into_inner();
+    if ctl.json {
+        ctl.out_json(&json!({ "project": r.project, "name": r.name, "updated_at": time_json(r.updated_at_ms) }))
+    } else {
+        ctl.out(&format!("secret {} of project {} set\n", r.name, r.project))
+    }
+}
+
+/// `secret list`.
+pub(crate) async fn list_secrets(ctl: &mut Ctl, project: String, now: i64) -> Result<(), CliError> {
+    let r = ctl
+        .client
+        .list_secrets(pb::ListSecretsRequest {
+            project: project.clone(),
+        })
+        .await
+        .map_err(|s| ctl.status(format!("list secrets of project {project}"), s))?
+        .into_inner();
+    if ctl.json {
+        return ctl.out_json(&Value::Array(
+            r.secrets
+                .iter()
+                .map(|s| json!({ "project": s.project, "name": s.name, "updated_at": time_json(s.updated_at_ms) }))
+                .collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = r
+        .secrets
+        .iter()
+        .map(|s| vec![s.name.clone(), ago(s.updated_at_ms, now)])
+        .collect();
+    ctl.out(&table(&["NAME", "SET"], &rows))
+}
+
+/// `secret rm`.
+pub(crate) async fn delete_secret(
+    ctl: &mut Ctl,
+    project: String,
+    name: String,
+) -> Result<(), CliError> {
+    ctl.client
+        .delete_secret(pb::DeleteSecretRequest {
+            project: project.clone(),
+            name: name.clone(),
+        })
+        .await
+        .map_err(|s| ctl.status(format!("delete secret {name} of project {project}"), s))?;
+    if ctl.json {
+        ctl.out_json(&json!({ "deleted": name, "project": project }))
+    } else {
+        ctl.out(&format!("secret {name} of project {project} deleted\n"))
+    }
 }

@@ -174,6 +174,7 @@ impl<B: CellBackend> Agent<B> {
             env: a.env.clone(),
             timeout_secs: a.timeout_secs,
             tunnel,
+            secrets: a.secrets.clone(),
         };
         match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {

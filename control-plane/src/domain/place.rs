@@ -4,7 +4,7 @@
 //! box's session. Order is kept per size class: a build that cannot be placed holds back the
 //! later builds of its class, not those of other classes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{Assignment, BuildState};
@@ -72,6 +72,7 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
     let started = std::time::Instant::now();
     let took = hive.store.place(&placements).await?;
     let store_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let secrets = secrets_for(hive, &plan).await?;
     let mut placed = 0;
     for ((p, build, warm), ok) in plan.into_iter().zip(took) {
         if !ok {
@@ -85,7 +86,10 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
         hive.registry
             .add_inflight(&p.box_id, &p.lease_id, &build.size_class, warm);
         hive.events.build_changed(&p.build_id);
-        let assignment = assignment(hive, build, &p);
+        let mut assignment = assignment(hive, build, &p);
+        if let Some(s) = secrets.get(&build.project_id) {
+            assignment.secrets = s.clone();
+        }
         if !hive
             .registry
             .send(&p.box_id, CtlMsg::Assign(assignment))
@@ -115,5 +119,35 @@ fn assignment(hive: &Hive, build: &BuildRow, p: &Placement) -> Assignment {
         timeout_secs: build.timeout_secs,
         size_class: hive.classes.get(&build.size_class).ok().cloned(),
         private_network: build.private_network.clone(),
+        secrets: Default::default(),
     }
+}
+
+/// The opened secrets of the projects of this round's builds (one read for the round). A
+/// secret that does not open (the key was replaced) is left out and said; the build runs
+/// without it, as it would have before the secret was set.
+async fn secrets_for(
+    hive: &Hive,
+    plan: &[(Placement, &BuildRow, bool)],
+) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
+    let mut ids: Vec<String> = plan.iter().map(|(_, b, _)| b.project_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+    for s in hive.store.secrets_of(&ids).await? {
+        match hive
+            .sealer
+            .open(&s.project_id, &s.name, &s.nonce, &s.sealed)
+        {
+            Ok(v) => {
+                out.entry(s.project_id)
+                    .or_default()
+                    .insert(s.name, String::from_utf8_lossy(&v).into_owned());
+            }
+            Err(e) => {
+                tracing::error!(project_id = %s.project_id, name = %s.name, error = %e, "secret left out of the build");
+            }
+        }
+    }
+    Ok(out)
 }

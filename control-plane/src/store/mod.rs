@@ -50,6 +50,7 @@ mod logs;
 pub mod networks;
 mod projects;
 mod retention;
+mod secrets;
 mod tokens;
 
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
@@ -62,6 +63,7 @@ pub use logs::{LogStored, MAX_CHUNK_SEQ};
 pub use networks::{ConnectorRow, Issued, NetworkError, NetworkRow, TunnelLeaseRow};
 pub use projects::{repo_key, NewProject, ProjectRow};
 pub use retention::Purged;
+pub use secrets::SealedSecret;
 pub use tokens::{TokenRow, BOOTSTRAP_TOKEN_ID};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -170,6 +170,15 @@ impl Store {
 
     async fn delete_project_tx(&self, name_or_id: &str, audit: &Audit) -> Result<bool> {
         in_tx!(self, "commit deleted project", |tx| {
+            // Its secrets go with it (a new project of the same name does not inherit them).
+            sqlx::query(
+                "DELETE FROM project_secrets WHERE project_id IN \
+                 (SELECT id FROM projects WHERE id = $1 OR name = $1)",
+            )
+            .bind(name_or_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(q("delete project secrets"))?;
             let res = sqlx::query("DELETE FROM projects WHERE id = $1 OR name = $1")
                 .bind(name_or_id)
                 .execute(&mut **tx)

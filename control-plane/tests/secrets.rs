@@ -59,14 +59,20 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
     };
 
     // Roles: read-only may not set; an operator may.
-    let e = reader.set_secret(set("API_TOKEN", VALUE)).await.unwrap_err();
+    let e = reader
+        .set_secret(set("API_TOKEN", VALUE))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let info = operator
         .set_secret(set("API_TOKEN", VALUE))
         .await
         .expect("operator sets a secret")
         .into_inner();
-    assert_eq!((info.project.as_str(), info.name.as_str()), ("web", "API_TOKEN"));
+    assert_eq!(
+        (info.project.as_str(), info.name.as_str()),
+        ("web", "API_TOKEN")
+    );
     // Bad names and values are refused, saying why.
     for (name, value, says) in [
         ("HIVE_EGRESS", VALUE, "HIVE_"),
@@ -89,7 +95,9 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
 
     // Names out, never values: not in ListSecrets, GetProject or the audit log.
     let listed = reader
-        .list_secrets(ListSecretsRequest { project: "web".into() })
+        .list_secrets(ListSecretsRequest {
+            project: "web".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -97,7 +105,9 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
     let everywhere = format!(
         "{listed:?}{:?}{:?}",
         reader
-            .get_project(GetProjectRequest { project: "web".into() })
+            .get_project(GetProjectRequest {
+                project: "web".into()
+            })
             .await
             .unwrap()
             .into_inner(),
@@ -108,16 +118,18 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
             .into_inner()
     );
     assert!(everywhere.contains("API_TOKEN"));
-    assert!(!everywhere.contains(VALUE), "a secret value came out of the API");
+    assert!(
+        !everywhere.contains(VALUE),
+        "a secret value came out of the API"
+    );
 
     // At rest: the row holds no value (nor its base64).
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT nonce, sealed FROM project_secrets")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT nonce, sealed FROM project_secrets")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 1);
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(VALUE);
@@ -138,7 +150,10 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
         other => panic!("expected an assignment, got {other:?}"),
     };
     assert_eq!(a.secrets.get("API_TOKEN").map(String::as_str), Some(VALUE));
-    assert!(!a.env.contains_key("API_TOKEN"), "secrets ride apart from env");
+    assert!(
+        !a.env.contains_key("API_TOKEN"),
+        "secrets ride apart from env"
+    );
 
     // Deleted: gone from the list, and a second delete says there is none.
     let e = reader
@@ -168,7 +183,9 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
     // A deleted project takes its secrets with it.
     operator.set_secret(set("OTHER", VALUE)).await.unwrap();
     admin
-        .delete_project(DeleteProjectRequest { project: "web".into() })
+        .delete_project(DeleteProjectRequest {
+            project: "web".into(),
+        })
         .await
         .unwrap();
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM project_secrets")

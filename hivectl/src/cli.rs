@@ -288,8 +288,13 @@ pub(crate) struct ProjectAdd {
     pub(crate) repo: String,
     /// Webhook secret shared with the git host (HMAC-SHA256 key). Leave it out for a project
     /// built only through the API (`hivectl submit`): no webhook can trigger it.
-    #[arg(long, value_parser = parse_secret)]
+    /// (It shows in `ps` and shell history: prefer --secret-file.)
+    #[arg(long, value_parser = parse_secret, conflicts_with = "secret_file")]
     pub(crate) secret: Option<String>,
+    /// Read the webhook secret from this file (`-` for stdin; one trailing newline dropped),
+    /// so it shows in no process list.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) secret_file: Option<std::path::PathBuf>,
     /// Only pushes to this branch make builds: a name or a glob, `release/*` (default: every
     /// branch).
     #[arg(long)]

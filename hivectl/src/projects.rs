@@ -12,10 +12,14 @@ use crate::render;
 
 /// `project add`.
 pub(crate) async fn add(ctl: &mut Ctl, a: ProjectAdd) -> Result<(), CliError> {
+    let secret = match &a.secret_file {
+        Some(path) => read_secret_file(path)?,
+        None => a.secret.unwrap_or_default(),
+    };
     let req = CreateProjectRequest {
         name: a.name.clone(),
         repo_url: a.repo,
-        secret: a.secret.unwrap_or_default(),
+        secret,
         branch: a.branch.unwrap_or_default(),
         tags: a.tags.unwrap_or_default(),
         size_class: a.size.unwrap_or_default(),
@@ -85,4 +89,28 @@ pub(crate) async fn list(ctl: &mut Ctl, now: i64) -> Result<(), CliError> {
     } else {
         ctl.out(&render::projects_table(&ps, now))
     }
+}
+
+/// The webhook secret from a file (`-`: stdin), one trailing newline dropped; empty refused.
+fn read_secret_file(path: &std::path::Path) -> Result<String, CliError> {
+    use std::io::Read;
+    let refused = |message: String| CliError::Refused {
+        what: format!("--secret-file {}", path.display()),
+        message,
+    };
+    let mut text = String::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| refused(e.to_string()))?;
+    } else {
+        text = std::fs::read_to_string(path).map_err(|e| refused(e.to_string()))?;
+    }
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    crate::cli::parse_secret(&text).map_err(refused)
 }

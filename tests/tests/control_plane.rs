@@ -797,6 +797,38 @@ async fn hivectl_reports_errors_clearly(backend: Backend) {
     assert_eq!(dup.status.code(), Some(1), "{}", err(&dup));
     assert!(err(&dup).contains("demo"), "{}", err(&dup));
 
+    // The webhook secret from a file (out of `ps`); an empty one is refused before any call.
+    let dir = tempfile::tempdir().unwrap();
+    let (good, empty) = (dir.path().join("secret"), dir.path().join("empty"));
+    std::fs::write(&good, "from-a-file\n").unwrap();
+    std::fs::write(&empty, "\n").unwrap();
+    for (file, ok) in [(&empty, false), (&good, true)] {
+        let out = ctl(
+            &h,
+            &[
+                "project",
+                "add",
+                "filed",
+                "--repo",
+                "http://x/filed.git",
+                "--secret-file",
+                file.to_str().unwrap(),
+                "--step",
+                "true",
+            ],
+        );
+        assert_eq!(out.status.success(), ok, "{}", err(&out));
+        if !ok {
+            assert!(
+                err(&out).contains("--secret-file") && err(&out).contains("empty"),
+                "{}",
+                err(&out)
+            );
+        }
+    }
+    let rm = ctl(&h, &["project", "rm", "filed"]);
+    assert!(rm.status.success(), "{}", err(&rm));
+
     let bad_class = ctl(
         &h,
         &[

@@ -502,6 +502,48 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
         "pool not back at target: {:?}",
         h.boxd.health().await
     );
+
+    // Issue 10: a project secret is in the steps' environment and nowhere in the log, on
+    // stdout or stderr, whole or written in pieces.
+    const VALUE: &str = "s3cr3t-v4lue-xyz";
+    h.project(
+        "masked",
+        &[
+            "echo token=$API_TOKEN; printf '%s\\n' \"$API_TOKEN\" >&2",
+            "printf 's3cr3t-'; sleep 0.2; printf 'v4lue-xyz tail\\n'",
+            "test \"$API_TOKEN\" = s3cr3t-v4lue-xyz && echo secret-seen",
+        ],
+        120,
+    )
+    .await;
+    hive_tests::controlplane::api(&h.cp().grpc_url())
+        .await
+        .unwrap()
+        .set_secret(hive_proto::v1::SetSecretRequest {
+            project: "masked".into(),
+            name: "API_TOKEN".into(),
+            value: VALUE.into(),
+        })
+        .await
+        .expect("set secret");
+    let id = h.push("masked").await;
+    let b = cluster::wait_build(&h.cp().grpc_url(), &id, Duration::from_secs(120)).await;
+    let log = h.logs(&id).await;
+    assert_eq!(
+        state(&b),
+        BuildState::Succeeded,
+        "{b:?}\nlog:\n{log}{}",
+        h.context()
+    );
+    assert!(
+        log.contains("secret-seen"),
+        "the step did not see the secret:\n{log}"
+    );
+    assert!(
+        log.contains("token=***") && log.contains("*** tail"),
+        "not masked:\n{log}"
+    );
+    assert!(!log.contains(VALUE), "the secret reached the log:\n{log}");
     h.finish().await;
 }
 

@@ -266,7 +266,7 @@ pub(crate) enum ConnectorCommand {
 #[derive(Debug, Subcommand)]
 pub(crate) enum ProjectCommand {
     /// Register a project: pushes to its repository make builds.
-    Add(ProjectAdd),
+    Add(Box<ProjectAdd>),
     /// Delete a project.
     Rm {
         /// Project name or id.

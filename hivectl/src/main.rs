@@ -39,7 +39,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let ctl = &mut ctl;
     let now = hive_sys::now_ms();
     match cli.command {
-        Command::Project(ProjectCommand::Add(a)) => projects::add(ctl, a).await,
+        Command::Project(ProjectCommand::Add(a)) => projects::add(ctl, *a).await,
         Command::Project(ProjectCommand::Rm { name }) => projects::remove(ctl, name).await,
         Command::Project(ProjectCommand::Show { name }) => projects::show(ctl, name, now).await,
         Command::Projects => projects::list(ctl, now).await,

@@ -836,7 +836,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             sealed,
             updated_at_ms: crate::store::now_ms(),
         };
-        let audit = caller.audit("SetSecret", &format!("{}/{}", p.name, req.name));
+        let audit = caller.audit("SetSecret", format!("{}/{}", p.name, req.name));
         self.hive
             .store
             .set_secret(&row, &audit)
@@ -883,7 +883,7 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
             .await?;
         let req = request.into_inner();
         let p = self.project(req.project.trim()).await?;
-        let audit = caller.audit("DeleteSecret", &format!("{}/{}", p.name, req.name));
+        let audit = caller.audit("DeleteSecret", format!("{}/{}", p.name, req.name));
         if !self
             .hive
             .store

@@ -81,7 +81,7 @@ struct Dates {
     not_after_ms: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Held {
     key_pem: String,
     cert_pem: String,
@@ -89,13 +89,32 @@ struct Held {
 }
 
 /// The box's certificate, key and CA, as on disk.
-#[derive(Debug)]
 pub struct Credentials {
     dir: PathBuf,
     url: String,
     host: String,
     ca_pem: String,
     held: Mutex<Held>,
+    /// A renewal is running (`renew_if_due`).
+    renewing: std::sync::atomic::AtomicBool,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dates
+            .clone();
+        f.debug_struct("Credentials")
+            .field("dir", &self.dir)
+            .field("url", &self.url)
+            .field("box_id", &d.box_id)
+            .field("not_after_ms", &d.not_after_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 fn io<'a>(
@@ -180,6 +199,7 @@ impl Credentials {
         let token = token.map(str::trim).filter(|t| !t.is_empty());
         let (host, _) = host_port(url)?;
         let dir = data_dir.join("tls");
+        Credentials::recover(&dir);
         if dir.join("box.pem").exists() {
             let c = Credentials::load(&dir, url, &host)?;
             let has = c.box_id();
@@ -218,6 +238,7 @@ impl Credentials {
                 cert_pem: read("box.pem")?,
                 dates,
             }),
+            renewing: Default::default(),
         })
     }
 
@@ -270,23 +291,45 @@ impl Credentials {
                     not_after_ms: reply.not_after_ms,
                 },
             }),
+            renewing: Default::default(),
         };
         c.save()?;
         tracing::info!(box_id = %reply.box_id, dir = %dir.display(), "joined the control plane: certificate kept");
         Ok(c)
     }
 
+    /// Writes key, certificate, CA and dates into `tls.new/`, then swaps it for `tls/`: a
+    /// crash leaves the old set or the new one whole, never a key with another's certificate
+    /// ([`Credentials::recover`] finishes a swap a crash cut short).
     fn save(&self) -> Result<(), CredentialsError> {
-        std::fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
-        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("chmod", &self.dir))?;
+        let new = self.dir.with_extension("new");
+        let old = self.dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&new);
+        std::fs::create_dir_all(&new).map_err(io("create", &new))?;
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", &new))?;
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        write_file(&self.dir.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
-        // The key before the certificate: box.pem is what marks the box as joined.
-        write_file(&self.dir.join("box.key"), held.key_pem.as_bytes(), 0o600)?;
+        write_file(&new.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
+        write_file(&new.join("box.key"), held.key_pem.as_bytes(), 0o600)?;
         let dates = serde_json::to_vec(&held.dates).map_err(crypto)?;
-        write_file(&self.dir.join("cert.json"), &dates, 0o644)?;
-        write_file(&self.dir.join("box.pem"), held.cert_pem.as_bytes(), 0o644)
+        write_file(&new.join("cert.json"), &dates, 0o644)?;
+        write_file(&new.join("box.pem"), held.cert_pem.as_bytes(), 0o644)?;
+        let _ = std::fs::remove_dir_all(&old);
+        if self.dir.exists() {
+            std::fs::rename(&self.dir, &old).map_err(io("rename", &self.dir))?;
+        }
+        std::fs::rename(&new, &self.dir).map_err(io("rename", &new))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// A crash between the two renames of [`Credentials::save`] leaves `tls.new/` complete
+    /// and no `tls/`: finish the swap.
+    fn recover(dir: &Path) {
+        let new = dir.with_extension("new");
+        if !dir.exists() && new.join("box.pem").exists() {
+            let _ = std::fs::rename(&new, dir);
+        }
     }
 
     /// The box id the certificate names.
@@ -320,6 +363,22 @@ impl Credentials {
             .clone();
         let life = (d.not_after_ms - d.issued_at_ms).max(1);
         d.not_after_ms - (hive_sys::now_ms() as i64) < life / 3
+    }
+
+    /// Starts a renewal in the background when one is due and none is running: a session may
+    /// stay up longer than a certificate lives, and TLS checks it only when a connection opens.
+    pub fn renew_if_due(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if !self.due_for_renewal() || self.renewing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = me.renew().await {
+                tracing::warn!(error = %e, "box certificate renewal failed; trying again later");
+            }
+            me.renewing.store(false, Ordering::SeqCst);
+        });
     }
 
     /// A new certificate (and key) for the same box, asked for with the current one.

@@ -1,12 +1,11 @@
 //! Secret masking: every occurrence of a secret value in a step's output is replaced by `***`
 //! before the output enters the build's log (and so before it leaves the cell), as GitHub
-//! Actions does. Output is cut at line ends, so a value split across two reads of the pipe is
-//! still found: a line is held until its newline, or until it passes [`HOLD`] bytes (then all
-//! but the last value-length bytes go out), and the rest at the end of the output. With no
-//! secrets nothing is held.
-
-/// Most bytes of one unfinished line held back while waiting for its newline.
-pub const HOLD: usize = 64 * 1024;
+//! Actions does. What a pipe read ends with and could still grow into a secret (a proper
+//! prefix of one) is held back until the next read or the end of the output; everything else
+//! goes out masked at once. So a value split across reads, or spanning lines (a PEM key), is
+//! still caught, at most (longest secret - 1) bytes are ever held, and with no secrets nothing
+//! is. A value written in pieces with other bytes between, or encoded, is not (nor is it by
+//! any CI's masking).
 
 /// What replaces a secret in the log.
 pub const MASK: &[u8] = b"***";
@@ -16,6 +15,7 @@ pub const MASK: &[u8] = b"***";
 pub struct Masker {
     /// Values, longest first (a value containing another is masked whole).
     secrets: Vec<Vec<u8>>,
+    /// Raw bytes that may be the start of a secret.
     held: Vec<u8>,
 }
 
@@ -40,29 +40,21 @@ impl Masker {
             return data.to_vec();
         }
         self.held.extend_from_slice(data);
-        let cut = match self.held.iter().rposition(|&b| b == b'\n') {
-            Some(i) => i + 1,
-            None if self.held.len() > HOLD => {
-                let longest = self.secrets[0].len();
-                self.held.len().saturating_sub(longest.saturating_sub(1))
-            }
-            None => 0,
-        };
-        if cut == 0 {
-            return Vec::new();
-        }
-        let rest = self.held.split_off(cut);
-        let out = std::mem::replace(&mut self.held, rest);
-        self.mask(&out)
+        let buf = std::mem::take(&mut self.held);
+        let (out, rest) = self.mask(&buf, false);
+        self.held = rest;
+        out
     }
 
     /// The end of the output: whatever is held, masked.
     pub fn finish(&mut self) -> Vec<u8> {
-        let out = std::mem::take(&mut self.held);
-        self.mask(&out)
+        let buf = std::mem::take(&mut self.held);
+        self.mask(&buf, true).0
     }
 
-    fn mask(&self, data: &[u8]) -> Vec<u8> {
+    /// Masks `data`; unless `last`, stops at the first position from which the rest of `data`
+    /// is a proper prefix of some secret and returns that rest unmasked, to be held.
+    fn mask(&self, data: &[u8], last: bool) -> (Vec<u8>, Vec<u8>) {
         let mut out = Vec::with_capacity(data.len());
         let mut i = 0;
         'scan: while i < data.len() {
@@ -73,10 +65,20 @@ impl Masker {
                     continue 'scan;
                 }
             }
+            if !last {
+                let tail = &data[i..];
+                if self
+                    .secrets
+                    .iter()
+                    .any(|s| tail.len() < s.len() && s.starts_with(tail))
+                {
+                    return (out, tail.to_vec());
+                }
+            }
             out.push(data[i]);
             i += 1;
         }
-        out
+        (out, Vec::new())
     }
 }
 
@@ -111,27 +113,35 @@ mod tests {
             run(&["abcd", "abcdefgh"], &["abcdefgh abcd\n"]),
             "*** ***\n"
         );
+        // A held prefix that turns out not to be the secret goes out as it was.
+        assert_eq!(
+            run(&["hunter22"], &["a hunt", "ing trip"]),
+            "a hunting trip"
+        );
+        assert_eq!(run(&["aab"], &["aa", "aab"]), "aa***");
         // Nothing to mask: passed through as it comes, nothing held.
         let mut m = Masker::new(&[]);
         assert_eq!(m.feed(b"partial"), b"partial");
     }
 
     #[test]
-    fn a_long_line_without_newline_is_let_out_but_never_half_a_value() {
-        let secret = "s3cr3t-value";
-        let mut m = Masker::new(&[secret.to_string()]);
-        let mut out = Vec::new();
-        let filler = "x".repeat(HOLD + 10);
-        out.extend(m.feed(filler.as_bytes()));
-        assert!(!out.is_empty(), "a line past HOLD bytes goes out");
-        out.extend(m.feed(b"s3cr3t-"));
-        out.extend(m.feed(b"value tail"));
-        out.extend(m.finish());
-        let text = String::from_utf8(out).unwrap();
-        assert!(
-            !text.contains(secret) && text.ends_with("*** tail"),
-            "{}",
-            &text[text.len() - 30..]
-        );
+    fn a_multi_line_value_or_one_in_a_huge_line_is_masked_whatever_the_reads() {
+        let pem = "-----BEGIN KEY-----\nMIIB\nabcd\n-----END KEY-----";
+        let text = format!("key:\n{pem}\ndone\n");
+        let big = format!("{}{}{}", "x".repeat(70_000), "s3cr3t-value", "y".repeat(10));
+        for input in [text.as_str(), big.as_str()] {
+            // Every way of cutting the output into two reads.
+            for cut in (0..input.len()).step_by(7).chain([input.len()]) {
+                let out = run(&[pem, "s3cr3t-value"], &[&input[..cut], &input[cut..]]);
+                assert!(
+                    !out.contains("MIIB") && !out.contains("s3cr3t"),
+                    "cut {cut}"
+                );
+                assert!(out.contains("***"), "cut {cut}");
+            }
+        }
+        // At most a secret's length is held.
+        let mut m = Masker::new(&["s3cr3t-value".to_string()]);
+        assert!(m.feed(big.as_bytes()).len() >= big.len() - 12);
     }
 }

@@ -189,9 +189,22 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
     let t3 = join_token(&h, "box-c", 600).await;
     let e = join(&h, &t3, "box-d").await.unwrap_err();
     assert!(e.message().contains("box-c"), "{}", e.message());
-    join(&h, &t3, "box-c")
+    let (key_c, c) = join(&h, &t3, "box-c")
         .await
         .expect("box-c joins with its own token");
+    session(&h, Some(identity(&key_c, &c)), "box-c")
+        .await
+        .expect("box-c registers");
+    // A second token made for box-c moves the id to a new machine: the old one is out.
+    let t3b = join_token(&h, "box-c", 600).await;
+    let (key_c2, c2) = join(&h, &t3b, "box-c").await.expect("box-c moves");
+    let e = session(&h, Some(identity(&key_c, &c)), "box-c")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    session(&h, Some(identity(&key_c2, &c2)), "box-c")
+        .await
+        .expect("the new box-c registers");
 
     // Expired, malformed, and another control plane's tokens.
     let t4 = join_token(&h, "", 1).await;

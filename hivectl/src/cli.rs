@@ -349,8 +349,9 @@ pub(crate) enum BoxCommand {
         /// How long the token may be used: SECS, or with a unit (90s, 30m, 2h, 1d); at most 7d.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: u64,
-        /// Only a box of this id may join with it (required to give a revoked box's id to a
-        /// new box).
+        /// Only a box of this id may join with it; the certificates that id held end when it
+        /// is used (to move an id to a new machine; without it a token cannot take an id that
+        /// holds a certificate).
         #[arg(long)]
         box_id: Option<String>,
     },

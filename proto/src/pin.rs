@@ -161,7 +161,7 @@ pub async fn fetch_pinned_ca(url: &str, pin: &str) -> Result<String, PinError> {
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinnedCa {
-        pin: pin.to_string(),
+        pin: pin.trim().to_ascii_lowercase(),
         provider: provider.clone(),
         found: Mutex::new(None),
     });

@@ -124,7 +124,13 @@ pub fn join_box(grpc_url: &str) -> Option<(u16, String)> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&port_of(grpc_url)?)?;
-    let out = hivectl(grpc_url, &["box", "join-token", "--ttl", "1h"])
+    // Callers name the control plane as a URL or as a bare HOST:PORT.
+    let grpc_url = if grpc_url.contains("://") {
+        grpc_url.to_string()
+    } else {
+        format!("http://{grpc_url}")
+    };
+    let out = hivectl(&grpc_url, &["box", "join-token", "--ttl", "1h"])
         .unwrap_or_else(|e| panic!("hivectl box join-token: {e}"));
     assert!(
         out.status.success(),

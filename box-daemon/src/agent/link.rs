@@ -78,7 +78,12 @@ impl<B: CellBackend> Agent<B> {
                 }
                 _ = self.outbox_changed.notified() => {}
                 _ = self.builds_changed.notified() => {}
-                _ = heartbeat.tick() => self.heartbeat(&tx).await?,
+                _ = heartbeat.tick() => {
+                    self.heartbeat(&tx).await?;
+                    if let Some(creds) = &self.cfg.credentials {
+                        creds.renew_if_due();
+                    }
+                }
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
                         return Ok(());

@@ -68,11 +68,13 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
     if plan.is_empty() {
         return Ok((0, false));
     }
+    // Read before the placements commit: a failure here leaves the builds queued, not leased
+    // to a box that never hears of them.
+    let secrets = secrets_for(hive, &plan).await?;
     let placements: Vec<Placement> = plan.iter().map(|(p, _, _)| p.clone()).collect();
     let started = std::time::Instant::now();
     let took = hive.store.place(&placements).await?;
     let store_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let secrets = secrets_for(hive, &plan).await?;
     let mut placed = 0;
     for ((p, build, warm), ok) in plan.into_iter().zip(took) {
         if !ok {

@@ -825,6 +825,12 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
                 req.name
             )));
         }
+        if req.value.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "secret {}: a value cannot hold a NUL byte (it goes into an environment variable)",
+                req.name
+            )));
+        }
         let (nonce, sealed) = self
             .hive
             .sealer
@@ -966,6 +972,8 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         let box_id = request.into_inner().box_id;
         crate::grpc::boxes::check_box_id(&box_id)?;
         let audit = caller.audit("RevokeBox", &box_id);
+        // First in memory, so no session can connect between the commit and the end below.
+        self.hive.registry.mark_revoked(&box_id);
         let n = self
             .hive
             .store

@@ -316,7 +316,13 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
         if admin_state == DRAINING {
             send(CtlMsg::Drain(Drain {}))?;
         }
-        hive.registry.connect(&reg, &admin_state, conn.clone());
+        if !hive.registry.connect(&reg, &admin_state, conn.clone()) {
+            return Err(Status::unauthenticated(format!(
+                "box {} was revoked (`hivectl box revoke`): join again with a token made for \
+                 its id",
+                reg.box_id
+            )));
+        }
         tracing::info!(
             box_id = %reg.box_id, hostname = %reg.hostname, backend = %reg.backend,
             ?peer, acked_seq, state = %admin_state, pools = reg.pools.len(),
@@ -384,6 +390,10 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             }
             Err(e) => return Err(internal(e)),
         }
+        self.hive.registry.unmark_revoked(&req.box_id);
+        // The id is the new certificate's now: a session of an earlier holder (whose
+        // certificates a token made for this id just ended) ends too.
+        self.hive.registry.end_session(&req.box_id);
         tracing::info!(box_id = %req.box_id, token = %token.id, serial = %issued.serial, ?peer,
             "box joined: certificate issued");
         Ok(Response::new(JoinReply {

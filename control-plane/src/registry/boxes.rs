@@ -97,6 +97,9 @@ pub struct Candidate {
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<HashMap<String, BoxEntry>>,
+    /// Box ids revoked while this control plane runs: `connect` refuses them, so a session
+    /// that passed its certificate check just before a revoke cannot connect just after it.
+    revoked: Mutex<HashSet<String>>,
     next_conn: AtomicU64,
     overflows: AtomicU64,
 }
@@ -380,9 +383,35 @@ impl Registry {
     }
 
     /// Installs a new session for a box, ending any older one. Returns the session's id.
-    pub(crate) fn connect(&self, reg: &Register, admin_state: &str, conn: Conn) {
+    /// Marks a box revoked (before the revocation is committed; see `revoked`).
+    pub fn mark_revoked(&self, box_id: &str) {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(box_id.to_string());
+    }
+
+    /// A box joined again (a token bound to its id): it may connect.
+    pub fn unmark_revoked(&self, box_id: &str) {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(box_id);
+    }
+
+    /// Makes `conn` the box's session; false (nothing changed) when the box was revoked.
+    #[must_use]
+    pub(crate) fn connect(&self, reg: &Register, admin_state: &str, conn: Conn) -> bool {
         let now = now_ms();
         let mut map = self.lock();
+        if self
+            .revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&reg.box_id)
+        {
+            return false;
+        }
         let entry = map.entry(reg.box_id.clone()).or_insert_with(|| BoxEntry {
             hostname: String::new(),
             backend: String::new(),
@@ -412,6 +441,7 @@ impl Registry {
         entry.running_builds = reg.running_builds.clone();
         entry.accepted.clear();
         entry.rejected.clear();
+        true
     }
 
     /// Marks the session gone, unless a newer one already replaced it.

@@ -2,7 +2,8 @@
 //! secret, used at most once: the use, the certificate it bought and the audit entry are one
 //! transaction, so two boxes racing with one token get one certificate. Certificates are kept
 //! by serial; revoking a box marks all of its certificates, and a session or renewal with a
-//! revoked (or unknown) serial is refused although TLS verified it.
+//! revoked (or unknown) serial is refused although TLS verified it. Joins, renewals and
+//! revocations of one box id first lock its `box_guard` row, so they never interleave.
 
 use super::audit::{insert_audit_tx, Audit};
 use super::{q, Result, Store};
@@ -90,6 +91,9 @@ impl Store {
     ) -> Result<std::result::Result<(), JoinRefused>> {
         let sql = format!("SELECT {TOKEN_COLUMNS} FROM join_tokens WHERE id = $1");
         in_tx!(self, "commit box join", |tx| {
+            // First: two joins for one id then run one after the other, each reading the
+            // token and the id's certificates as the other left them.
+            guard_tx(tx, &cert.box_id).await?;
             let row = sqlx::query_as::<_, JoinTokenRow>(&sql)
                 .bind(id)
                 .fetch_optional(&mut **tx)
@@ -120,7 +124,18 @@ impl Store {
             if !row.box_id.is_empty() && row.box_id != cert.box_id {
                 return Ok(Err(JoinRefused::WrongBox(row.box_id)));
             }
-            if row.box_id.is_empty() {
+            if !row.box_id.is_empty() {
+                // A token made for this id gives it to the new machine: the old one's
+                // certificates end here.
+                sqlx::query(
+                    "UPDATE box_certs SET revoked_at_ms = $1 WHERE box_id = $2 AND revoked_at_ms = 0",
+                )
+                .bind(now_ms)
+                .bind(&cert.box_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("revoke earlier box certificates"))?;
+            } else {
                 let held: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM box_certs WHERE box_id = $1 AND revoked_at_ms = 0 \
                      AND not_after_ms > $2",
@@ -158,6 +173,7 @@ impl Store {
     /// Records a renewed certificate of the box of `old_serial`, if that one is still in force.
     pub async fn renew_box_cert(&self, old_serial: &str, cert: &BoxCertRow) -> Result<bool> {
         in_tx!(self, "commit renewed box certificate", |tx| {
+            guard_tx(tx, &cert.box_id).await?;
             let ok: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM box_certs WHERE serial = $1 AND box_id = $2 \
                  AND revoked_at_ms = 0",
@@ -188,6 +204,23 @@ impl Store {
     /// Revokes every certificate of `box_id` not yet revoked: how many.
     pub async fn revoke_box_certs(&self, box_id: &str, now_ms: i64, audit: &Audit) -> Result<u64> {
         in_tx!(self, "commit box revocation", |tx| {
+            guard_tx(tx, box_id).await?;
+            sqlx::query("UPDATE box_guard SET revoked_at_ms = $1 WHERE box_id = $2")
+                .bind(now_ms)
+                .bind(box_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("mark box revoked"))?;
+            // Unused tokens made for this id die with it.
+            sqlx::query(
+                "UPDATE join_tokens SET expires_at_ms = $1 WHERE box_id = $2 AND used_at_ms = 0 \
+                 AND expires_at_ms > $1",
+            )
+            .bind(now_ms)
+            .bind(box_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(q("expire join tokens of a revoked box"))?;
             let res = sqlx::query(
                 "UPDATE box_certs SET revoked_at_ms = $1 WHERE box_id = $2 AND revoked_at_ms = 0",
             )
@@ -200,6 +233,21 @@ impl Store {
             Ok::<_, super::StoreError>(res.rows_affected())
         })
     }
+}
+
+/// Takes the box's guard row lock for the rest of the transaction (made on first use).
+async fn guard_tx(tx: &mut sqlx::Transaction<'_, sqlx::Any>, box_id: &str) -> Result<()> {
+    sqlx::query("INSERT INTO box_guard (box_id, revoked_at_ms) VALUES ($1, 0) ON CONFLICT (box_id) DO NOTHING")
+        .bind(box_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("insert box guard"))?;
+    sqlx::query("UPDATE box_guard SET revoked_at_ms = revoked_at_ms WHERE box_id = $1")
+        .bind(box_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("lock box guard"))?;
+    Ok(())
 }
 
 async fn insert_cert_tx(

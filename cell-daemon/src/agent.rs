@@ -329,7 +329,9 @@ impl CellAgent for Agent {
                 )
             }
         };
-        let log = Arc::new(EventLog::new(self.shared.cfg.max_log_bytes));
+        let log = Arc::new(
+            EventLog::new(self.shared.cfg.max_log_bytes).with_secrets(spec.secrets.clone()),
+        );
         let (cancel_tx, cancel_rx) = watch::channel(None);
         {
             let mut cur = self.current();

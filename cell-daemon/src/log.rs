@@ -15,6 +15,8 @@ pub struct EventLog {
     /// Carries the number of events appended so far; followers wait on it.
     len_tx: watch::Sender<u64>,
     max_log_bytes: u64,
+    /// Masked in the lines Hive writes itself too (a step's command line may name one).
+    secrets: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -31,7 +33,14 @@ impl EventLog {
             inner: Mutex::new(Inner::default()),
             len_tx: watch::channel(0).0,
             max_log_bytes,
+            secrets: Vec::new(),
         }
+    }
+
+    /// The build's secret values, masked in [`EventLog::system`] lines as in step output.
+    pub fn with_secrets(mut self, secrets: Vec<String>) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -103,11 +112,18 @@ impl EventLog {
         if !line.ends_with('\n') {
             line.push('\n');
         }
+        let mut data = line.into_bytes();
+        if !self.secrets.is_empty() {
+            let mut m = crate::mask::Masker::new(&self.secrets);
+            let mut out = m.feed(&data);
+            out.extend(m.finish());
+            data = out;
+        }
         self.push(CellEvent {
             kind: CellEventKind::Log as i32,
             step,
             stream: LogStream::System as i32,
-            data: line.into_bytes(),
+            data,
             ..Default::default()
         })
     }
@@ -209,6 +225,10 @@ mod tests {
     fn seqs_are_dense_and_log_closes_at_finish() {
         let log = EventLog::new(1 << 20);
         assert_eq!(log.system(0, "hello"), Some(0));
+        let masked = EventLog::new(1 << 20).with_secrets(vec!["hunter22".into()]);
+        masked.system(1, "$ curl -u me:hunter22 x");
+        let (evs, _) = masked.read_from(0, 10);
+        assert_eq!(evs[0].data, b"$ curl -u me:*** x\n");
         assert_eq!(log.log(1, LogStream::Stdout, b"a".to_vec()), Some(1));
         assert_eq!(log.log(1, LogStream::Stdout, Vec::new()), None);
         assert_eq!(log.step_finished(1, 0, String::new()), Some(2));

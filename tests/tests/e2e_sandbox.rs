@@ -511,7 +511,8 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
         &[
             "echo token=$API_TOKEN; printf '%s\\n' \"$API_TOKEN\" >&2",
             "printf 's3cr3t-'; sleep 0.2; printf 'v4lue-xyz tail\\n'",
-            "test \"$API_TOKEN\" = s3cr3t-v4lue-xyz && echo secret-seen",
+            "test \"$API_TOKEN\" = \"$(printf 's3cr3t-%s' v4lue-xyz)\" && echo secret-seen",
+            "echo the step line is masked too: s3cr3t-v4lue-xyz",
         ],
         120,
     )

@@ -192,7 +192,17 @@ impl Credentials {
         data_dir: &Path,
         token: Option<&str>,
     ) -> Result<Option<Arc<Credentials>>, CredentialsError> {
-        if url.starts_with("http://") {
+        if let Some(rest) = url.strip_prefix("http://") {
+            let authority = rest.split('/').next().unwrap_or(rest);
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+                return Err(CredentialsError::Url(
+                    url.to_string(),
+                    "a plaintext link is for a control plane on this machine only (tests, \
+                     development): use https://HOST:PORT (its --box-addr) and a join token"
+                        .to_string(),
+                ));
+            }
             tracing::warn!(control_plane = %url, "plaintext control plane URL: no TLS, no certificate (only a control plane with --insecure-boxes on loopback accepts this box)");
             return Ok(None);
         }

@@ -75,6 +75,11 @@ async fn a_box_joins_once_keeps_its_certificate_and_trusts_only_the_pinned_ca() 
         .await
         .unwrap();
     assert!(none.is_none());
+    // ... but only to this machine.
+    let e = Credentials::ensure("http://10.0.0.9:50051", "b1", data.path(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("https://HOST:PORT"), "{e}");
 
     // No certificate and no token: says what to do.
     let e = Credentials::ensure(&url, "b1", data.path(), None)

@@ -38,6 +38,12 @@ pub enum SecretsError {
          again with `hivectl secret set`"
     )]
     Open,
+    #[error(
+        "{0} was missing, so a new secrets key was made, but the database holds secrets sealed \
+         with the old one: restore the old key file (from a backup) and start again, or delete \
+         the new one and the secrets and set them again"
+    )]
+    KeyLost(PathBuf),
 }
 
 /// The key that seals and opens project secrets.
@@ -63,12 +69,21 @@ impl Sealer {
     /// The key in `file` if given (it must exist), else `<data_dir>/secrets.key`, made on
     /// first start.
     pub fn load_or_create(data_dir: &Path, file: Option<&Path>) -> Result<Sealer, SecretsError> {
+        Ok(Self::load_or_create_reporting(data_dir, file)?.0)
+    }
+
+    /// As [`Sealer::load_or_create`], also saying whether the key was made just now.
+    pub fn load_or_create_reporting(
+        data_dir: &Path,
+        file: Option<&Path>,
+    ) -> Result<(Sealer, bool), SecretsError> {
         let path = file.map_or_else(|| data_dir.join("secrets.key"), Path::to_path_buf);
         let io = |what: &'static str| {
             let path = path.clone();
             move |source| SecretsError::Io { what, path, source }
         };
-        if file.is_none() && !path.exists() {
+        let made = file.is_none() && !path.exists();
+        if made {
             let mut key = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut key);
             std::fs::create_dir_all(data_dir).map_err(io("create dir for"))?;
@@ -99,7 +114,7 @@ impl Sealer {
             .ok_or_else(|| SecretsError::BadKey(path.clone()))?;
         let cipher =
             XChaCha20Poly1305::new_from_slice(&key).map_err(|_| SecretsError::BadKey(path))?;
-        Ok(Sealer { cipher })
+        Ok((Sealer { cipher }, made))
     }
 
     /// Seals `value` for (`project_id`, `name`): (nonce, sealed), both base64.

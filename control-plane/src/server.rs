@@ -323,10 +323,17 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     }
     let admin_token = crate::auth::bootstrap(&store, &config.data_dir).await?;
     let ca = Arc::new(crate::pki::Ca::load_or_create(&config.data_dir)?);
-    let sealer = crate::secrets::Sealer::load_or_create(
+    let (sealer, made) = crate::secrets::Sealer::load_or_create_reporting(
         &config.data_dir,
         config.secrets_key_file.as_deref(),
     )?;
+    if made && store.count_secrets().await? > 0 {
+        // A lost key is not replaced behind the operator's back: every build would silently
+        // run without its secrets.
+        let path = config.data_dir.join("secrets.key");
+        let _ = std::fs::rename(&path, path.with_extension("key.unused"));
+        return Err(crate::secrets::SecretsError::KeyLost(path).into());
+    }
 
     let http_listener = TcpListener::bind(config.http_addr)
         .await

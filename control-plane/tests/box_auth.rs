@@ -362,3 +362,43 @@ async fn insecure_boxes_only_on_loopback() {
         "{e}"
     );
 }
+
+hive_testkit::on_both!(db => a_plaintext_session_cannot_speak_for_a_joined_box);
+
+/// With `--insecure-boxes` (loopback, tests), a plaintext session still cannot take the id of a
+/// box that joined with a certificate.
+async fn a_plaintext_session_cannot_speak_for_a_joined_box(url: String) {
+    let h = start_with(&url, |c| c.insecure_boxes = true).await;
+    let token = join_token(&h, "", 600).await;
+    join(&h, &token, "box-p").await.expect("join");
+    let plain = Endpoint::from_shared(format!("http://{}", h.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(BoxMessage {
+        seq: 0,
+        msg: Some(BoxMsg::Register(Register {
+            box_id: "box-p".into(),
+            hostname: "impostor".into(),
+            backend: "sandbox".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let r = BoxAgentClient::new(plain)
+        .session(ReceiverStream::new(rx))
+        .await;
+    let e = match r {
+        Err(e) => e,
+        Ok(s) => match s.into_inner().message().await {
+            Err(e) => e,
+            other => panic!("a plaintext session took a joined box's id: {other:?}"),
+        },
+    };
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    drop(tx);
+    h.shutdown().await;
+}

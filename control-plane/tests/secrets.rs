@@ -196,3 +196,49 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
     drop(conn);
     h.shutdown().await;
 }
+
+hive_testkit::on_both!(db => a_lost_secrets_key_stops_the_start_instead_of_dropping_secrets);
+
+/// A control plane whose secrets key went missing does not make a new one over sealed secrets
+/// (every build would silently run without them): it refuses to start, saying what to do.
+async fn a_lost_secrets_key_stops_the_start_instead_of_dropping_secrets(url: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || hive_control_plane::server::Config {
+        data_dir: dir.path().to_path_buf(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        box_addr: "127.0.0.1:0".parse().unwrap(),
+        db: Some(url.clone()),
+        ..Default::default()
+    };
+    let h = hive_control_plane::server::start(config()).await.unwrap();
+    let mut admin = api(&h).await;
+    admin
+        .create_project(CreateProjectRequest {
+            name: "k".into(),
+            repo_url: "git://x/k.git".into(),
+            steps: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .set_secret(SetSecretRequest {
+            project: "k".into(),
+            name: "T".into(),
+            value: VALUE.into(),
+        })
+        .await
+        .unwrap();
+    h.shutdown().await;
+    std::fs::remove_file(dir.path().join("secrets.key")).unwrap();
+    let e = hive_control_plane::server::start(config())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("secrets.key") && e.contains("restore"), "{e}");
+    assert!(
+        !dir.path().join("secrets.key").exists(),
+        "the new key is set aside"
+    );
+}

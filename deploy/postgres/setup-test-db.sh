@@ -12,7 +12,7 @@ Usage: $(basename "$0") [--print-url]
 
 Start (creating if needed) the Debian PostgreSQL cluster on 127.0.0.1:5432 and make sure role
 'hive' (password 'hive', CREATEDB) and database 'hive_test' exist. Prints
-  HIVE_TEST_POSTGRES_URL=postgres://hive:hive@127.0.0.1:5432/hive_test
+  export HIVE_TEST_POSTGRES_URL=postgres://hive:hive@127.0.0.1:5432/hive_test
 Needs root and the 'postgresql' package. For production set-up see deploy/postgres/README.md.
 USAGE
 }
@@ -68,4 +68,4 @@ url="postgres://hive:hive@127.0.0.1:5432/hive_test"
 # Prove the URL works the way the tests will use it: TCP, password auth, CREATEDB.
 PGPASSWORD=hive psql -X -q -h 127.0.0.1 -U hive -d hive_test -v ON_ERROR_STOP=1 \
   -c "SELECT 1" >/dev/null || die "cannot log in as hive on 127.0.0.1:5432/hive_test"
-echo "HIVE_TEST_POSTGRES_URL=$url"
+echo "export HIVE_TEST_POSTGRES_URL=$url"

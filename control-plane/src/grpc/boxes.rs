@@ -260,6 +260,21 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             None => return Err(Status::invalid_argument("session closed before Register")),
         };
         validate_box_id(&reg.box_id)?;
+        if certified.is_none()
+            && self
+                .hive
+                .store
+                .box_has_cert(&reg.box_id, now_ms())
+                .await
+                .map_err(internal)?
+        {
+            self.hive.metrics.box_violation("identity");
+            return Err(Status::permission_denied(format!(
+                "box {:?} joined with a certificate: only that certificate speaks for it, on the \
+                 TLS agent listener, not a plaintext session",
+                reg.box_id
+            )));
+        }
         if let Some(who) = &certified {
             if who.box_id != reg.box_id {
                 self.hive.metrics.box_violation("identity");

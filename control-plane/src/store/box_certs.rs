@@ -191,6 +191,20 @@ impl Store {
         })
     }
 
+    /// Whether `box_id` holds a certificate in force (then only that certificate speaks for it).
+    pub async fn box_has_cert(&self, box_id: &str, now_ms: i64) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM box_certs WHERE box_id = $1 AND revoked_at_ms = 0 \
+             AND not_after_ms > $2",
+        )
+        .bind(box_id)
+        .bind(now_ms)
+        .fetch_one(&self.reads)
+        .await
+        .map_err(q("count box certificates"))?;
+        Ok(n > 0)
+    }
+
     /// The certificate of `serial`, revoked or not.
     pub async fn box_cert(&self, serial: &str) -> Result<Option<BoxCertRow>> {
         let sql = format!("SELECT {CERT_COLUMNS} FROM box_certs WHERE serial = $1");

@@ -69,6 +69,14 @@ impl Store {
             .map_err(q("select secrets"))
     }
 
+    /// How many secrets are stored, in all projects.
+    pub async fn count_secrets(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM project_secrets")
+            .fetch_one(&self.reads)
+            .await
+            .map_err(q("count secrets"))
+    }
+
     /// Deletes a secret, with its audit entry: false if there was none.
     pub async fn delete_secret(&self, project_id: &str, name: &str, audit: &Audit) -> Result<bool> {
         in_tx!(self, "commit deleted secret", |tx| {

@@ -435,14 +435,14 @@ async fn run_async(
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
     let claim = claim_names(&args, matches!(chosen, Chosen::Microvm(_)))?;
-    // Before any cell exists: a box that cannot prove who it is has nothing to run.
-    let credentials = credentials(&args, &claim.record.box_id).await?;
     let mut blocked = control_plane_addrs(
         &args.control_plane,
         Duration::from_secs(args.resolve_timeout_secs),
     )
     .await?;
     blocked.extend(args.block.iter().copied());
+    // Before any cell exists: a box that cannot prove who it is has nothing to run.
+    let credentials = credentials(&args, &claim.record.box_id).await?;
     let net = BoxNet {
         table: claim.record.nft_table.clone(),
         subnet: claim.cell_subnet(),

@@ -434,7 +434,7 @@ fn a_control_plane_that_does_not_resolve_stops_the_box_from_starting() {
     let dir = tempfile::tempdir().unwrap();
     let log = run_refused(
         dir.path(),
-        "http://no-such-control-plane.invalid:50051",
+        "https://no-such-control-plane.invalid:50052",
         &cell,
         &["--resolve-timeout-secs", "1"],
     );

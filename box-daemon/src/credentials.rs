@@ -97,6 +97,8 @@ pub struct Credentials {
     held: Mutex<Held>,
     /// A renewal is running (`renew_if_due`).
     renewing: std::sync::atomic::AtomicBool,
+    /// The control plane last dialled (`endpoint_for`), where renewals go; None: `url`.
+    last_url: Mutex<Option<String>>,
 }
 
 /// Never prints the key.
@@ -249,6 +251,7 @@ impl Credentials {
                 dates,
             }),
             renewing: Default::default(),
+            last_url: Mutex::new(None),
         })
     }
 
@@ -302,6 +305,7 @@ impl Credentials {
                 },
             }),
             renewing: Default::default(),
+            last_url: Mutex::new(None),
         };
         c.save()?;
         tracing::info!(box_id = %reply.box_id, dir = %dir.display(), "joined the control plane: certificate kept");
@@ -352,15 +356,40 @@ impl Credentials {
             .clone()
     }
 
-    /// The endpoint of the control plane with the box's certificate.
+    /// The endpoint of the control plane with the box's certificate (the one last dialled).
     pub fn endpoint(&self) -> Result<Endpoint, CredentialsError> {
+        let last = self
+            .last_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match last {
+            Some(url) => self.endpoint_for(&url),
+            None => {
+                let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                endpoint(
+                    &self.url,
+                    &self.host,
+                    &self.ca_pem,
+                    Some(Identity::from_pem(held.cert_pem, held.key_pem)),
+                )
+            }
+        }
+    }
+
+    /// The endpoint of the control plane at `url` (one of a hive's several; the same CA signs
+    /// all their certificates) with the box's certificate; renewals go there from now on.
+    pub fn endpoint_for(&self, url: &str) -> Result<Endpoint, CredentialsError> {
+        let (host, _) = host_port(url)?;
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        endpoint(
-            &self.url,
-            &self.host,
+        let e = endpoint(
+            url,
+            &host,
             &self.ca_pem,
             Some(Identity::from_pem(held.cert_pem, held.key_pem)),
-        )
+        )?;
+        *self.last_url.lock().unwrap_or_else(|p| p.into_inner()) = Some(url.to_string());
+        Ok(e)
     }
 
     /// True when less than a third of the certificate's life is left.
@@ -395,10 +424,17 @@ impl Credentials {
     pub async fn renew(&self) -> Result<(), CredentialsError> {
         let box_id = self.box_id();
         let (key, csr_der) = new_key_and_csr(&box_id)?;
-        let channel =
-            self.endpoint()?.connect().await.map_err(|e| {
-                CredentialsError::Reach(self.url.clone(), hive_sys::error_chain(&e))
-            })?;
+        let url = self
+            .last_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| self.url.clone());
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .map_err(|e| CredentialsError::Reach(url, hive_sys::error_chain(&e)))?;
         let reply: JoinReply = BoxAgentClient::new(channel)
             .renew_certificate(RenewCertificateRequest { csr_der })
             .await

@@ -66,7 +66,9 @@ struct RunArgs {
     /// https://HOST:PORT. The box is known by its client certificate, kept in
     /// <data-dir>/tls/ after it joined once with --join-token. (http://HOST:PORT of the gRPC
     /// listener is plaintext without a certificate, accepted only by a control plane started
-    /// with --insecure-boxes: tests and development.)
+    /// with --insecure-boxes: tests and development.) Several control planes of one hive (on
+    /// one PostgreSQL): their URLs comma-separated; the box holds one session at a time and
+    /// fails over to the next, with jittered backoff, when its control plane goes away.
     #[arg(
         long,
         env = "HIVE_CONTROL_PLANE",
@@ -435,11 +437,12 @@ async fn run_async(
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| MainError::DataDir(args.data_dir.clone(), e))?;
     let claim = claim_names(&args, matches!(chosen, Chosen::Microvm(_)))?;
-    let mut blocked = control_plane_addrs(
-        &args.control_plane,
-        Duration::from_secs(args.resolve_timeout_secs),
-    )
-    .await?;
+    let mut blocked = Vec::new();
+    for url in hive_box::agent::control_plane_urls(&args.control_plane) {
+        blocked.extend(
+            control_plane_addrs(url, Duration::from_secs(args.resolve_timeout_secs)).await?,
+        );
+    }
     blocked.extend(args.block.iter().copied());
     // Before any cell exists: a box that cannot prove who it is has nothing to run.
     let credentials = credentials(&args, &claim.record.box_id).await?;
@@ -522,9 +525,14 @@ async fn credentials(
     use hive_box::credentials::Credentials;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.resolve_timeout_secs);
     let mut backoff = hive_sys::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    loop {
+    let urls = hive_box::agent::control_plane_urls(&args.control_plane);
+    if urls.is_empty() {
+        return Err(MainError::Missing("--control-plane (HIVE_CONTROL_PLANE)"));
+    }
+    // Any control plane of the hive can take the join: try them in turn.
+    for attempt in 0usize.. {
         match Credentials::ensure(
-            &args.control_plane,
+            urls[attempt % urls.len()],
             box_id,
             &args.data_dir,
             args.join_token.as_deref(),
@@ -542,6 +550,7 @@ async fn credentials(
             other => return Ok(other?),
         }
     }
+    unreachable!("the loop above returns")
 }
 
 /// The box id and every host-global name of this box, from the flags or derived from the id,
@@ -687,6 +696,7 @@ async fn serve<B: CellBackend>(
                 "box_id": box_id,
                 "backend": backend_name,
                 "control_plane_connected": agent.is_connected(),
+                "control_plane": agent.current_control_plane(),
                 "running_builds": agent.running_builds(),
                 "unacked_messages": agent.unacked(),
                 "outbox": agent.outbox_state(),

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use hive_proto::v1::LogChunk;
 use tokio::sync::broadcast;
 
+use crate::cluster::{Bus, Note};
+
 /// Most bytes of log data one announcement carries; more is announced without the chunks (the
 /// ring of recent events must not hold a flood of output).
 pub const MAX_CARRIED_BYTES: usize = 64 * 1024;
@@ -23,10 +25,12 @@ pub enum Event {
     Log(String, Arc<[LogChunk]>),
 }
 
-/// The broadcast hub.
+/// The broadcast hub. Changes announced here also go to the other control planes of the
+/// database (`cluster`); theirs arrive through the `*_here` methods.
 #[derive(Debug, Clone)]
 pub struct Events {
     tx: broadcast::Sender<Event>,
+    bus: Bus,
 }
 
 impl Default for Events {
@@ -37,8 +41,13 @@ impl Default for Events {
 
 impl Events {
     pub fn new() -> Self {
+        Events::with_bus(Bus::local())
+    }
+
+    /// A hub whose announcements also go out on `bus`.
+    pub fn with_bus(bus: Bus) -> Self {
         let (tx, _) = broadcast::channel(4096);
-        Events { tx }
+        Events { tx, bus }
     }
 
     /// Subscribe before reading the current state, so no change falls in between.
@@ -47,12 +56,24 @@ impl Events {
     }
 
     pub fn build_changed(&self, id: &str) {
+        self.build_changed_here(id);
+        self.bus.publish(Note::Build(id.to_string()));
+    }
+
+    /// Another control plane changed a build.
+    pub(crate) fn build_changed_here(&self, id: &str) {
         // No receivers is fine: nobody is watching.
         let _ = self.tx.send(Event::Build(id.to_string()));
     }
 
     /// Log chunks were stored; readers look in the store.
     pub fn log_appended(&self, id: &str) {
+        self.log_appended_here(id);
+        self.bus.publish(Note::Log(id.to_string()));
+    }
+
+    /// Another control plane stored log chunks.
+    pub(crate) fn log_appended_here(&self, id: &str) {
         let _ = self.tx.send(Event::Log(id.to_string(), Arc::from([])));
     }
 
@@ -65,6 +86,7 @@ impl Events {
             Arc::from([])
         };
         let _ = self.tx.send(Event::Log(id.to_string(), carried));
+        self.bus.publish(Note::Log(id.to_string()));
     }
 }
 

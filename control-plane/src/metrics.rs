@@ -70,6 +70,9 @@ pub struct Metrics {
     purged: Family<KindLabel, Counter>,
     box_queue_overflows: Gauge,
     webhook_queue_depth: Gauge,
+    cluster_notes: Family<NameLabel, Gauge>,
+    cluster_lag_ms: Gauge,
+    cluster_listening: Gauge,
     limits: Family<NameLabel, Gauge>,
     recent: Mutex<std::collections::VecDeque<Minute>>,
 }
@@ -111,6 +114,10 @@ pub struct Snapshot {
     pub box_queue_overflows: u64,
     /// Webhook deliveries queued for a group commit that has not started.
     pub webhook_queue_depth: usize,
+    /// Notes to and from the other control planes: (sent, received, dropped, last lag ms).
+    pub cluster_notes: (u64, u64, u64, i64),
+    /// Whether this control plane hears the others.
+    pub cluster_listening: bool,
 }
 
 impl Default for Metrics {
@@ -205,6 +212,26 @@ impl Default for Metrics {
             "Webhook deliveries waiting for a group commit to start",
             webhook_queue_depth.clone(),
         );
+        let cluster_notes = Family::<NameLabel, Gauge>::default();
+        registry.register(
+            "hive_cluster_notes",
+            "Notifications to and from the other control planes of the database since start \
+             (name=sent|received|dropped; payloads, each several notes)",
+            cluster_notes.clone(),
+        );
+        let cluster_lag_ms = Gauge::default();
+        registry.register(
+            "hive_cluster_notify_lag_ms",
+            "Milliseconds between another control plane's notification and its arrival here \
+             (the last one)",
+            cluster_lag_ms.clone(),
+        );
+        let cluster_listening = Gauge::default();
+        registry.register(
+            "hive_cluster_listening",
+            "1 while this control plane hears the others (always 1 on SQLite)",
+            cluster_listening.clone(),
+        );
         let limits = Family::<NameLabel, Gauge>::default();
         registry.register(
             "hive_limit",
@@ -217,6 +244,9 @@ impl Default for Metrics {
             purged,
             box_queue_overflows,
             webhook_queue_depth,
+            cluster_notes,
+            cluster_lag_ms,
+            cluster_listening,
             limits,
             recent: Mutex::new(std::collections::VecDeque::new()),
             scrape: Mutex::new(()),
@@ -367,6 +397,17 @@ impl Metrics {
             .set(i64::try_from(snap.box_queue_overflows).unwrap_or(i64::MAX));
         self.webhook_queue_depth
             .set(i64::try_from(snap.webhook_queue_depth).unwrap_or(i64::MAX));
+        let (sent, received, dropped, lag) = snap.cluster_notes;
+        for (name, n) in [("sent", sent), ("received", received), ("dropped", dropped)] {
+            self.cluster_notes
+                .get_or_create(&NameLabel {
+                    name: name.to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.cluster_lag_ms.set(lag);
+        self.cluster_listening
+            .set(i64::from(snap.cluster_listening));
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             // Writing into a String does not fail; say so rather than serve half a page.

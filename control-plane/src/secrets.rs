@@ -49,6 +49,9 @@ pub enum SecretsError {
 /// The key that seals and opens project secrets.
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
+    /// A fingerprint of the key (not the key): every control plane of one database must
+    /// have the same.
+    key_id: String,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -114,7 +117,19 @@ impl Sealer {
             .ok_or_else(|| SecretsError::BadKey(path.clone()))?;
         let cipher =
             XChaCha20Poly1305::new_from_slice(&key).map_err(|_| SecretsError::BadKey(path))?;
-        Ok((Sealer { cipher }, made))
+        let key_id = {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            h.update(b"hive secrets key id\0");
+            h.update(&key);
+            hex::encode(h.finalize())
+        };
+        Ok((Sealer { cipher, key_id }, made))
+    }
+
+    /// The key's fingerprint (SHA-256 of a label and the key).
+    pub fn key_id(&self) -> &str {
+        &self.key_id
     }
 
     /// Seals `value` for (`project_id`, `name`): (nonce, sealed), both base64.

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::cluster::Bus;
 use crate::domain::keyexchange;
 use crate::events::Events;
 use crate::grpc::api::ControlPlaneService;
@@ -54,6 +55,8 @@ pub enum ServerError {
     Pki(#[from] crate::pki::PkiError),
     #[error("secrets key: {0}")]
     Secrets(#[from] crate::secrets::SecretsError),
+    #[error("{0}")]
+    Cluster(String),
     #[error("bind {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -249,6 +252,8 @@ pub struct Handle {
     box_task: JoinHandle<()>,
     scheduler_task: JoinHandle<()>,
     intake_task: JoinHandle<()>,
+    /// The lock on a SQLite file (one control plane per file), held until the handle is gone.
+    _db_lock: Option<std::fs::File>,
 }
 
 impl Handle {
@@ -307,6 +312,7 @@ impl Handle {
 pub async fn start(config: Config) -> Result<Handle, ServerError> {
     config.validate()?;
     let url = config.db_url();
+    let db_lock = lock_sqlite(&url)?;
     let store = Store::open(&url)
         .await?
         .with_log_cap(config.log_cap)
@@ -379,6 +385,16 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             source,
         })?;
 
+    check_identity(&store, &ca, &sealer).await?;
+    let (bus, notes) = match store.kind() {
+        crate::store::DbKind::Postgres => {
+            let (bus, rx) = Bus::shared();
+            (bus, Some(rx))
+        }
+        crate::store::DbKind::Sqlite => (Bus::local(), None),
+    };
+    store.set_bus(bus.clone());
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Metrics::default();
     metrics.limit("box_queue", config.box_queue as u64);
@@ -406,8 +422,16 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     let hive = Arc::new(Hive {
         store,
         classes: config.size_classes.clone(),
-        events: Events::new(),
-        registry: Registry::default(),
+        events: Events::with_bus(bus.clone()),
+        registry: Registry::with_bus(
+            bus.clone(),
+            if bus.is_shared() {
+                config.heartbeat_interval * 3
+            } else {
+                Duration::ZERO
+            },
+        ),
+        bus,
         connectors: Default::default(),
         metrics,
         wake: Notify::new(),
@@ -422,6 +446,10 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         sealer,
     });
 
+    if let Some(rx) = notes {
+        // Both end on the shutdown flag.
+        crate::cluster::spawn(hive.clone(), url.clone(), rx);
+    }
     // Ends on the shutdown flag once it has answered every delivery queued.
     let intake_task = tokio::spawn(crate::domain::submit::commit_deliveries(
         hive.clone(),
@@ -512,6 +540,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     // The queue depth per minute for the dashboard's chart; ends on the shutdown flag.
     tokio::spawn(crate::sampler::run(hive.clone(), crate::sampler::EVERY));
     tracing::info!(%http_addr, %grpc_addr, %box_addr, lease_ms = millis(config.lease),
+        control_plane_id = %hive.bus.origin(), shared_db = hive.bus.is_shared(),
         placement = ?config.placement, ca_sha256 = %ca.sha256(), "control plane listening");
     Ok(Handle {
         http_addr,
@@ -525,7 +554,76 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         box_task,
         scheduler_task,
         intake_task,
+        _db_lock: db_lock,
     })
+}
+
+/// One control plane per SQLite file: two would each think their scheduler and box sessions
+/// are the only ones. The lock (`<file>.lock`) is the kernel's, so it goes with the process
+/// however it ends. PostgreSQL databases are shared (see `cluster`).
+fn lock_sqlite(url: &str) -> Result<Option<std::fs::File>, ServerError> {
+    let Some(path) = crate::store::sqlite_file(url) else {
+        return Ok(None);
+    };
+    let lock_path = format!("{path}.lock");
+    if let Some(parent) = std::path::Path::new(&lock_path).parent() {
+        if !parent.as_os_str().is_empty() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| ServerError::Cluster(format!("open lock file {lock_path}: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::Cluster(format!(
+            "another control plane is using the SQLite database {path} (it holds {lock_path}): \
+             a SQLite file serves one control plane; stop that one, or run several on one \
+             PostgreSQL (--db postgres://...)"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(ServerError::Cluster(format!("lock {lock_path}: {e}")))
+        }
+    }
+}
+
+/// Every control plane of one database must sign box certificates with the same CA and seal
+/// secrets with the same key; the first one to start records their fingerprints, a later one
+/// with others refuses to start (its boxes' certificates and its secrets would not work on
+/// the others).
+async fn check_identity(
+    store: &Store,
+    ca: &crate::pki::Ca,
+    sealer: &crate::secrets::Sealer,
+) -> Result<(), ServerError> {
+    let ca_there = store.claim_identity("ca_sha256", ca.sha256()).await?;
+    if ca_there != ca.sha256() {
+        return Err(ServerError::Cluster(format!(
+            "this database belongs to a hive whose CA is sha256:{ca_there}, and this control \
+             plane's (<data-dir>/pki) is sha256:{}: every control plane of one database needs \
+             the same CA; copy pki/ca.key and pki/ca.pem from the first control plane's data \
+             dir (or point --data-dir at a copy)",
+            ca.sha256()
+        )));
+    }
+    let key_there = store
+        .claim_identity("secrets_key_id", sealer.key_id())
+        .await?;
+    if key_there != sealer.key_id() {
+        return Err(ServerError::Cluster(format!(
+            "this database's secrets are sealed with another key (id {}...) than this control \
+             plane's (id {}...): every control plane of one database needs the same secrets \
+             key; copy secrets.key from the first control plane's data dir (or use \
+             --secrets-key-file)",
+            &key_there[..12.min(key_there.len())],
+            &sealer.key_id()[..12]
+        )));
+    }
+    Ok(())
 }
 
 /// The names the box listener's certificate is valid for: the configured ones, `localhost`,

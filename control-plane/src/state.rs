@@ -44,6 +44,8 @@ pub struct Hive {
     pub box_cert_validity: Duration,
     /// Seals and opens project secrets.
     pub sealer: crate::secrets::Sealer,
+    /// News to and from the other control planes of the database (`cluster`).
+    pub bus: crate::cluster::Bus,
 }
 
 impl Hive {

@@ -35,7 +35,8 @@ Environment: HIVE_ADDR (same as --addr), HIVE_TOKEN (same as --token), HIVE_TOKE
     after_help = EXIT_CODES
 )]
 pub(crate) struct Cli {
-    /// Control plane gRPC address.
+    /// Control plane gRPC address; several control planes of one hive comma-separated (tried
+    /// in turn, the first that answers serves the command).
     #[arg(
         long,
         env = "HIVE_ADDR",

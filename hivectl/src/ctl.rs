@@ -104,42 +104,63 @@ pub(crate) struct Ctl {
 
 impl Ctl {
     pub(crate) async fn connect(
-        addr: &str,
+        addrs: &str,
         token: Bearer,
         timeout: Duration,
         json: bool,
     ) -> Result<Self, CliError> {
-        let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|e| CliError::BadAddr {
-            addr: addr.to_string(),
-            why: format!("{e} (expected e.g. http://127.0.0.1:50051)"),
-        })?;
-        if endpoint.uri().scheme_str() != Some("http")
-            && endpoint.uri().scheme_str() != Some("https")
-        {
+        // Several control planes of one hive: comma-separated, tried in turn; the first that
+        // answers serves the command.
+        let mut endpoints = Vec::new();
+        for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let endpoint =
+                Endpoint::from_shared(addr.to_string()).map_err(|e| CliError::BadAddr {
+                    addr: addr.to_string(),
+                    why: format!("{e} (expected e.g. http://127.0.0.1:50051)"),
+                })?;
+            if endpoint.uri().scheme_str() != Some("http")
+                && endpoint.uri().scheme_str() != Some("https")
+            {
+                return Err(CliError::BadAddr {
+                    addr: addr.to_string(),
+                    why: "expected an http:// URL, e.g. http://127.0.0.1:50051".to_string(),
+                });
+            }
+            endpoints.push((addr, endpoint));
+        }
+        if endpoints.is_empty() {
             return Err(CliError::BadAddr {
-                addr: addr.to_string(),
-                why: "expected an http:// URL, e.g. http://127.0.0.1:50051".to_string(),
+                addr: addrs.to_string(),
+                why: "no address given (expected e.g. http://127.0.0.1:50051)".to_string(),
             });
         }
-        let channel = match tokio::time::timeout(
-            timeout,
-            endpoint.connect_timeout(timeout).connect(),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(CliError::Unreachable {
-                    addr: addr.to_string(),
-                    why: root_cause(&e),
-                })
+        let mut last = None;
+        let mut reached = None;
+        for (addr, endpoint) in endpoints {
+            match tokio::time::timeout(timeout, endpoint.connect_timeout(timeout).connect()).await {
+                Ok(Ok(c)) => {
+                    reached = Some((addr, c));
+                    break;
+                }
+                Ok(Err(e)) => {
+                    last = Some(CliError::Unreachable {
+                        addr: addr.to_string(),
+                        why: root_cause(&e),
+                    })
+                }
+                Err(_) => {
+                    last = Some(CliError::Unreachable {
+                        addr: addr.to_string(),
+                        why: format!("no answer within {}s", timeout.as_secs()),
+                    })
+                }
             }
-            Err(_) => {
-                return Err(CliError::Unreachable {
-                    addr: addr.to_string(),
-                    why: format!("no answer within {}s", timeout.as_secs()),
-                })
-            }
+        }
+        let Some((addr, channel)) = reached else {
+            return Err(last.unwrap_or_else(|| CliError::BadAddr {
+                addr: addrs.to_string(),
+                why: "no address given".to_string(),
+            }));
         };
         Ok(Self {
             addr: addr.to_string(),

@@ -144,7 +144,20 @@ pub fn join_box(grpc_url: &str) -> Option<(u16, String)> {
 /// The box listener URL (`https://HOST:BOXPORT`) and a join token for a box that was told the
 /// control plane's gRPC URL `http://HOST:PORT`; for a control plane not started here, the URL
 /// as given and no token.
+///
+/// Several control planes of one hive, comma-separated: their box listener URLs in the same
+/// order, and one token (from the first; any control plane of a hive accepts it).
 pub fn box_endpoint(control_plane: &str) -> (String, Option<String>) {
+    if control_plane.contains(',') {
+        let mut urls = Vec::new();
+        let mut token = None;
+        for cp in control_plane.split(',').map(str::trim) {
+            let (url, t) = box_endpoint(cp);
+            urls.push(url);
+            token = token.or(t);
+        }
+        return (urls.join(","), token);
+    }
     let proxied = port_of(control_plane).and_then(|p| {
         let cp = BOX_PROXIES
             .lock()
@@ -304,6 +317,48 @@ impl ControlPlane {
         Self::start_in(data_dir, opts, Some(std::sync::Arc::new(tmp)))
     }
 
+    /// Starts another control plane of `first`'s hive: a fresh data dir holding a copy of
+    /// `first`'s CA (`pki/`) and secrets key, as an operator sets up a second control plane on
+    /// the same PostgreSQL (`opts.db` must name `first`'s database).
+    pub fn start_sharing(
+        first: &ControlPlane,
+        opts: ControlPlaneOptions,
+    ) -> Result<Self, HarnessError> {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::Builder::new()
+            .prefix("hive-cp-")
+            .tempdir()
+            .map_err(HarnessError::TempDir)?;
+        let data_dir = tmp.path().to_path_buf();
+        let copy = |rel: &str, mode: u32| -> Result<(), HarnessError> {
+            let to = data_dir.join(rel);
+            let spawn = |what: String| move |source| HarnessError::Spawn { what, source };
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(spawn(format!("create {}", parent.display())))?;
+                std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
+                    .map_err(spawn(format!("chmod {}", parent.display())))?;
+            }
+            std::fs::copy(first.data_dir.join(rel), &to)
+                .map_err(spawn(format!("copy {rel} from the first control plane")))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                .map_err(spawn(format!("chmod {}", to.display())))?;
+            Ok(())
+        };
+        copy("pki/ca.key", 0o600)?;
+        copy("pki/ca.pem", 0o644)?;
+        copy("secrets.key", 0o600)?;
+        let cp = Self::start_in(data_dir, opts, Some(std::sync::Arc::new(tmp)))?;
+        // One hive, one admin: the first control plane's token works on every one.
+        if let (Some(token), Some(port)) = (first.admin_token(), port_of(&cp.grpc_url())) {
+            ADMIN_TOKENS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port, token);
+        }
+        Ok(cp)
+    }
+
     fn start_in(
         data_dir: PathBuf,
         opts: ControlPlaneOptions,
@@ -429,11 +484,13 @@ impl ControlPlane {
     }
 
     /// The admin token the control plane wrote to `<data-dir>/admin.token` on its first start.
+    /// (Another control plane of the hive: the first one's, see [`ControlPlane::start_sharing`].)
     pub fn admin_token(&self) -> Option<String> {
         std::fs::read_to_string(self.data_dir.join("admin.token"))
             .ok()
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
+            .or_else(|| admin_token_for(&self.grpc_url()))
     }
 
     /// The operator API as this control plane's admin.

@@ -42,6 +42,9 @@ impl<B: CellBackend> Agent<B> {
                 Ok(()) => break,
                 Err(e) => {
                     self.connected.store(false, Ordering::SeqCst);
+                    // Fail over: the next session dials the next control plane (all of them
+                    // serve every box; with one, this is the same one again).
+                    self.next_cp.fetch_add(1, Ordering::SeqCst);
                     tracing::warn!(error = %hive_sys::error_chain(&e), retry_in_ms = pause.as_millis() as u64, "control plane link down");
                 }
             }
@@ -104,17 +107,24 @@ impl<B: CellBackend> Agent<B> {
         ),
         AgentError,
     > {
-        let url = self.cfg.control_plane.clone();
+        let url = {
+            let all = self.control_planes();
+            let i = self.next_cp.load(Ordering::SeqCst) % all.len().max(1);
+            all.get(i).copied().unwrap_or_default().to_string()
+        };
         let endpoint = match &self.cfg.credentials {
             Some(creds) => {
+                let endpoint = creds.endpoint_for(&url).map_err(AgentError::Credentials)?;
                 if creds.due_for_renewal() {
                     // Failing to renew is no reason not to connect: the old certificate is
                     // still good, and the next session tries again.
                     if let Err(e) = creds.renew().await {
                         tracing::warn!(error = %e, "box certificate renewal failed; keeping the current one");
                     }
+                    creds.endpoint_for(&url).map_err(AgentError::Credentials)?
+                } else {
+                    endpoint
                 }
-                creds.endpoint().map_err(AgentError::Credentials)?
             }
             None => {
                 Endpoint::from_shared(url.clone()).map_err(|e| AgentError::Url(url.clone(), e))?
@@ -175,7 +185,12 @@ impl<B: CellBackend> Agent<B> {
         self.resend_key_exchanges();
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.connected.store(true, Ordering::SeqCst);
-        tracing::info!(box_id = %self.cfg.box_id, control_plane = %self.cfg.control_plane, acked_seq = reg.acked_seq, resend = self.unacked(), "registered");
+        let all = self.control_planes();
+        let at = all
+            .get(self.next_cp.load(Ordering::SeqCst) % all.len().max(1))
+            .copied()
+            .unwrap_or_default();
+        tracing::info!(box_id = %self.cfg.box_id, control_plane = %at, acked_seq = reg.acked_seq, resend = self.unacked(), "registered");
         reg.acked_seq
     }
 

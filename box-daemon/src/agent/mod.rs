@@ -50,9 +50,19 @@ pub enum AgentError {
     Credentials(#[source] crate::credentials::CredentialsError),
 }
 
+/// The URLs of a `--control-plane` value: comma-separated, blanks dropped.
+pub fn control_plane_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 /// How the agent identifies itself and times things.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The control planes' URLs, comma-separated: sessions go to one at a time, the next
+    /// after a failure.
     pub control_plane: String,
     /// The box's certificate for an `https://` control plane (None: plaintext, `http://`).
     pub credentials: Option<Arc<crate::credentials::Credentials>>,
@@ -94,6 +104,9 @@ pub struct Agent<B: CellBackend> {
     dispatch_ms: Mutex<Vec<f64>>,
     /// Key exchanges waiting for the control plane's reply, by (build, lease).
     key_exchanges: Mutex<HashMap<(String, String), PendingExchange>>,
+    /// Which of the control planes (`cfg.control_plane`, comma-separated) the next session
+    /// dials: the next one after each failed or ended session.
+    next_cp: std::sync::atomic::AtomicUsize,
 }
 
 /// A key exchange request sent and not yet answered.
@@ -127,7 +140,23 @@ impl<B: CellBackend> Agent<B> {
             heartbeat_ms: Mutex::new(heartbeat_ms),
             dispatch_ms: Mutex::new(Vec::new()),
             key_exchanges: Mutex::new(HashMap::new()),
+            next_cp: Default::default(),
         })
+    }
+
+    /// The control plane the session is with (None while not connected).
+    pub fn current_control_plane(&self) -> Option<String> {
+        if !self.is_connected() {
+            return None;
+        }
+        let all = self.control_planes();
+        let i = self.next_cp.load(Ordering::SeqCst) % all.len().max(1);
+        all.get(i).map(|u| (*u).to_string())
+    }
+
+    /// The control plane URLs in the order given.
+    pub fn control_planes(&self) -> Vec<&str> {
+        control_plane_urls(&self.cfg.control_plane)
     }
 
     fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {

@@ -20,7 +20,7 @@ pub async fn drain_box(hive: &Hive, box_id: &str, audit: &Audit) -> Result<bool,
     }
     hive.registry.set_admin_state(box_id, DRAINING);
     hive.registry
-        .send(box_id, CtlMsg::Drain(hive_proto::v1::Drain {}))
+        .tell(box_id, CtlMsg::Drain(hive_proto::v1::Drain {}))
         .await;
     hive.wake.notify_one();
     Ok(true)

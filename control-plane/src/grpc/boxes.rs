@@ -297,6 +297,14 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
         };
         let acked_seq = stored.as_ref().map(|b| b.acked_seq).unwrap_or(0);
         let now = now_ms();
+        let (tx, rx) = mpsc::channel(hive.box_queue);
+        let conn = Conn {
+            id: hive.registry.next_conn_id(),
+            tx: tx.clone(),
+            kill: Arc::new(Notify::new()),
+            peer: peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
+        };
+        let owner = format!("{}/{}", hive.bus.origin(), conn.id);
         hive.store
             .upsert_box(&BoxRow {
                 id: reg.box_id.clone(),
@@ -307,17 +315,11 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
                 last_heartbeat_ms: now,
                 registered_at_ms: now,
                 acked_seq,
+                session_owner: owner.clone(),
             })
             .await
             .map_err(internal)?;
 
-        let (tx, rx) = mpsc::channel(hive.box_queue);
-        let conn = Conn {
-            id: hive.registry.next_conn_id(),
-            tx: tx.clone(),
-            kill: Arc::new(Notify::new()),
-            peer: peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
-        };
         let send = |msg| {
             tx.try_send(Ok(ControlMessage { msg: Some(msg) }))
                 .map_err(|_| Status::internal("control channel full at registration"))
@@ -338,6 +340,10 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
                 reg.box_id
             )));
         }
+        // A session of this box on another control plane (its link broke, it failed over)
+        // ends there.
+        hive.bus
+            .publish(crate::cluster::Note::SessionTaken(reg.box_id.clone()));
         tracing::info!(
             box_id = %reg.box_id, hostname = %reg.hostname, backend = %reg.backend,
             ?peer, acked_seq, state = %admin_state, pools = reg.pools.len(),
@@ -347,6 +353,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             hive: hive.clone(),
             box_id: reg.box_id.clone(),
             conn_id: conn.id,
+            owner,
             acks: AckTracker {
                 acked: acked_seq,
                 ahead: BTreeSet::new(),
@@ -468,6 +475,8 @@ struct Session {
     hive: Arc<Hive>,
     box_id: String,
     conn_id: u64,
+    /// This session in the box's row (`session_owner`).
+    owner: String,
     acks: AckTracker,
 }
 
@@ -678,7 +687,7 @@ impl Session {
         if let Err(e) = self
             .hive
             .store
-            .touch_box(&self.box_id, "[]", now_ms(), self.acks.acked)
+            .end_box_session(&self.box_id, &self.owner, now_ms(), self.acks.acked)
             .await
         {
             tracing::warn!(box_id = %self.box_id, error = %e, "saving box state at disconnect");

@@ -33,6 +33,8 @@ pub async fn metrics(State(hive): State<Arc<Hive>>) -> Response {
         boxes_known,
         box_queue_overflows: hive.registry.overflows(),
         webhook_queue_depth: hive.intake.queued(),
+        cluster_notes: hive.bus.counts(),
+        cluster_listening: hive.bus.listening(),
     };
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],

@@ -5,7 +5,7 @@
 //! a restart (the operator's state, the acked seq).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use hive_proto::v1::{
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
+use crate::cluster::{Bus, Note};
 use crate::store::{now_ms, BoxRow};
 
 /// Operator states of a box as stored.
@@ -102,9 +103,27 @@ pub struct Registry {
     revoked: Mutex<HashSet<String>>,
     next_conn: AtomicU64,
     overflows: AtomicU64,
+    /// To the other control planes of the database: changes made here, and messages for
+    /// boxes whose sessions they hold.
+    bus: Bus,
+    /// Boxes whose row shows a heartbeat this recent are connected to another control plane
+    /// (0: one control plane, no such boxes).
+    remote_live_ms: AtomicI64,
 }
 
 impl Registry {
+    /// A registry whose changes also go out on `bus`; a box whose stored heartbeat is less
+    /// than `live_within` old is taken as connected to another control plane.
+    pub fn with_bus(bus: Bus, live_within: Duration) -> Registry {
+        let r = Registry {
+            bus,
+            ..Default::default()
+        };
+        r.remote_live_ms
+            .store(crate::state::millis(live_within), Ordering::Relaxed);
+        r
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BoxEntry>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -119,11 +138,41 @@ impl Registry {
         self.lock().get(box_id).and_then(|e| e.conn.clone())
     }
 
-    /// Sends a control message to a box if it is connected. False if it is not, went away, or
-    /// does not keep up: a box whose session queue is full (it stopped reading its stream)
+    /// Sends a control message to a box wherever its session is: here, or through the control
+    /// plane that holds it (which drops it when it does not hold it either). True if it was
+    /// sent from here.
+    pub async fn tell(&self, box_id: &str, msg: CtlMsg) -> bool {
+        if self.is_connected(box_id) {
+            return self.send(box_id, msg).await;
+        }
+        self.bus.publish(Note::ToBox {
+            box_id: box_id.to_string(),
+            msg: ControlMessage { msg: Some(msg) },
+        });
+        false
+    }
+
+    /// A control message from another control plane for a box whose session may be here.
+    pub(crate) fn send_here(&self, box_id: &str, msg: CtlMsg) {
+        if self.is_connected(box_id) {
+            if let CtlMsg::Cancel(c) = &msg {
+                if let Some(e) = self.lock().get_mut(box_id) {
+                    e.told_to_stop.insert(c.build_id.clone(), Instant::now());
+                }
+            }
+            let _ = self.try_send(box_id, msg);
+        }
+    }
+
+    /// Sends a control message to a box if it is connected here. False if it is not, went
+    /// away, or does not keep up: a box whose session queue is full (it stopped reading its stream)
     /// loses its session, and never makes the sender wait (the scheduler sends to every box
     /// from one task). The box reconnects and is told again what it missed.
     pub async fn send(&self, box_id: &str, msg: CtlMsg) -> bool {
+        self.try_send(box_id, msg)
+    }
+
+    fn try_send(&self, box_id: &str, msg: CtlMsg) -> bool {
         let Some(conn) = self.conn(box_id) else {
             return false;
         };
@@ -162,7 +211,7 @@ impl Registry {
             e.told_to_stop.insert(build_id.to_string(), Instant::now());
         }
         let sent = self
-            .send(
+            .tell(
                 box_id,
                 CtlMsg::Cancel(CancelBuild {
                     build_id: build_id.to_string(),
@@ -175,7 +224,7 @@ impl Registry {
             tracing::info!(
                 box_id,
                 build_id,
-                "box not connected; cancel not sent (its lease ends it)"
+                "box not connected here; cancel passed to the other control planes (its lease ends it otherwise)"
             );
         }
     }
@@ -283,6 +332,14 @@ impl Registry {
 
     /// Sets the operator state in memory (the store holds it too).
     pub fn set_admin_state(&self, box_id: &str, state: &str) {
+        self.set_admin_state_here(box_id, state);
+        self.bus.publish(Note::AdminState {
+            box_id: box_id.to_string(),
+            state: state.to_string(),
+        });
+    }
+
+    pub(crate) fn set_admin_state_here(&self, box_id: &str, state: &str) {
         if let Some(e) = self.lock().get_mut(box_id) {
             e.admin_state = state.to_string();
         }
@@ -291,6 +348,11 @@ impl Registry {
     /// Drops a forgotten box (`box forget`, its row already deleted) from memory. Should it
     /// have connected in between, its session is ended: it registers again, as a new box.
     pub fn forget(&self, box_id: &str) {
+        self.forget_here(box_id);
+        self.bus.publish(Note::Forget(box_id.to_string()));
+    }
+
+    pub(crate) fn forget_here(&self, box_id: &str) {
         if let Some(mut e) = self.lock().remove(box_id) {
             if let Some(c) = e.conn.take() {
                 c.kill.notify_one();
@@ -298,8 +360,15 @@ impl Registry {
         }
     }
 
-    /// Ends the box's session, if it has one (a revoked box): true if it had.
+    /// Ends the box's session, here or on another control plane (a revoked box, an id that
+    /// moved): true if it had one here.
     pub fn end_session(&self, box_id: &str) -> bool {
+        self.bus.publish(Note::EndSession(box_id.to_string()));
+        self.end_session_here(box_id)
+    }
+
+    /// Ends the box's session if this control plane holds it.
+    pub(crate) fn end_session_here(&self, box_id: &str) -> bool {
         match self.lock().get_mut(box_id).and_then(|e| e.conn.as_ref()) {
             Some(c) => {
                 c.kill.notify_one();
@@ -344,9 +413,17 @@ impl Registry {
     /// The live view of a box for `ListBoxes`, merged over its stored row.
     pub fn info(&self, row: &BoxRow) -> hive_proto::v1::BoxInfo {
         let map = self.lock();
-        let entry = map.get(&row.id);
+        let remote_live = self.remote_live_ms.load(Ordering::Relaxed);
+        // With other control planes, a box not connected here is as its row says (they keep
+        // the row current while they hold its session).
+        let entry = map
+            .get(&row.id)
+            .filter(|e| remote_live == 0 || e.conn.is_some());
         let admin = entry.map(|e| e.admin_state.as_str()).unwrap_or(&row.state);
-        let connected = entry.is_some_and(|e| e.conn.is_some());
+        let connected = entry.is_some_and(|e| e.conn.is_some())
+            || (remote_live > 0
+                && !row.session_owner.is_empty()
+                && row.last_heartbeat_ms >= now_ms() - remote_live);
         let state = match admin {
             LEFT => BoxState::Left,
             DRAINING => BoxState::Draining,
@@ -385,6 +462,11 @@ impl Registry {
     /// Installs a new session for a box, ending any older one. Returns the session's id.
     /// Marks a box revoked (before the revocation is committed; see `revoked`).
     pub fn mark_revoked(&self, box_id: &str) {
+        self.mark_revoked_here(box_id);
+        self.bus.publish(Note::Revoked(box_id.to_string()));
+    }
+
+    pub(crate) fn mark_revoked_here(&self, box_id: &str) {
         self.revoked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -393,6 +475,11 @@ impl Registry {
 
     /// A box joined again (a token bound to its id): it may connect.
     pub fn unmark_revoked(&self, box_id: &str) {
+        self.unmark_revoked_here(box_id);
+        self.bus.publish(Note::Unrevoked(box_id.to_string()));
+    }
+
+    pub(crate) fn unmark_revoked_here(&self, box_id: &str) {
         self.revoked
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -23,6 +23,8 @@ pub struct BoxRow {
     pub last_heartbeat_ms: i64,
     pub registered_at_ms: i64,
     pub acked_seq: u64,
+    /// The session holding the box (`<control plane id>/<session>`), '' when none.
+    pub session_owner: String,
 }
 
 /// A cell as last reported by its box (all its columns map as they are).
@@ -40,7 +42,7 @@ impl Store {
     pub async fn get_box(&self, id: &str) -> Result<Option<BoxRow>> {
         let row = sqlx::query_as::<_, BoxRecord>(
             "SELECT id, hostname, state, backend, pools_json, last_heartbeat_ms, \
-             registered_at_ms, acked_seq FROM boxes WHERE id = $1",
+             registered_at_ms, acked_seq, session_owner FROM boxes WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -52,7 +54,7 @@ impl Store {
     pub async fn list_boxes(&self) -> Result<Vec<BoxRow>> {
         let rows = sqlx::query_as::<_, BoxRecord>(
             "SELECT id, hostname, state, backend, pools_json, last_heartbeat_ms, \
-             registered_at_ms, acked_seq FROM boxes ORDER BY id",
+             registered_at_ms, acked_seq, session_owner FROM boxes ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -74,9 +76,9 @@ impl Store {
     pub async fn upsert_box(&self, b: &BoxRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO boxes (id, hostname, state, backend, pools_json, last_heartbeat_ms, \
-             registered_at_ms, acked_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (id) DO UPDATE SET hostname = $2, state = $3, backend = $4, \
-             pools_json = $5, last_heartbeat_ms = $6, registered_at_ms = $7",
+             registered_at_ms, acked_seq, session_owner) VALUES ($1, $2, $3, $4, $5, $6, $7, \
+             $8, $9) ON CONFLICT (id) DO UPDATE SET hostname = $2, state = $3, backend = $4, \
+             pools_json = $5, last_heartbeat_ms = $6, registered_at_ms = $7, session_owner = $9",
         )
         .bind(&b.id)
         .bind(&b.hostname)
@@ -86,6 +88,7 @@ impl Store {
         .bind(b.last_heartbeat_ms)
         .bind(b.registered_at_ms)
         .bind(to_i64("acked_seq", b.acked_seq)?)
+        .bind(&b.session_owner)
         .execute(&self.pool)
         .await
         .map_err(q("upsert box"))?;
@@ -118,6 +121,31 @@ impl Store {
             .map_err(q("update box heartbeat"))?;
         set_acked_tx(&mut tx, id, acked).await?;
         tx.commit().await.map_err(q("commit box heartbeat"))?;
+        Ok(())
+    }
+
+    /// A session ended: its acked seq is saved, and the box shows no pools and no session,
+    /// unless a newer session (here or on another control plane) holds the box by now.
+    pub async fn end_box_session(
+        &self,
+        id: &str,
+        owner: &str,
+        at_ms: i64,
+        acked: u64,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE boxes SET last_heartbeat_ms = $1, pools_json = '[]', session_owner = '' \
+             WHERE id = $2 AND session_owner = $3",
+        )
+        .bind(at_ms)
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("end box session"))?;
+        set_acked_tx(&mut tx, id, acked).await?;
+        tx.commit().await.map_err(q("commit box session end"))?;
         Ok(())
     }
 
@@ -309,6 +337,7 @@ struct BoxRecord {
     last_heartbeat_ms: i64,
     registered_at_ms: i64,
     acked_seq: i64,
+    session_owner: String,
 }
 
 impl TryFrom<BoxRecord> for BoxRow {
@@ -324,6 +353,7 @@ impl TryFrom<BoxRecord> for BoxRow {
             pools_json: r.pools_json,
             last_heartbeat_ms: r.last_heartbeat_ms,
             registered_at_ms: r.registered_at_ms,
+            session_owner: r.session_owner,
         })
     }
 }

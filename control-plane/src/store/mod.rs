@@ -319,6 +319,40 @@ impl Store {
         self.pool.close().await;
     }
 
+    /// Sends `payload` to the listeners of `channel` (PostgreSQL `NOTIFY`; other control
+    /// planes of this database). Nothing on SQLite.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        if self.kind != DbKind::Postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+            .map_err(q("notify the other control planes"))?;
+        Ok(())
+    }
+
+    /// Records `value` under `name` in the hive's identity if none is there, and returns
+    /// what is there (the first control plane's value wins).
+    pub async fn claim_identity(&self, name: &str, value: &str) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO hive_identity (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(q("record hive identity"))?;
+        let (v,): (String,) = sqlx::query_as("SELECT value FROM hive_identity WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("read hive identity"))?;
+        Ok(v)
+    }
+
     /// A round trip to the database (for `/healthz`).
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
@@ -373,6 +407,11 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(col: &str, s: &str) -> R
 }
 
 /// The file path of a `sqlite://` URL (None for in-memory databases).
+/// The file of a `sqlite:` URL (None for in-memory databases).
+pub fn sqlite_file(url: &str) -> Option<String> {
+    sqlite_path(url)
+}
+
 fn sqlite_path(url: &str) -> Option<String> {
     let rest = url
         .strip_prefix("sqlite://")

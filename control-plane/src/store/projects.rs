@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use super::audit::{insert_audit_tx, Audit};
 use super::{checked, from_json, new_id, now_ms, q, to_json, Result, Store, StoreError};
+use crate::cluster::{Bus, Note};
 
 /// A project as stored (the secret included: it is the webhook HMAC key).
 #[derive(Debug, Clone, PartialEq)]
@@ -59,32 +60,53 @@ type Keyed = Arc<Vec<(String, ProjectRow)>>;
 
 /// Every project with its repository key, in creation order, as last read; a generation
 /// number keeps a read that raced a write from installing what it read.
+/// With other control planes on the database, their writes drop this copy through a note
+/// (`cluster`); should a note be lost, a copy older than [`SHARED_MAX_AGE`] is read again.
 #[derive(Debug, Default)]
 pub(crate) struct ProjectCache {
     inner: Mutex<CacheState>,
+    /// Where project writes are announced to the other control planes (set once at start).
+    bus: std::sync::OnceLock<Bus>,
 }
+
+/// How long a shared database's project copy is trusted without news.
+const SHARED_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct CacheState {
     generation: u64,
-    projects: Option<Keyed>,
+    projects: Option<(Keyed, std::time::Instant)>,
 }
 
 impl ProjectCache {
     fn get(&self) -> (u64, Option<Keyed>) {
+        let shared = self.bus.get().is_some_and(Bus::is_shared);
         let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        (s.generation, s.projects.clone())
+        let fresh = s
+            .projects
+            .as_ref()
+            .filter(|(_, at)| !shared || at.elapsed() < SHARED_MAX_AGE)
+            .map(|(p, _)| p.clone());
+        (s.generation, fresh)
     }
 
     fn put(&self, generation: u64, projects: Keyed) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if s.generation == generation {
-            s.projects = Some(projects);
+            s.projects = Some((projects, std::time::Instant::now()));
         }
     }
 
-    /// After a committed project write: the next lookup reads the table.
+    /// After a committed project write: the next lookup here reads the table, and so do the
+    /// other control planes'.
     fn invalidate(&self) {
+        self.invalidate_here();
+        if let Some(bus) = self.bus.get() {
+            bus.publish(Note::Projects);
+        }
+    }
+
+    fn invalidate_here(&self) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         s.generation += 1;
         s.projects = None;
@@ -92,6 +114,16 @@ impl ProjectCache {
 }
 
 impl Store {
+    /// Announces project writes on `bus` from now on (once; later calls are ignored).
+    pub fn set_bus(&self, bus: Bus) {
+        let _ = self.projects.bus.set(bus);
+    }
+
+    /// Another control plane wrote a project (or notes may have been lost).
+    pub fn invalidate_projects_here(&self) {
+        self.projects.invalidate_here();
+    }
+
     /// Stores a new project and the audit entry of its making.
     pub async fn create_project(&self, p: &NewProject, audit: &Audit) -> Result<ProjectRow> {
         let row = ProjectRow {

@@ -62,6 +62,15 @@ pub enum Note {
     Forget(String),
     /// The sender took the box's session: an older one elsewhere ends.
     SessionTaken(String),
+    /// A command for a network's connector, to whoever holds its session (`call_id` empty:
+    /// no answer wanted).
+    ConnectorCall {
+        call_id: String,
+        network: String,
+        cmd: hive_proto::v1::ConnectorCommand,
+    },
+    /// The answer to a `ConnectorCall`: `ok <connector id>`, `refused <why>`, `timeout`, `gone`.
+    ConnectorAnswer { call_id: String, result: String },
 }
 
 impl Note {
@@ -81,6 +90,18 @@ impl Note {
             Note::EndSession(id) => ("E", id.clone(), String::new()),
             Note::Forget(id) => ("F", id.clone(), String::new()),
             Note::SessionTaken(id) => ("S", id.clone(), String::new()),
+            Note::ConnectorCall {
+                call_id,
+                network,
+                cmd,
+            } => (
+                "C",
+                format!("{call_id} {network}"),
+                base64::engine::general_purpose::STANDARD.encode(cmd.encode_to_vec()),
+            ),
+            Note::ConnectorAnswer { call_id, result } => {
+                ("K", call_id.clone(), result.replace(['\t', '\n'], " "))
+            }
         };
         // Ids are checked at the door (no control characters); a field that could break the
         // line format is not sent rather than sent wrong.
@@ -112,6 +133,19 @@ impl Note {
             "E" => Note::EndSession(id()),
             "F" => Note::Forget(id()),
             "S" => Note::SessionTaken(id()),
+            "C" => {
+                let (call_id, network) = a.split_once(' ')?;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
+                Note::ConnectorCall {
+                    call_id: call_id.to_string(),
+                    network: network.to_string(),
+                    cmd: hive_proto::v1::ConnectorCommand::decode(bytes.as_slice()).ok()?,
+                }
+            }
+            "K" => Note::ConnectorAnswer {
+                call_id: id(),
+                result: b.to_string(),
+            },
             _ => return None,
         })
     }
@@ -397,6 +431,16 @@ fn apply(hive: &Hive, note: Note) {
             }
         }
         Note::Forget(id) => reg.forget_here(&id),
+        Note::ConnectorCall {
+            call_id,
+            network,
+            cmd,
+        } => {
+            if let Some(c) = cmd.cmd {
+                hive.connectors.call_here(call_id, network, c);
+            }
+        }
+        Note::ConnectorAnswer { call_id, result } => hive.connectors.answered(&call_id, &result),
     }
 }
 
@@ -430,6 +474,23 @@ mod tests {
             Note::EndSession("box-3".into()),
             Note::Forget("box-4".into()),
             Note::SessionTaken("box-5".into()),
+            Note::ConnectorCall {
+                call_id: "c1".into(),
+                network: "corp".into(),
+                cmd: hive_proto::v1::ConnectorCommand {
+                    id: 0,
+                    cmd: Some(hive_proto::v1::connector_command::Cmd::RemovePeer(
+                        hive_proto::v1::RemovePeer {
+                            build_id: "b1".into(),
+                            public_key: "k".into(),
+                        },
+                    )),
+                },
+            },
+            Note::ConnectorAnswer {
+                call_id: "c1".into(),
+                result: "refused no such peer".into(),
+            },
         ];
         for n in &notes {
             let line = n.encode().expect("encodes");

@@ -27,6 +27,7 @@ use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::placement::Policy;
 use crate::registry::boxes::Registry;
+use crate::registry::connectors::Connectors;
 use crate::scheduler;
 use crate::sizeclass::SizeClasses;
 use crate::state::{millis, Hive};
@@ -431,8 +432,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
                 Duration::ZERO
             },
         ),
+        connectors: std::sync::Arc::new(Connectors::with_bus(bus.clone())),
         bus,
-        connectors: Default::default(),
         metrics,
         wake: Notify::new(),
         lease: config.lease,

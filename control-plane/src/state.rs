@@ -25,7 +25,7 @@ pub struct Hive {
     /// Box daemons and their sessions.
     pub registry: Registry,
     /// Connector sessions and key exchanges in flight (issue 5).
-    pub connectors: Connectors,
+    pub connectors: std::sync::Arc<Connectors>,
     pub metrics: Metrics,
     /// Wakes the scheduler (new build, box change).
     pub wake: Notify,

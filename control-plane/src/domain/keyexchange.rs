@@ -20,7 +20,7 @@ use hive_proto::v1::{AddPeer, KeyExchangeReply, KeyExchangeRequest, SyncPeers};
 use hive_types::Prefix;
 
 use crate::domain::network::validate_public_key;
-use crate::registry::connectors::{CallError, ConnectorConn};
+use crate::registry::connectors::CallError;
 use crate::state::Hive;
 use crate::store::{Issued, NetworkError, NetworkRow, TunnelLeaseRow};
 
@@ -92,11 +92,11 @@ pub async fn exchange(hive: &Hive, box_id: &str, req: &KeyExchangeRequest) -> Ke
         ..Default::default()
     };
     match exchange_inner(hive, box_id, req).await {
-        Ok((net, conn, lease)) => {
+        Ok((net, (public_key, endpoint), lease)) => {
             let mut allowed = net.prefixes.clone();
             allowed.push(net.tunnel_subnet.clone());
-            reply.connector_public_key = conn.public_key;
-            reply.connector_endpoint = conn.endpoint;
+            reply.connector_public_key = public_key;
+            reply.connector_endpoint = endpoint;
             reply.tunnel_address = lease.tunnel_address;
             reply.allowed_prefixes = allowed;
             reply.persistent_keepalive_secs = KEEPALIVE_SECS;
@@ -115,7 +115,7 @@ async fn exchange_inner(
     hive: &Hive,
     box_id: &str,
     req: &KeyExchangeRequest,
-) -> Result<(NetworkRow, ConnectorConn, TunnelLeaseRow), KeyExchangeError> {
+) -> Result<(NetworkRow, (String, String), TunnelLeaseRow), KeyExchangeError> {
     let build = hive
         .store
         .get_build(&req.build_id)
@@ -136,24 +136,31 @@ async fn exchange_inner(
         .await?
         .ok_or_else(|| KeyExchangeError::UnknownNetwork(build.private_network.clone()))?;
     let key = validate_public_key(&req.cell_public_key)?;
-    if hive.connectors.conn(&net.name).is_none() {
+    // With other control planes, the connector's session may be on one of them.
+    if !hive.bus.is_shared() && hive.connectors.conn(&net.name).is_none() {
         return Err(KeyExchangeError::NoConnector(net.name.clone()));
     }
     let lock = hive.connectors.key_lock(&key);
     let result = {
         let _one_at_a_time = lock.lock().await;
-        // Looked up under the lock: the wait can outlast a connector reconnect, and the
-        // command must go to the session that is open now.
-        match hive.connectors.conn(&net.name) {
-            Some(conn) => issue_and_apply(hive, box_id, req, &net, &conn, &key)
-                .await
-                .map(|lease| (conn, lease)),
-            None => Err(KeyExchangeError::NoConnector(net.name.clone())),
-        }
+        // The session is looked up when the command goes: the wait can outlast a connector
+        // reconnect, and the command must go to the session that is open now.
+        issue_and_apply(hive, box_id, req, &net, &key).await
     };
     hive.connectors.release(&key, lock);
-    let (conn, lease) = result?;
-    Ok((net, conn, lease))
+    let (connector_id, lease) = result?;
+    let who = match hive.connectors.conn(&net.name) {
+        Some(c) if c.connector_id == connector_id => (c.public_key, c.endpoint),
+        _ => hive
+            .store
+            .list_connectors(Some(&net.name))
+            .await?
+            .into_iter()
+            .find(|c| c.id == connector_id)
+            .map(|c| (c.public_key, c.endpoint))
+            .ok_or_else(|| KeyExchangeError::ConnectorGone(net.name.clone()))?,
+    };
+    Ok((net, who, lease))
 }
 
 /// Issues (or finds again) the lease of `key` and has the connector apply it. Runs under the
@@ -163,9 +170,8 @@ async fn issue_and_apply(
     box_id: &str,
     req: &KeyExchangeRequest,
     net: &NetworkRow,
-    conn: &ConnectorConn,
     key: &str,
-) -> Result<TunnelLeaseRow, KeyExchangeError> {
+) -> Result<(String, TunnelLeaseRow), KeyExchangeError> {
     let (lease, fresh) = match hive
         .store
         .issue_lease(net, &req.build_id, &req.lease_id, key)
@@ -187,12 +193,20 @@ async fn issue_and_apply(
         public_key: key.to_string(),
         tunnel_address: host_route(&lease.tunnel_address),
     });
-    if let Err(e) = hive.connectors.call(conn, add).await {
+    let applied = hive.connectors.call_anywhere(&net.name, add).await;
+    if let Err(e) = &applied {
         let network = net.name.clone();
         let e = match e {
-            CallError::Timeout { secs } => KeyExchangeError::ApplyTimeout { network, secs },
-            CallError::Refused(error) => KeyExchangeError::Refused { network, error },
+            CallError::Timeout { secs } => KeyExchangeError::ApplyTimeout {
+                network,
+                secs: *secs,
+            },
+            CallError::Refused(error) => KeyExchangeError::Refused {
+                network,
+                error: error.clone(),
+            },
             CallError::Gone => KeyExchangeError::ConnectorGone(network),
+            CallError::NoAnswer => KeyExchangeError::NoConnector(network),
         };
         // A lease issued just now is burnt: make sure no connector keeps it. A lease found
         // again belongs to an exchange that succeeded; the revoker ends it with its build.
@@ -219,7 +233,7 @@ async fn issue_and_apply(
     }
     tracing::info!(box_id, build_id = %req.build_id, network = %net.name,
         tunnel_address = %lease.tunnel_address, public_key = %key, "tunnel peer issued");
-    Ok(lease)
+    Ok((applied.unwrap_or_default(), lease))
 }
 
 /// Revokes leases whose build attempt is over, until shutdown.

@@ -13,6 +13,7 @@ use hive_proto::v1::{ConnectorCommand, RemovePeer};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::Status;
 
+use crate::cluster::{Bus, Note};
 use crate::store::TunnelLeaseRow;
 
 /// Why a command to a connector did not apply.
@@ -24,6 +25,8 @@ pub enum CallError {
     Refused(String),
     #[error("the connector went away")]
     Gone,
+    #[error("no control plane holds a session of the connector")]
+    NoAnswer,
 }
 
 /// How long the key exchange waits for the connector to apply a peer.
@@ -55,9 +58,22 @@ pub struct Connectors {
     exchanging: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Wakes the revoker.
     pub revoke_now: Notify,
+    /// To the other control planes: commands for a connector whose session one of them holds.
+    bus: Bus,
+    /// Commands passed to the other control planes, waiting for their answer: call id -> waiter
+    /// (the id of the connector that applied it, or why not).
+    remote: Mutex<HashMap<String, oneshot::Sender<Result<String, CallError>>>>,
 }
 
 impl Connectors {
+    /// Connectors whose commands may also go through the other control planes on `bus`.
+    pub fn with_bus(bus: Bus) -> Connectors {
+        Connectors {
+            bus,
+            ..Default::default()
+        }
+    }
+
     fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, ConnectorConn>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -182,10 +198,101 @@ impl Connectors {
         }
     }
 
+    /// Sends a command to the network's connector wherever its session is, and waits for it
+    /// to be applied; returns the id of the connector that applied it. With no session here,
+    /// the other control planes are asked; none holding it looks like a timeout.
+    pub(crate) async fn call_anywhere(&self, network: &str, cmd: Cmd) -> Result<String, CallError> {
+        if let Some(conn) = self.conn(network) {
+            return self.call(&conn, cmd).await.map(|()| conn.connector_id);
+        }
+        if !self.bus.is_shared() {
+            return Err(CallError::NoAnswer);
+        }
+        let call_id = uuid::Uuid::new_v4().simple().to_string();
+        let (tx, rx) = oneshot::channel();
+        self.remote_lock().insert(call_id.clone(), tx);
+        self.bus.publish(Note::ConnectorCall {
+            call_id: call_id.clone(),
+            network: network.to_string(),
+            cmd: ConnectorCommand {
+                id: 0,
+                cmd: Some(cmd),
+            },
+        });
+        // The holder waits up to APPLY_TIMEOUT itself; a second more covers the notes.
+        let out = tokio::time::timeout(APPLY_TIMEOUT + Duration::from_secs(1), rx).await;
+        self.remote_lock().remove(&call_id);
+        match out {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) | Err(_) => Err(CallError::NoAnswer),
+        }
+    }
+
+    fn remote_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Result<String, CallError>>>>
+    {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Another control plane passed a command for `network`'s connector: if its session is
+    /// here, apply it and answer (`call_id` empty: no answer wanted).
+    pub(crate) fn call_here(self: &Arc<Self>, call_id: String, network: String, cmd: Cmd) {
+        let Some(conn) = self.conn(&network) else {
+            return;
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = me
+                .call(&conn, cmd)
+                .await
+                .map(|()| conn.connector_id.clone());
+            if !call_id.is_empty() {
+                me.bus.publish(Note::ConnectorAnswer {
+                    call_id,
+                    result: match result {
+                        Ok(id) => format!("ok {id}"),
+                        Err(CallError::Refused(e)) => format!("refused {e}"),
+                        Err(CallError::Timeout { .. }) => "timeout".to_string(),
+                        Err(CallError::Gone | CallError::NoAnswer) => "gone".to_string(),
+                    },
+                });
+            }
+        });
+    }
+
+    /// The answer to a command passed to the other control planes.
+    pub(crate) fn answered(&self, call_id: &str, result: &str) {
+        let Some(tx) = self.remote_lock().remove(call_id) else {
+            return;
+        };
+        let r = match result.split_once(' ').unwrap_or((result, "")) {
+            ("ok", id) => Ok(id.to_string()),
+            ("refused", e) => Err(CallError::Refused(e.to_string())),
+            ("gone", _) => Err(CallError::Gone),
+            _ => Err(CallError::Timeout {
+                secs: APPLY_TIMEOUT.as_secs(),
+            }),
+        };
+        let _ = tx.send(r);
+    }
+
     /// Tells the network's connector to drop a peer, without waiting (a connector that is
-    /// offline gets the full set at its next `SyncPeers`, which no longer holds it).
+    /// offline gets the full set at its next `SyncPeers`, which no longer holds it). With no
+    /// session here, the control plane that holds it is asked to.
     pub(crate) async fn remove_peer(&self, lease: &TunnelLeaseRow) {
         let Some(conn) = self.conn(&lease.network) else {
+            self.bus.publish(Note::ConnectorCall {
+                call_id: String::new(),
+                network: lease.network.clone(),
+                cmd: ConnectorCommand {
+                    id: 0,
+                    cmd: Some(Cmd::RemovePeer(RemovePeer {
+                        build_id: lease.build_id.clone(),
+                        public_key: lease.public_key.clone(),
+                    })),
+                },
+            });
             return;
         };
         let id = self.command_id();

@@ -374,3 +374,130 @@ async fn unsafe_set_ups_are_refused() {
     assert!(err.to_string().contains("same secrets key"), "{err}");
     first.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_exchange_reaches_the_connector_on_another_control_plane() {
+    use base64::Engine as _;
+    use hive_proto::v1::connector_client::ConnectorClient;
+    use hive_proto::v1::connector_command::Cmd;
+    use hive_proto::v1::connector_message::Msg;
+    use hive_proto::v1::{
+        AddConnectorRequest, ConnectorHello, ConnectorMessage, CreateNetworkRequest,
+        KeyExchangeRequest, PeerApplied,
+    };
+    let Some(db) = TestDb::postgres("a_key_exchange_reaches_the_connector").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, token) = two(&db.url, dir.path()).await;
+    let mut api_a = api(&a, &token).await;
+    let key = |n: u8| base64::engine::general_purpose::STANDARD.encode([n; 32]);
+    api_a
+        .create_network(CreateNetworkRequest {
+            name: "corp".into(),
+            prefixes: vec!["10.20.0.0/16".into()],
+            tunnel_subnet: String::new(),
+        })
+        .await
+        .unwrap();
+    let added = api_a
+        .add_connector(AddConnectorRequest {
+            network: "corp".into(),
+            endpoint: "198.18.0.50:51820".into(),
+            public_key: key(7),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut p = project("priv", "");
+    p.private_network = "corp".into();
+    api_a.create_project(p).await.unwrap();
+
+    // The connector's session is on A, the box's on B.
+    let mut client = ConnectorClient::connect(format!("http://{}", a.grpc_addr))
+        .await
+        .unwrap();
+    let (ctx, crx) = tokio::sync::mpsc::channel(16);
+    ctx.send(ConnectorMessage {
+        seq: 1,
+        msg: Some(Msg::Hello(ConnectorHello {
+            network: "corp".into(),
+            public_key: key(7),
+            endpoint: "198.18.0.50:51820".into(),
+            token: added.token.clone(),
+            version: "cluster-test".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut commands = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(crx))
+        .await
+        .expect("connector session on A")
+        .into_inner();
+    let first = commands.message().await.unwrap().unwrap();
+    assert!(matches!(first.cmd, Some(Cmd::Sync(_))), "{first:?}");
+
+    let mut fb = fake_box(&b, "kx-on-b").await;
+    let build = api_a
+        .submit_build(SubmitBuildRequest {
+            project: "priv".into(),
+            revision: "0123456789abcdef0123456789abcdef01234567".into(),
+            git_ref: "refs/heads/main".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let asg = fb.next_assignment(SOON).await.expect("placed on B's box");
+    fb.accept(&asg, "cell-kx", true).await;
+    fb.key_exchange(KeyExchangeRequest {
+        build_id: asg.build_id.clone(),
+        lease_id: asg.lease_id.clone(),
+        cell_id: "cell-kx".into(),
+        cell_public_key: key(9),
+    })
+    .await;
+    // The AddPeer reaches the connector on A through the notes; it is applied by hand.
+    let cmd = tokio::time::timeout(SOON, commands.message())
+        .await
+        .expect("AddPeer reached the connector on A")
+        .unwrap()
+        .unwrap();
+    let Some(Cmd::AddPeer(peer)) = &cmd.cmd else {
+        panic!("expected AddPeer, got {cmd:?}");
+    };
+    assert_eq!(peer.public_key, key(9));
+    ctx.send(ConnectorMessage {
+        seq: 2,
+        msg: Some(Msg::Applied(PeerApplied {
+            command_id: cmd.id,
+            error: String::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let reply = fb
+        .expect_key_exchange_reply(&build.id, SOON)
+        .await
+        .expect("B answered the box");
+    assert!(reply.error.is_empty(), "{reply:?}");
+    assert_eq!(reply.connector_public_key, key(7));
+    assert_eq!(reply.connector_endpoint, "198.18.0.50:51820");
+
+    // The build ends on B's box: the peer is removed from the connector on A.
+    fb.running(&asg).await;
+    fb.finish(&asg, BuildState::Succeeded, 0).await;
+    let cmd = tokio::time::timeout(SOON, commands.message())
+        .await
+        .expect("RemovePeer reached the connector on A")
+        .unwrap()
+        .unwrap();
+    match &cmd.cmd {
+        Some(Cmd::RemovePeer(r)) => assert_eq!(r.public_key, key(9)),
+        other => panic!("expected RemovePeer, got {other:?}"),
+    }
+    fb.disconnect();
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -466,6 +466,8 @@ pub(crate) async fn place_tx(tx: &mut Transaction<'_, Any>, p: &Placement) -> Re
 }
 
 /// Ends a build that has not ended yet; None (and nothing written) when it is unknown or over.
+/// A build that moved on meanwhile (placed -> running, written by a box session on this or
+/// another control plane) is read again and ended from its new state.
 pub(crate) async fn end_build_tx(
     tx: &mut Transaction<'_, Any>,
     build_id: &str,
@@ -474,30 +476,34 @@ pub(crate) async fn end_build_tx(
 ) -> Result<Option<BuildRow>> {
     debug_assert!(state.is_terminal());
     let now = now_ms();
-    let Some(before) = fetch_build(&mut **tx, build_id).await? else {
-        return Ok(None);
-    };
-    if before.state.is_terminal() {
-        return Ok(None);
+    // A build goes through at most queued, placed, running: a few reads cover every move.
+    for _ in 0..4 {
+        let Some(before) = fetch_build(&mut **tx, build_id).await? else {
+            return Ok(None);
+        };
+        if before.state.is_terminal() {
+            return Ok(None);
+        }
+        let res = sqlx::query(
+            "UPDATE builds SET state = $1, message = $2, updated_at_ms = $3 \
+             WHERE id = $4 AND state = $5",
+        )
+        .bind(state.short_name())
+        .bind(reason)
+        .bind(now)
+        .bind(build_id)
+        .bind(before.state.short_name())
+        .execute(&mut **tx)
+        .await
+        .map_err(q("update build to ended"))?;
+        if res.rows_affected() == 0 {
+            continue;
+        }
+        release_leases_of_build_tx(tx, build_id).await?;
+        add_transition(tx, build_id, state, now, reason).await?;
+        return Ok(Some(before));
     }
-    let res = sqlx::query(
-        "UPDATE builds SET state = $1, message = $2, updated_at_ms = $3 \
-         WHERE id = $4 AND state = $5",
-    )
-    .bind(state.short_name())
-    .bind(reason)
-    .bind(now)
-    .bind(build_id)
-    .bind(before.state.short_name())
-    .execute(&mut **tx)
-    .await
-    .map_err(q("update build to ended"))?;
-    if res.rows_affected() == 0 {
-        return Ok(None);
-    }
-    release_leases_of_build_tx(tx, build_id).await?;
-    add_transition(tx, build_id, state, now, reason).await?;
-    Ok(Some(before))
+    Ok(None)
 }
 
 /// `AND box_id = $n` when the caller names a box, so an update names the box it comes from.
@@ -517,6 +523,14 @@ pub(crate) async fn confirm_lease_tx(
     warm_start: bool,
     deadline_ms: i64,
 ) -> Result<bool> {
+    // The build's row first, as every other writer of a build and its leases takes them (end,
+    // finish, re-queue: build, then leases): on PostgreSQL an operator's cancel racing a box's
+    // accept would otherwise deadlock.
+    sqlx::query("UPDATE builds SET updated_at_ms = updated_at_ms WHERE id = $1")
+        .bind(build_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("lock build"))?;
     let sql = format!(
         "UPDATE leases SET confirmed = 1, deadline_ms = $1 \
          WHERE id = $2 AND build_id = $3 AND state = 'live'{}",

@@ -23,11 +23,16 @@ pub async fn start(db_url: &str) -> Handle {
 }
 
 pub async fn start_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> Handle {
-    // The data dir only receives admin.token and the CA, which the handle also carries (the
-    // CA in memory): it can go once the control plane has started.
-    let data_dir = tempfile::tempdir().expect("temp data dir");
+    // One data dir per database (admin.token, the CA, the secrets key): a control plane
+    // started again on the same database is the same hive (another CA would be refused).
+    let data_dir = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        db_url.hash(&mut h);
+        std::env::temp_dir().join(format!("hive-test-data-{:016x}", h.finish()))
+    };
     let mut config = Config {
-        data_dir: data_dir.path().to_path_buf(),
+        data_dir: data_dir.clone(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         box_addr: "127.0.0.1:0".parse().unwrap(),

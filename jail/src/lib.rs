@@ -12,10 +12,13 @@
 //! Neighbours: `hive-box` (the backends write the specs and spawn the helper), `hive-vmm` (the
 //! program a microVM jail ends up running; it adds its own seccomp allow-list).
 
+pub mod caps;
 pub mod cgroup;
+pub mod devices;
 pub mod launch;
 pub mod libs;
 pub mod recipe;
 pub mod seccomp;
+pub mod userns;
 
-pub use recipe::{BindSpec, JailError, JailSpec, RootSpec};
+pub use recipe::{BindSpec, JailError, JailSpec, RootSpec, SeccompProfile, TmpfsSpec};

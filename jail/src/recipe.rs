@@ -565,7 +565,7 @@ fn enter_inner(
         })?;
     }
 
-    minimal_dev(&inside(&root.merged, Path::new("/dev")))?;
+    minimal_dev(&inside(&root.merged, Path::new("/dev")), spec.userns.map(|m| m.host_base))?;
 
     let old = root.merged.join(OLD_ROOT);
     mkdir_p(&old)?;
@@ -663,6 +663,27 @@ fn enter_userns(ns: &std::os::fd::OwnedFd, map: &IdMap) -> Result<(), JailError>
     Ok(())
 }
 
+/// Makes a character node like `host` at `target`, owned by `uid` (and gid) with mode 0600.
+fn own_node(host: &Path, target: &Path, uid: u32) -> Result<(), JailError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |source: io::Error| JailError::MountPoint {
+        path: target.to_path_buf(),
+        source,
+    };
+    let rdev = fs::metadata(host).map_err(err)?.rdev();
+    if let Some(parent) = target.parent() {
+        mkdir_p(parent)?;
+    }
+    nix::sys::stat::mknod(
+        target,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        rdev,
+    )
+    .map_err(|e| err(e.into()))?;
+    std::os::unix::fs::chown(target, Some(uid), Some(uid)).map_err(err)
+}
+
 fn cstring(s: &str) -> Result<CString, JailError> {
     CString::new(s).map_err(|_| JailError::Nul(s.to_string()))
 }
@@ -733,7 +754,10 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), JailError> {
 }
 
 /// A tmpfs /dev holding only the harmless character devices, a private devpts and /dev/shm.
-fn minimal_dev(dev: &Path) -> Result<(), JailError> {
+/// With a user namespace (`owner`: the host uid of its root) the TUN node is the jail's own,
+/// made here owned by the cell's root with mode 0600: the box's node is root-only, and the
+/// cell's root is not the box's.
+fn minimal_dev(dev: &Path, owner: Option<u32>) -> Result<(), JailError> {
     mkdir_p(dev)?;
     let tmpfs = |target: &Path, opts: &str| {
         mount(
@@ -751,7 +775,11 @@ fn minimal_dev(dev: &Path) -> Result<(), JailError> {
     };
     tmpfs(dev, "mode=755,size=65536k")?;
     for name in DEVICES {
-        bind(&Path::new("/dev").join(name), &dev.join(name), false)?;
+        let host = Path::new("/dev").join(name);
+        match owner {
+            Some(uid) if name == "net/tun" => own_node(&host, &dev.join(name), uid)?,
+            _ => bind(&host, &dev.join(name), false)?,
+        }
     }
     let pts = dev.join("pts");
     mkdir_p(&pts)?;

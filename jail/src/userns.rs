@@ -183,6 +183,10 @@ pub fn create_netns(pin: &Path, map: IdMap) -> Result<(), UsernsError> {
     if pid == 0 {
         // SAFETY: raw system calls in the forked child on descriptors it inherited; see above.
         unsafe {
+            // The parent's ends, duplicated by fork: kept open, they would keep the child's
+            // read from ever seeing EOF.
+            libc::close(go_w.as_raw_fd());
+            libc::close(ready_r.as_raw_fd());
             let rc = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET);
             let errno: i32 = if rc == 0 {
                 0

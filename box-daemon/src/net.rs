@@ -316,7 +316,9 @@ impl BoxNet {
                 let pin = net.netns.clone();
                 tokio::task::spawn_blocking(move || hive_jail::userns::create_netns(&pin, map))
                     .await
-                    .map_err(|e| NetError::Userns(hive_jail::userns::UsernsError::Fork(io::Error::other(e))))?
+                    .map_err(|e| {
+                        NetError::Userns(hive_jail::userns::UsernsError::Fork(io::Error::other(e)))
+                    })?
                     .map_err(NetError::Userns)?;
             }
         }

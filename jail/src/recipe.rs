@@ -451,10 +451,7 @@ fn enter(spec: &JailSpec, userns: Option<&std::os::fd::OwnedFd>) -> JailError {
 
 enum Never {}
 
-fn enter_inner(
-    spec: &JailSpec,
-    userns: Option<&std::os::fd::OwnedFd>,
-) -> Result<Never, JailError> {
+fn enter_inner(spec: &JailSpec, userns: Option<&std::os::fd::OwnedFd>) -> Result<Never, JailError> {
     // Nothing we mount may leak back to the box, nor box mounts appear later in the cell.
     mount(
         None::<&str>,
@@ -565,7 +562,10 @@ fn enter_inner(
         })?;
     }
 
-    minimal_dev(&inside(&root.merged, Path::new("/dev")), spec.userns.map(|m| m.host_base))?;
+    minimal_dev(
+        &inside(&root.merged, Path::new("/dev")),
+        spec.userns.map(|m| m.host_base),
+    )?;
 
     let old = root.merged.join(OLD_ROOT);
     mkdir_p(&old)?;
@@ -637,7 +637,8 @@ fn enter_inner(
 fn enter_userns(ns: &std::os::fd::OwnedFd, map: &IdMap) -> Result<(), JailError> {
     setns(ns.as_fd(), CloneFlags::CLONE_NEWUSER).map_err(JailError::EnterUserns)?;
     // Read from inside, the map shows the host's ids.
-    let found = crate::userns::parse_map(&fs::read_to_string("/proc/self/uid_map").unwrap_or_default());
+    let found =
+        crate::userns::parse_map(&fs::read_to_string("/proc/self/uid_map").unwrap_or_default());
     let want = (0, map.host_base, map.count);
     if found != [want] {
         return Err(JailError::UsernsMap {

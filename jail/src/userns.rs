@@ -360,10 +360,16 @@ mod tests {
         assert_eq!(a.host_base + a.count, b.host_base);
         assert_eq!(b.host(1000), Some((1 << 28) + CELL_IDS + 1000));
         assert_eq!(b.host(CELL_IDS), None);
-        assert!(IdMap::for_slot(0, 0).is_none(), "host root must never be mapped");
+        assert!(
+            IdMap::for_slot(0, 0).is_none(),
+            "host root must never be mapped"
+        );
         assert!(IdMap::for_slot(u32::MAX - 10, 0).is_none());
         assert!(IdMap::for_slot(1 << 28, u32::MAX).is_none());
         assert_eq!(a.line(), format!("0 {} 65536\n", 1u32 << 28));
-        assert_eq!(parse_map("         0  268435456      65536\n"), vec![(0, 1 << 28, 65536)]);
+        assert_eq!(
+            parse_map("         0  268435456      65536\n"),
+            vec![(0, 1 << 28, 65536)]
+        );
     }
 }

@@ -236,9 +236,8 @@ pub enum JailError {
     Nul(String),
     #[error("user namespace")]
     Userns(#[from] UsernsError),
-    #[error("the user namespace of {netns} maps {found:?}, not {want:?}")]
+    #[error("the cell's user namespace maps {found:?}, not {want:?}")]
     UsernsMap {
-        netns: PathBuf,
         found: Vec<(u32, u32, u32)>,
         want: (u32, u32, u32),
     },
@@ -348,10 +347,10 @@ pub fn run(spec: &JailSpec) -> Result<i32, JailError> {
             source,
         })?;
     }
-    // The user namespace owning the cell's netns, checked against the spec before anything
-    // enters it: a netns of the wrong owner would leave the cell's root mapped elsewhere.
+    // The user namespace owning the cell's netns; PID 1 checks its map against the spec once
+    // inside (a netns of the wrong owner would leave the cell's root mapped elsewhere).
     let userns = match (&spec.userns, &spec.netns) {
-        (Some(map), Some(ns)) => Some(open_userns(ns, map)?),
+        (Some(_), Some(ns)) => Some(crate::userns::owner_of(ns)?),
         _ => None,
     };
     if let Some(ns) = &spec.netns {
@@ -434,11 +433,6 @@ fn supervise(
             }
         }
     }
-}
-
-/// Opens the user namespace owning `netns` (its map is checked once PID 1 is inside it).
-fn open_userns(netns: &Path, _map: &IdMap) -> Result<std::os::fd::OwnedFd, JailError> {
-    Ok(crate::userns::owner_of(netns)?)
 }
 
 /// The recipe, run as PID 1 of the new namespaces. Returns only on failure.
@@ -641,11 +635,7 @@ fn enter_userns(ns: &std::os::fd::OwnedFd, map: &IdMap) -> Result<(), JailError>
         crate::userns::parse_map(&fs::read_to_string("/proc/self/uid_map").unwrap_or_default());
     let want = (0, map.host_base, map.count);
     if found != [want] {
-        return Err(JailError::UsernsMap {
-            netns: PathBuf::from("(the cell's)"),
-            found,
-            want,
-        });
+        return Err(JailError::UsernsMap { found, want });
     }
     let root_gid = nix::unistd::Gid::from_raw(0);
     let root_uid = nix::unistd::Uid::from_raw(0);

@@ -980,10 +980,8 @@ mod tests {
         let step = step().unwrap();
         let res = std::thread::spawn(move || {
             // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integers only.
-            assert_eq!(
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-                0
-            );
+            let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(rc, 0);
             install(&daemon).unwrap();
             install(&step).unwrap();
             let call = |nr: i64, a0: u64| {

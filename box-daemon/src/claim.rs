@@ -32,7 +32,8 @@ pub struct Record {
     pub nft_table: String,
     pub cgroup_parent: String,
     pub cell_subnet: String,
-    /// microvm: the VMM uids `[first, end)`.
+    /// The cells' host uids `[first, end)`: microvm, one VMM uid per cell; sandbox, 65536 per
+    /// cell (each cell's user namespace).
     #[serde(default)]
     pub vmm_uids: Option<(u32, u32)>,
 }
@@ -70,8 +71,11 @@ pub struct Wanted {
     pub cell_subnet: Pick<Subnet>,
     /// Networks a derived subnet must not overlap besides other boxes' (the host's routes).
     pub avoid: Vec<Subnet>,
-    /// microvm: the first uid of the VMM uid range (its length is the subnet's slot count).
+    /// The first uid of the cells' uid range (its length is the subnet's slot count times
+    /// `uids_per_cell`).
     pub vmm_uid_base: Option<Pick<u32>>,
+    /// Host uids each cell slot takes: 1 (a microVM's VMM) or 65536 (a sandbox's namespace).
+    pub uids_per_cell: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +258,11 @@ fn hold(
     let subnet = pick_subnet(want, &others)?;
     let vmm_uids = match &want.vmm_uid_base {
         None => None,
-        Some(pick) => Some(pick_uids(pick, subnet.slots(), &others)?),
+        Some(pick) => Some(pick_uids(
+            pick,
+            subnet.slots().saturating_mul(want.uids_per_cell.max(1)),
+            &others,
+        )?),
     };
 
     let record = Record {
@@ -305,6 +313,8 @@ fn pick_subnet(want: &Wanted, others: &[Record]) -> Result<Subnet, ClaimError> {
 }
 
 fn pick_uids(pick: &Pick<u32>, len: u32, others: &[Record]) -> Result<(u32, u32), ClaimError> {
+    // A range that would run past the last uid is cut there (and a cell past it refused by
+    // the backend), never wrapped.
     let range = |first: u32| (first, first.saturating_add(len));
     let held_by = |(a, b): (u32, u32)| {
         others
@@ -345,6 +355,7 @@ mod tests {
             cell_subnet: subnet,
             avoid: vec![],
             vmm_uid_base: None,
+            uids_per_cell: 1,
         }
     }
 

@@ -234,6 +234,20 @@ pub fn vmm_uid_candidates(box_id: &str, base: u32) -> impl Iterator<Item = u32> 
     (0..n).map(move |k| base + ((first + k) % n) * VMM_UID_STRIDE)
 }
 
+/// Where derived sandbox uid ranges start: systemd's container range (0x80000..0x6fffffff,
+/// 65536 per container) is what other tools on a host stay out of, and VMM uids are below it.
+pub const SANDBOX_UID_BASE: u32 = 0x1000_0000;
+/// Derived sandbox uid ranges: one /20's 1024 cells x 65536 ids each.
+pub const SANDBOX_UID_STRIDE: u32 = 1 << 26;
+
+/// Sandbox cell uid bases a box may take: `SANDBOX_UID_BASE + k * SANDBOX_UID_STRIDE` for the
+/// 24 ranges below 0x70000000, from one the id's hash picks, onwards, wrapping.
+pub fn sandbox_uid_candidates(box_id: &str) -> impl Iterator<Item = u32> {
+    let n = (0x7000_0000 - SANDBOX_UID_BASE) / SANDBOX_UID_STRIDE;
+    let first = start_index(box_id) % n;
+    (0..n).map(move |k| SANDBOX_UID_BASE + ((first + k) % n) * SANDBOX_UID_STRIDE)
+}
+
 /// Whether two prefixes share an address.
 pub fn overlaps(a: Subnet, b: Subnet) -> bool {
     let p = a.prefix.min(b.prefix);

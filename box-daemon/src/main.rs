@@ -132,6 +132,11 @@ struct RunArgs {
     /// k from the box id, the first range no other box on this host holds).
     #[arg(long, env = "HIVE_VMM_UID_BASE")]
     vmm_uid_base: Option<u32>,
+    /// sandbox: the cell in slot N maps its ids 0..65535 (root included) to host ids BASE + N *
+    /// 65536 onwards (default: 0x10000000 + k * 2^26, k from the box id, the first range no
+    /// other box on this host holds)
+    #[arg(long, env = "HIVE_SANDBOX_UID_BASE")]
+    sandbox_uid_base: Option<u32>,
     /// Address of the HTTP /healthz endpoint.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
     health_addr: SocketAddr,
@@ -467,6 +472,9 @@ async fn run_async(
                 cgroup_parent: claim.record.cgroup_parent.clone(),
                 net: net.clone(),
                 cell_env,
+                cell_uid_base: claim
+                    .vmm_uid_base()
+                    .unwrap_or(hive_box::identity::SANDBOX_UID_BASE),
             })?);
             let cgroups = backend.cgroups().clone();
             serve(
@@ -575,13 +583,19 @@ fn claim_names(args: &RunArgs, microvm: bool) -> Result<Claim, MainError> {
         Some(s) => Pick::Given(s),
         None => Pick::Derived(identity::subnet_candidates(&box_id).collect()),
     };
-    let vmm_uid_base = microvm.then(|| match args.vmm_uid_base {
-        Some(base) => Pick::Given(base),
-        None => Pick::Derived(
+    let vmm_uid_base = Some(match (microvm, args.vmm_uid_base, args.sandbox_uid_base) {
+        (true, Some(base), _) | (false, _, Some(base)) => Pick::Given(base),
+        (true, None, _) => Pick::Derived(
             identity::vmm_uid_candidates(&box_id, hive_box::backend::microvm::DEFAULT_VMM_UID_BASE)
                 .collect(),
         ),
+        (false, _, None) => Pick::Derived(identity::sandbox_uid_candidates(&box_id).collect()),
     });
+    let uids_per_cell = if microvm {
+        1
+    } else {
+        hive_jail::userns::CELL_IDS
+    };
     let want = Wanted {
         box_id,
         data_dir,
@@ -590,6 +604,7 @@ fn claim_names(args: &RunArgs, microvm: bool) -> Result<Claim, MainError> {
         cell_subnet,
         avoid: identity::host_routes(),
         vmm_uid_base,
+        uids_per_cell,
     };
     let claim = hive_box::claim::claim(&args.claims_dir, &want)?;
     let r = &claim.record;

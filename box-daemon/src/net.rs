@@ -41,6 +41,8 @@ pub enum NetError {
     },
     #[error(transparent)]
     Netns(#[from] hive_sys::netns::Error),
+    #[error("make the cell's user and network namespaces")]
+    Userns(#[source] hive_jail::userns::UsernsError),
     #[error("enter network namespace {path}")]
     EnterNetns {
         path: PathBuf,
@@ -269,6 +271,18 @@ impl BoxNet {
 
     /// Builds one cell's network: netns, veth pair, addresses, routes, firewall membership.
     pub async fn create_cell(&self, names: &CellNetNames, slot: u32) -> Result<CellNet, NetError> {
+        self.create_cell_owned(names, slot, None).await
+    }
+
+    /// [`BoxNet::create_cell`] with the cell's netns owned by a new user namespace mapped by
+    /// `owner` (a sandbox cell's: its root then configures its own network, root of nothing
+    /// else). None: the box's own user namespace owns it.
+    pub async fn create_cell_owned(
+        &self,
+        names: &CellNetNames,
+        slot: u32,
+        owner: Option<hive_jail::userns::IdMap>,
+    ) -> Result<CellNet, NetError> {
         let (box_ip, cell_ip) = self
             .subnet
             .slot(slot)
@@ -279,7 +293,7 @@ impl BoxNet {
             cell_ip,
             netns: Path::new(NETNS_DIR).join(&names.netns),
         };
-        match self.build_cell(&net).await {
+        match self.build_cell(&net, owner).await {
             Ok(()) => Ok(net),
             Err(e) => {
                 self.destroy_cell(&net.names).await;
@@ -288,9 +302,26 @@ impl BoxNet {
         }
     }
 
-    async fn build_cell(&self, net: &CellNet) -> Result<(), NetError> {
+    async fn build_cell(
+        &self,
+        net: &CellNet,
+        owner: Option<hive_jail::userns::IdMap>,
+    ) -> Result<(), NetError> {
         let names = &net.names;
-        create_netns(&names.netns).await?;
+        match owner {
+            None => {
+                create_netns(&names.netns).await?;
+            }
+            Some(map) => {
+                let pin = net.netns.clone();
+                tokio::task::spawn_blocking(move || hive_jail::userns::create_netns(&pin, map))
+                    .await
+                    .map_err(|e| {
+                        NetError::Userns(hive_jail::userns::UsernsError::Fork(io::Error::other(e)))
+                    })?
+                    .map_err(NetError::Userns)?;
+            }
+        }
         let host = netlink(None).await?;
         host.link()
             .add(LinkVeth::new(&names.veth, &names.peer).build())

@@ -130,22 +130,26 @@ fn vmm_runs_the_test_guest_inside_the_jail() {
             upper: dir.path().join("upper"),
             work: dir.path().join("work"),
             merged: dir.path().join("merged"),
+            idmapped_lower: None,
         },
         binds: vec![
             BindSpec {
                 source: PathBuf::from(env!("CARGO_BIN_EXE_hive-box")),
                 target: PathBuf::from("/usr/local/bin/hive-box"),
                 readonly: true,
+                idmap: false,
             },
             BindSpec {
                 source: PathBuf::from("/dev/kvm"),
                 target: PathBuf::from("/run/kvm"),
                 readonly: false,
+                idmap: false,
             },
             BindSpec {
                 source: cell.clone(),
                 target: PathBuf::from("/cell"),
                 readonly: false,
+                idmap: false,
             },
         ],
         netns: None,
@@ -155,6 +159,11 @@ fn vmm_runs_the_test_guest_inside_the_jail() {
         args: vec!["vmm".into(), "--config".into(), "/cell/vm.json".into()],
         env: BTreeMap::new(),
         seccomp: true,
+        seccomp_profile: hive_jail::SeccompProfile::DenyList,
+        userns: None,
+        keep_caps: None,
+        sysfs: false,
+        tmpfs: Vec::new(),
     };
     let spec_path = dir.path().join("jail.json");
     std::fs::write(&spec_path, serde_json::to_string(&spec).expect("json")).expect("spec");

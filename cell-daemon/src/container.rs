@@ -657,6 +657,7 @@ fn container_pid1_setup(args: &InitArgs) -> Result<(), HelperError> {
         ),
         || format!("mount proc at {}/proc", root.display()),
     )?;
+    mask_proc(&root.join("proc"))?;
     // A minimal /dev: a tmpfs with the harmless nodes bound in from the cell's /dev.
     let dev = root.join("dev");
     sys(
@@ -737,6 +738,90 @@ fn container_pid1_setup(args: &InitArgs) -> Result<(), HelperError> {
         "detach the old root".into()
     })?;
     sys(nix::unistd::chdir("/"), || "chdir /".into())?;
+    Ok(())
+}
+
+/// Files of /proc a build gets /dev/null in place of: kernel memory and symbols, keyrings,
+/// timer and scheduler internals, the sysrq trigger.
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "kallsyms",
+    "keys",
+    "key-users",
+    "timer_list",
+    "sched_debug",
+    "sysrq-trigger",
+    "latency_stats",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "kmsg",
+    "config.gz",
+    "vmallocinfo",
+    "slabinfo",
+];
+/// Directories of /proc a build sees empty.
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "driver", "tty/driver"];
+/// Directories of /proc a build sees read-only (sysctls included: core_pattern, ...).
+const PROC_READONLY: &[&str] = &["sys", "irq", "bus", "fs", "sysvipc"];
+
+/// Masks the container's fresh /proc as container runtimes do: what reaches kernel-wide state
+/// or leaks the box's internals is hidden or read-only. The step runs without capabilities and
+/// cannot unmount any of it; the user namespace already keeps it from writing kernel-wide
+/// sysctls, this keeps it from reading them too.
+fn mask_proc(proc_dir: &Path) -> Result<(), HelperError> {
+    let none: Option<&str> = None;
+    for f in PROC_MASKED_FILES {
+        let p = proc_dir.join(f);
+        if !p.exists() {
+            continue;
+        }
+        sys(
+            mount(Some("/dev/null"), &p, none, MsFlags::MS_BIND, none),
+            || format!("mask {}", p.display()),
+        )?;
+    }
+    for d in PROC_MASKED_DIRS {
+        let p = proc_dir.join(d);
+        if !p.is_dir() {
+            continue;
+        }
+        sys(
+            mount(
+                Some("tmpfs"),
+                &p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0,mode=0555"),
+            ),
+            || format!("mask {}", p.display()),
+        )?;
+    }
+    for d in PROC_READONLY {
+        let p = proc_dir.join(d);
+        if !p.exists() {
+            continue;
+        }
+        sys(
+            mount(Some(&p), &p, none, MsFlags::MS_BIND | MsFlags::MS_REC, none),
+            || format!("bind {}", p.display()),
+        )?;
+        sys(
+            mount(
+                none,
+                &p,
+                none,
+                MsFlags::MS_BIND
+                    | MsFlags::MS_REMOUNT
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                none,
+            ),
+            || format!("make {} read-only", p.display()),
+        )?;
+    }
     Ok(())
 }
 
@@ -850,11 +935,24 @@ fn exec_child(args: &ExecArgs, argv: &[CString]) -> HelperError {
             let u = nix::unistd::Uid::from_raw(uid);
             sys(nix::unistd::setresuid(u, u, u), || format!("set uid {uid}"))?;
         }
+        // Nothing left in any set, ambient and inheritable included (setresuid above cleared
+        // the permitted and effective sets only).
+        io(hive_jail::caps::clear(), || "drop capabilities".into())?;
         sys(nix::sys::prctl::set_no_new_privs(), || {
             "set no_new_privs".into()
         })?;
         sys(nix::unistd::chdir(args.cwd.as_str()), || {
             format!("chdir {}", args.cwd)
+        })?;
+        // Last before exec: the step's seccomp profile (no mounts, no namespaces, no ptrace
+        // attach, no clone3), stacked on the cell daemon's allow-list in a sandbox.
+        let filters = hive_jail::seccomp::step().map_err(|e| HelperError::Io {
+            op: "build the step's seccomp filter".into(),
+            source: std::io::Error::other(e),
+        })?;
+        hive_jail::seccomp::install(&filters).map_err(|e| HelperError::Io {
+            op: "install the step's seccomp filter".into(),
+            source: std::io::Error::other(e),
         })?;
         sys(nix::unistd::execvp(&argv[0], argv), || {
             format!("exec {}", args.argv[0])

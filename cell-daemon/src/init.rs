@@ -104,7 +104,16 @@ pub fn setup(hostname: &str) -> Result<(), InitError> {
     if !is_mount_point("/tmp") {
         mount_fs("tmpfs", "/tmp", nosuid, Some("mode=1777"))?;
     }
-    // /run: a fresh tmpfs, keeping the box's /run/hive bind mount (if any) by moving it aside.
+    // /run: a sandbox's jail made it already (a size-capped tmpfs with the box's /run/hive
+    // inside; in the cell's user namespace those mounts are locked and could not be moved).
+    if is_mount_point("/run") {
+        mkdir("/run/hive")?;
+        return nix::unistd::sethostname(hostname).map_err(|source| InitError::Hostname {
+            name: hostname.to_string(),
+            source,
+        });
+    }
+    // Otherwise a fresh tmpfs, keeping a /run/hive bind mount (if any) by moving it aside.
     let keep_run_hive = is_mount_point("/run/hive");
     let aside = "/tmp/.hive-run";
     if keep_run_hive {
@@ -157,14 +166,21 @@ pub fn mount_build_disk(device: &str, target: &Path) -> Result<(), InitError> {
 }
 
 /// A tmpfs at the work dir: the container's overlay upper must not live on an overlay itself,
-/// and the build's writes must vanish with the cell.
-pub fn mount_work_tmpfs(dir: &Path) -> Result<(), InitError> {
+/// and the build's writes must vanish with the cell. `size_mib` caps it (0: the kernel's
+/// default, half the memory; the cell's memory limit bounds it either way, as tmpfs pages are
+/// charged to the writer's cgroup).
+pub fn mount_work_tmpfs(dir: &Path, size_mib: u64) -> Result<(), InitError> {
     let d = dir.to_string_lossy().to_string();
+    let opts = if size_mib == 0 {
+        "mode=0755".to_string()
+    } else {
+        format!("mode=0755,size={size_mib}m")
+    };
     mount_fs(
         "tmpfs",
         &d,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755"),
+        Some(opts.as_str()),
     )
 }
 

@@ -53,6 +53,10 @@ struct RunArgs {
     /// Do the PID 1 duties: auto (when PID 1), yes, no
     #[arg(long, env = "HIVE_CELL_INIT", default_value = "auto")]
     init: InitMode,
+    /// Size cap of the work dir's tmpfs, where all a build writes lives (0: no cap beyond the
+    /// cell's memory limit)
+    #[arg(long, env = "HIVE_CELL_WORK_SIZE_MIB", default_value_t = 0)]
+    work_size_mib: u64,
     /// Mount a tmpfs on the work dir at start (always done as PID 1)
     #[arg(long, env = "HIVE_CELL_WORK_TMPFS", default_value_t = true, action = clap::ArgAction::Set)]
     work_tmpfs: bool,
@@ -197,6 +201,7 @@ fn daemon(args: RunArgs, is_init: bool) -> anyhow::Result<()> {
         build_disk = cmdline.build_disk;
         boot_timer = cmdline.boot_timer;
     }
+    let work_size_mib = args.work_size_mib;
     let cfg = resolve(args, is_init)?;
     if is_init {
         init::setup(&cfg.cell_id)?;
@@ -208,7 +213,7 @@ fn daemon(args: RunArgs, is_init: bool) -> anyhow::Result<()> {
         }
     }
     if cfg.work_tmpfs {
-        init::mount_work_tmpfs(&cfg.work_dir)?;
+        init::mount_work_tmpfs(&cfg.work_dir, work_size_mib)?;
     }
     let cfg = Arc::new(cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()

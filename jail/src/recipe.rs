@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use hive_sys::error_chain;
 
+use crate::userns::{IdMap, UsernsError};
+
 /// Devices a cell sees; bound from the host's nodes (no mknod needed, no other device reachable).
 /// `net/tun` is there for the cell daemon's build-container network; a TUN device it makes lives
 /// in the cell's own network namespace.
@@ -59,9 +61,48 @@ pub struct JailSpec {
     pub args: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Apply the seccomp deny-list (off only for diagnosis).
+    /// Apply the seccomp profile (off only for diagnosis).
     #[serde(default = "yes")]
     pub seccomp: bool,
+    /// Which seccomp profile: the deny-list (microVM jails) or the sandbox cell daemon's
+    /// allow-list.
+    #[serde(default)]
+    pub seccomp_profile: SeccompProfile,
+    /// Run inside the user namespace that owns `netns` (made by the box with this map): the
+    /// jailed process is root of that namespace only, an unprivileged uid range on the box.
+    #[serde(default)]
+    pub userns: Option<IdMap>,
+    /// Capabilities (kernel numbers) the program keeps; None keeps the set the recipe leaves.
+    #[serde(default)]
+    pub keep_caps: Option<Vec<u8>>,
+    /// Mount a read-only sysfs at /sys.
+    #[serde(default)]
+    pub sysfs: bool,
+    /// tmpfs mounts made before the binds (so a bind can land inside one).
+    #[serde(default)]
+    pub tmpfs: Vec<TmpfsSpec>,
+}
+
+/// The seccomp profile of a jail (see [`crate::seccomp`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompProfile {
+    /// [`crate::seccomp::deny_list`].
+    #[default]
+    DenyList,
+    /// [`crate::seccomp::cell_daemon`].
+    CellDaemon,
+}
+
+/// A size-capped tmpfs inside the jail, owned by the jail's root (the user namespace's when
+/// there is one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TmpfsSpec {
+    pub target: PathBuf,
+    pub size_mib: u64,
+    /// Mode of its root directory (octal in meaning, e.g. 0o755).
+    pub mode: u32,
 }
 
 fn yes() -> bool {
@@ -75,6 +116,10 @@ pub struct RootSpec {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub merged: PathBuf,
+    /// With a user namespace: an empty directory where the lower layer is attached through an
+    /// idmapped mount first (host root's files then show as the cell's root's).
+    #[serde(default)]
+    pub idmapped_lower: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,6 +129,10 @@ pub struct BindSpec {
     pub target: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    /// With a user namespace: bind through an idmapped mount (read-only ones only; a writable
+    /// bind stays as it is, so nothing the cell writes is owned by host root).
+    #[serde(default)]
+    pub idmap: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +234,27 @@ pub enum JailError {
     },
     #[error("argument contains a NUL byte: {0:?}")]
     Nul(String),
+    #[error("user namespace")]
+    Userns(#[from] UsernsError),
+    #[error("the cell's user namespace maps {found:?}, not {want:?}")]
+    UsernsMap {
+        found: Vec<(u32, u32, u32)>,
+        want: (u32, u32, u32),
+    },
+    #[error("enter the cell's user namespace")]
+    EnterUserns(#[source] nix::Error),
+    #[error("become root of the cell's user namespace")]
+    BecomeRoot(#[source] nix::Error),
+    #[error("unshare mount/uts/ipc namespaces inside the user namespace")]
+    UnshareInner(#[source] nix::Error),
+    #[error("write {path}")]
+    Sysctl {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("drop capabilities")]
+    Caps(#[source] io::Error),
 }
 
 impl JailSpec {
@@ -236,6 +306,33 @@ impl JailSpec {
                 )));
             }
         }
+        if let Some(map) = &self.userns {
+            map.validate().map_err(JailError::Invalid)?;
+            if self.netns.is_none() {
+                return Err(JailError::Invalid(
+                    "a user namespace needs the network namespace it owns".into(),
+                ));
+            }
+            if self.root.idmapped_lower.is_none() {
+                return Err(JailError::Invalid(
+                    "a user namespace needs root.idmapped_lower".into(),
+                ));
+            }
+        }
+        for t in &self.tmpfs {
+            if !t.target.is_absolute() || t.target.components().any(|c| c.as_os_str() == "..") {
+                return Err(JailError::Invalid(format!(
+                    "tmpfs target {} must be absolute without '..'",
+                    t.target.display()
+                )));
+            }
+            if t.size_mib == 0 || t.mode > 0o7777 {
+                return Err(JailError::Invalid(format!(
+                    "tmpfs {}: size must be > 0 and mode at most 0o7777",
+                    t.target.display()
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -250,6 +347,12 @@ pub fn run(spec: &JailSpec) -> Result<i32, JailError> {
             source,
         })?;
     }
+    // The user namespace owning the cell's netns; PID 1 checks its map against the spec once
+    // inside (a netns of the wrong owner would leave the cell's root mapped elsewhere).
+    let userns = match (&spec.userns, &spec.netns) {
+        (Some(_), Some(ns)) => Some(crate::userns::owner_of(ns)?),
+        _ => None,
+    };
     if let Some(ns) = &spec.netns {
         let f = fs::File::open(ns).map_err(|source| JailError::OpenNetns {
             path: ns.clone(),
@@ -289,7 +392,7 @@ pub fn run(spec: &JailSpec) -> Result<i32, JailError> {
     match unsafe { fork() }.map_err(JailError::Fork)? {
         ForkResult::Child => {
             let _ = forwarded.thread_unblock();
-            let err = enter(spec);
+            let err = enter(spec, userns.as_ref());
             // Only reached on failure: report it through the inherited stderr.
             eprintln!("hive-box jail: {}", error_chain(&err));
             std::process::exit(127);
@@ -333,8 +436,8 @@ fn supervise(
 }
 
 /// The recipe, run as PID 1 of the new namespaces. Returns only on failure.
-fn enter(spec: &JailSpec) -> JailError {
-    match enter_inner(spec) {
+fn enter(spec: &JailSpec, userns: Option<&std::os::fd::OwnedFd>) -> JailError {
+    match enter_inner(spec, userns) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -342,7 +445,7 @@ fn enter(spec: &JailSpec) -> JailError {
 
 enum Never {}
 
-fn enter_inner(spec: &JailSpec) -> Result<Never, JailError> {
+fn enter_inner(spec: &JailSpec, userns: Option<&std::os::fd::OwnedFd>) -> Result<Never, JailError> {
     // Nothing we mount may leak back to the box, nor box mounts appear later in the cell.
     mount(
         None::<&str>,
@@ -354,9 +457,21 @@ fn enter_inner(spec: &JailSpec) -> Result<Never, JailError> {
     .map_err(JailError::PrivateMounts)?;
 
     let root = &spec.root;
+    // With a user namespace the shared lower layer is seen through an idmapped mount: host
+    // root's files are the cell root's, and the overlay (mounted here by real root) copies
+    // them up owned by the cell's host uids.
+    let lower = match (userns, &root.idmapped_lower) {
+        (Some(ns), Some(at)) => {
+            mkdir_p(at)?;
+            let tree = crate::userns::idmapped_clone(&root.lower, ns.as_fd(), true)?;
+            crate::userns::attach(tree, at)?;
+            at.clone()
+        }
+        _ => root.lower.clone(),
+    };
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
-        root.lower.display(),
+        lower.display(),
         root.upper.display(),
         root.work.display()
     );
@@ -373,9 +488,38 @@ fn enter_inner(spec: &JailSpec) -> Result<Never, JailError> {
         source,
     })?;
 
+    let owner = spec.userns.map(|m| m.host_base).unwrap_or(0);
+    for t in &spec.tmpfs {
+        let target = inside(&root.merged, &t.target);
+        mkdir_p(&target)?;
+        let opts = format!(
+            "size={}m,mode={:o},uid={owner},gid={owner}",
+            t.size_mib, t.mode
+        );
+        mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(opts.as_str()),
+        )
+        .map_err(|source| JailError::Mount {
+            what: "tmpfs",
+            target: target.clone(),
+            source,
+        })?;
+    }
+
     for b in &spec.binds {
         let target = inside(&root.merged, &b.target);
-        bind(&b.source, &target, b.readonly)?;
+        match userns {
+            Some(ns) if b.idmap && b.readonly => {
+                prepare_target(&b.source, &target)?;
+                let tree = crate::userns::idmapped_clone(&b.source, ns.as_fd(), true)?;
+                crate::userns::attach(tree, &target)?;
+            }
+            _ => bind(&b.source, &target, b.readonly)?,
+        }
     }
 
     let proc_dir = inside(&root.merged, Path::new("/proc"));
@@ -393,7 +537,29 @@ fn enter_inner(spec: &JailSpec) -> Result<Never, JailError> {
         source,
     })?;
 
-    minimal_dev(&inside(&root.merged, Path::new("/dev")))?;
+    if spec.sysfs {
+        // Read-only from the start; the mount is locked by the user namespace below, so the
+        // cell cannot remount it writable.
+        let sys_dir = inside(&root.merged, Path::new("/sys"));
+        mkdir_p(&sys_dir)?;
+        mount(
+            Some("sysfs"),
+            &sys_dir,
+            Some("sysfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|source| JailError::Mount {
+            what: "sysfs",
+            target: sys_dir.clone(),
+            source,
+        })?;
+    }
+
+    minimal_dev(
+        &inside(&root.merged, Path::new("/dev")),
+        spec.userns.map(|m| m.host_base),
+    )?;
 
     let old = root.merged.join(OLD_ROOT);
     mkdir_p(&old)?;
@@ -413,6 +579,10 @@ fn enter_inner(spec: &JailSpec) -> Result<Never, JailError> {
     umount2(&old_inside, MntFlags::MNT_DETACH).map_err(JailError::DetachOldRoot)?;
     let _ = fs::remove_dir(&old_inside);
 
+    if let (Some(ns), Some(map)) = (userns, &spec.userns) {
+        enter_userns(ns, map)?;
+    }
+
     nix::unistd::sethostname(&spec.hostname)
         .map_err(|e| JailError::Hostname(spec.hostname.clone(), e))?;
 
@@ -421,9 +591,19 @@ fn enter_inner(spec: &JailSpec) -> Result<Never, JailError> {
     if rc != 0 {
         return Err(JailError::NoNewPrivs(nix::Error::last()));
     }
+    if let Some(keep) = &spec.keep_caps {
+        crate::caps::restrict(keep).map_err(JailError::Caps)?;
+    }
     if spec.seccomp {
-        let program = crate::seccomp::deny_list().map_err(JailError::SeccompBuild)?;
-        seccompiler::apply_filter(&program).map_err(JailError::SeccompApply)?;
+        let filters = match spec.seccomp_profile {
+            SeccompProfile::DenyList => {
+                vec![crate::seccomp::deny_list().map_err(JailError::SeccompBuild)?]
+            }
+            SeccompProfile::CellDaemon => {
+                crate::seccomp::cell_daemon().map_err(JailError::SeccompBuild)?
+            }
+        };
+        crate::seccomp::install(&filters).map_err(JailError::SeccompApply)?;
     }
 
     let program = cstring(&spec.program.to_string_lossy())?;
@@ -443,6 +623,58 @@ fn enter_inner(spec: &JailSpec) -> Result<Never, JailError> {
     })
 }
 
+/// Moves PID 1 (already pivoted, still real root) into the cell's user namespace: checks the
+/// namespace maps what the spec says, becomes its root (the cell's host base uid), gives the
+/// cell its own mount, uts and ipc namespaces owned by it (every mount made so far is then
+/// locked: the cell cannot unmount or remount what hides the box), and forbids new user
+/// namespaces inside it.
+fn enter_userns(ns: &std::os::fd::OwnedFd, map: &IdMap) -> Result<(), JailError> {
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWUSER).map_err(JailError::EnterUserns)?;
+    // Read from inside, the map shows the host's ids.
+    let found =
+        crate::userns::parse_map(&fs::read_to_string("/proc/self/uid_map").unwrap_or_default());
+    let want = (0, map.host_base, map.count);
+    if found != [want] {
+        return Err(JailError::UsernsMap { found, want });
+    }
+    let root_gid = nix::unistd::Gid::from_raw(0);
+    let root_uid = nix::unistd::Uid::from_raw(0);
+    nix::unistd::setgroups(&[]).map_err(JailError::BecomeRoot)?;
+    nix::unistd::setresgid(root_gid, root_gid, root_gid).map_err(JailError::BecomeRoot)?;
+    nix::unistd::setresuid(root_uid, root_uid, root_uid).map_err(JailError::BecomeRoot)?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
+        .map_err(JailError::UnshareInner)?;
+    // Per user namespace and checked at every level: 0 here stops the cell and its builds from
+    // making user namespaces (the cell daemon keeps no CAP_SYS_RESOURCE to raise it again).
+    const MAX_USERNS: &str = "/proc/sys/user/max_user_namespaces";
+    fs::write(MAX_USERNS, "0").map_err(|source| JailError::Sysctl {
+        path: MAX_USERNS,
+        source,
+    })?;
+    Ok(())
+}
+
+/// Makes a character node like `host` at `target`, owned by `uid` (and gid) with mode 0600.
+fn own_node(host: &Path, target: &Path, uid: u32) -> Result<(), JailError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |source: io::Error| JailError::MountPoint {
+        path: target.to_path_buf(),
+        source,
+    };
+    let rdev = fs::metadata(host).map_err(err)?.rdev();
+    if let Some(parent) = target.parent() {
+        mkdir_p(parent)?;
+    }
+    nix::sys::stat::mknod(
+        target,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        rdev,
+    )
+    .map_err(|e| err(e.into()))?;
+    std::os::unix::fs::chown(target, Some(uid), Some(uid)).map_err(err)
+}
+
 fn cstring(s: &str) -> Result<CString, JailError> {
     CString::new(s).map_err(|_| JailError::Nul(s.to_string()))
 }
@@ -459,8 +691,8 @@ fn mkdir_p(p: &Path) -> Result<(), JailError> {
     })
 }
 
-/// Bind `source` at `target` (creating a file or directory mount point to match).
-fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), JailError> {
+/// Creates a file or directory at `target` to match `source`, for a mount to land on.
+fn prepare_target(source: &Path, target: &Path) -> Result<(), JailError> {
     if source.is_dir() {
         mkdir_p(target)?;
     } else if !target.exists() {
@@ -472,6 +704,12 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), JailError> {
             source,
         })?;
     }
+    Ok(())
+}
+
+/// Bind `source` at `target` (creating a file or directory mount point to match).
+fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), JailError> {
+    prepare_target(source, target)?;
     mount(
         Some(source),
         target,
@@ -507,7 +745,10 @@ fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), JailError> {
 }
 
 /// A tmpfs /dev holding only the harmless character devices, a private devpts and /dev/shm.
-fn minimal_dev(dev: &Path) -> Result<(), JailError> {
+/// With a user namespace (`owner`: the host uid of its root) the TUN node is the jail's own,
+/// made here owned by the cell's root with mode 0600: the box's node is root-only, and the
+/// cell's root is not the box's.
+fn minimal_dev(dev: &Path, owner: Option<u32>) -> Result<(), JailError> {
     mkdir_p(dev)?;
     let tmpfs = |target: &Path, opts: &str| {
         mount(
@@ -525,7 +766,11 @@ fn minimal_dev(dev: &Path) -> Result<(), JailError> {
     };
     tmpfs(dev, "mode=755,size=65536k")?;
     for name in DEVICES {
-        bind(&Path::new("/dev").join(name), &dev.join(name), false)?;
+        let host = Path::new("/dev").join(name);
+        match owner {
+            Some(uid) if name == "net/tun" => own_node(&host, &dev.join(name), uid)?,
+            _ => bind(&host, &dev.join(name), false)?,
+        }
     }
     let pts = dev.join("pts");
     mkdir_p(&pts)?;
@@ -571,6 +816,7 @@ mod tests {
                 upper: "/u".into(),
                 work: "/w".into(),
                 merged: "/m".into(),
+                idmapped_lower: None,
             },
             binds: vec![],
             netns: None,
@@ -580,6 +826,11 @@ mod tests {
             args: vec![],
             env: BTreeMap::new(),
             seccomp: true,
+            seccomp_profile: SeccompProfile::DenyList,
+            userns: None,
+            keep_caps: None,
+            sysfs: false,
+            tmpfs: vec![],
         }
     }
 
@@ -594,6 +845,7 @@ mod tests {
             source: "/x".into(),
             target: "/a/../../etc".into(),
             readonly: true,
+            idmap: false,
         });
         assert!(s.validate().is_err());
     }

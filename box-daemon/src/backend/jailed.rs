@@ -44,6 +44,11 @@ pub trait CellKind: Send + Sync + 'static {
     /// a bad class or file fails here.
     fn prepare(&self, spec: &CellSpec, dir: &Path) -> Result<Limits, BackendError>;
 
+    /// The user namespace map of the cell (sandbox), or None to keep the box's (microvm).
+    fn id_map(&self, _spec: &CellSpec) -> Option<hive_jail::userns::IdMap> {
+        None
+    }
+
     /// Adds to the cell's network namespace `netns` once it exists (microvm: the TAP).
     fn attach(
         &self,
@@ -165,7 +170,11 @@ impl<K: CellKind> Jailed<K> {
         let net = self
             .layout
             .net
-            .create_cell(&CellNetNames::for_cell(&spec.id), spec.slot)
+            .create_cell_owned(
+                &CellNetNames::for_cell(&spec.id),
+                spec.slot,
+                self.kind.id_map(spec),
+            )
             .await?;
         self.kind.attach(spec, &net.netns).await?;
 

@@ -346,6 +346,7 @@ impl CellKind for MicrovmKind {
             memory_bytes: (u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024,
             pids_max: BASE_PIDS + u32::from(shape.vcpus),
             devices: MICROVM_DEVICES,
+            devices_v2: false,
         })
     }
 
@@ -369,11 +370,13 @@ impl CellKind for MicrovmKind {
             source: source.to_path_buf(),
             target: target.into(),
             readonly: true,
+            idmap: false,
         };
         let rw = |source: &Path, target: &str| BindSpec {
             source: source.to_path_buf(),
             target: target.into(),
             readonly: false,
+            idmap: false,
         };
         let g = &self.cfg.guest;
         let mut binds = vec![
@@ -398,6 +401,7 @@ impl CellKind for MicrovmKind {
                 upper: dir.join("upper"),
                 work: dir.join("work"),
                 merged: dir.join("rootfs"),
+                idmapped_lower: None,
             },
             binds,
             netns: Some(netns),
@@ -412,6 +416,11 @@ impl CellKind for MicrovmKind {
             ),
             env,
             seccomp: true,
+            seccomp_profile: hive_jail::SeccompProfile::DenyList,
+            userns: None,
+            keep_caps: None,
+            sysfs: false,
+            tmpfs: Vec::new(),
         }
     }
 

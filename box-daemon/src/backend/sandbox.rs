@@ -6,13 +6,21 @@
 //! directory, cgroup, network and helper; this adds the cell daemon's jail: the cell rootfs as the
 //! overlay's lower layer, `run/` at `/run/hive` and the build image at `/images/build`. The cell
 //! daemon then listens on `<cell>/run/agent.sock`; its output is the cell's `console.log`.
+//!
+//! What the cell daemon gets (the jail enforces it; `jail/README.md` has the list): its own user
+//! namespace mapping its ids 0..65535 to the cell's own host range (`cell_uid_base` + slot x
+//! 65536; root in the cell is an unprivileged uid on the box), the images through idmapped
+//! read-only mounts, a read-only /sys, a 16 MiB /run, only the capabilities in
+//! `hive_jail::caps::CELL_DAEMON` (over its own namespaces), the seccomp allow-list
+//! `hive_jail::seccomp::cell_daemon`, no new user namespaces, no_new_privs.
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hive_jail::cgroup::{Hierarchy, Limits, SANDBOX_DEVICES};
-use hive_jail::{BindSpec, JailSpec, RootSpec};
+use hive_jail::userns::IdMap;
+use hive_jail::{BindSpec, JailSpec, RootSpec, SeccompProfile, TmpfsSpec};
 
 use super::jailed::{CellKind, Jailed, Layout};
 use super::{BackendError, CellSpec};
@@ -39,6 +47,9 @@ pub struct SandboxConfig {
     pub net: BoxNet,
     /// Extra environment for the cell daemon (e.g. RUST_LOG).
     pub cell_env: BTreeMap<String, String>,
+    /// First host uid (and gid) of this box's cells: the cell in slot N maps its ids 0..65535
+    /// to `cell_uid_base + N * 65536 ..` (claimed host-wide by the box, see `claim`).
+    pub cell_uid_base: u32,
 }
 
 /// The sandbox's part of a [`Jailed`] backend.
@@ -54,6 +65,24 @@ impl Jailed<SandboxKind> {
     /// Checks the two image directories and the cgroup hierarchy.
     pub fn new(cfg: SandboxConfig) -> Result<Self, BackendError> {
         let cgroups = Hierarchy::detect()?;
+        if let Hierarchy::V2 { .. } = cgroups {
+            if let Err(e) = hive_jail::cgroup::devices_program_loads() {
+                return Err(BackendError::Unavailable {
+                    backend: "sandbox",
+                    reason: format!(
+                        "cgroup v2 host, and the cells' devices policy (a BPF device program) \
+                         cannot be loaded here: {e}; without it a cell could open any device \
+                         node it can make"
+                    ),
+                });
+            }
+        }
+        if IdMap::for_slot(cfg.cell_uid_base, 0).is_none() {
+            return Err(BackendError::Unavailable {
+                backend: "sandbox",
+                reason: format!("cell uid base {} maps no valid range", cfg.cell_uid_base),
+            });
+        }
         for (what, p) in [
             ("cell rootfs", &cfg.cell_rootfs),
             ("build image", &cfg.build_image),
@@ -90,8 +119,35 @@ impl CellKind for SandboxKind {
     const LOG_FILE: &'static str = "console.log";
     const READY_POLL: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(50));
 
-    fn prepare(&self, spec: &CellSpec, _dir: &Path) -> Result<Limits, BackendError> {
+    fn id_map(&self, spec: &CellSpec) -> Option<IdMap> {
+        IdMap::for_slot(self.cfg.cell_uid_base, spec.slot)
+    }
+
+    fn prepare(&self, spec: &CellSpec, dir: &Path) -> Result<Limits, BackendError> {
         let class = &spec.size_class;
+        let map = self.id_map(spec).ok_or_else(|| BackendError::Unavailable {
+            backend: "sandbox",
+            reason: format!(
+                "cell slot {} is past the last uid from base {}",
+                spec.slot, self.cfg.cell_uid_base
+            ),
+        })?;
+        // The cell's root owns its root directory (the overlay's upper) and its socket
+        // directory; the rest of the cell directory stays the box's.
+        let lower = dir.join("lower");
+        fs::create_dir_all(&lower).map_err(|source| BackendError::CellDir {
+            path: lower.clone(),
+            source,
+        })?;
+        for sub in ["upper", "run"] {
+            let p = dir.join(sub);
+            std::os::unix::fs::chown(&p, Some(map.host_base), Some(map.host_base)).map_err(
+                |source| BackendError::CellDir {
+                    path: p.clone(),
+                    source,
+                },
+            )?;
+        }
         Ok(Limits {
             vcpus: class.vcpus.max(1),
             memory_bytes: class.memory_mib.max(64) * 1024 * 1024,
@@ -101,6 +157,7 @@ impl CellKind for SandboxKind {
                 class.pids_max
             },
             devices: SANDBOX_DEVICES,
+            devices_v2: true,
         })
     }
 
@@ -122,11 +179,13 @@ impl CellKind for SandboxKind {
                 source: dir.join("run"),
                 target: "/run/hive".into(),
                 readonly: false,
+                idmap: false,
             },
             BindSpec {
                 source: self.cfg.build_image.clone(),
                 target: "/images/build".into(),
                 readonly: true,
+                idmap: true,
             },
         ];
         if let Some(bin) = &self.cfg.cell_binary {
@@ -134,6 +193,7 @@ impl CellKind for SandboxKind {
                 source: bin.clone(),
                 target: CELL_DAEMON.into(),
                 readonly: true,
+                idmap: false,
             });
         }
         let mut env = self.cfg.cell_env.clone();
@@ -153,6 +213,7 @@ impl CellKind for SandboxKind {
                 upper: dir.join("upper"),
                 work: dir.join("work"),
                 merged: dir.join("rootfs"),
+                idmapped_lower: Some(dir.join("lower")),
             },
             binds,
             netns: Some(netns),
@@ -168,9 +229,21 @@ impl CellKind for SandboxKind {
                 "/images/build".into(),
                 "--work-dir".into(),
                 "/var/lib/hive".into(),
+                "--work-size-mib".into(),
+                spec.size_class.disk_mib.to_string(),
             ],
             env,
             seccomp: true,
+            seccomp_profile: SeccompProfile::CellDaemon,
+            userns: self.id_map(spec),
+            keep_caps: Some(hive_jail::caps::CELL_DAEMON.to_vec()),
+            sysfs: true,
+            // /run/hive (the agent socket) is bound inside it; the cell's own /run.
+            tmpfs: vec![TmpfsSpec {
+                target: "/run".into(),
+                size_mib: 16,
+                mode: 0o755,
+            }],
         }
     }
 

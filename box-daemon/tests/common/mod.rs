@@ -82,6 +82,8 @@ pub fn sandbox(tag: &str, third_octet: u8) -> TestBox {
         cgroup_parent: format!("hive-test-{tag}"),
         net: net.clone(),
         cell_env,
+        // A range of its own per test box (distinct third octets), far from derived ones.
+        cell_uid_base: 0x2000_0000 + u32::from(third_octet) * (1 << 22),
     })
     .expect("sandbox backend");
     TestBox {

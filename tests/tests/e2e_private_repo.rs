@@ -379,3 +379,295 @@ async fn a_private_repository_builds_over_ssh_with_the_deploy_key_and_only_with_
     assert!(list.contains("hive.deploy_key"), "{list}");
     drop(boxd);
 }
+
+/// A real `git http-backend` behind a small HTTPS server with basic auth (Python's standard
+/// library; a self-signed certificate) on a public test host.
+struct HttpsHost {
+    name: String,
+    addr: String,
+    dir: tempfile::TempDir,
+    server: Option<Child>,
+    head: String,
+}
+
+const HTTPS_SERVER: &str = r#"
+import base64, http.server, os, ssl, subprocess, sys
+root, addr, cert, key, user, token = sys.argv[1:]
+want = "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+class Git(http.server.BaseHTTPRequestHandler):
+    def do_GET(self): self.git()
+    def do_POST(self): self.git()
+    def git(self):
+        if self.headers.get("Authorization") != want:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path, _, query = self.path.partition("?")
+        env = {"GIT_PROJECT_ROOT": root, "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path,
+               "QUERY_STRING": query, "REQUEST_METHOD": self.command, "REMOTE_USER": user,
+               "CONTENT_TYPE": self.headers.get("Content-Type", ""), "PATH": os.environ["PATH"],
+               "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+               "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", "")}
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+        sep = b"\r\n\r\n" if b"\r\n\r\n" in out else b"\n\n"
+        head, _, rest = out.partition(sep)
+        status, headers = 200, []
+        for line in head.decode().splitlines():
+            k, _, v = line.partition(":")
+            if k.lower() == "status":
+                status = int(v.split()[0])
+            elif k:
+                headers.append((k, v.strip()))
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest)
+srv = http.server.ThreadingHTTPServer((addr, 443), Git)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+impl HttpsHost {
+    fn start(name: &str, addr: &str, user: &str, token: &str) -> HttpsHost {
+        let dir = tempfile::Builder::new()
+            .prefix("hive-https-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("work")).unwrap();
+        std::fs::write(d.join("work/README"), "private over https\n").unwrap();
+        let git = |args: &[&str], cwd: &Path| {
+            sh(Command::new("git")
+                .args(["-c", "user.name=Hive Test", "-c", "user.email=test@hive"])
+                .args(args)
+                .current_dir(cwd))
+        };
+        git(&["init", "-q", "-b", "main"], &d.join("work"));
+        git(&["add", "."], &d.join("work"));
+        git(&["commit", "-q", "-m", "https"], &d.join("work"));
+        let head = git(&["rev-parse", "HEAD"], &d.join("work"));
+        git(&["clone", "-q", "--bare", "work", "private.git"], d);
+        sh(Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=hive-test"])
+            .args(["-addext", &format!("subjectAltName=IP:{addr}")])
+            .arg("-keyout")
+            .arg(d.join("key.pem"))
+            .arg("-out")
+            .arg(d.join("cert.pem")));
+        std::fs::write(d.join("server.py"), HTTPS_SERVER).unwrap();
+        let script =
+            hive_tests::controlplane::workspace_root().join("deploy/test-hosts/test-host.sh");
+        sh(Command::new(&script).args(["up", "--name", name, "--addr", addr]));
+        let log = std::fs::File::create(d.join("server.log")).unwrap();
+        let child = Command::new(&script)
+            .args(["exec", "--name", name, "--", "python3"])
+            .arg(d.join("server.py"))
+            .args([d.to_str().unwrap(), addr])
+            .arg(d.join("cert.pem"))
+            .arg(d.join("key.pem"))
+            .args([user, token])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the https server");
+        let mut host = HttpsHost {
+            name: name.into(),
+            addr: addr.into(),
+            dir,
+            server: Some(child),
+            head,
+        };
+        let sa: std::net::SocketAddr = format!("{addr}:443").parse().unwrap();
+        let t0 = std::time::Instant::now();
+        while cluster::connect_in_netns(&format!("hive-th-{name}"), sa, Duration::from_millis(200))
+            .is_err()
+        {
+            if let Some(Ok(Some(status))) = host.server.as_mut().map(Child::try_wait) {
+                panic!("https server exited ({status}): {}", host.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "https server did not listen on {sa}: {}",
+                host.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        host
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}/private.git", self.addr)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for HttpsHost {
+    fn drop(&mut self) {
+        let script =
+            hive_tests::controlplane::workspace_root().join("deploy/test-hosts/test-host.sh");
+        if let Some(mut c) = self.server.take() {
+            // `test-host.sh exec` execs into the namespace: the child is the server itself.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(script)
+            .args(["down", "--name", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_repository_builds_over_https_with_the_token_sent_as_a_header() {
+    let image = cluster::build_image();
+    assert!(image.join("usr/bin/git").exists());
+    let r = run_id();
+    let addr = format!("198.18.{}.31", 1 + r);
+    const TOKEN: &str = "glpat-hive-e2e-0123456789";
+    let host = tokio::task::spawn_blocking(move || {
+        HttpsHost::start(&format!("ph{r}"), &addr, "deploy-bot", TOKEN)
+    })
+    .await
+    .unwrap();
+    let cp = tokio::task::spawn_blocking(|| {
+        ControlPlane::start(ControlPlaneOptions {
+            lease_secs: 10,
+            heartbeat_interval_ms: 500,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("control plane");
+    let url = cp.grpc_url();
+    let boxd = tokio::task::spawn_blocking(move || {
+        BoxDaemon::start(
+            &url,
+            BoxOptions {
+                tag: format!("ph{r}"),
+                subnet_octet: (228 + r) as u8,
+                pool: "small=1".into(),
+                lease_secs: 10,
+                block: vec![],
+            },
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        boxd.wait_pool("small", 1, Duration::from_secs(60)).await,
+        "pool never warm: {}",
+        boxd.log()
+    );
+    // The test server's certificate is self-signed; the project's env tells git so (what is
+    // tested here is the token, not the certificate).
+    cp.api()
+        .await
+        .create_project(CreateProjectRequest {
+            name: "https".into(),
+            repo_url: host.url(),
+            size_class: "small".into(),
+            steps: vec![
+                "cat README".into(),
+                // The token's value, spelled in pieces, is nowhere in the steps' environment.
+                "t=glpat-hive; if env | grep -q \"$t-e2e\\|extraHeader\\|GIT_CONFIG\"; then echo TOKEN-IN-ENV; exit 1; fi; echo env-clean".into(),
+                "cat /work/src/.git/config".into(),
+            ],
+            env: [("GIT_SSL_NO_VERIFY".to_string(), "1".to_string())].into(),
+            timeout_secs: 120,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateProject");
+
+    // No token: the server asks for credentials; the clone fails and says what to do.
+    let (b, log) = build(&cp, "https", &host.head).await;
+    assert_eq!(b.state(), BuildState::Failed, "{b:?}\n{log}");
+    assert!(
+        log.contains("has no https token") && log.contains("hivectl project https-token"),
+        "no clear line for a missing token:\n{log}"
+    );
+
+    // A wrong token.
+    let set = |token: &'static str| {
+        let mut cmd = Command::new(hive_tests::controlplane::hivectl_bin());
+        cmd.args(["--addr", &cp.grpc_url(), "project", "https-token", "https"])
+            .args(["--user", "deploy-bot"])
+            .env("HIVE_TOKEN", cp.admin_token().unwrap())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{token}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = set("not-the-token");
+    assert!(out.contains("set (user deploy-bot)"), "{out}");
+    let list = hivectl(&cp, &["secret", "list", "https"]);
+    assert!(list.contains("hive.https_token"), "{list}");
+    let (b, log) = build(&cp, "https", &host.head).await;
+    assert_eq!(b.state(), BuildState::Failed, "{b:?}\n{log}");
+    assert!(
+        log.contains("refused the project's https token"),
+        "no clear line for a wrong token:\n{log}\nserver:\n{}",
+        host.log()
+    );
+    assert!(!log.contains("not-the-token"), "the token reached the log:\n{log}");
+
+    // The right one: the build clones; the token is in no log, URL, .git/config or step env.
+    let out = set(TOKEN);
+    assert!(out.contains("user deploy-bot"), "{out}");
+    let (b, log) = build(&cp, "https", &host.head).await;
+    assert_eq!(
+        b.state(),
+        BuildState::Succeeded,
+        "{b:?}\n{log}\nserver:\n{}\nbox:\n{}",
+        host.log(),
+        boxd.log()
+    );
+    for needle in [
+        &format!("checked out {}", host.head)[..],
+        "hive: https: the project's token, sent as a header",
+        "private over https",
+        "env-clean",
+        &format!("url = {}", host.url())[..],
+    ] {
+        assert!(log.contains(needle), "{needle:?} missing:\n{log}");
+    }
+    assert!(!log.contains(TOKEN), "the token reached the log:\n{log}");
+    let project = cp
+        .api()
+        .await
+        .get_project(hive_proto::v1::GetProjectRequest {
+            project: "https".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!format!("{project:?}").contains(TOKEN));
+    drop(boxd);
+}

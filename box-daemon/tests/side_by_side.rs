@@ -519,7 +519,10 @@ async fn builds_spread_over_two_boxes_on_one_host() {
     let box_b = Daemon::start(dir_b.path(), &url, &cell, &[]);
     box_a.wait_warm().await;
     box_b.wait_warm().await;
-    let ids = [names(&box_a.health().await.1).0, names(&box_b.health().await.1).0];
+    let ids = [
+        names(&box_a.health().await.1).0,
+        names(&box_b.health().await.1).0,
+    ];
     let ch = tonic::transport::Endpoint::from_shared(url.clone())
         .unwrap()
         .connect()
@@ -584,8 +587,15 @@ async fn builds_spread_over_two_boxes_on_one_host() {
     let on = |id: &str| ended.iter().filter(|b| b.box_id == id).count();
     let (on_a, on_b) = (on(&ids[0]), on(&ids[1]));
     eprintln!("6 builds: {on_a} on {}, {on_b} on {}", ids[0], ids[1]);
-    assert_eq!(on_a + on_b, 6, "builds ran on boxes other than A and B: {ended:?}");
-    assert!(on_a >= 1 && on_b >= 1, "builds did not spread: {on_a} on A, {on_b} on B");
+    assert_eq!(
+        on_a + on_b,
+        6,
+        "builds ran on boxes other than A and B: {ended:?}"
+    );
+    assert!(
+        on_a >= 1 && on_b >= 1,
+        "builds did not spread: {on_a} on A, {on_b} on B"
+    );
     drop(box_a);
     drop(box_b);
     cp.shutdown().await;

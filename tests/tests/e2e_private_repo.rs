@@ -456,7 +456,14 @@ impl HttpsHost {
         let head = git(&["rev-parse", "HEAD"], &d.join("work"));
         git(&["clone", "-q", "--bare", "work", "private.git"], d);
         sh(Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
             .args(["-nodes", "-days", "1", "-subj", "/CN=hive-test"])
             .args(["-addext", &format!("subjectAltName=IP:{addr}")])
             .arg("-keyout")
@@ -636,7 +643,10 @@ async fn a_private_repository_builds_over_https_with_the_token_sent_as_a_header(
         "no clear line for a wrong token:\n{log}\nserver:\n{}",
         host.log()
     );
-    assert!(!log.contains("not-the-token"), "the token reached the log:\n{log}");
+    assert!(
+        !log.contains("not-the-token"),
+        "the token reached the log:\n{log}"
+    );
 
     // The right one: the build clones; the token is in no log, URL, .git/config or step env.
     let out = set(TOKEN);

@@ -30,6 +30,7 @@ packages=(
   qemu-system-x86
   linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils
   chromium fonts-dejavu-core
+  openssh-server
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -40,6 +41,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # openssh-server is here for its sshd binary (the e2e tests' ssh git host runs its own in a
+  # namespace); a machine that had no ssh service gets none listening from us.
+  if [[ " ${missing[*]} " == *" openssh-server "* ]] && command -v systemctl >/dev/null \
+      && [ -d /run/systemd/system ]; then
+    systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+  fi
 else
   echo "install-deps: all ${#packages[@]} packages already installed" >&2
 fi

@@ -444,3 +444,159 @@ fn a_control_plane_that_does_not_resolve_stops_the_box_from_starting() {
         "{log}"
     );
 }
+
+/// A `git daemon` on a public test host (`deploy/test-hosts/test-host.sh`) serving one
+/// repository; removed on drop.
+struct GitHost {
+    name: String,
+    _root: tempfile::TempDir,
+    url: String,
+    head: String,
+}
+
+impl GitHost {
+    fn start(name: &str, addr: &str) -> GitHost {
+        let root = tempfile::tempdir().unwrap();
+        let work = root.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        std::fs::write(work.join("README"), "side by side\n").unwrap();
+        let git = |args: &[&str], dir: &Path| {
+            let out = Command::new("git")
+                .args(["-c", "user.name=Hive Test", "-c", "user.email=test@hive"])
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        git(&["init", "-q", "-b", "main"], &work);
+        git(&["add", "."], &work);
+        git(&["commit", "-q", "-m", "sbs"], &work);
+        let head = git(&["rev-parse", "HEAD"], &work);
+        git(&["clone", "-q", "--bare", "work", "repo.git"], root.path());
+        let out = Command::new(test_host_script())
+            .args(["up", "--name", name, "--addr", addr, "--git-root"])
+            .arg(root.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "test-host up: {out:?}");
+        GitHost {
+            name: name.into(),
+            _root: root,
+            url: format!("git://{addr}/repo.git"),
+            head,
+        }
+    }
+}
+
+impl Drop for GitHost {
+    fn drop(&mut self) {
+        let _ = Command::new(test_host_script())
+            .args(["down", "--name", &self.name])
+            .output();
+    }
+}
+
+fn test_host_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/test-hosts/test-host.sh")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_spread_over_two_boxes_on_one_host() {
+    use hive_proto::auth::Bearer;
+    use hive_proto::v1::control_plane_client::ControlPlaneClient;
+    use hive_proto::v1::{BuildState, CreateProjectRequest, GetBuildRequest, SubmitBuildRequest};
+
+    let (cp, _db) = control_plane().await;
+    let url = format!("http://{}", cp.grpc_addr);
+    let run = std::process::id() % 50;
+    let git = GitHost::start(&format!("sbs{run}"), &format!("198.18.20.{}", 2 + run));
+    let cell = common::hive_cell();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Only --data-dir and --health-addr tell them apart (`spawn`).
+    let box_a = Daemon::start(dir_a.path(), &url, &cell, &[]);
+    let box_b = Daemon::start(dir_b.path(), &url, &cell, &[]);
+    box_a.wait_warm().await;
+    box_b.wait_warm().await;
+    let ids = [
+        names(&box_a.health().await.1).0,
+        names(&box_b.health().await.1).0,
+    ];
+    let ch = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut api =
+        ControlPlaneClient::with_interceptor(ch, Bearer::new(cp.admin_token().unwrap()).unwrap());
+    api.create_project(CreateProjectRequest {
+        name: "spread".into(),
+        repo_url: git.url.clone(),
+        size_class: "small".into(),
+        steps: vec!["cat README; sleep 1".into()],
+        timeout_secs: 120,
+        ..Default::default()
+    })
+    .await
+    .expect("CreateProject");
+    let mut builds = Vec::new();
+    for _ in 0..6 {
+        let b = api
+            .submit_build(SubmitBuildRequest {
+                project: "spread".into(),
+                revision: git.head.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("SubmitBuild")
+            .into_inner();
+        builds.push(b.id);
+    }
+    let t0 = Instant::now();
+    let mut ended = Vec::new();
+    for id in &builds {
+        loop {
+            let b = api
+                .get_build(GetBuildRequest { id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if b.state().is_terminal() {
+                ended.push(b);
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(180),
+                "build {id} did not end: {b:?}\nA:\n{}\nB:\n{}",
+                box_a.log(),
+                box_b.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for b in &ended {
+        assert_eq!(
+            b.state(),
+            BuildState::Succeeded,
+            "{b:?}\nA:\n{}\nB:\n{}",
+            box_a.log(),
+            box_b.log()
+        );
+    }
+    let on = |id: &str| ended.iter().filter(|b| b.box_id == id).count();
+    let (on_a, on_b) = (on(&ids[0]), on(&ids[1]));
+    eprintln!("6 builds: {on_a} on {}, {on_b} on {}", ids[0], ids[1]);
+    assert_eq!(
+        on_a + on_b,
+        6,
+        "builds ran on boxes other than A and B: {ended:?}"
+    );
+    assert!(
+        on_a >= 1 && on_b >= 1,
+        "builds did not spread: {on_a} on A, {on_b} on B"
+    );
+    drop(box_a);
+    drop(box_b);
+    cp.shutdown().await;
+}

@@ -247,10 +247,13 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
         repo_url: req.repo_url,
         revision: req.revision,
         git_ref: req.git_ref,
+        auth: clone_auth(req.clone_auth.unwrap_or_default())?,
     };
     source
         .validate()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    // The clone's credentials are masked like secrets, but stay out of the steps' environment.
+    secrets.extend(source.auth_secrets());
     let secs = if req.timeout_secs == 0 {
         cfg.default_timeout_secs
     } else {
@@ -263,6 +266,36 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
         env,
         secrets,
         timeout: Duration::from_secs(u64::from(secs)),
+    })
+}
+
+/// Checks the clone's credentials: sizes bounded, nothing that could break out of the file
+/// or the HTTP header they go into.
+fn clone_auth(a: hive_proto::v1::CloneAuth) -> Result<crate::source::CloneAuth, Status> {
+    let bad = |what: &str, why: &str| Status::invalid_argument(format!("clone_auth.{what}: {why}"));
+    if a.ssh_private_key.len() > 16 * 1024 || a.ssh_private_key.contains('\0') {
+        return Err(bad("ssh_private_key", "at most 16 KiB, no NUL"));
+    }
+    if a.known_hosts.len() > 256 * 1024 || a.known_hosts.contains('\0') {
+        return Err(bad("known_hosts", "at most 256 KiB, no NUL"));
+    }
+    if a.https_token.len() > 4096 || a.https_token.chars().any(|c| c.is_control()) {
+        return Err(bad("https_token", "at most 4 KiB, no control characters"));
+    }
+    if a.https_user.len() > 256
+        || a.https_user.contains(':')
+        || a.https_user.chars().any(|c| c.is_control())
+    {
+        return Err(bad(
+            "https_user",
+            "at most 256 characters, no ':' or control characters",
+        ));
+    }
+    Ok(crate::source::CloneAuth {
+        ssh_private_key: a.ssh_private_key,
+        known_hosts: a.known_hosts,
+        https_user: a.https_user,
+        https_token: a.https_token,
     })
 }
 

@@ -226,6 +226,8 @@ async fn run_inner(
         spec,
         cancel,
         deadline: Instant::now() + spec.timeout,
+        capture_clone: false,
+        clone_output: std::sync::Mutex::new(Vec::new()),
     };
     let result = runner.steps().await;
     if let Some(t) = tunnel {
@@ -248,6 +250,9 @@ struct Runner<'a> {
     spec: &'a BuildSpec,
     cancel: watch::Receiver<CancelRequest>,
     deadline: Instant,
+    /// While the clone runs: keep its output to explain a failure.
+    capture_clone: bool,
+    clone_output: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Runner<'_> {
@@ -262,11 +267,17 @@ impl Runner<'_> {
             self.log.step_started(0, "clone");
             self.log
                 .system(0, format!("hive: cloning {}", source.describe()));
-            match self.run_step(0, source.clone_argv(), true).await {
+            match self.clone_source().await {
                 StepEnd::Exited(Exit::Code(0)) => {
                     self.log.step_finished(0, 0, String::new());
                 }
                 StepEnd::Exited(exit) => {
+                    let output = std::mem::take(
+                        &mut *self.clone_output.lock().unwrap_or_else(|p| p.into_inner()),
+                    );
+                    if let Some(hint) = source.failure_hint(&String::from_utf8_lossy(&output)) {
+                        self.log.system(0, hint);
+                    }
                     let msg = format!("clone of {} failed ({exit})", source.describe());
                     self.log.step_finished(0, exit.code(), msg.clone());
                     return (BuildState::Failed, exit.code(), msg);
@@ -318,6 +329,70 @@ impl Runner<'_> {
         )
     }
 
+    /// The clone: the private repository's key and known hosts written for it (0600, the build
+    /// user's) and deleted as soon as it ends, before any step can run; its environment adds
+    /// only what reaches the repository (`Source::clone_env`).
+    async fn clone_source(&mut self) -> StepEnd {
+        let source = &self.spec.source;
+        let files = source.auth_files();
+        let dir = self
+            .container
+            .rootfs()
+            .join(crate::source::AUTH_DIR.trim_start_matches('/'));
+        if !files.is_empty() {
+            if let Err(e) = write_auth_files(&dir, &files, self.cfg.build_uid, self.cfg.build_gid) {
+                let _ = std::fs::remove_dir_all(&dir);
+                let msg = format!("could not write the clone's ssh files: {e}");
+                self.log.system(0, format!("hive: {msg}"));
+                return StepEnd::NotStarted(msg);
+            }
+            let hosts = source
+                .auth
+                .known_hosts
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+                .count();
+            self.log.system(
+                0,
+                format!(
+                    "hive: ssh to {}: {}, {hosts} trusted host key{} (StrictHostKeyChecking=yes)",
+                    source.host(),
+                    if source.auth.ssh_private_key.is_empty() {
+                        "no deploy key"
+                    } else {
+                        "the project's deploy key"
+                    },
+                    if hosts == 1 { "" } else { "s" },
+                ),
+            );
+        } else if source.transport() == crate::source::Transport::Https
+            && !source.auth.https_token.is_empty()
+        {
+            self.log
+                .system(0, "hive: https: the project's token, sent as a header");
+        }
+        let mut env = self.spec.env.clone();
+        for (k, v) in source.clone_env() {
+            env.retain(|(ek, _)| ek != &k);
+            env.push((k, v));
+        }
+        self.capture_clone = true;
+        let end = self.run_step_env(0, source.clone_argv(), true, &env).await;
+        self.capture_clone = false;
+        if !files.is_empty() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                // No step may run while the key could still be there.
+                let msg = format!(
+                    "could not delete the clone's ssh files {}: {e}; the build is stopped",
+                    dir.display()
+                );
+                self.log.system(0, format!("hive: {msg}"));
+                return StepEnd::NotStarted(msg);
+            }
+        }
+        end
+    }
+
     fn timeout_message(&self, n: u32, step: &str) -> String {
         let what = if n == 0 {
             "the clone".to_string()
@@ -332,9 +407,19 @@ impl Runner<'_> {
 
     /// Runs one command in the container, streaming its output into the log.
     async fn run_step(&mut self, n: u32, argv: Vec<String>, system: bool) -> StepEnd {
-        let mut cmd = self
-            .container
-            .command(&argv, &self.spec.env, "/work/src", true);
+        let env = self.spec.env.clone();
+        self.run_step_env(n, argv, system, &env).await
+    }
+
+    /// As [`Runner::run_step`], with this environment.
+    async fn run_step_env(
+        &mut self,
+        n: u32,
+        argv: Vec<String>,
+        system: bool,
+        env: &[(String, String)],
+    ) -> StepEnd {
+        let mut cmd = self.container.command(&argv, env, "/work/src", true);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -358,7 +443,14 @@ impl Runner<'_> {
             (pipe_reader(child.stderr.take()), err_stream),
         ] {
             match pipe {
-                Ok(p) => pumps.push(pump(p, n, stream, self.log, &self.spec.secrets)),
+                Ok(p) => pumps.push(pump(
+                    p,
+                    n,
+                    stream,
+                    self.log,
+                    &self.spec.secrets,
+                    self.capture_clone.then_some(&self.clone_output),
+                )),
                 Err(e) => tracing::warn!(error = %e, "step output pipe"),
             }
         }
@@ -410,24 +502,69 @@ async fn pump(
     stream: LogStream,
     log: &EventLog,
     secrets: &[String],
+    keep: Option<&std::sync::Mutex<Vec<u8>>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut masker = crate::mask::Masker::new(secrets);
+    let out_chunk = |out: Vec<u8>| {
+        if let Some(k) = keep {
+            let mut k = k.lock().unwrap_or_else(|p| p.into_inner());
+            let room = CLONE_OUTPUT_KEPT.saturating_sub(k.len());
+            k.extend_from_slice(&out[..out.len().min(room)]);
+        }
+        log.log(step, stream, out);
+    };
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let out = masker.feed(&buf[..n]);
                 if !out.is_empty() {
-                    log.log(step, stream, out);
+                    out_chunk(out);
                 }
             }
         }
     }
     let rest = masker.finish();
     if !rest.is_empty() {
-        log.log(step, stream, rest);
+        out_chunk(rest);
     }
+}
+
+/// How much of the clone's (masked) output is kept to explain a failure.
+const CLONE_OUTPUT_KEPT: usize = 16 * 1024;
+
+/// Writes the clone's ssh files: a fresh directory (0700) and files (0600), all the build
+/// user's, created new (a file already there is an error, not something to follow).
+fn write_auth_files(
+    dir: &std::path::Path,
+    files: &[crate::source::AuthFile],
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = dir.parent() {
+        if parent.symlink_metadata()?.file_type().is_symlink() {
+            return Err(std::io::Error::other(format!(
+                "{} is a symlink",
+                parent.display()
+            )));
+        }
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    for f in files {
+        let path = dir.join(f.name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        file.write_all(f.contents.as_bytes())?;
+    }
+    Ok(())
 }
 
 async fn wait_cancel(rx: &mut watch::Receiver<CancelRequest>) -> (BuildState, String) {

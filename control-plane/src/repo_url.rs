@@ -73,7 +73,8 @@ pub enum RepoUrlError {
     NoPath(String),
     #[error(
         "repository URL {0:?} carries credentials: take them out (the URL is shown to every \
-         reader of the project); use an ssh URL or a public repository"
+         reader of the project): give an https token with `hivectl project https-token PROJECT`, \
+         or clone over ssh with `hivectl project deploy-key PROJECT`"
     )]
     Credentials(String),
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the two read-only image directories every cell uses:
 #
-#   build image  a minimal Debian 12 (debootstrap minbase) with git, ca-certificates, iproute2,
+#   build image  a minimal Debian 12 (debootstrap minbase) with git, openssh-client (ssh clones of
+#                private repositories), ca-certificates, iproute2,
 #                nftables, make and a user `build` (uid/gid 1000). Build steps run over it.
 #   cell rootfs  the same Debian base plus /sbin/hive-cell (static, from this checkout) and the
 #                mount points /run/hive, /images/build, /var/lib/hive. The cell daemon is PID 1
@@ -22,7 +23,7 @@ cache="${HIVE_CACHE:-/var/cache/hive}"
 suite="bookworm"
 mirror="${HIVE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # Packages the build image carries on top of minbase. Changing this list changes the key.
-packages="git,ca-certificates,iproute2,nftables,make"
+packages="git,ca-certificates,iproute2,nftables,make,openssh-client"
 target_triple="x86_64-unknown-linux-gnu"
 cell_binary=""
 want_disk=0
@@ -121,7 +122,7 @@ if [ -d "$base/rootfs" ]; then
 else
   build_base
 fi
-for tool in git update-ca-certificates ip nft make; do
+for tool in git update-ca-certificates ip nft make ssh; do
   chroot "$base/rootfs" /bin/sh -c "command -v $tool" >/dev/null \
     || die "base image $base/rootfs lacks '$tool'; remove $base and re-run"
 done

@@ -179,23 +179,25 @@ pub(crate) async fn watch(ctl: &mut Ctl, id: String) -> Result<(), CliError> {
         ctl,
         &id,
         |b, _| {
+            // History and live changes print alike (`render::watch_line`).
             let mut out = String::new();
-            let earlier = b.transitions.len().saturating_sub(1);
+            let current = render::current_transition(b);
+            let earlier = if b
+                .transitions
+                .last()
+                .is_some_and(|t| t.state == current.state)
+            {
+                b.transitions.len() - 1
+            } else {
+                b.transitions.len()
+            };
             for t in b.transitions.iter().take(earlier).skip(shown) {
-                out.push_str(&render::transition_line(t, &b.id, json));
+                out.push_str(&render::watch_line(t, &b.id, None, json));
                 out.push('\n');
             }
+            // The current state's line stands for its transition: never printed again.
             shown = shown.max(b.transitions.len());
-            if json {
-                let mut v = render::build_json(b);
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("transitions");
-                    o.insert("kind".into(), "build".into());
-                }
-                out.push_str(&v.to_string());
-            } else {
-                out.push_str(&render::state_change_line(b));
-            }
+            out.push_str(&render::watch_line(&current, &b.id, Some(b), json));
             // A closed stdout only ends the output, not the wait.
             let _ = writeln!(std::io::stdout().lock(), "{out}");
         },

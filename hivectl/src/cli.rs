@@ -278,6 +278,38 @@ pub(crate) enum ProjectCommand {
         /// Project name or id.
         name: String,
     },
+    /// The project's ssh deploy key for cloning a private repository: made (ed25519) on the
+    /// control plane if there is none; prints the public key to add to the repository on the
+    /// forge (read access). The private key never leaves the control plane but to the clone.
+    DeployKey {
+        /// Project name or id.
+        project: String,
+        /// Make a new key pair (the old public key no longer works: remove it from the forge).
+        #[arg(long)]
+        rotate: bool,
+        /// Trust these ssh host keys (a known_hosts file, e.g. from `ssh-keyscan HOST`, checked
+        /// against what the server's operator publishes) instead of the built-in keys of
+        /// github.com, gitlab.com and codeberg.org.
+        #[arg(long, value_name = "FILE", conflicts_with = "forge_host_keys")]
+        known_hosts: Option<std::path::PathBuf>,
+        /// Drop the project's own known hosts: trust the built-in forge keys again.
+        #[arg(long)]
+        forge_host_keys: bool,
+    },
+    /// The token an https clone of the project's repository sends (HTTP basic auth), read
+    /// from stdin: `printf %s "$TOKEN" | hivectl project https-token PROJECT`. Stored sealed;
+    /// given to the clone only (never to the steps), never put in a URL.
+    HttpsToken {
+        /// Project name or id.
+        project: String,
+        /// User name sent with the token (default x-access-token, which GitHub, GitLab and
+        /// Gitea accept with a token).
+        #[arg(long)]
+        user: Option<String>,
+        /// Remove the token.
+        #[arg(long)]
+        remove: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -43,6 +43,17 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Project(ProjectCommand::Rm { name }) => projects::remove(ctl, name).await,
         Command::Project(ProjectCommand::Show { name }) => projects::show(ctl, name, now).await,
         Command::Projects => projects::list(ctl, now).await,
+        Command::Project(ProjectCommand::DeployKey {
+            project,
+            rotate,
+            known_hosts,
+            forge_host_keys,
+        }) => projects::deploy_key(ctl, project, rotate, known_hosts, forge_host_keys).await,
+        Command::Project(ProjectCommand::HttpsToken {
+            project,
+            user,
+            remove,
+        }) => projects::https_token(ctl, project, user, remove).await,
         Command::Network(NetworkCommand::Add {
             name,
             prefixes,

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use hive_proto::v1::{
-    CreateProjectRequest, DeleteProjectRequest, GetProjectRequest, ListProjectsRequest,
+    CloneAccessReply, CloneAccessRequest, CreateProjectRequest, DeleteProjectRequest,
+    GetProjectRequest, ListProjectsRequest,
 };
 
 use crate::cli::ProjectAdd;
@@ -113,4 +114,153 @@ fn read_secret_file(path: &std::path::Path) -> Result<String, CliError> {
         }
     }
     crate::cli::parse_secret(&text).map_err(refused)
+}
+
+/// `project deploy-key`.
+pub(crate) async fn deploy_key(
+    ctl: &mut Ctl,
+    project: String,
+    rotate: bool,
+    known_hosts: Option<std::path::PathBuf>,
+    forge_host_keys: bool,
+) -> Result<(), CliError> {
+    let known_hosts_text = match &known_hosts {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| CliError::Refused {
+                what: format!("--known-hosts {}", path.display()),
+                message: e.to_string(),
+            })?;
+            if text.trim().is_empty() {
+                return Err(CliError::Refused {
+                    what: format!("--known-hosts {}", path.display()),
+                    message: "the file is empty: give the server's host keys (e.g. from \
+                              `ssh-keyscan HOST`), or --forge-host-keys for the built-in ones"
+                        .into(),
+                });
+            }
+            text
+        }
+        None => String::new(),
+    };
+    let r = ctl
+        .client
+        .clone_access(CloneAccessRequest {
+            project: project.clone(),
+            deploy_key: true,
+            rotate_deploy_key: rotate,
+            set_known_hosts: known_hosts.is_some() || forge_host_keys,
+            known_hosts: known_hosts_text,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| ctl.status(format!("deploy key of project {project}"), s))?
+        .into_inner();
+    if ctl.json {
+        return ctl.out_json(&clone_access_json(&r));
+    }
+    let mut out = String::new();
+    out.push_str(&r.deploy_public_key);
+    out.push('\n');
+    let made = if r.deploy_key_created {
+        "made just now"
+    } else {
+        "kept (--rotate makes a new one)"
+    };
+    out.push_str(&format!(
+        "# deploy key of project {} ({}, {made}): add the line above to the repository's \
+         deploy keys on the forge, read access only.\n",
+        r.project, r.deploy_key_fingerprint
+    ));
+    out.push_str(&format!("# {}\n", known_hosts_text_of(&r)));
+    // The key line alone on stdout's first line, so `| head -1` gives it to a script.
+    ctl.out(&out)
+}
+
+/// `project https-token`.
+pub(crate) async fn https_token(
+    ctl: &mut Ctl,
+    project: String,
+    user: Option<String>,
+    remove: bool,
+) -> Result<(), CliError> {
+    let mut token = String::new();
+    if !remove {
+        use std::io::{IsTerminal, Read};
+        if std::io::stdin().is_terminal() {
+            eprintln!("https token of {project} (end with Ctrl-D):");
+        }
+        std::io::stdin()
+            .read_to_string(&mut token)
+            .map_err(|e| CliError::Refused {
+                what: "read the https token from stdin".into(),
+                message: e.to_string(),
+            })?;
+        let t = token.trim();
+        if t.is_empty() {
+            return Err(CliError::Refused {
+                what: "https token".into(),
+                message: "stdin was empty: pipe the token in (`printf %s \"$TOKEN\" | \
+                          hivectl project https-token PROJECT`), or --remove to drop it"
+                    .into(),
+            });
+        }
+        token = t.to_string();
+    }
+    let r = ctl
+        .client
+        .clone_access(CloneAccessRequest {
+            project: project.clone(),
+            set_https_token: true,
+            https_token: token,
+            https_user: user.unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| ctl.status(format!("https token of project {project}"), s))?
+        .into_inner();
+    if ctl.json {
+        return ctl.out_json(&clone_access_json(&r));
+    }
+    ctl.out(&if r.https_token {
+        format!(
+            "https token of project {} set (user {}); https clones send it, the steps never \
+             see it\n",
+            r.project,
+            if r.https_user.is_empty() {
+                "x-access-token"
+            } else {
+                &r.https_user
+            }
+        )
+    } else {
+        format!("https token of project {} removed\n", r.project)
+    })
+}
+
+fn known_hosts_text_of(r: &CloneAccessReply) -> String {
+    if r.known_hosts_source == "project" {
+        format!(
+            "ssh host keys trusted: the project's own ({} lines)",
+            r.known_hosts_lines
+        )
+    } else {
+        format!(
+            "ssh host keys trusted: github.com, gitlab.com, codeberg.org (built in, {} lines); \
+             another server needs --known-hosts FILE",
+            r.known_hosts_lines
+        )
+    }
+}
+
+fn clone_access_json(r: &CloneAccessReply) -> serde_json::Value {
+    serde_json::json!({
+        "project": r.project,
+        "deploy_public_key": r.deploy_public_key,
+        "deploy_key_fingerprint": r.deploy_key_fingerprint,
+        "deploy_key_created": r.deploy_key_created,
+        "known_hosts": r.known_hosts_source,
+        "known_hosts_lines": r.known_hosts_lines,
+        "https_token": r.https_token,
+        "https_user": r.https_user,
+    })
 }

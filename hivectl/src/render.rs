@@ -354,56 +354,82 @@ pub fn build_text(b: &Build, now: i64) -> String {
     s
 }
 
-/// One line for `watch` about a state the build has already left: `<ISO>  <state>  <reason>`,
-/// or with `--json` an object with `kind: "transition"`, `id`, `state`, `at_ms` and `reason`.
-pub fn transition_line(t: &StateTransition, build_id: &str, json: bool) -> String {
+/// One line of `watch`, the same for a state from the build's history and for a change seen
+/// live: `<ISO>  <state>  [box=..  cell=..  attempt=..  exit=..]  <reason>`; with `--json` an
+/// object `{"kind": "state", "id", "state", "at_ms", "reason"}` plus `box_id`, `cell_id`,
+/// `attempt`, `exit_code` on the line of the build's current state (the only one they are
+/// known for). `now` is the build as it is when `t` is its current state.
+pub fn watch_line(t: &StateTransition, build_id: &str, now: Option<&Build>, json: bool) -> String {
+    let mut reason = t.reason.clone();
+    if let Some(b) = now {
+        if reason.is_empty() {
+            reason = b.message.clone();
+        }
+    }
+    let exit = now.filter(|b| {
+        BuildState::try_from(b.state).is_ok_and(BuildState::is_terminal) && b.exit_code >= 0
+    });
     if json {
-        json!({
-            "kind": "transition",
+        let mut v = json!({
+            "kind": "state",
             "id": build_id,
             "state": state_name(t.state),
             "at_ms": t.at_ms,
-            "reason": t.reason,
-        })
-        .to_string()
-    } else {
-        format!("{}  {:<9}  {}", iso(t.at_ms), state_name(t.state), t.reason)
-            .trim_end()
-            .to_string()
+            "reason": reason,
+        });
+        if let (Some(b), Some(o)) = (now, v.as_object_mut()) {
+            o.insert("box_id".into(), b.box_id.clone().into());
+            o.insert("cell_id".into(), b.cell_id.clone().into());
+            o.insert("attempt".into(), b.attempt.into());
+            if let Some(b) = exit {
+                o.insert("exit_code".into(), b.exit_code.into());
+            }
+        }
+        return v.to_string();
     }
-}
-
-/// One line for `watch`: `<ISO>  <state>  <details>`.
-pub fn state_change_line(b: &Build) -> String {
-    let at = if b.updated_at_ms > 0 {
-        b.updated_at_ms
-    } else {
-        hive_sys::now_ms()
-    };
     let mut details = Vec::new();
-    if !b.box_id.is_empty() {
-        details.push(format!("box={}", b.box_id));
+    if let Some(b) = now {
+        if !b.box_id.is_empty() {
+            details.push(format!("box={}", b.box_id));
+        }
+        if !b.cell_id.is_empty() {
+            details.push(format!("cell={}", b.cell_id));
+        }
+        if b.attempt > 0 {
+            details.push(format!("attempt={}", b.attempt));
+        }
     }
-    if !b.cell_id.is_empty() {
-        details.push(format!("cell={}", b.cell_id));
-    }
-    if b.attempt > 0 {
-        details.push(format!("attempt={}", b.attempt));
-    }
-    if BuildState::try_from(b.state).is_ok_and(BuildState::is_terminal) && b.exit_code >= 0 {
+    if let Some(b) = exit {
         details.push(format!("exit={}", b.exit_code));
     }
-    if !b.message.is_empty() {
-        details.push(b.message.clone());
+    if !reason.is_empty() {
+        details.push(reason);
     }
     format!(
         "{}  {:<9}  {}",
-        iso(at),
-        state_name(b.state),
+        iso(t.at_ms),
+        state_name(t.state),
         details.join("  ")
     )
     .trim_end()
     .to_string()
+}
+
+/// The build's current state as a transition: its last recorded one, or (a build whose
+/// history does not reach its state yet) the state at its last update.
+pub fn current_transition(b: &Build) -> StateTransition {
+    match b.transitions.last() {
+        Some(t) if t.state == b.state => t.clone(),
+        _ => StateTransition {
+            state: b.state,
+            at_ms: if b.updated_at_ms > 0 {
+                b.updated_at_ms
+            } else {
+                hive_sys::now_ms()
+            },
+            reason: String::new(),
+        },
+    }
 }
 
 pub fn log_json(c: &LogChunk) -> Value {
@@ -585,6 +611,47 @@ pub fn classes_table(cs: &[SizeClass]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_prints_history_and_live_changes_in_one_format() {
+        let queued = StateTransition {
+            state: BuildState::Queued as i32,
+            at_ms: 1_795_757_665_000,
+            reason: "submitted".into(),
+        };
+        let failed = StateTransition {
+            state: BuildState::Failed as i32,
+            at_ms: 1_795_757_666_000,
+            reason: "step 1 exited with 3".into(),
+        };
+        let b = Build {
+            id: "b1".into(),
+            state: BuildState::Failed as i32,
+            box_id: "box-a".into(),
+            cell_id: "c1".into(),
+            attempt: 1,
+            exit_code: 3,
+            transitions: vec![queued.clone(), failed.clone()],
+            ..Default::default()
+        };
+        let history = watch_line(&queued, "b1", None, false);
+        let live = watch_line(&current_transition(&b), "b1", Some(&b), false);
+        assert_eq!(history, "2026-11-27T05:34:25Z  queued     submitted");
+        assert_eq!(
+            live,
+            "2026-11-27T05:34:26Z  failed     box=c1  cell=c1  attempt=1  exit=3  step 1 exited with 3"
+                .replace("box=c1", "box=box-a")
+        );
+        let h: Value = serde_json::from_str(&watch_line(&queued, "b1", None, true)).unwrap();
+        let l: Value = serde_json::from_str(&watch_line(&failed, "b1", Some(&b), true)).unwrap();
+        for v in [&h, &l] {
+            assert_eq!(v["kind"], "state");
+            assert_eq!(v["id"], "b1");
+            assert!(v["at_ms"].is_i64() && v["state"].is_string() && v["reason"].is_string());
+        }
+        assert_eq!(l["exit_code"], 3);
+        assert_eq!(l["box_id"], "box-a");
+    }
 
     #[test]
     fn iso_dates() {

@@ -56,6 +56,7 @@ pub fn build_image() -> PathBuf {
     }
     let cache = std::env::var("HIVE_CACHE").unwrap_or_else(|_| "/var/cache/hive".into());
     let images = Path::new(&cache).join("images");
+    // Of the cached bases with git, one with an ssh client (ssh clones) first, then the newest.
     std::fs::read_dir(&images)
         .ok()
         .and_then(|entries| {
@@ -63,7 +64,11 @@ pub fn build_image() -> PathBuf {
                 .flatten()
                 .filter(|e| e.file_name().to_string_lossy().starts_with("base-"))
                 .map(|e| e.path().join("rootfs"))
-                .find(|p| p.join("usr/bin/git").exists())
+                .filter(|p| p.join("usr/bin/git").exists())
+                .max_by_key(|p| {
+                    let mtime = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+                    (p.join("usr/bin/ssh").exists(), mtime)
+                })
         })
         .unwrap_or_else(|| {
             panic!(

@@ -175,6 +175,7 @@ impl<B: CellBackend> Agent<B> {
             timeout_secs: a.timeout_secs,
             tunnel,
             secrets: a.secrets.clone(),
+            clone_auth: a.clone_auth.clone(),
         };
         match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {

@@ -7,6 +7,7 @@
 //! registries, events); none knows which front end called it.
 
 pub mod cancel;
+pub mod clone_access;
 pub mod drain;
 pub mod end;
 pub mod keyexchange;

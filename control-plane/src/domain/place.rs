@@ -89,9 +89,11 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
             .add_inflight(&p.box_id, &p.lease_id, &build.size_class, warm);
         hive.events.build_changed(&p.build_id);
         let mut assignment = assignment(hive, build, &p);
-        if let Some(s) = secrets.get(&build.project_id) {
-            assignment.secrets = s.clone();
-        }
+        // The clone's credentials go to the clone only, never into the steps' secrets.
+        let (steps_secrets, clone_auth) =
+            super::clone_access::split(secrets.get(&build.project_id).cloned().unwrap_or_default());
+        assignment.secrets = steps_secrets;
+        assignment.clone_auth = Some(clone_auth);
         if !hive
             .registry
             .send(&p.box_id, CtlMsg::Assign(assignment))
@@ -122,6 +124,7 @@ fn assignment(hive: &Hive, build: &BuildRow, p: &Placement) -> Assignment {
         size_class: hive.classes.get(&build.size_class).ok().cloned(),
         private_network: build.private_network.clone(),
         secrets: Default::default(),
+        clone_auth: None,
     }
 }
 

@@ -905,6 +905,27 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         Ok(Response::new(pb::DeleteSecretReply {}))
     }
 
+    async fn clone_access(
+        &self,
+        request: Request<pb::CloneAccessRequest>,
+    ) -> Result<Response<pb::CloneAccessReply>, Status> {
+        let caller = self.caller(&request, "CloneAccess", Right::Operate).await?;
+        let req = request.into_inner();
+        let p = self.project(req.project.trim()).await?;
+        let target = p.name.clone();
+        crate::domain::clone_access::clone_access(&self.hive, &p, &req, |what| {
+            let mut a = caller.audit("CloneAccess", target.clone());
+            a.detail = what.to_string();
+            a
+        })
+        .await
+        .map(Response::new)
+        .map_err(|e| match e {
+            crate::domain::clone_access::CloneAccessError::Store(e) => store_err(e),
+            e => Status::invalid_argument(e.to_string()),
+        })
+    }
+
     async fn create_join_token(
         &self,
         request: Request<pb::CreateJoinTokenRequest>,

@@ -32,71 +32,67 @@ pub(super) async fn list_boxes(
     }))
 }
 
-pub(super) async fn cordon_box(
-    svc: &ControlPlaneService,
-    request: Request<pb::BoxActionRequest>,
-) -> Result<Response<pb::BoxInfo>, Status> {
-    let caller = svc.caller(&request, "CordonBox", Right::Operate).await?;
-    let box_id = request.into_inner().box_id;
-    let info = svc.box_info(&box_id).await?;
-    if matches!(
-        pb::BoxState::try_from(info.state),
-        Ok(pb::BoxState::Draining | pb::BoxState::Left)
-    ) {
-        return Err(Status::failed_precondition(format!(
-            "box {box_id:?} is draining or gone; cordon does not apply"
-        )));
-    }
-    drain::cordon_box(&svc.hive, &box_id, &caller.audit("CordonBox", &box_id))
-        .await
-        .map_err(store_err)?;
-    tracing::info!(%box_id, "box cordoned");
-    Ok(Response::new(svc.box_info(&box_id).await?))
+/// The box actions that change a box's state and answer with the box as it is then.
+#[derive(Clone, Copy)]
+pub(super) enum BoxAction {
+    Cordon,
+    Drain,
+    Uncordon,
 }
 
-pub(super) async fn drain_box(
+/// Cordon, drain or uncordon: the caller's right, the box's state checked against the action,
+/// the domain operation (audited), the box as it is now.
+pub(super) async fn box_action(
     svc: &ControlPlaneService,
     request: Request<pb::BoxActionRequest>,
+    action: BoxAction,
 ) -> Result<Response<pb::BoxInfo>, Status> {
-    let caller = svc.caller(&request, "DrainBox", Right::Operate).await?;
+    let rpc = match action {
+        BoxAction::Cordon => "CordonBox",
+        BoxAction::Drain => "DrainBox",
+        BoxAction::Uncordon => "UncordonBox",
+    };
+    let caller = svc.caller(&request, rpc, Right::Operate).await?;
     let box_id = request.into_inner().box_id;
     let info = svc.box_info(&box_id).await?;
-    if pb::BoxState::try_from(info.state) == Ok(pb::BoxState::Left) {
-        return Err(Status::failed_precondition(format!(
-            "box {box_id:?} has already left"
-        )));
+    let state = pb::BoxState::try_from(info.state).unwrap_or(pb::BoxState::Unspecified);
+    let refuse = |why: String| Err(Status::failed_precondition(format!("box {box_id:?} {why}")));
+    let audit = caller.audit(rpc, &box_id);
+    match action {
+        BoxAction::Cordon => {
+            if matches!(state, pb::BoxState::Draining | pb::BoxState::Left) {
+                return refuse("is draining or gone; cordon does not apply".into());
+            }
+            drain::cordon_box(&svc.hive, &box_id, &audit)
+                .await
+                .map_err(store_err)?;
+            tracing::info!(%box_id, "box cordoned");
+        }
+        BoxAction::Drain => {
+            if state == pb::BoxState::Left {
+                return refuse("has already left".into());
+            }
+            drain::drain_box(&svc.hive, &box_id, &audit)
+                .await
+                .map_err(store_err)?;
+            tracing::info!(%box_id, "box draining");
+        }
+        BoxAction::Uncordon => {
+            if state != pb::BoxState::Cordoned {
+                return refuse(format!(
+                    "is {}, not cordoned; uncordon does not apply",
+                    state.short_name()
+                ));
+            }
+            let changed = drain::uncordon_box(&svc.hive, &box_id, &audit)
+                .await
+                .map_err(store_err)?;
+            if !changed {
+                return refuse("changed state meanwhile; look again with `hivectl boxes`".into());
+            }
+            tracing::info!(%box_id, "box uncordoned");
+        }
     }
-    drain::drain_box(&svc.hive, &box_id, &caller.audit("DrainBox", &box_id))
-        .await
-        .map_err(store_err)?;
-    tracing::info!(%box_id, "box draining");
-    Ok(Response::new(svc.box_info(&box_id).await?))
-}
-
-pub(super) async fn uncordon_box(
-    svc: &ControlPlaneService,
-    request: Request<pb::BoxActionRequest>,
-) -> Result<Response<pb::BoxInfo>, Status> {
-    let caller = svc.caller(&request, "UncordonBox", Right::Operate).await?;
-    let box_id = request.into_inner().box_id;
-    let info = svc.box_info(&box_id).await?;
-    if pb::BoxState::try_from(info.state) != Ok(pb::BoxState::Cordoned) {
-        return Err(Status::failed_precondition(format!(
-            "box {box_id:?} is {}, not cordoned; uncordon does not apply",
-            pb::BoxState::try_from(info.state)
-                .unwrap_or(pb::BoxState::Unspecified)
-                .short_name()
-        )));
-    }
-    let changed = drain::uncordon_box(&svc.hive, &box_id, &caller.audit("UncordonBox", &box_id))
-        .await
-        .map_err(store_err)?;
-    if !changed {
-        return Err(Status::failed_precondition(format!(
-            "box {box_id:?} changed state meanwhile; look again with `hivectl boxes`"
-        )));
-    }
-    tracing::info!(%box_id, "box uncordoned");
     Ok(Response::new(svc.box_info(&box_id).await?))
 }
 

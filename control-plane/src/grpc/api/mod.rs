@@ -200,21 +200,21 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         &self,
         request: Request<pb::BoxActionRequest>,
     ) -> Result<Response<pb::BoxInfo>, Status> {
-        boxes::cordon_box(self, request).await
+        boxes::box_action(self, request, boxes::BoxAction::Cordon).await
     }
 
     async fn drain_box(
         &self,
         request: Request<pb::BoxActionRequest>,
     ) -> Result<Response<pb::BoxInfo>, Status> {
-        boxes::drain_box(self, request).await
+        boxes::box_action(self, request, boxes::BoxAction::Drain).await
     }
 
     async fn uncordon_box(
         &self,
         request: Request<pb::BoxActionRequest>,
     ) -> Result<Response<pb::BoxInfo>, Status> {
-        boxes::uncordon_box(self, request).await
+        boxes::box_action(self, request, boxes::BoxAction::Uncordon).await
     }
 
     async fn forget_box(

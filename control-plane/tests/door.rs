@@ -9,8 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, eventually, fake_box, http, pool, start, start_with};
-use hive_control_plane::http::webhook::sign;
+use common::{api, eventually, fake_box, http, pool, push_signed, start, start_with};
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
@@ -200,24 +199,9 @@ async fn webhook_urls_match_as_forges_do(url: String) {
         })
         .to_string()
         .into_bytes();
-        let sig = sign(b"s3cret", &body);
         let addr = handle.http_addr;
         let delivery = delivery.to_string();
-        async move {
-            http(
-                addr,
-                "POST",
-                "/webhooks/github",
-                &[
-                    ("Content-Type", "application/json"),
-                    ("X-GitHub-Event", "push"),
-                    ("X-GitHub-Delivery", &delivery),
-                    ("X-Hub-Signature-256", &sig),
-                ],
-                &body,
-            )
-            .await
-        }
+        async move { push_signed(addr, b"s3cret", &delivery, &body).await }
     };
     let r = push("acme/widget", "d-1").await;
     assert_eq!(r.status, 202, "{}", r.body);

@@ -299,20 +299,7 @@ async fn webhook_survives_hostile_deliveries(url: String) {
     }
     // And a valid push still builds.
     let body = serde_json::to_vec(&valid_push(&"c".repeat(40))).unwrap();
-    let sig = sign(SECRET.as_bytes(), &body);
-    let reply = http(
-        handle.http_addr,
-        "POST",
-        "/webhooks/github",
-        &[
-            ("Content-Type", "application/json"),
-            ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", "final"),
-            ("X-Hub-Signature-256", &sig),
-        ],
-        &body,
-    )
-    .await;
+    let reply = common::push_signed(handle.http_addr, SECRET.as_bytes(), "final", &body).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
     handle.shutdown().await;
 }

@@ -129,6 +129,37 @@ pub async fn http(
     }
 }
 
+/// Posts `body` to `/webhooks/github` as GitHub does: JSON, event `event`, delivery id
+/// `delivery`, and `signature` as `X-Hub-Signature-256` if given.
+pub async fn post_github(
+    addr: std::net::SocketAddr,
+    event: &str,
+    delivery: &str,
+    signature: Option<&str>,
+    body: &[u8],
+) -> HttpReply {
+    let mut headers = vec![
+        ("Content-Type", "application/json"),
+        ("X-GitHub-Event", event),
+        ("X-GitHub-Delivery", delivery),
+    ];
+    if let Some(s) = signature {
+        headers.push(("X-Hub-Signature-256", s));
+    }
+    http(addr, "POST", "/webhooks/github", &headers, body).await
+}
+
+/// A `push` delivery signed with `secret`, as GitHub sends it.
+pub async fn push_signed(
+    addr: std::net::SocketAddr,
+    secret: &[u8],
+    delivery: &str,
+    body: &[u8],
+) -> HttpReply {
+    let sig = hive_control_plane::http::webhook::sign(secret, body);
+    post_github(addr, "push", delivery, Some(&sig), body).await
+}
+
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use headless_chrome::Tab;
 use hive_proto::v1::{BuildState, CreateProjectRequest, GetBuildRequest};
+use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot};
 use hive_tests::cluster::{BoxDaemon, BoxOptions, GitHost};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
 use hive_tests::github::{push_payload, WebhookClient};
-use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot};
 
 const SECRET: &str = "e2e-dashboard-secret";
 const T: Duration = Duration::from_secs(60);

@@ -18,7 +18,7 @@ use headless_chrome::protocol::cdp::Emulation;
 use headless_chrome::types::Bounds;
 use headless_chrome::Tab;
 use hive_proto::v1::{self as pb, BuildState, LogStream};
-use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot, text};
+use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot, sign_in, text};
 use hive_testkit::fakebox::{FakeBox, FakeBoxConfig};
 
 const T: Duration = Duration::from_secs(20);
@@ -67,14 +67,7 @@ fn browser_signs_in_and_follows_a_build_live() {
         .wait_until_navigated()
         .unwrap();
     assert!(tab.get_url().contains("/ui/signin"), "{}", tab.get_url());
-    tab.wait_for_element("#token").unwrap().click().unwrap();
-    // Pasted, as a person would (typing 68 keys one event at a time takes seconds).
-    tab.send_character(&token).unwrap();
-    tab.wait_for_element("form.signin button")
-        .unwrap()
-        .click()
-        .unwrap();
-    tab.wait_until_navigated().unwrap();
+    sign_in(&tab, &token);
     tab.wait_for_element("#builds").expect("the builds list");
     // The cookie is HttpOnly: the page's script cannot read it.
     assert_eq!(js(&tab, "document.cookie"), serde_json::json!(""));

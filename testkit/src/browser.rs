@@ -54,6 +54,21 @@ pub fn launch(chrome: PathBuf, (width, height): (u32, u32), idle: Duration) -> B
     .expect("launch chromium")
 }
 
+/// On the sign-in page: pastes `token` (as a person would; typing it key by key takes seconds),
+/// signs in and waits for the page it leads to.
+pub fn sign_in(tab: &Tab, token: &str) {
+    tab.wait_for_element("#token")
+        .expect("the sign-in form")
+        .click()
+        .expect("click the token field");
+    tab.send_character(token).expect("paste the token");
+    tab.wait_for_element("form.signin button")
+        .expect("the sign-in button")
+        .click()
+        .expect("click sign in");
+    tab.wait_until_navigated().expect("signed in");
+}
+
 /// Saves the page as `dir/name` (PNG) and says where.
 pub fn screenshot(tab: &Tab, dir: &Path, name: &str) {
     let png = tab

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use headless_chrome::Tab;
 use hive_proto::v1::{BuildState, CreateProjectRequest, GetBuildRequest};
-use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot};
+use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot, sign_in};
 use hive_tests::cluster::{BoxDaemon, BoxOptions, GitHost};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
 use hive_tests::github::{push_payload, WebhookClient};
@@ -140,13 +140,7 @@ async fn dashboard_follows_a_sandbox_build_live() {
             .unwrap()
             .wait_until_navigated()
             .unwrap();
-        tab.wait_for_element("#token").unwrap().click().unwrap();
-        tab.send_character(&token).unwrap();
-        tab.wait_for_element("form.signin button")
-            .unwrap()
-            .click()
-            .unwrap();
-        tab.wait_until_navigated().unwrap();
+        sign_in(&tab, &token);
         tab.wait_for_element("#live.on").expect("the list's stream");
         lap("signed in");
 

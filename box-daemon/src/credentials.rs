@@ -12,8 +12,7 @@
 //! An `http://` control plane URL means no TLS and no certificate: only a control plane started
 //! with `--insecure-boxes` on loopback accepts that (tests and development).
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +32,9 @@ pub enum CredentialsError {
         #[source]
         source: std::io::Error,
     },
+    /// A file written whole (`hive_sys::write_file`).
+    #[error(transparent)]
+    Write(#[from] hive_sys::fs::WriteError),
     #[error(
         "this box has no certificate in {0} and no join token: make one on the control plane \
          with `hivectl box join-token` and start the box with --join-token (HIVE_BOX_JOIN_TOKEN)"
@@ -132,23 +134,6 @@ fn io<'a>(
 
 fn crypto(e: impl std::fmt::Display) -> CredentialsError {
     CredentialsError::Crypto(e.to_string())
-}
-
-/// Writes via a temporary file and a rename, with `mode`.
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CredentialsError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io("chmod", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", path))
 }
 
 /// `https://host:port` -> (host, port).
@@ -323,11 +308,11 @@ impl Credentials {
         std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o700))
             .map_err(io("chmod", &new))?;
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        write_file(&new.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
-        write_file(&new.join("box.key"), held.key_pem.as_bytes(), 0o600)?;
+        hive_sys::write_file(&new.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)?;
+        hive_sys::write_file(&new.join("box.key"), held.key_pem.as_bytes(), 0o600)?;
         let dates = serde_json::to_vec(&held.dates).map_err(crypto)?;
-        write_file(&new.join("cert.json"), &dates, 0o644)?;
-        write_file(&new.join("box.pem"), held.cert_pem.as_bytes(), 0o644)?;
+        hive_sys::write_file(&new.join("cert.json"), &dates, 0o644)?;
+        hive_sys::write_file(&new.join("box.pem"), held.cert_pem.as_bytes(), 0o644)?;
         let _ = std::fs::remove_dir_all(&old);
         if self.dir.exists() {
             std::fs::rename(&self.dir, &old).map_err(io("rename", &self.dir))?;

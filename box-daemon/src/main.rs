@@ -6,6 +6,7 @@
 //! microvm backend, via the internal `hive-box vmm-launch` (`hive_jail::launch`), which drops to
 //! the cell's uid first).
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -380,10 +381,11 @@ async fn control_plane_addrs(url: &str, within: Duration) -> Result<Vec<Ipv4Addr
     if let Ok(IpAddr::V4(ip)) = host.parse::<IpAddr>() {
         return Ok(vec![ip]);
     }
-    let deadline = tokio::time::Instant::now() + within;
-    let mut backoff = hive_sys::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    loop {
-        let why = match tokio::net::lookup_host((host.as_str(), port)).await {
+    let name = host.as_str();
+    let waiting =
+        format!("cannot resolve the control plane {name} yet (cells must be blocked from it)");
+    retry(within, &waiting, || async move {
+        let why = match tokio::net::lookup_host((name, port)).await {
             Ok(addrs) => {
                 let all: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
                 let v4: Vec<Ipv4Addr> = all
@@ -395,18 +397,41 @@ async fn control_plane_addrs(url: &str, within: Duration) -> Result<Vec<Ipv4Addr
                     .collect();
                 if !all.is_empty() {
                     // IPv6 only: cells have no IPv6 route, so there is nothing to block.
-                    return Ok(v4);
+                    return ControlFlow::Break(Ok(v4));
                 }
                 "no addresses".to_string()
             }
             Err(e) => e.to_string(),
         };
+        ControlFlow::Continue(why)
+    })
+    .await
+    .map_err(|why| MainError::Resolve { host, why })
+}
+
+/// Calls `attempt` until it settles (`Break`); after a transient failure (`Continue(e)`) waits
+/// (jittered backoff, 200 ms doubling to 5 s) and tries again while `within` allows, else
+/// gives `e`. The start-up waits for the control plane (resolving it, joining) go this way.
+async fn retry<T, E: std::fmt::Display, Fut>(
+    within: Duration,
+    waiting: &str,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = ControlFlow<Result<T, E>, E>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut backoff = hive_sys::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let e = match attempt().await {
+            ControlFlow::Break(done) => return done,
+            ControlFlow::Continue(e) => e,
+        };
         let pause = backoff.next_delay();
         if tokio::time::Instant::now() + pause > deadline {
-            return Err(MainError::Resolve { host, why });
+            return Err(e);
         }
-        tracing::warn!(%host, error = %why, retry_in_ms = pause.as_millis() as u64,
-            "cannot resolve the control plane yet (cells must be blocked from it)");
+        tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "{waiting}");
         tokio::time::sleep(pause).await;
     }
 }
@@ -531,14 +556,16 @@ async fn credentials(
     box_id: &str,
 ) -> Result<Option<Arc<hive_box::credentials::Credentials>>, MainError> {
     use hive_box::credentials::Credentials;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.resolve_timeout_secs);
-    let mut backoff = hive_sys::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let urls = hive_box::agent::control_plane_urls(&args.control_plane);
     if urls.is_empty() {
         return Err(MainError::Missing("--control-plane (HIVE_CONTROL_PLANE)"));
     }
     // Any control plane of the hive can take the join: try them in turn.
-    for attempt in 0usize.. {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (urls, next) = (&urls, &next);
+    let within = Duration::from_secs(args.resolve_timeout_secs);
+    let joined = retry(within, "cannot join yet", || async move {
+        let attempt = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match Credentials::ensure(
             urls[attempt % urls.len()],
             box_id,
@@ -547,18 +574,12 @@ async fn credentials(
         )
         .await
         {
-            Err(e) if e.is_transient() => {
-                let pause = backoff.next_delay();
-                if tokio::time::Instant::now() + pause > deadline {
-                    return Err(e.into());
-                }
-                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot join yet");
-                tokio::time::sleep(pause).await;
-            }
-            other => return Ok(other?),
+            Err(e) if e.is_transient() => ControlFlow::Continue(e),
+            other => ControlFlow::Break(other),
         }
-    }
-    unreachable!("the loop above returns")
+    })
+    .await;
+    Ok(joined?)
 }
 
 /// The box id and every host-global name of this box, from the flags or derived from the id,

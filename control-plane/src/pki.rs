@@ -5,8 +5,7 @@
 //! is the box id; its serial is recorded in the store, so a revoked box's certificates are
 //! refused though they still verify.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,6 +34,9 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
+    /// A file written whole (`hive_sys::write_file`).
+    #[error(transparent)]
+    Write(#[from] hive_sys::fs::WriteError),
     #[error(
         "the CA in {dir} is unusable ({reason}): restore ca.key and ca.pem from a backup, or move \
          the directory away to make a new CA (every box must then join again)"
@@ -86,24 +88,6 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Writes `bytes` to `path` with `mode`, via a temporary file and a rename (a crash leaves the
-/// old file or the new one, never half of one).
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io("chmod", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", path))
 }
 
 fn random_serial() -> SerialNumber {
@@ -172,8 +156,8 @@ impl Ca {
         validity(&mut params, CA_VALIDITY);
         let cert = params.self_signed(&key)?;
         // The key first: a ca.pem without its key would be a CA that can sign nothing.
-        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        hive_sys::write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        hive_sys::write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
         tracing::info!(dir = %dir.display(), "made the control plane's CA (first start)");
         Ok(Ca {
             sha256: sha256_hex(cert.der()),

@@ -5,8 +5,7 @@
 //! open. The database alone therefore reveals no value; the key file with it does, so keep the
 //! two apart in backups.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -24,6 +23,9 @@ pub enum SecretsError {
         #[source]
         source: std::io::Error,
     },
+    /// A file written whole (`hive_sys::write_file`).
+    #[error(transparent)]
+    Write(#[from] hive_sys::fs::WriteError),
     #[error(
         "secrets key {0}: expected 32 bytes, base64 on one line (as made on first start); \
          restore it from a backup: without it no stored secret can be read"
@@ -90,18 +92,7 @@ impl Sealer {
             let mut key = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut key);
             std::fs::create_dir_all(data_dir).map_err(io("create dir for"))?;
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io("create"))?;
-            f.write_all(format!("{}\n", b64().encode(key)).as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(io("write"))?;
-            std::fs::rename(&tmp, &path).map_err(io("rename"))?;
+            hive_sys::write_file(&path, format!("{}\n", b64().encode(key)).as_bytes(), 0o600)?;
             tracing::info!(path = %path.display(), "made the secrets key (first start); back it up apart from the database");
         }
         let meta = std::fs::metadata(&path).map_err(io("read"))?;

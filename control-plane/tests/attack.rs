@@ -18,7 +18,6 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{api, api_as, http, start, Api};
-use hive_control_plane::http::webhook::sign;
 use hive_proto::v1 as pb;
 use prost::Message;
 use tonic::{Code, Status};
@@ -650,20 +649,7 @@ async fn push_to(addr: std::net::SocketAddr, repo: &str, key: &[u8]) -> common::
     })
     .to_string()
     .into_bytes();
-    let sig = sign(key, &body);
-    http(
-        addr,
-        "POST",
-        "/webhooks/github",
-        &[
-            ("Content-Type", "application/json"),
-            ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", "probe-1"),
-            ("X-Hub-Signature-256", &sig),
-        ],
-        &body,
-    )
-    .await
+    common::push_signed(addr, key, "probe-1", &body).await
 }
 
 /// A registered repository cannot be told from an unregistered one without its secret.

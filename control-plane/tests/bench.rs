@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{api, http, pool, start_with, TestBox};
+use common::{api, fake_box, http, pool, start_with};
 use hive_control_plane::http::webhook::sign;
 use hive_control_plane::store::BuildRow;
 use hive_proto::v1::CreateProjectRequest;
@@ -120,7 +120,7 @@ async fn placements_per_second() {
         let mut boxes = Vec::new();
         for i in 0..BOXES {
             // 100 warm cells each: room for every build.
-            let (b, _) = TestBox::connect(
+            let (b, _) = fake_box(
                 &handle,
                 &format!("bench-{i:03}"),
                 vec![pool("small", 100, 100)],

@@ -9,8 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, eventually, http, pool, start, start_with, TestBox};
-use hive_control_plane::http::webhook::sign;
+use common::{api, eventually, fake_box, http, pool, push_signed, start, start_with};
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
@@ -200,24 +199,9 @@ async fn webhook_urls_match_as_forges_do(url: String) {
         })
         .to_string()
         .into_bytes();
-        let sig = sign(b"s3cret", &body);
         let addr = handle.http_addr;
         let delivery = delivery.to_string();
-        async move {
-            http(
-                addr,
-                "POST",
-                "/webhooks/github",
-                &[
-                    ("Content-Type", "application/json"),
-                    ("X-GitHub-Event", "push"),
-                    ("X-GitHub-Delivery", &delivery),
-                    ("X-Hub-Signature-256", &sig),
-                ],
-                &body,
-            )
-            .await
-        }
+        async move { push_signed(addr, b"s3cret", &delivery, &body).await }
     };
     let r = push("acme/widget", "d-1").await;
     assert_eq!(r.status, 202, "{}", r.body);
@@ -258,7 +242,7 @@ async fn uncordon_and_forget(url: String) {
     let mut client = api(&handle).await;
     client.create_project(good()).await.unwrap();
     let req = |id: &str| BoxActionRequest { box_id: id.into() };
-    let (mut b, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let (mut b, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     let beat = b.heartbeat_every(
         Duration::from_millis(100),
         vec![pool("small", 1, 1)],
@@ -332,7 +316,7 @@ async fn uncordon_and_forget(url: String) {
     assert_eq!(b.state, BuildState::Cancelled as i32, "{b:?}");
     assert_eq!(b.box_id, "box-a", "a build keeps its box as history");
     // It comes back as a new box, active.
-    let (_again, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let (_again, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     assert_eq!(
         box_state(&handle, "box-a").await,
         Some(BoxState::Active as i32)
@@ -347,7 +331,7 @@ async fn rejected_builds_fail_after_the_attempt_limit(url: String) {
     let handle = start_with(&url, |c| c.max_attempts = 3).await;
     let mut client = api(&handle).await;
     client.create_project(good()).await.unwrap();
-    let (mut b, _) = TestBox::connect(&handle, "box-r", vec![pool("small", 1, 1)]).await;
+    let (mut b, _) = fake_box(&handle, "box-r", vec![pool("small", 1, 1)]).await;
     let _beat = b.heartbeat_every(
         Duration::from_millis(100),
         vec![pool("small", 1, 1)],
@@ -377,7 +361,7 @@ async fn rejected_builds_fail_after_the_attempt_limit(url: String) {
                 ..Default::default()
             }))
             .await;
-        b.wait_ack(s, WAIT).await;
+        b.wait_ack(s, WAIT).await.unwrap();
     }
     let build = client
         .get_build(GetBuildRequest { id: id.clone() })
@@ -432,7 +416,7 @@ async fn start_and_end_times_come_from_the_box_when_they_make_sense(url: String)
     let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
     let mut client = api(&handle).await;
     client.create_project(good()).await.unwrap();
-    let (mut b, _) = TestBox::connect(&handle, "box-t", vec![pool("small", 1, 1)]).await;
+    let (mut b, _) = fake_box(&handle, "box-t", vec![pool("small", 1, 1)]).await;
     let _beat = b.heartbeat_every(
         Duration::from_millis(100),
         vec![pool("small", 1, 1)],
@@ -488,7 +472,7 @@ async fn start_and_end_times_come_from_the_box_when_they_make_sense(url: String)
         (BuildUpdateKind::Finished, ended),
     ] {
         let s = b.send_acked(update(&a, kind, t)).await;
-        b.wait_ack(s, WAIT).await;
+        b.wait_ack(s, WAIT).await.unwrap();
     }
     let done = get(id).await;
     assert_eq!(at(&done, BuildState::Running), started);
@@ -508,7 +492,7 @@ async fn start_and_end_times_come_from_the_box_when_they_make_sense(url: String)
         (BuildUpdateKind::Finished, before + 3_600_000),
     ] {
         let s = b.send_acked(update(&a, kind, t)).await;
-        b.wait_ack(s, WAIT).await;
+        b.wait_ack(s, WAIT).await.unwrap();
     }
     let after = hive_sys::now_ms();
     let done = get(id).await;

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, http, pool, start, start_with, TestBox};
+use common::{api, fake_box, http, pool, start, start_with};
 use hive_control_plane::http::webhook::sign;
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
@@ -299,20 +299,7 @@ async fn webhook_survives_hostile_deliveries(url: String) {
     }
     // And a valid push still builds.
     let body = serde_json::to_vec(&valid_push(&"c".repeat(40))).unwrap();
-    let sig = sign(SECRET.as_bytes(), &body);
-    let reply = http(
-        handle.http_addr,
-        "POST",
-        "/webhooks/github",
-        &[
-            ("Content-Type", "application/json"),
-            ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", "final"),
-            ("X-Hub-Signature-256", &sig),
-        ],
-        &body,
-    )
-    .await;
+    let reply = common::push_signed(handle.http_addr, SECRET.as_bytes(), "final", &body).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
     handle.shutdown().await;
 }
@@ -403,7 +390,7 @@ async fn box_sessions_survive_hostile_messages() {
         })
         .await
         .unwrap();
-    let (mut good, _) = TestBox::connect(&handle, "good", vec![pool("small", 1, 1)]).await;
+    let (mut good, _) = fake_box(&handle, "good", vec![pool("small", 1, 1)]).await;
     let _beat = good.heartbeat_every(
         Duration::from_millis(100),
         vec![pool("small", 1, 1)],
@@ -432,22 +419,21 @@ async fn box_sessions_survive_hostile_messages() {
         })
     };
     let s = good.send_acked(update(BuildUpdateKind::Accepted)).await;
-    good.wait_ack(s, WAIT).await;
+    good.wait_ack(s, WAIT).await.unwrap();
     let s = good.send_acked(update(BuildUpdateKind::Running)).await;
-    good.wait_ack(s, WAIT).await;
+    good.wait_ack(s, WAIT).await.unwrap();
 
     // The attacker knows the good box's build and lease ids (the worst case).
     let known = vec![(a.build_id.clone(), a.lease_id.clone())];
     let mut r = Rand(0xbad_b0c5);
     let mut handled = 0;
     for session in 0..8 {
-        let (evil, acked) = TestBox::connect(
+        let (mut evil, acked) = fake_box(
             &handle,
             &format!("evil-{session}"),
             vec![pool("small", 0, 0)],
         )
         .await;
-        let TestBox { tx, mut rx, .. } = evil;
         let mut seq = acked;
         for _ in 0..50 {
             // The acked seq moves only along an unbroken run: only a message that takes the
@@ -456,16 +442,16 @@ async fn box_sessions_survive_hostile_messages() {
             if m.seq == seq + 1 {
                 seq += 1;
             }
-            if tx.send(m).await.is_err() {
+            if evil.send_raw(m).await.is_err() {
                 break; // the control plane ended this session: fine
             }
         }
         // Closing its side lets the control plane read every message, in order, then end the
         // session: once the stream ends here, all of them have been handled.
-        drop(tx);
+        evil.close_send();
         let ended = tokio::time::timeout(WAIT, async {
             let mut acked = 0;
-            while let Ok(Some(m)) = rx.message().await {
+            while let Ok(Some(m)) = evil.next_raw(WAIT).await {
                 if let Some(CtlMsg::Ack(a)) = m.msg {
                     acked = a.seq;
                 }
@@ -497,7 +483,7 @@ async fn box_sessions_survive_hostile_messages() {
     };
     fin.state = BuildState::Succeeded as i32;
     let s = good.send_acked(BoxMsg::Update(fin)).await;
-    good.wait_ack(s, WAIT).await;
+    good.wait_ack(s, WAIT).await.unwrap();
     let b = client
         .get_build(GetBuildRequest { id })
         .await

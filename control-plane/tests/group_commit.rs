@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, pool, start_with, TestBox};
+use common::{api, fake_box, pool, start_with};
 use hive_control_plane::server::Handle;
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
@@ -19,6 +19,7 @@ use hive_proto::v1::{
     Assignment, BuildState, BuildUpdate, BuildUpdateKind, CreateProjectRequest, GetBuildRequest,
     LogChunk, LogStream, StreamLogsRequest, SubmitBuildRequest,
 };
+use hive_testkit::fakebox::FakeBoxError;
 use sqlx::Connection;
 use tokio_stream::StreamExt;
 
@@ -45,7 +46,7 @@ async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String)
         })
         .await
         .unwrap();
-    let (mut bx, _) = TestBox::connect(&handle, "box-burst", vec![pool("small", 1, 2)]).await;
+    let (mut bx, _) = fake_box(&handle, "box-burst", vec![pool("small", 1, 2)]).await;
     let id = client
         .submit_build(SubmitBuildRequest {
             project: "burst".into(),
@@ -94,9 +95,9 @@ async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String)
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Nothing is acked while nothing could be stored.
-    let early = tokio::time::timeout(Duration::from_millis(50), bx.rx.message()).await;
+    let early = bx.next_raw(Duration::from_millis(50)).await;
     assert!(
-        early.is_err(),
+        matches!(early, Err(FakeBoxError::Timeout(..))),
         "a message arrived before anything was stored: {early:?}"
     );
 
@@ -106,10 +107,10 @@ async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String)
     // One ack for the stuck message, then one for the whole burst.
     let mut acks = Vec::new();
     while acks.last() != Some(&last) {
-        let m = tokio::time::timeout(WAIT, bx.rx.message())
+        let m = bx
+            .next_raw(WAIT)
             .await
             .unwrap_or_else(|_| panic!("no ack of {last} in {WAIT:?}; acks so far {acks:?}"))
-            .expect("stream ok")
             .expect("stream open");
         match m.msg {
             Some(CtlMsg::Ack(ack)) => acks.push(ack.seq),
@@ -161,7 +162,7 @@ async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String)
 
     // The acked seq was committed with the burst: a reconnecting box is told it.
     drop(bx);
-    let (_bx, acked) = TestBox::connect(&handle, "box-burst", vec![pool("small", 1, 2)]).await;
+    let (_bx, acked) = fake_box(&handle, "box-burst", vec![pool("small", 1, 2)]).await;
     assert_eq!(acked, last);
     handle.shutdown().await;
 }

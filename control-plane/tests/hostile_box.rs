@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, eventually, http, pool, start_with, TestBox};
+use common::{api, eventually, fake_box, http, pool, start_with, FakeBox, FakeBoxConfig};
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{BoxMessage, CreateProjectRequest, Heartbeat, SubmitBuildRequest};
@@ -34,7 +34,15 @@ async fn a_box_that_stops_reading_loses_its_session_not_the_scheduler() {
         .unwrap();
 
     // box-a has room for everything and never reads what it is sent.
-    let (stalled, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 500, 500)]).await;
+    let stalled = FakeBox::connect(
+        &format!("http://{}", handle.grpc_addr),
+        FakeBoxConfig {
+            reads: false,
+            ..FakeBoxConfig::quiet("box-a", vec![pool("small", 500, 500)])
+        },
+    )
+    .await
+    .expect("box-a registers");
     let stalled_beat = stalled.heartbeat_every(
         Duration::from_millis(200),
         vec![pool("small", 500, 500)],
@@ -54,7 +62,7 @@ async fn a_box_that_stops_reading_loses_its_session_not_the_scheduler() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // box-b joins with room and reads: it must be given builds.
-    let (mut good, _) = TestBox::connect(&handle, "box-b", vec![pool("small", 50, 50)]).await;
+    let (mut good, _) = fake_box(&handle, "box-b", vec![pool("small", 50, 50)]).await;
     let _good_beat = good.heartbeat_every(
         Duration::from_millis(200),
         vec![pool("small", 50, 50)],
@@ -86,8 +94,8 @@ async fn a_box_that_stops_reading_loses_its_session_not_the_scheduler() {
 async fn a_message_seq_far_ahead_ends_the_session() {
     let db = hive_testkit::TestDb::sqlite();
     let handle = start_with(&db.url, |_| {}).await;
-    let (mut b, acked) = TestBox::connect(&handle, "box-x", vec![pool("small", 1, 1)]).await;
-    b.tx.send(BoxMessage {
+    let (mut b, acked) = fake_box(&handle, "box-x", vec![pool("small", 1, 1)]).await;
+    b.send_raw(BoxMessage {
         seq: acked + (1 << 40),
         msg: Some(BoxMsg::Heartbeat(Heartbeat::default())),
     })
@@ -96,7 +104,7 @@ async fn a_message_seq_far_ahead_ends_the_session() {
     // The control plane closes the stream (no ack for it) and counts the violation.
     let closed = tokio::time::timeout(WAIT, async {
         loop {
-            match b.rx.message().await {
+            match b.next_raw(WAIT).await {
                 Ok(Some(m)) => assert!(
                     !matches!(m.msg, Some(CtlMsg::Ack(ref a)) if a.seq > acked),
                     "acked an impossible seq: {m:?}"
@@ -115,7 +123,7 @@ async fn a_message_seq_far_ahead_ends_the_session() {
     })
     .await;
     // A well-behaved reconnect is welcome again.
-    let (_again, acked_again) = TestBox::connect(&handle, "box-x", vec![pool("small", 1, 1)]).await;
+    let (_again, acked_again) = fake_box(&handle, "box-x", vec![pool("small", 1, 1)]).await;
     assert_eq!(acked_again, acked);
     handle.shutdown().await;
     db.drop_db().await;
@@ -157,7 +165,7 @@ async fn register_as(
 async fn a_second_box_with_a_connected_id_is_refused() {
     let db = hive_testkit::TestDb::sqlite();
     let handle = start_with(&db.url, |_| {}).await;
-    let (first, _) = TestBox::connect(&handle, "box-d", vec![pool("small", 1, 1)]).await;
+    let (first, _) = fake_box(&handle, "box-d", vec![pool("small", 1, 1)]).await;
     let beat = first.heartbeat_every(
         Duration::from_millis(200),
         vec![pool("small", 1, 1)],
@@ -219,7 +227,7 @@ async fn an_impossible_pool_report_is_capped() {
         capacity: u32::MAX,
     };
     let pools = vec![huge.clone(), huge, pool("galactic", 5, 5)];
-    let (b, _) = TestBox::connect(&handle, "box-big", pools).await;
+    let (b, _) = fake_box(&handle, "box-big", pools).await;
     let boxes = api(&handle)
         .await
         .list_boxes(hive_proto::v1::ListBoxesRequest {})

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, eventually, pool, start, start_with, TestBox};
+use common::{api, eventually, fake_box, pool, start, start_with, FakeBox};
 use hive_control_plane::server::Handle;
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
@@ -58,10 +58,10 @@ async fn state(handle: &Handle, id: &str) -> hive_proto::v1::Build {
         .into_inner()
 }
 
-async fn expect_assign(b: &mut TestBox) -> Assignment {
+async fn expect_assign(b: &mut FakeBox) -> Assignment {
     match b.next_non_ack(WAIT).await {
         Some(CtlMsg::Assign(a)) => a,
-        other => panic!("box {} expected an Assignment, got {other:?}", b.id),
+        other => panic!("box {} expected an Assignment, got {other:?}", b.box_id()),
     }
 }
 
@@ -90,7 +90,7 @@ fn log(a: &Assignment, seq: u64, text: &str) -> BoxMsg {
 async fn full_life(url: String) {
     let handle = start(&url).await;
     project(&handle, "app", 0).await;
-    let (mut bx, acked) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 4)]).await;
+    let (mut bx, acked) = fake_box(&handle, "box-a", vec![pool("small", 1, 4)]).await;
     assert_eq!(acked, 0);
     let id = submit(&handle, "app").await;
 
@@ -112,7 +112,7 @@ async fn full_life(url: String) {
     assert_eq!(state(&handle, &id).await.state, BuildState::Placed as i32);
 
     let s = bx.send_acked(update(&a, BuildUpdateKind::Accepted)).await;
-    bx.wait_ack(s, WAIT).await;
+    bx.wait_ack(s, WAIT).await.unwrap();
     let b = state(&handle, &id).await;
     assert_eq!(b.cell_id, "cell-1");
     assert!(b.warm_start);
@@ -129,7 +129,7 @@ async fn full_life(url: String) {
     fin.state = BuildState::Succeeded as i32;
     fin.exit_code = 0;
     let s = bx.send_acked(BoxMsg::Update(fin)).await;
-    bx.wait_ack(s, WAIT).await;
+    bx.wait_ack(s, WAIT).await.unwrap();
 
     // WatchBuild: the state now, then each change, ending at the terminal one. Changes that
     // land between two reads are coalesced into one answer, but every answer carries the
@@ -219,7 +219,7 @@ async fn full_life(url: String) {
         boxes[0].state == BoxState::Offline as i32
     })
     .await;
-    let (_bx, acked) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 4)]).await;
+    let (_bx, acked) = fake_box(&handle, "box-a", vec![pool("small", 1, 4)]).await;
     assert_eq!(acked, 7, "3 updates + 4 logs were stored and acked");
     handle.shutdown().await;
 }
@@ -229,7 +229,7 @@ hive_testkit::on_both!(db => full_life);
 async fn follow_logs(url: String) {
     let handle = start(&url).await;
     project(&handle, "app", 0).await;
-    let (mut bx, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 4)]).await;
+    let (mut bx, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 4)]).await;
     let id = submit(&handle, "app").await;
     let a = expect_assign(&mut bx).await;
     bx.send_acked(update(&a, BuildUpdateKind::Running)).await;
@@ -261,7 +261,7 @@ async fn follow_logs(url: String) {
     fin.state = BuildState::Failed as i32;
     fin.exit_code = 2;
     let s = bx.send_acked(BoxMsg::Update(fin)).await;
-    bx.wait_ack(s, WAIT).await;
+    bx.wait_ack(s, WAIT).await.unwrap();
     let seqs = tokio::time::timeout(WAIT, follower).await.unwrap().unwrap();
     assert_eq!(seqs, (0..50).collect::<Vec<u64>>());
     handle.shutdown().await;
@@ -273,7 +273,7 @@ hive_testkit::on_both!(db => follow_logs);
 async fn lease_expiry_requeues(url: String) {
     let handle = start_with(&url, |c| c.lease = Duration::from_millis(800)).await;
     project(&handle, "app", 0).await;
-    let (mut silent, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let (mut silent, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     let id = submit(&handle, "app").await;
     let first = expect_assign(&mut silent).await;
     // box-a stays connected (heartbeats) but never confirms. box-b joins with room.
@@ -282,7 +282,7 @@ async fn lease_expiry_requeues(url: String) {
         vec![pool("small", 1, 1)],
         vec![],
     );
-    let (mut good, _) = TestBox::connect(&handle, "box-b", vec![pool("small", 1, 1)]).await;
+    let (mut good, _) = fake_box(&handle, "box-b", vec![pool("small", 1, 1)]).await;
     let _hb_b = good.heartbeat_every(
         Duration::from_millis(100),
         vec![pool("small", 1, 1)],
@@ -315,7 +315,7 @@ async fn lease_expiry_requeues(url: String) {
     let s = silent
         .send_acked(update(&first, BuildUpdateKind::Running))
         .await;
-    silent.wait_ack(s, WAIT).await;
+    silent.wait_ack(s, WAIT).await.unwrap();
     assert_eq!(state(&handle, &id).await.state, BuildState::Placed as i32);
 
     // The log says why attempt 1 ended, and attempt 2's chunk 0 follows it densely.
@@ -327,7 +327,7 @@ async fn lease_expiry_requeues(url: String) {
         &mut silent
     };
     let s = holder.send_acked(log(a2, 0, "attempt two\n")).await;
-    holder.wait_ack(s, WAIT).await;
+    holder.wait_ack(s, WAIT).await.unwrap();
     let logs: Vec<LogChunk> = api(&handle)
         .await
         .stream_logs(StreamLogsRequest {
@@ -358,7 +358,7 @@ hive_testkit::on_both!(db => lease_expiry_requeues);
 async fn heartbeats_renew_leases(url: String) {
     let handle = start_with(&url, |c| c.lease = Duration::from_millis(1000)).await;
     project(&handle, "app", 0).await;
-    let (mut bx, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let (mut bx, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     let id = submit(&handle, "app").await;
     let a = expect_assign(&mut bx).await;
     bx.send_acked(update(&a, BuildUpdateKind::Accepted)).await;
@@ -370,7 +370,8 @@ async fn heartbeats_renew_leases(url: String) {
             running_builds: vec![id.clone()],
             cells: vec![],
         }))
-        .await;
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(state(&handle, &id).await.state, BuildState::Running as i32);
@@ -428,12 +429,12 @@ async fn cancel_builds(url: String) {
     assert_eq!(missing.code(), tonic::Code::NotFound);
     assert!(missing.message().contains("\"nope\""));
 
-    let (mut bx, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 2)]).await;
+    let (mut bx, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 2)]).await;
     let running = submit(&handle, "app").await;
     let a = expect_assign(&mut bx).await;
     assert_eq!(a.build_id, running, "the cancelled build is never placed");
     let s = bx.send_acked(update(&a, BuildUpdateKind::Running)).await;
-    bx.wait_ack(s, WAIT).await;
+    bx.wait_ack(s, WAIT).await.unwrap();
     client
         .cancel_build(CancelBuildRequest {
             id: running.clone(),
@@ -455,7 +456,7 @@ async fn cancel_builds(url: String) {
     };
     fin.state = BuildState::Cancelled as i32;
     let s = bx.send_acked(BoxMsg::Update(fin)).await;
-    bx.wait_ack(s, WAIT).await;
+    bx.wait_ack(s, WAIT).await.unwrap();
     assert_eq!(
         state(&handle, &running).await.state,
         BuildState::Cancelled as i32
@@ -468,31 +469,16 @@ hive_testkit::on_both!(db => cancel_builds);
 async fn timeout_ends_build(url: String) {
     let handle = start(&url).await;
     project(&handle, "slow", 1).await;
-    let (mut bx, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let (mut bx, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     let id = submit(&handle, "slow").await;
     let a = expect_assign(&mut bx).await;
     bx.send_acked(update(&a, BuildUpdateKind::Running)).await;
     let started = std::time::Instant::now();
-    let hb = {
-        let tx = bx.tx.clone();
-        let id = id.clone();
-        tokio::spawn(async move {
-            loop {
-                let m = hive_proto::v1::BoxMessage {
-                    seq: 0,
-                    msg: Some(BoxMsg::Heartbeat(Heartbeat {
-                        pools: vec![pool("small", 0, 1)],
-                        running_builds: vec![id.clone()],
-                        cells: vec![],
-                    })),
-                };
-                if tx.send(m).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let hb = bx.heartbeat_every(
+        Duration::from_millis(100),
+        vec![pool("small", 0, 1)],
+        vec![id.clone()],
+    );
     match bx.next_non_ack(WAIT).await {
         Some(CtlMsg::Cancel(c)) => {
             assert_eq!(c.build_id, id);
@@ -515,7 +501,7 @@ async fn reject_cordon_drain(url: String) {
     let handle = start(&url).await;
     project(&handle, "app", 0).await;
     let mut client = api(&handle).await;
-    let (mut a_box, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let (mut a_box, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     let first = submit(&handle, "app").await;
     let a = expect_assign(&mut a_box).await;
     let mut rej = match update(&a, BuildUpdateKind::Rejected) {
@@ -524,7 +510,7 @@ async fn reject_cordon_drain(url: String) {
     };
     rej.message = "no room".into();
     let s = a_box.send_acked(BoxMsg::Update(rej)).await;
-    a_box.wait_ack(s, WAIT).await;
+    a_box.wait_ack(s, WAIT).await.unwrap();
     let b = state(&handle, &first).await;
     assert_eq!(b.state, BuildState::Queued as i32);
     assert_eq!(b.attempt, 2);
@@ -550,7 +536,7 @@ async fn reject_cordon_drain(url: String) {
         .is_none());
 
     // box-b takes the queued build; a second build waits (box-b is full), in order.
-    let (mut b_box, _) = TestBox::connect(&handle, "box-b", vec![pool("small", 1, 1)]).await;
+    let (mut b_box, _) = fake_box(&handle, "box-b", vec![pool("small", 1, 1)]).await;
     let hb_b = b_box.heartbeat_every(
         Duration::from_millis(100),
         vec![pool("small", 1, 1)],
@@ -594,7 +580,7 @@ async fn reject_cordon_drain(url: String) {
     };
     fin.state = BuildState::Succeeded as i32;
     let s = b_box.send_acked(BoxMsg::Update(fin)).await;
-    b_box.wait_ack(s, WAIT).await;
+    b_box.wait_ack(s, WAIT).await.unwrap();
     hb_b.abort();
     drop(b_box);
     eventually(WAIT, "drained box left", || async {
@@ -646,19 +632,20 @@ hive_testkit::on_both!(db => reject_cordon_drain);
 /// quiet build) still hears the control plane and does not fence itself.
 async fn heartbeats_are_answered(url: String) {
     let handle = start(&url).await;
-    let (mut bx, _) = TestBox::connect(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let (mut bx, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     for _ in 0..3 {
         bx.send_plain(BoxMsg::Heartbeat(Heartbeat {
             pools: vec![pool("small", 1, 1)],
             running_builds: vec![],
             cells: vec![],
         }))
-        .await;
-        let m = tokio::time::timeout(WAIT, bx.rx.message())
+        .await
+        .unwrap();
+        let m = bx
+            .next_raw(WAIT)
             .await
             .expect("an answer to the heartbeat")
-            .unwrap()
-            .unwrap();
+            .expect("stream open");
         assert!(
             matches!(m.msg, Some(CtlMsg::Ack(hive_proto::v1::Ack { seq: 0 }))),
             "{m:?}"

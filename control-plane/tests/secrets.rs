@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{api, api_as, pool, start, TestBox};
+use common::{api, api_as, fake_box, pool, start};
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
     CreateProjectRequest, CreateTokenRequest, DeleteProjectRequest, DeleteSecretRequest,
@@ -136,7 +136,7 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
     assert!(!rows[0].1.contains(VALUE) && !rows[0].1.contains(&b64[..12]));
 
     // The build's assignment carries it (apart from env), and only that.
-    let (mut b, _) = TestBox::connect(&h, "box-1", vec![pool("small", 1, 2)]).await;
+    let (mut b, _) = fake_box(&h, "box-1", vec![pool("small", 1, 2)]).await;
     admin
         .submit_build(SubmitBuildRequest {
             project: "web".into(),

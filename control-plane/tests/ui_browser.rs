@@ -11,66 +11,21 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use headless_chrome::protocol::cdp::Emulation;
-use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::types::Bounds;
-use headless_chrome::{Browser, LaunchOptions, Tab};
+use headless_chrome::Tab;
 use hive_proto::v1::{self as pb, BuildState, LogStream};
+use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot, sign_in, text};
 use hive_testkit::fakebox::{FakeBox, FakeBoxConfig};
 
 const T: Duration = Duration::from_secs(20);
 
-fn chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("HIVE_CHROMIUM") {
-        return Some(PathBuf::from(p));
-    }
-    [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
-fn screenshot(tab: &Tab, dir: &std::path::Path, name: &str) {
-    let png = tab
-        .capture_screenshot(CaptureScreenshotFormatOption::Png, None, None, true)
-        .expect("screenshot");
-    let path = dir.join(name);
-    std::fs::write(&path, png).expect("write screenshot");
-    eprintln!("screenshot: {}", path.display());
-}
-
-fn text(tab: &Tab, selector: &str) -> String {
-    tab.wait_for_element(selector)
-        .unwrap_or_else(|e| panic!("{selector}: {e}"))
-        .get_inner_text()
-        .unwrap_or_default()
-}
-
-fn js(tab: &Tab, expr: &str) -> serde_json::Value {
-    tab.evaluate(expr, false)
-        .unwrap_or_else(|e| panic!("evaluate {expr}: {e}"))
-        .value
-        .unwrap_or(serde_json::Value::Null)
-}
-
 #[test]
 fn browser_signs_in_and_follows_a_build_live() {
-    let Some(chrome) = chromium() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("no chromium, and CI=true: deploy/install-deps.sh installs Debian's chromium");
-        }
-        eprintln!(
-            "SKIPPED: browser_signs_in_and_follows_a_build_live: no chromium \
-             (apt-get install chromium, or set HIVE_CHROMIUM)"
-        );
+    let Some(chrome) = chromium_or_skip("browser_signs_in_and_follows_a_build_live") else {
         return;
     };
     let t0 = Instant::now();
@@ -100,17 +55,7 @@ fn browser_signs_in_and_follows_a_build_live() {
     let screens = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screens");
     std::fs::create_dir_all(&screens).unwrap();
 
-    let browser = Browser::new(LaunchOptions {
-        path: Some(chrome),
-        headless: true,
-        // Tests run as root, where Chromium's sandbox cannot start.
-        sandbox: false,
-        window_size: Some((1280, 900)),
-        idle_browser_timeout: Duration::from_secs(180),
-        args: vec![OsStr::new("--disable-dev-shm-usage")],
-        ..Default::default()
-    })
-    .expect("launch chromium");
+    let browser = launch(chrome, (1280, 900), Duration::from_secs(180));
     let lap = |what: &str| eprintln!("[{:>6.2?}] {what}", t0.elapsed());
     lap("chromium started");
     let tab = browser.new_tab().expect("tab");
@@ -122,14 +67,7 @@ fn browser_signs_in_and_follows_a_build_live() {
         .wait_until_navigated()
         .unwrap();
     assert!(tab.get_url().contains("/ui/signin"), "{}", tab.get_url());
-    tab.wait_for_element("#token").unwrap().click().unwrap();
-    // Pasted, as a person would (typing 68 keys one event at a time takes seconds).
-    tab.send_character(&token).unwrap();
-    tab.wait_for_element("form.signin button")
-        .unwrap()
-        .click()
-        .unwrap();
-    tab.wait_until_navigated().unwrap();
+    sign_in(&tab, &token);
     tab.wait_for_element("#builds").expect("the builds list");
     // The cookie is HttpOnly: the page's script cannot read it.
     assert_eq!(js(&tab, "document.cookie"), serde_json::json!(""));

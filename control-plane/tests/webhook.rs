@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{api, http, start};
+use common::{api, http, post_github as post, start};
 use hive_control_plane::http::webhook::sign;
 use hive_proto::v1::{CreateProjectRequest, ListBuildsRequest};
 use serde_json::json;
@@ -32,24 +32,6 @@ fn push(repo: &str, git_ref: &str, after: &str) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
-}
-
-async fn post(
-    addr: std::net::SocketAddr,
-    event: &str,
-    delivery: &str,
-    signature: Option<&str>,
-    body: &[u8],
-) -> common::HttpReply {
-    let mut headers = vec![
-        ("Content-Type", "application/json"),
-        ("X-GitHub-Event", event),
-        ("X-GitHub-Delivery", delivery),
-    ];
-    if let Some(s) = signature {
-        headers.push(("X-Hub-Signature-256", s));
-    }
-    http(addr, "POST", "/webhooks/github", &headers, body).await
 }
 
 async fn build_count(handle: &hive_control_plane::server::Handle) -> usize {

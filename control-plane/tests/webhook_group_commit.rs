@@ -55,20 +55,7 @@ fn deliver(
     let delivery = delivery.to_string();
     let body = push(after);
     async move {
-        let sig = sign(SECRET.as_bytes(), &body);
-        let r = http(
-            addr,
-            "POST",
-            "/webhooks/github",
-            &[
-                ("Content-Type", "application/json"),
-                ("X-GitHub-Event", "push"),
-                ("X-GitHub-Delivery", &delivery),
-                ("X-Hub-Signature-256", &sig),
-            ],
-            &body,
-        )
-        .await;
+        let r = common::push_signed(addr, SECRET.as_bytes(), &delivery, &body).await;
         (r.status, r.json())
     }
 }

@@ -5,6 +5,7 @@
 //! | [`clock`] | wall-clock milliseconds since the Unix epoch | — |
 //! | [`backoff`] | jittered exponential backoff for reconnects, retries and polls | — |
 //! | [`error`] | one line for an error and its `source()` chain | — |
+//! | [`fs`] | files written whole (temporary file, fsync, rename) with their mode | — |
 //! | `netns` | named network namespaces: create, pin, enter, run code inside | `netns` |
 //! | `netlink` | rtnetlink look-ups (a link's index) | `netlink` |
 //! | `tun` | open a TUN or TAP device | `tun` |
@@ -17,6 +18,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod error;
+pub mod fs;
 #[cfg(feature = "netlink")]
 pub mod netlink;
 #[cfg(feature = "netns")]
@@ -29,3 +31,4 @@ pub mod tun;
 pub use backoff::Backoff;
 pub use clock::now_ms;
 pub use error::chain as error_chain;
+pub use fs::write_file;

@@ -6,6 +6,10 @@
 //! unacked buffer until the control plane's `Ack` covers it, and is resent after a reconnect from
 //! `Registered.acked_seq`. Heartbeats report the builds the box still runs, which is what renews
 //! their leases; a test can silence them to play a box that hangs without disconnecting.
+//!
+//! A quiet box (`FakeBoxConfig::quiet`) sends nothing on its own: the test sends each message
+//! (`send_acked`, `send_plain`, `send_raw`, `heartbeat_every`) and may read the raw stream, acks
+//! included (`next_raw`), or not read it at all (`reads: false`, a box that stalls).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -56,6 +60,23 @@ pub struct FakeBoxConfig {
     pub pools: Vec<PoolState>,
     /// Heartbeat period; `None` = use the interval the control plane sends in `Registered`.
     pub heartbeat_interval: Option<Duration>,
+    /// Heartbeats on from the start (`set_heartbeats` turns them on and off later).
+    pub heartbeats: bool,
+    /// Reads what the control plane sends; `false` plays a box that never reads its stream
+    /// (HTTP/2 flow control then backs up to the control plane's queue for it).
+    pub reads: bool,
+}
+
+/// One pool of `class`: `warm` warm cells (the target) and room for `capacity`.
+pub fn pool(class: &str, warm: u32, capacity: u32) -> PoolState {
+    PoolState {
+        size_class: class.to_string(),
+        warm,
+        booting: 0,
+        busy: 0,
+        target: warm,
+        capacity,
+    }
 }
 
 impl FakeBoxConfig {
@@ -65,15 +86,20 @@ impl FakeBoxConfig {
             box_id: box_id.to_string(),
             hostname: format!("{box_id}.test"),
             backend: "sandbox".to_string(),
-            pools: vec![PoolState {
-                size_class: size_class.to_string(),
-                warm,
-                booting: 0,
-                busy: 0,
-                target: warm,
-                capacity,
-            }],
+            pools: vec![pool(size_class, warm, capacity)],
             heartbeat_interval: None,
+            heartbeats: true,
+            reads: true,
+        }
+    }
+
+    /// A sandbox box reporting `pools` at registration that sends nothing on its own (no
+    /// heartbeats): the test sends every message.
+    pub fn quiet(box_id: &str, pools: Vec<PoolState>) -> Self {
+        Self {
+            pools,
+            heartbeats: false,
+            ..Self::new(box_id, "", 0, 0)
         }
     }
 }
@@ -99,7 +125,8 @@ enum Inbound {
 }
 
 struct Connection {
-    tx: mpsc::Sender<BoxMessage>,
+    /// `None` once the box closed its side (`close_send`).
+    tx: Option<mpsc::Sender<BoxMessage>>,
     reader: JoinHandle<()>,
     heartbeat: JoinHandle<()>,
 }
@@ -134,7 +161,7 @@ impl FakeBox {
     pub async fn connect(addr: &str, cfg: FakeBoxConfig) -> Result<Self, FakeBoxError> {
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
         let shared = Shared {
-            heartbeats_on: true,
+            heartbeats_on: cfg.heartbeats,
             pools: cfg.pools.clone(),
             ..Shared::default()
         };
@@ -225,6 +252,8 @@ impl FakeBox {
             s.acked = s.acked.max(acked);
             s.unacked.values().cloned().collect()
         };
+        // A box that kept nothing (a new FakeBox for a known id) goes on after what is stored.
+        self.next_seq = self.next_seq.max(registered.acked_seq + 1);
         for m in resend {
             tx.send(m).await.map_err(|_| FakeBoxError::NotConnected)?;
         }
@@ -234,7 +263,12 @@ impl FakeBox {
             let shared = self.shared.clone();
             let notify = self.acked_notify.clone();
             let inbox = self.inbox_tx.clone();
+            let reads = self.cfg.reads;
             tokio::spawn(async move {
+                if !reads {
+                    // Holds the stream open and never reads it, until aborted.
+                    std::future::pending::<()>().await;
+                }
                 while let Some(item) = inbound.next().await {
                     let Ok(msg) = item else { break };
                     if let Some(control_message::Msg::Ack(ack)) = &msg.msg {
@@ -285,7 +319,7 @@ impl FakeBox {
             })
         };
         self.conn = Some(Connection {
-            tx,
+            tx: Some(tx),
             reader,
             heartbeat,
         });
@@ -334,16 +368,63 @@ impl FakeBox {
 
     /// Sends a raw message (no seq bookkeeping). For tests of malformed sessions.
     pub async fn send_raw(&self, m: BoxMessage) -> Result<(), FakeBoxError> {
-        let conn = self.conn.as_ref().ok_or(FakeBoxError::NotConnected)?;
-        conn.tx
-            .send(m)
-            .await
-            .map_err(|_| FakeBoxError::NotConnected)
+        let tx = self.sender().ok_or(FakeBoxError::NotConnected)?;
+        tx.send(m).await.map_err(|_| FakeBoxError::NotConnected)
+    }
+
+    /// Sends `msg` without a seq (a heartbeat, say): nothing to ack or resend.
+    pub async fn send_plain(&self, msg: box_message::Msg) -> Result<(), FakeBoxError> {
+        self.send_raw(BoxMessage {
+            seq: 0,
+            msg: Some(msg),
+        })
+        .await
+    }
+
+    fn sender(&self) -> Option<&mpsc::Sender<BoxMessage>> {
+        self.conn.as_ref().and_then(|c| c.tx.as_ref())
+    }
+
+    /// Closes the box's side of the stream (stops heartbeats too) and keeps reading: the
+    /// control plane handles what was sent, then ends the session (`next_raw` gives `None`).
+    pub fn close_send(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            conn.tx = None;
+            conn.heartbeat.abort();
+        }
+    }
+
+    /// Heartbeats with exactly `pools` and `running` every `period`, beside the box's own, until
+    /// the returned task is aborted or the session ends. Panics if not connected.
+    pub fn heartbeat_every(
+        &self,
+        period: Duration,
+        pools: Vec<PoolState>,
+        running: Vec<String>,
+    ) -> JoinHandle<()> {
+        let tx = self.sender().expect("heartbeat_every: connected").clone();
+        tokio::spawn(async move {
+            loop {
+                let m = BoxMessage {
+                    seq: 0,
+                    msg: Some(box_message::Msg::Heartbeat(Heartbeat {
+                        pools: pools.clone(),
+                        running_builds: running.clone(),
+                        cells: vec![],
+                    })),
+                };
+                if tx.send(m).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
     }
 
     /// Gives `msg` the next seq, keeps it until acked and sends it if connected. While
     /// disconnected the message only queues (it goes out on reconnect), as a real box's would.
-    async fn send_acked(&mut self, msg: box_message::Msg) -> u64 {
+    /// Returns the seq.
+    pub async fn send_acked(&mut self, msg: box_message::Msg) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         let m = BoxMessage {
@@ -351,12 +432,26 @@ impl FakeBox {
             msg: Some(msg),
         };
         self.lock().unacked.insert(seq, m.clone());
-        if let Some(conn) = &self.conn {
-            if conn.tx.send(m).await.is_err() {
+        if let Some(tx) = self.sender() {
+            if tx.send(m).await.is_err() {
                 self.conn = None;
             }
         }
         seq
+    }
+
+    /// Waits until the control plane acknowledged `seq` (or a later one).
+    pub async fn wait_ack(&self, seq: u64, timeout: Duration) -> Result<(), FakeBoxError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.acked_notify.notified();
+            if self.lock().acked >= seq {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(FakeBoxError::Timeout(timeout, "an ack"));
+            }
+        }
     }
 
     /// Waits until every message sent so far is acknowledged.
@@ -369,6 +464,37 @@ impl FakeBox {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(FakeBoxError::Timeout(timeout, "all messages acknowledged"));
+            }
+        }
+    }
+
+    /// The next control message that is not an Ack, within `timeout`; `None` if none came or
+    /// the session ended.
+    pub async fn next_non_ack(&mut self, timeout: Duration) -> Option<control_message::Msg> {
+        self.next_message(timeout).await.ok().and_then(|m| m.msg)
+    }
+
+    /// The next message on the stream as it came, Acks included; `Ok(None)` once the session
+    /// ended. Messages kept by earlier typed waits come first.
+    pub async fn next_raw(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<ControlMessage>, FakeBoxError> {
+        if let Some(m) = self.pending.pop_front() {
+            return Ok(Some(m));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                Err(_) => return Err(FakeBoxError::Timeout(timeout, "a message")),
+                Ok(None) => return Ok(None),
+                Ok(Some(Inbound::Ended(g))) => {
+                    if g == self.generation {
+                        self.conn = None;
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(Inbound::Msg(m))) => return Ok(Some(*m)),
             }
         }
     }

@@ -8,48 +8,18 @@
 //! Needs root and the Debian build image (like `e2e_sandbox`), and Debian's `chromium`: without
 //! it the test prints SKIPPED and passes, unless `CI=true`, where it fails.
 
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
-use headless_chrome::{Browser, LaunchOptions, Tab};
+use headless_chrome::Tab;
 use hive_proto::v1::{BuildState, CreateProjectRequest, GetBuildRequest};
+use hive_testkit::browser::{chromium_or_skip, js, launch, screenshot, sign_in};
 use hive_tests::cluster::{BoxDaemon, BoxOptions, GitHost};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
 use hive_tests::github::{push_payload, WebhookClient};
 
 const SECRET: &str = "e2e-dashboard-secret";
 const T: Duration = Duration::from_secs(60);
-
-fn chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("HIVE_CHROMIUM") {
-        return Some(PathBuf::from(p));
-    }
-    [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
-fn screenshot(tab: &Tab, dir: &Path, name: &str) {
-    let png = tab
-        .capture_screenshot(CaptureScreenshotFormatOption::Png, None, None, true)
-        .expect("screenshot");
-    std::fs::write(dir.join(name), png).expect("write screenshot");
-    eprintln!("screenshot: {}", dir.join(name).display());
-}
-
-fn js(tab: &Tab, expr: &str) -> serde_json::Value {
-    tab.evaluate(expr, false)
-        .unwrap_or_else(|e| panic!("evaluate {expr}: {e}"))
-        .value
-        .unwrap_or(serde_json::Value::Null)
-}
 
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
@@ -58,11 +28,7 @@ fn tail(s: &str, n: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_follows_a_sandbox_build_live() {
-    let Some(chrome) = chromium() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("no chromium, and CI=true: deploy/install-deps.sh installs Debian's chromium");
-        }
-        eprintln!("SKIPPED: dashboard_follows_a_sandbox_build_live: no chromium");
+    let Some(chrome) = chromium_or_skip("dashboard_follows_a_sandbox_build_live") else {
         return;
     };
     let t0 = Instant::now();
@@ -167,29 +133,14 @@ async fn dashboard_follows_a_sandbox_build_live() {
     // The browser's API blocks: it runs on a blocking thread, the async parts on the runtime.
     let browser_run = tokio::task::spawn_blocking(move || {
         let lap = |what: &str| eprintln!("[{:>6.2?}] {what}", t0.elapsed());
-        let browser = Browser::new(LaunchOptions {
-            path: Some(chrome),
-            headless: true,
-            sandbox: false,
-            window_size: Some((1280, 1000)),
-            idle_browser_timeout: Duration::from_secs(300),
-            args: vec![OsStr::new("--disable-dev-shm-usage")],
-            ..Default::default()
-        })
-        .expect("launch chromium");
+        let browser = launch(chrome, (1280, 1000), Duration::from_secs(300));
         let tab = browser.new_tab().expect("tab");
         tab.set_default_timeout(T);
         tab.navigate_to(&format!("{base}/ui/builds"))
             .unwrap()
             .wait_until_navigated()
             .unwrap();
-        tab.wait_for_element("#token").unwrap().click().unwrap();
-        tab.send_character(&token).unwrap();
-        tab.wait_for_element("form.signin button")
-            .unwrap()
-            .click()
-            .unwrap();
-        tab.wait_until_navigated().unwrap();
+        sign_in(&tab, &token);
         tab.wait_for_element("#live.on").expect("the list's stream");
         lap("signed in");
 

@@ -1,7 +1,8 @@
 //! Value types that cross crate boundaries in Hive and need no I/O: a WireGuard public key as
 //! `wg` prints it ([`key`]), IP prefixes such as `10.20.0.0/16` ([`prefix`], on `ipnet`) and
 //! the built-in size classes both the control plane and the boxes start from ([`sizeclass`]), and
-//! the join token a box trades for its certificate ([`join`]).
+//! the join token a box trades for its certificate ([`join`]), and UTC times as Hive prints them
+//! ([`time`]).
 //!
 //! The control plane and `hivectl` only parse and print these, so they depend on this crate and
 //! not on `hive-wg` (which brings a WireGuard implementation and netlink); `hive-wg` re-exports
@@ -12,6 +13,7 @@ pub mod join;
 pub mod key;
 pub mod prefix;
 pub mod sizeclass;
+pub mod time;
 
 pub use join::{JoinToken, JoinTokenError};
 pub use key::{KeyError, PublicKey};

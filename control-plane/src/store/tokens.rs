@@ -39,7 +39,7 @@ impl Store {
     /// Stores a new token (by the hash of its secret) and its audit entry.
     pub async fn create_token(&self, row: &TokenRow, hash: &str, audit: &Audit) -> Result<()> {
         in_tx!(self, "commit new token", |tx| {
-            insert_token_tx(tx, row, hash).await?;
+            insert_token_tx(tx, row, hash, Insert::Always).await?;
             insert_audit_tx(tx, audit).await
         })
     }
@@ -48,24 +48,7 @@ impl Store {
     pub async fn bootstrap_admin_token(&self, row: &TokenRow, hash: &str) -> Result<bool> {
         let audit = Audit::system("BootstrapAdminToken", &row.id);
         in_tx!(self, "commit first admin token", |tx| {
-            let res = sqlx::query(
-                "INSERT INTO tokens (id, name, role, project_id, project_name, token_hash, \
-                 created_at_ms, created_by, revoked_at_ms) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, 0 \
-                 WHERE NOT EXISTS (SELECT 1 FROM tokens) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(&row.id)
-            .bind(&row.name)
-            .bind(&row.role)
-            .bind(&row.project_id)
-            .bind(&row.project_name)
-            .bind(hash)
-            .bind(row.created_at_ms)
-            .bind(&row.created_by)
-            .execute(&mut **tx)
-            .await
-            .map_err(q("insert first admin token"))?;
-            let made = res.rows_affected() > 0;
+            let made = insert_token_tx(tx, row, hash, Insert::IfNoneEver).await?;
             if made {
                 insert_audit_tx(tx, &audit).await?;
             }
@@ -122,25 +105,46 @@ impl Store {
     }
 }
 
+/// When [`insert_token_tx`] stores its row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Insert {
+    Always,
+    /// Only while the table never held a token (the first admin token), and not twice.
+    IfNoneEver,
+}
+
+/// Stores a token row in force with `hash`; true if stored.
 async fn insert_token_tx(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     row: &TokenRow,
     hash: &str,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO tokens (id, name, role, project_id, project_name, token_hash, \
-         created_at_ms, created_by, revoked_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
-    )
-    .bind(&row.id)
-    .bind(&row.name)
-    .bind(&row.role)
-    .bind(&row.project_id)
-    .bind(&row.project_name)
-    .bind(hash)
-    .bind(row.created_at_ms)
-    .bind(&row.created_by)
-    .execute(&mut **tx)
-    .await
-    .map_err(q("insert token"))?;
-    Ok(())
+    when: Insert,
+) -> Result<bool> {
+    let (sql, what) = match when {
+        Insert::Always => (
+            "INSERT INTO tokens (id, name, role, project_id, project_name, token_hash, \
+             created_at_ms, created_by, revoked_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+            "insert token",
+        ),
+        Insert::IfNoneEver => (
+            "INSERT INTO tokens (id, name, role, project_id, project_name, token_hash, \
+             created_at_ms, created_by, revoked_at_ms) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, 0 \
+             WHERE NOT EXISTS (SELECT 1 FROM tokens) ON CONFLICT (id) DO NOTHING",
+            "insert first admin token",
+        ),
+    };
+    let res = sqlx::query(sql)
+        .bind(&row.id)
+        .bind(&row.name)
+        .bind(&row.role)
+        .bind(&row.project_id)
+        .bind(&row.project_name)
+        .bind(hash)
+        .bind(row.created_at_ms)
+        .bind(&row.created_by)
+        .execute(&mut **tx)
+        .await
+        .map_err(q(what))?;
+    Ok(res.rows_affected() > 0)
 }

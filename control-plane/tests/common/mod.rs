@@ -1,19 +1,16 @@
 //! Shared test helpers: a control plane on 127.0.0.1:0 over a `hive_testkit` database, a raw
-//! HTTP client, and a box session driven through a real tonic client.
+//! HTTP client, and quiet `FakeBox` sessions (`fake_box`).
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use hive_control_plane::server::{self, Config, Handle};
 use hive_proto::auth::Bearer;
-use hive_proto::v1::box_agent_client::BoxAgentClient;
-use hive_proto::v1::box_message::Msg as BoxMsg;
-use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
-use hive_proto::v1::{BoxMessage, ControlMessage, PoolState, Register};
+use hive_proto::v1::PoolState;
+#[allow(unused_imports)] // each test file takes what it needs
+pub use hive_testkit::fakebox::{pool, FakeBox, FakeBoxConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -36,7 +33,7 @@ pub async fn start_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> Handle
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         box_addr: "127.0.0.1:0".parse().unwrap(),
-        // The scheduling tests drive sessions with TestBox over plaintext; box authentication
+        // The scheduling tests drive sessions with FakeBox over plaintext; box authentication
         // has its own tests (box_auth.rs) on the TLS box listener.
         insecure_boxes: true,
         db: Some(db_url.to_string()),
@@ -137,6 +134,37 @@ pub async fn http(
     }
 }
 
+/// Posts `body` to `/webhooks/github` as GitHub does: JSON, event `event`, delivery id
+/// `delivery`, and `signature` as `X-Hub-Signature-256` if given.
+pub async fn post_github(
+    addr: std::net::SocketAddr,
+    event: &str,
+    delivery: &str,
+    signature: Option<&str>,
+    body: &[u8],
+) -> HttpReply {
+    let mut headers = vec![
+        ("Content-Type", "application/json"),
+        ("X-GitHub-Event", event),
+        ("X-GitHub-Delivery", delivery),
+    ];
+    if let Some(s) = signature {
+        headers.push(("X-Hub-Signature-256", s));
+    }
+    http(addr, "POST", "/webhooks/github", &headers, body).await
+}
+
+/// A `push` delivery signed with `secret`, as GitHub sends it.
+pub async fn push_signed(
+    addr: std::net::SocketAddr,
+    secret: &[u8],
+    delivery: &str,
+    body: &[u8],
+) -> HttpReply {
+    let sig = hive_control_plane::http::webhook::sign(secret, body);
+    post_github(addr, "push", delivery, Some(&sig), body).await
+}
+
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
@@ -150,161 +178,20 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-/// A box daemon stand-in speaking the real BoxAgent protocol over a real tonic channel.
-pub struct TestBox {
-    pub id: String,
-    pub tx: mpsc::Sender<BoxMessage>,
-    pub rx: tonic::Streaming<ControlMessage>,
-    pub seq: u64,
-}
-
-pub fn pool(class: &str, warm: u32, capacity: u32) -> PoolState {
-    PoolState {
-        size_class: class.to_string(),
-        warm,
-        booting: 0,
-        busy: 0,
-        target: warm,
-        capacity,
-    }
-}
-
-impl TestBox {
-    /// Connects and registers; returns the box and the `Registered` answer's acked seq.
-    pub async fn connect(handle: &Handle, id: &str, pools: Vec<PoolState>) -> (TestBox, u64) {
-        Self::connect_running(handle, id, pools, vec![]).await
-    }
-
-    pub async fn connect_running(
-        handle: &Handle,
-        id: &str,
-        pools: Vec<PoolState>,
-        running: Vec<String>,
-    ) -> (TestBox, u64) {
-        let mut client = BoxAgentClient::connect(format!("http://{}", handle.grpc_addr))
-            .await
-            .expect("connect BoxAgent");
-        let (tx, rx) = mpsc::channel(1024);
-        tx.send(BoxMessage {
-            seq: 0,
-            msg: Some(BoxMsg::Register(Register {
-                box_id: id.to_string(),
-                hostname: format!("{id}.test"),
-                backend: "sandbox".into(),
-                pools,
-                running_builds: running,
-                version: "test".into(),
-            })),
-        })
-        .await
-        .unwrap();
-        let mut rx = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .expect("session opens")
-            .into_inner();
-        let first = rx.message().await.expect("stream ok").expect("a message");
-        let acked = match first.msg {
-            Some(CtlMsg::Registered(r)) => {
-                assert_eq!(r.box_id, id);
-                assert!(r.size_classes.iter().any(|c| c.name == "small"));
-                r.acked_seq
-            }
-            other => panic!("expected Registered, got {other:?}"),
-        };
-        (
-            TestBox {
-                id: id.to_string(),
-                tx,
-                rx,
-                seq: acked,
-            },
-            acked,
-        )
-    }
-
-    /// Sends an acked message (update or log) with the next seq; returns that seq.
-    pub async fn send_acked(&mut self, msg: BoxMsg) -> u64 {
-        self.seq += 1;
-        self.tx
-            .send(BoxMessage {
-                seq: self.seq,
-                msg: Some(msg),
-            })
-            .await
-            .expect("send");
-        self.seq
-    }
-
-    pub async fn send_plain(&mut self, msg: BoxMsg) {
-        self.tx
-            .send(BoxMessage {
-                seq: 0,
-                msg: Some(msg),
-            })
-            .await
-            .expect("send");
-    }
-
-    /// Heartbeats in the background (as a live box does) until the returned task is aborted.
-    pub fn heartbeat_every(
-        &self,
-        period: Duration,
-        pools: Vec<PoolState>,
-        running: Vec<String>,
-    ) -> tokio::task::JoinHandle<()> {
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let m = BoxMessage {
-                    seq: 0,
-                    msg: Some(BoxMsg::Heartbeat(hive_proto::v1::Heartbeat {
-                        pools: pools.clone(),
-                        running_builds: running.clone(),
-                        cells: vec![],
-                    })),
-                };
-                if tx.send(m).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(period).await;
-            }
-        })
-    }
-
-    /// The next control message that is not an Ack, within `within`.
-    pub async fn next_non_ack(&mut self, within: Duration) -> Option<CtlMsg> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.rx.message())
-                .await
-                .ok()?
-                .ok()??;
-            match m.msg {
-                Some(CtlMsg::Ack(_)) => continue,
-                other => return other,
-            }
-        }
-    }
-
-    /// Waits for an Ack of at least `seq`.
-    pub async fn wait_ack(&mut self, seq: u64, within: Duration) -> Vec<CtlMsg> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut others = Vec::new();
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.rx.message())
-                .await
-                .unwrap_or_else(|_| panic!("no ack of {seq} in {within:?}"))
-                .expect("stream ok")
-                .expect("stream open");
-            match m.msg {
-                Some(CtlMsg::Ack(a)) if a.seq >= seq => return others,
-                Some(CtlMsg::Ack(_)) => {}
-                Some(other) => others.push(other),
-                None => {}
-            }
-        }
-    }
+/// A quiet [`FakeBox`] (nothing sent on its own: the test sends each message) registered as
+/// `id` with `pools`; returns it and the `Registered` answer's acked seq.
+pub async fn fake_box(handle: &Handle, id: &str, pools: Vec<PoolState>) -> (FakeBox, u64) {
+    let fb = FakeBox::connect(
+        &format!("http://{}", handle.grpc_addr),
+        FakeBoxConfig::quiet(id, pools),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("box {id} registers: {e}"));
+    let r = fb.registered().expect("registered");
+    assert_eq!(r.box_id, id);
+    assert!(r.size_classes.iter().any(|c| c.name == "small"));
+    let acked = r.acked_seq;
+    (fb, acked)
 }
 
 /// Polls `f` until it is true or `within` passes.

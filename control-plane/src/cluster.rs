@@ -49,7 +49,10 @@ pub enum Note {
     /// A project was created, changed or deleted.
     Projects,
     /// A control message for a box, to whoever holds its session.
-    ToBox { box_id: String, msg: ControlMessage },
+    ToBox {
+        box_id: String,
+        msg: Box<ControlMessage>,
+    },
     /// A box's operator state (active, cordoned, draining, left).
     AdminState { box_id: String, state: String },
     /// A box was revoked: no session may hold it.
@@ -67,7 +70,7 @@ pub enum Note {
     ConnectorCall {
         call_id: String,
         network: String,
-        cmd: hive_proto::v1::ConnectorCommand,
+        cmd: Box<hive_proto::v1::ConnectorCommand>,
     },
     /// The answer to a `ConnectorCall`: `ok <connector id>`, `refused <why>`, `timeout`, `gone`.
     ConnectorAnswer { call_id: String, result: String },
@@ -121,7 +124,7 @@ impl Note {
                 let bytes = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
                 Note::ToBox {
                     box_id: id(),
-                    msg: ControlMessage::decode(bytes.as_slice()).ok()?,
+                    msg: Box::new(ControlMessage::decode(bytes.as_slice()).ok()?),
                 }
             }
             "A" => Note::AdminState {
@@ -139,7 +142,7 @@ impl Note {
                 Note::ConnectorCall {
                     call_id: call_id.to_string(),
                     network: network.to_string(),
-                    cmd: hive_proto::v1::ConnectorCommand::decode(bytes.as_slice()).ok()?,
+                    cmd: Box::new(hive_proto::v1::ConnectorCommand::decode(bytes.as_slice()).ok()?),
                 }
             }
             "K" => Note::ConnectorAnswer {
@@ -457,13 +460,13 @@ mod tests {
             Note::Projects,
             Note::ToBox {
                 box_id: "box-1".into(),
-                msg: ControlMessage {
+                msg: Box::new(ControlMessage {
                     msg: Some(CtlMsg::Cancel(hive_proto::v1::CancelBuild {
                         build_id: "b1".into(),
                         state: 5,
                         reason: "a reason\twith\ttabs\nand lines".into(),
                     })),
-                },
+                }),
             },
             Note::AdminState {
                 box_id: "box-1".into(),
@@ -477,7 +480,7 @@ mod tests {
             Note::ConnectorCall {
                 call_id: "c1".into(),
                 network: "corp".into(),
-                cmd: hive_proto::v1::ConnectorCommand {
+                cmd: Box::new(hive_proto::v1::ConnectorCommand {
                     id: 0,
                     cmd: Some(hive_proto::v1::connector_command::Cmd::RemovePeer(
                         hive_proto::v1::RemovePeer {
@@ -485,7 +488,7 @@ mod tests {
                             public_key: "k".into(),
                         },
                     )),
-                },
+                }),
             },
             Note::ConnectorAnswer {
                 call_id: "c1".into(),

@@ -48,6 +48,7 @@ const RPCS: &[(&str, usize)] = &[
     ("ForgetBox", 2),
     ("SetSecret", 2),
     ("DeleteSecret", 2),
+    ("CloneAccess", 2),
     ("ListTunnelLeases", 2),
     ("CreateNetwork", 3),
     ("DeleteNetwork", 3),
@@ -163,6 +164,14 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             .delete_secret(pb::DeleteSecretRequest {
                 project: nope(),
                 name: "X".into(),
+            })
+            .await
+            .map(drop),
+        "CloneAccess" => api
+            .clone_access(pb::CloneAccessRequest {
+                project: nope(),
+                deploy_key: true,
+                ..Default::default()
             })
             .await
             .map(drop),

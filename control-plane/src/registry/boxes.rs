@@ -147,7 +147,7 @@ impl Registry {
         }
         self.bus.publish(Note::ToBox {
             box_id: box_id.to_string(),
-            msg: ControlMessage { msg: Some(msg) },
+            msg: Box::new(ControlMessage { msg: Some(msg) }),
         });
         false
     }

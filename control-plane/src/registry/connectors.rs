@@ -214,10 +214,10 @@ impl Connectors {
         self.bus.publish(Note::ConnectorCall {
             call_id: call_id.clone(),
             network: network.to_string(),
-            cmd: ConnectorCommand {
+            cmd: Box::new(ConnectorCommand {
                 id: 0,
                 cmd: Some(cmd),
-            },
+            }),
         });
         // The holder waits up to APPLY_TIMEOUT itself; a second more covers the notes.
         let out = tokio::time::timeout(APPLY_TIMEOUT + Duration::from_secs(1), rx).await;
@@ -285,13 +285,13 @@ impl Connectors {
             self.bus.publish(Note::ConnectorCall {
                 call_id: String::new(),
                 network: lease.network.clone(),
-                cmd: ConnectorCommand {
+                cmd: Box::new(ConnectorCommand {
                     id: 0,
                     cmd: Some(Cmd::RemovePeer(RemovePeer {
                         build_id: lease.build_id.clone(),
                         public_key: lease.public_key.clone(),
                     })),
-                },
+                }),
             });
             return;
         };

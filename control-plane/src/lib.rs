@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod pki;
 pub mod placement;
 pub mod refglob;
+pub mod regions;
 pub mod registry;
 pub mod repo_url;
 pub mod retention;

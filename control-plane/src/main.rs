@@ -156,6 +156,25 @@ struct Args {
     #[arg(long, env = "HIVE_SCHEDULER_TICK_MS", default_value_t = 500)]
     scheduler_tick_ms: u64,
 
+    /// This hive's name: every control plane of one database gives the same (the first to
+    /// start records it; another is refused). Projects name the hive that builds them.
+    #[arg(long, env = "HIVE_NAME", default_value = server::DEFAULT_HIVE_NAME)]
+    hive_name: String,
+
+    /// This hive's region (shown in /healthz and /metrics), e.g. eu-west.
+    #[arg(long, env = "HIVE_REGION", default_value = "")]
+    region: String,
+
+    /// Another hive pushes may be forwarded to, as NAME=URL of its HTTP (webhook) listener,
+    /// e.g. eu-west=https://hive.eu.example:8443; repeat or comma-separate. A push for a
+    /// project added with --hive NAME is checked here and forwarded there.
+    #[arg(long = "peer-hive", env = "HIVE_PEER_HIVES", value_delimiter = ',')]
+    peer_hives: Vec<String>,
+
+    /// PEM certificates to trust for https:// peer hives (default: the public web roots).
+    #[arg(long, env = "HIVE_PEER_CA_FILE")]
+    peer_ca_file: Option<PathBuf>,
+
     /// When the listeners are bound, write {"http":"ADDR","grpc":"ADDR","box":"ADDR",
     /// "ca_sha256":"HEX"} to this file.
     #[arg(long, env = "HIVE_READY_FILE")]
@@ -220,6 +239,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_attempts: args.max_attempts,
         retention: (args.retention_days > 0)
             .then(|| Duration::from_secs(u64::from(args.retention_days) * 86_400)),
+        hive_name: args.hive_name.clone(),
+        region: args.region.clone(),
+        peer_hives: args.peer_hives.clone(),
+        peer_ca_file: args.peer_ca_file.clone(),
     };
     let handle = server::start(config).await?;
     if let Some(path) = &args.ready_file {

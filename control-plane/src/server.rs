@@ -58,6 +58,8 @@ pub enum ServerError {
     Secrets(#[from] crate::secrets::SecretsError),
     #[error("{0}")]
     Cluster(String),
+    #[error(transparent)]
+    Region(#[from] crate::regions::RegionError),
     #[error("bind {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -121,6 +123,13 @@ pub struct Config {
     /// Ended builds (with their logs) and webhook deliveries older than this are deleted;
     /// None keeps everything.
     pub retention: Option<Duration>,
+    /// This hive's name (every control plane of one database has the same) and region.
+    pub hive_name: String,
+    pub region: String,
+    /// Other hives pushes are forwarded to: `NAME=URL` each (`crate::regions`).
+    pub peer_hives: Vec<String>,
+    /// PEM certificates trusted for `https://` peer hives; None = the public web roots.
+    pub peer_ca_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -149,9 +158,16 @@ impl Default for Config {
             retention: Some(Duration::from_secs(30 * 86_400)),
             log_cap: crate::store::DEFAULT_LOG_CAP,
             max_attempts: crate::store::DEFAULT_MAX_ATTEMPTS,
+            hive_name: DEFAULT_HIVE_NAME.to_string(),
+            region: String::new(),
+            peer_hives: Vec::new(),
+            peer_ca_file: None,
         }
     }
 }
+
+/// The name of a hive nobody named.
+pub const DEFAULT_HIVE_NAME: &str = "default";
 
 impl Config {
     /// Checks the numbers make sense together.
@@ -386,7 +402,13 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             source,
         })?;
 
-    check_identity(&store, &ca, &sealer).await?;
+    let regions = crate::regions::Regions::new(
+        &config.hive_name,
+        &config.region,
+        &config.peer_hives,
+        config.peer_ca_file.as_deref(),
+    )?;
+    check_identity(&store, &ca, &sealer, &regions).await?;
     let (bus, notes) = match store.kind() {
         crate::store::DbKind::Postgres => {
             let (bus, rx) = Bus::shared();
@@ -445,6 +467,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         ca: ca.clone(),
         box_cert_validity: config.box_cert_validity,
         sealer,
+        regions,
     });
 
     if let Some(rx) = notes {
@@ -600,7 +623,17 @@ async fn check_identity(
     store: &Store,
     ca: &crate::pki::Ca,
     sealer: &crate::secrets::Sealer,
+    regions: &crate::regions::Regions,
 ) -> Result<(), ServerError> {
+    let name_there = store.claim_identity("hive_name", &regions.name).await?;
+    if name_there != regions.name {
+        return Err(ServerError::Cluster(format!(
+            "this database belongs to hive {name_there:?}, and this control plane was started \
+             as hive {:?}: every control plane of one database is one hive; start it with \
+             --hive-name {name_there} (each hive keeps its own database)",
+            regions.name
+        )));
+    }
     let ca_there = store.claim_identity("ca_sha256", ca.sha256()).await?;
     if ca_there != ca.sha256() {
         return Err(ServerError::Cluster(format!(

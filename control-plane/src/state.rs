@@ -46,6 +46,8 @@ pub struct Hive {
     pub sealer: crate::secrets::Sealer,
     /// News to and from the other control planes of the database (`cluster`).
     pub bus: crate::cluster::Bus,
+    /// This hive's name and region, and the hives it forwards pushes to.
+    pub regions: crate::regions::Regions,
 }
 
 impl Hive {

@@ -27,6 +27,7 @@ fn new_project(name: &str, repo: &str) -> NewProject {
         steps: vec!["make".into(), "make test".into()],
         env: BTreeMap::from([("A".to_string(), "1".to_string())]),
         timeout_secs: 60,
+        hive: String::new(),
     }
 }
 

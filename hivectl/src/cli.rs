@@ -347,9 +347,15 @@ pub(crate) struct ProjectAdd {
     /// Environment for every step, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub(crate) env: Vec<(String, String)>,
-    /// A build step, run with /bin/sh -c (repeatable, in order; at least one).
-    #[arg(long = "step", value_name = "CMD", required = true)]
+    /// A build step, run with /bin/sh -c (repeatable, in order; at least one, unless --hive
+    /// names another hive).
+    #[arg(long = "step", value_name = "CMD", required_unless_present = "hive")]
     pub(crate) steps: Vec<String>,
+    /// The hive that builds the project, when it is not this one (its --hive-name): pushes
+    /// for it are checked here and forwarded there (the control planes' --peer-hive). Give
+    /// the repository and the secret; the steps belong to the project on that hive.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) hive: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -28,6 +28,7 @@ pub(crate) async fn add(ctl: &mut Ctl, a: ProjectAdd) -> Result<(), CliError> {
         steps: a.steps,
         timeout_secs: a.timeout.unwrap_or(0),
         env: a.env.into_iter().collect::<HashMap<_, _>>(),
+        hive: a.hive.unwrap_or_default(),
     };
     let p = ctl
         .client

@@ -127,6 +127,7 @@ pub fn project_json(p: &Project) -> Value {
         // Names only: the control plane never returns env values (they may be secrets).
         "env_names": p.env_names,
         "has_secret": p.has_secret,
+        "hive": p.hive,
         "created_at_ms": p.created_at_ms,
         "created_at": time_json(p.created_at_ms),
     })
@@ -144,7 +145,11 @@ pub fn projects_table(ps: &[Project], now: i64) -> String {
                 } else {
                     p.branch.clone()
                 },
-                dash(&p.size_class),
+                if p.hive.is_empty() {
+                    dash(&p.size_class)
+                } else {
+                    format!("-> {}", p.hive)
+                },
                 p.steps.len().to_string(),
                 ago(p.created_at_ms, now),
             ]
@@ -178,6 +183,9 @@ pub fn project_text(p: &Project, now: i64) -> String {
             p.tags.clone()
         },
     );
+    if !p.hive.is_empty() {
+        kv("hive:", format!("{} (pushes are forwarded there)", p.hive));
+    }
     kv("size class:", dash(&p.size_class));
     kv(
         "private network:",

@@ -46,7 +46,12 @@ async fn healthz(State(hive): State<Arc<Hive>>) -> Response {
     match hive.store.ping().await {
         Ok(()) => (
             StatusCode::OK,
-            Json(json!({ "ok": true, "db": hive.store.kind().name() })),
+            Json(json!({
+                "ok": true,
+                "db": hive.store.kind().name(),
+                "hive": hive.regions.name,
+                "region": hive.regions.region,
+            })),
         )
             .into_response(),
         Err(e) => {
@@ -76,6 +81,9 @@ async fn readyz(State(hive): State<Arc<Hive>>) -> Response {
     let body = json!({
         "ready": why.is_none(),
         "control_plane": hive.bus.origin(),
+        "hive": hive.regions.name,
+        "region": hive.regions.region,
+        "peer_hives": hive.regions.peer_names(),
         "db": hive.store.kind().name(),
         "shared_db": hive.bus.is_shared(),
         "box_sessions": hive.registry.connected(),

@@ -219,6 +219,15 @@ impl Forge {
             .collect()
     }
 
+    /// Where the forge's deliveries are taken (and forwarded to on a peer hive).
+    fn path(self) -> &'static str {
+        match self {
+            Forge::GitHub => "/webhooks/github",
+            Forge::Gitea => "/webhooks/gitea",
+            Forge::GitLab => "/webhooks/gitlab",
+        }
+    }
+
     /// The trigger recorded on a build this delivery makes.
     fn trigger(self, delivery: &str) -> String {
         match self {
@@ -320,7 +329,8 @@ async fn handle(
                 let headers = [(axum::http::header::RETRY_AFTER, secs.to_string())];
                 return (r.status, headers, Json(json!({ "error": r.message }))).into_response();
             }
-            if r.status.is_server_error() {
+            // A peer hive's refusal is the sender's to see (it names no internals).
+            if r.status.is_server_error() && r.outcome != "forward_refused" {
                 tracing::error!(forge = forge_name, %delivery, %event, status = r.status.as_u16(), reason = %r.message, "webhook failed");
                 // The detail (a database error) is for the operator's log, not the sender.
                 let answer = json!({ "error": "internal error; the control plane's log has the detail (the git host will retry)" });
@@ -612,7 +622,11 @@ async fn process(
     let branch = git_ref.strip_prefix("refs/heads/");
     let tag = git_ref.strip_prefix("refs/tags/");
     let mut results = Vec::with_capacity(verified.len());
-    for project in &verified {
+    // Projects of other hives are not built here: their pushes go on to those hives below.
+    let (here, elsewhere): (Vec<&ProjectRow>, Vec<&ProjectRow>) = verified
+        .iter()
+        .partition(|p| hive.regions.builds_here(&p.hive));
+    for project in &here {
         let (build, outcome, skip_reason) = if deleted {
             (
                 None,
@@ -719,6 +733,7 @@ async fn process(
             skip_reason,
         ));
     }
+    forward(forge, hive, headers, &body, &elsewhere, &mut results).await?;
     // The first project that builds (or built, on a redelivery) answers; else the first.
     let first = results
         .iter()
@@ -740,6 +755,125 @@ async fn process(
     }
     Ok((StatusCode::ACCEPTED, label, answer))
 }
+
+/// Passes a verified push on to each other hive that builds one of `projects`, once per hive,
+/// and adds its answer to `results`. A hive that gives no answer, or a 5xx, fails the whole
+/// delivery with a 502 and `Retry-After` (what was built here is recorded, so the git host's
+/// redelivery makes nothing twice); a hive that refuses it (4xx) fails it with a 502 saying so.
+/// A delivery that was itself forwarded is not forwarded again.
+async fn forward(
+    forge: Forge,
+    hive: &Hive,
+    headers: &HeaderMap,
+    body: &bytes::Bytes,
+    projects: &[&ProjectRow],
+    results: &mut Vec<ProjectResult>,
+) -> Result<(), Reject> {
+    let mut hives: Vec<&str> = projects.iter().map(|p| p.hive.as_str()).collect();
+    hives.dedup();
+    hives.sort_unstable();
+    hives.dedup();
+    for target in hives {
+        let names: Vec<&str> = projects
+            .iter()
+            .filter(|p| p.hive == target)
+            .map(|p| p.name.as_str())
+            .collect();
+        if let Some(by) = header(headers, crate::regions::FORWARDED_BY) {
+            tracing::warn!(from = %clip(by), to = target, projects = ?names,
+                "a forwarded push names a project this hive routes to another hive: not forwarded again");
+            results.push(ProjectResult {
+                project: names[0].to_string(),
+                answer: json!({
+                    "message": format!(
+                        "forwarded here by hive {}, but hive {} routes project {} to hive {}: not \
+                         forwarded again (set the project's --hive on both hives to the one that builds it)",
+                        clip(by), hive.regions.name, names[0], target
+                    ),
+                    "build_id": null,
+                    "hive": target,
+                }),
+                label: "forward_loop",
+            });
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let answer = hive
+            .regions
+            .forward(target, forge.path(), headers, body.clone())
+            .await;
+        let ms = started.elapsed().as_millis() as u64;
+        match answer {
+            crate::regions::Forwarded::Answer { status, body } if status.is_success() => {
+                tracing::info!(to = target, projects = ?names, status = status.as_u16(), ms, "push forwarded");
+                let mut answer = match body {
+                    Value::Object(_) => body,
+                    other => json!({ "answer": other }),
+                };
+                answer["hive"] = json!(target);
+                answer["forwarded"] = json!(true);
+                results.push(ProjectResult {
+                    project: names[0].to_string(),
+                    answer,
+                    label: "forwarded",
+                });
+            }
+            crate::regions::Forwarded::Answer { status, body } if status.is_client_error() => {
+                let said = body["error"].as_str().unwrap_or_default();
+                return Err(reject(
+                    StatusCode::BAD_GATEWAY,
+                    "forward_refused",
+                    format!(
+                        "hive {target} (which builds project {}) refused the delivery: {} {}",
+                        names[0],
+                        status.as_u16(),
+                        clip(said)
+                    ),
+                ));
+            }
+            crate::regions::Forwarded::Answer { status, .. } => {
+                tracing::warn!(
+                    to = target,
+                    status = status.as_u16(),
+                    ms,
+                    "forwarding a push failed"
+                );
+                return Err(Reject {
+                    retry_after: Some(FORWARD_RETRY_AFTER_SECS),
+                    ..reject(
+                        StatusCode::BAD_GATEWAY,
+                        "forward_failed",
+                        format!(
+                            "hive {target} (which builds project {}) answered {}; not built yet, \
+                             redeliver later",
+                            names[0],
+                            status.as_u16()
+                        ),
+                    )
+                });
+            }
+            crate::regions::Forwarded::Failed(why) => {
+                tracing::warn!(to = target, reason = %why, ms, "forwarding a push failed");
+                return Err(Reject {
+                    retry_after: Some(FORWARD_RETRY_AFTER_SECS),
+                    ..reject(
+                        StatusCode::BAD_GATEWAY,
+                        "forward_failed",
+                        format!(
+                            "hive {target} (which builds project {}) could not be reached; not \
+                             built yet, redeliver later",
+                            names[0]
+                        ),
+                    )
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a 502 for an unreachable peer hive asks the sender to wait.
+const FORWARD_RETRY_AFTER_SECS: u32 = 10;
 
 /// HMAC key of the stand-in check for a repository no project builds.
 const UNKNOWN_REPO_KEY: &[u8] = b"no project builds this repository";

@@ -29,6 +29,9 @@ pub struct ProjectRow {
     pub env: BTreeMap<String, String>,
     pub timeout_secs: u32,
     pub created_at_ms: i64,
+    /// The hive that builds it: '' (or this hive's name) here; another hive's name: pushes are
+    /// forwarded there ([`crate::regions`]).
+    pub hive: String,
 }
 
 /// What `create_project` needs; already validated by the caller.
@@ -44,10 +47,11 @@ pub struct NewProject {
     pub steps: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub timeout_secs: u32,
+    pub hive: String,
 }
 
 const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, tags, size_class, \
-    private_network, steps_json, env_json, timeout_secs, created_at_ms";
+    private_network, steps_json, env_json, timeout_secs, created_at_ms, hive";
 
 /// The matching key of a repository URL ([`crate::repo_url::RepoUrl::key`]); a URL that does
 /// not parse keeps its trimmed self, so it still matches only itself.
@@ -139,12 +143,13 @@ impl Store {
             env: p.env.clone(),
             timeout_secs: p.timeout_secs,
             created_at_ms: now_ms(),
+            hive: p.hive.clone(),
         };
         let mut tx = self.begin().await?;
         let res = sqlx::query(
             "INSERT INTO projects (id, name, repo_url, repo_key, secret, branch, size_class, \
-             private_network, steps_json, env_json, timeout_secs, created_at_ms, tags) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             private_network, steps_json, env_json, timeout_secs, created_at_ms, tags, hive) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(&row.id)
@@ -160,6 +165,7 @@ impl Store {
         .bind(i64::from(row.timeout_secs))
         .bind(row.created_at_ms)
         .bind(&row.tags)
+        .bind(&row.hive)
         .execute(&mut *tx)
         .await
         .map_err(q("insert project"))?;
@@ -308,6 +314,7 @@ struct ProjectRecord {
     env_json: String,
     timeout_secs: i64,
     created_at_ms: i64,
+    hive: String,
 }
 
 impl TryFrom<ProjectRecord> for ProjectRow {
@@ -327,6 +334,7 @@ impl TryFrom<ProjectRecord> for ProjectRow {
             env: from_json::<BTreeMap<String, String>>("env_json", &r.env_json)?,
             timeout_secs: checked("timeout_secs", r.timeout_secs)?,
             created_at_ms: r.created_at_ms,
+            hive: r.hive,
         })
     }
 }

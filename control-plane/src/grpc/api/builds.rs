@@ -137,6 +137,13 @@ pub(super) async fn submit_build(
     let req = request.into_inner();
     let p = svc.project(&req.project).await?;
     caller.require_project("SubmitBuild", &p.id, &p.name)?;
+    if !svc.hive.regions.builds_here(&p.hive) {
+        return Err(Status::failed_precondition(format!(
+            "project {} is built by hive {:?}, not this one ({:?}): submit it to that hive's \
+             control plane",
+            p.name, p.hive, svc.hive.regions.name
+        )));
+    }
     if !req.revision.is_empty() {
         check_revision(&req.revision)?;
     }

@@ -38,6 +38,7 @@ pub fn project_to_proto(p: &ProjectRow) -> pb::Project {
         created_at_ms: p.created_at_ms,
         has_secret: !p.secret.is_empty(),
         env_names: p.env.keys().cloned().collect(),
+        hive: p.hive.clone(),
     }
 }
 
@@ -45,6 +46,7 @@ pub fn project_to_proto(p: &ProjectRow) -> pb::Project {
 pub fn validate_project(
     req: pb::CreateProjectRequest,
     classes: &crate::sizeclass::SizeClasses,
+    regions: &crate::regions::Regions,
 ) -> Result<NewProject, Status> {
     let name = req.name.trim();
     if name.is_empty()
@@ -79,7 +81,39 @@ pub fn validate_project(
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         req.size_class.clone()
     };
-    if req.steps.is_empty() {
+    // A project of another hive is built there: here it only routes that hive's pushes, so
+    // it needs the webhook secret (to check a push before passing it on) and no steps.
+    let hive = req.hive.trim();
+    let elsewhere = !regions.builds_here(hive);
+    if elsewhere {
+        crate::regions::check_name(hive).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !regions.has_peer(hive) {
+            let peers = regions.peer_names();
+            return Err(Status::failed_precondition(format!(
+                "hive {hive:?} is not a peer of this control plane (this is hive {:?}; peers: \
+                 {}): start the control planes with --peer-hive {hive}=URL, or leave --hive \
+                 out to build here",
+                regions.name,
+                if peers.is_empty() {
+                    "none".to_string()
+                } else {
+                    peers.join(", ")
+                }
+            )));
+        }
+        if req.secret.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "a project of hive {hive:?} needs the webhook secret (pushes are checked here \
+                 before they are forwarded)"
+            )));
+        }
+        if !req.private_network.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "a project of another hive takes no private network here (give it to the \
+                 project on that hive)",
+            ));
+        }
+    } else if req.steps.is_empty() {
         return Err(Status::invalid_argument(
             "a project needs at least one step",
         ));
@@ -133,6 +167,11 @@ pub fn validate_project(
         } else {
             req.timeout_secs
         },
+        hive: if elsewhere {
+            hive.to_string()
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -143,7 +182,7 @@ pub(super) async fn create_project(
     let caller = svc
         .caller(&request, "CreateProject", Right::Operate)
         .await?;
-    let new = validate_project(request.into_inner(), &svc.hive.classes)?;
+    let new = validate_project(request.into_inner(), &svc.hive.classes, &svc.hive.regions)?;
     if !new.private_network.is_empty() {
         // A project on a private network reaches into a customer's network: that is the
         // admin's to grant, like the network itself.

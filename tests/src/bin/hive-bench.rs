@@ -8,7 +8,12 @@
 //! `schedule`: scheduler placements per second: submit B builds (10,000), then connect M fake
 //! boxes (100) that accept every assignment; time from the first to the last assignment.
 //!
-//! Run: `cargo run --release -p hive-tests --bin hive-bench -- webhooks|schedule [flags]`.
+//! `cluster` (PostgreSQL): the same two measurements with 1 and with 3 control planes on one
+//! database (webhooks spread round-robin over the control planes, boxes spread over them), then
+//! the failover time with 3: `kill -9` of the control plane holding a third of the boxes -> each
+//! of those boxes registered on another -> a build submitted at the kill placed.
+//!
+//! Run: `cargo run --release -p hive-tests --bin hive-bench -- webhooks|schedule|cluster [flags]`.
 //! The release control plane is built on first use. PostgreSQL needs `--pg-url` or
 //! `HIVE_TEST_POSTGRES_URL` (a role with CREATEDB; a throw-away database is made and dropped).
 
@@ -30,7 +35,8 @@ use sqlx::ConnectOptions;
     name = "hive-bench",
     version,
     about = "Benchmarks of the real hive-control-plane: signed webhooks/s (durable) and scheduler \
-             placements/s, on SQLite and PostgreSQL",
+             placements/s, on SQLite and PostgreSQL; the same with 1 and 3 control planes on one \
+             PostgreSQL, and the failover time",
     after_help = "Default runs take under 2 minutes. The control plane binary of the same profile \
                   is built first (HIVE_TEST_NO_BUILD=1 skips that). Example:\n  \
                   cargo run --release -p hive-tests --bin hive-bench -- webhooks --clients 32"
@@ -86,6 +92,21 @@ enum Bench {
         /// room for its whole share up front (pure placement rate).
         #[arg(long)]
         warm: Option<u32>,
+    },
+    /// 1 vs 3 control planes on one PostgreSQL: webhooks/s, placements/s, failover time.
+    Cluster {
+        /// Webhooks per run.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Concurrent webhook clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Builds queued before the boxes connect.
+        #[arg(long, default_value_t = 3000)]
+        builds: usize,
+        /// Fake boxes (spread over the control planes).
+        #[arg(long, default_value_t = 30)]
+        boxes: usize,
     },
 }
 
@@ -531,6 +552,279 @@ async fn schedule(
     Ok(())
 }
 
+/// Control planes sharing one PostgreSQL database, for `cluster`.
+async fn start_cluster(
+    cli: &Cli,
+    admin_url: &str,
+    n: usize,
+) -> Result<(Vec<ControlPlane>, TestDb), BenchError> {
+    let db = TestDb::postgres_from(admin_url).await?;
+    let opts = ControlPlaneOptions {
+        db: Some(db.url.clone()),
+        log_filter: cli.cp_log.clone(),
+        heartbeat_interval_ms: cli.heartbeat_interval_ms,
+        extra_args: vec!["--insecure-boxes".into()],
+        ..ControlPlaneOptions::default()
+    };
+    let first = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || ControlPlane::start(opts)).await??
+    };
+    let mut cps = vec![first];
+    for _ in 1..n {
+        // Copies the first's CA and secrets key (one hive) and waits for its listeners.
+        let cp = ControlPlane::start_sharing(&cps[0], opts.clone())?;
+        cps.push(cp);
+    }
+    Ok((cps, db))
+}
+
+/// One fake box that takes every assignment, and moves to the next control plane when its
+/// own goes away. Reports (time, build id) of each assignment, and the time it registered again
+/// after losing its control plane.
+#[allow(clippy::too_many_arguments)]
+async fn failover_box(
+    id: String,
+    urls: Vec<String>,
+    mut at: usize,
+    per_box: u32,
+    assigned_tx: tokio::sync::mpsc::UnboundedSender<(Instant, String)>,
+    moved_tx: tokio::sync::mpsc::UnboundedSender<(String, Instant)>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), BenchError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let cfg = FakeBoxConfig::new(&id, "small", per_box, per_box);
+    let mut fb = FakeBox::connect(&urls[at], cfg).await?;
+    while !stop.load(Relaxed) {
+        match fb.next_assignment(Duration::from_millis(100)).await {
+            Ok(a) => {
+                let _ = assigned_tx.send((Instant::now(), a.build_id.clone()));
+                fb.accept(&a, &format!("cell-{}", a.build_id), true).await;
+            }
+            Err(hive_testkit::fakebox::FakeBoxError::Timeout(..)) => {}
+            Err(_) => {
+                // The control plane is gone: the next one, at once (a real box adds a
+                // jittered backoff; see tests/tests/multi_control_plane.rs).
+                loop {
+                    at = (at + 1) % urls.len();
+                    fb.set_addr(&urls[at]);
+                    if fb.reconnect().await.is_ok() {
+                        let _ = moved_tx.send((id.clone(), Instant::now()));
+                        break;
+                    }
+                    if stop.load(Relaxed) {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(
+    cli: &Cli,
+    requests: usize,
+    clients: usize,
+    builds: usize,
+    boxes: usize,
+) -> Result<(), BenchError> {
+    let Some(admin_url) = cli.pg_url.clone() else {
+        return Err(BenchError::Check(
+            "cluster needs PostgreSQL: --pg-url or HIVE_TEST_POSTGRES_URL".into(),
+        ));
+    };
+    println!(
+        "cluster: control planes on one PostgreSQL; {requests} webhooks ({clients} clients, \
+         round-robin over the control planes), {builds} queued builds placed on {boxes} fake \
+         boxes spread over them"
+    );
+    let mut rates: Vec<(usize, f64, f64)> = Vec::new();
+    for n in [1usize, 3] {
+        let (mut cps, db) = start_cluster(cli, &admin_url, n).await?;
+        create_project(&cps[0]).await?;
+        let urls: Vec<String> = cps.iter().map(|c| c.webhook_url()).collect();
+        let client = WebhookClient::new();
+        for (i, url) in urls.iter().enumerate() {
+            for w in 0..10 {
+                let body =
+                    push_payload(REPO, "refs/heads/main", &format!("a{i:019}{w:020}"), false);
+                client
+                    .send_signed(url, SECRET, "push", &format!("warm-{i}-{w}"), body)
+                    .await?;
+            }
+        }
+        let hooks = {
+            let urls = urls.clone();
+            drive(requests, clients, move |i| {
+                let client = client.clone();
+                let url = urls[i % urls.len()].clone();
+                async move {
+                    let body = push_payload(REPO, "refs/heads/main", &format!("b{i:039x}"), false);
+                    let a = client
+                        .send_signed(&url, SECRET, "push", &format!("bench-{i}"), body)
+                        .await?;
+                    if a.status != 202 || !a.json()["build_id"].is_string() {
+                        return Err(BenchError::Check(format!(
+                            "delivery {i}: {} {}",
+                            a.status, a.body
+                        )));
+                    }
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        // The queue holds the webhooks' builds; add API builds up to `builds`.
+        let queued = requests + 10 * n;
+        let grpc: Vec<String> = cps.iter().map(|c| c.grpc_url()).collect();
+        if builds > queued {
+            let chan = tonic::transport::Endpoint::from_shared(grpc[0].clone())
+                .map_err(|e| BenchError::Check(e.to_string()))?
+                .connect()
+                .await?;
+            let bearer = hive_proto::auth::Bearer::new(&cps[0].admin_token().unwrap_or_default())
+                .map_err(|e| BenchError::Check(e.to_string()))?;
+            drive(builds - queued, clients, move |_| {
+                let mut c = ControlPlaneClient::with_interceptor(chan.clone(), bearer.clone());
+                async move {
+                    c.submit_build(SubmitBuildRequest {
+                        project: "bench".into(),
+                        revision: String::new(),
+                        git_ref: "refs/heads/main".into(),
+                    })
+                    .await
+                    .map_err(|source| BenchError::Grpc {
+                        what: "SubmitBuild",
+                        source,
+                    })?;
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+        let total = builds.max(queued);
+        let per_box = (total.div_ceil(boxes.max(1)) + 2 * n + 4) as u32;
+        let (assigned_tx, mut assigned_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (moved_tx, mut moved_rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for b in 0..boxes {
+            tasks.push(tokio::spawn(failover_box(
+                format!("bench-box-{b:03}"),
+                grpc.clone(),
+                b % n,
+                per_box,
+                assigned_tx.clone(),
+                moved_tx.clone(),
+                stop.clone(),
+            )));
+        }
+        let mut seen = HashSet::with_capacity(total);
+        let mut times = Vec::with_capacity(total);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while seen.len() < total {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, assigned_rx.recv()).await {
+                Ok(Some((t, id))) => {
+                    if !seen.insert(id.clone()) {
+                        return Err(BenchError::Check(format!("build {id} assigned twice")));
+                    }
+                    times.push(t);
+                }
+                _ => {
+                    return Err(BenchError::Check(format!(
+                        "only {} of {total} builds assigned within 600 s",
+                        seen.len()
+                    )))
+                }
+            }
+        }
+        times.sort();
+        let span = times[times.len() - 1] - times[0];
+        let placements = total as f64 / span.as_secs_f64().max(1e-9);
+        println!("[{n} control plane{}]", if n == 1 { "" } else { "s" });
+        println!("  {}", hooks.line("webhooks (202, durable)"));
+        println!(
+            "  placements: {total} on {boxes} boxes, first->last {:.2}s = {placements:.0}/s \
+             (every build assigned exactly once)",
+            span.as_secs_f64()
+        );
+        rates.push((n, hooks.rate(), placements));
+
+        if n > 1 {
+            // Failover: kill -9 the first control plane; its boxes move on; a build submitted
+            // at the kill is placed.
+            let on_first = (0..boxes).filter(|b| b % n == 0).count();
+            let mut api1 = hive_tests::controlplane::api(&grpc[1]).await?;
+            let t_kill = Instant::now();
+            cps[0].crash();
+            let submitted = api1
+                .submit_build(SubmitBuildRequest {
+                    project: "bench".into(),
+                    revision: String::new(),
+                    git_ref: "refs/heads/main".into(),
+                })
+                .await
+                .map_err(|source| BenchError::Grpc {
+                    what: "SubmitBuild",
+                    source,
+                })?
+                .into_inner()
+                .id;
+            let mut moved = Vec::new();
+            let mut placed_ms = None;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while moved.len() < on_first || placed_ms.is_none() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::select! {
+                    m = moved_rx.recv() => if let Some((_, t)) = m {
+                        moved.push((t - t_kill).as_millis());
+                    },
+                    a = assigned_rx.recv() => if let Some((t, id)) = a {
+                        if id == submitted {
+                            placed_ms = Some((t - t_kill).as_millis());
+                        }
+                    },
+                    _ = tokio::time::sleep(left) => {
+                        return Err(BenchError::Check(format!(
+                            "failover: {} of {on_first} boxes moved, build placed: {:?}, after 60 s",
+                            moved.len(), placed_ms
+                        )));
+                    }
+                }
+            }
+            moved.sort();
+            println!(
+                "  failover (kill -9 of 1 of {n}, {on_first} boxes on it): every box registered \
+                 elsewhere after {} ms (first {} ms, median {} ms); a build submitted at the \
+                 kill placed after {} ms",
+                moved[moved.len() - 1],
+                moved[0],
+                moved[moved.len() / 2],
+                placed_ms.unwrap_or_default()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in tasks {
+            t.await??;
+        }
+        for mut cp in cps {
+            cp.stop();
+        }
+        db.drop_db().await;
+    }
+    if let [(_, w1, p1), (_, w3, p3)] = rates[..] {
+        println!(
+            "3 vs 1 control planes: webhooks {:.2}x, placements {:.2}x",
+            w3 / w1,
+            p3 / p1
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -542,6 +836,12 @@ async fn main() -> std::process::ExitCode {
             clients,
             warm,
         } => schedule(&cli, *builds, *boxes, *clients, *warm).await,
+        Bench::Cluster {
+            requests,
+            clients,
+            builds,
+            boxes,
+        } => cluster(&cli, *requests, *clients, *builds, *boxes).await,
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

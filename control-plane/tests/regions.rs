@@ -325,10 +325,9 @@ async fn a_database_belongs_to_one_hive() {
         box_addr: "127.0.0.1:0".parse().unwrap(),
         ..Default::default()
     };
-    let e = hive_control_plane::server::start(config.clone())
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = hive_control_plane::server::start(config.clone()).await else {
+        panic!("a control plane of another hive started on hive us's database");
+    };
     let text = hive_sys::error_chain(&e);
     // The data dir is not the first one's, so the CA check may speak first; the hive name
     // check comes before it.
@@ -341,14 +340,15 @@ async fn a_database_belongs_to_one_hive() {
         ("eu", vec!["eu=https://x".to_string()], "own name"),
         ("eu", vec!["us=http://192.0.2.1".to_string()], "loopback"),
     ] {
-        let e = hive_control_plane::server::start(hive_control_plane::server::Config {
+        let Err(e) = hive_control_plane::server::start(hive_control_plane::server::Config {
             hive_name: name.into(),
             peer_hives: peers,
             ..config.clone()
         })
         .await
-        .err()
-        .expect("refused");
+        else {
+            panic!("started as {name:?}");
+        };
         let text = hive_sys::error_chain(&e);
         assert!(text.contains(says), "{text}");
     }

@@ -33,6 +33,10 @@
 //!    the first project's result (`{"build_id": ..., "duplicate": false, "project": ...}`, the
 //!    first that builds, if any) and, when several projects verified, `projects`: each one's
 //!    result. A full commit queue (or a shutdown) -> 503 with `Retry-After`, nothing stored.
+//!    A verified project of another hive (`crate::regions`) is not built here: the push goes
+//!    on, as received, to that hive (once per hive; never a push that was itself forwarded),
+//!    and its answer is this project's result; that hive unreachable (or its 5xx) -> 502 with
+//!    `Retry-After` (what was built here is recorded, so the redelivery builds nothing twice).
 //!
 //! Every rejection is logged with the reason and counted in `/metrics` by outcome; text taken
 //! from the request (repository URLs, event names, delivery ids) is cut to 200 characters there

@@ -335,7 +335,10 @@ impl KvmHost {
     }
 
     /// Runs `cmd` in L1's shell (as a script: stdin /dev/null, stderr into the output), up to
-    /// `timeout`. The output comes when the command ends.
+    /// `timeout`. The output comes when the command ends. In L1 the command is killed a few
+    /// seconds before `timeout` (`timeout(1)`: status 124, or 137 if it ignored SIGTERM), so a
+    /// command stuck in the kernel (an `ip` waiting for a network namespace's teardown under
+    /// TCG) answers with its status instead of leaving the shell busy for the next command.
     pub fn exec_timeout(&self, cmd: &str, timeout: Duration) -> Result<Exec, String> {
         use base64::Engine as _;
         let mut g = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
@@ -347,9 +350,11 @@ impl KvmHost {
         // port that still echoes (before L1 set it raw) is never taken for the answer.
         let b64 = base64::engine::general_purpose::STANDARD.encode(cmd);
         let f = format!("/tmp/hive-ctl-{nonce}");
+        let in_l1 = timeout.as_secs().saturating_sub(8).max(1);
         let line = format!(
-            "printf %s {b64} | base64 -d >{f} && sh {f} >{f}.out 2>&1; s=$?; cat {f}.out; \
-             rm -f {f} {f}.out; echo \"@@hive-rc-\"{nonce}\"@@ $s\"\n"
+            "printf %s {b64} | base64 -d >{f} && timeout -k 3 {in_l1} sh {f} >{f}.out 2>&1 \
+             </dev/null; s=$?; cat {f}.out; rm -f {f} {f}.out; \
+             echo \"@@hive-rc-\"{nonce}\"@@ $s\"\n"
         );
         s.write_all(line.as_bytes())
             .map_err(|e| format!("write to the control shell: {e}"))?;
@@ -654,11 +659,26 @@ impl KvmHost {
                [ -d \"$c\" ] && echo \"cgroup $c\"; done; \
              ls /var/lib/hive-box/cells 2>/dev/null | sed 's/^/cell-dir /'; true"
         );
-        self.sh(&script)
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
+        // Under TCG a namespace or cgroup teardown can hold a kernel lock `ip` or `pgrep`
+        // waits on for tens of seconds: such a check is killed in L1 and tried again.
+        for _ in 0..3 {
+            let e = self
+                .exec_timeout(&script, Duration::from_secs(40))
+                .unwrap_or_else(|e| panic!("L1: {e}"));
+            match e.status {
+                0 => {
+                    return e
+                        .output
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
+                124 | 137 => continue,
+                s => panic!("L1: the leftover check exited {s}: {}", e.output),
+            }
+        }
+        vec!["check: the leftover check in L1 timed out 3 times (a teardown holds a kernel lock)".into()]
     }
 }

@@ -142,34 +142,67 @@ fn build_guest(dir: &Path) -> Result<PathBuf, String> {
 
 /// Reads the child's stdout until `DONE`, timestamping the first byte and the DONE line.
 /// `at_done` runs while the process is still alive (to sample /proc).
+/// A child's output pipe read on its own thread, so a guest that goes silent cannot hold the
+/// reader past its deadline (a blocking `read` would never return while the VMM lives).
+struct Pipe {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl Pipe {
+    fn new(mut r: impl Read + Send + 'static) -> Pipe {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends at EOF (the child and everything holding the pipe exited or were killed).
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Pipe { rx }
+    }
+
+    /// The next chunk; None at the end of the output; Err(()) when `deadline` passes first.
+    fn next(&self, deadline: Instant) -> Result<Option<Vec<u8>>, ()> {
+        use std::sync::mpsc::RecvTimeoutError;
+        match self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(chunk) => Ok(Some(chunk)),
+            Err(RecvTimeoutError::Disconnected) => Ok(None),
+            Err(RecvTimeoutError::Timeout) => Err(()),
+        }
+    }
+}
+
 fn watch(
     mut child: std::process::Child,
     t0: Instant,
     mut at_done: impl FnMut(u32) -> Option<u64>,
     kill_at_done: bool,
 ) -> Result<(Sample, String), String> {
-    let mut out = child.stdout.take().ok_or("no stdout pipe")?;
+    let out = Pipe::new(child.stdout.take().ok_or("no stdout pipe")?);
     let mut text = Vec::new();
-    let mut buf = [0u8; 4096];
     let mut first = None;
     let mut done = None;
     let mut touched = None;
     let deadline = t0 + Duration::from_secs(60);
     while done.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return Err("guest did not finish within 60 s".into());
-        }
-        let n = out
-            .read(&mut buf)
-            .map_err(|e| format!("read console: {e}"))?;
-        if n == 0 {
-            break;
-        }
+        let chunk = match out.next(deadline) {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(()) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("guest did not finish within 60 s".into());
+            }
+        };
         if first.is_none() {
             first = Some(t0.elapsed());
         }
-        text.extend_from_slice(&buf[..n]);
+        text.extend_from_slice(&chunk);
         if String::from_utf8_lossy(&text).contains("DONE ok=") {
             done = Some(t0.elapsed());
             touched = at_done(child.id());
@@ -479,28 +512,26 @@ mod linux {
     /// Reads the console until READY_LINE, timestamping the milestones; samples the guest's
     /// resident memory at READY_LINE, then kills the VMM and takes its peak RSS.
     fn watch(mut child: std::process::Child, t0: Instant, mib: u32) -> Result<Boot, String> {
-        let mut out = child.stdout.take().ok_or("no stdout pipe")?;
+        let out = super::Pipe::new(child.stdout.take().ok_or("no stdout pipe")?);
         let mut text = Vec::new();
-        let mut buf = [0u8; 4096];
         let mut b = Boot::default();
         let (mut first, mut init, mut ready) = (None, None, None);
         let deadline = t0 + Duration::from_secs(180);
         while ready.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(format!(
-                    "no \"{READY_LINE}\" within 180 s; console:\n{}",
-                    String::from_utf8_lossy(&text)
-                ));
-            }
-            let n = out
-                .read(&mut buf)
-                .map_err(|e| format!("read console: {e}"))?;
-            if n == 0 {
-                break;
-            }
+            let chunk = match out.next(deadline) {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(()) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "no \"{READY_LINE}\" within 180 s; console:\n{}",
+                        String::from_utf8_lossy(&text)
+                    ));
+                }
+            };
             first.get_or_insert_with(|| t0.elapsed());
-            text.extend_from_slice(&buf[..n]);
+            text.extend_from_slice(&chunk);
             let console = String::from_utf8_lossy(&text);
             if init.is_none() && console.contains(INIT_LINE) {
                 init = Some(t0.elapsed());

@@ -321,7 +321,7 @@ async fn listen_loop(hive: Arc<Hive>, url: String) {
     let mut shutdown = hive.shutdown.clone();
     let mut backoff = hive_sys::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        match listener(&url).await {
+        match listener(&url, &hive.bus.origin).await {
             Ok(mut l) => {
                 backoff.reset();
                 hive.bus.shared.listening.store(true, Ordering::Relaxed);
@@ -359,10 +359,30 @@ async fn listen_loop(hive: Arc<Hive>, url: String) {
     }
 }
 
-async fn listener(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
-    let mut l = sqlx::postgres::PgListener::connect(url).await?;
+async fn listener(url: &str, origin: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    use std::str::FromStr;
+    // Named after this control plane, so the others can tell it is alive
+    // ([`presence_name`], `Store::control_plane_present`): its connection goes with it.
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(url)?.application_name(&presence_name(origin));
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
     l.listen(CHANNEL).await?;
     Ok(l)
+}
+
+/// The `application_name` of a control plane's listening connection: how the others see
+/// that it is alive (PostgreSQL drops a dead process's connection at once). A digest of
+/// the id, as application names are cut at 63 bytes.
+pub fn presence_name(origin: &str) -> String {
+    use sha2::Digest as _;
+    format!(
+        "hive-cp-{}",
+        &hex::encode(sha2::Sha256::digest(origin.as_bytes()))[..24]
+    )
 }
 
 /// After notes may have been lost: whatever waits on one looks at the store again.

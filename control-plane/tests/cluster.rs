@@ -298,7 +298,9 @@ async fn a_box_that_moves_ends_its_old_session_and_keeps_its_row() {
     let (a, b, token) = two(&db.url, dir.path()).await;
     let mut on_a = fake_box(&a, "mover").await;
     // The same box comes up on B (its link to A broke and it failed over, while A still
-    // holds the old session): A ends that session when it hears of it.
+    // holds the old session): A's side of it goes silent; once that shows in the box's row
+    // (three heartbeats), B takes the box, and A ends its old session when it hears of it.
+    on_a.set_heartbeats(false);
     let _on_b = fake_box(&b, "mover").await;
     let t0 = Instant::now();
     loop {
@@ -327,6 +329,77 @@ async fn a_box_that_moves_ends_its_old_session_and_keeps_its_row() {
     }
     b.shutdown().await;
     a.shutdown().await;
+}
+
+/// Two boxes claiming one id on two control planes: the second is refused while the first's
+/// control plane is alive and the first keeps its row fresh, with a message naming where it
+/// is connected; once that control plane is gone (its connection to the database dropped, as
+/// when it is killed), the id is free at once (a box's failover does not wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_box_id_on_two_control_planes_is_refused_until_the_first_is_gone() {
+    let Some(db) = TestDb::postgres("one_box_id_on_two_control_planes").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, _token) = two(&db.url, dir.path()).await;
+    let _first = fake_box(&a, "twin").await;
+    let t0 = Instant::now();
+    let e = FakeBox::connect(
+        &format!("http://{}", b.grpc_addr),
+        FakeBoxConfig::new("twin", "small", 2, 2),
+    )
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .expect("a second box with a connected id is refused");
+    assert!(
+        e.contains("AlreadyExists") || e.contains("already connected"),
+        "{e}"
+    );
+    assert!(e.contains("control plane"), "the message says where: {e}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "gave the holder its grace"
+    );
+
+    // A's database connections end (as when its process is killed): B takes the id at once.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let ended: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name LIKE 'hive-cp-%' AND application_name = $1",
+    )
+    .bind(hive_control_plane::cluster::presence_name(
+        &a_origin(&a).await,
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ended.len(), 1, "A's listening connection is named after A");
+    let t0 = Instant::now();
+    let taken = FakeBox::connect(
+        &format!("http://{}", b.grpc_addr),
+        FakeBoxConfig::new("twin", "small", 2, 2),
+    )
+    .await;
+    assert!(
+        taken.is_ok(),
+        "B takes the id once A is gone: {:?}",
+        taken.err()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// A control plane's id, from its `/readyz`.
+async fn a_origin(h: &Handle) -> String {
+    let (_, body) = get(&h.http_addr.to_string(), "/readyz").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["control_plane"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]

@@ -679,6 +679,9 @@ impl KvmHost {
                 s => panic!("L1: the leftover check exited {s}: {}", e.output),
             }
         }
-        vec!["check: the leftover check in L1 timed out 3 times (a teardown holds a kernel lock)".into()]
+        vec![
+            "check: the leftover check in L1 timed out 3 times (a teardown holds a kernel lock)"
+                .into(),
+        ]
     }
 }

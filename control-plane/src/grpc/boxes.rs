@@ -203,7 +203,7 @@ async fn refuse_a_second_holder(
 ) -> Result<(), Status> {
     let deadline = tokio::time::Instant::now() + HOLDER_GRACE;
     loop {
-        let Some(h) = hive.registry.holder(&reg.box_id) else {
+        let Some(h) = holder(hive, &reg.box_id).await? else {
             return Ok(());
         };
         if h.silent_for > hive.heartbeat * 3 {
@@ -223,6 +223,44 @@ async fn refuse_a_second_holder(
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Who holds a box id's session: a session here, or (with other control planes) one whose
+/// control plane is alive and keeps the box's row fresh.
+async fn holder(
+    hive: &Hive,
+    box_id: &str,
+) -> Result<Option<crate::registry::boxes::Holder>, Status> {
+    if let Some(h) = hive.registry.holder(box_id) {
+        return Ok(Some(h));
+    }
+    if !hive.bus.is_shared() {
+        return Ok(None);
+    }
+    let Some(row) = hive.store.get_box(box_id).await.map_err(internal)? else {
+        return Ok(None);
+    };
+    let owner = row.session_owner.split('/').next().unwrap_or_default();
+    if owner.is_empty() || owner == hive.bus.origin() {
+        return Ok(None);
+    }
+    let silent_ms = now_ms().saturating_sub(row.last_heartbeat_ms).max(0);
+    let silent_for = Duration::from_millis(u64::try_from(silent_ms).unwrap_or(0));
+    // A control plane that died (kill -9) left its row fresh: its connection tells.
+    if silent_for > hive.heartbeat * 3
+        || !hive
+            .store
+            .control_plane_present(owner)
+            .await
+            .map_err(internal)?
+    {
+        return Ok(None);
+    }
+    Ok(Some(crate::registry::boxes::Holder {
+        peer: format!("control plane {owner}"),
+        hostname: row.hostname,
+        silent_for,
+    }))
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;

@@ -334,6 +334,21 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the control plane `origin` is alive: its listening connection is open
+    /// ([`crate::cluster::presence_name`]). Always false on SQLite (one control plane).
+    pub async fn control_plane_present(&self, origin: &str) -> Result<bool> {
+        if self.kind != DbKind::Postgres {
+            return Ok(false);
+        }
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(crate::cluster::presence_name(origin))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("look for another control plane's connection"))?;
+        Ok(n > 0)
+    }
+
     /// Records `value` under `name` in the hive's identity if none is there, and returns
     /// what is there (the first control plane's value wins).
     pub async fn claim_identity(&self, name: &str, value: &str) -> Result<String> {

@@ -335,8 +335,8 @@ impl KvmHost {
     }
 
     /// Runs `cmd` in L1's shell (as a script: stdin /dev/null, stderr into the output), up to
-    /// `timeout`. The output comes when the command ends. In L1 the command is killed a few
-    /// seconds before `timeout` (`timeout(1)`: status 124, or 137 if it ignored SIGTERM), so a
+    /// `timeout`. The output comes when the command ends. In L1 a command given 20 s or more is
+    /// killed 8 s before `timeout` (`timeout(1)`: status 124, or 137 if it ignored SIGTERM), so a
     /// command stuck in the kernel (an `ip` waiting for a network namespace's teardown under
     /// TCG) answers with its status instead of leaving the shell busy for the next command.
     pub fn exec_timeout(&self, cmd: &str, timeout: Duration) -> Result<Exec, String> {
@@ -350,11 +350,14 @@ impl KvmHost {
         // port that still echoes (before L1 set it raw) is never taken for the answer.
         let b64 = base64::engine::general_purpose::STANDARD.encode(cmd);
         let f = format!("/tmp/hive-ctl-{nonce}");
-        let in_l1 = timeout.as_secs().saturating_sub(8).max(1);
+        // Short probes (the readiness echo) run bare: TCG may take a second to start one.
+        let limit = match timeout.as_secs() {
+            s @ 20.. => format!("timeout -k 3 {} ", s - 8),
+            _ => String::new(),
+        };
         let line = format!(
-            "printf %s {b64} | base64 -d >{f} && timeout -k 3 {in_l1} sh {f} >{f}.out 2>&1 \
-             </dev/null; s=$?; cat {f}.out; rm -f {f} {f}.out; \
-             echo \"@@hive-rc-\"{nonce}\"@@ $s\"\n"
+            "printf %s {b64} | base64 -d >{f} && {limit}sh {f} >{f}.out 2>&1 </dev/null; \
+             s=$?; cat {f}.out; rm -f {f} {f}.out; echo \"@@hive-rc-\"{nonce}\"@@ $s\"\n"
         );
         s.write_all(line.as_bytes())
             .map_err(|e| format!("write to the control shell: {e}"))?;

@@ -143,6 +143,12 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
     retention_days: u32,
 
+    /// Where people reach this control plane's HTTP listener (e.g. https://hive.example.com):
+    /// commit statuses sent to the forges link to <public-url>/ui/builds/<id>. Without it
+    /// statuses carry no link.
+    #[arg(long, env = "HIVE_PUBLIC_URL")]
+    public_url: Option<String>,
+
     /// JSON file adding or overriding size classes:
     /// {"size_classes": [{"name": "xl", "vcpus": 16, "memory_mib": 32768, "disk_mib": 102400}]}
     #[arg(long, env = "HIVE_SIZE_CLASSES")]
@@ -220,6 +226,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_attempts: args.max_attempts,
         retention: (args.retention_days > 0)
             .then(|| Duration::from_secs(u64::from(args.retention_days) * 86_400)),
+        public_url: args.public_url.clone(),
+        forge: hive_control_plane::forge::Settings::default(),
     };
     let handle = server::start(config).await?;
     if let Some(path) = &args.ready_file {

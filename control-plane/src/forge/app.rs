@@ -146,6 +146,9 @@ pub struct Tokens {
 /// What one project's App needs.
 pub struct AppTarget<'a> {
     pub project_id: &'a str,
+    /// Changes whenever the key is set again (its sealing's nonce), so a new key never uses
+    /// an old key's token.
+    pub key_version: &'a str,
     pub app_id: u64,
     pub key: &'a AppKey,
     pub api: &'a str,
@@ -155,7 +158,10 @@ pub struct AppTarget<'a> {
 impl Tokens {
     /// A valid installation token for `t`, from the cache or made now.
     pub async fn token(&self, client: &Client, t: &AppTarget<'_>) -> Result<String, AppError> {
-        let key = format!("{}\0{}\0{}", t.app_id, t.api, t.repo_path);
+        let key = format!(
+            "{}\0{}\0{}\0{}",
+            t.app_id, t.api, t.repo_path, t.key_version
+        );
         let now = crate::store::now_ms();
         let margin = i64::try_from(REFRESH_MARGIN.as_millis()).unwrap_or(i64::MAX);
         if let Some(c) = self.lock().get(t.project_id) {

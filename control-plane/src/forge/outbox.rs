@@ -5,13 +5,15 @@
 //! Each pass takes the statuses due (each the first pending one of its commit), claims each
 //! with a conditional update (another control plane of the database may be looking at the same
 //! rows; only one claim wins), and sends it in a task of its own, at most
-//! `Settings::concurrency` at once. A status that fails for a reason that may pass (no answer,
+//! `Settings::concurrency` at once, and at most a quarter of those for one project (its forge).
+//! A status that fails for a reason that may pass (no answer,
 //! a timeout, 5xx, 429, 408, an installation token refused) is tried again after a backoff
 //! that doubles up to a cap; after `max_attempts`, or at once for a refusal (other 4xx, a
 //! redirect), it is given up (`failed`, with the error). Later statuses of the same commit wait
 //! for it, so a forge never sees `pending` after `success` of one build. The task wakes on
 //! build changes (this control plane's and the others'), when a send ends, and every `poll`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use hive_proto::v1::BuildState;
@@ -56,12 +58,19 @@ pub async fn run(hive: Arc<Hive>, settings: Settings) {
     let mut shutdown = hive.shutdown.clone();
     // A claim outlives the longest send: an App token (two calls) and the status.
     let claim_ms = millis(settings.timeout) * 3 + 10_000;
+    // One forge (project) gets at most a quarter of the slots: a stalling one leaves the
+    // others theirs.
+    let per_project = (settings.concurrency / 4).max(1);
+    let busy: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
     let mut last_purge = 0i64;
     loop {
         let now = now_ms();
         match hive.store.due_statuses(now, BATCH).await {
             Ok(rows) => {
                 for row in rows {
+                    if lock(&busy).get(&row.project_id).copied().unwrap_or(0) >= per_project {
+                        continue;
+                    }
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         break;
                     };
@@ -70,24 +79,36 @@ pub async fn run(hive: Arc<Hive>, settings: Settings) {
                         .claim_status(row.id, &me, now, now + claim_ms)
                         .await
                     {
-                        Ok(true) => {}
+                        Ok(true) => {
+                            *lock(&busy).entry(row.project_id.clone()).or_insert(0) += 1;
+                        }
                         Ok(false) => continue,
                         Err(e) => {
                             tracing::warn!(error = %e, "claim a forge status failed; trying later");
                             break;
                         }
                     }
-                    let (hive, client, tokens, settings, me, done) = (
+                    let (hive, client, tokens, settings, me, done, busy) = (
                         hive.clone(),
                         client.clone(),
                         tokens.clone(),
                         settings.clone(),
                         me.clone(),
                         done.clone(),
+                        busy.clone(),
                     );
                     tokio::spawn(async move {
                         let outcome = send(&hive, &client, &tokens, &settings, &row).await;
                         record(&hive, &settings, &me, &row, outcome).await;
+                        {
+                            let mut b = lock(&busy);
+                            if let Some(n) = b.get_mut(&row.project_id) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    b.remove(&row.project_id);
+                                }
+                            }
+                        }
                         drop(slot);
                         done.notify_one();
                     });
@@ -116,6 +137,10 @@ pub async fn run(hive: Arc<Hive>, settings: Settings) {
             _ = crate::events::stopped(&mut shutdown) => return,
         }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes how a send ended, counts it and logs what an operator should see (a give-up at
@@ -282,6 +307,7 @@ async fn credentials(
         let key = AppKey::from_pem(&pem).map_err(|e| Outcome::Refused(e.to_string()))?;
         let target = AppTarget {
             project_id: &forge.project_id,
+            key_version: &forge.app_key_nonce,
             app_id: u64::try_from(forge.app_id).unwrap_or(0),
             key: &key,
             api: &forge.api_url,

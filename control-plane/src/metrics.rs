@@ -436,8 +436,7 @@ impl Metrics {
         self.cluster_lag_ms.set(lag);
         self.cluster_listening
             .set(i64::from(snap.cluster_listening));
-        self.forge_statuses_pending
-            .set(snap.forge_statuses_pending);
+        self.forge_statuses_pending.set(snap.forge_statuses_pending);
         for outcome in ["sent", "retried", "failed"] {
             // Listed from the start (0), so a dashboard sees the series before the first send.
             let _ = self.forge_statuses.get_or_create(&OutcomeLabel {

@@ -133,7 +133,9 @@ impl Fake {
     fn accepted(&self, sha: &str) -> Vec<(String, String)> {
         self.status_calls()
             .into_iter()
-            .filter(|c| c.path.ends_with(&format!("/statuses/{sha}")) && c.answer == Answer::Created)
+            .filter(|c| {
+                c.path.ends_with(&format!("/statuses/{sha}")) && c.answer == Answer::Created
+            })
             .map(|c| {
                 (
                     c.body["state"].as_str().unwrap_or("").to_string(),
@@ -187,7 +189,10 @@ impl Fake {
         if !is_status && self.lock().app.is_some() {
             let ok = self.jwt_ok(&bearer);
             let (code, reply) = if !ok {
-                (401, json!({"message": "A JSON web token could not be decoded"}))
+                (
+                    401,
+                    json!({"message": "A JSON web token could not be decoded"}),
+                )
             } else if method == "GET" && path.ends_with("/installation") {
                 (200, json!({"id": 77}))
             } else if method == "POST" && path == "/app/installations/77/access_tokens" {
@@ -295,8 +300,10 @@ impl Fake {
         let claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
         let now = hive_sys::now_ms() / 1000;
         let ok = header["alg"] == "RS256"
-            && claims["iss"] == app.id.to_string()
-            && claims["exp"].as_i64().is_some_and(|e| e > now && e <= now + 600)
+            && claims["iss"].as_str().and_then(|s| s.parse::<u64>().ok()) == Some(app.id)
+            && claims["exp"]
+                .as_i64()
+                .is_some_and(|e| e > now && e <= now + 600)
             && claims["iat"].as_i64().is_some_and(|i| i <= now);
         if ok {
             s.jwt_seen += 1;
@@ -359,7 +366,10 @@ async fn respond(conn: &mut TcpStream, code: u16, body: &str, extra: &str) -> st
 // The control plane and its builds.
 
 /// A control plane whose statuses link to [`PUBLIC`] and retry fast.
-async fn control_plane(url: &str, tweak: impl FnOnce(&mut hive_control_plane::server::Config)) -> Handle {
+async fn control_plane(
+    url: &str,
+    tweak: impl FnOnce(&mut hive_control_plane::server::Config),
+) -> Handle {
     start_with(url, |c| {
         c.public_url = Some(PUBLIC.to_string());
         c.forge.poll = Duration::from_millis(100);
@@ -383,7 +393,13 @@ async fn project(api: &mut Api, name: &str, repo: &str) {
     .unwrap();
 }
 
-async fn set_forge(api: &mut Api, project: &str, forge: &str, api_url: &str, token: &str) -> ForgeStatusReply {
+async fn set_forge(
+    api: &mut Api,
+    project: &str,
+    forge: &str,
+    api_url: &str,
+    token: &str,
+) -> ForgeStatusReply {
     api.forge_status(ForgeStatusRequest {
         project: project.into(),
         forge: forge.into(),
@@ -493,16 +509,37 @@ fn states(got: &[(String, String)]) -> Vec<&str> {
 /// The exact statuses of a succeeded, failed, cancelled and timed-out build on GitHub, and of
 /// builds on GitLab and Gitea, with each forge's URL, auth header, context and link.
 async fn statuses_follow_builds(url: String) {
-    let (gh, gl, gt) = (Fake::start().await, Fake::start().await, Fake::start().await);
+    let (gh, gl, gt) = (
+        Fake::start().await,
+        Fake::start().await,
+        Fake::start().await,
+    );
     let handle = control_plane(&url, |_| {}).await;
     let mut api = api(&handle).await;
     project(&mut api, "app", "https://github.com/acme/app.git").await;
     project(&mut api, "lab", "https://gitlab.example/grp/sub/lab.git").await;
     project(&mut api, "tea", "https://gitea.example/acme/tea.git").await;
     let r = set_forge(&mut api, "app", "github", &gh.base(""), "ghp_secret_1").await;
-    assert_eq!((r.forge.as_str(), r.repository.as_str(), r.auth.as_str()), ("github", "acme/app", "token"));
-    set_forge(&mut api, "lab", "gitlab", &gl.base("/api/v4"), "glpat-secret-2").await;
-    set_forge(&mut api, "tea", "forgejo", &gt.base("/api/v1/"), "gitea-secret-3").await;
+    assert_eq!(
+        (r.forge.as_str(), r.repository.as_str(), r.auth.as_str()),
+        ("github", "acme/app", "token")
+    );
+    set_forge(
+        &mut api,
+        "lab",
+        "gitlab",
+        &gl.base("/api/v4"),
+        "glpat-secret-2",
+    )
+    .await;
+    set_forge(
+        &mut api,
+        "tea",
+        "forgejo",
+        &gt.base("/api/v1/"),
+        "gitea-secret-3",
+    )
+    .await;
     let mut bx = live_box(&handle).await;
 
     // A push through the webhook (on PostgreSQL: the group commit's one statement), then API
@@ -512,7 +549,13 @@ async fn statuses_follow_builds(url: String) {
         "after": sha(1),
         "repository": {"clone_url": "https://github.com/acme/app.git"},
     });
-    let r = push_signed(handle.http_addr, SECRET.as_bytes(), "d-1", push.to_string().as_bytes()).await;
+    let r = push_signed(
+        handle.http_addr,
+        SECRET.as_bytes(),
+        "d-1",
+        push.to_string().as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 202, "{}", r.body);
     let ok_id = r.json()["build_id"].as_str().unwrap().to_string();
     run(&mut api, &mut bx, &ok_id, End::Succeeded).await;
@@ -531,7 +574,10 @@ async fn statuses_follow_builds(url: String) {
             (end.0.to_string(), end.1.to_string()),
         ]
     };
-    assert_eq!(gh.wait_accepted(&sha(1), 3).await, pending_running(("success", "succeeded")));
+    assert_eq!(
+        gh.wait_accepted(&sha(1), 3).await,
+        pending_running(("success", "succeeded"))
+    );
     let failed = gh.wait_accepted(&sha(2), 3).await;
     assert_eq!(states(&failed), ["pending", "pending", "failure"]);
     assert!(failed[2].1.starts_with("failed: "), "{failed:?}");
@@ -541,36 +587,63 @@ async fn statuses_follow_builds(url: String) {
     let t = gh.wait_accepted(&sha(4), 3).await;
     assert_eq!(states(&t), ["pending", "pending", "error"]);
     assert!(t[2].1.starts_with("timed out"), "{t:?}");
-    assert_eq!(states(&gl.wait_accepted(&sha(5), 3).await), ["pending", "running", "success"]);
+    assert_eq!(
+        states(&gl.wait_accepted(&sha(5), 3).await),
+        ["pending", "running", "success"]
+    );
     let c = gl.wait_accepted(&sha(6), 3).await;
     assert_eq!(states(&c), ["pending", "running", "canceled"]);
     let t = gl.wait_accepted(&sha(7), 3).await;
     assert_eq!(states(&t), ["pending", "running", "failed"]);
     assert!(t[2].1.starts_with("timed out"), "{t:?}");
-    assert_eq!(states(&gt.wait_accepted(&sha(8), 3).await), ["pending", "pending", "failure"]);
+    assert_eq!(
+        states(&gt.wait_accepted(&sha(8), 3).await),
+        ["pending", "pending", "failure"]
+    );
 
     // Each forge's URL, credentials, context and link.
-    let call = gh.status_calls().into_iter().find(|c| c.path.ends_with(&sha(3))).unwrap();
+    let call = gh
+        .status_calls()
+        .into_iter()
+        .find(|c| c.path.ends_with(&sha(3)))
+        .unwrap();
     assert_eq!(call.method, "POST");
     assert_eq!(call.path, format!("/repos/acme/app/statuses/{}", sha(3)));
     assert_eq!(call.header("authorization"), Some("Bearer ghp_secret_1"));
     assert_eq!(call.body["context"], "hive/app");
-    assert_eq!(call.body["target_url"], format!("{PUBLIC}/ui/builds/{cancelled}"));
+    assert_eq!(
+        call.body["target_url"],
+        format!("{PUBLIC}/ui/builds/{cancelled}")
+    );
     let call = &gl.status_calls()[0];
-    assert_eq!(call.path, format!("/api/v4/projects/grp%2Fsub%2Flab/statuses/{}", sha(5)));
+    assert_eq!(
+        call.path,
+        format!("/api/v4/projects/grp%2Fsub%2Flab/statuses/{}", sha(5))
+    );
     assert_eq!(call.header("private-token"), Some("glpat-secret-2"));
     assert_eq!(call.body["name"], "hive/lab");
     let call = &gt.status_calls()[0];
-    assert_eq!(call.path, format!("/api/v1/repos/acme/tea/statuses/{}", sha(8)));
+    assert_eq!(
+        call.path,
+        format!("/api/v1/repos/acme/tea/statuses/{}", sha(8))
+    );
     assert_eq!(call.header("authorization"), Some("token gitea-secret-3"));
     assert_eq!(call.body["context"], "hive/tea");
     // Nothing was sent twice, and nothing waits.
     assert_eq!(gh.status_calls().len(), 12);
     assert_eq!(gl.status_calls().len(), 9);
     assert_eq!(gt.status_calls().len(), 3);
-    let metrics = common::http(handle.http_addr, "GET", "/metrics", &[], b"").await.body;
-    assert!(metrics.contains("hive_forge_statuses_total{outcome=\"sent\"} 24"), "{metrics}");
-    assert!(metrics.contains("hive_forge_statuses_pending 0"), "{metrics}");
+    let metrics = common::http(handle.http_addr, "GET", "/metrics", &[], b"")
+        .await
+        .body;
+    assert!(
+        metrics.contains("hive_forge_statuses_total{outcome=\"sent\"} 24"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hive_forge_statuses_pending 0"),
+        "{metrics}"
+    );
 
     // Statuses off: builds go on, the forge hears nothing more.
     api.forge_status(ForgeStatusRequest {
@@ -611,7 +684,10 @@ async fn an_outage_is_retried_in_order(url: String) {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let failed_calls = gh.status_calls().len();
     assert!(failed_calls >= 3, "retries: {failed_calls}");
-    assert!(gh.status_calls().iter().all(|c| c.answer != Answer::Created));
+    assert!(gh
+        .status_calls()
+        .iter()
+        .all(|c| c.answer != Answer::Created));
     gh.set_default(Answer::Created);
     for n in 1..=3 {
         assert_eq!(
@@ -632,18 +708,37 @@ async fn an_outage_is_retried_in_order(url: String) {
             .filter(|c| c.path.ends_with(&sha(n)))
             .map(|c| c.body["description"].as_str().unwrap().to_string())
             .collect();
-        let rank = |d: &str| ["queued", "running", "succeeded"].iter().position(|x| *x == d).unwrap();
-        assert!(calls.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])), "{calls:?}");
+        let rank = |d: &str| {
+            ["queued", "running", "succeeded"]
+                .iter()
+                .position(|x| *x == d)
+                .unwrap()
+        };
+        assert!(
+            calls.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])),
+            "{calls:?}"
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        gh.status_calls().iter().filter(|c| c.answer == Answer::Created).count(),
+        gh.status_calls()
+            .iter()
+            .filter(|c| c.answer == Answer::Created)
+            .count(),
         9,
         "each status accepted once"
     );
-    let metrics = common::http(handle.http_addr, "GET", "/metrics", &[], b"").await.body;
-    assert!(metrics.contains("hive_forge_statuses_total{outcome=\"sent\"} 9"), "{metrics}");
-    assert!(!metrics.contains("hive_forge_statuses_total{outcome=\"retried\"} 0"), "{metrics}");
+    let metrics = common::http(handle.http_addr, "GET", "/metrics", &[], b"")
+        .await
+        .body;
+    assert!(
+        metrics.contains("hive_forge_statuses_total{outcome=\"sent\"} 9"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("hive_forge_statuses_total{outcome=\"retried\"} 0"),
+        "{metrics}"
+    );
     handle.shutdown().await;
 }
 
@@ -658,7 +753,11 @@ async fn github_app_tokens_are_refreshed(url: String) {
         .arg("2048")
         .output()
         .expect("openssl (Debian's openssl package) makes the test's App key");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pem = std::fs::read_to_string(&key_path).unwrap();
     assert!(pem.contains("BEGIN RSA PRIVATE KEY"), "GitHub's format");
     let key = hive_control_plane::forge::app::AppKey::from_pem(&pem).unwrap();
@@ -689,12 +788,21 @@ async fn github_app_tokens_are_refreshed(url: String) {
     assert!(!format!("{r:?}").contains("PRIVATE"));
     let mut bx = live_box(&handle).await;
     drive(&mut api, &mut bx, "app", &sha(1), End::Succeeded).await;
-    assert_eq!(states(&gh.wait_accepted(&sha(1), 3).await), ["pending", "pending", "success"]);
-    let first = gh.status_calls()[0].header("authorization").unwrap().to_string();
+    assert_eq!(
+        states(&gh.wait_accepted(&sha(1), 3).await),
+        ["pending", "pending", "success"]
+    );
+    let first = gh.status_calls()[0]
+        .header("authorization")
+        .unwrap()
+        .to_string();
     assert_eq!(first, "Bearer inst-1");
     tokio::time::sleep(Duration::from_secs(3)).await;
     drive(&mut api, &mut bx, "app", &sha(2), End::Failed).await;
-    assert_eq!(states(&gh.wait_accepted(&sha(2), 3).await), ["pending", "pending", "failure"]);
+    assert_eq!(
+        states(&gh.wait_accepted(&sha(2), 3).await),
+        ["pending", "pending", "failure"]
+    );
     let later: Vec<String> = gh
         .status_calls()
         .into_iter()
@@ -704,9 +812,15 @@ async fn github_app_tokens_are_refreshed(url: String) {
     assert!(later.iter().all(|t| *t != first), "refreshed: {later:?}");
     let issued = gh.lock().app.as_ref().unwrap().issued.len();
     assert!(issued >= 2, "installation tokens made: {issued}");
-    assert!(gh.lock().jwt_seen >= 4, "each token: installation lookup + token, with a JWT");
+    assert!(
+        gh.lock().jwt_seen >= 4,
+        "each token: installation lookup + token, with a JWT"
+    );
     // No status was refused for an expired token.
-    assert!(gh.status_calls().iter().all(|c| c.answer == Answer::Created));
+    assert!(gh
+        .status_calls()
+        .iter()
+        .all(|c| c.answer == Answer::Created));
 
     // A key the app does not have: the forge refuses the JWT, the status is given up with
     // the forge's reason.
@@ -770,8 +884,18 @@ async fn hostile_forges_stall_nothing(url: String) {
     })
     .await;
     let mut api = api(&handle).await;
-    for (name, fake) in [("good", &good), ("slow", &slow), ("huge", &huge), ("moved", &moved)] {
-        project(&mut api, name, &format!("https://github.com/acme/{name}.git")).await;
+    for (name, fake) in [
+        ("good", &good),
+        ("slow", &slow),
+        ("huge", &huge),
+        ("moved", &moved),
+    ] {
+        project(
+            &mut api,
+            name,
+            &format!("https://github.com/acme/{name}.git"),
+        )
+        .await;
         set_forge(&mut api, name, "github", &fake.base(""), "tok").await;
     }
     let mut bx = live_box(&handle).await;
@@ -783,14 +907,20 @@ async fn hostile_forges_stall_nothing(url: String) {
     drive(&mut api, &mut bx, "huge", &sha(20), End::Succeeded).await;
     drive(&mut api, &mut bx, "moved", &sha(30), End::Succeeded).await;
     drive(&mut api, &mut bx, "good", &sha(40), End::Succeeded).await;
-    assert!(t0.elapsed() < Duration::from_secs(8), "builds took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "builds took {:?}",
+        t0.elapsed()
+    );
     // The good forge is served although every slot may be waiting on a hostile one: a slot
     // frees within the timeout.
     let got = good.wait_accepted(&sha(40), 3).await;
     assert_eq!(states(&got), ["pending", "pending", "success"]);
     // The API and the health check answer at once meanwhile.
     let t1 = Instant::now();
-    api.get_build(GetBuildRequest { id: "nope".into() }).await.unwrap_err();
+    api.get_build(GetBuildRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
     let h = common::http(handle.http_addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(h.status, 200);
     assert!(t1.elapsed() < Duration::from_secs(1));
@@ -813,7 +943,10 @@ async fn hostile_forges_stall_nothing(url: String) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        moved.status_calls().iter().all(|c| !c.path.contains("elsewhere")),
+        moved
+            .status_calls()
+            .iter()
+            .all(|c| !c.path.contains("elsewhere")),
         "nothing followed the redirect"
     );
     // The huge answer is cut, not read: the status is retried, then given up.
@@ -1017,8 +1150,8 @@ async fn forge_settings_are_checked_and_never_returned(url: String) {
     api.delete_project(hive_proto::v1::DeleteProjectRequest {
         project: "app".into(),
     })
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     project(&mut api, "app", "https://github.com/acme/app.git").await;
     let again = api
         .forge_status(ForgeStatusRequest {
@@ -1028,7 +1161,10 @@ async fn forge_settings_are_checked_and_never_returned(url: String) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.forge, "", "a new project of the same name has no forge");
+    assert_eq!(
+        again.forge, "",
+        "a new project of the same name has no forge"
+    );
     handle.shutdown().await;
 }
 

@@ -122,9 +122,7 @@ fn pem_block(text: &str) -> Option<(String, Vec<u8>)> {
         .chars()
         .filter(|c| !c.is_whitespace())
         .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .ok()?;
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
     Some((label, der))
 }
 
@@ -170,8 +168,12 @@ impl Tokens {
             }
         }
         let (token, expires_at_ms) = fetch(client, t, now).await?;
-        tracing::debug!(project_id = t.project_id, app_id = t.app_id,
-            expires_in_s = (expires_at_ms - now) / 1000, "GitHub App installation token made");
+        tracing::debug!(
+            project_id = t.project_id,
+            app_id = t.app_id,
+            expires_in_s = (expires_at_ms - now) / 1000,
+            "GitHub App installation token made"
+        );
         self.lock().insert(
             t.project_id.to_string(),
             Cached {
@@ -247,9 +249,7 @@ async fn fetch(client: &Client, t: &AppTarget<'_>, now_ms: i64) -> Result<(Strin
 /// `YYYY-MM-DDTHH:MM:SS[.fff]Z` (or `+00:00`) as epoch milliseconds.
 pub fn parse_utc(s: &str) -> Option<i64> {
     let s = s.trim();
-    let s = s
-        .strip_suffix('Z')
-        .or_else(|| s.strip_suffix("+00:00"))?;
+    let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
     let (date, time) = s.split_once('T')?;
     let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);

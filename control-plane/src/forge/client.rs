@@ -111,7 +111,10 @@ impl Client {
             .ok_or_else(|| CallError::Url(url.to_string()))?
             .to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let addr = format!("{host}:{port}");
         let tcp = tokio::net::TcpStream::connect((bare.as_str(), port))
             .await
@@ -167,11 +170,7 @@ impl Client {
     }
 
     /// One request on a fresh connection, the connection driven in this future (no task).
-    async fn exchange<T>(
-        &self,
-        io: T,
-        req: http::Request<Full<Bytes>>,
-    ) -> Result<Reply, CallError>
+    async fn exchange<T>(&self, io: T, req: http::Request<Full<Bytes>>) -> Result<Reply, CallError>
     where
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {

@@ -155,7 +155,10 @@ pub fn repo_path(repo_url: &str) -> Result<String, ForgeError> {
     let bad = || ForgeError::RepoPath(repo_url.to_string());
     let parsed = RepoUrl::parse(repo_url).map_err(|_| bad())?;
     let path = parsed.path.trim_matches('/');
-    let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
+    let path = path
+        .strip_suffix(".git")
+        .unwrap_or(path)
+        .trim_end_matches('/');
     let parts: Vec<&str> = path.split('/').collect();
     let ok = parts.len() >= 2
         && parts.iter().all(|p| {
@@ -326,7 +329,10 @@ mod tests {
             "hive/p",
             None,
         );
-        assert_eq!(r.url, "https://gl/api/v4/projects/grp%2Fsub%2Fproj/statuses/abc");
+        assert_eq!(
+            r.url,
+            "https://gl/api/v4/projects/grp%2Fsub%2Fproj/statuses/abc"
+        );
         assert_eq!(r.body["name"], "hive/p");
         assert!(r.body.get("target_url").is_none());
         let u = RepoUrl::parse("https://ghe.corp/acme/w.git").unwrap();

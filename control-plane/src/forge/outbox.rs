@@ -114,13 +114,17 @@ pub async fn run(hive: Arc<Hive>, settings: Settings) {
                     });
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "read the forge status outbox failed; trying later"),
+            Err(e) => {
+                tracing::warn!(error = %e, "read the forge status outbox failed; trying later")
+            }
         }
         if let Some(keep) = settings.retention {
             if now - last_purge > 600_000 {
                 last_purge = now;
                 match hive.store.purge_statuses_before(now - millis(keep)).await {
-                    Ok(n) if n > 0 => tracing::info!(statuses = n, "retention: purged forge statuses"),
+                    Ok(n) if n > 0 => {
+                        tracing::info!(statuses = n, "retention: purged forge statuses")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "purge forge statuses failed"),
                 }
@@ -175,7 +179,9 @@ async fn record(hive: &Hive, settings: &Settings, me: &str, row: &StatusRow, out
     match written {
         Ok(true) => {}
         Ok(false) => tracing::debug!(status_id = row.id, "forge status claim lost meanwhile"),
-        Err(e) => tracing::warn!(error = %e, "record a forge status failed; it is sent again later"),
+        Err(e) => {
+            tracing::warn!(error = %e, "record a forge status failed; it is sent again later")
+        }
     }
 }
 
@@ -298,7 +304,11 @@ async fn credentials(
                 Outcome::Refused(format!(
                     "the project's forge {} does not open with this control plane's secrets \
                      key: set it again (hivectl project status)",
-                    if name == TOKEN_NAME { "token" } else { "App key" }
+                    if name == TOKEN_NAME {
+                        "token"
+                    } else {
+                        "App key"
+                    }
                 ))
             })
     };

@@ -246,13 +246,12 @@ impl Store {
 
     /// Deletes statuses sent, given up or skipped before `cutoff_ms` (retention).
     pub async fn purge_statuses_before(&self, cutoff_ms: i64) -> Result<u64> {
-        let res = sqlx::query(
-            "DELETE FROM forge_statuses WHERE status <> 'pending' AND done_at_ms < $1",
-        )
-        .bind(cutoff_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(q("purge forge statuses"))?;
+        let res =
+            sqlx::query("DELETE FROM forge_statuses WHERE status <> 'pending' AND done_at_ms < $1")
+                .bind(cutoff_ms)
+                .execute(&self.pool)
+                .await
+                .map_err(q("purge forge statuses"))?;
         Ok(res.rows_affected())
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! One file per table family: `projects`, `deliveries`, `builds` (with transitions), `leases`,
 //! `logs`, `boxes` (with cells and the box session's [`BoxBatch`]), `networks` (private
-//! networks, connectors, tunnel leases), `tokens` (API tokens, hashed) and `audit` (who changed
+//! networks, connectors, tunnel leases), `forges` (forge credentials, the commit-status
+//! outbox), `tokens` (API tokens, hashed) and `audit` (who changed
 //! what; each entry in its change's transaction). Rows are read into `sqlx::FromRow` records of the
 //! column types and converted with checked conversions ([`checked`]); a value out of range is
 //! [`StoreError::Corrupt`], never a wrapped number. Each write has one path, a `*_tx` function

@@ -52,7 +52,11 @@ pub(super) async fn forge_status(
         "{} {} {}",
         row.kind,
         row.api_url,
-        if row.app_id > 0 { "github-app" } else { "token" }
+        if row.app_id > 0 {
+            "github-app"
+        } else {
+            "token"
+        }
     );
     store.set_forge(&row, &audit).await.map_err(store_err)?;
     tracing::info!(project = %p.name, forge = %row.kind, api = %row.api_url,

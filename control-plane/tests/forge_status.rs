@@ -44,6 +44,8 @@ enum Answer {
     Huge,
     /// 302 elsewhere.
     Redirect,
+    /// 422 with the request's credentials in the body.
+    Echo,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +230,7 @@ impl Fake {
             answer = Answer::Fail500;
         }
         let json_body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let headers_seen = headers.clone();
         self.record(method, path, headers, json_body, answer);
         if refused {
             return respond(conn, 401, r#"{"message":"Bad credentials"}"#, "").await;
@@ -246,6 +249,10 @@ impl Fake {
                 // To the fake itself: a client that followed would be seen here.
                 let to = format!("Location: http://{}/elsewhere\r\n", self.addr);
                 respond(conn, 302, "", &to).await
+            }
+            Answer::Echo => {
+                let seen = format!("{headers_seen:?}");
+                respond(conn, 422, &seen, "").await
             }
             Answer::Huge => {
                 conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n\r\n")
@@ -868,12 +875,14 @@ async fn github_app_tokens_are_refreshed(url: String) {
 /// plane: a good forge's statuses still arrive at once, at most `concurrency` calls are open,
 /// the API answers, and each hostile status ends retried or given up, saying why.
 async fn hostile_forges_stall_nothing(url: String) {
-    let (good, slow, huge, moved) = (
+    let (good, slow, huge, moved, echo) = (
+        Fake::start().await,
         Fake::start().await,
         Fake::start().await,
         Fake::start().await,
         Fake::start().await,
     );
+    echo.set_default(Answer::Echo);
     slow.set_default(Answer::Stall);
     huge.set_default(Answer::Huge);
     moved.set_default(Answer::Redirect);
@@ -898,6 +907,7 @@ async fn hostile_forges_stall_nothing(url: String) {
         .await;
         set_forge(&mut api, name, "github", &fake.base(""), "tok").await;
     }
+    project(&mut api, "echo", "https://gitea.example/acme/echo.git").await;
     let mut bx = live_box(&handle).await;
     let t0 = Instant::now();
     // Several commits on the stalling forge: each one's head status would take a slot.
@@ -906,6 +916,8 @@ async fn hostile_forges_stall_nothing(url: String) {
     }
     drive(&mut api, &mut bx, "huge", &sha(20), End::Succeeded).await;
     drive(&mut api, &mut bx, "moved", &sha(30), End::Succeeded).await;
+    set_forge(&mut api, "echo", "gitea", &echo.base(""), "tok-echo-secret").await;
+    drive(&mut api, &mut bx, "echo", &sha(50), End::Succeeded).await;
     drive(&mut api, &mut bx, "good", &sha(40), End::Succeeded).await;
     assert!(
         t0.elapsed() < Duration::from_secs(8),
@@ -949,6 +961,29 @@ async fn hostile_forges_stall_nothing(url: String) {
             .all(|c| !c.path.contains("elsewhere")),
         "nothing followed the redirect"
     );
+    // A forge that echoes the token back: the refusal is kept, the token is not.
+    let t0 = Instant::now();
+    loop {
+        let r = api
+            .forge_status(ForgeStatusRequest {
+                project: "echo".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.last_error.contains("422") {
+            assert!(
+                !r.last_error.contains("tok-echo-secret"),
+                "{}",
+                r.last_error
+            );
+            assert!(r.last_error.contains("token ***"), "{}", r.last_error);
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "echo not reported: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The huge answer is cut, not read: the status is retried, then given up.
     let t0 = Instant::now();
     loop {

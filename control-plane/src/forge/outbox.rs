@@ -28,6 +28,9 @@ use crate::store::{now_ms, ForgeRow, StatusRow};
 /// Statuses looked at per pass.
 const BATCH: u32 = 256;
 
+/// Passes at most this often: a burst of build changes wakes the task once.
+const MIN_GAP: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The sealed-value names of a forge's credentials (the associated data of their sealing).
 pub const TOKEN_NAME: &str = "hive.forge.token";
 pub const APP_KEY_NAME: &str = "hive.forge.app_key";
@@ -63,7 +66,10 @@ pub async fn run(hive: Arc<Hive>, settings: Settings) {
     let per_project = (settings.concurrency / 4).max(1);
     let busy: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
     let mut last_purge = 0i64;
+    let mut last_pass = tokio::time::Instant::now() - MIN_GAP;
     loop {
+        tokio::time::sleep_until(last_pass + MIN_GAP).await;
+        last_pass = tokio::time::Instant::now();
         let now = now_ms();
         match hive.store.due_statuses(now, BATCH).await {
             Ok(rows) => {
@@ -133,12 +139,26 @@ pub async fn run(hive: Arc<Hive>, settings: Settings) {
         tokio::select! {
             _ = tokio::time::sleep(settings.poll) => {}
             _ = done.notified() => {}
-            r = events.recv() => {
-                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+            r = build_changed(&mut events) => {
+                if r.is_none() {
                     return;
                 }
             }
             _ = crate::events::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Waits for a build change (log news does not wake the task); None when the hub closed.
+async fn build_changed(
+    events: &mut tokio::sync::broadcast::Receiver<crate::events::Event>,
+) -> Option<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(crate::events::Event::Build(_)) | Err(RecvError::Lagged(_)) => return Some(()),
+            Ok(_) => {}
+            Err(RecvError::Closed) => return None,
         }
     }
 }
@@ -250,10 +270,13 @@ async fn send(
         &context,
         target.as_deref(),
     );
-    let auth = match credentials(hive, client, tokens, &forge, kind).await {
+    let (auth, secret) = match credentials(hive, client, tokens, &forge, kind).await {
         Ok(a) => a,
         Err(o) => return o,
     };
+    // A forge that echoes the credential back must not get it into the store, the log or
+    // `hivectl project status`.
+    let shown = |body: &[u8]| shown(body).replace(secret.as_str(), "***");
     let reply = match client
         .call(http::Method::POST, &req.url, &auth, Some(&req.body))
         .await
@@ -287,14 +310,14 @@ fn call_error(e: &CallError) -> String {
     hive_sys::error_chain(e)
 }
 
-/// The headers that authenticate a status call on `forge`.
+/// The headers that authenticate a status call on `forge`, and the credential in them.
 async fn credentials(
     hive: &Hive,
     client: &Client,
     tokens: &Tokens,
     forge: &ForgeRow,
     kind: Kind,
-) -> Result<Vec<(&'static str, String)>, Outcome> {
+) -> Result<(Vec<(&'static str, String)>, String), Outcome> {
     let opened = |name: &str, nonce: &str, sealed: &str| {
         hive.sealer
             .open(&forge.project_id, name, nonce, sealed)
@@ -334,15 +357,16 @@ async fn credentials(
     } else {
         opened(TOKEN_NAME, &forge.token_nonce, &forge.token_sealed)?
     };
-    Ok(match kind {
+    let headers = match kind {
         Kind::Github => vec![
             ("authorization", format!("Bearer {token}")),
             ("accept", "application/vnd.github+json".to_string()),
             ("x-github-api-version", "2022-11-28".to_string()),
         ],
-        Kind::Gitlab => vec![("private-token", token)],
+        Kind::Gitlab => vec![("private-token", token.clone())],
         Kind::Gitea => vec![("authorization", format!("token {token}"))],
-    })
+    };
+    Ok((headers, token))
 }
 
 #[cfg(test)]

@@ -131,10 +131,11 @@ impl Store {
              AND o.revision = f.revision AND o.status = 'pending' AND o.id < f.id) \
              ORDER BY id LIMIT $2"
         );
+        // The read connections: on SQLite the one writer stays the box sessions'.
         sqlx::query_as::<_, StatusRow>(&sql)
             .bind(now)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(q("select due forge statuses"))
     }

@@ -149,6 +149,11 @@ struct Args {
     #[arg(long, env = "HIVE_PUBLIC_URL")]
     public_url: Option<String>,
 
+    /// PEM file of CA certificates to trust for forge APIs (commit statuses) besides Mozilla's
+    /// roots: GitHub Enterprise, a GitLab or Gitea behind a private CA.
+    #[arg(long, env = "HIVE_FORGE_CA_FILE")]
+    forge_ca_file: Option<std::path::PathBuf>,
+
     /// JSON file adding or overriding size classes:
     /// {"size_classes": [{"name": "xl", "vcpus": 16, "memory_mib": 32768, "disk_mib": 102400}]}
     #[arg(long, env = "HIVE_SIZE_CLASSES")]
@@ -227,7 +232,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         retention: (args.retention_days > 0)
             .then(|| Duration::from_secs(u64::from(args.retention_days) * 86_400)),
         public_url: args.public_url.clone(),
-        forge: hive_control_plane::forge::Settings::default(),
+        forge: hive_control_plane::forge::Settings {
+            ca_file: args.forge_ca_file.clone(),
+            ..hive_control_plane::forge::Settings::default()
+        },
     };
     let handle = server::start(config).await?;
     if let Some(path) = &args.ready_file {

@@ -363,6 +363,9 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         return Err(crate::secrets::SecretsError::KeyLost(path).into());
     }
 
+    let forge_tls = crate::forge::client::tls_config(config.forge.ca_file.as_deref())
+        .map_err(|e| ServerError::Config(hive_sys::error_chain(&e)))?;
+
     let http_listener = TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| ServerError::Bind {
@@ -567,7 +570,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         .as_deref()
         .map(|u| u.trim().trim_end_matches('/').to_string());
     forge.retention = config.retention;
-    tokio::spawn(crate::forge::outbox::run(hive.clone(), forge));
+    tokio::spawn(crate::forge::outbox::run(hive.clone(), forge, forge_tls));
     // The queue depth per minute for the dashboard's chart; ends on the shutdown flag.
     tokio::spawn(crate::sampler::run(hive.clone(), crate::sampler::EVERY));
     tracing::info!(%http_addr, %grpc_addr, %box_addr, lease_ms = millis(config.lease),

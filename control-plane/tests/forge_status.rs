@@ -21,8 +21,8 @@ use hive_proto::v1::{
     GetBuildRequest, SubmitBuildRequest,
 };
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(15);
 const SECRET: &str = "hook-secret";
@@ -166,7 +166,42 @@ impl Fake {
         }
     }
 
-    async fn serve(&self, mut conn: TcpStream) {
+    /// The same fake over TLS with `chain` and `key` (PEM).
+    async fn start_tls(chain: &str, key: &str) -> Fake {
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = Fake {
+            addr: listener.local_addr().unwrap(),
+            state: Arc::default(),
+        };
+        let f = fake.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (f, acceptor) = (f.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(conn).await {
+                        f.serve(tls).await;
+                    }
+                });
+            }
+        });
+        fake
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: S) {
         {
             let mut s = self.lock();
             s.in_flight += 1;
@@ -176,7 +211,7 @@ impl Fake {
         self.lock().in_flight -= 1;
     }
 
-    async fn answer(&self, conn: &mut TcpStream) -> std::io::Result<()> {
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut S) -> std::io::Result<()> {
         let Some((method, path, headers, body)) = read_request(conn).await else {
             return Ok(());
         };
@@ -319,8 +354,8 @@ impl Fake {
     }
 }
 
-async fn read_request(
-    conn: &mut TcpStream,
+async fn read_request<S: AsyncRead + Unpin>(
+    conn: &mut S,
 ) -> Option<(String, String, Vec<(String, String)>, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -359,7 +394,12 @@ async fn read_request(
     Some((method, path, headers, body))
 }
 
-async fn respond(conn: &mut TcpStream, code: u16, body: &str, extra: &str) -> std::io::Result<()> {
+async fn respond<S: AsyncWrite + Unpin>(
+    conn: &mut S,
+    code: u16,
+    body: &str,
+    extra: &str,
+) -> std::io::Result<()> {
     let text = format!(
         "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
          Connection: close\r\n{extra}\r\n{body}",
@@ -1058,6 +1098,35 @@ async fn two_control_planes_send_each_status_once(url: String) {
     b.shutdown().await;
 }
 
+/// A GitHub Enterprise over https behind a private CA (`--forge-ca-file`): the statuses go
+/// over TLS to the fake, which only a client trusting that CA can reach.
+async fn https_forge_behind_a_private_ca(url: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = hive_control_plane::pki::Ca::load_or_create(dir.path()).unwrap();
+    let (chain, key) = ca
+        .server_identity(&["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap();
+    let ca_file = dir.path().join("forge-ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    let ghe = Fake::start_tls(&chain, &key).await;
+    let handle = control_plane(&url, |c| c.forge.ca_file = Some(ca_file.clone())).await;
+    let mut api = api(&handle).await;
+    project(&mut api, "ent", "https://ghe.corp/acme/ent.git").await;
+    let api_url = format!("https://127.0.0.1:{}/api/v3", ghe.addr.port());
+    set_forge(&mut api, "ent", "github", &api_url, "ghe-token").await;
+    let mut bx = live_box(&handle).await;
+    drive(&mut api, &mut bx, "ent", &sha(60), End::Succeeded).await;
+    let got = ghe.wait_accepted(&sha(60), 3).await;
+    assert_eq!(states(&got), ["pending", "pending", "success"]);
+    let call = &ghe.status_calls()[0];
+    assert_eq!(
+        call.path,
+        format!("/api/v3/repos/acme/ent/statuses/{}", sha(60))
+    );
+    assert_eq!(call.header("authorization"), Some("Bearer ghe-token"));
+    handle.shutdown().await;
+}
+
 async fn refused(api: &mut Api, req: ForgeStatusRequest, needle: &str) {
     let e = api.forge_status(req).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
@@ -1209,6 +1278,7 @@ hive_testkit::on_both!(db =>
     github_app_tokens_are_refreshed,
     hostile_forges_stall_nothing,
     forge_settings_are_checked_and_never_returned,
+    https_forge_behind_a_private_ca,
 );
 
 /// One control plane per SQLite file: this one is PostgreSQL's alone (skipped, loudly, without

@@ -4,7 +4,7 @@
 //! to a cap, redirects never followed. Nothing is spawned: a call that times out leaves no
 //! task behind.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,33 +47,74 @@ pub struct Reply {
     pub body: Bytes,
 }
 
-/// A client with its limits.
+/// A client with its limits and its TLS trust.
 #[derive(Debug, Clone)]
 pub struct Client {
     pub timeout: Duration,
     pub max_body: usize,
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
-/// The TLS client configuration, made once: Mozilla's roots (webpki-roots), HTTP/1.1 by ALPN.
-/// None if rustls refuses the default protocol versions (it does not, with ring).
-fn tls() -> Option<Arc<rustls::ClientConfig>> {
-    static TLS: OnceLock<Option<Arc<rustls::ClientConfig>>> = OnceLock::new();
-    TLS.get_or_init(|| {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        // The provider tonic's own TLS (feature tls-ring) uses; deprecated in rustls 0.23.48
-        // only for lacking post-quantum key exchange.
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .ok()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Some(Arc::new(config))
-    })
-    .clone()
+/// Why the forges' TLS trust could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("forge CA file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("forge CA file {0}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)")]
+    NoCertificate(String),
+    #[error("forge CA file {path}: {why}")]
+    Bad { path: String, why: String },
+}
+
+/// The TLS client configuration: Mozilla's roots (webpki-roots), plus the certificates in
+/// `ca_file` (a forge behind a private CA: GitHub Enterprise, a self-hosted GitLab or Gitea);
+/// HTTP/1.1 by ALPN.
+pub fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let shown = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| TlsSetupError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut added = 0;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| TlsSetupError::Bad {
+                path: shown.clone(),
+                why: e.to_string(),
+            })?;
+            roots.add(cert).map_err(|e| TlsSetupError::Bad {
+                path: shown.clone(),
+                why: e.to_string(),
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(TlsSetupError::NoCertificate(shown));
+        }
+    }
+    // The provider tonic's own TLS (feature tls-ring) uses; deprecated in rustls 0.23.48 only
+    // for lacking post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError::Bad {
+            path: "(none)".into(),
+            why: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 impl Client {
@@ -152,11 +193,7 @@ impl Client {
         if https {
             let name = rustls::pki_types::ServerName::try_from(bare.clone())
                 .map_err(|_| CallError::Url(url.to_string()))?;
-            let config = tls().ok_or_else(|| CallError::Tls {
-                host: host.clone(),
-                source: std::io::Error::other("no TLS configuration"),
-            })?;
-            let stream = tokio_rustls::TlsConnector::from(config)
+            let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect(name, tcp)
                 .await
                 .map_err(|source| CallError::Tls {
@@ -212,5 +249,24 @@ impl Client {
                 _ = &mut conn, if !conn_done => conn_done = true,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_must_hold_certificates() {
+        assert!(tls_config(None).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "hello").unwrap();
+        let e = tls_config(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = tls_config(Some(&dir.path().join("missing.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.pem"), "{e}");
     }
 }

@@ -88,6 +88,8 @@ pub struct Settings {
     pub backoff_cap: Duration,
     /// Attempts before a status is given up (failed).
     pub max_attempts: u32,
+    /// More CA certificates (PEM) to trust for forge APIs besides Mozilla's roots.
+    pub ca_file: Option<std::path::PathBuf>,
     /// How often the outbox is looked at when nothing wakes the task.
     pub poll: Duration,
     /// Sent and given-up statuses older than this are deleted (None: kept); the server sets
@@ -105,6 +107,7 @@ impl Default for Settings {
             backoff: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),
             max_attempts: 30,
+            ca_file: None,
             poll: Duration::from_secs(1),
             retention: Some(Duration::from_secs(7 * 86_400)),
         }

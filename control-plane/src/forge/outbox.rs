@@ -47,12 +47,13 @@ enum Outcome {
     Skip(String),
 }
 
-/// Runs until shutdown.
-pub async fn run(hive: Arc<Hive>, settings: Settings) {
+/// Runs until shutdown, with `tls` (`client::tls_config`) for https forges.
+pub async fn run(hive: Arc<Hive>, settings: Settings, tls: Arc<rustls::ClientConfig>) {
     let me = hive.bus.origin().to_string();
     let client = Client {
         timeout: settings.timeout,
         max_body: settings.max_body,
+        tls,
     };
     let tokens = Arc::new(Tokens::default());
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));

@@ -680,17 +680,22 @@ async fn statuses_follow_builds(url: String) {
     assert_eq!(gh.status_calls().len(), 12);
     assert_eq!(gl.status_calls().len(), 9);
     assert_eq!(gt.status_calls().len(), 3);
-    let metrics = common::http(handle.http_addr, "GET", "/metrics", &[], b"")
-        .await
-        .body;
-    assert!(
-        metrics.contains("hive_forge_statuses_total{outcome=\"sent\"} 24"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("hive_forge_statuses_pending 0"),
-        "{metrics}"
-    );
+    // The counters and the outbox as one scrape sees them (the last write may land between
+    // its two reads: looked at until both agree).
+    let t0 = Instant::now();
+    loop {
+        let metrics = common::http(handle.http_addr, "GET", "/metrics", &[], b"")
+            .await
+            .body;
+        if metrics.contains("hive_forge_statuses_total{outcome=\"sent\"} 24")
+            && metrics.contains("hive_forge_statuses_pending 0")
+        {
+            assert!(metrics.contains("hive_forge_statuses_total{outcome=\"failed\"} 0"));
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Statuses off: builds go on, the forge hears nothing more.
     api.forge_status(ForgeStatusRequest {

@@ -173,30 +173,38 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn record(hive: &Hive, settings: &Settings, me: &str, row: &StatusRow, outcome: Outcome) {
     let now = now_ms();
     let attempts = u32::try_from(row.attempts + 1).unwrap_or(u32::MAX);
-    let written = match &outcome {
-        Outcome::Sent => {
-            hive.metrics.forge_status("sent");
-            hive.store.end_status(row.id, me, "sent", "", now).await
-        }
+    // Counted once written, so `/metrics` never shows a status sent and still pending.
+    let (counted, written) = match &outcome {
+        Outcome::Sent => (
+            "sent",
+            hive.store.end_status(row.id, me, "sent", "", now).await,
+        ),
         Outcome::Retry(e) if attempts < settings.max_attempts => {
-            hive.metrics.forge_status("retried");
             let next = now + backoff_ms(settings, attempts);
             tracing::debug!(build_id = %row.build_id, state = %row.state, attempts,
                 error = %e, "forge status not sent; trying again");
-            hive.store.retry_status(row.id, me, next, e).await
+            (
+                "retried",
+                hive.store.retry_status(row.id, me, next, e).await,
+            )
         }
         Outcome::Retry(e) | Outcome::Refused(e) => {
-            hive.metrics.forge_status("failed");
             tracing::warn!(build_id = %row.build_id, project_id = %row.project_id,
                 state = %row.state, attempts, error = %e, "forge status given up");
-            hive.store.end_status(row.id, me, "failed", e, now).await
+            (
+                "failed",
+                hive.store.end_status(row.id, me, "failed", e, now).await,
+            )
         }
         Outcome::Skip(why) => {
-            hive.metrics.forge_status("skipped");
             tracing::debug!(build_id = %row.build_id, why = %why, "forge status skipped");
-            hive.store.end_status(row.id, me, "skipped", why, now).await
+            (
+                "skipped",
+                hive.store.end_status(row.id, me, "skipped", why, now).await,
+            )
         }
     };
+    hive.metrics.forge_status(counted);
     match written {
         Ok(true) => {}
         Ok(false) => tracing::debug!(status_id = row.id, "forge status claim lost meanwhile"),

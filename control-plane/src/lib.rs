@@ -8,7 +8,8 @@
 //! - `domain`: the operations every front end calls (submit, cancel, end, drain, place, key
 //!   exchange, network input checks);
 //! - services: `grpc` (`api`, `boxes`, `connector`), `http` (`router`, `webhook`, `metrics`) and
-//!   the `scheduler`, `retention` and `sampler` tasks;
+//!   the `scheduler`, `retention` and `sampler` tasks, and `forge` (commit statuses back to the
+//!   forges: the outbox task and its HTTP client);
 //! - `server`: the only module that wires the services together (`start(Config) -> Handle`).
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod cluster;
 pub mod domain;
 pub mod events;
+pub mod forge;
 pub mod grpc;
 pub mod http;
 pub mod intake;

@@ -143,6 +143,17 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
     retention_days: u32,
 
+    /// Where people reach this control plane's HTTP listener (e.g. https://hive.example.com):
+    /// commit statuses sent to the forges link to <public-url>/ui/builds/<id>. Without it
+    /// statuses carry no link.
+    #[arg(long, env = "HIVE_PUBLIC_URL")]
+    public_url: Option<String>,
+
+    /// PEM file of CA certificates to trust for forge APIs (commit statuses) besides Mozilla's
+    /// roots: GitHub Enterprise, a GitLab or Gitea behind a private CA.
+    #[arg(long, env = "HIVE_FORGE_CA_FILE")]
+    forge_ca_file: Option<std::path::PathBuf>,
+
     /// JSON file adding or overriding size classes:
     /// {"size_classes": [{"name": "xl", "vcpus": 16, "memory_mib": 32768, "disk_mib": 102400}]}
     #[arg(long, env = "HIVE_SIZE_CLASSES")]
@@ -243,6 +254,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         region: args.region.clone(),
         peer_hives: args.peer_hives.clone(),
         peer_ca_file: args.peer_ca_file.clone(),
+        public_url: args.public_url.clone(),
+        forge: hive_control_plane::forge::Settings {
+            ca_file: args.forge_ca_file.clone(),
+            ..hive_control_plane::forge::Settings::default()
+        },
     };
     let handle = server::start(config).await?;
     if let Some(path) = &args.ready_file {

@@ -74,6 +74,8 @@ pub struct Metrics {
     cluster_lag_ms: Gauge,
     cluster_listening: Gauge,
     limits: Family<NameLabel, Gauge>,
+    forge_statuses: Family<OutcomeLabel, Counter>,
+    forge_statuses_pending: Gauge,
     recent: Mutex<std::collections::VecDeque<Minute>>,
 }
 
@@ -118,6 +120,8 @@ pub struct Snapshot {
     pub cluster_notes: (u64, u64, u64, i64),
     /// Whether this control plane hears the others.
     pub cluster_listening: bool,
+    /// Commit statuses waiting in the outbox.
+    pub forge_statuses_pending: i64,
 }
 
 impl Default for Metrics {
@@ -238,8 +242,23 @@ impl Default for Metrics {
             "The control plane's fixed and configured limits, by name",
             limits.clone(),
         );
+        let forge_statuses = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "hive_forge_statuses",
+            "Commit statuses to forges by outcome (sent, retried: failed for now, failed: given \
+             up, skipped: nothing to send to)",
+            forge_statuses.clone(),
+        );
+        let forge_statuses_pending = Gauge::default();
+        registry.register(
+            "hive_forge_statuses_pending",
+            "Commit statuses in the outbox waiting to be sent",
+            forge_statuses_pending.clone(),
+        );
         Metrics {
             registry,
+            forge_statuses,
+            forge_statuses_pending,
             box_violations,
             purged,
             box_queue_overflows,
@@ -297,6 +316,15 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
+    }
+
+    /// Counts one commit status send by its outcome (`sent`, `retried`, `failed`, `skipped`).
+    pub fn forge_status(&self, outcome: &'static str) {
+        self.forge_statuses
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Publishes a limit (`box_queue`, `box_seq_ahead`, ...) as `hive_limit{name}`.
@@ -408,6 +436,13 @@ impl Metrics {
         self.cluster_lag_ms.set(lag);
         self.cluster_listening
             .set(i64::from(snap.cluster_listening));
+        self.forge_statuses_pending.set(snap.forge_statuses_pending);
+        for outcome in ["sent", "retried", "failed"] {
+            // Listed from the start (0), so a dashboard sees the series before the first send.
+            let _ = self.forge_statuses.get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            });
+        }
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             // Writing into a String does not fail; say so rather than serve half a page.

@@ -130,6 +130,11 @@ pub struct Config {
     pub peer_hives: Vec<String>,
     /// PEM certificates trusted for `https://` peer hives; None = the public web roots.
     pub peer_ca_file: Option<PathBuf>,
+    /// Where people reach this control plane (`--public-url`): commit statuses link to the
+    /// build's page under it. None: statuses carry no link.
+    pub public_url: Option<String>,
+    /// How commit statuses are sent to the forges (timeouts, backoff, concurrency).
+    pub forge: crate::forge::Settings,
 }
 
 impl Default for Config {
@@ -162,6 +167,8 @@ impl Default for Config {
             region: String::new(),
             peer_hives: Vec::new(),
             peer_ca_file: None,
+            public_url: None,
+            forge: crate::forge::Settings::default(),
         }
     }
 }
@@ -235,6 +242,20 @@ impl Config {
                 "webhook commit window {:?} is longer than 1s: every webhook would wait for it",
                 self.webhook_commit_window
             )));
+        }
+        if let Some(url) = &self.public_url {
+            crate::forge::check_base_url(url).map_err(|_| {
+                ServerError::Config(format!(
+                    "public URL {url:?} is not an http(s) URL with a host (e.g. \
+                     https://hive.example.com): statuses link to <public-url>/ui/builds/<id>"
+                ))
+            })?;
+        }
+        if self.forge.timeout < Duration::from_millis(100) || self.forge.concurrency == 0 {
+            return Err(ServerError::Config(
+                "forge status calls need a timeout of at least 100ms and at least 1 in flight"
+                    .into(),
+            ));
         }
         if self.http_concurrency == 0 || self.grpc_streams_per_connection == 0 {
             return Err(ServerError::Config(
@@ -357,6 +378,9 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         let _ = std::fs::rename(&path, path.with_extension("key.unused"));
         return Err(crate::secrets::SecretsError::KeyLost(path).into());
     }
+
+    let forge_tls = crate::forge::client::tls_config(config.forge.ca_file.as_deref())
+        .map_err(|e| ServerError::Config(hive_sys::error_chain(&e)))?;
 
     let http_listener = TcpListener::bind(config.http_addr)
         .await
@@ -561,6 +585,15 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     }
     // Ends on the shutdown flag, like the scheduler.
     tokio::spawn(keyexchange::run_revoker(hive.clone()));
+    // Commit statuses to the forges; ends on the shutdown flag (sends in flight are bounded
+    // by their timeout, and a status sent twice after a stop is harmless).
+    let mut forge = config.forge.clone();
+    forge.public_url = config
+        .public_url
+        .as_deref()
+        .map(|u| u.trim().trim_end_matches('/').to_string());
+    forge.retention = config.retention;
+    tokio::spawn(crate::forge::outbox::run(hive.clone(), forge, forge_tls));
     // The queue depth per minute for the dashboard's chart; ends on the shutdown flag.
     tokio::spawn(crate::sampler::run(hive.clone(), crate::sampler::EVERY));
     tracing::info!(%http_addr, %grpc_addr, %box_addr, lease_ms = millis(config.lease),

@@ -49,6 +49,7 @@ const RPCS: &[(&str, usize)] = &[
     ("SetSecret", 2),
     ("DeleteSecret", 2),
     ("CloneAccess", 2),
+    ("ForgeStatus", 2),
     ("ListTunnelLeases", 2),
     ("CreateNetwork", 3),
     ("DeleteNetwork", 3),
@@ -171,6 +172,15 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             .clone_access(pb::CloneAccessRequest {
                 project: nope(),
                 deploy_key: true,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "ForgeStatus" => api
+            .forge_status(pb::ForgeStatusRequest {
+                project: nope(),
+                forge: "github".into(),
+                token: "tok".into(),
                 ..Default::default()
             })
             .await

@@ -310,6 +310,38 @@ pub(crate) enum ProjectCommand {
         #[arg(long)]
         remove: bool,
     },
+    /// Commit statuses back to the forge: every build of the project sets the status
+    /// `hive/<project>` of its commit on GitHub, GitLab or Gitea/Forgejo (pending, running,
+    /// then success, failure or error). Without --forge or --off, shows the settings and the
+    /// statuses still waiting to be sent.
+    Status(Box<ProjectStatus>),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProjectStatus {
+    /// Project name or id.
+    pub(crate) project: String,
+    /// The forge: github, gitlab, or gitea (Forgejo too).
+    #[arg(long, value_parser = ["github", "gitlab", "gitea", "forgejo"],
+          conflicts_with = "off", requires = "credentials")]
+    pub(crate) forge: Option<String>,
+    /// The forge's API base URL (GitHub Enterprise, self-hosted GitLab or Gitea); default
+    /// from the repository's host: https://api.github.com, https://HOST/api/v3, /api/v4 or
+    /// /api/v1.
+    #[arg(long, value_name = "URL", requires = "forge")]
+    pub(crate) api: Option<String>,
+    /// Read the forge token (allowed to set commit statuses) from this file, `-` for stdin.
+    #[arg(long, value_name = "PATH", group = "credentials", requires = "forge")]
+    pub(crate) forge_token_file: Option<std::path::PathBuf>,
+    /// GitHub only: a GitHub App's id, with --app-key-file, instead of a token.
+    #[arg(long, value_name = "N", group = "credentials", requires_all = ["app_key_file", "forge"])]
+    pub(crate) app_id: Option<u64>,
+    /// The GitHub App's private key (the .pem GitHub made).
+    #[arg(long, value_name = "PATH", requires = "app_id")]
+    pub(crate) app_key_file: Option<std::path::PathBuf>,
+    /// Stop sending statuses and forget the credentials.
+    #[arg(long)]
+    pub(crate) off: bool,
 }
 
 #[derive(Debug, Args)]

@@ -54,6 +54,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             user,
             remove,
         }) => projects::https_token(ctl, project, user, remove).await,
+        Command::Project(ProjectCommand::Status(a)) => projects::forge_status(ctl, *a).await,
         Command::Network(NetworkCommand::Add {
             name,
             prefixes,

@@ -1,4 +1,4 @@
-//! `project add|rm|show` and `projects`.
+//! `project add|rm|show|deploy-key|https-token|status` and `projects`.
 
 use std::collections::HashMap;
 
@@ -10,6 +10,7 @@ use hive_proto::v1::{
 use crate::cli::ProjectAdd;
 use crate::ctl::{CliError, Ctl};
 use crate::render;
+use hive_proto::v1 as pb;
 
 /// `project add`.
 pub(crate) async fn add(ctl: &mut Ctl, a: ProjectAdd) -> Result<(), CliError> {
@@ -264,4 +265,89 @@ fn clone_access_json(r: &CloneAccessReply) -> serde_json::Value {
         "https_token": r.https_token,
         "https_user": r.https_user,
     })
+}
+
+/// `project status`: set, turn off or show the project's commit statuses to its forge.
+pub(crate) async fn forge_status(
+    ctl: &mut Ctl,
+    a: crate::cli::ProjectStatus,
+) -> Result<(), CliError> {
+    let read = |flag: &str, path: &std::path::Path| -> Result<String, CliError> {
+        use std::io::Read;
+        let refused = |message: String| CliError::Refused {
+            what: format!("{flag} {}", path.display()),
+            message,
+        };
+        let mut text = String::new();
+        if path.as_os_str() == "-" {
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| refused(e.to_string()))?;
+        } else {
+            text = std::fs::read_to_string(path).map_err(|e| refused(e.to_string()))?;
+        }
+        if text.trim().is_empty() {
+            return Err(refused("it is empty".into()));
+        }
+        Ok(text)
+    };
+    let token = match &a.forge_token_file {
+        Some(p) => read("--forge-token-file", p)?.trim().to_string(),
+        None => String::new(),
+    };
+    let app_key_pem = match &a.app_key_file {
+        Some(p) => read("--app-key-file", p)?,
+        None => String::new(),
+    };
+    let r = ctl
+        .client
+        .forge_status(pb::ForgeStatusRequest {
+            project: a.project.clone(),
+            forge: a.forge.clone().unwrap_or_default(),
+            api_url: a.api.clone().unwrap_or_default(),
+            token,
+            app_id: a.app_id.unwrap_or(0),
+            app_key_pem,
+            off: a.off,
+        })
+        .await
+        .map_err(|s| ctl.status(format!("forge statuses of project {}", a.project), s))?
+        .into_inner();
+    if ctl.json {
+        return ctl.out_json(&serde_json::json!({
+            "project": r.project,
+            "forge": r.forge,
+            "api_url": r.api_url,
+            "repository": r.repository,
+            "auth": r.auth,
+            "app_id": r.app_id,
+            "updated_at": crate::render::time_json(r.updated_at_ms),
+            "pending": r.pending,
+            "last_error": r.last_error,
+        }));
+    }
+    let mut out = String::new();
+    if r.forge.is_empty() {
+        out.push_str(&format!(
+            "project {}: no commit statuses (set them with --forge and a token or App)\n",
+            r.project
+        ));
+    } else {
+        let auth = if r.auth == "github-app" {
+            format!("GitHub App {}", r.app_id)
+        } else {
+            "token".to_string()
+        };
+        out.push_str(&format!(
+            "project {}: commit statuses to {} {} ({}), repository {}, context hive/{}\n",
+            r.project, r.forge, r.api_url, auth, r.repository, r.project
+        ));
+    }
+    if r.pending > 0 || !r.last_error.is_empty() {
+        out.push_str(&format!("waiting to be sent: {}\n", r.pending));
+    }
+    if !r.last_error.is_empty() {
+        out.push_str(&format!("last error: {}\n", r.last_error));
+    }
+    ctl.out(&out)
 }

@@ -35,6 +35,7 @@ pub async fn metrics(State(hive): State<Arc<Hive>>) -> Response {
         webhook_queue_depth: hive.intake.queued(),
         cluster_notes: hive.bus.counts(),
         cluster_listening: hive.bus.listening(),
+        forge_statuses_pending: hive.store.count_pending_statuses().await.unwrap_or(0),
     };
     (
         [(header::CONTENT_TYPE, CONTENT_TYPE)],

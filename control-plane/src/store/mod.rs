@@ -7,7 +7,8 @@
 //!
 //! One file per table family: `projects`, `deliveries`, `builds` (with transitions), `leases`,
 //! `logs`, `boxes` (with cells and the box session's [`BoxBatch`]), `networks` (private
-//! networks, connectors, tunnel leases), `tokens` (API tokens, hashed) and `audit` (who changed
+//! networks, connectors, tunnel leases), `forges` (forge credentials, the commit-status
+//! outbox), `tokens` (API tokens, hashed) and `audit` (who changed
 //! what; each entry in its change's transaction). Rows are read into `sqlx::FromRow` records of the
 //! column types and converted with checked conversions ([`checked`]); a value out of range is
 //! [`StoreError::Corrupt`], never a wrapped number. Each write has one path, a `*_tx` function
@@ -45,6 +46,7 @@ mod box_certs;
 mod boxes;
 mod builds;
 mod deliveries;
+mod forges;
 mod leases;
 mod logs;
 pub mod networks;
@@ -58,6 +60,7 @@ pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRow};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::{Delivery, NewDelivery};
+pub use forges::{ForgeRow, OutboxSummary, StatusRow};
 pub use leases::LeaseRow;
 pub use logs::{LogStored, MAX_CHUNK_SEQ};
 pub use networks::{ConnectorRow, Issued, NetworkError, NetworkRow, TunnelLeaseRow};

@@ -7,12 +7,13 @@
 //! it reads its input: no token is UNAUTHENTICATED, a role without the right PERMISSION_DENIED.
 //! Each change is recorded in the audit log in the change's own transaction.
 //!
-//! One file per concern: `projects`, `secrets`, `builds`, `boxes`, `networks`, `tokens`; this
+//! One file per concern: `projects`, `secrets`, `forge`, `builds`, `boxes`, `networks`, `tokens`; this
 //! one holds the service, its shared look-ups and error mapping, and the trait impl that hands
 //! each RPC to its file.
 
 mod boxes;
 mod builds;
+mod forge;
 mod networks;
 mod projects;
 mod secrets;
@@ -250,6 +251,13 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         request: Request<pb::CloneAccessRequest>,
     ) -> Result<Response<pb::CloneAccessReply>, Status> {
         secrets::clone_access(self, request).await
+    }
+
+    async fn forge_status(
+        &self,
+        request: Request<pb::ForgeStatusRequest>,
+    ) -> Result<Response<pb::ForgeStatusReply>, Status> {
+        forge::forge_status(self, request).await
     }
 
     async fn create_join_token(

@@ -229,6 +229,7 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
     let mut secrets = Vec::new();
     let mut names: Vec<_> = req.secrets.keys().cloned().collect();
     names.sort();
+    let secret_names = names.clone();
     for k in names {
         let v = &req.secrets[&k];
         let key_ok = !k.is_empty()
@@ -265,6 +266,7 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
         steps: req.steps,
         env,
         secrets,
+        secret_names,
         timeout: Duration::from_secs(u64::from(secs)),
     })
 }

@@ -31,6 +31,8 @@ pub struct BuildSpec {
     pub env: Vec<(String, String)>,
     /// Secret values (also in `env`): masked in the output (`crate::mask`).
     pub secrets: Vec<String>,
+    /// The names of the project's secrets (a pipeline may not set them).
+    pub secret_names: Vec<String>,
     pub timeout: Duration,
 }
 
@@ -225,7 +227,11 @@ async fn run_inner(
         log,
         spec,
         cancel,
+        started: Instant::now(),
         deadline: Instant::now() + spec.timeout,
+        timeout: spec.timeout,
+        steps: spec.steps.clone(),
+        env: spec.env.clone(),
         capture_clone: false,
         clone_output: std::sync::Mutex::new(Vec::new()),
     };
@@ -249,7 +255,13 @@ struct Runner<'a> {
     log: &'a EventLog,
     spec: &'a BuildSpec,
     cancel: watch::Receiver<CancelRequest>,
+    started: Instant,
     deadline: Instant,
+    /// The build's timeout: the project's, or the pipeline's lower one.
+    timeout: Duration,
+    /// The steps and their environment: the project's, or as `hive.toml` sets them.
+    steps: Vec<String>,
+    env: Vec<(String, String)>,
     /// While the clone runs: keep its output to explain a failure.
     capture_clone: bool,
     clone_output: std::sync::Mutex<Vec<u8>>,
@@ -288,8 +300,12 @@ impl Runner<'_> {
                 }
                 StepEnd::NotStarted(msg) => return (BuildState::Failed, -1, msg),
             }
+            if let Err(msg) = self.apply_pipeline() {
+                return (BuildState::Failed, -1, msg);
+            }
         }
-        for (i, step) in self.spec.steps.iter().enumerate() {
+        let steps = self.steps.clone();
+        for (i, step) in steps.iter().enumerate() {
             let n = i as u32 + 1;
             if let Some((state, reason)) = self.cancel.borrow().clone() {
                 return (state, -1, format!("{reason} (before step {n})"));
@@ -321,7 +337,7 @@ impl Runner<'_> {
                 StepEnd::NotStarted(msg) => return (BuildState::Failed, -1, msg),
             }
         }
-        let n = self.spec.steps.len();
+        let n = self.steps.len();
         (
             BuildState::Succeeded,
             0,
@@ -393,6 +409,83 @@ impl Runner<'_> {
         end
     }
 
+    /// Reads `hive.toml` from the checkout and, when there is one, takes its steps, env and
+    /// timeout. A bad file fails the build: the message names the file, line and column.
+    fn apply_pipeline(&mut self) -> Result<(), String> {
+        let limits = crate::pipeline::Limits {
+            project_timeout_secs: self.spec.timeout.as_secs(),
+            reserved_env: self.spec.secret_names.clone(),
+        };
+        let text = crate::pipeline::open_checkout(self.container.rootfs())
+            .map_err(|e| crate::pipeline::PipelineError {
+                file: crate::pipeline::FILE_NAME.into(),
+                line: 1,
+                column: 1,
+                message: format!("open the checkout: {e}"),
+                excerpt: String::new(),
+            })
+            .and_then(|dir| crate::pipeline::read(&dir, self.cfg.build_uid))
+            .and_then(|text| match text {
+                None => Ok(None),
+                Some(t) => crate::pipeline::parse(&t, &limits).map(Some),
+            });
+        let p = match text {
+            Ok(None) => {
+                self.log.system(
+                    0,
+                    format!(
+                        "hive: no {} in the repository: the project's steps",
+                        crate::pipeline::FILE_NAME
+                    ),
+                );
+                return Ok(());
+            }
+            Ok(Some(p)) => p,
+            Err(e) => {
+                self.log.system(0, e.log_text());
+                return Err(format!("bad pipeline file {e}"));
+            }
+        };
+        let mut said = Vec::new();
+        if let Some(steps) = p.steps {
+            said.push(format!(
+                "{} step{} (instead of the project's)",
+                steps.len(),
+                if steps.len() == 1 { "" } else { "s" }
+            ));
+            self.steps = steps;
+        }
+        if !p.env.is_empty() {
+            let names: Vec<&str> = p.env.iter().map(|(k, _)| k.as_str()).collect();
+            said.push(format!("env {}", names.join(", ")));
+            for (k, v) in p.env {
+                self.env.retain(|(ek, _)| ek != &k);
+                self.env.push((k, v));
+            }
+        }
+        if let Some(t) = p.timeout_secs {
+            said.push(format!("timeout {t} s"));
+            self.timeout = Duration::from_secs(u64::from(t));
+            self.deadline = self.deadline.min(self.started + self.timeout);
+        }
+        if !p.artifacts.is_empty() {
+            said.push(format!("artifacts {}", p.artifacts.join(", ")));
+        }
+        self.log.system(
+            0,
+            format!(
+                "hive: {}: {}",
+                crate::pipeline::FILE_NAME,
+                if said.is_empty() {
+                    "sets nothing; the project's steps".to_string()
+                } else {
+                    said.join("; ")
+                }
+            ),
+        );
+        Ok(())
+    }
+
     fn timeout_message(&self, n: u32, step: &str) -> String {
         let what = if n == 0 {
             "the clone".to_string()
@@ -401,13 +494,13 @@ impl Runner<'_> {
         };
         format!(
             "build timed out after {} s (during {what})",
-            self.spec.timeout.as_secs()
+            self.timeout.as_secs()
         )
     }
 
     /// Runs one command in the container, streaming its output into the log.
     async fn run_step(&mut self, n: u32, argv: Vec<String>, system: bool) -> StepEnd {
-        let env = self.spec.env.clone();
+        let env = self.env.clone();
         self.run_step_env(n, argv, system, &env).await
     }
 

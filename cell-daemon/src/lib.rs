@@ -16,6 +16,7 @@ pub mod init;
 pub mod listen;
 pub mod log;
 pub mod mask;
+pub mod pipeline;
 pub mod privnet;
 pub mod ratelimit;
 pub mod reaper;

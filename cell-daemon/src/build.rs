@@ -34,6 +34,8 @@ pub struct BuildSpec {
     /// The names of the project's secrets (a pipeline may not set them).
     pub secret_names: Vec<String>,
     pub timeout: Duration,
+    /// Most bytes of artefacts collected (0: none).
+    pub artifact_cap: u64,
 }
 
 /// A container being set up ahead of the build (see [`prepare`]).
@@ -95,6 +97,7 @@ enum StepEnd {
 }
 
 /// Runs the build and closes `log` with its BUILD_FINISHED event.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: Arc<Config>,
     reaper: Arc<Reaper>,
@@ -103,10 +106,13 @@ pub async fn run(
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
     tunnel: Option<crate::privnet::Plan>,
+    held: Arc<crate::artifacts::Held>,
 ) {
     let started = Instant::now();
-    let (state, code, message) =
+    let ((state, code, message), files) =
         run_inner(&cfg, reaper, &spec, &log, cancel, prepared, tunnel).await;
+    // Held before BUILD_FINISHED announces them: the box reads them once it sees that event.
+    held.set(files);
     tracing::info!(
         build = %spec.id,
         state = state.short_name(),
@@ -114,8 +120,11 @@ pub async fn run(
         ms = started.elapsed().as_millis() as u64,
         "build finished"
     );
-    log.finish(state, code, message);
+    log.finish_with(state, code, message, held.list());
 }
+
+/// How the build ended (state, exit code, message).
+type Ended = (BuildState, i32, String);
 
 async fn run_inner(
     cfg: &Config,
@@ -125,7 +134,7 @@ async fn run_inner(
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
     tunnel: Option<crate::privnet::Plan>,
-) -> (BuildState, i32, String) {
+) -> (Ended, Vec<crate::artifacts::Collected>) {
     log.system(
         0,
         format!("hive: build {} in cell {}", spec.id, cfg.cell_id),
@@ -143,7 +152,7 @@ async fn run_inner(
         Err(e) => {
             let msg = format!("container set-up failed: {}", error_chain(&e));
             log.system(0, format!("hive: {msg}"));
-            return (BuildState::Failed, -1, msg);
+            return ((BuildState::Failed, -1, msg), Vec::new());
         }
     };
     // A build without public egress loses its way out before anything of it runs; the cell
@@ -156,7 +165,7 @@ async fn run_inner(
                 let msg = format!("no-egress firewall failed: {}", error_chain(&e));
                 log.system(0, format!("hive: {msg}"));
                 container.destroy().await;
-                return (BuildState::Failed, -1, msg);
+                return ((BuildState::Failed, -1, msg), Vec::new());
             }
             log.system(
                 0,
@@ -172,7 +181,7 @@ async fn run_inner(
         Err(msg) => {
             log.system(0, format!("hive: {msg}"));
             container.destroy().await;
-            return (BuildState::Failed, -1, msg);
+            return ((BuildState::Failed, -1, msg), Vec::new());
         }
     }
     // The private network comes up before the clone: the repository may live there.
@@ -215,7 +224,7 @@ async fn run_inner(
                 Err(msg) => {
                     log.system(0, format!("hive: {msg}"));
                     container.destroy().await;
-                    return (BuildState::Failed, -1, msg);
+                    return ((BuildState::Failed, -1, msg), Vec::new());
                 }
             }
         }
@@ -232,10 +241,14 @@ async fn run_inner(
         timeout: spec.timeout,
         steps: spec.steps.clone(),
         env: spec.env.clone(),
+        artifacts: Vec::new(),
         capture_clone: false,
         clone_output: std::sync::Mutex::new(Vec::new()),
     };
     let result = runner.steps().await;
+    let patterns = std::mem::take(&mut runner.artifacts);
+    let last_step = runner.steps.len() as u32;
+    drop(runner);
     if let Some(t) = tunnel {
         // Removes the interface and wipes the private key; the control plane revokes the peer.
         match tokio::task::spawn_blocking(move || t.down()).await {
@@ -244,8 +257,79 @@ async fn run_inner(
             Err(e) => tracing::warn!(error = %e, "tunnel down task failed"),
         }
     }
+    let mut container = container;
+    let files = if patterns.is_empty() {
+        Vec::new()
+    } else if !matches!(result.0, BuildState::Succeeded | BuildState::Failed) {
+        log.system(
+            last_step,
+            format!(
+                "hive: no artifacts collected: the build was {}",
+                result.0.short_name()
+            ),
+        );
+        Vec::new()
+    } else {
+        // Nothing of the build runs any more while its files are measured and opened.
+        container.kill().await;
+        collect_artifacts(cfg, spec, log, &container, &patterns, last_step)
+    };
     container.destroy().await;
-    result
+    (result, files)
+}
+
+/// Finds the artefacts after the steps (succeeded or failed) and says in the log what was
+/// taken and what was left out.
+fn collect_artifacts(
+    cfg: &Config,
+    spec: &BuildSpec,
+    log: &EventLog,
+    container: &Container,
+    patterns: &[String],
+    step: u32,
+) -> Vec<crate::artifacts::Collected> {
+    if spec.artifact_cap == 0 {
+        log.system(
+            step,
+            "hive: no artifacts collected: the control plane takes none (--artifact-cap-mib 0)",
+        );
+        return Vec::new();
+    }
+    let dir = match crate::pipeline::open_checkout(container.rootfs()) {
+        Ok(d) => d,
+        Err(e) => {
+            log.system(step, format!("hive: no artifacts collected: open the checkout: {e}"));
+            return Vec::new();
+        }
+    };
+    let out = crate::artifacts::collect(
+        &dir,
+        patterns,
+        &crate::artifacts::Limits {
+            cap_bytes: spec.artifact_cap,
+            owner: cfg.build_uid,
+        },
+    );
+    for n in &out.notes {
+        log.system(step, format!("hive: artifacts: {n}"));
+    }
+    let total: u64 = out.files.iter().map(|f| f.size).sum();
+    log.system(
+        step,
+        format!(
+            "hive: artifacts: {} file{}, {total} bytes{}{}",
+            out.files.len(),
+            if out.files.len() == 1 { "" } else { "s" },
+            if out.files.is_empty() { "" } else { ": " },
+            out.files
+                .iter()
+                .take(20)
+                .map(|f| format!("{} ({} bytes)", f.path, f.size))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    out.files
 }
 
 struct Runner<'a> {
@@ -262,6 +346,8 @@ struct Runner<'a> {
     /// The steps and their environment: the project's, or as `hive.toml` sets them.
     steps: Vec<String>,
     env: Vec<(String, String)>,
+    /// The artefact paths `hive.toml` names.
+    artifacts: Vec<String>,
     /// While the clone runs: keep its output to explain a failure.
     capture_clone: bool,
     clone_output: std::sync::Mutex<Vec<u8>>,
@@ -470,6 +556,7 @@ impl Runner<'_> {
         }
         if !p.artifacts.is_empty() {
             said.push(format!("artifacts {}", p.artifacts.join(", ")));
+            self.artifacts = p.artifacts;
         }
         self.log.system(
             0,

@@ -8,6 +8,7 @@
 //! multi-threaded tokio process must not set up namespaces after `fork` itself.
 
 pub mod agent;
+pub mod artifacts;
 pub mod build;
 pub mod client;
 pub mod config;

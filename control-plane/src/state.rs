@@ -46,6 +46,8 @@ pub struct Hive {
     pub sealer: crate::secrets::Sealer,
     /// News to and from the other control planes of the database (`cluster`).
     pub bus: crate::cluster::Bus,
+    /// Artefact files under `<data-dir>/artifacts` and the per-build cap.
+    pub artifacts: crate::artifacts::ArtifactStore,
 }
 
 impl Hive {

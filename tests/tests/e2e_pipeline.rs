@@ -22,9 +22,11 @@ struct Hive {
     git: GitHost,
 }
 
-async fn hive() -> Hive {
-    let tag = format!("pipe{}", run_id());
-    let git = GitHost::start(&tag, &format!("198.18.{}.61", 1 + run_id()));
+/// A hive for test `slot` (0, 1): its own test-host address, box subnet and names, as nextest
+/// runs the tests of this file at once.
+async fn hive(slot: u8) -> Hive {
+    let tag = format!("pipe{slot}x{}", run_id());
+    let git = GitHost::start(&tag, &format!("198.18.{}.{}", 1 + run_id(), 61 + slot));
     let cp = tokio::task::spawn_blocking(|| {
         ControlPlane::start(ControlPlaneOptions {
             lease_secs: 10,
@@ -42,7 +44,7 @@ async fn hive() -> Hive {
             &url,
             BoxOptions {
                 tag: tag2,
-                subnet_octet: (run_id() * 20 + 1) as u8,
+                subnet_octet: (run_id() * 20 + 1 + u32::from(slot)) as u8,
                 pool: "small=1".into(),
                 lease_secs: 10,
                 block: vec![],
@@ -133,7 +135,7 @@ fn state(b: &hive_proto::v1::Build) -> BuildState {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repositorys_pipeline_runs_and_a_broken_one_fails_with_its_position() {
-    let h = hive().await;
+    let h = hive(0).await;
 
     // The repository's steps run instead of the project's, with its env over the project's.
     let (b, log) = h
@@ -194,5 +196,80 @@ async fn a_repositorys_pipeline_runs_and_a_broken_one_fails_with_its_position() 
         .await;
     assert_eq!(state(&b), BuildState::Failed, "{b:?}\n{log}");
     assert!(log.contains("hive.toml:2:16: timeout_secs 7200 is over the project's 120 s"), "{log}");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_comes_back_byte_identical_through_hivectl() {
+    let h = hive(1).await;
+    // 700 KiB of bytes from the test (several pieces on every hop), committed to the
+    // repository; the step copies it and writes a second file; the build fails afterwards, and
+    // its artefacts are still collected.
+    let data: Vec<u8> = (0..700 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (b, log) = h
+        .build(
+            "artful",
+            &[
+                (
+                    "hive.toml",
+                    b"steps = [\"mkdir -p out/sub && cp data.bin out/sub/data.bin && seq 1 1000 > out/numbers.txt && : > out/empty && ln -s /etc/passwd out/evil && ln -s ../../README out/up && mkfifo out/fifo && exit 3\"]\nartifacts = [\"out\", \"missing.txt\"]\n",
+                ),
+                ("data.bin", &data),
+            ],
+            &["echo the-project-step-ran"],
+        )
+        .await;
+    assert_eq!(state(&b), BuildState::Failed, "{b:?}\nlog:\n{log}{}", h.context());
+    for line in [
+        "hive: artifacts: missing.txt: no such file; left out",
+        "hive: artifacts: out/evil: a symlink leading out of the checkout; left out",
+        "hive: artifacts: out/up: a symlink leading out of the checkout; left out",
+        "hive: artifacts: out/fifo: not a regular file",
+        "hive: artifacts: 3 files, ",
+    ] {
+        assert!(log.contains(line), "{line:?} missing from\n{log}");
+    }
+    let out = h
+        .cp
+        .hivectl(&["artifacts", &b.id, "--json"])
+        .expect("hivectl artifacts");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["out/empty", "out/numbers.txt", "out/sub/data.bin"], "{list}");
+    assert!(list.as_array().unwrap().iter().all(|a| a["complete"] == true), "{list}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data.bin");
+    let out = h
+        .cp
+        .hivectl(&["artifacts", &b.id, "--get", "out/sub/data.bin", "-o", file.to_str().unwrap()])
+        .expect("hivectl artifacts --get");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = std::fs::read(&file).unwrap();
+    assert!(got == data, "the artifact differs: {} bytes, want {}", got.len(), data.len());
+    let numbers: String = (1..=1000).map(|i| format!("{i}\n")).collect();
+    let out = h
+        .cp
+        .hivectl(&["artifacts", &b.id, "--get", "out/numbers.txt", "-o", "-"])
+        .expect("hivectl artifacts --get -o -");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), numbers);
+    // A path that is not there, and one that tries to leave the build's directory.
+    for (path, want) in [("out/nope", "no artifact"), ("../../hive.db", "..")] {
+        let out = h
+            .cp
+            .hivectl(&["artifacts", &b.id, "--get", path, "-o", "-"])
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{path}: {err}");
+    }
     h.finish().await;
 }

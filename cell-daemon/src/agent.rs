@@ -11,9 +11,9 @@ use crate::reaper::Reaper;
 use crate::source::Source;
 use hive_proto::v1::cell_agent_server::CellAgent;
 use hive_proto::v1::{
-    ArtifactData, BuildState, CellCancelReply, CellCancelRequest, CellEvent, CellEventsRequest, CellHealthReply,
-    CellHealthRequest, PrepareTunnelReply, PrepareTunnelRequest, ReadArtifactRequest, RunBuildReply, RunBuildRequest,
-    ShutdownReply, ShutdownRequest,
+    ArtifactData, BuildState, CellCancelReply, CellCancelRequest, CellEvent, CellEventsRequest,
+    CellHealthReply, CellHealthRequest, PrepareTunnelReply, PrepareTunnelRequest,
+    ReadArtifactRequest, RunBuildReply, RunBuildRequest, ShutdownReply, ShutdownRequest,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

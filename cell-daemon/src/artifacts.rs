@@ -222,7 +222,8 @@ pub fn collect(dir: &OwnedFd, patterns: &[String], limits: &Limits) -> Outcome {
                 continue;
             }
             Err(e) => {
-                out.notes.push(format!("{path}: cannot be opened ({e}); left out"));
+                out.notes
+                    .push(format!("{path}: cannot be opened ({e}); left out"));
                 continue;
             }
         };
@@ -386,10 +387,17 @@ mod tests {
         let o = collect(&dir, &["out/app".into()], &lim);
         assert_eq!(paths(&o), vec!["out/app"]);
         let o = collect(&dir, &["out".into()], &lim);
-        assert_eq!(paths(&o), vec!["out/app", "out/sub/big.bin", "out/sub/r.xml"]);
+        assert_eq!(
+            paths(&o),
+            vec!["out/app", "out/sub/big.bin", "out/sub/r.xml"]
+        );
         let o = collect(&dir, &["**/*.xml".into(), "nothing/here".into()], &lim);
         assert_eq!(paths(&o), vec!["out/sub/r.xml"]);
-        assert!(o.notes[0].contains("nothing/here: no such file"), "{:?}", o.notes);
+        assert!(
+            o.notes[0].contains("nothing/here: no such file"),
+            "{:?}",
+            o.notes
+        );
         let held = Held::default();
         held.set(o.files);
         assert_eq!(held.list()[0].size, 4);
@@ -422,17 +430,44 @@ mod tests {
         );
         assert_eq!(paths(&o), vec!["out/app", "out/inside"], "{:?}", o.notes);
         let notes = o.notes.join("\n");
-        for n in ["out/abs: a symlink leading out", "out/rel: a symlink leading out",
-            "out/rootdir/etc/passwd: a symlink leading out", "out/fifo: not a regular file",
-            "out/rootdir: a symlink leading out", "out/subdir: a symlink to a directory"] {
+        for n in [
+            "out/abs: a symlink leading out",
+            "out/rel: a symlink leading out",
+            "out/rootdir/etc/passwd: a symlink leading out",
+            "out/fifo: not a regular file",
+            "out/rootdir: a symlink leading out",
+            "out/subdir: a symlink to a directory",
+        ] {
             assert!(notes.contains(n), "{n:?} not in\n{notes}");
         }
         // Another user's file (a hard link to it, say) is left out.
-        let o = collect(&dir, &["out/app".into()], &Limits { cap_bytes: 1 << 20, owner: me + 1 });
-        assert!(o.files.is_empty() && o.notes[0].contains("build user"), "{:?}", o.notes);
+        let o = collect(
+            &dir,
+            &["out/app".into()],
+            &Limits {
+                cap_bytes: 1 << 20,
+                owner: me + 1,
+            },
+        );
+        assert!(
+            o.files.is_empty() && o.notes[0].contains("build user"),
+            "{:?}",
+            o.notes
+        );
         // The cap: what does not fit is left out, what fits still comes.
-        let o = collect(&dir, &["out/sub".into()], &Limits { cap_bytes: 100, owner: me });
+        let o = collect(
+            &dir,
+            &["out/sub".into()],
+            &Limits {
+                cap_bytes: 100,
+                owner: me,
+            },
+        );
         assert_eq!(paths(&o), vec!["out/sub/r.xml"]);
-        assert!(o.notes[0].contains("artefact cap of 100 bytes"), "{:?}", o.notes);
+        assert!(
+            o.notes[0].contains("artefact cap of 100 bytes"),
+            "{:?}",
+            o.notes
+        );
     }
 }

@@ -298,7 +298,10 @@ fn collect_artifacts(
     let dir = match crate::pipeline::open_checkout(container.rootfs()) {
         Ok(d) => d,
         Err(e) => {
-            log.system(step, format!("hive: no artifacts collected: open the checkout: {e}"));
+            log.system(
+                step,
+                format!("hive: no artifacts collected: open the checkout: {e}"),
+            );
             return Vec::new();
         }
     };

@@ -316,7 +316,9 @@ pub fn check_artifact_path(path: &str) -> Result<String, String> {
         match c {
             "" | "." => {}
             ".." => {
-                return Err("contains `..`: artifacts must be inside the repository's work dir".into())
+                return Err(
+                    "contains `..`: artifacts must be inside the repository's work dir".into(),
+                )
             }
             c => parts.push(c),
         }
@@ -370,16 +372,14 @@ pub fn read(dir: &OwnedFd, owner: u32) -> Result<Option<String>, PipelineError> 
             "the file is over {MAX_FILE_BYTES} bytes"
         )));
     }
-    String::from_utf8(buf)
-        .map(Some)
-        .map_err(|e| {
-            let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
-            error_at(
-                &text,
-                e.utf8_error().valid_up_to()..e.utf8_error().valid_up_to(),
-                "the file is not UTF-8",
-            )
-        })
+    String::from_utf8(buf).map(Some).map_err(|e| {
+        let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+        error_at(
+            &text,
+            e.utf8_error().valid_up_to()..e.utf8_error().valid_up_to(),
+            "the file is not UTF-8",
+        )
+    })
 }
 
 /// Opens the checkout `/work/src` of the container whose root the daemon sees at `rootfs`,
@@ -459,7 +459,11 @@ mod tests {
         let e = err("steps = [\"make\"]\ntimeout_secs = = 3\n");
         assert_eq!((e.file.as_str(), e.line), ("hive.toml", 2), "{e}");
         assert!(e.column > 1, "{e}");
-        assert!(e.log_text().contains("timeout_secs = = 3"), "{}", e.log_text());
+        assert!(
+            e.log_text().contains("timeout_secs = = 3"),
+            "{}",
+            e.log_text()
+        );
         let e = err("steps = [\"make\"\n");
         assert_eq!(e.line, 1, "{e}");
     }
@@ -482,14 +486,19 @@ mod tests {
 
     #[test]
     fn limits_are_enforced_with_positions() {
-        let many = (0..=MAX_STEPS).map(|i| format!("\"s{i}\"")).collect::<Vec<_>>();
+        let many = (0..=MAX_STEPS)
+            .map(|i| format!("\"s{i}\""))
+            .collect::<Vec<_>>();
         let e = err(&format!("steps = [{}]\n", many.join(",")));
         assert!(e.message.contains("at most 100"), "{e}");
         assert_eq!((e.line, e.column), (1, 9));
         let e = err("steps = []\n");
         assert!(e.message.contains("empty"), "{e}");
         let e = err("steps = [\"make\", \"  \"]\n");
-        assert_eq!((e.line, e.column, e.message.as_str()), (1, 18, "step 2 is empty"));
+        assert_eq!(
+            (e.line, e.column, e.message.as_str()),
+            (1, 18, "step 2 is empty")
+        );
         let e = err("steps = [\"a\\u0000b\"]\n");
         assert!(e.message.contains("NUL"), "{e}");
         let e = err("timeout_secs = 3600\n");
@@ -547,7 +556,10 @@ mod tests {
         assert!(e.message.contains("out of the repository"), "{e}");
         std::fs::remove_file(work.join(FILE_NAME)).unwrap();
         symlink(root.path().join("secret"), work.join(FILE_NAME)).unwrap();
-        assert!(read(&work).unwrap_err().message.contains("out of the repository"));
+        assert!(read(&work)
+            .unwrap_err()
+            .message
+            .contains("out of the repository"));
         // A symlink inside the checkout is fine.
         std::fs::remove_file(work.join(FILE_NAME)).unwrap();
         std::fs::create_dir(work.join("ci")).unwrap();
@@ -570,7 +582,10 @@ mod tests {
         assert_eq!((e.line, e.column), (1, 11), "{e}");
         // Someone else's file (a hard link to it, say) is not read.
         std::fs::write(work.join(FILE_NAME), "steps = [\"x\"]\n").unwrap();
-        assert!(super::read(&dir, me + 1).unwrap_err().message.contains("build user"));
+        assert!(super::read(&dir, me + 1)
+            .unwrap_err()
+            .message
+            .contains("build user"));
         // The checkout itself replaced by a symlink is not followed.
         drop(dir);
         std::fs::rename(&work, root.path().join("elsewhere")).unwrap();

@@ -129,7 +129,12 @@ impl ArtifactStore {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= size)
-            .ok_or_else(|| refused(format!("bytes {offset}+{} pass its size {size}", data.len())))?;
+            .ok_or_else(|| {
+                refused(format!(
+                    "bytes {offset}+{} pass its size {size}",
+                    data.len()
+                ))
+            })?;
         let io = |source| ArtifactError::Io {
             path: file.clone(),
             source,
@@ -241,8 +246,17 @@ mod tests {
     #[test]
     fn paths_and_ids_that_could_leave_the_directory_are_refused() {
         for bad in [
-            "", "/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "a/", "a\\..\\b", "a\nb",
-            "..", ".",
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "a//b",
+            "a/",
+            "a\\..\\b",
+            "a\nb",
+            "..",
+            ".",
         ] {
             assert!(check_path(bad).is_err(), "{bad:?} accepted");
         }
@@ -264,11 +278,20 @@ mod tests {
         assert_eq!(s.write("b1", "out/app", 6, 0, b"abc").unwrap(), 3);
         // A resend of the first piece, then the rest.
         assert_eq!(s.write("b1", "out/app", 6, 0, b"abc").unwrap(), 3);
-        assert!(s.write("b1", "out/app", 6, 5, b"f").is_err(), "hole accepted");
-        assert!(s.write("b1", "out/app", 6, 3, b"defg").is_err(), "past the size");
+        assert!(
+            s.write("b1", "out/app", 6, 5, b"f").is_err(),
+            "hole accepted"
+        );
+        assert!(
+            s.write("b1", "out/app", 6, 3, b"defg").is_err(),
+            "past the size"
+        );
         assert_eq!(s.write("b1", "out/app", 6, 3, b"def").unwrap(), 6);
         let mut got = String::new();
-        s.open("b1", "out/app").unwrap().read_to_string(&mut got).unwrap();
+        s.open("b1", "out/app")
+            .unwrap()
+            .read_to_string(&mut got)
+            .unwrap();
         assert_eq!(got, "abcdef");
         assert_eq!(
             s.sha256("b1", "out/app").unwrap(),

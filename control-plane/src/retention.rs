@@ -68,5 +68,8 @@ async fn remove_orphan_artifacts(hive: &Hive) {
         }
     })
     .await;
-    tracing::info!(builds = n, "retention: removed the artifacts of purged builds");
+    tracing::info!(
+        builds = n,
+        "retention: removed the artifacts of purged builds"
+    );
 }

@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use hive_proto::v1::{
-    Build, BuildState, CancelBuildRequest, ListBuildsRequest, RebuildBuildRequest,
-    GetArtifactRequest, ListArtifactsRequest, StreamLogsRequest, SubmitBuildRequest,
+    Build, BuildState, CancelBuildRequest, GetArtifactRequest, ListArtifactsRequest,
+    ListBuildsRequest, RebuildBuildRequest, StreamLogsRequest, SubmitBuildRequest,
 };
 use tokio_stream::StreamExt;
 
@@ -302,7 +302,11 @@ pub(crate) async fn get_artifact(
     let to_stdout = target == "-";
     let part = format!("{target}.part");
     let write_err = |source| CliError::WriteFile {
-        path: if to_stdout { "stdout".into() } else { part.clone() },
+        path: if to_stdout {
+            "stdout".into()
+        } else {
+            part.clone()
+        },
         source,
     };
     let mut sink: Box<dyn Write> = if to_stdout {

@@ -184,7 +184,10 @@ async fn a_repositorys_pipeline_runs_and_a_broken_one_fails_with_its_position() 
     );
     assert!(log.contains("hive: hive.toml:4:7: "), "{log}");
     assert!(b.message.contains("hive.toml:4:7"), "{b:?}");
-    assert!(!log.contains("never\n") && !log.contains("the-project-step-ran"), "{log}");
+    assert!(
+        !log.contains("never\n") && !log.contains("the-project-step-ran"),
+        "{log}"
+    );
 
     // A timeout above the project's is refused: a pipeline may only lower it.
     let (b, log) = h
@@ -195,7 +198,10 @@ async fn a_repositorys_pipeline_runs_and_a_broken_one_fails_with_its_position() 
         )
         .await;
     assert_eq!(state(&b), BuildState::Failed, "{b:?}\n{log}");
-    assert!(log.contains("hive.toml:2:16: timeout_secs 7200 is over the project's 120 s"), "{log}");
+    assert!(
+        log.contains("hive.toml:2:16: timeout_secs 7200 is over the project's 120 s"),
+        "{log}"
+    );
     h.finish().await;
 }
 
@@ -221,7 +227,12 @@ async fn an_artifact_comes_back_byte_identical_through_hivectl() {
             &["echo the-project-step-ran"],
         )
         .await;
-    assert_eq!(state(&b), BuildState::Failed, "{b:?}\nlog:\n{log}{}", h.context());
+    assert_eq!(
+        state(&b),
+        BuildState::Failed,
+        "{b:?}\nlog:\n{log}{}",
+        h.context()
+    );
     for line in [
         "hive: artifacts: missing.txt: no such file; left out",
         "hive: artifacts: out/evil: a symlink leading out of the checkout; left out",
@@ -231,11 +242,14 @@ async fn an_artifact_comes_back_byte_identical_through_hivectl() {
     ] {
         assert!(log.contains(line), "{line:?} missing from\n{log}");
     }
-    let out = h
-        .cp
-        .hivectl(&["artifacts", &b.id, "--json"])
-        .expect("hivectl artifacts");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        h.cp.hivectl(&["artifacts", &b.id, "--json"])
+            .expect("hivectl artifacts");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let paths: Vec<&str> = list
         .as_array()
@@ -243,30 +257,53 @@ async fn an_artifact_comes_back_byte_identical_through_hivectl() {
         .iter()
         .map(|a| a["path"].as_str().unwrap())
         .collect();
-    assert_eq!(paths, vec!["out/empty", "out/numbers.txt", "out/sub/data.bin"], "{list}");
-    assert!(list.as_array().unwrap().iter().all(|a| a["complete"] == true), "{list}");
+    assert_eq!(
+        paths,
+        vec!["out/empty", "out/numbers.txt", "out/sub/data.bin"],
+        "{list}"
+    );
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["complete"] == true),
+        "{list}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data.bin");
-    let out = h
-        .cp
-        .hivectl(&["artifacts", &b.id, "--get", "out/sub/data.bin", "-o", file.to_str().unwrap()])
+    let out =
+        h.cp.hivectl(&[
+            "artifacts",
+            &b.id,
+            "--get",
+            "out/sub/data.bin",
+            "-o",
+            file.to_str().unwrap(),
+        ])
         .expect("hivectl artifacts --get");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = std::fs::read(&file).unwrap();
-    assert!(got == data, "the artifact differs: {} bytes, want {}", got.len(), data.len());
+    assert!(
+        got == data,
+        "the artifact differs: {} bytes, want {}",
+        got.len(),
+        data.len()
+    );
     let numbers: String = (1..=1000).map(|i| format!("{i}\n")).collect();
-    let out = h
-        .cp
-        .hivectl(&["artifacts", &b.id, "--get", "out/numbers.txt", "-o", "-"])
-        .expect("hivectl artifacts --get -o -");
+    let out =
+        h.cp.hivectl(&["artifacts", &b.id, "--get", "out/numbers.txt", "-o", "-"])
+            .expect("hivectl artifacts --get -o -");
     assert_eq!(String::from_utf8_lossy(&out.stdout), numbers);
     // A path that is not there, and one that tries to leave the build's directory.
     for (path, want) in [("out/nope", "no artifact"), ("../../hive.db", "..")] {
-        let out = h
-            .cp
-            .hivectl(&["artifacts", &b.id, "--get", path, "-o", "-"])
-            .unwrap();
+        let out =
+            h.cp.hivectl(&["artifacts", &b.id, "--get", path, "-o", "-"])
+                .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{path}: {err}");

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hive_proto::v1::{
-    box_message, ArtifactChunk, ArtifactFile, Assignment, BuildState, BuildUpdateKind, CancelBuild, CellCancelRequest,
-    CellEventKind, CellEventsRequest, LogChunk, ReadArtifactRequest, RunBuildRequest,
+    box_message, ArtifactChunk, ArtifactFile, Assignment, BuildState, BuildUpdateKind, CancelBuild,
+    CellCancelRequest, CellEventKind, CellEventsRequest, LogChunk, ReadArtifactRequest,
+    RunBuildRequest,
 };
 use tokio::sync::watch;
 
@@ -378,7 +379,8 @@ impl<B: CellBackend> Agent<B> {
                     }
                 };
                 loop {
-                    let piece = tokio::time::timeout(self.cfg.cell_call_timeout, stream.message()).await;
+                    let piece =
+                        tokio::time::timeout(self.cfg.cell_call_timeout, stream.message()).await;
                     let piece = match piece {
                         Ok(Ok(Some(p))) => p,
                         _ => break,

@@ -35,12 +35,23 @@ pub async fn store_chunk(hive: &Hive, box_id: &str, c: &ArtifactChunk) -> Result
             c.path, c.size
         ));
     }
+    let mut new = false;
     let row = match store.artifact(&c.build_id, &c.path).await.map_err(err)? {
         Some(row) => row,
         None => {
+            if c.offset != 0 {
+                return Err(format!(
+                    "{}: a first piece at offset {} (a hole)",
+                    c.path, c.offset
+                ));
+            }
+            new = true;
             let (n, bytes) = store.artifact_totals(&c.build_id).await.map_err(err)?;
             if n >= MAX_FILES {
-                return Err(format!("{}: the build has {MAX_FILES} artifacts already", c.path));
+                return Err(format!(
+                    "{}: the build has {MAX_FILES} artifacts already",
+                    c.path
+                ));
             }
             if bytes.saturating_add(c.size) > cap {
                 return Err(format!(
@@ -75,8 +86,20 @@ pub async fn store_chunk(hive: &Hive, box_id: &str, c: &ArtifactChunk) -> Result
         Ok::<_, crate::artifacts::ArtifactError>((n, hash))
     })
     .await
-    .map_err(|e| format!("artifact write task: {e}"))?
-    .map_err(|e| hive_sys::error_chain(&e))?;
+    .map_err(|e| format!("artifact write task: {e}"))?;
+    let stored = match stored {
+        Ok(s) => s,
+        Err(e) => {
+            if new {
+                // Nothing of it was written: no row for it either.
+                store
+                    .delete_artifact(&c.build_id, &c.path)
+                    .await
+                    .map_err(err)?;
+            }
+            return Err(hive_sys::error_chain(&e));
+        }
+    };
     if stored.0 > row.stored_bytes || (stored.1.is_some() && !row.complete) {
         store
             .set_artifact_stored(&c.build_id, &c.path, stored.0, stored.1.as_deref())

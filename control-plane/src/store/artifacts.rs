@@ -136,6 +136,17 @@ impl Store {
         Ok(())
     }
 
+    /// Removes an artefact's row (one whose first piece could not be written).
+    pub async fn delete_artifact(&self, build_id: &str, path: &str) -> Result<()> {
+        sqlx::query("DELETE FROM artifacts WHERE build_id = $1 AND path = $2")
+            .bind(build_id)
+            .bind(path)
+            .execute(&self.pool)
+            .await
+            .map_err(q("delete artifact"))?;
+        Ok(())
+    }
+
     pub async fn artifact(&self, build_id: &str, path: &str) -> Result<Option<ArtifactRow>> {
         let sql = format!("SELECT {COLUMNS} FROM artifacts WHERE build_id = $1 AND path = $2");
         sqlx::query_as::<_, Record>(&sql)

@@ -432,7 +432,9 @@ pub(super) async fn get_artifact(
         use std::os::unix::fs::FileExt;
         let mut offset = 0u64;
         while offset < size {
-            let want = usize::try_from(size - offset).unwrap_or(usize::MAX).min(ARTIFACT_PIECE);
+            let want = usize::try_from(size - offset)
+                .unwrap_or(usize::MAX)
+                .min(ARTIFACT_PIECE);
             let mut buf = vec![0u8; want];
             let msg = match file.read_at(&mut buf, offset) {
                 Ok(0) => Err(Status::data_loss(format!(

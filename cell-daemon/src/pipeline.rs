@@ -481,6 +481,7 @@ mod tests {
         assert!(e.message.contains("size_class"), "{e}");
         let e = err("[env]\nA = 1\n");
         assert_eq!((e.line, e.column), (2, 5), "{e}");
+        assert_eq!(e.message, "invalid type: integer `1`, expected a string");
         assert!(e.to_string().starts_with("hive.toml:2:5: "), "{e}");
     }
 

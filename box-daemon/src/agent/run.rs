@@ -135,9 +135,10 @@ impl<B: CellBackend> Agent<B> {
             u.warm_start = warm;
         });
         tracing::info!(build = %a.build_id, cell = %cell.id, warm, since_assignment_us = received.elapsed().as_micros() as u64, "build placed in cell");
-        let outcome = self.relay(&cell, &a, cancel, received).await;
+        let outcome = self.relay(&cell, &a, cancel.clone(), received).await;
         if !outcome.artifacts.is_empty() {
-            self.relay_artifacts(&cell, &a, &outcome.artifacts).await;
+            self.relay_artifacts(&cell, &a, &outcome.artifacts, &cancel)
+                .await;
         }
         tracing::info!(build = %a.build_id, cell = %cell.id, state = outcome.state.short_name(), exit_code = outcome.exit_code, "build finished");
         self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Finished, |u| {
@@ -330,7 +331,13 @@ impl<B: CellBackend> Agent<B> {
     /// piece at a time, before the build's FINISHED (so the control plane has them when the
     /// build ends). Bounded: the cell's list is checked against the assignment's cap, the
     /// outbox is given room before each piece, and a cell that stops answering loses the rest.
-    async fn relay_artifacts(&self, cell: &Cell, a: &Assignment, files: &[ArtifactFile]) {
+    async fn relay_artifacts(
+        &self,
+        cell: &Cell,
+        a: &Assignment,
+        files: &[ArtifactFile],
+        cancel: &watch::Receiver<Option<(BuildState, String)>>,
+    ) {
         let mut client = cell.client();
         let deadline = tokio::time::Instant::now() + ARTIFACT_TIME;
         let mut total = 0u64;
@@ -357,6 +364,12 @@ impl<B: CellBackend> Agent<B> {
             let mut offset = 0u64;
             let mut failures = 0;
             while offset < f.size {
+                if cancel.borrow().is_some() {
+                    // Cancelled, timed out, or the lease moved: the control plane would
+                    // refuse the rest.
+                    tracing::info!(build = %a.build_id, "build stopped; its remaining artifacts are dropped");
+                    return;
+                }
                 if tokio::time::Instant::now() >= deadline || failures > 3 {
                     tracing::warn!(build = %a.build_id, path = %f.path, offset, "artifact not read in full from the cell; the rest is dropped");
                     return;

@@ -215,6 +215,70 @@ async fn artifacts_are_stored_read_and_purged_and_hostile_boxes_refused(db: Stri
     let e = get(&mut client, "no-such-build", "x").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
 
+    // Over HTTP, signed in like the dashboard: a session cookie, or a redirect to sign in.
+    let page = format!("/ui/builds/{}/artifacts/out/app", a.build_id);
+    let r = http(handle.http_addr, "GET", &page, &[], b"").await;
+    assert_eq!(r.status, 303, "{r:?}");
+    assert!(
+        r.header("location").unwrap().starts_with("/ui/signin"),
+        "{r:?}"
+    );
+    let form = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([("token", token.as_str()), ("next", "/ui/builds")])
+        .finish();
+    let r = http(
+        handle.http_addr,
+        "POST",
+        "/ui/signin",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        form.as_bytes(),
+    )
+    .await;
+    let cookie = r
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let r = http(
+        handle.http_addr,
+        "GET",
+        &page,
+        &[("Cookie", cookie.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!((r.status, r.body.as_str()), (200, "helloworld"), "{r:?}");
+    assert_eq!(
+        r.header("content-disposition"),
+        Some("attachment; filename=\"app\"")
+    );
+    // The build's page links the complete ones, escaped like every path a box sends.
+    let r = http(
+        handle.http_addr,
+        "GET",
+        &format!("/ui/builds/{}", a.build_id),
+        &[("Cookie", cookie.as_str())],
+        b"",
+    )
+    .await;
+    assert!(r.body.contains(&format!("href=\"{page}\"")), "{}", r.body);
+    assert!(r.body.contains("incomplete: 4 of 10 bytes"), "{}", r.body);
+    for (path, status) in [
+        ("out/%2e%2e/%2e%2e/hive.db", 400),
+        ("partial", 409),
+        ("nothing", 404),
+    ] {
+        let r = http(
+            handle.http_addr,
+            "GET",
+            &format!("/ui/builds/{}/artifacts/{path}", a.build_id),
+            &[("Cookie", cookie.as_str())],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, status, "{path}: {r:?}");
+    }
+
     // On disk: exactly the build's files in its own directory, box-b's in its, nothing else.
     let mut want = vec![
         format!("{}/big/blob", a.build_id),

@@ -11,15 +11,18 @@ use crate::reaper::Reaper;
 use crate::source::Source;
 use hive_proto::v1::cell_agent_server::CellAgent;
 use hive_proto::v1::{
-    BuildState, CellCancelReply, CellCancelRequest, CellEvent, CellEventsRequest, CellHealthReply,
-    CellHealthRequest, PrepareTunnelReply, PrepareTunnelRequest, RunBuildReply, RunBuildRequest,
-    ShutdownReply, ShutdownRequest,
+    ArtifactData, BuildState, CellCancelReply, CellCancelRequest, CellEvent, CellEventsRequest,
+    CellHealthReply, CellHealthRequest, PrepareTunnelReply, PrepareTunnelRequest,
+    ReadArtifactRequest, RunBuildReply, RunBuildRequest, ShutdownReply, ShutdownRequest,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+/// Bytes of an artefact per ReadArtifact message.
+const ARTIFACT_CHUNK: usize = 256 * 1024;
 
 /// Default PATH of a step (the build's env may override it).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -50,6 +53,8 @@ struct Shared {
 struct Current {
     id: String,
     log: Arc<EventLog>,
+    /// Its artefacts, held open for ReadArtifact once it has finished.
+    artifacts: Arc<crate::artifacts::Held>,
     cancel: watch::Sender<CancelRequest>,
 }
 
@@ -229,6 +234,7 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
     let mut secrets = Vec::new();
     let mut names: Vec<_> = req.secrets.keys().cloned().collect();
     names.sort();
+    let secret_names = names.clone();
     for k in names {
         let v = &req.secrets[&k];
         let key_ok = !k.is_empty()
@@ -265,7 +271,9 @@ pub fn build_spec(req: RunBuildRequest, cfg: &Config) -> Result<BuildSpec, Statu
         steps: req.steps,
         env,
         secrets,
+        secret_names,
         timeout: Duration::from_secs(u64::from(secs)),
+        artifact_cap: req.artifact_cap_bytes,
     })
 }
 
@@ -366,6 +374,7 @@ impl CellAgent for Agent {
             EventLog::new(self.shared.cfg.max_log_bytes).with_secrets(spec.secrets.clone()),
         );
         let (cancel_tx, cancel_rx) = watch::channel(None);
+        let held = Arc::new(crate::artifacts::Held::default());
         {
             let mut cur = self.current();
             if let Some(c) = cur.as_ref() {
@@ -377,6 +386,7 @@ impl CellAgent for Agent {
             *cur = Some(Current {
                 id: spec.id.clone(),
                 log: log.clone(),
+                artifacts: held.clone(),
                 cancel: cancel_tx,
             });
         }
@@ -395,6 +405,7 @@ impl CellAgent for Agent {
             cancel_rx,
             prepared,
             tunnel,
+            held,
         ));
         Ok(Response::new(RunBuildReply { accepted: true }))
     }
@@ -489,6 +500,63 @@ impl CellAgent for Agent {
             .unwrap_or_else(|p| p.into_inner()) = Some((build_id.clone(), prepared));
         tracing::info!(build = %build_id, %public_key, "tunnel key pair made (memory only)");
         Ok(Response::new(PrepareTunnelReply { public_key }))
+    }
+
+    type ReadArtifactStream = ReceiverStream<Result<ArtifactData, Status>>;
+
+    async fn read_artifact(
+        &self,
+        req: Request<ReadArtifactRequest>,
+    ) -> Result<Response<Self::ReadArtifactStream>, Status> {
+        let req = req.into_inner();
+        let log = self.log_of(&req.build_id)?;
+        if !log.is_finished() {
+            return Err(Status::failed_precondition(
+                "the build has not finished; artifacts are read after BUILD_FINISHED",
+            ));
+        }
+        let held = match self.current().as_ref() {
+            Some(c) => c.artifacts.clone(),
+            None => return Err(Status::failed_precondition("this cell has no build")),
+        };
+        if held.read(&req.path, 0, 0).is_none() {
+            return Err(Status::not_found(format!(
+                "{:?} is not one of the build's artifacts",
+                req.path
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut offset = req.offset;
+            loop {
+                let chunk = match held.read(&req.path, offset, ARTIFACT_CHUNK) {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("read {}: {e}", req.path))))
+                            .await;
+                        return;
+                    }
+                    None => return,
+                };
+                if chunk.is_empty() {
+                    return;
+                }
+                let n = chunk.len() as u64;
+                if tx
+                    .send(Ok(ArtifactData {
+                        offset,
+                        data: chunk,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                offset += n;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn shutdown(

@@ -31,7 +31,11 @@ pub struct BuildSpec {
     pub env: Vec<(String, String)>,
     /// Secret values (also in `env`): masked in the output (`crate::mask`).
     pub secrets: Vec<String>,
+    /// The names of the project's secrets (a pipeline may not set them).
+    pub secret_names: Vec<String>,
     pub timeout: Duration,
+    /// Most bytes of artefacts collected (0: none).
+    pub artifact_cap: u64,
 }
 
 /// A container being set up ahead of the build (see [`prepare`]).
@@ -93,6 +97,7 @@ enum StepEnd {
 }
 
 /// Runs the build and closes `log` with its BUILD_FINISHED event.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: Arc<Config>,
     reaper: Arc<Reaper>,
@@ -101,10 +106,13 @@ pub async fn run(
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
     tunnel: Option<crate::privnet::Plan>,
+    held: Arc<crate::artifacts::Held>,
 ) {
     let started = Instant::now();
-    let (state, code, message) =
+    let ((state, code, message), files) =
         run_inner(&cfg, reaper, &spec, &log, cancel, prepared, tunnel).await;
+    // Held before BUILD_FINISHED announces them: the box reads them once it sees that event.
+    held.set(files);
     tracing::info!(
         build = %spec.id,
         state = state.short_name(),
@@ -112,8 +120,11 @@ pub async fn run(
         ms = started.elapsed().as_millis() as u64,
         "build finished"
     );
-    log.finish(state, code, message);
+    log.finish_with(state, code, message, held.list());
 }
+
+/// How the build ended (state, exit code, message).
+type Ended = (BuildState, i32, String);
 
 async fn run_inner(
     cfg: &Config,
@@ -123,7 +134,7 @@ async fn run_inner(
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
     tunnel: Option<crate::privnet::Plan>,
-) -> (BuildState, i32, String) {
+) -> (Ended, Vec<crate::artifacts::Collected>) {
     log.system(
         0,
         format!("hive: build {} in cell {}", spec.id, cfg.cell_id),
@@ -141,7 +152,7 @@ async fn run_inner(
         Err(e) => {
             let msg = format!("container set-up failed: {}", error_chain(&e));
             log.system(0, format!("hive: {msg}"));
-            return (BuildState::Failed, -1, msg);
+            return ((BuildState::Failed, -1, msg), Vec::new());
         }
     };
     // A build without public egress loses its way out before anything of it runs; the cell
@@ -154,7 +165,7 @@ async fn run_inner(
                 let msg = format!("no-egress firewall failed: {}", error_chain(&e));
                 log.system(0, format!("hive: {msg}"));
                 container.destroy().await;
-                return (BuildState::Failed, -1, msg);
+                return ((BuildState::Failed, -1, msg), Vec::new());
             }
             log.system(
                 0,
@@ -170,7 +181,7 @@ async fn run_inner(
         Err(msg) => {
             log.system(0, format!("hive: {msg}"));
             container.destroy().await;
-            return (BuildState::Failed, -1, msg);
+            return ((BuildState::Failed, -1, msg), Vec::new());
         }
     }
     // The private network comes up before the clone: the repository may live there.
@@ -213,7 +224,7 @@ async fn run_inner(
                 Err(msg) => {
                     log.system(0, format!("hive: {msg}"));
                     container.destroy().await;
-                    return (BuildState::Failed, -1, msg);
+                    return ((BuildState::Failed, -1, msg), Vec::new());
                 }
             }
         }
@@ -225,11 +236,19 @@ async fn run_inner(
         log,
         spec,
         cancel,
+        started: Instant::now(),
         deadline: Instant::now() + spec.timeout,
+        timeout: spec.timeout,
+        steps: spec.steps.clone(),
+        env: spec.env.clone(),
+        artifacts: Vec::new(),
         capture_clone: false,
         clone_output: std::sync::Mutex::new(Vec::new()),
     };
     let result = runner.steps().await;
+    let patterns = std::mem::take(&mut runner.artifacts);
+    let last_step = runner.steps.len() as u32;
+    drop(runner);
     if let Some(t) = tunnel {
         // Removes the interface and wipes the private key; the control plane revokes the peer.
         match tokio::task::spawn_blocking(move || t.down()).await {
@@ -238,8 +257,82 @@ async fn run_inner(
             Err(e) => tracing::warn!(error = %e, "tunnel down task failed"),
         }
     }
+    let mut container = container;
+    let files = if patterns.is_empty() {
+        Vec::new()
+    } else if !matches!(result.0, BuildState::Succeeded | BuildState::Failed) {
+        log.system(
+            last_step,
+            format!(
+                "hive: no artifacts collected: the build was {}",
+                result.0.short_name()
+            ),
+        );
+        Vec::new()
+    } else {
+        // Nothing of the build runs any more while its files are measured and opened.
+        container.kill().await;
+        collect_artifacts(cfg, spec, log, &container, &patterns, last_step)
+    };
     container.destroy().await;
-    result
+    (result, files)
+}
+
+/// Finds the artefacts after the steps (succeeded or failed) and says in the log what was
+/// taken and what was left out.
+fn collect_artifacts(
+    cfg: &Config,
+    spec: &BuildSpec,
+    log: &EventLog,
+    container: &Container,
+    patterns: &[String],
+    step: u32,
+) -> Vec<crate::artifacts::Collected> {
+    if spec.artifact_cap == 0 {
+        log.system(
+            step,
+            "hive: no artifacts collected: the control plane takes none (--artifact-cap-mib 0)",
+        );
+        return Vec::new();
+    }
+    let dir = match crate::pipeline::open_checkout(container.rootfs()) {
+        Ok(d) => d,
+        Err(e) => {
+            log.system(
+                step,
+                format!("hive: no artifacts collected: open the checkout: {e}"),
+            );
+            return Vec::new();
+        }
+    };
+    let out = crate::artifacts::collect(
+        &dir,
+        patterns,
+        &crate::artifacts::Limits {
+            cap_bytes: spec.artifact_cap,
+            owner: cfg.build_uid,
+        },
+    );
+    for n in &out.notes {
+        log.system(step, format!("hive: artifacts: {n}"));
+    }
+    let total: u64 = out.files.iter().map(|f| f.size).sum();
+    log.system(
+        step,
+        format!(
+            "hive: artifacts: {} file{}, {total} bytes{}{}",
+            out.files.len(),
+            if out.files.len() == 1 { "" } else { "s" },
+            if out.files.is_empty() { "" } else { ": " },
+            out.files
+                .iter()
+                .take(20)
+                .map(|f| format!("{} ({} bytes)", f.path, f.size))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    out.files
 }
 
 struct Runner<'a> {
@@ -249,7 +342,15 @@ struct Runner<'a> {
     log: &'a EventLog,
     spec: &'a BuildSpec,
     cancel: watch::Receiver<CancelRequest>,
+    started: Instant,
     deadline: Instant,
+    /// The build's timeout: the project's, or the pipeline's lower one.
+    timeout: Duration,
+    /// The steps and their environment: the project's, or as `hive.toml` sets them.
+    steps: Vec<String>,
+    env: Vec<(String, String)>,
+    /// The artefact paths `hive.toml` names.
+    artifacts: Vec<String>,
     /// While the clone runs: keep its output to explain a failure.
     capture_clone: bool,
     clone_output: std::sync::Mutex<Vec<u8>>,
@@ -288,8 +389,12 @@ impl Runner<'_> {
                 }
                 StepEnd::NotStarted(msg) => return (BuildState::Failed, -1, msg),
             }
+            if let Err(msg) = self.apply_pipeline() {
+                return (BuildState::Failed, -1, msg);
+            }
         }
-        for (i, step) in self.spec.steps.iter().enumerate() {
+        let steps = self.steps.clone();
+        for (i, step) in steps.iter().enumerate() {
             let n = i as u32 + 1;
             if let Some((state, reason)) = self.cancel.borrow().clone() {
                 return (state, -1, format!("{reason} (before step {n})"));
@@ -321,7 +426,7 @@ impl Runner<'_> {
                 StepEnd::NotStarted(msg) => return (BuildState::Failed, -1, msg),
             }
         }
-        let n = self.spec.steps.len();
+        let n = self.steps.len();
         (
             BuildState::Succeeded,
             0,
@@ -393,6 +498,84 @@ impl Runner<'_> {
         end
     }
 
+    /// Reads `hive.toml` from the checkout and, when there is one, takes its steps, env and
+    /// timeout. A bad file fails the build: the message names the file, line and column.
+    fn apply_pipeline(&mut self) -> Result<(), String> {
+        let limits = crate::pipeline::Limits {
+            project_timeout_secs: self.spec.timeout.as_secs(),
+            reserved_env: self.spec.secret_names.clone(),
+        };
+        let text = crate::pipeline::open_checkout(self.container.rootfs())
+            .map_err(|e| crate::pipeline::PipelineError {
+                file: crate::pipeline::FILE_NAME.into(),
+                line: 1,
+                column: 1,
+                message: format!("open the checkout: {e}"),
+                excerpt: String::new(),
+            })
+            .and_then(|dir| crate::pipeline::read(&dir, self.cfg.build_uid))
+            .and_then(|text| match text {
+                None => Ok(None),
+                Some(t) => crate::pipeline::parse(&t, &limits).map(Some),
+            });
+        let p = match text {
+            Ok(None) => {
+                self.log.system(
+                    0,
+                    format!(
+                        "hive: no {} in the repository: the project's steps",
+                        crate::pipeline::FILE_NAME
+                    ),
+                );
+                return Ok(());
+            }
+            Ok(Some(p)) => p,
+            Err(e) => {
+                self.log.system(0, e.log_text());
+                return Err(format!("bad pipeline file {e}"));
+            }
+        };
+        let mut said = Vec::new();
+        if let Some(steps) = p.steps {
+            said.push(format!(
+                "{} step{} (instead of the project's)",
+                steps.len(),
+                if steps.len() == 1 { "" } else { "s" }
+            ));
+            self.steps = steps;
+        }
+        if !p.env.is_empty() {
+            let names: Vec<&str> = p.env.iter().map(|(k, _)| k.as_str()).collect();
+            said.push(format!("env {}", names.join(", ")));
+            for (k, v) in p.env {
+                self.env.retain(|(ek, _)| ek != &k);
+                self.env.push((k, v));
+            }
+        }
+        if let Some(t) = p.timeout_secs {
+            said.push(format!("timeout {t} s"));
+            self.timeout = Duration::from_secs(u64::from(t));
+            self.deadline = self.deadline.min(self.started + self.timeout);
+        }
+        if !p.artifacts.is_empty() {
+            said.push(format!("artifacts {}", p.artifacts.join(", ")));
+            self.artifacts = p.artifacts;
+        }
+        self.log.system(
+            0,
+            format!(
+                "hive: {}: {}",
+                crate::pipeline::FILE_NAME,
+                if said.is_empty() {
+                    "sets nothing; the project's steps".to_string()
+                } else {
+                    said.join("; ")
+                }
+            ),
+        );
+        Ok(())
+    }
+
     fn timeout_message(&self, n: u32, step: &str) -> String {
         let what = if n == 0 {
             "the clone".to_string()
@@ -401,13 +584,13 @@ impl Runner<'_> {
         };
         format!(
             "build timed out after {} s (during {what})",
-            self.spec.timeout.as_secs()
+            self.timeout.as_secs()
         )
     }
 
     /// Runs one command in the container, streaming its output into the log.
     async fn run_step(&mut self, n: u32, argv: Vec<String>, system: bool) -> StepEnd {
-        let env = self.spec.env.clone();
+        let env = self.env.clone();
         self.run_step_env(n, argv, system, &env).await
     }
 

@@ -437,7 +437,8 @@ impl Container {
         self.net_cmd(None, &["nft", "-f", &file]).await
     }
 
-    async fn kill(&mut self) {
+    /// Kills everything in the container (its filesystem stays until [`Container::destroy`]).
+    pub async fn kill(&mut self) {
         // SIGKILL to the outer helper; its child (the container's PID 1) has PDEATHSIG=SIGKILL,
         // and when a pid namespace's init dies the kernel kills everything in it.
         let _ = kill(self.init_pid, Signal::SIGKILL);

@@ -8,6 +8,7 @@
 //! multi-threaded tokio process must not set up namespaces after `fork` itself.
 
 pub mod agent;
+pub mod artifacts;
 pub mod build;
 pub mod client;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod init;
 pub mod listen;
 pub mod log;
 pub mod mask;
+pub mod pipeline;
 pub mod privnet;
 pub mod ratelimit;
 pub mod reaper;

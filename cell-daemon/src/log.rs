@@ -149,11 +149,23 @@ impl EventLog {
 
     /// The terminal event; closes the log.
     pub fn finish(&self, state: BuildState, exit_code: i32, message: String) -> Option<u64> {
+        self.finish_with(state, exit_code, message, Vec::new())
+    }
+
+    /// The terminal event with the artefacts collected; closes the log.
+    pub fn finish_with(
+        &self,
+        state: BuildState,
+        exit_code: i32,
+        message: String,
+        artifacts: Vec<hive_proto::v1::ArtifactFile>,
+    ) -> Option<u64> {
         self.push(CellEvent {
             kind: CellEventKind::BuildFinished as i32,
             state: state as i32,
             exit_code,
             message,
+            artifacts,
             ..Default::default()
         })
     }

@@ -13,6 +13,7 @@
 //! - `server`: the only module that wires the services together (`start(Config) -> Handle`).
 #![forbid(unsafe_code)]
 
+pub mod artifacts;
 pub mod auth;
 pub mod cluster;
 pub mod domain;

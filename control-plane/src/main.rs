@@ -131,6 +131,11 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     log_cap_mib: u64,
 
+    /// MiB of artefacts kept per build (what `hive.toml` names under `artifacts`); 0 takes none.
+    #[arg(long, env = "HIVE_ARTIFACT_CAP_MIB", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    artifact_cap_mib: u64,
+
     /// Attempts a build gets before it fails: a box's rejection, a lost box and an expired
     /// lease each end an attempt and re-queue the build, up to this many.
     #[arg(long, env = "HIVE_MAX_ATTEMPTS", default_value_t = 5,
@@ -247,6 +252,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         webhook_commit_window: Duration::from_micros(args.webhook_commit_window_us),
         grpc_streams_per_connection: args.grpc_streams_per_connection,
         log_cap: args.log_cap_mib * 1024 * 1024,
+        artifact_cap: args.artifact_cap_mib * 1024 * 1024,
         max_attempts: args.max_attempts,
         retention: (args.retention_days > 0)
             .then(|| Duration::from_secs(u64::from(args.retention_days) * 86_400)),

@@ -30,9 +30,46 @@ pub async fn run(hive: Arc<Hive>, keep: Duration, every: Duration) {
             }
             Err(e) => tracing::warn!(error = %e, "retention purge failed; retrying later"),
         }
+        remove_orphan_artifacts(&hive).await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = crate::events::stopped(&mut shutdown) => return,
         }
     }
+}
+
+/// Removes the artefact directories of builds that are gone (purged above, or never stored).
+async fn remove_orphan_artifacts(hive: &Hive) {
+    let files = hive.artifacts.clone();
+    let dirs = tokio::task::spawn_blocking(move || files.build_dirs(10_000))
+        .await
+        .unwrap_or_default();
+    if dirs.is_empty() {
+        return;
+    }
+    let existing = match hive.store.existing_builds(&dirs).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "retention: listing builds with artifacts failed");
+            return;
+        }
+    };
+    let gone: Vec<String> = dirs.into_iter().filter(|d| !existing.contains(d)).collect();
+    if gone.is_empty() {
+        return;
+    }
+    let files = hive.artifacts.clone();
+    let n = gone.len();
+    let _ = tokio::task::spawn_blocking(move || {
+        for id in gone {
+            if let Err(e) = files.remove_build(&id) {
+                tracing::warn!(build_id = %id, error = %hive_sys::error_chain(&e), "retention: removing artifacts failed");
+            }
+        }
+    })
+    .await;
+    tracing::info!(
+        builds = n,
+        "retention: removed the artifacts of purged builds"
+    );
 }

@@ -117,6 +117,8 @@ pub struct Config {
     pub grpc_streams_per_connection: u32,
     /// Most bytes of log kept per build; past it one line says the log was cut.
     pub log_cap: u64,
+    /// Most bytes of artefacts kept per build (0: none are collected).
+    pub artifact_cap: u64,
     /// Attempts a build gets (placements ended by a rejection, a lost box or an expired lease)
     /// before it fails with the last reason instead of going back to the queue.
     pub max_attempts: u32,
@@ -162,6 +164,7 @@ impl Default for Config {
             grpc_streams_per_connection: 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
             log_cap: crate::store::DEFAULT_LOG_CAP,
+            artifact_cap: 100 * 1024 * 1024,
             max_attempts: crate::store::DEFAULT_MAX_ATTEMPTS,
             hive_name: DEFAULT_HIVE_NAME.to_string(),
             region: String::new(),
@@ -492,6 +495,10 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         box_cert_validity: config.box_cert_validity,
         sealer,
         regions,
+        artifacts: crate::artifacts::ArtifactStore::new(
+            config.data_dir.join("artifacts"),
+            config.artifact_cap,
+        ),
     });
 
     if let Some(rx) = notes {

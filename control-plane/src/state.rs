@@ -48,6 +48,8 @@ pub struct Hive {
     pub bus: crate::cluster::Bus,
     /// This hive's name and region, and the hives it forwards pushes to.
     pub regions: crate::regions::Regions,
+    /// Artefact files under `<data-dir>/artifacts` and the per-build cap.
+    pub artifacts: crate::artifacts::ArtifactStore,
 }
 
 impl Hive {

@@ -31,6 +31,8 @@ const RPCS: &[(&str, usize)] = &[
     ("ListBuilds", 0),
     ("WatchBuild", 0),
     ("StreamLogs", 0),
+    ("ListArtifacts", 0),
+    ("GetArtifact", 0),
     ("ListBoxes", 0),
     ("ListCells", 0),
     ("ListSizeClasses", 0),
@@ -121,6 +123,17 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             .stream_logs(pb::StreamLogsRequest {
                 build_id: nope(),
                 ..Default::default()
+            })
+            .await
+            .map(drop),
+        "ListArtifacts" => api
+            .list_artifacts(pb::ListArtifactsRequest { build_id: nope() })
+            .await
+            .map(drop),
+        "GetArtifact" => api
+            .get_artifact(pb::GetArtifactRequest {
+                build_id: nope(),
+                path: "out/app".into(),
             })
             .await
             .map(drop),

@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use hive_proto::v1::{
-    Build, BuildState, CancelBuildRequest, ListBuildsRequest, RebuildBuildRequest,
-    StreamLogsRequest, SubmitBuildRequest,
+    Build, BuildState, CancelBuildRequest, GetArtifactRequest, ListArtifactsRequest,
+    ListBuildsRequest, RebuildBuildRequest, StreamLogsRequest, SubmitBuildRequest,
 };
 use tokio_stream::StreamExt;
 
@@ -223,4 +223,120 @@ pub(crate) async fn cancel(ctl: &mut Ctl, id: String, reason: String) -> Result<
     } else {
         ctl.out(&format!("build {} {}\n", b.id, render::state_name(b.state)))
     }
+}
+
+/// `artifacts ID`: the build's artefacts.
+pub(crate) async fn artifacts(ctl: &mut Ctl, id: String) -> Result<(), CliError> {
+    let list = ctl
+        .client
+        .list_artifacts(ListArtifactsRequest {
+            build_id: id.clone(),
+        })
+        .await
+        .map_err(|s| ctl.status(format!("artifacts of build {id}"), s))?
+        .into_inner()
+        .artifacts;
+    if ctl.json {
+        return ctl.out_json(&serde_json::Value::Array(
+            list.iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "path": a.path,
+                        "size": a.size,
+                        "stored_bytes": a.stored_bytes,
+                        "complete": a.complete,
+                        "sha256": a.sha256,
+                        "created_at_ms": a.created_at_ms,
+                    })
+                })
+                .collect(),
+        ));
+    }
+    if list.is_empty() {
+        return ctl.out(&format!(
+            "build {id} has no artifacts (its hive.toml names them under `artifacts`)\n"
+        ));
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|a| {
+            vec![
+                a.path.clone(),
+                a.size.to_string(),
+                if a.complete {
+                    a.sha256.clone()
+                } else {
+                    format!("incomplete ({} of {} bytes)", a.stored_bytes, a.size)
+                },
+            ]
+        })
+        .collect();
+    ctl.out(&render::table(&["PATH", "BYTES", "SHA256"], &rows))
+}
+
+/// `artifacts ID --get PATH [-o FILE]`: downloads one artefact; the file appears only once
+/// all of it arrived (written to `FILE.part`, then renamed).
+pub(crate) async fn get_artifact(
+    ctl: &mut Ctl,
+    id: String,
+    path: String,
+    output: Option<String>,
+) -> Result<(), CliError> {
+    let what = format!("artifact {path:?} of build {id}");
+    let mut stream = ctl
+        .client
+        .get_artifact(GetArtifactRequest {
+            build_id: id.clone(),
+            path: path.clone(),
+        })
+        .await
+        .map_err(|s| ctl.status(what.clone(), s))?
+        .into_inner();
+    let target = output.unwrap_or_else(|| {
+        path.rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("artifact")
+            .to_string()
+    });
+    let to_stdout = target == "-";
+    let part = format!("{target}.part");
+    let write_err = |source| CliError::WriteFile {
+        path: if to_stdout {
+            "stdout".into()
+        } else {
+            part.clone()
+        },
+        source,
+    };
+    let mut sink: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::fs::File::create(&part).map_err(write_err)?)
+    };
+    let mut bytes = 0u64;
+    while let Some(item) = stream.next().await {
+        let piece = match item {
+            Ok(p) => p,
+            Err(s) => {
+                drop(sink);
+                if !to_stdout {
+                    let _ = std::fs::remove_file(&part);
+                }
+                return Err(ctl.status(what, s));
+            }
+        };
+        sink.write_all(&piece.data).map_err(write_err)?;
+        bytes += piece.data.len() as u64;
+    }
+    sink.flush().map_err(write_err)?;
+    drop(sink);
+    if !to_stdout {
+        std::fs::rename(&part, &target).map_err(|source| CliError::WriteFile {
+            path: target.clone(),
+            source,
+        })?;
+        eprintln!("{target}: {bytes} bytes");
+    }
+    Ok(())
 }

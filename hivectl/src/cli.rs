@@ -120,6 +120,19 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 0)]
         from: u64,
     },
+    /// List a build's artefacts (what its `hive.toml` names under `artifacts`), or download
+    /// one with --get.
+    Artifacts {
+        /// Build id.
+        id: String,
+        /// Download this artefact (a path as listed).
+        #[arg(long, value_name = "PATH")]
+        get: Option<String>,
+        /// With --get: write it to FILE (default: the artefact's file name in the current
+        /// directory; `-` for stdout).
+        #[arg(short = 'o', long = "output", value_name = "FILE", requires = "get")]
+        output: Option<String>,
+    },
     /// Print the build's states so far, then each change until it ends. With --json: one
     /// object per line, `kind` "transition" (a state it already left) or "build" (the build now).
     Watch {

@@ -42,6 +42,12 @@ pub(crate) enum CliError {
     },
     #[error("{what}: the stream ended before the build did (control plane stopped?)")]
     StreamCut { what: String },
+    #[error("write {path}")]
+    WriteFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CliError {
@@ -51,7 +57,7 @@ impl CliError {
             CliError::Unreachable { .. } | CliError::StreamCut { .. } => 3,
             CliError::NotFound { .. } => 4,
             CliError::Denied { .. } => 5,
-            CliError::Refused { .. } | CliError::Output(_) => 1,
+            CliError::Refused { .. } | CliError::Output(_) | CliError::WriteFile { .. } => 1,
             CliError::BuildEnded { state, .. } => match state {
                 BuildState::Cancelled => 11,
                 BuildState::TimedOut => 12,

@@ -88,6 +88,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Build { id } => builds::show(ctl, id, now).await,
         Command::Logs { id, follow, from } => builds::logs(ctl, id, follow, from).await,
         Command::Watch { id } => builds::watch(ctl, id).await,
+        Command::Artifacts { id, get, output } => match get {
+            None => builds::artifacts(ctl, id).await,
+            Some(path) => builds::get_artifact(ctl, id, path, output).await,
+        },
         Command::Cancel { id, reason } => builds::cancel(ctl, id, reason).await,
         Command::Boxes => boxes::list(ctl, now).await,
         Command::Cells { box_id } => boxes::cells(ctl, box_id, now).await,

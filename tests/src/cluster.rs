@@ -408,6 +408,38 @@ impl GitHost {
         format!("git://{}/{name}.git", self.addr)
     }
 
+    /// Serves `<name>.git`: the base repository plus one commit adding `files` (path,
+    /// contents); returns its URL and that commit.
+    pub fn add_repo_with(&self, name: &str, files: &[(&str, &[u8])]) -> (String, String) {
+        let work = self.root.path().join(format!("work-{name}"));
+        sh(Command::new("git")
+            .args(["clone", "-q", "work"])
+            .arg(&work)
+            .current_dir(self.root.path()));
+        for (path, contents) in files {
+            let p = work.join(path);
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).unwrap();
+            }
+            std::fs::write(&p, contents).unwrap();
+        }
+        let git = |args: &[&str]| {
+            sh(Command::new("git")
+                .args(["-c", "user.name=Hive Test", "-c", "user.email=test@hive"])
+                .args(args)
+                .current_dir(&work))
+        };
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", "pipeline"]);
+        let head = git(&["rev-parse", "HEAD"]);
+        sh(Command::new("git")
+            .args(["clone", "-q", "--bare"])
+            .arg(&work)
+            .arg(format!("{name}.git"))
+            .current_dir(self.root.path()));
+        (format!("git://{}/{name}.git", self.addr), head)
+    }
+
     /// Network namespace of the host.
     pub fn netns(&self) -> String {
         format!("hive-th-{}", self.name)

@@ -7,15 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hive_proto::v1::{
-    box_message, Assignment, BuildState, BuildUpdateKind, CancelBuild, CellCancelRequest,
-    CellEventKind, CellEventsRequest, LogChunk, RunBuildRequest,
+    box_message, ArtifactChunk, ArtifactFile, Assignment, BuildState, BuildUpdateKind, CancelBuild,
+    CellCancelRequest, CellEventKind, CellEventsRequest, LogChunk, ReadArtifactRequest,
+    RunBuildRequest,
 };
 use tokio::sync::watch;
 
-use super::{Agent, RunningBuild};
+use super::{outbox, Agent, RunningBuild};
 use crate::backend::CellBackend;
 use crate::cell::Cell;
 use hive_sys::now_ms;
+
+/// How long the artefacts of one build may take to move from the cell into the outbox.
+const ARTIFACT_TIME: Duration = Duration::from_secs(600);
 
 /// Most dispatch samples kept.
 const DISPATCH_SAMPLES: usize = 10_000;
@@ -26,6 +30,8 @@ pub struct Outcome {
     pub state: BuildState,
     pub exit_code: i32,
     pub message: String,
+    /// The artefacts the cell collected (read from it before FINISHED is reported).
+    pub artifacts: Vec<ArtifactFile>,
 }
 
 impl<B: CellBackend> Agent<B> {
@@ -129,7 +135,11 @@ impl<B: CellBackend> Agent<B> {
             u.warm_start = warm;
         });
         tracing::info!(build = %a.build_id, cell = %cell.id, warm, since_assignment_us = received.elapsed().as_micros() as u64, "build placed in cell");
-        let outcome = self.relay(&cell, &a, cancel, received).await;
+        let outcome = self.relay(&cell, &a, cancel.clone(), received).await;
+        if !outcome.artifacts.is_empty() {
+            self.relay_artifacts(&cell, &a, &outcome.artifacts, &cancel)
+                .await;
+        }
         tracing::info!(build = %a.build_id, cell = %cell.id, state = outcome.state.short_name(), exit_code = outcome.exit_code, "build finished");
         self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Finished, |u| {
             u.cell_id = cell.id.clone();
@@ -152,6 +162,7 @@ impl<B: CellBackend> Agent<B> {
             state: BuildState::Failed,
             exit_code: -1,
             message,
+            artifacts: Vec::new(),
         };
         let mut client = cell.client();
         let tunnel = if a.private_network.is_empty() {
@@ -176,6 +187,7 @@ impl<B: CellBackend> Agent<B> {
             tunnel,
             secrets: a.secrets.clone(),
             clone_auth: a.clone_auth.clone(),
+            artifact_cap_bytes: a.artifact_cap_bytes,
         };
         match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {
@@ -267,7 +279,7 @@ impl<B: CellBackend> Agent<B> {
                                 if !state.is_terminal() {
                                     state = BuildState::Failed;
                                 }
-                                return Outcome { state, exit_code: ev.exit_code, message: ev.message };
+                                return Outcome { state, exit_code: ev.exit_code, message: ev.message, artifacts: ev.artifacts };
                             }
                             CellEventKind::Unspecified => {}
                         }
@@ -292,11 +304,13 @@ impl<B: CellBackend> Agent<B> {
                                 state,
                                 exit_code: -1,
                                 message: format!("{reason} (the cell did not stop in time; destroyed)"),
+                                artifacts: Vec::new(),
                             },
                             None => Outcome {
                                 state: BuildState::TimedOut,
                                 exit_code: -1,
                                 message: "build exceeded its timeout and the cell did not stop it".into(),
+                                artifacts: Vec::new(),
                             },
                         };
                     }
@@ -310,6 +324,105 @@ impl<B: CellBackend> Agent<B> {
                 return failed("lost the cell's event stream".into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads the build's artefacts from the cell and queues them for the control plane, one
+    /// piece at a time, before the build's FINISHED (so the control plane has them when the
+    /// build ends). Bounded: the cell's list is checked against the assignment's cap, the
+    /// outbox is given room before each piece, and a cell that stops answering loses the rest.
+    async fn relay_artifacts(
+        &self,
+        cell: &Cell,
+        a: &Assignment,
+        files: &[ArtifactFile],
+        cancel: &watch::Receiver<Option<(BuildState, String)>>,
+    ) {
+        let mut client = cell.client();
+        let deadline = tokio::time::Instant::now() + ARTIFACT_TIME;
+        let mut total = 0u64;
+        for f in files {
+            total = total.saturating_add(f.size);
+            if total > a.artifact_cap_bytes {
+                tracing::warn!(build = %a.build_id, path = %f.path, "the cell listed artifacts past the cap; the rest is dropped");
+                return;
+            }
+            let chunk = |offset: u64, data: Vec<u8>| {
+                box_message::Msg::Artifact(ArtifactChunk {
+                    build_id: a.build_id.clone(),
+                    lease_id: a.lease_id.clone(),
+                    path: f.path.clone(),
+                    size: f.size,
+                    offset,
+                    data,
+                })
+            };
+            if f.size == 0 {
+                self.send(chunk(0, Vec::new()));
+                continue;
+            }
+            let mut offset = 0u64;
+            let mut failures = 0;
+            while offset < f.size {
+                if cancel.borrow().is_some() {
+                    // Cancelled, timed out, or the lease moved: the control plane would
+                    // refuse the rest.
+                    tracing::info!(build = %a.build_id, "build stopped; its remaining artifacts are dropped");
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline || failures > 3 {
+                    tracing::warn!(build = %a.build_id, path = %f.path, offset, "artifact not read in full from the cell; the rest is dropped");
+                    return;
+                }
+                let stream = tokio::time::timeout(
+                    self.cfg.cell_call_timeout,
+                    client.read_artifact(ReadArtifactRequest {
+                        build_id: a.build_id.clone(),
+                        path: f.path.clone(),
+                        offset,
+                    }),
+                )
+                .await;
+                let mut stream = match stream {
+                    Ok(Ok(s)) => s.into_inner(),
+                    _ => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    let piece =
+                        tokio::time::timeout(self.cfg.cell_call_timeout, stream.message()).await;
+                    let piece = match piece {
+                        Ok(Ok(Some(p))) => p,
+                        _ => break,
+                    };
+                    if piece.offset != offset || piece.data.is_empty() {
+                        break;
+                    }
+                    let room = f.size - offset;
+                    let mut data = piece.data;
+                    data.truncate(usize::try_from(room).unwrap_or(usize::MAX));
+                    let n = data.len() as u64;
+                    // The outbox keeps everything until it is acked: wait for room rather than
+                    // let artefacts push log output out of it.
+                    while self.outbox().bytes() > outbox::OUTBOX_CAP_BYTES / 2 {
+                        if tokio::time::Instant::now() >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    self.send(chunk(offset, data));
+                    offset += n;
+                    if offset >= f.size {
+                        break;
+                    }
+                }
+                if offset < f.size {
+                    failures += 1;
+                }
+            }
         }
     }
 

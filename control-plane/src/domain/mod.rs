@@ -6,6 +6,7 @@
 //! Each operation takes the shared [`crate::state::Hive`] and depends only downward (store,
 //! registries, events); none knows which front end called it.
 
+pub mod artifacts;
 pub mod cancel;
 pub mod clone_access;
 pub mod drain;

@@ -125,6 +125,7 @@ fn assignment(hive: &Hive, build: &BuildRow, p: &Placement) -> Assignment {
         private_network: build.private_network.clone(),
         secrets: Default::default(),
         clone_auth: None,
+        artifact_cap_bytes: hive.artifacts.cap_bytes,
     }
 }
 

@@ -614,6 +614,23 @@ impl Session {
                         }
                     });
                 }
+                Some(BoxMsg::Artifact(chunk)) => {
+                    // What came before it is stored first (the build must still be running
+                    // when its artefacts arrive; its FINISHED comes after them).
+                    self.store_group(&mut group).await?;
+                    if let Err(why) =
+                        crate::domain::artifacts::store_chunk(&self.hive, &self.box_id, &chunk)
+                            .await
+                    {
+                        tracing::warn!(box_id = %self.box_id, build_id = %chunk.build_id,
+                            path = %chunk.path.chars().take(200).collect::<String>(), %why,
+                            "artifact chunk refused");
+                        self.hive.metrics.box_violation("artifact");
+                    }
+                    // Acked either way: a refused chunk sent again would be refused again.
+                    self.acks.stored(seq);
+                    answer = true;
+                }
                 Some(BoxMsg::Register(_)) => {
                     tracing::warn!(box_id = %self.box_id, "second Register on one session ignored");
                 }

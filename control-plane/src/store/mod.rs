@@ -41,6 +41,7 @@ macro_rules! in_tx {
     }};
 }
 
+mod artifacts;
 mod audit;
 mod box_certs;
 mod boxes;
@@ -55,6 +56,7 @@ mod retention;
 mod secrets;
 mod tokens;
 
+pub use artifacts::{ArtifactRow, ArtifactTarget};
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
 pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRow};
 pub use boxes::{BoxBatch, BoxRow, CellRow};

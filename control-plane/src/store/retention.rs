@@ -41,6 +41,11 @@ impl Store {
                         .await
                         .map_err(q("purge log chunks"))?
                         .rows_affected();
+                    sqlx::query("DELETE FROM artifacts WHERE build_id = $1")
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(q("purge artifacts"))?;
                     sqlx::query("DELETE FROM build_transitions WHERE build_id = $1")
                         .bind(id)
                         .execute(&mut **tx)

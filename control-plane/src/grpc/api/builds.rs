@@ -363,3 +363,103 @@ pub(super) async fn stream_logs(
     });
     Ok(Response::new(Box::pin(stream)))
 }
+
+/// The artefacts a build stored (read like its log).
+pub(super) async fn list_artifacts(
+    svc: &ControlPlaneService,
+    request: Request<pb::ListArtifactsRequest>,
+) -> Result<Response<pb::ListArtifactsReply>, Status> {
+    svc.caller(&request, "ListArtifacts", Right::Read).await?;
+    let req = request.into_inner();
+    let _ = svc.build(&req.build_id).await?;
+    let rows = svc
+        .hive
+        .store
+        .list_artifacts(&req.build_id)
+        .await
+        .map_err(store_err)?;
+    Ok(Response::new(pb::ListArtifactsReply {
+        artifacts: rows
+            .into_iter()
+            .map(|r| pb::Artifact {
+                path: r.path,
+                size: r.size,
+                stored_bytes: r.stored_bytes,
+                complete: r.complete,
+                sha256: r.sha256,
+                created_at_ms: r.created_at_ms,
+            })
+            .collect(),
+    }))
+}
+
+/// Bytes of an artefact per GetArtifact message (gRPC messages stay under 4 MiB).
+const ARTIFACT_PIECE: usize = 1024 * 1024;
+
+/// One artefact's bytes, in pieces (read like its log).
+pub(super) async fn get_artifact(
+    svc: &ControlPlaneService,
+    request: Request<pb::GetArtifactRequest>,
+) -> Result<Response<Stream_<pb::ArtifactData>>, Status> {
+    svc.caller(&request, "GetArtifact", Right::Read).await?;
+    let req = request.into_inner();
+    let _ = svc.build(&req.build_id).await?;
+    crate::artifacts::check_path(&req.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let row = svc
+        .hive
+        .store
+        .artifact(&req.build_id, &req.path)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "build {} has no artifact {:?} (`hivectl artifacts {}` lists them)",
+                req.build_id, req.path, req.build_id
+            ))
+        })?;
+    if !row.complete {
+        return Err(Status::failed_precondition(format!(
+            "artifact {:?} is incomplete: {} of {} bytes arrived",
+            req.path, row.stored_bytes, row.size
+        )));
+    }
+    let file = svc
+        .hive
+        .artifacts
+        .open(&req.build_id, &req.path)
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "{} (is <data-dir>/artifacts shared by every control plane of the hive?)",
+                hive_sys::error_chain(&e)
+            ))
+        })?;
+    let size = row.size;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut offset = 0u64;
+        while offset < size {
+            let want = usize::try_from(size - offset)
+                .unwrap_or(usize::MAX)
+                .min(ARTIFACT_PIECE);
+            let mut buf = vec![0u8; want];
+            let msg = match file.read_at(&mut buf, offset) {
+                Ok(0) => Err(Status::data_loss(format!(
+                    "the artifact file ends at {offset} of {size} bytes"
+                ))),
+                Ok(n) => {
+                    buf.truncate(n);
+                    let m = pb::ArtifactData { offset, data: buf };
+                    offset += n as u64;
+                    Ok(m)
+                }
+                Err(e) => Err(Status::internal(format!("read artifact: {e}"))),
+            };
+            let stop = msg.is_err();
+            if tx.blocking_send(msg).is_err() || stop {
+                return;
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+}

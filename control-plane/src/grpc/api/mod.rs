@@ -96,6 +96,7 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl pb::control_plane_server::ControlPlane for ControlPlaneService {
     type WatchBuildStream = Stream_<pb::Build>;
     type StreamLogsStream = Stream_<pb::LogChunk>;
+    type GetArtifactStream = Stream_<pb::ArtifactData>;
 
     async fn health(
         &self,
@@ -188,6 +189,20 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         builds::stream_logs(self, request).await
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsReply>, Status> {
+        builds::list_artifacts(self, request).await
+    }
+
+    async fn get_artifact(
+        &self,
+        request: Request<pb::GetArtifactRequest>,
+    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        builds::get_artifact(self, request).await
     }
 
     async fn list_boxes(

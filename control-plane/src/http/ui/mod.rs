@@ -69,6 +69,7 @@ pub fn router<S>(hive: Arc<Hive>) -> Router<S> {
         .route("/ui/builds/{id}", get(pages::build))
         .route("/ui/builds/{id}/events", get(live::build))
         .route("/ui/builds/{id}/log.txt", get(pages::raw_log))
+        .route("/ui/builds/{id}/artifacts/{*path}", get(pages::artifact))
         .route("/ui/builds/{id}/cancel", post(pages::cancel))
         .route("/ui/builds/{id}/rebuild", post(pages::rebuild))
         .route("/ui/boxes", get(pages::boxes))

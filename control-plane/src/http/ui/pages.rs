@@ -638,6 +638,7 @@ pub async fn build(
             view.next_line()
         )
     });
+    let artifacts = ui.hive.store.list_artifacts(&b.id).await?;
     let now = now_ms();
     Ok(layout(
         &format!("Build {}", short_rev(&b.id)),
@@ -654,6 +655,22 @@ pub async fn build(
                             code { (s) }
                             @if let Some(line) = step_starts.get(&n) {
                                 " " a.steplink href=(format!("#L{line}")) { "output from line " (line) }
+                            }
+                        }
+                    }
+                }
+            }
+            @if !artifacts.is_empty() {
+                h2 { "Artifacts" }
+                ul.artifacts {
+                    @for a in &artifacts {
+                        li {
+                            @if a.complete {
+                                a href=(format!("/ui/builds/{}/artifacts/{}", b.id, path_url(&a.path))) download { code { (a.path) } }
+                                " " (a.size) " bytes"
+                            } @else {
+                                code { (a.path) }
+                                " incomplete: " (a.stored_bytes) " of " (a.size) " bytes"
                             }
                         }
                     }
@@ -719,6 +736,103 @@ pub async fn raw_log(
             ),
         ],
         Body::from_stream(pages),
+    )
+        .into_response())
+}
+
+/// An artefact path as a URL path: every byte but `A-Za-z0-9 . _ ~ - /` percent-encoded.
+fn path_url(path: &str) -> String {
+    path.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._~-/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// One artefact's bytes (`/ui/builds/{id}/artifacts/{*path}`), signed in like every dashboard
+/// route; read piece by piece as the client takes it.
+pub async fn artifact(
+    State(ui): State<Arc<Ui>>,
+    _signed: Signed,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, UiError> {
+    crate::artifacts::check_path(&path).map_err(|e| UiError::BadRequest(e.to_string()))?;
+    let row = ui
+        .hive
+        .store
+        .artifact(&id, &path)
+        .await?
+        .ok_or_else(|| UiError::NotFound(format!("build {id:?} has no artifact {path:?}")))?;
+    if !row.complete {
+        return Err(UiError::Conflict(format!(
+            "artifact {path:?} is incomplete: {} of {} bytes arrived",
+            row.stored_bytes, row.size
+        )));
+    }
+    let file = ui
+        .hive
+        .artifacts
+        .open(&id, &path)
+        .map_err(|e| UiError::Internal(hive_sys::error_chain(&e)))?;
+    let file = Arc::new(file);
+    let size = row.size;
+    let pieces = futures::stream::unfold(0u64, move |offset| {
+        let file = file.clone();
+        async move {
+            if offset >= size {
+                return None;
+            }
+            let want = usize::try_from(size - offset)
+                .unwrap_or(usize::MAX)
+                .min(256 * 1024);
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; want];
+                let n = file.read_at(&mut buf, offset)?;
+                if n == 0 {
+                    return Err(std::io::Error::other("artifact file ends early"));
+                }
+                buf.truncate(n);
+                Ok(buf)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match read {
+                Ok(buf) => {
+                    let next = offset + buf.len() as u64;
+                    Some((Ok::<_, std::io::Error>(buf), next))
+                }
+                Err(e) => Some((Err(e), size)),
+            }
+        }
+    });
+    let name: String = path
+        .rsplit('/')
+        .next()
+        .unwrap_or("artifact")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        Body::from_stream(pieces),
     )
         .into_response())
 }

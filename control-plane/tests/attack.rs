@@ -153,6 +153,7 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
                 project: nope(),
                 name: "X".into(),
                 value: "never-stored".into(),
+                ..Default::default()
             })
             .await
             .map(drop),

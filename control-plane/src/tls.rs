@@ -1,0 +1,271 @@
+//! TLS on the operator listeners: the gRPC API (`--grpc-addr`, hivectl's) and HTTP
+//! (`--http-addr`: webhooks, dashboard, metrics). A listener on loopback is plaintext (only this
+//! host's processes reach it, and the control plane says so in its log) unless the operator
+//! gave a certificate or asked for TLS there too; any other address always gets TLS: there is
+//! no way to serve plaintext off loopback. The certificate is the operator's (`--tls-cert`,
+//! `--tls-key`) or one the hive's CA signs at every start for the `--tls-san` names (clients
+//! pin the CA, as boxes and connectors do). The box listener's TLS is `server::serve_boxes`'.
+//!
+//! The HTTP side is served through [`TlsListener`]: handshakes run in their own tasks with a
+//! deadline and a bound on how many are open, so a peer that connects and says nothing holds
+//! one slot for [`HANDSHAKE_TIMEOUT`], never the accept loop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::server::TlsStream;
+
+/// Longest a TLS handshake may take on any listener; a slower peer is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshakes open at once on the HTTP listener; more connections wait in the kernel's
+/// backlog until one ends.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Errors of the listeners' certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: {why}")]
+    Bad {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+    #[error(
+        "--tls-cert and --tls-key go together: give both (a PEM certificate chain and its key), \
+         or neither (the hive's CA signs one)"
+    )]
+    Half,
+    #[error("TLS certificate and key: {0}")]
+    Config(String),
+}
+
+/// Where a listener's certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertSource {
+    /// `--tls-cert`/`--tls-key`.
+    Operator,
+    /// Signed by the hive's CA at this start.
+    HiveCa,
+}
+
+/// A server certificate chain and its key, as PEM.
+#[derive(Clone)]
+pub struct ServerCert {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub source: CertSource,
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a listener on `addr` serves TLS: always off loopback; on loopback when the operator
+/// gave a certificate or asked for it.
+pub fn wanted(addr: SocketAddr, operator_cert: bool, on_loopback: bool) -> bool {
+    !addr.ip().is_loopback() || operator_cert || on_loopback
+}
+
+/// The operator's certificate chain and key (PEM files), checked to belong together.
+pub fn operator_cert(cert: &Path, key: &Path) -> Result<ServerCert, TlsError> {
+    let read = |what: &'static str, path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let chain_pem = read("--tls-cert", cert)?;
+    let key_pem = read("--tls-key", key)?;
+    let c = ServerCert {
+        chain_pem,
+        key_pem,
+        source: CertSource::Operator,
+    };
+    rustls_config(&c).map_err(|e| match e {
+        TlsError::Config(why) => TlsError::Config(format!(
+            "{why} (--tls-cert {}, --tls-key {})",
+            cert.display(),
+            key.display()
+        )),
+        other => other,
+    })?;
+    Ok(c)
+}
+
+/// The operator's pair when both are given, None when neither is.
+pub fn operator_pair(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Option<ServerCert>, TlsError> {
+    match (cert, key) {
+        (Some(c), Some(k)) => operator_cert(c, k).map(Some),
+        (None, None) => Ok(None),
+        _ => Err(TlsError::Half),
+    }
+}
+
+/// A rustls server configuration (no client certificates; ALPN http/1.1) for `cert`.
+pub fn rustls_config(cert: &ServerCert) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Config(format!("the certificate is not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError::Config(
+            "no CERTIFICATE block in the certificate file".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+        .map_err(|e| TlsError::Config(format!("the key is not a PEM private key: {e}")))?;
+    // The provider tonic's own TLS (feature tls-ring) uses; deprecated in rustls 0.23.48 only
+    // for lacking post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("the key does not fit the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The HTTP listener with TLS: an [`axum::serve::Listener`] that yields connections whose
+/// handshake finished.
+pub struct TlsListener {
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Accepts on `listener` until `stop`, each handshake in its own task with a deadline.
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        mut stop: watch::Receiver<bool>,
+    ) -> std::io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let accepted = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => None,
+                    accepted = listener.accept() => Some(accepted),
+                };
+                let (tcp, peer) = match accepted {
+                    None => return,
+                    Some(Ok(a)) => a,
+                    Some(Err(e)) => {
+                        // Out of file descriptors and the like: wait, as axum does.
+                        tracing::warn!(error = %e, "HTTP listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            drop(slot);
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "HTTP listener: TLS handshake failed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "HTTP listener: TLS handshake timed out")
+                        }
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { rx, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept loop ended (shutdown): no more connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_may_be_plaintext() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:1".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        let lan: SocketAddr = "10.0.0.10:1".parse().unwrap();
+        assert!(!wanted(lo, false, false));
+        assert!(!wanted(lo6, false, false));
+        assert!(wanted(lo, true, false) && wanted(lo, false, true));
+        assert!(wanted(any, false, false) && wanted(lan, false, false));
+    }
+
+    #[test]
+    fn a_half_pair_or_a_foreign_key_is_refused_with_the_files_named() {
+        assert!(matches!(
+            operator_pair(Some(Path::new("/x.pem")), None),
+            Err(TlsError::Half)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, other.serialize_pem()).unwrap();
+        let e = operator_cert(&c, &k).unwrap_err().to_string();
+        assert!(e.contains("does not fit") && e.contains("k.pem"), "{e}");
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        assert_eq!(operator_cert(&c, &k).unwrap().source, CertSource::Operator);
+        let e = operator_cert(&dir.path().join("none.pem"), &k)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert") && e.contains("none.pem"), "{e}");
+    }
+}

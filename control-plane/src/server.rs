@@ -758,7 +758,9 @@ fn serve_boxes(
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(chain, key))
         .client_ca_root(Certificate::from_pem(hive.ca.cert_pem()))
-        .client_auth_optional(true);
+        .client_auth_optional(true)
+        // A peer that connects and never finishes its handshake holds nothing for longer.
+        .timeout(crate::tls::HANDSHAKE_TIMEOUT);
     let builder = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|e| ServerError::Config(format!("box listener TLS: {e}")))?;

@@ -55,6 +55,8 @@ const RPCS: &[(&str, usize)] = &[
     ("AddConnector", 3),
     ("RemoveConnector", 3),
     ("CreateJoinToken", 3),
+    ("ListJoinTokens", 3),
+    ("RevokeJoinToken", 3),
     ("RevokeBox", 3),
     ("CreateToken", 3),
     ("ListTokens", 3),
@@ -146,6 +148,14 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
                 ttl_secs: 8 * 86_400,
                 box_id: String::new(),
             })
+            .await
+            .map(drop),
+        "ListJoinTokens" => api
+            .list_join_tokens(pb::ListJoinTokensRequest {})
+            .await
+            .map(drop),
+        "RevokeJoinToken" => api
+            .revoke_join_token(pb::RevokeJoinTokenRequest { id: nope() })
             .await
             .map(drop),
         "SetSecret" => api

@@ -395,8 +395,12 @@ pub(crate) enum BoxCommand {
     },
     /// Print a one-time token a new box joins with (admin): `hive-box --join-token TOKEN`
     /// (HIVE_BOX_JOIN_TOKEN). It also pins this control plane's CA. The token alone goes to
-    /// stdout; how to use it, to stderr.
+    /// stdout; how to use it, to stderr. `join-token list` and `join-token revoke ID` show
+    /// and withdraw tokens.
+    #[command(args_conflicts_with_subcommands = true)]
     JoinToken {
+        #[command(subcommand)]
+        action: Option<JoinTokenAction>,
         /// How long the token may be used: SECS, or with a unit (90s, 30m, 2h, 1d); at most 7d.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: u64,
@@ -410,6 +414,18 @@ pub(crate) enum BoxCommand {
     /// handled as for a lost box. To bring the machine back, join it again with a new token.
     Revoke {
         /// Box id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum JoinTokenAction {
+    /// The join tokens kept (admin): id, the box it is for, unused / used by / expired, who
+    /// made it. Never a secret. Used and expired ones go with retention.
+    List,
+    /// Withdraw an unused join token (admin): no box can join with it any more.
+    Revoke {
+        /// Its id (from `join-token list`), or the whole token.
         id: String,
     },
 }

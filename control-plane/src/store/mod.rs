@@ -54,7 +54,7 @@ mod secrets;
 mod tokens;
 
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
-pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRow};
+pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRevoke, JoinTokenRow, PurgedCredentials};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::{Delivery, NewDelivery};

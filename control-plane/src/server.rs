@@ -768,6 +768,13 @@ fn serve_boxes(
     let agent = BoxAgentService::new(hive.clone());
     let connector = ConnectorService { hive: hive.clone() };
     let streams = config.grpc_streams_per_connection;
+    // Bounded: a peer (or many) holding connections open cannot take every socket.
+    let incoming = crate::tls::limited_incoming(
+        listener,
+        crate::tls::BOX_MAX_CONNECTIONS,
+        crate::tls::BOX_MAX_PER_IP,
+        stop.clone(),
+    );
     Ok(tokio::spawn(async move {
         let served = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -783,12 +790,9 @@ fn serve_boxes(
                     .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
                     .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
             )
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "box listener failed");

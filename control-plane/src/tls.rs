@@ -269,3 +269,150 @@ mod tests {
         assert!(e.contains("--tls-cert") && e.contains("none.pem"), "{e}");
     }
 }
+
+/// Connections the box listener holds at once; past it, new ones wait in the kernel's backlog.
+pub const BOX_MAX_CONNECTIONS: usize = 8192;
+/// Connections one address may hold on the box listener (several boxes may share a host);
+/// past it a new one from there is closed at once.
+pub const BOX_MAX_PER_IP: usize = 256;
+
+/// A TCP connection holding its slots on the listener until it closes.
+pub struct Slotted {
+    tcp: TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _peer: PeerSlot,
+}
+
+/// One connection of an address, counted until dropped.
+struct PeerSlot {
+    ip: std::net::IpAddr,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Slotted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Slotted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+}
+
+/// The same connection info as a plain TCP stream, so TLS on top of it gives tonic's
+/// `TlsConnectInfo<TcpConnectInfo>` (peer certificates, remote address).
+impl tonic::transport::server::Connected for Slotted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.tcp.local_addr().ok(),
+            remote_addr: self.tcp.peer_addr().ok(),
+        }
+    }
+}
+
+/// Accepts on `listener` until `stop`: at most `max` connections at once (then it stops
+/// accepting until one closes), at most `per_ip` from one address (more are closed at once).
+pub fn limited_incoming(
+    listener: TcpListener,
+    max: usize,
+    per_ip: usize,
+    mut stop: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Slotted>> {
+    let (tx, rx) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(max));
+    let counts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    tokio::spawn(async move {
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => None,
+                accepted = listener.accept() => Some(accepted),
+            };
+            let (tcp, peer) = match accepted {
+                None => return,
+                Some(Ok(a)) => a,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "box listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let ip = peer.ip();
+            {
+                let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+                let n = c.entry(ip).or_insert(0);
+                if *n >= per_ip {
+                    // Dropping `tcp` closes it; the log line is debug, or a flood would fill it.
+                    tracing::debug!(%peer, per_ip, "box listener: too many connections from this address; closed");
+                    continue;
+                }
+                *n += 1;
+            }
+            let _ = tcp.set_nodelay(true);
+            let conn = Slotted {
+                tcp,
+                _slot: slot,
+                _peer: PeerSlot {
+                    ip,
+                    counts: counts.clone(),
+                },
+            };
+            if tx.send(Ok(conn)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -578,3 +578,46 @@ async fn join_tokens_are_listed_revoked_and_purged(url: String) {
     assert_eq!(left[0].id, unused.split('.').nth(1).unwrap());
     h.shutdown().await;
 }
+
+hive_testkit::on_both!(db => the_box_listener_bounds_connections_and_drops_silent_peers);
+
+/// A peer that opens connections and says nothing cannot hold the box listener: one address
+/// gets at most `BOX_MAX_PER_IP` connections (more are closed at once), and a connection that
+/// has not finished its TLS handshake within the deadline is closed, freeing its slot.
+async fn the_box_listener_bounds_connections_and_drops_silent_peers(url: String) {
+    use hive_control_plane::tls::{BOX_MAX_PER_IP, HANDSHAKE_TIMEOUT};
+    use tokio::io::AsyncReadExt;
+    let h = secure(&url).await;
+    let addr = format!("127.0.0.1:{}", h.box_addr.port());
+    let mut held = Vec::new();
+    for _ in 0..BOX_MAX_PER_IP {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let closed = |r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>| {
+        matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+    };
+    let mut buf = [0u8; 1];
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut buf)).await;
+    assert!(closed(r), "one connection past the limit is closed at once");
+    let t0 = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT + Duration::from_secs(5),
+        held[0].read(&mut buf),
+    )
+    .await;
+    assert!(
+        closed(r),
+        "a silent peer is dropped at the handshake deadline"
+    );
+    assert!(t0.elapsed() <= HANDSHAKE_TIMEOUT + Duration::from_secs(5));
+    drop(held);
+    // Their slots are free again: a box joins from the same address.
+    // (The server sees them close on its next read.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let token = join_token(&h, "", 600).await;
+    join(&h, &token, "box-after")
+        .await
+        .expect("a box joins once the silent peers are gone");
+    h.shutdown().await;
+}

@@ -193,7 +193,8 @@ async fn endpoint(addr: &str, trust: &Trust) -> Result<Endpoint, CliError> {
                     })
                 }
             };
-            hive_proto::pin::endpoint(addr, &host, &ca, None).map_err(bad)
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            hive_proto::pin::endpoint(addr, name, &ca, None).map_err(bad)
         }
         _ => Err(bad(
             "expected an http:// (loopback) or https:// URL, e.g. http://127.0.0.1:50051"

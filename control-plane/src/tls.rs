@@ -227,49 +227,6 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_loopback_may_be_plaintext() {
-        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let lo6: SocketAddr = "[::1]:1".parse().unwrap();
-        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
-        let lan: SocketAddr = "10.0.0.10:1".parse().unwrap();
-        assert!(!wanted(lo, false, false));
-        assert!(!wanted(lo6, false, false));
-        assert!(wanted(lo, true, false) && wanted(lo, false, true));
-        assert!(wanted(any, false, false) && wanted(lan, false, false));
-    }
-
-    #[test]
-    fn a_half_pair_or_a_foreign_key_is_refused_with_the_files_named() {
-        assert!(matches!(
-            operator_pair(Some(Path::new("/x.pem")), None),
-            Err(TlsError::Half)
-        ));
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let other = rcgen::KeyPair::generate().unwrap();
-        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, other.serialize_pem()).unwrap();
-        let e = operator_cert(&c, &k).unwrap_err().to_string();
-        assert!(e.contains("does not fit") && e.contains("k.pem"), "{e}");
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        assert_eq!(operator_cert(&c, &k).unwrap().source, CertSource::Operator);
-        let e = operator_cert(&dir.path().join("none.pem"), &k)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--tls-cert") && e.contains("none.pem"), "{e}");
-    }
-}
-
 /// Connections the box listener holds at once; past it, new ones wait in the kernel's backlog.
 pub const BOX_MAX_CONNECTIONS: usize = 8192;
 /// Connections one address may hold on the box listener (several boxes may share a host);
@@ -415,4 +372,47 @@ pub fn limited_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_may_be_plaintext() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:1".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        let lan: SocketAddr = "10.0.0.10:1".parse().unwrap();
+        assert!(!wanted(lo, false, false));
+        assert!(!wanted(lo6, false, false));
+        assert!(wanted(lo, true, false) && wanted(lo, false, true));
+        assert!(wanted(any, false, false) && wanted(lan, false, false));
+    }
+
+    #[test]
+    fn a_half_pair_or_a_foreign_key_is_refused_with_the_files_named() {
+        assert!(matches!(
+            operator_pair(Some(Path::new("/x.pem")), None),
+            Err(TlsError::Half)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, other.serialize_pem()).unwrap();
+        let e = operator_cert(&c, &k).unwrap_err().to_string();
+        assert!(e.contains("does not fit") && e.contains("k.pem"), "{e}");
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        assert_eq!(operator_cert(&c, &k).unwrap().source, CertSource::Operator);
+        let e = operator_cert(&dir.path().join("none.pem"), &k)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert") && e.contains("none.pem"), "{e}");
+    }
 }

@@ -287,20 +287,6 @@ pub async fn send_raw(http_addr: &str, d: &Delivery<'_>) -> Result<Answer, std::
     Ok(Answer { status, body })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::sign;
-
-    /// GitHub's documented test vector ("Validating webhook deliveries").
-    #[test]
-    fn github_test_vector() {
-        assert_eq!(
-            sign("It's a Secret to Everybody", b"Hello, World!"),
-            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
-        );
-    }
-}
-
 /// One request over a fresh TLS connection to an HTTP listener of a control plane started here,
 /// trusting its CA by the pin (as a webhook sender told the hive's CA would).
 async fn send_tls(
@@ -345,4 +331,18 @@ async fn send_tls(
         .send_request(req)
         .await
         .map_err(|e| tls(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sign;
+
+    /// GitHub's documented test vector ("Validating webhook deliveries").
+    #[test]
+    fn github_test_vector() {
+        assert_eq!(
+            sign("It's a Secret to Everybody", b"Hello, World!"),
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+        );
+    }
 }

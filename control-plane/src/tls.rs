@@ -123,7 +123,7 @@ pub fn operator_pair(
     }
 }
 
-/// A rustls server configuration (no client certificates; ALPN http/1.1) for `cert`.
+/// A rustls server configuration (no client certificates, no ALPN: HTTP/1.1) for `cert`.
 pub fn rustls_config(cert: &ServerCert) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
@@ -146,7 +146,9 @@ pub fn rustls_config(cert: &ServerCert) -> Result<Arc<rustls::ServerConfig>, Tls
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("the key does not fit the certificate: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No ALPN: the HTTP server speaks HTTP/1.1, and a client that offers h2 too (curl,
+    // hive_proto::pin) must still get through the handshake rather than a fatal alert.
+    config.alpn_protocols = Vec::new();
     Ok(Arc::new(config))
 }
 

@@ -103,7 +103,13 @@ data_dir="$(cd "$data_dir" && pwd)"
 logs="$data_dir/logs"
 mkdir -p "$logs"
 bin="$repo/target/$profile"
-hivectl() { "$bin/hivectl" --addr "http://$grpc_addr" "$@"; }
+# Clients reach a listener on 0.0.0.0 on loopback. On loopback the gRPC and HTTP listeners are
+# plaintext; anywhere else they are TLS with a certificate from the hive's CA (set below from
+# the control plane's ready file).
+grpc_url="http://${grpc_addr/#0.0.0.0:/127.0.0.1:}"
+http_url="http://${http_addr/#0.0.0.0:/127.0.0.1:}"
+curl_tls=""
+hivectl() { "$bin/hivectl" --addr "$grpc_url" "$@"; }
 
 # --- stop everything we started, in reverse order, exactly once --------------------------------
 box_pid="" cp_pid="" l1_pid="" git_host_up=0 stopping=0
@@ -242,6 +248,15 @@ for _ in $(seq 300); do
 done
 [ -s "$ready" ] || die "hive-control-plane not ready after 30s (log: $logs/control-plane.log)"
 log "control plane up: $(cat "$ready") (log $logs/control-plane.log)"
+if [ "$(jq -r '.grpc_tls // false' "$ready")" = true ]; then
+  grpc_url="https://${grpc_addr/#0.0.0.0:/127.0.0.1:}"
+  HIVE_CA_SHA256="$(jq -r .ca_sha256 "$ready")"
+  export HIVE_CA_SHA256
+fi
+if [ "$(jq -r '.http_tls // false' "$ready")" = true ]; then
+  http_url="https://${http_addr/#0.0.0.0:/127.0.0.1:}"
+  curl_tls="--cacert $data_dir/control-plane/pki/ca.pem "
+fi
 # The operator API wants a token: the admin token the control plane wrote on its first start.
 token_file="$data_dir/control-plane/admin.token"
 [ -s "$token_file" ] || die "no admin token in $token_file (was this data dir's control plane started with another --data-dir?)"
@@ -318,8 +333,8 @@ cat >"$payload" <<JSON
  "head_commit":{"id":"$rev","message":"demo: make test"},
  "pusher":{"name":"local-hive"}}
 JSON
-curl_line="curl -sS -X POST http://$http_addr/webhooks/github -H 'Content-Type: application/json' -H 'X-GitHub-Event: push' -H \"X-GitHub-Delivery: \$(cat /proc/sys/kernel/random/uuid)\" -H \"X-Hub-Signature-256: sha256=\$(openssl dgst -sha256 -hmac '$secret' -r $payload | cut -d' ' -f1)\" --data-binary @$payload"
-hivectl_line="$bin/hivectl --addr http://$grpc_addr"
+curl_line="curl -sS ${curl_tls}-X POST $http_url/webhooks/github -H 'Content-Type: application/json' -H 'X-GitHub-Event: push' -H \"X-GitHub-Delivery: \$(cat /proc/sys/kernel/random/uuid)\" -H \"X-Hub-Signature-256: sha256=\$(openssl dgst -sha256 -hmac '$secret' -r $payload | cut -d' ' -f1)\" --data-binary @$payload"
+hivectl_line="$bin/hivectl --addr $grpc_url${HIVE_CA_SHA256:+ --ca-sha256 $HIVE_CA_SHA256}"
 
 if [ "$smoke" = 1 ]; then
   log "smoke: waiting for the warm pool ($pool)"
@@ -337,7 +352,7 @@ if [ "$smoke" = 1 ]; then
   [ -n "$build_id" ] || die "no build id in the webhook reply: $reply"
   log "smoke: following build $build_id"
   rc=0
-  timeout 300 "$bin/hivectl" --addr "http://$grpc_addr" logs -f "$build_id" || rc=$?
+  timeout 300 "$bin/hivectl" --addr "$grpc_url" logs -f "$build_id" || rc=$?
   hivectl build "$build_id" >&2 || true
   [ "$rc" = 0 ] || die "smoke: build $build_id did not succeed (hivectl logs -f exited $rc)"
   log "smoke: PASS (build $build_id succeeded)"
@@ -351,8 +366,8 @@ Local hive is up. (Ctrl-C stops everything.)
 hivectl needs the admin token (made on the first start; keep it like a password):
   export HIVE_TOKEN=\$(cat $token_file)
 
-  dashboard      http://$http_addr/ui/   (sign in with the same token: paste the contents of $token_file)
-  control plane  http://$http_addr (webhook), grpc http://$grpc_addr   log: $logs/control-plane.log
+  dashboard      $http_url/ui/   (sign in with the same token: paste the contents of $token_file)
+  control plane  $http_url (webhook), grpc $grpc_url   log: $logs/control-plane.log
   box            $(if [ "$microvm" = 1 ]; then echo "microvm backend in the emulated KVM host, pool $pool   log: kvm-host.sh exec --ctl $data_dir/l1-ctl.sock -- cat /var/log/start.log"; else echo "sandbox backend, pool $pool                          log: $logs/box.log"; fi)
   git host       $repo_url (netns hive-th-git)
 

@@ -125,10 +125,26 @@ async fn a_box_joins_once_keeps_its_certificate_and_trusts_only_the_pinned_ca() 
         .unwrap_err();
     assert!(matches!(e, CredentialsError::OtherBox { .. }), "{e}");
 
-    // Renewal writes a new certificate that works.
+    // Renewal writes a new certificate that works, once due: too early it is refused (the
+    // control plane renews when a third of the life is left).
     let before = std::fs::read_to_string(data.path().join("tls/box.pem")).unwrap();
     assert!(!again.due_for_renewal(), "a fresh certificate is not due");
-    again.renew().await.expect("renew");
+    let e = again.renew().await.unwrap_err().to_string();
+    assert!(e.contains("a third"), "{e}");
+    {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}/hive.db", db.path().display());
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        let now = hive_sys::now_ms() as i64;
+        sqlx::query("UPDATE box_certs SET issued_at_ms = $1, not_after_ms = $2")
+            .bind(now - 29 * 86_400_000)
+            .bind(now + 86_400_000)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    again.renew().await.expect("renew when due");
     let after = std::fs::read_to_string(data.path().join("tls/box.pem")).unwrap();
     assert_ne!(before, after);
     let reloaded = Credentials::ensure(&url, "b1", data.path(), None)

@@ -37,3 +37,4 @@ pub mod server;
 pub mod sizeclass;
 pub mod state;
 pub mod store;
+pub mod tls;

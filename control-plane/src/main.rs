@@ -19,7 +19,8 @@ use tracing_subscriber::EnvFilter;
 ///
 /// HTTP: POST /webhooks/github, GET /healthz, GET /metrics (Prometheus/OpenMetrics text).
 /// gRPC: hive.v1.ControlPlane (operators, with API tokens), plus grpc.health.v1.Health and
-/// server reflection.
+/// server reflection. Both are plaintext on loopback (the log says so) and TLS anywhere else
+/// (--tls-cert/--tls-key, or a certificate from the hive's CA that clients pin).
 /// Agent listener (--box-addr, TLS): hive.v1.BoxAgent and hive.v1.Connector (connectors, with
 /// their tokens; `hivectl connector add` prints the --ca-sha256 they pin). Each box joins once with a token from
 /// `hivectl box join-token` and is then known by its client certificate, signed by the CA this
@@ -56,6 +57,21 @@ struct Args {
     /// Repeat, or comma-separate in the variable.
     #[arg(long = "tls-san", env = "HIVE_TLS_SANS", value_delimiter = ',')]
     tls_sans: Vec<String>,
+
+    /// PEM certificate chain for the gRPC and HTTP listeners (with --tls-key); without it the
+    /// hive's CA signs one for the --tls-san names at every start, and clients pin the CA
+    /// (`hivectl --ca-sha256`). Off loopback those listeners always serve TLS.
+    #[arg(long, env = "HIVE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HIVE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Serve TLS on the gRPC and HTTP listeners on loopback too (by default a loopback
+    /// listener is plaintext, and the log says so; any other address always gets TLS).
+    #[arg(long, env = "HIVE_TLS_ON_LOOPBACK")]
+    tls_on_loopback: bool,
 
     /// Days a box certificate is valid; boxes renew theirs when a third is left.
     #[arg(long, env = "HIVE_BOX_CERT_DAYS", default_value_t = 30,
@@ -192,7 +208,7 @@ struct Args {
     peer_ca_file: Option<PathBuf>,
 
     /// When the listeners are bound, write {"http":"ADDR","grpc":"ADDR","box":"ADDR",
-    /// "ca_sha256":"HEX"} to this file.
+    /// "ca_sha256":"HEX","grpc_tls":BOOL,"http_tls":BOOL} to this file.
     #[arg(long, env = "HIVE_READY_FILE")]
     ready_file: Option<PathBuf>,
 
@@ -235,6 +251,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         box_addr: args.box_addr,
         tls_sans: args.tls_sans.clone(),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_on_loopback: args.tls_on_loopback,
         box_cert_validity: Duration::from_secs(u64::from(args.box_cert_days) * 86_400),
         insecure_boxes: args.insecure_boxes,
         secrets_key_file: args.secrets_key_file.clone(),
@@ -273,6 +292,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "grpc": handle.grpc_addr.to_string(),
             "box": handle.box_addr.to_string(),
             "ca_sha256": handle.ca_sha256(),
+            "grpc_tls": handle.grpc_tls,
+            "http_tls": handle.http_tls,
         });
         // Write then rename, so a reader never sees half a file.
         let tmp = path.with_extension("tmp");

@@ -39,9 +39,76 @@ pub fn as_name(pattern: &str) -> String {
     pattern.replace(['*', '?'], "x")
 }
 
+/// Whether a build of `git_ref` may see a secret limited to `refs` (comma-separated globs): a
+/// pattern without `refs/` names branches (matched only against `refs/heads/NAME`), one with it
+/// names full refs (`refs/tags/v*`), and `*` alone is every build, whatever its ref. A tag
+/// named like a protected branch (`refs/tags/main`) therefore does not pass for it.
+pub fn ref_allowed(refs: &str, git_ref: &str) -> bool {
+    refs.split(',').map(str::trim).any(|p| {
+        if p == "*" {
+            true
+        } else if p.is_empty() {
+            false
+        } else if p.starts_with("refs/") {
+            matches(p, git_ref)
+        } else {
+            git_ref
+                .strip_prefix("refs/heads/")
+                .is_some_and(|branch| matches(p, branch))
+        }
+    })
+}
+
+/// Checks a secret's `refs` list: what is wrong with it, to tell the caller.
+pub fn check_refs(refs: &str) -> Result<(), String> {
+    if refs.len() > 1024 {
+        return Err(format!("{} bytes of refs: at most 1024", refs.len()));
+    }
+    let patterns: Vec<&str> = refs.split(',').map(str::trim).collect();
+    if patterns.len() > 32 {
+        return Err(format!("{} ref patterns: at most 32", patterns.len()));
+    }
+    for p in patterns {
+        if p.is_empty() {
+            return Err("an empty ref pattern (two commas, or a trailing one)".into());
+        }
+        if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "ref pattern {p:?} holds a space or a control character"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::matches;
+
+    #[test]
+    fn secrets_follow_branches_and_full_refs_as_written() {
+        use super::{check_refs, ref_allowed};
+        for (refs, git_ref, want) in [
+            ("main", "refs/heads/main", true),
+            ("main", "refs/tags/main", false),
+            ("main", "refs/heads/feature", false),
+            ("main,release/*", "refs/heads/release/1.2", true),
+            ("main, release/*", "refs/heads/release/1.2", true),
+            ("release/*", "refs/heads/main", false),
+            ("refs/tags/v*", "refs/tags/v1.0", true),
+            ("refs/tags/v*", "refs/heads/v1.0", false),
+            ("*", "refs/tags/anything", true),
+            ("*", "", true),
+            ("main", "", false),
+            ("main", "0123abcd", false),
+        ] {
+            assert_eq!(ref_allowed(refs, git_ref), want, "{refs:?} for {git_ref:?}");
+        }
+        assert!(check_refs("main,release/*,refs/tags/v*").is_ok());
+        assert!(check_refs("main,,x").unwrap_err().contains("empty"));
+        assert!(check_refs("ma in").unwrap_err().contains("space"));
+        assert!(check_refs(&"a,".repeat(40)).is_err());
+    }
 
     #[test]
     fn globs_match_as_written() {

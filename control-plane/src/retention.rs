@@ -31,6 +31,18 @@ pub async fn run(hive: Arc<Hive>, keep: Duration, every: Duration) {
             Err(e) => tracing::warn!(error = %e, "retention purge failed; retrying later"),
         }
         remove_orphan_artifacts(&hive).await;
+        match hive.store.purge_credentials_before(cutoff).await {
+            Ok(p) if p.join_tokens > 0 || p.box_certs > 0 => tracing::info!(
+                join_tokens = p.join_tokens,
+                box_certs = p.box_certs,
+                "retention: purged expired or used join tokens and expired or revoked box \
+                 certificates"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "retention purge of credentials failed; retrying later")
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = crate::events::stopped(&mut shutdown) => return,

@@ -48,7 +48,8 @@ pub enum SecretsError {
     KeyLost(PathBuf),
 }
 
-/// The key that seals and opens project secrets.
+/// The key that seals and opens project secrets (and webhook secrets, `store::projects`).
+#[derive(Clone)]
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
     /// A fingerprint of the key (not the key): every control plane of one database must

@@ -56,6 +56,8 @@ pub enum ServerError {
     Pki(#[from] crate::pki::PkiError),
     #[error("secrets key: {0}")]
     Secrets(#[from] crate::secrets::SecretsError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Cluster(String),
     #[error(transparent)]
@@ -80,6 +82,12 @@ pub struct Config {
     /// Names (DNS or IP) the box listener's certificate is valid for, besides `localhost`,
     /// the loopback addresses, this host's name and a specific `box_addr` IP.
     pub tls_sans: Vec<String>,
+    /// The operator's certificate chain and key (PEM files) for the gRPC and HTTP listeners;
+    /// None: the hive's CA signs one at every start. Either both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// TLS on the gRPC and HTTP listeners on loopback too (off loopback they always have it).
+    pub tls_on_loopback: bool,
     /// How long a box certificate is valid (boxes renew when a third is left).
     pub box_cert_validity: Duration,
     /// The key project secrets are sealed with; None = `<data_dir>/secrets.key`, made on first
@@ -146,6 +154,9 @@ impl Default for Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             box_addr: SocketAddr::from(([127, 0, 0, 1], 50052)),
             tls_sans: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_on_loopback: false,
             box_cert_validity: Duration::from_secs(30 * 86_400),
             secrets_key_file: None,
             insecure_boxes: false,
@@ -283,6 +294,10 @@ pub struct Handle {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub box_addr: SocketAddr,
+    /// Whether the gRPC listener serves TLS (off loopback, or asked for).
+    pub grpc_tls: bool,
+    /// Whether the HTTP listener serves TLS.
+    pub http_tls: bool,
     /// The admin token this start made (first start on a fresh store), also in
     /// `<data-dir>/admin.token`; None when tokens existed already.
     admin_token: Option<String>,
@@ -352,6 +367,9 @@ impl Handle {
 /// Opens the store, binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<Handle, ServerError> {
     config.validate()?;
+    // The operator's certificate is read (and checked) before anything else starts.
+    let operator_cert =
+        crate::tls::operator_pair(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
     let url = config.db_url();
     let db_lock = lock_sqlite(&url)?;
     let store = Store::open(&url)
@@ -429,6 +447,36 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             source,
         })?;
 
+    let grpc_tls = crate::tls::wanted(grpc_addr, operator_cert.is_some(), config.tls_on_loopback);
+    let http_tls = crate::tls::wanted(http_addr, operator_cert.is_some(), config.tls_on_loopback);
+    let api_cert = if !(grpc_tls || http_tls) {
+        None
+    } else if let Some(c) = operator_cert {
+        Some(c)
+    } else {
+        let (chain_pem, key_pem) =
+            ca.server_identity(&server_names(&config, &[grpc_addr, http_addr]))?;
+        Some(crate::tls::ServerCert {
+            chain_pem,
+            key_pem,
+            source: crate::tls::CertSource::HiveCa,
+        })
+    };
+    let http_tls_config = match (&api_cert, http_tls) {
+        (Some(c), true) => Some(crate::tls::rustls_config(c)?),
+        _ => None,
+    };
+    for (what, addr, tls) in [("gRPC", grpc_addr, grpc_tls), ("HTTP", http_addr, http_tls)] {
+        match (tls, &api_cert) {
+            (true, Some(c)) => tracing::info!(%addr, certificate = match c.source {
+                crate::tls::CertSource::Operator => "--tls-cert",
+                crate::tls::CertSource::HiveCa => "signed by the hive's CA (clients pin ca_sha256)",
+            }, "{what} listener: TLS"),
+            _ => tracing::warn!(%addr, "{what} listener: PLAINTEXT, on loopback only (this \
+                host's processes); any other address gets TLS"),
+        }
+    }
+
     let regions = crate::regions::Regions::new(
         &config.hive_name,
         &config.region,
@@ -436,6 +484,16 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         config.peer_ca_file.as_deref(),
     )?;
     check_identity(&store, &ca, &sealer, &regions).await?;
+    // Webhook secrets are sealed with the same key as project secrets; rows from before that
+    // are sealed now (idempotent; another control plane doing the same at once is fine).
+    store.set_sealer(sealer.clone());
+    let sealed = store.seal_webhook_secrets().await?;
+    if sealed > 0 {
+        tracing::info!(
+            sealed,
+            "webhook secrets stored in plaintext by an older version are now sealed"
+        );
+    }
     let (bus, notes) = match store.kind() {
         crate::store::DbKind::Postgres => {
             let (bus, rx) = Bus::shared();
@@ -513,12 +571,30 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
     ));
     let app = crate::http::router(hive.clone(), config.http_timeout, config.http_concurrency);
     let mut stop = shutdown_rx.clone();
+    let http_listener = match http_tls_config {
+        Some(tls) => HttpListener::Tls(
+            crate::tls::TlsListener::new(http_listener, tls, shutdown_rx.clone()).map_err(
+                |source| ServerError::Bind {
+                    what: "HTTP",
+                    addr: http_addr,
+                    source,
+                },
+            )?,
+        ),
+        None => HttpListener::Plain(http_listener),
+    };
     let http_task = tokio::spawn(async move {
-        let served = axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let served = match http_listener {
+            HttpListener::Plain(plain) => {
+                axum::serve(plain, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            HttpListener::Tls(tls) => axum::serve(tls, app).with_graceful_shutdown(stopped).await,
+        };
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server failed");
         }
@@ -555,8 +631,19 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
             .max_encoding_message_size(GRPC_MESSAGE_LIMIT)
     });
     let grpc_streams = config.grpc_streams_per_connection;
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let (true, Some(c)) = (grpc_tls, &api_cert) {
+        use tonic::transport::{Identity, ServerTlsConfig};
+        grpc_builder = grpc_builder
+            .tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&c.chain_pem, &c.key_pem))
+                    .timeout(crate::tls::HANDSHAKE_TIMEOUT),
+            )
+            .map_err(|e| ServerError::Config(format!("gRPC listener TLS: {e}")))?;
+    }
     let grpc_task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let served = grpc_builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(Some(grpc_streams))
@@ -610,6 +697,8 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         http_addr,
         grpc_addr,
         box_addr,
+        grpc_tls,
+        http_tls,
         admin_token,
         hive,
         shutdown_tx,
@@ -620,6 +709,12 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         intake_task,
         _db_lock: db_lock,
     })
+}
+
+/// The HTTP listener as bound: plaintext (loopback) or TLS.
+enum HttpListener {
+    Plain(TcpListener),
+    Tls(crate::tls::TlsListener),
 }
 
 /// One control plane per SQLite file: two would each think their scheduler and box sessions
@@ -700,9 +795,9 @@ async fn check_identity(
     Ok(())
 }
 
-/// The names the box listener's certificate is valid for: the configured ones, `localhost`,
-/// the loopback addresses, this host's name and the listener's own IP when it is a specific one.
-fn server_names(config: &Config, box_addr: SocketAddr) -> Vec<String> {
+/// The names a listener certificate from the CA is valid for: the configured ones, `localhost`,
+/// the loopback addresses, this host's name and the listeners' own IPs when they are specific.
+fn server_names(config: &Config, addrs: &[SocketAddr]) -> Vec<String> {
     let mut names = config.tls_sans.clone();
     names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
@@ -710,8 +805,10 @@ fn server_names(config: &Config, box_addr: SocketAddr) -> Vec<String> {
             names.push(h.trim().to_string());
         }
     }
-    if !box_addr.ip().is_unspecified() {
-        names.push(box_addr.ip().to_string());
+    for addr in addrs {
+        if !addr.ip().is_unspecified() {
+            names.push(addr.ip().to_string());
+        }
     }
     let mut seen = std::collections::BTreeSet::new();
     names.retain(|n| seen.insert(n.clone()));
@@ -729,12 +826,14 @@ fn serve_boxes(
     mut stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, ServerError> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let names = server_names(config, box_addr);
+    let names = server_names(config, &[box_addr]);
     let (chain, key) = hive.ca.server_identity(&names)?;
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(chain, key))
         .client_ca_root(Certificate::from_pem(hive.ca.cert_pem()))
-        .client_auth_optional(true);
+        .client_auth_optional(true)
+        // A peer that connects and never finishes its handshake holds nothing for longer.
+        .timeout(crate::tls::HANDSHAKE_TIMEOUT);
     let builder = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|e| ServerError::Config(format!("box listener TLS: {e}")))?;
@@ -742,6 +841,13 @@ fn serve_boxes(
     let agent = BoxAgentService::new(hive.clone());
     let connector = ConnectorService { hive: hive.clone() };
     let streams = config.grpc_streams_per_connection;
+    // Bounded: a peer (or many) holding connections open cannot take every socket.
+    let incoming = crate::tls::limited_incoming(
+        listener,
+        crate::tls::BOX_MAX_CONNECTIONS,
+        crate::tls::BOX_MAX_PER_IP,
+        stop.clone(),
+    );
     Ok(tokio::spawn(async move {
         let served = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -757,12 +863,9 @@ fn serve_boxes(
                     .max_decoding_message_size(GRPC_MESSAGE_LIMIT)
                     .max_encoding_message_size(GRPC_MESSAGE_LIMIT),
             )
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "box listener failed");

@@ -58,6 +58,8 @@ const RPCS: &[(&str, usize)] = &[
     ("AddConnector", 3),
     ("RemoveConnector", 3),
     ("CreateJoinToken", 3),
+    ("ListJoinTokens", 3),
+    ("RevokeJoinToken", 3),
     ("RevokeBox", 3),
     ("CreateToken", 3),
     ("ListTokens", 3),
@@ -162,11 +164,20 @@ async fn call(api: &mut Api, rpc: &str) -> Result<(), Status> {
             })
             .await
             .map(drop),
+        "ListJoinTokens" => api
+            .list_join_tokens(pb::ListJoinTokensRequest {})
+            .await
+            .map(drop),
+        "RevokeJoinToken" => api
+            .revoke_join_token(pb::RevokeJoinTokenRequest { id: nope() })
+            .await
+            .map(drop),
         "SetSecret" => api
             .set_secret(pb::SetSecretRequest {
                 project: nope(),
                 name: "X".into(),
                 value: "never-stored".into(),
+                ..Default::default()
             })
             .await
             .map(drop),

@@ -254,7 +254,9 @@ async fn a_joined_box_is_its_certificate_and_nobody_else(url: String) {
     other.shutdown().await;
     other_db.drop_db().await;
 
-    // Renewal: a new certificate for the same box, which works.
+    // Renewal: a new certificate for the same box, which works, once a third of the
+    // certificate's life is left (here: its record made 29 of its 30 days old).
+    age_certs(&url, "box-a").await;
     let (key_r, csr) = key_and_csr("whatever");
     let ch = channel(&h, h.ca_pem(), Some(id_a.clone())).await.unwrap();
     let renewed = BoxAgentClient::new(ch)
@@ -400,5 +402,224 @@ async fn a_plaintext_session_cannot_speak_for_a_joined_box(url: String) {
     };
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     drop(tx);
+    h.shutdown().await;
+}
+
+/// Makes `box_id`'s certificate records 29 days into a 30-day life (what the renewal check
+/// reads), as if the box had run that long.
+async fn age_certs(url: &str, box_id: &str) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    let now = hive_sys::now_ms() as i64;
+    let day = 86_400_000i64;
+    sqlx::query("UPDATE box_certs SET issued_at_ms = $1, not_after_ms = $2 WHERE box_id = $3")
+        .bind(now - 29 * day)
+        .bind(now + day)
+        .bind(box_id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+hive_testkit::on_both!(db => join_checks_the_token_first_and_renewal_waits_for_its_time);
+
+/// A caller without a usable join token gets nothing parsed or signed (it is told about the
+/// token, not about its request); a box cannot mint itself fresh certificates at will: a
+/// renewal while more than a third of the life is left is refused, saying when it is due.
+async fn join_checks_the_token_first_and_renewal_waits_for_its_time(url: String) {
+    let h = secure(&url).await;
+    let token = join_token(&h, "", 600).await;
+    let (key, reply) = join(&h, &token, "box-r").await.expect("joins");
+    // The token again (used), with a request that is not a CSR at all.
+    let ch = channel(&h, h.ca_pem(), None).await.unwrap();
+    let e = BoxAgentClient::new(ch)
+        .join(JoinRequest {
+            token: token.clone(),
+            box_id: "box-r2".into(),
+            csr_der: b"not a certificate request".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("already used"), "{}", e.message());
+
+    // Renewing right after joining: refused, and no certificate recorded.
+    let id = identity(&key, &reply);
+    let ch = channel(&h, h.ca_pem(), Some(id.clone())).await.unwrap();
+    let (_, csr) = key_and_csr("box-r");
+    let e = BoxAgentClient::new(ch.clone())
+        .renew_certificate(RenewCertificateRequest { csr_der: csr })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("a third") && e.message().contains("box-r"),
+        "{}",
+        e.message()
+    );
+    // When it is due, it is renewed.
+    age_certs(&url, "box-r").await;
+    let (_, csr) = key_and_csr("box-r");
+    let renewed = BoxAgentClient::new(ch)
+        .renew_certificate(RenewCertificateRequest { csr_der: csr })
+        .await
+        .expect("renewal when due")
+        .into_inner();
+    assert_eq!(renewed.box_id, "box-r");
+    h.shutdown().await;
+}
+
+hive_testkit::on_both!(db => join_tokens_are_listed_revoked_and_purged);
+
+/// An admin sees the join tokens (never a secret) and withdraws one that leaked before a box
+/// used it: the box that tries it is refused. Only admins list or revoke, each revocation is
+/// audited, and retention deletes used and expired tokens and expired or revoked certificates
+/// (a purged revoked certificate stays refused).
+async fn join_tokens_are_listed_revoked_and_purged(url: String) {
+    use hive_proto::v1::{ListAuditRequest, ListJoinTokensRequest, RevokeJoinTokenRequest};
+    let h = secure(&url).await;
+    let mut admin = api(&h).await;
+    let leaked = join_token(&h, "", 600).await;
+    let good = join_token(&h, "box-j", 600).await;
+    let listed = admin
+        .list_join_tokens(ListJoinTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(listed.len(), 2);
+    let shown = format!("{listed:?}");
+    for t in [&leaked, &good] {
+        let secret = t.split('.').nth(2).unwrap();
+        assert!(!shown.contains(secret), "a token's secret was listed");
+    }
+    let leaked_id = leaked.split('.').nth(1).unwrap().to_string();
+    assert!(listed
+        .iter()
+        .any(|t| t.id == leaked_id && t.used_at_ms == 0));
+
+    // An operator may neither list nor revoke.
+    let operator = admin
+        .create_token(CreateTokenRequest {
+            role: "operator".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut op = api_as(&h, &operator).await;
+    let e = op
+        .list_join_tokens(ListJoinTokensRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = op
+        .revoke_join_token(RevokeJoinTokenRequest {
+            id: leaked_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // Revoked (by the whole token, as pasted): whoever holds it cannot join.
+    admin
+        .revoke_join_token(RevokeJoinTokenRequest { id: leaked.clone() })
+        .await
+        .expect("admin revokes");
+    let Err(e) = join(&h, &leaked, "box-thief").await else {
+        panic!("a revoked join token let a box in")
+    };
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = admin
+        .revoke_join_token(RevokeJoinTokenRequest {
+            id: leaked_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // A used token: nothing to revoke, and the message says what would shut the box out.
+    let (_, _) = join(&h, &good, "box-j").await.expect("box-j joins");
+    let good_id = good.split('.').nth(1).unwrap().to_string();
+    let e = admin
+        .revoke_join_token(RevokeJoinTokenRequest { id: good_id })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("box revoke box-j"), "{}", e.message());
+    let audit = admin
+        .list_audit(ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        format!("{audit:?}").contains("RevokeJoinToken"),
+        "revocation audited"
+    );
+
+    // Retention: box-j revoked; everything used, expired or revoked before the cutoff goes.
+    admin
+        .revoke_box(BoxActionRequest {
+            box_id: "box-j".into(),
+        })
+        .await
+        .unwrap();
+    let unused = join_token(&h, "", 600).await;
+    let future = hive_sys::now_ms() as i64 + 1000;
+    let p = h.store().purge_credentials_before(future).await.unwrap();
+    assert_eq!(p.join_tokens, 1, "the used token (the unused one is kept)");
+    assert_eq!(p.box_certs, 1, "box-j's revoked certificate");
+    let left = admin
+        .list_join_tokens(ListJoinTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, unused.split('.').nth(1).unwrap());
+    h.shutdown().await;
+}
+
+hive_testkit::on_both!(db => the_box_listener_bounds_connections_and_drops_silent_peers);
+
+/// A peer that opens connections and says nothing cannot hold the box listener: one address
+/// gets at most `BOX_MAX_PER_IP` connections (more are closed at once), and a connection that
+/// has not finished its TLS handshake within the deadline is closed, freeing its slot.
+async fn the_box_listener_bounds_connections_and_drops_silent_peers(url: String) {
+    use hive_control_plane::tls::{BOX_MAX_PER_IP, HANDSHAKE_TIMEOUT};
+    use tokio::io::AsyncReadExt;
+    let h = secure(&url).await;
+    let addr = format!("127.0.0.1:{}", h.box_addr.port());
+    let mut held = Vec::new();
+    for _ in 0..BOX_MAX_PER_IP {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let closed = |r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>| {
+        matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+    };
+    let mut buf = [0u8; 1];
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut buf)).await;
+    assert!(closed(r), "one connection past the limit is closed at once");
+    let t0 = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT + Duration::from_secs(5),
+        held[0].read(&mut buf),
+    )
+    .await;
+    assert!(
+        closed(r),
+        "a silent peer is dropped at the handshake deadline"
+    );
+    assert!(t0.elapsed() <= HANDSHAKE_TIMEOUT + Duration::from_secs(5));
+    drop(held);
+    // Their slots are free again: a box joins from the same address.
+    // (The server sees them close on its next read.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let token = join_token(&h, "", 600).await;
+    join(&h, &token, "box-after")
+        .await
+        .expect("a box joins once the silent peers are gone");
     h.shutdown().await;
 }

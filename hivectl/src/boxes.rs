@@ -1,11 +1,11 @@
 //! `boxes`, `cells`, `box cordon|drain` and `classes`: the fleet and its cell shapes.
 
 use hive_proto::v1::{
-    BoxActionRequest, CreateJoinTokenRequest, ListBoxesRequest, ListCellsRequest,
-    ListSizeClassesRequest,
+    BoxActionRequest, CreateJoinTokenRequest, JoinTokenInfo, ListBoxesRequest, ListCellsRequest,
+    ListJoinTokensRequest, ListSizeClassesRequest, RevokeJoinTokenRequest,
 };
 
-use crate::cli::BoxCommand;
+use crate::cli::{BoxCommand, JoinTokenAction};
 use crate::ctl::{CliError, Ctl};
 use crate::render;
 
@@ -55,9 +55,19 @@ pub(crate) async fn action(ctl: &mut Ctl, cmd: BoxCommand, now: i64) -> Result<(
         BoxCommand::Drain { id } => ("drain", id.clone()),
         BoxCommand::Forget { id } => ("forget", id.clone()),
         BoxCommand::Revoke { id } => ("revoke", id.clone()),
-        BoxCommand::JoinToken { ttl, box_id } => {
-            return join_token(ctl, *ttl, box_id.clone()).await
-        }
+        BoxCommand::JoinToken {
+            action: Some(JoinTokenAction::List),
+            ..
+        } => return list_join_tokens(ctl, now).await,
+        BoxCommand::JoinToken {
+            action: Some(JoinTokenAction::Revoke { id }),
+            ..
+        } => return revoke_join_token(ctl, id.clone()).await,
+        BoxCommand::JoinToken {
+            action: None,
+            ttl,
+            box_id,
+        } => return join_token(ctl, *ttl, box_id.clone()).await,
     };
     let req = BoxActionRequest { box_id: id.clone() };
     let r = match cmd {
@@ -132,6 +142,80 @@ async fn join_token(ctl: &mut Ctl, ttl: u64, box_id: Option<String>) -> Result<(
     );
 
     ctl.out(&format!("{}\n", r.token))
+}
+
+fn join_token_state(t: &JoinTokenInfo, now: i64) -> String {
+    if t.used_at_ms != 0 {
+        format!("used by {}", t.used_by)
+    } else if t.expires_at_ms <= now {
+        "expired".to_string()
+    } else {
+        "unused".to_string()
+    }
+}
+
+fn join_token_json(t: &JoinTokenInfo, now: i64) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id,
+        "box_id": t.box_id,
+        "state": join_token_state(t, now).split(' ').next().unwrap_or_default(),
+        "used_by": t.used_by,
+        "created_at": render::time_json(t.created_at_ms),
+        "created_by": t.created_by,
+        "expires_at": render::time_json(t.expires_at_ms),
+        "used_at": render::time_json(t.used_at_ms),
+    })
+}
+
+/// `box join-token list`.
+async fn list_join_tokens(ctl: &mut Ctl, now: i64) -> Result<(), CliError> {
+    let ts = ctl
+        .client
+        .list_join_tokens(ListJoinTokensRequest {})
+        .await
+        .map_err(|s| ctl.status("list join tokens", s))?
+        .into_inner()
+        .tokens;
+    if ctl.json {
+        return ctl.out_json(&serde_json::Value::Array(
+            ts.iter().map(|t| join_token_json(t, now)).collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = ts
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                render::dash(&t.box_id),
+                join_token_state(t, now),
+                render::ago(t.created_at_ms, now),
+                render::iso(t.expires_at_ms),
+                t.created_by.clone(),
+            ]
+        })
+        .collect();
+    ctl.out(&render::table(
+        &["ID", "FOR BOX", "STATE", "MADE", "EXPIRES", "BY"],
+        &rows,
+    ))
+}
+
+/// `box join-token revoke ID`.
+async fn revoke_join_token(ctl: &mut Ctl, id: String) -> Result<(), CliError> {
+    let t = ctl
+        .client
+        .revoke_join_token(RevokeJoinTokenRequest { id: id.clone() })
+        .await
+        .map_err(|s| ctl.status(format!("revoke join token {id}"), s))?
+        .into_inner();
+    if ctl.json {
+        ctl.out_json(&serde_json::json!({ "revoked": t.id }))
+    } else {
+        ctl.out(&format!(
+            "join token {} revoked: no box can join with it\n",
+            t.id
+        ))
+    }
 }
 
 /// `classes`.

@@ -8,7 +8,8 @@ pub(crate) const EXIT_CODES: &str = "\
 Exit codes:
   0   success (for `logs -f`, `watch`, `submit --wait`: the build succeeded)
   1   the control plane refused the request (invalid input, already exists, ...) or failed
-  2   bad command line (unknown flag, missing argument, bad --addr)
+  2   bad command line (unknown flag, missing argument, bad --addr), or a TLS trust problem
+      (no --ca-sha256/--ca-file for https://, or the server's CA is not the one given)
   3   cannot reach the control plane (not running, wrong --addr, connection lost)
   4   not found (project, build or box)
   5   not authenticated (no, unknown or revoked token) or not permitted (the token's role)
@@ -18,7 +19,9 @@ Exit codes:
   130 interrupted (SIGINT/SIGTERM) while waiting
 
 Environment: HIVE_ADDR (same as --addr), HIVE_TOKEN (same as --token), HIVE_TOKEN_FILE
-(same as --token-file). On its first start the control plane writes an admin token to
+(same as --token-file), HIVE_CA_SHA256 (--ca-sha256), HIVE_CA_FILE (--ca-file).
+A control plane on another host is dialled as https://HOST:PORT with --ca-sha256 or --ca-file;
+plain http:// is for loopback only (the token would cross the network in the clear). On its first start the control plane writes an admin token to
 <data-dir>/admin.token: export HIVE_TOKEN=$(cat <data-dir>/admin.token).";
 
 /// Operator CLI for a Hive control plane.
@@ -55,6 +58,14 @@ pub(crate) struct Cli {
     /// Read the API token from this file (used when --token / HIVE_TOKEN is not set).
     #[arg(long, env = "HIVE_TOKEN_FILE", global = true, value_name = "PATH")]
     pub(crate) token_file: Option<std::path::PathBuf>,
+    /// SHA-256 (hex) of the hive's CA certificate, to trust an https:// --addr by (the control
+    /// plane logs it at start as ca_sha256; join tokens carry it too).
+    #[arg(long, env = "HIVE_CA_SHA256", global = true, value_name = "HEX")]
+    pub(crate) ca_sha256: Option<String>,
+    /// PEM file of the CA to trust an https:// --addr by (the hive's <data-dir>/pki/ca.pem, or
+    /// the CA of the operator's --tls-cert); used instead of --ca-sha256.
+    #[arg(long, env = "HIVE_CA_FILE", global = true, value_name = "PATH")]
+    pub(crate) ca_file: Option<std::path::PathBuf>,
     /// Give up connecting after this many seconds.
     #[arg(long, default_value_t = 5, global = true, value_name = "SECS")]
     pub(crate) connect_timeout: u64,
@@ -191,8 +202,15 @@ pub(crate) enum SecretCommand {
         project: String,
         /// The environment variable the steps see it as ([A-Za-z_][A-Za-z0-9_]*, not HIVE_*).
         name: String,
+        /// Which builds get it, comma-separated globs: branch names (`main,release/*`), full
+        /// refs (`refs/tags/v*`), or `*` for every build (any branch, tag or revision; also
+        /// builds of branches anyone with push access can make). Default: the project's
+        /// branch pattern, so a build of another branch or a tag does not see it.
+        #[arg(long, value_name = "GLOBS")]
+        refs: Option<String>,
     },
-    /// List a project's secrets: names and when they were set, never values.
+    /// List a project's secrets: names, the refs that get them and when they were set, never
+    /// values.
     List {
         /// Project name or id.
         project: String,
@@ -428,8 +446,12 @@ pub(crate) enum BoxCommand {
     },
     /// Print a one-time token a new box joins with (admin): `hive-box --join-token TOKEN`
     /// (HIVE_BOX_JOIN_TOKEN). It also pins this control plane's CA. The token alone goes to
-    /// stdout; how to use it, to stderr.
+    /// stdout; how to use it, to stderr. `join-token list` and `join-token revoke ID` show
+    /// and withdraw tokens.
+    #[command(args_conflicts_with_subcommands = true)]
     JoinToken {
+        #[command(subcommand)]
+        action: Option<JoinTokenAction>,
         /// How long the token may be used: SECS, or with a unit (90s, 30m, 2h, 1d); at most 7d.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: u64,
@@ -443,6 +465,18 @@ pub(crate) enum BoxCommand {
     /// handled as for a lost box. To bring the machine back, join it again with a new token.
     Revoke {
         /// Box id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum JoinTokenAction {
+    /// The join tokens kept (admin): id, the box it is for, unused / used by / expired, who
+    /// made it. Never a secret. Used and expired ones go with retention.
+    List,
+    /// Withdraw an unused join token (admin): no box can join with it any more.
+    Revoke {
+        /// Its id (from `join-token list`), or the whole token.
         id: String,
     },
 }

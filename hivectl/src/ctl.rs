@@ -30,6 +30,8 @@ pub(crate) enum CliError {
     Denied { what: String, message: String },
     #[error("API token: {0}")]
     BadToken(String),
+    #[error("TLS: {why}")]
+    BadTrust { why: String },
     #[error("{what}: {message}")]
     Refused { what: String, message: String },
     #[error("write output: {0}")]
@@ -53,7 +55,7 @@ pub(crate) enum CliError {
 impl CliError {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
-            CliError::BadAddr { .. } | CliError::BadToken(_) => 2,
+            CliError::BadAddr { .. } | CliError::BadToken(_) | CliError::BadTrust { .. } => 2,
             CliError::Unreachable { .. } | CliError::StreamCut { .. } => 3,
             CliError::NotFound { .. } => 4,
             CliError::Denied { .. } => 5,
@@ -102,6 +104,111 @@ pub(crate) fn token(
     Bearer::new(&text).map_err(|e| CliError::BadToken(e.to_string()))
 }
 
+/// What an https:// control plane is trusted by: its CA's SHA-256 or a CA file.
+pub(crate) enum Trust {
+    None,
+    Pin(String),
+    CaPem(String),
+}
+
+impl Trust {
+    pub(crate) fn new(
+        pin: Option<&str>,
+        file: Option<&std::path::Path>,
+    ) -> Result<Trust, CliError> {
+        if let Some(path) = file {
+            let pem = std::fs::read_to_string(path).map_err(|e| CliError::BadTrust {
+                why: format!("read --ca-file {}: {e}", path.display()),
+            })?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(CliError::BadTrust {
+                    why: format!(
+                        "--ca-file {} holds no PEM certificate (expected e.g. the hive's \
+                         <data-dir>/pki/ca.pem)",
+                        path.display()
+                    ),
+                });
+            }
+            return Ok(Trust::CaPem(pem));
+        }
+        match pin.map(str::trim).filter(|p| !p.is_empty()) {
+            None => Ok(Trust::None),
+            Some(p) => {
+                let p = p.strip_prefix("sha256:").unwrap_or(p).to_ascii_lowercase();
+                if p.len() != 64 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(CliError::BadTrust {
+                        why: "--ca-sha256 must be 64 hex digits (the control plane's log shows \
+                              it as ca_sha256=...)"
+                            .to_string(),
+                    });
+                }
+                Ok(Trust::Pin(p))
+            }
+        }
+    }
+}
+
+/// Whether `host` (from a URL) names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The endpoint for one address: plaintext only to loopback; https with the CA trusted.
+async fn endpoint(addr: &str, trust: &Trust) -> Result<Endpoint, CliError> {
+    let bad = |why: String| CliError::BadAddr {
+        addr: addr.to_string(),
+        why,
+    };
+    let endpoint = Endpoint::from_shared(addr.to_string())
+        .map_err(|e| bad(format!("{e} (expected e.g. http://127.0.0.1:50051)")))?;
+    let host = endpoint.uri().host().unwrap_or_default().to_string();
+    match endpoint.uri().scheme_str() {
+        Some("http") if is_loopback_host(&host) => Ok(endpoint),
+        Some("http") => Err(bad(format!(
+            "plain http:// to {host}, which is not this machine, would send your token in the \
+             clear, and the control plane serves only TLS there: use https://{host}:PORT with \
+             --ca-sha256 HEX (HIVE_CA_SHA256) or --ca-file PEM (HIVE_CA_FILE)"
+        ))),
+        Some("https") => {
+            let ca = match trust {
+                Trust::CaPem(pem) => pem.clone(),
+                Trust::Pin(pin) => {
+                    hive_proto::pin::fetch_pinned_ca(addr, pin)
+                        .await
+                        .map_err(|e| match e {
+                            hive_proto::pin::PinError::Reach(why) => CliError::Unreachable {
+                                addr: addr.to_string(),
+                                why,
+                            },
+                            other => CliError::BadTrust {
+                                why: format!("{addr}: {other}"),
+                            },
+                        })?
+                }
+                Trust::None => {
+                    return Err(CliError::BadTrust {
+                        why: format!(
+                            "{addr} is https: say which CA to trust with --ca-sha256 HEX \
+                             (HIVE_CA_SHA256; the control plane logs it at start as \
+                             ca_sha256=...) or --ca-file PEM (HIVE_CA_FILE; e.g. a copy of \
+                             the hive's <data-dir>/pki/ca.pem)"
+                        ),
+                    })
+                }
+            };
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            hive_proto::pin::endpoint(addr, name, &ca, None).map_err(bad)
+        }
+        _ => Err(bad(
+            "expected an http:// (loopback) or https:// URL, e.g. http://127.0.0.1:50051"
+                .to_string(),
+        )),
+    }
+}
+
 pub(crate) struct Ctl {
     pub(crate) addr: String,
     pub(crate) client: ControlPlaneClient<InterceptedService<Channel, Bearer>>,
@@ -112,35 +219,41 @@ impl Ctl {
     pub(crate) async fn connect(
         addrs: &str,
         token: Bearer,
+        trust: &Trust,
         timeout: Duration,
         json: bool,
     ) -> Result<Self, CliError> {
         // Several control planes of one hive: comma-separated, tried in turn; the first that
-        // answers serves the command.
-        let mut endpoints = Vec::new();
-        for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            let endpoint =
-                Endpoint::from_shared(addr.to_string()).map_err(|e| CliError::BadAddr {
-                    addr: addr.to_string(),
-                    why: format!("{e} (expected e.g. http://127.0.0.1:50051)"),
-                })?;
-            if endpoint.uri().scheme_str() != Some("http")
-                && endpoint.uri().scheme_str() != Some("https")
-            {
-                return Err(CliError::BadAddr {
-                    addr: addr.to_string(),
-                    why: "expected an http:// URL, e.g. http://127.0.0.1:50051".to_string(),
-                });
+        // answers serves the command. Every address is checked before any is dialled.
+        let addrs_list: Vec<&str> = addrs
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        for addr in &addrs_list {
+            if addr.starts_with("http://") {
+                endpoint(addr, &Trust::None).await?;
             }
-            endpoints.push((addr, endpoint));
+        }
+        let mut endpoints = Vec::new();
+        let mut last = None;
+        for addr in addrs_list {
+            match endpoint(addr, trust).await {
+                Ok(e) => endpoints.push((addr, e)),
+                // A control plane that does not answer the CA fetch: try the next one.
+                Err(e @ CliError::Unreachable { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
         }
         if endpoints.is_empty() {
+            if let Some(e) = last {
+                return Err(e);
+            }
             return Err(CliError::BadAddr {
                 addr: addrs.to_string(),
                 why: "no address given (expected e.g. http://127.0.0.1:50051)".to_string(),
             });
         }
-        let mut last = None;
         let mut reached = None;
         for (addr, endpoint) in endpoints {
             match tokio::time::timeout(timeout, endpoint.connect_timeout(timeout).connect()).await {

@@ -29,9 +29,11 @@ use crate::ctl::{CliError, Ctl};
 /// Connects, then hands the subcommand to its area.
 async fn run(cli: Cli) -> Result<(), CliError> {
     let token = ctl::token(cli.token, cli.token_file.as_deref())?;
+    let trust = ctl::Trust::new(cli.ca_sha256.as_deref(), cli.ca_file.as_deref())?;
     let mut ctl = Ctl::connect(
         &cli.addr,
         token,
+        &trust,
         Duration::from_secs(cli.connect_timeout.max(1)),
         cli.json,
     )
@@ -103,9 +105,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             name,
         }) => tokens::create(ctl, role, project, name, now).await,
         Command::Token(TokenCommand::List) => tokens::list(ctl, now).await,
-        Command::Secret(SecretCommand::Set { project, name }) => {
-            tokens::set_secret(ctl, project, name).await
-        }
+        Command::Secret(SecretCommand::Set {
+            project,
+            name,
+            refs,
+        }) => tokens::set_secret(ctl, project, name, refs).await,
         Command::Secret(SecretCommand::List { project }) => {
             tokens::list_secrets(ctl, project, now).await
         }

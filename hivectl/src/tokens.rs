@@ -170,6 +170,7 @@ pub(crate) async fn set_secret(
     ctl: &mut Ctl,
     project: String,
     name: String,
+    refs: Option<String>,
 ) -> Result<(), CliError> {
     use std::io::{IsTerminal, Read};
     if std::io::stdin().is_terminal() {
@@ -194,14 +195,18 @@ pub(crate) async fn set_secret(
             project: project.clone(),
             name: name.clone(),
             value,
+            refs: refs.unwrap_or_default(),
         })
         .await
         .map_err(|s| ctl.status(format!("set secret {name} of project {project}"), s))?
         .into_inner();
     if ctl.json {
-        ctl.out_json(&json!({ "project": r.project, "name": r.name, "updated_at": time_json(r.updated_at_ms) }))
+        ctl.out_json(&json!({ "project": r.project, "name": r.name, "refs": r.refs, "updated_at": time_json(r.updated_at_ms) }))
     } else {
-        ctl.out(&format!("secret {} of project {} set\n", r.name, r.project))
+        ctl.out(&format!(
+            "secret {} of project {} set, for builds of {}\n",
+            r.name, r.project, r.refs
+        ))
     }
 }
 
@@ -219,16 +224,16 @@ pub(crate) async fn list_secrets(ctl: &mut Ctl, project: String, now: i64) -> Re
         return ctl.out_json(&Value::Array(
             r.secrets
                 .iter()
-                .map(|s| json!({ "project": s.project, "name": s.name, "updated_at": time_json(s.updated_at_ms) }))
+                .map(|s| json!({ "project": s.project, "name": s.name, "refs": s.refs, "updated_at": time_json(s.updated_at_ms) }))
                 .collect(),
         ));
     }
     let rows: Vec<Vec<String>> = r
         .secrets
         .iter()
-        .map(|s| vec![s.name.clone(), ago(s.updated_at_ms, now)])
+        .map(|s| vec![s.name.clone(), s.refs.clone(), ago(s.updated_at_ms, now)])
         .collect();
-    ctl.out(&table(&["NAME", "SET"], &rows))
+    ctl.out(&table(&["NAME", "REFS", "SET"], &rows))
 }
 
 /// `secret rm`.

@@ -58,6 +58,32 @@ static BOX_PORTS: Mutex<BTreeMap<u16, u16>> = Mutex::new(BTreeMap::new());
 /// The CA's SHA-256 of each control plane this process started, by its gRPC port.
 static CA_PINS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
 
+/// The CA's SHA-256 of each gRPC or HTTP listener that serves TLS (off loopback, or
+/// `--tls-on-loopback`), by its port.
+static TLS_PINS: Mutex<BTreeMap<u16, String>> = Mutex::new(BTreeMap::new());
+
+/// The pin a TLS gRPC/HTTP listener of a control plane started here is trusted by, from its
+/// URL (`https://HOST:PORT[/...]`).
+pub fn tls_pin(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split('/').next()?;
+    let port: u16 = authority.rsplit(':').next()?.parse().ok()?;
+    TLS_PINS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&port)
+        .cloned()
+}
+
+/// The CA (PEM) of the TLS listener at `url` (of a control plane started here), fetched
+/// trusting its pin, as `hivectl --ca-sha256` does.
+pub async fn pinned_ca(url: &str) -> String {
+    let pin = tls_pin(url).unwrap_or_else(|| panic!("{url}: not a TLS listener started here"));
+    hive_proto::pin::fetch_pinned_ca(url, &pin)
+        .await
+        .unwrap_or_else(|e| panic!("pinned CA of {url}: {e}"))
+}
+
 /// For a control plane this process started (by its gRPC URL): its agent listener's URL
 /// (`https://127.0.0.1:PORT`) and its CA's SHA-256, what a connector is given.
 pub fn agent_link(grpc_url: &str) -> Option<(String, String)> {
@@ -127,6 +153,8 @@ pub fn join_box(grpc_url: &str) -> Option<(u16, String)> {
     // Callers name the control plane as a URL or as a bare HOST:PORT.
     let grpc_url = if grpc_url.contains("://") {
         grpc_url.to_string()
+    } else if tls_pin(&format!("https://{grpc_url}")).is_some() {
+        format!("https://{grpc_url}")
     } else {
         format!("http://{grpc_url}")
     };
@@ -192,9 +220,19 @@ pub async fn api(grpc_url: &str) -> Result<Api, tonic::transport::Error> {
 
 /// The operator API at `grpc_url` with `token` (empty: none).
 pub async fn api_with(grpc_url: &str, token: &str) -> Result<Api, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(grpc_url.to_string())?
-        .connect()
-        .await?;
+    let endpoint = if grpc_url.starts_with("https://") {
+        let ca = pinned_ca(grpc_url).await;
+        let host = grpc_url
+            .trim_start_matches("https://")
+            .rsplit_once(':')
+            .map_or("127.0.0.1", |(h, _)| h)
+            .to_string();
+        hive_proto::pin::endpoint(grpc_url, &host, &ca, None)
+            .unwrap_or_else(|e| panic!("TLS endpoint {grpc_url}: {e}"))
+    } else {
+        Endpoint::from_shared(grpc_url.to_string())?
+    };
+    let channel = endpoint.connect().await?;
     // A test's token is ours: it has the shape Bearer accepts.
     let bearer = Bearer::new(token).unwrap_or_else(|e| panic!("test token: {e}"));
     Ok(ControlPlaneClient::with_interceptor(channel, bearer))
@@ -300,6 +338,10 @@ pub struct ControlPlane {
     pub grpc_addr: String,
     /// The box listener (TLS; boxes join with a token from `hivectl box join-token`).
     pub box_addr: String,
+    /// Whether the gRPC and HTTP listeners serve TLS (off loopback, or `--tls-on-loopback`):
+    /// [`ControlPlane::grpc_url`] and [`ControlPlane::webhook_url`] are then `https://`.
+    pub grpc_tls: bool,
+    pub http_tls: bool,
     pub opts: ControlPlaneOptions,
     log_path: PathBuf,
     // Keeps the temp dir alive for the life of the harness (across restarts).
@@ -464,12 +506,30 @@ impl ControlPlane {
                     .insert(g, pin);
             }
         }
+        let ready_json = std::fs::read_to_string(&ready)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .unwrap_or_default();
+        let flag = |k: &str| ready_json[k].as_bool().unwrap_or(false);
+        let (grpc_tls, http_tls) = (flag("grpc_tls"), flag("http_tls"));
+        if let Some(pin) = ready_json["ca_sha256"].as_str() {
+            for (tls, addr) in [(grpc_tls, &grpc_addr), (http_tls, &http_addr)] {
+                if let (true, Some(port)) = (tls, port_of(addr)) {
+                    TLS_PINS
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(port, pin.to_string());
+                }
+            }
+        }
         let cp = Self {
             child: Some(child),
             data_dir,
             http_addr,
             grpc_addr,
             box_addr,
+            grpc_tls,
+            http_tls,
             opts,
             log_path,
             _tmp: tmp,
@@ -500,14 +560,16 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("connect to the control plane at {}: {e}", self.grpc_url()))
     }
 
-    /// `http://127.0.0.1:PORT` for gRPC clients.
+    /// `http://127.0.0.1:PORT` for gRPC clients (`https://` when it serves TLS).
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.grpc_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc_addr)
     }
 
-    /// `http://127.0.0.1:PORT/webhooks/github`.
+    /// `http://127.0.0.1:PORT/webhooks/github` (`https://` when it serves TLS).
     pub fn webhook_url(&self) -> String {
-        format!("http://{}/webhooks/github", self.http_addr)
+        let scheme = if self.http_tls { "https" } else { "http" };
+        format!("{scheme}://{}/webhooks/github", self.http_addr)
     }
 
     /// The process's log so far (for failure messages).
@@ -575,9 +637,16 @@ pub fn hivectl_with(addr: &str, token: &str, args: &[&str]) -> Result<Output, Ha
     ensure_built()?;
     let bin = hivectl_bin();
     let mut cmd = Command::new(&bin);
-    cmd.env_remove("HIVE_TOKEN").env_remove("HIVE_TOKEN_FILE");
+    cmd.env_remove("HIVE_TOKEN")
+        .env_remove("HIVE_TOKEN_FILE")
+        .env_remove("HIVE_CA_SHA256")
+        .env_remove("HIVE_CA_FILE");
     if !token.is_empty() {
         cmd.env("HIVE_TOKEN", token);
+    }
+    // A TLS control plane started here is trusted by its pin, as an operator would.
+    if let Some(pin) = addr.split(',').find_map(|a| tls_pin(a.trim())) {
+        cmd.env("HIVE_CA_SHA256", pin);
     }
     cmd.args(args)
         .env("HIVE_ADDR", addr)

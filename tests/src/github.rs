@@ -6,6 +6,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -20,6 +21,8 @@ pub enum WebhookError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error("POST {url} over TLS: {why}")]
+    Tls { url: String, why: String },
     #[error("read answer of {url}: {source}")]
     Body {
         url: String,
@@ -137,14 +140,17 @@ impl WebhookClient {
                 url: url.to_string(),
                 why: e.to_string(),
             })?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|source| WebhookError::Send {
-                url: url.to_string(),
-                source,
-            })?;
+        let resp = if url.starts_with("https://") {
+            send_tls(url, req).await?
+        } else {
+            self.client
+                .request(req)
+                .await
+                .map_err(|source| WebhookError::Send {
+                    url: url.to_string(),
+                    source,
+                })?
+        };
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -169,14 +175,17 @@ impl WebhookClient {
                 url: url.to_string(),
                 why: e.to_string(),
             })?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|source| WebhookError::Send {
-                url: url.to_string(),
-                source,
-            })?;
+        let resp = if url.starts_with("https://") {
+            send_tls(url, req).await?
+        } else {
+            self.client
+                .request(req)
+                .await
+                .map_err(|source| WebhookError::Send {
+                    url: url.to_string(),
+                    source,
+                })?
+        };
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -276,6 +285,52 @@ pub async fn send_raw(http_addr: &str, d: &Delivery<'_>) -> Result<Answer, std::
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok(Answer { status, body })
+}
+
+/// One request over a fresh TLS connection to an HTTP listener of a control plane started here,
+/// trusting its CA by the pin (as a webhook sender told the hive's CA would).
+async fn send_tls(
+    url: &str,
+    req: hyper::Request<Full<bytes::Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, WebhookError> {
+    use std::sync::Arc;
+    let tls = |why: String| WebhookError::Tls {
+        url: url.to_string(),
+        why,
+    };
+    let ca = crate::controlplane::pinned_ca(url).await;
+    let (host, port) = hive_proto::pin::host_port(url).map_err(tls)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| tls(e.to_string()))?)
+            .map_err(|e| tls(e.to_string()))?;
+    }
+    #[allow(deprecated)] // ring: what tonic's TLS uses too
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name =
+        rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| tls(e.to_string()))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| tls(e.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| tls(e.to_string()))?;
+    tokio::spawn(conn);
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| tls(e.to_string()))
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ hive_testkit::on_both!(
     session_without_register_is_refused_clearly,
     hivectl_needs_a_token_and_a_role,
     rebuild_runs_the_same_revision_again,
+    hivectl_speaks_tls_with_the_ca_pinned_and_never_plaintext_off_loopback,
 );
 
 /// Short leases and a fast scheduler so expiry tests take seconds.
@@ -1227,6 +1228,94 @@ async fn rebuild_runs_the_same_revision_again(backend: Backend) {
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("no-such-build"),
         "{missing:?}"
+    );
+    h.finish().await;
+}
+
+/// Issue 10: the operator API over TLS. A control plane with TLS on its listeners (here on
+/// loopback, `--tls-on-loopback`; off loopback it is always so) is reached with
+/// `https://` and the CA pinned (`--ca-sha256`) or given (`--ca-file`); without either, or with
+/// another CA's pin, hivectl says what to set; and a plain `http://` to another host is refused
+/// before anything is sent (the token would cross the network in the clear). A loopback
+/// listener without TLS says so in the log.
+async fn hivectl_speaks_tls_with_the_ca_pinned_and_never_plaintext_off_loopback(backend: Backend) {
+    let mut opts = fast();
+    opts.extra_args.push("--tls-on-loopback".into());
+    let Some(h) = TestHive::start(backend, "hivectl_tls", opts).await else {
+        return;
+    };
+    assert!(h.cp.grpc_tls && h.cp.http_tls, "TLS asked for on loopback");
+    let url = h.cp.grpc_url();
+    assert!(url.starts_with("https://"), "{url}");
+    let admin = h.cp.admin_token().expect("admin token");
+    let pin = hive_tests::controlplane::tls_pin(&url).expect("pin");
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(hivectl_bin());
+        for k in [
+            "HIVE_CA_SHA256",
+            "HIVE_CA_FILE",
+            "HIVE_TOKEN_FILE",
+            "RUST_LOG",
+        ] {
+            cmd.env_remove(k);
+        }
+        cmd.env("HIVE_TOKEN", &admin).env("HIVE_ADDR", &url);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run hivectl")
+    };
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let pinned = run(&[("HIVE_CA_SHA256", &pin)], &["builds"]);
+    assert!(pinned.status.success(), "{}", err(&pinned));
+    let ca_file = h.cp.data_dir.join("pki/ca.pem");
+    let by_file = run(&[], &["--ca-file", ca_file.to_str().unwrap(), "builds"]);
+    assert!(by_file.status.success(), "{}", err(&by_file));
+
+    let no_ca = run(&[], &["builds"]);
+    assert_eq!(no_ca.status.code(), Some(2), "{}", err(&no_ca));
+    assert!(
+        err(&no_ca).contains("--ca-sha256") && err(&no_ca).contains("--ca-file"),
+        "{}",
+        err(&no_ca)
+    );
+    let other = "ab".repeat(32);
+    let wrong = run(&[("HIVE_CA_SHA256", &other)], &["builds"]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", err(&wrong));
+    assert!(err(&wrong).contains("pinned CA"), "{}", err(&wrong));
+
+    // Plaintext to the TLS listener gets no answer.
+    let port = url.rsplit(':').next().unwrap();
+    let plain_url = format!("http://127.0.0.1:{port}");
+    let plain = run(&[("HIVE_ADDR", &plain_url)], &["builds"]);
+    assert!(!plain.status.success(), "plaintext answered");
+    // Plaintext to another host: refused before dialling (the .invalid name resolves nowhere,
+    // so nothing leaves this machine either way).
+    let remote = run(
+        &[("HIVE_ADDR", "http://hive-cp.invalid:50051")],
+        &["builds"],
+    );
+    assert_eq!(remote.status.code(), Some(2), "{}", err(&remote));
+    assert!(
+        err(&remote).contains("in the clear") && err(&remote).contains("https://hive-cp.invalid"),
+        "{}",
+        err(&remote)
+    );
+    h.finish().await;
+
+    // The default loopback listeners are plaintext, and the log says so.
+    let Some(h) = TestHive::start(backend, "hivectl_plain", fast()).await else {
+        return;
+    };
+    assert!(!h.cp.grpc_tls && h.cp.grpc_url().starts_with("http://"));
+    let log = h.cp.log();
+    assert!(
+        log.contains("gRPC listener: PLAINTEXT") && log.contains("HTTP listener: PLAINTEXT"),
+        "{log}"
     );
     h.finish().await;
 }

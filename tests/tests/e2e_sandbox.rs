@@ -524,6 +524,7 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
             project: "masked".into(),
             name: "API_TOKEN".into(),
             value: VALUE.into(),
+            ..Default::default()
         })
         .await
         .expect("set secret");

@@ -287,6 +287,8 @@ async fn put(
         nonce,
         sealed,
         updated_at_ms: crate::store::now_ms(),
+        // The clone needs them whatever the ref (they never reach the steps).
+        refs: "*".to_string(),
     };
     hive.store.set_secret(&row, audit).await?;
     Ok(())

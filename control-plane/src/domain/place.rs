@@ -90,8 +90,17 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
         hive.events.build_changed(&p.build_id);
         let mut assignment = assignment(hive, build, &p);
         // The clone's credentials go to the clone only, never into the steps' secrets.
-        let (steps_secrets, clone_auth) =
-            super::clone_access::split(secrets.get(&build.project_id).cloned().unwrap_or_default());
+        // Only the secrets this build's ref may see (`refglob::ref_allowed`).
+        let visible: HashMap<String, String> = secrets
+            .get(&build.project_id)
+            .map(|all| {
+                all.iter()
+                    .filter(|(_, (_, refs))| crate::refglob::ref_allowed(refs, &build.git_ref))
+                    .map(|(name, (value, _))| (name.clone(), value.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (steps_secrets, clone_auth) = super::clone_access::split(visible);
         assignment.secrets = steps_secrets;
         assignment.clone_auth = Some(clone_auth);
         if !hive
@@ -129,17 +138,17 @@ fn assignment(hive: &Hive, build: &BuildRow, p: &Placement) -> Assignment {
     }
 }
 
-/// The opened secrets of the projects of this round's builds (one read for the round). A
-/// secret that does not open (the key was replaced) is left out and said; the build runs
-/// without it, as it would have before the secret was set.
+/// The opened secrets of the projects of this round's builds (one read for the round), each
+/// with the refs it is limited to. A secret that does not open (the key was replaced) is left
+/// out and said; the build runs without it, as it would have before the secret was set.
 async fn secrets_for(
     hive: &Hive,
     plan: &[(Placement, &BuildRow, bool)],
-) -> Result<HashMap<String, HashMap<String, String>>, StoreError> {
+) -> Result<HashMap<String, HashMap<String, (String, String)>>, StoreError> {
     let mut ids: Vec<String> = plan.iter().map(|(_, b, _)| b.project_id.clone()).collect();
     ids.sort();
     ids.dedup();
-    let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut out: HashMap<String, HashMap<String, (String, String)>> = HashMap::new();
     for s in hive.store.secrets_of(&ids).await? {
         match hive
             .sealer
@@ -148,7 +157,7 @@ async fn secrets_for(
             Ok(v) => {
                 out.entry(s.project_id)
                     .or_default()
-                    .insert(s.name, String::from_utf8_lossy(&v).into_owned());
+                    .insert(s.name, (String::from_utf8_lossy(&v).into_owned(), s.refs));
             }
             Err(e) => {
                 tracing::error!(project_id = %s.project_id, name = %s.name, error = %e, "secret left out of the build");

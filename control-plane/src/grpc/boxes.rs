@@ -262,6 +262,9 @@ async fn holder(
         silent_for,
     }))
 }
+/// How much earlier than at a third of its life left a renewal is still taken (the box's
+/// clock and its idea of the issue time differ a little from ours).
+const RENEW_SLACK_MS: i64 = 10 * 60 * 1000;
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
@@ -427,6 +430,22 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             ));
         }
         validate_box_id(&req.box_id)?;
+        let hash = crate::auth::token_hash(&token.secret);
+        // The token first: without a usable one nothing is parsed or signed.
+        match self
+            .hive
+            .store
+            .check_join_token(&token.id, &hash, &req.box_id, now_ms())
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(refused)) => {
+                self.hive.metrics.box_violation("join");
+                tracing::warn!(box_id = %req.box_id, token = %token.id, ?peer, %refused, "join refused");
+                return Err(Status::permission_denied(refused.to_string()));
+            }
+            Err(e) => return Err(internal(e)),
+        }
         let issued = self
             .hive
             .ca
@@ -440,7 +459,6 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             not_after_ms: issued.not_after_ms,
             revoked_at_ms: 0,
         };
-        let hash = crate::auth::token_hash(&token.secret);
         match self.hive.store.join_box(&token.id, &hash, &row, now).await {
             Ok(Ok(())) => {}
             Ok(Err(refused)) => {
@@ -474,6 +492,34 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             ));
         }
         let who = self.certified(&request, "RenewCertificate").await?;
+        // A box renews when a third of its certificate's life is left; earlier is a box (or a
+        // stolen key) minting certificates: refused while more than a third is left (with a
+        // little slack for the box's clock).
+        if let Some(current) = self
+            .hive
+            .store
+            .box_cert(&who.serial)
+            .await
+            .map_err(internal)?
+        {
+            let now = now_ms();
+            let life = (current.not_after_ms - current.issued_at_ms).max(1);
+            let left = current.not_after_ms - now;
+            if left > life / 3 + RENEW_SLACK_MS {
+                self.hive.metrics.box_violation("renew");
+                let due_in_s = (left - life / 3) / 1000;
+                tracing::warn!(box_id = %who.box_id, serial = %who.serial, due_in_s,
+                    "certificate renewal refused: too early");
+                return Err(Status::failed_precondition(format!(
+                    "box {}'s certificate has {}h of its {}h left: it is renewed when a third \
+                     is left, in {}h; nothing to do until then",
+                    who.box_id,
+                    left / 3_600_000,
+                    life / 3_600_000,
+                    due_in_s / 3600
+                )));
+            }
+        }
         let req = request.into_inner();
         let issued = self
             .hive

@@ -31,6 +31,23 @@ pub struct BoxCertRow {
     pub revoked_at_ms: i64,
 }
 
+/// What revoking a join token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinTokenRevoke {
+    /// It was unused; it is gone now.
+    Revoked(JoinTokenRow),
+    /// A box already used it: nothing to revoke (the box is revoked with `box revoke`).
+    Used(JoinTokenRow),
+    Unknown,
+}
+
+/// What one retention pass deleted of join tokens and box certificates.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PurgedCredentials {
+    pub join_tokens: u64,
+    pub box_certs: u64,
+}
+
 /// Why a join was refused (each says what to do; none says more than the caller may know).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinRefused {
@@ -82,6 +99,114 @@ impl Store {
 
     /// Uses join token `id` (whose secret hashes to `secret_hash`) for `box_id` and records the
     /// certificate it bought, in one transaction: `Ok(Err(_))` when the token may not be used.
+    /// Whether a join with token `id` (its secret hashed to `secret_hash`) by `box_id` would
+    /// be let in now, as far as the token goes: read before anything is signed, so a caller
+    /// without a usable token costs the CA nothing. [`Store::join_box`] checks again, in the
+    /// transaction that uses the token.
+    pub async fn check_join_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        box_id: &str,
+        now_ms: i64,
+    ) -> Result<std::result::Result<(), JoinRefused>> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM join_tokens WHERE id = $1");
+        let row = sqlx::query_as::<_, JoinTokenRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("select join token"))?;
+        let hash: Option<String> =
+            sqlx::query_scalar("SELECT secret_hash FROM join_tokens WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("select join token hash"))?;
+        let (Some(row), Some(hash)) = (row, hash) else {
+            return Ok(Err(JoinRefused::Unknown));
+        };
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            hash.as_bytes(),
+            secret_hash.as_bytes(),
+        )) {
+            return Ok(Err(JoinRefused::Unknown));
+        }
+        if row.used_at_ms != 0 {
+            return Ok(Err(JoinRefused::Used(row.used_by)));
+        }
+        if row.expires_at_ms <= now_ms {
+            return Ok(Err(JoinRefused::Expired));
+        }
+        if !row.box_id.is_empty() && row.box_id != box_id {
+            return Ok(Err(JoinRefused::WrongBox(row.box_id)));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Every join token kept, newest first (never a secret's hash).
+    pub async fn list_join_tokens(&self) -> Result<Vec<JoinTokenRow>> {
+        let sql =
+            format!("SELECT {TOKEN_COLUMNS} FROM join_tokens ORDER BY created_at_ms DESC, id");
+        sqlx::query_as::<_, JoinTokenRow>(&sql)
+            .fetch_all(&self.reads)
+            .await
+            .map_err(q("list join tokens"))
+    }
+
+    /// Deletes join token `id` if no box used it, with the audit entry, in one transaction (a
+    /// join racing it either used it first or finds it gone).
+    pub async fn revoke_join_token(&self, id: &str, audit: &Audit) -> Result<JoinTokenRevoke> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM join_tokens WHERE id = $1");
+        in_tx!(self, "commit join token revocation", |tx| {
+            let row = sqlx::query_as::<_, JoinTokenRow>(&sql)
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(q("select join token"))?;
+            let Some(row) = row else {
+                return Ok(JoinTokenRevoke::Unknown);
+            };
+            let res = sqlx::query("DELETE FROM join_tokens WHERE id = $1 AND used_at_ms = 0")
+                .bind(id)
+                .execute(&mut **tx)
+                .await
+                .map_err(q("delete join token"))?;
+            if res.rows_affected() == 0 {
+                return Ok(JoinTokenRevoke::Used(row));
+            }
+            insert_audit_tx(tx, audit).await?;
+            Ok::<_, super::StoreError>(JoinTokenRevoke::Revoked(row))
+        })
+    }
+
+    /// Deletes join tokens that expired, or were used, before `cutoff_ms`, and box
+    /// certificates that expired, or were revoked, before it. Safe for revoked ones: a
+    /// certificate whose serial is not on record is refused like a revoked one.
+    pub async fn purge_credentials_before(&self, cutoff_ms: i64) -> Result<PurgedCredentials> {
+        let tokens = sqlx::query(
+            "DELETE FROM join_tokens WHERE expires_at_ms < $1 \
+             OR (used_at_ms <> 0 AND used_at_ms < $1)",
+        )
+        .bind(cutoff_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(q("purge join tokens"))?
+        .rows_affected();
+        let certs = sqlx::query(
+            "DELETE FROM box_certs WHERE not_after_ms < $1 \
+             OR (revoked_at_ms <> 0 AND revoked_at_ms < $1)",
+        )
+        .bind(cutoff_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(q("purge box certificates"))?
+        .rows_affected();
+        Ok(PurgedCredentials {
+            join_tokens: tokens,
+            box_certs: certs,
+        })
+    }
+
     pub async fn join_box(
         &self,
         id: &str,

@@ -58,7 +58,7 @@ mod tokens;
 
 pub use artifacts::{ArtifactRow, ArtifactTarget};
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
-pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRow};
+pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRevoke, JoinTokenRow, PurgedCredentials};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
 pub use builds::{BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::{Delivery, NewDelivery};

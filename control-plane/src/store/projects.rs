@@ -5,6 +5,12 @@
 //! ([`ProjectCache`]): one control plane serves a database, every project write goes through
 //! this module, and each drops the copy after its commit, so the next lookup reads the table
 //! again. A webhook then costs no database read before its group commit.
+//!
+//! The webhook secret is sealed at rest with the control plane's secrets key (set once at
+//! start, [`Store::set_sealer`]): the `secret` column holds the sealed value and
+//! `secret_nonce` its nonce; [`ProjectRow::secret`] is always the plaintext (the HMAC key),
+//! opened on read. A row from before sealing (empty nonce) is read as it is and sealed by
+//! [`Store::seal_webhook_secrets`] at start.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +19,7 @@ use super::audit::{insert_audit_tx, Audit};
 use super::{checked, from_json, new_id, now_ms, q, to_json, Result, Store, StoreError};
 use crate::cluster::{Bus, Note};
 
-/// A project as stored (the secret included: it is the webhook HMAC key).
+/// A project as read (the secret opened: it is the webhook HMAC key).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectRow {
     pub id: String,
@@ -50,8 +56,13 @@ pub struct NewProject {
     pub hive: String,
 }
 
-const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, branch, tags, size_class, \
-    private_network, steps_json, env_json, timeout_secs, created_at_ms, hive";
+const PROJECT_COLUMNS: &str = "id, name, repo_url, secret, secret_nonce, branch, tags, \
+    size_class, private_network, steps_json, env_json, timeout_secs, created_at_ms, hive";
+
+/// The name a webhook secret is sealed under (the associated data with the project id): no
+/// project secret can have it (names are environment variable names), so neither opens as
+/// the other.
+const WEBHOOK_SECRET_NAME: &str = "\0webhook";
 
 /// The matching key of a repository URL ([`crate::repo_url::RepoUrl::key`]); a URL that does
 /// not parse keeps its trimmed self, so it still matches only itself.
@@ -71,6 +82,9 @@ pub(crate) struct ProjectCache {
     inner: Mutex<CacheState>,
     /// Where project writes are announced to the other control planes (set once at start).
     bus: std::sync::OnceLock<Bus>,
+    /// What webhook secrets are sealed with (set once at start; without it, as in store
+    /// tests, new secrets are stored as given).
+    sealer: std::sync::OnceLock<crate::secrets::Sealer>,
 }
 
 /// How long a shared database's project copy is trusted without news.
@@ -123,6 +137,84 @@ impl Store {
         let _ = self.projects.bus.set(bus);
     }
 
+    /// Seals webhook secrets with `sealer` from now on (once; later calls are ignored).
+    pub fn set_sealer(&self, sealer: crate::secrets::Sealer) {
+        let _ = self.projects.sealer.set(sealer);
+    }
+
+    /// The webhook secret as stored for project `id`: (value, nonce), sealed when a sealer is
+    /// set; an empty secret stays empty.
+    fn seal_webhook(&self, id: &str, secret: &str) -> (String, String) {
+        match self.projects.sealer.get() {
+            Some(sealer) if !secret.is_empty() => {
+                let (nonce, sealed) = sealer.seal(id, WEBHOOK_SECRET_NAME, secret.as_bytes());
+                (sealed, nonce)
+            }
+            _ => (secret.to_string(), String::new()),
+        }
+    }
+
+    /// A row as read, its webhook secret opened.
+    fn project_row(&self, r: ProjectRecord) -> Result<ProjectRow> {
+        let secret = if r.secret_nonce.is_empty() {
+            r.secret.clone()
+        } else {
+            let sealer = self.projects.sealer.get().ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "project {}: its webhook secret is sealed, and no secrets key is loaded",
+                    r.name
+                ))
+            })?;
+            let plain = sealer
+                .open(&r.id, WEBHOOK_SECRET_NAME, &r.secret_nonce, &r.secret)
+                .map_err(|e| {
+                    StoreError::Corrupt(format!("project {}: webhook secret: {e}", r.name))
+                })?;
+            String::from_utf8(plain).map_err(|_| {
+                StoreError::Corrupt(format!("project {}: webhook secret is not UTF-8", r.name))
+            })?
+        };
+        let mut row = ProjectRow::try_from(r)?;
+        row.secret = secret;
+        Ok(row)
+    }
+
+    /// Seals every webhook secret still stored in plaintext (rows from before sealing);
+    /// returns how many this call sealed. Idempotent, and safe with several control planes on
+    /// one database: each row is written only while it is still the plaintext that was read,
+    /// so of two control planes sealing at once one wins and the other skips the row.
+    pub async fn seal_webhook_secrets(&self) -> Result<u64> {
+        if self.projects.sealer.get().is_none() {
+            return Ok(0);
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, secret FROM projects WHERE secret_nonce = '' AND secret <> ''",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("select plaintext webhook secrets"))?;
+        let mut sealed = 0;
+        for (id, plain) in rows {
+            let (value, nonce) = self.seal_webhook(&id, &plain);
+            let res = sqlx::query(
+                "UPDATE projects SET secret = $1, secret_nonce = $2 \
+                 WHERE id = $3 AND secret = $4 AND secret_nonce = ''",
+            )
+            .bind(&value)
+            .bind(&nonce)
+            .bind(&id)
+            .bind(&plain)
+            .execute(&self.pool)
+            .await
+            .map_err(q("seal webhook secret"))?;
+            sealed += res.rows_affected();
+        }
+        if sealed > 0 {
+            self.projects.invalidate();
+        }
+        Ok(sealed)
+    }
+
     /// Another control plane wrote a project (or notes may have been lost).
     pub fn invalidate_projects_here(&self) {
         self.projects.invalidate_here();
@@ -145,18 +237,20 @@ impl Store {
             created_at_ms: now_ms(),
             hive: p.hive.clone(),
         };
+        let (stored_secret, secret_nonce) = self.seal_webhook(&row.id, &row.secret);
         let mut tx = self.begin().await?;
         let res = sqlx::query(
             "INSERT INTO projects (id, name, repo_url, repo_key, secret, branch, size_class, \
-             private_network, steps_json, env_json, timeout_secs, created_at_ms, tags, hive) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             private_network, steps_json, env_json, timeout_secs, created_at_ms, tags, \
+             secret_nonce, hive) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(&row.id)
         .bind(&row.name)
         .bind(&row.repo_url)
         .bind(repo_key(&row.repo_url))
-        .bind(&row.secret)
+        .bind(&stored_secret)
         .bind(&row.branch)
         .bind(&row.size_class)
         .bind(&row.private_network)
@@ -165,6 +259,7 @@ impl Store {
         .bind(i64::from(row.timeout_secs))
         .bind(row.created_at_ms)
         .bind(&row.tags)
+        .bind(&secret_nonce)
         .bind(&row.hive)
         .execute(&mut *tx)
         .await
@@ -186,7 +281,7 @@ impl Store {
             .fetch_optional(&self.reads)
             .await
             .map_err(q("select project"))?;
-        row.map(ProjectRow::try_from).transpose()
+        row.map(|r| self.project_row(r)).transpose()
     }
 
     pub async fn list_projects(&self) -> Result<Vec<ProjectRow>> {
@@ -195,7 +290,7 @@ impl Store {
             .fetch_all(&self.reads)
             .await
             .map_err(q("list projects"))?;
-        rows.into_iter().map(ProjectRow::try_from).collect()
+        rows.into_iter().map(|r| self.project_row(r)).collect()
     }
 
     /// Deletes a project and records who did; its builds stay (they carry a snapshot). False
@@ -291,7 +386,7 @@ impl Store {
             .map_err(q("select projects by repository"))?;
         let all: Keyed = Arc::new(
             rows.into_iter()
-                .map(|r| ProjectRow::try_from(r).map(|p| (repo_key(&p.repo_url), p)))
+                .map(|r| self.project_row(r).map(|p| (repo_key(&p.repo_url), p)))
                 .collect::<Result<_>>()?,
         );
         self.projects.put(generation, all.clone());
@@ -306,6 +401,7 @@ struct ProjectRecord {
     name: String,
     repo_url: String,
     secret: String,
+    secret_nonce: String,
     branch: String,
     tags: String,
     size_class: String,

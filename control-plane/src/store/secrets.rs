@@ -12,6 +12,8 @@ pub struct SealedSecret {
     pub nonce: String,
     pub sealed: String,
     pub updated_at_ms: i64,
+    /// Which builds get it: comma-separated globs (`crate::refglob::ref_allowed`).
+    pub refs: String,
 }
 
 impl Store {
@@ -19,16 +21,17 @@ impl Store {
     pub async fn set_secret(&self, s: &SealedSecret, audit: &Audit) -> Result<()> {
         in_tx!(self, "commit secret", |tx| {
             sqlx::query(
-                "INSERT INTO project_secrets (project_id, name, nonce, sealed, updated_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (project_id, name) DO UPDATE SET \
-                 nonce = excluded.nonce, sealed = excluded.sealed, \
-                 updated_at_ms = excluded.updated_at_ms",
+                "INSERT INTO project_secrets (project_id, name, nonce, sealed, updated_at_ms, \
+                 refs) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (project_id, name) DO UPDATE \
+                 SET nonce = excluded.nonce, sealed = excluded.sealed, \
+                 updated_at_ms = excluded.updated_at_ms, refs = excluded.refs",
             )
             .bind(&s.project_id)
             .bind(&s.name)
             .bind(&s.nonce)
             .bind(&s.sealed)
             .bind(s.updated_at_ms)
+            .bind(&s.refs)
             .execute(&mut **tx)
             .await
             .map_err(q("upsert secret"))?;
@@ -39,7 +42,7 @@ impl Store {
     /// A project's secrets (names and times; the sealed values too, for the caller to drop).
     pub async fn list_secrets(&self, project_id: &str) -> Result<Vec<SealedSecret>> {
         sqlx::query_as::<_, SealedSecret>(
-            "SELECT project_id, name, nonce, sealed, updated_at_ms FROM project_secrets \
+            "SELECT project_id, name, nonce, sealed, updated_at_ms, refs FROM project_secrets \
              WHERE project_id = $1 ORDER BY name",
         )
         .bind(project_id)
@@ -55,7 +58,7 @@ impl Store {
         }
         let marks: Vec<String> = (1..=project_ids.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
-            "SELECT project_id, name, nonce, sealed, updated_at_ms FROM project_secrets \
+            "SELECT project_id, name, nonce, sealed, updated_at_ms, refs FROM project_secrets \
              WHERE project_id IN ({})",
             marks.join(", ")
         );

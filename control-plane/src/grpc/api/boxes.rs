@@ -172,6 +172,71 @@ pub(super) async fn create_join_token(
     }))
 }
 
+fn join_token_info(r: crate::store::JoinTokenRow) -> pb::JoinTokenInfo {
+    pb::JoinTokenInfo {
+        id: r.id,
+        box_id: r.box_id,
+        created_at_ms: r.created_at_ms,
+        created_by: r.created_by,
+        expires_at_ms: r.expires_at_ms,
+        used_at_ms: r.used_at_ms,
+        used_by: r.used_by,
+    }
+}
+
+pub(super) async fn list_join_tokens(
+    svc: &ControlPlaneService,
+    request: Request<pb::ListJoinTokensRequest>,
+) -> Result<Response<pb::ListJoinTokensReply>, Status> {
+    svc.caller(&request, "ListJoinTokens", Right::Admin).await?;
+    let rows = svc.hive.store.list_join_tokens().await.map_err(store_err)?;
+    Ok(Response::new(pb::ListJoinTokensReply {
+        tokens: rows.into_iter().map(join_token_info).collect(),
+    }))
+}
+
+pub(super) async fn revoke_join_token(
+    svc: &ControlPlaneService,
+    request: Request<pb::RevokeJoinTokenRequest>,
+) -> Result<Response<pb::JoinTokenInfo>, Status> {
+    let caller = svc
+        .caller(&request, "RevokeJoinToken", Right::Admin)
+        .await?;
+    let given = request.into_inner().id.trim().to_string();
+    // The id, or the whole token (whose id it takes).
+    let id = match given.parse::<hive_types::JoinToken>() {
+        Ok(t) => t.id,
+        Err(_) => given,
+    };
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Status::invalid_argument(format!(
+            "join token id {id:?}: expected the hex id `hivectl box join-token list` shows"
+        )));
+    }
+    let audit = caller.audit("RevokeJoinToken", &id);
+    match svc
+        .hive
+        .store
+        .revoke_join_token(&id, &audit)
+        .await
+        .map_err(store_err)?
+    {
+        crate::store::JoinTokenRevoke::Revoked(row) => {
+            tracing::info!(token = %id, by = %caller.name, "join token revoked");
+            Ok(Response::new(join_token_info(row)))
+        }
+        crate::store::JoinTokenRevoke::Used(row) => Err(Status::failed_precondition(format!(
+            "join token {id} was already used by box {}: nothing to revoke; to shut that box \
+             out, `hivectl box revoke {}`",
+            row.used_by, row.used_by
+        ))),
+        crate::store::JoinTokenRevoke::Unknown => Err(Status::not_found(format!(
+            "no join token {id} (`hivectl box join-token list` shows them; used and expired \
+             ones are purged by retention)"
+        ))),
+    }
+}
+
 pub(super) async fn revoke_box(
     svc: &ControlPlaneService,
     request: Request<pb::BoxActionRequest>,

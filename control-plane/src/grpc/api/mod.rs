@@ -282,6 +282,20 @@ impl pb::control_plane_server::ControlPlane for ControlPlaneService {
         boxes::create_join_token(self, request).await
     }
 
+    async fn list_join_tokens(
+        &self,
+        request: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensReply>, Status> {
+        boxes::list_join_tokens(self, request).await
+    }
+
+    async fn revoke_join_token(
+        &self,
+        request: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenInfo>, Status> {
+        boxes::revoke_join_token(self, request).await
+    }
+
     async fn revoke_box(
         &self,
         request: Request<pb::BoxActionRequest>,

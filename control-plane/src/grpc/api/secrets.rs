@@ -29,6 +29,19 @@ pub(super) async fn set_secret(
             req.name
         )));
     }
+    // Default: the project's branch pattern (GitHub's protected-branch model: a build of some
+    // other branch, which anyone who can push may make, does not get it).
+    let refs = match req.refs.trim() {
+        "" if p.branch.trim().is_empty() => "main".to_string(),
+        "" => p.branch.trim().to_string(),
+        given => given.to_string(),
+    };
+    crate::refglob::check_refs(&refs).map_err(|why| {
+        Status::invalid_argument(format!(
+            "secret {} refs {refs:?}: {why} (expected e.g. main,release/*,refs/tags/v* or *)",
+            req.name
+        ))
+    })?;
     let (nonce, sealed) = svc.hive.sealer.seal(&p.id, &req.name, req.value.as_bytes());
     let row = crate::store::SealedSecret {
         project_id: p.id.clone(),
@@ -36,8 +49,12 @@ pub(super) async fn set_secret(
         nonce,
         sealed,
         updated_at_ms: crate::store::now_ms(),
+        refs,
     };
-    let audit = caller.audit("SetSecret", format!("{}/{}", p.name, req.name));
+    let audit = caller.audit(
+        "SetSecret",
+        format!("{}/{} refs={}", p.name, req.name, row.refs),
+    );
     svc.hive
         .store
         .set_secret(&row, &audit)
@@ -48,6 +65,7 @@ pub(super) async fn set_secret(
         project: p.name,
         name: row.name,
         updated_at_ms: row.updated_at_ms,
+        refs: row.refs,
     }))
 }
 
@@ -70,6 +88,7 @@ pub(super) async fn list_secrets(
                 project: p.name.clone(),
                 name: r.name,
                 updated_at_ms: r.updated_at_ms,
+                refs: r.refs,
             })
             .collect(),
     }))

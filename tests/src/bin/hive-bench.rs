@@ -427,6 +427,33 @@ async fn commit_groups(client: &WebhookClient, url: &str) -> Result<String, Benc
     ))
 }
 
+/// Submits `n` builds of the bench project through `cp`'s API, `clients` at a time.
+async fn submit_builds(cp: &ControlPlane, n: usize, clients: usize) -> Result<Figures, BenchError> {
+    let chan = tonic::transport::Endpoint::from_shared(cp.grpc_url())
+        .map_err(|e| BenchError::Check(e.to_string()))?
+        .connect()
+        .await?;
+    let bearer = hive_proto::auth::Bearer::new(&cp.admin_token().unwrap_or_default())
+        .map_err(|e| BenchError::Check(e.to_string()))?;
+    drive(n, clients, move |_| {
+        let mut c = ControlPlaneClient::with_interceptor(chan.clone(), bearer.clone());
+        async move {
+            c.submit_build(SubmitBuildRequest {
+                project: "bench".into(),
+                revision: String::new(),
+                git_ref: "refs/heads/main".into(),
+            })
+            .await
+            .map_err(|source| BenchError::Grpc {
+                what: "SubmitBuild",
+                source,
+            })?;
+            Ok(())
+        }
+    })
+    .await
+}
+
 async fn schedule(
     cli: &Cli,
     builds: usize,
@@ -445,32 +472,7 @@ async fn schedule(
         let (cp, store) = start(cli, label).await?;
         create_project(&cp).await?;
         let grpc = cp.grpc_url();
-        let chan = tonic::transport::Endpoint::from_shared(grpc.clone())
-            .map_err(|e| BenchError::Check(e.to_string()))?
-            .connect()
-            .await?;
-        let bearer = hive_proto::auth::Bearer::new(&cp.admin_token().unwrap_or_default())
-            .map_err(|e| BenchError::Check(e.to_string()))?;
-        let submit = {
-            let chan = chan.clone();
-            drive(builds, clients, move |_| {
-                let mut c = ControlPlaneClient::with_interceptor(chan.clone(), bearer.clone());
-                async move {
-                    c.submit_build(SubmitBuildRequest {
-                        project: "bench".into(),
-                        revision: String::new(),
-                        git_ref: "refs/heads/main".into(),
-                    })
-                    .await
-                    .map_err(|source| BenchError::Grpc {
-                        what: "SubmitBuild",
-                        source,
-                    })?;
-                    Ok(())
-                }
-            })
-            .await?
-        };
+        let submit = submit_builds(&cp, builds, clients).await?;
 
         // Each box has room for its share (plus slack), warm: a pure placement measurement.
         let per_box = warm.unwrap_or(builds.div_ceil(boxes.max(1)) as u32 + 2);
@@ -680,29 +682,7 @@ async fn cluster(
         let queued = requests + 10 * n;
         let grpc: Vec<String> = cps.iter().map(|c| c.grpc_url()).collect();
         if builds > queued {
-            let chan = tonic::transport::Endpoint::from_shared(grpc[0].clone())
-                .map_err(|e| BenchError::Check(e.to_string()))?
-                .connect()
-                .await?;
-            let bearer = hive_proto::auth::Bearer::new(&cps[0].admin_token().unwrap_or_default())
-                .map_err(|e| BenchError::Check(e.to_string()))?;
-            drive(builds - queued, clients, move |_| {
-                let mut c = ControlPlaneClient::with_interceptor(chan.clone(), bearer.clone());
-                async move {
-                    c.submit_build(SubmitBuildRequest {
-                        project: "bench".into(),
-                        revision: String::new(),
-                        git_ref: "refs/heads/main".into(),
-                    })
-                    .await
-                    .map_err(|source| BenchError::Grpc {
-                        what: "SubmitBuild",
-                        source,
-                    })?;
-                    Ok(())
-                }
-            })
-            .await?;
+            submit_builds(&cps[0], builds - queued, clients).await?;
         }
         let total = builds.max(queued);
         let per_box = (total.div_ceil(boxes.max(1)) + 2 * n + 4) as u32;

@@ -686,8 +686,18 @@ async fn serve<B: CellBackend>(
         Arc::clone(&pool),
     );
     for b in &lost {
-        tracing::warn!(build = %b.build_id, cell = %b.cell_id, "build lost with a leftover cell; reporting it failed");
-        agent.report_lost(&b.build_id, &b.lease_id, "box restarted");
+        if b.destroyed {
+            tracing::warn!(build = %b.build_id, cell = %b.cell_id, "attempt lost with a leftover cell (destroyed); the control plane runs it again");
+            agent.report_lost(&b.build_id, &b.lease_id, "box restarted while it ran");
+        } else {
+            // Its cell may still be running the build: it must not run a second time.
+            tracing::error!(build = %b.build_id, cell = %b.cell_id, "leftover cell could not be destroyed; reporting its build failed");
+            agent.report_failed(
+                &b.build_id,
+                &b.lease_id,
+                "box restarted and could not destroy the cell that ran this build",
+            );
+        }
     }
     pool.top_up();
 

@@ -976,7 +976,7 @@ async fn a_restarted_box_reaps_leftover_microvm_cells() {
     let lost = hive_box::reaper::reap(&again).await;
     assert!(lost
         .iter()
-        .any(|b| b.build_id == "build-left" && b.cell_id == id));
+        .any(|b| b.build_id == "build-left" && b.cell_id == id && b.destroyed));
 
     let names = CellNetNames::for_cell(&id);
     let deadline = Instant::now() + Duration::from_secs(5);

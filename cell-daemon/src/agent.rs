@@ -56,6 +56,81 @@ struct Current {
     /// Its artefacts, held open for ReadArtifact once it has finished.
     artifacts: Arc<crate::artifacts::Held>,
     cancel: watch::Sender<CancelRequest>,
+    /// Who follows the build's events (the box), for fencing.
+    watch: Arc<Watchers>,
+}
+
+/// How many CellEvents streams follow the build, and since when none has.
+#[derive(Debug)]
+struct Watchers(Mutex<(usize, Instant)>);
+
+impl Watchers {
+    fn new() -> Self {
+        Watchers(Mutex::new((0, Instant::now())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start(&self) {
+        self.lock().0 += 1;
+    }
+
+    fn stop(&self) {
+        let mut w = self.lock();
+        w.0 = w.0.saturating_sub(1);
+        if w.0 == 0 {
+            w.1 = Instant::now();
+        }
+    }
+
+    /// How long nobody has followed the build (None while somebody does).
+    fn unwatched_for(&self) -> Option<Duration> {
+        let w = self.lock();
+        (w.0 == 0).then(|| w.1.elapsed())
+    }
+}
+
+/// Stops the build once no box has followed it for `after` (the box is gone, and the control
+/// plane will place the build again when its lease runs out): a build never runs twice at once.
+async fn fence(
+    log: Arc<EventLog>,
+    watch: Arc<Watchers>,
+    cancel: watch::Sender<CancelRequest>,
+    after: Duration,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if log.is_finished() {
+            return;
+        }
+        let Some(gone) = watch.unwatched_for() else {
+            continue;
+        };
+        if gone >= after {
+            let reason = format!(
+                "fenced: no box has followed this build for {}s (its box is gone; the control \
+                 plane runs the build again elsewhere), so the cell stopped it",
+                gone.as_secs()
+            );
+            tracing::warn!(
+                unwatched_ms = gone.as_millis() as u64,
+                "no box follows the build: stopping it (fence)"
+            );
+            log.system(0, format!("hive: {reason}"));
+            cancel.send_if_modified(|v| {
+                if v.is_none() {
+                    *v = Some((BuildState::Cancelled, reason));
+                    true
+                } else {
+                    false
+                }
+            });
+            return;
+        }
+    }
 }
 
 impl Agent {
@@ -337,6 +412,7 @@ impl CellAgent for Agent {
             return Err(Status::unavailable("the cell is shutting down"));
         }
         let mut req = req.into_inner();
+        let fence_after = Duration::from_secs(u64::from(req.fence_after_secs));
         let tunnel_cfg = req.tunnel.take();
         let spec = build_spec(req, &self.shared.cfg)?;
         let tunnel = match tunnel_cfg {
@@ -383,11 +459,21 @@ impl CellAgent for Agent {
                     c.id
                 )));
             }
+            let watch = Arc::new(Watchers::new());
+            if !fence_after.is_zero() {
+                tokio::spawn(fence(
+                    log.clone(),
+                    watch.clone(),
+                    cancel_tx.clone(),
+                    fence_after,
+                ));
+            }
             *cur = Some(Current {
                 id: spec.id.clone(),
                 log: log.clone(),
                 artifacts: held.clone(),
                 cancel: cancel_tx,
+                watch,
             });
         }
         tracing::info!(build = %spec.id, steps = spec.steps.len(), "build accepted");
@@ -418,8 +504,23 @@ impl CellAgent for Agent {
     ) -> Result<Response<Self::EventsStream>, Status> {
         let req = req.into_inner();
         let log = self.log_of(&req.build_id)?;
+        let watch = self
+            .current()
+            .as_ref()
+            .map(|c| c.watch.clone())
+            .ok_or_else(|| Status::failed_precondition("this cell has no build"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move { log.follow(req.from_seq, tx).await });
+        watch.start();
+        tokio::spawn(async move {
+            // Counted as followed until the box's end of the stream is gone (a silent build
+            // sends nothing that would notice earlier).
+            let gone = tx.clone();
+            tokio::select! {
+                _ = log.follow(req.from_seq, tx) => {}
+                _ = gone.closed() => {}
+            }
+            watch.stop();
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

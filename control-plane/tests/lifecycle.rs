@@ -654,3 +654,101 @@ async fn heartbeats_are_answered(url: String) {
     handle.shutdown().await;
 }
 hive_testkit::on_both!(db => heartbeats_are_answered);
+
+/// A box that restarted gives back the attempt it lost (LOST): the build goes back to the queue
+/// as attempt 2, visibly (message and a system line in its log), and runs again. Another box
+/// that knows the build and lease ids cannot give it back, and a LOST after the build finished
+/// changes nothing.
+async fn lost_attempt_runs_again(url: String) {
+    let handle = start(&url).await;
+    project(&handle, "app", 0).await;
+    let (mut a_box, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
+    let id = submit(&handle, "app").await;
+    let a = expect_assign(&mut a_box).await;
+    a_box.send_acked(update(&a, BuildUpdateKind::Running)).await;
+    let s = a_box.send_acked(log(&a, 0, "first attempt\n")).await;
+    a_box.wait_ack(s, WAIT).await.unwrap();
+
+    // The attacker: another box, sending LOST for box-a's lease.
+    // (Full, so the re-queued build below can only go back to box-a.)
+    let full = hive_proto::v1::PoolState {
+        busy: 1,
+        ..pool("small", 0, 1)
+    };
+    let (mut evil, _) = fake_box(&handle, "box-evil", vec![full]).await;
+    let mut forged = match update(&a, BuildUpdateKind::Lost) {
+        BoxMsg::Update(u) => u,
+        _ => unreachable!(),
+    };
+    forged.message = "box restarted while it ran".into();
+    let s = evil.send_acked(BoxMsg::Update(forged.clone())).await;
+    evil.wait_ack(s, WAIT).await.unwrap();
+    let b = state(&handle, &id).await;
+    assert_eq!(b.state, BuildState::Running as i32, "{b:?}");
+    assert_eq!((b.attempt, b.box_id.as_str()), (1, "box-a"));
+
+    // box-a gives it back: attempt 2, queued, saying why.
+    let s = a_box.send_acked(BoxMsg::Update(forged)).await;
+    a_box.wait_ack(s, WAIT).await.unwrap();
+    let b = state(&handle, &id).await;
+    assert_eq!(b.state, BuildState::Queued as i32, "{b:?}");
+    assert_eq!(b.attempt, 2);
+    assert!(
+        b.message.contains("attempt lost on box box-a")
+            && b.message.contains("box restarted while it ran"),
+        "{}",
+        b.message
+    );
+
+    // It runs again (here on box-a, the only box with room) and finishes; the log keeps the
+    // first attempt's line and says why a second one ran.
+    let _hb = a_box.heartbeat_every(
+        Duration::from_millis(100),
+        vec![pool("small", 1, 1)],
+        vec![],
+    );
+    let again = expect_assign(&mut a_box).await;
+    assert_eq!(again.build_id, id);
+    assert_ne!(again.lease_id, a.lease_id, "a new attempt has a new lease");
+    a_box
+        .send_acked(update(&again, BuildUpdateKind::Running))
+        .await;
+    let mut fin = match update(&again, BuildUpdateKind::Finished) {
+        BoxMsg::Update(u) => u,
+        _ => unreachable!(),
+    };
+    fin.state = BuildState::Succeeded as i32;
+    let s = a_box.send_acked(BoxMsg::Update(fin)).await;
+    a_box.wait_ack(s, WAIT).await.unwrap();
+    // A late LOST for the first lease, or for the finished one, changes nothing.
+    for lease in [&a, &again] {
+        let mut late = match update(lease, BuildUpdateKind::Lost) {
+            BoxMsg::Update(u) => u,
+            _ => unreachable!(),
+        };
+        late.message = "late".into();
+        let s = a_box.send_acked(BoxMsg::Update(late)).await;
+        a_box.wait_ack(s, WAIT).await.unwrap();
+    }
+    let b = state(&handle, &id).await;
+    assert_eq!(b.state, BuildState::Succeeded as i32, "{b:?}");
+    assert_eq!(b.attempt, 2);
+    let text: String = api(&handle)
+        .await
+        .stream_logs(StreamLogsRequest {
+            build_id: id.clone(),
+            from_seq: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|c| String::from_utf8_lossy(&c.unwrap().data).into_owned())
+        .collect::<Vec<String>>()
+        .await
+        .concat();
+    assert!(text.contains("first attempt"), "{text}");
+    assert!(text.contains("attempt lost on box box-a"), "{text}");
+    handle.shutdown().await;
+}
+hive_testkit::on_both!(db => lost_attempt_runs_again);

@@ -466,7 +466,10 @@ impl Default for L1BoxOptions {
             backend: "microvm".into(),
             pool: "small=1".into(),
             lease_secs: 60,
-            ready_timeout_secs: 300,
+            // A guest boots to ready in ~8 s here (15 s under load). One that is not ready
+            // in 120 s has stalled (an RCU stall of a nested guest under TCG was seen): the box
+            // destroys it and boots another, well inside the tests' 300 s waits for the pool.
+            ready_timeout_secs: 120,
             // TCG is 20-50x slower than hardware: more time for each call into a guest.
             extra: [
                 "--health-timeout-secs",

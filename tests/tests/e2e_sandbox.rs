@@ -304,7 +304,7 @@ async fn link_cuts_and_a_control_plane_restart_lose_no_log_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_box_reaps_its_leftover_cells_and_reports_the_build_failed() {
+async fn a_restarted_box_reaps_its_leftover_cells_and_runs_the_build_again() {
     let _serial = SERIAL.lock().await;
     let mut h = hive("reap", 216, &public_addr(7), vec![]).await;
     h.project("long", &["echo started; sleep 600"], 600).await;
@@ -333,19 +333,155 @@ async fn a_restarted_box_reaps_its_leftover_cells_and_reports_the_build_failed()
     let url = h.box_cp_url();
     tokio::task::block_in_place(|| h.boxd.restart(&url));
 
-    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
-    assert_eq!(state(&b), BuildState::Failed, "{b:?}{}", h.context());
-    assert!(b.message.contains("box restarted"), "{b:?}");
+    // The restarted box destroys the leftover cell, then gives the attempt back: the build
+    // runs again as attempt 2 in a new cell, and never alongside the first run.
+    let again = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        b.attempt >= 2 && state(b) == BuildState::Running && b.cell_id != cell
+    })
+    .await;
+    // (A zombie has stopped running; whoever inherited it reaps it in its own time.)
+    let status = std::fs::read_to_string(format!("/proc/{cell_pid}/status")).unwrap_or_default();
+    let running = status
+        .lines()
+        .find(|l| l.starts_with("State:"))
+        .is_some_and(|l| !l.contains("Z (zombie)") && !l.contains("X (dead)"));
+    assert!(
+        !running,
+        "the first attempt's cell still runs beside the second: {status}{}",
+        h.context()
+    );
     h.assert_cell_gone(&cell).await;
+    assert_eq!(again.attempt, 2, "{again:?}");
+    // (Not `h.logs`: the lost attempt may leave holes in the log's numbering.)
+    let (log, _) = cluster::build_log(&grpc, &id).await;
+    assert!(
+        log.contains("attempt lost on box") && log.contains("box restarted while it ran"),
+        "the log does not say why the build ran again:\n{log}"
+    );
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
+    client
+        .cancel_build(CancelBuildRequest {
+            id: id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
+    assert_eq!(b.attempt, 2, "{b:?}");
+    h.assert_cell_gone(&again.cell_id).await;
+    assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(60)).await);
+    h.finish().await;
+}
+
+/// Processes of this host whose command line is exactly `cmd`.
+fn processes_running(cmd: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let line = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let line: Vec<String> = line
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if line.join(" ") == cmd {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The box daemon is killed and stays dead while its cell runs a build. The cell notices that no
+/// box follows the build any more and stops it (fencing) before the control plane's lease runs
+/// out, so when the build is placed again the first run is over: it never runs twice at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_box_s_cell_stops_its_build_before_the_build_is_placed_again() {
+    let _serial = SERIAL.lock().await;
+    let mut h = hive("orphan", 217, &public_addr(11), vec![]).await;
+    // A command line no other test runs, to find the step's process on this host.
+    let marker = format!("sleep {}", 600 + run_id() * 7 + 3);
+    h.project("orphan", &[&format!("echo started; {marker}")], 600)
+        .await;
+    let id = h.push("orphan").await;
+    let grpc = h.cp().grpc_url();
+    let first = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running && !b.cell_id.is_empty()
+    })
+    .await;
     let t0 = Instant::now();
-    while std::path::Path::new(&format!("/proc/{cell_pid}")).exists() {
+    while processes_running(&marker).is_empty() {
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "old cell process still alive"
+            t0.elapsed() < Duration::from_secs(30),
+            "the step never started{}",
+            h.context()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(h.boxd.wait_pool("small", 2, Duration::from_secs(60)).await);
+
+    // The box dies and is not restarted: nothing but the cell itself can stop the build now.
+    h.boxd.crash();
+    let crashed = Instant::now();
+    while !processes_running(&marker).is_empty() {
+        let b = cluster::wait_build_until(&grpc, &id, Duration::from_secs(10), |_| true).await;
+        assert_eq!(
+            b.attempt,
+            1,
+            "the build was placed again while its first run still ran: {b:?}{}",
+            h.context()
+        );
+        assert!(
+            crashed.elapsed() < Duration::from_secs(30),
+            "the orphaned cell kept running the build{}",
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped_after = crashed.elapsed();
+    eprintln!("the orphaned cell stopped its build {stopped_after:?} after its box died");
+    // The cell's fence is two thirds of the 10 s lease; the control plane re-queues at the lease.
+    assert!(
+        stopped_after < Duration::from_secs(10),
+        "stopped after {stopped_after:?}: not before the 10 s lease ran out"
+    );
+    let b =
+        cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| b.attempt >= 2).await;
+    assert!(b.attempt == 2, "{b:?}");
+
+    // The box comes back: it reaps the fenced cell (its stale LOST report changes nothing) and
+    // runs the build's second attempt, once.
+    let url = h.box_cp_url();
+    tokio::task::block_in_place(|| h.boxd.restart(&url));
+    let again = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |b| {
+        state(b) == BuildState::Running && b.cell_id != first.cell_id
+    })
+    .await;
+    assert_eq!(again.attempt, 2, "{again:?}");
+    h.assert_cell_gone(&first.cell_id).await;
+    let t0 = Instant::now();
+    while processes_running(&marker).len() != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the second attempt is not running once: {:?}{}",
+            processes_running(&marker),
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
+    client
+        .cancel_build(CancelBuildRequest {
+            id: id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
+    assert_eq!(b.attempt, 2, "{b:?}");
+    h.assert_cell_gone(&again.cell_id).await;
     h.finish().await;
 }
 

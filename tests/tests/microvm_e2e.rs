@@ -164,6 +164,27 @@ impl Hive {
         text
     }
 
+    /// The build's log as stored, holes allowed (a lost attempt may leave some).
+    async fn logs_loose(&self, build: &str) -> String {
+        cluster::build_log(&self.cp.grpc_url(), build).await.0
+    }
+
+    /// Waits for the pool to be back to one warm cell and none busy; on timeout fails with the
+    /// box's own view of its pool and the logs.
+    async fn wait_pool_back(&self) {
+        if !self
+            .l1
+            .wait_pool("small", 1, Duration::from_secs(300))
+            .await
+        {
+            panic!(
+                "pool not back to 1 warm / 0 busy in 300 s; box health: {}{}",
+                self.l1.box_health().await,
+                self.context()
+            );
+        }
+    }
+
     /// Waits until nothing of `cell` is left in L1: VMM process, TAP, veth, netns, cgroup, dir.
     async fn assert_cell_gone(&self, cell: &str) {
         assert!(!cell.is_empty());
@@ -325,14 +346,14 @@ async fn microvm_e2e_failing_step_timeout_and_cancel() {
         "{log}"
     );
     h.assert_cell_gone(&b.cell_id).await;
-    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    h.wait_pool_back().await;
 
     // The 20 s limit stops `sleep 600` (counted from the build's start in the cell).
     let id = h.push("slow").await;
     let b = cluster::wait_build(&grpc, &id, Duration::from_secs(600)).await;
     assert_eq!(state(&b), BuildState::TimedOut, "{b:?}{}", h.context());
     h.assert_cell_gone(&b.cell_id).await;
-    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    h.wait_pool_back().await;
 
     let id = h.push("cancelme").await;
     let t0 = Instant::now();
@@ -355,7 +376,7 @@ async fn microvm_e2e_failing_step_timeout_and_cancel() {
     let b = cluster::wait_build(&grpc, &id, Duration::from_secs(300)).await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
     h.assert_cell_gone(&b.cell_id).await;
-    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    h.wait_pool_back().await;
     h.finish().await;
 }
 
@@ -499,7 +520,7 @@ async fn microvm_e2e_private_network_over_kernel_wireguard() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    h.wait_pool_back().await;
     h.finish().await;
     drop(connector);
     drop(customer);
@@ -507,7 +528,8 @@ async fn microvm_e2e_private_network_over_kernel_wireguard() {
 
 /// The box daemon in L1 dies (SIGKILL) while a build runs in a microVM cell; the cell's jailed
 /// VMM and the warm cell's keep running without it. The restarted box reaps every leftover
-/// microVM cell (VMM, TAP, netns, cgroup, directory), reports the build, and warms its pool again.
+/// microVM cell (VMM, TAP, netns, cgroup, directory), gives the lost attempt back (the build runs
+/// again as attempt 2, never beside the first), and warms its pool again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
     let test = "microvm_e2e_restarted_box_reaps_leftover_cells";
@@ -536,13 +558,17 @@ async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
     // Wait for the replacement warm cell too, so two VMMs are left behind.
     assert!(
         h.l1.wait_pool_warm("small", 1, Duration::from_secs(300))
-            .await
+            .await,
+        "no replacement warm cell; box health: {}{}",
+        h.l1.box_health().await,
+        h.context()
     );
     let vmms_before = h.l1.vmm_pids();
     assert_eq!(
         vmms_before.len(),
         2,
-        "VMMs before the crash: {vmms_before:?}"
+        "VMMs before the crash: {vmms_before:?}{}",
+        h.context()
     );
 
     h.l1.crash_box();
@@ -556,24 +582,52 @@ async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
 
     let grpc_addr = h.cp.grpc_addr.clone();
     tokio::task::block_in_place(|| h.l1.start_box(&grpc_addr, &opts));
-    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(300)).await;
-    assert_eq!(state(&b), BuildState::Failed, "{b:?}{}", h.context());
-    assert!(b.message.contains("box restarted"), "{b:?}");
+    // The restarted box destroys the leftover cells, then gives the attempt back: the build
+    // is re-queued as attempt 2, by then nothing of the first attempt runs.
+    let b =
+        cluster::wait_build_until(&grpc, &id, Duration::from_secs(300), |b| b.attempt >= 2).await;
+    assert!(
+        b.message.contains("box restarted while it ran") || state(&b) == BuildState::Running,
+        "{b:?}"
+    );
+    let now = h.l1.vmm_pids();
+    assert!(
+        now.iter().all(|p| !vmms_before.contains(p)),
+        "old VMMs still alive when the build was re-queued: {now:?} (before: {vmms_before:?}){}",
+        h.context()
+    );
     h.assert_cell_gone(&cell).await;
+    // The second attempt runs in a new cell; cancelling it ends the build.
     let t0 = Instant::now();
-    loop {
-        let now = h.l1.vmm_pids();
-        if now.iter().all(|p| !vmms_before.contains(p)) {
-            break;
-        }
+    while h
+        .logs_loose(&id)
+        .await
+        .lines()
+        .filter(|l| l.trim() == "started")
+        .count()
+        < 2
+    {
         assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "old VMMs still alive: {now:?} (before: {vmms_before:?}){}",
+            t0.elapsed() < Duration::from_secs(300),
+            "the second attempt never started{}",
             h.context()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(h.l1.wait_pool("small", 1, Duration::from_secs(300)).await);
+    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
+    client
+        .cancel_build(CancelBuildRequest {
+            id: id.clone(),
+            reason: "microvm e2e: second attempt seen".into(),
+        })
+        .await
+        .expect("CancelBuild");
+    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(300)).await;
+    assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
+    assert_eq!(b.attempt, 2, "{b:?}");
+    assert_ne!(b.cell_id, cell, "{b:?}");
+    h.assert_cell_gone(&b.cell_id).await;
+    h.wait_pool_back().await;
     h.finish().await;
 }
 

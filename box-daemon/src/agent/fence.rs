@@ -25,7 +25,7 @@ impl<B: CellBackend> Agent<B> {
                 fenced = false;
                 continue;
             }
-            if silent > self.cfg.lease && !fenced {
+            if silent > self.lease() && !fenced {
                 fenced = true;
                 let builds = self.builds();
                 if !builds.is_empty() {

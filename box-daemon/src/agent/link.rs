@@ -181,6 +181,17 @@ impl<B: CellBackend> Agent<B> {
             *self.heartbeat_ms.lock().unwrap_or_else(|p| p.into_inner()) =
                 u64::from(reg.heartbeat_interval_ms);
         }
+        if reg.lease_ms > 0 {
+            let ms = u64::from(reg.lease_ms);
+            if ms != self.cfg.lease.as_millis() as u64 {
+                tracing::info!(
+                    control_plane_lease_ms = ms,
+                    box_lease_ms = self.cfg.lease.as_millis() as u64,
+                    "using the control plane's lease"
+                );
+            }
+            self.lease_ms.store(ms, Ordering::SeqCst);
+        }
         self.outbox().registered(reg.acked_seq);
         self.resend_key_exchanges();
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();

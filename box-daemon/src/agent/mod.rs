@@ -99,6 +99,8 @@ pub struct Agent<B: CellBackend> {
     connected: AtomicBool,
     draining: AtomicBool,
     heartbeat_ms: Mutex<u64>,
+    /// The control plane's lease as it said at registration (ms; until then `cfg.lease`).
+    lease_ms: std::sync::atomic::AtomicU64,
     /// Assignment received -> first build output line received from the cell, ms (the box's
     /// dispatch overhead plus the cell's start of the build; bounded sample for /healthz).
     dispatch_ms: Mutex<Vec<f64>>,
@@ -125,8 +127,21 @@ impl<B: CellBackend> std::fmt::Debug for Agent<B> {
 }
 
 impl<B: CellBackend> Agent<B> {
+    /// The lease in force: the control plane's when it said, else this box's `--lease-secs`.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::SeqCst).max(1000))
+    }
+
+    /// How long a cell may go without this box following its build before it stops the build
+    /// itself: two thirds of the lease, so a build of a dead box has stopped before the control
+    /// plane places it again (a lease after the box's last renewal).
+    pub fn cell_fence(&self) -> Duration {
+        (self.lease() * 2 / 3).max(Duration::from_secs(5))
+    }
+
     pub fn new(cfg: AgentConfig, pool: Arc<Pool<B>>) -> Arc<Self> {
         let heartbeat_ms = cfg.heartbeat.as_millis() as u64;
+        let lease_ms = cfg.lease.as_millis() as u64;
         Arc::new(Agent {
             cfg,
             pool,
@@ -138,6 +153,7 @@ impl<B: CellBackend> Agent<B> {
             connected: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             heartbeat_ms: Mutex::new(heartbeat_ms),
+            lease_ms: std::sync::atomic::AtomicU64::new(lease_ms),
             dispatch_ms: Mutex::new(Vec::new()),
             key_exchanges: Mutex::new(HashMap::new()),
             next_cp: Default::default(),
@@ -230,11 +246,20 @@ impl<B: CellBackend> Agent<B> {
         self.send(box_message::Msg::Update(u));
     }
 
-    /// Reports a build the box can no longer finish (reaper, after a restart).
-    pub fn report_lost(&self, build_id: &str, lease_id: &str, message: &str) {
+    /// Reports a build failed that the box can no longer finish or give back.
+    pub fn report_failed(&self, build_id: &str, lease_id: &str, message: &str) {
         self.update(build_id, lease_id, BuildUpdateKind::Finished, |u| {
             u.state = BuildState::Failed as i32;
             u.exit_code = -1;
+            u.message = message.to_string();
+        });
+    }
+
+    /// Reports an attempt the box lost (reaper, after a restart: its cell is destroyed before
+    /// this is sent, so the attempt can never run alongside the next one). The control plane
+    /// re-queues the build as a new attempt; a lost attempt is not the build's failure.
+    pub fn report_lost(&self, build_id: &str, lease_id: &str, message: &str) {
+        self.update(build_id, lease_id, BuildUpdateKind::Lost, |u| {
             u.message = message.to_string();
         });
     }

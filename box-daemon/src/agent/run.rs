@@ -20,6 +20,8 @@ use hive_sys::now_ms;
 
 /// How long the artefacts of one build may take to move from the cell into the outbox.
 const ARTIFACT_TIME: Duration = Duration::from_secs(600);
+/// How long a live cell may leave its event stream unreachable before the build is failed.
+const STREAM_PATIENCE: Duration = Duration::from_secs(20);
 
 /// Most dispatch samples kept.
 const DISPATCH_SAMPLES: usize = 10_000;
@@ -188,6 +190,7 @@ impl<B: CellBackend> Agent<B> {
             secrets: a.secrets.clone(),
             clone_auth: a.clone_auth.clone(),
             artifact_cap_bytes: a.artifact_cap_bytes,
+            fence_after_secs: u32::try_from(self.cell_fence().as_secs()).unwrap_or(u32::MAX),
         };
         match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {
@@ -210,7 +213,11 @@ impl<B: CellBackend> Agent<B> {
         let backstop = (a.timeout_secs > 0).then(|| {
             tokio::time::Instant::now() + Duration::from_secs(u64::from(a.timeout_secs) + 30)
         });
-        let mut failures = 0;
+        // Since when the cell's event stream has been unreachable (None while it delivers). A
+        // live cell gets STREAM_PATIENCE to answer again: a guest under load (an emulated host,
+        // a busy box) may refuse a connection or two.
+        let mut lost_since: Option<tokio::time::Instant> = None;
+        let mut failures = 0u32;
         loop {
             let stream = client
                 .events(CellEventsRequest {
@@ -222,8 +229,17 @@ impl<B: CellBackend> Agent<B> {
                 Ok(s) => s.into_inner(),
                 Err(s) => {
                     failures += 1;
-                    if failures > 5 || !self.pool.backend().is_alive(&cell.id) {
-                        return failed(format!("lost the cell's event stream: {}", s.message()));
+                    let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > STREAM_PATIENCE || !self.pool.backend().is_alive(&cell.id)
+                    {
+                        let alive = self.pool.backend().is_alive(&cell.id);
+                        let words = self.pool.backend().last_words(&cell.id);
+                        tracing::warn!(build = %a.build_id, cell = %cell.id, alive, failures, last_words = %words, error = %s.message(), "lost the cell's event stream");
+                        return failed(format!(
+                            "lost the cell's event stream: {} (cell {}; {words})",
+                            s.message(),
+                            if alive { "still running" } else { "exited" }
+                        ));
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -245,6 +261,7 @@ impl<B: CellBackend> Agent<B> {
                         }
                         next = ev.seq + 1;
                         failures = 0;
+                        lost_since = None;
                         if !running {
                             running = true;
                             self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Running, |u| u.cell_id = cell.id.clone());
@@ -317,11 +334,19 @@ impl<B: CellBackend> Agent<B> {
                 }
             }
             if !self.pool.backend().is_alive(&cell.id) {
-                return failed("the cell died during the build".into());
+                return failed(format!(
+                    "the cell died during the build ({})",
+                    self.pool.backend().last_words(&cell.id)
+                ));
             }
             failures += 1;
-            if failures > 5 {
-                return failed("lost the cell's event stream".into());
+            let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() > STREAM_PATIENCE {
+                return failed(format!(
+                    "lost the cell's event stream ({failures} attempts in {:?}; {})",
+                    since.elapsed(),
+                    self.pool.backend().last_words(&cell.id)
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -292,6 +292,10 @@ impl<K: CellKind> CellBackend for Jailed<K> {
         .into())
     }
 
+    fn last_words(&self, cell_id: &str) -> String {
+        self.kind.last_words(&self.cell_dir(cell_id))
+    }
+
     fn is_alive(&self, cell_id: &str) -> bool {
         match self.helpers().get_mut(cell_id) {
             Some(child) => matches!(child.try_wait(), Ok(None)),

@@ -127,4 +127,9 @@ pub trait CellBackend: Send + Sync + 'static {
 
     /// Records which build and lease a cell runs (kept with the cell, read back by the reaper).
     fn record_build(&self, cell_id: &str, build_id: &str, lease_id: &str);
+
+    /// The end of the cell's console, for an error that says why a cell stopped answering.
+    fn last_words(&self, _cell_id: &str) -> String {
+        String::new()
+    }
 }

@@ -370,6 +370,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             heartbeat_interval_ms: u32::try_from(millis(hive.heartbeat)).unwrap_or(u32::MAX),
             size_classes: hive.classes.all(),
             acked_seq,
+            lease_ms: u32::try_from(millis(hive.lease)).unwrap_or(u32::MAX),
         }))?;
         if admin_state == DRAINING {
             send(CtlMsg::Drain(Drain {}))?;
@@ -990,6 +991,29 @@ impl Session {
                 hive.registry.forget_inflight(&self.box_id, &u.lease_id);
                 after.push(After::Wake);
                 ok
+            }
+            BuildUpdateKind::Lost => {
+                // Conditional on this box's lease like every update: a box can only give back
+                // what it holds, and a build that ended meanwhile stays ended.
+                let why = if u.message.is_empty() {
+                    "the box lost it".to_string()
+                } else {
+                    u.message.chars().take(200).collect()
+                };
+                let reason = format!(
+                    "attempt lost on box {}: {why}; the cell was destroyed before its outcome \
+                     was known, so the build runs again",
+                    self.box_id
+                );
+                if !self.current(batch, &u, kind, after).await? {
+                    return Ok(());
+                }
+                let res = batch.requeue(&u.build_id, &u.lease_id, &reason).await?;
+                tracing::warn!(box_id = %self.box_id, build_id = %u.build_id, ?res, %why,
+                    "box lost a running attempt; re-queued");
+                hive.registry.forget_inflight(&self.box_id, &u.lease_id);
+                after.push(After::Wake);
+                res.changed()
             }
             BuildUpdateKind::Unspecified => {
                 tracing::warn!(box_id = %self.box_id, build_id = %u.build_id,

@@ -282,7 +282,8 @@ impl BoxBatch {
         finish_build_tx(&mut self.tx, Some(&self.box_id), build_id, lease_id, f).await
     }
 
-    /// REJECTED: see [`Store::requeue`] (the caller has checked the lease is this box's).
+    /// REJECTED and LOST: see [`Store::requeue`] (the caller has checked the lease is this
+    /// box's).
     pub async fn requeue(
         &mut self,
         build_id: &str,

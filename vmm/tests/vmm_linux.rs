@@ -16,7 +16,9 @@ use hive_vmm::{self as vmm, VmConfig, VmExit};
 
 fn kernel() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("HIVE_GUEST_KERNEL") {
-        return Some(PathBuf::from(p));
+        // The directory build-kernel.sh prints (meaning `<dir>/vmlinux`), or the file itself.
+        let p = PathBuf::from(p);
+        return Some(if p.is_dir() { p.join("vmlinux") } else { p });
     }
     let cache = std::env::var("HIVE_CACHE").unwrap_or_else(|_| "/var/cache/hive".into());
     let dir = std::fs::read_dir(PathBuf::from(cache).join("kernel")).ok()?;

@@ -3,10 +3,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hive_control_plane::store::{
-    Audit, BuildFilter, BuildRow, Delivery, NewProject, Placement, Requeued, Store, StoreError,
+    Audit, BuildFilter, BuildRow, Delivery, NewDelivery, NewProject, Placement, Requeued, Store,
+    StoreError,
 };
 use hive_proto::v1::{BuildState, LogChunk, LogStream};
 
@@ -134,6 +135,98 @@ async fn projects_and_deliveries(url: String) {
     store.close().await;
 }
 hive_testkit::on_both!(db => projects_and_deliveries);
+
+/// Two webhook groups committing at once that carry the same delivery ids (a forge's retry
+/// racing the original, on one control plane or on two sharing a PostgreSQL database) make one
+/// build per delivery id: each id is `New` in exactly one group and the other group answers
+/// with that group's build. The groups list the ids in opposite orders, so a group that took
+/// its row locks in list order would deadlock against the other.
+async fn concurrent_groups_with_the_same_deliveries_make_one_build_each(url: String) {
+    let a = Store::open(&url).await.unwrap();
+    // PostgreSQL: a second control plane on the same database. SQLite has one writer per
+    // file: the same store, two groups at once.
+    let b = if url.starts_with("postgres") {
+        Some(Store::open(&url).await.unwrap())
+    } else {
+        None
+    };
+    let p = a
+        .create_project(
+            &new_project("race", "https://git.example/o/race.git"),
+            &audit(),
+        )
+        .await
+        .unwrap();
+    let group = |ids: Vec<String>| -> Vec<NewDelivery> {
+        ids.into_iter()
+            .map(|d| NewDelivery {
+                build: Some(BuildRow::new_queued(&p, "cafe", "refs/heads/main", &d)),
+                delivery_id: d,
+                project_id: p.id.clone(),
+                outcome: "build".into(),
+            })
+            .collect()
+    };
+    const ROUNDS: usize = 10;
+    const SHARED: usize = 24;
+    for round in 0..ROUNDS {
+        let shared: Vec<String> = (0..SHARED).map(|i| format!("r{round}-d{i}")).collect();
+        let mut first = shared.clone();
+        first.push(format!("r{round}-only-first"));
+        let mut second: Vec<String> = shared.iter().rev().cloned().collect();
+        second.push(format!("r{round}-only-second"));
+        let (g1, g2) = (group(first), group(second));
+        let s2 = b.as_ref().unwrap_or(&a);
+        let (r1, r2) = tokio::join!(a.record_deliveries(&g1), s2.record_deliveries(&g2));
+        let (r1, r2) = (r1.unwrap(), r2.unwrap());
+        assert_eq!((r1.len(), r2.len()), (g1.len(), g2.len()));
+        // Each delivery id: the build of the group that stored it.
+        let mut winner: HashMap<String, String> = HashMap::new();
+        for (g, r) in [(&g1, &r1), (&g2, &r2)] {
+            for (item, answer) in g.iter().zip(r) {
+                if *answer == Delivery::New {
+                    let build = item.build.as_ref().unwrap().id.clone();
+                    let before = winner.insert(item.delivery_id.clone(), build);
+                    assert!(before.is_none(), "{} stored twice", item.delivery_id);
+                }
+            }
+        }
+        assert_eq!(winner.len(), SHARED + 2, "every delivery id stored once");
+        for (g, r) in [(&g1, &r1), (&g2, &r2)] {
+            for (item, answer) in g.iter().zip(r) {
+                if let Delivery::Duplicate { build_id, outcome } = answer {
+                    assert_eq!(build_id, &winner[&item.delivery_id], "{}", item.delivery_id);
+                    assert_eq!(outcome, "build");
+                }
+            }
+        }
+        for build in winner.values() {
+            assert!(
+                a.get_build(build).await.unwrap().is_some(),
+                "build {build} stored"
+            );
+            assert_eq!(a.transitions(build).await.unwrap().len(), 1, "{build}");
+        }
+    }
+    let all = a
+        .list_builds(&BuildFilter {
+            project_id: Some(p.id.clone()),
+            state: None,
+            limit: 10_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        all.len(),
+        ROUNDS * (SHARED + 2),
+        "one build per delivery id, no more"
+    );
+    if let Some(b) = b {
+        b.close().await;
+    }
+    a.close().await;
+}
+hive_testkit::on_both!(db => concurrent_groups_with_the_same_deliveries_make_one_build_each);
 
 async fn leases_and_states(url: String) {
     let store = Store::open(&url).await.unwrap();

@@ -97,8 +97,9 @@ impl Store {
                     i
                 });
         }
-        // One lock order for every group: two groups in flight at once (PostgreSQL) that share
-        // deliveries wait for each other instead of deadlocking.
+        // One lock order for every group: two groups committing at once (control planes that
+        // share a PostgreSQL database) that share deliveries wait for each other instead of
+        // deadlocking (tests/store.rs has the race).
         leaders.sort_by(|&a, &b| {
             (&items[a].project_id, &items[a].delivery_id)
                 .cmp(&(&items[b].project_id, &items[b].delivery_id))

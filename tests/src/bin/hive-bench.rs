@@ -3,7 +3,11 @@
 //! `webhooks`: signed push webhooks accepted per second, each answered 202 only after the
 //! delivery and its build are committed, on SQLite and on PostgreSQL; N keep-alive clients over
 //! loopback, distinct delivery ids; total, rate, p50/p99/max latency; and, as the baseline on the
-//! same database in the same run, a plain one-INSERT-per-request loop with the same clients.
+//! same database in the same run, a plain INSERT-per-request HTTP server (its own 2-thread
+//! runtime, the control plane's pool size, one autocommit INSERT of the body per request) with
+//! the same clients and payloads. The ratio is webhooks/s over that server's requests/s; the
+//! same INSERT loop run in the benchmark itself, without HTTP, is printed too (its ratio shows
+//! what the HTTP hop costs, which the webhook path pays and a bare loop does not).
 //!
 //! `schedule`: scheduler placements per second: submit B builds (10,000), then connect M fake
 //! boxes (100) that accept every assignment; time from the first to the last assignment.
@@ -67,7 +71,7 @@ enum Which {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
-    /// Signed webhooks accepted per second (durable), vs a plain INSERT-per-request loop.
+    /// Signed webhooks accepted per second (durable), vs a plain INSERT-per-request server.
     Webhooks {
         /// Webhooks to send per backend.
         #[arg(long, default_value_t = 3000)]
@@ -131,6 +135,8 @@ enum BenchError {
     Webhook(#[from] hive_tests::github::WebhookError),
     #[error("baseline database: {0}")]
     Baseline(#[from] sqlx::Error),
+    #[error("baseline server: {0}")]
+    BaselineServer(String),
     #[error("check failed: {0}")]
     Check(String),
     #[error("task: {0}")]
@@ -327,13 +333,91 @@ async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), Benc
             )));
         }
 
-        // Baseline: the same clients, one plain INSERT (autocommit) of a row the size of the
-        // payload per request, on the same database with the control plane's durability.
+        // Baseline: a plain server on the same database with the control plane's durability
+        // and pool size, one INSERT (autocommit) of the request's body per request, driven by
+        // the same clients over HTTP; then the same INSERT loop without HTTP.
+        let base_db = match &store.pg {
+            None => BaseDb::Sqlite(cp.data_dir.join("hive.db")),
+            Some(pg) => BaseDb::Postgres(pg.url.clone()),
+        };
+        let server = BaselineServer::start(base_db.clone())?;
+        let base = {
+            let client = WebhookClient::new();
+            let url = server.url.clone();
+            drive(requests, clients, move |i| {
+                let client = client.clone();
+                let url = url.clone();
+                async move {
+                    let body = push_payload(REPO, "refs/heads/main", &format!("b{i:039x}"), false);
+                    let a = client
+                        .send_signed(&url, SECRET, "push", &format!("server-{i}"), body)
+                        .await?;
+                    match a.status {
+                        202 => Ok(()),
+                        s => Err(BenchError::Check(format!("baseline {i}: {s} {}", a.body))),
+                    }
+                }
+            })
+            .await?
+        };
+        server.stop();
         let payload = "x".repeat(body_len);
-        let base = match &store.pg {
-            None => {
+        let bare = {
+            let pool = base_db.pool().await?;
+            drive(requests, clients, move |i| {
+                let pool = pool.clone();
+                let payload = payload.clone();
+                async move {
+                    pool.insert(format!("bench-{i}"), payload).await?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        println!("[{}]", store.label);
+        println!("  {}", hooks.line("webhooks accepted (202, durable)"));
+        println!("  {}", base.line("baseline: INSERT-per-request server"));
+        println!("  {}", bare.line("bare INSERT loop (no HTTP)"));
+        println!(
+            "  ratio webhook/baseline: {:.2}  (webhook/bare loop {:.2}; {} B payloads, {} distinct builds made)",
+            hooks.rate() / base.rate(),
+            hooks.rate() / bare.rate(),
+            body_len,
+            distinct
+        );
+        println!("  {groups}");
+        finish(cp, store).await;
+    }
+    Ok(())
+}
+
+/// The database of a baseline, with the control plane's settings for it.
+#[derive(Clone)]
+enum BaseDb {
+    /// The control plane's SQLite file (WAL, synchronous FULL).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database URL.
+    Postgres(String),
+}
+
+/// A baseline pool, the size of the control plane's (SQLite: 1, PostgreSQL: 16).
+#[derive(Clone)]
+enum BasePool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+const BASE_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS bench_baseline (id TEXT PRIMARY KEY, body TEXT NOT NULL)";
+const BASE_INSERT: &str = "INSERT INTO bench_baseline (id, body) VALUES ($1, $2)";
+
+impl BaseDb {
+    /// A pool on the database, with the baseline table made.
+    async fn pool(&self) -> Result<BasePool, BenchError> {
+        Ok(match self {
+            BaseDb::Sqlite(path) => {
                 let opts = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(cp.data_dir.join("hive.db"))
+                    .filename(path)
                     .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                     .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
                     .busy_timeout(Duration::from_secs(5))
@@ -343,64 +427,130 @@ async fn webhooks(cli: &Cli, requests: usize, clients: usize) -> Result<(), Benc
                     .max_connections(1)
                     .connect_with(opts)
                     .await?;
-                sqlx::query(
-                    "CREATE TABLE bench_baseline (id TEXT PRIMARY KEY, body TEXT NOT NULL)",
-                )
-                .execute(&pool)
-                .await?;
-                let f = drive(requests, clients, move |i| {
-                    let pool = pool.clone();
-                    let payload = payload.clone();
-                    async move {
-                        sqlx::query("INSERT INTO bench_baseline (id, body) VALUES ($1, $2)")
-                            .bind(format!("bench-{i}"))
-                            .bind(payload)
-                            .execute(&pool)
-                            .await?;
-                        Ok(())
-                    }
-                })
-                .await?;
-                f
+                sqlx::query(BASE_TABLE).execute(&pool).await?;
+                BasePool::Sqlite(pool)
             }
-            Some(pg) => {
+            BaseDb::Postgres(url) => {
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(16)
-                    .connect(&pg.url)
+                    .connect(url)
                     .await?;
-                sqlx::query(
-                    "CREATE TABLE bench_baseline (id TEXT PRIMARY KEY, body TEXT NOT NULL)",
-                )
-                .execute(&pool)
-                .await?;
-                drive(requests, clients, move |i| {
-                    let pool = pool.clone();
-                    let payload = payload.clone();
-                    async move {
-                        sqlx::query("INSERT INTO bench_baseline (id, body) VALUES ($1, $2)")
-                            .bind(format!("bench-{i}"))
-                            .bind(payload)
-                            .execute(&pool)
-                            .await?;
-                        Ok(())
-                    }
-                })
-                .await?
+                sqlx::query(BASE_TABLE).execute(&pool).await?;
+                BasePool::Postgres(pool)
             }
-        };
-        println!("[{}]", store.label);
-        println!("  {}", hooks.line("webhooks accepted (202, durable)"));
-        println!("  {}", base.line("baseline: plain INSERT per request"));
-        println!(
-            "  ratio webhook/baseline: {:.2}  ({} B payloads, {} distinct builds made)",
-            hooks.rate() / base.rate(),
-            body_len,
-            distinct
-        );
-        println!("  {groups}");
-        finish(cp, store).await;
+        })
     }
-    Ok(())
+}
+
+impl BasePool {
+    /// One autocommit INSERT.
+    async fn insert(&self, id: String, body: String) -> Result<(), sqlx::Error> {
+        match self {
+            BasePool::Sqlite(p) => sqlx::query(BASE_INSERT)
+                .bind(id)
+                .bind(body)
+                .execute(p)
+                .await
+                .map(drop),
+            BasePool::Postgres(p) => sqlx::query(BASE_INSERT)
+                .bind(id)
+                .bind(body)
+                .execute(p)
+                .await
+                .map(drop),
+        }
+    }
+}
+
+/// The plain server of the webhook baseline: POST /webhooks/github stores the body under the
+/// delivery id with one INSERT and answers 202, on its own 2-thread runtime (as the control
+/// plane runs on 2 cores here) so it does not share the clients' threads.
+struct BaselineServer {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BaselineServer {
+    fn start(db: BaseDb) -> Result<BaselineServer, BenchError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let pool = match db.pool().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("bind 127.0.0.1:0: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(listener.local_addr().map_err(|e| e.to_string()));
+                let app = axum::Router::new()
+                    .route("/webhooks/github", axum::routing::post(baseline_request))
+                    .with_state(pool);
+                tokio::select! {
+                    served = axum::serve(listener, app) => {
+                        if let Err(e) = served {
+                            eprintln!("baseline server: {e}");
+                        }
+                    }
+                    _ = stopped => {}
+                }
+            });
+        });
+        let addr = ready_rx
+            .recv()
+            .map_err(|_| BenchError::BaselineServer("ended before it listened".into()))?
+            .map_err(BenchError::BaselineServer)?;
+        Ok(BaselineServer {
+            url: format!("http://{addr}/webhooks/github"),
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops serving (open connections are dropped with the runtime).
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+async fn baseline_request(
+    axum::extract::State(pool): axum::extract::State<BasePool>,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> (axum::http::StatusCode, String) {
+    let id = headers
+        .get("x-github-delivery")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    match pool
+        .insert(id, String::from_utf8_lossy(&body).into_owned())
+        .await
+    {
+        Ok(()) => (axum::http::StatusCode::ACCEPTED, String::new()),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// The webhook group commits so far, from the control plane's `/metrics`: transactions,

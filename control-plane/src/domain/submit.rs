@@ -7,7 +7,8 @@
 //! previous one committed (plus, with a window, what arrives within it), at most
 //! [`MAX_GROUP`]. On PostgreSQL the group also waits a little on its own ([`group_window`]):
 //! there a commit costs a round trip, an executed statement and a WAL flush whatever the
-//! group's size, so one large group beats several small ones in flight. If the group's transaction fails, its deliveries are recorded one by one, so
+//! group's size, so one large group beats several small ones in flight. If the group's
+//! transaction fails, its deliveries are recorded one by one, so
 //! one that cannot be stored (a constraint, a value the database refuses) fails alone. On
 //! shutdown the queue closes (new deliveries are refused, 503) and what it holds is committed
 //! and answered before the task ends.

@@ -183,10 +183,22 @@ pub fn create_netns(pin: &Path, map: IdMap) -> Result<(), UsernsError> {
     if pid == 0 {
         // SAFETY: raw system calls in the forked child on descriptors it inherited; see above.
         unsafe {
-            // The parent's ends, duplicated by fork: kept open, they would keep the child's
-            // read from ever seeing EOF.
-            libc::close(go_w.as_raw_fd());
-            libc::close(ready_r.as_raw_fd());
+            // Every descriptor but its own two pipe ends, duplicated by fork: the parent's
+            // ends, and those of any other create_netns under way on another thread (whose
+            // child would then never see EOF while this one waits, nor this one while that
+            // one waits: both hang for good, holding the box's claim lock too).
+            let (a, b) = {
+                let (x, y) = (ready_w.as_raw_fd() as u32, go_r.as_raw_fd() as u32);
+                (x.min(y), x.max(y))
+            };
+            let close_range = |first: u32, last: u32| {
+                if first <= last {
+                    libc::syscall(libc::SYS_close_range, first, last, 0u32);
+                }
+            };
+            close_range(3, a.saturating_sub(1));
+            close_range(a + 1, b - 1);
+            close_range(b + 1, u32::MAX);
             let rc = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET);
             let errno: i32 = if rc == 0 {
                 0

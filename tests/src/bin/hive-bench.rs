@@ -112,6 +112,23 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         boxes: usize,
     },
+    /// Exactly-once under faults (issue 11): webhooks while the control plane, boxes and cells
+    /// are killed; ends with `chaos: kills=N builds=N lost=N duplicated=N overlapping=N
+    /// orphans=N` (needs root and the build image; SQLite).
+    Chaos {
+        /// How long load and faults go on.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Seeds the fault schedule and the load's choices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// New webhook deliveries per second.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Copy the daemons' logs and the fault timeline here at the end.
+        #[arg(long)]
+        logs: Option<std::path::PathBuf>,
+    },
 }
 
 /// What can stop a benchmark.
@@ -972,6 +989,21 @@ async fn main() -> std::process::ExitCode {
             builds,
             boxes,
         } => cluster(&cli, *requests, *clients, *builds, *boxes).await,
+        Bench::Chaos {
+            seconds,
+            seed,
+            rate,
+            logs,
+        } => {
+            return hive_tests::chaos::cli(hive_tests::chaos::ChaosOptions {
+                seconds: *seconds,
+                seed: *seed,
+                rate: *rate,
+                logs_dir: logs.clone(),
+                ..Default::default()
+            })
+            .await
+        }
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -167,7 +167,9 @@ struct RunArgs {
     /// the last error, until a boot succeeds again.
     #[arg(long, env = "HIVE_BOX_UNHEALTHY_BOOT_FAILURES", default_value_t = 3)]
     unhealthy_boot_failures: u32,
-    /// The control plane's lease time; without it for longer, the box cancels its builds.
+    /// The lease time until the control plane says its own at registration (then that one
+    /// counts): without the control plane for longer, the box cancels its builds; a cell no
+    /// box has followed for two thirds of it stops its build.
     #[arg(long, env = "HIVE_LEASE_SECS", default_value_t = 30)]
     lease_secs: u64,
     /// How long to keep trying to resolve the control plane's host name at start (cells are

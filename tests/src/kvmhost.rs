@@ -321,6 +321,24 @@ impl KvmHost {
         std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
     }
 
+    /// Why L1 is gone, when its QEMU (the `kvm-host.sh boot` process) has exited: then every
+    /// call into L1 fails, and waiting on it is pointless.
+    pub fn gone(&self) -> Option<String> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Field 3 (after the parenthesised name) is the state; Z once it has exited.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?");
+        (stat.is_empty() || state == "Z" || state == "X").then(|| {
+            format!(
+                "L1's QEMU (pid {pid}) has exited; its log (tail):\n{}",
+                tail_lines(&self.qemu_log(), 20)
+            )
+        })
+    }
+
     fn qemu_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("qemu.log")).unwrap_or_default()
     }
@@ -553,9 +571,19 @@ impl KvmHost {
         }
     }
 
-    /// The box daemon's log in L1.
+    /// The box daemon's log in L1 (or why it cannot be read: this is used in failure reports,
+    /// which must not panic themselves).
     pub fn box_log(&self) -> String {
-        self.read("/var/log/hive-box.log")
+        if let Some(why) = self.gone() {
+            return format!("(box log unreadable: {why})");
+        }
+        match self.exec_timeout(
+            "cat /var/log/hive-box.log 2>/dev/null",
+            Duration::from_secs(60),
+        ) {
+            Ok(e) => e.output,
+            Err(e) => format!("(box log unreadable: L1: {e})"),
+        }
     }
 
     /// SIGKILL of the box daemon (its cells stay behind, as after a crash of the daemon alone).
@@ -649,6 +677,9 @@ impl KvmHost {
             if w == warm && b == 0 {
                 return true;
             }
+            if self.gone().is_some() {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         false
@@ -690,4 +721,10 @@ impl KvmHost {
                 .into(),
         ]
     }
+}
+
+/// The last `n` lines of `s`.
+fn tail_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -107,10 +107,11 @@ async fn hive_on(
 impl Hive {
     fn context(&self) -> String {
         format!(
-            "\n--- box log in L1 (tail) ---\n{}\n--- control plane log (tail) ---\n{}\n--- L1 console (tail) ---\n{}",
+            "\n--- L1 ---\n{}\n--- box log in L1 (tail) ---\n{}\n--- control plane log (tail) ---\n{}\n--- L1 console (tail) ---\n{}",
+            self.l1.gone().unwrap_or_else(|| "L1's QEMU is running".into()),
             tail(&self.l1.box_log(), 80),
             tail(&self.cp.log(), 40),
-            tail(&self.l1.console(), 20),
+            tail(&self.l1.console(), 60),
         )
     }
 
@@ -609,6 +610,12 @@ async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
         .count()
         < 2
     {
+        let now = cluster::wait_build_until(&grpc, &id, Duration::from_secs(60), |_| true).await;
+        assert!(
+            !state(&now).is_terminal(),
+            "the build ended before its second attempt started: {now:?}{}",
+            h.context()
+        );
         assert!(
             t0.elapsed() < Duration::from_secs(300),
             "the second attempt never started{}",

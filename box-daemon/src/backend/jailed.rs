@@ -293,7 +293,12 @@ impl<K: CellKind> CellBackend for Jailed<K> {
     }
 
     fn last_words(&self, cell_id: &str) -> String {
-        self.kind.last_words(&self.cell_dir(cell_id))
+        let dir = self.cell_dir(cell_id);
+        match self.exit_code(cell_id) {
+            // Gone: how it ended (exit code, console and VMM log ends).
+            Some(code) => self.kind.death_detail(&dir, Some(code)),
+            None => self.kind.last_words(&dir),
+        }
     }
 
     fn is_alive(&self, cell_id: &str) -> bool {

@@ -602,6 +602,21 @@ pub async fn wait_build(grpc_url: &str, id: &str, timeout: Duration) -> Build {
     }
 }
 
+/// Cancels the build through the API, then waits (up to `timeout`) for it to end; the ended
+/// build, whatever its state (the caller checks it).
+pub async fn cancel_and_wait(grpc_url: &str, id: &str, reason: &str, timeout: Duration) -> Build {
+    crate::controlplane::api(grpc_url)
+        .await
+        .expect("connect control plane")
+        .cancel_build(hive_proto::v1::CancelBuildRequest {
+            id: id.to_string(),
+            reason: reason.to_string(),
+        })
+        .await
+        .expect("CancelBuild");
+    wait_build(grpc_url, id, timeout).await
+}
+
 /// Polls GetBuild until `pred` holds.
 pub async fn wait_build_until(
     grpc_url: &str,

@@ -358,15 +358,7 @@ async fn a_restarted_box_reaps_its_leftover_cells_and_runs_the_build_again() {
         log.contains("attempt lost on box") && log.contains("box restarted while it ran"),
         "the log does not say why the build ran again:\n{log}"
     );
-    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
-    client
-        .cancel_build(CancelBuildRequest {
-            id: id.clone(),
-            reason: "done".into(),
-        })
-        .await
-        .unwrap();
-    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    let b = cluster::cancel_and_wait(&grpc, &id, "done", Duration::from_secs(60)).await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
     assert_eq!(b.attempt, 2, "{b:?}");
     h.assert_cell_gone(&again.cell_id).await;
@@ -470,15 +462,7 @@ async fn a_dead_box_s_cell_stops_its_build_before_the_build_is_placed_again() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
-    client
-        .cancel_build(CancelBuildRequest {
-            id: id.clone(),
-            reason: "done".into(),
-        })
-        .await
-        .unwrap();
-    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    let b = cluster::cancel_and_wait(&grpc, &id, "done", Duration::from_secs(60)).await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
     assert_eq!(b.attempt, 2, "{b:?}");
     h.assert_cell_gone(&again.cell_id).await;
@@ -525,15 +509,7 @@ async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_agai
         b.attempt >= 2 && state(b) == BuildState::Running && b.cell_id != first.cell_id
     })
     .await;
-    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
-    client
-        .cancel_build(CancelBuildRequest {
-            id: id.clone(),
-            reason: "done".into(),
-        })
-        .await
-        .unwrap();
-    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
+    let b = cluster::cancel_and_wait(&grpc, &id, "done", Duration::from_secs(60)).await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
     h.assert_cell_gone(&again.cell_id).await;
     h.finish().await;
@@ -901,15 +877,7 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         .unwrap_or_else(|e| panic!("{occupant_target} gone after the probes: {e}"));
     drop(cell_listener);
 
-    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
-    client
-        .cancel_build(CancelBuildRequest {
-            id: occupant.clone(),
-            reason: "done".into(),
-        })
-        .await
-        .unwrap();
-    cluster::wait_build(&grpc, &occupant, Duration::from_secs(60)).await;
+    cluster::cancel_and_wait(&grpc, &occupant, "done", Duration::from_secs(60)).await;
     drop(cp_host);
     h.finish().await;
 }

@@ -11,8 +11,8 @@
 use std::time::{Duration, Instant};
 
 use hive_proto::v1::{
-    AddConnectorRequest, BuildState, CancelBuildRequest, CreateNetworkRequest,
-    CreateProjectRequest, ListConnectorsRequest, SubmitBuildRequest,
+    AddConnectorRequest, BuildState, CreateNetworkRequest, CreateProjectRequest,
+    ListConnectorsRequest, SubmitBuildRequest,
 };
 use hive_tests::cluster::{self, GitHost};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
@@ -366,15 +366,8 @@ async fn microvm_e2e_failing_step_timeout_and_cancel() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
-    client
-        .cancel_build(CancelBuildRequest {
-            id: id.clone(),
-            reason: "microvm e2e cancel".into(),
-        })
-        .await
-        .expect("CancelBuild");
-    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(300)).await;
+    let b =
+        cluster::cancel_and_wait(&grpc, &id, "microvm e2e cancel", Duration::from_secs(300)).await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
     h.assert_cell_gone(&b.cell_id).await;
     h.wait_pool_back().await;
@@ -623,15 +616,13 @@ async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
-    client
-        .cancel_build(CancelBuildRequest {
-            id: id.clone(),
-            reason: "microvm e2e: second attempt seen".into(),
-        })
-        .await
-        .expect("CancelBuild");
-    let b = cluster::wait_build(&grpc, &id, Duration::from_secs(300)).await;
+    let b = cluster::cancel_and_wait(
+        &grpc,
+        &id,
+        "microvm e2e: second attempt seen",
+        Duration::from_secs(300),
+    )
+    .await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
     assert_eq!(b.attempt, 2, "{b:?}");
     assert_ne!(b.cell_id, cell, "{b:?}");

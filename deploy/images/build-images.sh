@@ -183,11 +183,11 @@ else
 fi
 
 # Every rebuilt hive-cell makes a new cell rootfs. Keep the newest few and anything touched in
-# the last day (a running box may still use an older one as its lowerdir); drop the rest.
+# the last two hours (a running box may still use an older one as its lowerdir); drop the rest.
 touch "$cell"
 find "$cache/images" -mindepth 1 -maxdepth 1 -type d -name 'cell-*' -printf '%T@ %p\n' \
   | sort -rn | tail -n +5 | cut -d' ' -f2- | while read -r old; do
-      if [ -n "$(find "$old" -maxdepth 0 -mtime +0)" ]; then
+      if [ -n "$(find "$old" -maxdepth 0 -mmin +120)" ]; then
         log "pruning old cell rootfs $old"
         rm -rf "$old"
       fi

@@ -168,8 +168,9 @@ struct RunArgs {
     #[arg(long, env = "HIVE_BOX_UNHEALTHY_BOOT_FAILURES", default_value_t = 3)]
     unhealthy_boot_failures: u32,
     /// The lease time until the control plane says its own at registration (then that one
-    /// counts): without the control plane for longer, the box cancels its builds; a cell no
-    /// box has followed for two thirds of it stops its build.
+    /// counts): without the control plane for two thirds of it, the box stops its builds and
+    /// gives the attempts back (they run again); a cell no box has followed for two thirds of it
+    /// stops its build.
     #[arg(long, env = "HIVE_LEASE_SECS", default_value_t = 30)]
     lease_secs: u64,
     /// How long to keep trying to resolve the control plane's host name at start (cells are
@@ -190,7 +191,8 @@ struct RunArgs {
     /// fails (raise it on slow hosts).
     #[arg(long, env = "HIVE_BOX_CELL_CALL_TIMEOUT_SECS", default_value_t = 10)]
     cell_call_timeout_secs: u64,
-    /// On SIGTERM: how long running builds may continue before they are cancelled.
+    /// On SIGTERM: how long running builds may continue before they are stopped and given back
+    /// to the control plane (reported LOST: they run again elsewhere).
     #[arg(long, env = "HIVE_BOX_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
     /// When up, write {"health": "ADDR"} to this file (tests pass port 0 and read it).

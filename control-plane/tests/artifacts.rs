@@ -96,6 +96,7 @@ async fn artifacts_are_stored_read_and_purged_and_hostile_boxes_refused(db: Stri
         project: "arts".into(),
         revision: format!("abc12{n}"),
         git_ref: String::new(),
+        ..Default::default()
     };
     let (mut a_box, _) = fake_box(&handle, "box-a", vec![pool("small", 1, 1)]).await;
     client.submit_build(submit("3")).await.unwrap();

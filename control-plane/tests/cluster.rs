@@ -168,6 +168,7 @@ async fn changes_on_one_control_plane_reach_the_box_on_another_at_once() {
             project: "p1".into(),
             revision: "0123456789abcdef0123456789abcdef01234567".into(),
             git_ref: "refs/heads/main".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -219,6 +220,7 @@ async fn changes_on_one_control_plane_reach_the_box_on_another_at_once() {
             project: "p1".into(),
             revision: "0123456789abcdef0123456789abcdef01234567".into(),
             git_ref: "refs/heads/main".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -521,6 +523,7 @@ async fn a_key_exchange_reaches_the_connector_on_another_control_plane() {
             project: "priv".into(),
             revision: "0123456789abcdef0123456789abcdef01234567".into(),
             git_ref: "refs/heads/main".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -140,6 +140,7 @@ async fn bad_input_is_refused_with_what_to_do(url: String) {
         project: "widget".into(),
         revision: revision.into(),
         git_ref: git_ref.into(),
+        ..Default::default()
     };
     for (req, needle) in [
         (submit("nothex", ""), "is not a commit id"),
@@ -249,11 +250,12 @@ async fn uncordon_and_forget(url: String) {
         vec![],
     );
 
-    // Uncordon applies only to a cordoned box.
+    // Uncordon applies to a box out of service (cordoned, draining, left), not an active one.
     let e = client.uncordon_box(req("box-a")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
-        e.message().contains("is active, not cordoned"),
+        e.message()
+            .contains("is active: uncordon applies to a cordoned, draining or left box"),
         "{}",
         e.message()
     );

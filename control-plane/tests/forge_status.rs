@@ -489,6 +489,7 @@ async fn drive(api: &mut Api, bx: &mut FakeBox, project: &str, rev: &str, end: E
             project: project.into(),
             revision: rev.into(),
             git_ref: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1098,6 +1099,7 @@ async fn two_control_planes_send_each_status_once(url: String) {
             project: "app".into(),
             revision: sha(n),
             git_ref: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -52,6 +52,7 @@ async fn a_burst_of_box_messages_is_stored_in_one_go_and_acked_once(url: String)
             project: "burst".into(),
             revision: "abc123".into(),
             git_ref: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -54,6 +54,7 @@ async fn a_box_that_stops_reading_loses_its_session_not_the_scheduler() {
                 project: "big".into(),
                 revision: "abc123".into(),
                 git_ref: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap();

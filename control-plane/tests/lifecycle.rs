@@ -42,6 +42,7 @@ async fn submit(handle: &Handle, project: &str) -> String {
             project: project.into(),
             revision: "abc123".into(),
             git_ref: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -752,3 +753,93 @@ async fn lost_attempt_runs_again(url: String) {
     handle.shutdown().await;
 }
 hive_testkit::on_both!(db => lost_attempt_runs_again);
+
+/// A SubmitBuild retried with its request id (the caller lost the answer: a timeout, a control
+/// plane that died after the commit) gets the first build, never a second; so do many copies
+/// racing each other. The key is the project's: another project may use the same one. Reusing
+/// it for other code, or a malformed one, is refused with what to do.
+async fn retried_submit_with_a_request_id_makes_one_build(url: String) {
+    let handle = start(&url).await;
+    project(&handle, "once", 60).await;
+    project(&handle, "other", 60).await;
+    let req = |project: &str, rid: &str| SubmitBuildRequest {
+        project: project.into(),
+        revision: "abc123".into(),
+        git_ref: String::new(),
+        request_id: rid.into(),
+    };
+    let first = api(&handle)
+        .await
+        .submit_build(req("once", "deploy-7f3e"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = api(&handle)
+        .await
+        .submit_build(req("once", "deploy-7f3e"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, first.id, "a retry made a second build");
+    assert_eq!(first.trigger, "api:deploy-7f3e");
+    assert_eq!(again.state, BuildState::Queued as i32, "{again:?}");
+
+    // Sixteen copies of a new request at once: one build, every caller told its id.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let mut c = api(&handle).await;
+        let r = req("once", "race:1");
+        calls.spawn(async move { c.submit_build(r).await.map(|b| b.into_inner().id) });
+    }
+    let mut ids = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        ids.push(r.unwrap().expect("every racing copy is answered"));
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "racing copies made builds {ids:?}");
+    assert_ne!(ids[0], first.id);
+
+    // The same key in another project is another request.
+    let other = api(&handle)
+        .await
+        .submit_build(req("other", "deploy-7f3e"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.id, first.id);
+
+    // The key reused for another revision: refused, nothing queued.
+    let e = api(&handle)
+        .await
+        .submit_build(SubmitBuildRequest {
+            revision: "def456".into(),
+            ..req("once", "deploy-7f3e")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains(&first.id), "{}", e.message());
+    for bad in ["a b", "x/y", &"k".repeat(129)] {
+        let e = api(&handle)
+            .await
+            .submit_build(req("once", bad))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e:?}");
+        assert!(e.message().contains("request_id"), "{}", e.message());
+    }
+    let builds = api(&handle)
+        .await
+        .list_builds(hive_proto::v1::ListBuildsRequest {
+            project: "once".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .builds;
+    assert_eq!(builds.len(), 2, "{builds:?}");
+    handle.shutdown().await;
+}
+hive_testkit::on_both!(db => retried_submit_with_a_request_id_makes_one_build);

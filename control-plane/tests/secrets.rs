@@ -143,6 +143,7 @@ async fn secrets_go_in_and_only_the_build_gets_them(url: String) {
             project: "web".into(),
             revision: "a".repeat(40),
             git_ref: "refs/heads/main".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -425,6 +426,7 @@ async fn secrets_reach_only_builds_of_the_refs_they_are_for(url: String) {
                     project: "rel".into(),
                     revision: "c".repeat(40),
                     git_ref,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

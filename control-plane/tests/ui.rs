@@ -48,6 +48,7 @@ async fn submit(admin: &mut Api, project: &str) -> String {
             project: project.into(),
             revision: "0123456789abcdef0123456789abcdef01234567".into(),
             git_ref: "refs/heads/main".into(),
+            ..Default::default()
         })
         .await
         .expect("submit build")

@@ -82,6 +82,7 @@ fn browser_signs_in_and_follows_a_build_live() {
             project: "webapp".into(),
             git_ref: "refs/heads/main".into(),
             revision: "89abcdef0123456789abcdef0123456789abcdef".into(),
+            ..Default::default()
         }))
         .expect("submit")
         .into_inner()

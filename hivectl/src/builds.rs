@@ -11,24 +11,42 @@ use tokio_stream::StreamExt;
 use crate::ctl::{follow_states, outcome, progress_line, CliError, Ctl, Progress};
 use crate::render;
 
+/// Tries of a SubmitBuild that found the control plane unavailable (it restarts, or it died
+/// after the build was queued but before it answered): the same request id every time, so the
+/// retry is answered with the build the lost call made, never a second one.
+const SUBMIT_TRIES: u32 = 5;
+
 /// `submit`, with `--wait` following the build to its end.
 pub(crate) async fn submit(
     ctl: &mut Ctl,
     project: String,
     rev: Option<String>,
     git_ref: Option<String>,
+    request_id: Option<String>,
     wait: bool,
 ) -> Result<(), CliError> {
-    let b = ctl
-        .client
-        .submit_build(SubmitBuildRequest {
-            project: project.clone(),
-            revision: rev.unwrap_or_default(),
-            git_ref: git_ref.unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| ctl.status(format!("submit build of {project:?}"), s))?
-        .into_inner();
+    let req = SubmitBuildRequest {
+        project: project.clone(),
+        revision: rev.unwrap_or_default(),
+        git_ref: git_ref.unwrap_or_default(),
+        request_id: request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+    };
+    let mut tries = 0;
+    let b = loop {
+        tries += 1;
+        match ctl.client.submit_build(req.clone()).await {
+            Ok(b) => break b.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && tries < SUBMIT_TRIES => {
+                eprintln!(
+                    "hivectl: control plane unavailable ({}); retrying with request id {}",
+                    s.message(),
+                    req.request_id
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(tries))).await;
+            }
+            Err(s) => return Err(ctl.status(format!("submit build of {project:?}"), s)),
+        }
+    };
     queued(ctl, b, wait).await
 }
 

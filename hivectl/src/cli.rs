@@ -90,6 +90,11 @@ pub(crate) enum Command {
         /// Git ref, e.g. refs/heads/main (default: the project's branch).
         #[arg(long = "ref")]
         git_ref: Option<String>,
+        /// Idempotency key: submitting again with the same one answers with the build it
+        /// made instead of queuing another (1-128 of A-Z a-z 0-9 . _ : -). Default: a fresh
+        /// one, which this command reuses when it retries after losing the control plane.
+        #[arg(long = "request-id", env = "HIVE_REQUEST_ID")]
+        request_id: Option<String>,
         /// Wait until the build ends, showing progress; exit code tells how it ended.
         #[arg(long)]
         wait: bool,
@@ -428,7 +433,8 @@ pub(crate) enum BoxCommand {
         /// Box id.
         id: String,
     },
-    /// Undo `cordon`: the box gets new builds again.
+    /// Undo `cordon` or `drain`: the box gets new builds again (a drained box once it is
+    /// started again).
     Uncordon {
         /// Box id.
         id: String,

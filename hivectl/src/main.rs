@@ -79,8 +79,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             project,
             rev,
             git_ref,
+            request_id,
             wait,
-        } => builds::submit(ctl, project, rev, git_ref, wait).await,
+        } => builds::submit(ctl, project, rev, git_ref, request_id, wait).await,
         Command::Rebuild { id, wait } => builds::rebuild(ctl, id, wait).await,
         Command::Builds {
             project,

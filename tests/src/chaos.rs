@@ -3,8 +3,9 @@
 //! One control plane (SQLite, 10 s lease, 500 ms heartbeat), two sandbox boxes (`small=2`) that
 //! reach it through a [`Proxy`] (its ports change on every restart), and one project whose step
 //! runs `sleep` under a command line unique to the build (`hive-chaos-<build id>`), cloned from
-//! a real `git daemon` at a commit of its own per delivery. While signed push webhooks arrive at
-//! a steady rate (some redelivered under the same delivery id, which must make no build), a
+//! a real `git daemon` at a commit of its own per delivery. While signed push webhooks and API
+//! submissions (SubmitBuild with a request id) arrive at a steady rate (some redelivered under
+//! the same delivery or request id, which must make no build; unanswered ones sent again), a
 //! fault driver `kill -9`s, at seeded random, the control plane, a box (sometimes left dead for
 //! longer than the lease) or a running cell's process, and restarts what it killed. A sampler
 //! lists the host's processes every 100 ms: two alive with one build's command line is an
@@ -22,7 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hive_proto::v1::{BuildState, CreateProjectRequest, GetBuildRequest, ListBuildsRequest};
+use hive_proto::v1::{
+    BuildState, CreateProjectRequest, GetBuildRequest, ListBuildsRequest, SubmitBuildRequest,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -99,8 +102,10 @@ pub struct ChaosReport {
     /// Box kills after which the box stayed dead for longer than the lease.
     pub long_box_outages: u32,
     pub cell_kills: u32,
-    /// Distinct deliveries sent (redeliveries not counted).
+    /// Distinct submissions sent (redeliveries not counted): webhook deliveries and API calls.
     pub deliveries: usize,
+    /// Of them, API submissions (SubmitBuild with a request id).
+    pub api: usize,
     /// Deliveries answered 202 with a build: the builds that must each run to an end, once.
     pub builds: usize,
     /// Redeliveries of accepted deliveries (same id) that were answered.
@@ -156,8 +161,8 @@ impl ChaosReport {
         let mut s = format!(
             "kills: {} control plane ({} dead past the lease), {} box ({} dead past the lease), \
              {} cell\n\
-             deliveries: {} sent, {} accepted, {} redelivered (answered), {} sent again after no \
-             answer, {} never accepted\n\
+             submissions: {} sent ({} through the API), {} accepted, {} redelivered (answered), \
+             {} sent again after no answer, {} never accepted\n\
              accepted builds by state: {:?}; by attempts: {:?}; drained {:.1}s after the load\n\
              the sampler saw {} builds' steps running\n",
             self.cp_kills,
@@ -166,6 +171,7 @@ impl ChaosReport {
             self.long_box_outages,
             self.cell_kills,
             self.deliveries,
+            self.api,
             self.builds,
             self.redeliveries,
             self.retried,
@@ -579,10 +585,22 @@ fn drive_faults(
     }
 }
 
-/// One delivery the load sent, by delivery id.
+/// How a submission reaches the control plane.
+#[derive(Debug, Clone)]
+enum Via {
+    /// A signed push webhook with this body (keyed by its delivery id).
+    Webhook(Vec<u8>),
+    /// SubmitBuild of this commit (keyed by its request id), as an internal service would.
+    Api { commit: String },
+}
+
+/// What the load submits through the API: this share of new submissions.
+const API_SHARE: f64 = 0.3;
+
+/// One submission the load sent, by delivery id (webhook) or request id (API).
 #[derive(Debug, Clone)]
 struct Sent {
-    body: Vec<u8>,
+    via: Via,
     build: Option<String>,
     in_flight: bool,
     tries: u32,
@@ -600,7 +618,7 @@ struct Ledger {
     doubled: BTreeMap<String, String>,
 }
 
-/// Sends delivery `id` (again, if `redelivery`) and books the answer.
+/// Sends submission `id` (again, if `redelivery`) and books the answer.
 async fn send(
     client: WebhookClient,
     links: Arc<Mutex<Links>>,
@@ -608,20 +626,42 @@ async fn send(
     id: String,
     redelivery: bool,
 ) {
-    let Some(body) = lock(&ledger).sent.get(&id).map(|s| s.body.clone()) else {
+    let Some(via) = lock(&ledger).sent.get(&id).map(|s| s.via.clone()) else {
         return;
     };
-    let url = lock(&links).webhook.clone();
-    let answer = tokio::time::timeout(
-        Duration::from_secs(15),
-        client.send_signed(&url, SECRET, "push", &id, body),
-    )
-    .await;
-    let mut l = lock(&ledger);
-    let accepted = match &answer {
-        Ok(Ok(a)) if a.status == 202 => a.json()["build_id"].as_str().map(str::to_string),
-        _ => None,
+    let links_now = lock(&links).clone();
+    let accepted = match via {
+        Via::Webhook(body) => {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(15),
+                client.send_signed(&links_now.webhook, SECRET, "push", &id, body),
+            )
+            .await;
+            match &answer {
+                Ok(Ok(a)) if a.status == 202 => a.json()["build_id"].as_str().map(str::to_string),
+                _ => None,
+            }
+        }
+        Via::Api { commit } => {
+            let call = async {
+                let mut api = crate::controlplane::api(&links_now.grpc).await.ok()?;
+                api.submit_build(SubmitBuildRequest {
+                    project: PROJECT.into(),
+                    revision: commit,
+                    git_ref: "refs/heads/main".into(),
+                    request_id: id.clone(),
+                })
+                .await
+                .ok()
+                .map(|b| b.into_inner().id)
+            };
+            tokio::time::timeout(Duration::from_secs(15), call)
+                .await
+                .ok()
+                .flatten()
+        }
     };
+    let mut l = lock(&ledger);
     let ledger = &mut *l;
     let Some(s) = ledger.sent.get_mut(&id) else {
         return;
@@ -637,7 +677,7 @@ async fn send(
         (Some(b), Some(first)) if b != first => {
             ledger.doubled.insert(
                 id.clone(),
-                format!("delivery {id} answered with build {first}, then with build {b}"),
+                format!("submission {id} answered with build {first}, then with build {b}"),
             );
         }
         (Some(_), Some(_)) => {
@@ -654,8 +694,9 @@ async fn send(
     }
 }
 
-/// Signed pushes at `rate` per second until `until`, a fifth of them redeliveries of accepted
-/// ones; deliveries that got no answer are sent again.
+/// Submissions at `rate` per second until `until`: signed pushes, and ([`API_SHARE`]) API
+/// submissions with a request id; a fifth of them redeliveries (or resubmissions) of accepted
+/// ones under the same id; those that got no answer are sent again.
 async fn load(
     rate: f64,
     until: Instant,
@@ -685,13 +726,25 @@ async fn load(
                 true,
             ));
         } else {
-            let id = uuid::Uuid::new_v4().to_string();
             let commit = &commits[n % commits.len()];
             n += 1;
+            let (id, via) = if rng.chance(API_SHARE) {
+                (
+                    format!("req-{}", uuid::Uuid::new_v4()),
+                    Via::Api {
+                        commit: commit.clone(),
+                    },
+                )
+            } else {
+                (
+                    uuid::Uuid::new_v4().to_string(),
+                    Via::Webhook(push_payload(&repo_url, "refs/heads/main", commit, false)),
+                )
+            };
             lock(&ledger).sent.insert(
                 id.clone(),
                 Sent {
-                    body: push_payload(&repo_url, "refs/heads/main", commit, false),
+                    via,
                     build: None,
                     in_flight: true,
                     tries: 0,
@@ -1092,13 +1145,22 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     };
     let mut by_trigger: HashMap<&str, Vec<&hive_proto::v1::Build>> = HashMap::new();
     for b in &builds {
-        if let Some(d) = b.trigger.strip_prefix("webhook:") {
+        if let Some(d) = b
+            .trigger
+            .strip_prefix("webhook:")
+            .or_else(|| b.trigger.strip_prefix("api:"))
+        {
             by_trigger.entry(d).or_default().push(b);
         }
     }
     let mut duplicated: BTreeMap<String, String> = {
         let l = lock(&ledger);
         report.deliveries = l.sent.len();
+        report.api = l
+            .sent
+            .values()
+            .filter(|s| matches!(s.via, Via::Api { .. }))
+            .count();
         report.redeliveries = l.redeliveries;
         report.retried = l.retried;
         l.doubled.clone()

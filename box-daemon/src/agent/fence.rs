@@ -1,16 +1,14 @@
-//! Self-fencing: a box that has not heard from the control plane for longer than the lease no
-//! longer owns its builds (the control plane has placed them again), so it cancels them rather
-//! than run work nobody owns.
+//! Self-fencing: a box that has not heard from the control plane for two thirds of the lease
+//! is about to lose its builds (the control plane places them again once the lease runs out), so
+//! it stops them first and gives the attempts back (LOST) rather than run work nobody will own.
 use std::sync::Arc;
 use std::time::Duration;
 
-use hive_proto::v1::BuildState;
-
-use super::Agent;
+use super::{Agent, Stop};
 use crate::backend::CellBackend;
 
 impl<B: CellBackend> Agent<B> {
-    /// Self-fencing: without the control plane for longer than the lease, cancel every build.
+    /// Self-fencing: without the control plane for [`Agent::fence_after`], stop every build.
     pub(super) async fn fence_watch(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut fenced = false;
@@ -25,20 +23,19 @@ impl<B: CellBackend> Agent<B> {
                 fenced = false;
                 continue;
             }
-            if silent > self.lease() && !fenced {
+            if silent > self.fence_after() && !fenced {
                 fenced = true;
                 let builds = self.builds();
                 if !builds.is_empty() {
                     tracing::warn!(
                         silent_ms = silent.as_millis() as u64,
                         builds = builds.len(),
-                        "control plane unreachable past the lease: cancelling builds (self-fence)"
+                        "control plane unreachable for two thirds of the lease: stopping builds (self-fence)"
                     );
                 }
                 for b in builds.values() {
-                    let _ = b.cancel.send(Some((
-                        BuildState::Failed,
-                        "box lost the control plane past its lease".into(),
+                    let _ = b.cancel.send(Some(Stop::give_back(
+                        "box lost the control plane for two thirds of its lease",
                     )));
                 }
             }

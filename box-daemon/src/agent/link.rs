@@ -280,6 +280,15 @@ impl<B: CellBackend> Agent<B> {
                 });
             }
         }
-        (self.pool.states(), cells)
+        let mut pools = self.pool.states();
+        if self.draining.load(Ordering::SeqCst) {
+            // A stopping box has no room: the control plane places nothing more here (an
+            // assignment would only be rejected, and cost the build an attempt).
+            for p in &mut pools {
+                p.warm = 0;
+                p.capacity = p.busy + p.booting;
+            }
+        }
+        (pools, cells)
     }
 }

@@ -68,7 +68,7 @@ pub struct AgentConfig {
     pub credentials: Option<Arc<crate::credentials::Credentials>>,
     pub box_id: String,
     pub hostname: String,
-    /// The control plane's lease time: self-fence after this long without it.
+    /// The control plane's lease time until Registered says otherwise (self-fence at two thirds).
     pub lease: Duration,
     /// Heartbeat period until Registered says otherwise.
     pub heartbeat: Duration,
@@ -79,13 +79,46 @@ pub struct AgentConfig {
     pub cell_call_timeout: Duration,
 }
 
+/// Why the box stops a build before its end.
+#[derive(Debug, Clone)]
+pub(super) struct Stop {
+    /// The state the cell is told to end the build with.
+    pub state: BuildState,
+    pub reason: String,
+    /// The stop is the box's own fault, not the build's (self-fence, shutdown): the attempt is
+    /// reported LOST, so the control plane runs the build again (if the lease is still this
+    /// box's and attempts are left) instead of failing it.
+    pub give_back: bool,
+}
+
+impl Stop {
+    /// A stop the control plane asked for (user cancel, timeout, lease moved).
+    pub fn asked(state: BuildState, reason: String) -> Self {
+        Stop {
+            state,
+            reason,
+            give_back: false,
+        }
+    }
+
+    /// A stop of the box's own making: the attempt goes back to the control plane. The cell is
+    /// told `cancelled` (what it accepts besides `timed_out`); the control plane hears LOST.
+    pub fn give_back(reason: &str) -> Self {
+        Stop {
+            state: BuildState::Cancelled,
+            reason: reason.to_string(),
+            give_back: true,
+        }
+    }
+}
+
 /// A build the box runs.
 #[derive(Debug)]
 struct RunningBuild {
     lease_id: String,
     cell_id: String,
     size_class: String,
-    cancel: watch::Sender<Option<(BuildState, String)>>,
+    cancel: watch::Sender<Option<Stop>>,
 }
 
 pub struct Agent<B: CellBackend> {
@@ -132,10 +165,11 @@ impl<B: CellBackend> Agent<B> {
         Duration::from_millis(self.lease_ms.load(Ordering::SeqCst).max(1000))
     }
 
-    /// How long a cell may go without this box following its build before it stops the build
-    /// itself: two thirds of the lease, so a build of a dead box has stopped before the control
-    /// plane places it again (a lease after the box's last renewal).
-    pub fn cell_fence(&self) -> Duration {
+    /// How long a build may run unowned before it is stopped: two thirds of the lease (at least
+    /// 5 s), so it has stopped before the control plane places it again (a lease after the box's
+    /// last renewal). A box fences itself this long after it last heard the control plane; a cell
+    /// this long after its box last followed its build.
+    pub fn fence_after(&self) -> Duration {
         (self.lease() * 2 / 3).max(Duration::from_secs(5))
     }
 

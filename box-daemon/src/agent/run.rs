@@ -13,7 +13,7 @@ use hive_proto::v1::{
 };
 use tokio::sync::watch;
 
-use super::{outbox, Agent, RunningBuild};
+use super::{outbox, Agent, RunningBuild, Stop};
 use crate::backend::CellBackend;
 use crate::cell::Cell;
 use hive_sys::now_ms;
@@ -91,7 +91,7 @@ impl<B: CellBackend> Agent<B> {
         match builds.get(&c.build_id) {
             Some(b) => {
                 tracing::info!(build = %c.build_id, lease = %b.lease_id, state = state.short_name(), reason = %c.reason, "cancel requested");
-                let _ = b.cancel.send(Some((state, c.reason)));
+                let _ = b.cancel.send(Some(Stop::asked(state, c.reason)));
             }
             None => {
                 tracing::debug!(build = %c.build_id, "cancel for a build this box does not run")
@@ -102,7 +102,7 @@ impl<B: CellBackend> Agent<B> {
     async fn run_build(
         self: &Arc<Self>,
         a: Assignment,
-        cancel: watch::Receiver<Option<(BuildState, String)>>,
+        cancel: watch::Receiver<Option<Stop>>,
         received: Instant,
     ) {
         let class = a.size_class.clone().unwrap_or_default();
@@ -142,6 +142,26 @@ impl<B: CellBackend> Agent<B> {
             self.relay_artifacts(&cell, &a, &outcome.artifacts, &cancel)
                 .await;
         }
+        // Only a build our stop ended (the cell says cancelled, or it was destroyed after the
+        // grace) goes back; one that ended on its own meanwhile reports its real outcome.
+        let given_back = cancel
+            .borrow()
+            .as_ref()
+            .filter(|s| s.give_back && outcome.state == BuildState::Cancelled)
+            .map(|s| s.reason.clone());
+        if let Some(reason) = given_back {
+            // The cell has stopped (or was destroyed after the grace): nothing of this attempt
+            // runs on. The control plane re-queues it if the lease is still this box's; if it
+            // has placed the build again already, the report is stale and changes nothing.
+            tracing::info!(build = %a.build_id, cell = %cell.id, %reason, "attempt given back (LOST)");
+            self.report_lost(
+                &a.build_id,
+                &a.lease_id,
+                &format!("{reason}; the cell was stopped"),
+            );
+            self.pool.release(cell).await;
+            return;
+        }
         tracing::info!(build = %a.build_id, cell = %cell.id, state = outcome.state.short_name(), exit_code = outcome.exit_code, "build finished");
         self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Finished, |u| {
             u.cell_id = cell.id.clone();
@@ -157,7 +177,7 @@ impl<B: CellBackend> Agent<B> {
         self: &Arc<Self>,
         cell: &Cell,
         a: &Assignment,
-        mut cancel: watch::Receiver<Option<(BuildState, String)>>,
+        mut cancel: watch::Receiver<Option<Stop>>,
         received: Instant,
     ) -> Outcome {
         let failed = |message: String| Outcome {
@@ -190,7 +210,7 @@ impl<B: CellBackend> Agent<B> {
             secrets: a.secrets.clone(),
             clone_auth: a.clone_auth.clone(),
             artifact_cap_bytes: a.artifact_cap_bytes,
-            fence_after_secs: u32::try_from(self.cell_fence().as_secs()).unwrap_or(u32::MAX),
+            fence_after_secs: u32::try_from(self.fence_after().as_secs()).unwrap_or(u32::MAX),
         };
         match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {
@@ -306,12 +326,17 @@ impl<B: CellBackend> Agent<B> {
                             continue;
                         }
                         let req = cancel.borrow().clone();
-                        if let Some((state, reason)) = req {
-                            let _ = tokio::time::timeout(self.cfg.cell_call_timeout, client.cancel(CellCancelRequest {
+                        if let Some(Stop { state, reason, .. }) = req {
+                            let told = tokio::time::timeout(self.cfg.cell_call_timeout, client.cancel(CellCancelRequest {
                                 build_id: a.build_id.clone(),
                                 state: state as i32,
                                 reason: reason.clone(),
                             })).await;
+                            match told {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(s)) => tracing::warn!(build = %a.build_id, error = %s.message(), "the cell refused the cancel; it is destroyed after the grace"),
+                                Err(_) => tracing::warn!(build = %a.build_id, "the cell did not answer the cancel; it is destroyed after the grace"),
+                            }
                             stop = Some((state, reason, tokio::time::Instant::now() + self.cfg.cancel_grace));
                         }
                     }
@@ -361,7 +386,7 @@ impl<B: CellBackend> Agent<B> {
         cell: &Cell,
         a: &Assignment,
         files: &[ArtifactFile],
-        cancel: &watch::Receiver<Option<(BuildState, String)>>,
+        cancel: &watch::Receiver<Option<Stop>>,
     ) {
         let mut client = cell.client();
         let deadline = tokio::time::Instant::now() + ARTIFACT_TIME;
@@ -462,9 +487,9 @@ impl<B: CellBackend> Agent<B> {
         let n = {
             let builds = self.builds();
             for b in builds.values() {
-                let _ = b
-                    .cancel
-                    .send(Some((BuildState::Failed, "box is shutting down".into())));
+                let _ = b.cancel.send(Some(Stop::give_back(
+                    "box shut down before the build ended",
+                )));
             }
             builds.len()
         };

@@ -40,12 +40,18 @@ pub async fn cordon_box(hive: &Hive, box_id: &str, audit: &Audit) -> Result<bool
     Ok(true)
 }
 
-/// Uncordons a box (recording `audit` with it): placement may use it again. False when it was
-/// not cordoned.
-pub async fn uncordon_box(hive: &Hive, box_id: &str, audit: &Audit) -> Result<bool, StoreError> {
+/// Puts a box back in service from state `from` (cordoned, draining or left; recording `audit`
+/// with it): placement may use it again, and a drained box that registers again is not told to
+/// drain. False when its state was no longer `from`.
+pub async fn uncordon_box(
+    hive: &Hive,
+    box_id: &str,
+    from: &str,
+    audit: &Audit,
+) -> Result<bool, StoreError> {
     if !hive
         .store
-        .change_box_state_audited(box_id, CORDONED, ACTIVE, audit)
+        .change_box_state_audited(box_id, from, ACTIVE, audit)
         .await?
     {
         return Ok(false);

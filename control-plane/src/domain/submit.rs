@@ -106,6 +106,25 @@ pub async fn submit(
     Ok(())
 }
 
+/// Queues an API build under its idempotency key: Ok(None) when queued now, or the id of the
+/// build an earlier request with the same key (same project) made, which is left as it is.
+pub async fn submit_once(
+    hive: &Hive,
+    build: &BuildRow,
+    request_id: &str,
+    reason: &str,
+    audit: &Audit,
+) -> Result<Option<String>, StoreError> {
+    let earlier = hive
+        .store
+        .insert_build_once(build, request_id, reason, audit)
+        .await?;
+    if earlier.is_none() {
+        queued(hive, &build.id);
+    }
+    Ok(earlier)
+}
+
 /// Records a webhook delivery and, in the same transaction, the build it makes (if any),
 /// through the group commit; returns once it is durable. A delivery id seen before changes
 /// nothing and returns the stored answer; only a new build is announced.

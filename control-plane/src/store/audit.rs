@@ -104,6 +104,49 @@ impl Store {
         })
     }
 
+    /// Queues an API build under an idempotency key (`request_id`, scoped to the build's
+    /// project) with its audit entry, in one transaction: Ok(None) when queued, or the id of
+    /// the build an earlier request with the same key made (nothing is written then). The key
+    /// lives beside the webhook deliveries (`api:` prefix, which no forge's delivery id has), so
+    /// it is kept as long as they are.
+    pub async fn insert_build_once(
+        &self,
+        build: &BuildRow,
+        request_id: &str,
+        reason: &str,
+        audit: &Audit,
+    ) -> Result<Option<String>> {
+        let key = format!("api:{request_id}");
+        let mut tx = self.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO webhook_deliveries (delivery_id, project_id, build_id, outcome, at_ms) \
+             VALUES ($1, $2, $3, 'build', $4) ON CONFLICT (project_id, delivery_id) DO NOTHING",
+        )
+        .bind(&key)
+        .bind(&build.project_id)
+        .bind(&build.id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("insert api request id"))?;
+        if res.rows_affected() == 0 {
+            tx.rollback().await.map_err(q("rollback"))?;
+            let (build_id,): (String,) = sqlx::query_as(
+                "SELECT build_id FROM webhook_deliveries WHERE project_id = $1 AND delivery_id = $2",
+            )
+            .bind(&build.project_id)
+            .bind(&key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("select api request id"))?;
+            return Ok(Some(build_id));
+        }
+        insert_build_tx(&mut tx, build, reason).await?;
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(q("commit queued build"))?;
+        Ok(None)
+    }
+
     /// Ends a build (as `end_build`) and, if it did end here, records who did.
     pub async fn end_build_audited(
         &self,

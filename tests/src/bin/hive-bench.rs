@@ -609,6 +609,7 @@ async fn submit_builds(cp: &ControlPlane, n: usize, clients: usize) -> Result<Fi
                 project: "bench".into(),
                 revision: String::new(),
                 git_ref: "refs/heads/main".into(),
+                ..Default::default()
             })
             .await
             .map_err(|source| BenchError::Grpc {
@@ -912,6 +913,7 @@ async fn cluster(
                     project: "bench".into(),
                     revision: String::new(),
                     git_ref: "refs/heads/main".into(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|source| BenchError::Grpc {

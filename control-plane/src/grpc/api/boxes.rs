@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{store_err, ControlPlaneService};
 use crate::auth::Right;
 use crate::domain::drain;
+use crate::registry::boxes::{CORDONED, DRAINING, LEFT};
 
 impl ControlPlaneService {
     async fn box_info(&self, box_id: &str) -> Result<pb::BoxInfo, Status> {
@@ -78,13 +79,20 @@ pub(super) async fn box_action(
             tracing::info!(%box_id, "box draining");
         }
         BoxAction::Uncordon => {
-            if state != pb::BoxState::Cordoned {
-                return refuse(format!(
-                    "is {}, not cordoned; uncordon does not apply",
-                    state.short_name()
-                ));
-            }
-            let changed = drain::uncordon_box(&svc.hive, &box_id, &audit)
+            let from = match state {
+                pb::BoxState::Cordoned => CORDONED,
+                // Back in service after a drain (maintenance done): a box daemon still draining
+                // finishes and exits; started again, it takes builds.
+                pb::BoxState::Draining => DRAINING,
+                pb::BoxState::Left => LEFT,
+                _ => {
+                    return refuse(format!(
+                        "is {}: uncordon applies to a cordoned, draining or left box",
+                        state.short_name()
+                    ))
+                }
+            };
+            let changed = drain::uncordon_box(&svc.hive, &box_id, from, &audit)
                 .await
                 .map_err(store_err)?;
             if !changed {

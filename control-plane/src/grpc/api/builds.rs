@@ -61,6 +61,23 @@ pub fn check_revision(rev: &str) -> Result<(), Status> {
     }
 }
 
+/// An idempotency key of SubmitBuild: 1 to 128 characters of `[A-Za-z0-9._:-]` (a UUID fits).
+pub fn check_request_id(id: &str) -> Result<(), Status> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "request_id {:?} is not an idempotency key: give 1 to 128 characters of \
+             A-Z a-z 0-9 . _ : - (a UUID will do)",
+            clip(id)
+        )))
+    }
+}
+
 /// A ref name as git accepts it (`git check-ref-format`'s rules, full names under `refs/`).
 pub fn check_ref_name(what: &str, name: &str) -> Result<(), Status> {
     let bad = |why: &str| {
@@ -163,13 +180,48 @@ pub(super) async fn submit_build(
     } else {
         "HEAD".to_string()
     };
-    let build = BuildRow::new_queued(&p, &req.revision, &git_ref, "api");
+    if !req.request_id.is_empty() {
+        check_request_id(&req.request_id)?;
+    }
+    // The trigger names the request id, as a webhook build's names its delivery.
+    let trigger = if req.request_id.is_empty() {
+        "api".to_string()
+    } else {
+        format!("api:{}", req.request_id)
+    };
+    let build = BuildRow::new_queued(&p, &req.revision, &git_ref, &trigger);
     let audit = caller
         .audit("SubmitBuild", &build.id)
         .with_detail(format!("project {}", p.name));
-    submit::submit(&svc.hive, &build, "submitted via api", &audit)
+    if !req.request_id.is_empty() {
+        let earlier = submit::submit_once(
+            &svc.hive,
+            &build,
+            &req.request_id,
+            "submitted via api",
+            &audit,
+        )
         .await
         .map_err(store_err)?;
+        if let Some(id) = earlier {
+            let b = svc.full_build(&id).await?;
+            // The same key for other code is a client bug, not a retry: say so.
+            if (!req.revision.is_empty() && b.revision != req.revision) || b.git_ref != git_ref {
+                return Err(Status::already_exists(format!(
+                    "request_id {:?} was used for build {id} of {} at {:?}; this request names \
+                     {} at {:?}: give each submission its own request_id",
+                    req.request_id, b.git_ref, b.revision, git_ref, req.revision
+                )));
+            }
+            tracing::info!(build_id = %id, project = %p.name, request_id = %req.request_id,
+                "build submitted again under the same request id: answered with the first");
+            return Ok(Response::new(b));
+        }
+    } else {
+        submit::submit(&svc.hive, &build, "submitted via api", &audit)
+            .await
+            .map_err(store_err)?;
+    }
     tracing::info!(build_id = %build.id, project = %p.name, "build submitted");
     // The build as committed (queued); the scheduler may already be placing it.
     let first = TransitionRow {

@@ -55,6 +55,9 @@ pub struct ChaosOptions {
     pub step_secs: u32,
     /// Where the daemons' logs and the fault timeline are copied at the end (None: not kept).
     pub logs_dir: Option<PathBuf>,
+    /// Run the control plane on a PostgreSQL server of the run's own, and make `kill -9` of
+    /// that server (then its crash recovery) one of the faults.
+    pub postgres: bool,
 }
 
 impl Default for ChaosOptions {
@@ -65,6 +68,7 @@ impl Default for ChaosOptions {
             rate: 1.0,
             step_secs: 2,
             logs_dir: None,
+            postgres: false,
         }
     }
 }
@@ -76,6 +80,8 @@ pub enum ChaosError {
     Options { seconds: u64, rate: f64 },
     #[error("set up the git repository: {0}")]
     Git(String),
+    #[error("start the run's PostgreSQL server: {0}")]
+    Postgres(#[from] crate::pgserver::PgError),
     #[error("start the control plane: {0}")]
     ControlPlane(#[from] HarnessError),
     #[error("start a box: {0}")]
@@ -96,6 +102,8 @@ pub enum ChaosError {
 #[derive(Debug, Default, Clone)]
 pub struct ChaosReport {
     pub cp_kills: u32,
+    /// Kills of the PostgreSQL server (`--postgres` runs).
+    pub db_kills: u32,
     /// Control-plane kills after which it stayed dead for longer than the lease.
     pub long_cp_outages: u32,
     pub box_kills: u32,
@@ -131,7 +139,7 @@ pub struct ChaosReport {
 
 impl ChaosReport {
     pub fn kills(&self) -> u32 {
-        self.cp_kills + self.box_kills + self.cell_kills
+        self.cp_kills + self.db_kills + self.box_kills + self.cell_kills
     }
 
     /// The one line a run ends with.
@@ -159,14 +167,15 @@ impl ChaosReport {
     /// The details behind [`ChaosReport::line`], several lines.
     pub fn details(&self) -> String {
         let mut s = format!(
-            "kills: {} control plane ({} dead past the lease), {} box ({} dead past the lease), \
-             {} cell\n\
+            "kills: {} control plane ({} dead past the lease), {} database, {} box ({} dead past \
+             the lease), {} cell\n\
              submissions: {} sent ({} through the API), {} accepted, {} redelivered (answered), \
              {} sent again after no answer, {} never accepted\n\
              accepted builds by state: {:?}; by attempts: {:?}; drained {:.1}s after the load\n\
              the sampler saw {} builds' steps running\n",
             self.cp_kills,
             self.long_cp_outages,
+            self.db_kills,
             self.box_kills,
             self.long_box_outages,
             self.cell_kills,
@@ -230,6 +239,8 @@ struct Links {
 /// What the fault driver owns: the daemons it kills and restarts.
 struct Daemons {
     cp: Option<ControlPlane>,
+    /// The run's own PostgreSQL server (`--postgres`), which the driver also kills.
+    pg: Option<crate::pgserver::PgServer>,
     boxes: Vec<BoxDaemon>,
     /// For each box: when to restart it, while it is down.
     down: Vec<Option<Instant>>,
@@ -303,6 +314,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 #[derive(Debug, Default)]
 struct Kills {
     cp: u32,
+    db: u32,
     cp_long: u32,
     boxes: u32,
     long: u32,
@@ -456,12 +468,15 @@ enum Fault {
     BoxLong,
     /// A cell's process, one that runs a build when there is one.
     Cell,
+    /// The PostgreSQL server (`--postgres` runs only), restarted after up to 3 s.
+    Database,
 }
 
 impl Fault {
-    fn pick(rng: &mut Rng) -> Fault {
+    fn pick(rng: &mut Rng, database: bool) -> Fault {
         let roll = rng.unit();
         match roll {
+            r if database && r < 0.15 => Fault::Database,
             r if r < 0.20 => Fault::ControlPlane,
             r if r < 0.25 => Fault::ControlPlaneLong,
             r if r < 0.45 => Fault::Box,
@@ -487,6 +502,10 @@ fn drive_faults(
         Fault::BoxLong,
         Fault::Cell,
     ];
+    let database = d.pg.is_some();
+    if database {
+        first.push(Fault::Database);
+    }
     for i in (1..first.len()).rev() {
         first.swap(i, rng.below(i + 1));
     }
@@ -502,13 +521,29 @@ fn drive_faults(
         }
         let at = t0.elapsed().as_secs_f64();
         let any_box_down = d.down.iter().any(Option::is_some);
-        let mut fault = first.pop().unwrap_or_else(|| Fault::pick(&mut rng));
+        let mut fault = first
+            .pop()
+            .unwrap_or_else(|| Fault::pick(&mut rng, database));
         if any_box_down && matches!(fault, Fault::Box | Fault::BoxLong) {
             // One box down at a time, so the builds go on; a later fault takes this one's place.
             first.push(fault);
             fault = Fault::Cell;
         }
-        let line = if matches!(fault, Fault::ControlPlane | Fault::ControlPlaneLong) {
+        let line = if fault == Fault::Database {
+            let down = rng.secs(0.2, 3.0);
+            let pg =
+                d.pg.as_mut()
+                    .expect("a database fault only in --postgres runs");
+            pg.crash();
+            lock(kills).db += 1;
+            std::thread::sleep(down);
+            pg.restart()
+                .map_err(|e| format!("restart PostgreSQL: {e}"))?;
+            format!(
+                "+{at:.1}s kill -9 PostgreSQL, restarted (crash recovery) after {:.1}s",
+                down.as_secs_f64()
+            )
+        } else if matches!(fault, Fault::ControlPlane | Fault::ControlPlaneLong) {
             let cp = d.cp.as_mut().expect("control plane");
             cp.crash();
             let long = fault == Fault::ControlPlaneLong;
@@ -945,7 +980,9 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     }
     // Apart from other runs on this machine (the e2e suites use run ids 0-11 with box subnets
     // 100.96.0-239.0/24 and test hosts .1-.11): names, subnets and addresses carry the run.
-    let run = std::process::id() % 12;
+    // SQLite runs take the even run ids, PostgreSQL runs the odd ones: the two soaks never
+    // share a box tag, git host or cell subnet, even when they run at once.
+    let run = (std::process::id() % 6) * 2 + u32::from(opts.postgres);
     let git = {
         let (name, addr) = (format!("chaos{run}"), format!("198.18.{}.20", 1 + run));
         tokio::task::spawn_blocking(move || {
@@ -959,8 +996,21 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     let want = (opts.seconds as f64 * opts.rate).ceil() as usize + 16;
     let commits = add_commits(&git.root.path().join(format!("{PROJECT}.git")), want)?;
 
-    let cp = tokio::task::spawn_blocking(|| {
+    let pg = if opts.postgres {
+        // A port per run, away from the machine's own server (5432).
+        let port = 55_400 + run as u16;
+        Some(
+            tokio::task::spawn_blocking(move || crate::pgserver::PgServer::start(port))
+                .await
+                .map_err(|e| ChaosError::Driver(e.to_string()))??,
+        )
+    } else {
+        None
+    };
+    let db = pg.as_ref().map(crate::pgserver::PgServer::url);
+    let cp = tokio::task::spawn_blocking(move || {
         ControlPlane::start(ControlPlaneOptions {
+            db,
             lease_secs: LEASE_SECS,
             heartbeat_interval_ms: 500,
             ..Default::default()
@@ -1040,6 +1090,7 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     let faults_stop = Arc::new(AtomicBool::new(false));
     let mut daemons = Daemons {
         cp: Some(cp),
+        pg,
         down: vec![None; boxes.len()],
         boxes,
         proxy,
@@ -1247,6 +1298,7 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     {
         let k = lock(&kills);
         report.cp_kills = k.cp;
+        report.db_kills = k.db;
         report.long_cp_outages = k.cp_long;
         report.box_kills = k.boxes;
         report.long_box_outages = k.long;
@@ -1318,6 +1370,9 @@ fn keep_logs(d: &Daemons, dir: &Path) {
     }
     for b in &d.boxes {
         let _ = std::fs::write(dir.join(format!("box-{}.log", b.opts.tag)), b.log());
+    }
+    if let Some(pg) = &d.pg {
+        let _ = std::fs::write(dir.join("postgres.log"), pg.log());
     }
     let _ = std::fs::write(dir.join("faults.txt"), d.timeline.join("\n") + "\n");
     eprintln!("chaos: logs kept in {}", dir.display());

@@ -4,4 +4,5 @@ pub mod cluster;
 pub mod controlplane;
 pub mod github;
 pub mod kvmhost;
+pub mod pgserver;
 pub mod privnet;

@@ -128,6 +128,10 @@ enum Bench {
         /// Copy the daemons' logs and the fault timeline here at the end.
         #[arg(long)]
         logs: Option<std::path::PathBuf>,
+        /// Run the control plane on a PostgreSQL server of the run's own (initdb in a temp
+        /// dir, a loopback port), and kill -9 that server too.
+        #[arg(long)]
+        postgres: bool,
     },
 }
 
@@ -996,12 +1000,14 @@ async fn main() -> std::process::ExitCode {
             seed,
             rate,
             logs,
+            postgres,
         } => {
             return hive_tests::chaos::cli(hive_tests::chaos::ChaosOptions {
                 seconds: *seconds,
                 seed: *seed,
                 rate: *rate,
                 logs_dir: logs.clone(),
+                postgres: *postgres,
                 ..Default::default()
             })
             .await

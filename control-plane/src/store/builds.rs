@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use hive_proto::v1::{BuildState, LogStream};
 use sqlx::{Any, Transaction};
 
-use super::leases::{insert_lease_tx, release_lease_tx, release_leases_of_build_tx};
+use super::leases::{release_lease_tx, release_leases_of_build_tx};
 use super::logs::insert_log_tx;
 use super::projects::ProjectRow;
 use super::{
@@ -334,11 +334,7 @@ impl Store {
     /// build was no longer queued).
     pub async fn place(&self, placements: &[Placement]) -> Result<Vec<bool>> {
         in_tx!(self, "commit placements", |tx| {
-            let mut took = Vec::with_capacity(placements.len());
-            for p in placements {
-                took.push(place_tx(tx, p).await?);
-            }
-            Ok(took)
+            place_many_tx(tx, placements).await
         })
     }
 
@@ -441,28 +437,117 @@ impl Store {
 }
 
 /// queued -> placed with a new live lease; false when the build was no longer queued.
-pub(crate) async fn place_tx(tx: &mut Transaction<'_, Any>, p: &Placement) -> Result<bool> {
-    let now = now_ms();
-    let res = sqlx::query(
-        "UPDATE builds SET state = 'placed', box_id = $1, lease_id = $2, cell_id = '', \
-         updated_at_ms = $3, message = $4, backend = $6 WHERE id = $5 AND state = 'queued'",
-    )
-    .bind(&p.box_id)
-    .bind(&p.lease_id)
-    .bind(now)
-    .bind(format!("placed on box {}", p.box_id))
-    .bind(&p.build_id)
-    .bind(&p.backend)
-    .execute(&mut **tx)
-    .await
-    .map_err(q("update build to placed"))?;
-    if res.rows_affected() == 0 {
-        return Ok(false);
+/// Placements per statement of [`place_many_tx`] (7 bind parameters each at most).
+const PLACE_ROWS: usize = 256;
+
+/// `rows` groups of `pattern`, whose `?` are numbered bind parameters from `$1` on, `per_row` per
+/// group (`(?, ?, 0, 'live')` -> `($1, $2, 0, 'live'), ($3, $4, 0, 'live')`).
+fn pattern_rows(rows: usize, pattern: &str, per_row: usize) -> String {
+    let mut out = String::with_capacity(rows * (pattern.len() + 8));
+    let mut n = 0;
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        for ch in pattern.chars() {
+            if ch == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(ch);
+            }
+        }
     }
-    insert_lease_tx(tx, p, now).await?;
-    let reason = format!("placed on box {} (lease {})", p.box_id, p.lease_id);
-    add_transition(tx, &p.build_id, BuildState::Placed, now, &reason).await?;
-    Ok(true)
+    debug_assert_eq!(n, rows * per_row);
+    out
+}
+
+/// Places builds (queued -> placed, a live lease, a transition each) in a few multi-row
+/// statements per [`PLACE_ROWS`]: one conditional UPDATE that says which builds were still
+/// queued (RETURNING), then the leases and transitions of those. A build another control plane
+/// placed (or someone cancelled) meanwhile is not touched: false in its place.
+pub(crate) async fn place_many_tx(
+    tx: &mut Transaction<'_, Any>,
+    placements: &[Placement],
+) -> Result<Vec<bool>> {
+    let now = now_ms();
+    // A build named twice: only its first placement can take (two VALUES rows joined to one
+    // build would update it with either, unpredictably).
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<(usize, &Placement)> = placements
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| seen.insert(p.build_id.as_str()))
+        .collect();
+    let mut took = vec![false; placements.len()];
+    for chunk in unique.chunks(PLACE_ROWS) {
+        // WITH ... UPDATE ... FROM ... RETURNING: PostgreSQL, and SQLite since 3.35.
+        let sql = format!(
+            "WITH v(id, box_id, lease_id, message, backend) AS (VALUES {}) \
+             UPDATE builds SET state = 'placed', box_id = v.box_id, lease_id = v.lease_id, \
+             cell_id = '', updated_at_ms = ${}, message = v.message, backend = v.backend \
+             FROM v WHERE builds.id = v.id AND builds.state = 'queued' RETURNING builds.id",
+            pattern_rows(chunk.len(), "(?, ?, ?, ?, ?)", 5),
+            chunk.len() * 5 + 1
+        );
+        let mut query = sqlx::query_as::<_, (String,)>(&sql);
+        for (_, p) in chunk {
+            query = query
+                .bind(&p.build_id)
+                .bind(&p.box_id)
+                .bind(&p.lease_id)
+                .bind(format!("placed on box {}", p.box_id))
+                .bind(&p.backend);
+        }
+        let placed = query
+            .bind(now)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(q("update builds to placed"))?;
+        let placed: std::collections::HashSet<String> =
+            placed.into_iter().map(|(id,)| id).collect();
+        let done: Vec<&Placement> = chunk
+            .iter()
+            .filter(|(_, p)| placed.contains(&p.build_id))
+            .map(|(i, p)| {
+                took[*i] = true;
+                *p
+            })
+            .collect();
+        if !done.is_empty() {
+            let sql = format!(
+                "INSERT INTO leases (id, build_id, box_id, deadline_ms, confirmed, state, \
+                 created_at_ms) VALUES {}",
+                pattern_rows(done.len(), "(?, ?, ?, ?, 0, 'live', ?)", 5)
+            );
+            let mut query = sqlx::query(&sql);
+            for p in &done {
+                query = query
+                    .bind(&p.lease_id)
+                    .bind(&p.build_id)
+                    .bind(&p.box_id)
+                    .bind(p.deadline_ms)
+                    .bind(now);
+            }
+            query.execute(&mut **tx).await.map_err(q("insert leases"))?;
+            let sql = format!(
+                "INSERT INTO build_transitions (build_id, state, at_ms, reason) VALUES {}",
+                pattern_rows(done.len(), "(?, 'placed', ?, ?)", 3)
+            );
+            let mut query = sqlx::query(&sql);
+            for p in &done {
+                query = query
+                    .bind(&p.build_id)
+                    .bind(now)
+                    .bind(format!("placed on box {} (lease {})", p.box_id, p.lease_id));
+            }
+            query
+                .execute(&mut **tx)
+                .await
+                .map_err(q("insert placed transitions"))?;
+        }
+    }
+    Ok(took)
 }
 
 /// Ends a build that has not ended yet; None (and nothing written) when it is unknown or over.

@@ -3,7 +3,6 @@
 
 use sqlx::{Any, Transaction};
 
-use super::builds::Placement;
 use super::{q, Result, Store};
 
 /// A live lease.
@@ -137,27 +136,6 @@ pub(crate) async fn release_leases_of_build_tx(
         .execute(&mut **tx)
         .await
         .map_err(q("release lease"))?;
-    Ok(())
-}
-
-/// Writes the live lease of a placement.
-pub(crate) async fn insert_lease_tx(
-    tx: &mut Transaction<'_, Any>,
-    p: &Placement,
-    now: i64,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO leases (id, build_id, box_id, deadline_ms, confirmed, state, \
-         created_at_ms) VALUES ($1, $2, $3, $4, 0, 'live', $5)",
-    )
-    .bind(&p.lease_id)
-    .bind(&p.build_id)
-    .bind(&p.box_id)
-    .bind(p.deadline_ms)
-    .bind(now)
-    .execute(&mut **tx)
-    .await
-    .map_err(q("insert lease"))?;
     Ok(())
 }
 

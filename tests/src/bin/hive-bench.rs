@@ -112,9 +112,10 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         boxes: usize,
     },
-    /// Exactly-once under faults (issue 11): webhooks while the control plane, boxes and cells
-    /// are killed; ends with `chaos: kills=N builds=N lost=N duplicated=N overlapping=N
-    /// orphans=N` (needs root and the build image; SQLite).
+    /// Exactly-once under faults (issue 11): webhooks and API submissions while the control
+    /// plane, boxes and cells (and with --postgres the database server) are killed; ends with
+    /// `chaos: kills=N builds=N lost=N duplicated=N overlapping=N orphans=N` (needs root and
+    /// the build image; SQLite, or a PostgreSQL server of its own).
     Chaos {
         /// How long load and faults go on.
         #[arg(long, default_value_t = 60)]

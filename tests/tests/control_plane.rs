@@ -891,6 +891,27 @@ async fn hivectl_reports_errors_clearly(backend: Backend) {
         "{}",
         err(&bad_rev)
     );
+    // A submission retried with its request id is answered with the first build.
+    let once = |rid: &str| {
+        ctl_json(
+            &h,
+            &[
+                "submit",
+                "demo",
+                "--ref",
+                "refs/heads/main",
+                "--request-id",
+                rid,
+            ],
+        )
+    };
+    let first = once("release-42");
+    let again = once("release-42");
+    assert_eq!(first["id"], again["id"], "{first} / {again}");
+    assert_eq!(first["trigger"], "api:release-42", "{first}");
+    let bad_rid = ctl(&h, &["submit", "demo", "--request-id", "no spaces"]);
+    assert_eq!(bad_rid.status.code(), Some(1), "{}", err(&bad_rid));
+    assert!(err(&bad_rid).contains("request_id"), "{}", err(&bad_rid));
     // A project without a secret is for API builds; `project show` says so.
     let out = add(&["--repo", "git@x:acme/d.git"]);
     assert!(out.status.success(), "{}", err(&out));

@@ -174,7 +174,8 @@ struct RunArgs {
     #[arg(long, env = "HIVE_LEASE_SECS", default_value_t = 30)]
     lease_secs: u64,
     /// How long to keep trying to resolve the control plane's host name at start (cells are
-    /// blocked from its addresses; without them the box does not start).
+    /// blocked from its addresses; without them the box does not start). The name is resolved
+    /// again every 30 s; a new address is blocked too (the list only grows).
     #[arg(long, env = "HIVE_BOX_RESOLVE_TIMEOUT_SECS", default_value_t = 60)]
     resolve_timeout_secs: u64,
     /// How long a cell may take from start to answering health.
@@ -370,18 +371,73 @@ fn choose_backend(args: &RunArgs) -> Result<Chosen, MainError> {
     }
 }
 
-/// IPv4 addresses of the control plane (cells must not reach them).
+/// The host and port of a control plane URL.
+fn host_port(url: &str) -> (String, u16) {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let default_port = if url.starts_with("https://") { 443 } else { 80 };
+    match authority.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(default_port)),
+        None => (authority.to_string(), default_port),
+    }
+}
+
+/// How often the control planes' host names are resolved again for the cells' block list.
+const RE_RESOLVE: Duration = Duration::from_secs(30);
+
+/// Resolves the control planes' host names every [`RE_RESOLVE`] and blocks cells from any new
+/// address too (a control plane moved, DNS failover): the block list only grows. Runs until the
+/// box stops.
+async fn keep_control_plane_blocked(urls: Vec<String>, net: BoxNet) {
+    let mut known: std::collections::HashSet<Ipv4Addr> = net.blocked.iter().copied().collect();
+    let names: Vec<(String, u16)> = urls
+        .iter()
+        .map(|u| host_port(u))
+        .filter(|(h, _)| h.parse::<IpAddr>().is_err())
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(RE_RESOLVE).await;
+        for (name, port) in &names {
+            let Ok(addrs) = tokio::net::lookup_host((name.as_str(), *port)).await else {
+                tracing::debug!(host = %name, "control plane name did not resolve this time");
+                continue;
+            };
+            let new: Vec<Ipv4Addr> = addrs
+                .filter_map(|a| match a.ip() {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                })
+                .filter(|ip| !known.contains(ip))
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            let net = net.clone();
+            let adding = new.clone();
+            match tokio::task::spawn_blocking(move || net.block(&adding)).await {
+                Ok(Ok(())) => {
+                    tracing::warn!(host = %name, addrs = ?new,
+                        "the control plane's name resolves to a new address: cells are blocked from it too");
+                    known.extend(new);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(host = %name, addrs = ?new, error = %hive_sys::error_chain(&e),
+                        "could not block the control plane's new address from cells; trying again")
+                }
+                Err(e) => tracing::error!(error = %e, "block task"),
+            }
+        }
+    }
+}
+
 /// The control plane's IPv4 addresses, which cells must not reach. A host name that does not
 /// resolve is tried again (DNS may come up after the box) until `within` has passed; then the
 /// box refuses to start rather than run cells with no block on the control plane.
 async fn control_plane_addrs(url: &str, within: Duration) -> Result<Vec<Ipv4Addr>, MainError> {
-    let rest = url.split("://").nth(1).unwrap_or(url);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let default_port = if url.starts_with("https://") { 443 } else { 80 };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(default_port)),
-        None => (authority.to_string(), default_port),
-    };
+    let (host, port) = host_port(url);
     if let Ok(IpAddr::V4(ip)) = host.parse::<IpAddr>() {
         return Ok(vec![ip]);
     }
@@ -485,12 +541,19 @@ async fn run_async(
         subnet: claim.cell_subnet(),
         blocked,
     };
+    let resolver = tokio::spawn(keep_control_plane_blocked(
+        hive_box::agent::control_plane_urls(&args.control_plane)
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        net.clone(),
+    ));
     let helper = std::env::current_exe().map_err(MainError::SelfExe)?;
     let mut cell_env = std::collections::BTreeMap::new();
     if let Ok(v) = std::env::var("HIVE_CELL_LOG") {
         cell_env.insert("RUST_LOG".to_string(), v);
     }
-    match chosen {
+    let served = match chosen {
         Chosen::Sandbox => {
             let backend = Arc::new(Sandbox::new(SandboxConfig {
                 data_dir: args.data_dir.clone(),
@@ -550,7 +613,9 @@ async fn run_async(
             )
             .await
         }
-    }
+    };
+    resolver.abort();
+    served
 }
 
 /// The box's certificate: loaded, or bought with the join token. A control plane that is not up

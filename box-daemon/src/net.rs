@@ -247,6 +247,39 @@ impl BoxNet {
         )
     }
 
+    /// Adds addresses to the set cells must not reach, in the running table (the control
+    /// plane's name now resolves to a new address). Only ever adds: an address that was the
+    /// control plane's stays blocked.
+    pub fn block(&self, addrs: &[Ipv4Addr]) -> Result<(), NetError> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = addrs.iter().map(Ipv4Addr::to_string).collect();
+        nft(
+            &format!(
+                "add element inet {} blocked {{ {} }}\n",
+                self.table,
+                list.join(", ")
+            ),
+            &format!("block {}", list.join(", ")),
+        )
+    }
+
+    /// Whether cells are blocked from `addr` (tests).
+    pub fn is_blocked(&self, addr: Ipv4Addr) -> bool {
+        std::process::Command::new("nft")
+            .args([
+                "get",
+                "element",
+                "inet",
+                &self.table,
+                "blocked",
+                &format!("{{ {addr} }}"),
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
     fn add_cell(&self, veth: &str) -> Result<(), NetError> {
         nft(
             &format!("add element inet {} cells {{ \"{veth}\" }}\n", self.table),
@@ -633,5 +666,32 @@ mod tests {
         }
         assert!(r.contains("198.18.5.5"));
         assert!(r.contains("ip saddr 100.96.0.0/16"));
+    }
+
+    /// A new address of the control plane is added to the running table's block set, beside
+    /// what was there (real nftables; needs root).
+    #[test]
+    fn block_adds_to_the_running_table() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED block_adds_to_the_running_table: needs root (nftables)");
+            return;
+        }
+        let b = BoxNet {
+            table: format!("hive_t_blk{}", std::process::id()),
+            subnet: "100.96.250.0/24".parse().unwrap(),
+            blocked: vec![Ipv4Addr::new(198, 18, 5, 5)],
+        };
+        b.setup().expect("load the table");
+        let new = Ipv4Addr::new(203, 0, 113, 77);
+        assert!(b.is_blocked(Ipv4Addr::new(198, 18, 5, 5)));
+        assert!(!b.is_blocked(new), "not blocked before");
+        b.block(&[new]).expect("block");
+        assert!(b.is_blocked(new), "blocked after");
+        assert!(
+            b.is_blocked(Ipv4Addr::new(198, 18, 5, 5)),
+            "the old one stays"
+        );
+        b.block(&[new]).expect("blocking again is harmless");
+        b.teardown().expect("teardown");
     }
 }

@@ -393,7 +393,12 @@ async fn keep_control_plane_blocked(urls: Vec<String>, net: BoxNet) {
     let names: Vec<(String, u16)> = urls
         .iter()
         .map(|u| host_port(u))
-        .filter(|(h, _)| h.parse::<IpAddr>().is_err())
+        .filter(|(h, _)| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_err()
+        })
         .collect();
     if names.is_empty() {
         return;
@@ -410,7 +415,8 @@ async fn keep_control_plane_blocked(urls: Vec<String>, net: BoxNet) {
                     IpAddr::V4(v4) => Some(v4),
                     IpAddr::V6(_) => None,
                 })
-                .filter(|ip| !known.contains(ip))
+                // A private address is blocked for cells already (net::PRIVATE_RANGES).
+                .filter(|ip| !known.contains(ip) && !hive_box::net::in_private_range(*ip))
                 .collect();
             if new.is_empty() {
                 continue;
@@ -757,7 +763,11 @@ async fn serve<B: CellBackend>(
     for b in &lost {
         if b.destroyed {
             tracing::warn!(build = %b.build_id, cell = %b.cell_id, "attempt lost with a leftover cell (destroyed); the control plane runs it again");
-            agent.report_lost(&b.build_id, &b.lease_id, "box restarted while it ran");
+            agent.report_lost(
+                &b.build_id,
+                &b.lease_id,
+                "box restarted while it ran and destroyed its cell before the outcome was known",
+            );
         } else {
             // Its cell may still be running the build: it must not run a second time.
             tracing::error!(build = %b.build_id, cell = %b.cell_id, "leftover cell could not be destroyed; reporting its build failed");

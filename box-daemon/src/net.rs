@@ -29,6 +29,22 @@ pub const PRIVATE_RANGES: [&str; 7] = [
     "224.0.0.0/4",
 ];
 
+/// Whether `ip` lies in one of [`PRIVATE_RANGES`] (blocked for cells already).
+pub fn in_private_range(ip: Ipv4Addr) -> bool {
+    PRIVATE_RANGES.iter().any(|r| {
+        let Some((net, len)) = r.split_once('/') else {
+            return false;
+        };
+        match (net.parse::<Ipv4Addr>(), len.parse::<u32>()) {
+            (Ok(net), Ok(len)) => {
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net) & mask
+            }
+            _ => false,
+        }
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("invalid IPv4 subnet {0:?} (want A.B.C.D/N with N between 8 and 30)")]
@@ -644,6 +660,22 @@ mod tests {
         ] {
             let e = bad.parse::<Subnet>().unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn private_ranges_are_recognised() {
+        for ip in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "192.168.9.9",
+            "100.96.0.5",
+            "172.31.255.255",
+        ] {
+            assert!(in_private_range(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["203.0.113.7", "8.8.8.8", "172.32.0.1", "100.128.0.1"] {
+            assert!(!in_private_range(ip.parse().unwrap()), "{ip}");
         }
     }
 

@@ -11,8 +11,8 @@ use tokio_stream::StreamExt;
 use crate::ctl::{follow_states, outcome, progress_line, CliError, Ctl, Progress};
 use crate::render;
 
-/// Tries of a SubmitBuild that found the control plane unavailable (it restarts, or it died
-/// after the build was queued but before it answered): the same request id every time, so the
+/// Tries of a SubmitBuild whose answer was lost (the control plane restarts, or died after the
+/// build was queued but before it answered; the connection broke): the same request id every time, so the
 /// retry is answered with the build the lost call made, never a second one.
 const SUBMIT_TRIES: u32 = 5;
 
@@ -36,7 +36,14 @@ pub(crate) async fn submit(
         tries += 1;
         match ctl.client.submit_build(req.clone()).await {
             Ok(b) => break b.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unavailable && tries < SUBMIT_TRIES => {
+            // Lost on the way (the connection broke, the control plane went away): safe to
+            // send again under the same request id.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) && tries < SUBMIT_TRIES =>
+            {
                 eprintln!(
                     "hivectl: control plane unavailable ({}); retrying with request id {}",
                     s.message(),

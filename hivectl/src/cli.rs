@@ -93,7 +93,7 @@ pub(crate) enum Command {
         /// Idempotency key: submitting again with the same one answers with the build it
         /// made instead of queuing another (1-128 of A-Z a-z 0-9 . _ : -). Default: a fresh
         /// one, which this command reuses when it retries after losing the control plane.
-        #[arg(long = "request-id", env = "HIVE_REQUEST_ID")]
+        #[arg(long = "request-id")]
         request_id: Option<String>,
         /// Wait until the build ends, showing progress; exit code tells how it ended.
         #[arg(long)]

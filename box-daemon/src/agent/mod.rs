@@ -173,6 +173,15 @@ impl<B: CellBackend> Agent<B> {
         (self.lease() * 2 / 3).max(Duration::from_secs(5))
     }
 
+    /// How long a build the box gives back (fence, shutdown) may take to stop before its cell
+    /// is destroyed: half of what is left of the lease after the fence (at most the cancel
+    /// grace), so a fenced build is gone before the control plane can place it again.
+    pub fn give_back_grace(&self) -> Duration {
+        (self.lease().saturating_sub(self.fence_after()) / 2)
+            .min(self.cfg.cancel_grace)
+            .max(Duration::from_millis(500))
+    }
+
     pub fn new(cfg: AgentConfig, pool: Arc<Pool<B>>) -> Arc<Self> {
         let heartbeat_ms = cfg.heartbeat.as_millis() as u64;
         let lease_ms = cfg.lease.as_millis() as u64;

@@ -157,7 +157,7 @@ impl<B: CellBackend> Agent<B> {
             self.report_lost(
                 &a.build_id,
                 &a.lease_id,
-                &format!("{reason}; the cell was stopped"),
+                &format!("{reason}; the build was stopped before it ended"),
             );
             self.pool.release(cell).await;
             return;
@@ -326,8 +326,12 @@ impl<B: CellBackend> Agent<B> {
                             continue;
                         }
                         let req = cancel.borrow().clone();
-                        if let Some(Stop { state, reason, .. }) = req {
-                            let told = tokio::time::timeout(self.cfg.cell_call_timeout, client.cancel(CellCancelRequest {
+                        if let Some(Stop { state, reason, give_back }) = req {
+                            // A given-back build must be gone before the lease runs out: the
+                            // cancel call and the grace both fit in what is left of it.
+                            let grace = if give_back { self.give_back_grace() } else { self.cfg.cancel_grace };
+                            let until = tokio::time::Instant::now() + grace;
+                            let told = tokio::time::timeout(self.cfg.cell_call_timeout.min(grace), client.cancel(CellCancelRequest {
                                 build_id: a.build_id.clone(),
                                 state: state as i32,
                                 reason: reason.clone(),
@@ -337,7 +341,7 @@ impl<B: CellBackend> Agent<B> {
                                 Ok(Err(s)) => tracing::warn!(build = %a.build_id, error = %s.message(), "the cell refused the cancel; it is destroyed after the grace"),
                                 Err(_) => tracing::warn!(build = %a.build_id, "the cell did not answer the cancel; it is destroyed after the grace"),
                             }
-                            stop = Some((state, reason, tokio::time::Instant::now() + self.cfg.cancel_grace));
+                            stop = Some((state, reason, until));
                         }
                     }
                     _ = sleep_until_opt(deadline) => {

@@ -1000,11 +1000,9 @@ impl Session {
                 } else {
                     u.message.chars().take(200).collect()
                 };
-                let reason = format!(
-                    "attempt lost on box {}: {why}; the cell was destroyed before its outcome \
-                     was known, so the build runs again",
-                    self.box_id
-                );
+                // The box says why (restarted and destroyed the cell, fenced, stopped); whether
+                // the build runs again or has had its last attempt is the re-queue's to say.
+                let reason = format!("attempt lost on box {}: {why}", self.box_id);
                 if !self.current(batch, &u, kind, after).await? {
                     return Ok(());
                 }

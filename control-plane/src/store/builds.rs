@@ -12,7 +12,8 @@ use super::leases::{release_lease_tx, release_leases_of_build_tx};
 use super::logs::insert_log_tx;
 use super::projects::ProjectRow;
 use super::{
-    checked, from_json, new_id, now_ms, parse_state, q, to_i64, to_json, Result, Store, StoreError,
+    checked, from_json, new_id, now_ms, parse_state, q, to_i64, to_json, DbKind, Result, Store,
+    StoreError,
 };
 
 /// A build as stored. Steps, env and timeout are a snapshot of the project at trigger time.
@@ -333,8 +334,9 @@ impl Store {
     /// written, all in one transaction. Returns, per placement, whether it took (false when the
     /// build was no longer queued).
     pub async fn place(&self, placements: &[Placement]) -> Result<Vec<bool>> {
+        let lock_rows = self.kind == DbKind::Postgres;
         in_tx!(self, "commit placements", |tx| {
-            place_many_tx(tx, placements).await
+            place_many_tx(tx, placements, lock_rows).await
         })
     }
 
@@ -466,21 +468,41 @@ fn pattern_rows(rows: usize, pattern: &str, per_row: usize) -> String {
 /// statements per [`PLACE_ROWS`]: one conditional UPDATE that says which builds were still
 /// queued (RETURNING), then the leases and transitions of those. A build another control plane
 /// placed (or someone cancelled) meanwhile is not touched: false in its place.
+///
+/// With `lock_rows` (PostgreSQL, where several control planes place from one queue) each chunk
+/// first locks its builds in id order, and the chunks go in id order: two rounds over the same
+/// queue head wait for each other instead of deadlocking (a join's lock order is the plan's).
 pub(crate) async fn place_many_tx(
     tx: &mut Transaction<'_, Any>,
     placements: &[Placement],
+    lock_rows: bool,
 ) -> Result<Vec<bool>> {
     let now = now_ms();
     // A build named twice: only its first placement can take (two VALUES rows joined to one
     // build would update it with either, unpredictably).
     let mut seen = std::collections::HashSet::new();
-    let unique: Vec<(usize, &Placement)> = placements
+    let mut unique: Vec<(usize, &Placement)> = placements
         .iter()
         .enumerate()
         .filter(|(_, p)| seen.insert(p.build_id.as_str()))
         .collect();
+    unique.sort_by(|a, b| a.1.build_id.cmp(&b.1.build_id));
     let mut took = vec![false; placements.len()];
     for chunk in unique.chunks(PLACE_ROWS) {
+        if lock_rows {
+            let sql = format!(
+                "SELECT id FROM builds WHERE id IN ({}) ORDER BY id FOR UPDATE",
+                pattern_rows(chunk.len(), "?", 1)
+            );
+            let mut query = sqlx::query(&sql);
+            for (_, p) in chunk {
+                query = query.bind(&p.build_id);
+            }
+            query
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(q("lock builds to place"))?;
+        }
         // WITH ... UPDATE ... FROM ... RETURNING: PostgreSQL, and SQLite since 3.35.
         let sql = format!(
             "WITH v(id, box_id, lease_id, message, backend) AS (VALUES {}) \

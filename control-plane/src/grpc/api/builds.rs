@@ -206,11 +206,26 @@ pub(super) async fn submit_build(
         if let Some(id) = earlier {
             let b = svc.full_build(&id).await?;
             // The same key for other code is a client bug, not a retry: say so.
-            if (!req.revision.is_empty() && b.revision != req.revision) || b.git_ref != git_ref {
+            // Only what the request names: a default (the project's branch) may have changed
+            // since the first try.
+            if (!req.revision.is_empty() && b.revision != req.revision)
+                || (!req.git_ref.is_empty() && b.git_ref != git_ref)
+            {
+                let at = |rev: &str| {
+                    if rev.is_empty() {
+                        "its tip".to_string()
+                    } else {
+                        rev.to_string()
+                    }
+                };
                 return Err(Status::already_exists(format!(
-                    "request_id {:?} was used for build {id} of {} at {:?}; this request names \
-                     {} at {:?}: give each submission its own request_id",
-                    req.request_id, b.git_ref, b.revision, git_ref, req.revision
+                    "request_id {:?} was used for build {id} of {} at {}; this request names \
+                     {} at {}: give each submission its own request_id",
+                    req.request_id,
+                    b.git_ref,
+                    at(&b.revision),
+                    git_ref,
+                    at(&req.revision)
                 )));
             }
             tracing::info!(build_id = %id, project = %p.name, request_id = %req.request_id,

@@ -442,7 +442,8 @@ async fn finish_wins_over_a_concurrent_requeue(url: String) {
 hive_testkit::on_both!(db => finish_wins_over_a_concurrent_requeue);
 
 /// Retention deletes ended builds with their logs and history, and old deliveries; a build
-/// that has not ended stays whatever its age, and nothing newer than the cutoff goes.
+/// that has not ended stays whatever its age (and so does its delivery, so a redelivery or an
+/// API retry under the same id makes no second build), and nothing newer than the cutoff goes.
 async fn retention_purges_only_what_ended(url: String) {
     let store = Store::open(&url).await.unwrap();
     let p = store
@@ -470,8 +471,14 @@ async fn retention_purges_only_what_ended(url: String) {
         .finish_build(&done.id, "L1", BuildState::Succeeded, 0, "exit 0")
         .await
         .unwrap());
-    let live = BuildRow::new_queued(&p, "r2", "refs/heads/main", "api");
-    store.insert_build(&live, "api").await.unwrap();
+    let live = BuildRow::new_queued(&p, "r2", "refs/heads/main", "webhook:d2");
+    assert_eq!(
+        store
+            .record_delivery("d2", &p.id, Some(&live), "build")
+            .await
+            .unwrap(),
+        Delivery::New
+    );
     store
         .place(&[placement(&live.id, "L2", "box-a")])
         .await
@@ -499,6 +506,17 @@ async fn retention_purges_only_what_ended(url: String) {
     assert_eq!(kept.state, BuildState::Placed);
     assert_eq!(store.live_leases_of_build(&live.id).await.unwrap().len(), 1);
     assert_eq!(store.transitions(&live.id).await.unwrap().len(), 2);
+    // The live build's delivery is kept too: a redelivery still finds its build.
+    assert_eq!(
+        store
+            .record_delivery("d2", &p.id, None, "build")
+            .await
+            .unwrap(),
+        Delivery::Duplicate {
+            build_id: live.id.clone(),
+            outcome: "build".into()
+        }
+    );
     store.close().await;
 }
 hive_testkit::on_both!(db => retention_purges_only_what_ended);

@@ -73,11 +73,17 @@ impl Store {
                 break;
             }
         }
-        let res = sqlx::query("DELETE FROM webhook_deliveries WHERE at_ms < $1")
-            .bind(cutoff_ms)
-            .execute(&self.pool)
-            .await
-            .map_err(q("purge deliveries"))?;
+        // A delivery (or API request id) is kept while its build has not ended: a redelivery or
+        // retry of a build still queued or running past the retention must not make another.
+        let res = sqlx::query(
+            "DELETE FROM webhook_deliveries WHERE at_ms < $1 AND NOT EXISTS (SELECT 1 FROM builds \
+             WHERE builds.id = webhook_deliveries.build_id AND builds.state IN \
+             ('queued', 'placed', 'running'))",
+        )
+        .bind(cutoff_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(q("purge deliveries"))?;
         purged.deliveries = res.rows_affected();
         Ok(purged)
     }

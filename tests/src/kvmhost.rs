@@ -724,7 +724,7 @@ impl KvmHost {
 }
 
 /// The last `n` lines of `s`.
-fn tail_lines(s: &str, n: usize) -> String {
+pub(crate) fn tail_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -201,7 +201,7 @@ impl PgServer {
         Err(PgError::NotReady {
             port: self.port,
             secs: within.as_secs(),
-            log: tail(&self.log(), 30),
+            log: crate::kvmhost::tail_lines(&self.log(), 30),
         })
     }
 
@@ -238,11 +238,6 @@ fn backends_alive(dir: &Path) -> bool {
                 .any(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd == want))
         })
         .unwrap_or(false)
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl Drop for PgServer {

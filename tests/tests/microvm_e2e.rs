@@ -659,7 +659,7 @@ async fn microvm_e2e_boot_time_bench() {
         );
         // Generous: TCG's pace halves when the machine's other core is busy (CI runs builds
         // beside this test); at 60 + 60 s per round it once ran out under load.
-        l1.exec_timeout(&cmd, Duration::from_secs(120 + 120 * u64::from(rounds)))
+        l1.exec_timeout(&cmd, Duration::from_secs(180 + 120 * u64::from(rounds)))
             .unwrap_or_else(|e| panic!("vmm-bench in L1: {e}\nconsole:\n{}", l1.console()))
     })
     .await
@@ -695,6 +695,17 @@ async fn microvm_e2e_boot_time_bench() {
             .unwrap_or(0.0);
         assert!(ours > 0.0, "no boot-timer figure in {line:?}");
     }
+    // Boots the emulated host failed (triple faults and stalls of TCG's nested SVM, seen with
+    // both VMMs) were tried again and are counted, not hidden.
+    let failed = row("failed boots, tried again");
+    assert!(
+        failed
+            .split_whitespace()
+            .filter(|w| w.parse::<u32>().is_ok())
+            .count()
+            == 2,
+        "no failed-boot counts in {failed:?}"
+    );
     assert!(
         !out.output.contains("saw no 'ready' mark"),
         "the boot timer missed marks:\n{}",

@@ -633,7 +633,7 @@ mod tests {
             Ok(())
         }
         fn run(&mut self, _: &dyn hv::IoHandler) -> Result<hv::VcpuStop, hv::Error> {
-            Ok(hv::VcpuStop::Shutdown)
+            Ok(hv::VcpuStop::Shutdown("test".into()))
         }
     }
 

@@ -364,11 +364,8 @@ pub fn run(cfg: &VmConfig, stop: Arc<AtomicBool>, opts: RunOptions) -> Result<Re
                 tracing::info!(vcpu = id, "guest reset: stopping VM");
                 break VmExit::Reset;
             }
-            Ok((id, Ok(VcpuStop::Shutdown))) => {
-                tracing::warn!(
-                    vcpu = id,
-                    "vCPU shut down (triple fault or halted with interrupts off)"
-                );
+            Ok((id, Ok(VcpuStop::Shutdown(how)))) => {
+                tracing::warn!(vcpu = id, how, "vCPU shut down");
                 break VmExit::Shutdown;
             }
             Ok((id, Ok(VcpuStop::Failed(why)))) => {

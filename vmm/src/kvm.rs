@@ -119,8 +119,8 @@ pub trait IoHandler: Sync {
 pub enum VcpuStop {
     /// A device asked for a reset (the normal way the guest stops).
     Reset,
-    /// Triple fault or other shutdown.
-    Shutdown,
+    /// Triple fault, or HLT with interrupts off; says which and where the vCPU was.
+    Shutdown(String),
     /// A signal kicked the vCPU out of KVM_RUN; the caller checks why.
     Interrupted,
     /// The vCPU cannot go on (failed entry, internal error, unhandled exit).
@@ -290,6 +290,22 @@ impl KvmVcpu {
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
     }
+
+    /// `what` and the vCPU's registers that say where it was (for a shutdown's log line).
+    /// On AMD, KVM resets a vCPU as it reports a triple fault: then there is nothing to say.
+    fn where_(&self, what: &str) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cr0 == 0x10 => {
+                format!("{what} (the vCPU was reset to its power-on state)")
+            }
+            (Ok(r), Ok(s)) => format!(
+                "{what} at rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
+                 cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("{what} (registers unreadable: {e})"),
+        }
+    }
 }
 
 fn state(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -390,8 +406,10 @@ impl Vcpu for KvmVcpu {
                 }
                 // With the in-kernel irqchip HLT blocks in KVM; an exit here means interrupts are
                 // off for good, which for our guests means "stopped".
-                Ok(VcpuExit::Hlt) => return Ok(VcpuStop::Shutdown),
-                Ok(VcpuExit::Shutdown) => return Ok(VcpuStop::Shutdown),
+                Ok(VcpuExit::Hlt) => return Ok(VcpuStop::Shutdown(self.where_("halted"))),
+                Ok(VcpuExit::Shutdown) => {
+                    return Ok(VcpuStop::Shutdown(self.where_("triple fault")))
+                }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     return Ok(VcpuStop::Failed(format!(
                         "entry failed: hardware reason {reason:#x} on cpu {cpu}"

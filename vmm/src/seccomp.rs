@@ -3,7 +3,7 @@
 //! Everything that needs a path, a new device or a new mapping of host resources is done before
 //! (open the kernel, disks, TAP, sockets, KVM fds, threads); what is left for the run is I/O on
 //! fds already open, memory management, threads waiting and waking, and Unix sockets for vsock.
-//! `ioctl` is limited to KVM_RUN and FIONBIO. Anything else kills the process: the box daemon
+//! `ioctl` is limited to KVM_RUN, KVM_GET_REGS/SREGS (read for a shutdown's log) and FIONBIO. Anything else kills the process: the box daemon
 //! sees the VMM die and destroys the cell. This sits on top of the jail's namespaces, cgroup and
 //! deny-list, as Firecracker's per-VMM filters sit inside its jailer.
 
@@ -26,6 +26,13 @@ pub enum Error {
 }
 
 const KVM_RUN: u64 = 0xae80;
+/// `_IOR(KVMIO, nr, T)`: read-only KVM vCPU ioctls.
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+/// Read when a vCPU shuts down, to log where it was (reading state changes nothing).
+const KVM_GET_REGS: u64 = kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
+const KVM_GET_SREGS: u64 = kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>());
 const FIONBIO: u64 = 0x5421;
 
 /// Syscalls allowed with any arguments.
@@ -94,6 +101,8 @@ pub fn program() -> Result<BpfProgram, Error> {
         libc::SYS_ioctl,
         vec![
             rule(vec![cond(1, KVM_RUN)?])?,
+            rule(vec![cond(1, KVM_GET_REGS)?])?,
+            rule(vec![cond(1, KVM_GET_SREGS)?])?,
             rule(vec![cond(1, FIONBIO)?])?,
         ],
     );
@@ -129,6 +138,13 @@ pub fn install() -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn register_reads_have_the_kernel_ioctl_numbers() {
+        // From <linux/kvm.h> on x86_64.
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+    }
 
     #[test]
     fn allow_list_compiles() {

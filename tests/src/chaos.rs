@@ -978,11 +978,9 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
             rate: opts.rate,
         });
     }
-    // Apart from other runs on this machine (the e2e suites use run ids 0-11 with box subnets
-    // 100.96.0-239.0/24 and test hosts .1-.11): names, subnets and addresses carry the run.
-    // SQLite runs take the even run ids, PostgreSQL runs the odd ones: the two soaks never
-    // share a box tag, git host or cell subnet, even when they run at once.
-    let run = (std::process::id() % 6) * 2 + u32::from(opts.postgres);
+    // Apart from other runs on this machine (the e2e suites and other soaks hold the other run
+    // ids, see `crate::run_id`): names, subnets and addresses carry the run.
+    let run = crate::run_id();
     let git = {
         let (name, addr) = (format!("chaos{run}"), format!("198.18.{}.20", 1 + run));
         tokio::task::spawn_blocking(move || {

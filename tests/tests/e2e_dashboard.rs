@@ -33,7 +33,7 @@ async fn dashboard_follows_a_sandbox_build_live() {
     };
     let t0 = Instant::now();
     // Apart from the other suites' runs: test host .40, box subnet offset 3 of this run's 20.
-    let run = std::process::id() % 12;
+    let run = hive_tests::run_id();
     let tag = format!("ui{run}");
     let git = GitHost::start(&tag, &format!("198.18.{}.40", 1 + run));
     let mut cp = tokio::task::spawn_blocking(|| {

@@ -12,9 +12,8 @@ use hive_tests::github::{push_payload, WebhookClient};
 
 const SECRET: &str = "pipeline-secret";
 
-fn run_id() -> u32 {
-    std::process::id() % 12
-}
+/// Separates tests that run at once: names, subnets and addresses carry it.
+use hive_tests::run_id;
 
 struct Hive {
     cp: ControlPlane,

@@ -26,9 +26,8 @@ use hive_tests::privnet::{http_step, Connector, Customer};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn run_id() -> u32 {
-    std::process::id() % 12
-}
+/// Separates tests that run at once: names, subnets and addresses carry it.
+use hive_tests::run_id;
 
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();

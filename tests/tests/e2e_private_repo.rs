@@ -15,9 +15,8 @@ use hive_proto::v1::{BuildState, CreateProjectRequest, SubmitBuildRequest};
 use hive_tests::cluster::{self, BoxDaemon, BoxOptions};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
 
-fn run_id() -> u32 {
-    std::process::id() % 12
-}
+/// Separates tests that run at once: names, subnets and addresses carry it.
+use hive_tests::run_id;
 
 /// A public test host (its own netns on 198.18.0.0/15) running a real sshd on port 22 that
 /// lets in only the keys of its authorized_keys file, each login forced into `git-shell`.

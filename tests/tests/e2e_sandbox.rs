@@ -16,11 +16,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const SECRET: &str = "e2e-secret";
 
-/// Separates concurrent runs of this suite on one machine (several engineers run it): names,
-/// subnets and test-host addresses all carry it.
-fn run_id() -> u32 {
-    std::process::id() % 12
-}
+/// Separates tests that run at once: names, subnets and addresses carry it.
+use hive_tests::run_id;
 
 /// `198.18.<1 + run>.<host>`: a public test-host address of this run.
 fn public_addr(host: u8) -> String {
@@ -564,14 +561,16 @@ async fn a_drained_box_finishes_its_build_and_a_stopped_one_gives_its_build_back
     // Stopped (SIGTERM) with a build that outlasts its 5 s grace: the box stops the build and
     // gives the attempt back instead of failing it, and the build runs again (here on the same
     // box once it is back).
-    let url = h.box_cp_url();
-    tokio::task::block_in_place(|| h.boxd.restart(&url));
+    // Uncordoned first, as an operator does: a drained box that registers again while still
+    // marked draining is told to drain again (and, empty, exits at once).
     client
         .uncordon_box(hive_proto::v1::BoxActionRequest {
             box_id: format!("box-{}", h.boxd.opts.tag),
         })
         .await
         .expect("UncordonBox after the drain");
+    let url = h.box_cp_url();
+    tokio::task::block_in_place(|| h.boxd.restart(&url));
     h.project("long", &["echo long-running; sleep 600"], 600)
         .await;
     let id = h.push("long").await;

@@ -24,10 +24,8 @@ use hive_tests::privnet::{http_step, Connector, Customer};
 
 const SECRET: &str = "microvm-e2e-secret";
 
-/// Separates concurrent runs of this suite on one machine: test-host names and addresses.
-fn run_id() -> u32 {
-    std::process::id() % 12
-}
+/// Separates tests that run at once: names, subnets and addresses carry it.
+use hive_tests::run_id;
 
 fn state(b: &hive_proto::v1::Build) -> BuildState {
     BuildState::try_from(b.state).unwrap_or_default()

@@ -23,10 +23,8 @@ const SECRET: &str = "multi-cp-secret";
 /// the second third.
 const PUSHES: usize = 18;
 
-/// Separates concurrent runs on one machine (see e2e_sandbox.rs).
-fn run_id() -> u32 {
-    std::process::id() % 12
-}
+/// Separates tests that run at once: names, subnets and addresses carry it.
+use hive_tests::run_id;
 
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();

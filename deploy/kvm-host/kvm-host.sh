@@ -285,15 +285,17 @@ cmd_boot() {
   [ -n "$start" ] && extra+=(-fw_cfg "name=opt/hive/start,file=$start")
   rm -f "$ctl"
   # The disks are shared (cache files) and attached read-only; L1 keeps its writes in tmpfs.
-  # No transparent huge pages in L1: with them, nested guests triple-faulted in about one boot
-  # in four (3 of 12 in vmm-bench, and once L1's own kernel found its stack corrupted while a
-  # nested vCPU ran); without, 0 of 9. TCG's emulated nested paging is the suspect, not the
-  # guests: real KVM hosts are unaffected.
+  # Nested guests here are not flawless: now and then one triple-faults or stalls mid-boot,
+  # with our VMM and with QEMU, and L1 itself once panicked ("corrupted stack end") while a
+  # nested vCPU ran. L1 without transparent huge pages had fewer guest triple faults in
+  # vmm-bench (0 of 9 against 3 of 12) but hung or lost its control shell in 3 of 9 other
+  # microVM tests (none in the two full runs before), so THP stays on; the tests retry, and
+  # the bench retries boots and counts them.
   exec qemu-system-x86_64 \
     -M q35 -accel tcg,thread=multi,tb-size=512 -cpu qemu64,+svm,+npt -smp "$smp" -m "$memory" \
     -nodefaults -no-user-config -nographic -no-reboot \
     -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 transparent_hugepage=never hive.cgroup=$cgroup" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 hive.cgroup=$cgroup" \
     -serial "file:$console" \
     -chardev "socket,id=ctl,path=$ctl,server=on,wait=off" -serial chardev:ctl \
     -drive "file=$image/root.ext4,format=raw,if=virtio,readonly=on" \

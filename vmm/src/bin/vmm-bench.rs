@@ -733,27 +733,51 @@ mod linux {
                 "{BOOT_TRIES} boots in a row failed; the last: {last}"
             ))
         };
-        // Warm both (page cache, binaries), then alternate so drift hits both alike.
+        // Warm both (page cache, binaries), then alternate so drift hits both alike. A VMM whose
+        // boot failed BOOT_TRIES times in a row is not tried again (the emulated host was seen
+        // to stay broken for it once it got there): its median is over the rounds it gave.
         eprintln!("vmm-bench: warm-up boot of each VMM");
-        boot(0)?;
-        boot(1)?;
         let mut ours = Vec::new();
         let mut qemu = Vec::new();
-        for round in 1..=args.rounds.max(1) {
-            let o = boot(0)?;
-            let q = boot(1)?;
-            eprintln!(
-                "vmm-bench: round {round}: ready after {:.0} ms (hive-vmm), {:.0} ms (qemu)",
-                o.ready.as_secs_f64() * 1000.0,
-                q.ready.as_secs_f64() * 1000.0
-            );
-            ours.push(o);
-            qemu.push(q);
+        let mut gave_up: [Option<String>; 2] = [None, None];
+        for round in 0..=args.rounds.max(1) {
+            let mut figures = [String::from("-"), String::from("-")];
+            for who in 0..2 {
+                if gave_up[who].is_some() {
+                    continue;
+                }
+                match boot(who) {
+                    Ok(b) => {
+                        figures[who] = format!("{:.0} ms", b.ready.as_secs_f64() * 1000.0);
+                        // Round 0 warms up and is not measured.
+                        if round > 0 {
+                            [&mut ours, &mut qemu][who].push(b);
+                        }
+                    }
+                    Err(e) => gave_up[who] = Some(brief(&e)),
+                }
+            }
+            if round > 0 {
+                eprintln!(
+                    "vmm-bench: round {round}: ready after {} (hive-vmm), {} (qemu)",
+                    figures[0], figures[1]
+                );
+            }
+        }
+        for (who, v) in [("hive-vmm", &ours), ("qemu", &qemu)] {
+            if v.is_empty() {
+                let why = gave_up.iter().flatten().next().cloned().unwrap_or_default();
+                return Err(format!(
+                    "{who} gave no figure in any round ({BOOT_TRIES} boots in a row failed: {why})"
+                ));
+            }
         }
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
         println!(
-            "vmm-bench linux: {} + cell rootfs (cell daemon as init), {mib} MiB, 1 vCPU, median of {} rounds; QEMU microvm -accel kvm",
+            "vmm-bench linux: {} + cell rootfs (cell daemon as init), {mib} MiB, 1 vCPU, median of {} / {} rounds (hive-vmm / qemu) of {}; QEMU microvm -accel kvm",
             kernel.display(),
+            ours.len(),
+            qemu.len(),
             args.rounds.max(1)
         );
         println!(
@@ -819,6 +843,13 @@ mod linux {
             failed[0].len(),
             failed[1].len()
         );
+        for (who, why) in ["hive-vmm", "qemu"].iter().zip(&gave_up) {
+            if let Some(why) = why {
+                println!(
+                    "  {who}: not tried again after {BOOT_TRIES} failed boots in a row: {why}"
+                );
+            }
+        }
         for (who, reasons) in ["hive-vmm", "qemu"].iter().zip(&failed) {
             for r in reasons {
                 println!("  {who}: {r}");

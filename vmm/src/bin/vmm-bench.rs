@@ -764,9 +764,9 @@ mod linux {
                 );
             }
         }
-        for (who, v) in [("hive-vmm", &ours), ("qemu", &qemu)] {
+        for ((who, v), why) in [("hive-vmm", &ours), ("qemu", &qemu)].iter().zip(&gave_up) {
             if v.is_empty() {
-                let why = gave_up.iter().flatten().next().cloned().unwrap_or_default();
+                let why = why.as_deref().unwrap_or_default();
                 return Err(format!(
                     "{who} gave no figure in any round ({BOOT_TRIES} boots in a row failed: {why})"
                 ));

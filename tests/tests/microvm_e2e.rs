@@ -693,8 +693,9 @@ async fn microvm_e2e_boot_time_bench() {
             .unwrap_or(0.0);
         assert!(ours > 0.0, "no boot-timer figure in {line:?}");
     }
-    // Boots the emulated host failed (triple faults and stalls of TCG's nested SVM, seen with
-    // both VMMs) were tried again and are counted, not hidden.
+    // Boots that failed in the emulated host (triple faults and stalls, seen with both VMMs,
+    // more often with ours in the bench: an open question) were tried again and are counted,
+    // not hidden.
     let failed = row("failed boots, tried again");
     assert!(
         failed

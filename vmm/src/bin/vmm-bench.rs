@@ -705,8 +705,9 @@ mod linux {
         std::fs::write(&cfg_path, cfg.to_string()).map_err(|e| format!("write config: {e}"))?;
         // A boot that fails is tried again (up to BOOT_TRIES in all) and counted: in an emulated
         // KVM host (QEMU TCG emulating AMD SVM) both VMMs' guests were seen to triple-fault or
-        // stall at random points of a boot that passes the next time, which measures the
-        // emulator, not the VMM. The counts and reasons are printed with the figures.
+        // stall at random points of a boot that passes the next time (L1's own kernel once
+        // found its stack corrupted too). Whether all of it is the emulator's is not settled,
+        // so the counts and reasons are printed with the figures.
         let mut failed: [Vec<String>; 2] = [Vec::new(), Vec::new()];
         let mut boot = |who: usize| -> Result<Boot, String> {
             let mut last = String::new();

@@ -6,8 +6,8 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 
 use hive_control_plane::store::{
-    Audit, BuildFilter, BuildRow, Delivery, NewDelivery, NewProject, Placement, Requeued, Store,
-    StoreError,
+    Acceptance, Audit, BuildFilter, BuildRow, Delivery, NewDelivery, NewProject, Placement,
+    Requeued, Store, StoreError,
 };
 use hive_proto::v1::{BuildState, LogChunk, LogStream};
 
@@ -441,6 +441,195 @@ async fn finish_wins_over_a_concurrent_requeue(url: String) {
 
 hive_testkit::on_both!(db => finish_wins_over_a_concurrent_requeue);
 
+/// Places one queued build per (box, lease) pair and returns their ids, in order.
+async fn placed_builds(
+    store: &Store,
+    p: &hive_control_plane::store::ProjectRow,
+    on: &[(&str, &str)],
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (i, (box_id, lease)) in on.iter().enumerate() {
+        let b = BuildRow::new_queued(p, &format!("r{i}"), "refs/heads/main", "api");
+        store.insert_build(&b, "api").await.unwrap();
+        assert_eq!(
+            store
+                .place(&[placement(&b.id, lease, box_id)])
+                .await
+                .unwrap(),
+            vec![true]
+        );
+        ids.push(b.id);
+    }
+    ids
+}
+
+fn acceptance(build: &str, lease: &str, cell: &str) -> Acceptance {
+    Acceptance {
+        build_id: build.into(),
+        lease_id: lease.into(),
+        cell_id: cell.into(),
+        warm_start: true,
+    }
+}
+
+async fn confirmed(store: &Store, build: &str) -> bool {
+    store
+        .live_leases_of_build(build)
+        .await
+        .unwrap()
+        .iter()
+        .any(|l| l.confirmed)
+}
+
+/// A run of ACCEPTEDs confirmed together takes exactly those whose live lease is this box's:
+/// not another box's lease, not a stale lease id, not a build that has no live lease; the
+/// builds that took record their cell, the others are untouched. Runs of every length from 1
+/// to 11 (the power-of-two chunks) give the same answers.
+async fn a_run_of_acceptances_takes_only_this_boxs_leases(url: String) {
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(&new_project("run", "git://h/run"), &audit())
+        .await
+        .unwrap();
+    for len in 1..=11usize {
+        let mut on = Vec::new();
+        for i in 0..len {
+            // Every third build is another box's; every fifth is named with a stale lease.
+            let box_id = if i % 3 == 2 { "box-b" } else { "box-a" };
+            on.push((box_id, format!("L{len}-{i}")));
+        }
+        let on_ref: Vec<(&str, &str)> = on.iter().map(|(b, l)| (*b, l.as_str())).collect();
+        let ids = placed_builds(&store, &p, &on_ref).await;
+        let runs: Vec<Acceptance> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let lease = if i % 5 == 4 {
+                    "stale".to_string()
+                } else {
+                    on[i].1.clone()
+                };
+                acceptance(id, &lease, &format!("cell-{i}"))
+            })
+            .collect();
+        let mut batch = store.box_batch("box-a").await.unwrap();
+        let took = batch
+            .confirm_leases(&runs, hive_control_plane::store::now_ms() + 60_000)
+            .await
+            .unwrap();
+        batch.commit(0).await.unwrap();
+        let want: Vec<bool> = (0..len).map(|i| i % 3 != 2 && i % 5 != 4).collect();
+        assert_eq!(took, want, "run of {len}");
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                confirmed(&store, id).await,
+                want[i],
+                "run of {len}, build {i}"
+            );
+            let b = store.get_build(id).await.unwrap().unwrap();
+            if want[i] {
+                assert_eq!(b.cell_id, format!("cell-{i}"));
+                assert_eq!(b.message, format!("accepted in warm cell cell-{i}"));
+            } else {
+                assert_eq!(b.cell_id, "", "run of {len}, build {i} untouched");
+            }
+        }
+    }
+    store.close().await;
+}
+hive_testkit::on_both!(db => a_run_of_acceptances_takes_only_this_boxs_leases);
+
+/// SQLite's group commit of box sessions: batches of two boxes waiting together share one
+/// commit and both are stored; a session that stops half-way (its batch dropped uncommitted)
+/// rolls its whole group back, and the other member hears that its messages were not stored
+/// (so it acknowledges nothing, and its box sends them again). The next batch stores as usual.
+#[tokio::test]
+async fn sqlite_group_commit_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("hive.db").display());
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(&new_project("group", "git://h/group"), &audit())
+        .await
+        .unwrap();
+    let ids = placed_builds(
+        &store,
+        &p,
+        &[
+            ("box-a", "LA1"),
+            ("box-c", "LC1"),
+            ("box-a", "LA2"),
+            ("box-c", "LC2"),
+        ],
+    )
+    .await;
+    let deadline = hive_control_plane::store::now_ms() + 60_000;
+
+    // Two members, one commit: box-c's batch is taken while box-a's is still open.
+    let mut a = store.box_batch("box-a").await.unwrap();
+    assert_eq!(
+        a.confirm_leases(&[acceptance(&ids[0], "LA1", "ca1")], deadline)
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    let a_done = tokio::spawn(a.commit(1));
+    let mut c = store.box_batch("box-c").await.unwrap();
+    assert_eq!(
+        c.confirm_leases(&[acceptance(&ids[1], "LC1", "cc1")], deadline)
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    c.commit(1).await.unwrap();
+    a_done.await.unwrap().unwrap();
+    assert!(confirmed(&store, &ids[0]).await && confirmed(&store, &ids[1]).await);
+
+    // box-c finishes its part and waits for the commit; box-a's session stops half-way.
+    let mut c = store.box_batch("box-c").await.unwrap();
+    assert_eq!(
+        c.confirm_leases(&[acceptance(&ids[3], "LC2", "cc2")], deadline)
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    let c_done = tokio::spawn(c.commit(2));
+    let mut a = store.box_batch("box-a").await.unwrap();
+    assert_eq!(
+        a.confirm_leases(&[acceptance(&ids[2], "LA2", "ca2")], deadline)
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    drop(a);
+    let err = c_done.await.unwrap().unwrap_err();
+    assert!(matches!(err, StoreError::GroupCommit(_)), "{err}");
+    assert!(
+        err.to_string().contains("the box sends them again"),
+        "{err}"
+    );
+    assert!(
+        !confirmed(&store, &ids[2]).await,
+        "the stopped session's half is not stored"
+    );
+    assert!(
+        !confirmed(&store, &ids[3]).await,
+        "its group is rolled back whole"
+    );
+
+    // The box sends it again: stored.
+    let mut c = store.box_batch("box-c").await.unwrap();
+    assert_eq!(
+        c.confirm_leases(&[acceptance(&ids[3], "LC2", "cc2")], deadline)
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    c.commit(2).await.unwrap();
+    assert!(confirmed(&store, &ids[3]).await);
+    store.close().await;
+}
+
 /// Retention deletes ended builds with their logs and history, and old deliveries; a build
 /// that has not ended stays whatever its age (and so does its delivery, so a redelivery or an
 /// API retry under the same id makes no second build), and nothing newer than the cutoff goes.
@@ -484,6 +673,35 @@ async fn retention_purges_only_what_ended(url: String) {
         .await
         .unwrap();
 
+    // An API request id whose own time is ahead of the cutoff (written by a control plane
+    // whose clock runs ahead) for a build that ended long ago: it goes with its build, in the
+    // same transaction, so a retry never finds a key naming a purged build.
+    let api = BuildRow::new_queued(&p, "r3", "refs/heads/main", "api:req-1");
+    assert_eq!(
+        store
+            .insert_build_once(&api, "req-1", "submitted", &audit())
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .end_build(&api.id, BuildState::Cancelled, "cancelled")
+        .await
+        .unwrap()
+        .is_some());
+    {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "UPDATE webhook_deliveries SET at_ms = at_ms + 86400000 \
+             WHERE delivery_id = 'api:req-1'",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+
     // A cutoff in the past deletes nothing.
     let none = store
         .purge_before(hive_control_plane::store::now_ms() - 86_400_000, 1)
@@ -497,9 +715,19 @@ async fn retention_purges_only_what_ended(url: String) {
     let purged = store.purge_before(later, 1).await.unwrap();
     assert_eq!(
         (purged.builds, purged.log_chunks, purged.deliveries),
-        (1, 1, 1)
+        (2, 1, 2)
     );
     assert!(store.get_build(&done.id).await.unwrap().is_none());
+    assert!(store.get_build(&api.id).await.unwrap().is_none());
+    // A retry of the purged request makes a new build: the old answer is gone with its build.
+    let again = BuildRow::new_queued(&p, "r3", "refs/heads/main", "api:req-1");
+    assert_eq!(
+        store
+            .insert_build_once(&again, "req-1", "submitted", &audit())
+            .await
+            .unwrap(),
+        None
+    );
     assert!(store.logs_from(&done.id, 0, 10).await.unwrap().is_empty());
     assert!(store.transitions(&done.id).await.unwrap().is_empty());
     let kept = store.get_build(&live.id).await.unwrap().unwrap();

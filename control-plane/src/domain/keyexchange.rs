@@ -251,6 +251,15 @@ pub async fn run_revoker(hive: Arc<Hive>) {
                 if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
                     return;
                 }
+                // One pass for every change already announced: a placement round announces
+                // a thousand, and a pass per announcement was a query per placed build.
+                loop {
+                    match events.try_recv() {
+                        Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::broadcast::error::TryRecvError::Closed) => return,
+                    }
+                }
             }
             _ = crate::events::stopped(&mut shutdown) => return,
         }

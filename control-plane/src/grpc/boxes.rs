@@ -25,7 +25,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::pki::PeerIdentity;
 use crate::registry::boxes::{pools_json, Conn, ACTIVE, CORDONED, DRAINING};
 use crate::state::{millis, Hive};
-use crate::store::{now_ms, BoxBatch, BoxCertRow, BoxRow, CellRow, LogStored, StoreError};
+use crate::store::{
+    now_ms, Acceptance, BoxBatch, BoxCertRow, BoxRow, CellRow, LogStored, StoreError,
+};
 
 /// How long a new session may take to send its `Register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -706,8 +708,33 @@ impl Session {
         // Chunks stored now, per build in order of first appearance.
         let mut new_logs: Vec<(String, Vec<LogChunk>)> = Vec::new();
         let mut acks = self.acks.clone();
-        for (seq, item) in group.drain(..) {
+        let mut items = group.drain(..).peekable();
+        while let Some((seq, item)) = items.next() {
             match item {
+                Item::Update(u) if is_accepted(&u) => {
+                    // A run of ACCEPTEDs (a busy box accepting a round's assignments) is
+                    // confirmed in a few multi-row statements, not three each.
+                    let mut run = vec![(seq, u)];
+                    // (Only updates pass the test, so the pattern always matches.)
+                    while let Some((seq, Item::Update(next))) = items.next_if(|(_, it)| {
+                        matches!(it, Item::Update(n) if is_accepted(n)
+                            && !run.iter().any(|(_, r)| r.build_id == n.build_id))
+                    }) {
+                        run.push((seq, next));
+                    }
+                    updates += run.len();
+                    let seqs: Vec<u64> = run.iter().map(|(s, _)| *s).collect();
+                    self.accept_run(
+                        &mut batch,
+                        run.into_iter().map(|(_, u)| u).collect(),
+                        &mut after,
+                    )
+                    .await?;
+                    for seq in seqs {
+                        acks.stored(seq);
+                    }
+                    continue;
+                }
                 Item::Update(u) => {
                     updates += 1;
                     self.update(&mut batch, u, &mut after).await?;
@@ -1025,6 +1052,43 @@ impl Session {
         Ok(())
     }
 
+    /// Applies a run of ACCEPTEDs for distinct builds inside `batch`, as [`Self::update`]
+    /// would one by one: each confirmed lease is announced; a miss is explained (and a stale
+    /// attempt elsewhere stopped) from the build's row.
+    async fn accept_run(
+        &self,
+        batch: &mut BoxBatch,
+        run: Vec<BuildUpdate>,
+        after: &mut Vec<After>,
+    ) -> Result<(), SessionError> {
+        let accs: Vec<Acceptance> = run
+            .iter()
+            .map(|u| Acceptance {
+                build_id: u.build_id.clone(),
+                lease_id: u.lease_id.clone(),
+                cell_id: u.cell_id.clone(),
+                warm_start: u.warm_start,
+            })
+            .collect();
+        let took = batch
+            .confirm_leases(&accs, self.hive.lease_deadline_ms())
+            .await?;
+        for (u, ok) in run.into_iter().zip(took) {
+            if !ok
+                && !self
+                    .current(batch, &u, BuildUpdateKind::Accepted, after)
+                    .await?
+            {
+                continue;
+            }
+            self.hive.registry.accepted(&self.box_id, &u.lease_id);
+            if ok {
+                after.push(After::Changed(u.build_id));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `u` belongs to the build's current attempt on this box (known, not ended, same
     /// lease and box). If not, says why, and for a stale lease on another box queues a stop.
     async fn current(
@@ -1059,6 +1123,10 @@ impl Session {
         }
         Ok(true)
     }
+}
+
+fn is_accepted(u: &BuildUpdate) -> bool {
+    BuildUpdateKind::try_from(u.kind) == Ok(BuildUpdateKind::Accepted)
 }
 
 /// A stored session message, waiting in a group for its transaction.

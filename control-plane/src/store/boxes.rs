@@ -5,10 +5,13 @@ use hive_proto::v1::{BuildState, LogChunk};
 use sqlx::{Any, Transaction};
 
 use super::builds::{
-    confirm_lease_tx, fetch_build, finish_build_tx, requeue_tx, set_running_tx, BuildRow, Finish,
-    Requeued,
+    confirm_lease_tx, confirm_leases_tx, fetch_build, finish_build_tx, pattern_rows, pow2_chunks,
+    requeue_tx, set_running_tx, Acceptance, BuildRow, Finish, Requeued,
 };
 use super::logs::{store_log_tx, LogStored};
+
+/// Cells per statement of [`Store::replace_cells`] (a power of two).
+const CELL_ROWS: usize = 256;
 use super::{checked, q, to_i64, Result, Store, StoreError};
 
 /// A box as stored. `state` is the operator's intent (active, cordoned, draining, left);
@@ -157,21 +160,37 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(q("delete cells"))?;
-        for c in cells {
-            sqlx::query(
+        // A cell id named twice: the last report of it, as one insert after another would
+        // leave it (and one multi-row upsert may not touch a row twice).
+        let mut last: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (i, c) in cells.iter().enumerate() {
+            last.insert(c.id.as_str(), i);
+        }
+        let cells: Vec<&CellRow> = cells
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| last.get(c.id.as_str()) == Some(i))
+            .map(|(_, c)| c)
+            .collect();
+        for (at, n) in pow2_chunks(cells.len(), CELL_ROWS) {
+            let sql = format!(
                 "INSERT INTO cells (id, box_id, size_class, state, build_id, updated_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET box_id = $2, \
-                 size_class = $3, state = $4, build_id = $5, updated_at_ms = $6",
-            )
-            .bind(&c.id)
-            .bind(box_id)
-            .bind(&c.size_class)
-            .bind(&c.state)
-            .bind(&c.build_id)
-            .bind(c.updated_at_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(q("insert cell"))?;
+                 VALUES {} ON CONFLICT (id) DO UPDATE SET box_id = excluded.box_id, \
+                 size_class = excluded.size_class, state = excluded.state, \
+                 build_id = excluded.build_id, updated_at_ms = excluded.updated_at_ms",
+                pattern_rows(n, "(?, ?, ?, ?, ?, ?)", 6)
+            );
+            let mut query = sqlx::query(&sql);
+            for c in &cells[at..at + n] {
+                query = query
+                    .bind(&c.id)
+                    .bind(box_id)
+                    .bind(&c.size_class)
+                    .bind(&c.state)
+                    .bind(&c.build_id)
+                    .bind(c.updated_at_ms);
+            }
+            query.execute(&mut *tx).await.map_err(q("insert cells"))?;
         }
         tx.commit().await.map_err(q("commit cells"))?;
         Ok(())
@@ -192,10 +211,31 @@ impl Store {
         query.fetch_all(&self.pool).await.map_err(q("list cells"))
     }
 
-    /// Opens one transaction for a run of `box_id`'s session messages (group commit).
+    /// Opens one transaction for a run of `box_id`'s session messages (group commit). On
+    /// SQLite the sessions of every box share it (see [`BoxGroup`]).
     pub async fn box_batch(&self, box_id: &str) -> Result<BoxBatch> {
+        let tx = match self.kind {
+            super::DbKind::Postgres => BatchTx::Own(self.begin().await?),
+            super::DbKind::Sqlite => {
+                let mut g = self.box_group.state.clone().lock_owned().await;
+                if g.working {
+                    // The last member stopped mid-way (its session ended, or a write failed):
+                    // its half is in the transaction, so none of the group may commit.
+                    g.poison();
+                }
+                if g.tx.is_none() {
+                    g.tx = Some(self.begin().await?);
+                }
+                g.working = true;
+                BatchTx::Shared {
+                    guard: g,
+                    group: self.box_group.clone(),
+                }
+            }
+        };
         Ok(BoxBatch {
-            tx: self.begin().await?,
+            tx: Some(tx),
+            lock_rows: self.kind == super::DbKind::Postgres,
             box_id: box_id.to_string(),
             log_cap: self.log_cap,
             max_attempts: self.max_attempts,
@@ -211,16 +251,113 @@ impl Store {
 /// The updates are conditional on the lease *and* the box, so a current update needs no read
 /// of the build first; callers read it ([`BoxBatch::get_build`]) only to explain a miss.
 pub struct BoxBatch {
-    tx: Transaction<'static, Any>,
+    /// None once committed.
+    tx: Option<BatchTx>,
+    /// PostgreSQL: multi-row writes lock their builds first, in id order.
+    lock_rows: bool,
     box_id: String,
     log_cap: u64,
     max_attempts: u32,
 }
 
+/// A batch's transaction: its own (PostgreSQL, where sessions write in parallel), or its turn in
+/// the group's (SQLite, one writer: a commit per box session was most of the write cost).
+enum BatchTx {
+    Own(Transaction<'static, Any>),
+    Shared {
+        guard: tokio::sync::OwnedMutexGuard<GroupState>,
+        group: std::sync::Arc<BoxGroup>,
+    },
+}
+
+/// SQLite's group commit for box sessions. The first session to store messages begins a
+/// transaction; sessions that arrive meanwhile take their turns in it. The first to finish
+/// spawns the commit, which waits its turn behind every session already waiting (the mutex is
+/// fair), makes them all durable in one go and only then tells each; each acknowledges its
+/// box's messages after that. A member that stops half-way (an error, or its session dropped)
+/// poisons the group as its batch is dropped: it is rolled back whole, every member hears so,
+/// and their boxes send the unacknowledged messages again.
+#[derive(Debug, Default)]
+pub(crate) struct BoxGroup {
+    state: std::sync::Arc<tokio::sync::Mutex<GroupState>>,
+}
+
+#[derive(Default)]
+pub(crate) struct GroupState {
+    tx: Option<Transaction<'static, Any>>,
+    /// A member has the transaction and has not finished.
+    working: bool,
+    /// A commit task is on its way: it takes whatever group it finds.
+    committing: bool,
+    /// The members that finished, told once the group commits (true) or is rolled back.
+    done: Vec<tokio::sync::oneshot::Sender<bool>>,
+}
+
+impl std::fmt::Debug for GroupState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupState")
+            .field("open", &self.tx.is_some())
+            .field("working", &self.working)
+            .field("members", &self.done.len())
+            .finish()
+    }
+}
+
+impl GroupState {
+    /// Rolls the group back (the dropped transaction) and tells its members.
+    fn poison(&mut self) {
+        tracing::warn!(
+            members = self.done.len(),
+            "a box session stopped inside the shared transaction; its group is rolled back"
+        );
+        self.tx = None;
+        self.working = false;
+        for m in self.done.drain(..) {
+            let _ = m.send(false);
+        }
+    }
+}
+
+impl BoxGroup {
+    /// The group's commit, in a task of its own so that no session's end can lose it.
+    async fn commit(group: std::sync::Arc<BoxGroup>) {
+        let mut g = group.state.clone().lock_owned().await;
+        if g.working {
+            g.poison();
+        }
+        g.committing = false;
+        let (tx, done) = (g.tx.take(), std::mem::take(&mut g.done));
+        // The next group may begin now; its BEGIN waits for this commit (one connection).
+        drop(g);
+        let Some(tx) = tx else { return };
+        let ok = match tx.commit().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, members = done.len(), "box sessions' group commit failed");
+                false
+            }
+        };
+        for m in done {
+            let _ = m.send(ok);
+        }
+    }
+}
+
 impl BoxBatch {
+    fn tx(&mut self) -> Result<&mut Transaction<'static, Any>> {
+        match &mut self.tx {
+            Some(BatchTx::Own(tx)) => Ok(tx),
+            None => Err(StoreError::GroupCommit("the batch was committed already")),
+            Some(BatchTx::Shared { guard: g, .. }) => {
+                g.tx.as_mut()
+                    .ok_or(StoreError::GroupCommit("the shared transaction is gone"))
+            }
+        }
+    }
+
     /// The build as this transaction sees it (earlier messages of the batch included).
     pub async fn get_build(&mut self, id: &str) -> Result<Option<BuildRow>> {
-        fetch_build(&mut *self.tx, id).await
+        fetch_build(&mut **self.tx()?, id).await
     }
 
     /// ACCEPTED: see [`Store::confirm_lease`]; false unless the live lease is this box's.
@@ -232,9 +369,10 @@ impl BoxBatch {
         warm_start: bool,
         deadline_ms: i64,
     ) -> Result<bool> {
+        let box_id = self.box_id.clone();
         confirm_lease_tx(
-            &mut self.tx,
-            Some(&self.box_id),
+            self.tx()?,
+            Some(&box_id),
             build_id,
             lease_id,
             cell_id,
@@ -242,6 +380,17 @@ impl BoxBatch {
             deadline_ms,
         )
         .await
+    }
+
+    /// A run of ACCEPTEDs for distinct builds, in a few statements: per acceptance, whether
+    /// its live lease (this box's) was confirmed. See [`confirm_leases_tx`].
+    pub async fn confirm_leases(
+        &mut self,
+        runs: &[Acceptance],
+        deadline_ms: i64,
+    ) -> Result<Vec<bool>> {
+        let (box_id, lock_rows) = (self.box_id.clone(), self.lock_rows);
+        confirm_leases_tx(self.tx()?, &box_id, runs, deadline_ms, lock_rows).await
     }
 
     /// RUNNING: see [`Store::set_running`]; false unless the build is placed on this box.
@@ -252,15 +401,8 @@ impl BoxBatch {
         reason: &str,
         at_ms: i64,
     ) -> Result<bool> {
-        set_running_tx(
-            &mut self.tx,
-            Some(&self.box_id),
-            build_id,
-            lease_id,
-            reason,
-            at_ms,
-        )
-        .await
+        let box_id = self.box_id.clone();
+        set_running_tx(self.tx()?, Some(&box_id), build_id, lease_id, reason, at_ms).await
     }
 
     /// FINISHED: see [`Store::finish_build`]; false unless the build is on this box.
@@ -279,7 +421,8 @@ impl BoxBatch {
             reason,
             at_ms,
         };
-        finish_build_tx(&mut self.tx, Some(&self.box_id), build_id, lease_id, f).await
+        let box_id = self.box_id.clone();
+        finish_build_tx(self.tx()?, Some(&box_id), build_id, lease_id, f).await
     }
 
     /// REJECTED and LOST: see [`Store::requeue`] (the caller has checked the lease is this
@@ -290,26 +433,65 @@ impl BoxBatch {
         lease_id: &str,
         reason: &str,
     ) -> Result<Requeued> {
+        let max_attempts = self.max_attempts;
         requeue_tx(
-            &mut self.tx,
+            self.tx()?,
             build_id,
             lease_id,
             "released",
             reason,
-            self.max_attempts,
+            max_attempts,
         )
         .await
     }
 
     /// A log chunk: see [`Store::store_log`].
     pub async fn store_log(&mut self, chunk: &LogChunk) -> Result<LogStored> {
-        store_log_tx(&mut self.tx, &self.box_id, chunk, self.log_cap).await
+        let (box_id, log_cap) = (self.box_id.clone(), self.log_cap);
+        store_log_tx(self.tx()?, &box_id, chunk, log_cap).await
     }
 
     /// Raises the box's acked seq to `acked` and commits everything in one go.
+    /// On SQLite: returns once the group that holds them has committed.
     pub async fn commit(mut self, acked: u64) -> Result<()> {
-        set_acked_tx(&mut self.tx, &self.box_id, acked).await?;
-        self.tx.commit().await.map_err(q("commit box messages"))
+        let box_id = std::mem::take(&mut self.box_id);
+        set_acked_tx(self.tx()?, &box_id, acked).await?;
+        match self.tx.take() {
+            None => Err(StoreError::GroupCommit("the batch was committed already")),
+            Some(BatchTx::Own(tx)) => tx.commit().await.map_err(q("commit box messages")),
+            Some(BatchTx::Shared {
+                guard: mut g,
+                group,
+            }) => {
+                let (told, heard) = tokio::sync::oneshot::channel();
+                g.working = false;
+                g.done.push(told);
+                if !g.committing {
+                    g.committing = true;
+                    tokio::spawn(BoxGroup::commit(group));
+                }
+                drop(g);
+                match heard.await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(StoreError::GroupCommit(
+                        "their group commit failed or another session in it stopped half-way",
+                    )),
+                    Err(_) => Err(StoreError::GroupCommit("their group commit was dropped")),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for BoxBatch {
+    /// Dropped uncommitted: its own transaction rolls back; a shared one is poisoned at once,
+    /// so that no other member's commit carries half of this one's messages.
+    fn drop(&mut self) {
+        if let Some(BatchTx::Shared { guard, .. }) = &mut self.tx {
+            if guard.working {
+                guard.poison();
+            }
+        }
     }
 }
 

@@ -444,7 +444,7 @@ const PLACE_ROWS: usize = 256;
 
 /// `rows` groups of `pattern`, whose `?` are numbered bind parameters from `$1` on, `per_row` per
 /// group (`(?, ?, 0, 'live')` -> `($1, $2, 0, 'live'), ($3, $4, 0, 'live')`).
-fn pattern_rows(rows: usize, pattern: &str, per_row: usize) -> String {
+pub(crate) fn pattern_rows(rows: usize, pattern: &str, per_row: usize) -> String {
     let mut out = String::with_capacity(rows * (pattern.len() + 8));
     let mut n = 0;
     for r in 0..rows {
@@ -462,6 +462,36 @@ fn pattern_rows(rows: usize, pattern: &str, per_row: usize) -> String {
     }
     debug_assert_eq!(n, rows * per_row);
     out
+}
+
+/// `$first, $first+1, ...`: `n` numbered bind parameters (for an `IN (...)` list).
+pub(crate) fn numbered(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Splits `len` rows into chunks of at most `max` (a power of two), each itself a power of two
+/// (13 -> 8, 4, 1): (start, rows) pairs. Multi-row statements over these chunks have at most
+/// log2(max) + 1 texts, so a connection's statement cache is not churned by one text per length.
+pub(crate) fn pow2_chunks(len: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    debug_assert!(max.is_power_of_two());
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let left = len - at;
+        if left == 0 {
+            return None;
+        }
+        let n = if left >= max {
+            max
+        } else {
+            1 << (usize::BITS - 1 - left.leading_zeros())
+        };
+        let chunk = (at, n);
+        at += n;
+        Some(chunk)
+    })
 }
 
 /// Places builds (queued -> placed, a live lease, a transition each) in a few multi-row
@@ -619,6 +649,120 @@ fn box_clause(box_id: Option<&str>, n: usize) -> String {
         Some(_) => format!(" AND box_id = ${n}"),
         None => String::new(),
     }
+}
+
+/// One ACCEPTED of a run that [`confirm_leases_tx`] confirms together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acceptance {
+    pub build_id: String,
+    pub lease_id: String,
+    pub cell_id: String,
+    pub warm_start: bool,
+}
+
+/// ACCEPTEDs per statement of [`confirm_leases_tx`] (a power of two).
+const CONFIRM_ROWS: usize = 256;
+
+/// [`confirm_lease_tx`] for a run of ACCEPTEDs from one box, in two multi-row statements per
+/// chunk instead of three statements each: the live leases named (this box's) are confirmed
+/// (RETURNING says which took), then those builds record their cell. Returns, per acceptance,
+/// whether its lease was confirmed. Distinct builds only (a build named twice is the caller's
+/// to split: two VALUES rows joined to one row would apply either).
+///
+/// Chunks are [`pow2_chunks`]. With `lock_rows` (PostgreSQL) each chunk first
+/// locks its builds in id order: every writer of a build and its lease takes the build first.
+pub(crate) async fn confirm_leases_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: &str,
+    runs: &[Acceptance],
+    deadline_ms: i64,
+    lock_rows: bool,
+) -> Result<Vec<bool>> {
+    debug_assert!({
+        let mut ids: Vec<&str> = runs.iter().map(|a| a.build_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.windows(2).all(|w| w[0] != w[1])
+    });
+    let mut took = vec![false; runs.len()];
+    for (at, n) in pow2_chunks(runs.len(), CONFIRM_ROWS) {
+        let chunk = &runs[at..at + n];
+        if lock_rows {
+            let sql = format!(
+                "SELECT id FROM builds WHERE id IN ({}) ORDER BY id FOR UPDATE",
+                pattern_rows(n, "?", 1)
+            );
+            let mut query = sqlx::query(&sql);
+            for a in chunk {
+                query = query.bind(&a.build_id);
+            }
+            query
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(q("lock accepted builds"))?;
+        }
+        let sql = format!(
+            "WITH v(build_id, lease_id) AS (VALUES {}) \
+             UPDATE leases SET confirmed = 1, deadline_ms = ${} FROM v \
+             WHERE leases.id = v.lease_id AND leases.build_id = v.build_id \
+             AND leases.state = 'live' AND leases.box_id = ${} RETURNING leases.build_id",
+            pattern_rows(n, "(?, ?)", 2),
+            n * 2 + 1,
+            n * 2 + 2
+        );
+        let mut query = sqlx::query_as::<_, (String,)>(&sql);
+        for a in chunk {
+            query = query.bind(&a.build_id).bind(&a.lease_id);
+        }
+        let confirmed: std::collections::HashSet<String> = query
+            .bind(deadline_ms)
+            .bind(box_id)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(q("confirm leases"))?
+            .into_iter()
+            .map(|(id,)| id)
+            .collect();
+        let done: Vec<&Acceptance> = chunk
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| confirmed.contains(&a.build_id))
+            .map(|(i, a)| {
+                took[at + i] = true;
+                a
+            })
+            .collect();
+        // The cells, in as few texts: the same power-of-two split over what took.
+        for (from, m) in pow2_chunks(done.len(), CONFIRM_ROWS) {
+            let part = &done[from..from + m];
+            let sql = format!(
+                "WITH v(id, lease_id, cell_id, warm, message) AS (VALUES {}) \
+                 UPDATE builds SET cell_id = v.cell_id, warm_start = v.warm, \
+                 updated_at_ms = ${}, message = v.message \
+                 FROM v WHERE builds.id = v.id AND builds.lease_id = v.lease_id",
+                pattern_rows(m, "(?, ?, ?, ?, ?)", 5),
+                m * 5 + 1
+            );
+            let mut query = sqlx::query(&sql);
+            for a in part {
+                query = query
+                    .bind(&a.build_id)
+                    .bind(&a.lease_id)
+                    .bind(&a.cell_id)
+                    .bind(i64::from(a.warm_start))
+                    .bind(format!(
+                        "accepted in {} cell {}",
+                        if a.warm_start { "warm" } else { "cold" },
+                        a.cell_id
+                    ));
+            }
+            query
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await
+                .map_err(q("record build cells"))?;
+        }
+    }
+    Ok(took)
 }
 
 pub(crate) async fn confirm_lease_tx(

@@ -60,7 +60,7 @@ pub use artifacts::{ArtifactRow, ArtifactTarget};
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
 pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRevoke, JoinTokenRow, PurgedCredentials};
 pub use boxes::{BoxBatch, BoxRow, CellRow};
-pub use builds::{BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
+pub use builds::{Acceptance, BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::{Delivery, NewDelivery};
 pub use forges::{ForgeRow, OutboxSummary, StatusRow};
 pub use leases::LeaseRow;
@@ -111,6 +111,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("value {value} for column {col} does not fit a 64-bit integer")]
     OutOfRange { col: &'static str, value: String },
+    #[error("box messages not stored: {0} (nothing was acknowledged; the box sends them again)")]
+    GroupCommit(&'static str),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -170,6 +172,8 @@ pub struct Store {
     max_attempts: u32,
     /// Projects for webhook lookups (see `projects`), shared by the store's clones.
     projects: std::sync::Arc<projects::ProjectCache>,
+    /// SQLite: the box sessions' shared transaction (see `boxes::BoxGroup`).
+    box_group: std::sync::Arc<boxes::BoxGroup>,
 }
 
 /// The per-build log cap unless the operator sets one.
@@ -228,6 +232,9 @@ impl Store {
             DbKind::Sqlite => {
                 AnyPoolOptions::new()
                     .max_connections(1)
+                    // The connection is a file this process opened, not a socket that can go
+                    // stale: no ping (a round trip to its worker thread) before every use.
+                    .test_before_acquire(false)
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
@@ -283,6 +290,7 @@ impl Store {
         let reads = match kind {
             DbKind::Sqlite if sqlite_path(&url).is_some() => AnyPoolOptions::new()
                 .max_connections(2)
+                .test_before_acquire(false)
                 .after_connect(|conn, _meta| {
                     Box::pin(async move {
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
@@ -303,6 +311,7 @@ impl Store {
             log_cap: DEFAULT_LOG_CAP,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             projects: Default::default(),
+            box_group: Default::default(),
         };
         let rekeyed = store.rekey_projects().await?;
         if rekeyed > 0 {

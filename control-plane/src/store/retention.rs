@@ -1,5 +1,5 @@
-//! Retention: ended builds (with their transitions, log chunks and ended leases) and webhook
-//! deliveries older than a cutoff are deleted, a bounded batch per transaction so a large
+//! Retention: ended builds (with their transitions, log chunks, ended leases, and the delivery
+//! and request ids that made them) and webhook deliveries older than a cutoff are deleted, a bounded batch per transaction so a large
 //! purge never holds the write lock for long. Live work is never touched: a build that has not
 //! ended stays whatever its age, and so do live leases. Tunnel leases stay forever (a public
 //! key is never accepted twice, and that needs the record).
@@ -26,15 +26,25 @@ impl Store {
         let mut purged = Purged::default();
         let batch = i64::from(batch.max(1));
         loop {
-            let (builds, chunks) = in_tx!(self, "commit purge", |tx| {
+            let (builds, chunks, keys) = in_tx!(self, "commit purge", |tx| {
                 let ids: Vec<String> = sqlx::query_scalar(OLD_BUILDS)
                     .bind(cutoff_ms)
                     .bind(batch)
                     .fetch_all(&mut **tx)
                     .await
                     .map_err(q("select builds to purge"))?;
-                let mut chunks = 0;
+                let (mut chunks, mut keys) = (0, 0);
                 for id in &ids {
+                    // The build's delivery ids and API request ids go with it, in this
+                    // transaction: a retry sees either the build or no key (and makes a new
+                    // build), never a key that names a purged build. Their own times do not
+                    // matter here (another control plane's clock may be ahead).
+                    keys += sqlx::query("DELETE FROM webhook_deliveries WHERE build_id = $1")
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(q("purge the build's deliveries"))?
+                        .rows_affected();
                     chunks += sqlx::query("DELETE FROM log_chunks WHERE build_id = $1")
                         .bind(id)
                         .execute(&mut **tx)
@@ -65,10 +75,11 @@ impl Store {
                     .await
                     .map_err(q("purge build"))?;
                 }
-                Ok::<_, super::StoreError>((ids.len() as u64, chunks))
+                Ok::<_, super::StoreError>((ids.len() as u64, chunks, keys))
             })?;
             purged.builds += builds;
             purged.log_chunks += chunks;
+            purged.deliveries += keys;
             if builds < batch as u64 {
                 break;
             }
@@ -84,7 +95,7 @@ impl Store {
         .execute(&self.pool)
         .await
         .map_err(q("purge deliveries"))?;
-        purged.deliveries = res.rows_affected();
+        purged.deliveries += res.rows_affected();
         Ok(purged)
     }
 }

@@ -622,7 +622,27 @@ async fn microvm_e2e_restarted_box_reaps_leftover_cells() {
     )
     .await;
     assert_eq!(state(&b), BuildState::Cancelled, "{b:?}{}", h.context());
-    assert_eq!(b.attempt, 2, "{b:?}");
+    // Attempt 2 is the re-queue after the restart. Any attempt beyond it must be a cold cell
+    // that died booting (the box rejects the build and says so): in the emulated KVM host our
+    // VMM's guests sometimes triple-fault at boot (see the note on vmm-bench). Anything else
+    // re-queueing the build is a failure.
+    let restarted = b
+        .transitions
+        .iter()
+        .position(|t| t.reason.contains("box restarted while it ran"))
+        .expect("the restart's re-queue is in the history");
+    let extra: Vec<&str> = b.transitions[restarted + 1..]
+        .iter()
+        .filter(|t| t.state == BuildState::Queued as i32)
+        .map(|t| t.reason.as_str())
+        .collect();
+    assert!(
+        extra
+            .iter()
+            .all(|r| r.contains("rejected by box") && r.contains("exited before it became ready")),
+        "the build was re-queued again for another reason: {extra:?}"
+    );
+    assert_eq!(b.attempt as usize, 2 + extra.len(), "{b:?}");
     assert_ne!(b.cell_id, cell, "{b:?}");
     h.assert_cell_gone(&b.cell_id).await;
     h.wait_pool_back().await;

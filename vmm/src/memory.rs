@@ -1,11 +1,22 @@
 //! Guest physical memory and the fixed layout of the low megabyte.
 //!
-//! One anonymous mapping from guest address 0 (vm-memory) up to the MMIO window at
-//! [`MMIO_BASE`]; a guest larger than that gets the rest as a second region from 4 GiB
-//! ([`HIGH_RAM_START`]), leaving the hole for devices, as on a PC. The boot structures sit at fixed low addresses, the same
+//! One anonymous mapping from guest address 0 up to the MMIO window at [`MMIO_BASE`]; a guest
+//! larger than that gets the rest as a second region from 4 GiB ([`HIGH_RAM_START`]), leaving
+//! the hole for devices, as on a PC. The boot structures sit at fixed low addresses, the same
 //! places Firecracker uses, so a Linux guest finds what it expects.
+//!
+//! Each region starts at a 2 MiB-aligned host address ([`HUGE_PAGE`]), as QEMU's RAM does, so
+//! a transparent huge page of the host backs exactly one 2 MiB page of guest-physical memory
+//! and KVM can map it whole. The kernel does not align large anonymous mappings itself before
+//! Linux 6.7; unaligned, every host huge page straddles two guest pages.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::ops::Deref;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 /// GDT used for both boot protocols.
 pub const GDT_ADDR: u64 = 0x500;
@@ -61,6 +72,9 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// The host huge-page size every region's host address is aligned to.
+pub const HUGE_PAGE: usize = 2 << 20;
+
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -71,17 +85,138 @@ pub enum Error {
         mib: u32,
         /// Cause.
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
+    },
+    /// vm-memory refused the mapping (a bug: the ranges are fixed and disjoint).
+    #[error("guest memory layout for {mib} MiB: {reason}")]
+    Layout {
+        /// Size.
+        mib: u32,
+        /// What vm-memory said.
+        reason: String,
     },
 }
 
-/// Maps `mib` MiB of guest RAM from guest address 0 (split around the MMIO hole).
-pub fn create(mib: u32) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(u64::from(mib) << 20)
-        .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map { mib, source })
+/// One anonymous private mapping of guest RAM, unmapped when the last [`GuestRam`] holding it
+/// drops.
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; it is only unmapped in `drop`, once nothing holds it.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; concurrent access to guest memory goes through vm-memory's volatile accessors.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// `len` bytes (a multiple of [`HUGE_PAGE`]) at a [`HUGE_PAGE`]-aligned address: reserve
+    /// `len + HUGE_PAGE`, then give back the unaligned head and the tail.
+    fn new(len: usize) -> std::io::Result<Mapping> {
+        let reserve = len
+            .checked_add(HUGE_PAGE)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks; nothing else refers
+        // to it yet. MAP_NORESERVE: the host backs only what the guest touches.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = base as usize;
+        let aligned = start.next_multiple_of(HUGE_PAGE);
+        let head = aligned - start;
+        let tail = reserve - head - len;
+        // SAFETY: both ranges lie inside the reservation just made and are page-aligned (mmap
+        // returns page-aligned addresses and HUGE_PAGE is a multiple of the page size); the
+        // kept range [aligned, aligned + len) is not touched.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(Mapping {
+            addr: aligned as *mut libc::c_void,
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr+len` is the mapping `new` kept, and the last `GuestRam` (whose
+        // regions point into it) is gone.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// Guest RAM: vm-memory's view of the regions plus the host mappings behind them, which stay
+/// mapped while any clone lives. Derefs to [`GuestMemoryMmap`] for everything that reads or
+/// writes guest memory; hold a `GuestRam` (not a clone of the inner `GuestMemoryMmap`) to
+/// keep the memory beyond a call.
+#[derive(Clone)]
+pub struct GuestRam {
+    // Dropped before the mappings it points into.
+    mem: GuestMemoryMmap,
+    _mappings: Arc<Vec<Mapping>>,
+}
+
+impl Deref for GuestRam {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+/// Maps `mib` MiB of guest RAM from guest address 0 (split around the MMIO hole), each region
+/// at a 2 MiB-aligned host address.
+pub fn create(mib: u32) -> Result<GuestRam, Error> {
+    let mut mappings = Vec::new();
+    let mut regions = Vec::new();
+    for (start, size) in ram_ranges(u64::from(mib) << 20) {
+        let size = size as usize;
+        let map = Mapping::new(size.next_multiple_of(HUGE_PAGE))
+            .map_err(|source| Error::Map { mib, source })?;
+        // SAFETY: `map.addr..map.addr + size` lies inside `map`, which `GuestRam` keeps mapped
+        // for as long as these regions (in `mem`) live.
+        let region = unsafe {
+            MmapRegionBuilder::new(size)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(map.addr.cast())
+        }
+        .build()
+        .map_err(|e| Error::Layout {
+            mib,
+            reason: e.to_string(),
+        })?;
+        let region =
+            GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| Error::Layout {
+                mib,
+                reason: format!("region at {start:#x} of {size:#x} bytes overflows"),
+            })?;
+        mappings.push(map);
+        regions.push(region);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Layout {
+        mib,
+        reason: e.to_string(),
+    })?;
+    Ok(GuestRam {
+        mem,
+        _mappings: Arc::new(mappings),
+    })
 }
 
 /// Bytes of guest RAM actually backed by host pages right now (mincore over every region):
@@ -121,6 +256,36 @@ mod tests {
         let after = resident_bytes(&mem);
         assert!(after >= before + 16 * 4096, "before {before} after {after}");
         assert!(after < 8 << 20, "untouched pages must not count: {after}");
+    }
+
+    #[test]
+    fn every_region_starts_on_a_host_huge_page() {
+        for mib in [4, 6, 512, 4 * 1024 - 1, 5 * 1024] {
+            let mem = create(mib).expect("guest memory");
+            let mut total = 0;
+            for region in mem.iter() {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .expect("host address") as usize;
+                assert_eq!(host % HUGE_PAGE, 0, "{mib} MiB: region at {host:#x}");
+                total += region.len();
+            }
+            assert_eq!(total, u64::from(mib) << 20, "{mib} MiB");
+        }
+    }
+
+    #[test]
+    fn memory_stays_mapped_while_any_clone_lives() {
+        let first = create(8).expect("8 MiB");
+        first
+            .write_obj(0x5au8, GuestAddress(7 << 20))
+            .expect("write");
+        let kept = first.clone();
+        drop(first);
+        assert_eq!(
+            kept.read_obj::<u8>(GuestAddress(7 << 20)).expect("read"),
+            0x5a
+        );
     }
 
     #[test]

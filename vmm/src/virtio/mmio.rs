@@ -5,10 +5,10 @@
 //! deliver one MMIO read twice); only writes change state. Interrupts go out through an irqfd.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{VirtioDevice, Wait, VIRTIO_F_VERSION_1};
+use crate::memory::GuestRam;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -63,7 +63,7 @@ const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// One device behind its register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     queues: Vec<Queue>,
     irq: EventFd,
     queue_sel: u32,
@@ -77,7 +77,7 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `device`; `irq` is the eventfd registered as its irqfd.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFd) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestRam, irq: EventFd) -> Self {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -252,7 +252,7 @@ impl MmioTransport {
         }
         self.status = v;
         if v & status::DRIVER_OK != 0 && v & status::FEATURES_OK != 0 && !self.activated {
-            let mem = &self.mem;
+            let mem: &vm_memory::GuestMemoryMmap = &self.mem;
             let bad = self
                 .queues
                 .iter()

@@ -208,8 +208,8 @@ pub(crate) mod testutil {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     /// Guest memory big enough for a few queues and their buffers.
-    pub fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("test memory")
+    pub fn memory() -> crate::memory::GuestRam {
+        crate::memory::create(4).expect("test memory")
     }
 
     /// A readable (`write == false`) or writable descriptor.

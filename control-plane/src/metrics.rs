@@ -195,7 +195,7 @@ impl Default for Metrics {
         let box_violations = Family::<KindLabel, Counter>::default();
         registry.register(
             "hive_box_violations",
-            "Messages from boxes refused as impossible, by kind (seq_ahead, log_seq_range)",
+            "Messages from boxes refused or cut as impossible, by kind (seq_ahead, log_seq_range, pool_report, heartbeat_lists, ...)",
             box_violations.clone(),
         );
         let purged = Family::<KindLabel, Counter>::default();

@@ -159,6 +159,16 @@ impl SizeClasses {
             })
     }
 
+    /// How many classes there are.
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Whether there are none (never, once built: the built-ins are always there).
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
+
     /// Names in a stable order, built-ins first when nothing overrides the order.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.classes.keys().cloned().collect();

@@ -1,7 +1,8 @@
 //! A box that misbehaves on purpose, over the real BoxAgent stream against a real database:
 //! one that stops reading its control stream must lose its own session, never stall the
 //! scheduler for every other box; one that numbers its messages absurdly far ahead is cut off
-//! before the control plane remembers anything for it.
+//! before the control plane remembers anything for it; one that reports impossible pools or
+//! floods a heartbeat with cells and builds is cut to what a box could hold.
 
 mod common;
 
@@ -248,6 +249,87 @@ async fn an_impossible_pool_report_is_capped() {
         metrics
             .body
             .contains("hive_box_violations_total{kind=\"pool_report\"} 1\n"),
+        "{}",
+        metrics.body
+    );
+    drop(b);
+    handle.shutdown().await;
+    db.drop_db().await;
+}
+
+/// Issue 11: a heartbeat is one message of up to 4 MiB, and every cell and running build in it
+/// used to be written: tens of thousands of rows a beat from one hostile box. The lists are cut
+/// to what a box could hold (1024 cells per class), ids longer than 128 bytes and repeats are
+/// dropped, the violation is counted, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_heartbeat_is_cut_to_what_a_box_can_hold() {
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start_with(&db.url, |_| {}).await;
+    let (mut b, acked) = fake_box(&handle, "box-flood", vec![pool("small", 1, 1)]).await;
+    let cell = |id: String| hive_proto::v1::CellInfo {
+        id,
+        box_id: "box-flood".into(),
+        size_class: "small".into(),
+        state: "warm".into(),
+        ..Default::default()
+    };
+    let mut cells: Vec<_> = (0..3)
+        .map(|i| cell(format!("{i}{}", "x".repeat(300))))
+        .collect();
+    cells.extend((0..5000).map(|i| cell(format!("cell-{i}"))));
+    let mut running: Vec<String> = (0..5000).map(|i| format!("ghost-{i}")).collect();
+    running.extend((0..100).map(|i| format!("ghost-{i}")));
+    running.push("g".repeat(300));
+    b.send_raw(BoxMessage {
+        seq: 0,
+        msg: Some(BoxMsg::Heartbeat(Heartbeat {
+            pools: vec![pool("small", 1, 1)],
+            running_builds: running,
+            cells,
+        })),
+    })
+    .await
+    .unwrap();
+    // Every heartbeat is answered (with the current ack) once handled: within a second, so the
+    // session survives its own box's nonsense and its stop orders are bounded (this test's
+    // box counts as silent after 1.2 s).
+    let answered = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match b.next_raw(WAIT).await {
+                Ok(Some(m)) if matches!(m.msg, Some(CtlMsg::Ack(_))) => return Ok(()),
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err("the control plane closed the stream".to_string()),
+                Err(e) => return Err(format!("{e:?}")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        answered,
+        Ok(Ok(())),
+        "the flooding heartbeat was not answered"
+    );
+    assert_eq!(b.acked_seq(), acked);
+    let stored = api(&handle)
+        .await
+        .list_cells(hive_proto::v1::ListCellsRequest {
+            box_id: "box-flood".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cells;
+    // Two classes are built in (small, large): at most 2 x 1024 cells.
+    assert_eq!(stored.len(), 2048, "cells stored from one heartbeat");
+    assert!(
+        stored.iter().all(|c| c.id.len() <= 128),
+        "a 300-byte cell id was stored"
+    );
+    let metrics = http(handle.http_addr, "GET", "/metrics", &[], b"").await;
+    assert!(
+        metrics
+            .body
+            .contains("hive_box_violations_total{kind=\"heartbeat_lists\"} 1\n"),
         "{}",
         metrics.body
     );

@@ -190,6 +190,42 @@ fn checked_pools(hive: &Hive, box_id: &str, pools: Vec<PoolState>) -> Vec<PoolSt
     out
 }
 
+/// Most builds a box is told to stop in answer to one heartbeat (see `Session::renew`).
+pub const MAX_STOPS_PER_HEARTBEAT: usize = 64;
+
+/// Longest cell or build id a box may name; ids the control plane makes are far shorter.
+pub const MAX_REPORTED_ID_BYTES: usize = 128;
+
+/// A box's lists of cells and running builds made sane before they are stored: at most
+/// [`MAX_CELLS_PER_CLASS`] per known class (a box cannot hold more cells, nor run more builds),
+/// no id longer than [`MAX_REPORTED_ID_BYTES`], each running build once. A hostile box could
+/// otherwise make every heartbeat write tens of thousands of rows (a 4 MiB message of short
+/// ids). Anything dropped is a violation (`hive_box_violations_total{kind="heartbeat_lists"}`).
+fn checked_lists(
+    hive: &Hive,
+    box_id: &str,
+    cells: &mut Vec<hive_proto::v1::CellInfo>,
+    running: &mut Vec<String>,
+) {
+    let cap = MAX_CELLS_PER_CLASS as usize * hive.classes.len().max(1);
+    let (n_cells, n_running) = (cells.len(), running.len());
+    cells.retain(|c| {
+        c.id.len() <= MAX_REPORTED_ID_BYTES && c.build_id.len() <= MAX_REPORTED_ID_BYTES
+    });
+    cells.truncate(cap);
+    let mut seen = std::collections::HashSet::new();
+    running.retain(|id| id.len() <= MAX_REPORTED_ID_BYTES && seen.insert(id.clone()));
+    running.truncate(cap);
+    if cells.len() != n_cells || running.len() != n_running {
+        hive.metrics.box_violation("heartbeat_lists");
+        tracing::warn!(
+            %box_id, cells = n_cells, running = n_running, kept_cells = cells.len(),
+            kept_running = running.len(),
+            "box reported impossible cell or build lists: long ids, repeats and the excess dropped"
+        );
+    }
+}
+
 /// How long a Register waits for an older session of the same box id to end (a box that
 /// restarts opens its new session while the control plane is still closing the old one).
 const HOLDER_GRACE: Duration = Duration::from_secs(2);
@@ -332,6 +368,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
         }
         let hive = self.hive.clone();
         reg.pools = checked_pools(&hive, &reg.box_id, std::mem::take(&mut reg.pools));
+        checked_lists(&hive, &reg.box_id, &mut Vec::new(), &mut reg.running_builds);
         refuse_a_second_holder(&hive, &reg, peer).await?;
         let stored = hive.store.get_box(&reg.box_id).await.map_err(internal)?;
         let admin_state = match stored.as_ref().map(|b| b.state.as_str()) {
@@ -849,6 +886,12 @@ impl Session {
 
     async fn heartbeat(&mut self, mut hb: Heartbeat) -> Result<(), SessionError> {
         hb.pools = checked_pools(&self.hive, &self.box_id, std::mem::take(&mut hb.pools));
+        checked_lists(
+            &self.hive,
+            &self.box_id,
+            &mut hb.cells,
+            &mut hb.running_builds,
+        );
         let cells_changed = self.hive.registry.heartbeat(&self.box_id, &hb);
         self.hive
             .store
@@ -893,6 +936,7 @@ impl Session {
             .store
             .renew_leases(&self.box_id, running, deadline)
             .await?;
+        let mut told = 0;
         for build_id in orphans {
             if self
                 .hive
@@ -901,6 +945,13 @@ impl Session {
             {
                 continue;
             }
+            // Each is a store read and a message: bounded per heartbeat, so a box naming
+            // thousands of builds it holds no lease for cannot hold its session (and its
+            // renewals) up for seconds. The rest come again with the next heartbeat.
+            if told == MAX_STOPS_PER_HEARTBEAT {
+                break;
+            }
+            told += 1;
             let build = self.hive.store.get_build(&build_id).await?;
             let (state, reason) = match build {
                 None => (BuildState::Cancelled, "unknown build".to_string()),

@@ -494,6 +494,28 @@ pub(crate) fn pow2_chunks(len: usize, max: usize) -> impl Iterator<Item = (usize
     })
 }
 
+/// PostgreSQL: locks the `n` builds `ids` (in id order, `FOR UPDATE`) before a multi-row
+/// statement changes them. Every writer takes a build before its lease, so two transactions
+/// over the same builds wait for each other instead of deadlocking (a join's lock order is the
+/// plan's, not the ids').
+async fn lock_builds_tx<'a>(
+    tx: &mut Transaction<'_, Any>,
+    ids: impl IntoIterator<Item = &'a str>,
+    n: usize,
+    what: &'static str,
+) -> Result<()> {
+    let sql = format!(
+        "SELECT id FROM builds WHERE id IN ({}) ORDER BY id FOR UPDATE",
+        pattern_rows(n, "?", 1)
+    );
+    let mut query = sqlx::query(&sql);
+    for id in ids {
+        query = query.bind(id);
+    }
+    query.fetch_all(&mut **tx).await.map_err(q(what))?;
+    Ok(())
+}
+
 /// Places builds (queued -> placed, a live lease, a transition each) in a few multi-row
 /// statements per [`PLACE_ROWS`]: one conditional UPDATE that says which builds were still
 /// queued (RETURNING), then the leases and transitions of those. A build another control plane
@@ -518,20 +540,11 @@ pub(crate) async fn place_many_tx(
         .collect();
     unique.sort_by(|a, b| a.1.build_id.cmp(&b.1.build_id));
     let mut took = vec![false; placements.len()];
-    for chunk in unique.chunks(PLACE_ROWS) {
+    for (at, n) in pow2_chunks(unique.len(), PLACE_ROWS) {
+        let chunk = &unique[at..at + n];
         if lock_rows {
-            let sql = format!(
-                "SELECT id FROM builds WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                pattern_rows(chunk.len(), "?", 1)
-            );
-            let mut query = sqlx::query(&sql);
-            for (_, p) in chunk {
-                query = query.bind(&p.build_id);
-            }
-            query
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(q("lock builds to place"))?;
+            let ids = chunk.iter().map(|(_, p)| p.build_id.as_str());
+            lock_builds_tx(tx, ids, chunk.len(), "lock builds to place").await?;
         }
         // WITH ... UPDATE ... FROM ... RETURNING: PostgreSQL, and SQLite since 3.35.
         let sql = format!(
@@ -566,14 +579,15 @@ pub(crate) async fn place_many_tx(
                 *p
             })
             .collect();
-        if !done.is_empty() {
+        for (from, m) in pow2_chunks(done.len(), PLACE_ROWS) {
+            let done = &done[from..from + m];
             let sql = format!(
                 "INSERT INTO leases (id, build_id, box_id, deadline_ms, confirmed, state, \
                  created_at_ms) VALUES {}",
-                pattern_rows(done.len(), "(?, ?, ?, ?, 0, 'live', ?)", 5)
+                pattern_rows(m, "(?, ?, ?, ?, 0, 'live', ?)", 5)
             );
             let mut query = sqlx::query(&sql);
-            for p in &done {
+            for p in done {
                 query = query
                     .bind(&p.lease_id)
                     .bind(&p.build_id)
@@ -584,10 +598,10 @@ pub(crate) async fn place_many_tx(
             query.execute(&mut **tx).await.map_err(q("insert leases"))?;
             let sql = format!(
                 "INSERT INTO build_transitions (build_id, state, at_ms, reason) VALUES {}",
-                pattern_rows(done.len(), "(?, 'placed', ?, ?)", 3)
+                pattern_rows(m, "(?, 'placed', ?, ?)", 3)
             );
             let mut query = sqlx::query(&sql);
-            for p in &done {
+            for p in done {
                 query = query
                     .bind(&p.build_id)
                     .bind(now)
@@ -687,18 +701,8 @@ pub(crate) async fn confirm_leases_tx(
     for (at, n) in pow2_chunks(runs.len(), CONFIRM_ROWS) {
         let chunk = &runs[at..at + n];
         if lock_rows {
-            let sql = format!(
-                "SELECT id FROM builds WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                pattern_rows(n, "?", 1)
-            );
-            let mut query = sqlx::query(&sql);
-            for a in chunk {
-                query = query.bind(&a.build_id);
-            }
-            query
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(q("lock accepted builds"))?;
+            let ids = chunk.iter().map(|a| a.build_id.as_str());
+            lock_builds_tx(tx, ids, n, "lock accepted builds").await?;
         }
         let sql = format!(
             "WITH v(build_id, lease_id) AS (VALUES {}) \

@@ -3,7 +3,8 @@
 //! database. Webhook bodies and headers — random bytes, and valid pushes mutated field by field,
 //! signed with the project's secret half the time so the parser past the signature is reached —
 //! and every message a box can send on its session, including ones naming leases, builds and
-//! sequence numbers it does not own. Nothing may answer 5xx, stop the control plane, change a
+//! sequence numbers it does not own; and every message a private network's connector can send.
+//! Nothing may answer 5xx, stop the control plane, change a
 //! build the sender does not hold, or keep a well-behaved box from finishing its build.
 //! (The VMM's guest-facing parsers have their own seeded runs in `hive-vmm`, and cargo-fuzz
 //! targets in `vmm/fuzz/` for long runs.)
@@ -512,6 +513,201 @@ async fn box_sessions_survive_hostile_messages() {
         .unwrap()
         .into_inner();
     assert!(health.ok, "{health:?}");
+    handle.shutdown().await;
+    db.drop_db().await;
+}
+
+/// A hello for network `corp`: the real one, or one field of it broken.
+fn random_hello(r: &mut Rand, token: &str, key: &str) -> hive_proto::v1::ConnectorHello {
+    let mut h = hive_proto::v1::ConnectorHello {
+        network: "corp".into(),
+        public_key: key.into(),
+        endpoint: "198.18.0.50:51820".into(),
+        token: token.into(),
+        peers: (0..r.below(3)).map(|_| r.text(50)).collect(),
+        version: r.text(20),
+    };
+    match r.below(8) {
+        0 => h.token = r.text(60),
+        1 => h.token.push_str(&r.text(4)),
+        2 => h.network = r.text(20),
+        3 => h.public_key = r.text(60),
+        4 => h.token = String::new(),
+        5 => h.peers = (0..r.below(2000)).map(|_| r.text(60)).collect(),
+        _ => {}
+    }
+    h
+}
+
+/// One random message a connector might send once its session is open.
+fn random_connector_message(
+    r: &mut Rand,
+    token: &str,
+    key: &str,
+) -> hive_proto::v1::ConnectorMessage {
+    use hive_proto::v1::connector_message::Msg;
+    use hive_proto::v1::{ConnectorStatus, PeerApplied, PeerStatus};
+    let msg = match r.below(10) {
+        0..=3 => Some(Msg::Applied(PeerApplied {
+            command_id: if r.next().is_multiple_of(2) {
+                r.below(50)
+            } else {
+                r.next()
+            },
+            error: r.text(300),
+        })),
+        4..=7 => Some(Msg::Status(ConnectorStatus {
+            peers: (0..r.below(50))
+                .map(|_| PeerStatus {
+                    public_key: r.text(60),
+                    last_handshake_ms: r.next() as i64,
+                    rx_bytes: r.next(),
+                    tx_bytes: r.next(),
+                })
+                .collect(),
+        })),
+        8 => Some(Msg::Hello(random_hello(r, token, key))),
+        _ => None,
+    };
+    hive_proto::v1::ConnectorMessage { seq: r.next(), msg }
+}
+
+/// Opens a connector session whose first message is `first`: the commands, or the refusal.
+async fn connector_session(
+    handle: &hive_control_plane::server::Handle,
+    first: hive_proto::v1::ConnectorMessage,
+) -> (
+    tokio::sync::mpsc::Sender<hive_proto::v1::ConnectorMessage>,
+    Result<tonic::Streaming<hive_proto::v1::ConnectorCommand>, tonic::Status>,
+) {
+    use hive_proto::v1::connector_client::ConnectorClient;
+    let mut client = ConnectorClient::connect(format!("http://{}", handle.grpc_addr))
+        .await
+        .expect("connect Connector");
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(first).await.unwrap();
+    let r = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner);
+    (tx, r)
+}
+
+/// Connector sessions (the customer's side of a private network, as hostile as any caller):
+/// 60 sessions open with a hello that is real or broken one field at a time, or with no hello
+/// at all, then send random applies (unknown and foreign command ids), statuses (thousands of
+/// junk keys, extreme counters), second hellos and empty messages. A refusal names the
+/// problem and is never an internal error; the control plane stays healthy; and at the end the
+/// real connector opens its session and gets its peer set first, as always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_sessions_survive_hostile_messages() {
+    use base64::Engine as _;
+    use hive_proto::v1::connector_command::Cmd;
+    use hive_proto::v1::connector_message::Msg;
+    use hive_proto::v1::{AddConnectorRequest, CreateNetworkRequest, HealthRequest};
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start(&db.url).await;
+    let mut client = api(&handle).await;
+    client
+        .create_network(CreateNetworkRequest {
+            name: "corp".into(),
+            prefixes: vec!["10.20.0.0/16".into()],
+            tunnel_subnet: String::new(),
+        })
+        .await
+        .unwrap();
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let token = client
+        .add_connector(AddConnectorRequest {
+            network: "corp".into(),
+            endpoint: "198.18.0.50:51820".into(),
+            public_key: key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut r = Rand(0x6b65_7973);
+    let (mut opened, mut refused) = (0, 0);
+    for round in 0..60 {
+        let first = match r.below(6) {
+            0 => random_connector_message(&mut r, &token, &key),
+            _ => hive_proto::v1::ConnectorMessage {
+                seq: r.next(),
+                msg: Some(Msg::Hello(random_hello(&mut r, &token, &key))),
+            },
+        };
+        let (tx, session) = connector_session(&handle, first.clone()).await;
+        match session {
+            Ok(mut commands) => {
+                opened += 1;
+                let sync = tokio::time::timeout(WAIT, commands.message())
+                    .await
+                    .expect("a command within the wait");
+                assert!(
+                    matches!(sync, Ok(Some(ref c)) if matches!(c.cmd, Some(Cmd::Sync(_)))),
+                    "round {round}: an open session's first command is not the peer set: {sync:?}"
+                );
+                for _ in 0..r.below(20) {
+                    if tx
+                        .send(random_connector_message(&mut r, &token, &key))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+            Err(status) => {
+                refused += 1;
+                assert!(
+                    !matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown),
+                    "round {round}: {first:?} got an internal error: {status}"
+                );
+                assert!(
+                    !status.message().is_empty(),
+                    "round {round}: a refusal without a reason"
+                );
+            }
+        }
+        drop(tx);
+        client
+            .health(HealthRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: control plane unhealthy: {e}"));
+    }
+    println!("connector fuzz: {opened} sessions opened, {refused} refused");
+    assert!(
+        opened >= 10 && refused >= 10,
+        "the rounds should both open and be refused: {opened} opened, {refused} refused"
+    );
+    // The real connector is still welcome, and gets its network's peer set first.
+    let (_tx, session) = connector_session(
+        &handle,
+        hive_proto::v1::ConnectorMessage {
+            seq: 1,
+            msg: Some(Msg::Hello(hive_proto::v1::ConnectorHello {
+                network: "corp".into(),
+                public_key: key.clone(),
+                endpoint: "198.18.0.50:51820".into(),
+                token: token.clone(),
+                ..Default::default()
+            })),
+        },
+    )
+    .await;
+    let first = tokio::time::timeout(
+        WAIT,
+        session.expect("the real connector's session").message(),
+    )
+    .await
+    .expect("the peer set within the wait")
+    .expect("the stream")
+    .expect("a command");
+    match first.cmd {
+        Some(Cmd::Sync(s)) => assert_eq!(s.prefixes, vec!["10.20.0.0/16".to_string()]),
+        other => panic!("first command is not the peer set: {other:?}"),
+    }
     handle.shutdown().await;
     db.drop_db().await;
 }

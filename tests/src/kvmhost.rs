@@ -327,6 +327,11 @@ impl KvmHost {
         std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
     }
 
+    /// The last `lines` lines of L1's console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        tail_lines(&self.console(), lines)
+    }
+
     /// Why L1 is gone, when its QEMU (the `kvm-host.sh boot` process) has exited: then every
     /// call into L1 fails, and waiting on it is pointless.
     pub fn gone(&self) -> Option<String> {
@@ -437,17 +442,22 @@ impl KvmHost {
 
     /// Runs `cmd` in L1 and returns its output; panics when it fails.
     pub fn sh(&self, cmd: &str) -> String {
-        let e = self
-            .exec_timeout(cmd, Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("L1: {e}"));
+        let e = self.run(cmd);
         assert_eq!(e.status, 0, "L1: {cmd:?} exited {}: {}", e.status, e.output);
         e.output
     }
 
     /// Runs `cmd` in L1; its status and output, whatever they are.
     pub fn run(&self, cmd: &str) -> Exec {
+        // The console says why when L1 itself is stuck (RCU stalls, a panic): a lost control
+        // shell alone does not.
         self.exec_timeout(cmd, Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("L1: {e}"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "L1: {e}\n--- L1 console (tail) ---\n{}",
+                    self.console_tail(60)
+                )
+            })
     }
 
     /// A file of L1 (empty when missing).

@@ -29,6 +29,9 @@ pub enum CallError {
     NoAnswer,
 }
 
+/// Most bytes of a connector's `PeerApplied.error` kept (then cut, marked with `…`).
+pub const MAX_APPLY_ERROR: usize = 1024;
+
 /// How long the key exchange waits for the connector to apply a peer.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -153,6 +156,13 @@ impl Connectors {
     /// Session `conn_id` answered a command. Only the session a command was sent on can
     /// answer it: another connector (another network) naming the id is ignored.
     pub fn applied(&self, conn_id: u64, command_id: u64, error: String) {
+        // The connector's text goes on into the key exchange's answer and the build's
+        // message: a connector cannot make it megabytes.
+        let error = if error.len() > MAX_APPLY_ERROR {
+            format!("{}…", crate::forge::truncate(&error, MAX_APPLY_ERROR))
+        } else {
+            error
+        };
         let mut pending = self.pending();
         match pending.get(&command_id) {
             Some((sent_on, _)) if *sent_on == conn_id => {
@@ -304,5 +314,46 @@ impl Connectors {
             .tx
             .send(Ok(ConnectorCommand { id, cmd: Some(cmd) }))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hive_proto::v1::RemovePeer;
+
+    #[tokio::test]
+    async fn a_connectors_refusal_is_cut_to_a_kilobyte() {
+        let connectors = Arc::new(Connectors::default());
+        let (tx, mut rx) = mpsc::channel(4);
+        let conn = ConnectorConn {
+            id: 1,
+            connector_id: "c1".into(),
+            public_key: "k".into(),
+            endpoint: "198.18.0.1:51820".into(),
+            tx,
+            kill: Arc::new(Notify::new()),
+        };
+        let call = {
+            let connectors = connectors.clone();
+            tokio::spawn(async move {
+                connectors
+                    .call(&conn, Cmd::RemovePeer(RemovePeer::default()))
+                    .await
+            })
+        };
+        let sent = rx.recv().await.expect("a command").expect("not a status");
+        connectors.applied(1, sent.id, "é".repeat(1 << 20));
+        match call.await.expect("call task") {
+            Err(CallError::Refused(text)) => {
+                assert!(
+                    text.len() <= MAX_APPLY_ERROR + '…'.len_utf8(),
+                    "{}",
+                    text.len()
+                );
+                assert!(text.starts_with("éé") && text.ends_with('…'));
+            }
+            other => panic!("not refused: {other:?}"),
+        }
     }
 }

@@ -72,7 +72,9 @@ impl Outbox {
 
     /// Everything up to and including `seq` is stored by the control plane.
     pub fn ack(&mut self, seq: u64) {
-        let kept = self.unacked.split_off(&(seq + 1));
+        // saturating: an ack of u64::MAX (a broken or hostile control plane) acks everything
+        // instead of overflowing.
+        let kept = self.unacked.split_off(&seq.saturating_add(1));
         let gone: usize = self.unacked.values().map(Message::encoded_len).sum();
         self.bytes = self.bytes.saturating_sub(gone);
         self.unacked = kept;
@@ -96,7 +98,7 @@ impl Outbox {
             self.registered_once = true;
             let msgs: Vec<BoxMessage> = std::mem::take(&mut self.unacked).into_values().collect();
             self.bytes = 0;
-            self.next_seq = acked_seq + 1;
+            self.next_seq = acked_seq.saturating_add(1);
             for m in msgs {
                 if let Some(msg) = m.msg {
                     self.push(msg);
@@ -157,6 +159,22 @@ mod tests {
         let p: Vec<u64> = ob.pending_after(4).iter().map(|m| m.seq).collect();
         assert_eq!(p, vec![5]);
         assert_eq!(ob.len(), 1);
+    }
+
+    #[test]
+    fn outbox_survives_absurd_acks() {
+        let mut ob = Outbox::new();
+        ob.registered(0);
+        for i in 0..3 {
+            ob.push(log(i));
+        }
+        ob.ack(u64::MAX);
+        assert_eq!(ob.len(), 0);
+        assert_eq!(ob.bytes(), 0);
+        let mut fresh = Outbox::new();
+        fresh.registered(u64::MAX);
+        fresh.ack(u64::MAX);
+        assert_eq!(fresh.len(), 0);
     }
 
     #[test]

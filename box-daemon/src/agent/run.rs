@@ -279,7 +279,9 @@ impl<B: CellBackend> Agent<B> {
                         if ev.seq < next {
                             continue;
                         }
-                        next = ev.seq + 1;
+                        // saturating: a cell that numbers an event u64::MAX (its
+                        // daemon is the build's neighbour) must not overflow the box.
+                        next = ev.seq.saturating_add(1);
                         failures = 0;
                         lost_since = None;
                         if !running {

@@ -337,3 +337,69 @@ async fn an_impossible_heartbeat_is_cut_to_what_a_box_can_hold() {
     handle.shutdown().await;
     db.drop_db().await;
 }
+
+/// Issue 11: a build's FINISHED (or REJECTED) message becomes the build's message and a
+/// transition's reason. It came from the box uncut, up to the 4 MiB message limit; it is now
+/// cut to 2 KiB and marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_finish_message_is_cut() {
+    use hive_proto::v1::{BuildState, BuildUpdate, BuildUpdateKind, GetBuildRequest};
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start_with(&db.url, |c| c.lease = Duration::from_secs(60)).await;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "talky".into(),
+            repo_url: "git://198.18.0.2/talky.git".into(),
+            secret: "s".into(),
+            steps: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (mut b, _) = fake_box(&handle, "box-talky", vec![pool("small", 1, 1)]).await;
+    let _beat = b.heartbeat_every(
+        Duration::from_millis(200),
+        vec![pool("small", 1, 1)],
+        vec![],
+    );
+    let id = client
+        .submit_build(SubmitBuildRequest {
+            project: "talky".into(),
+            revision: "abc123".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let a = b.next_assignment(WAIT).await.expect("assigned");
+    b.accept(&a, "cell-talky", true).await;
+    let seq = b
+        .send_acked(BoxMsg::Update(BuildUpdate {
+            build_id: a.build_id.clone(),
+            lease_id: a.lease_id.clone(),
+            kind: BuildUpdateKind::Finished as i32,
+            state: BuildState::Failed as i32,
+            exit_code: 1,
+            message: "ab".repeat(512 * 1024),
+            ..Default::default()
+        }))
+        .await;
+    b.wait_ack(seq, WAIT).await.expect("finish acked");
+    let build = client
+        .get_build(GetBuildRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(build.state, BuildState::Failed as i32);
+    assert!(
+        build.message.len() <= 2048 + '…'.len_utf8() && build.message.starts_with("abab"),
+        "message of {} bytes stored",
+        build.message.len()
+    );
+    assert!(build.message.ends_with('…'));
+    drop(b);
+    handle.shutdown().await;
+    db.drop_db().await;
+}

@@ -190,6 +190,9 @@ fn checked_pools(hive: &Hive, box_id: &str, pools: Vec<PoolState>) -> Vec<PoolSt
     out
 }
 
+/// Most bytes of a build update's message kept (then cut, marked with `…`).
+pub const MAX_UPDATE_MESSAGE: usize = 2048;
+
 /// Most builds a box is told to stop in answer to one heartbeat (see `Session::renew`).
 pub const MAX_STOPS_PER_HEARTBEAT: usize = 64;
 
@@ -978,10 +981,18 @@ impl Session {
     async fn update(
         &self,
         batch: &mut BoxBatch,
-        u: BuildUpdate,
+        mut u: BuildUpdate,
         after: &mut Vec<After>,
     ) -> Result<(), SessionError> {
         let hive = &self.hive;
+        // The text becomes the build's message and a transition's reason: a box (or the build
+        // that reached its cell daemon) cannot make it megabytes.
+        if u.message.len() > MAX_UPDATE_MESSAGE {
+            u.message = format!(
+                "{}…",
+                crate::forge::truncate(&u.message, MAX_UPDATE_MESSAGE)
+            );
+        }
         let kind = BuildUpdateKind::try_from(u.kind).unwrap_or(BuildUpdateKind::Unspecified);
         let changed = match kind {
             BuildUpdateKind::Accepted => {

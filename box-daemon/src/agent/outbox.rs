@@ -72,8 +72,8 @@ impl Outbox {
 
     /// Everything up to and including `seq` is stored by the control plane.
     pub fn ack(&mut self, seq: u64) {
-        // saturating: an ack of u64::MAX (a broken or hostile control plane) acks everything
-        // instead of overflowing.
+        // saturating: an ack of u64::MAX (a broken or hostile control plane) acks all but a
+        // message numbered u64::MAX instead of overflowing.
         let kept = self.unacked.split_off(&seq.saturating_add(1));
         let gone: usize = self.unacked.values().map(Message::encoded_len).sum();
         self.bytes = self.bytes.saturating_sub(gone);

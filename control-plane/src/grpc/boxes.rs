@@ -961,7 +961,12 @@ impl Session {
                 Some(b) if matches!(b.state, BuildState::Cancelled | BuildState::TimedOut) => {
                     (b.state, b.message)
                 }
-                Some(b) if b.state.is_terminal() => continue,
+                Some(b) if b.state.is_terminal() => {
+                    // Ended: its FINISHED crossed this heartbeat. Not read again for a lease,
+                    // so ended builds do not use up the stop orders' budget every heartbeat.
+                    self.hive.registry.note_told(&self.box_id, &build_id);
+                    continue;
+                }
                 Some(_) => (
                     BuildState::Cancelled,
                     "this box holds no lease for the build".to_string(),

@@ -205,6 +205,14 @@ impl Registry {
             .is_some_and(|t| t.elapsed() < within)
     }
 
+    /// Remembers that `build_id` on `box_id` needs no stop order for now (it ended: the box
+    /// only has not heard yet), so the next heartbeats do not read it again.
+    pub(crate) fn note_told(&self, box_id: &str, build_id: &str) {
+        if let Some(e) = self.lock().get_mut(box_id) {
+            e.told_to_stop.insert(build_id.to_string(), Instant::now());
+        }
+    }
+
     /// Tells a box to stop a build.
     pub async fn cancel(&self, box_id: &str, build_id: &str, state: BuildState, reason: &str) {
         if let Some(e) = self.lock().get_mut(box_id) {

@@ -343,7 +343,8 @@ mod tests {
             })
         };
         let sent = rx.recv().await.expect("a command").expect("not a status");
-        connectors.applied(1, sent.id, "é".repeat(1 << 20));
+        // A 3-byte character: 1024 is not a multiple of 3, so the cut must step back.
+        connectors.applied(1, sent.id, "€".repeat(1 << 20));
         match call.await.expect("call task") {
             Err(CallError::Refused(text)) => {
                 assert!(
@@ -351,7 +352,7 @@ mod tests {
                     "{}",
                     text.len()
                 );
-                assert!(text.starts_with("éé") && text.ends_with('…'));
+                assert!(text.starts_with("€€") && text.ends_with('…'));
             }
             other => panic!("not refused: {other:?}"),
         }

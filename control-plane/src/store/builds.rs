@@ -698,8 +698,13 @@ pub(crate) async fn confirm_leases_tx(
         ids.windows(2).all(|w| w[0] != w[1])
     });
     let mut took = vec![false; runs.len()];
-    for (at, n) in pow2_chunks(runs.len(), CONFIRM_ROWS) {
-        let chunk = &runs[at..at + n];
+    // Chunks in build id order: on PostgreSQL each chunk locks its builds, and two transactions
+    // over the same builds must take the locks in one global order (see `lock_builds_tx`).
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| runs[a].build_id.cmp(&runs[b].build_id));
+    for (at, n) in pow2_chunks(order.len(), CONFIRM_ROWS) {
+        let picked = &order[at..at + n];
+        let chunk: Vec<&Acceptance> = picked.iter().map(|&i| &runs[i]).collect();
         if lock_rows {
             let ids = chunk.iter().map(|a| a.build_id.as_str());
             lock_builds_tx(tx, ids, n, "lock accepted builds").await?;
@@ -714,7 +719,7 @@ pub(crate) async fn confirm_leases_tx(
             n * 2 + 2
         );
         let mut query = sqlx::query_as::<_, (String,)>(&sql);
-        for a in chunk {
+        for a in &chunk {
             query = query.bind(&a.build_id).bind(&a.lease_id);
         }
         let confirmed: std::collections::HashSet<String> = query
@@ -726,13 +731,12 @@ pub(crate) async fn confirm_leases_tx(
             .into_iter()
             .map(|(id,)| id)
             .collect();
-        let done: Vec<&Acceptance> = chunk
+        let done: Vec<&Acceptance> = picked
             .iter()
-            .enumerate()
-            .filter(|(_, a)| confirmed.contains(&a.build_id))
-            .map(|(i, a)| {
-                took[at + i] = true;
-                a
+            .filter(|&&i| confirmed.contains(&runs[i].build_id))
+            .map(|&i| {
+                took[i] = true;
+                &runs[i]
             })
             .collect();
         // The cells, in as few texts: the same power-of-two split over what took.

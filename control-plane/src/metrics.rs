@@ -49,6 +49,62 @@ struct NameLabel {
     name: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
+/// A histogram family with the stage buckets.
+type StageFamily = Family<StageLabel, Histogram, fn() -> Histogram>;
+
+/// 0.5 ms to 30 s, each at most 2x the last and 1.5x from 3 ms on (fine enough that a p99 read
+/// from the buckets is within half of the truth).
+const STAGE_BUCKETS: [f64; 28] = [
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+];
+
+fn stage_histogram() -> Histogram {
+    Histogram::new(STAGE_BUCKETS)
+}
+
+/// The steps of a build's start that this control plane sees after placing it, in order. Each
+/// is timed from the one before on this process's monotonic clock, so clocks of boxes and cells
+/// do not enter. Queued -> placed is `hive_build_queue_wait_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// The assignment was sent to the box.
+    Placed,
+    /// ... -> the box's ACCEPTED is stored: the box took a cell (its pool, the stream there
+    /// and back, the store).
+    Accepted,
+    /// ... -> RUNNING is stored: the cell took the build and its first event came back.
+    Running,
+    /// ... -> the first log chunk is stored.
+    FirstLog,
+    /// ... -> a log follower (`StreamLogs`, `hivectl logs -f`) that was waiting for it sent it
+    /// on ([`Metrics::followed`]).
+    Followed,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Placed => "placed",
+            Stage::Accepted => "accepted",
+            Stage::Running => "running",
+            Stage::FirstLog => "first_log",
+            Stage::Followed => "followed",
+        }
+    }
+}
+
+/// Builds whose start is being timed, at most (a hive's worth of builds starting at once).
+const STAGE_TRACKED: usize = 100_000;
+/// A timed start not seen through (placed on another control plane's box session, or ended
+/// without a follower) is forgotten after this when the table is full.
+const STAGE_STALE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// In-process metrics (counters reset on restart, as Prometheus counters may).
 #[derive(Debug)]
 pub struct Metrics {
@@ -76,6 +132,9 @@ pub struct Metrics {
     limits: Family<NameLabel, Gauge>,
     forge_statuses: Family<OutcomeLabel, Counter>,
     forge_statuses_pending: Gauge,
+    stages: StageFamily,
+    /// Per build being started: the last stage seen and when.
+    stage_clock: Mutex<std::collections::HashMap<String, (Stage, std::time::Instant)>>,
     recent: Mutex<std::collections::VecDeque<Minute>>,
 }
 
@@ -255,8 +314,18 @@ impl Default for Metrics {
             "Commit statuses in the outbox waiting to be sent",
             forge_statuses_pending.clone(),
         );
+        let stages = StageFamily::new_with_constructor(stage_histogram);
+        registry.register(
+            "hive_build_start_stage_seconds",
+            "A build's start by stage, each from the stage before, on this control plane's \
+             clock (stage=accepted: assignment sent -> ACCEPTED stored; running: -> RUNNING \
+             stored; first_log: -> first log chunk stored; followed: -> sent to a log follower)",
+            stages.clone(),
+        );
         Metrics {
             registry,
+            stages,
+            stage_clock: Mutex::new(std::collections::HashMap::new()),
             forge_statuses,
             forge_statuses_pending,
             box_violations,
@@ -392,6 +461,67 @@ impl Metrics {
             .collect()
     }
 
+    /// `build_id` reached `stage`: observes the time since the stage before, when this control
+    /// plane saw that one (a stage seen again, or out of order, is not observed). `Placed`
+    /// starts the clock (again, for a new attempt); `Followed` ends it.
+    pub fn stage(&self, build_id: &str, stage: Stage) {
+        let now = std::time::Instant::now();
+        let mut clock = self.stage_clock.lock().unwrap_or_else(|e| e.into_inner());
+        if stage == Stage::Placed {
+            if clock.len() >= STAGE_TRACKED && !clock.contains_key(build_id) {
+                clock.retain(|_, (_, at)| now.duration_since(*at) < STAGE_STALE);
+                if clock.len() >= STAGE_TRACKED {
+                    return;
+                }
+            }
+            clock.insert(build_id.to_string(), (Stage::Placed, now));
+            return;
+        }
+        let Some((last, at)) = clock.get_mut(build_id) else {
+            return;
+        };
+        if *last >= stage || stage == Stage::Followed {
+            // (A follower's timing needs to know when it began: `followed`.)
+            return;
+        }
+        if stage_before(stage) == Some(*last) {
+            self.stages
+                .get_or_create(&StageLabel {
+                    stage: stage.name(),
+                })
+                .observe(now.duration_since(*at).as_secs_f64());
+        }
+        *last = stage;
+        *at = now;
+    }
+
+    /// A log follower that began at `since` sent `build_id`'s first chunk. Timed only when it
+    /// was already waiting as the chunk was stored: one that came later (`hivectl logs` a
+    /// minute on) says nothing of the path. The first follower ends the build's clock.
+    pub fn followed(&self, build_id: &str, since: std::time::Instant) {
+        let mut clock = self.stage_clock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&(last, at)) = clock.get(build_id) else {
+            return;
+        };
+        if last != Stage::FirstLog {
+            return;
+        }
+        if since <= at {
+            self.stages
+                .get_or_create(&StageLabel {
+                    stage: Stage::Followed.name(),
+                })
+                .observe(at.elapsed().as_secs_f64());
+        }
+        clock.remove(build_id);
+    }
+
+    /// `build_id` ended: its start is no longer timed.
+    pub fn stage_ended(&self, build_id: &str) {
+        let mut clock = self.stage_clock.lock().unwrap_or_else(|e| e.into_inner());
+        clock.remove(build_id);
+    }
+
     /// One group commit of a box session took `us` microseconds.
     pub fn box_commit(&self, us: u64) {
         self.box_commit.observe(seconds_us(us));
@@ -449,6 +579,16 @@ impl Metrics {
             return format!("# metrics encoding failed: {e}\n");
         }
         out
+    }
+}
+
+fn stage_before(stage: Stage) -> Option<Stage> {
+    match stage {
+        Stage::Placed => None,
+        Stage::Accepted => Some(Stage::Placed),
+        Stage::Running => Some(Stage::Accepted),
+        Stage::FirstLog => Some(Stage::Running),
+        Stage::Followed => Some(Stage::FirstLog),
     }
 }
 
@@ -523,5 +663,65 @@ mod tests {
         assert!(text.contains("hive_webhook_commit_batch_size_bucket{le=\"4.0\"} 1\n"));
         assert!(text.contains("hive_webhook_commit_seconds_count 1\n"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn start_stages_are_timed_in_order_once() {
+        let m = Metrics::default();
+        let count = |m: &Metrics, stage: &str| -> u64 {
+            let text = m.render(&Snapshot::default());
+            let key = format!("hive_build_start_stage_seconds_count{{stage=\"{stage}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .map_or(0, |n| n.parse().unwrap())
+        };
+        // Nothing before Placed is timed: this control plane did not place it.
+        m.stage("b1", Stage::Accepted);
+        assert_eq!(count(&m, "accepted"), 0);
+        m.stage("b1", Stage::Placed);
+        m.stage("b1", Stage::Accepted);
+        m.stage("b1", Stage::Accepted);
+        assert_eq!(
+            count(&m, "accepted"),
+            1,
+            "a repeated ACCEPTED is timed once"
+        );
+        // A stage skipped (RUNNING not seen) times neither it nor the next.
+        m.stage("b1", Stage::FirstLog);
+        assert_eq!((count(&m, "running"), count(&m, "first_log")), (0, 0));
+        m.stage("b1", Stage::Running);
+        assert_eq!(
+            count(&m, "running"),
+            0,
+            "a stage after a later one is not timed"
+        );
+        // A follower that began after the chunk was stored is not timed, and ends the clock.
+        m.followed("b1", std::time::Instant::now());
+        assert_eq!(count(&m, "followed"), 0);
+        assert!(m.stage_clock.lock().unwrap().is_empty());
+        // One that was waiting is timed, once.
+        let waiting = std::time::Instant::now();
+        m.stage("b3", Stage::Placed);
+        m.stage("b3", Stage::Accepted);
+        m.stage("b3", Stage::Running);
+        m.stage("b3", Stage::FirstLog);
+        assert_eq!(count(&m, "first_log"), 1);
+        m.followed("b3", waiting);
+        m.followed("b3", waiting);
+        assert_eq!(count(&m, "followed"), 1);
+        // A new attempt starts the clock again; an ended build forgets it.
+        m.stage("b2", Stage::Placed);
+        m.stage("b2", Stage::Accepted);
+        m.stage_ended("b2");
+        m.stage("b2", Stage::Running);
+        assert_eq!((count(&m, "accepted"), count(&m, "running")), (3, 1));
+        assert!(m.stage_clock.lock().unwrap().is_empty());
+        let text = m.render(&Snapshot::default());
+        assert!(
+            text.contains(
+                "hive_build_start_stage_seconds_bucket{le=\"0.0075\",stage=\"accepted\"} "
+            ),
+            "{text}"
+        );
     }
 }

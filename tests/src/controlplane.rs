@@ -713,6 +713,60 @@ impl TestHive {
     }
 }
 
+/// A quantile of a Prometheus histogram in `/metrics` text: `family` (without `_bucket`) with
+/// exactly `labels` besides `le` (`stage="running"`, or "" for none). Returns the count and the
+/// upper bound of the bucket the quantile falls in (an over-estimate by at most one bucket's
+/// width), None when the histogram is absent or empty. For benches that read the control
+/// plane's own histograms rather than sort samples.
+pub fn histogram_quantile(text: &str, family: &str, labels: &str, q: f64) -> Option<(u64, f64)> {
+    let prefix = format!("{family}_bucket{{");
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
+            continue;
+        };
+        let Some((inside, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        // `le="0.5",a="x"` (or in another order): the labels other than `le` must be
+        // `labels`. (Label values here have no commas.)
+        let mut le = None;
+        let mut others = Vec::new();
+        for pair in inside.split(',') {
+            match pair.strip_prefix("le=") {
+                Some(v) => le = Some(v.trim_matches('"')),
+                None => others.push(pair),
+            }
+        }
+        if others.join(",") != labels {
+            continue;
+        }
+        let le = le?;
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((bound, value.trim().parse().ok()?));
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let count = buckets.last()?.1;
+    if count == 0 {
+        return None;
+    }
+    // Cumulative counts: the first bucket holding at least q of the samples.
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let rank = ((q * count as f64).ceil() as u64).max(1);
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= rank)
+        .map(|(bound, _)| (count, *bound))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -720,5 +774,48 @@ mod tests {
         assert_eq!(super::port_of("http://127.0.0.1:50051"), Some(50051));
         assert_eq!(super::port_of("http://0.0.0.0:7/"), Some(7));
         assert_eq!(super::port_of("http://h"), None);
+    }
+
+    #[test]
+    fn histogram_quantile_reads_the_bucket_of_the_rank() {
+        let text = "\
+# TYPE x_seconds histogram
+x_seconds_bucket{stage=\"a\",le=\"0.1\"} 50
+x_seconds_bucket{le=\"0.2\",stage=\"a\"} 98
+x_seconds_bucket{stage=\"a\",le=\"0.4\"} 100
+x_seconds_bucket{stage=\"a\",le=\"+Inf\"} 100
+x_seconds_bucket{stage=\"b\",le=\"0.1\"} 0
+x_seconds_bucket{stage=\"b\",le=\"+Inf\"} 0
+y_bucket{le=\"1.0\"} 1
+y_bucket{le=\"+Inf\"} 2
+";
+        assert_eq!(
+            super::histogram_quantile(text, "x_seconds", "stage=\"a\"", 0.5),
+            Some((100, 0.1))
+        );
+        assert_eq!(
+            super::histogram_quantile(text, "x_seconds", "stage=\"a\"", 0.51),
+            Some((100, 0.2))
+        );
+        assert_eq!(
+            super::histogram_quantile(text, "x_seconds", "stage=\"a\"", 0.99),
+            Some((100, 0.4))
+        );
+        assert_eq!(
+            super::histogram_quantile(text, "x_seconds", "stage=\"b\"", 0.5),
+            None
+        );
+        assert_eq!(
+            super::histogram_quantile(text, "x_seconds", "stage=\"c\"", 0.5),
+            None
+        );
+        assert_eq!(
+            super::histogram_quantile(text, "y", "", 0.5),
+            Some((2, 1.0))
+        );
+        assert_eq!(
+            super::histogram_quantile(text, "y", "", 0.99),
+            Some((2, f64::INFINITY))
+        );
     }
 }

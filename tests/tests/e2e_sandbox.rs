@@ -657,6 +657,24 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
         at += pos + needle.len();
     }
     assert!(log.contains("first-step-err"), "stderr missing:\n{log}");
+    // Issue 16: the control plane timed the build's start, stage by stage, in /metrics.
+    let metrics = WebhookClient::new()
+        .get(&format!("http://{}/metrics", h.cp().http_addr))
+        .await
+        .expect("metrics");
+    for stage in ["accepted", "running", "first_log"] {
+        let timed = hive_tests::controlplane::histogram_quantile(
+            &metrics.body,
+            "hive_build_start_stage_seconds",
+            &format!("stage=\"{stage}\""),
+            1.0,
+        );
+        assert!(
+            timed.is_some_and(|(n, worst)| n == 1 && worst < 120.0),
+            "stage {stage} not timed once: {timed:?}\n{}",
+            metrics.body
+        );
+    }
 
     h.assert_cell_gone(&b.cell_id).await;
     assert!(
@@ -1048,6 +1066,36 @@ async fn bench_webhook_to_first_log_line() {
             percentile(&v, 0.5),
             percentile(&v, 0.99)
         );
+    }
+    // The same path as the control plane's histograms see it (its own clock, each stage from
+    // the one before; bucket bounds, so up to 1.5x over).
+    let metrics = WebhookClient::new()
+        .get(&format!("http://{}/metrics", h.cp().http_addr))
+        .await
+        .expect("metrics");
+    for (stage, what) in [
+        ("accepted", "assignment sent -> ACCEPTED stored"),
+        ("running", "ACCEPTED -> RUNNING stored"),
+        ("first_log", "RUNNING -> first chunk stored"),
+        ("followed", "first chunk stored -> sent to the follower"),
+    ] {
+        let label = format!("stage=\"{stage}\"");
+        let q = |q| {
+            hive_tests::controlplane::histogram_quantile(
+                &metrics.body,
+                "hive_build_start_stage_seconds",
+                &label,
+                q,
+            )
+        };
+        match (q(0.5), q(0.99)) {
+            (Some((count, p50)), Some((_, p99))) => println!(
+                "BENCH /metrics stage {stage} ({what}) over {count}: p50 <= {:.1} ms, p99 <= {:.1} ms",
+                p50 * 1e3,
+                p99 * 1e3
+            ),
+            _ => println!("BENCH /metrics stage {stage}: no samples"),
+        }
     }
     let health = h.boxd.health().await;
     println!(

@@ -50,6 +50,10 @@ pub async fn follow(
     // Where the current attempt's log starts: holes below it are what a lost attempt left,
     // and nothing will fill them.
     let mut log_base = 0;
+    // The first chunk this follower sends ends the timing of the build's start (if it is
+    // still being timed: a follower that comes later finds it ended).
+    let mut timed = false;
+    let began = std::time::Instant::now();
     loop {
         // Read the state before the chunks: if the build had ended by then, every chunk it
         // will ever have is visible to the read that follows.
@@ -92,6 +96,10 @@ pub async fn follow(
             if !send_chunk(&tx, &build_id, chunk).await {
                 return;
             }
+            if !timed {
+                timed = true;
+                hive.metrics.followed(&build_id, began);
+            }
         }
         if got as u32 == LOG_PAGE && !hole {
             check_state = false;
@@ -125,6 +133,10 @@ pub async fn follow(
                         next = chunk.seq + 1;
                         if !send_chunk(&tx, &build_id, chunk.clone()).await {
                             return;
+                        }
+                        if !timed {
+                            timed = true;
+                            hive.metrics.followed(&build_id, began);
                         }
                     }
                 }

@@ -103,6 +103,8 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
         let (steps_secrets, clone_auth) = super::clone_access::split(visible);
         assignment.secrets = steps_secrets;
         assignment.clone_auth = Some(clone_auth);
+        hive.metrics
+            .stage(&p.build_id, crate::metrics::Stage::Placed);
         if !hive
             .registry
             .send(&p.box_id, CtlMsg::Assign(assignment))

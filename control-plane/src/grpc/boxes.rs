@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::Stage;
 use crate::pki::PeerIdentity;
 use crate::registry::boxes::{pools_json, Conn, ACTIVE, CORDONED, DRAINING};
 use crate::state::{millis, Hive};
@@ -816,13 +817,23 @@ impl Session {
             "box messages stored in one transaction");
         // Announced only now, after the commit; the new chunks first, so a follower can send
         // them on before it re-reads a build that changed with them.
+        // The stages first: a RUNNING and the first chunk stored together come in that order.
+        for a in &after {
+            match a {
+                After::Stage(id, Some(stage)) => self.hive.metrics.stage(id, *stage),
+                After::Stage(id, None) => self.hive.metrics.stage_ended(id),
+                _ => {}
+            }
+        }
         for (build_id, mut chunks) in new_logs {
+            self.hive.metrics.stage(&build_id, Stage::FirstLog);
             chunks.sort_by_key(|c| c.seq);
             self.hive.events.logs_stored(&build_id, chunks);
         }
         for a in after {
             match a {
                 After::Changed(id) => self.hive.events.build_changed(&id),
+                After::Stage(..) => {}
                 After::Wake => self.hive.wake.notify_one(),
                 After::StopStale { build_id, lease_id } => {
                     if !self
@@ -1114,6 +1125,17 @@ impl Session {
             }
         };
         if changed {
+            let stage = match kind {
+                BuildUpdateKind::Accepted => Some(Some(Stage::Accepted)),
+                BuildUpdateKind::Running => Some(Some(Stage::Running)),
+                BuildUpdateKind::Finished | BuildUpdateKind::Lost | BuildUpdateKind::Rejected => {
+                    Some(None)
+                }
+                _ => None,
+            };
+            if let Some(stage) = stage {
+                after.push(After::Stage(u.build_id.clone(), stage));
+            }
             after.push(After::Changed(u.build_id));
         }
         Ok(())
@@ -1150,6 +1172,7 @@ impl Session {
             }
             self.hive.registry.accepted(&self.box_id, &u.lease_id);
             if ok {
+                after.push(After::Stage(u.build_id.clone(), Some(Stage::Accepted)));
                 after.push(After::Changed(u.build_id));
             }
         }
@@ -1206,8 +1229,14 @@ enum Item {
 #[derive(Debug)]
 enum After {
     Changed(String),
+    /// A step of the build's start took effect (`None`: the attempt ended), for
+    /// `hive_build_start_stage_seconds`: timed at the commit, when it is durable.
+    Stage(String, Option<Stage>),
     Wake,
-    StopStale { build_id: String, lease_id: String },
+    StopStale {
+        build_id: String,
+        lease_id: String,
+    },
 }
 
 /// Checks a box id given to an RPC (the same rules as a box's Register).

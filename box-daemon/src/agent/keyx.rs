@@ -97,6 +97,21 @@ impl<B: CellBackend> Agent<B> {
                 ))
             }
         };
+        // The key goes into the outbox and on to the control plane, and is sent again after a
+        // reconnect: an answer that cannot be a WireGuard public key (base64 of 32 bytes, 44
+        // characters) is refused here. One of megabytes would pass the control plane's message
+        // limit and end the box's session at every resend.
+        let is_key = public_key.len() == 44
+            && public_key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+        if !is_key {
+            return Err(format!(
+                "private network {net}: cell PrepareTunnel answered {} bytes that are not a \
+                 public key",
+                public_key.len()
+            ));
+        }
         let sent_ms = now_ms();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = (a.build_id.clone(), a.lease_id.clone());

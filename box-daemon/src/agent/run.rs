@@ -26,6 +26,42 @@ const STREAM_PATIENCE: Duration = Duration::from_secs(20);
 /// Most dispatch samples kept.
 const DISPATCH_SAMPLES: usize = 10_000;
 
+/// Most bytes of output, or of an artefact, the box puts in one message to the control plane.
+/// A cell may send an event (or an artefact piece) as large as gRPC allows, 4 MiB; with the
+/// build id and the rest around it the box's message would pass the control plane's own 4 MiB
+/// limit. The control plane refuses such a message by ending the session, and the outbox sends
+/// it again after every reconnect: one event would cut the box off for good.
+const PIECE_BYTES: usize = 1024 * 1024;
+/// Longest artefact path passed on (the control plane refuses more than 1 KiB; this only keeps
+/// a path of megabytes out of every piece of its file, see [`PIECE_BYTES`]).
+const MAX_ARTIFACT_PATH: usize = 4096;
+/// Most messages the outbox may hold before the next artefact piece is queued. The control
+/// plane stores artefact pieces one at a time (a few statements each), far slower than log
+/// chunks, and everything queued goes before the box's next heartbeat on the one stream: a cell
+/// listing thousands of artefacts delayed the heartbeats past the lease, and every build on the
+/// box lost its lease while still running here.
+const ARTIFACT_BACKLOG: usize = 256;
+/// Most artefacts of one build passed on: as many as the control plane keeps of a build
+/// (`MAX_FILES` in its `artifacts`). Each costs it a few statements even when refused, and a
+/// cell's list of empty files may name a hundred thousand.
+const MAX_ARTIFACT_FILES: usize = 1000;
+/// Most bytes of a build's FINISHED message (the control plane keeps 2 KiB of it); the cell's
+/// text in it (its end message, an error's) could otherwise make the update pass the message
+/// limit, and updates are never dropped from the outbox.
+const MAX_MESSAGE: usize = 4096;
+
+/// `s` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 /// How a build ended, as reported in FINISHED.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -167,7 +203,7 @@ impl<B: CellBackend> Agent<B> {
             u.cell_id = cell.id.clone();
             u.state = outcome.state as i32;
             u.exit_code = outcome.exit_code;
-            u.message = outcome.message.clone();
+            u.message = bounded(&outcome.message, MAX_MESSAGE);
         });
         self.pool.release(cell).await;
     }
@@ -239,12 +275,25 @@ impl<B: CellBackend> Agent<B> {
         let mut lost_since: Option<tokio::time::Instant> = None;
         let mut failures = 0u32;
         loop {
-            let stream = client
-                .events(CellEventsRequest {
+            // Bounded like every other call into the cell: a cell daemon that never answers
+            // Events (not even its headers) would otherwise hold this task, its cell and the
+            // build forever (the stop and the backstop below are only watched once it answers,
+            // and the control plane never times out a build that has not started).
+            let stream = match tokio::time::timeout(
+                self.cfg.cell_call_timeout,
+                client.events(CellEventsRequest {
                     build_id: a.build_id.clone(),
                     from_seq: next,
-                })
-                .await;
+                }),
+            )
+            .await
+            {
+                Ok(s) => s,
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer to Events within {:?} (--cell-call-timeout-secs)",
+                    self.cfg.cell_call_timeout
+                ))),
+            };
             let mut stream = match stream {
                 Ok(s) => s.into_inner(),
                 Err(s) => {
@@ -298,15 +347,24 @@ impl<B: CellBackend> Agent<B> {
                                         d.push(ms);
                                     }
                                 }
-                                self.send(box_message::Msg::Log(LogChunk {
-                                    build_id: a.build_id.clone(),
-                                    seq: log_seq,
-                                    stream: ev.stream,
-                                    step: ev.step,
-                                    data: ev.data,
-                                    at_ms: if ev.at_ms > 0 { ev.at_ms } else { now_ms() },
-                                }));
-                                log_seq += 1;
+                                let at_ms = if ev.at_ms > 0 { ev.at_ms } else { now_ms() };
+                                // Big output goes on in pieces, each its own log chunk.
+                                let pieces = if ev.data.len() <= PIECE_BYTES {
+                                    vec![ev.data]
+                                } else {
+                                    ev.data.chunks(PIECE_BYTES).map(<[u8]>::to_vec).collect()
+                                };
+                                for data in pieces {
+                                    self.send(box_message::Msg::Log(LogChunk {
+                                        build_id: a.build_id.clone(),
+                                        seq: log_seq,
+                                        stream: ev.stream,
+                                        step: ev.step,
+                                        data,
+                                        at_ms,
+                                    }));
+                                    log_seq += 1;
+                                }
                             }
                             CellEventKind::StepStarted => self.update(&a.build_id, &a.lease_id, BuildUpdateKind::StepStarted, |u| u.step = ev.step),
                             CellEventKind::StepFinished => self.update(&a.build_id, &a.lease_id, BuildUpdateKind::StepFinished, |u| {
@@ -397,11 +455,22 @@ impl<B: CellBackend> Agent<B> {
         let mut client = cell.client();
         let deadline = tokio::time::Instant::now() + ARTIFACT_TIME;
         let mut total = 0u64;
-        for f in files {
+        if files.len() > MAX_ARTIFACT_FILES {
+            tracing::warn!(build = %a.build_id, listed = files.len(), kept = MAX_ARTIFACT_FILES, "the cell listed more artifacts than the control plane keeps; the rest is dropped");
+        }
+        for f in files.iter().take(MAX_ARTIFACT_FILES) {
+            if cancel.borrow().is_some() {
+                tracing::info!(build = %a.build_id, "build stopped; its remaining artifacts are dropped");
+                return;
+            }
             total = total.saturating_add(f.size);
             if total > a.artifact_cap_bytes {
                 tracing::warn!(build = %a.build_id, path = %f.path, "the cell listed artifacts past the cap; the rest is dropped");
                 return;
+            }
+            if f.path.len() > MAX_ARTIFACT_PATH {
+                tracing::warn!(build = %a.build_id, path_bytes = f.path.len(), "the cell listed an artifact with an absurd path; skipped");
+                continue;
             }
             let chunk = |offset: u64, data: Vec<u8>| {
                 box_message::Msg::Artifact(ArtifactChunk {
@@ -414,6 +483,9 @@ impl<B: CellBackend> Agent<B> {
                 })
             };
             if f.size == 0 {
+                if !self.artifact_room(a, deadline, cancel).await {
+                    return;
+                }
                 self.send(chunk(0, Vec::new()));
                 continue;
             }
@@ -460,17 +532,13 @@ impl<B: CellBackend> Agent<B> {
                     let room = f.size - offset;
                     let mut data = piece.data;
                     data.truncate(usize::try_from(room).unwrap_or(usize::MAX));
-                    let n = data.len() as u64;
-                    // The outbox keeps everything until it is acked: wait for room rather than
-                    // let artefacts push log output out of it.
-                    while self.outbox().bytes() > outbox::OUTBOX_CAP_BYTES / 2 {
-                        if tokio::time::Instant::now() >= deadline {
-                            break;
+                    for part in data.chunks(PIECE_BYTES) {
+                        if !self.artifact_room(a, deadline, cancel).await {
+                            return;
                         }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        self.send(chunk(offset, part.to_vec()));
+                        offset += part.len() as u64;
                     }
-                    self.send(chunk(offset, data));
-                    offset += n;
                     if offset >= f.size {
                         break;
                     }
@@ -479,6 +547,33 @@ impl<B: CellBackend> Agent<B> {
                     failures += 1;
                 }
             }
+        }
+    }
+
+    /// Waits for room in the outbox for another artefact piece: it keeps everything until it
+    /// is acked, so artefacts wait rather than push log output out of it, and at most
+    /// [`ARTIFACT_BACKLOG`] messages queue in front of the next heartbeat. False when the rest
+    /// is to be dropped: the build was stopped (a self-fence while the control plane is away
+    /// ends the wait too) or `deadline` passed.
+    async fn artifact_room(
+        &self,
+        a: &Assignment,
+        deadline: tokio::time::Instant,
+        cancel: &watch::Receiver<Option<Stop>>,
+    ) -> bool {
+        loop {
+            let (bytes, held) = {
+                let ob = self.outbox();
+                (ob.bytes(), ob.len())
+            };
+            if bytes <= outbox::OUTBOX_CAP_BYTES / 2 && held <= ARTIFACT_BACKLOG {
+                return true;
+            }
+            if cancel.borrow().is_some() || tokio::time::Instant::now() >= deadline {
+                tracing::warn!(build = %a.build_id, "no room in the outbox for the build's artifacts; the rest is dropped");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

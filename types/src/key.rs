@@ -59,17 +59,34 @@ impl fmt::Debug for PublicKey {
     }
 }
 
+/// How much of a rejected key an error repeats: a key comes from a caller, a box or a cell,
+/// and an error of megabytes would pass gRPC's message limit on its way back.
+const SHOWN_BYTES: usize = 64;
+
+/// `input` as an error shows it: whole when short, else its start (on a character boundary),
+/// `…` and its length.
+pub fn shown_input(input: &str) -> String {
+    if input.len() <= SHOWN_BYTES {
+        return input.to_string();
+    }
+    let mut end = SHOWN_BYTES;
+    while !input.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &input[..end], input.len())
+}
+
 impl FromStr for PublicKey {
     type Err = KeyError;
 
     /// Surrounding whitespace is ignored (keys are often pasted).
     fn from_str(s: &str) -> Result<Self, KeyError> {
         let bytes = BASE64.decode(s.trim()).map_err(|source| KeyError::Base64 {
-            input: s.to_string(),
+            input: shown_input(s),
             source,
         })?;
         let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
-            input: s.to_string(),
+            input: shown_input(s),
             len: bytes.len(),
         })?;
         Ok(Self(arr))
@@ -78,6 +95,19 @@ impl FromStr for PublicKey {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_huge_rejected_key_is_not_repeated_whole() {
+        let huge = "é".repeat(2 * 1024 * 1024);
+        let err = huge.parse::<super::PublicKey>().unwrap_err().to_string();
+        assert!(err.len() < 300, "{} bytes of error", err.len());
+        assert!(err.contains("(4194304 bytes)"), "{err}");
+        let short = "not-a-key"
+            .parse::<super::PublicKey>()
+            .unwrap_err()
+            .to_string();
+        assert!(short.contains("\"not-a-key\""), "{short}");
+    }
+
     use super::*;
 
     #[test]

@@ -16,6 +16,6 @@ pub mod sizeclass;
 pub mod time;
 
 pub use join::{JoinToken, JoinTokenError};
-pub use key::{KeyError, PublicKey};
+pub use key::{shown_input, KeyError, PublicKey};
 pub use prefix::{Prefix, PrefixError};
 pub use sizeclass::{SizeClassSpec, DEFAULT_CLASS};

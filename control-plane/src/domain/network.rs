@@ -104,7 +104,7 @@ pub fn validate_public_key(input: &str) -> Result<String> {
         .parse::<PublicKey>()
         .map(|k| k.to_base64())
         .map_err(|e| NetworkError::PublicKey {
-            input: input.to_string(),
+            input: hive_types::shown_input(input),
             reason: e.to_string(),
         })
 }

@@ -815,9 +815,8 @@ impl Session {
         tracing::debug!(box_id = %self.box_id, updates, logs, acked = self.acks.acked,
             store_us, log_lag_ms,
             "box messages stored in one transaction");
-        // Announced only now, after the commit; the new chunks first, so a follower can send
-        // them on before it re-reads a build that changed with them.
-        // The stages first: a RUNNING and the first chunk stored together come in that order.
+        // The start's stages are timed now that they are durable, before the first chunks: a
+        // RUNNING stored with the first chunk came before it.
         for a in &after {
             match a {
                 After::Stage(id, Some(stage)) => self.hive.metrics.stage(id, *stage),
@@ -825,6 +824,8 @@ impl Session {
                 _ => {}
             }
         }
+        // Announced only now, after the commit; the new chunks first, so a follower can send
+        // them on before it re-reads a build that changed with them.
         for (build_id, mut chunks) in new_logs {
             self.hive.metrics.stage(&build_id, Stage::FirstLog);
             chunks.sort_by_key(|c| c.seq);

@@ -995,6 +995,12 @@ async fn bench_webhook_to_first_log_line() {
     let grpc = h.cp().grpc_url();
     let mut client = hive_tests::controlplane::api(&grpc).await.unwrap();
     let mut lat = Vec::with_capacity(n);
+    // To the step's own first line (`first-line`), the same work as the floor's: the first
+    // chunk above is the cell's `hive: build ...`, written before the container starts.
+    let mut step_lat = Vec::with_capacity(n);
+    // Between the two, on the cell's clock: its first line -> the clone's `checked out` -> the
+    // step's line.
+    let mut cell_phases: Vec<[f64; 2]> = Vec::with_capacity(n);
     let mut warm = 0;
     // Where the time goes: sent->queued, queued->placed, placed->running, running->first chunk
     // (stamped in the cell), first chunk->seen by the client.
@@ -1007,7 +1013,7 @@ async fn bench_webhook_to_first_log_line() {
         let t0 = Instant::now();
         let id = h.push("bench").await;
         // The first chunk of the log as a `hivectl logs -f` client sees it.
-        let first_at = loop {
+        let (first_at, seen_ms, observed) = loop {
             let mut s = client
                 .stream_logs(hive_proto::v1::StreamLogsRequest {
                     build_id: id.clone(),
@@ -1018,15 +1024,30 @@ async fn bench_webhook_to_first_log_line() {
                 .unwrap()
                 .into_inner();
             if let Some(chunk) = s.message().await.unwrap() {
-                break chunk.at_ms;
+                let first = (chunk.at_ms, now_ms(), t0.elapsed().as_secs_f64() * 1000.0);
+                // On to the step's line (the clone's lines come between).
+                let mut checked_at = first.0;
+                let mut chunk = Some(chunk);
+                while let Some(c) = chunk {
+                    let text = String::from_utf8_lossy(&c.data);
+                    if text.contains("checked out") {
+                        checked_at = c.at_ms;
+                    }
+                    if text.contains("first-line") {
+                        step_lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                        cell_phases
+                            .push([(checked_at - first.0) as f64, (c.at_ms - checked_at) as f64]);
+                        break;
+                    }
+                    chunk = s.message().await.unwrap();
+                }
+                break first;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
                 "no log for build {i}"
             );
         };
-        let seen_ms = now_ms();
-        let observed = t0.elapsed().as_secs_f64() * 1000.0;
         let b = cluster::wait_build(&grpc, &id, Duration::from_secs(60)).await;
         assert_eq!(state(&b), BuildState::Succeeded, "{b:?}");
         warm += usize::from(b.warm_start);
@@ -1106,6 +1127,7 @@ async fn bench_webhook_to_first_log_line() {
     let image = cluster::build_image();
     let mut floor: Vec<f64> = (0..n).map(|_| floor_once(&image)).collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    step_lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     floor.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
         "BENCH webhook->first log line over {n} builds ({warm} warm): median {:.1} ms, p99 {:.1} ms",
@@ -1116,6 +1138,29 @@ async fn bench_webhook_to_first_log_line() {
         "BENCH floor unshare+chroot -> first line over {n}: median {:.1} ms, p99 {:.1} ms",
         percentile(&floor, 0.5),
         percentile(&floor, 0.99)
+    );
+    assert_eq!(step_lat.len(), n, "a build's log had no `first-line`");
+    for (k, name) in [
+        "cell's first line -> clone checked out",
+        "checked out -> step's line",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut v: Vec<f64> = cell_phases.iter().map(|p| p[k]).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "BENCH in the cell, {name}: median {:.0} ms, p99 {:.0} ms",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99)
+        );
+    }
+    println!(
+        "BENCH webhook->the step's first line (`first-line`) over {n}: median {:.1} ms, p99 {:.1} ms; / floor: median {:.2}x, p99 {:.2}x",
+        percentile(&step_lat, 0.5),
+        percentile(&step_lat, 0.99),
+        percentile(&step_lat, 0.5) / percentile(&floor, 0.5),
+        percentile(&step_lat, 0.99) / percentile(&floor, 0.99)
     );
     println!(
         "BENCH ratio webhook->first line / floor: median {:.2}x, p99 {:.2}x; box dispatch / floor: median {:.2}x",

@@ -60,13 +60,21 @@ impl Outbox {
             }
         }
         let seq = self.next_seq;
-        self.next_seq += 1;
+        // saturating: only a control plane that claimed to have stored u64::MAX messages gets
+        // here, and its numbers are no use any more; the box must not panic on them (each new
+        // message then replaces the last, which the control plane would count as stored).
+        if seq == u64::MAX && !self.unacked.contains_key(&seq) {
+            tracing::error!("the control plane's sequence numbers are exhausted (it acknowledged u64::MAX); messages to it are lost until the box restarts with a new data dir");
+        }
+        self.next_seq = seq.saturating_add(1);
         let m = BoxMessage {
             seq,
             msg: Some(msg),
         };
         self.bytes += m.encoded_len();
-        self.unacked.insert(seq, m);
+        if let Some(old) = self.unacked.insert(seq, m) {
+            self.bytes = self.bytes.saturating_sub(old.encoded_len());
+        }
         seq
     }
 
@@ -175,6 +183,20 @@ mod tests {
         fresh.registered(u64::MAX);
         fresh.ack(u64::MAX);
         assert_eq!(fresh.len(), 0);
+        // A first registration at u64::MAX: pushes after it do not overflow (a debug build
+        // panicked), and the outbox stays one message, its bytes counted once.
+        let mut spent = Outbox::new();
+        spent.registered(u64::MAX);
+        for i in 0..3 {
+            assert_eq!(spent.push(log(i)), u64::MAX);
+        }
+        assert_eq!(spent.len(), 1);
+        let one = BoxMessage {
+            seq: u64::MAX,
+            msg: Some(log(2)),
+        }
+        .encoded_len();
+        assert_eq!(spent.bytes(), one);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The box's `/healthz` endpoint for probes and the local tooling, on axum.
+//! The box's `/healthz` endpoint for probes and the local tooling, and its `/metrics` for
+//! Prometheus ([`crate::metrics`]), on axum.
 //!
 //! `GET /healthz` answers the JSON object the daemon's [`Report`] makes on each request (control
 //! plane link, pools, running builds, dispatch latency); 200 when its `ok` is true, 503 when it
@@ -18,14 +19,18 @@ use tokio::net::TcpListener;
 /// Produces the JSON body on each request.
 pub type Report = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Produces `/metrics` (the text exposition format) on each request.
+pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Binds `addr` and serves until the task is dropped or aborted. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     report: Report,
+    metrics: MetricsText,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(report);
+    let app = router(report, metrics);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!(error = %e, "health endpoint stopped");
@@ -34,8 +39,23 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-fn router(report: Report) -> Router {
+fn router(report: Report, metrics: MetricsText) -> Router {
     Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics(),
+                    )
+                }
+            }),
+        )
         .route(
             "/healthz",
             get(move || {
@@ -59,7 +79,7 @@ fn router(report: Report) -> Router {
 async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
     (
         StatusCode::NOT_FOUND,
-        Json(serde_json::json!({ "error": "not found; try GET /healthz" })),
+        Json(serde_json::json!({ "error": "not found; try GET /healthz or GET /metrics" })),
     )
 }
 
@@ -79,6 +99,10 @@ mod tests {
 
     use super::*;
 
+    fn no_metrics() -> MetricsText {
+        Arc::new(|| "# EOF\n".to_string())
+    }
+
     /// What the test harnesses do: one raw request, read to EOF (which only comes if the server
     /// closes), split head from body.
     async fn raw(addr: SocketAddr, request: &str) -> (String, String) {
@@ -96,7 +120,9 @@ mod tests {
     #[tokio::test]
     async fn healthz_answers_json_and_closes() {
         let report: Report = Arc::new(|| serde_json::json!({ "ok": true, "pools": [] }));
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), report).await.unwrap();
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), report, no_metrics())
+            .await
+            .unwrap();
 
         let (head, body) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -114,6 +140,13 @@ mod tests {
             assert!(head.starts_with("HTTP/1.1 404"), "{request}: {head}");
             assert!(body.contains("try GET /healthz"), "{body}");
         }
+        let (head, body) = raw(addr, "GET /metrics HTTP/1.1\r\nhost: box\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("openmetrics-text"),
+            "{head}"
+        );
+        assert_eq!(body, "# EOF\n");
         // A client that sends garbage does not stop the server.
         let _ = raw(addr, "\x00\x01 nonsense\r\n\r\n").await;
         let (head, _) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
@@ -131,7 +164,9 @@ mod tests {
                 serde_json::json!({ "ok": ok, "unhealthy": (!ok).then_some("boots fail") })
             })
         };
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), report).await.unwrap();
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), report, no_metrics())
+            .await
+            .unwrap();
         let (head, body) = raw(addr, "GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n").await;
         assert!(head.starts_with("HTTP/1.1 503"), "{head}");
         assert!(body.contains("boots fail"), "{body}");

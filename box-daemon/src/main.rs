@@ -138,7 +138,7 @@ struct RunArgs {
     /// other box on this host holds)
     #[arg(long, env = "HIVE_SANDBOX_UID_BASE")]
     sandbox_uid_base: Option<u32>,
-    /// Address of the HTTP /healthz endpoint.
+    /// Address of the HTTP /healthz and /metrics endpoints.
     #[arg(long, env = "HIVE_BOX_HEALTH_ADDR", default_value = "127.0.0.1:8081")]
     health_addr: SocketAddr,
     /// IPv4 range cut into one /30 per cell (box side .1, cell .2) (default: a /20 of
@@ -829,7 +829,11 @@ async fn serve<B: CellBackend>(
             })
         }) as hive_box::health::Report
     };
-    let (health_addr, health_task) = hive_box::health::serve(args.health_addr, report)
+    let metrics = {
+        let m = Arc::clone(agent.metrics());
+        Arc::new(move || m.encode()) as hive_box::health::MetricsText
+    };
+    let (health_addr, health_task) = hive_box::health::serve(args.health_addr, report, metrics)
         .await
         .map_err(|e| MainError::Health(args.health_addr, e))?;
     if let Some(path) = &args.ready_file {

@@ -215,17 +215,29 @@ impl BoxDaemon {
 
     /// `GET /healthz` as JSON.
     pub async fn health(&self) -> serde_json::Value {
+        let body = self.get("/healthz").await;
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The box's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await
+    }
+
+    /// The body of GET `path` on the box's health address (one request per connection).
+    async fn get(&self, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(&self.health_addr)
             .await
             .expect("connect health");
-        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: box\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: box\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).await.unwrap();
-        let body = buf.split("\r\n\r\n").nth(1).unwrap_or("{}");
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+        buf.split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
     }
 
     /// (warm, busy) of a class.

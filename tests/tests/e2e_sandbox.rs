@@ -675,6 +675,28 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
             metrics.body
         );
     }
+    // And on the box's clock (a sandbox build without a private network: no tunnel stage).
+    let box_metrics = h.boxd.metrics().await;
+    for (stage, n) in [
+        ("cell", 1),
+        ("tunnel", 0),
+        ("run_build", 1),
+        ("events", 1),
+        ("first_event", 1),
+        ("first_output", 1),
+    ] {
+        let timed = hive_tests::controlplane::histogram_quantile(
+            &box_metrics,
+            "hive_box_dispatch_stage_seconds",
+            &format!("stage=\"{stage}\""),
+            1.0,
+        );
+        assert_eq!(
+            timed.map_or(0, |(count, _)| count),
+            n,
+            "box stage {stage}: {timed:?}\n{box_metrics}"
+        );
+    }
 
     h.assert_cell_gone(&b.cell_id).await;
     assert!(
@@ -958,25 +980,76 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// The floor: time from spawning `unshare` + `chroot` on the same image to the step's first
 /// output line.
 fn floor_once(image: &std::path::Path) -> f64 {
+    time_to_first_line(
+        std::process::Command::new("unshare")
+            .args([
+                "--mount", "--pid", "--fork", "--net", "--uts", "--ipc", "chroot",
+            ])
+            .arg(image)
+            .args(["/bin/sh", "-c", "echo first-line"]),
+    )
+}
+
+/// Ms from spawning `cmd` to its first line of output, which must be `first-line`.
+fn time_to_first_line(cmd: &mut std::process::Command) -> f64 {
     use std::io::BufRead;
     let t0 = Instant::now();
-    let mut child = std::process::Command::new("unshare")
-        .args([
-            "--mount", "--pid", "--fork", "--net", "--uts", "--ipc", "chroot",
-        ])
-        .arg(image)
-        .args(["/bin/sh", "-c", "echo first-line"])
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("unshare");
+        .expect("spawn the floor's command");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let dt = t0.elapsed().as_secs_f64() * 1000.0;
-    assert_eq!(line.trim(), "first-line");
+    assert_eq!(line.trim(), "first-line", "{cmd:?} failed");
     let _ = child.wait();
     dt
+}
+
+/// Prints p50 and p99 of each `(stage, what)` of a histogram family in a `/metrics` text (bucket
+/// upper bounds, so up to 1.5x over).
+fn print_stages(whose: &str, text: &str, family: &str, stages: &[(&str, &str)]) {
+    for (stage, what) in stages {
+        let label = format!("stage=\"{stage}\"");
+        let q = |q| hive_tests::controlplane::histogram_quantile(text, family, &label, q);
+        match (q(0.5), q(0.99)) {
+            (Some((count, p50)), Some((_, p99))) => println!(
+                "BENCH {whose} stage {stage} ({what}) over {count}: p50 <= {:.1} ms, p99 <= {:.1} ms",
+                p50 * 1e3,
+                p99 * 1e3
+            ),
+            _ => println!("BENCH {whose} stage {stage}: no samples"),
+        }
+    }
+}
+
+/// The same work by hand, to compare the step's first line with: the cell's own clone script
+/// (`hive_cell::source`), run with the image's git in a chroot on this host's network against the
+/// same git server, then the floor's `echo`. The clone goes to a tmpfs over the image's /tmp in
+/// a private mount namespace, so the image stays as it was.
+fn clone_floor_once(image: &std::path::Path, url: &str, rev: &str) -> f64 {
+    let source = hive_cell::source::Source {
+        repo_url: url.into(),
+        revision: rev.into(),
+        git_ref: "refs/heads/main".into(),
+        auth: Default::default(),
+    };
+    time_to_first_line(
+        std::process::Command::new("unshare")
+            .args([
+                "--mount", "--pid", "--fork", "--uts", "--ipc", "/bin/sh", "-c",
+            ])
+            .arg(
+                "img=$1; shift; mount -t tmpfs hive-bench \"$img/tmp\" \
+                 && chroot \"$img\" \"$@\" >/dev/null \
+                 && exec chroot \"$img\" /bin/sh -c 'echo first-line'",
+            )
+            .arg("hive-clone-floor")
+            .arg(image)
+            .args(source.clone_argv_into("/tmp/src")),
+    )
 }
 
 /// Benchmark (issue 3): webhook received -> first log line over N builds with a warm pool, next
@@ -1094,30 +1167,30 @@ async fn bench_webhook_to_first_log_line() {
         .get(&format!("http://{}/metrics", h.cp().http_addr))
         .await
         .expect("metrics");
-    for (stage, what) in [
-        ("accepted", "assignment sent -> ACCEPTED stored"),
-        ("running", "ACCEPTED -> RUNNING stored"),
-        ("first_log", "RUNNING -> first chunk stored"),
-        ("followed", "first chunk stored -> sent to the follower"),
-    ] {
-        let label = format!("stage=\"{stage}\"");
-        let q = |q| {
-            hive_tests::controlplane::histogram_quantile(
-                &metrics.body,
-                "hive_build_start_stage_seconds",
-                &label,
-                q,
-            )
-        };
-        match (q(0.5), q(0.99)) {
-            (Some((count, p50)), Some((_, p99))) => println!(
-                "BENCH /metrics stage {stage} ({what}) over {count}: p50 <= {:.1} ms, p99 <= {:.1} ms",
-                p50 * 1e3,
-                p99 * 1e3
-            ),
-            _ => println!("BENCH /metrics stage {stage}: no samples"),
-        }
-    }
+    print_stages(
+        "/metrics",
+        &metrics.body,
+        "hive_build_start_stage_seconds",
+        &[
+            ("accepted", "assignment sent -> ACCEPTED stored"),
+            ("running", "ACCEPTED -> RUNNING stored"),
+            ("first_log", "RUNNING -> first chunk stored"),
+            ("followed", "first chunk stored -> sent to the follower"),
+        ],
+    );
+    // The box's side of the same start (its clock, each stage from the one before).
+    print_stages(
+        "box /metrics",
+        &h.boxd.metrics().await,
+        "hive_box_dispatch_stage_seconds",
+        &[
+            ("cell", "assignment received -> a cell taken from the pool"),
+            ("run_build", "-> RunBuild answered"),
+            ("events", "-> the Events stream opened"),
+            ("first_event", "-> its first event"),
+            ("first_output", "-> its first output line"),
+        ],
+    );
     let health = h.boxd.health().await;
     println!(
         "BENCH box dispatch (assignment received -> first output line from the cell) over {}: median {:.1} ms, p99 {:.1} ms",
@@ -1126,6 +1199,11 @@ async fn bench_webhook_to_first_log_line() {
     );
     let image = cluster::build_image();
     let mut floor: Vec<f64> = (0..n).map(|_| floor_once(&image)).collect();
+    let url = format!("git://{}/bench.git", h.git.addr);
+    let mut clone_floor: Vec<f64> = (0..n)
+        .map(|_| clone_floor_once(&image, &url, &h.git.head))
+        .collect();
+    clone_floor.sort_by(|a, b| a.partial_cmp(b).unwrap());
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     step_lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     floor.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -1161,6 +1239,13 @@ async fn bench_webhook_to_first_log_line() {
         percentile(&step_lat, 0.99),
         percentile(&step_lat, 0.5) / percentile(&floor, 0.5),
         percentile(&step_lat, 0.99) / percentile(&floor, 0.99)
+    );
+    println!(
+        "BENCH the same by hand (the cell's clone script in a chroot, then the echo) over {n}: median {:.1} ms, p99 {:.1} ms; webhook->the step's first line / that: median {:.2}x, p99 {:.2}x",
+        percentile(&clone_floor, 0.5),
+        percentile(&clone_floor, 0.99),
+        percentile(&step_lat, 0.5) / percentile(&clone_floor, 0.5),
+        percentile(&step_lat, 0.99) / percentile(&clone_floor, 0.99)
     );
     println!(
         "BENCH ratio webhook->first line / floor: median {:.2}x, p99 {:.2}x; box dispatch / floor: median {:.2}x",

@@ -137,6 +137,8 @@ pub struct Agent<B: CellBackend> {
     /// Assignment received -> first build output line received from the cell, ms (the box's
     /// dispatch overhead plus the cell's start of the build; bounded sample for /healthz).
     dispatch_ms: Mutex<Vec<f64>>,
+    /// `/metrics`: the same start by stage, as histograms.
+    metrics: Arc<crate::metrics::Metrics>,
     /// Key exchanges waiting for the control plane's reply, by (build, lease).
     key_exchanges: Mutex<HashMap<(String, String), PendingExchange>>,
     /// Which of the control planes (`cfg.control_plane`, comma-separated) the next session
@@ -198,6 +200,7 @@ impl<B: CellBackend> Agent<B> {
             heartbeat_ms: Mutex::new(heartbeat_ms),
             lease_ms: std::sync::atomic::AtomicU64::new(lease_ms),
             dispatch_ms: Mutex::new(Vec::new()),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             key_exchanges: Mutex::new(HashMap::new()),
             next_cp: Default::default(),
         })
@@ -234,6 +237,11 @@ impl<B: CellBackend> Agent<B> {
         let mut v: Vec<String> = self.builds().keys().cloned().collect();
         v.sort();
         v
+    }
+
+    /// The box's metrics (`/metrics`).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// (samples, median, p99) of the dispatch latency in ms.

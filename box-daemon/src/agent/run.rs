@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::{outbox, Agent, RunningBuild, Stop};
 use crate::backend::CellBackend;
 use crate::cell::Cell;
+use crate::metrics::{Stage, StartClock};
 use hive_sys::now_ms;
 
 /// How long the artefacts of one build may take to move from the cell into the outbox.
@@ -141,6 +142,7 @@ impl<B: CellBackend> Agent<B> {
         cancel: watch::Receiver<Option<Stop>>,
         received: Instant,
     ) {
+        let mut clock = self.metrics.start_clock(received);
         let class = a.size_class.clone().unwrap_or_default();
         if !class.name.is_empty() && class.vcpus > 0 {
             self.pool.set_shape(&class);
@@ -155,6 +157,7 @@ impl<B: CellBackend> Agent<B> {
                 return;
             }
         };
+        clock.mark(Stage::Cell);
         if let Some(b) = self.builds().get_mut(&a.build_id) {
             b.cell_id = cell.id.clone();
         }
@@ -173,7 +176,9 @@ impl<B: CellBackend> Agent<B> {
             u.warm_start = warm;
         });
         tracing::info!(build = %a.build_id, cell = %cell.id, warm, since_assignment_us = received.elapsed().as_micros() as u64, "build placed in cell");
-        let outcome = self.relay(&cell, &a, cancel.clone(), received).await;
+        let outcome = self
+            .relay(&cell, &a, cancel.clone(), received, &mut clock)
+            .await;
         if !outcome.artifacts.is_empty() {
             self.relay_artifacts(&cell, &a, &outcome.artifacts, &cancel)
                 .await;
@@ -215,6 +220,7 @@ impl<B: CellBackend> Agent<B> {
         a: &Assignment,
         mut cancel: watch::Receiver<Option<Stop>>,
         received: Instant,
+        clock: &mut StartClock,
     ) -> Outcome {
         let failed = |message: String| Outcome {
             state: BuildState::Failed,
@@ -227,7 +233,10 @@ impl<B: CellBackend> Agent<B> {
             None
         } else {
             match self.key_exchange(&mut client, cell, a).await {
-                Ok(t) => Some(t),
+                Ok(t) => {
+                    clock.mark(Stage::Tunnel);
+                    Some(t)
+                }
                 Err(message) => {
                     tracing::warn!(build = %a.build_id, %message, "private network set-up failed");
                     return failed(message);
@@ -250,6 +259,7 @@ impl<B: CellBackend> Agent<B> {
         };
         match tokio::time::timeout(self.cfg.cell_call_timeout, client.run_build(req)).await {
             Ok(Ok(r)) if r.get_ref().accepted => {
+                clock.mark(Stage::RunBuild);
                 tracing::debug!(build = %a.build_id, since_assignment_us = received.elapsed().as_micros() as u64, "cell accepted the build");
             }
             Ok(Ok(_)) => return failed("cell daemon refused the build".into()),
@@ -295,7 +305,10 @@ impl<B: CellBackend> Agent<B> {
                 ))),
             };
             let mut stream = match stream {
-                Ok(s) => s.into_inner(),
+                Ok(s) => {
+                    clock.mark(Stage::Events);
+                    s.into_inner()
+                }
                 Err(s) => {
                     failures += 1;
                     let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
@@ -335,11 +348,13 @@ impl<B: CellBackend> Agent<B> {
                         lost_since = None;
                         if !running {
                             running = true;
+                            clock.mark(Stage::FirstEvent);
                             self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Running, |u| u.cell_id = cell.id.clone());
                         }
                         match CellEventKind::try_from(ev.kind).unwrap_or(CellEventKind::Unspecified) {
                             CellEventKind::Log => {
                                 if log_seq == 0 {
+                                    clock.mark(Stage::FirstOutput);
                                     let ms = received.elapsed().as_secs_f64() * 1000.0;
                                     tracing::debug!(build = %a.build_id, dispatch_ms = ms, "first output line from the cell");
                                     let mut d = self.dispatch_ms.lock().unwrap_or_else(|p| p.into_inner());

@@ -110,6 +110,13 @@ struct RunArgs {
     /// A hive-cell binary to bind over /sbin/hive-cell in cells (development; sandbox only).
     #[arg(long, env = "HIVE_CELL_BINARY")]
     cell_binary: Option<PathBuf>,
+    /// Warm cells make their private-network interface (`hwg0`, with no key, address or peer)
+    /// before any build is placed, so a private-network build's tunnel is up about 40 ms
+    /// sooner. Costs each warm cell a moved network interface and two idle threads; a build
+    /// without a private network gets the interface removed. Turn on for boxes that run
+    /// private-network builds.
+    #[arg(long, env = "HIVE_BOX_TUNNEL_READY_CELLS", default_value_t = false, action = clap::ArgAction::Set)]
+    tunnel_ready_cells: bool,
     /// microvm: guest kernel, a vmlinux file or the directory deploy/guest/build-kernel.sh
     /// prints (its vmlinux is used).
     #[arg(long, env = "HIVE_GUEST_KERNEL")]
@@ -383,6 +390,9 @@ fn host_port(url: &str) -> (String, u16) {
 }
 
 /// How often the control planes' host names are resolved again for the cells' block list.
+/// The cell daemon's setting for `--tunnel-ready-cells`.
+const TUNNEL_READY_ENV: &str = "HIVE_CELL_TUNNEL_READY";
+
 const RE_RESOLVE: Duration = Duration::from_secs(30);
 
 /// Resolves the control planes' host names every [`RE_RESOLVE`] and blocks cells from any new
@@ -559,6 +569,9 @@ async fn run_async(
     if let Ok(v) = std::env::var("HIVE_CELL_LOG") {
         cell_env.insert("RUST_LOG".to_string(), v);
     }
+    if args.tunnel_ready_cells {
+        cell_env.insert(TUNNEL_READY_ENV.to_string(), "true".to_string());
+    }
     let served = match chosen {
         Chosen::Sandbox => {
             let backend = Arc::new(Sandbox::new(SandboxConfig {
@@ -596,6 +609,11 @@ async fn run_async(
             );
             cfg.vmm_binary = helper;
             cfg.extra_cmdline = args.guest_cmdline.clone();
+            if args.tunnel_ready_cells {
+                // A word with `=` and no dot is an environment variable of the guest's init
+                // (the cell daemon).
+                cfg.extra_cmdline = format!("{} {TUNNEL_READY_ENV}=true", cfg.extra_cmdline);
+            }
             if let Some(base) = claim.vmm_uid_base() {
                 cfg.vmm_uid_base = base;
             }

@@ -14,7 +14,8 @@ use std::process::{Command, Stdio};
 use std::str::FromStr;
 
 use hive_types::Prefix;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 pub use hive_sys::netns::NETNS_DIR;
 
@@ -372,27 +373,26 @@ impl BoxNet {
             }
         }
         let host = netlink(None).await?;
-        host.link()
-            .add(LinkVeth::new(&names.veth, &names.peer).build())
-            .execute()
-            .await
-            .map_err(link_err("create veth pair", &names.veth))?;
-        let peer = link_index(&host, &names.peer)
-            .await?
-            .ok_or_else(|| NetError::NoLink(names.peer.clone()))?;
         let ns_file = fs::File::open(&net.netns).map_err(|source| NetError::EnterNetns {
             path: net.netns.clone(),
             source,
         })?;
+        // The peer is made inside the cell's netns: moving a link there afterwards costs the
+        // kernel a network-wide synchronisation under its global netlink lock (15-50 ms here),
+        // which every other cell's and build's link changes would wait behind.
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(names.peer.clone())
+            .setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(&ns_file))
+            .build();
         host.link()
-            .set(
-                LinkUnspec::new_with_index(peer)
-                    .setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(&ns_file))
+            .add(
+                LinkVeth::new(&names.veth, &names.peer)
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
                     .build(),
             )
             .execute()
             .await
-            .map_err(link_err("move veth peer into the cell netns", &names.peer))?;
+            .map_err(link_err("create veth pair", &names.veth))?;
         let veth = link_index(&host, &names.veth)
             .await?
             .ok_or_else(|| NetError::NoLink(names.veth.clone()))?;

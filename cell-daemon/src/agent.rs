@@ -48,6 +48,11 @@ struct Shared {
     tunnel_keys: Mutex<Option<(String, crate::privnet::Prepared)>>,
     /// PrepareTunnel was called once: a cell makes one key pair, ever.
     tunnel_prepared: std::sync::atomic::AtomicBool,
+    /// The prepared container's network namespace, once it is ready.
+    prepared_netns: Option<Arc<std::sync::OnceLock<std::path::PathBuf>>>,
+    /// `hwg0` made with the warm cell (`--tunnel-ready`), until PrepareTunnel or RunBuild takes
+    /// it.
+    standby: Mutex<Option<crate::privnet::Standby>>,
 }
 
 struct Current {
@@ -137,11 +142,15 @@ impl Agent {
     pub fn new(
         cfg: Arc<Config>,
         reaper: Arc<Reaper>,
-        prepared: Option<(Prepared, watch::Receiver<PrepStatus>)>,
+        prepared: Option<(
+            Prepared,
+            watch::Receiver<PrepStatus>,
+            Arc<std::sync::OnceLock<std::path::PathBuf>>,
+        )>,
     ) -> Self {
-        let (prepared, prep_status) = match prepared {
-            Some((p, s)) => (Some(p), Some(s)),
-            None => (None, None),
+        let (prepared, prep_status, prepared_netns) = match prepared {
+            Some((p, s, n)) => (Some(p), Some(s), Some(n)),
+            None => (None, None, None),
         };
         Agent {
             shared: Arc::new(Shared {
@@ -154,7 +163,56 @@ impl Agent {
                 prep_status,
                 tunnel_keys: Mutex::new(None),
                 tunnel_prepared: std::sync::atomic::AtomicBool::new(false),
+                prepared_netns,
+                standby: Mutex::new(None),
             }),
+        }
+    }
+
+    /// With `--tunnel-ready`: once the build container is up, starts making its stand-by
+    /// `hwg0` (unless a build or PrepareTunnel came first).
+    pub fn make_standby_tunnel(&self) {
+        let (Some(mut status), Some(netns)) = (
+            self.shared.prep_status.clone(),
+            self.shared.prepared_netns.clone(),
+        ) else {
+            return;
+        };
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let ready = status
+                .wait_for(|s| *s != PrepStatus::Pending)
+                .await
+                .map(|s| *s == PrepStatus::Ready)
+                .unwrap_or(false);
+            let Some(netns) = netns.get().filter(|_| ready).cloned() else {
+                return;
+            };
+            let mut slot = agent.standby();
+            if agent
+                .shared
+                .tunnel_prepared
+                .load(std::sync::atomic::Ordering::SeqCst)
+                || agent.current().is_some()
+                || *agent.shared.shutdown.borrow()
+            {
+                return;
+            }
+            *slot = Some(crate::privnet::Standby::start(netns));
+        });
+    }
+
+    fn standby(&self) -> std::sync::MutexGuard<'_, Option<crate::privnet::Standby>> {
+        self.shared
+            .standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes the stand-by `hwg0`, if there is one, off the async threads.
+    fn discard_standby(&self) {
+        if let Some(s) = self.standby().take() {
+            tokio::task::spawn_blocking(move || s.discard());
         }
     }
 
@@ -477,6 +535,10 @@ impl CellAgent for Agent {
             });
         }
         tracing::info!(build = %spec.id, steps = spec.steps.len(), "build accepted");
+        // A build without a tunnel does not keep the warm cell's interface.
+        if tunnel.is_none() {
+            self.discard_standby();
+        }
         let prepared = self
             .shared
             .prepared
@@ -590,9 +652,13 @@ impl CellAgent for Agent {
         let public_key = keys.public().to_base64();
         // With the build container already made, its `hwg0` is made now, beside the key
         // exchange the box is about to run, instead of after it.
-        let prepared = match self.container_netns().await {
-            Some(netns) => crate::privnet::Prepared::early(keys, netns),
-            None => crate::privnet::Prepared::keys(keys),
+        let standby = self.standby().take();
+        let prepared = match standby {
+            Some(standby) => crate::privnet::Prepared::from_standby(keys, standby),
+            None => match self.container_netns().await {
+                Some(netns) => crate::privnet::Prepared::early(keys, netns),
+                None => crate::privnet::Prepared::keys(keys),
+            },
         };
         *self
             .shared
@@ -689,6 +755,7 @@ mod tests {
             build_uid: 1000,
             build_gid: 1000,
             prewarm: true,
+            tunnel_ready: false,
         }
     }
 

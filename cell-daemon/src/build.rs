@@ -63,18 +63,31 @@ pub enum PrepStatus {
 
 /// Starts setting up the build container now, so RunBuild only has to exec the first command:
 /// a cell waits in the warm pool with its container (overlay, namespaces, network) ready.
-pub fn prepare(cfg: &Config, reaper: Arc<Reaper>) -> (Prepared, watch::Receiver<PrepStatus>) {
+/// The container's network namespace is in `.2` once it is Ready (when it has its own).
+pub fn prepare(
+    cfg: &Config,
+    reaper: Arc<Reaper>,
+) -> (
+    Prepared,
+    watch::Receiver<PrepStatus>,
+    Arc<std::sync::OnceLock<std::path::PathBuf>>,
+) {
     let spec = container_spec(cfg);
     let (tx, rx) = watch::channel(PrepStatus::Pending);
+    let netns = Arc::new(std::sync::OnceLock::new());
+    let netns_out = netns.clone();
     let task = tokio::spawn(async move {
         let t0 = Instant::now();
         let r = Container::start(spec, reaper).await;
         match &r {
-            Ok(_) => {
+            Ok(c) => {
                 tracing::info!(
                     ms = t0.elapsed().as_millis() as u64,
                     "build container ready"
                 );
+                if let Some(p) = c.netns_path() {
+                    let _ = netns.set(p);
+                }
                 tx.send_replace(PrepStatus::Ready);
             }
             Err(e) => {
@@ -84,7 +97,7 @@ pub fn prepare(cfg: &Config, reaper: Arc<Reaper>) -> (Prepared, watch::Receiver<
         }
         r
     });
-    (task, rx)
+    (task, rx, netns_out)
 }
 
 /// How a step (or the clone) ended.
@@ -208,7 +221,7 @@ async fn run_inner(
                         0,
                         format!(
                             "hive: private network {net}: tunnel up ({} WireGuard), first \
-                             handshake after {} ms (interface {} ms, handshake {} ms, {} re-arms)",
+                             handshake after {} ms (interface {} ms, handshake {} ms, {} re-arms){}",
                             match t.backend() {
                                 hive_wg::tunnel::Backend::Kernel => "kernel",
                                 hive_wg::tunnel::Backend::Userspace => "userspace",
@@ -216,7 +229,16 @@ async fn run_inner(
                             took.total().as_millis(),
                             took.setup.as_millis(),
                             took.handshake.as_millis(),
-                            took.rearms
+                            took.rearms,
+                            match took.early {
+                                Some(e) => format!(
+                                    "; interface made {} in {} ms, {} ms of it waited for",
+                                    e.when,
+                                    e.made.as_millis(),
+                                    e.waited.as_millis()
+                                ),
+                                None => String::new(),
+                            }
                         ),
                     );
                     Some(t)

@@ -168,6 +168,8 @@ pub struct Config {
     pub build_gid: u32,
     /// Set the build container up at start, before RunBuild (a warm cell is a ready container).
     pub prewarm: bool,
+    /// With prewarm: the container's `hwg0` is made then too (`privnet::Standby`).
+    pub tunnel_ready: bool,
 }
 
 impl Config {
@@ -322,6 +324,7 @@ mod tests {
             build_uid: 1000,
             build_gid: 1000,
             prewarm: true,
+            tunnel_ready: false,
         };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("/nonexistent/image"), "{err}");

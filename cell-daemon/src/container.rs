@@ -32,8 +32,6 @@ use tokio::sync::oneshot;
 
 /// Cell-side link name (the container side is `eth0`).
 pub const CELL_LINK: &str = "hivec0";
-/// The container side's name until it is inside the container's netns.
-const CONTAINER_LINK_TMP: &str = "hivect0";
 const CELL_ADDR: &str = "169.254.200.1";
 const CONTAINER_ADDR: &str = "169.254.200.2";
 const LINK_NET: &str = "169.254.200.0/30";
@@ -337,25 +335,24 @@ impl Container {
             .into();
         let cell_addr = format!("{CELL_ADDR}/30");
         let ctr_addr = format!("{CONTAINER_ADDR}/30");
-        // Both ends are made here in the cell's netns; one is then moved into the container's
-        // (the daemon keeps its fd, so it stays attached).
+        // Each end is made in its own netns: the container's on a thread that entered it (a TUN
+        // device belongs to the namespace it was opened in). Moving a link into another
+        // namespace costs the kernel a network-wide synchronisation under its global netlink
+        // lock (15-50 ms here), which every other cell's and build's link changes would wait
+        // behind. The daemon keeps both fds, so both stay attached.
         let tun_err = |e: crate::tunpair::TunError| ContainerError::Net {
             command: "create TUN link".into(),
             detail: hive_sys::error_chain(&e),
         };
         let cell_end = crate::tunpair::open_tun(CELL_LINK).map_err(tun_err)?;
-        let ctr_end = crate::tunpair::open_tun(CONTAINER_LINK_TMP).map_err(tun_err)?;
-        self.net_cmd(
-            None,
-            &["ip", "link", "set", CONTAINER_LINK_TMP, "netns", &pid],
-        )
-        .await?;
+        let ctr_ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let ctr_end = hive_sys::netns::run_in(&ctr_ns, || crate::tunpair::open_tun("eth0"))
+            .map_err(|e| ContainerError::Net {
+                command: format!("enter {} to create eth0", ctr_ns.display()),
+                detail: hive_sys::error_chain(&e),
+            })?
+            .map_err(tun_err)?;
         let ns = Some(&netns);
-        self.net_cmd(
-            ns,
-            &["ip", "link", "set", CONTAINER_LINK_TMP, "name", "eth0"],
-        )
-        .await?;
         self.net_cmd(ns, &["ip", "link", "set", "lo", "up"]).await?;
         self.net_cmd(ns, &["ip", "addr", "add", &ctr_addr, "dev", "eth0"])
             .await?;

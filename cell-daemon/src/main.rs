@@ -80,6 +80,11 @@ struct RunArgs {
     /// Set the build container up at start so RunBuild only execs the first command
     #[arg(long, env = "HIVE_CELL_PREWARM", default_value_t = true, action = clap::ArgAction::Set)]
     prewarm: bool,
+    /// With the build container set up ahead (prewarm), also make its private-network
+    /// interface `hwg0` then, with a key nobody learns, no address and no peer; PrepareTunnel
+    /// gives it the build's own key, and a build without a tunnel gets it removed
+    #[arg(long, env = "HIVE_CELL_TUNNEL_READY", default_value_t = false, action = clap::ArgAction::Set)]
+    tunnel_ready: bool,
     /// The daemon's own log lines per second (build output never goes there)
     #[arg(long, env = "HIVE_CELL_LOG_RATE", default_value_t = 50)]
     log_rate: u32,
@@ -186,6 +191,7 @@ fn resolve(args: RunArgs, is_init: bool) -> anyhow::Result<Config> {
         build_uid: args.build_uid,
         build_gid: args.build_gid,
         prewarm: args.prewarm,
+        tunnel_ready: args.tunnel_ready && args.prewarm,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -230,6 +236,9 @@ async fn serve(cfg: Arc<Config>, boot_timer: bool) -> anyhow::Result<()> {
         .prewarm
         .then(|| hive_cell::build::prepare(&cfg, reaper.clone()));
     let agent = Agent::new(cfg.clone(), reaper, prepared);
+    if cfg.tunnel_ready {
+        agent.make_standby_tunnel();
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut shutdown_rpc = agent.shutdown_requested();

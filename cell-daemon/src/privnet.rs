@@ -72,11 +72,81 @@ pub struct UpTimes {
     pub handshake: Duration,
     /// New handshakes started because the previous one had not completed.
     pub rearms: u32,
+    /// With an interface made ahead: when and how fast (None: it was all made at `bring_up`).
+    pub early: Option<Early>,
+}
+
+/// An interface made ahead of `bring_up`.
+#[derive(Debug, Clone, Copy)]
+pub struct Early {
+    /// "with the warm cell" or "at PrepareTunnel".
+    pub when: &'static str,
+    /// How long making it took, on its own thread.
+    pub made: Duration,
+    /// How much of `UpTimes::setup` went to waiting for that thread.
+    pub waited: Duration,
 }
 
 impl UpTimes {
     pub fn total(&self) -> Duration {
         self.setup + self.handshake
+    }
+}
+
+/// What a thread that makes `hwg0` ahead returns: the tunnel, and how long it took.
+type Making = std::thread::JoinHandle<Result<(Tunnel, Duration), String>>;
+
+/// Makes `hwg0` in `netns` (the build container's), its UDP socket in this (the cell's)
+/// namespace, with `keys` and no address or peer, on a thread of its own.
+fn make_early(keys: KeyPair, netns: PathBuf) -> Making {
+    let spawned = std::thread::Builder::new()
+        .name("hwg0-early".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            let mut spec = TunnelSpec::new(IFACE);
+            spec.underlay_netns = Some(PathBuf::from("/proc/self/ns/net"));
+            spec.netns = Some(netns);
+            Tunnel::up(spec, keys)
+                .map(|t| (t, t0.elapsed()))
+                .map_err(|e| format!("tunnel set-up failed: {e}"))
+        });
+    // The keys went with the closure that never ran: say so at bring_up.
+    spawned.unwrap_or_else(|e| std::thread::spawn(move || Err(format!("tunnel thread: {e}"))))
+}
+
+/// A warm cell's `hwg0` (`--tunnel-ready`), made when its build container is: moving an
+/// interface into another namespace costs 15-50 ms of the kernel's time here (a network
+/// synchronisation under the global netlink lock), which a build's tunnel no longer waits for.
+/// Its key is a throwaway that never leaves the cell and is replaced by the build's own at
+/// `PrepareTunnel`; it has no address and no peer, so it carries nothing until then.
+#[derive(Debug)]
+pub struct Standby {
+    netns: PathBuf,
+    making: Making,
+}
+
+impl Standby {
+    /// Starts making the interface in `netns`.
+    pub fn start(netns: PathBuf) -> Self {
+        Standby {
+            making: make_early(KeyPair::generate(), netns.clone()),
+            netns,
+        }
+    }
+
+    /// Removes the interface (a build without a tunnel, or a cell shutting down). Blocking.
+    pub fn discard(self) {
+        match self.making.join() {
+            Ok(Ok((t, _))) => {
+                if let Err(e) = t.down() {
+                    tracing::warn!(error = %e, "removing the stand-by tunnel interface");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "the stand-by tunnel interface was never made")
+            }
+            Err(_) => tracing::warn!("the stand-by tunnel thread panicked"),
+        }
     }
 }
 
@@ -93,8 +163,8 @@ pub struct Prepared {
 enum Start {
     /// Nothing made yet: `bring_up` makes the whole tunnel.
     Keys(KeyPair),
-    /// `hwg0` with the key and no address or peer, made on its own thread.
-    Early(std::thread::JoinHandle<Result<Tunnel, String>>),
+    /// `hwg0` with the key and no address or peer, being made (or given the key) on a thread.
+    Early(&'static str, Making),
 }
 
 impl Prepared {
@@ -110,27 +180,44 @@ impl Prepared {
     /// this (the cell's) namespace, on a thread of its own. If the build never comes, the
     /// tunnel is torn down (and the key wiped) when this is dropped and the thread ends.
     pub fn early(keys: KeyPair, netns: PathBuf) -> Self {
+        Prepared {
+            public: keys.public(),
+            start: Start::Early("at PrepareTunnel", make_early(keys, netns)),
+        }
+    }
+
+    /// Gives the warm cell's stand-by `hwg0` the build's `keys` (on a thread: the stand-by
+    /// may still be in the making). If the stand-by failed, the interface is made again, as
+    /// `early` does.
+    pub fn from_standby(keys: KeyPair, standby: Standby) -> Self {
         let public = keys.public();
-        let thread = std::thread::Builder::new()
-            .name("hwg0-early".into())
-            .spawn(move || {
-                let mut spec = TunnelSpec::new(IFACE);
-                spec.underlay_netns = Some(PathBuf::from("/proc/self/ns/net"));
-                spec.netns = Some(netns);
-                Tunnel::up(spec, keys).map_err(|e| format!("tunnel set-up failed: {e}"))
+        let Standby { netns, making } = standby;
+        let spawned = std::thread::Builder::new()
+            .name("hwg0-key".into())
+            .spawn(move || match making.join() {
+                Ok(Ok((mut t, made))) => match t.replace_key(keys) {
+                    Ok(()) => Ok((t, made)),
+                    Err(e) => {
+                        let _ = t.down();
+                        Err(format!("tunnel key: {e}"))
+                    }
+                },
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e,
+                        _ => "its thread panicked".into(),
+                    };
+                    tracing::warn!(error = %why, "the stand-by tunnel interface failed; making it now");
+                    make_early(keys, netns)
+                        .join()
+                        .unwrap_or_else(|_| Err("tunnel thread panicked".into()))
+                }
             });
-        match thread {
-            Ok(thread) => Prepared {
-                public,
-                start: Start::Early(thread),
-            },
-            // The keys went with the closure that never ran: say so at bring_up.
-            Err(e) => Prepared {
-                public,
-                start: Start::Early(std::thread::spawn(move || {
-                    Err(format!("tunnel thread: {e}"))
-                })),
-            },
+        let making = spawned
+            .unwrap_or_else(|e| std::thread::spawn(move || Err(format!("tunnel thread: {e}"))));
+        Prepared {
+            public,
+            start: Start::Early("with the warm cell", making),
         }
     }
 
@@ -231,6 +318,7 @@ impl Plan {
             allowed_ips: self.allowed.clone(),
             persistent_keepalive: self.keepalive,
         };
+        let mut early = None;
         let tunnel = match self.keys.start {
             Start::Keys(keys) => {
                 let mut spec = TunnelSpec::new(IFACE);
@@ -241,11 +329,16 @@ impl Plan {
                 Tunnel::up(spec, keys)
                     .map_err(|e| format!("private network {net}: tunnel set-up failed: {e}"))?
             }
-            Start::Early(thread) => {
-                let tunnel = thread
+            Start::Early(when, thread) => {
+                let (tunnel, made) = thread
                     .join()
                     .map_err(|_| format!("private network {net}: tunnel thread panicked"))?
                     .map_err(|e| format!("private network {net}: {e}"))?;
+                early = Some(Early {
+                    when,
+                    made,
+                    waited: t0.elapsed(),
+                });
                 let finish = tunnel
                     .add_address(self.address)
                     .and_then(|()| tunnel.add_peer(peer));
@@ -266,6 +359,7 @@ impl Plan {
                         setup,
                         handshake,
                         rearms,
+                        early,
                     },
                 ))
             }

@@ -1033,6 +1033,7 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
             pool: "small=2".into(),
             lease_secs: LEASE_SECS,
             block: vec![],
+            extra: vec![],
         };
         let b = tokio::task::spawn_blocking(move || {
             std::panic::catch_unwind(|| BoxDaemon::start(&url, opts))

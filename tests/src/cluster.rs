@@ -89,6 +89,8 @@ pub struct BoxOptions {
     pub lease_secs: u64,
     /// Extra addresses cells must not reach (`--block`).
     pub block: Vec<String>,
+    /// More command-line words for `hive-box`.
+    pub extra: Vec<String>,
 }
 
 /// A running `hive-box`. Killed (and its cells reaped by a SIGTERM first) on drop.
@@ -175,6 +177,7 @@ impl BoxDaemon {
         for b in &opts.block {
             cmd.args(["--block", b]);
         }
+        cmd.args(&opts.extra);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));

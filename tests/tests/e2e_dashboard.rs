@@ -57,6 +57,7 @@ async fn dashboard_follows_a_sandbox_build_live() {
                 pool: "small=2".into(),
                 lease_secs: 10,
                 block: vec![],
+                extra: vec![],
             },
         )
     })

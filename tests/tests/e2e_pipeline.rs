@@ -47,6 +47,7 @@ async fn hive(slot: u8) -> Hive {
                 pool: "small=1".into(),
                 lease_secs: 10,
                 block: vec![],
+                extra: vec![],
             },
         )
     })

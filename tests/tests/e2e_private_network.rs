@@ -108,12 +108,14 @@ impl Topology {
     }
 }
 
+/// The topology, its box's warm cells making their `hwg0` ahead (`--tunnel-ready-cells`).
 async fn topology() -> Topology {
-    topology_with(false).await
+    topology_with(false, true).await
 }
 
 /// The topology; with `proxy` the box reaches the control plane through a [`Proxy`].
-async fn topology_with(proxy: bool) -> Topology {
+/// Without `tunnel_ready`, a cell makes `hwg0` at PrepareTunnel.
+async fn topology_with(proxy: bool, tunnel_ready: bool) -> Topology {
     let run = run_id();
     let addr = format!("198.18.{}.50", 1 + run);
     let host = GitHost::start(&format!("cn{run}"), &addr);
@@ -219,6 +221,7 @@ async fn topology_with(proxy: bool) -> Topology {
                 pool: "small=2".into(),
                 lease_secs: 10,
                 block: vec![],
+                extra: vec!["--tunnel-ready-cells".into(), tunnel_ready.to_string()],
             },
         )
     })
@@ -296,6 +299,10 @@ struct Timeline {
     interface_ms: i64,
     handshake_ms: i64,
     rearms: i64,
+    /// With the interface made at PrepareTunnel: how long that took on its thread, and how
+    /// much of "interface up" waited for it (0 without an early interface).
+    early_made_ms: i64,
+    early_wait_ms: i64,
     /// The build got a warm cell (else it waited for one to boot).
     warm: bool,
 }
@@ -323,6 +330,11 @@ impl Timeline {
             ),
             ("cell: container ready", self.tunnel_start - self.cell_start),
             ("cell: interface up", self.interface_ms),
+            (
+                "  of it: waiting for the one made ahead",
+                self.early_wait_ms,
+            ),
+            ("  (making that one, ahead)", self.early_made_ms),
             ("cell: first handshake", self.handshake_ms),
             ("total placed -> tunnel up", self.tunnel_up - self.placed),
         ]
@@ -416,6 +428,8 @@ async fn timeline(t: &Topology, build_id: &str) -> Option<Timeline> {
             tl.interface_ms = number_before(&text, "(interface ", " ms")?;
             tl.handshake_ms = number_before(&text, ", handshake ", " ms")?;
             tl.rearms = number_before(&text, " ms, ", " re-arms")?;
+            tl.early_made_ms = number_before(&text, " in ", " ms, ").unwrap_or(0);
+            tl.early_wait_ms = number_before(&text, " ms, ", " ms of it waited").unwrap_or(0);
             return Some(tl);
         } else if text.contains(": tunnel ") && tl.tunnel_start == 0 {
             tl.tunnel_start = c.at_ms;
@@ -465,6 +479,14 @@ fn tunnel_line_parses() {
     assert_eq!(number_before(t, "(interface ", " ms"), Some(3));
     assert_eq!(number_before(t, ", handshake ", " ms"), Some(42));
     assert_eq!(number_before(t, " ms, ", " re-arms"), Some(1));
+    assert_eq!(number_before(t, " in ", " ms, "), None);
+    let t = "hive: private network corp: tunnel up (userspace WireGuard), first handshake \
+             after 45 ms (interface 13 ms, handshake 32 ms, 0 re-arms); interface made with \
+             the warm cell in 21 ms, 9 ms of it waited for\n";
+    assert_eq!(number_before(t, "(interface ", " ms"), Some(13));
+    assert_eq!(number_before(t, " ms, ", " re-arms"), Some(0));
+    assert_eq!(number_before(t, " in ", " ms, "), Some(21));
+    assert_eq!(number_before(t, " ms, ", " ms of it waited"), Some(9));
     let line = "\x1b[2m2026-11-27T08:40:00Z\x1b[0m \x1b[32m INFO\x1b[0m key exchange answered \
                 \x1b[3mbuild\x1b[0m\x1b[2m=\x1b[0mabc \x1b[3mkx_sent_at_ms\x1b[0m\x1b[2m=\x1b[0m17";
     assert_eq!(field(line, "build").as_deref(), Some("abc"));
@@ -651,7 +673,9 @@ async fn private_network_builds_reach_the_customer_network_only_through_their_tu
     // the build's timeout.
     t.project_with_timeout("open-same-repo", private_repo, "", &["cat PRIVATE"], 15)
         .await;
-    t.project("open", &t.host.repo_url, "", &[no_step.as_str()])
+    // A build without a network does not keep the warm cell's stand-by interface.
+    let no_iface = "if grep -q hwg0: /proc/net/dev; then echo HWG0-SEEN; else echo no-hwg0; fi";
+    t.project("open", &t.host.repo_url, "", &[no_step.as_str(), no_iface])
         .await;
 
     // A project naming a network that does not exist is refused with a clear error.
@@ -693,6 +717,10 @@ async fn private_network_builds_reach_the_customer_network_only_through_their_tu
         assert!(
             log.contains("hwg0"),
             "no tunnel interface in the build:\n{log}"
+        );
+        assert!(
+            log.contains("interface made with the warm cell"),
+            "the warm cell's interface was not used:\n{log}"
         );
         let ls = leases(&t).await;
         let mine: Vec<_> = ls.iter().filter(|l| l.build_id == b.id).collect();
@@ -762,6 +790,7 @@ async fn private_network_builds_reach_the_customer_network_only_through_their_tu
     // Output lines only (the `$ step` echo holds the words too).
     let said = |w: &str| log.lines().any(|l| l.trim() == w);
     assert!(said("private network unreachable"), "{log}");
+    assert!(said("no-hwg0"), "{log}");
     assert!(
         !said("REACHED-PRIVATE-HTTP") && !said("REACHED-PRIVATE-GIT"),
         "{log}"
@@ -990,7 +1019,7 @@ async fn a_build_without_public_egress_reaches_only_its_private_network() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_exchange_answer_lost_in_a_reconnect_is_asked_again() {
     let _serial = SERIAL.lock().await;
-    let t = topology_with(true).await;
+    let t = topology_with(true, false).await;
     let proxy = t.proxy.as_ref().unwrap();
     t.project(
         "priv",

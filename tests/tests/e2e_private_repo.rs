@@ -253,6 +253,7 @@ async fn a_private_repository_builds_over_ssh_with_the_deploy_key_and_only_with_
                 pool: "small=1".into(),
                 lease_secs: 10,
                 block: vec![],
+                extra: vec![],
             },
         )
     })
@@ -567,6 +568,7 @@ async fn a_private_repository_builds_over_https_with_the_token_sent_as_a_header(
                 pool: "small=1".into(),
                 lease_secs: 10,
                 block: vec![],
+                extra: vec![],
             },
         )
     })

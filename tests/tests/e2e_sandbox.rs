@@ -90,6 +90,7 @@ async fn hive_with(
                 pool: "small=2".into(),
                 lease_secs: 10,
                 block,
+                extra: vec![],
             },
         )
     })

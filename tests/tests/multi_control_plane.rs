@@ -134,6 +134,7 @@ async fn three_control_planes_on_one_postgres_lose_nothing_when_two_die() {
             pool: "small=2".into(),
             lease_secs: 10,
             block: vec![],
+            extra: vec![],
         };
         let b = tokio::task::spawn_blocking(move || BoxDaemon::start(&list, opts))
             .await

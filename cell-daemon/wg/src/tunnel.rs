@@ -261,6 +261,7 @@ enum Command {
     Peers(Reply<Vec<PeerState>>),
     Rearm(PublicKey, Reply<()>),
     AddAddress(Prefix, Reply<()>),
+    SetKey(Zeroizing<[u8; 32]>, Reply<()>),
     Down(Reply<()>),
 }
 
@@ -378,6 +379,16 @@ impl Tunnel {
     /// the interface before it knows its address (the cell, while its key exchange runs).
     pub fn add_address(&self, addr: Prefix) -> Result<(), TunnelError> {
         self.call(|r| Command::AddAddress(addr, r))
+    }
+
+    /// Gives a tunnel that has no peer yet a new key pair; the old one is wiped. Lets a caller
+    /// make the interface long before it makes the key (a warm cell makes `hwg0` with a key
+    /// nobody ever learns, and sets the build's own key when the build asks for a tunnel).
+    pub fn replace_key(&mut self, keys: KeyPair) -> Result<(), TunnelError> {
+        let secret = keys.secret_bytes();
+        self.call(|r| Command::SetKey(secret, r))?;
+        self.keys = keys;
+        Ok(())
     }
 
     /// Removes a peer and its routes; its sessions end at once and a handshake from its key is
@@ -551,6 +562,9 @@ fn worker(
             }
             Command::AddAddress(addr, reply) => {
                 let _ = reply.send(rt.block_on(dev.add_address(&addr)));
+            }
+            Command::SetKey(secret, reply) => {
+                let _ = reply.send(dev.set_key(secret));
             }
             Command::Down(reply) => {
                 let _ = reply.send(rt.block_on(dev.teardown()));
@@ -726,15 +740,7 @@ impl Device {
                 .ok_or_else(|| TunnelError::NoLink {
                     iface: self.iface.clone(),
                 })?;
-        match self.backend {
-            Backend::Userspace => uapi::set_private_key(&self.iface, &secret)?,
-            // wireguard-control keeps its own copy of the key inside the update it consumes and
-            // does not wipe it; the netlink route (below) is the only one it offers.
-            Backend::Kernel => DeviceUpdate::new()
-                .set_private_key(Key(*secret))
-                .apply(&self.name, wireguard_control::Backend::Kernel)
-                .map_err(self.configure_err("set private key"))?,
-        }
+        self.write_key(&secret)?;
         drop(secret);
         if let Some(port) = spec.listen_port {
             DeviceUpdate::new()
@@ -776,6 +782,33 @@ impl Device {
             self.kick(peer);
         }
         Ok(())
+    }
+
+    fn write_key(&self, secret: &[u8; 32]) -> Result<(), TunnelError> {
+        match self.backend {
+            Backend::Userspace => uapi::set_private_key(&self.iface, secret)?,
+            // wireguard-control keeps its own copy of the key inside the update it consumes and
+            // does not wipe it; the netlink route is the only one it offers.
+            Backend::Kernel => DeviceUpdate::new()
+                .set_private_key(Key(*secret))
+                .apply(&self.name, wireguard_control::Backend::Kernel)
+                .map_err(self.configure_err("set private key"))?,
+        }
+        Ok(())
+    }
+
+    /// A new private key, before any peer: a peer's sessions would belong to the old one.
+    fn set_key(&mut self, secret: Zeroizing<[u8; 32]>) -> Result<(), TunnelError> {
+        if !self.peers.is_empty() {
+            return Err(TunnelError::Configure {
+                iface: self.iface.clone(),
+                op: "replace the key",
+                source: io::Error::other(
+                    "the tunnel already has peers; a key is replaced only before the first",
+                ),
+            });
+        }
+        self.write_key(&secret)
     }
 
     async fn add_address(&mut self, addr: &Prefix) -> Result<(), TunnelError> {

@@ -406,3 +406,47 @@ fn an_interface_made_early_gets_its_address_and_peer_later() {
     cell.down().unwrap();
     connector.down().unwrap();
 }
+
+/// A warm cell's stand-by interface: made with a key nobody learns, long before a build asks
+/// for a tunnel; the build's own key replaces it, and only that key gets through. A key is
+/// replaced only before the first peer.
+#[test]
+fn a_standby_interface_takes_the_builds_own_key() {
+    let pair = Pair::new("sby", 21);
+    let connector = pair.connector(KeyPair::generate());
+    let full = pair.cell_spec(2, connector.public_key());
+    let mut standby = TunnelSpec::new(full.iface.clone());
+    standby.netns = full.netns.clone();
+    let mut cell = Tunnel::up(standby, KeyPair::generate()).expect("stand-by interface");
+    let throwaway = cell.public_key();
+    let build_keys = KeyPair::generate();
+    let build_key = build_keys.public();
+    connector
+        .add_peer(Pair::cell_as_peer(2, build_key))
+        .unwrap();
+    cell.replace_key(build_keys).expect("the build's key");
+    assert_eq!(cell.public_key(), build_key);
+    assert_ne!(cell.public_key(), throwaway);
+    cell.add_address(full.addresses[0]).unwrap();
+    cell.add_peer(full.peers[0].clone()).unwrap();
+    cell.wait_handshake(Duration::from_secs(5))
+        .expect("handshake with the build's key");
+    let _server = Echo::start(&pair.conn, "10.250.0.1:7000");
+    echo(
+        &pair.cell,
+        "10.250.0.1:7000",
+        "swapped",
+        Duration::from_secs(3),
+    )
+    .expect("echo");
+    let peers = connector.peers().unwrap();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, build_key);
+    assert!(peers[0].last_handshake.is_some());
+    // With a peer, the key stays: its sessions belong to it.
+    let e = cell.replace_key(KeyPair::generate()).unwrap_err();
+    assert!(e.to_string().contains("already has peers"), "{e}");
+    assert_eq!(cell.public_key(), build_key);
+    cell.down().unwrap();
+    connector.down().unwrap();
+}

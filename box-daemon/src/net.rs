@@ -392,7 +392,10 @@ impl BoxNet {
             )
             .execute()
             .await
-            .map_err(link_err("create veth pair", &names.veth))?;
+            .map_err(link_err(
+                "create veth pair (its peer inside the cell's netns)",
+                &format!("{} / {} in {}", names.veth, names.peer, net.netns.display()),
+            ))?;
         let veth = link_index(&host, &names.veth)
             .await?
             .ok_or_else(|| NetError::NoLink(names.veth.clone()))?;

@@ -209,11 +209,28 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Removes the stand-by `hwg0`, if there is one, off the async threads.
-    fn discard_standby(&self) {
-        if let Some(s) = self.standby().take() {
-            tokio::task::spawn_blocking(move || s.discard());
+    /// For a build without a tunnel: removes the warm cell's stand-by `hwg0` and any interface
+    /// a PrepareTunnel made, off the async threads. The build awaits the handle before its first
+    /// step, so no step sees them.
+    fn discard_tunnels(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let standby = self.standby().take();
+        let prepared = self
+            .shared
+            .tunnel_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if standby.is_none() && prepared.is_none() {
+            return None;
         }
+        Some(tokio::task::spawn_blocking(move || {
+            if let Some(s) = standby {
+                s.discard();
+            }
+            if let Some((_, p)) = prepared {
+                p.discard();
+            }
+        }))
     }
 
     /// Removes the container made ahead of a build that never came.
@@ -535,10 +552,12 @@ impl CellAgent for Agent {
             });
         }
         tracing::info!(build = %spec.id, steps = spec.steps.len(), "build accepted");
-        // A build without a tunnel does not keep the warm cell's interface.
-        if tunnel.is_none() {
-            self.discard_standby();
-        }
+        // A build without a tunnel keeps no tunnel interface.
+        let tunnels_gone = if tunnel.is_none() {
+            self.discard_tunnels()
+        } else {
+            None
+        };
         let prepared = self
             .shared
             .prepared
@@ -553,6 +572,7 @@ impl CellAgent for Agent {
             cancel_rx,
             prepared,
             tunnel,
+            tunnels_gone,
             held,
         ));
         Ok(Response::new(RunBuildReply { accepted: true }))

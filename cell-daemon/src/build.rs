@@ -119,11 +119,21 @@ pub async fn run(
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
     tunnel: Option<crate::privnet::Plan>,
+    tunnels_gone: Option<tokio::task::JoinHandle<()>>,
     held: Arc<crate::artifacts::Held>,
 ) {
     let started = Instant::now();
-    let ((state, code, message), files) =
-        run_inner(&cfg, reaper, &spec, &log, cancel, prepared, tunnel).await;
+    let ((state, code, message), files) = run_inner(
+        &cfg,
+        reaper,
+        &spec,
+        &log,
+        cancel,
+        prepared,
+        tunnel,
+        tunnels_gone,
+    )
+    .await;
     // Held before BUILD_FINISHED announces them: the box reads them once it sees that event.
     held.set(files);
     tracing::info!(
@@ -139,6 +149,7 @@ pub async fn run(
 /// How the build ended (state, exit code, message).
 type Ended = (BuildState, i32, String);
 
+#[allow(clippy::too_many_arguments)]
 async fn run_inner(
     cfg: &Config,
     reaper: Arc<Reaper>,
@@ -147,6 +158,7 @@ async fn run_inner(
     cancel: watch::Receiver<CancelRequest>,
     prepared: Option<Prepared>,
     tunnel: Option<crate::privnet::Plan>,
+    tunnels_gone: Option<tokio::task::JoinHandle<()>>,
 ) -> (Ended, Vec<crate::artifacts::Collected>) {
     log.system(
         0,
@@ -266,6 +278,7 @@ async fn run_inner(
         artifacts: Vec::new(),
         capture_clone: false,
         clone_output: std::sync::Mutex::new(Vec::new()),
+        tunnels_gone,
     };
     let result = runner.steps().await;
     let patterns = std::mem::take(&mut runner.artifacts);
@@ -376,6 +389,9 @@ struct Runner<'a> {
     /// While the clone runs: keep its output to explain a failure.
     capture_clone: bool,
     clone_output: std::sync::Mutex<Vec<u8>>,
+    /// Removing tunnel interfaces a build without a tunnel must not see (the warm cell's
+    /// stand-by `hwg0`): awaited before the first step, while the clone runs meanwhile.
+    tunnels_gone: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runner<'_> {
@@ -414,6 +430,9 @@ impl Runner<'_> {
             if let Err(msg) = self.apply_pipeline() {
                 return (BuildState::Failed, -1, msg);
             }
+        }
+        if let Some(gone) = self.tunnels_gone.take() {
+            let _ = gone.await;
         }
         let steps = self.steps.clone();
         for (i, step) in steps.iter().enumerate() {

@@ -340,18 +340,22 @@ impl Container {
         // namespace costs the kernel a network-wide synchronisation under its global netlink
         // lock (15-50 ms here), which every other cell's and build's link changes would wait
         // behind. The daemon keeps both fds, so both stay attached.
-        let tun_err = |e: crate::tunpair::TunError| ContainerError::Net {
-            command: "create TUN link".into(),
-            detail: hive_sys::error_chain(&e),
+        let tun_err = |end: &str| {
+            let command = format!("create TUN link {end}");
+            move |e: crate::tunpair::TunError| ContainerError::Net {
+                command,
+                detail: hive_sys::error_chain(&e),
+            }
         };
-        let cell_end = crate::tunpair::open_tun(CELL_LINK).map_err(tun_err)?;
+        let cell_end = crate::tunpair::open_tun(CELL_LINK)
+            .map_err(tun_err(&format!("{CELL_LINK} (cell side)")))?;
         let ctr_ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
         let ctr_end = hive_sys::netns::run_in(&ctr_ns, || crate::tunpair::open_tun("eth0"))
             .map_err(|e| ContainerError::Net {
                 command: format!("enter {} to create eth0", ctr_ns.display()),
                 detail: hive_sys::error_chain(&e),
             })?
-            .map_err(tun_err)?;
+            .map_err(tun_err("eth0 (in the container's netns)"))?;
         let ns = Some(&netns);
         self.net_cmd(ns, &["ip", "link", "set", "lo", "up"]).await?;
         self.net_cmd(ns, &["ip", "addr", "add", &ctr_addr, "dev", "eth0"])
@@ -364,8 +368,8 @@ impl Container {
             .await?;
         self.net_cmd(None, &["ip", "link", "set", CELL_LINK, "up"])
             .await?;
-        let fwd =
-            crate::tunpair::forward((CELL_LINK, cell_end), ("eth0", ctr_end)).map_err(tun_err)?;
+        let fwd = crate::tunpair::forward((CELL_LINK, cell_end), ("eth0", ctr_end))
+            .map_err(tun_err("pair: forwarding"))?;
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(fwd);
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| ContainerError::Net {
             command: "sysctl net.ipv4.ip_forward=1".into(),

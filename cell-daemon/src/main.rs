@@ -193,6 +193,11 @@ fn resolve(args: RunArgs, is_init: bool) -> anyhow::Result<Config> {
         prewarm: args.prewarm,
         tunnel_ready: args.tunnel_ready && args.prewarm,
     };
+    if args.tunnel_ready && !args.prewarm {
+        tracing::warn!(
+            "--tunnel-ready does nothing with --prewarm false (no container is made ahead)"
+        );
+    }
     cfg.validate()?;
     Ok(cfg)
 }

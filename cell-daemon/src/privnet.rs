@@ -93,12 +93,16 @@ impl UpTimes {
     }
 }
 
-/// What a thread that makes `hwg0` ahead returns: the tunnel, and how long it took.
-type Making = std::thread::JoinHandle<Result<(Tunnel, Duration), String>>;
+/// What a thread that makes `hwg0` ahead returns: the tunnel, how long it took, and when it
+/// was made (for the build log).
+type Making = std::thread::JoinHandle<Result<(Tunnel, Duration, &'static str), String>>;
+
+const AT_PREPARE: &str = "at PrepareTunnel";
+const WITH_WARM_CELL: &str = "with the warm cell";
 
 /// Makes `hwg0` in `netns` (the build container's), its UDP socket in this (the cell's)
 /// namespace, with `keys` and no address or peer, on a thread of its own.
-fn make_early(keys: KeyPair, netns: PathBuf) -> Making {
+fn make_early(keys: KeyPair, netns: PathBuf, when: &'static str) -> Making {
     let spawned = std::thread::Builder::new()
         .name("hwg0-early".into())
         .spawn(move || {
@@ -107,8 +111,11 @@ fn make_early(keys: KeyPair, netns: PathBuf) -> Making {
             spec.underlay_netns = Some(PathBuf::from("/proc/self/ns/net"));
             spec.netns = Some(netns);
             Tunnel::up(spec, keys)
-                .map(|t| (t, t0.elapsed()))
-                .map_err(|e| format!("tunnel set-up failed: {e}"))
+                .map(|t| (t, t0.elapsed(), when))
+                .map_err(|e| {
+                    tracing::warn!(error = %e, when, "making the tunnel interface ahead failed");
+                    format!("tunnel set-up failed: {e}")
+                })
         });
     // The keys went with the closure that never ran: say so at bring_up.
     spawned.unwrap_or_else(|e| std::thread::spawn(move || Err(format!("tunnel thread: {e}"))))
@@ -129,15 +136,15 @@ impl Standby {
     /// Starts making the interface in `netns`.
     pub fn start(netns: PathBuf) -> Self {
         Standby {
-            making: make_early(KeyPair::generate(), netns.clone()),
+            making: make_early(KeyPair::generate(), netns.clone(), WITH_WARM_CELL),
             netns,
         }
     }
 
-    /// Removes the interface (a build without a tunnel, or a cell shutting down). Blocking.
+    /// Removes the interface (a build without a tunnel). Blocking.
     pub fn discard(self) {
         match self.making.join() {
-            Ok(Ok((t, _))) => {
+            Ok(Ok((t, _, _))) => {
                 if let Err(e) = t.down() {
                     tracing::warn!(error = %e, "removing the stand-by tunnel interface");
                 }
@@ -164,7 +171,7 @@ enum Start {
     /// Nothing made yet: `bring_up` makes the whole tunnel.
     Keys(KeyPair),
     /// `hwg0` with the key and no address or peer, being made (or given the key) on a thread.
-    Early(&'static str, Making),
+    Early(Making),
 }
 
 impl Prepared {
@@ -182,7 +189,7 @@ impl Prepared {
     pub fn early(keys: KeyPair, netns: PathBuf) -> Self {
         Prepared {
             public: keys.public(),
-            start: Start::Early("at PrepareTunnel", make_early(keys, netns)),
+            start: Start::Early(make_early(keys, netns, AT_PREPARE)),
         }
     }
 
@@ -195,8 +202,8 @@ impl Prepared {
         let spawned = std::thread::Builder::new()
             .name("hwg0-key".into())
             .spawn(move || match making.join() {
-                Ok(Ok((mut t, made))) => match t.replace_key(keys) {
-                    Ok(()) => Ok((t, made)),
+                Ok(Ok((mut t, made, when))) => match t.replace_key(keys) {
+                    Ok(()) => Ok((t, made, when)),
                     Err(e) => {
                         let _ = t.down();
                         Err(format!("tunnel key: {e}"))
@@ -208,7 +215,7 @@ impl Prepared {
                         _ => "its thread panicked".into(),
                     };
                     tracing::warn!(error = %why, "the stand-by tunnel interface failed; making it now");
-                    make_early(keys, netns)
+                    make_early(keys, netns, AT_PREPARE)
                         .join()
                         .unwrap_or_else(|_| Err("tunnel thread panicked".into()))
                 }
@@ -217,12 +224,24 @@ impl Prepared {
             .unwrap_or_else(|e| std::thread::spawn(move || Err(format!("tunnel thread: {e}"))));
         Prepared {
             public,
-            start: Start::Early("with the warm cell", making),
+            start: Start::Early(making),
         }
     }
 
     pub fn public(&self) -> PublicKey {
         self.public
+    }
+
+    /// Removes an interface made for a build that then came without a tunnel, and wipes the
+    /// key. Blocking.
+    pub fn discard(self) {
+        if let Start::Early(making) = self.start {
+            if let Ok(Ok((t, _, _))) = making.join() {
+                if let Err(e) = t.down() {
+                    tracing::warn!(error = %e, "removing an unused tunnel interface");
+                }
+            }
+        }
     }
 }
 
@@ -329,8 +348,8 @@ impl Plan {
                 Tunnel::up(spec, keys)
                     .map_err(|e| format!("private network {net}: tunnel set-up failed: {e}"))?
             }
-            Start::Early(when, thread) => {
-                let (tunnel, made) = thread
+            Start::Early(thread) => {
+                let (tunnel, made, when) = thread
                     .join()
                     .map_err(|_| format!("private network {net}: tunnel thread panicked"))?
                     .map_err(|e| format!("private network {net}: {e}"))?;

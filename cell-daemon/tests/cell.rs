@@ -711,3 +711,37 @@ async fn tcp_listener_serves_the_probe() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `--tunnel-ready`: the warm cell's stand-by `hwg0`, and one a PrepareTunnel made, are gone
+/// before the first step of a build that has no tunnel, even one with no clone to hide behind.
+#[tokio::test]
+async fn a_build_without_a_tunnel_never_sees_the_tunnel_interface() {
+    let step = "grep -c 'hwg0:' /proc/net/dev || true";
+    for prepare in [false, true] {
+        let (_cell, mut c) = Cell::start(&["--tunnel-ready", "true"]).await;
+        // The stand-by is made once the container is ready: give it the time.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if prepare {
+            let key = c
+                .prepare_tunnel(hive_proto::v1::PrepareTunnelRequest {
+                    build_id: "b-notun".into(),
+                })
+                .await
+                .expect("PrepareTunnel")
+                .into_inner()
+                .public_key;
+            assert_eq!(key.len(), 44, "{key}");
+        }
+        let mut r = req("b-notun", &[step]);
+        r.repo_url = String::new();
+        c.run_build(r).await.expect("RunBuild");
+        let evs = events(&mut c, "b-notun", 0).await;
+        let (state, _, msg) = finished(&evs);
+        assert_eq!(state, BuildState::Succeeded, "{msg}");
+        assert_eq!(
+            output(&evs, 1, LogStream::Stdout).trim(),
+            "0",
+            "the step saw hwg0 (PrepareTunnel first: {prepare})"
+        );
+    }
+}

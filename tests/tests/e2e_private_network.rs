@@ -299,8 +299,8 @@ struct Timeline {
     interface_ms: i64,
     handshake_ms: i64,
     rearms: i64,
-    /// With the interface made at PrepareTunnel: how long that took on its thread, and how
-    /// much of "interface up" waited for it (0 without an early interface).
+    /// With the interface made ahead (with the warm cell, or at PrepareTunnel): how long that
+    /// took on its thread, and how much of "interface up" waited for it (0 without one).
     early_made_ms: i64,
     early_wait_ms: i64,
     /// The build got a warm cell (else it waited for one to boot).

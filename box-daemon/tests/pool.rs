@@ -41,6 +41,12 @@ async fn pool_keeps_target_hands_out_warm_cells_and_replaces_dead_ones() {
     let took = t.elapsed();
     assert!(warm);
     assert!(took < Duration::from_millis(20), "warm take took {took:?}");
+    // Its replacement waits for the build to start (the agent tops up then) or REFILL_AFTER,
+    // so the boot does not run beside the build's dispatch.
+    let booting = pool.states()[0].booting;
+    if t.elapsed() < hive_box::pool::REFILL_AFTER {
+        assert_eq!(booting, 0, "the replacement booted at the take");
+    }
     assert_eq!(a.health(Duration::from_secs(2)).await, Ok(true));
 
     // Unknown class: a clear error, not a panic.
@@ -51,7 +57,7 @@ async fn pool_keeps_target_hands_out_warm_cells_and_replaces_dead_ones() {
         other => panic!("expected UnknownClass, got {other:?}"),
     }
 
-    // Let the pool top up, then kill a warm cell's PID 1: the health check replaces it.
+    // Nobody tops up (no agent here): REFILL_AFTER does. Then kill a warm cell's PID 1: the health check replaces it.
     assert!(pool.wait_warm("small", 2, Duration::from_secs(60)).await);
     let (victim, _) = pool.warm_ids()[0].clone();
     let pid: i32 = std::fs::read_to_string(tb.sandbox.cell_dir(&victim).join("pid"))

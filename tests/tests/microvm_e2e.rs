@@ -695,6 +695,7 @@ async fn microvm_e2e_boot_time_bench() {
         "exec -> init exec'd, serial",
         "exec -> cell daemon ready, serial",
         "VMM overhead",
+        "cells ready/s/core",
     ] {
         let line = row(name);
         assert!(

@@ -446,3 +446,36 @@ fn block_rate_limit_paces_the_guest() {
         report.elapsed
     );
 }
+
+/// `vmm-bench` (issue 16) boots the test guest in our VMM and in QEMU side by side and prints
+/// boots per second per core for both, with the ratio: the figures are there and not zero.
+#[test]
+fn vmm_bench_prints_boots_per_second_per_core() {
+    if !kvm_or_skip("vmm_bench_prints_boots_per_second_per_core") {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-bench"))
+        .args(["--rounds", "1", "--boots", "4"])
+        .env("HIVE_BENCH_GUEST", guest_elf())
+        .output()
+        .expect("run vmm-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "vmm-bench failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("boots/s/core"))
+        .unwrap_or_else(|| panic!("no boots/s/core line:\n{text}"));
+    let figures: Vec<f64> = line
+        .split([' ', ','])
+        .filter_map(|w| w.trim_end_matches('x').parse::<f64>().ok())
+        .collect();
+    // 4 boots, cores at once, then hive-vmm's rate, QEMU's, and the ratio.
+    assert!(
+        figures.len() >= 3 && figures[figures.len() - 3..].iter().all(|f| *f > 0.0),
+        "figures missing in {line:?}"
+    );
+}

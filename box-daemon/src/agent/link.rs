@@ -244,7 +244,10 @@ impl<B: CellBackend> Agent<B> {
         match msg {
             Some(control_message::Msg::Assign(a)) => self.assign(a),
             Some(control_message::Msg::Cancel(c)) => self.cancel(c),
-            Some(control_message::Msg::Ack(ack)) => self.outbox().ack(ack.seq),
+            Some(control_message::Msg::Ack(ack)) => {
+                self.outbox().ack(ack.seq);
+                self.outbox_acked.notify_waiters();
+            }
             Some(control_message::Msg::Drain(_)) => {
                 tracing::info!("drain requested: finishing running builds, taking no new ones");
                 self.draining.store(true, Ordering::SeqCst);

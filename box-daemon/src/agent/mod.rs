@@ -126,6 +126,8 @@ pub struct Agent<B: CellBackend> {
     pool: Arc<Pool<B>>,
     outbox: Mutex<Outbox>,
     outbox_changed: Notify,
+    /// The control plane acknowledged more of the outbox (waiters: [`Agent::acked_within`]).
+    outbox_acked: Notify,
     builds: Mutex<HashMap<String, RunningBuild>>,
     builds_changed: Notify,
     last_contact: Mutex<Instant>,
@@ -192,6 +194,7 @@ impl<B: CellBackend> Agent<B> {
             pool,
             outbox: Mutex::new(Outbox::new()),
             outbox_changed: Notify::new(),
+            outbox_acked: Notify::new(),
             builds: Mutex::new(HashMap::new()),
             builds_changed: Notify::new(),
             last_contact: Mutex::new(Instant::now()),
@@ -273,10 +276,28 @@ impl<B: CellBackend> Agent<B> {
         })
     }
 
-    /// Queues an update or log for the control plane.
-    pub fn send(&self, msg: box_message::Msg) {
-        self.outbox().push(msg);
+    /// Queues an update or log for the control plane; returns its seq.
+    pub fn send(&self, msg: box_message::Msg) -> u64 {
+        let seq = self.outbox().push(msg);
         self.outbox_changed.notify_one();
+        seq
+    }
+
+    /// Waits until the control plane has acknowledged (stored) message `seq`, or `within` has
+    /// passed. (A reconnect may number the outbox afresh; the wait is then only the bound.)
+    async fn acked_within(&self, seq: u64, within: Duration) {
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            let acked = self.outbox_acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            if !self.outbox().holds(seq) {
+                return;
+            }
+            if tokio::time::timeout_at(end, acked).await.is_err() {
+                return;
+            }
+        }
     }
 
     fn update(
@@ -286,15 +307,9 @@ impl<B: CellBackend> Agent<B> {
         kind: BuildUpdateKind,
         f: impl FnOnce(&mut BuildUpdate),
     ) {
-        let mut u = BuildUpdate {
-            build_id: build_id.to_string(),
-            lease_id: lease_id.to_string(),
-            kind: kind as i32,
-            at_ms: now_ms(),
-            ..Default::default()
-        };
-        f(&mut u);
-        self.send(box_message::Msg::Update(u));
+        self.send(box_message::Msg::Update(new_update(
+            build_id, lease_id, kind, f,
+        )));
     }
 
     /// Reports a build failed that the box can no longer finish or give back.
@@ -314,4 +329,22 @@ impl<B: CellBackend> Agent<B> {
             u.message = message.to_string();
         });
     }
+}
+
+/// An update of `kind` for the build's attempt, stamped now.
+fn new_update(
+    build_id: &str,
+    lease_id: &str,
+    kind: BuildUpdateKind,
+    f: impl FnOnce(&mut BuildUpdate),
+) -> BuildUpdate {
+    let mut u = BuildUpdate {
+        build_id: build_id.to_string(),
+        lease_id: lease_id.to_string(),
+        kind: kind as i32,
+        at_ms: now_ms(),
+        ..Default::default()
+    };
+    f(&mut u);
+    u
 }

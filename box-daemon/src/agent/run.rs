@@ -3,17 +3,17 @@
 //! logs (log `seq` dense per build), reports FINISHED, and gives the cell back to be destroyed.
 //! Cancels reach the task through its watch channel; a graceful stop drains the tasks.
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hive_proto::v1::{
-    box_message, ArtifactChunk, ArtifactFile, Assignment, BuildState, BuildUpdateKind, CancelBuild,
-    CellCancelRequest, CellEventKind, CellEventsRequest, LogChunk, ReadArtifactRequest,
-    RunBuildRequest,
+    box_message, ArtifactChunk, ArtifactFile, Assignment, BuildState, BuildUpdate, BuildUpdateKind,
+    CancelBuild, CellCancelRequest, CellEventKind, CellEventsRequest, LogChunk,
+    ReadArtifactRequest, RunBuildRequest,
 };
 use tokio::sync::watch;
 
-use super::{outbox, Agent, RunningBuild, Stop};
+use super::{new_update, outbox, Agent, RunningBuild, Stop};
 use crate::backend::CellBackend;
 use crate::cell::Cell;
 use crate::metrics::{Stage, StartClock};
@@ -23,6 +23,30 @@ use hive_sys::now_ms;
 const ARTIFACT_TIME: Duration = Duration::from_secs(600);
 /// How long a live cell may leave its event stream unreachable before the build is failed.
 const STREAM_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Longest a build's ACCEPTED is held back waiting for its RUNNING (see [`HeldAccept`]). A warm
+/// start's RUNNING follows in a few milliseconds (p99 ~15 ms on a 2-core box); past this the
+/// ACCEPTED goes alone, as it always did.
+const ACCEPT_WINDOW: Duration = Duration::from_millis(50);
+
+/// A build's ACCEPTED, held back until its RUNNING (or [`ACCEPT_WINDOW`], or anything else the
+/// attempt reports, whichever comes first). The control plane stores each batch of a box's
+/// messages in one durable transaction and reads the next batch only after it commits: an
+/// ACCEPTED sent alone took one commit (1-4 ms of fsync here), and the RUNNING and first output
+/// that followed a millisecond later waited for it and then paid their own. Sent together, the
+/// three are stored in one commit. The update keeps the time it was made (`at_ms`), and is
+/// always sent before any later update of the attempt: whoever releases it first sends it under
+/// the lock, so a release that finds it gone knows it is already in the outbox.
+struct HeldAccept(Mutex<Option<BuildUpdate>>);
+
+impl HeldAccept {
+    fn release<B: CellBackend>(&self, agent: &Agent<B>) {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = held.take() {
+            agent.send(box_message::Msg::Update(u));
+        }
+    }
+}
 
 /// Most dispatch samples kept.
 const DISPATCH_SAMPLES: usize = 10_000;
@@ -171,14 +195,28 @@ impl<B: CellBackend> Agent<B> {
                 backend.record_build(&cell_id, &build_id, &lease_id)
             });
         }
-        self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Accepted, |u| {
-            u.cell_id = cell.id.clone();
-            u.warm_start = warm;
-        });
+        let held = Arc::new(HeldAccept(Mutex::new(Some(new_update(
+            &a.build_id,
+            &a.lease_id,
+            BuildUpdateKind::Accepted,
+            |u| {
+                u.cell_id = cell.id.clone();
+                u.warm_start = warm;
+            },
+        )))));
+        {
+            let (agent, held) = (Arc::clone(self), Arc::clone(&held));
+            tokio::spawn(async move {
+                tokio::time::sleep(ACCEPT_WINDOW).await;
+                held.release(&agent);
+            });
+        }
         tracing::info!(build = %a.build_id, cell = %cell.id, warm, since_assignment_us = received.elapsed().as_micros() as u64, "build placed in cell");
         let outcome = self
-            .relay(&cell, &a, cancel.clone(), received, &mut clock)
+            .relay(&cell, &a, cancel.clone(), received, &mut clock, &held)
             .await;
+        // Every way out of `relay` reports the attempt next: its ACCEPTED goes first.
+        held.release(self);
         if !outcome.artifacts.is_empty() {
             self.relay_artifacts(&cell, &a, &outcome.artifacts, &cancel)
                 .await;
@@ -221,6 +259,7 @@ impl<B: CellBackend> Agent<B> {
         mut cancel: watch::Receiver<Option<Stop>>,
         received: Instant,
         clock: &mut StartClock,
+        held: &HeldAccept,
     ) -> Outcome {
         let failed = |message: String| Outcome {
             state: BuildState::Failed,
@@ -232,6 +271,8 @@ impl<B: CellBackend> Agent<B> {
         let tunnel = if a.private_network.is_empty() {
             None
         } else {
+            // The key exchange is answered only after everything before it is stored.
+            held.release(self);
             match self.key_exchange(&mut client, cell, a).await {
                 Ok(t) => {
                     clock.mark(Stage::Tunnel);
@@ -349,6 +390,7 @@ impl<B: CellBackend> Agent<B> {
                         if !running {
                             running = true;
                             clock.mark(Stage::FirstEvent);
+                            held.release(self);
                             self.update(&a.build_id, &a.lease_id, BuildUpdateKind::Running, |u| u.cell_id = cell.id.clone());
                         }
                         match CellEventKind::try_from(ev.kind).unwrap_or(CellEventKind::Unspecified) {
@@ -370,7 +412,7 @@ impl<B: CellBackend> Agent<B> {
                                     ev.data.chunks(PIECE_BYTES).map(<[u8]>::to_vec).collect()
                                 };
                                 for data in pieces {
-                                    self.send(box_message::Msg::Log(LogChunk {
+                                    let seq = self.send(box_message::Msg::Log(LogChunk {
                                         build_id: a.build_id.clone(),
                                         seq: log_seq,
                                         stream: ev.stream,
@@ -378,6 +420,16 @@ impl<B: CellBackend> Agent<B> {
                                         data,
                                         at_ms,
                                     }));
+                                    if log_seq == 0 {
+                                        // Once the control plane has stored the first line
+                                        // (and sent it to followers), the taken cell's
+                                        // replacement may boot without slowing this start.
+                                        let agent = Arc::clone(self);
+                                        tokio::spawn(async move {
+                                            agent.acked_within(seq, crate::pool::REFILL_AFTER).await;
+                                            agent.pool.top_up();
+                                        });
+                                    }
                                     log_seq += 1;
                                 }
                             }

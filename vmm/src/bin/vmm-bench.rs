@@ -41,6 +41,10 @@ struct Args {
     /// Guest memory in MiB for both VMMs.
     #[arg(long, default_value_t = 64)]
     memory_mib: u32,
+    /// Boots for the throughput figure (test guest): this many VMs, as many at once as the
+    /// machine has cores, for each VMM; printed as boots per second per core. 0 skips it.
+    #[arg(long, default_value_t = 32, env = "HIVE_BENCH_BOOTS")]
+    boots: usize,
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64", env = "HIVE_BENCH_QEMU")]
     qemu: String,
@@ -473,7 +477,66 @@ fn bench(args: &Args) -> Result<(), String> {
         q.overhead_kib() as f64,
         "  ",
     );
+    if args.boots > 0 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ours = throughput(dir.path(), args.boots, cores, |_, cfg| run_ours(cfg))?;
+        let theirs = throughput(dir.path(), args.boots, cores, |disk, _| {
+            run_qemu(args, &guest, disk, accel)
+        })?;
+        let per_core = |secs: f64| args.boots as f64 / secs / cores as f64;
+        println!(
+            "boots/s/core ({} boots, {cores} at once; more is better): hive-vmm {:.1}, qemu-{accel} {:.1}, ratio {:.3}x",
+            args.boots,
+            per_core(ours),
+            per_core(theirs),
+            per_core(ours) / per_core(theirs)
+        );
+    }
     Ok(())
+}
+
+/// Seconds to boot `boots` test guests to DONE, `at_once` at a time (each worker with its own
+/// disk and config: the guest writes to its disk). Any failed boot fails the benchmark.
+fn throughput(
+    dir: &Path,
+    boots: usize,
+    at_once: usize,
+    boot: impl Fn(&Path, &Path) -> Result<Sample, String> + Sync,
+) -> Result<f64, String> {
+    let workers: Vec<(PathBuf, PathBuf)> = (0..at_once)
+        .map(|w| {
+            let disk = dir.join(format!("disk-{w}.img"));
+            std::fs::copy(dir.join("disk.img"), &disk).map_err(|e| format!("copy disk: {e}"))?;
+            let cfg = dir.join(format!("vm-{w}.json"));
+            let text = std::fs::read_to_string(dir.join("vm.json"))
+                .map_err(|e| format!("read config: {e}"))?;
+            let mut v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| format!("parse config: {e}"))?;
+            v["block"] = serde_json::json!([{ "path": disk }]);
+            std::fs::write(&cfg, v.to_string()).map_err(|e| format!("write config: {e}"))?;
+            Ok((disk, cfg))
+        })
+        .collect::<Result<_, String>>()?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|(disk, cfg)| {
+                let (next, boot) = (&next, &boot);
+                s.spawn(move || -> Result<(), String> {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < boots {
+                        boot(disk, cfg)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().map_err(|_| "a boot worker panicked".to_string())?)
+    })?;
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// The Linux guest boot benchmark (`--linux-kernel`).
@@ -843,6 +906,14 @@ mod linux {
             kib(&qemu, |b| {
                 b.peak_rss_kib.saturating_sub(b.guest_touched_kib)
             }),
+        );
+        // One boot at a time to ready on this machine's cores (in the emulated host, TCG's).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let per_core = |ms: Option<f64>| ms.filter(|m| *m > 0.0).map(|m| 1000.0 / m / cores);
+        row(
+            "cells ready/s/core, one boot at a time",
+            per_core(ms(median_of(&ours, |b| Some(b.ready)))),
+            per_core(ms(median_of(&qemu, |b| Some(b.ready)))),
         );
         println!(
             "{:<44} {:>12} {:>12}",

@@ -96,6 +96,10 @@ enum Bench {
         /// room for its whole share up front (pure placement rate).
         #[arg(long)]
         warm: Option<u32>,
+        /// Instead of one size, the curve: 10 boxes / 1,000 builds, 100 / 10,000 and 1,000 /
+        /// 100,000 (--boxes and --builds are ignored), then placements/s by size per store.
+        #[arg(long)]
+        curve: bool,
     },
     /// 1 vs 3 control planes on one PostgreSQL: webhooks/s, placements/s, failover time.
     Cluster {
@@ -642,89 +646,152 @@ async fn schedule(
         }
     );
     for label in stores(cli) {
-        let (cp, store) = start(cli, label).await?;
-        create_project(&cp).await?;
-        let grpc = cp.grpc_url();
-        let submit = submit_builds(&cp, builds, clients).await?;
-
-        // Each box has room for its share (plus slack), warm: a pure placement measurement.
-        let per_box = warm.unwrap_or(builds.div_ceil(boxes.max(1)) as u32 + 2);
-        let turnover = warm.is_some();
-        let t_connect = Instant::now();
-        let mut tasks = Vec::new();
-        let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, String)>();
-        let assigned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let deadline = Instant::now() + Duration::from_secs(600);
-        for b in 0..boxes {
-            let grpc = grpc.clone();
-            let tx = first_tx.clone();
-            let assigned = assigned.clone();
-            tasks.push(tokio::spawn(async move {
-                let cfg =
-                    FakeBoxConfig::new(&format!("bench-box-{b:03}"), "small", per_box, per_box);
-                let mut fb = FakeBox::connect(&grpc, cfg).await?;
-                use std::sync::atomic::Ordering::Relaxed;
-                while assigned.load(Relaxed) < builds {
-                    match fb.next_assignment(Duration::from_millis(200)).await {
-                        Ok(a) => {
-                            let _ = tx.send((Instant::now(), a.build_id.clone()));
-                            assigned.fetch_add(1, Relaxed);
-                            fb.accept(&a, &format!("cell-{}", a.build_id), true).await;
-                            if turnover {
-                                fb.running(&a).await;
-                                fb.finish(&a, hive_proto::v1::BuildState::Succeeded, 0)
-                                    .await;
-                            }
-                        }
-                        Err(hive_testkit::fakebox::FakeBoxError::Timeout(..)) => {
-                            if Instant::now() > deadline {
-                                return Err(BenchError::Check(format!(
-                                    "only {} of {builds} builds assigned after 600 s",
-                                    assigned.load(Relaxed)
-                                )));
-                            }
-                        }
-                        Err(e) => return Err(BenchError::FakeBox(e)),
-                    }
-                }
-                fb.wait_all_acked(Duration::from_secs(30)).await?;
-                Ok::<_, BenchError>(())
-            }));
-        }
-        drop(first_tx);
-        let mut seen = HashSet::with_capacity(builds);
-        let mut times = Vec::with_capacity(builds);
-        while let Some((t, id)) = first_rx.recv().await {
-            if !seen.insert(id.clone()) {
-                return Err(BenchError::Check(format!("build {id} assigned twice")));
-            }
-            times.push(t);
-        }
-        for t in tasks {
-            t.await??;
-        }
-        if seen.len() != builds {
-            return Err(BenchError::Check(format!(
-                "{} of {builds} builds were assigned",
-                seen.len()
-            )));
-        }
-        times.sort();
-        let first = times[0];
-        let last = times[times.len() - 1];
-        let span = last - first;
-        println!("[{}]", store.label);
-        println!("  {}", submit.line("SubmitBuild (queue fill)"));
-        println!(
-            "  placements: {builds} on {boxes} boxes, first->last assignment {:.2}s = {:.0}/s \
-             (connect->last {:.2}s; every build assigned exactly once)",
-            span.as_secs_f64(),
-            builds as f64 / span.as_secs_f64().max(1e-9),
-            (last - t_connect).as_secs_f64()
-        );
-        finish(cp, store).await;
+        place(cli, label, builds, boxes, clients, warm).await?;
     }
     Ok(())
+}
+
+/// `schedule --curve`: placements/s at 10, 100 and 1,000 boxes (100 builds per box), per store.
+async fn schedule_curve(cli: &Cli, clients: usize, warm: Option<u32>) -> Result<(), BenchError> {
+    const SIZES: [(usize, usize); 3] = [(10, 1_000), (100, 10_000), (1_000, 100_000)];
+    let labels = stores(cli);
+    let mut rates = Vec::new();
+    for (boxes, builds) in SIZES {
+        println!(
+            "schedule curve: {builds} queued builds, {boxes} fake boxes ({})",
+            match warm {
+                Some(n) => format!("{n} warm cells per box, each build finished at once"),
+                None => "room for every build up front".to_string(),
+            }
+        );
+        let mut row = Vec::new();
+        for label in &labels {
+            row.push(place(cli, label, builds, boxes, clients, warm).await?);
+        }
+        rates.push(row);
+    }
+    println!("placements/s by size (first->last assignment):");
+    println!(
+        "  {:>6} {:>8} {}",
+        "boxes",
+        "builds",
+        labels
+            .iter()
+            .map(|l| format!("{l:>10}"))
+            .collect::<String>()
+    );
+    for ((boxes, builds), row) in SIZES.iter().zip(&rates) {
+        println!(
+            "  {boxes:>6} {builds:>8} {}",
+            row.iter().map(|r| format!("{r:>10.0}")).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
+/// One placement run on a fresh control plane and `label`'s store: queue `builds`, connect
+/// `boxes` fake boxes, time first -> last assignment. Prints its figures; returns placements/s.
+async fn place(
+    cli: &Cli,
+    label: &'static str,
+    builds: usize,
+    boxes: usize,
+    clients: usize,
+    warm: Option<u32>,
+) -> Result<f64, BenchError> {
+    let (cp, store) = start(cli, label).await?;
+    create_project(&cp).await?;
+    let grpc = cp.grpc_url();
+    let submit = submit_builds(&cp, builds, clients).await?;
+
+    // Each box has room for its share (plus slack), warm: a pure placement measurement.
+    let per_box = warm.unwrap_or(builds.div_ceil(boxes.max(1)) as u32 + 2);
+    let turnover = warm.is_some();
+    let t_connect = Instant::now();
+    let mut tasks = Vec::new();
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, String)>();
+    let assigned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for b in 0..boxes {
+        let grpc = grpc.clone();
+        let tx = first_tx.clone();
+        let assigned = assigned.clone();
+        tasks.push(tokio::spawn(async move {
+            let cfg = FakeBoxConfig::new(&format!("bench-box-{b:03}"), "small", per_box, per_box);
+            let mut fb = FakeBox::connect(&grpc, cfg).await?;
+            use std::sync::atomic::Ordering::Relaxed;
+            while assigned.load(Relaxed) < builds {
+                match fb.next_assignment(Duration::from_millis(200)).await {
+                    Ok(a) => {
+                        let _ = tx.send((Instant::now(), a.build_id.clone()));
+                        assigned.fetch_add(1, Relaxed);
+                        fb.accept(&a, &format!("cell-{}", a.build_id), true).await;
+                        if turnover {
+                            fb.running(&a).await;
+                            fb.finish(&a, hive_proto::v1::BuildState::Succeeded, 0)
+                                .await;
+                        }
+                    }
+                    Err(hive_testkit::fakebox::FakeBoxError::Timeout(..)) => {
+                        if Instant::now() > deadline {
+                            return Err(BenchError::Check(format!(
+                                "only {} of {builds} builds assigned after 600 s",
+                                assigned.load(Relaxed)
+                            )));
+                        }
+                    }
+                    Err(e) => return Err(BenchError::FakeBox(e)),
+                }
+            }
+            // Generous: at 1,000 boxes the acks trail the placements by tens of seconds.
+            fb.wait_all_acked(Duration::from_secs(300)).await?;
+            Ok::<_, BenchError>(())
+        }));
+    }
+    drop(first_tx);
+    let mut seen = HashSet::with_capacity(builds);
+    let mut times = Vec::with_capacity(builds);
+    while let Some((t, id)) = first_rx.recv().await {
+        if !seen.insert(id.clone()) {
+            return Err(BenchError::Check(format!("build {id} assigned twice")));
+        }
+        times.push(t);
+    }
+    // A box whose acknowledgements never came is reported after the placement figures, which
+    // stand without it (every assignment arrived).
+    let mut unacked = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await? {
+            unacked.push(e);
+        }
+    }
+    if seen.len() != builds {
+        return Err(BenchError::Check(format!(
+            "{} of {builds} builds were assigned",
+            seen.len()
+        )));
+    }
+    times.sort();
+    let first = times[0];
+    let last = times[times.len() - 1];
+    let span = last - first;
+    println!("[{}]", store.label);
+    println!("  {}", submit.line("SubmitBuild (queue fill)"));
+    let rate = builds as f64 / span.as_secs_f64().max(1e-9);
+    println!(
+        "  placements: {builds} on {boxes} boxes, first->last assignment {:.2}s = {rate:.0}/s \
+         (connect->last {:.2}s; every build assigned exactly once)",
+        span.as_secs_f64(),
+        (last - t_connect).as_secs_f64()
+    );
+    let failed = unacked.len();
+    if let Some(e) = unacked.into_iter().next() {
+        println!("  {failed} of {boxes} boxes failed after their assignments: {e}");
+        finish(cp, store).await;
+        return Err(e);
+    }
+    finish(cp, store).await;
+    Ok(rate)
 }
 
 /// Control planes sharing one PostgreSQL database, for `cluster`.
@@ -989,7 +1056,14 @@ async fn main() -> std::process::ExitCode {
             boxes,
             clients,
             warm,
+            curve: false,
         } => schedule(&cli, *builds, *boxes, *clients, *warm).await,
+        Bench::Schedule {
+            clients,
+            warm,
+            curve: true,
+            ..
+        } => schedule_curve(&cli, *clients, *warm).await,
         Bench::Cluster {
             requests,
             clients,

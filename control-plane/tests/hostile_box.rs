@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{api, eventually, fake_box, http, pool, start_with, FakeBox, FakeBoxConfig};
+use hive_control_plane::server::Handle;
 use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{BoxMessage, CreateProjectRequest, Heartbeat, SubmitBuildRequest};
@@ -402,6 +403,122 @@ async fn a_megabyte_finish_message_is_cut() {
         build.message.len()
     );
     assert!(build.message.ends_with('…'));
+    drop(b);
+    handle.shutdown().await;
+    db.drop_db().await;
+}
+
+/// A heartbeat writes only the cells that changed since the session's last write (at 1,000
+/// boxes of 100 cells, writing them all every beat was most of SQLite's work), and of several
+/// heartbeats waiting at once only the last is applied. The stored cells must still be exactly
+/// what the box last reported: changed, new and gone cells, a burst, and a new session (which
+/// writes them all, as another session may have left rows behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_cells_follow_each_heartbeat_a_burst_and_a_new_session() {
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start_with(&db.url, |c| c.lease = Duration::from_secs(60)).await;
+    let cell = |id: &str, state: &str, build: &str| hive_proto::v1::CellInfo {
+        id: id.into(),
+        box_id: "box-cells".into(),
+        size_class: "small".into(),
+        state: state.into(),
+        build_id: build.into(),
+        ..Default::default()
+    };
+    let beat = |cells: Vec<hive_proto::v1::CellInfo>| BoxMessage {
+        seq: 0,
+        msg: Some(BoxMsg::Heartbeat(Heartbeat {
+            pools: vec![pool("small", 8, 8)],
+            running_builds: Vec::new(),
+            cells,
+        })),
+    };
+    async fn answered(b: &mut FakeBox) {
+        loop {
+            match b.next_raw(WAIT).await {
+                Ok(Some(m)) if matches!(m.msg, Some(CtlMsg::Ack(_))) => return,
+                Ok(Some(_)) => {}
+                other => panic!("no answer to a heartbeat: {other:?}"),
+            }
+        }
+    }
+    async fn stored(handle: &Handle) -> Vec<(String, String, String)> {
+        let mut cells: Vec<(String, String, String)> = api(handle)
+            .await
+            .list_cells(hive_proto::v1::ListCellsRequest {
+                box_id: "box-cells".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .cells
+            .into_iter()
+            .map(|c| (c.id, c.state, c.build_id))
+            .collect();
+        cells.sort();
+        cells
+    }
+    let want = |v: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
+        v.iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect()
+    };
+
+    let (mut b, _) = fake_box(&handle, "box-cells", vec![pool("small", 8, 8)]).await;
+    b.send_raw(beat(vec![
+        cell("c1", "warm", ""),
+        cell("c2", "warm", ""),
+        cell("c3", "warm", ""),
+    ]))
+    .await
+    .unwrap();
+    answered(&mut b).await;
+    assert_eq!(
+        stored(&handle).await,
+        want(&[("c1", "warm", ""), ("c2", "warm", ""), ("c3", "warm", "")])
+    );
+
+    // c1 changed, c2 the same, c3 gone, c4 new.
+    b.send_raw(beat(vec![
+        cell("c1", "busy", "b-1"),
+        cell("c2", "warm", ""),
+        cell("c4", "booting", ""),
+    ]))
+    .await
+    .unwrap();
+    answered(&mut b).await;
+    assert_eq!(
+        stored(&handle).await,
+        want(&[
+            ("c1", "busy", "b-1"),
+            ("c2", "warm", ""),
+            ("c4", "booting", "")
+        ])
+    );
+
+    // A burst: whatever is applied of it, the last report is what stays.
+    for cells in [
+        vec![cell("c5", "warm", "")],
+        vec![cell("c6", "warm", ""), cell("c1", "warm", "")],
+        vec![cell("c2", "busy", "b-2"), cell("c7", "warm", "")],
+    ] {
+        b.send_raw(beat(cells)).await.unwrap();
+    }
+    let last = want(&[("c2", "busy", "b-2"), ("c7", "warm", "")]);
+    eventually(WAIT, "the burst's last cells stored", || {
+        let (handle, last) = (&handle, last.clone());
+        async move { stored(handle).await == last }
+    })
+    .await;
+
+    // A new session writes the box's cells whole.
+    drop(b);
+    let (mut b, _) = fake_box(&handle, "box-cells", vec![pool("small", 8, 8)]).await;
+    b.send_raw(beat(vec![cell("c8", "warm", "")]))
+        .await
+        .unwrap();
+    answered(&mut b).await;
+    assert_eq!(stored(&handle).await, want(&[("c8", "warm", "")]));
     drop(b);
     handle.shutdown().await;
     db.drop_db().await;

@@ -193,6 +193,9 @@ impl<B: CellBackend> Agent<B> {
             self.lease_ms.store(ms, Ordering::SeqCst);
         }
         self.outbox().registered(reg.acked_seq);
+        // What the control plane already had counts as acknowledged (a refill waiting on the
+        // first log line's ack goes on at once after a reconnect).
+        self.outbox_acked.notify_waiters();
         self.resend_key_exchanges();
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.connected.store(true, Ordering::SeqCst);

@@ -6,7 +6,7 @@
 //! the registry to place builds and writes assignments into the session's channel. Key exchange
 //! requests are answered from their own task (`domain::keyexchange`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use crate::pki::PeerIdentity;
 use crate::registry::boxes::{pools_json, Conn, ACTIVE, CORDONED, DRAINING};
 use crate::state::{millis, Hive};
 use crate::store::{
-    now_ms, Acceptance, BoxBatch, BoxCertRow, BoxRow, CellRow, LogStored, StoreError,
+    now_ms, Acceptance, BoxBatch, BoxCertRow, BoxRow, CellRow, CellsWrite, LogStored, StoreError,
 };
 
 /// How long a new session may take to send its `Register`.
@@ -443,6 +443,8 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
                 acked: acked_seq,
                 ahead: BTreeSet::new(),
             },
+            renewed: None,
+            cells: None,
         };
         if let Err(e) = session.renew(&reg.running_builds).await {
             tracing::warn!(box_id = %reg.box_id, error = %e, "renewing leases at register failed");
@@ -606,7 +608,18 @@ struct Session {
     /// This session in the box's row (`session_owner`).
     owner: String,
     acks: AckTracker,
+    /// When this session last renewed the box's leases, and the builds it found live then.
+    renewed: Option<(Instant, HashSet<String>)>,
+    /// The box's `cells` rows as this session last wrote them (None: not yet).
+    cells: Option<std::collections::HashMap<String, CellRow>>,
 }
+
+/// A heartbeat that names only builds whose live leases this session renewed less than this
+/// part of a lease ago leaves them as they are. The lease is never less than three quarters
+/// full; renewing every build on every heartbeat was, at 1,000 boxes holding 100 builds each,
+/// 50,000 lease rows read and written a second. A build the heartbeat names for the first time
+/// is checked (and renewed) at once.
+const RENEW_EVERY_PART_OF_LEASE: u32 = 4;
 
 impl Session {
     async fn run(
@@ -662,13 +675,20 @@ impl Session {
     async fn handle(&mut self, msgs: Vec<BoxMessage>) -> Result<(), SessionError> {
         let mut group: Vec<(u64, Item)> = Vec::new();
         let mut answer = false;
-        for msg in msgs {
+        // A heartbeat is the box's whole state: of several waiting at once only the last is
+        // applied (the others are answered with it). A control plane that fell behind catches
+        // up instead of storing each stale one in turn.
+        let last_heartbeat = msgs
+            .iter()
+            .rposition(|m| matches!(m.msg, Some(BoxMsg::Heartbeat(_))));
+        for (i, msg) in msgs.into_iter().enumerate() {
             let seq = msg.seq;
             if let Err(e) = self.acks.check(seq) {
                 self.hive.metrics.box_violation("seq_ahead");
                 return Err(e);
             }
             match msg.msg {
+                Some(BoxMsg::Heartbeat(_)) if Some(i) != last_heartbeat => answer = true,
                 Some(BoxMsg::Update(u)) => group.push((seq, Item::Update(u))),
                 Some(BoxMsg::Log(chunk)) => group.push((seq, Item::Log(chunk))),
                 Some(BoxMsg::Heartbeat(hb)) => {
@@ -873,6 +893,9 @@ impl Session {
         {
             tracing::warn!(box_id = %self.box_id, error = %e, "saving box state at disconnect");
         }
+        if let Err(e @ SessionError::Store(_)) = &result {
+            tracing::warn!(box_id = %self.box_id, error = %e, "box session ended by an error; the box reconnects and sends what was not acknowledged again");
+        }
         if self.hive.registry.disconnect(&self.box_id, self.conn_id) {
             tracing::info!(box_id = %self.box_id, why, "box offline");
             self.hive.wake.notify_one();
@@ -908,18 +931,17 @@ impl Session {
             &mut hb.running_builds,
         );
         let cells_changed = self.hive.registry.heartbeat(&self.box_id, &hb);
-        self.hive
-            .store
-            .touch_box(
-                &self.box_id,
-                &pools_json(&hb.pools),
-                now_ms(),
-                self.acks.acked,
-            )
-            .await?;
-        if cells_changed {
+        let renew = match &self.renewed {
+            Some((at, live)) => {
+                at.elapsed() >= self.hive.lease / RENEW_EVERY_PART_OF_LEASE
+                    || hb.running_builds.iter().any(|b| !live.contains(b))
+            }
+            None => true,
+        };
+        let running: &[String] = if renew { &hb.running_builds } else { &[] };
+        let cells = if cells_changed || self.cells.is_none() {
             let now = now_ms();
-            let cells: Vec<CellRow> = hb
+            let rows: Vec<CellRow> = hb
                 .cells
                 .iter()
                 .map(|c| CellRow {
@@ -935,22 +957,75 @@ impl Session {
                     },
                 })
                 .collect();
-            self.hive.store.replace_cells(&self.box_id, &cells).await?;
+            Some(rows)
+        } else {
+            None
+        };
+        let write = match &cells {
+            Some(rows) => CellsWrite::between(self.cells.as_ref(), rows),
+            None => CellsWrite::Nothing,
+        };
+        // Lease renewals, cells, pools, time seen and acked seq: one batch (on SQLite, a turn in
+        // the box sessions' shared commit rather than commits of its own).
+        let mut batch = self.hive.store.box_batch(&self.box_id).await?;
+        let orphans = batch
+            .heartbeat(
+                running,
+                self.hive.lease_deadline_ms(),
+                &write,
+                &pools_json(&hb.pools),
+                now_ms(),
+            )
+            .await?;
+        batch.commit(self.acks.acked).await?;
+        if renew {
+            let live = hb
+                .running_builds
+                .iter()
+                .filter(|b| !orphans.contains(b))
+                .cloned()
+                .collect();
+            self.renewed = Some((Instant::now(), live));
         }
-        self.renew(&hb.running_builds).await?;
+        if let Some(rows) = cells {
+            // What the store holds now. A row keeps the time it was written with while it
+            // stays the same.
+            let mut written = self.cells.take().unwrap_or_default();
+            match write {
+                CellsWrite::Nothing => {}
+                CellsWrite::All(_) => {
+                    written = rows.into_iter().map(|c| (c.id.clone(), c)).collect();
+                }
+                CellsWrite::Changes { upsert, removed } => {
+                    for id in removed {
+                        written.remove(&id);
+                    }
+                    for c in upsert {
+                        written.insert(c.id.clone(), c);
+                    }
+                }
+            }
+            self.cells = Some(written);
+        }
+        self.stop_orphans(orphans).await?;
         self.hive.wake.notify_one();
         Ok(())
     }
 
-    /// Renews the leases of the builds the box says it runs; tells it to stop any it holds
-    /// without a lease (ended, re-queued elsewhere, unknown).
+    /// Renews the leases of the builds the box says it runs at registration, and tells it to
+    /// stop any it holds without one.
     async fn renew(&self, running: &[String]) -> Result<(), SessionError> {
-        let deadline = self.hive.lease_deadline_ms();
         let orphans = self
             .hive
             .store
-            .renew_leases(&self.box_id, running, deadline)
+            .renew_leases(&self.box_id, running, self.hive.lease_deadline_ms())
             .await?;
+        self.stop_orphans(orphans).await
+    }
+
+    /// Tells the box to stop the builds its heartbeat named that it holds no live lease for
+    /// (ended, re-queued elsewhere, unknown).
+    async fn stop_orphans(&self, orphans: Vec<String>) -> Result<(), SessionError> {
         let mut told = 0;
         for build_id in orphans {
             if self

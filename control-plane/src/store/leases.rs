@@ -31,54 +31,10 @@ impl Store {
         if build_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut ids: Vec<&str> = build_ids.iter().map(String::as_str).collect();
-        ids.sort_unstable();
-        ids.dedup();
         let mut tx = self.begin().await?;
-        let mut orphans = std::collections::HashSet::new();
-        // Two statements per chunk, whatever the number of builds: which of them hold a live
-        // lease on this box, then those leases renewed.
-        for (at, n) in pow2_chunks(ids.len(), RENEW_ROWS) {
-            let chunk = &ids[at..at + n];
-            let sql = format!(
-                "SELECT id, build_id FROM leases WHERE box_id = $1 AND state = 'live' \
-                 AND build_id IN ({})",
-                numbered(n, 2)
-            );
-            let mut query = sqlx::query_as::<_, (String, String)>(&sql).bind(box_id);
-            for b in chunk {
-                query = query.bind(*b);
-            }
-            let live = query
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("select live leases"))?;
-            let held: std::collections::HashSet<&str> =
-                live.iter().map(|(_, b)| b.as_str()).collect();
-            orphans.extend(chunk.iter().copied().filter(|b| !held.contains(*b)));
-            // By lease id (the primary key) alone, the rest in the CASE: given `state` and
-            // `deadline_ms` in the WHERE, SQLite (no statistics) scanned every live lease by
-            // its deadline index instead, 3 ms a statement with 10,000 leases.
-            for (from, m) in pow2_chunks(live.len(), RENEW_ROWS) {
-                let sql = format!(
-                    "UPDATE leases SET deadline_ms = CASE WHEN state = 'live' \
-                     AND deadline_ms < $1 THEN $1 ELSE deadline_ms END WHERE id IN ({})",
-                    numbered(m, 2)
-                );
-                let mut query = sqlx::query(&sql).bind(deadline_ms);
-                for (id, _) in &live[from..from + m] {
-                    query = query.bind(id);
-                }
-                query.execute(&mut *tx).await.map_err(q("renew leases"))?;
-            }
-        }
+        let orphans = renew_leases_tx(&mut tx, box_id, build_ids, deadline_ms).await?;
         tx.commit().await.map_err(q("commit lease renewal"))?;
-        // In the order the box named them, once each.
-        Ok(build_ids
-            .iter()
-            .filter(|b| orphans.remove(b.as_str()))
-            .cloned()
-            .collect())
+        Ok(orphans)
     }
 
     /// Gives every live lease at least until `deadline_ms` (at start-up: boxes get one lease
@@ -182,4 +138,62 @@ impl From<LeaseRecord> for LeaseRow {
             confirmed: r.confirmed != 0,
         }
     }
+}
+
+/// [`Store::renew_leases`] inside `tx` (a box session's heartbeat batch, see
+/// [`super::BoxBatch::heartbeat`]).
+pub(crate) async fn renew_leases_tx(
+    tx: &mut Transaction<'_, Any>,
+    box_id: &str,
+    build_ids: &[String],
+    deadline_ms: i64,
+) -> Result<Vec<String>> {
+    if build_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<&str> = build_ids.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut orphans = std::collections::HashSet::new();
+    // Two statements per chunk, whatever the number of builds: which of them hold a live
+    // lease on this box, then those leases renewed.
+    for (at, n) in pow2_chunks(ids.len(), RENEW_ROWS) {
+        let chunk = &ids[at..at + n];
+        let sql = format!(
+            "SELECT id, build_id FROM leases WHERE box_id = $1 AND state = 'live' \
+                 AND build_id IN ({})",
+            numbered(n, 2)
+        );
+        let mut query = sqlx::query_as::<_, (String, String)>(&sql).bind(box_id);
+        for b in chunk {
+            query = query.bind(*b);
+        }
+        let live = query
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(q("select live leases"))?;
+        let held: std::collections::HashSet<&str> = live.iter().map(|(_, b)| b.as_str()).collect();
+        orphans.extend(chunk.iter().copied().filter(|b| !held.contains(*b)));
+        // By lease id (the primary key) alone, the rest in the CASE: given `state` and
+        // `deadline_ms` in the WHERE, SQLite (no statistics) scanned every live lease by
+        // its deadline index instead, 3 ms a statement with 10,000 leases.
+        for (from, m) in pow2_chunks(live.len(), RENEW_ROWS) {
+            let sql = format!(
+                "UPDATE leases SET deadline_ms = CASE WHEN state = 'live' \
+                     AND deadline_ms < $1 THEN $1 ELSE deadline_ms END WHERE id IN ({})",
+                numbered(m, 2)
+            );
+            let mut query = sqlx::query(&sql).bind(deadline_ms);
+            for (id, _) in &live[from..from + m] {
+                query = query.bind(id);
+            }
+            query.execute(&mut **tx).await.map_err(q("renew leases"))?;
+        }
+    }
+    // In the order the box named them, once each.
+    Ok(build_ids
+        .iter()
+        .filter(|b| orphans.remove(b.as_str()))
+        .cloned()
+        .collect())
 }

@@ -59,7 +59,7 @@ mod tokens;
 pub use artifacts::{ArtifactRow, ArtifactTarget};
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
 pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRevoke, JoinTokenRow, PurgedCredentials};
-pub use boxes::{BoxBatch, BoxRow, CellRow};
+pub use boxes::{BoxBatch, BoxRow, CellRow, CellsWrite};
 pub use builds::{Acceptance, BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::{Delivery, NewDelivery};
 pub use forges::{ForgeRow, OutboxSummary, StatusRow};
@@ -180,6 +180,11 @@ pub struct Store {
 
 /// SQLite: how often [`checkpointer`] copies the WAL back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// SQLite: how long the WAL may stay uncopied before [`checkpointer`] warns, and how often a
+/// lasting checkpoint error is repeated.
+const CHECKPOINT_WARN_AFTER: Duration = Duration::from_secs(60);
+/// SQLite: how long [`Store::close`] waits for a checkpoint in flight.
+const CHECKPOINT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// SQLite: the WAL file is cut back to this size whenever a checkpoint lets it start over.
 const WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 
@@ -332,7 +337,6 @@ impl Store {
                     .connect_with(checkpoint_options)
                     .await
                     .map_err(connect_err)?;
-                tokio::spawn(checkpointer(c.clone(), shown.clone()));
                 Some(c)
             }
             _ => None,
@@ -354,6 +358,10 @@ impl Store {
                 "repository keys brought to this version's rule"
             );
         }
+        // Only once the store is open: a failed open leaves no task behind.
+        if let Some(c) = &store.checkpoints {
+            tokio::spawn(checkpointer(c.clone(), shown.clone()));
+        }
         Ok(store)
     }
 
@@ -364,7 +372,14 @@ impl Store {
     /// Waits for in-flight queries and closes every connection.
     pub async fn close(&self) {
         if let Some(c) = &self.checkpoints {
-            c.close().await;
+            // A checkpoint in flight is only a copy of what is already committed: not worth
+            // holding a shutdown for (SQLite finishes or rolls it back on the next open).
+            if tokio::time::timeout(CHECKPOINT_CLOSE_WAIT, c.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!("a WAL checkpoint was still running at close; left to SQLite");
+            }
         }
         self.reads.close().await;
         self.pool.close().await;
@@ -494,9 +509,8 @@ async fn checkpointer(pool: AnyPool, db: String) {
     use sqlx::Row as _;
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Since when the checkpoints have left frames behind, and whether that was said.
-    let mut behind_since: Option<std::time::Instant> = None;
-    let mut warned = false;
+    let mut behind = Behind::default();
+    let mut last_error: Option<std::time::Instant> = None;
     loop {
         tick.tick().await;
         if pool.is_closed() {
@@ -505,26 +519,72 @@ async fn checkpointer(pool: AnyPool, db: String) {
         let res = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&pool)
             .await
-            .and_then(|row| Ok((row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)?)));
+            .and_then(|row| {
+                Ok((
+                    row.try_get::<i64, _>(0)?,
+                    row.try_get::<i64, _>(1)?,
+                    row.try_get::<i64, _>(2)?,
+                ))
+            });
         match res {
-            Ok((log, copied)) if copied < log => {
-                let since = *behind_since.get_or_insert_with(std::time::Instant::now);
-                if !warned && since.elapsed() > Duration::from_secs(60) {
-                    warned = true;
-                    tracing::warn!(%db, wal_frames = log, copied,
-                        "SQLite has not caught up with its WAL for a minute: a long reader holds it back, and the WAL grows");
+            Ok((busy, log, copied)) => {
+                last_error = None;
+                match behind.saw(busy != 0, log, copied, std::time::Instant::now()) {
+                    Some(Said::Behind) => tracing::warn!(%db, wal_frames = log, copied,
+                        "SQLite has not copied its WAL back for a minute and the WAL keeps growing: a long reader holds it back"),
+                    Some(Said::CaughtUp) => {
+                        tracing::info!(%db, "SQLite's WAL is copied back again")
+                    }
+                    None => {}
                 }
-            }
-            Ok(_) => {
-                if warned {
-                    tracing::info!(%db, "SQLite's WAL is copied back again");
-                }
-                behind_since = None;
-                warned = false;
             }
             Err(_) if pool.is_closed() => return,
-            Err(e) => tracing::warn!(%db, error = %e, "SQLite WAL checkpoint failed; trying again"),
+            Err(e) => {
+                // Said once a minute while it lasts, not every tick.
+                if last_error.is_none_or(|t| t.elapsed() >= CHECKPOINT_WARN_AFTER) {
+                    last_error = Some(std::time::Instant::now());
+                    tracing::warn!(%db, error = %e, "SQLite WAL checkpoint failed; trying again");
+                }
+            }
         }
+    }
+}
+
+/// What [`Behind::saw`] has to say.
+#[derive(Debug, PartialEq, Eq)]
+enum Said {
+    Behind,
+    CaughtUp,
+}
+
+/// Whether the checkpoints have been falling behind: frames left uncopied (or the checkpoint
+/// busy) on every tick for [`CHECKPOINT_WARN_AFTER`], with the WAL never starting over in that
+/// time. Steady readers leave a few frames behind on most ticks, yet the WAL starts over
+/// between them (its frame count drops): that is no reason to warn.
+#[derive(Default)]
+struct Behind {
+    /// Since when, and the WAL's frame count at the last tick.
+    since: Option<(std::time::Instant, i64)>,
+    warned: bool,
+}
+
+impl Behind {
+    fn saw(&mut self, busy: bool, log: i64, copied: i64, now: std::time::Instant) -> Option<Said> {
+        let left_behind = busy || copied < log;
+        let started_over = matches!(self.since, Some((_, prev)) if log >= 0 && log < prev);
+        if !left_behind || started_over {
+            self.since = if left_behind { Some((now, log)) } else { None };
+            return std::mem::take(&mut self.warned).then_some(Said::CaughtUp);
+        }
+        let (since, _) = *self.since.get_or_insert((now, log));
+        if log >= 0 {
+            self.since = Some((since, log));
+        }
+        if !self.warned && now.duration_since(since) >= CHECKPOINT_WARN_AFTER {
+            self.warned = true;
+            return Some(Said::Behind);
+        }
+        None
     }
 }
 
@@ -555,6 +615,31 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpointer_warns_only_when_the_wal_never_starts_over() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Steady readers: frames left behind on every tick, but the WAL starts over.
+        let mut b = Behind::default();
+        for s in 0..200 {
+            let log = 100 + (s % 7) as i64 * 10;
+            assert_eq!(b.saw(false, log, log - 5, at(s)), None, "tick {s}");
+        }
+        // A reader that holds it back: the WAL only grows; one warning, after a minute.
+        let mut b = Behind::default();
+        let said: Vec<_> = (0..200)
+            .filter_map(|s| b.saw(false, 100 + s as i64, 10, at(s)).map(|w| (s, w)))
+            .collect();
+        assert_eq!(said, vec![(60, Said::Behind)]);
+        // Busy (-1, -1) counts as behind; all copied again is said once.
+        let mut b = Behind::default();
+        assert_eq!(b.saw(true, -1, -1, at(0)), None);
+        assert_eq!(b.saw(true, -1, -1, at(61)), Some(Said::Behind));
+        assert_eq!(b.saw(true, -1, -1, at(200)), None);
+        assert_eq!(b.saw(false, 50, 50, at(201)), Some(Said::CaughtUp));
+        assert_eq!(b.saw(false, 50, 50, at(202)), None);
+    }
 
     #[test]
     fn repo_keys_ignore_git_suffix_slash_scheme_and_case() {

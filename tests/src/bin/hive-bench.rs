@@ -656,6 +656,7 @@ async fn schedule_curve(cli: &Cli, clients: usize, warm: Option<u32>) -> Result<
     const SIZES: [(usize, usize); 3] = [(10, 1_000), (100, 10_000), (1_000, 100_000)];
     let labels = stores(cli);
     let mut rates = Vec::new();
+    let mut failures = Vec::new();
     for (boxes, builds) in SIZES {
         println!(
             "schedule curve: {builds} queued builds, {boxes} fake boxes ({})",
@@ -664,9 +665,18 @@ async fn schedule_curve(cli: &Cli, clients: usize, warm: Option<u32>) -> Result<
                 None => "room for every build up front".to_string(),
             }
         );
+        // A point that fails is recorded and the curve goes on: the other sizes and stores
+        // still print, and the run fails at the end.
         let mut row = Vec::new();
         for label in &labels {
-            row.push(place(cli, label, builds, boxes, clients, warm).await?);
+            match place(cli, label, builds, boxes, clients, warm).await {
+                Ok(rate) => row.push(Some(rate)),
+                Err(e) => {
+                    println!("  [{label}] {boxes} boxes / {builds} builds failed: {e}");
+                    failures.push(format!("{label} at {boxes} boxes: {e}"));
+                    row.push(None);
+                }
+            }
         }
         rates.push(row);
     }
@@ -683,10 +693,23 @@ async fn schedule_curve(cli: &Cli, clients: usize, warm: Option<u32>) -> Result<
     for ((boxes, builds), row) in SIZES.iter().zip(&rates) {
         println!(
             "  {boxes:>6} {builds:>8} {}",
-            row.iter().map(|r| format!("{r:>10.0}")).collect::<String>()
+            row.iter()
+                .map(|r| match r {
+                    Some(r) => format!("{r:>10.0}"),
+                    None => format!("{:>10}", "failed"),
+                })
+                .collect::<String>()
         );
     }
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(BenchError::Check(format!(
+            "{} curve point(s) failed: {}",
+            failures.len(),
+            failures.join("; ")
+        )))
+    }
 }
 
 /// One placement run on a fresh control plane and `label`'s store: queue `builds`, connect
@@ -751,9 +774,10 @@ async fn place(
     drop(first_tx);
     let mut seen = HashSet::with_capacity(builds);
     let mut times = Vec::with_capacity(builds);
+    let mut twice = None;
     while let Some((t, id)) = first_rx.recv().await {
         if !seen.insert(id.clone()) {
-            return Err(BenchError::Check(format!("build {id} assigned twice")));
+            twice.get_or_insert(id);
         }
         times.push(t);
     }
@@ -765,7 +789,12 @@ async fn place(
             unacked.push(e);
         }
     }
+    if let Some(id) = twice {
+        finish(cp, store).await;
+        return Err(BenchError::Check(format!("build {id} assigned twice")));
+    }
     if seen.len() != builds {
+        finish(cp, store).await;
         return Err(BenchError::Check(format!(
             "{} of {builds} builds were assigned",
             seen.len()

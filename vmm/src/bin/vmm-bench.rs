@@ -532,9 +532,16 @@ fn throughput(
                 })
             })
             .collect();
-        handles
+        // Every worker is joined before any error is returned (a scope with an unjoined
+        // panicked thread would panic itself); the first error is the one reported.
+        let ends: Vec<Result<(), String>> = handles
             .into_iter()
-            .try_for_each(|h| h.join().map_err(|_| "a boot worker panicked".to_string())?)
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a boot worker panicked".to_string()))
+            })
+            .collect();
+        ends.into_iter().collect::<Result<(), String>>()
     })?;
     Ok(t0.elapsed().as_secs_f64())
 }

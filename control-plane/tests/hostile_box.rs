@@ -412,7 +412,8 @@ async fn a_megabyte_finish_message_is_cut() {
 /// boxes of 100 cells, writing them all every beat was most of SQLite's work), and of several
 /// heartbeats waiting at once only the last is applied. The stored cells must still be exactly
 /// what the box last reported: changed, new and gone cells, a burst, and a new session (which
-/// writes them all, as another session may have left rows behind).
+/// writes them all, as another session may have left rows behind), and no other box can take a
+/// cell row over by naming its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_cells_follow_each_heartbeat_a_burst_and_a_new_session() {
     let db = hive_testkit::TestDb::sqlite();
@@ -519,6 +520,16 @@ async fn stored_cells_follow_each_heartbeat_a_burst_and_a_new_session() {
         .unwrap();
     answered(&mut b).await;
     assert_eq!(stored(&handle).await, want(&[("c8", "warm", "")]));
+
+    // Another box naming this box's cell id does not take the row over.
+    let (mut other, _) = fake_box(&handle, "box-other", vec![pool("small", 8, 8)]).await;
+    other
+        .send_raw(beat(vec![cell("c8", "busy", "evil")]))
+        .await
+        .unwrap();
+    answered(&mut other).await;
+    assert_eq!(stored(&handle).await, want(&[("c8", "warm", "")]));
+    drop(other);
     drop(b);
     handle.shutdown().await;
     db.drop_db().await;

@@ -91,6 +91,8 @@ pub enum SessionError {
     Store(#[from] StoreError),
     #[error("box {box_id}: the control channel closed")]
     ChannelClosed { box_id: String },
+    #[error("box {box_id}: a newer session holds the box (or it was forgotten)")]
+    Replaced { box_id: String },
     #[error(
         "message seq {seq} is more than {MAX_SEQ_AHEAD} past the acked seq {acked}: \
          a box numbers its messages one by one"
@@ -214,7 +216,9 @@ fn checked_lists(
     let cap = MAX_CELLS_PER_CLASS as usize * hive.classes.len().max(1);
     let (n_cells, n_running) = (cells.len(), running.len());
     cells.retain(|c| {
-        c.id.len() <= MAX_REPORTED_ID_BYTES && c.build_id.len() <= MAX_REPORTED_ID_BYTES
+        [&c.id, &c.build_id, &c.size_class, &c.state]
+            .iter()
+            .all(|s| s.len() <= MAX_REPORTED_ID_BYTES)
     });
     cells.truncate(cap);
     let mut seen = std::collections::HashSet::new();
@@ -615,10 +619,11 @@ struct Session {
 }
 
 /// A heartbeat that names only builds whose live leases this session renewed less than this
-/// part of a lease ago leaves them as they are. The lease is never less than three quarters
-/// full; renewing every build on every heartbeat was, at 1,000 boxes holding 100 builds each,
-/// 50,000 lease rows read and written a second. A build the heartbeat names for the first time
-/// is checked (and renewed) at once.
+/// part of a lease ago leaves them as they are: they are renewed at the first heartbeat after
+/// that, so a lease never runs below three quarters of its length less one heartbeat interval.
+/// Renewing every build on every heartbeat was, at 1,000 boxes holding 100 builds each, 50,000
+/// lease rows read and written a second. A build the heartbeat names that this session has not
+/// found live is checked (and everything renewed) at once.
 const RENEW_EVERY_PART_OF_LEASE: u32 = 4;
 
 impl Session {
@@ -967,17 +972,27 @@ impl Session {
         };
         // Lease renewals, cells, pools, time seen and acked seq: one batch (on SQLite, a turn in
         // the box sessions' shared commit rather than commits of its own).
+        // The renewal's clock starts before its deadline is set (and before any wait for the
+        // group's commit), so the lease left at the next renewal is never under-counted.
+        let renewed_at = Instant::now();
+        let deadline = self.hive.lease_deadline_ms();
         let mut batch = self.hive.store.box_batch(&self.box_id).await?;
         let orphans = batch
             .heartbeat(
+                &self.owner,
                 running,
-                self.hive.lease_deadline_ms(),
+                deadline,
                 &write,
                 &pools_json(&hb.pools),
                 now_ms(),
             )
             .await?;
         batch.commit(self.acks.acked).await?;
+        let Some(orphans) = orphans else {
+            return Err(SessionError::Replaced {
+                box_id: self.box_id.clone(),
+            });
+        };
         if renew {
             let live = hb
                 .running_builds
@@ -985,7 +1000,7 @@ impl Session {
                 .filter(|b| !orphans.contains(b))
                 .cloned()
                 .collect();
-            self.renewed = Some((Instant::now(), live));
+            self.renewed = Some((renewed_at, live));
         }
         if let Some(rows) = cells {
             // What the store holds now. A row keeps the time it was written with while it

@@ -388,25 +388,37 @@ impl BoxBatch {
     /// was a commit each, and at 1,000 boxes those commits took most of the writer's time.
     pub async fn heartbeat(
         &mut self,
+        owner: &str,
         running: &[String],
         deadline_ms: i64,
         cells: &CellsWrite,
         pools_json: &str,
         at_ms: i64,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Option<Vec<String>>> {
         let box_id = self.box_id.clone();
-        // Leases first, the box's row last (as every batch of this box's session does).
+        // Leases, then the box's row, then its cells: the order of every other batch of a
+        // session (leases before the box row) and of forgetting a box (its row before its
+        // cells), so that PostgreSQL's row locks cannot deadlock them.
         let orphans =
             super::leases::renew_leases_tx(self.tx()?, &box_id, running, deadline_ms).await?;
+        let res = sqlx::query(
+            "UPDATE boxes SET last_heartbeat_ms = $1, pools_json = $2 \
+             WHERE id = $3 AND session_owner = $4",
+        )
+        .bind(at_ms)
+        .bind(pools_json)
+        .bind(&box_id)
+        .bind(owner)
+        .execute(&mut **self.tx()?)
+        .await
+        .map_err(q("update box heartbeat"))?;
+        if res.rows_affected() == 0 {
+            // A newer session holds the box (here or on another control plane), or it was
+            // forgotten: this one writes no cells over that session's.
+            return Ok(None);
+        }
         write_cells_tx(self.tx()?, &box_id, cells).await?;
-        sqlx::query("UPDATE boxes SET last_heartbeat_ms = $1, pools_json = $2 WHERE id = $3")
-            .bind(at_ms)
-            .bind(pools_json)
-            .bind(&box_id)
-            .execute(&mut **self.tx()?)
-            .await
-            .map_err(q("update box heartbeat"))?;
-        Ok(orphans)
+        Ok(Some(orphans))
     }
 
     /// A log chunk: see [`Store::store_log`].
@@ -544,7 +556,8 @@ async fn write_cells_tx(
             .map_err(q("delete gone cells"))?;
     }
     // A cell id named twice: the last report of it, as one insert after another would
-    // leave it (and one multi-row upsert may not touch a row twice).
+    // leave it (and one multi-row upsert may not touch a row twice). Another box's cell of the
+    // same id is left as it is (a box cannot take over another's rows).
     let mut last: HashMap<&str, usize> = HashMap::new();
     for (i, c) in rows.iter().enumerate() {
         last.insert(c.id.as_str(), i);
@@ -558,9 +571,10 @@ async fn write_cells_tx(
     for (at, n) in pow2_chunks(rows.len(), CELL_ROWS) {
         let sql = format!(
             "INSERT INTO cells (id, box_id, size_class, state, build_id, updated_at_ms) \
-             VALUES {} ON CONFLICT (id) DO UPDATE SET box_id = excluded.box_id, \
+             VALUES {} ON CONFLICT (id) DO UPDATE SET \
              size_class = excluded.size_class, state = excluded.state, \
-             build_id = excluded.build_id, updated_at_ms = excluded.updated_at_ms",
+             build_id = excluded.build_id, updated_at_ms = excluded.updated_at_ms \
+             WHERE cells.box_id = excluded.box_id",
             pattern_rows(n, "(?, ?, ?, ?, ?, ?)", 6)
         );
         let mut query = sqlx::query(&sql);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use hive_proto::v1::BuildState;
 
 use crate::domain::end::end_build;
-use crate::domain::place::place_round;
+use crate::domain::place::{place_round, send_assignments};
 use crate::registry::boxes::LEFT;
 use crate::state::{millis, Hive};
 use crate::store::{now_ms, Requeued, StoreError};
@@ -65,12 +65,27 @@ async fn run_pass(hive: &Hive, sweep: bool) -> Result<PassStats, StoreError> {
     if sweep {
         sweep_leases_and_boxes(hive, &mut stats).await?;
     }
+    // Each round's assignments are sent while the next round reads and commits (one task:
+    // the sends run while the next round waits on the database). A failed round returns only
+    // once the last round's assignments are sent.
+    let mut batch = None;
+    let mut unsent = None;
     loop {
-        let placed = place_round(hive).await?;
-        stats.placed += placed.0;
-        if placed.0 == 0 || !placed.1 {
-            break;
+        let (round, ()) = tokio::join!(place_round(hive, batch.take()), async {
+            if let Some(a) = unsent.take() {
+                send_assignments(hive, a).await;
+            }
+        });
+        let round = round?;
+        stats.placed += round.placed;
+        unsent = Some(round.assignments);
+        match round.next {
+            Some(next) if round.placed > 0 => batch = Some(next),
+            _ => break,
         }
+    }
+    if let Some(a) = unsent {
+        send_assignments(hive, a).await;
     }
     Ok(stats)
 }

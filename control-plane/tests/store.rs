@@ -853,3 +853,78 @@ async fn sqlite_file_created_and_durable() {
     let err = Store::open("mysql://x/y").await.unwrap_err().to_string();
     assert!(err.contains("neither sqlite:// nor postgres://"), "{err}");
 }
+
+/// A round larger than one statement (on PostgreSQL several transactions side by side): each
+/// build is placed once with one live lease, a build named twice takes once, a build no longer
+/// queued is not taken; and the queue read from a (created at, id) key goes on after it, in order.
+async fn a_large_round_places_each_build_once_and_the_queue_reads_on(url: String) {
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(&new_project("svc", "git://h/svc"), &audit())
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..700 {
+        let b = BuildRow::new_queued(&p, &format!("r{i}"), "refs/heads/main", "api");
+        store.insert_build(&b, "api").await.unwrap();
+        ids.push(b.id);
+    }
+    let head = store.queued_builds(300, None).await.unwrap();
+    assert_eq!(head.len(), 300);
+    let key = head
+        .last()
+        .map(|b| (b.created_at_ms, b.id.clone()))
+        .unwrap();
+    let rest = store.queued_builds(1000, Some(&key)).await.unwrap();
+    assert_eq!(
+        rest.len(),
+        400,
+        "the read after the key takes the other 400"
+    );
+    let mut order: Vec<(i64, String)> = head
+        .iter()
+        .chain(&rest)
+        .map(|b| (b.created_at_ms, b.id.clone()))
+        .collect();
+    let read: Vec<(i64, String)> = order.clone();
+    order.sort();
+    assert_eq!(read, order, "head then rest is the queue's order");
+
+    // One build is cancelled before the round; one is named twice.
+    store
+        .end_build(&ids[5], BuildState::Cancelled, "test")
+        .await
+        .unwrap()
+        .unwrap();
+    let mut round: Vec<Placement> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| placement(id, &format!("L{i}"), "box-a"))
+        .collect();
+    round.push(placement(&ids[9], "L-again", "box-b"));
+    let took = store.place(&round).await.unwrap();
+    assert_eq!(took.len(), 701);
+    for (i, ok) in took.iter().enumerate() {
+        let want = i != 5 && i != 700;
+        assert_eq!(*ok, want, "placement {i}");
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let leases = store.live_leases_of_build(id).await.unwrap();
+        let b = store.get_build(id).await.unwrap().unwrap();
+        if i == 5 {
+            assert!(leases.is_empty());
+            assert_eq!(b.state, BuildState::Cancelled);
+        } else {
+            assert_eq!(leases.len(), 1, "build {i}");
+            assert_eq!(leases[0].id, format!("L{i}"));
+            assert_eq!(b.state, BuildState::Placed);
+            assert_eq!(b.box_id, "box-a");
+        }
+    }
+    assert!(store.queued_builds(1000, None).await.unwrap().is_empty());
+    // Placed again: nothing takes.
+    let again = store.place(&round[..600]).await.unwrap();
+    assert!(again.iter().all(|ok| !ok));
+    store.close().await;
+}
+hive_testkit::on_both!(db => a_large_round_places_each_build_once_and_the_queue_reads_on);

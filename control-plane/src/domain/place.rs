@@ -1,8 +1,9 @@
 //! Placing queued builds: one round reads a batch of the queue, chooses a box for each build
 //! ([`crate::placement::choose`]), writes every placement (build queued -> placed and a live lease
 //! with a deadline) in one transaction, and only after that commit sends each assignment on its
-//! box's session. Order is kept per size class: a build that cannot be placed holds back the
-//! later builds of its class, not those of other classes.
+//! box's session (the scheduler sends one round's while the next reads and commits). Order is
+//! kept per size class: a build that cannot be placed holds back the later builds of its class,
+//! not those of other classes.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,8 +18,30 @@ use crate::store::{new_id, now_ms, BuildRow, Placement, StoreError};
 /// Queued builds read per round.
 const BATCH: u32 = 1000;
 
-/// Places what it can of one batch of queued builds. Returns (placed, worth another round).
-pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
+/// What one round did, and the next round's batch when it is worth one.
+#[derive(Debug, Default)]
+pub struct Round {
+    pub placed: usize,
+    /// Some when the whole batch was placed (or ended) and more may be queued: the queued builds
+    /// after this batch, read while this round's placements were committing. Empty when the read
+    /// found none or failed; the next round then reads for itself.
+    pub next: Option<Vec<BuildRow>>,
+    /// The committed placements, to be sent to their boxes ([`send_assignments`]). The
+    /// scheduler sends them while the next round reads and commits: they are leased already,
+    /// and the next round's choices already count them (`add_inflight`).
+    pub assignments: Assignments,
+}
+
+/// Committed placements not sent yet, with the opened secrets of their projects.
+#[derive(Debug, Default)]
+pub struct Assignments {
+    placed: Vec<(Placement, BuildRow, bool)>,
+    secrets: HashMap<String, HashMap<String, (String, String)>>,
+}
+
+/// Places what it can of one batch of queued builds: `batch` when the last round read it
+/// ahead, else the head of the queue.
+pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Round, StoreError> {
     let mut candidates = hive.registry.candidates();
     // No box with a free place: do not read the queue at all (this pass runs on every
     // heartbeat, and a long queue is the normal state of a busy hive).
@@ -26,17 +49,22 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
         .iter()
         .any(|c| c.rooms.values().any(|r| r.warm > 0 || r.cold > 0))
     {
-        return Ok((0, false));
+        return Ok(Round::default());
     }
-    let queued = hive.store.queued_builds(BATCH).await?;
+    let round = std::time::Instant::now();
+    let queued = match batch {
+        Some(b) if !b.is_empty() => b,
+        _ => hive.store.queued_builds(BATCH, None).await?,
+    };
+    let read_us = micros_since(round);
     if queued.is_empty() {
-        return Ok((0, false));
+        return Ok(Round::default());
     }
     let full_batch = u32::try_from(queued.len()) == Ok(BATCH);
     let deadline = hive.lease_deadline_ms();
     let mut blocked: HashSet<String> = HashSet::new();
-    let mut plan: Vec<(Placement, &BuildRow, bool)> = Vec::new();
-    for build in &queued {
+    let mut plan: Vec<(Placement, usize, bool)> = Vec::new();
+    for (at, build) in queued.iter().enumerate() {
         if blocked.contains(&build.size_class) {
             continue;
         }
@@ -57,7 +85,7 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
                     box_id,
                     deadline_ms: deadline,
                 },
-                build,
+                at,
                 warm,
             )),
             None => {
@@ -66,29 +94,73 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
         }
     }
     if plan.is_empty() {
-        return Ok((0, false));
+        return Ok(Round::default());
     }
     // Read before the placements commit: a failure here leaves the builds queued, not leased
     // to a box that never hears of them.
-    let secrets = secrets_for(hive, &plan).await?;
+    let plan_us = micros_since(round);
+    let secrets = secrets_for(hive, plan.iter().map(|(_, at, _)| &queued[*at])).await?;
     let placements: Vec<Placement> = plan.iter().map(|(p, _, _)| p.clone()).collect();
     let started = std::time::Instant::now();
-    let took = hive.store.place(&placements).await?;
-    let store_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let mut placed = 0;
-    for ((p, build, warm), ok) in plan.into_iter().zip(took) {
-        if !ok {
-            continue;
+    // The whole batch is placed or ended: the builds after it are read while this round's
+    // placements commit (the read was a fifth of a round on PostgreSQL under load). A build of
+    // this batch left queued (its placement did not take) is found again by the next pass.
+    let more = full_batch && blocked.is_empty();
+    let after = queued
+        .last()
+        .map(|b| (b.created_at_ms, b.id.clone()))
+        .filter(|_| more);
+    let (took, next) = tokio::join!(hive.store.place(&placements), async {
+        match &after {
+            Some(key) => Some(hive.store.queued_builds(BATCH, Some(key)).await),
+            None => None,
         }
-        placed += 1;
-        let queued_ms = now_ms() - build.created_at_ms;
-        hive.metrics.waited_in_queue(queued_ms);
-        tracing::debug!(build_id = %p.build_id, box_id = %p.box_id, warm, queued_ms,
-            "build placed");
+    });
+    let took = took?;
+    let store_us = micros_since(started);
+    let next = match next {
+        Some(Ok(rows)) => Some(rows),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "reading the queue ahead failed; the next round reads again");
+            Some(Vec::new())
+        }
+        None => None,
+    };
+    let mut queued: Vec<Option<BuildRow>> = queued.into_iter().map(Some).collect();
+    let mut placed = Vec::with_capacity(plan.len());
+    for ((p, at, warm), ok) in plan.into_iter().zip(took) {
+        let Some(build) = queued[at].take().filter(|_| ok) else {
+            continue;
+        };
+        hive.metrics.waited_in_queue(now_ms() - build.created_at_ms);
+        // Before the next round chooses: it counts this build in its box's room.
         hive.registry
             .add_inflight(&p.box_id, &p.lease_id, &build.size_class, warm);
+        placed.push((p, build, warm));
+    }
+    hive.metrics.placed(placed.len());
+    tracing::debug!(
+        placed = placed.len(),
+        read_us,
+        plan_us,
+        store_us,
+        round_us = micros_since(round),
+        "placed builds"
+    );
+    Ok(Round {
+        placed: placed.len(),
+        next,
+        assignments: Assignments { placed, secrets },
+    })
+}
+
+/// Sends a round's committed placements to their boxes, each with the secrets its ref may see.
+pub async fn send_assignments(hive: &Hive, sent: Assignments) {
+    let Assignments { placed, secrets } = sent;
+    for (p, build, warm) in placed {
+        tracing::debug!(build_id = %p.build_id, box_id = %p.box_id, warm, "build placed");
         hive.events.build_changed(&p.build_id);
-        let mut assignment = assignment(hive, build, &p);
+        let mut assignment = assignment(hive, &build, &p);
         // The clone's credentials go to the clone only, never into the steps' secrets.
         // Only the secrets this build's ref may see (`refglob::ref_allowed`).
         let visible: HashMap<String, String> = secrets
@@ -114,9 +186,10 @@ pub async fn place_round(hive: &Hive) -> Result<(usize, bool), StoreError> {
                 "box went away before its assignment was sent; the lease will expire");
         }
     }
-    hive.metrics.placed(placed);
-    tracing::debug!(placed, store_us, "placed builds");
-    Ok((placed, full_batch && blocked.is_empty()))
+}
+
+fn micros_since(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 fn assignment(hive: &Hive, build: &BuildRow, p: &Placement) -> Assignment {
@@ -145,9 +218,9 @@ fn assignment(hive: &Hive, build: &BuildRow, p: &Placement) -> Assignment {
 /// out and said; the build runs without it, as it would have before the secret was set.
 async fn secrets_for(
     hive: &Hive,
-    plan: &[(Placement, &BuildRow, bool)],
+    builds: impl Iterator<Item = &BuildRow>,
 ) -> Result<HashMap<String, HashMap<String, (String, String)>>, StoreError> {
-    let mut ids: Vec<String> = plan.iter().map(|(_, b, _)| b.project_id.clone()).collect();
+    let mut ids: Vec<String> = builds.map(|b| b.project_id.clone()).collect();
     ids.sort();
     ids.dedup();
     let mut out: HashMap<String, HashMap<String, (String, String)>> = HashMap::new();

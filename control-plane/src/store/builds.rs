@@ -307,15 +307,43 @@ impl Store {
     }
 
     /// Queued builds, oldest first (the queue order).
-    pub async fn queued_builds(&self, limit: u32) -> Result<Vec<BuildRow>> {
-        let rows = sqlx::query_as::<_, BuildRecord>(concat!(
-            "SELECT ",
-            build_columns!(),
-            " FROM builds WHERE state = 'queued' ORDER BY created_at_ms, id LIMIT $1"
-        ))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
+    ///
+    /// `after` (created at, id) reads on from there: the scheduler reads its next batch while the
+    /// last one's placements commit, before they leave the queue.
+    pub async fn queued_builds(
+        &self,
+        limit: u32,
+        after: Option<&(i64, String)>,
+    ) -> Result<Vec<BuildRow>> {
+        let rows = match after {
+            None => {
+                sqlx::query_as::<_, BuildRecord>(concat!(
+                    "SELECT ",
+                    build_columns!(),
+                    " FROM builds WHERE state = 'queued' ORDER BY created_at_ms, id LIMIT $1"
+                ))
+                .bind(i64::from(limit))
+                .fetch_all(&self.placing)
+                .await
+            }
+            // On a SQLite file the read-only connections: the writer is busy committing.
+            Some((at_ms, id)) => {
+                sqlx::query_as::<_, BuildRecord>(concat!(
+                    "SELECT ",
+                    build_columns!(),
+                    " FROM builds WHERE state = 'queued' AND (created_at_ms > $1 \
+                     OR (created_at_ms = $1 AND id > $2)) ORDER BY created_at_ms, id LIMIT $3"
+                ))
+                .bind(at_ms)
+                .bind(id)
+                .bind(i64::from(limit))
+                .fetch_all(match self.kind {
+                    DbKind::Postgres => &self.placing,
+                    DbKind::Sqlite => &self.reads,
+                })
+                .await
+            }
+        }
         .map_err(q("select queued builds"))?;
         rows.into_iter().map(BuildRow::try_from).collect()
     }
@@ -333,11 +361,56 @@ impl Store {
     /// Places queued builds: per placement, the build goes queued -> placed and a live lease is
     /// written, all in one transaction. Returns, per placement, whether it took (false when the
     /// build was no longer queued).
+    ///
+    /// On PostgreSQL a large round is split into up to [`PLACE_PARTS`] transactions that run side
+    /// by side, each on one of the scheduler's own connections (so on its own server process):
+    /// one transaction's statements use one core of the server. The parts hold disjoint builds, each locked in id order, so they cannot deadlock with each
+    /// other or with another control plane's round. A part that fails leaves its builds queued
+    /// (false, and the error is logged) while the parts that committed stand: their builds are
+    /// leased and must be sent. Only when every part failed is the error returned.
     pub async fn place(&self, placements: &[Placement]) -> Result<Vec<bool>> {
-        let lock_rows = self.kind == DbKind::Postgres;
-        in_tx!(self, "commit placements", |tx| {
-            place_many_tx(tx, placements, lock_rows).await
-        })
+        if self.kind != DbKind::Postgres || placements.len() <= PLACE_ROWS {
+            let lock_rows = self.kind == DbKind::Postgres;
+            let mut tx = self.placing.begin().await.map_err(q("begin placements"))?;
+            let took = place_many_tx(&mut tx, placements, lock_rows).await?;
+            tx.commit().await.map_err(q("commit placements"))?;
+            return Ok(took);
+        }
+        let unique = first_of_each_build(placements);
+        let parts = unique.len().div_ceil(PLACE_ROWS).min(PLACE_PARTS);
+        let per_part = unique.len().div_ceil(parts);
+        let runs = unique.chunks(per_part).map(|part| async move {
+            let own: Vec<Placement> = part.iter().map(|(_, p)| (*p).clone()).collect();
+            let took = async {
+                let mut tx = self.placing.begin().await.map_err(q("begin placements"))?;
+                let took = place_many_tx(&mut tx, &own, true).await?;
+                tx.commit().await.map_err(q("commit placements"))?;
+                Ok::<_, StoreError>(took)
+            };
+            (part, took.await)
+        });
+        let mut took = vec![false; placements.len()];
+        let mut first_error = None;
+        let mut committed = 0;
+        for (part, result) in futures::future::join_all(runs).await {
+            match result {
+                Ok(part_took) => {
+                    committed += 1;
+                    for ((at, _), ok) in part.iter().zip(part_took) {
+                        took[*at] = ok;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, builds = part.len(),
+                        "a part of the placements failed; its builds stay queued");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if committed == 0 => Err(e),
+            _ => Ok(took),
+        }
     }
 
     /// The box accepted the assignment: confirm the lease and record the cell.
@@ -442,6 +515,9 @@ impl Store {
 /// Placements per statement of [`place_many_tx`] (7 bind parameters each at most).
 const PLACE_ROWS: usize = 256;
 
+/// PostgreSQL: transactions one placement round is split into at most (see [`Store::place`]).
+const PLACE_PARTS: usize = 4;
+
 /// `rows` groups of `pattern`, whose `?` are numbered bind parameters from `$1` on, `per_row` per
 /// group (`(?, ?, 0, 'live')` -> `($1, $2, 0, 'live'), ($3, $4, 0, 'live')`).
 pub(crate) fn pattern_rows(rows: usize, pattern: &str, per_row: usize) -> String {
@@ -516,6 +592,20 @@ async fn lock_builds_tx<'a>(
     Ok(())
 }
 
+/// Each build's first placement with its index, in build id order (the lock order). A build
+/// named twice: only its first placement can take (two VALUES rows joined to one build would
+/// update it with either, unpredictably).
+fn first_of_each_build(placements: &[Placement]) -> Vec<(usize, &Placement)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut unique: Vec<(usize, &Placement)> = placements
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| seen.insert(p.build_id.as_str()))
+        .collect();
+    unique.sort_by(|a, b| a.1.build_id.cmp(&b.1.build_id));
+    unique
+}
+
 /// Places builds (queued -> placed, a live lease, a transition each) in a few multi-row
 /// statements per [`PLACE_ROWS`]: one conditional UPDATE that says which builds were still
 /// queued (RETURNING), then the leases and transitions of those. A build another control plane
@@ -530,15 +620,7 @@ pub(crate) async fn place_many_tx(
     lock_rows: bool,
 ) -> Result<Vec<bool>> {
     let now = now_ms();
-    // A build named twice: only its first placement can take (two VALUES rows joined to one
-    // build would update it with either, unpredictably).
-    let mut seen = std::collections::HashSet::new();
-    let mut unique: Vec<(usize, &Placement)> = placements
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| seen.insert(p.build_id.as_str()))
-        .collect();
-    unique.sort_by(|a, b| a.1.build_id.cmp(&b.1.build_id));
+    let unique = first_of_each_build(placements);
     let mut took = vec![false; placements.len()];
     for (at, n) in pow2_chunks(unique.len(), PLACE_ROWS) {
         let chunk = &unique[at..at + n];

@@ -165,6 +165,10 @@ pub struct Store {
     /// that returned before they start, without queueing behind the one writer connection.
     /// Elsewhere the same pool as `pool`.
     reads: AnyPool,
+    /// The scheduler's reads of the queue and its placements. On PostgreSQL connections of their
+    /// own ([`PLACE_CONNECTIONS`]): with a hundred box sessions writing, a round waited up to
+    /// 140 ms for one of the shared pool's connections, every round. Elsewhere `pool`.
+    placing: AnyPool,
     kind: DbKind,
     /// Most bytes of log kept per build (see `logs::store_log_tx`).
     log_cap: u64,
@@ -187,6 +191,11 @@ const CHECKPOINT_WARN_AFTER: Duration = Duration::from_secs(60);
 const CHECKPOINT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// SQLite: the WAL file is cut back to this size whenever a checkpoint lets it start over.
 const WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// PostgreSQL: connections of the scheduler's own (see `Store::placing`): one per part of a
+/// placement round run side by side (`builds::PLACE_PARTS`), and one for the read of the next
+/// batch meanwhile.
+const PLACE_CONNECTIONS: u32 = 5;
 
 /// The per-build log cap unless the operator sets one.
 pub const DEFAULT_LOG_CAP: u64 = 64 * 1024 * 1024;
@@ -263,6 +272,7 @@ impl Store {
             }
             DbKind::Postgres => AnyPoolOptions::new().max_connections(16),
         };
+        let placing_options = options.clone();
         if kind == DbKind::Postgres {
             // One connection first, so an unreachable server is reported by its cause
             // ("connection refused", "password authentication failed") rather than as the
@@ -321,6 +331,15 @@ impl Store {
                 .map_err(connect_err)?,
             _ => pool.clone(),
         };
+        let placing = match kind {
+            DbKind::Postgres => AnyPoolOptions::new()
+                .max_connections(PLACE_CONNECTIONS)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(placing_options)
+                .await
+                .map_err(connect_err)?,
+            DbKind::Sqlite => pool.clone(),
+        };
         // Its own connection (not query_only): the checkpoint writes the database file.
         let checkpoints = match kind {
             DbKind::Sqlite if sqlite_path(&url).is_some() => {
@@ -344,6 +363,7 @@ impl Store {
         let store = Store {
             pool,
             reads,
+            placing,
             kind,
             log_cap: DEFAULT_LOG_CAP,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -382,6 +402,7 @@ impl Store {
             }
         }
         self.reads.close().await;
+        self.placing.close().await;
         self.pool.close().await;
     }
 

@@ -378,7 +378,8 @@ impl Store {
         }
         let unique = first_of_each_build(placements);
         let parts = unique.len().div_ceil(PLACE_ROWS).min(PLACE_PARTS);
-        let per_part = unique.len().div_ceil(parts);
+        // Whole statements per part (`pow2_chunks` would split a part of 250 into six).
+        let per_part = unique.len().div_ceil(parts).next_multiple_of(PLACE_ROWS);
         let runs = unique.chunks(per_part).map(|part| async move {
             let own: Vec<Placement> = part.iter().map(|(_, p)| (*p).clone()).collect();
             let took = async {

@@ -928,3 +928,94 @@ async fn a_large_round_places_each_build_once_and_the_queue_reads_on(url: String
     store.close().await;
 }
 hive_testkit::on_both!(db => a_large_round_places_each_build_once_and_the_queue_reads_on);
+
+/// The forge status outbox from a webhook group (on PostgreSQL one statement, whose trigger runs
+/// once over all the transitions it inserted): one `queued` status for each new build of the
+/// project that has a forge, none for a project without one or for a copy; `placed` adds
+/// none; later transitions of a build follow its earlier ones.
+async fn a_group_writes_one_forge_status_per_new_build(url: String) {
+    use hive_control_plane::store::ForgeRow;
+    let store = Store::open(&url).await.unwrap();
+    let with = store
+        .create_project(
+            &new_project("with", "https://git.example/o/with.git"),
+            &audit(),
+        )
+        .await
+        .unwrap();
+    let without = store
+        .create_project(
+            &new_project("without", "https://git.example/o/without.git"),
+            &audit(),
+        )
+        .await
+        .unwrap();
+    let forge = ForgeRow {
+        project_id: with.id.clone(),
+        kind: "github".into(),
+        api_url: "https://api.github.example".into(),
+        repo_path: "o/with".into(),
+        token_nonce: "n".into(),
+        token_sealed: "s".into(),
+        app_id: 0,
+        app_key_nonce: String::new(),
+        app_key_sealed: String::new(),
+        updated_at_ms: 0,
+    };
+    store.set_forge(&forge, &audit()).await.unwrap();
+    let delivery = |p: &hive_control_plane::store::ProjectRow, d: &str, rev: &str| NewDelivery {
+        build: Some(BuildRow::new_queued(p, rev, "refs/heads/main", d)),
+        delivery_id: d.into(),
+        project_id: p.id.clone(),
+        outcome: "build".into(),
+    };
+    let group = vec![
+        delivery(&with, "d1", "a1"),
+        delivery(&without, "d2", "b1"),
+        delivery(&with, "d3", "a2"),
+        delivery(&with, "d1", "a9"), // a copy of d1: no build, no status
+        delivery(&with, "d4", "a3"),
+    ];
+    let answers = store.record_deliveries(&group).await.unwrap();
+    assert!(matches!(answers[3], Delivery::Duplicate { .. }));
+    let new_builds: Vec<&BuildRow> = group
+        .iter()
+        .zip(&answers)
+        .filter(|(_, a)| **a == Delivery::New)
+        .map(|(g, _)| g.build.as_ref().unwrap())
+        .collect();
+    assert_eq!(new_builds.len(), 4);
+    let due = store.due_statuses(i64::MAX, 100).await.unwrap();
+    let mut got: Vec<(&str, &str, &str)> = due
+        .iter()
+        .map(|s| (s.build_id.as_str(), s.revision.as_str(), s.state.as_str()))
+        .collect();
+    got.sort();
+    let mut want: Vec<(&str, &str, &str)> = new_builds
+        .iter()
+        .filter(|b| b.project_id == with.id)
+        .map(|b| (b.id.as_str(), b.revision.as_str(), "queued"))
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "one queued status per new build with a forge");
+
+    // Placed says nothing to a forge; running follows queued.
+    let b = new_builds[0];
+    assert_eq!(
+        store
+            .place(&[placement(&b.id, "L1", "box-a")])
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    assert!(store.set_running(&b.id, "L1", "running").await.unwrap());
+    let states: Vec<String> = store
+        .statuses_of_build(&b.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, ["queued", "running"], "statuses of {}", b.id);
+}
+hive_testkit::on_both!(db => a_group_writes_one_forge_status_per_new_build);

@@ -20,6 +20,7 @@ use hive_proto::v1::{AddPeer, KeyExchangeReply, KeyExchangeRequest, SyncPeers};
 use hive_types::Prefix;
 
 use crate::domain::network::validate_public_key;
+use crate::events::Event;
 use crate::registry::connectors::CallError;
 use crate::state::Hive;
 use crate::store::{Issued, NetworkError, NetworkRow, TunnelLeaseRow};
@@ -30,6 +31,10 @@ pub const HANDSHAKE_TIMEOUT_SECS: u32 = 10;
 pub const KEEPALIVE_SECS: u32 = 25;
 /// Revoker pass interval when no build change wakes it.
 const REVOKE_TICK: Duration = Duration::from_millis(500);
+/// How long the revoker lets a burst of build changes gather before its pass: a pass per
+/// webhook group commit (hundreds a second) was a query each on the database the commits wait
+/// on; a revocation waits at most this much longer.
+const REVOKE_GATHER: Duration = Duration::from_millis(10);
 
 /// Why a key exchange was refused; the text goes back to the box and into the build log.
 #[derive(Debug, thiserror::Error)]
@@ -238,30 +243,40 @@ async fn issue_and_apply(
 
 /// Revokes leases whose build attempt is over, until shutdown.
 pub async fn run_revoker(hive: Arc<Hive>) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let mut events = hive.events.subscribe();
     let mut shutdown = hive.shutdown.clone();
     loop {
         if let Err(e) = revoke_pass(&hive).await {
             tracing::warn!(error = %e, "tunnel lease revocation pass failed");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(REVOKE_TICK) => {}
-            _ = hive.connectors.revoke_now.notified() => {}
-            r = events.recv() => {
-                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
-                    return;
-                }
-                // One pass for every change already announced: a placement round announces
-                // a thousand, and a pass per announcement was a query per placed build.
-                loop {
-                    match events.try_recv() {
-                        Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
-                        Err(tokio::sync::broadcast::error::TryRecvError::Closed) => return,
+        let tick = tokio::time::sleep(REVOKE_TICK);
+        tokio::pin!(tick);
+        // Only a build's change can end its attempt; log chunks (many a second per running
+        // build) wake nothing.
+        loop {
+            tokio::select! {
+                _ = &mut tick => break,
+                _ = hive.connectors.revoke_now.notified() => break,
+                r = events.recv() => match r {
+                    Ok(Event::Build(_)) | Err(RecvError::Lagged(_)) => {
+                        // A burst of changes (a placement round, a stream of webhooks) is one
+                        // pass: wait a moment for the rest of it, then take all that came.
+                        tokio::time::sleep(REVOKE_GATHER).await;
+                        loop {
+                            match events.try_recv() {
+                                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                                Err(TryRecvError::Empty) => break,
+                                Err(TryRecvError::Closed) => return,
+                            }
+                        }
+                        break;
                     }
-                }
+                    Ok(Event::Log(..)) => {}
+                    Err(RecvError::Closed) => return,
+                },
+                _ = crate::events::stopped(&mut shutdown) => return,
             }
-            _ = crate::events::stopped(&mut shutdown) => return,
         }
     }
 }

@@ -42,13 +42,14 @@ pub struct Assignments {
 /// Places what it can of one batch of queued builds: `batch` when the last round read it
 /// ahead, else the head of the queue.
 pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Round, StoreError> {
-    let mut candidates = hive.registry.candidates();
+    let has_room = |candidates: &[crate::registry::boxes::Candidate]| {
+        candidates
+            .iter()
+            .any(|c| c.rooms.values().any(|r| r.warm > 0 || r.cold > 0))
+    };
     // No box with a free place: do not read the queue at all (this pass runs on every
     // heartbeat, and a long queue is the normal state of a busy hive).
-    if !candidates
-        .iter()
-        .any(|c| c.rooms.values().any(|r| r.warm > 0 || r.cold > 0))
-    {
+    if !has_room(&hive.registry.candidates()) {
         return Ok(Round::default());
     }
     let round = std::time::Instant::now();
@@ -60,6 +61,12 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
     if queued.is_empty() {
         return Ok(Round::default());
     }
+    // The boxes as they are now that the batch is read, not as they were before: a box
+    // cordoned (or drained) before a build was submitted must not get that build, and the
+    // read that found the build began after the submit, so after the cordon too. Taken
+    // before the read, a cordon and a submit in between (a few milliseconds while the read
+    // waited for its connection) put the new build on the cordoned box.
+    let mut candidates = hive.registry.candidates();
     let full_batch = u32::try_from(queued.len()) == Ok(BATCH);
     let deadline = hive.lease_deadline_ms();
     let mut blocked: HashSet<String> = HashSet::new();

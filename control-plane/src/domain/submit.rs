@@ -4,10 +4,10 @@
 //! Webhook deliveries are group-committed: the handlers queue them on the bounded
 //! [`crate::intake`] queue and [`commit_deliveries`] writes what is waiting as one transaction
 //! (one fsync for the group), then answers each handler. The group is what queued while the
-//! previous one committed (plus, with a window, what arrives within it), at most
-//! [`MAX_GROUP`]. On PostgreSQL the group also waits a little on its own ([`group_window`]):
-//! there a commit costs a round trip, an executed statement and a WAL flush whatever the
-//! group's size, so one large group beats several small ones in flight. If the group's
+//! previous one committed (plus, with the operator's window, what arrives within it), at most
+//! [`MAX_GROUP`]. No store waits on its own: on PostgreSQL a wait of an eighth of the last
+//! commit made groups larger (12 deliveries, not 7) but every delivery waited for it, and
+//! `hive-bench webhooks` measured 25-35% fewer webhooks/s with it. If the group's
 //! transaction fails, its deliveries are recorded one by one, so
 //! one that cannot be stored (a constraint, a value the database refuses) fails alone. On
 //! shutdown the queue closes (new deliveries are refused, 503) and what it holds is committed
@@ -15,7 +15,6 @@
 //!
 //! A rebuild ([`rebuild_of`]) is a new build of the old one's code with its project as it is now.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,20 +34,6 @@ pub const MAX_GROUP: usize = 256;
 pub fn groups_in_flight(kind: DbKind) -> usize {
     match kind {
         DbKind::Sqlite | DbKind::Postgres => 1,
-    }
-}
-
-/// The longest wait [`group_window`] adds on its own.
-pub const MAX_ADAPTIVE_WINDOW: Duration = Duration::from_millis(1);
-
-/// How long a group waits for more deliveries after the first: the operator's `configured`
-/// window, and on PostgreSQL at least an eighth of the previous group's commit time (at most
-/// [`MAX_ADAPTIVE_WINDOW`]). A slow commit makes the next group wait longer and take more
-/// deliveries with it, while the wait stays a small part of what each delivery waits anyway.
-pub fn group_window(kind: DbKind, configured: Duration, last_commit: Duration) -> Duration {
-    match kind {
-        DbKind::Sqlite => configured,
-        DbKind::Postgres => configured.max((last_commit / 8).min(MAX_ADAPTIVE_WINDOW)),
     }
 }
 
@@ -137,8 +122,6 @@ pub async fn submit_delivery(hive: &Hive, delivery: NewDelivery) -> Result<Deliv
 pub async fn commit_deliveries(hive: Arc<Hive>, mut queue: Queue, window: Duration) {
     let kind = hive.store.kind();
     let parallel = groups_in_flight(kind);
-    // The last group's commit time in microseconds, for the next group's window.
-    let last_commit_us = Arc::new(AtomicU64::new(0));
     let mut in_flight = JoinSet::new();
     let mut shutdown = hive.shutdown.clone();
     let mut closing = false;
@@ -163,16 +146,9 @@ pub async fn commit_deliveries(hive: Arc<Hive>, mut queue: Queue, window: Durati
         };
         let Some(first) = first else { break };
         let mut group = vec![first];
-        let last = Duration::from_micros(last_commit_us.load(Ordering::Relaxed));
-        gather(&mut queue, &mut group, group_window(kind, window, last)).await;
+        gather(&mut queue, &mut group, window).await;
         let hive = hive.clone();
-        let last_commit_us = last_commit_us.clone();
-        in_flight.spawn(async move {
-            let started = Instant::now();
-            commit_group(&hive, group).await;
-            let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            last_commit_us.store(us, Ordering::Relaxed);
-        });
+        in_flight.spawn(async move { commit_group(&hive, group).await });
     }
     while in_flight.join_next().await.is_some() {}
     tracing::debug!("webhook commit queue drained");
@@ -260,36 +236,4 @@ async fn commit_group(hive: &Hive, group: Vec<Job>) {
 fn queued(hive: &Hive, build_id: &str) {
     hive.events.build_changed(build_id);
     hive.wake.notify_one();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_group_window_grows_with_a_slow_postgres_commit_and_stays_bounded() {
-        let ms = Duration::from_millis;
-        let us = Duration::from_micros;
-        // SQLite: only what the operator set.
-        assert_eq!(
-            group_window(DbKind::Sqlite, Duration::ZERO, ms(40)),
-            Duration::ZERO
-        );
-        assert_eq!(group_window(DbKind::Sqlite, us(300), ms(40)), us(300));
-        // PostgreSQL: an eighth of the last commit, at most MAX_ADAPTIVE_WINDOW, never below
-        // the operator's window.
-        assert_eq!(
-            group_window(DbKind::Postgres, Duration::ZERO, Duration::ZERO),
-            Duration::ZERO
-        );
-        assert_eq!(
-            group_window(DbKind::Postgres, Duration::ZERO, ms(2)),
-            us(250)
-        );
-        assert_eq!(
-            group_window(DbKind::Postgres, Duration::ZERO, ms(400)),
-            MAX_ADAPTIVE_WINDOW
-        );
-        assert_eq!(group_window(DbKind::Postgres, ms(5), ms(2)), ms(5));
-    }
 }

@@ -183,7 +183,14 @@ impl Store {
     /// first transitions in data-modifying CTEs), so one round trip makes it durable instead of
     /// five (BEGIN, three INSERTs, COMMIT). The rows go as two JSON parameters, so the
     /// statement's text is the same for every group and each connection prepares it once.
-    /// The answers of `leaders`, in their order.
+    ///
+    /// The statement runs on a connection the store keeps between groups (`intake_conn`): one
+    /// taken from the pool for each group cost two more round trips on the group's path, the
+    /// pool's test before it is handed out and its test as it comes back (the next group
+    /// waited for that one too). A connection that fails a group is given back (the pool
+    /// tests it and drops it if broken), so a restarted server costs one group, which its
+    /// caller then records item by item. A second group at once (another caller) uses the
+    /// pool. The answers of `leaders`, in their order.
     async fn record_leaders_pg(
         &self,
         items: &[NewDelivery],
@@ -234,14 +241,24 @@ impl Store {
                 .map(build_json)
                 .collect::<Result<Vec<_>>>()?;
             let op = "insert webhook deliveries and their builds";
-            let rows = sqlx::query(SQL)
+            let query = sqlx::query(SQL)
                 .bind(serde_json::Value::Array(deliveries).to_string())
                 .bind(serde_json::Value::Array(builds).to_string())
                 .bind(now)
-                .bind(WEBHOOK_REASON)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(q(op))?;
+                .bind(WEBHOOK_REASON);
+            let rows = match self.intake_conn.try_lock() {
+                Ok(mut held) => {
+                    let mut conn = match held.take() {
+                        Some(c) => c,
+                        None => self.pool.acquire().await.map_err(q("acquire connection"))?,
+                    };
+                    // On an error the connection goes back to the pool, not to `held`.
+                    let rows = query.fetch_all(&mut *conn).await.map_err(q(op))?;
+                    *held = Some(conn);
+                    rows
+                }
+                Err(_) => query.fetch_all(&self.pool).await.map_err(q(op))?,
+            };
             for row in rows {
                 inserted.insert((
                     row.try_get(0).map_err(q(op))?,

@@ -180,6 +180,9 @@ pub struct Store {
     box_group: std::sync::Arc<boxes::BoxGroup>,
     /// SQLite file: the connection of the WAL checkpointer ([`checkpointer`]).
     checkpoints: Option<AnyPool>,
+    /// PostgreSQL: the connection the webhook group commit keeps between groups (see
+    /// `deliveries::Store::record_leaders_pg`).
+    intake_conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<Any>>>>,
 }
 
 /// SQLite: how often [`checkpointer`] copies the WAL back into the database file.
@@ -370,6 +373,7 @@ impl Store {
             projects: Default::default(),
             box_group: Default::default(),
             checkpoints,
+            intake_conn: Default::default(),
         };
         let rekeyed = store.rekey_projects().await?;
         if rekeyed > 0 {
@@ -403,6 +407,8 @@ impl Store {
         }
         self.reads.close().await;
         self.placing.close().await;
+        // A connection kept out of the pool would hold its close up until it came back.
+        drop(self.intake_conn.lock().await.take());
         self.pool.close().await;
     }
 

@@ -929,10 +929,9 @@ async fn a_large_round_places_each_build_once_and_the_queue_reads_on(url: String
 }
 hive_testkit::on_both!(db => a_large_round_places_each_build_once_and_the_queue_reads_on);
 
-/// The forge status outbox from a webhook group (on PostgreSQL one statement, whose trigger runs
-/// once over all the transitions it inserted): one `queued` status for each new build of the
-/// project that has a forge, none for a project without one or for a copy; `placed` adds
-/// none; later transitions of a build follow its earlier ones.
+/// The forge status outbox from a webhook group (on PostgreSQL one statement): one `queued`
+/// status for each new build of the project that has a forge, none for a project without one
+/// or for a copy; `placed` adds none; later transitions of a build follow its earlier ones.
 async fn a_group_writes_one_forge_status_per_new_build(url: String) {
     use hive_control_plane::store::ForgeRow;
     let store = Store::open(&url).await.unwrap();
@@ -1019,3 +1018,54 @@ async fn a_group_writes_one_forge_status_per_new_build(url: String) {
     assert_eq!(states, ["queued", "running"], "statuses of {}", b.id);
 }
 hive_testkit::on_both!(db => a_group_writes_one_forge_status_per_new_build);
+
+/// The webhook group commit keeps its PostgreSQL connection between groups, untested. The
+/// server ends every connection of the database (a restart, a proxy's idle cut): the next
+/// group, even of one delivery, is still stored (tried again on a tested connection), and a
+/// group at the same time as another (the second takes a pool connection) too.
+async fn a_group_survives_its_kept_connection_dying(url: String) {
+    use sqlx::Connection as _;
+    let store = Store::open(&url).await.unwrap();
+    let p = store
+        .create_project(
+            &new_project("kept", "https://git.example/o/kept.git"),
+            &audit(),
+        )
+        .await
+        .unwrap();
+    let one = |d: &str| {
+        vec![NewDelivery {
+            build: Some(BuildRow::new_queued(&p, "cafe", "refs/heads/main", d)),
+            delivery_id: d.into(),
+            project_id: p.id.clone(),
+            outcome: "build".into(),
+        }]
+    };
+    let stored = |answers: Vec<Delivery>| answers == vec![Delivery::New];
+    assert!(stored(store.record_deliveries(&one("d1")).await.unwrap()));
+    if store.kind() == hive_control_plane::store::DbKind::Postgres {
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        let ended: Vec<(bool,)> = sqlx::query_as(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(!ended.is_empty(), "the store's connections were ended");
+        admin.close().await.unwrap();
+    }
+    assert!(stored(store.record_deliveries(&one("d2")).await.unwrap()));
+    let (a, b) = (one("d3"), one("d4"));
+    let (ra, rb) = tokio::join!(store.record_deliveries(&a), store.record_deliveries(&b));
+    assert!(stored(ra.unwrap()) && stored(rb.unwrap()));
+    for d in ["d1", "d2", "d3", "d4"] {
+        let again = store.record_deliveries(&one(d)).await.unwrap();
+        assert!(
+            matches!(&again[0], Delivery::Duplicate { build_id, .. } if !build_id.is_empty()),
+            "{d}: {again:?}"
+        );
+    }
+    store.close().await;
+}
+hive_testkit::on_both!(db => a_group_survives_its_kept_connection_dying);

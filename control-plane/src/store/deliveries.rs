@@ -187,10 +187,11 @@ impl Store {
     /// The statement runs on a connection the store keeps between groups (`intake_conn`): one
     /// taken from the pool for each group cost two more round trips on the group's path, the
     /// pool's test before it is handed out and its test as it comes back (the next group
-    /// waited for that one too). A connection that fails a group is given back (the pool
-    /// tests it and drops it if broken), so a restarted server costs one group, which its
-    /// caller then records item by item. A second group at once (another caller) uses the
-    /// pool. The answers of `leaders`, in their order.
+    /// waited for that one too). Kept, it is not tested: one idle longer than
+    /// [`INTAKE_CONN_IDLE`] goes back to the pool first, and a group that fails on it (or gets
+    /// no answer in [`INTAKE_STATEMENT_LIMIT`]) is tried once more on a tested connection, so
+    /// a restarted server or a dropped connection costs no delivery. A second group at once
+    /// (another caller) uses the pool. The answers of `leaders`, in their order.
     async fn record_leaders_pg(
         &self,
         items: &[NewDelivery],
@@ -241,23 +242,59 @@ impl Store {
                 .map(build_json)
                 .collect::<Result<Vec<_>>>()?;
             let op = "insert webhook deliveries and their builds";
-            let query = sqlx::query(SQL)
-                .bind(serde_json::Value::Array(deliveries).to_string())
-                .bind(serde_json::Value::Array(builds).to_string())
-                .bind(now)
-                .bind(WEBHOOK_REASON);
+            let (deliveries, builds) = (
+                serde_json::Value::Array(deliveries).to_string(),
+                serde_json::Value::Array(builds).to_string(),
+            );
+            let query = || {
+                sqlx::query(SQL)
+                    .bind(deliveries.as_str())
+                    .bind(builds.as_str())
+                    .bind(now)
+                    .bind(WEBHOOK_REASON)
+            };
             let rows = match self.intake_conn.try_lock() {
                 Ok(mut held) => {
-                    let mut conn = match held.take() {
+                    // A connection idle for a while goes back to the pool, which tests it
+                    // before handing it out again: the server may have restarted, or a proxy
+                    // dropped the connection, meanwhile.
+                    let kept = held
+                        .take()
+                        .filter(|(_, used)| used.elapsed() < INTAKE_CONN_IDLE)
+                        .map(|(c, _)| c);
+                    let reused = kept.is_some();
+                    let mut conn = match kept {
                         Some(c) => c,
                         None => self.pool.acquire().await.map_err(q("acquire connection"))?,
                     };
-                    // On an error the connection goes back to the pool, not to `held`.
-                    let rows = query.fetch_all(&mut *conn).await.map_err(q(op))?;
-                    *held = Some(conn);
-                    rows
+                    let ran =
+                        tokio::time::timeout(INTAKE_STATEMENT_LIMIT, query().fetch_all(&mut *conn))
+                            .await;
+                    match ran {
+                        Ok(Ok(rows)) => {
+                            if !self.pool.is_closed() {
+                                *held = Some((conn, std::time::Instant::now()));
+                            }
+                            rows
+                        }
+                        Ok(Err(e)) if !reused => return Err(q(op)(e)),
+                        // The kept connection failed or hung: it goes back to the pool (which
+                        // drops it if it is broken), not to `held`, and the group is tried once
+                        // more on a tested one. What a first run stored, the second finds
+                        // stored (`ON CONFLICT DO NOTHING`) and answers as stored before.
+                        failed => {
+                            drop(conn);
+                            let error = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => format!("no answer in {INTAKE_STATEMENT_LIMIT:?}"),
+                            };
+                            tracing::warn!(%error, reused,
+                                "webhook group statement failed on the kept connection; once more on another");
+                            query().fetch_all(&self.pool).await.map_err(q(op))?
+                        }
+                    }
                 }
-                Err(_) => query.fetch_all(&self.pool).await.map_err(q(op))?,
+                Err(_) => query().fetch_all(&self.pool).await.map_err(q(op))?,
             };
             for row in rows {
                 inserted.insert((
@@ -310,6 +347,14 @@ fn build_json(b: &BuildRow) -> Result<serde_json::Value> {
         "log_base": to_i64("log_base", b.log_base)?,
     }))
 }
+
+/// PostgreSQL: a connection the webhook group commit kept longer idle than this goes back to
+/// the pool (to be tested) instead of being used.
+const INTAKE_CONN_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// PostgreSQL: how long a group's statement may take on the kept connection before the group
+/// is tried on another (a peer that vanished without a reset leaves a socket silent for
+/// minutes; the pool's test before use bounded that, the kept connection is not tested).
+const INTAKE_STATEMENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The transition reason of a build a webhook made.
 const WEBHOOK_REASON: &str = "webhook push";

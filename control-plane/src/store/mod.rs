@@ -182,8 +182,11 @@ pub struct Store {
     checkpoints: Option<AnyPool>,
     /// PostgreSQL: the connection the webhook group commit keeps between groups (see
     /// `deliveries::Store::record_leaders_pg`).
-    intake_conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<Any>>>>,
+    intake_conn: std::sync::Arc<tokio::sync::Mutex<Option<KeptConnection>>>,
 }
+
+/// A pool connection kept out of the pool, with the time it was last used.
+type KeptConnection = (sqlx::pool::PoolConnection<Any>, std::time::Instant);
 
 /// SQLite: how often [`checkpointer`] copies the WAL back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
@@ -407,8 +410,14 @@ impl Store {
         }
         self.reads.close().await;
         self.placing.close().await;
-        // A connection kept out of the pool would hold its close up until it came back.
-        drop(self.intake_conn.lock().await.take());
+        // A connection kept out of the pool would hold its close up until it came back. A
+        // group committing now keeps none once the pool is closing (it checks), so this waits
+        // at most for that group's statement.
+        if let Ok(mut held) =
+            tokio::time::timeout(CHECKPOINT_CLOSE_WAIT, self.intake_conn.lock()).await
+        {
+            held.take();
+        }
         self.pool.close().await;
     }
 

@@ -1069,3 +1069,33 @@ async fn a_group_survives_its_kept_connection_dying(url: String) {
     store.close().await;
 }
 hive_testkit::on_both!(db => a_group_survives_its_kept_connection_dying);
+
+/// A box registering writes its row from a read made a moment before; an operator's cordon or
+/// drain committed in between stays (it came back active, in the store and in the session).
+async fn a_cordon_during_registration_stays(url: String) {
+    use hive_control_plane::store::BoxRow;
+    let store = Store::open(&url).await.unwrap();
+    let row = |state: &str| BoxRow {
+        id: "box-a".into(),
+        hostname: "h".into(),
+        state: state.into(),
+        backend: "sandbox".into(),
+        pools_json: "[]".into(),
+        last_heartbeat_ms: 1,
+        registered_at_ms: 1,
+        acked_seq: 0,
+        session_owner: "cp/1".into(),
+    };
+    assert_eq!(store.upsert_box(&row("active")).await.unwrap(), "active");
+    for held in ["cordoned", "draining"] {
+        assert!(store.set_box_state("box-a", held).await.unwrap());
+        // The registration read "active" before the operator's change.
+        assert_eq!(store.upsert_box(&row("active")).await.unwrap(), held);
+        assert_eq!(store.get_box("box-a").await.unwrap().unwrap().state, held);
+    }
+    // A box that left comes back active.
+    assert!(store.set_box_state("box-a", "left").await.unwrap());
+    assert_eq!(store.upsert_box(&row("active")).await.unwrap(), "active");
+    store.close().await;
+}
+hive_testkit::on_both!(db => a_cordon_during_registration_stays);

@@ -393,7 +393,11 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             peer: peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
         };
         let owner = format!("{}/{}", hive.bus.origin(), conn.id);
-        hive.store
+        // The state as written: a cordon or drain made since the read above stays, and the
+        // session starts with it (writing the state read above made a box cordoned meanwhile
+        // active again, in the store and here).
+        let admin_state = hive
+            .store
             .upsert_box(&BoxRow {
                 id: reg.box_id.clone(),
                 hostname: reg.hostname.clone(),

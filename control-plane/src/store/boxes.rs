@@ -77,13 +77,18 @@ impl Store {
         checked("count of boxes", n)
     }
 
-    /// Inserts or refreshes a box on register (keeps its acked seq).
-    pub async fn upsert_box(&self, b: &BoxRow) -> Result<()> {
-        sqlx::query(
+    /// Inserts or refreshes a box on register (keeps its acked seq), and returns the state it
+    /// has now: an operator's cordon or drain stays, even one made after the caller read the
+    /// box (its `b.state` may be older than that).
+    pub async fn upsert_box(&self, b: &BoxRow) -> Result<String> {
+        sqlx::query_scalar(
             "INSERT INTO boxes (id, hostname, state, backend, pools_json, last_heartbeat_ms, \
              registered_at_ms, acked_seq, session_owner) VALUES ($1, $2, $3, $4, $5, $6, $7, \
-             $8, $9) ON CONFLICT (id) DO UPDATE SET hostname = $2, state = $3, backend = $4, \
-             pools_json = $5, last_heartbeat_ms = $6, registered_at_ms = $7, session_owner = $9",
+             $8, $9) ON CONFLICT (id) DO UPDATE SET hostname = $2, \
+             state = CASE WHEN boxes.state IN ('cordoned', 'draining') THEN boxes.state \
+             ELSE $3 END, backend = $4, \
+             pools_json = $5, last_heartbeat_ms = $6, registered_at_ms = $7, session_owner = $9 \
+             RETURNING state",
         )
         .bind(&b.id)
         .bind(&b.hostname)
@@ -94,10 +99,9 @@ impl Store {
         .bind(b.registered_at_ms)
         .bind(to_i64("acked_seq", b.acked_seq)?)
         .bind(&b.session_owner)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
-        .map_err(q("upsert box"))?;
-        Ok(())
+        .map_err(q("upsert box"))
     }
 
     /// Sets the operator state of a box (active, cordoned, draining, left).

@@ -272,7 +272,7 @@ impl Store {
                             .await;
                     match ran {
                         Ok(Ok(rows)) => {
-                            if !self.pool.is_closed() {
+                            if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
                                 *held = Some((conn, std::time::Instant::now()));
                             }
                             rows

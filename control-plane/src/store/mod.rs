@@ -183,6 +183,9 @@ pub struct Store {
     /// PostgreSQL: the connection the webhook group commit keeps between groups (see
     /// `deliveries::Store::record_leaders_pg`).
     intake_conn: std::sync::Arc<tokio::sync::Mutex<Option<KeptConnection>>>,
+    /// Set by [`Store::close`] before it takes the kept connection back: a group that finishes
+    /// after that keeps nothing (a connection kept then would hold the pool's close for ever).
+    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A pool connection kept out of the pool, with the time it was last used.
@@ -377,6 +380,7 @@ impl Store {
             box_group: Default::default(),
             checkpoints,
             intake_conn: Default::default(),
+            closing: Default::default(),
         };
         let rekeyed = store.rekey_projects().await?;
         if rekeyed > 0 {
@@ -410,9 +414,11 @@ impl Store {
         }
         self.reads.close().await;
         self.placing.close().await;
-        // A connection kept out of the pool would hold its close up until it came back. A
-        // group committing now keeps none once the pool is closing (it checks), so this waits
-        // at most for that group's statement.
+        // A connection kept out of the pool would hold its close up until it came back. From
+        // here on a group keeps none (it checks `closing` under the lock), so this waits at
+        // most for a group still committing (none: the webhook committer ends first).
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut held) =
             tokio::time::timeout(CHECKPOINT_CLOSE_WAIT, self.intake_conn.lock()).await
         {

@@ -386,9 +386,21 @@ pub fn presence_name(origin: &str) -> String {
 }
 
 /// After notes may have been lost: whatever waits on one looks at the store again.
-fn resync(hive: &Hive) {
+fn resync(hive: &Arc<Hive>) {
     hive.store.invalidate_projects_here();
-    hive.wake.notify_one();
+    // Box states changed meanwhile (a cordon elsewhere) are read back from the store.
+    let again = hive.clone();
+    tokio::spawn(async move {
+        let ids: Vec<String> = again
+            .registry
+            .candidates()
+            .into_iter()
+            .map(|c| c.box_id)
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        crate::domain::drain::reload_box_states(&again, &ids).await;
+        again.wake.notify_one();
+    });
 }
 
 /// Acts on one payload from another control plane (own payloads are skipped).

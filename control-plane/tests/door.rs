@@ -327,6 +327,50 @@ async fn uncordon_and_forget(url: String) {
 }
 hive_testkit::on_both!(db => uncordon_and_forget);
 
+/// A box cordoned in the store by someone this control plane has not heard from (another
+/// control plane whose note is late or lost): the store refuses the placement onto it, the
+/// round reads the box's state back into the registry, and the build goes to another box at
+/// once, instead of being offered to the cordoned box on every pass.
+async fn a_cordon_this_control_plane_has_not_heard_of_holds(url: String) {
+    use sqlx::Connection as _;
+    let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
+    let mut client = api(&handle).await;
+    client.create_project(good()).await.unwrap();
+    // Spread placement prefers box-a (more warm cells), as long as it thinks box-a is active.
+    let (mut a, _) = fake_box(&handle, "box-a", vec![pool("small", 3, 3)]).await;
+    let (mut b, _) = fake_box(&handle, "box-b", vec![pool("small", 1, 1)]).await;
+    sqlx::any::install_default_drivers();
+    let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("UPDATE boxes SET state = 'cordoned' WHERE id = 'box-a'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    other.close().await.unwrap();
+    let id = client
+        .submit_build(SubmitBuildRequest {
+            project: "widget".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    match b.next_non_ack(WAIT).await {
+        Some(CtlMsg::Assign(x)) => assert_eq!(x.build_id, id),
+        other => panic!("box-b got no build: {other:?}"),
+    }
+    let got = a.next_non_ack(Duration::from_millis(300)).await;
+    assert!(got.is_none(), "the cordoned box was given: {got:?}");
+    let build = client
+        .get_build(GetBuildRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(build.box_id, "box-b");
+    handle.shutdown().await;
+}
+hive_testkit::on_both!(db => a_cordon_this_control_plane_has_not_heard_of_holds);
+
 /// A build every box rejects is not bounced forever: after `max_attempts` it fails with the
 /// last reason, in its state message and its log.
 async fn rejected_builds_fail_after_the_attempt_limit(url: String) {

@@ -43,6 +43,27 @@ fn chunk(build: &str, seq: u64, text: &str) -> LogChunk {
     }
 }
 
+/// Opens the store with boxes `box-a`, `box-b` and `box-c` registered and active: a placement
+/// takes only onto a box the store has active.
+async fn open_with_boxes(url: &str) -> Store {
+    let store = Store::open(url).await.unwrap();
+    for id in ["box-a", "box-b", "box-c"] {
+        let row = hive_control_plane::store::BoxRow {
+            id: id.into(),
+            hostname: "h".into(),
+            state: "active".into(),
+            backend: "sandbox".into(),
+            pools_json: "[]".into(),
+            last_heartbeat_ms: 1,
+            registered_at_ms: 1,
+            acked_seq: 0,
+            session_owner: "cp/1".into(),
+        };
+        assert_eq!(store.upsert_box(&row).await.unwrap(), "active");
+    }
+    store
+}
+
 fn placement(build: &str, lease: &str, box_id: &str) -> Placement {
     Placement {
         build_id: build.into(),
@@ -229,7 +250,7 @@ async fn concurrent_groups_with_the_same_deliveries_make_one_build_each(url: Str
 hive_testkit::on_both!(db => concurrent_groups_with_the_same_deliveries_make_one_build_each);
 
 async fn leases_and_states(url: String) {
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let p = store
         .create_project(&new_project("svc", "git://h/svc"), &audit())
         .await
@@ -278,9 +299,9 @@ async fn leases_and_states(url: String) {
     assert_eq!(logs.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![0, 2]);
     assert_eq!(logs[0].data, b"a");
     assert_eq!(
-        store.get_box("box-a").await.unwrap(),
-        None,
-        "acks only touch known boxes"
+        store.get_box("box-a").await.unwrap().unwrap().acked_seq,
+        2,
+        "the box's highest ack is kept"
     );
 
     // A chunk seq no box could reach is refused (it would place rows past any log's end).
@@ -380,7 +401,7 @@ hive_testkit::on_both!(db => leases_and_states);
 /// its condition; a read-then-write by id alone overwrote the finished build with `queued`
 /// and ran it again.
 async fn finish_wins_over_a_concurrent_requeue(url: String) {
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let p = store
         .create_project(&new_project("race", "git://h/race"), &audit())
         .await
@@ -486,7 +507,7 @@ async fn confirmed(store: &Store, build: &str) -> bool {
 /// builds that took record their cell, the others are untouched. Runs of every length from 1
 /// to 11 (the power-of-two chunks) give the same answers.
 async fn a_run_of_acceptances_takes_only_this_boxs_leases(url: String) {
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let p = store
         .create_project(&new_project("run", "git://h/run"), &audit())
         .await
@@ -547,7 +568,7 @@ hive_testkit::on_both!(db => a_run_of_acceptances_takes_only_this_boxs_leases);
 async fn sqlite_group_commit_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("hive.db").display());
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let p = store
         .create_project(&new_project("group", "git://h/group"), &audit())
         .await
@@ -634,7 +655,7 @@ async fn sqlite_group_commit_is_all_or_nothing() {
 /// that has not ended stays whatever its age (and so does its delivery, so a redelivery or an
 /// API retry under the same id makes no second build), and nothing newer than the cutoff goes.
 async fn retention_purges_only_what_ended(url: String) {
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let p = store
         .create_project(&new_project("keep", "git://h/keep"), &audit())
         .await
@@ -752,7 +773,7 @@ hive_testkit::on_both!(db => retention_purges_only_what_ended);
 /// The per-build log cap: chunks are kept up to it, the first one past it becomes a line
 /// saying the log was cut, later ones are dropped; a resend of any of them changes nothing.
 async fn log_cap_cuts_the_log_once(url: String) {
-    let store = Store::open(&url).await.unwrap().with_log_cap(10);
+    let store = open_with_boxes(&url).await.with_log_cap(10);
     let p = store
         .create_project(&new_project("chatty", "git://h/chatty"), &audit())
         .await
@@ -794,7 +815,7 @@ async fn log_cap_cuts_the_log_once(url: String) {
 hive_testkit::on_both!(db => log_cap_cuts_the_log_once);
 
 async fn expiry_and_timeouts(url: String) {
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let mut np = new_project("t", "git://h/t");
     np.timeout_secs = 1;
     let p = store.create_project(&np, &audit()).await.unwrap();
@@ -858,7 +879,7 @@ async fn sqlite_file_created_and_durable() {
 /// build is placed once with one live lease, a build named twice takes once, a build no longer
 /// queued is not taken; and the queue read from a (created at, id) key goes on after it, in order.
 async fn a_large_round_places_each_build_once_and_the_queue_reads_on(url: String) {
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let p = store
         .create_project(&new_project("svc", "git://h/svc"), &audit())
         .await
@@ -934,7 +955,7 @@ hive_testkit::on_both!(db => a_large_round_places_each_build_once_and_the_queue_
 /// or for a copy; `placed` adds none; later transitions of a build follow its earlier ones.
 async fn a_group_writes_one_forge_status_per_new_build(url: String) {
     use hive_control_plane::store::ForgeRow;
-    let store = Store::open(&url).await.unwrap();
+    let store = open_with_boxes(&url).await;
     let with = store
         .create_project(
             &new_project("with", "https://git.example/o/with.git"),
@@ -1099,3 +1120,114 @@ async fn a_cordon_during_registration_stays(url: String) {
     store.close().await;
 }
 hive_testkit::on_both!(db => a_cordon_during_registration_stays);
+
+/// A placement takes only onto a box the store has active, whatever the placing control plane's
+/// registry says (a cordon made on another control plane reaches it a moment later): the build
+/// stays queued for the next round.
+async fn a_placement_takes_only_onto_an_active_box(url: String) {
+    let store = open_with_boxes(&url).await;
+    let p = store
+        .create_project(&new_project("cordon", "git://h/cordon"), &audit())
+        .await
+        .unwrap();
+    let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");
+    store.insert_build(&b, "api").await.unwrap();
+    assert!(store.set_box_state("box-b", "cordoned").await.unwrap());
+    assert!(store.set_box_state("box-c", "draining").await.unwrap());
+    for (i, box_id) in ["box-b", "box-c", "box-unknown"].into_iter().enumerate() {
+        let lease = format!("L{i}");
+        let took = store.place(&[placement(&b.id, &lease, box_id)]).await;
+        assert_eq!(took.unwrap(), vec![false], "{box_id}");
+        assert!(store.live_leases_of_build(&b.id).await.unwrap().is_empty());
+        let row = store.get_build(&b.id).await.unwrap().unwrap();
+        assert_eq!(row.state.short_name(), "queued", "{box_id}");
+    }
+    // One round, one build onto a cordoned box and one onto an active box.
+    let c = BuildRow::new_queued(&p, "r2", "refs/heads/main", "api");
+    store.insert_build(&c, "api").await.unwrap();
+    let took = store
+        .place(&[
+            placement(&b.id, "L3", "box-b"),
+            placement(&c.id, "L4", "box-a"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(took, vec![false, true]);
+    // Back in service, the box takes it.
+    assert!(store.set_box_state("box-b", "active").await.unwrap());
+    let took = store.place(&[placement(&b.id, "L5", "box-b")]).await;
+    assert_eq!(took.unwrap(), vec![true]);
+    store.close().await;
+}
+hive_testkit::on_both!(db => a_placement_takes_only_onto_an_active_box);
+
+/// PostgreSQL, several control planes: a cordon and a placement round on the same box at the
+/// same moment are ordered. A round that begins while the cordon commits waits for it and then
+/// places nothing onto the box; a cordon that begins while a round is in flight waits for the
+/// round (so once it has answered, no placement onto the box is still to commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordon_and_a_round_in_flight_are_ordered_on_postgres() {
+    use sqlx::Connection as _;
+    let Some(db) = hive_testkit::TestDb::postgres("cordon_round_order").await else {
+        return;
+    };
+    let url = db.url.clone();
+    let store = open_with_boxes(&url).await;
+    let p = store
+        .create_project(&new_project("order", "git://h/order"), &audit())
+        .await
+        .unwrap();
+    let b = BuildRow::new_queued(&p, "r1", "refs/heads/main", "api");
+    store.insert_build(&b, "api").await.unwrap();
+    let still_waiting = std::time::Duration::from_millis(300);
+
+    // A cordon committing (as `set_box_state` does it, on a connection of its own) ...
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut cordon = other.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)::text")
+        .bind(hive_control_plane::store::BOX_STATE_LOCK)
+        .execute(&mut *cordon)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE boxes SET state = 'cordoned' WHERE id = 'box-a'")
+        .execute(&mut *cordon)
+        .await
+        .unwrap();
+    // ... holds a round onto that box off until it commits, and the round then sees it.
+    let onto_a = [placement(&b.id, "L1", "box-a")];
+    let round = store.place(&onto_a);
+    tokio::pin!(round);
+    assert!(
+        tokio::time::timeout(still_waiting, &mut round)
+            .await
+            .is_err(),
+        "the round waits for the cordon committing"
+    );
+    cordon.commit().await.unwrap();
+    assert_eq!(
+        round.await.unwrap(),
+        vec![false],
+        "nothing onto the cordoned box"
+    );
+
+    // A round in flight (holding what `place` holds) holds a cordon off until it commits.
+    let mut placing = other.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)::text")
+        .bind(hive_control_plane::store::BOX_STATE_LOCK)
+        .execute(&mut *placing)
+        .await
+        .unwrap();
+    let change = store.set_box_state("box-b", "cordoned");
+    tokio::pin!(change);
+    assert!(
+        tokio::time::timeout(still_waiting, &mut change)
+            .await
+            .is_err(),
+        "the cordon waits for the round in flight"
+    );
+    placing.commit().await.unwrap();
+    assert!(change.await.unwrap());
+    other.close().await.unwrap();
+    store.close().await;
+    db.drop_db().await;
+}

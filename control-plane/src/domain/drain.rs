@@ -61,6 +61,34 @@ pub async fn uncordon_box(
     Ok(true)
 }
 
+/// Corrects this control plane's registry from the store for `ids` that are not `active` there
+/// (cordoned, draining, left; no row: left). The registry learns of another control plane's
+/// box state changes through the cluster bus, which can lag, lose notes while its listener
+/// reconnects, or lose a note when a control plane dies between its commit and the note; the
+/// store refuses placements onto such a box, and without this the scheduler would choose it
+/// again on every pass. True when the registry had one of them wrong.
+pub async fn reload_box_states(hive: &Hive, ids: &[&str]) -> bool {
+    match hive.store.inactive_boxes(ids).await {
+        Ok(inactive) => {
+            let candidates = hive.registry.candidates();
+            let mut corrected = false;
+            for (id, state) in inactive {
+                if candidates.iter().any(|c| c.box_id == id) {
+                    tracing::info!(box_id = %id, %state,
+                        "box no longer active in the store; its state here was stale");
+                    hive.registry.set_admin_state_here(&id, &state);
+                    corrected = true;
+                }
+            }
+            corrected
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading box states failed");
+            false
+        }
+    }
+}
+
 /// Why a box could not be forgotten.
 #[derive(Debug, thiserror::Error)]
 pub enum ForgetError {

@@ -139,8 +139,12 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
     };
     let mut queued: Vec<Option<BuildRow>> = queued.into_iter().map(Some).collect();
     let mut placed = Vec::with_capacity(plan.len());
+    let mut refused: Vec<String> = Vec::new();
     for ((p, at, warm), ok) in plan.into_iter().zip(took) {
         let Some(build) = queued[at].take().filter(|_| ok) else {
+            if !refused.contains(&p.box_id) {
+                refused.push(p.box_id);
+            }
             continue;
         };
         hive.metrics.waited_in_queue(now_ms() - build.created_at_ms);
@@ -148,6 +152,15 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
         hive.registry
             .add_inflight(&p.box_id, &p.lease_id, &build.size_class, warm);
         placed.push((p, build, warm));
+    }
+    // A placement that did not take: its build was placed elsewhere or ended meanwhile, or
+    // its box is not active in the store (a cordon this registry has not heard of yet). The
+    // latter's builds stay queued; once the registry is corrected, they go elsewhere at once.
+    if !refused.is_empty() {
+        let ids: Vec<&str> = refused.iter().map(String::as_str).collect();
+        if super::drain::reload_box_states(hive, &ids).await {
+            hive.wake.notify_one();
+        }
     }
     hive.metrics.placed(placed.len());
     tracing::debug!(

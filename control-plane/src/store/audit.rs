@@ -7,7 +7,7 @@
 use hive_proto::v1::BuildState;
 use sqlx::{Any, Transaction};
 
-use super::boxes::set_box_state_tx;
+use super::boxes::{hold_off_placements_tx, set_box_state_tx};
 use super::builds::{end_build_tx, insert_build_tx, BuildRow};
 use super::{new_id, now_ms, q, Result, Store};
 
@@ -172,7 +172,7 @@ impl Store {
         audit: &Audit,
     ) -> Result<bool> {
         in_tx!(self, "commit box state", |tx| {
-            let changed = set_box_state_tx(tx, id, state).await?;
+            let changed = set_box_state_tx(tx, self.kind, id, state).await?;
             if changed {
                 insert_audit_tx(tx, audit).await?;
             }
@@ -203,6 +203,7 @@ impl Store {
         audit: &Audit,
     ) -> Result<bool> {
         in_tx!(self, "commit box state change", |tx| {
+            hold_off_placements_tx(tx, self.kind).await?;
             let res = sqlx::query("UPDATE boxes SET state = $1 WHERE id = $2 AND state = $3")
                 .bind(to)
                 .bind(id)
@@ -222,6 +223,8 @@ impl Store {
     /// history), unless builds still hold live leases on it; records who did.
     pub async fn forget_box_audited(&self, id: &str, audit: &Audit) -> Result<Forgotten> {
         in_tx!(self, "commit forgotten box", |tx| {
+            // A round in flight could be leasing a build to it as the count runs.
+            hold_off_placements_tx(tx, self.kind).await?;
             let (live,): (i64,) =
                 sqlx::query_as("SELECT COUNT(*) FROM leases WHERE box_id = $1 AND state = 'live'")
                     .bind(id)

@@ -56,6 +56,34 @@ impl Store {
         row.map(BoxRow::try_from).transpose()
     }
 
+    /// Of `ids`, the boxes whose operator state is not `active` now (with that state), or that
+    /// have no row any more (`left`).
+    pub async fn inactive_boxes(&self, ids: &[&str]) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id, state FROM boxes WHERE id IN ({})",
+                super::builds::pattern_rows(chunk.len(), "?", 1)
+            );
+            let mut query = sqlx::query_as::<_, (String, String)>(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q("select box states"))?;
+            for id in chunk {
+                match rows.iter().find(|(r, _)| r == id) {
+                    Some((_, state)) if state == "active" => {}
+                    Some((_, state)) => out.push((id.to_string(), state.clone())),
+                    None => out.push((id.to_string(), "left".to_string())),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn list_boxes(&self) -> Result<Vec<BoxRow>> {
         let rows = sqlx::query_as::<_, BoxRecord>(
             "SELECT id, hostname, state, backend, pools_json, last_heartbeat_ms, \
@@ -107,7 +135,7 @@ impl Store {
     /// Sets the operator state of a box (active, cordoned, draining, left).
     pub async fn set_box_state(&self, id: &str, state: &str) -> Result<bool> {
         in_tx!(self, "commit box state", |tx| set_box_state_tx(
-            tx, id, state
+            tx, self.kind, id, state
         )
         .await)
     }
@@ -186,8 +214,10 @@ impl Store {
 
 /// One transaction over a run of box session messages that were already waiting on the stream
 /// (group commit): build updates and log chunks are applied in stream order, the box's acked seq
-/// is raised, and one commit makes them all durable together. Nothing in it may be announced or
-/// acknowledged before [`BoxBatch::commit`] returns; dropped uncommitted, it rolls back.
+/// is raised, and one commit makes them all durable together. Nothing in it may be acknowledged
+/// to the box, or announced beyond this control plane's log followers (which get the new chunks
+/// just before the commit, `Events::logs_written`), before [`BoxBatch::commit`] returns;
+/// dropped uncommitted, it rolls back.
 ///
 /// The updates are conditional on the lease *and* the box, so a current update needs no read
 /// of the build first; callers read it ([`BoxBatch::get_build`]) only to explain a miss.
@@ -642,12 +672,39 @@ impl TryFrom<BoxRecord> for BoxRow {
     }
 }
 
+/// The PostgreSQL advisory lock that orders box state changes against placement rounds: a round
+/// holds it shared from before its placements' statement to its commit, a state change holds it
+/// alone. So a cordon (drain, forget) waits for the rounds in flight, and every round after it
+/// reads the new state: once `hivectl box cordon` has answered, no placement onto the box
+/// commits, whichever control plane places. (A round's statement places only onto boxes the
+/// store has active; without this lock one that began just before a cordon's commit could
+/// still commit after it.) SQLite runs one writer at a time, which orders them already.
+pub const BOX_STATE_LOCK: i64 = 0x6869_7665_6278; // "hiveb" "x"
+
+/// On PostgreSQL, waits until no placement round is in flight and holds new ones off until
+/// this transaction ends ([`BOX_STATE_LOCK`]); nothing on SQLite.
+pub(crate) async fn hold_off_placements_tx(
+    tx: &mut Transaction<'_, Any>,
+    kind: super::DbKind,
+) -> Result<()> {
+    if kind == super::DbKind::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)::text")
+            .bind(BOX_STATE_LOCK)
+            .execute(&mut **tx)
+            .await
+            .map_err(q("wait for placement rounds"))?;
+    }
+    Ok(())
+}
+
 /// Sets the operator state of a box; false when there is no such box.
 pub(crate) async fn set_box_state_tx(
     tx: &mut Transaction<'_, Any>,
+    kind: super::DbKind,
     id: &str,
     state: &str,
 ) -> Result<bool> {
+    hold_off_placements_tx(tx, kind).await?;
     let res = sqlx::query("UPDATE boxes SET state = $1 WHERE id = $2")
         .bind(state)
         .bind(id)

@@ -360,7 +360,7 @@ impl Store {
 
     /// Places queued builds: per placement, the build goes queued -> placed and a live lease is
     /// written, all in one transaction. Returns, per placement, whether it took (false when the
-    /// build was no longer queued).
+    /// build was no longer queued, or its box is not `active` in the store).
     ///
     /// On PostgreSQL a large round is split into up to [`PLACE_PARTS`] transactions that run side
     /// by side, each on one of the scheduler's own connections (so on its own server process):
@@ -512,7 +512,6 @@ impl Store {
     }
 }
 
-/// queued -> placed with a new live lease; false when the build was no longer queued.
 /// Placements per statement of [`place_many_tx`] (7 bind parameters each at most).
 const PLACE_ROWS: usize = 256;
 
@@ -609,8 +608,9 @@ fn first_of_each_build(placements: &[Placement]) -> Vec<(usize, &Placement)> {
 
 /// Places builds (queued -> placed, a live lease, a transition each) in a few multi-row
 /// statements per [`PLACE_ROWS`]: one conditional UPDATE that says which builds were still
-/// queued (RETURNING), then the leases and transitions of those. A build another control plane
-/// placed (or someone cancelled) meanwhile is not touched: false in its place.
+/// queued and go to a box still `active` (RETURNING), then the leases and transitions of those.
+/// A build another control plane placed (or someone cancelled) meanwhile, or one for a box
+/// cordoned, draining, left or forgotten meanwhile, is not touched: false in its place.
 ///
 /// With `lock_rows` (PostgreSQL, where several control planes place from one queue) each chunk
 /// first locks its builds in id order, and the chunks go in id order: two rounds over the same
@@ -623,6 +623,14 @@ pub(crate) async fn place_many_tx(
     let now = now_ms();
     let unique = first_of_each_build(placements);
     let mut took = vec![false; placements.len()];
+    if lock_rows {
+        // Shared with other rounds; a box state change waits for it (`BOX_STATE_LOCK`).
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)::text")
+            .bind(super::boxes::BOX_STATE_LOCK)
+            .execute(&mut **tx)
+            .await
+            .map_err(q("hold box states for placements"))?;
+    }
     for (at, n) in pow2_chunks(unique.len(), PLACE_ROWS) {
         let chunk = &unique[at..at + n];
         if lock_rows {
@@ -634,7 +642,9 @@ pub(crate) async fn place_many_tx(
             "WITH v(id, box_id, lease_id, message, backend) AS (VALUES {}) \
              UPDATE builds SET state = 'placed', box_id = v.box_id, lease_id = v.lease_id, \
              cell_id = '', updated_at_ms = ${}, message = v.message, backend = v.backend \
-             FROM v WHERE builds.id = v.id AND builds.state = 'queued' RETURNING builds.id",
+             FROM v WHERE builds.id = v.id AND builds.state = 'queued' AND EXISTS \
+             (SELECT 1 FROM boxes WHERE boxes.id = v.box_id AND boxes.state = 'active') \
+             RETURNING builds.id",
             pattern_rows(chunk.len(), "(?, ?, ?, ?, ?)", 5),
             chunk.len() * 5 + 1
         );

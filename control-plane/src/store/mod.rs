@@ -59,7 +59,7 @@ mod tokens;
 pub use artifacts::{ArtifactRow, ArtifactTarget};
 pub use audit::{Audit, AuditRow, Forgotten, MAX_AUDIT_PAGE};
 pub use box_certs::{BoxCertRow, JoinRefused, JoinTokenRevoke, JoinTokenRow, PurgedCredentials};
-pub use boxes::{BoxBatch, BoxRow, CellRow, CellsWrite};
+pub use boxes::{BoxBatch, BoxRow, CellRow, CellsWrite, BOX_STATE_LOCK};
 pub use builds::{Acceptance, BuildFilter, BuildRow, Placement, Requeued, TransitionRow};
 pub use deliveries::{Delivery, NewDelivery};
 pub use forges::{ForgeRow, OutboxSummary, StatusRow};

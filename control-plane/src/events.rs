@@ -1,8 +1,9 @@
 //! Change announcements inside the control plane: after a build's state (or log) change is
-//! committed, its id is broadcast here; `WatchBuild` and `StreamLogs` re-read the store when they
+//! committed, its id is broadcast here (new log chunks also just before); `WatchBuild` and `StreamLogs` re-read the store when they
 //! hear about their build. Receivers that fall behind just re-read (the store is the truth).
-//! News of log chunks may carry the chunks one commit stored (with their stored seqs), so a
-//! follower can send them on without reading them back.
+//! News of log chunks may carry the chunks one transaction of a box session wrote (with their
+//! stored seqs), sent before its commit, so a follower can send them on at once without reading
+//! them back.
 
 use std::sync::Arc;
 
@@ -20,8 +21,9 @@ pub const MAX_CARRIED_BYTES: usize = 64 * 1024;
 pub enum Event {
     /// A build row changed (state, box, cell ...).
     Build(String),
-    /// New log chunks were stored for a build: exactly those of one commit, as stored, in seq
-    /// order; or none when the reader must look in the store.
+    /// New log chunks for a build: exactly those one transaction wrote, as stored, in seq
+    /// order, announced before its commit; or none when the reader must look in the store
+    /// (announced after the commit).
     Log(String, Arc<[LogChunk]>),
 }
 
@@ -77,14 +79,26 @@ impl Events {
         let _ = self.tx.send(Event::Log(id.to_string(), Arc::from([])));
     }
 
-    /// `chunks` (as stored, in seq order) are all the chunks of `id` that one commit stored.
-    pub fn logs_stored(&self, id: &str, chunks: Vec<LogChunk>) {
+    /// `chunks` (in seq order) are all the chunks of `id` that one transaction wrote, before
+    /// its commit: this control plane's followers send them on at once (a live tail does not
+    /// wait for the fsync). The box keeps every chunk until the commit is acknowledged and sends
+    /// it again after a failed one, under the same seq. Returns what was carried (empty over
+    /// [`MAX_CARRIED_BYTES`]), to be passed to [`Events::logs_committed`] after the commit.
+    pub fn logs_written(&self, id: &str, chunks: Vec<LogChunk>) -> Arc<[LogChunk]> {
         let bytes: usize = chunks.iter().map(|c| c.data.len()).sum();
-        let carried: Arc<[LogChunk]> = if bytes <= MAX_CARRIED_BYTES {
-            chunks.into()
-        } else {
-            Arc::from([])
-        };
+        if bytes > MAX_CARRIED_BYTES {
+            return Arc::from([]);
+        }
+        let carried: Arc<[LogChunk]> = chunks.into();
+        let _ = self.tx.send(Event::Log(id.to_string(), carried.clone()));
+        carried
+    }
+
+    /// The chunks [`Events::logs_written`] announced are committed. Announced again, locally
+    /// with the same chunks: a follower that read the store before the commit (it subscribed,
+    /// or fell behind, just then) did not find them and is behind them; one that sent them
+    /// already finds nothing new in them. The other control planes hear of them now.
+    pub fn logs_committed(&self, id: &str, carried: Arc<[LogChunk]>) {
         let _ = self.tx.send(Event::Log(id.to_string(), carried));
         self.bus.publish(Note::Log(id.to_string()));
     }

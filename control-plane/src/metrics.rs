@@ -75,12 +75,13 @@ fn stage_histogram() -> Histogram {
 pub enum Stage {
     /// The assignment was sent to the box.
     Placed,
-    /// ... -> the box's ACCEPTED is stored: the box took a cell (its pool, the stream there
-    /// and back, the store).
+    /// ... -> the box's ACCEPTED is written (in the transaction its messages commit in; the
+    /// commit is `hive_box_commit_seconds`): the box took a cell (its pool, the stream there
+    /// and back).
     Accepted,
-    /// ... -> RUNNING is stored: the cell took the build and its first event came back.
+    /// ... -> RUNNING is written: the cell took the build and its first event came back.
     Running,
-    /// ... -> the first log chunk is stored.
+    /// ... -> the first log chunk is written (and handed to this control plane's followers).
     FirstLog,
     /// ... -> a log follower (`StreamLogs`, `hivectl logs -f`) that was waiting for it sent it
     /// on ([`Metrics::followed`]).
@@ -318,8 +319,9 @@ impl Default for Metrics {
         registry.register(
             "hive_build_start_stage_seconds",
             "A build's start by stage, each from the stage before, on this control plane's \
-             clock (stage=accepted: assignment sent -> ACCEPTED stored; running: -> RUNNING \
-             stored; first_log: -> first log chunk stored; followed: -> sent to a log follower)",
+             clock (stage=accepted: assignment sent -> ACCEPTED written; running: -> RUNNING \
+             written; first_log: -> first log chunk written; followed: -> sent to a log \
+             follower; each written before its commit, which hive_box_commit_seconds times)",
             stages.clone(),
         );
         Metrics {
@@ -496,7 +498,7 @@ impl Metrics {
     }
 
     /// A log follower that began at `since` sent `build_id`'s first chunk. Timed only when it
-    /// was already waiting as the chunk was stored: one that came later (`hivectl logs` a
+    /// was already waiting as the chunk was written: one that came later (`hivectl logs` a
     /// minute on) says nothing of the path. The first follower ends the build's clock.
     pub fn followed(&self, build_id: &str, since: std::time::Instant) {
         let mut clock = self.stage_clock.lock().unwrap_or_else(|e| e.into_inner());

@@ -231,3 +231,127 @@ async fn logs(handle: &Handle, id: &str) -> (String, Vec<u64>) {
     }
     (text, seqs)
 }
+
+/// A log line goes to the followers as it is written, before its transaction commits. The
+/// fault: that commit fails (the session's database connection is killed while the commit
+/// waits). The box was not acked, so it sends the line again on its next session: the store
+/// has it once, and the follower, which saw it before the failure, does not see it twice.
+/// PostgreSQL only: the commit's acked-seq write is held on the box's row, so the kill falls
+/// between the announcement and the commit for certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_followed_before_a_failed_commit_is_stored_once_after_the_resend() {
+    let Some(db) = hive_testkit::TestDb::postgres("followed_before_commit").await else {
+        return;
+    };
+    let url = db.url.clone();
+    let handle = start_with(&url, |c| {
+        c.heartbeat_interval = Duration::from_secs(5);
+        c.lease = Duration::from_secs(30);
+    })
+    .await;
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "early".into(),
+            repo_url: "git://198.18.0.2/early.git".into(),
+            secret: "s".into(),
+            steps: vec!["make".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (mut bx, _) = fake_box(&handle, "box-early", vec![pool("small", 1, 2)]).await;
+    let id = client
+        .submit_build(SubmitBuildRequest {
+            project: "early".into(),
+            revision: "abc123".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let a = match bx.next_non_ack(WAIT).await {
+        Some(CtlMsg::Assign(a)) => a,
+        other => panic!("expected an Assignment, got {other:?}"),
+    };
+    bx.accept(&a, "cell-1", true).await;
+    let running = bx.running(&a).await;
+    bx.wait_ack(running, WAIT).await.unwrap();
+    let mut follow = client
+        .stream_logs(StreamLogsRequest {
+            build_id: id.clone(),
+            from_seq: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Hold the box's row: the batch writes the line, announces it, then waits to commit.
+    let mut hold = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut hold).await.unwrap();
+    sqlx::query("SELECT id FROM boxes WHERE id = 'box-early' FOR UPDATE")
+        .fetch_one(&mut hold)
+        .await
+        .unwrap();
+    let line0 = bx.log(&a, LogStream::Stdout, 0, b"line 0\n").await;
+    let seen = tokio::time::timeout(WAIT, follow.next())
+        .await
+        .expect("the follower gets the line before its commit")
+        .unwrap()
+        .unwrap();
+    assert_eq!((seen.seq, seen.data.as_slice()), (0, &b"line 0\n"[..]));
+    // The commit fails: the session's connection, waiting on the row, is killed.
+    let mut killed = 0;
+    for _ in 0..100 {
+        let ended: Vec<(bool,)> = sqlx::query_as(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+             AND query LIKE 'UPDATE boxes SET acked_seq%' AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&mut hold)
+        .await
+        .unwrap();
+        killed += ended.len();
+        if killed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        killed > 0,
+        "the session's commit was waiting on the box's row"
+    );
+    sqlx::query("ROLLBACK").execute(&mut hold).await.unwrap();
+    hold.close().await.ok();
+    assert!(
+        bx.wait_ack(line0, Duration::from_millis(500))
+            .await
+            .is_err(),
+        "a line whose commit failed is not acked"
+    );
+
+    // The box's next session sends it again; then the rest of the build.
+    bx.reconnect().await.unwrap();
+    bx.wait_ack(line0, WAIT).await.unwrap();
+    bx.log(&a, LogStream::Stdout, 0, b"line 1\n").await;
+    let last = bx.finish(&a, BuildState::Succeeded, 0).await;
+    bx.wait_ack(last, WAIT).await.unwrap();
+
+    let mut seqs = vec![seen.seq];
+    while let Some(c) = tokio::time::timeout(WAIT, follow.next())
+        .await
+        .expect("the follower's stream ends with the build")
+    {
+        seqs.push(c.unwrap().seq);
+    }
+    assert_eq!(seqs, [0, 1], "the follower saw each line once");
+    assert_eq!(
+        logs(&handle, &id).await,
+        ("line 0\nline 1\n".to_string(), vec![0, 1]),
+        "the store has each line once"
+    );
+    handle.shutdown().await;
+    db.drop_db().await;
+}

@@ -314,7 +314,8 @@ pub struct ControlPlaneOptions {
     pub lease_secs: u64,
     pub heartbeat_interval_ms: u64,
     pub extra_args: Vec<String>,
-    /// `RUST_LOG` for the process.
+    /// `RUST_LOG` for the process: `HIVE_TEST_CP_LOG` when set (e.g.
+    /// `info,hive_control_plane=debug` for a test's timings), else `info`.
     pub log_filter: String,
 }
 
@@ -325,7 +326,7 @@ impl Default for ControlPlaneOptions {
             lease_secs: 30,
             heartbeat_interval_ms: 2000,
             extra_args: Vec::new(),
-            log_filter: "info".to_string(),
+            log_filter: std::env::var("HIVE_TEST_CP_LOG").unwrap_or_else(|_| "info".into()),
         }
     }
 }

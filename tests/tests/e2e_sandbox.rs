@@ -1173,10 +1173,10 @@ async fn bench_webhook_to_first_log_line() {
         &metrics.body,
         "hive_build_start_stage_seconds",
         &[
-            ("accepted", "assignment sent -> ACCEPTED stored"),
-            ("running", "ACCEPTED -> RUNNING stored"),
-            ("first_log", "RUNNING -> first chunk stored"),
-            ("followed", "first chunk stored -> sent to the follower"),
+            ("accepted", "assignment sent -> ACCEPTED written"),
+            ("running", "ACCEPTED -> RUNNING written"),
+            ("first_log", "RUNNING -> first chunk written"),
+            ("followed", "first chunk written -> sent to the follower"),
         ],
     );
     // The box's side of the same start (its clock, each stage from the one before).

@@ -1,8 +1,9 @@
 //! Following a build's log: what `StreamLogs` (gRPC) and the dashboard's live log (`http::ui`)
 //! send. Chunks go out in seq order from a given seq; while the build runs, a hole waits to be
 //! filled; once it has ended (or below the current attempt's `log_base`), holes are skipped. The
-//! chunks one commit stored come with its announcement and are sent on without reading them
-//! back; on a gap, a larger burst or a lagging receiver the store is read.
+//! chunks one box batch wrote come with its announcement, just before its commit and again
+//! after it, and are sent on without reading them back; on a gap, a larger burst or a lagging
+//! receiver the store is read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,8 +124,8 @@ pub async fn follow(
             match heard {
                 Ok(Event::Build(b)) if b == build_id => break,
                 Ok(Event::Log(b, carried)) if b == build_id => {
-                    // The chunks one commit stored, sent on as they are when they continue
-                    // the stream; else (a gap, or not carried) read the store.
+                    // The chunks one batch wrote, sent on as they are when they continue the
+                    // stream; else (a gap, or not carried) read the store.
                     let Some(fresh) = continuing(&carried, next) else {
                         check_state = false;
                         break;

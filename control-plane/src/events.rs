@@ -1,6 +1,6 @@
 //! Change announcements inside the control plane: after a build's state (or log) change is
-//! committed, its id is broadcast here (new log chunks also just before); `WatchBuild` and `StreamLogs` re-read the store when they
-//! hear about their build. Receivers that fall behind just re-read (the store is the truth).
+//! committed, its id is broadcast here (new log chunks also just before); `WatchBuild` and
+//! `StreamLogs` re-read the store when they hear about their build. Receivers that fall behind just re-read (the store is the truth).
 //! News of log chunks may carry the chunks one transaction of a box session wrote (with their
 //! stored seqs), sent before its commit, so a follower can send them on at once without reading
 //! them back.

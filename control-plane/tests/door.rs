@@ -334,6 +334,15 @@ hive_testkit::on_both!(db => uncordon_and_forget);
 async fn a_cordon_this_control_plane_has_not_heard_of_holds(url: String) {
     use sqlx::Connection as _;
     let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
+    // Ready means (on PostgreSQL) the cluster listener is up and its first resync has run:
+    // that resync, had it run after the cordon below, would correct the registry by itself.
+    eventually(WAIT, "ready", || async {
+        http(handle.http_addr, "GET", "/readyz", &[], b"")
+            .await
+            .status
+            == 200
+    })
+    .await;
     let mut client = api(&handle).await;
     client.create_project(good()).await.unwrap();
     // Spread placement prefers box-a (more warm cells), as long as it thinks box-a is active.

@@ -48,20 +48,27 @@ fn chunk(build: &str, seq: u64, text: &str) -> LogChunk {
 async fn open_with_boxes(url: &str) -> Store {
     let store = Store::open(url).await.unwrap();
     for id in ["box-a", "box-b", "box-c"] {
-        let row = hive_control_plane::store::BoxRow {
-            id: id.into(),
-            hostname: "h".into(),
-            state: "active".into(),
-            backend: "sandbox".into(),
-            pools_json: "[]".into(),
-            last_heartbeat_ms: 1,
-            registered_at_ms: 1,
-            acked_seq: 0,
-            session_owner: "cp/1".into(),
-        };
-        assert_eq!(store.upsert_box(&row).await.unwrap(), "active");
+        assert_eq!(
+            store.upsert_box(&box_row(id, "active")).await.unwrap(),
+            "active"
+        );
     }
     store
+}
+
+/// A box's row as its registration writes it.
+fn box_row(id: &str, state: &str) -> hive_control_plane::store::BoxRow {
+    hive_control_plane::store::BoxRow {
+        id: id.into(),
+        hostname: "h".into(),
+        state: state.into(),
+        backend: "sandbox".into(),
+        pools_json: "[]".into(),
+        last_heartbeat_ms: 1,
+        registered_at_ms: 1,
+        acked_seq: 0,
+        session_owner: "cp/1".into(),
+    }
 }
 
 fn placement(build: &str, lease: &str, box_id: &str) -> Placement {
@@ -1094,19 +1101,8 @@ hive_testkit::on_both!(db => a_group_survives_its_kept_connection_dying);
 /// A box registering writes its row from a read made a moment before; an operator's cordon or
 /// drain committed in between stays (it came back active, in the store and in the session).
 async fn a_cordon_during_registration_stays(url: String) {
-    use hive_control_plane::store::BoxRow;
     let store = Store::open(&url).await.unwrap();
-    let row = |state: &str| BoxRow {
-        id: "box-a".into(),
-        hostname: "h".into(),
-        state: state.into(),
-        backend: "sandbox".into(),
-        pools_json: "[]".into(),
-        last_heartbeat_ms: 1,
-        registered_at_ms: 1,
-        acked_seq: 0,
-        session_owner: "cp/1".into(),
-    };
+    let row = |state: &str| box_row("box-a", state);
     assert_eq!(store.upsert_box(&row("active")).await.unwrap(), "active");
     for held in ["cordoned", "draining"] {
         assert!(store.set_box_state("box-a", held).await.unwrap());

@@ -118,6 +118,7 @@ pub struct Metrics {
     boxes_connected: Gauge,
     boxes_known: Gauge,
     placements: Counter,
+    placed_at_once: Counter,
     lease_expiries: Counter,
     queue_wait: Histogram,
     box_commit: Histogram,
@@ -193,6 +194,7 @@ impl Default for Metrics {
         let boxes_connected = Gauge::default();
         let boxes_known = Gauge::default();
         let placements = Counter::default();
+        let placed_at_once = Counter::default();
         let lease_expiries = Counter::default();
         // 10 ms to ~44 min, and 100 us to ~26 s.
         let queue_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
@@ -226,6 +228,12 @@ impl Default for Metrics {
             "hive_placements",
             "Builds placed on a box",
             placements.clone(),
+        );
+        registry.register(
+            "hive_placed_at_once",
+            "Builds a webhook placed in its own transaction (a free cell, nothing queued), of \
+             hive_placements",
+            placed_at_once.clone(),
         );
         registry.register(
             "hive_lease_expiries",
@@ -346,6 +354,7 @@ impl Default for Metrics {
             boxes_connected,
             boxes_known,
             placements,
+            placed_at_once,
             lease_expiries,
             queue_wait,
             box_commit,
@@ -409,6 +418,12 @@ impl Metrics {
 
     pub fn placed(&self, n: usize) {
         self.placements.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    /// `n` of the builds counted by [`Metrics::placed`] were placed by their webhook's group.
+    pub fn placed_at_once(&self, n: usize) {
+        self.placed_at_once
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub fn lease_expired(&self) {

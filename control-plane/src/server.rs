@@ -543,6 +543,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         bus,
         metrics,
         wake: Notify::new(),
+        choosing: Default::default(),
         lease: config.lease,
         heartbeat: config.heartbeat_interval,
         placement: config.placement,

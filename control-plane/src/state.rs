@@ -29,6 +29,8 @@ pub struct Hive {
     pub metrics: Metrics,
     /// Wakes the scheduler (new build, box change).
     pub wake: Notify,
+    /// Who may choose boxes now, and whether builds were seen waiting (`Choosing`).
+    pub choosing: Choosing,
     pub lease: Duration,
     pub heartbeat: Duration,
     pub placement: Policy,
@@ -50,6 +52,21 @@ pub struct Hive {
     pub regions: crate::regions::Regions,
     /// Artefact files under `<data-dir>/artifacts` and the per-build cap.
     pub artifacts: crate::artifacts::ArtifactStore,
+}
+
+/// Placement's two choosers, the scheduler's rounds and a webhook group that places its new
+/// builds at once (`domain::submit`, `domain::place::choose_at_once`).
+#[derive(Debug, Default)]
+pub struct Choosing {
+    /// Held from reading the boxes' free cells out of the registry to writing the choices back
+    /// (`Registry::add_inflight`), across the placements' commit, so two choosers never take
+    /// the same free cell. A webhook group only tries it: while a round holds it, the group's
+    /// builds go through the queue.
+    pub lock: tokio::sync::Mutex<()>,
+    /// Builds were last seen waiting in the queue (a round left some, or a group's placement
+    /// found some ahead): webhook groups then leave their builds to the scheduler without
+    /// asking the store. A hint only; the store's check is the rule.
+    pub backlog: std::sync::atomic::AtomicBool,
 }
 
 impl Hive {

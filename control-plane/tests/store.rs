@@ -1157,6 +1157,122 @@ async fn a_placement_takes_only_onto_an_active_box(url: String) {
 }
 hive_testkit::on_both!(db => a_placement_takes_only_onto_an_active_box);
 
+/// A webhook group's builds placed in the group's own transaction (`record_deliveries_placing`):
+/// only builds the group inserted, only when nothing else is queued (an older build of any
+/// class keeps them all queued, so the scheduler keeps the queue's order), only onto a box the
+/// store has active; a placement that did not take leaves its build queued with its delivery
+/// stored.
+async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) {
+    let store = open_with_boxes(&url).await;
+    let p = store
+        .create_project(&new_project("atonce", "git://h/atonce"), &audit())
+        .await
+        .unwrap();
+    let delivery = |d: &str, rev: &str| NewDelivery {
+        build: Some(BuildRow::new_queued(&p, rev, "refs/heads/main", d)),
+        delivery_id: d.into(),
+        project_id: p.id.clone(),
+        outcome: "build".into(),
+    };
+    let id = |n: &NewDelivery| n.build.as_ref().unwrap().id.clone();
+    let state = |id: String| {
+        let store = &store;
+        async move {
+            store
+                .get_build(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .state
+                .short_name()
+        }
+    };
+
+    // Nothing queued: both builds of the group are placed with their deliveries; a copy of
+    // d1 in the same group inserts no build, and its placement does not take.
+    let group = vec![
+        delivery("d1", "r1"),
+        delivery("d2", "r2"),
+        delivery("d1", "r9"),
+    ];
+    let places: Vec<Placement> = group
+        .iter()
+        .enumerate()
+        .map(|(i, g)| placement(&id(g), &format!("L{i}"), "box-a"))
+        .collect();
+    let (answers, took) = store
+        .record_deliveries_placing(&group, &places)
+        .await
+        .unwrap();
+    assert_eq!(answers[..2], [Delivery::New, Delivery::New]);
+    assert!(matches!(answers[2], Delivery::Duplicate { .. }));
+    assert_eq!(took, Some(vec![true, true, false]));
+    assert_eq!(state(id(&group[0])).await, "placed");
+    assert_eq!(
+        store
+            .live_leases_of_build(&id(&group[1]))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store.get_build(&id(&group[2])).await.unwrap().is_none());
+
+    // An older build waits (queued by the API, of another class): the group's builds stay
+    // queued behind it, delivery and build stored.
+    let mut older = BuildRow::new_queued(&p, "r3", "refs/heads/main", "api");
+    older.size_class = "large".into();
+    store.insert_build(&older, "api").await.unwrap();
+    let group = vec![delivery("d3", "r4")];
+    let places = vec![placement(&id(&group[0]), "L3", "box-a")];
+    let (answers, took) = store
+        .record_deliveries_placing(&group, &places)
+        .await
+        .unwrap();
+    assert_eq!((answers, took), (vec![Delivery::New], None), "not tried");
+    assert_eq!(state(id(&group[0])).await, "queued");
+    assert!(store
+        .live_leases_of_build(&id(&group[0]))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The queue empty again, a placement onto a box the store has cordoned does not take;
+    // the other of the group, onto an active box, does.
+    store
+        .place(&[
+            placement(&older.id, "L4", "box-a"),
+            placement(&id(&group[0]), "L5", "box-a"),
+        ])
+        .await
+        .unwrap();
+    assert!(store.set_box_state("box-b", "cordoned").await.unwrap());
+    let group = vec![delivery("d4", "r5"), delivery("d5", "r6")];
+    let places = vec![
+        placement(&id(&group[0]), "L6", "box-b"),
+        placement(&id(&group[1]), "L7", "box-c"),
+    ];
+    let (_, took) = store
+        .record_deliveries_placing(&group, &places)
+        .await
+        .unwrap();
+    assert_eq!(took, Some(vec![false, true]));
+    // d4 stays queued while the newer d5 of its class is placed, as in a round: a build whose
+    // box refused it does not hold back its class within the round that chose that box.
+    assert_eq!(state(id(&group[0])).await, "queued");
+    assert_eq!(state(id(&group[1])).await, "placed");
+    // Placed and leased once: the scheduler's round finds nothing more to take.
+    assert_eq!(
+        store
+            .place(&[placement(&id(&group[1]), "L8", "box-c")])
+            .await
+            .unwrap(),
+        vec![false]
+    );
+    store.close().await;
+}
+hive_testkit::on_both!(db => a_webhook_group_places_its_builds_only_when_nothing_waits);
+
 /// PostgreSQL, several control planes: a cordon and a placement round on the same box at the
 /// same moment are ordered. A round that begins while the cordon commits waits for it and then
 /// places nothing onto the box; a cordon that begins while a round is in flight waits for the

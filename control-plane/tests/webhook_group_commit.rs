@@ -15,11 +15,15 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{api, http, start, start_with};
+use common::{api, fake_box, http, pool, start, start_with};
 use hive_control_plane::http::webhook::sign;
 use hive_control_plane::server::Handle;
 use hive_control_plane::store::Store;
-use hive_proto::v1::CreateProjectRequest;
+use hive_proto::v1::control_message::Msg as CtlMsg;
+use hive_proto::v1::{
+    BuildState, CancelBuildRequest, CreateProjectRequest, GetBuildRequest, ListBuildsRequest,
+    SubmitBuildRequest,
+};
 use serde_json::json;
 use sqlx::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -152,7 +156,163 @@ async fn stored(url: &str) -> HashMap<String, String> {
     delivered
 }
 
+/// The warm start's shortcut: a webhook's build, with a free cell and nothing queued, is placed
+/// in the webhook's own transaction (counted by `hive_placed_at_once`) and its box gets it; a
+/// copy of that delivery places nothing again; with an older build waiting (a large one no box
+/// has a cell for) the next webhook's build is left to the scheduler, which still places it
+/// (order is kept per class), and the older build stays queued.
+async fn a_webhook_build_is_placed_at_once_only_when_nothing_waits(url: String) {
+    let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
+    project(&handle).await;
+    let (mut fb, _) = fake_box(&handle, "box-a", vec![pool("small", 8, 8)]).await;
+    let addr = handle.http_addr;
+    let assigned = |m: Option<CtlMsg>| match m {
+        Some(CtlMsg::Assign(a)) => a.build_id,
+        other => panic!("no assignment: {other:?}"),
+    };
+
+    let (status, answer) = deliver(addr, "d-1", &revision(1)).await;
+    assert_eq!(status, 202, "{answer}");
+    let first = answer["build_id"].as_str().unwrap().to_string();
+    assert_eq!(assigned(fb.next_non_ack(WAIT).await), first);
+    assert_eq!(metric(addr, "hive_placed_at_once_total ").await, 1.0);
+    let (status, answer) = deliver(addr, "d-1", &revision(1)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["build_id"].as_str(), Some(first.as_str()));
+
+    let mut client = api(&handle).await;
+    client
+        .create_project(CreateProjectRequest {
+            name: "big".into(),
+            repo_url: "https://git.example/team/big".into(),
+            secret: SECRET.into(),
+            steps: vec!["make".into()],
+            size_class: "large".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let big = client
+        .submit_build(SubmitBuildRequest {
+            project: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let (status, answer) = deliver(addr, "d-2", &revision(2)).await;
+    assert_eq!(status, 202, "{answer}");
+    let second = answer["build_id"].as_str().unwrap().to_string();
+    assert_eq!(assigned(fb.next_non_ack(WAIT).await), second);
+    assert_eq!(
+        metric(addr, "hive_placed_at_once_total ").await,
+        1.0,
+        "placed by the scheduler, not at once, behind the waiting build"
+    );
+    assert_eq!(metric(addr, "hive_placements_total ").await, 2.0);
+    let more = fb.next_non_ack(Duration::from_millis(300)).await;
+    assert!(more.is_none(), "nothing else was to be placed: {more:?}");
+    let big = client
+        .get_build(GetBuildRequest { id: big })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(big.state, BuildState::Queued as i32, "{big:?}");
+
+    // The waiting build gone, webhooks place at once again (the hint does not stay set).
+    client
+        .cancel_build(CancelBuildRequest {
+            id: big.id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let mut again = false;
+    for n in 3..=8 {
+        let (status, answer) = deliver(addr, &format!("d-{n}"), &revision(n)).await;
+        assert_eq!(status, 202, "{answer}");
+        let id = answer["build_id"].as_str().unwrap().to_string();
+        assert_eq!(assigned(fb.next_non_ack(WAIT).await), id);
+        if metric(addr, "hive_placed_at_once_total ").await == 2.0 {
+            again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        again,
+        "no webhook was placed at once again after the queue emptied"
+    );
+    handle.shutdown().await;
+}
+
+/// Webhook groups placing their builds at once and the scheduler's rounds placing API builds,
+/// all at the same moment, never give a box more builds than it has free cells: a burst of
+/// webhooks and API submits against a box with four warm cells gets exactly four assignments;
+/// the rest stay queued, each delivery stored once.
+async fn webhooks_and_rounds_racing_never_overfill_a_box(url: String) {
+    let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
+    project(&handle).await;
+    let (mut fb, _) = fake_box(&handle, "box-a", vec![pool("small", 4, 4)]).await;
+    let addr = handle.http_addr;
+    let hooks: Vec<_> = (0..16)
+        .map(|i| tokio::spawn(deliver(addr, &format!("race-{i}"), &revision(100 + i))))
+        .collect();
+    let submits: Vec<_> = (0..8)
+        .map(|_| {
+            let handle = &handle;
+            async move {
+                api(handle)
+                    .await
+                    .submit_build(SubmitBuildRequest {
+                        project: "app".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+            }
+        })
+        .collect();
+    futures::future::join_all(submits).await;
+    for h in hooks {
+        let (status, answer) = h.await.unwrap();
+        assert_eq!(status, 202, "{answer}");
+    }
+    let mut assigned = HashSet::new();
+    while let Some(m) = fb.next_non_ack(Duration::from_secs(2)).await {
+        if let CtlMsg::Assign(a) = m {
+            assert!(assigned.insert(a.build_id.clone()), "{} twice", a.build_id);
+        }
+    }
+    assert_eq!(
+        assigned.len(),
+        4,
+        "assignments beyond the box's four free cells"
+    );
+    let builds = api(&handle)
+        .await
+        .list_builds(ListBuildsRequest {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .builds;
+    assert_eq!(builds.len(), 24);
+    let placed: HashSet<String> = builds
+        .iter()
+        .filter(|b| b.state == BuildState::Placed as i32)
+        .map(|b| b.id.clone())
+        .collect();
+    assert_eq!(placed, assigned, "placed in the store = sent to the box");
+    handle.shutdown().await;
+}
+
 hive_testkit::on_both!(db =>
+    a_webhook_build_is_placed_at_once_only_when_nothing_waits,
+    webhooks_and_rounds_racing_never_overfill_a_box,
     waiting_deliveries_share_one_commit_and_each_gets_its_build,
     a_delivery_the_database_refuses_fails_alone,
     a_full_queue_answers_503_and_stores_nothing,

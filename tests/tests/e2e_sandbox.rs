@@ -676,6 +676,12 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
             metrics.body
         );
     }
+    // An idle hive with a warm cell: the webhook's own transaction placed the build.
+    assert_eq!(
+        metric_value(&metrics.body, "hive_placed_at_once_total"),
+        1.0,
+        "the build was not placed by its webhook's transaction"
+    );
     // And on the box's clock (a sandbox build without a private network: no tunnel stage).
     let box_metrics = h.boxd.metrics().await;
     for (stage, n) in [
@@ -1009,6 +1015,14 @@ fn time_to_first_line(cmd: &mut std::process::Command) -> f64 {
     dt
 }
 
+/// A metric's value in a `/metrics` text (0 when absent).
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Prints p50 and p99 of each `(stage, what)` of a histogram family in a `/metrics` text (bucket
 /// upper bounds, so up to 1.5x over).
 fn print_stages(whose: &str, text: &str, family: &str, stages: &[(&str, &str)]) {
@@ -1178,6 +1192,12 @@ async fn bench_webhook_to_first_log_line() {
             ("first_log", "RUNNING -> first chunk written"),
             ("followed", "first chunk written -> sent to the follower"),
         ],
+    );
+    println!(
+        "BENCH placed by their webhook's own transaction (a free cell, nothing queued): {} of {} \
+         placements",
+        metric_value(&metrics.body, "hive_placed_at_once_total"),
+        metric_value(&metrics.body, "hive_placements_total"),
     );
     // The box's side of the same start (its clock, each stage from the one before).
     print_stages(

@@ -4,8 +4,13 @@
 //! box's session (the scheduler sends one round's while the next reads and commits). Order is
 //! kept per size class: a build that cannot be placed holds back the later builds of its class,
 //! not those of other classes.
+//!
+//! A webhook group may place its own new builds ([`choose_at_once`]) in its own transaction,
+//! when a cell is free and nothing is queued: the same choice, the same store checks, one
+//! commit and the scheduler's hop less on a warm start.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{Assignment, BuildState};
@@ -59,6 +64,7 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
     };
     let read_us = micros_since(round);
     if queued.is_empty() {
+        hive.choosing.backlog.store(false, Ordering::Relaxed);
         return Ok(Round::default());
     }
     // The boxes as they are now that the batch is read, not as they were before: a box
@@ -66,6 +72,9 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
     // read that found the build began after the submit, so after the cordon too. Taken
     // before the read, a cordon and a submit in between (a few milliseconds while the read
     // waited for its connection) put the new build on the cordoned box.
+    // Until this round's choices are in the registry (after its commit), no other chooser
+    // reads the registry's free cells (`Hive::choosing`).
+    let choosing = hive.choosing.lock.lock().await;
     let mut candidates = hive.registry.candidates();
     let full_batch = u32::try_from(queued.len()) == Ok(BATCH);
     let deadline = hive.lease_deadline_ms();
@@ -101,6 +110,9 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
         }
     }
     if plan.is_empty() {
+        hive.choosing
+            .backlog
+            .store(full_batch || !blocked.is_empty(), Ordering::Relaxed);
         return Ok(Round::default());
     }
     // Read before the placements commit: a failure here leaves the builds queued, not leased
@@ -137,6 +149,7 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
         }
         None => None,
     };
+    let plan_len = plan.len();
     let mut queued: Vec<Option<BuildRow>> = queued.into_iter().map(Some).collect();
     let mut placed = Vec::with_capacity(plan.len());
     let mut refused: Vec<String> = Vec::new();
@@ -153,6 +166,13 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
             .add_inflight(&p.box_id, &p.lease_id, &build.size_class, warm);
         placed.push((p, build, warm));
     }
+    drop(choosing);
+    // Builds left in the queue (a class with no room, a full batch, a placement that did not
+    // take): webhook groups leave theirs behind them.
+    hive.choosing.backlog.store(
+        full_batch || !blocked.is_empty() || placed.len() < plan_len,
+        Ordering::Relaxed,
+    );
     // A placement that did not take: its build was placed elsewhere or ended meanwhile, or
     // its box is not active in the store (a cordon this registry has not heard of yet). The
     // latter's builds stay queued; once the registry is corrected, they go elsewhere at once.
@@ -178,7 +198,142 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
     })
 }
 
-/// Sends a round's committed placements to their boxes, each with the secrets its ref may see.
+/// A webhook group's new builds, each given a box from the registry's free cells as a round
+/// would choose, and those cells already taken in the registry (`add_inflight`), so the
+/// scheduler's rounds count them while the group commits and never wait for it.
+/// `domain::submit` writes these placements in the group's own transaction (the store takes
+/// them only when nothing else is queued), then [`AtOnce::settle`]s them, or
+/// [`AtOnce::abandon`]s them if the transaction failed.
+#[derive(Debug)]
+pub struct AtOnce {
+    plan: Vec<(Placement, BuildRow, bool)>,
+    secrets: HashMap<String, HashMap<String, (String, String)>>,
+}
+
+/// Chooses boxes for `builds` (oldest first, as the queue orders them) when that is worth a
+/// try: builds were not last seen waiting, no round is choosing now (this does not wait for
+/// one), and a box has a free place. Order per size class as in a round: a build with no place
+/// holds back the later builds of its class. None leaves every build to the scheduler.
+pub async fn choose_at_once(hive: &Hive, builds: &[&BuildRow]) -> Option<AtOnce> {
+    if builds.is_empty() || hive.choosing.backlog.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut builds = builds.to_vec();
+    builds.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    let plan = {
+        let _choosing = hive.choosing.lock.try_lock().ok()?;
+        let mut candidates = hive.registry.candidates();
+        let deadline = hive.lease_deadline_ms();
+        let mut blocked: HashSet<&str> = HashSet::new();
+        let mut plan = Vec::new();
+        for build in builds {
+            if blocked.contains(build.size_class.as_str())
+                || hive.classes.get(&build.size_class).is_err()
+            {
+                continue;
+            }
+            let Some((box_id, warm)) = choose(&mut candidates, &build.size_class, hive.placement)
+            else {
+                blocked.insert(&build.size_class);
+                continue;
+            };
+            let backend = candidates
+                .iter()
+                .find(|c| c.box_id == box_id)
+                .map(|c| c.backend.clone())
+                .unwrap_or_default();
+            let p = Placement {
+                build_id: build.id.clone(),
+                lease_id: new_id(),
+                box_id,
+                backend,
+                deadline_ms: deadline,
+            };
+            // Taken now: the next round's choice counts it; settled or given back below.
+            hive.registry
+                .add_inflight(&p.box_id, &p.lease_id, &build.size_class, warm);
+            plan.push((p, build.clone(), warm));
+        }
+        plan
+    };
+    if plan.is_empty() {
+        return None;
+    }
+    // Read before the commit, as a round does: a failure leaves the builds queued.
+    let at_once = AtOnce {
+        secrets: HashMap::new(),
+        plan,
+    };
+    match secrets_for(hive, at_once.plan.iter().map(|(_, b, _)| b)).await {
+        Ok(secrets) => Some(AtOnce { secrets, ..at_once }),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading secrets for builds placed at once failed; the scheduler places them");
+            at_once.abandon(hive);
+            None
+        }
+    }
+}
+
+impl AtOnce {
+    /// The placements to write with the group.
+    pub fn placements(&self) -> Vec<Placement> {
+        self.plan.iter().map(|(p, _, _)| p.clone()).collect()
+    }
+
+    /// The group's transaction failed: the cells taken for it are free again.
+    pub fn abandon(self, hive: &Hive) {
+        for (p, _, _) in &self.plan {
+            hive.registry.forget_inflight(&p.box_id, &p.lease_id);
+        }
+    }
+
+    /// After the group's commit. `took` says which placements took (None: the store did not
+    /// try them, other builds were queued); `new` are the builds the group inserted (a copy of
+    /// an earlier delivery inserts none). The cells of placements that did not take are free
+    /// again; the others are to be sent with [`send_assignments`]. Ids of the builds placed.
+    pub async fn settle(
+        self,
+        hive: &Hive,
+        took: Option<&[bool]>,
+        new: &HashSet<&str>,
+    ) -> (Assignments, HashSet<String>) {
+        let AtOnce { plan, secrets } = self;
+        debug_assert!(took.is_none_or(|t| t.len() == plan.len()));
+        let mut placed = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
+        for (i, (p, build, warm)) in plan.into_iter().enumerate() {
+            let ok = took.and_then(|t| t.get(i).copied());
+            if ok != Some(true) {
+                hive.registry.forget_inflight(&p.box_id, &p.lease_id);
+                // Tried and refused, though the group inserted it: its box is not active in
+                // the store (a cordon this registry has not heard of yet).
+                if ok == Some(false)
+                    && new.contains(build.id.as_str())
+                    && !refused.contains(&p.box_id)
+                {
+                    refused.push(p.box_id);
+                }
+                continue;
+            }
+            hive.metrics.waited_in_queue(now_ms() - build.created_at_ms);
+            placed.push((p, build, warm));
+        }
+        if !refused.is_empty() {
+            let ids: Vec<&str> = refused.iter().map(String::as_str).collect();
+            super::drain::reload_box_states(hive, &ids).await;
+        }
+        hive.metrics.placed(placed.len());
+        hive.metrics.placed_at_once(placed.len());
+        let ids = placed.iter().map(|(p, _, _)| p.build_id.clone()).collect();
+        if !placed.is_empty() {
+            tracing::debug!(placed = placed.len(), "webhook builds placed at once");
+        }
+        (Assignments { placed, secrets }, ids)
+    }
+}
+
+/// Sends committed placements (a round's, or a webhook group's) to their boxes, each with the
+/// secrets its ref may see.
 pub async fn send_assignments(hive: &Hive, sent: Assignments) {
     let Assignments { placed, secrets } = sent;
     for (p, build, warm) in placed {
@@ -240,7 +395,7 @@ fn assignment(hive: &Hive, build: &BuildRow, p: &Placement) -> Assignment {
 /// The opened secrets of the projects of this round's builds (one read for the round), each
 /// with the refs it is limited to. A secret that does not open (the key was replaced) is left
 /// out and said; the build runs without it, as it would have before the secret was set.
-async fn secrets_for(
+pub(crate) async fn secrets_for(
     hive: &Hive,
     builds: impl Iterator<Item = &BuildRow>,
 ) -> Result<HashMap<String, HashMap<String, (String, String)>>, StoreError> {

@@ -15,11 +15,14 @@
 //!
 //! A rebuild ([`rebuild_of`]) is a new build of the old one's code with its project as it is now.
 
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
+use crate::domain::place::{choose_at_once, send_assignments, AtOnce};
 use crate::intake::{IntakeError, Job, Queue};
 use crate::state::Hive;
 use crate::store::{Audit, BuildRow, DbKind, Delivery, NewDelivery, ProjectRow, StoreError};
@@ -180,8 +183,23 @@ async fn commit_group(hive: &Hive, group: Vec<Job>) {
     let started = Instant::now();
     let (items, replies): (Vec<NewDelivery>, Vec<_>) =
         group.into_iter().map(|j| (j.delivery, j.reply)).unzip();
-    match hive.store.record_deliveries(&items).await {
-        Ok(answers) => {
+    // With a free cell and nothing queued, the new builds are placed in this same transaction:
+    // one commit and the scheduler's hop less before a warm start.
+    // The first of each delivery id only: a copy's build is never inserted.
+    let mut seen = HashSet::new();
+    let builds: Vec<&BuildRow> = items
+        .iter()
+        .filter(|i| seen.insert((i.project_id.as_str(), i.delivery_id.as_str())))
+        .filter_map(|i| i.build.as_ref())
+        .collect();
+    let at_once = choose_at_once(hive, &builds).await;
+    let placements = at_once.as_ref().map(AtOnce::placements).unwrap_or_default();
+    match hive
+        .store
+        .record_deliveries_placing(&items, &placements)
+        .await
+    {
+        Ok((answers, took)) => {
             let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             hive.metrics.webhook_commit(items.len(), us);
             tracing::debug!(
@@ -189,14 +207,25 @@ async fn commit_group(hive: &Hive, group: Vec<Job>) {
                 store_us = us,
                 "webhook deliveries stored in one transaction"
             );
-            let mut new_builds = 0;
-            for (item, answer) in items.iter().zip(&answers) {
-                if let (Delivery::New, Some(build)) = (answer, &item.build) {
-                    hive.events.build_changed(&build.id);
-                    new_builds += 1;
-                }
+            let new: HashSet<&str> = items
+                .iter()
+                .zip(&answers)
+                .filter_map(|(item, answer)| match (answer, &item.build) {
+                    (Delivery::New, Some(build)) => Some(build.id.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let (assignments, placed) = match at_once {
+                Some(a) => a.settle(hive, took.as_deref(), &new).await,
+                None => Default::default(),
+            };
+            for id in &new {
+                hive.events.build_changed(id);
             }
-            if new_builds > 0 {
+            if new.len() > placed.len() {
+                // Builds wait now: later groups leave theirs to the scheduler too, until a
+                // round finds the queue empty.
+                hive.choosing.backlog.store(true, Ordering::Relaxed);
                 hive.wake.notify_one();
             }
             for (reply, answer) in replies.into_iter().zip(answers) {
@@ -204,13 +233,20 @@ async fn commit_group(hive: &Hive, group: Vec<Job>) {
                 // stored, and a redelivery gets the same build.
                 let _ = reply.send(Ok(answer));
             }
+            send_assignments(hive, assignments).await;
         }
         Err(e) if items.len() == 1 => {
+            if let Some(a) = at_once {
+                a.abandon(hive);
+            }
             if let Some(reply) = replies.into_iter().next() {
                 let _ = reply.send(Err(e));
             }
         }
         Err(e) => {
+            if let Some(a) = at_once {
+                a.abandon(hive);
+            }
             tracing::warn!(deliveries = items.len(), error = %e,
                 "group commit of webhook deliveries failed; recording them one by one");
             for (item, reply) in items.iter().zip(replies) {

@@ -7,11 +7,15 @@
 //! [`Store::record_deliveries`] writes a group of deliveries (the webhook's group commit, see
 //! `domain::submit`) in one transaction with multi-row statements; [`Store::record_delivery`]
 //! writes one, and is what a group falls back to, item by item, when the group's transaction
-//! fails.
+//! fails. [`Store::record_deliveries_placing`] also places the group's new builds in the same
+//! transaction when nothing else is queued (a webhook's build placed at once).
 
 use std::collections::{HashMap, HashSet};
 
-use super::builds::{build_columns, insert_build_tx, insert_builds_tx, value_rows, BuildRow};
+use super::builds::{
+    build_columns, insert_build_tx, insert_builds_tx, place_many_tx, value_rows, BuildRow,
+    Placement,
+};
 use super::{now_ms, q, to_i64, to_json, DbKind, Result, Store};
 use sqlx::Row;
 
@@ -86,6 +90,22 @@ impl Store {
     /// recorded one after another (a copy of an earlier item is its duplicate). Any error fails
     /// the whole group and writes nothing; the caller may then record the items one by one.
     pub async fn record_deliveries(&self, items: &[NewDelivery]) -> Result<Vec<Delivery>> {
+        Ok(self.record_deliveries_placing(items, &[]).await?.0)
+    }
+
+    /// [`Store::record_deliveries`], and in the same transaction `placements` of the group's
+    /// builds (a webhook's build placed at once, `domain::submit`): the answers, and per
+    /// placement whether it took, or None when none was tried because the queue held a build
+    /// not of this group (so no older build of any class is passed over). A placement takes
+    /// only for a build this group inserted and only as [`Store::place`] takes one (the build
+    /// still queued, its box `active`); otherwise its build stays queued for the scheduler.
+    /// With placements the group is written statement by statement on PostgreSQL too (as on
+    /// SQLite), on a pool connection, not as the one statement on the kept connection.
+    pub async fn record_deliveries_placing(
+        &self,
+        items: &[NewDelivery],
+        placements: &[Placement],
+    ) -> Result<(Vec<Delivery>, Option<Vec<bool>>)> {
         // The first of each (project, delivery id) is the one written; copies answer after it.
         let mut first: HashMap<(&str, &str), usize> = HashMap::with_capacity(items.len());
         let mut leaders = Vec::with_capacity(items.len());
@@ -99,18 +119,21 @@ impl Store {
         }
         // One lock order for every group: two groups committing at once (control planes that
         // share a PostgreSQL database) that share deliveries wait for each other instead of
-        // deadlocking (tests/store.rs has the race).
+        // deadlocking (tests/store.rs has the race). Byte order, as the one-statement path's
+        // `COLLATE "C"`, so a placing group (statement by statement) and a plain one agree.
         leaders.sort_by(|&a, &b| {
             (&items[a].project_id, &items[a].delivery_id)
                 .cmp(&(&items[b].project_id, &items[b].delivery_id))
         });
 
-        let answers = match self.kind {
-            DbKind::Sqlite => self.record_leaders_tx(items, &leaders).await?,
-            DbKind::Postgres => self.record_leaders_pg(items, &leaders).await?,
+        let (answers, took) = match self.kind {
+            DbKind::Postgres if placements.is_empty() => {
+                (self.record_leaders_pg(items, &leaders).await?, None)
+            }
+            _ => self.record_leaders_tx(items, &leaders, placements).await?,
         };
         let answers: HashMap<usize, Delivery> = leaders.iter().copied().zip(answers).collect();
-        Ok(items
+        let answers = items
             .iter()
             .enumerate()
             .map(|(i, it)| {
@@ -126,16 +149,19 @@ impl Store {
                     answer => answer.clone(),
                 }
             })
-            .collect())
+            .collect();
+        Ok((answers, took))
     }
 
     /// SQLite: the group in one transaction, a few multi-row statements (round trips are
-    /// in-process; the commit is the cost). The answers of `leaders`, in their order.
+    /// in-process; the commit is the cost). The answers of `leaders`, in their order, and which
+    /// of `placements` took (both stores: see [`Store::record_deliveries_placing`]).
     async fn record_leaders_tx(
         &self,
         items: &[NewDelivery],
         leaders: &[usize],
-    ) -> Result<Vec<Delivery>> {
+        placements: &[Placement],
+    ) -> Result<(Vec<Delivery>, Option<Vec<bool>>)> {
         let now = now_ms();
         let mut tx = self.begin().await?;
         let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(leaders.len());
@@ -175,8 +201,9 @@ impl Store {
             }
         }
         insert_builds_tx(&mut tx, &builds, WEBHOOK_REASON).await?;
+        let took = place_at_once_tx(&mut tx, &builds, placements, self.kind).await?;
         tx.commit().await.map_err(q("commit webhook deliveries"))?;
-        Ok(answers)
+        Ok((answers, took))
     }
 
     /// PostgreSQL: the group as one statement (deliveries, their new builds and the builds'
@@ -203,7 +230,7 @@ impl Store {
              ins AS (INSERT INTO webhook_deliveries \
                      (delivery_id, project_id, build_id, outcome, at_ms) \
                      SELECT delivery_id, project_id, build_id, outcome, $3 FROM d \
-                     ORDER BY project_id, delivery_id \
+                     ORDER BY project_id COLLATE \"C\", delivery_id COLLATE \"C\" \
                      ON CONFLICT (project_id, delivery_id) DO NOTHING \
                      RETURNING project_id, delivery_id, build_id), \
              b AS (SELECT * FROM json_to_recordset($2::json) AS y \
@@ -315,6 +342,47 @@ impl Store {
         }
         Ok(answers)
     }
+}
+
+/// Places those of `placements` whose builds are in `new` (inserted by this transaction), when
+/// the queue holds no build but those: an older queued build, of any class, leaves them all
+/// queued for the scheduler, which keeps the queue's order (None: not tried). Per placement,
+/// whether it took.
+async fn place_at_once_tx(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    new: &[&BuildRow],
+    placements: &[Placement],
+    kind: DbKind,
+) -> Result<Option<Vec<bool>>> {
+    if placements.is_empty() {
+        return Ok(None);
+    }
+    let mut took = vec![false; placements.len()];
+    let ours: HashSet<&str> = new.iter().map(|b| b.id.as_str()).collect();
+    let mine: Vec<usize> = (0..placements.len())
+        .filter(|&i| ours.contains(placements[i].build_id.as_str()))
+        .collect();
+    if mine.is_empty() {
+        return Ok(Some(took));
+    }
+    // The head of the queue, one row longer than this group's builds: any row not ours means
+    // another build waits (the index on (state, created_at_ms, id) answers from its first rows).
+    let head: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM builds WHERE state = 'queued' ORDER BY created_at_ms, id LIMIT $1",
+    )
+    .bind(to_i64("queue head", ours.len() + 1)?)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(q("read the head of the queue"))?;
+    if head.iter().any(|(id,)| !ours.contains(id.as_str())) {
+        return Ok(None);
+    }
+    let own: Vec<Placement> = mine.iter().map(|&i| placements[i].clone()).collect();
+    let placed = place_many_tx(tx, &own, kind == DbKind::Postgres).await?;
+    for (&i, ok) in mine.iter().zip(placed) {
+        took[i] = ok;
+    }
+    Ok(Some(took))
 }
 
 /// A build's columns as a JSON object for PostgreSQL's `json_to_recordset`.

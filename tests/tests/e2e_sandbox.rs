@@ -6,7 +6,7 @@
 //! the control plane, another cell or a private address. Needs root and the Debian build image.
 use std::time::{Duration, Instant};
 
-use hive_proto::v1::{BuildState, CancelBuildRequest, CreateProjectRequest};
+use hive_proto::v1::{BuildState, CancelBuildRequest, CreateProjectRequest, ListBoxesRequest};
 use hive_tests::cluster::{self, BoxDaemon, BoxOptions, GitHost, Listener, PrivateHost, Proxy};
 use hive_tests::controlplane::{ControlPlane, ControlPlaneOptions};
 use hive_tests::github::{push_payload, WebhookClient};
@@ -629,6 +629,30 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
         120,
     )
     .await;
+    // The control plane has heard of a warm cell (the box's heartbeat carries its pool), so the
+    // webhook's own transaction can place the build (asserted below).
+    let mut api = h.cp().api().await;
+    let heard = Instant::now();
+    while !api
+        .list_boxes(ListBoxesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .boxes
+        .iter()
+        .any(|b| {
+            b.pools
+                .iter()
+                .any(|p| p.size_class == "small" && p.warm > 0)
+        })
+    {
+        assert!(
+            heard.elapsed() < Duration::from_secs(30),
+            "the control plane never heard of a warm cell{}",
+            h.context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let id = h.push("demo").await;
     let b = cluster::wait_build(&h.cp().grpc_url(), &id, Duration::from_secs(120)).await;
     let log = h.logs(&id).await;

@@ -59,9 +59,10 @@ pub struct Hive {
 #[derive(Debug, Default)]
 pub struct Choosing {
     /// Held from reading the boxes' free cells out of the registry to writing the choices back
-    /// (`Registry::add_inflight`), across the placements' commit, so two choosers never take
-    /// the same free cell. A webhook group only tries it: while a round holds it, the group's
-    /// builds go through the queue.
+    /// (`Registry::add_inflight`), so two choosers never take the same free cell: by a round
+    /// across its placements' commit; by a webhook group only while it chooses (it writes its
+    /// choices back at once and gives back those that did not take after its commit). A group
+    /// only tries it: while a round holds it, the group's builds go through the queue.
     pub lock: tokio::sync::Mutex<()>,
     /// Builds were last seen waiting in the queue (a round left some, or a group's placement
     /// found some ahead): webhook groups then leave their builds to the scheduler without

@@ -139,10 +139,12 @@ async fn stored(url: &str) -> HashMap<String, String> {
         .await
         .unwrap();
     let builds: HashSet<String> = builds.into_iter().map(|(b,)| b).collect();
-    let transitions: Vec<(String,)> = sqlx::query_as("SELECT build_id FROM build_transitions")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
+    // Each build's first transition (placements, where a box took them, add their own).
+    let transitions: Vec<(String,)> =
+        sqlx::query_as("SELECT build_id FROM build_transitions WHERE state = 'queued'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
     assert_eq!(
         transitions.len(),
         builds.len(),
@@ -397,6 +399,12 @@ async fn a_delivery_the_database_refuses_fails_alone(url: String) {
     project(&handle).await;
     let addr = handle.http_addr;
     poison_builds_of(&url, POISON).await;
+    // A box with a free cell for each good build: the failed group had taken cells for its
+    // builds in the registry (placing them at once); it must give them back, or the builds it
+    // then stores one by one find no room.
+    let good = 10 + in_flight(&url);
+    let cells = u32::try_from(good).unwrap();
+    let (mut fb, _) = fake_box(&handle, "box-a", vec![pool("small", cells, cells)]).await;
 
     let hold = hold_writes(&url).await;
     let first = tokio::spawn(deliver(addr, "first", &revision(1_000)));
@@ -459,6 +467,17 @@ async fn a_delivery_the_database_refuses_fails_alone(url: String) {
         text.contains("hive_webhooks_total{outcome=\"error\"} 1\n"),
         "{text}"
     );
+    // Every good build reached the box, each once: none is left queued for want of a cell.
+    let mut assigned = HashSet::new();
+    while assigned.len() < good {
+        match fb.next_non_ack(WAIT).await {
+            Some(CtlMsg::Assign(a)) => assert!(assigned.insert(a.build_id.clone()), "twice"),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let want: HashSet<String> = stored.values().cloned().collect();
+    assert_eq!(assigned, want, "every good build placed on the box once");
     handle.shutdown().await;
 }
 

@@ -10,10 +10,11 @@
 #   2. cargo build --workspace --all-targets
 #   3. images: deploy/images/build-images.sh --disk (cached by content hash)
 #   4. tests: cargo nextest run --workspace (or cargo test --workspace), all but the microVM suite
-#   5. cargo clippy --workspace --all-targets -- -D warnings; cargo fmt --check
-#   6. guest boot check (deploy/guest/boot-check.sh) once the kernel is there
-#   7. the microVM end-to-end suite (tests named microvm_e2e_*): real microVM cells on our VMM in
+#   5. guest boot check (deploy/guest/boot-check.sh) once the kernel is there
+#   6. the microVM end-to-end suite (tests named microvm_e2e_*): real microVM cells on our VMM in
 #      an emulated KVM host (deploy/kvm-host/), which needs the kernel; its time is printed
+#   7. cargo clippy --workspace --all-targets -- -D warnings; cargo fmt --check (last: clippy's
+#      build scripts would make the tests' compiled crates stale for the microVM suite)
 # Every step runs even when an earlier one failed (except where it needs that step's output);
 # the summary at the end names each failure, and the exit status is 1 when any step failed.
 set -euo pipefail
@@ -34,9 +35,9 @@ Usage: $(basename "$0") [--no-install] [--no-kernel] [--no-lint] [--no-microvm] 
 Install what this machine lacks (deploy/install-deps.sh; a PostgreSQL for the store tests via
 deploy/postgres/setup-test-db.sh), then build everything and run every Hive test:
   cargo build, images (deploy/images/build-images.sh --disk), cargo nextest run --workspace
-  (cargo test --workspace when cargo-nextest is absent), clippy -D warnings, fmt --check, the
-  guest boot check under QEMU microvm (deploy/guest/boot-check.sh), then the microVM end-to-end
-  suite (microvm_e2e_*) in an emulated KVM host (deploy/kvm-host/kvm-host.sh).
+  (cargo test --workspace when cargo-nextest is absent), the guest boot check under QEMU microvm
+  (deploy/guest/boot-check.sh), the microVM end-to-end suite (microvm_e2e_*) in an emulated KVM
+  host (deploy/kvm-host/kvm-host.sh), then clippy -D warnings and fmt --check.
 
 Options:
   --no-install  do not install packages or start PostgreSQL (the PostgreSQL tests then need
@@ -171,13 +172,7 @@ else
   results+=("FAIL  test: not run, the build failed")
 fi
 
-# 5. Lints.
-if [ "$run_lint" = 1 ]; then
-  step clippy cargo clippy --workspace --all-targets -- -D warnings || true
-  step fmt cargo fmt --all --check || true
-fi
-
-# 6. Guest boot check.
+# 5. Guest boot check.
 if [ -n "$kernel_pid" ]; then
   say "guest kernel: waiting for the background build"
   if wait "$kernel_pid"; then
@@ -205,7 +200,7 @@ if [ -n "$kernel_pid" ]; then
   fi
 fi
 
-# 7. The microVM end-to-end suite (one emulated KVM host per test, one test at a time).
+# 6. The microVM end-to-end suite (one emulated KVM host per test, one test at a time).
 if [ "$run_kernel" = 1 ] && [ "$run_microvm" = 1 ] && [ "$build_ok" = 1 ]; then
   if [ "$have_nextest" = 1 ]; then
     # --workspace, as the build and the main run: with -p alone cargo unifies features for that
@@ -214,6 +209,14 @@ if [ "$run_kernel" = 1 ] && [ "$run_microvm" = 1 ] && [ "$build_ok" = 1 ]; then
   else
     step microvm-e2e cargo test --workspace --no-fail-fast --test microvm_e2e -- --test-threads 1 || true
   fi
+fi
+
+# 7. Lints, last: clippy re-runs build scripts (ring and what depends on it) in its own
+# profile, which made the test profile's copies stale: run before the microVM suite it cost that
+# suite 2m15s of recompilation in CI.
+if [ "$run_lint" = 1 ]; then
+  step clippy cargo clippy --workspace --all-targets -- -D warnings || true
+  step fmt cargo fmt --all --check || true
 fi
 
 say "summary"

@@ -277,6 +277,11 @@ async fn send_loop(hive: Arc<Hive>, mut rx: mpsc::Receiver<Note>) {
                 Ok(()) => {
                     bus.shared.sent.fetch_add(1, Ordering::Relaxed);
                 }
+                Err(e) if *shutdown.borrow() => {
+                    // The database closes as this control plane stops: the others catch up
+                    // on their next tick, as below.
+                    tracing::debug!(error = %e, "notifying the other control planes at shutdown");
+                }
                 Err(e) => {
                     // The others catch up on their next tick; nothing is lost in the store.
                     tracing::warn!(error = %e, "notifying the other control planes failed");

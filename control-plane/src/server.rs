@@ -348,6 +348,10 @@ impl Handle {
             let _ = self.http_task.await;
             let _ = self.grpc_task.await;
             let _ = self.box_task.await;
+            // The sessions' tasks outlive the listener: each ends its box's session in the
+            // store (acked seq, no owner) as it goes, which needs the database still open.
+            self.hive.sessions.close();
+            self.hive.sessions.wait().await;
             let _ = self.scheduler_task.await;
             // After the HTTP server: its last handlers wait on this task's answers, and it
             // commits what they queued before the database closes.
@@ -550,6 +554,7 @@ pub async fn start(config: Config) -> Result<Handle, ServerError> {
         box_queue: config.box_queue.max(1),
         intake,
         shutdown: shutdown_rx.clone(),
+        sessions: tokio_util::task::TaskTracker::new(),
         ca: ca.clone(),
         box_cert_validity: config.box_cert_validity,
         sealer,

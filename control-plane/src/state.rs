@@ -40,6 +40,9 @@ pub struct Hive {
     pub intake: Intake,
     /// Becomes true when shutting down; long streams end on it.
     pub shutdown: watch::Receiver<bool>,
+    /// Box sessions' tasks and what they spawn: shutdown waits for them (each saves its box's
+    /// state as it ends) before it closes the database.
+    pub sessions: tokio_util::task::TaskTracker,
     /// The CA that signs box certificates.
     pub ca: std::sync::Arc<crate::pki::Ca>,
     /// How long a box certificate is valid.

@@ -843,3 +843,48 @@ async fn retried_submit_with_a_request_id_makes_one_build(url: String) {
     handle.shutdown().await;
 }
 hive_testkit::on_both!(db => retried_submit_with_a_request_id_makes_one_build);
+
+/// A graceful shutdown ends every connected box's session in the store before it closes the
+/// database: no box is left owned by a control plane that is gone, each box's acked seq is
+/// saved, and its running build stays where it was (the next control plane renews its lease).
+async fn shutdown_saves_every_box_session(url: String) {
+    let handle = start(&url).await;
+    project(&handle, "app", 0).await;
+    let mut boxes = Vec::new();
+    for i in 0..8 {
+        let (bx, _) = fake_box(&handle, &format!("box-{i}"), vec![pool("small", 1, 1)]).await;
+        boxes.push(bx);
+    }
+    let mut running = Vec::new();
+    for _ in 0..8 {
+        running.push(submit(&handle, "app").await);
+    }
+    let mut acked = Vec::new();
+    for bx in &mut boxes {
+        let a = expect_assign(bx).await;
+        bx.send_acked(update(&a, BuildUpdateKind::Accepted)).await;
+        bx.send_acked(update(&a, BuildUpdateKind::Running)).await;
+        let s = bx.send_acked(log(&a, 0, "building\n")).await;
+        bx.wait_ack(s, WAIT).await.unwrap();
+        acked.push((bx.box_id().to_string(), s));
+    }
+    // The boxes stay connected: the shutdown itself ends their sessions.
+    handle.shutdown().await;
+    let store = hive_control_plane::store::Store::open(&url).await.unwrap();
+    for (box_id, seq) in &acked {
+        let row = store.get_box(box_id).await.unwrap().expect("box stored");
+        assert_eq!(
+            row.session_owner, "",
+            "{box_id}: still owned by the stopped control plane"
+        );
+        assert_eq!(row.acked_seq, *seq, "{box_id}: acked seq saved");
+        assert_eq!(row.pools_json, "[]", "{box_id}: its cells are not offered");
+    }
+    for id in &running {
+        let b = store.get_build(id).await.unwrap().expect("build stored");
+        assert_eq!(b.state, BuildState::Running, "{id}");
+    }
+    store.close().await;
+    drop(boxes);
+}
+hive_testkit::on_both!(db => shutdown_saves_every_box_session);

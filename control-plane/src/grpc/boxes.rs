@@ -458,7 +458,7 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             tracing::warn!(box_id = %reg.box_id, error = %e, "renewing leases at register failed");
         }
         hive.wake.notify_one();
-        tokio::spawn(async move {
+        hive.sessions.spawn(async move {
             let result = session.run(inbound, conn.kill.clone()).await;
             session.end(result).await;
         });
@@ -719,7 +719,7 @@ impl Session {
                     // must keep reading heartbeats meanwhile.
                     let hive = self.hive.clone();
                     let box_id = self.box_id.clone();
-                    tokio::spawn(async move {
+                    self.hive.sessions.spawn(async move {
                         let reply =
                             crate::domain::keyexchange::exchange(&hive, &box_id, &req).await;
                         if !hive

@@ -6,6 +6,7 @@
 //! up again; a periodic health check ([`Pool::check_health`]) replaces dead warm cells. Network
 //! slots (/30s of the cell subnet) are handed out here so the backend stays stateless about them.
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,10 @@ pub struct Pool<B: CellBackend> {
     inner: Mutex<Inner>,
     stats: Mutex<PoolStats>,
     changed: Notify,
+    /// Counts the changes that give the control plane more room than it can know of: a cell
+    /// that became warm, a used cell released. The agent tells the control plane at once when
+    /// this moved (`Pool::room_added`), rather than at its next heartbeat.
+    room_added: AtomicU64,
     ready_timeout: Duration,
     /// How long a warm cell may take to answer a health check before it counts as dead.
     health_timeout: Duration,
@@ -179,6 +184,7 @@ impl<B: CellBackend> Pool<B> {
             }),
             stats: Mutex::new(PoolStats::default()),
             changed: Notify::new(),
+            room_added: AtomicU64::new(0),
             ready_timeout,
             health_timeout,
         })
@@ -190,6 +196,17 @@ impl<B: CellBackend> Pool<B> {
 
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
+    }
+
+    /// How many times a cell became warm or a used one was released (see `room_added`); the
+    /// agent compares it with the count at its last heartbeat.
+    pub fn room_added(&self) -> u64 {
+        self.room_added.load(Ordering::Relaxed)
+    }
+
+    /// Resolves at the pool's next change (a boot ended, a cell taken or released).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -429,6 +446,7 @@ impl<B: CellBackend> Pool<B> {
                 c.busy = c.busy.saturating_sub(1);
             }
         }
+        self.room_added.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_waiters();
         self.top_up();
     }
@@ -490,6 +508,7 @@ impl<B: CellBackend> Pool<B> {
                     } else if let Some(c) = inner.classes.get_mut(&class) {
                         tracing::debug!(cell = %cell.id, class = %class, boot_ms = cell.boot_time.as_millis() as u64, "cell warm");
                         c.warm.push_back(cell);
+                        self.room_added.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Err(e) => {

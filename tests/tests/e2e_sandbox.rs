@@ -32,17 +32,37 @@ struct Hive {
 }
 
 async fn hive(tag: &str, octet: u8, git_addr: &str, block: Vec<String>) -> Hive {
-    hive_with(tag, octet, git_addr, block, false, false).await
+    hive_with(tag, octet, git_addr, block, Shape::default()).await
 }
 
-async fn hive_with(
-    tag: &str,
-    octet: u8,
-    git_addr: &str,
-    block: Vec<String>,
+/// How a test's hive differs from the usual one.
+struct Shape {
+    /// The box reaches the control plane through a proxy the test can cut.
     via_proxy: bool,
+    /// The control plane listens on every address of the box.
     cp_on_all_addresses: bool,
-) -> Hive {
+    heartbeat_ms: u64,
+    lease_secs: u64,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            via_proxy: false,
+            cp_on_all_addresses: false,
+            heartbeat_ms: 500,
+            lease_secs: 10,
+        }
+    }
+}
+
+async fn hive_with(tag: &str, octet: u8, git_addr: &str, block: Vec<String>, shape: Shape) -> Hive {
+    let Shape {
+        via_proxy,
+        cp_on_all_addresses,
+        heartbeat_ms,
+        lease_secs,
+    } = shape;
     let tag = &format!("{tag}{}", run_id());
     // Box subnets 100.96.<n>.0/24: 20 per run, 12 runs.
     let octet = (run_id() * 20 + u32::from(octet) - 200) as u8;
@@ -56,10 +76,10 @@ async fn hive_with(
     } else {
         Vec::new()
     };
-    let mut cp = tokio::task::spawn_blocking(|| {
+    let mut cp = tokio::task::spawn_blocking(move || {
         ControlPlane::start(ControlPlaneOptions {
-            lease_secs: 10,
-            heartbeat_interval_ms: 500,
+            lease_secs,
+            heartbeat_interval_ms: heartbeat_ms,
             extra_args,
             ..Default::default()
         })
@@ -88,7 +108,7 @@ async fn hive_with(
                 tag: tag2,
                 subnet_octet: octet,
                 pool: "small=2".into(),
-                lease_secs: 10,
+                lease_secs,
                 block,
                 extra: vec![],
             },
@@ -253,7 +273,17 @@ impl Hive {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cuts_and_a_control_plane_restart_lose_no_log_line() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive_with("link", 215, &public_addr(6), vec![], true, false).await;
+    let mut h = hive_with(
+        "link",
+        215,
+        &public_addr(6),
+        vec![],
+        Shape {
+            via_proxy: true,
+            ..Shape::default()
+        },
+    )
+    .await;
     h.project(
         "chatty",
         &["for i in $(seq 1 400); do echo line-$i; sleep 0.005; done"],
@@ -470,7 +500,17 @@ async fn a_dead_box_s_cell_stops_its_build_before_the_build_is_placed_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_box_cut_off_past_its_lease_fences_itself_and_the_build_is_placed_again() {
     let _serial = SERIAL.lock().await;
-    let mut h = hive_with("fence", 218, &public_addr(8), vec![], true, false).await;
+    let mut h = hive_with(
+        "fence",
+        218,
+        &public_addr(8),
+        vec![],
+        Shape {
+            via_proxy: true,
+            ..Shape::default()
+        },
+    )
+    .await;
     h.project("fenced", &["echo running; sleep 600"], 600).await;
     let id = h.push("fenced").await;
     let grpc = h.cp().grpc_url();
@@ -782,6 +822,84 @@ async fn push_builds_in_a_warm_cell_logs_in_order_and_cleans_up() {
     h.finish().await;
 }
 
+/// The control plane's view of the box's `small` pool: (warm, busy) as last told.
+async fn told_pool(h: &Hive) -> Option<(u32, u32)> {
+    let boxes = h
+        .cp()
+        .api()
+        .await
+        .list_boxes(ListBoxesRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .boxes;
+    let p = boxes
+        .iter()
+        .flat_map(|b| b.pools.iter())
+        .find(|p| p.size_class == "small")?;
+    Some((p.warm, p.busy))
+}
+
+/// Polls the control plane's view of the pool until it is `want`, for at most `within`.
+async fn wait_told(h: &Hive, want: (u32, u32), within: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < within {
+        last = told_pool(h).await;
+        if last == Some(want) {
+            return Ok(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("(warm, busy) still {last:?}, not {want:?}"))
+}
+
+/// A box tells the control plane of room it gained (a cell became warm, a used cell was
+/// released) at once, not at its next heartbeat: with heartbeats 30 s apart, the control plane
+/// hears of the first warm cells, of the refilled cell beside a running build, and of the
+/// released cell after it, each within seconds. Until it hears, it counts the box fuller than
+/// it is (and places the next build cold, or elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_tells_the_room_it_gains_before_its_next_heartbeat() {
+    let _serial = SERIAL.lock().await;
+    let h = hive_with(
+        "room",
+        210,
+        &public_addr(12),
+        vec![],
+        Shape {
+            heartbeat_ms: 30_000,
+            lease_secs: 120,
+            ..Shape::default()
+        },
+    )
+    .await;
+    let within = Duration::from_secs(5);
+    let warm = wait_told(&h, (2, 0), within).await;
+    h.project("slow", &["sleep 6", "echo slept"], 120).await;
+    let id = h.push("slow").await;
+    // The build holds a cell; its replacement boots beside it and is told.
+    let refilled = wait_told(&h, (2, 1), within).await;
+    let b = cluster::wait_build(&h.cp().grpc_url(), &id, Duration::from_secs(120)).await;
+    assert_eq!(state(&b), BuildState::Succeeded, "{b:?}{}", h.context());
+    // The used cell is destroyed and told.
+    let released = wait_told(&h, (2, 0), within).await;
+    eprintln!("told: first warm cells {warm:?}, refill {refilled:?}, release {released:?}");
+    for (what, r) in [
+        ("the first warm cells", warm),
+        ("the refilled cell", refilled),
+        ("the released cell", released),
+    ] {
+        if let Err(e) = r {
+            panic!(
+                "the control plane did not hear of {what} within {within:?}: {e}{}",
+                h.context()
+            );
+        }
+    }
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_step_timeout_and_cancel_end_the_build() {
     let _serial = SERIAL.lock().await;
@@ -865,8 +983,10 @@ async fn builds_cannot_reach_the_box_the_control_plane_other_cells_or_private_ad
         213,
         &public_addr(4),
         vec![cp_stand_in.into()],
-        false,
-        true,
+        Shape {
+            cp_on_all_addresses: true,
+            ..Shape::default()
+        },
     )
     .await;
     let cp_host = GitHost::start(&format!("ncp{}", run_id()), cp_stand_in);

@@ -22,6 +22,11 @@ use super::{Agent, AgentError};
 use crate::backend::CellBackend;
 use hive_sys::{now_ms, Backoff};
 
+/// Least time between two heartbeats sent because the pool gained room (`Agent::session`):
+/// a burst of boots is told in one, and the control plane's store sees a few more small
+/// writes per build at most.
+const ROOM_HEARTBEAT_GAP: Duration = Duration::from_millis(100);
+
 impl<B: CellBackend> Agent<B> {
     /// Runs the session loop until `shutdown` turns true (or a Drain finished).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -67,12 +72,24 @@ impl<B: CellBackend> Agent<B> {
         let hb_ms = *self.heartbeat_ms.lock().unwrap_or_else(|p| p.into_inner());
         let mut heartbeat = tokio::time::interval(Duration::from_millis(hb_ms.max(50)));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Room the control plane does not know of (a cell became warm, a used one was
+        // released) is told at once in an extra heartbeat, not at the next tick: until then
+        // the control plane counts the box fuller than it is, and places the next build cold
+        // or not here. `told` is the pool's count at the last heartbeat sent; extra
+        // heartbeats are at least `ROOM_HEARTBEAT_GAP` apart.
+        let mut told = self.pool.room_added();
+        let mut last_sent = Instant::now();
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
             sent_up_to = self.flush(&tx, sent_up_to).await?;
             if self.drained() {
                 tracing::info!("drained: no builds left, disconnecting");
                 return Ok(());
             }
+            if due.is_none() && self.pool.room_added() != told {
+                due = Some((last_sent + ROOM_HEARTBEAT_GAP).into());
+            }
+            let at = due.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 msg = inbound.message() => {
                     let msg = msg.map_err(AgentError::Stream)?.ok_or(AgentError::Closed)?;
@@ -81,7 +98,17 @@ impl<B: CellBackend> Agent<B> {
                 }
                 _ = self.outbox_changed.notified() => {}
                 _ = self.builds_changed.notified() => {}
+                _ = self.pool.changed(), if due.is_none() => {}
+                _ = tokio::time::sleep_until(at), if due.is_some() => {
+                    told = self.pool.room_added();
+                    due = None;
+                    last_sent = Instant::now();
+                    self.heartbeat(&tx).await?;
+                }
                 _ = heartbeat.tick() => {
+                    told = self.pool.room_added();
+                    due = None;
+                    last_sent = Instant::now();
                     self.heartbeat(&tx).await?;
                     if let Some(creds) = &self.cfg.credentials {
                         creds.renew_if_due();

@@ -28,7 +28,7 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Logs go to stderr; set the level with RUST_LOG or HIVE_LOG (e.g. `info`, `hive_control_plane=debug`).
 /// SIGTERM or SIGINT shuts down gracefully: stop accepting, end streams, finish in-flight
-/// requests, close the database.
+/// requests, save each connected box's session (acked seq, no owner), close the database.
 #[derive(Debug, Parser)]
 // args_override_self: a later `--grpc-addr` replaces an earlier one (a wrapper's defaults can be
 // overridden by appending), instead of being an error.

@@ -5,8 +5,8 @@
 //! 4. places queued builds, oldest first (`domain::place`): on a box with a warm cell of the
 //!    build's size class (the most warm cells under `spread`, the fewest under `binpack`), else on
 //!    a box with room to boot one, else the build waits. Order is kept per size class. (A
-//!    webhook's build, when a cell is free and nothing is queued, was placed by its webhook's
-//!    own transaction already: `domain::place::choose_at_once`.)
+//!    webhook's build, when a cell is free and none of its class is queued, was placed by its
+//!    webhook's own transaction already: `domain::place::choose_at_once`.)
 //!
 //! The loop and the sweeps are this module's; what a placement or an end writes and announces is
 //! the domain's, shared with the API and the box sessions.

@@ -67,10 +67,52 @@ pub struct Choosing {
     /// choices back at once and gives back those that did not take after its commit). A group
     /// only tries it: while a round holds it, the group's builds go through the queue.
     pub lock: tokio::sync::Mutex<()>,
-    /// Builds were last seen waiting in the queue (a round left some, or a group's placement
-    /// found some ahead): webhook groups then leave their builds to the scheduler without
-    /// asking the store. A hint only; the store's check is the rule.
-    pub backlog: std::sync::atomic::AtomicBool,
+    /// The size classes whose builds were last seen waiting in the queue (a round left some,
+    /// or a group's placement found some ahead): webhook groups leave their builds of those
+    /// classes to the scheduler without asking the store. A hint only; the store's check is
+    /// the rule.
+    backlog: std::sync::Mutex<Backlog>,
+}
+
+/// What [`Choosing`] last saw waiting.
+#[derive(Debug, Default)]
+struct Backlog {
+    /// Builds of any class may wait (a round read a whole batch: the queue goes on past it).
+    all: bool,
+    classes: std::collections::HashSet<String>,
+}
+
+impl Choosing {
+    fn backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether builds of `class` were last seen waiting.
+    pub fn waiting(&self, class: &str) -> bool {
+        let b = self.backlog();
+        b.all || b.classes.contains(class)
+    }
+
+    /// Whether builds of every class may be waiting.
+    pub fn all_waiting(&self) -> bool {
+        self.backlog().all
+    }
+
+    /// What a round saw, replacing what was known: `all` when the queue went on past its
+    /// batch, else the classes it left builds of (none: the queue is empty of waiting builds).
+    pub fn saw_waiting(&self, all: bool, classes: impl IntoIterator<Item = String>) {
+        let mut b = self.backlog();
+        b.all = all;
+        b.classes = classes.into_iter().collect();
+    }
+
+    /// A build of `class` was left queued (a webhook group could not place it).
+    pub fn left_waiting(&self, class: &str) {
+        let mut b = self.backlog();
+        if !b.classes.contains(class) {
+            b.classes.insert(class.to_string());
+        }
+    }
 }
 
 impl Hive {

@@ -1158,10 +1158,11 @@ async fn a_placement_takes_only_onto_an_active_box(url: String) {
 hive_testkit::on_both!(db => a_placement_takes_only_onto_an_active_box);
 
 /// A webhook group's builds placed in the group's own transaction (`record_deliveries_placing`):
-/// only builds the group inserted, only when nothing else is queued (an older build of any
-/// class keeps them all queued, so the scheduler keeps the queue's order), only onto a box the
-/// store has active; a placement that did not take leaves its build queued with its delivery
-/// stored.
+/// only builds the group inserted, only when no other build of their size class is queued (an
+/// older one keeps them queued, so the scheduler keeps the class's order; one of another class
+/// does not, as in a round), not when the queue is longer than the head the group reads, only
+/// onto a box the store has active; a placement that did not take leaves its build queued with
+/// its delivery stored.
 async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) {
     let store = open_with_boxes(&url).await;
     let p = store
@@ -1206,7 +1207,7 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
         .unwrap();
     assert_eq!(answers[..2], [Delivery::New, Delivery::New]);
     assert!(matches!(answers[2], Delivery::Duplicate { .. }));
-    assert_eq!(took, Some(vec![true, true, false]));
+    assert_eq!(took, vec![Some(true), Some(true), Some(false)]);
     assert_eq!(state(id(&group[0])).await, "placed");
     assert_eq!(
         store
@@ -1218,10 +1219,23 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
     );
     assert!(store.get_build(&id(&group[2])).await.unwrap().is_none());
 
-    // An older build waits (queued by the API, of another class): the group's builds stay
-    // queued behind it, delivery and build stored.
-    let mut older = BuildRow::new_queued(&p, "r3", "refs/heads/main", "api");
-    older.size_class = "large".into();
+    // An older build of another class waits (queued by the API, no box has room for it): it
+    // does not hold the group's builds back, as it would not in a round.
+    let mut large = BuildRow::new_queued(&p, "r3", "refs/heads/main", "api");
+    large.size_class = "large".into();
+    store.insert_build(&large, "api").await.unwrap();
+    let group = vec![delivery("d2a", "r3a")];
+    let places = vec![placement(&id(&group[0]), "L2a", "box-a")];
+    let (_, took) = store
+        .record_deliveries_placing(&group, &places)
+        .await
+        .unwrap();
+    assert_eq!(took, vec![Some(true)], "another class waiting");
+    assert_eq!(state(id(&group[0])).await, "placed");
+
+    // An older build of its own class waits: the group's build stays queued behind it,
+    // delivery and build stored.
+    let older = BuildRow::new_queued(&p, "r3b", "refs/heads/main", "api");
     store.insert_build(&older, "api").await.unwrap();
     let group = vec![delivery("d3", "r4")];
     let places = vec![placement(&id(&group[0]), "L3", "box-a")];
@@ -1229,7 +1243,11 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
         .record_deliveries_placing(&group, &places)
         .await
         .unwrap();
-    assert_eq!((answers, took), (vec![Delivery::New], None), "not tried");
+    assert_eq!(
+        (answers, took),
+        (vec![Delivery::New], vec![None]),
+        "not tried"
+    );
     assert_eq!(state(id(&group[0])).await, "queued");
     assert!(store
         .live_leases_of_build(&id(&group[0]))
@@ -1256,7 +1274,7 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
         .record_deliveries_placing(&group, &places)
         .await
         .unwrap();
-    assert_eq!(took, Some(vec![false, true]));
+    assert_eq!(took, vec![Some(false), Some(true)]);
     // d4 stays queued while the newer d5 of its class is placed, as in a round: a build whose
     // box refused it does not hold back its class within the round that chose that box.
     assert_eq!(state(id(&group[0])).await, "queued");
@@ -1269,6 +1287,26 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
             .unwrap(),
         vec![false]
     );
+
+    // A queue longer than the head the group reads (64 builds of another class waiting, and
+    // d4 of its own): which classes wait is not known, nothing is tried.
+    for i in 0..64 {
+        let mut b = BuildRow::new_queued(&p, &format!("big{i}"), "refs/heads/main", "api");
+        b.size_class = "large".into();
+        store.insert_build(&b, "api").await.unwrap();
+    }
+    store
+        .place(&[placement(&id(&group[0]), "L9", "box-a")])
+        .await
+        .unwrap();
+    let group = vec![delivery("d6", "r7")];
+    let places = vec![placement(&id(&group[0]), "L10", "box-a")];
+    let (_, took) = store
+        .record_deliveries_placing(&group, &places)
+        .await
+        .unwrap();
+    assert_eq!(took, vec![None], "a long queue: not tried");
+    assert_eq!(state(id(&group[0])).await, "queued");
     store.close().await;
 }
 hive_testkit::on_both!(db => a_webhook_group_places_its_builds_only_when_nothing_waits);

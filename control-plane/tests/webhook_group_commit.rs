@@ -19,10 +19,11 @@ use common::{api, fake_box, http, pool, start, start_with};
 use hive_control_plane::http::webhook::sign;
 use hive_control_plane::server::Handle;
 use hive_control_plane::store::Store;
+use hive_proto::v1::box_message::Msg as BoxMsg;
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{
-    BuildState, CancelBuildRequest, CreateProjectRequest, GetBuildRequest, ListBuildsRequest,
-    SubmitBuildRequest,
+    BuildState, BuildUpdate, BuildUpdateKind, CreateProjectRequest, GetBuildRequest, Heartbeat,
+    ListBuildsRequest, PoolState, SubmitBuildRequest,
 };
 use serde_json::json;
 use sqlx::Connection;
@@ -158,26 +159,33 @@ async fn stored(url: &str) -> HashMap<String, String> {
     delivered
 }
 
-/// The warm start's shortcut: a webhook's build, with a free cell and nothing queued, is placed
-/// in the webhook's own transaction (counted by `hive_placed_at_once`) and its box gets it; a
-/// copy of that delivery places nothing again; with an older build waiting (a large one no box
-/// has a cell for) the next webhook's build is left to the scheduler, which still places it
-/// (order is kept per class), and the older build stays queued.
+/// The warm start's shortcut: a webhook's build, with a free cell and no build of its size
+/// class queued, is placed in the webhook's own transaction (counted by `hive_placed_at_once`)
+/// and its box gets it; a copy of that delivery places nothing again; an older build of
+/// another class waiting (a large one no box has a cell for) does not hold it back, as it would
+/// not in a round; an older build of its own class does: with the box full, the next webhooks'
+/// builds wait, and once the box has room the scheduler places them in order, after which
+/// webhooks place at once again (the hint does not stay set).
 async fn a_webhook_build_is_placed_at_once_only_when_nothing_waits(url: String) {
     let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
     project(&handle).await;
-    let (mut fb, _) = fake_box(&handle, "box-a", vec![pool("small", 8, 8)]).await;
+    let (mut fb, _) = fake_box(&handle, "box-a", vec![pool("small", 2, 2)]).await;
     let addr = handle.http_addr;
-    let assigned = |m: Option<CtlMsg>| match m {
-        Some(CtlMsg::Assign(a)) => a.build_id,
-        other => panic!("no assignment: {other:?}"),
-    };
+    #[track_caller]
+    fn assigned(m: Option<CtlMsg>) -> hive_proto::v1::Assignment {
+        match m {
+            Some(CtlMsg::Assign(a)) => a,
+            other => panic!("no assignment: {other:?}"),
+        }
+    }
+    let at_once = || metric(addr, "hive_placed_at_once_total ");
 
     let (status, answer) = deliver(addr, "d-1", &revision(1)).await;
     assert_eq!(status, 202, "{answer}");
     let first = answer["build_id"].as_str().unwrap().to_string();
-    assert_eq!(assigned(fb.next_non_ack(WAIT).await), first);
-    assert_eq!(metric(addr, "hive_placed_at_once_total ").await, 1.0);
+    let a1 = assigned(fb.next_non_ack(WAIT).await);
+    assert_eq!(a1.build_id, first);
+    assert_eq!(at_once().await, 1.0);
     let (status, answer) = deliver(addr, "d-1", &revision(1)).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["build_id"].as_str(), Some(first.as_str()));
@@ -205,16 +213,58 @@ async fn a_webhook_build_is_placed_at_once_only_when_nothing_waits(url: String) 
         .id;
     let (status, answer) = deliver(addr, "d-2", &revision(2)).await;
     assert_eq!(status, 202, "{answer}");
-    let second = answer["build_id"].as_str().unwrap().to_string();
-    assert_eq!(assigned(fb.next_non_ack(WAIT).await), second);
+    let a2 = assigned(fb.next_non_ack(WAIT).await);
+    assert_eq!(a2.build_id, answer["build_id"].as_str().unwrap());
     assert_eq!(
-        metric(addr, "hive_placed_at_once_total ").await,
-        1.0,
-        "placed by the scheduler, not at once, behind the waiting build"
+        at_once().await,
+        2.0,
+        "placed at once: the build waiting is of another class"
     );
-    assert_eq!(metric(addr, "hive_placements_total ").await, 2.0);
+
+    // The box is full: d-3 waits, and d-4 waits behind it (its webhook leaves it queued).
+    let mut waiting = Vec::new();
+    for n in 3..=4 {
+        let (status, answer) = deliver(addr, &format!("d-{n}"), &revision(n)).await;
+        assert_eq!(status, 202, "{answer}");
+        waiting.push(answer["build_id"].as_str().unwrap().to_string());
+    }
     let more = fb.next_non_ack(Duration::from_millis(300)).await;
-    assert!(more.is_none(), "nothing else was to be placed: {more:?}");
+    assert!(more.is_none(), "the box has no room: {more:?}");
+    // Room for three more: the scheduler places d-3, then d-4.
+    for a in [&a1, &a2] {
+        let s = fb
+            .send_acked(BoxMsg::Update(BuildUpdate {
+                build_id: a.build_id.clone(),
+                lease_id: a.lease_id.clone(),
+                kind: BuildUpdateKind::Accepted as i32,
+                cell_id: format!("cell-{}", a.build_id),
+                warm_start: true,
+                ..Default::default()
+            }))
+            .await;
+        fb.wait_ack(s, WAIT).await.unwrap();
+    }
+    fb.send_plain(BoxMsg::Heartbeat(Heartbeat {
+        pools: vec![PoolState {
+            busy: 2,
+            ..pool("small", 3, 5)
+        }],
+        running_builds: vec![a1.build_id.clone(), a2.build_id.clone()],
+        cells: vec![],
+    }))
+    .await
+    .unwrap();
+    let order: Vec<String> = vec![
+        assigned(fb.next_non_ack(WAIT).await).build_id,
+        assigned(fb.next_non_ack(WAIT).await).build_id,
+    ];
+    assert_eq!(order, waiting, "placed by the scheduler in queue order");
+    assert_eq!(
+        at_once().await,
+        2.0,
+        "left to the scheduler behind a waiting build of their class"
+    );
+    assert_eq!(metric(addr, "hive_placements_total ").await, 4.0);
     let big = client
         .get_build(GetBuildRequest { id: big })
         .await
@@ -222,30 +272,14 @@ async fn a_webhook_build_is_placed_at_once_only_when_nothing_waits(url: String) 
         .into_inner();
     assert_eq!(big.state, BuildState::Queued as i32, "{big:?}");
 
-    // The waiting build gone, webhooks place at once again (the hint does not stay set).
-    client
-        .cancel_build(CancelBuildRequest {
-            id: big.id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap();
-    let mut again = false;
-    for n in 3..=8 {
-        let (status, answer) = deliver(addr, &format!("d-{n}"), &revision(n)).await;
-        assert_eq!(status, 202, "{answer}");
-        let id = answer["build_id"].as_str().unwrap().to_string();
-        assert_eq!(assigned(fb.next_non_ack(WAIT).await), id);
-        if metric(addr, "hive_placed_at_once_total ").await == 2.0 {
-            again = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        again,
-        "no webhook was placed at once again after the queue emptied"
+    // Nothing of its class waits any more: the next webhook's build is placed at once again.
+    let (status, answer) = deliver(addr, "d-5", &revision(5)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        assigned(fb.next_non_ack(WAIT).await).build_id,
+        answer["build_id"].as_str().unwrap()
     );
+    assert_eq!(at_once().await, 3.0, "placed at once again");
     handle.shutdown().await;
 }
 

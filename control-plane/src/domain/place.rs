@@ -6,11 +6,10 @@
 //! not those of other classes.
 //!
 //! A webhook group may place its own new builds ([`choose_at_once`]) in its own transaction,
-//! when a cell is free and nothing is queued: the same choice, the same store checks, one
-//! commit and the scheduler's hop less on a warm start.
+//! when a cell is free and no build of its size class is queued: the same choice, the same
+//! store checks, one commit and the scheduler's hop less on a warm start.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 
 use hive_proto::v1::control_message::Msg as CtlMsg;
 use hive_proto::v1::{Assignment, BuildState};
@@ -64,7 +63,7 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
     };
     let read_us = micros_since(round);
     if queued.is_empty() {
-        hive.choosing.backlog.store(false, Ordering::Relaxed);
+        hive.choosing.saw_waiting(false, []);
         return Ok(Round::default());
     }
     // The boxes as they are now that the batch is read, not as they were before: a box
@@ -110,9 +109,7 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
         }
     }
     if plan.is_empty() {
-        hive.choosing
-            .backlog
-            .store(full_batch || !blocked.is_empty(), Ordering::Relaxed);
+        hive.choosing.saw_waiting(full_batch, blocked);
         return Ok(Round::default());
     }
     // Read before the placements commit: a failure here leaves the builds queued, not leased
@@ -149,17 +146,21 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
         }
         None => None,
     };
-    let plan_len = plan.len();
     let mut queued: Vec<Option<BuildRow>> = queued.into_iter().map(Some).collect();
     let mut placed = Vec::with_capacity(plan.len());
     let mut refused: Vec<String> = Vec::new();
     for ((p, at, warm), ok) in plan.into_iter().zip(took) {
-        let Some(build) = queued[at].take().filter(|_| ok) else {
+        let Some(build) = queued[at].take() else {
+            continue;
+        };
+        if !ok {
+            // Left queued: webhook groups leave the later builds of its class to the rounds.
+            blocked.insert(build.size_class);
             if !refused.contains(&p.box_id) {
                 refused.push(p.box_id);
             }
             continue;
-        };
+        }
         hive.metrics.waited_in_queue(now_ms() - build.created_at_ms);
         // Before the next round chooses: it counts this build in its box's room.
         hive.registry
@@ -168,11 +169,8 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
     }
     drop(choosing);
     // Builds left in the queue (a class with no room, a full batch, a placement that did not
-    // take): webhook groups leave theirs behind them.
-    hive.choosing.backlog.store(
-        full_batch || !blocked.is_empty() || placed.len() < plan_len,
-        Ordering::Relaxed,
-    );
+    // take): webhook groups leave theirs, of those classes, behind them.
+    hive.choosing.saw_waiting(full_batch, blocked);
     // A placement that did not take: its build was placed elsewhere or ended meanwhile, or
     // its box is not active in the store (a cordon this registry has not heard of yet). The
     // latter's builds stay queued; once the registry is corrected, they go elsewhere at once.
@@ -202,7 +200,7 @@ pub async fn place_round(hive: &Hive, batch: Option<Vec<BuildRow>>) -> Result<Ro
 /// would choose, and those cells already taken in the registry (`add_inflight`), so the
 /// scheduler's rounds count them while the group commits and never wait for it.
 /// `domain::submit` writes these placements in the group's own transaction (the store takes
-/// them only when nothing else is queued), then [`AtOnce::settle`]s them, or
+/// them only when no other build of their class is queued), then [`AtOnce::settle`]s them, or
 /// [`AtOnce::abandon`]s them if the transaction failed.
 #[derive(Debug)]
 pub struct AtOnce {
@@ -211,11 +209,12 @@ pub struct AtOnce {
 }
 
 /// Chooses boxes for `builds` (oldest first, as the queue orders them) when that is worth a
-/// try: builds were not last seen waiting, no round is choosing now (this does not wait for
-/// one), and a box has a free place. Order per size class as in a round: a build with no place
-/// holds back the later builds of its class. None leaves every build to the scheduler.
+/// try: builds of their size class were not last seen waiting, no round is choosing now (this
+/// does not wait for one), and a box has a free place. Order per size class as in a round: a
+/// build with no place holds back the later builds of its class. None leaves every build to
+/// the scheduler.
 pub async fn choose_at_once(hive: &Hive, builds: &[&BuildRow]) -> Option<AtOnce> {
-    if builds.is_empty() || hive.choosing.backlog.load(Ordering::Relaxed) {
+    if builds.is_empty() || hive.choosing.all_waiting() {
         return None;
     }
     let mut builds = builds.to_vec();
@@ -228,6 +227,7 @@ pub async fn choose_at_once(hive: &Hive, builds: &[&BuildRow]) -> Option<AtOnce>
         let mut plan = Vec::new();
         for build in builds {
             if blocked.contains(build.size_class.as_str())
+                || hive.choosing.waiting(&build.size_class)
                 || hive.classes.get(&build.size_class).is_err()
             {
                 continue;
@@ -288,21 +288,22 @@ impl AtOnce {
     }
 
     /// After the group's commit. `took` says which placements took (None: the store did not
-    /// try them, other builds were queued); `new` are the builds the group inserted (a copy of
-    /// an earlier delivery inserts none). The cells of placements that did not take are free
-    /// again; the others are to be sent with [`send_assignments`]. Ids of the builds placed.
+    /// try it, builds of its class were queued); `new` are the builds the group inserted (a
+    /// copy of an earlier delivery inserts none). The cells of placements that did not take
+    /// are free again; the others are to be sent with [`send_assignments`]. Ids of the builds
+    /// placed.
     pub async fn settle(
         self,
         hive: &Hive,
-        took: Option<&[bool]>,
+        took: &[Option<bool>],
         new: &HashSet<&str>,
     ) -> (Assignments, HashSet<String>) {
         let AtOnce { plan, secrets } = self;
-        debug_assert!(took.is_none_or(|t| t.len() == plan.len()));
+        debug_assert_eq!(took.len(), plan.len());
         let mut placed = Vec::new();
         let mut refused: Vec<String> = Vec::new();
         for (i, (p, build, warm)) in plan.into_iter().enumerate() {
-            let ok = took.and_then(|t| t.get(i).copied());
+            let ok = took.get(i).copied().flatten();
             if ok != Some(true) {
                 hive.registry.forget_inflight(&p.box_id, &p.lease_id);
                 // Tried and refused, though the group inserted it: its box is not active in

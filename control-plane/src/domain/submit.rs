@@ -16,7 +16,6 @@
 //! A rebuild ([`rebuild_of`]) is a new build of the old one's code with its project as it is now.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -216,16 +215,22 @@ async fn commit_group(hive: &Hive, group: Vec<Job>) {
                 })
                 .collect();
             let (assignments, placed) = match at_once {
-                Some(a) => a.settle(hive, took.as_deref(), &new).await,
+                Some(a) => a.settle(hive, &took, &new).await,
                 None => Default::default(),
             };
             for id in &new {
                 hive.events.build_changed(id);
             }
             if new.len() > placed.len() {
-                // Builds wait now: later groups leave theirs to the scheduler too, until a
-                // round finds the queue empty.
-                hive.choosing.backlog.store(true, Ordering::Relaxed);
+                // Builds wait now: later groups leave theirs of those classes to the
+                // scheduler too, until a round finds none of them waiting.
+                for item in &items {
+                    if let Some(b) = &item.build {
+                        if new.contains(b.id.as_str()) && !placed.contains(&b.id) {
+                            hive.choosing.left_waiting(&b.size_class);
+                        }
+                    }
+                }
                 hive.wake.notify_one();
             }
             for (reply, answer) in replies.into_iter().zip(answers) {

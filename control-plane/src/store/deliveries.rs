@@ -8,7 +8,8 @@
 //! `domain::submit`) in one transaction with multi-row statements; [`Store::record_delivery`]
 //! writes one, and is what a group falls back to, item by item, when the group's transaction
 //! fails. [`Store::record_deliveries_placing`] also places the group's new builds in the same
-//! transaction when nothing else is queued (a webhook's build placed at once).
+//! transaction when no older build of their size class is queued (a webhook's build placed at
+//! once).
 
 use std::collections::{HashMap, HashSet};
 
@@ -95,8 +96,9 @@ impl Store {
 
     /// [`Store::record_deliveries`], and in the same transaction `placements` of the group's
     /// builds (a webhook's build placed at once, `domain::submit`): the answers, and per
-    /// placement whether it took, or None when none was tried because the queue held a build
-    /// not of this group (so no older build of any class is passed over). A placement takes
+    /// placement whether it took, or None when it was not tried because a build of its size
+    /// class not of this group is queued (so no older build of its class is passed over; see
+    /// `place_at_once_tx`). A placement takes
     /// only for a build this group inserted and only as [`Store::place`] takes one (the build
     /// still queued, its box `active`); otherwise its build stays queued for the scheduler.
     /// With placements the group is written statement by statement on PostgreSQL too (as on
@@ -105,7 +107,7 @@ impl Store {
         &self,
         items: &[NewDelivery],
         placements: &[Placement],
-    ) -> Result<(Vec<Delivery>, Option<Vec<bool>>)> {
+    ) -> Result<(Vec<Delivery>, Vec<Option<bool>>)> {
         // The first of each (project, delivery id) is the one written; copies answer after it.
         let mut first: HashMap<(&str, &str), usize> = HashMap::with_capacity(items.len());
         let mut leaders = Vec::with_capacity(items.len());
@@ -128,7 +130,7 @@ impl Store {
 
         let (answers, took) = match self.kind {
             DbKind::Postgres if placements.is_empty() => {
-                (self.record_leaders_pg(items, &leaders).await?, None)
+                (self.record_leaders_pg(items, &leaders).await?, Vec::new())
             }
             _ => self.record_leaders_tx(items, &leaders, placements).await?,
         };
@@ -161,7 +163,7 @@ impl Store {
         items: &[NewDelivery],
         leaders: &[usize],
         placements: &[Placement],
-    ) -> Result<(Vec<Delivery>, Option<Vec<bool>>)> {
+    ) -> Result<(Vec<Delivery>, Vec<Option<bool>>)> {
         let now = now_ms();
         let mut tx = self.begin().await?;
         let mut inserted: HashSet<(String, String)> = HashSet::with_capacity(leaders.len());
@@ -344,45 +346,69 @@ impl Store {
     }
 }
 
-/// Places those of `placements` whose builds are in `new` (inserted by this transaction), when
-/// the queue holds no build but those: an older queued build, of any class, leaves them all
-/// queued for the scheduler, which keeps the queue's order (None: not tried). Per placement,
-/// whether it took.
+/// Queued builds read past the group's own to see which size classes wait
+/// (`place_at_once_tx`): a queue longer than that places nothing at once.
+const AT_ONCE_HEAD: usize = 64;
+
+/// Places those of `placements` whose builds are in `new` (inserted by this transaction) and
+/// whose size class has no other build queued: an older queued build of its class leaves it
+/// queued for the scheduler, which keeps each class's order, as a round does (a round lets a
+/// class with room pass one without). Per placement, whether it took, or None when not tried.
+/// The head of the queue is read (index on state, created at, id), [`AT_ONCE_HEAD`] rows past
+/// the group's own; when the queue is longer than that, nothing is tried.
 async fn place_at_once_tx(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     new: &[&BuildRow],
     placements: &[Placement],
     kind: DbKind,
-) -> Result<Option<Vec<bool>>> {
-    if placements.is_empty() {
-        return Ok(None);
-    }
-    let mut took = vec![false; placements.len()];
-    let ours: HashSet<&str> = new.iter().map(|b| b.id.as_str()).collect();
+) -> Result<Vec<Option<bool>>> {
+    let mut took = vec![None; placements.len()];
+    let class_of: HashMap<&str, &str> = new
+        .iter()
+        .map(|b| (b.id.as_str(), b.size_class.as_str()))
+        .collect();
     let mine: Vec<usize> = (0..placements.len())
-        .filter(|&i| ours.contains(placements[i].build_id.as_str()))
+        .filter(|&i| class_of.contains_key(placements[i].build_id.as_str()))
         .collect();
     if mine.is_empty() {
-        return Ok(Some(took));
+        // Copies of earlier deliveries only: their builds are not this group's to place.
+        return Ok(placements.iter().map(|_| Some(false)).collect());
     }
-    // The head of the queue, one row longer than this group's builds: any row not ours means
-    // another build waits (the index on (state, created_at_ms, id) answers from its first rows).
-    let head: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM builds WHERE state = 'queued' ORDER BY created_at_ms, id LIMIT $1",
+    let limit = class_of.len() + AT_ONCE_HEAD;
+    let head: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, size_class FROM builds WHERE state = 'queued' \
+         ORDER BY created_at_ms, id LIMIT $1",
     )
-    .bind(to_i64("queue head", ours.len() + 1)?)
+    .bind(to_i64("queue head", limit)?)
     .fetch_all(&mut **tx)
     .await
     .map_err(q("read the head of the queue"))?;
-    if head.iter().any(|(id,)| !ours.contains(id.as_str())) {
-        return Ok(None);
+    if head.len() >= limit {
+        return Ok(took);
     }
-    let own: Vec<Placement> = mine.iter().map(|&i| placements[i].clone()).collect();
+    let waiting: HashSet<&str> = head
+        .iter()
+        .filter(|(id, _)| !class_of.contains_key(id.as_str()))
+        .map(|(_, class)| class.as_str())
+        .collect();
+    let tried: Vec<usize> = mine
+        .into_iter()
+        .filter(|&i| !waiting.contains(class_of[placements[i].build_id.as_str()]))
+        .collect();
+    for (i, t) in took.iter_mut().enumerate() {
+        if !class_of.contains_key(placements[i].build_id.as_str()) {
+            *t = Some(false);
+        }
+    }
+    if tried.is_empty() {
+        return Ok(took);
+    }
+    let own: Vec<Placement> = tried.iter().map(|&i| placements[i].clone()).collect();
     let placed = place_many_tx(tx, &own, kind == DbKind::Postgres).await?;
-    for (&i, ok) in mine.iter().zip(placed) {
-        took[i] = ok;
+    for (&i, ok) in tried.iter().zip(placed) {
+        took[i] = Some(ok);
     }
-    Ok(Some(took))
+    Ok(took)
 }
 
 /// A build's columns as a JSON object for PostgreSQL's `json_to_recordset`.

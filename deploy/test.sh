@@ -159,7 +159,7 @@ export HIVE_CACHE="${HIVE_CACHE:-/var/cache/hive}"
 
 # 4. Tests. With the images missing the sandbox tests would fail for the wrong reason: run them
 # anyway (their own skip/fail messages say why), the summary already shows the images failure.
-# The microVM suite runs in step 7, once the guest kernel it boots is there.
+# The microVM suite runs in step 6, once the guest kernel it boots is there.
 have_nextest=0
 cargo nextest --version >/dev/null 2>&1 && have_nextest=1
 if [ "$build_ok" = 1 ]; then

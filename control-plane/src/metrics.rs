@@ -231,7 +231,7 @@ impl Default for Metrics {
         );
         registry.register(
             "hive_placed_at_once",
-            "Builds a webhook placed in its own transaction (a free cell, nothing queued), of \
+            "Builds a webhook placed in its own transaction (a free cell, none of its class queued), of \
              hive_placements",
             placed_at_once.clone(),
         );

@@ -348,14 +348,14 @@ impl Handle {
             let _ = self.http_task.await;
             let _ = self.grpc_task.await;
             let _ = self.box_task.await;
-            // The sessions' tasks outlive the listener: each ends its box's session in the
-            // store (acked seq, no owner) as it goes, which needs the database still open.
-            self.hive.sessions.close();
-            self.hive.sessions.wait().await;
             let _ = self.scheduler_task.await;
             // After the HTTP server: its last handlers wait on this task's answers, and it
             // commits what they queued before the database closes.
             let _ = self.intake_task.await;
+            // The sessions' tasks outlive the listener: each ends its box's session in the
+            // store (acked seq, no owner) as it goes, which needs the database still open.
+            self.hive.sessions.close();
+            self.hive.sessions.wait().await;
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, grace).await.is_err() {
             tracing::warn!(

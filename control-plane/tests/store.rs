@@ -1163,7 +1163,7 @@ hive_testkit::on_both!(db => a_placement_takes_only_onto_an_active_box);
 /// does not, as in a round), not when the queue is longer than the head the group reads, only
 /// onto a box the store has active; a placement that did not take leaves its build queued with
 /// its delivery stored.
-async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) {
+async fn a_webhook_group_places_its_builds_only_when_none_of_their_class_waits(url: String) {
     let store = open_with_boxes(&url).await;
     let p = store
         .create_project(&new_project("atonce", "git://h/atonce"), &audit())
@@ -1255,7 +1255,7 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
         .unwrap()
         .is_empty());
 
-    // The queue empty again, a placement onto a box the store has cordoned does not take;
+    // No small build queued again (the large one still waits), a placement onto a box the store has cordoned does not take;
     // the other of the group, onto an active box, does.
     store
         .place(&[
@@ -1288,8 +1288,8 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
         vec![false]
     );
 
-    // A queue longer than the head the group reads (64 builds of another class waiting, and
-    // d4 of its own): which classes wait is not known, nothing is tried.
+    // A queue longer than the head the group reads (65 large builds waiting, d4 placed): which
+    // classes wait past it is not known, nothing is tried.
     for i in 0..64 {
         let mut b = BuildRow::new_queued(&p, &format!("big{i}"), "refs/heads/main", "api");
         b.size_class = "large".into();
@@ -1309,7 +1309,7 @@ async fn a_webhook_group_places_its_builds_only_when_nothing_waits(url: String) 
     assert_eq!(state(id(&group[0])).await, "queued");
     store.close().await;
 }
-hive_testkit::on_both!(db => a_webhook_group_places_its_builds_only_when_nothing_waits);
+hive_testkit::on_both!(db => a_webhook_group_places_its_builds_only_when_none_of_their_class_waits);
 
 /// PostgreSQL, several control planes: a cordon and a placement round on the same box at the
 /// same moment are ordered. A round that begins while the cordon commits waits for it and then

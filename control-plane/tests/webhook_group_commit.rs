@@ -166,7 +166,7 @@ async fn stored(url: &str) -> HashMap<String, String> {
 /// not in a round; an older build of its own class does: with the box full, the next webhooks'
 /// builds wait, and once the box has room the scheduler places them in order, after which
 /// webhooks place at once again (the hint does not stay set).
-async fn a_webhook_build_is_placed_at_once_only_when_nothing_waits(url: String) {
+async fn a_webhook_build_is_placed_at_once_only_when_none_of_its_class_waits(url: String) {
     let handle = start_with(&url, |c| c.lease = Duration::from_secs(60)).await;
     project(&handle).await;
     let (mut fb, _) = fake_box(&handle, "box-a", vec![pool("small", 2, 2)]).await;
@@ -211,6 +211,8 @@ async fn a_webhook_build_is_placed_at_once_only_when_nothing_waits(url: String) 
         .unwrap()
         .into_inner()
         .id;
+    // The round the submit woke has let go of the choosing lock (a group only tries it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, answer) = deliver(addr, "d-2", &revision(2)).await;
     assert_eq!(status, 202, "{answer}");
     let a2 = assigned(fb.next_non_ack(WAIT).await);
@@ -273,6 +275,7 @@ async fn a_webhook_build_is_placed_at_once_only_when_nothing_waits(url: String) 
     assert_eq!(big.state, BuildState::Queued as i32, "{big:?}");
 
     // Nothing of its class waits any more: the next webhook's build is placed at once again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, answer) = deliver(addr, "d-5", &revision(5)).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(
@@ -347,7 +350,7 @@ async fn webhooks_and_rounds_racing_never_overfill_a_box(url: String) {
 }
 
 hive_testkit::on_both!(db =>
-    a_webhook_build_is_placed_at_once_only_when_nothing_waits,
+    a_webhook_build_is_placed_at_once_only_when_none_of_its_class_waits,
     webhooks_and_rounds_racing_never_overfill_a_box,
     waiting_deliveries_share_one_commit_and_each_gets_its_build,
     a_delivery_the_database_refuses_fails_alone,

@@ -86,6 +86,9 @@ impl<B: CellBackend> Agent<B> {
                 tracing::info!("drained: no builds left, disconnecting");
                 return Ok(());
             }
+            // Listening before the count is read: a change in between still wakes the loop
+            // (a `Notified` receives `notify_waiters` from its creation, polled or not).
+            let changed = self.pool.changed();
             if due.is_none() && self.pool.room_added() != told {
                 due = Some((last_sent + ROOM_HEARTBEAT_GAP).into());
             }
@@ -98,7 +101,7 @@ impl<B: CellBackend> Agent<B> {
                 }
                 _ = self.outbox_changed.notified() => {}
                 _ = self.builds_changed.notified() => {}
-                _ = self.pool.changed(), if due.is_none() => {}
+                _ = changed, if due.is_none() => {}
                 _ = tokio::time::sleep_until(at), if due.is_some() => {
                     told = self.pool.room_added();
                     due = None;

@@ -226,10 +226,15 @@ pub async fn choose_at_once(hive: &Hive, builds: &[&BuildRow]) -> Option<AtOnce>
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut plan = Vec::new();
         for build in builds {
-            if blocked.contains(build.size_class.as_str())
-                || hive.choosing.waiting(&build.size_class)
+            if blocked.contains(build.size_class.as_str()) {
+                continue;
+            }
+            // Read per build, so a round may clear it meanwhile: a class skipped here stays
+            // skipped for the group's later builds, or a newer one would pass the older.
+            if hive.choosing.waiting(&build.size_class)
                 || hive.classes.get(&build.size_class).is_err()
             {
+                blocked.insert(&build.size_class);
                 continue;
             }
             let Some((box_id, warm)) = choose(&mut candidates, &build.size_class, hive.placement)
@@ -288,7 +293,7 @@ impl AtOnce {
     }
 
     /// After the group's commit. `took` says which placements took (None: the store did not
-    /// try it, builds of its class were queued); `new` are the builds the group inserted (a
+    /// try it, builds of its class were queued or the queue was longer than it reads); `new` are the builds the group inserted (a
     /// copy of an earlier delivery inserts none). The cells of placements that did not take
     /// are free again; the others are to be sent with [`send_assignments`]. Ids of the builds
     /// placed.

@@ -97,8 +97,8 @@ impl Store {
     /// [`Store::record_deliveries`], and in the same transaction `placements` of the group's
     /// builds (a webhook's build placed at once, `domain::submit`): the answers, and per
     /// placement whether it took, or None when it was not tried because a build of its size
-    /// class not of this group is queued (so no older build of its class is passed over; see
-    /// `place_at_once_tx`). A placement takes
+    /// class not of this group is queued (so no older build of its class is passed over), or
+    /// the queue is longer than the head it reads (see `place_at_once_tx`). A placement takes
     /// only for a build this group inserted and only as [`Store::place`] takes one (the build
     /// still queued, its box `active`); otherwise its build stays queued for the scheduler.
     /// With placements the group is written statement by statement on PostgreSQL too (as on
@@ -374,16 +374,17 @@ async fn place_at_once_tx(
         // Copies of earlier deliveries only: their builds are not this group's to place.
         return Ok(placements.iter().map(|_| Some(false)).collect());
     }
+    // One row past what is allowed: more rows than `limit` means the queue goes on.
     let limit = class_of.len() + AT_ONCE_HEAD;
     let head: Vec<(String, String)> = sqlx::query_as(
         "SELECT id, size_class FROM builds WHERE state = 'queued' \
          ORDER BY created_at_ms, id LIMIT $1",
     )
-    .bind(to_i64("queue head", limit)?)
+    .bind(to_i64("queue head", limit + 1)?)
     .fetch_all(&mut **tx)
     .await
     .map_err(q("read the head of the queue"))?;
-    if head.len() >= limit {
+    if head.len() > limit {
         return Ok(took);
     }
     let waiting: HashSet<&str> = head

@@ -200,6 +200,11 @@ struct RunArgs {
     /// fails (raise it on slow hosts).
     #[arg(long, env = "HIVE_BOX_CELL_CALL_TIMEOUT_SECS", default_value_t = 10)]
     cell_call_timeout_secs: u64,
+    /// Least time in milliseconds between the extra heartbeats that tell the control plane at
+    /// once of room the pool gained (a cell became warm, a used cell was released), rather than
+    /// at the next periodic heartbeat; 0 sends only the periodic ones.
+    #[arg(long, env = "HIVE_BOX_ROOM_HEARTBEAT_GAP_MS", default_value_t = 100)]
+    room_heartbeat_gap_ms: u64,
     /// On SIGTERM: how long running builds may continue before they are stopped and given back
     /// to the control plane (reported LOST: they run again elsewhere).
     #[arg(long, env = "HIVE_BOX_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
@@ -775,6 +780,8 @@ async fn serve<B: CellBackend>(
                 .unwrap_or_default(),
             lease: Duration::from_secs(args.lease_secs),
             heartbeat: Duration::from_secs(2),
+            room_heartbeat_gap: (args.room_heartbeat_gap_ms > 0)
+                .then(|| Duration::from_millis(args.room_heartbeat_gap_ms)),
             cancel_grace: Duration::from_secs(10),
             cell_call_timeout: Duration::from_secs(args.cell_call_timeout_secs.max(1)),
         },

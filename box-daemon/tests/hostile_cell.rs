@@ -1661,6 +1661,7 @@ impl Harness {
                 hostname: "box-hostile.test".into(),
                 lease: Duration::from_secs(10),
                 heartbeat: Duration::from_secs(2),
+                room_heartbeat_gap: Some(Duration::from_millis(100)),
                 cancel_grace: Duration::from_secs(1),
                 cell_call_timeout: CELL_CALL_TIMEOUT,
             },

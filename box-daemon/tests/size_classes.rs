@@ -68,6 +68,7 @@ async fn box_registers_then_boots_the_control_planes_shape() {
             hostname: "box-sizes.test".into(),
             lease: Duration::from_secs(30),
             heartbeat: Duration::from_secs(1),
+            room_heartbeat_gap: Some(Duration::from_millis(100)),
             cancel_grace: Duration::from_secs(5),
             cell_call_timeout: Duration::from_secs(10),
         },

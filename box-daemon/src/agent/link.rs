@@ -22,11 +22,6 @@ use super::{Agent, AgentError};
 use crate::backend::CellBackend;
 use hive_sys::{now_ms, Backoff};
 
-/// Least time between two heartbeats sent because the pool gained room (`Agent::session`):
-/// a burst of boots is told in one, and the control plane's store sees a few more small
-/// writes per build at most.
-const ROOM_HEARTBEAT_GAP: Duration = Duration::from_millis(100);
-
 impl<B: CellBackend> Agent<B> {
     /// Runs the session loop until `shutdown` turns true (or a Drain finished).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -76,7 +71,7 @@ impl<B: CellBackend> Agent<B> {
         // released) is told at once in an extra heartbeat, not at the next tick: until then
         // the control plane counts the box fuller than it is, and places the next build cold
         // or not here. `told` is the pool's count at the last heartbeat sent; extra
-        // heartbeats are at least `ROOM_HEARTBEAT_GAP` apart.
+        // heartbeats are at least `room_heartbeat_gap` apart (a burst of boots is told in one).
         let mut told = self.pool.room_added();
         let mut last_sent = Instant::now();
         let mut due: Option<tokio::time::Instant> = None;
@@ -89,8 +84,10 @@ impl<B: CellBackend> Agent<B> {
             // Listening before the count is read: a change in between still wakes the loop
             // (a `Notified` receives `notify_waiters` from its creation, polled or not).
             let changed = self.pool.changed();
-            if due.is_none() && self.pool.room_added() != told {
-                due = Some((last_sent + ROOM_HEARTBEAT_GAP).into());
+            if let Some(gap) = self.cfg.room_heartbeat_gap {
+                if due.is_none() && self.pool.room_added() != told {
+                    due = Some((last_sent + gap).into());
+                }
             }
             let at = due.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {

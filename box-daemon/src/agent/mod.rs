@@ -72,6 +72,10 @@ pub struct AgentConfig {
     pub lease: Duration,
     /// Heartbeat period until Registered says otherwise.
     pub heartbeat: Duration,
+    /// Least time between the extra heartbeats sent when the pool gains room the control plane
+    /// cannot know of (a cell became warm, a used cell was released); None: only the periodic
+    /// ones.
+    pub room_heartbeat_gap: Option<Duration>,
     /// How long a cell may take to stop after a cancel before the box reports it stopped anyway.
     pub cancel_grace: Duration,
     /// How long a call into a cell (PrepareTunnel, RunBuild, Cancel) may take: a guest on a slow

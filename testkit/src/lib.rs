@@ -4,11 +4,13 @@
 //! |---|---|
 //! | [`db`] | a database per test: a SQLite temp file, or a fresh PostgreSQL database under `HIVE_TEST_POSTGRES_URL` (skipped loudly without it; under `CI=true`, a failure) |
 //! | `browser` (feature `browser`) | a headless Chromium for the dashboard's browser tests: find or skip, launch, sign in, screenshot, text, js |
+//! | [`cargo`] | a nested `cargo build` from a test, without the test crate's own cargo variables |
 //! | [`fakebox`] | a fake box: a real tonic client speaking `BoxAgent.Session`, driven step by step by a test |
 //! | [`on_both!`] | runs a test body on SQLite and on PostgreSQL |
 
 #[cfg(feature = "browser")]
 pub mod browser;
+pub mod cargo;
 pub mod db;
 pub mod fakebox;
 

@@ -15,7 +15,7 @@ use hive_proto::v1::{Build, GetBuildRequest, StreamLogsRequest};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::controlplane::{bin_dir, workspace_root};
+use crate::controlplane::{bin_dir, nested_cargo, workspace_root};
 
 static BOX_BUILT: OnceLock<Result<(), String>> = OnceLock::new();
 
@@ -25,16 +25,8 @@ pub fn ensure_box_built() {
         if std::env::var_os("HIVE_TEST_NO_BUILD").is_some() {
             return Ok(());
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root()).args([
-            "build",
-            "-p",
-            "hive-box",
-            "-p",
-            "hive-cell",
-            "--bins",
-        ]);
+        let mut cmd = nested_cargo();
+        cmd.args(["build", "-p", "hive-box", "-p", "hive-cell", "--bins"]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use hive_proto::auth::Bearer;
 use hive_proto::v1::control_plane_client::ControlPlaneClient;
+pub use hive_testkit::cargo::nested_cargo;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tonic::service::interceptor::InterceptedService;
@@ -272,10 +273,8 @@ pub fn ensure_built() -> Result<(), HarnessError> {
         if std::env::var_os("HIVE_TEST_NO_BUILD").is_some() {
             return Ok(());
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root())
-            .args(["build", "-p", "hive-control-plane", "-p", "hivectl"])
+        let mut cmd = nested_cargo();
+        cmd.args(["build", "-p", "hive-control-plane", "-p", "hivectl"])
             .args(["-p", "hive-connector", "--bins"]);
         if profile() == "release" {
             cmd.arg("--release");

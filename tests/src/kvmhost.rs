@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cluster::ensure_box_built;
-use crate::controlplane::{bin_dir, workspace_root};
+use crate::controlplane::{bin_dir, nested_cargo, workspace_root};
 
 /// What the emulated host needs here, or why it cannot run.
 #[derive(Debug, Clone)]
@@ -129,9 +129,7 @@ pub fn prepare() -> Result<Prerequisites, String> {
 /// debug build) on the binaries disk as `/hive/bin/vmm-bench`.
 pub fn prepare_bench() -> Result<Prerequisites, String> {
     let mut p = prepare()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
+    let status = nested_cargo()
         .args(["build", "--release", "-p", "hive-vmm", "--bin", "vmm-bench"])
         .status()
         .map_err(|e| format!("cargo build --release vmm-bench: {e}"))?;

@@ -36,7 +36,7 @@ pub fn base_rootfs() -> PathBuf {
 pub fn hive_cell() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_hive-box"));
     let bin = exe.parent().unwrap().join("hive-cell");
-    let status = std::process::Command::new(env!("CARGO"))
+    let status = hive_testkit::cargo::nested_cargo()
         .args(["build", "-p", "hive-cell", "--bin", "hive-cell"])
         .status()
         .expect("run cargo build -p hive-cell");

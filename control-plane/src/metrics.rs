@@ -119,6 +119,7 @@ pub struct Metrics {
     boxes_known: Gauge,
     placements: Counter,
     placed_at_once: Counter,
+    heartbeats: Family<KindLabel, Counter>,
     lease_expiries: Counter,
     queue_wait: Histogram,
     box_commit: Histogram,
@@ -195,6 +196,7 @@ impl Default for Metrics {
         let boxes_known = Gauge::default();
         let placements = Counter::default();
         let placed_at_once = Counter::default();
+        let heartbeats = Family::<KindLabel, Counter>::default();
         let lease_expiries = Counter::default();
         // 10 ms to ~44 min, and 100 us to ~26 s.
         let queue_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
@@ -234,6 +236,13 @@ impl Default for Metrics {
             "Builds a webhook placed in its own transaction (a free cell, none of its class queued), of \
              hive_placements",
             placed_at_once.clone(),
+        );
+        registry.register(
+            "hive_box_heartbeats",
+            "Box heartbeat writes to the store (kind stored), and heartbeats applied to the live \
+             view only at arrival, less than half an interval after the session's last stored one \
+             (kind live: the last of them is stored when the gap has passed)",
+            heartbeats.clone(),
         );
         registry.register(
             "hive_lease_expiries",
@@ -355,6 +364,7 @@ impl Default for Metrics {
             boxes_known,
             placements,
             placed_at_once,
+            heartbeats,
             lease_expiries,
             queue_wait,
             box_commit,
@@ -424,6 +434,15 @@ impl Metrics {
     pub fn placed_at_once(&self, n: usize) {
         self.placed_at_once
             .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    /// One box heartbeat written to the store (`stored`), or applied to the live view only.
+    pub fn heartbeat(&self, stored: bool) {
+        self.heartbeats
+            .get_or_create(&KindLabel {
+                kind: (if stored { "stored" } else { "live" }).to_string(),
+            })
+            .inc();
     }
 
     pub fn lease_expired(&self) {

@@ -479,7 +479,8 @@ async fn stored_cells_follow_each_heartbeat_a_burst_and_a_new_session() {
         want(&[("c1", "warm", ""), ("c2", "warm", ""), ("c3", "warm", "")])
     );
 
-    // c1 changed, c2 the same, c3 gone, c4 new.
+    // c1 changed, c2 the same, c3 gone, c4 new. (This soon after the last stored heartbeat it
+    // is stored when half an interval has passed since that one.)
     b.send_raw(beat(vec![
         cell("c1", "busy", "b-1"),
         cell("c2", "warm", ""),
@@ -488,14 +489,16 @@ async fn stored_cells_follow_each_heartbeat_a_burst_and_a_new_session() {
     .await
     .unwrap();
     answered(&mut b).await;
-    assert_eq!(
-        stored(&handle).await,
-        want(&[
-            ("c1", "busy", "b-1"),
-            ("c2", "warm", ""),
-            ("c4", "booting", "")
-        ])
-    );
+    let changed = want(&[
+        ("c1", "busy", "b-1"),
+        ("c2", "warm", ""),
+        ("c4", "booting", ""),
+    ]);
+    eventually(WAIT, "the changed cells stored", || {
+        let (handle, changed) = (&handle, changed.clone());
+        async move { stored(handle).await == changed }
+    })
+    .await;
 
     // A burst: whatever is applied of it, the last report is what stays.
     for cells in [
@@ -531,6 +534,157 @@ async fn stored_cells_follow_each_heartbeat_a_burst_and_a_new_session() {
     assert_eq!(stored(&handle).await, want(&[("c8", "warm", "")]));
     drop(other);
     drop(b);
+    handle.shutdown().await;
+    db.drop_db().await;
+}
+
+/// The `hive_box_heartbeats_total` counter of one kind (`stored` or `live`).
+async fn heartbeats(handle: &Handle, kind: &str) -> u64 {
+    let text = http(handle.http_addr, "GET", "/metrics", &[], b"")
+        .await
+        .body;
+    let prefix = format!("hive_box_heartbeats_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().expect("a counter"))
+}
+
+/// A box that sends heartbeats as fast as it is answered: each one reaches the live view (the
+/// scheduler's) at once, but the store gets about one write per half heartbeat interval, not
+/// one per heartbeat; and the flood's last heartbeat is stored once the gap has passed, though
+/// nothing comes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_flood_costs_the_store_one_write_per_half_interval() {
+    let db = hive_testkit::TestDb::sqlite();
+    // Heartbeats every 400 ms (the tests' setting): a write per 200 ms at most.
+    let handle = start_with(&db.url, |c| c.lease = Duration::from_secs(60)).await;
+    let interval = Duration::from_millis(400);
+    let beat = |warm: u32| BoxMessage {
+        seq: 0,
+        msg: Some(BoxMsg::Heartbeat(Heartbeat {
+            pools: vec![pool("small", warm, 64)],
+            running_builds: Vec::new(),
+            cells: (0..warm)
+                .map(|i| hive_proto::v1::CellInfo {
+                    id: format!("c{i}"),
+                    box_id: "box-flood".into(),
+                    size_class: "small".into(),
+                    state: "warm".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        })),
+    };
+    async fn live_warm(handle: &Handle) -> u32 {
+        let boxes = api(handle)
+            .await
+            .list_boxes(hive_proto::v1::ListBoxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .boxes;
+        let b = boxes.iter().find(|b| b.id == "box-flood").expect("listed");
+        b.pools.iter().map(|p| p.warm).sum()
+    }
+    /// The box's stored pools and how many cells rows it has.
+    async fn in_store(store: &hive_control_plane::store::Store) -> (String, usize) {
+        let row = store.get_box("box-flood").await.unwrap().expect("stored");
+        let cells = store.list_cells(Some("box-flood")).await.unwrap().len();
+        (row.pools_json, cells)
+    }
+    let store = hive_control_plane::store::Store::open(&db.url)
+        .await
+        .unwrap();
+
+    let (mut b, _) = fake_box(&handle, "box-flood", vec![pool("small", 0, 64)]).await;
+    let before = heartbeats(&handle, "stored").await;
+    let started = std::time::Instant::now();
+    let mut sent = 0u32;
+    while started.elapsed() < Duration::from_secs(2) {
+        sent += 1;
+        let warm = 1 + sent % 60;
+        b.send_raw(beat(warm)).await.unwrap();
+        loop {
+            match b.next_raw(WAIT).await {
+                Ok(Some(m)) if matches!(m.msg, Some(CtlMsg::Ack(_))) => break,
+                Ok(Some(_)) => {}
+                other => panic!("no answer to heartbeat {sent}: {other:?}"),
+            }
+        }
+        // The live view follows each heartbeat (checked now and then: the check is an RPC).
+        if sent.is_multiple_of(50) {
+            assert_eq!(
+                live_warm(&handle).await,
+                warm,
+                "live view after heartbeat {sent}"
+            );
+        }
+    }
+    let elapsed = started.elapsed();
+    let written = heartbeats(&handle, "stored").await - before;
+    let live = heartbeats(&handle, "live").await;
+    let bound = u64::try_from(elapsed.as_millis() / (interval.as_millis() / 2)).unwrap() + 2;
+    eprintln!("{sent} heartbeats in {elapsed:?}: {written} stored, {live} live only");
+    assert!(
+        sent >= 100,
+        "only {sent} heartbeats answered in {elapsed:?}"
+    );
+    assert!(
+        written <= bound,
+        "{written} of {sent} heartbeats written to the store in {elapsed:?} (at most {bound})"
+    );
+    // A heartbeat left to the live view is stored later if none comes within the gap.
+    assert!(written + live >= u64::from(sent), "every heartbeat applied");
+
+    // Nothing comes after the flood: its last heartbeat is stored within half an interval.
+    let last = 1 + sent % 60;
+    let want_pools = format!("\"warm\":{last}");
+    eventually(interval * 2, "the flood's last heartbeat stored", || {
+        let (store, want_pools) = (&store, want_pools.clone());
+        async move {
+            let (pools, cells) = in_store(store).await;
+            pools.contains(&want_pools) && cells == last as usize
+        }
+    })
+    .await;
+    drop(b);
+    handle.shutdown().await;
+    store.close().await;
+    db.drop_db().await;
+}
+
+/// A message acked on receipt (a key exchange) has the acked seq stored before the ack goes
+/// out. Otherwise a control plane killed right after the ack would tell the box's next session
+/// an older seq, and the box, which dropped the acked message, would resend from past a gap
+/// that session's acks never get over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_on_receipt_is_stored_before_the_box_hears_it() {
+    let db = hive_testkit::TestDb::sqlite();
+    let handle = start_with(&db.url, |c| c.lease = Duration::from_secs(60)).await;
+    let (mut b, acked) = fake_box(&handle, "box-kx", vec![pool("small", 1, 1)]).await;
+    assert_eq!(acked, 0);
+    let seq = b
+        .key_exchange(hive_proto::v1::KeyExchangeRequest {
+            build_id: "no-such-build".into(),
+            lease_id: "no-such-lease".into(),
+            cell_id: "cell-kx".into(),
+            cell_public_key: hive_types::PublicKey::from_bytes([7; 32]).to_base64(),
+        })
+        .await;
+    b.wait_ack(seq, WAIT).await.expect("the key exchange acked");
+    let store = hive_control_plane::store::Store::open(&db.url)
+        .await
+        .unwrap();
+    let row = store.get_box("box-kx").await.unwrap().expect("stored");
+    assert_eq!(
+        row.acked_seq, seq,
+        "the acked seq the box was told is stored"
+    );
+    // The box's next session is told the same seq.
+    drop(b);
+    let (_b, acked) = fake_box(&handle, "box-kx", vec![pool("small", 1, 1)]).await;
+    assert_eq!(acked, seq);
+    store.close().await;
     handle.shutdown().await;
     db.drop_db().await;
 }

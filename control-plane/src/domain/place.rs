@@ -293,10 +293,10 @@ impl AtOnce {
     }
 
     /// After the group's commit. `took` says which placements took (None: the store did not
-    /// try it, builds of its class were queued or the queue was longer than it reads); `new` are the builds the group inserted (a
-    /// copy of an earlier delivery inserts none). The cells of placements that did not take
-    /// are free again; the others are to be sent with [`send_assignments`]. Ids of the builds
-    /// placed.
+    /// try it, builds of its class were queued or the queue was longer than it reads); `new`
+    /// are the builds the group inserted (a copy of an earlier delivery inserts none). The
+    /// cells of placements that did not take are free again; the others are to be sent with
+    /// [`send_assignments`]. Ids of the builds placed.
     pub async fn settle(
         self,
         hive: &Hive,

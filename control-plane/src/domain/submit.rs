@@ -183,8 +183,7 @@ async fn commit_group(hive: &Hive, group: Vec<Job>) {
     let (items, replies): (Vec<NewDelivery>, Vec<_>) =
         group.into_iter().map(|j| (j.delivery, j.reply)).unzip();
     // With a free cell and none of their class queued, the new builds are placed in this same
-    // transaction:
-    // one commit and the scheduler's hop less before a warm start.
+    // transaction: one commit and the scheduler's hop less before a warm start.
     // The first of each delivery id only: a copy's build is never inserted.
     let mut seen = HashSet::new();
     let builds: Vec<&BuildRow> = items

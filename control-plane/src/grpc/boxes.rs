@@ -1,10 +1,12 @@
 //! The `BoxAgent.Session` stream, one per box daemon (what the control plane knows of each box
-//! lives in `registry::boxes`, which this session keeps current). A session starts with `Register`,
-//! is answered with `Registered` (size classes, heartbeat interval, the highest stored seq), then
-//! carries heartbeats, build updates and log chunks up and assignments, cancels, acks and drain
-//! down. Updates and logs are persisted before they are acked; the scheduler (`domain::place`) reads
-//! the registry to place builds and writes assignments into the session's channel. Key exchange
-//! requests are answered from their own task (`domain::keyexchange`).
+//! lives in `registry::boxes`, which this session keeps current). A session starts with
+//! `Register`, is answered with `Registered` (size classes, heartbeat interval, the highest
+//! stored seq), then carries heartbeats, build updates and log chunks up and assignments,
+//! cancels, acks and drain down. Updates and logs are persisted before they are acked, and the
+//! acked seq before any ack; a heartbeat reaches the registry at once, and the store at once or,
+//! soon after the last stored one, when half an interval has passed. The scheduler (`domain::place`) reads the registry to place builds and
+//! writes assignments into the session's channel. Key exchange requests are answered from their
+//! own task (`domain::keyexchange`).
 
 use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
@@ -453,6 +455,10 @@ impl hive_proto::v1::box_agent_server::BoxAgent for BoxAgentService {
             },
             renewed: None,
             cells: None,
+            heartbeat_written: None,
+            acked_written: acked_seq,
+            unwritten: None,
+            cells_unwritten: false,
         };
         if let Err(e) = session.renew(&reg.running_builds).await {
             tracing::warn!(box_id = %reg.box_id, error = %e, "renewing leases at register failed");
@@ -620,7 +626,24 @@ struct Session {
     renewed: Option<(Instant, HashSet<String>)>,
     /// The box's `cells` rows as this session last wrote them (None: not yet).
     cells: Option<std::collections::HashMap<String, CellRow>>,
+    /// When this session last wrote a heartbeat to the store.
+    heartbeat_written: Option<Instant>,
+    /// The acked seq the store holds (as this session last committed it).
+    acked_written: u64,
+    /// The last heartbeat applied to the registry only; written when the gap has passed, if no
+    /// other heartbeat was written first.
+    unwritten: Option<Heartbeat>,
+    /// A heartbeat left to the registry changed the cells: the next written one writes them
+    /// (the registry's copy is already current, so it would not see them as changed).
+    cells_unwritten: bool,
 }
+
+/// A heartbeat that comes less than this part of the heartbeat interval after the session's
+/// last written one (a box's extra heartbeat when it gains room, or a box sending them as fast
+/// as it can) updates the registry only: placement sees the room at once, and the store gets
+/// the last such heartbeat when the gap has passed. Unless it has leases to renew or an acked
+/// seq the store lacks. A box flooding heartbeats costs the store one write per half interval.
+const WRITE_HEARTBEAT_PART_OF_INTERVAL: u32 = 2;
 
 /// A heartbeat that names only builds whose live leases this session renewed less than this
 /// part of a lease ago leaves them as they are: they are renewed at the first heartbeat after
@@ -638,8 +661,24 @@ impl Session {
     ) -> Result<&'static str, SessionError> {
         let mut shutdown = self.hive.shutdown.clone();
         loop {
+            // A heartbeat left to the registry is written once the gap since the last written
+            // one has passed, if none was written meanwhile.
+            let write_at = match (&self.unwritten, self.heartbeat_written) {
+                (Some(_), Some(at)) => {
+                    Some(at + self.hive.heartbeat / WRITE_HEARTBEAT_PART_OF_INTERVAL)
+                }
+                _ => None,
+            };
             let next = tokio::select! {
                 m = inbound.message() => m,
+                () = tokio::time::sleep_until(write_at.unwrap_or_else(Instant::now).into()),
+                    if write_at.is_some() =>
+                {
+                    if let Some(hb) = self.unwritten.take() {
+                        self.write_heartbeat(hb).await?;
+                    }
+                    continue;
+                }
                 _ = kill.notified() => return Ok("session replaced or box silent"),
                 _ = crate::events::stopped(&mut shutdown) => return Ok("control plane shutting down"),
             };
@@ -860,6 +899,7 @@ impl Session {
         }
         batch.commit(acks.acked).await?;
         self.acks = acks;
+        self.acked_written = self.acks.acked;
         let store_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.hive.metrics.box_commit(store_us);
         tracing::debug!(box_id = %self.box_id, updates, logs, acked = self.acks.acked,
@@ -922,7 +962,17 @@ impl Session {
         }
     }
 
-    async fn ack(&self) -> Result<(), SessionError> {
+    /// Tells the box every message up to the acked seq is stored; first stores the acked seq
+    /// itself if a message acked on receipt (a key exchange, an artefact chunk) moved it past
+    /// the stored one. Otherwise a control plane killed after the ack would tell the box's next
+    /// session the older seq, and the box, which dropped the acked messages, would resend from
+    /// past a gap the session's acks never get over.
+    async fn ack(&mut self) -> Result<(), SessionError> {
+        if self.acks.acked != self.acked_written {
+            let batch = self.hive.store.box_batch(&self.box_id).await?;
+            batch.commit(self.acks.acked).await?;
+            self.acked_written = self.acks.acked;
+        }
         let ok = self
             .hive
             .registry
@@ -951,15 +1001,43 @@ impl Session {
             &mut hb.running_builds,
         );
         let cells_changed = self.hive.registry.heartbeat(&self.box_id, &hb);
-        let renew = match &self.renewed {
+        self.cells_unwritten |= cells_changed;
+        let recent = self.heartbeat_written.is_some_and(|at| {
+            at.elapsed() < self.hive.heartbeat / WRITE_HEARTBEAT_PART_OF_INTERVAL
+        });
+        if recent
+            && !self.renew_due(&hb.running_builds)
+            && self.cells.is_some()
+            && self.acked_written == self.acks.acked
+        {
+            self.hive.metrics.heartbeat(false);
+            self.unwritten = Some(hb);
+            if cells_changed {
+                self.hive.wake.notify_one();
+            }
+            return Ok(());
+        }
+        self.write_heartbeat(hb).await
+    }
+
+    /// Whether a heartbeat naming `running` renews the box's leases.
+    fn renew_due(&self, running: &[String]) -> bool {
+        match &self.renewed {
             Some((at, live)) => {
                 at.elapsed() >= self.hive.lease / RENEW_EVERY_PART_OF_LEASE
-                    || hb.running_builds.iter().any(|b| !live.contains(b))
+                    || running.iter().any(|b| !live.contains(b))
             }
             None => true,
-        };
+        }
+    }
+
+    /// Writes a heartbeat (already applied to the registry) to the store: lease renewals when
+    /// due, the cells that changed since the last written one, pools, time seen, acked seq.
+    async fn write_heartbeat(&mut self, hb: Heartbeat) -> Result<(), SessionError> {
+        self.unwritten = None;
+        let renew = self.renew_due(&hb.running_builds);
         let running: &[String] = if renew { &hb.running_builds } else { &[] };
-        let cells = if cells_changed || self.cells.is_none() {
+        let cells = if self.cells_unwritten || self.cells.is_none() {
             let now = now_ms();
             let rows: Vec<CellRow> = hb
                 .cells
@@ -1003,6 +1081,9 @@ impl Session {
             )
             .await?;
         batch.commit(self.acks.acked).await?;
+        self.hive.metrics.heartbeat(true);
+        self.heartbeat_written = Some(renewed_at);
+        self.acked_written = self.acks.acked;
         let Some(orphans) = orphans else {
             return Err(SessionError::Replaced {
                 box_id: self.box_id.clone(),
@@ -1036,6 +1117,7 @@ impl Session {
                 }
             }
             self.cells = Some(written);
+            self.cells_unwritten = false;
         }
         self.stop_orphans(orphans).await?;
         self.hive.wake.notify_one();

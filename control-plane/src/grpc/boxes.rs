@@ -4,9 +4,10 @@
 //! stored seq), then carries heartbeats, build updates and log chunks up and assignments,
 //! cancels, acks and drain down. Updates and logs are persisted before they are acked, and the
 //! acked seq before any ack; a heartbeat reaches the registry at once, and the store at once or,
-//! soon after the last stored one, when half an interval has passed. The scheduler (`domain::place`) reads the registry to place builds and
-//! writes assignments into the session's channel. Key exchange requests are answered from their
-//! own task (`domain::keyexchange`).
+//! soon after the last stored one, when half an interval has passed. The scheduler
+//! (`domain::place`) reads the registry to place builds and writes assignments into the
+//! session's channel. Key exchange requests are answered from their own task
+//! (`domain::keyexchange`).
 
 use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
@@ -622,7 +623,8 @@ struct Session {
     /// This session in the box's row (`session_owner`).
     owner: String,
     acks: AckTracker,
-    /// When this session last renewed the box's leases, and the builds it found live then.
+    /// When this session last renewed the box's leases, and the builds the box named then (those
+    /// found live and those it was told to stop).
     renewed: Option<(Instant, HashSet<String>)>,
     /// The box's `cells` rows as this session last wrote them (None: not yet).
     cells: Option<std::collections::HashMap<String, CellRow>>,
@@ -630,9 +632,9 @@ struct Session {
     heartbeat_written: Option<Instant>,
     /// The acked seq the store holds (as this session last committed it).
     acked_written: u64,
-    /// The last heartbeat applied to the registry only; written when the gap has passed, if no
-    /// other heartbeat was written first.
-    unwritten: Option<Heartbeat>,
+    /// The last heartbeat applied to the registry only, and when it came; written when the gap
+    /// has passed, if no other heartbeat was written first.
+    unwritten: Option<(Heartbeat, i64)>,
     /// A heartbeat left to the registry changed the cells: the next written one writes them
     /// (the registry's copy is already current, so it would not see them as changed).
     cells_unwritten: bool,
@@ -641,16 +643,17 @@ struct Session {
 /// A heartbeat that comes less than this part of the heartbeat interval after the session's
 /// last written one (a box's extra heartbeat when it gains room, or a box sending them as fast
 /// as it can) updates the registry only: placement sees the room at once, and the store gets
-/// the last such heartbeat when the gap has passed. Unless it has leases to renew or an acked
-/// seq the store lacks. A box flooding heartbeats costs the store one write per half interval.
+/// the last such heartbeat when the gap has passed. Unless it has leases to renew (a build not
+/// named at the last renewal, or a renewal due) or an acked seq the store lacks. A box flooding
+/// heartbeats costs the store one write per half interval.
 const WRITE_HEARTBEAT_PART_OF_INTERVAL: u32 = 2;
 
 /// A heartbeat that names only builds whose live leases this session renewed less than this
 /// part of a lease ago leaves them as they are: they are renewed at the first heartbeat after
 /// that, so a lease never runs below three quarters of its length less one heartbeat interval.
 /// Renewing every build on every heartbeat was, at 1,000 boxes holding 100 builds each, 50,000
-/// lease rows read and written a second. A build the heartbeat names that this session has not
-/// found live is checked (and everything renewed) at once.
+/// lease rows read and written a second. A build the heartbeat names that the box did not name
+/// at this session's last renewal is checked (and everything renewed) at once.
 const RENEW_EVERY_PART_OF_LEASE: u32 = 4;
 
 impl Session {
@@ -674,8 +677,8 @@ impl Session {
                 () = tokio::time::sleep_until(write_at.unwrap_or_else(Instant::now).into()),
                     if write_at.is_some() =>
                 {
-                    if let Some(hb) = self.unwritten.take() {
-                        self.write_heartbeat(hb).await?;
+                    if let Some((hb, seen_ms)) = self.unwritten.take() {
+                        self.write_heartbeat(hb, seen_ms).await?;
                     }
                     continue;
                 }
@@ -749,13 +752,9 @@ impl Session {
                 }
                 Some(BoxMsg::KeyExchange(req)) => {
                     self.store_group(&mut group).await?;
-                    // Acked on receipt (the box's acks are contiguous; a lost request just
-                    // times out on the box and fails that build).
-                    self.acks.stored(seq);
-                    self.ack().await?;
-                    answer = false;
                     // Answered from its own task: it waits on the connector, and the session
-                    // must keep reading heartbeats meanwhile.
+                    // must keep reading heartbeats meanwhile. Started before the ack's store
+                    // write (a repeat of a request still unacked gets the same lease).
                     let hive = self.hive.clone();
                     let box_id = self.box_id.clone();
                     self.hive.sessions.spawn(async move {
@@ -771,6 +770,11 @@ impl Session {
                             hive.connectors.revoke_now.notify_one();
                         }
                     });
+                    // Acked on receipt (the box's acks are contiguous; a lost request just
+                    // times out on the box and fails that build).
+                    self.acks.stored(seq);
+                    self.ack().await?;
+                    answer = false;
                 }
                 Some(BoxMsg::Artifact(chunk)) => {
                     // What came before it is stored first (the build must still be running
@@ -1011,13 +1015,12 @@ impl Session {
             && self.acked_written == self.acks.acked
         {
             self.hive.metrics.heartbeat(false);
-            self.unwritten = Some(hb);
-            if cells_changed {
-                self.hive.wake.notify_one();
-            }
+            self.unwritten = Some((hb, now_ms()));
+            // Room it reports (cells or pools) is for the scheduler now.
+            self.hive.wake.notify_one();
             return Ok(());
         }
-        self.write_heartbeat(hb).await
+        self.write_heartbeat(hb, now_ms()).await
     }
 
     /// Whether a heartbeat naming `running` renews the box's leases.
@@ -1031,9 +1034,10 @@ impl Session {
         }
     }
 
-    /// Writes a heartbeat (already applied to the registry) to the store: lease renewals when
-    /// due, the cells that changed since the last written one, pools, time seen, acked seq.
-    async fn write_heartbeat(&mut self, hb: Heartbeat) -> Result<(), SessionError> {
+    /// Writes a heartbeat (already applied to the registry) that came at `seen_ms` to the store:
+    /// lease renewals when due, the cells that changed since the last written one, pools, time
+    /// seen, acked seq.
+    async fn write_heartbeat(&mut self, hb: Heartbeat, seen_ms: i64) -> Result<(), SessionError> {
         self.unwritten = None;
         let renew = self.renew_due(&hb.running_builds);
         let running: &[String] = if renew { &hb.running_builds } else { &[] };
@@ -1077,11 +1081,10 @@ impl Session {
                 deadline,
                 &write,
                 &pools_json(&hb.pools),
-                now_ms(),
+                seen_ms,
             )
             .await?;
         batch.commit(self.acks.acked).await?;
-        self.hive.metrics.heartbeat(true);
         self.heartbeat_written = Some(renewed_at);
         self.acked_written = self.acks.acked;
         let Some(orphans) = orphans else {
@@ -1089,14 +1092,12 @@ impl Session {
                 box_id: self.box_id.clone(),
             });
         };
+        self.hive.metrics.heartbeat(true);
         if renew {
-            let live = hb
-                .running_builds
-                .iter()
-                .filter(|b| !orphans.contains(b))
-                .cloned()
-                .collect();
-            self.renewed = Some((renewed_at, live));
+            // The builds found without a live lease too: a box that keeps naming one (its
+            // stop on the way, or a made-up id) is not checked again, everything renewed and
+            // stored, on each heartbeat, only at the next renewal.
+            self.renewed = Some((renewed_at, hb.running_builds.iter().cloned().collect()));
         }
         if let Some(rows) = cells {
             // What the store holds now. A row keeps the time it was written with while it
